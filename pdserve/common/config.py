@@ -1,0 +1,105 @@
+"""Engine configuration: one frozen dataclass, validated once on construction.
+
+Torch-free on purpose: the CLI, the cluster config loader and the router validate engine settings on
+machines that have no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from pdserve.common.errors import ConfigError, InvalidParameterError
+from pdserve.common.validation import require_float, require_int
+
+TINY_RANDOM_MODEL = "tiny-random"
+"""Name of the built-in model: a tiny Llama with deterministic random weights and a byte tokenizer."""
+
+LOAD_FORMATS = ("auto", "dummy")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one engine (one worker's model executor).
+
+    ``model`` is a local Hugging Face directory or ``"tiny-random"``. ``load_format="dummy"`` builds the
+    architecture with random weights (benchmarks). ``dtype="auto"`` takes the checkpoint's dtype on a
+    GPU and float32 on the CPU. ``max_model_len=None`` takes the model's ``max_position_embeddings``.
+    ``max_num_batched_tokens`` is the per-step token budget shared by prefill chunks and decodes.
+    The KV cache gets ``num_kv_blocks`` blocks when given; otherwise ``gpu_memory_utilization`` of the
+    GPU's memory (minus weights and activations), or ``cpu_kv_cache_gib`` GiB on the CPU.
+    """
+
+    model: str = TINY_RANDOM_MODEL
+    tokenizer: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    gpu_memory_utilization: float = 0.90
+    num_kv_blocks: int | None = None
+    cpu_kv_cache_gib: float = 1.0
+    seed: int = 0
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            self._validate()
+        except InvalidParameterError as exc:
+            raise ConfigError(exc.field, exc.message) from None
+
+    def _validate(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise InvalidParameterError("model", "must name a local model directory or 'tiny-random'")
+        _require_choice("load_format", self.load_format, LOAD_FORMATS)
+        _require_choice("dtype", self.dtype, DTYPES)
+        _require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        ):
+            raise InvalidParameterError("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.max_model_len is not None:
+            require_int("max_model_len", self.max_model_len, minimum=2)
+        require_int("block_size", self.block_size, minimum=1, maximum=1024)
+        if self.block_size & (self.block_size - 1):
+            raise InvalidParameterError("block_size", f"must be a power of two, got {self.block_size}")
+        require_int("max_num_batched_tokens", self.max_num_batched_tokens, minimum=1)
+        require_int("max_num_seqs", self.max_num_seqs, minimum=1)
+        require_float("gpu_memory_utilization", self.gpu_memory_utilization, minimum=0.0, maximum=1.0,
+                      exclusive_minimum=True)
+        if self.num_kv_blocks is not None:
+            require_int("num_kv_blocks", self.num_kv_blocks, minimum=2)
+        require_float("cpu_kv_cache_gib", self.cpu_kv_cache_gib, minimum=0.0, exclusive_minimum=True)
+        require_int("seed", self.seed, minimum=0)
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameterError(name, f"must be true or false, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str | None = None, prefix: str = "") -> EngineConfig:
+        """Build from a mapping (a YAML section), rejecting unknown keys with the key's dotted path."""
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"{prefix}{key}", f"unknown engine setting; known: {', '.join(sorted(known))}",
+                                  source)
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"{prefix}{exc.key}", exc.message, source) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _require_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InvalidParameterError(field, f"must be one of {', '.join(choices)}; got {value!r}")

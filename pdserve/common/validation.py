@@ -1,0 +1,44 @@
+"""Small range checks that raise :class:`InvalidParameterError` naming the field and the allowed range."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pdserve.common.errors import InvalidParameterError
+
+
+def require_int(field: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameterError(field, f"must be an integer, got {value!r}")
+    _check_range(field, value, minimum, maximum)
+    return value
+
+
+def require_float(
+    field: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidParameterError(field, f"must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InvalidParameterError(field, f"must be finite, got {value}")
+    if exclusive_minimum and minimum is not None and value <= minimum:
+        high = "" if maximum is None else f" and <= {maximum}"
+        raise InvalidParameterError(field, f"must be > {minimum}{high}, got {value}")
+    _check_range(field, value, None if exclusive_minimum else minimum, maximum)
+    return value
+
+
+def _check_range(field: str, value: float, minimum: float | None, maximum: float | None) -> None:
+    if minimum is not None and maximum is not None and not (minimum <= value <= maximum):
+        raise InvalidParameterError(field, f"must be in [{minimum}, {maximum}], got {value}")
+    if minimum is not None and value < minimum:
+        raise InvalidParameterError(field, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidParameterError(field, f"must be <= {maximum}, got {value}")

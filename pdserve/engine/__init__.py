@@ -1,0 +1,1 @@
+"""The model executor that both worker roles share: model, KV cache, scheduler, runner, sampler."""

@@ -1,0 +1,1 @@
+"""Attention backends behind one interface (see ``backend.py``); ``select_backend`` picks one."""

@@ -1,0 +1,40 @@
+"""The attention backend interface.
+
+A backend owns two operations over the paged KV cache of one layer, a tensor of shape
+``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (index 0: keys, 1: values):
+
+* ``write_kv``: store this step's new keys and values at ``metadata.slot_mapping``;
+* ``attend``: causal attention of this step's queries over each sequence's whole context (earlier KV
+  read from the cache, new KV just written), with optional sliding window and grouped-query heads.
+
+Backends hold no per-request state; everything a step needs is in :class:`AttentionMetadata`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from pdserve.engine.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    name: str = "abstract"
+
+    @abstractmethod
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 metadata: AttentionMetadata) -> None:
+        """Write ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into their cache slots."""
+
+    @abstractmethod
+    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, *,
+               scale: float, sliding_window: int | None) -> torch.Tensor:
+        """Return ``[num_tokens, num_heads, head_dim]``: query row ``t`` of sequence ``i`` at absolute
+        position ``p`` attends to that sequence's keys at positions ``k <= p`` (and ``p - k <
+        sliding_window`` when a window is set)."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                metadata: AttentionMetadata, *, scale: float, sliding_window: int | None) -> torch.Tensor:
+        self.write_kv(key, value, kv_cache, metadata)
+        return self.attend(query, kv_cache, metadata, scale=scale, sliding_window=sliding_window)

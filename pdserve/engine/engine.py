@@ -1,0 +1,245 @@
+"""The engine: one model, its paged KV cache and a scheduler, advanced one step at a time.
+
+Lifecycle: construct (loads weights, sizes and allocates the KV cache) -> ``add_request`` any time
+(validated before it is queued) -> ``step()`` repeatedly while ``has_unfinished_requests()``; each
+step returns a :class:`RequestDelta` for every request that produced a token or finished ->
+``abort_request`` any time. A finished request has freed its blocks and is forgotten by the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from pdserve.common.config import TINY_RANDOM_MODEL, EngineConfig
+from pdserve.common.errors import ConfigError, InvalidParameterError, PromptTooLongError
+from pdserve.common.outputs import Logprob, RequestDelta, TokenLogprobs
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.attention.selector import select_backend
+from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.device import resolve_device, resolve_dtype, resolve_max_model_len
+from pdserve.engine.kv_cache.manager import KVCacheManager
+from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches, num_blocks_for_budget
+from pdserve.engine.model.loader import build_model, inspect_model_dir
+from pdserve.engine.model.tiny import ensure_tiny_random
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampler import Sampler
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+_LIVE_ENGINES: weakref.WeakSet[LLMEngine] = weakref.WeakSet()
+
+
+def live_engines() -> list[LLMEngine]:
+    """Every engine of this process that has not been garbage-collected (tests check their invariants)."""
+    return list(_LIVE_ENGINES)
+
+
+def resolve_model_dir(model: str) -> Path:
+    return ensure_tiny_random() if model == TINY_RANDOM_MODEL else Path(model).expanduser()
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        model_dir = resolve_model_dir(config.model)
+        source = inspect_model_dir(model_dir)
+        self.spec = spec = source.spec
+        self.tokenizer = Tokenizer.from_dir(Path(config.tokenizer) if config.tokenizer else model_dir)
+        self.dtype = resolve_dtype(config.dtype, spec.checkpoint_dtype, self.device)
+        self.max_model_len = resolve_max_model_len(config, spec)
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError("max_num_batched_tokens", f"{config.max_num_batched_tokens} is less than "
+                              f"max_model_len={self.max_model_len}; without chunked prefill a whole prompt "
+                              f"must fit in one step")
+        self.model = build_model(source, backend=select_backend(config.attention_backend, self.device),
+                                 dtype=self.dtype, device=self.device, load_format=config.load_format,
+                                 max_positions=self.max_model_len, seed=config.seed)
+        num_blocks = self._num_kv_blocks()
+        self.kv_layout = KVCacheLayout(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
+                                       spec.head_dim, self.dtype)
+        self.kv_caches = allocate_kv_caches(self.kv_layout, self.device)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,
+                                                   config.enable_chunked_prefill), self.kv)
+        self.eos_token_ids = tuple(dict.fromkeys((*self.tokenizer.eos_token_ids, *spec.eos_token_ids)))
+        self.sampler = Sampler(self.device, seed=config.seed)
+        self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.device, self.sampler,
+                                  self.eos_token_ids)
+        self._requests: dict[str, Request] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        _LIVE_ENGINES.add(self)
+
+    # ---- sizing --------------------------------------------------------------------------------
+
+    def _num_kv_blocks(self) -> int:
+        config, spec, bs = self.config, self.spec, self.config.block_size
+        capacity_tokens = self.max_model_len
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                reserve = self._activation_reserve_bytes()
+                budget = int(total * config.gpu_memory_utilization) - (total - free) - reserve
+            else:
+                budget = int(config.cpu_kv_cache_gib * 2**30)
+            num_blocks = num_blocks_for_budget(spec, bs, self.dtype, budget)
+            # never more than every sequence at full length needs (+1 for the null block)
+            num_blocks = min(num_blocks, -(-config.max_num_seqs * self.max_model_len // bs) + 1)
+        capacity_tokens = (num_blocks - 1) * bs
+        if capacity_tokens < self.max_model_len:
+            if config.max_model_len is not None or capacity_tokens < bs:
+                raise ConfigError("max_model_len", f"the KV cache holds {capacity_tokens} tokens ({num_blocks - 1} "
+                                  f"usable blocks of {bs}), less than max_model_len={self.max_model_len}: raise "
+                                  f"the KV memory (num_kv_blocks, gpu_memory_utilization, cpu_kv_cache_gib) "
+                                  f"or lower max_model_len")
+            logger.warning("KV cache holds %d tokens; lowering max_model_len from %d", capacity_tokens,
+                           self.max_model_len)
+            self.max_model_len = capacity_tokens
+        return num_blocks
+
+    def _activation_reserve_bytes(self) -> int:
+        """A bound on the forward pass's transient memory at the largest step (refined by profiling)."""
+        spec, elem = self.spec, torch.empty((), dtype=self.dtype).element_size()
+        tokens = self.config.max_num_batched_tokens
+        per_token = (4 * spec.hidden_size + 2 * spec.intermediate_size + spec.q_size + 2 * spec.kv_size) * elem
+        logits = self.config.max_num_seqs * spec.vocab_size * 4 * 4
+        return tokens * per_token * 2 + logits + 512 * 2**20
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:
+        """Validate a prompt (text xor token ids) and return its token ids; raises before any compute."""
+        if (prompt is None) == (prompt_token_ids is None):
+            raise InvalidParameterError("prompt", "give exactly one of a prompt text or prompt token ids")
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InvalidParameterError("prompt", f"must be a string, got {type(prompt).__name__}")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt_token_ids)  # type: ignore[arg-type]
+            vocab = self.spec.vocab_size
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise InvalidParameterError("prompt_token_ids", f"token id {t!r} is outside the "
+                                                f"vocabulary [0, {vocab})")
+        if not ids:
+            raise InvalidParameterError("prompt", "the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(len(ids), self.max_model_len)
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | None = None, prompt_token_ids: Sequence[int] | None = None,
+                    params: SamplingParams | None = None) -> Request:
+        if request_id in self._requests:
+            raise InvalidParameterError("request_id", f"{request_id!r} is already in use")
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidParameterError("sampling_params", f"must be SamplingParams, got {type(params).__name__}")
+        ids = self.encode_prompt(prompt, prompt_token_ids)
+        request = Request(request_id, ids, params, prompt=prompt)
+        self._requests[request_id] = request
+        self._detokenizers[request_id] = IncrementalDetokenizer(
+            self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output)
+        self.scheduler.add(request)
+        return request
+
+    def abort_request(self, request_id: str) -> RequestDelta | None:
+        """Stop a request and free its blocks; returns its final delta, or None if it is unknown."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        return self._finalize(request, [], None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- stepping ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestDelta]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        result = self.runner.execute(plan)
+        self.scheduler.finish_step(plan)
+        deltas = []
+        for chunk in plan.chunks:
+            if chunk.samples:
+                request = chunk.request
+                rid = request.request_id
+                deltas.append(self._append_token(request, result.token_ids[rid], result.logprobs[rid]))
+        return deltas
+
+    def _append_token(self, request: Request, token_id: int, logprobs: TokenLogprobs | None) -> RequestDelta:
+        request.append_output_token(token_id)
+        if logprobs is not None:
+            logprobs = {t: Logprob(lp.logprob, lp.rank, self.tokenizer.token_text(t)) for t, lp in logprobs.items()}
+            assert request.logprobs is not None
+            request.logprobs.append(logprobs)
+        stop_string = self._detokenizers[request.request_id].push([token_id])
+        status = self._stop_status(request, token_id, stop_string)
+        if status is not None:
+            self.scheduler.finish(request, status)
+        return self._finalize(request, [token_id], logprobs)
+
+    def _stop_status(self, request: Request, token_id: int, stop_string: str | None) -> RequestStatus | None:
+        params = request.params
+        if stop_string is not None:
+            request.stop_reason = stop_string
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens > params.min_tokens:  # the sampler blocks EOS/stop ids before
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finalize(self, request: Request, new_ids: list[int], logprobs: TokenLogprobs | None) -> RequestDelta:
+        finished = request.is_finished
+        rid = request.request_id
+        delta = RequestDelta(
+            request_id=rid,
+            new_token_ids=new_ids,
+            new_text=self._detokenizers[rid].take_delta(finished),
+            new_logprobs=None if logprobs is None else [logprobs],
+            finished=finished,
+            finish_reason=request.status.finish_reason,
+            stop_reason=request.stop_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            error=request.error,
+        )
+        if finished:
+            self.sampler.release(rid)
+            del self._requests[rid]
+            del self._detokenizers[rid]
+        return delta
+
+    # ---- checks --------------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        self.kv.check_invariants()
+        for request in self.scheduler.running:
+            assert self.kv.has_blocks(request.request_id), f"running request {request.request_id} has no blocks"
+        for request in self.scheduler.waiting:
+            assert not self.kv.has_blocks(request.request_id), f"waiting {request.request_id} holds blocks"
+        if not self._requests:
+            self.kv.check_no_leaks()

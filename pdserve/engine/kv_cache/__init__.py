@@ -1,0 +1,1 @@
+"""Paged KV cache: block bookkeeping (pure Python) kept apart from the device tensors."""

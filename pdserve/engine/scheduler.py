@@ -1,0 +1,153 @@
+"""Continuous batching in token counts: which requests compute how many tokens in the next step.
+
+Each step has a budget of ``max_num_batched_tokens``. Running requests are served first, in admission
+order (a decode takes 1 token, an unfinished prefill the rest of its prompt up to the budget: chunked
+prefill); then waiting requests are admitted in arrival order while budget, ``max_num_seqs`` and free
+blocks allow, starting past any prefix-cache hit. When a running request needs a block and none is
+free, the most recently admitted running request is preempted: its blocks are freed and it returns to
+the head of the queue to be recomputed later (its cached full blocks usually make that cheap).
+
+The scheduler never runs the model: it emits one :class:`SchedulerPlan` per step, and after the step the
+engine calls :meth:`Scheduler.finish_step` (advance computed counts, index full blocks) and
+:meth:`Scheduler.finish` for requests that ended.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdserve.engine.kv_cache.manager import KVCacheManager
+from pdserve.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Compute tokens ``[start, start + num_tokens)`` of ``request`` with KV in ``block_ids``."""
+
+    request: Request
+    start: int
+    num_tokens: int
+    block_ids: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the request's last known token, so a new token is sampled."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerPlan:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # ---- queue management ----------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End ``request`` with a finished ``status``: drop it from the queues and free its blocks once."""
+        assert status.is_finished, status
+        if request.is_finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        request.status = status
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerPlan:
+        plan = SchedulerPlan()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens_to_compute, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                plan.preempted.append(victim)
+                if victim is request:
+                    break
+            if request.status == RequestStatus.PREEMPTED:
+                break
+            plan.chunks.append(self._chunk(request, num_new))
+            budget -= num_new
+            i += 1
+        if not plan.preempted:
+            self._admit_waiting(plan, budget)
+        return plan
+
+    def _admit_waiting(self, plan: SchedulerPlan, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            cached = self.kv.find_cached_prefix(request)
+            num_cached_tokens = len(cached) * self.kv.block_size
+            remaining = request.num_tokens - request.num_computed_tokens - num_cached_tokens
+            if not self.config.enable_chunked_prefill and remaining > budget:
+                break
+            num_new = min(remaining, budget)
+            if not self.kv.allocate_slots(request, num_new, cached):
+                break
+            self.waiting.popleft()
+            self.kv.record_prefix_lookup(request.num_tokens, num_cached_tokens)
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached_tokens
+            request.num_computed_tokens += num_cached_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            plan.chunks.append(self._chunk(request, num_new))
+            budget -= num_new
+
+    def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
+        return ScheduledChunk(request, request.num_computed_tokens, num_new, self.kv.block_ids(request.request_id))
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def finish_step(self, plan: SchedulerPlan) -> None:
+        """Record that the plan's chunks were computed: advance counts and index newly full blocks."""
+        for chunk in plan.chunks:
+            request = chunk.request
+            request.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.kv.cache_full_blocks(request)

@@ -1,0 +1,1 @@
+"""Shared test helpers: tiny random Hugging Face models built in-process."""
