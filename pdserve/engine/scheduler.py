@@ -30,17 +30,22 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ScheduledChunk:
-    """Compute tokens ``[start, start + num_tokens)`` of ``request`` with KV in ``block_ids``."""
+    """Compute tokens ``[start, start + num_tokens)`` of ``request`` with KV in ``block_ids``.
+
+    ``samples`` (fixed when scheduled): the chunk reaches the request's last known token, so the step
+    samples a new token from its last row.
+    """
 
     request: Request
     start: int
     num_tokens: int
     block_ids: list[int]
+    samples: bool
 
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the request's last known token, so a new token is sampled."""
-        return self.start + self.num_tokens == self.request.num_tokens
+    @classmethod
+    def of(cls, request: Request, num_tokens: int, block_ids: list[int]) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        return cls(request, start, num_tokens, block_ids, start + num_tokens == request.num_tokens)
 
 
 @dataclass
@@ -135,7 +140,7 @@ class Scheduler:
             budget -= num_new
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
-        return ScheduledChunk(request, request.num_computed_tokens, num_new, self.kv.block_ids(request.request_id))
+        return ScheduledChunk.of(request, num_new, self.kv.block_ids(request.request_id))
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

@@ -30,7 +30,7 @@ def prompt_logits(engine: LLMEngine, prompts: list[list[int]], chunk_sizes: list
                 if n == 0:
                     continue
                 assert engine.kv.allocate_slots(r, n), "probe ran out of KV blocks"
-                chunks.append(ScheduledChunk(r, r.num_computed_tokens, n, engine.kv.block_ids(r.request_id)))
+                chunks.append(ScheduledChunk.of(r, n, engine.kv.block_ids(r.request_id)))
                 owners.append(i)
             batch = engine.runner.pack(SchedulerPlan(chunks))
             hidden = engine.model(batch.input_ids, batch.positions, engine.kv_caches, batch.metadata)

@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:  `make run` (the demo) and `make test` (the test suite).
+# Both create .venv on first use: CPU torch 2.13.0 (unless a torch is already importable there),
+# then pdserve in editable mode with its test extras.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pdserve-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup run test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/pdserve generate --model tiny-random --max-tokens 48 "Hello from pdserve:"
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check pdserve tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

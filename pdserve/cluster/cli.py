@@ -1,0 +1,143 @@
+"""The ``pdserve`` command line.
+
+``pdserve generate --model tiny-random "Hello"`` runs an engine in this process and streams the
+completion; ``--file prompts.txt`` runs a batch (one prompt per line, or JSONL with a "prompt" key)
+with a progress bar. Errors a user can fix are printed as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pdserve.common.config import TINY_RANDOM_MODEL
+from pdserve.common.errors import PdserveError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving.")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate completions with a local engine")
+    gen.add_argument("prompts", nargs="*", help="prompt texts (or use --file)")
+    gen.add_argument("--file", type=Path, help="a file of prompts: one per line, or JSONL with a 'prompt' key")
+    gen.add_argument("--model", default=TINY_RANDOM_MODEL, help="local model directory or 'tiny-random'")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per completion")
+    _add_sampling_args(gen)
+    _add_engine_args(gen)
+    return parser
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.file is not None:
+        try:
+            lines = args.file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise PdserveError(f"--file {args.file}: {exc.strerror or exc}") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if args.file.suffix == ".jsonl":
+                try:
+                    prompts.append(str(json.loads(line)["prompt"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise PdserveError(f"{args.file}:{number}: expected a JSON object with a 'prompt' key") from None
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise PdserveError("no prompt given: pass prompt texts as arguments or --file FILE")
+    return prompts
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pdserve.common.sampling_params import SamplingParams
+    from pdserve.engine.llm import LLM
+
+    prompts = _read_prompts(args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
+                            ignore_eos=args.ignore_eos)
+    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+              load_format=args.load_format)
+    if args.chat:
+        ids = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+    else:
+        ids = [llm.engine.encode_prompt(p, None) for p in prompts]
+    if len(prompts) == 1 and not args.json:
+        return _stream_one(llm, ids[0], params)
+    outputs = llm.generate(prompt_token_ids=ids, sampling_params=params, use_tqdm=len(prompts) > 1)
+    for prompt, out in zip(prompts, outputs):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
+                              "finish_reason": str(out.finish_reason)}, ensure_ascii=False))
+        else:
+            print(f"--- {prompt!r} ({out.finish_reason}, {len(out.token_ids)} tokens)\n{out.text}")
+    return 0
+
+
+def _stream_one(llm, prompt_ids: list[int], params) -> int:  # noqa: ANN001 (LLM, SamplingParams)
+    """Print one completion as it is generated."""
+    engine = llm.engine
+    engine.add_request("cli-0", prompt_token_ids=prompt_ids, params=params)
+    try:
+        finished = None
+        while finished is None:
+            for delta in engine.step():
+                sys.stdout.write(delta.new_text)
+                sys.stdout.flush()
+                if delta.finished:
+                    finished = delta
+    except BaseException:
+        engine.abort_request("cli-0")
+        raise
+    sys.stdout.write("\n")
+    print(f"[finish_reason={finished.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except PdserveError as exc:
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pdserve: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The ``pdserve`` command line as a user runs it: a subprocess, real output, clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pdserve", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_generate_streams_text_from_the_tiny_model() -> None:
+    done = _run("generate", "--model", "tiny-random", "--max-tokens", "16", "--ignore-eos", "Hello")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip()) > 0
+    assert "finish_reason=length" in done.stderr
+
+
+def test_generate_batch_from_a_file(tmp_path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "one"}\n{"prompt": "two"}\n\n{"prompt": "three"}\n')
+    done = _run("generate", "--file", str(prompts), "--json", "--max-tokens", "4")
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 3
+    assert "generate" in done.stderr  # the progress bar
+
+
+def test_bad_input_gives_one_clear_line_and_exit_2(tmp_path) -> None:
+    done = _run("generate", "--temperature", "-1", "Hello")
+    assert done.returncode == 2 and "temperature" in done.stderr and "Traceback" not in done.stderr
+    done = _run("generate", "--model", str(tmp_path / "missing"), "Hello")
+    assert done.returncode == 2 and "no such model directory" in done.stderr
+    done = _run("generate")
+    assert done.returncode == 2 and "no prompt" in done.stderr
