@@ -26,6 +26,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check pdserve tests benchmarks
+	$(VENV)/bin/mypy pdserve --ignore-missing-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache

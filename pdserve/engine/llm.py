@@ -93,8 +93,8 @@ def _normalize_prompts(prompts: str | Sequence[str] | None, prompt_token_ids: Se
     if (prompts is None) == (prompt_token_ids is None):
         raise InvalidParameterError("prompts", "give exactly one of prompts or prompt_token_ids")
     if prompts is not None:
-        texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return texts, [None] * len(texts)  # type: ignore[list-item]
+        texts: list[str | None] = [prompts] if isinstance(prompts, str) else list(prompts)
+        return texts, [None] * len(texts)
     assert prompt_token_ids is not None
     if prompt_token_ids and isinstance(prompt_token_ids[0], int):
         raise InvalidParameterError("prompt_token_ids", "must be a list of token-id lists, one per prompt")
