@@ -12,6 +12,20 @@ from collections.abc import Iterator
 
 import pytest
 
+
+def _cuda_available_early() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+if not _cuda_available_early():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run (slowly) on the CPU in tests
+    from tests.support.triton_interpreter import patch_interpreter_scalars
+
+    patch_interpreter_scalars()
 os.environ.setdefault("PDSERVE_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                                          ".pytest_cache", "pdserve"))
 

@@ -9,6 +9,7 @@ step returns a :class:`RequestDelta` for every request that produced a token or 
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +29,8 @@ from pdserve.engine.model.loader import build_model, inspect_model_dir
 from pdserve.engine.model.tiny import ensure_tiny_random
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampler import Sampler
-from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.engine.sampler import Sampler, SamplingRow
+from pdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from pdserve.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -60,20 +61,28 @@ class LLMEngine:
             raise ConfigError("max_num_batched_tokens", f"{config.max_num_batched_tokens} is less than "
                               f"max_model_len={self.max_model_len}; without chunked prefill a whole prompt "
                               f"must fit in one step")
-        self.model = build_model(source, backend=select_backend(config.attention_backend, self.device),
-                                 dtype=self.dtype, device=self.device, load_format=config.load_format,
-                                 max_positions=self.max_model_len, seed=config.seed)
+        timer = time.perf_counter()
+        backend = select_backend(config.attention_backend, self.device)
+        self.model = build_model(source, backend=backend, dtype=self.dtype, device=self.device,
+                                 load_format=config.load_format, max_positions=self.max_model_len, seed=config.seed)
+        self.startup_seconds = {"weights": time.perf_counter() - timer}
+        self.eos_token_ids = tuple(dict.fromkeys((*self.tokenizer.eos_token_ids, *spec.eos_token_ids)))
+        self.sampler = Sampler(self.device, seed=config.seed)
+        self.runner = ModelRunner(self.model, [], config.block_size, self.device, self.sampler, self.eos_token_ids,
+                                  max_num_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+                                  max_model_len=self.max_model_len)
+        timer = time.perf_counter()
         num_blocks = self._num_kv_blocks()
         self.kv_layout = KVCacheLayout(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
                                        spec.head_dim, self.dtype)
         self.kv_caches = allocate_kv_caches(self.kv_layout, self.device)
+        self.runner.kv_caches = self.kv_caches
+        self.startup_seconds["kv_cache"] = time.perf_counter() - timer
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,
                                                    config.enable_chunked_prefill), self.kv)
-        self.eos_token_ids = tuple(dict.fromkeys((*self.tokenizer.eos_token_ids, *spec.eos_token_ids)))
-        self.sampler = Sampler(self.device, seed=config.seed)
-        self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.device, self.sampler,
-                                  self.eos_token_ids)
+        if self.device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
+            self.startup_seconds["cuda_graphs"] = self.runner.capture_cuda_graphs(config.max_num_seqs)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         _LIVE_ENGINES.add(self)
@@ -87,8 +96,8 @@ class LLMEngine:
             num_blocks = config.num_kv_blocks
         else:
             if self.device.type == "cuda":
+                reserve = self._profile_activation_bytes()
                 free, total = torch.cuda.mem_get_info(self.device)
-                reserve = self._activation_reserve_bytes()
                 budget = int(total * config.gpu_memory_utilization) - (total - free) - reserve
             else:
                 budget = int(config.cpu_kv_cache_gib * 2**30)
@@ -107,13 +116,32 @@ class LLMEngine:
             self.max_model_len = capacity_tokens
         return num_blocks
 
-    def _activation_reserve_bytes(self) -> int:
-        """A bound on the forward pass's transient memory at the largest step (refined by profiling)."""
-        spec, elem = self.spec, torch.empty((), dtype=self.dtype).element_size()
-        tokens = self.config.max_num_batched_tokens
-        per_token = (4 * spec.hidden_size + 2 * spec.intermediate_size + spec.q_size + 2 * spec.kv_size) * elem
-        logits = self.config.max_num_seqs * spec.vocab_size * 4 * 4
-        return tokens * per_token * 2 + logits + 512 * 2**20
+    def _profile_activation_bytes(self) -> int:
+        """Peak transient memory of the largest step: a dummy prefill of ``max_num_batched_tokens``
+        tokens into a temporary cache, plus logits and sampling for ``max_num_seqs`` rows; with a margin
+        for CUDA graphs and allocator fragmentation."""
+        config, spec = self.config, self.spec
+        num_tokens = min(config.max_num_batched_tokens, self.max_model_len - 1)
+        temp_kv = KVCacheManager(-(-num_tokens // config.block_size) + 1, config.block_size, False)
+        layout = KVCacheLayout(spec.num_layers, temp_kv.pool.num_blocks, config.block_size, spec.num_kv_heads,
+                               spec.head_dim, self.dtype)
+        self.runner.kv_caches = allocate_kv_caches(layout, self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        dummy = Request("profile", [1] * num_tokens, SamplingParams(max_tokens=1))
+        temp_kv.allocate_slots(dummy, num_tokens)
+        self.runner.run_dummy_prefill([ScheduledChunk.of(dummy, num_tokens, temp_kv.block_ids("profile"))])
+        logits = self.model.compute_logits(torch.zeros(config.max_num_seqs, spec.hidden_size, dtype=self.dtype,
+                                                       device=self.device))
+        rows = [SamplingRow(f"p{i}", SamplingParams(top_p=0.9, top_k=50), [], [], ()) for i in range(len(logits))]
+        self.sampler.sample(logits, rows)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del logits
+        self.runner.kv_caches = []
+        torch.cuda.empty_cache()
+        return peak + 256 * 2**20
 
     # ---- requests ------------------------------------------------------------------------------
 

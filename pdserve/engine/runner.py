@@ -1,23 +1,33 @@
 """Turn a :class:`SchedulerPlan` into tensors, run the model, sample. Never calls back into the scheduler.
 
-One step: pack every chunk's new tokens back to back (``input_ids``, ``positions``), map each to its
-cache slot, build the attention metadata, run the forward pass (which writes the new KV), take the
-hidden state of the last row of each chunk that samples, compute logits for those rows only, and
-sample. The host receives the sampled ids once per step.
+One step: order the chunks decodes-first, write their inputs into the persistent buffers (one async
+copy each to the device), run the forward pass (which writes the new KV) -- by replaying a captured
+CUDA graph when every chunk is a decode and a graph of that size exists -- take the hidden state of the
+last row of each chunk that samples, compute logits for those rows only, and sample. The host
+receives the sampled ids once per step.
+
+An optional per-layer hook (``set_layer_hook``) lets the prefill role stream each layer's freshly
+written KV while later layers compute; the engine itself does nothing with it.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from pdserve.common.outputs import TokenLogprobs
 from pdserve.engine.attention.metadata import AttentionMetadata
+from pdserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from pdserve.engine.kernels.paged_decode import choose_num_splits
 from pdserve.engine.model.decoder import DecoderForCausalLM
 from pdserve.engine.sampler import Sampler, SamplingRow
-from pdserve.engine.scheduler import SchedulerPlan
+from pdserve.engine.scheduler import ScheduledChunk, SchedulerPlan
+from pdserve.engine.step_inputs import StepInputs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,86 +39,85 @@ class StepResult:
     num_forward_tokens: int = 0
 
 
-@dataclass
-class PackedBatch:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    metadata: AttentionMetadata
-    sample_rows: torch.Tensor  # indices into the packed rows whose logits are sampled
-
-
 class ModelRunner:
     def __init__(self, model: DecoderForCausalLM, kv_caches: list[torch.Tensor], block_size: int,
-                 device: torch.device, sampler: Sampler, eos_token_ids: tuple[int, ...]) -> None:
+                 device: torch.device, sampler: Sampler, eos_token_ids: tuple[int, ...], *,
+                 max_num_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
         self.sampler = sampler
         self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.inputs = StepInputs(max(max_num_tokens, max_num_seqs), max_num_seqs,
+                                 -(-max_model_len // block_size), block_size, device)
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        self.num_kv_heads = model.spec.num_kv_heads
+        self.graphs: DecodeGraphs | None = None
         self.num_forward_tokens = 0  # cumulative count of tokens run through the model (a metric)
+        self.num_graph_steps = 0
+        self.num_eager_steps = 0
 
-    def pack(self, plan: SchedulerPlan) -> PackedBatch:
-        bs = self.block_size
-        ids: list[np.ndarray] = []
-        pos: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        max_blocks = max(len(c.block_ids) for c in plan.chunks)
-        tables = np.zeros((len(plan.chunks), max_blocks), dtype=np.int32)
-        for i, chunk in enumerate(plan.chunks):
-            end = chunk.start + chunk.num_tokens
-            ids.append(np.asarray(chunk.request.all_token_ids[chunk.start:end], dtype=np.int64))
-            p = np.arange(chunk.start, end, dtype=np.int64)
-            table = np.asarray(chunk.block_ids, dtype=np.int64)
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-            tables[i, : len(chunk.block_ids)] = chunk.block_ids
-            query_start.append(query_start[-1] + chunk.num_tokens)
-            seq_lens.append(end)
-            if chunk.samples:
-                sample_rows.append(query_start[-1] - 1)
-        to = self._to_device
-        query_lens = np.diff(query_start)
-        metadata = AttentionMetadata(
-            num_tokens=query_start[-1],
-            num_seqs=len(plan.chunks),
-            max_query_len=int(query_lens.max()),
-            max_seq_len=max(seq_lens),
-            block_size=bs,
-            query_start_loc=to(np.asarray(query_start, dtype=np.int32)),
-            seq_lens=to(np.asarray(seq_lens, dtype=np.int32)),
-            context_lens=to(np.asarray(seq_lens, dtype=np.int32) - query_lens.astype(np.int32)),
-            block_tables=to(tables),
-            slot_mapping=to(np.concatenate(slots)),
-            query_start_loc_cpu=query_start,
-            seq_lens_cpu=seq_lens,
-        )
-        return PackedBatch(to(np.concatenate(ids)), to(np.concatenate(pos)), metadata,
-                           to(np.asarray(sample_rows, dtype=np.int64)))
+    # ---- set-up --------------------------------------------------------------------------------
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+    def capture_cuda_graphs(self, max_num_seqs: int) -> float:
+        """Capture decode graphs for every padded batch size; returns the seconds it took."""
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.inputs, capture_sizes(max_num_seqs),
+                                   lambda n: self._decode_splits(n, self.max_model_len))
+        self.graphs.capture()
+        return self.graphs.capture_seconds
+
+    def _decode_splits(self, num_decodes: int, max_seq_len: int) -> int:
+        return choose_num_splits(num_decodes, self.num_kv_heads, max_seq_len, self.num_sms)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Run the model over ``chunks`` (decodes first); returns hidden states of the real rows."""
+        num_decodes = sum(1 for c in chunks if c.num_tokens == 1)
+        all_decode = num_decodes == len(chunks)
+        padded = self.graphs.padded_size(len(chunks)) if (self.graphs is not None and all_decode) else None
+        if padded is not None:
+            metadata = self.inputs.load(chunks, self.graphs.num_splits_for(padded), pad_seqs_to=padded)  # type: ignore[union-attr]
+            hidden = self.graphs.replay(padded)[: len(chunks)]  # type: ignore[union-attr]
+            self.num_graph_steps += 1
+        else:
+            max_seq = max(c.start + c.num_tokens for c in chunks)
+            metadata = self.inputs.load(chunks, self._decode_splits(num_decodes, max_seq))
+            hidden = self.model(self.inputs.input_ids[: metadata.num_tokens],
+                                self.inputs.positions[: metadata.num_tokens], self.kv_caches, metadata)
+            self.num_eager_steps += 1
+        self.num_forward_tokens += sum(c.num_tokens for c in chunks)
+        return hidden, metadata
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerPlan) -> StepResult:
-        batch = self.pack(plan)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
-        self.num_forward_tokens += batch.metadata.num_tokens
-        sampling = [c for c in plan.chunks if c.samples]
+        chunks = sorted(plan.chunks, key=lambda c: c.num_tokens != 1)  # stable: decodes first
+        hidden, metadata = self.forward(chunks)
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
         if not sampling:
-            return StepResult({}, {}, batch.metadata.num_tokens)
-        logits = self.model.compute_logits(hidden[batch.sample_rows])
-        rows = [
-            SamplingRow(c.request.request_id, c.request.params, c.request.prompt_token_ids,
-                        c.request.output_token_ids, self.eos_token_ids)
-            for c in sampling
-        ]
-        out = self.sampler.sample(logits, rows)
-        ids = [c.request.request_id for c in sampling]
-        return StepResult(dict(zip(ids, out.token_ids)), dict(zip(ids, out.logprobs)), batch.metadata.num_tokens)
+            return StepResult({}, {}, metadata.num_tokens)
+        ends = metadata.query_start_loc_cpu
+        rows = [ends[i + 1] - 1 for i in sampling]
+        if rows == list(range(len(chunks))):
+            selected = hidden
+        else:
+            selected = hidden[torch.tensor(rows, device=hidden.device)]
+        logits = self.model.compute_logits(selected)
+        sampled = [chunks[i] for i in sampling]
+        rows_info = [SamplingRow(c.request.request_id, c.request.params, c.request.prompt_token_ids,
+                                 c.request.output_token_ids, self.eos_token_ids) for c in sampled]
+        out = self.sampler.sample(logits, rows_info)
+        ids = [c.request.request_id for c in sampled]
+        return StepResult(dict(zip(ids, out.token_ids)), dict(zip(ids, out.logprobs)), metadata.num_tokens)
+
+    # ---- profiling -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run_dummy_prefill(self, chunks: list[ScheduledChunk]) -> None:
+        """Forward ``chunks`` without sampling (memory profiling and warm-up)."""
+        self.forward(chunks)
+
+    def set_layer_hook(self, hook: Callable[[int, torch.Tensor], None] | None) -> None:
+        self.model.layer_hook = hook

@@ -7,7 +7,7 @@ import torch
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.request import Request
-from pdserve.engine.scheduler import ScheduledChunk, SchedulerPlan
+from pdserve.engine.scheduler import ScheduledChunk
 
 
 @torch.inference_mode()
@@ -25,17 +25,17 @@ def prompt_logits(engine: LLMEngine, prompts: list[list[int]], chunk_sizes: list
         while any(r.num_computed_tokens < r.num_tokens for r in requests):
             size = sizes.pop(0) if sizes else None
             chunks, owners = [], []
-            for i, r in enumerate(requests):
-                n = r.num_tokens_to_compute if size is None else min(size, r.num_tokens_to_compute)
+            sizes_now = [(i, r, r.num_tokens_to_compute if size is None else min(size, r.num_tokens_to_compute))
+                         for i, r in enumerate(requests)]
+            for i, r, n in sorted(sizes_now, key=lambda x: x[2] != 1):  # the runner wants decodes first
                 if n == 0:
                     continue
                 assert engine.kv.allocate_slots(r, n), "probe ran out of KV blocks"
                 chunks.append(ScheduledChunk.of(r, n, engine.kv.block_ids(r.request_id)))
                 owners.append(i)
-            batch = engine.runner.pack(SchedulerPlan(chunks))
-            hidden = engine.model(batch.input_ids, batch.positions, engine.kv_caches, batch.metadata)
+            hidden, metadata = engine.runner.forward(chunks)
             logits = engine.model.compute_logits(hidden)
-            starts = batch.metadata.query_start_loc_cpu
+            starts = metadata.query_start_loc_cpu
             for j, (chunk, i) in enumerate(zip(chunks, owners)):
                 per_prompt[i].append(logits[starts[j]:starts[j + 1]])
                 chunk.request.num_computed_tokens += chunk.num_tokens

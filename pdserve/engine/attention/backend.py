@@ -17,10 +17,13 @@ from abc import ABC, abstractmethod
 import torch
 
 from pdserve.engine.attention.metadata import AttentionMetadata
+from pdserve.engine.model.layers import RotaryEmbedding
 
 
 class AttentionBackend(ABC):
     name: str = "abstract"
+    supports_cuda_graphs: bool = False
+    fused_layers: bool = False  # use the fused Triton norm / activation kernels in the model too
 
     @abstractmethod
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -38,3 +41,10 @@ class AttentionBackend(ABC):
                 metadata: AttentionMetadata, *, scale: float, sliding_window: int | None) -> torch.Tensor:
         self.write_kv(key, value, kv_cache, metadata)
         return self.attend(query, kv_cache, metadata, scale=scale, sliding_window=sliding_window)
+
+    def rope_write_attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          positions: torch.Tensor, rotary: RotaryEmbedding, kv_cache: torch.Tensor,
+                          metadata: AttentionMetadata, *, scale: float, sliding_window: int | None) -> torch.Tensor:
+        """Rotary embedding, cache write and attention; backends may fuse the first two."""
+        query, key = rotary(positions, query, key)
+        return self.forward(query, key, value, kv_cache, metadata, scale=scale, sliding_window=sliding_window)

@@ -15,7 +15,8 @@ class AttentionMetadata:
     owns rows ``query_start_loc[i]:query_start_loc[i+1]``; before this step it had ``context_lens[i]``
     tokens of KV in the cache, after it ``seq_lens[i]``. ``block_tables[i, j]`` is the physical block
     holding its tokens ``j*block_size ... (j+1)*block_size-1``; ``slot_mapping[t]`` the flat cache slot
-    (``block * block_size + offset``) that row ``t``'s new K/V is written to. Host copies of the small
+    (``block * block_size + offset``) that row ``t``'s new K/V is written to. Sequences with a single new
+    token (decodes) come first: the first ``num_decode_seqs`` sequences own rows ``0 .. num_decode_seqs-1``. Host copies of the small
     per-sequence vectors are kept for code that must loop on the host (the torch reference).
     """
 
@@ -31,6 +32,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    num_decode_seqs: int = 0  # the first sequences of the batch that have exactly one new token
+    decode_num_splits: int = 1  # KV splits of the decode kernel (fixed per CUDA graph)
 
     @property
     def is_decode_only(self) -> bool:

@@ -21,7 +21,7 @@ class TorchReferenceBackend(AttentionBackend):
                  metadata: AttentionMetadata) -> None:
         num_kv_heads, head_dim = key.shape[1], key.shape[2]
         flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
-        slots = metadata.slot_mapping[: key.shape[0]]
+        slots = metadata.slot_mapping[: key.shape[0]].long()
         flat[0].index_copy_(0, slots, key.to(kv_cache.dtype))
         flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
 

@@ -29,6 +29,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self._tables: dict[str, list[KVBlock]] = {}
+        self._ids: dict[str, list[int]] = {}  # the same tables as plain ids, kept in step (hot path)
         self._num_cached_blocks: dict[str, int] = {}
         self.prefix_queries_tokens = 0
         self.prefix_hit_tokens = 0
@@ -39,7 +40,8 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._tables.get(request_id, ())]
+        """The request's block ids in order. A live view: valid until the request's next allocation."""
+        return self._ids.get(request_id, [])
 
     def has_blocks(self, request_id: str) -> bool:
         return request_id in self._tables
@@ -92,9 +94,13 @@ class KVCacheManager:
         if num_new_blocks + num_revived > self.pool.num_free_blocks:
             return False
         self.pool.touch(cached_prefix)
+        new_blocks = self.pool.allocate(num_new_blocks)
         table.extend(cached_prefix)
-        table.extend(self.pool.allocate(num_new_blocks))
+        table.extend(new_blocks)
         self._tables[request.request_id] = table
+        ids = self._ids.setdefault(request.request_id, [])
+        ids.extend(b.block_id for b in cached_prefix)
+        ids.extend(b.block_id for b in new_blocks)
         self._num_cached_blocks.setdefault(request.request_id, len(cached_prefix))
         return True
 
@@ -115,6 +121,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Release the request's blocks (tail first, so its tail is evicted before shared heads)."""
         table = self._tables.pop(request.request_id, None)
+        self._ids.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
         if table is not None:
             self.pool.free(reversed(table))
@@ -130,6 +137,8 @@ class KVCacheManager:
                 f"block-table references")
         for request_id, table in self._tables.items():
             assert len({b.block_id for b in table}) == len(table), f"request {request_id} lists a block twice"
+            assert self._ids[request_id] == [b.block_id for b in table], f"request {request_id}: id view stale"
+        assert self._ids.keys() == self._tables.keys(), "id views and tables disagree"
 
     def check_no_leaks(self) -> None:
         """With no request holding blocks, every usable block must be free."""

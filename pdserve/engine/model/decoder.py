@@ -13,7 +13,7 @@ absolute positions, one KV cache tensor per layer and the step's :class:`Attenti
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from pdserve.common.errors import ModelLoadError
 from pdserve.engine.attention.backend import AttentionBackend
 from pdserve.engine.attention.metadata import AttentionMetadata
 from pdserve.engine.model.hf_config import ModelSpec
-from pdserve.engine.model.layers import RMSNorm, RotaryEmbedding
+from pdserve.engine.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 
 
 class Attention(nn.Module):
@@ -48,9 +48,8 @@ class Attention(nn.Module):
         v = v.view(-1, spec.num_kv_heads, spec.head_dim)
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        out = self.backend.forward(q, k, v, kv_cache, metadata, scale=self.scale,
-                                   sliding_window=spec.sliding_window)
+        out = self.backend.rope_write_attend(q, k, v, positions, rotary, kv_cache, metadata, scale=self.scale,
+                                             sliding_window=spec.sliding_window)
         return self.o_proj(out.reshape(-1, spec.q_size))
 
 
@@ -60,9 +59,13 @@ class GatedMLP(nn.Module):
         self.intermediate_size = spec.intermediate_size
         self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.fused = False  # see DecoderForCausalLM.use_fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused:
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -109,23 +112,33 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size,
                                                                        bias=False)
         self.rotary = RotaryEmbedding(spec.rope, spec.head_dim)
+        self.layer_hook: Callable[[int, torch.Tensor], None] | None = None
+        """Called as ``hook(layer_index, kv_cache)`` after each layer wrote its KV (KV streaming)."""
 
     @classmethod
     def spec_from_config(cls, config: dict, source: str) -> ModelSpec:
         raise NotImplementedError
 
+    def use_fused_kernels(self) -> None:
+        """Switch norms and the MLP activation to the fused Triton kernels (GPU path)."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm | GatedMLP):
+                module.fused = True
+
     def build_rotary(self, max_positions: int) -> None:
         """(Re)build derived tables on the model's device; call after the weights are in place."""
-        weight = self.model.embed_tokens.weight
-        self.rotary.build(max_positions, weight.device, weight.dtype)
+        self.rotary.build(max_positions, self.model.embed_tokens.weight.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 metadata: AttentionMetadata) -> torch.Tensor:
         """Return the final hidden states ``[num_tokens, hidden_size]`` (normalised)."""
         hidden = self.model.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+        hook = self.layer_hook
+        for index, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches, strict=True)):
             hidden, residual = layer(positions, hidden, residual, self.rotary, kv_cache, metadata)
+            if hook is not None:
+                hook(index, kv_cache)
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 

@@ -21,6 +21,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = False  # one Triton kernel instead of the torch ops (see DecoderForCausalLM)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -29,6 +30,15 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):  # type: ignore[override]
+        if self.fused:
+            from pdserve.engine.kernels.rmsnorm import fused_rmsnorm
+
+            shape = x.shape
+            flat = x.reshape(-1, shape[-1])
+            if residual is None:
+                return fused_rmsnorm(flat, self.weight, self.eps).view(shape)  # type: ignore[union-attr]
+            out, summed = fused_rmsnorm(flat, self.weight, self.eps, residual.reshape(-1, shape[-1]))
+            return out.view(shape), summed.view(shape)
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -67,19 +77,21 @@ class RotaryEmbedding:
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
 
-    def build(self, max_positions: int, device: torch.device, dtype: torch.dtype) -> None:
+    def build(self, max_positions: int, device: torch.device) -> None:
+        """Float32 tables ``[max_positions, head_dim // 2]`` (fused kernels read them as they are)."""
         inv_freq = rope_inverse_frequencies(self.spec, self.head_dim).to(device)
         positions = torch.arange(max_positions, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
-        self.cos = freqs.cos().to(dtype)
-        self.sin = freqs.sin().to(dtype)
+        self.cos = freqs.cos()
+        self.sin = freqs.sin()
 
     def __call__(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``query`` ``[T, Hq, D]`` and ``key`` ``[T, Hkv, D]`` by their rows' positions."""
+        """Rotate ``query`` ``[T, Hq, D]`` and ``key`` ``[T, Hkv, D]`` by their rows' positions, in the
+        activations' dtype (the tables are cast first, as the reference implementation does)."""
         assert self.cos is not None and self.sin is not None, "RotaryEmbedding.build() was not called"
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cos = self.cos[positions].unsqueeze(1).to(query.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(query.dtype)
         return _rotate(query, cos, sin), _rotate(key, cos, sin)
 
 
@@ -87,3 +99,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """The fused Triton ``silu(gate) * up`` (imported lazily: Triton is a GPU-path dependency)."""
+    from pdserve.engine.kernels.activation import silu_and_mul as kernel
+
+    return kernel(gate_up)

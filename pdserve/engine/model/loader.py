@@ -87,6 +87,8 @@ def build_model(source: ModelSource, *, backend: AttentionBackend, dtype: torch.
     else:
         model.load_weights(iter_checkpoint(safetensors_files(source.directory)), str(source.directory))
     model.build_rotary(max_positions)
+    if backend.fused_layers:
+        model.use_fused_kernels()
     return model.eval()
 
 

@@ -1,0 +1,141 @@
+"""Every Triton kernel against its torch reference, on fresh random inputs.
+
+On a machine without CUDA the kernels run in Triton's CPU interpreter (small shapes; float32 and
+bfloat16); ``tests/gpu/test_kernels_gpu.py`` repeats the checks on the GPU at real shapes.
+Error bounds (relative Frobenius error against float64): float32 1e-5, bfloat16 2e-2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.engine.kernels import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BOUND = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _kernels():
+    from pdserve.engine.kernels import activation, paged_decode, paged_prefill, rmsnorm, rope_cache
+
+    return paged_decode, paged_prefill, rmsnorm, activation, rope_cache
+
+
+CASES = [  # (context lens, query lens, heads, kv heads, head dim, block size, window)
+    ([0, 0, 0], [5, 16, 33], 4, 2, 32, 16, None),  # fresh prompts, block boundaries
+    ([17, 32, 1], [9, 1, 40], 4, 1, 16, 8, None),  # chunked prefill / prefix hits, MQA
+    ([0, 30], [21, 7], 8, 8, 16, 4, 6),  # MHA, sliding window
+    ([64], [31], 8, 2, 32, 16, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_paged_prefill(case: int, dtype: torch.dtype) -> None:
+    from tests.support.kernel_cases import paged_problem, reference_attention, relative_error
+
+    _, paged_prefill, *_ = _kernels()
+    ctx, qlens, h, kvh, d, bs, window = CASES[case]
+    q, cache, meta = paged_problem(ctx, qlens, h, kvh, d, bs, dtype, DEVICE, seed=case)
+    out = torch.full_like(q, float("nan"))
+    paged_prefill.paged_prefill_attention(q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                          max_query_len=meta.max_query_len, num_seqs=meta.num_seqs,
+                                          scale=d**-0.5, sliding_window=window, out=out)
+    ref = reference_attention(q, cache, meta, d**-0.5, window)
+    assert relative_error(out.cpu(), ref) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 2, 8])
+@pytest.mark.parametrize(("heads", "kv_heads", "window"), [(4, 4, None), (8, 2, None), (8, 1, 5)])
+def test_paged_decode(heads: int, kv_heads: int, window: int | None, num_splits: int, dtype: torch.dtype) -> None:
+    from tests.support.kernel_cases import paged_problem, reference_attention, relative_error
+
+    paged_decode, *_ = _kernels()
+    ctx = [0, 15, 16, 130, 47]
+    q, cache, meta = paged_problem(ctx, [1] * len(ctx), heads, kv_heads, 32, 16, dtype, DEVICE,
+                                   seed=heads * 10 + num_splits)
+    out = torch.full_like(q, float("nan"))
+    paged_decode.paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens, scale=0.2,
+                                        sliding_window=window, num_splits=num_splits, out=out)
+    ref = reference_attention(q, cache, meta, 0.2, window)
+    assert relative_error(out.cpu(), ref) < BOUND[dtype]
+
+
+def test_choose_num_splits_is_a_power_of_two_covering_the_gpu() -> None:
+    paged_decode, *_ = _kernels()
+    assert paged_decode.choose_num_splits(1, 8, 1024, 132) == 8  # limited by the context length
+    assert paged_decode.choose_num_splits(1, 8, 65536, 132) == 32  # two waves, capped
+    assert paged_decode.choose_num_splits(64, 8, 1024, 132) == 1  # the batch fills the GPU already
+    for n in (1, 3, 17, 200):
+        s = paged_decode.choose_num_splits(n, 8, 4096, 132)
+        assert s & (s - 1) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_rmsnorm(dtype: torch.dtype, with_residual: bool) -> None:
+    from tests.support.kernel_cases import reference_rmsnorm, relative_error
+
+    _, _, rmsnorm, *_ = _kernels()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 96, generator=gen).to(dtype).to(DEVICE)
+    res = torch.randn(7, 96, generator=gen).to(dtype).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(96, generator=gen)).to(dtype).to(DEVICE)
+    if with_residual:
+        out, summed = rmsnorm.fused_rmsnorm(x, w, 1e-6, res)
+        ref, ref_sum = reference_rmsnorm(x.cpu(), w.cpu(), 1e-6, res.cpu())
+        if DEVICE == "cuda" or dtype == torch.float32:
+            assert torch.equal(summed.cpu(), ref_sum)  # same rounding as the reference's add
+        else:  # the interpreter truncates float32 -> bfloat16 instead of rounding to nearest
+            assert relative_error(summed.cpu(), ref_sum) < BOUND[dtype]
+    else:
+        out = rmsnorm.fused_rmsnorm(x, w, 1e-6)
+        ref = reference_rmsnorm(x.cpu(), w.cpu(), 1e-6)
+    assert relative_error(out.cpu(), ref) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(dtype: torch.dtype) -> None:
+    from tests.support.kernel_cases import reference_silu_mul, relative_error
+
+    *_, activation, _ = _kernels()
+    x = torch.randn(5, 2 * 1500, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEVICE)
+    assert relative_error(activation.silu_and_mul(x).cpu(), reference_silu_mul(x.cpu())) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_write_cache(dtype: torch.dtype) -> None:
+    from pdserve.engine.model.hf_config import RopeSpec
+    from pdserve.engine.model.layers import RotaryEmbedding
+    from tests.support.kernel_cases import relative_error
+
+    *_, rope_cache = _kernels()
+    gen = torch.Generator().manual_seed(5)
+    tokens, heads, kv_heads, dim, bs, blocks = 11, 8, 2, 32, 4, 9
+    rotary = RotaryEmbedding(RopeSpec(theta=10000.0, rope_type="llama3", factor=8.0,
+                                      original_max_position_embeddings=16), dim)
+    rotary.build(64, torch.device(DEVICE))
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype).to(DEVICE)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+    positions = torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE)
+    slots = (torch.randperm((blocks - 1) * bs, generator=gen)[:tokens] + bs).to(DEVICE)
+    cache = torch.randn(2, blocks, bs, kv_heads, dim, generator=gen).to(dtype).to(DEVICE)
+    expected_cache = cache.clone()
+    q32, k32 = rotary(positions, q.float(), k.float())
+    flat = expected_cache.view(2, -1, kv_heads, dim)
+    flat[0, slots] = k32.to(dtype)
+    flat[1, slots] = v
+    q_in = q.clone()
+    rope_cache.rope_and_write_cache(q, k, v, positions, rotary.cos, rotary.sin, cache, slots)
+    assert relative_error(q.cpu(), q32.cpu()) < BOUND[dtype]
+    assert relative_error(cache.cpu(), expected_cache.cpu()) < BOUND[dtype]
+    untouched = torch.ones(blocks * bs, dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    assert torch.equal(cache.view(2, -1, kv_heads, dim)[:, untouched.to(DEVICE)].cpu(),
+                       expected_cache.view(2, -1, kv_heads, dim)[:, untouched.to(DEVICE)].cpu())
+    assert not torch.equal(q_in, q)
