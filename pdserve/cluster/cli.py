@@ -2,20 +2,27 @@
 
 ``pdserve generate --model tiny-random "Hello"`` runs an engine in this process and streams the
 completion; ``--file prompts.txt`` runs a batch (one prompt per line, or JSONL with a "prompt" key)
-with a progress bar. Errors a user can fix are printed as one line on stderr with exit code 2.
+with a progress bar. ``pdserve generate --target HOST:PORT "Hello"`` streams the completion from a
+running cluster through the client SDK instead (torch is not loaded). Errors a user can fix are printed
+as one line on stderr with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pdserve.common.config import TINY_RANDOM_MODEL
 from pdserve.common.errors import PdserveError
+
+if TYPE_CHECKING:
+    from pdserve.client import Client
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,12 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate completions with a local engine")
+    gen = sub.add_parser("generate",
+                         help="generate completions with a local engine, or a running cluster (--target)")
     gen.add_argument("prompts", nargs="*", help="prompt texts (or use --file)")
     gen.add_argument("--file", type=Path, help="a file of prompts: one per line, or JSONL with a 'prompt' key")
-    gen.add_argument("--model", default=TINY_RANDOM_MODEL, help="local model directory or 'tiny-random'")
+    gen.add_argument("--model", default=None,
+                     help="local model directory or 'tiny-random' (the default); with --target, the name the "
+                          "cluster must serve (default: whatever it serves)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object per completion")
+    gen.add_argument("--target", metavar="HOST:PORT",
+                     help="generate with a running cluster (its router's address) instead of a local engine")
+    gen.add_argument("--timeout", type=float, default=300.0,
+                     help="with --target: deadline of each request in seconds, 0 for none (default: 300)")
     _add_sampling_args(gen)
     _add_engine_args(gen)
     return parser
@@ -77,6 +91,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if args.target is not None:
+        return _generate_remote(args)
     from pdserve.common.sampling_params import SamplingParams
     from pdserve.engine.llm import LLM
 
@@ -84,8 +100,8 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
                             ignore_eos=args.ignore_eos)
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              load_format=args.load_format)
+    llm = LLM(model=args.model or TINY_RANDOM_MODEL, dtype=args.dtype, device=args.device,
+              max_model_len=args.max_model_len, load_format=args.load_format)
     if args.chat:
         ids = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
     else:
@@ -119,6 +135,59 @@ def _stream_one(llm, prompt_ids: list[int], params) -> int:  # noqa: ANN001 (LLM
         raise
     sys.stdout.write("\n")
     print(f"[finish_reason={finished.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    """``generate --target``: the prompts go to a running cluster through the client SDK (no engine here)."""
+    from pdserve.client import Client, UnavailableError
+
+    if args.chat:
+        raise PdserveError("--chat is not supported with --target: send the formatted prompt text instead")
+    if args.timeout < 0:
+        raise PdserveError(f"--timeout must be >= 0 seconds (0: no deadline), got {args.timeout:g}")
+    prompts = _read_prompts(args)
+    sampling: dict[str, Any] = {  # sent as given: the cluster validates, and names a bad field
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+        "min_p": args.min_p, "seed": args.seed, "stop": list(args.stop) or None, "ignore_eos": args.ignore_eos}
+    try:
+        with Client(args.target, timeout=args.timeout or None, model=args.model) as client:
+            if len(prompts) == 1 and not args.json:
+                return _stream_remote(client, prompts[0], sampling)
+            for prompt in prompts:
+                out = client.generate(prompt, **sampling)
+                if args.json:
+                    print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
+                                      "finish_reason": str(out.finish_reason),
+                                      "usage": {"prompt_tokens": out.usage.prompt_tokens,
+                                                "completion_tokens": out.usage.completion_tokens,
+                                                "cached_prompt_tokens": out.usage.cached_prompt_tokens}},
+                                     ensure_ascii=False))
+                else:
+                    print(f"--- {prompt!r} ({out.finish_reason}, {len(out.token_ids)} tokens)\n{out.text}")
+    except UnavailableError as exc:
+        if exc.unreachable:
+            raise PdserveError(f"no server answered at {args.target} ({exc.details})") from None
+        raise PdserveError(f"the cluster at {args.target} is unavailable: {exc.details}") from None
+    return 0
+
+
+def _stream_remote(client: Client, prompt: str, sampling: dict[str, Any]) -> int:
+    """Print one completion from the cluster as it streams; finish reason and usage go to stderr."""
+    last = None
+    stream = client.generate_stream(prompt, **sampling)
+    with contextlib.closing(stream):  # close() cancels the call (Ctrl-C, errors while printing)
+        for chunk in stream:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            last = chunk
+    sys.stdout.write("\n")
+    if last is not None:
+        print(f"[finish_reason={last.finish_reason}]", file=sys.stderr)
+        if last.usage is not None:
+            usage = last.usage
+            print(f"[usage: prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens} "
+                  f"cached_prompt_tokens={usage.cached_prompt_tokens}]", file=sys.stderr)
     return 0
 
 

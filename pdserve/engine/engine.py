@@ -4,6 +4,15 @@ Lifecycle: construct (loads weights, sizes and allocates the KV cache) -> ``add_
 (validated before it is queued) -> ``step()`` repeatedly while ``has_unfinished_requests()``; each
 step returns a :class:`RequestDelta` for every request that produced a token or finished ->
 ``abort_request`` any time. A finished request has freed its blocks and is forgotten by the engine.
+
+Role entry points (the engine knows nothing of roles; the shells set these per request):
+
+* decode role: ``add_request(..., remote_prefill=True)``; a later step allocates its landing zone
+  (``take_landing_zones()`` lists it); once the KV is there, ``complete_remote_prefill(id, first_token)``
+  (or ``fail_request``).
+* prefill role: ``add_request(..., prefill_only=True)`` finishes after the first token but keeps its
+  blocks, which ``release_held_blocks(id)`` frees once they were sent; ``step_hooks`` sees each plan
+  before the forward pass and each layer right after it wrote its KV.
 """
 
 from __future__ import annotations
@@ -11,8 +20,10 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -30,7 +41,7 @@ from pdserve.engine.model.tiny import ensure_tiny_random
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.sampler import Sampler, SamplingRow
-from pdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from pdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerPlan
 from pdserve.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -41,6 +52,27 @@ _LIVE_ENGINES: weakref.WeakSet[LLMEngine] = weakref.WeakSet()
 def live_engines() -> list[LLMEngine]:
     """Every engine of this process that has not been garbage-collected (tests check their invariants)."""
     return list(_LIVE_ENGINES)
+
+
+@dataclass(frozen=True)
+class LandingZone:
+    """Blocks allocated for a remote-prefill request's prompt KV; the first ``num_skip_blocks`` were
+    already filled from this engine's prefix cache and need not be sent."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    block_ids: list[int]
+    num_skip_blocks: int
+
+
+class StepHooks(Protocol):
+    def before_forward(self, plan: SchedulerPlan) -> Callable[[int, torch.Tensor], None] | None:
+        """Called with each plan about to run; may return a per-layer hook for this step's forward."""
+        ...
+
+    def after_forward(self, plan: SchedulerPlan) -> None:
+        """Called once the step's forward pass and sampling are done."""
+        ...
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -85,6 +117,9 @@ class LLMEngine:
             self.startup_seconds["cuda_graphs"] = self.runner.capture_cuda_graphs(config.max_num_seqs)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._held: dict[str, Request] = {}  # prefill_only requests done computing, blocks not yet sent
+        self._landing_zones: list[LandingZone] = []
+        self.step_hooks: StepHooks | None = None
         _LIVE_ENGINES.add(self)
 
     # ---- sizing --------------------------------------------------------------------------------
@@ -167,14 +202,16 @@ class LLMEngine:
         return ids
 
     def add_request(self, request_id: str, prompt: str | None = None, prompt_token_ids: Sequence[int] | None = None,
-                    params: SamplingParams | None = None) -> Request:
-        if request_id in self._requests:
+                    params: SamplingParams | None = None, *, remote_prefill: bool = False,
+                    prefill_only: bool = False) -> Request:
+        if request_id in self._requests or request_id in self._held:
             raise InvalidParameterError("request_id", f"{request_id!r} is already in use")
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidParameterError("sampling_params", f"must be SamplingParams, got {type(params).__name__}")
         ids = self.encode_prompt(prompt, prompt_token_ids)
-        request = Request(request_id, ids, params, prompt=prompt)
+        request = Request(request_id, ids, params, prompt=prompt, remote_prefill=remote_prefill,
+                          prefill_only=prefill_only)
         self._requests[request_id] = request
         self._detokenizers[request_id] = IncrementalDetokenizer(
             self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
@@ -184,6 +221,8 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestDelta | None:
         """Stop a request and free its blocks; returns its final delta, or None if it is unknown."""
+        if self.release_held_blocks(request_id):
+            return None
         request = self._requests.get(request_id)
         if request is None:
             return None
@@ -201,10 +240,21 @@ class LLMEngine:
 
     def step(self) -> list[RequestDelta]:
         plan = self.scheduler.schedule()
+        for request in plan.landing_zones:
+            block_ids = self.kv.block_ids(request.request_id)
+            self._landing_zones.append(LandingZone(request.request_id, request.prompt_token_ids, list(block_ids),
+                                                   request.num_computed_tokens // self.kv.block_size))
         if plan.is_empty:
             return []
-        result = self.runner.execute(plan)
+        hooks = self.step_hooks
+        self.model.layer_hook = hooks.before_forward(plan) if hooks is not None else None
+        try:
+            result = self.runner.execute(plan)
+        finally:
+            self.model.layer_hook = None
         self.scheduler.finish_step(plan)
+        if hooks is not None:
+            hooks.after_forward(plan)
         deltas = []
         for chunk in plan.chunks:
             if chunk.samples:
@@ -221,9 +271,53 @@ class LLMEngine:
             request.logprobs.append(logprobs)
         stop_string = self._detokenizers[request.request_id].push([token_id])
         status = self._stop_status(request, token_id, stop_string)
-        if status is not None:
+        if request.prefill_only:
+            self.scheduler.finish(request, status or RequestStatus.FINISHED_STOPPED, free_blocks=False)
+            self._held[request.request_id] = request
+        elif status is not None:
             self.scheduler.finish(request, status)
         return self._finalize(request, [token_id], logprobs)
+
+    # ---- role entry points ---------------------------------------------------------------------
+
+    def take_landing_zones(self) -> list[LandingZone]:
+        """Landing zones allocated since the last call (decode role: start their transfers now)."""
+        zones, self._landing_zones = self._landing_zones, []
+        return zones
+
+    def complete_remote_prefill(self, request_id: str, first_token_id: int,
+                                logprobs: TokenLogprobs | None = None) -> RequestDelta | None:
+        """The prompt's KV has landed and the prefill worker sampled ``first_token_id``: the request
+        decodes from the next step. Seeded requests skip the draw the prefill worker made, so their
+        tokens equal a single engine's. Returns the first token's delta (None if the id is unknown)."""
+        request = self._requests.get(request_id)
+        if request is None or request.status != RequestStatus.WAITING_FOR_KV:
+            return None
+        self.scheduler.kv_arrived(request)
+        if request.params.seed is not None and not request.params.greedy:
+            self.sampler.skip_draws(request_id, request.params.seed, self.spec.vocab_size, 1)
+        return self._append_token(request, first_token_id, logprobs)
+
+    def fail_request(self, request_id: str, error: str) -> RequestDelta | None:
+        """End a request with an error (e.g. its KV never arrived); frees its blocks once."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        request.error = error
+        self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+        return self._finalize(request, [], None)
+
+    def release_held_blocks(self, request_id: str) -> bool:
+        """Free the blocks a finished ``prefill_only`` request kept for sending (exactly once)."""
+        request = self._held.pop(request_id, None)
+        if request is None:
+            return False
+        self.kv.free(request)
+        return True
+
+    @property
+    def num_held_requests(self) -> int:
+        return len(self._held)
 
     def _stop_status(self, request: Request, token_id: int, stop_string: str | None) -> RequestStatus | None:
         params = request.params
@@ -269,5 +363,7 @@ class LLMEngine:
             assert self.kv.has_blocks(request.request_id), f"running request {request.request_id} has no blocks"
         for request in self.scheduler.waiting:
             assert not self.kv.has_blocks(request.request_id), f"waiting {request.request_id} holds blocks"
-        if not self._requests:
+        for request_id in (*self.scheduler.waiting_for_kv, *self._held):
+            assert self.kv.has_blocks(request_id), f"{request_id} lost its blocks"
+        if not self._requests and not self._held:
             self.kv.check_no_leaks()

@@ -61,6 +61,8 @@ class Request:
     stop_reason: str | int | None = None
     error: str | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full blocks known so far
+    remote_prefill: bool = False  # decode role: the prompt's KV arrives from a prefill worker
+    prefill_only: bool = False  # prefill role: finish after the first token, keep the blocks until sent
     _all_token_ids: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:

@@ -79,6 +79,15 @@ class Sampler:
         """How many requests currently hold a private generator."""
         return len(self._request_generators)
 
+    def skip_draws(self, request_id: str, seed: int, vocab_size: int, num_draws: int) -> None:
+        """Advance a seeded request's private generator past ``num_draws`` samples made elsewhere (the
+        prefill worker sampled its first token), so the rest of its tokens match a single engine's."""
+        row = SamplingRow(request_id, SamplingParams(seed=seed), (), (), ())
+        generator = self._request_generator(row, self.device)
+        scratch = torch.empty(vocab_size, dtype=torch.float32, device=self.device)
+        for _ in range(num_draws):
+            scratch.exponential_(generator=generator)
+
     def release(self, request_id: str) -> None:
         """Forget the request's private generator, if any. Call it when the request finishes."""
         self._request_generators.pop(request_id, None)

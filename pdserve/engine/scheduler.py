@@ -7,6 +7,11 @@ blocks allow, starting past any prefix-cache hit. When a running request needs a
 free, the most recently admitted running request is preempted: its blocks are freed and it returns to
 the head of the queue to be recomputed later (its cached full blocks usually make that cheap).
 
+Requests whose prompt KV is computed elsewhere (``remote_prefill``, the decode role) are admitted
+without compute: the scheduler allocates blocks for the whole prompt (a landing zone, past any local
+prefix-cache hit), marks them ``WAITING_FOR_KV`` and lists them in the plan; :meth:`Scheduler.kv_arrived`
+later makes them running with the prompt computed. A request that is preempted recomputes locally.
+
 The scheduler never runs the model: it emits one :class:`SchedulerPlan` per step, and after the step the
 engine calls :meth:`Scheduler.finish_step` (advance computed counts, index full blocks) and
 :meth:`Scheduler.finish` for requests that ended.
@@ -52,6 +57,7 @@ class ScheduledChunk:
 class SchedulerPlan:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    landing_zones: list[Request] = field(default_factory=list)  # newly WAITING_FOR_KV requests
 
     @property
     def num_batched_tokens(self) -> int:
@@ -68,6 +74,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.waiting_for_kv: dict[str, Request] = {}
         self.num_preemptions = 0
 
     # ---- queue management ----------------------------------------------------------------------
@@ -77,19 +84,36 @@ class Scheduler:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.waiting_for_kv)
 
-    def finish(self, request: Request, status: RequestStatus) -> None:
-        """End ``request`` with a finished ``status``: drop it from the queues and free its blocks once."""
+    @property
+    def num_admitted(self) -> int:
+        return len(self.running) + len(self.waiting_for_kv)
+
+    def finish(self, request: Request, status: RequestStatus, *, free_blocks: bool = True) -> None:
+        """End ``request`` with a finished ``status``: drop it from the queues and free its blocks once
+        (``free_blocks=False`` leaves them allocated: the caller frees them later through the KV manager)."""
         assert status.is_finished, status
         if request.is_finished:
             return
-        if request in self.running:
+        if request.status == RequestStatus.WAITING_FOR_KV:
+            del self.waiting_for_kv[request.request_id]
+        elif request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.kv.free(request)
+        if free_blocks:
+            self.kv.free(request)
         request.status = status
+
+    def kv_arrived(self, request: Request) -> None:
+        """The landing zone of ``request`` now holds its whole prompt's KV: it runs from the next step."""
+        assert request.status == RequestStatus.WAITING_FOR_KV, request.status
+        del self.waiting_for_kv[request.request_id]
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self.kv.cache_full_blocks(request)
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -119,11 +143,22 @@ class Scheduler:
         return plan
 
     def _admit_waiting(self, plan: SchedulerPlan, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and self.num_admitted < self.config.max_num_seqs:
             request = self.waiting[0]
             cached = self.kv.find_cached_prefix(request)
             num_cached_tokens = len(cached) * self.kv.block_size
             remaining = request.num_tokens - request.num_computed_tokens - num_cached_tokens
+            if request.remote_prefill and request.status == RequestStatus.WAITING:
+                if not self.kv.allocate_slots(request, remaining, cached):
+                    break
+                self.waiting.popleft()
+                self.kv.record_prefix_lookup(request.num_tokens, num_cached_tokens)
+                request.num_cached_tokens = num_cached_tokens
+                request.num_computed_tokens = num_cached_tokens
+                request.status = RequestStatus.WAITING_FOR_KV
+                self.waiting_for_kv[request.request_id] = request
+                plan.landing_zones.append(request)
+                continue
             if not self.config.enable_chunked_prefill and remaining > budget:
                 break
             num_new = min(remaining, budget)
@@ -144,6 +179,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
+        request.remote_prefill = False  # recomputed locally from now on
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1

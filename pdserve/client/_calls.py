@@ -1,0 +1,144 @@
+"""What the sync and asyncio clients share: building requests, deadlines, and the retry policy.
+
+Retry contract (both clients): a call that fails with UNAVAILABLE is tried again, at most
+``max_retries`` more times, after an exponential backoff with jitter, while its deadline allows. A
+streamed call is retried only if it failed before it produced its first response; once a chunk reached
+the caller, the error is raised. No other status code is retried.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from pdserve.client.errors import (
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    PdserveClientError,
+)
+from pdserve.common.errors import InvalidParameterError
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.rpc.api import generate_request
+from pdserve.v1 import pdserve_pb2
+
+
+class _Default(enum.Enum):
+    TOKEN = enum.auto()
+
+
+DEFAULT = _Default.TOKEN
+"""``timeout=DEFAULT`` (the default of every call) means "the client's timeout"."""
+
+Timeout = float | None | _Default
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: after failed attempt ``n`` (0-based), wait ``U(d/2, d)`` seconds,
+    ``d = min(max_backoff, initial_backoff * 2**n)``."""
+
+    max_retries: int = 3
+    initial_backoff: float = 0.1
+    max_backoff: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.initial_backoff < 0 or self.max_backoff < 0:
+            raise ValueError("backoff times must be >= 0")
+
+    def backoff(self, attempt: int) -> float:
+        delay = min(self.max_backoff, self.initial_backoff * (2**attempt))
+        return random.uniform(delay / 2, delay)
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """``timeout`` if it is ``None`` or a positive number of seconds; else ValueError."""
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds or None, got {timeout}")
+    return timeout
+
+
+class Deadline:
+    """One call's deadline across all its attempts (``None``: no deadline)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = check_timeout(timeout)
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def left(self) -> float | None:
+        """Seconds left, possibly <= 0 (``None``: unbounded)."""
+        return None if self._end is None else self._end - time.monotonic()
+
+    def remaining(self) -> float | None:
+        """The timeout of the next attempt. Raises DeadlineExceededError when no time is left."""
+        left = self.left()
+        if left is not None and left <= 0:
+            raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"deadline of {self.timeout:g} s exceeded (client side)")
+        return left
+
+
+def resolve_timeout(timeout: Timeout, default: float | None) -> float | None:
+    """The timeout of a call: the client's default for :data:`DEFAULT`, else the given one."""
+    return default if isinstance(timeout, _Default) else timeout
+
+
+def retry_delay(error: PdserveClientError, attempt: int, policy: RetryPolicy, deadline: Deadline, *,
+                produced: bool) -> float | None:
+    """Seconds to wait before retrying attempt ``attempt`` (0-based) that failed with ``error``.
+
+    ``None`` means raise ``error``: it is not UNAVAILABLE, the call already produced a response, the
+    retries are spent, or the deadline would pass during the wait.
+    """
+    if error.code is not grpc.StatusCode.UNAVAILABLE or produced or attempt >= policy.max_retries:
+        return None
+    delay = policy.backoff(attempt)
+    left = deadline.left()
+    if left is not None and left <= delay:
+        return None
+    return delay
+
+
+def build_request(
+    prompt: str | None,
+    prompt_token_ids: Sequence[int] | None,
+    sampling_params: SamplingParams | Mapping[str, Any] | None,
+    sampling_kwargs: Mapping[str, Any],
+    request_id: str | None,
+    model: str | None,
+) -> pdserve_pb2.GenerateRequest:
+    """The GenerateRequest of a ``generate`` call; ``sampling_kwargs`` override ``sampling_params``.
+
+    Values are sent unvalidated (the server validates). Raises :class:`InvalidArgumentError` naming the
+    field for what cannot be sent at all (no prompt, a string where a number goes, an unknown name).
+    """
+    if isinstance(sampling_params, SamplingParams):
+        params: dict[str, Any] = sampling_params.to_dict()
+    elif sampling_params is None:
+        params = {}
+    elif isinstance(sampling_params, Mapping):
+        params = dict(sampling_params)
+    else:
+        raise InvalidArgumentError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"sampling_params: must be SamplingParams or a dict, got {sampling_params!r}")
+    params.update(sampling_kwargs)
+    try:
+        return generate_request(prompt, prompt_token_ids, params, request_id=request_id or "",
+                                model=model or "")
+    except InvalidParameterError as exc:
+        raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}") from None
+
+
+def stream_ended_early(request_id: str) -> PdserveClientError:
+    """The error for a stream the server closed (OK) before a finishing response."""
+    return InternalError(grpc.StatusCode.INTERNAL,
+                         f"the stream of request {request_id!r} ended before the request finished")

@@ -1,0 +1,137 @@
+"""Router configuration: the serving mode, the worker endpoints and the router's own settings.
+
+Everything here is a frozen dataclass validated once on construction; a bad value raises
+:class:`~pdserve.common.errors.ConfigError` naming the field, so a YAML loader can point at the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pdserve.common.errors import ConfigError, InvalidParameterError
+from pdserve.common.validation import require_float, require_int
+
+
+class ServingMode(StrEnum):
+    """How the pools are laid out: separate prefill/decode pools, or workers that do both phases."""
+
+    DISAGGREGATED = "disaggregated"
+    COLOCATED = "colocated"
+
+
+class WorkerRole(StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    COLOCATED = "colocated"
+
+    @property
+    def streams_tokens(self) -> bool:
+        """Whether the router submits requests to, and reads ``Worker.Updates`` from, such workers."""
+        return self is not WorkerRole.PREFILL
+
+
+@dataclass(frozen=True)
+class WorkerEndpoint:
+    """One worker the router talks to: a unique id, its role and its gRPC ``host:port``."""
+
+    worker_id: str
+    role: WorkerRole
+    address: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.worker_id, str) or not self.worker_id:
+            raise ConfigError("worker_id", "must be a non-empty string")
+        try:
+            object.__setattr__(self, "role", WorkerRole(self.role))
+        except ValueError:
+            raise ConfigError(f"workers.{self.worker_id}.role",
+                              f"must be one of {', '.join(r.value for r in WorkerRole)}; got {self.role!r}") from None
+        host, sep, port = str(self.address).rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"workers.{self.worker_id}.address", f"must be 'host:port', got {self.address!r}")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Settings of one router process.
+
+    * ``host``/``port``: where the ``PdServe`` gRPC service listens (``port=0``: any free port; the
+      bound one is returned by :meth:`Router.start`).
+    * ``request_timeout_s``: a request that receives nothing (no token, no error) for this long is
+      aborted at its worker and fails with DEADLINE_EXCEEDED. It is an idle timeout, not a total one.
+    * ``max_retries_before_first_token``: how many *other* workers a request may be re-submitted to when
+      its worker turns out unavailable, as long as no token has reached the client yet.
+    * ``max_inflight_requests``: admission limit; the next request fails with RESOURCE_EXHAUSTED.
+    * ``kv_usage_weight``/``running_requests_weight``: the decode policy's weights (see
+      :class:`~pdserve.router.decode_policy.LeastLoadedDecodePolicy`).
+    * ``min_remote_prefill_tokens``: in disaggregated mode, prompts shorter than this are prefilled on
+      the decode worker itself (0: every prompt is prefilled remotely).
+    * ``describe_timeout_s``/``submit_timeout_s``/``abort_timeout_s``: per-RPC timeouts to workers.
+    * ``health_check_interval_s``: how often unhealthy workers are probed again with ``Describe``.
+    * ``reconnect_backoff_initial_s``/``reconnect_backoff_max_s``: exponential backoff of a dropped
+      ``Worker.Updates`` stream.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 0
+    request_timeout_s: float = 60.0
+    max_retries_before_first_token: int = 2
+    max_inflight_requests: int = 4096
+    kv_usage_weight: float = 0.5
+    running_requests_weight: float = 0.5
+    min_remote_prefill_tokens: int = 0
+    describe_timeout_s: float = 5.0
+    submit_timeout_s: float = 10.0
+    abort_timeout_s: float = 5.0
+    health_check_interval_s: float = 2.0
+    reconnect_backoff_initial_s: float = 0.1
+    reconnect_backoff_max_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        try:
+            self._validate()
+        except InvalidParameterError as exc:
+            raise ConfigError(exc.field, exc.message) from None
+
+    def _validate(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise InvalidParameterError("host", "must be a non-empty string")
+        require_int("port", self.port, minimum=0, maximum=65535)
+        require_int("max_retries_before_first_token", self.max_retries_before_first_token, minimum=0)
+        require_int("max_inflight_requests", self.max_inflight_requests, minimum=1)
+        require_int("min_remote_prefill_tokens", self.min_remote_prefill_tokens, minimum=0)
+        for name in ("request_timeout_s", "describe_timeout_s", "submit_timeout_s", "abort_timeout_s",
+                     "health_check_interval_s", "reconnect_backoff_initial_s", "reconnect_backoff_max_s"):
+            require_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)
+        if self.reconnect_backoff_max_s < self.reconnect_backoff_initial_s:
+            raise InvalidParameterError("reconnect_backoff_max_s", "must be >= reconnect_backoff_initial_s")
+        require_float("kv_usage_weight", self.kv_usage_weight, minimum=0.0)
+        require_float("running_requests_weight", self.running_requests_weight, minimum=0.0)
+        if self.kv_usage_weight + self.running_requests_weight <= 0.0:
+            raise InvalidParameterError("kv_usage_weight", "kv_usage_weight + running_requests_weight must be > 0")
+
+
+def check_topology(mode: ServingMode, workers: Sequence[WorkerEndpoint]) -> None:
+    """Reject worker lists that cannot serve ``mode``: duplicate ids, or roles the mode does not use.
+
+    Disaggregated mode needs at least one prefill and one decode worker (and no colocated ones);
+    colocated mode needs colocated workers only.
+    """
+    seen: set[str] = set()
+    for worker in workers:
+        if worker.worker_id in seen:
+            raise ConfigError(f"workers.{worker.worker_id}", "duplicate worker_id")
+        seen.add(worker.worker_id)
+    roles = {w.role for w in workers}
+    if mode is ServingMode.DISAGGREGATED:
+        missing = {WorkerRole.PREFILL, WorkerRole.DECODE} - roles
+        if missing:
+            raise ConfigError("workers", f"disaggregated mode needs prefill and decode workers; none with role "
+                                         f"{', '.join(sorted(r.value for r in missing))}")
+        if WorkerRole.COLOCATED in roles:
+            raise ConfigError("workers", "disaggregated mode takes prefill and decode workers, not colocated ones")
+    else:
+        if roles != {WorkerRole.COLOCATED}:
+            raise ConfigError("workers", "colocated mode takes colocated workers only (at least one)")

@@ -1,0 +1,172 @@
+"""Placing requests on workers: pick, account, ``Worker.Submit`` with retries, fan-out, abort.
+
+The :class:`Dispatcher` owns the bookkeeping that ties requests to workers:
+
+* :meth:`submit` picks a decode (or colocated) worker with the decode policy and, in disaggregated
+  mode when the prefill policy's hook says so, a prefill worker; it charges the assignment to the
+  registry (``assigned_requests``, ``queued_prefill_tokens``) *before* calling ``Submit``, so deltas
+  that race ahead of the Submit reply are routed, and the next pick sees the new load. Submit errors:
+  INVALID_ARGUMENT is passed to the client unchanged; UNAVAILABLE / DEADLINE_EXCEEDED mark the worker
+  unhealthy and RESOURCE_EXHAUSTED skips it, and the request moves to another worker while the retry
+  budget (``max_retries_before_first_token``) lasts; any other code is passed through.
+* :meth:`deliver` fans a ``StepUpdate`` out to the requests' queues (dropping unknown ids and deltas
+  from a worker the request no longer belongs to) and releases a request's prefill-queue charge at its
+  first delta. :meth:`worker_lost` tells every request on a worker whose stream dropped.
+* :meth:`release` undoes a request's charges (idempotent); :meth:`abort_in_background` sends
+  ``Worker.Abort`` without blocking the caller (a cancelled handler cannot await reliably);
+  :meth:`drain` waits for those aborts at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from pdserve.router.config import RouterConfig, ServingMode, WorkerRole
+from pdserve.router.decode_policy import DecodePolicy
+from pdserve.router.errors import RouteError
+from pdserve.router.inflight import InFlightRequest, InFlightTable, WorkerLost
+from pdserve.router.prefill_policy import PrefillPolicy
+from pdserve.router.registry import WorkerRegistry
+from pdserve.v1 import worker_pb2
+
+logger = logging.getLogger(__name__)
+
+_RETRY_ELSEWHERE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class Dispatcher:
+    def __init__(self, config: RouterConfig, mode: ServingMode, registry: WorkerRegistry, table: InFlightTable,
+                 decode_policy: DecodePolicy, prefill_policy: PrefillPolicy) -> None:
+        self._config = config
+        self._mode = mode
+        self._registry = registry
+        self._table = table
+        self._decode_policy = decode_policy
+        self._prefill_policy = prefill_policy
+        self._decode_roles = ((WorkerRole.DECODE,) if mode is ServingMode.DISAGGREGATED
+                              else (WorkerRole.COLOCATED,))
+        self._aborts: set[asyncio.Task[None]] = set()
+
+    # -- placement --------------------------------------------------------------------------------
+    async def submit(self, request: InFlightRequest, message: worker_pb2.SubmitRequest) -> None:
+        """Place ``request`` on a worker and Submit it there; on return it is assigned and accepted.
+
+        Raises :class:`RouteError` (or its UNAVAILABLE subclass when no worker is left) otherwise, with
+        the request unassigned.
+        """
+        while True:
+            decode = self._decode_policy.pick(self._registry.with_role(*self._decode_roles),
+                                              exclude=request.failed_workers)
+            prefill_address = ""
+            if (self._mode is ServingMode.DISAGGREGATED
+                    and self._prefill_policy.should_prefill_remotely(request.num_prompt_tokens)):
+                prefill = self._prefill_policy.pick(self._registry.with_role(WorkerRole.PREFILL))
+                prefill_address = prefill.endpoint.address
+                self._assign_prefill(request, prefill.worker_id)
+            self._assign_decode(request, decode.worker_id)
+            message.prefill_address = prefill_address
+            request.attempts += 1
+            try:
+                await self._registry.stub(decode.worker_id).Submit(message, timeout=self._config.submit_timeout_s)
+                return
+            except grpc.aio.AioRpcError as exc:
+                self.release(request)
+                code, details = exc.code(), exc.details() or ""
+                if code not in _RETRY_ELSEWHERE:
+                    message_text = details if code is grpc.StatusCode.INVALID_ARGUMENT else \
+                        f"worker {decode.worker_id} rejected request {request.request_id}: {details}"
+                    raise RouteError(code, message_text) from None
+                self._on_submit_failure(request, decode.worker_id, code, details)
+
+    def _on_submit_failure(self, request: InFlightRequest, worker_id: str, code: grpc.StatusCode,
+                           details: str) -> None:
+        reason = f"Submit failed: {code.name}: {details}"
+        if code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self._registry.mark_unhealthy(worker_id, reason)
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:  # it may have been admitted after all
+            self.abort_in_background(request.request_id, worker_id)
+        final = grpc.StatusCode.RESOURCE_EXHAUSTED if code is grpc.StatusCode.RESOURCE_EXHAUSTED else None
+        self.note_failure(request, worker_id, reason, final_code=final)
+
+    def note_failure(self, request: InFlightRequest, worker_id: str, reason: str, *,
+                     final_code: grpc.StatusCode | None = None) -> None:
+        """Exclude ``worker_id`` for this request; raise (UNAVAILABLE unless ``final_code``) if the
+        retry budget is spent."""
+        request.failed_workers.add(worker_id)
+        if request.attempts > self._config.max_retries_before_first_token:
+            raise RouteError(final_code or grpc.StatusCode.UNAVAILABLE,
+                             f"request {request.request_id} failed on {request.attempts} worker(s) "
+                             f"(max_retries_before_first_token={self._config.max_retries_before_first_token}); "
+                             f"last: worker {worker_id}: {reason}")
+        logger.info("request %s: retrying elsewhere after worker %s failed: %s", request.request_id,
+                    worker_id, reason)
+
+    def _assign_decode(self, request: InFlightRequest, worker_id: str) -> None:
+        request.decode_worker = worker_id
+        self._registry.add_assigned(worker_id, 1)
+
+    def _assign_prefill(self, request: InFlightRequest, worker_id: str) -> None:
+        request.prefill_worker = worker_id
+        request.prefill_tokens = request.num_prompt_tokens
+        self._registry.add_assigned(worker_id, 1)
+        self._registry.add_prefill_tokens(worker_id, request.prefill_tokens)
+
+    def release_prefill(self, request: InFlightRequest) -> None:
+        """The prefill is over (first delta, failure or end): drop its charge on the prefill worker."""
+        if request.prefill_worker is not None:
+            self._registry.add_prefill_tokens(request.prefill_worker, -request.prefill_tokens)
+            self._registry.add_assigned(request.prefill_worker, -1)
+            request.prefill_worker = None
+            request.prefill_tokens = 0
+
+    def release(self, request: InFlightRequest) -> None:
+        """Undo every charge of ``request``; idempotent."""
+        self.release_prefill(request)
+        if request.decode_worker is not None:
+            self._registry.add_assigned(request.decode_worker, -1)
+            request.decode_worker = None
+
+    # -- the Updates streams ----------------------------------------------------------------------
+    def deliver(self, worker_id: str, update: worker_pb2.StepUpdate) -> None:
+        if update.HasField("load"):
+            self._registry.update_load(worker_id, update.load)
+        for delta in update.deltas:
+            request = self._table.get(delta.request_id)
+            if request is None or request.decode_worker != worker_id:
+                logger.debug("dropping a delta of unknown request %s from worker %s", delta.request_id, worker_id)
+                continue
+            self.release_prefill(request)
+            request.queue.put_nowait(delta)
+
+    def stream_live(self, worker_id: str) -> None:
+        self._registry.set_stream_live(worker_id, True)
+
+    def worker_lost(self, worker_id: str, reason: str) -> None:
+        self._registry.set_stream_live(worker_id, False)
+        for request in self._table.on_worker(worker_id):
+            request.queue.put_nowait(WorkerLost(worker_id, reason))
+
+    # -- aborts -----------------------------------------------------------------------------------
+    def abort_in_background(self, request_id: str, worker_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._abort(request_id, worker_id))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+
+    async def _abort(self, request_id: str, worker_id: str) -> None:
+        try:
+            await self._registry.stub(worker_id).Abort(worker_pb2.AbortRequest(request_ids=[request_id]),
+                                                       timeout=self._config.abort_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("Abort of request %s on worker %s failed: %s: %s", request_id, worker_id,
+                           exc.code().name, exc.details())
+        except KeyError:  # the registry is closed: the router is shutting down
+            pass
+
+    async def drain(self) -> None:
+        """Wait for the aborts already sent (each is bounded by ``abort_timeout_s``)."""
+        while self._aborts:
+            await asyncio.gather(*list(self._aborts), return_exceptions=True)

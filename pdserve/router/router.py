@@ -1,0 +1,166 @@
+"""The router process: the ``PdServe`` gRPC front over a registry of prefill/decode workers.
+
+Lifecycle::
+
+    router = Router(RouterConfig(port=0), model="llama", mode="disaggregated", workers=[...])
+    port = await router.start()   # Describe every worker, open the Updates streams, serve
+    ...
+    await router.stop(grace=5.0)  # stop serving; abort what is still running; close streams/channels
+
+:meth:`Router.start` returns once every worker has answered ``Describe`` or timed out
+(``describe_timeout_s``) and the Updates streams of the healthy decode/colocated workers are live (or
+the same timeout passed), so requests sent right after it are routed. Workers that were down are
+probed again every ``health_check_interval_s``; dropped Updates streams reconnect with backoff. The
+health service reports SERVING for ``pdserve.v1.PdServe`` only while a request could be placed (a
+routable decode/colocated worker, and in disaggregated mode a routable prefill worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from types import TracebackType
+
+from pdserve.router.config import RouterConfig, ServingMode, WorkerEndpoint, WorkerRole, check_topology
+from pdserve.router.decode_policy import DecodePolicy, DecodePolicyConfig, LeastLoadedDecodePolicy
+from pdserve.router.dispatch import Dispatcher
+from pdserve.router.inflight import InFlightTable
+from pdserve.router.prefill_policy import LeastQueuedPrefillPolicy, PrefillPolicy
+from pdserve.router.registry import WorkerRegistry
+from pdserve.router.servicer import PdServeServicer
+from pdserve.router.updates import UpdatesStream
+from pdserve.rpc.server import PDSERVE_SERVICE, RunningServer, start_server
+from pdserve.v1 import pdserve_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+class Router:
+    """Routes ``PdServe`` requests to workers. Create, ``await start()``, ``await stop()``; one event loop.
+
+    ``decode_policy``/``prefill_policy`` default to :class:`LeastLoadedDecodePolicy` (weights from
+    ``config``) and :class:`LeastQueuedPrefillPolicy` (``config.min_remote_prefill_tokens``).
+    """
+
+    def __init__(self, config: RouterConfig, *, model: str, mode: ServingMode | str,
+                 workers: Sequence[WorkerEndpoint], decode_policy: DecodePolicy | None = None,
+                 prefill_policy: PrefillPolicy | None = None) -> None:
+        if not isinstance(model, str) or not model:
+            raise ValueError("model must be a non-empty string")
+        self.config = config
+        self.model = model
+        self.mode = ServingMode(mode)
+        check_topology(self.mode, workers)
+        self.workers = tuple(workers)
+        self.registry = WorkerRegistry(self.workers, model=model, describe_timeout_s=config.describe_timeout_s)
+        self.table = InFlightTable(config.max_inflight_requests)
+        self.dispatcher = Dispatcher(
+            config, self.mode, self.registry, self.table,
+            decode_policy or LeastLoadedDecodePolicy(DecodePolicyConfig(
+                kv_usage_weight=config.kv_usage_weight, running_requests_weight=config.running_requests_weight)),
+            prefill_policy or LeastQueuedPrefillPolicy(config.min_remote_prefill_tokens))
+        self._streams: dict[str, UpdatesStream] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: RunningServer | None = None
+        self._serving: bool | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the router is not started")
+        return self._server.port
+
+    async def start(self) -> int:
+        """Connect to the workers and serve; returns the bound port. Raises OSError if it cannot bind."""
+        if self._server is not None or self._tasks:
+            raise RuntimeError("the router is already started")
+        self.registry.open()
+        try:
+            await self.registry.describe_all()
+            for state in self.registry.all():
+                if state.role.streams_tokens:
+                    self._start_stream(state.worker_id)
+            await self._wait_for_streams(self.config.describe_timeout_s)
+            servicer = PdServeServicer(model=self.model, mode=self.mode, registry=self.registry, table=self.table,
+                                       dispatcher=self.dispatcher, request_timeout_s=self.config.request_timeout_s)
+            self._server = await start_server(
+                lambda server: pdserve_pb2_grpc.add_PdServeServicer_to_server(servicer, server),
+                self.config.host, self.config.port, service_names=[PDSERVE_SERVICE])
+            await self._update_health()
+            self._tasks.append(asyncio.create_task(self._watch_health(), name="router-health"))
+        except BaseException:
+            await self._shutdown_background()
+            raise
+        for state in self.registry.all():
+            if not state.routable:
+                logger.warning("worker %s (%s, %s) is not usable yet, will retry: %s", state.worker_id,
+                               state.role.value, state.endpoint.address,
+                               state.last_error or "its Updates stream did not connect")
+        healthy = sum(s.routable for s in self.registry.all())
+        logger.info("router serving %s (%s) on port %d; %d/%d workers healthy", self.model, self.mode.value,
+                    self._server.port, healthy, len(self.workers))
+        return self._server.port
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Stop serving: calls still running after ``grace`` s are cancelled (and aborted at their
+        workers); then the streams and channels close. Safe to call twice."""
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        await asyncio.sleep(0)  # let cancelled handlers run their cleanup (which sends the aborts)
+        await self.dispatcher.drain()
+        await self._shutdown_background()
+
+    async def __aenter__(self) -> Router:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    # -- internals --------------------------------------------------------------------------------
+    def _start_stream(self, worker_id: str) -> None:
+        stream = UpdatesStream(
+            worker_id, lambda: self.registry.stub(worker_id), on_update=self.dispatcher.deliver,
+            on_live=self.dispatcher.stream_live, on_lost=self.dispatcher.worker_lost,
+            backoff_initial_s=self.config.reconnect_backoff_initial_s,
+            backoff_max_s=self.config.reconnect_backoff_max_s)
+        self._streams[worker_id] = stream
+        self._tasks.append(asyncio.create_task(stream.run(), name=f"updates-{worker_id}"))
+
+    async def _wait_for_streams(self, timeout_s: float) -> None:
+        waits = [asyncio.ensure_future(stream.live.wait()) for worker_id, stream in self._streams.items()
+                 if self.registry.get(worker_id).healthy]
+        if not waits:
+            return
+        _, pending = await asyncio.wait(waits, timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_check_interval_s)
+            await self.registry.probe()
+            await self._update_health()
+
+    async def _update_health(self) -> None:
+        decode_roles = (WorkerRole.DECODE,) if self.mode is ServingMode.DISAGGREGATED else (WorkerRole.COLOCATED,)
+        serving = any(s.routable for s in self.registry.with_role(*decode_roles))
+        if self.mode is ServingMode.DISAGGREGATED:
+            serving = serving and any(s.routable for s in self.registry.with_role(WorkerRole.PREFILL))
+        if serving != self._serving and self._server is not None:
+            self._serving = serving
+            await self._server.set_serving(serving, PDSERVE_SERVICE)
+
+    async def _shutdown_background(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._streams.clear()
+        await self.registry.close()

@@ -1,0 +1,110 @@
+"""The ``pdserve.v1.PdServe`` servicer: the thin gRPC edge of the router.
+
+Each ``Generate``/``GenerateUnary`` call: validate (sampling params, model, prompt; INVALID_ARGUMENT
+naming the field), admit into the in-flight table (RESOURCE_EXHAUSTED when full; the request id is the
+caller's if given and not in flight, else a fresh uuid), then hand over to a
+:class:`~pdserve.router.session.RequestSession`. Every error leaves as a gRPC status through
+``pdserve.rpc.status`` (router errors carry their own code). Streaming writes use ``context.write`` from
+the handler coroutine, so a client that goes away cancels exactly the coroutine that owns the request.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import grpc
+
+from pdserve.common.errors import InvalidParameterError
+from pdserve.router.config import ServingMode, WorkerRole
+from pdserve.router.dispatch import Dispatcher
+from pdserve.router.errors import RouteError
+from pdserve.router.inflight import InFlightTable
+from pdserve.router.prefill_policy import estimate_prompt_tokens
+from pdserve.router.registry import WorkerRegistry, WorkerState
+from pdserve.router.session import RequestSession
+from pdserve.rpc.api import cluster_status_to_proto, list_models_response, prompt_from_request
+from pdserve.rpc.convert import sampling_params_from_proto, token_ids_to_proto
+from pdserve.rpc.status import abort_with
+from pdserve.rpc.types import ClusterStatus, ModelInfo, WorkerStatus
+from pdserve.v1 import pdserve_pb2, pdserve_pb2_grpc, worker_pb2
+
+
+class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
+    def __init__(self, *, model: str, mode: ServingMode, registry: WorkerRegistry, table: InFlightTable,
+                 dispatcher: Dispatcher, request_timeout_s: float) -> None:
+        self._model = model
+        self._mode = mode
+        self._registry = registry
+        self._table = table
+        self._dispatcher = dispatcher
+        self._request_timeout_s = request_timeout_s
+
+    async def Generate(self, request: pdserve_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> None:
+        try:
+            session = self._open_session(request)
+            await session.run(context.write)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # every failure leaves as a status; INTERNAL ones are logged
+            await self._abort(context, exc)
+
+    async def GenerateUnary(self, request: pdserve_pb2.GenerateRequest,
+                            context: grpc.aio.ServicerContext) -> pdserve_pb2.GenerateResponse:
+        try:
+            session = self._open_session(request)
+            return await session.run()
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await self._abort(context, exc)
+
+    async def ListModels(self, request: pdserve_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pdserve_pb2.ListModelsResponse:
+        info = self._registry.model_info()
+        return list_models_response([ModelInfo(name=self._model,
+                                               max_model_len=info.max_model_len if info else 0,
+                                               vocab_size=info.vocab_size if info else 0)])
+
+    async def ClusterStatus(self, request: pdserve_pb2.ClusterStatusRequest,
+                            context: grpc.aio.ServicerContext) -> pdserve_pb2.ClusterStatusResponse:
+        workers = tuple(_worker_status(s) for s in self._registry.all())
+        return cluster_status_to_proto(ClusterStatus(mode=self._mode.value, model=self._model, workers=workers,
+                                                     requests_in_flight=len(self._table)))
+
+    def _open_session(self, request: pdserve_pb2.GenerateRequest) -> RequestSession:
+        """Validate and admit ``request``; raises InvalidParameterError or RouteError."""
+        params = request.params if request.HasField("params") else None
+        sampling_params_from_proto(params)  # validation only; the worker receives the message as sent
+        if request.model and request.model != self._model:
+            raise InvalidParameterError("model", f"{request.model!r} is not served here; this router serves "
+                                                 f"{self._model!r}")
+        prompt = prompt_from_request(request)
+        submit = worker_pb2.SubmitRequest(params=params)
+        if isinstance(prompt, str):
+            submit.prompt_text = prompt
+            num_prompt_tokens = estimate_prompt_tokens(num_token_ids=None, text=prompt)
+        else:
+            if not prompt:
+                raise InvalidParameterError("prompt", "token_ids is empty")
+            submit.prompt_token_ids.CopyFrom(token_ids_to_proto(prompt))
+            num_prompt_tokens = len(prompt)
+        admitted = self._table.admit(request.request_id, num_prompt_tokens)
+        submit.request_id = admitted.request_id
+        return RequestSession(self._dispatcher, self._table, admitted, submit, timeout_s=self._request_timeout_s)
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+        if isinstance(exc, RouteError):
+            await context.abort(exc.code, exc.message)
+        await abort_with(context, exc)
+
+
+def _worker_status(state: WorkerState) -> WorkerStatus:
+    load = state.load
+    queued = state.queued_prefill_tokens if state.role is WorkerRole.PREFILL else load.queued_prefill_tokens
+    return WorkerStatus(worker_id=state.worker_id, role=state.role.value, address=state.endpoint.address,
+                        healthy=state.routable, running_requests=load.running_requests,
+                        waiting_requests=load.waiting_requests, kv_usage=load.kv_usage,
+                        queued_prefill_tokens=queued,
+                        num_kv_blocks=state.info.num_kv_blocks if state.info is not None else 0)

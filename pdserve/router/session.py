@@ -1,0 +1,95 @@
+"""One request's life in the router, from ``Submit`` to its final response.
+
+:meth:`RequestSession.run` submits the request (with retries, see :class:`~pdserve.router.dispatch.Dispatcher`),
+then waits on the request's queue: each delta becomes one response (built by
+:class:`~pdserve.rpc.convert.ResponseAssembler`) passed to ``emit`` (a stream write); the finished delta
+ends the session, which returns the accumulated completion (the unary answer). Failure paths:
+
+* nothing arrives for ``request_timeout_s``: DEADLINE_EXCEEDED (and an Abort at the worker);
+* the worker's Updates stream drops: the request is re-submitted elsewhere if no token reached the
+  client yet and the retry budget lasts, else UNAVAILABLE;
+* the worker reports an error in the delta (``finish_reason`` ERROR or ``error`` set): INTERNAL with
+  the worker's message;
+* the caller is cancelled (client gone, deadline): the cancellation propagates, after an Abort.
+
+Whatever the outcome, the ``finally`` clause leaves no trace: an unfinished request is aborted at its
+decode worker (which also cancels its prefill), its load charges are released and it leaves the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from pdserve.router.dispatch import Dispatcher
+from pdserve.router.errors import RequestTimeoutError, RouteError
+from pdserve.router.inflight import InFlightRequest, InFlightTable, WorkerLost
+from pdserve.rpc.convert import ResponseAssembler, delta_from_proto
+from pdserve.v1 import common_pb2, pdserve_pb2, worker_pb2
+
+Emit = Callable[[pdserve_pb2.GenerateResponse], Awaitable[None]]
+
+
+class RequestSession:
+    def __init__(self, dispatcher: Dispatcher, table: InFlightTable, request: InFlightRequest,
+                 submit: worker_pb2.SubmitRequest, *, timeout_s: float) -> None:
+        self._dispatcher = dispatcher
+        self._table = table
+        self._request = request
+        self._submit = submit
+        self._timeout_s = timeout_s
+        self._assembler = ResponseAssembler(request.request_id)
+
+    async def run(self, emit: Emit | None = None) -> pdserve_pb2.GenerateResponse:
+        """Serve the request; ``emit`` receives each streamed response. Returns the whole completion
+        (the ``GenerateUnary`` answer). Raises :class:`RouteError` on failure."""
+        request = self._request
+        worker_done = False
+        try:
+            await self._dispatcher.submit(request, self._submit)
+            while True:
+                event = await self._next_event()
+                if isinstance(event, WorkerLost):
+                    await self._move(event)
+                    continue
+                if event.finished:
+                    worker_done = True
+                if event.finish_reason == common_pb2.FINISH_REASON_ERROR or event.error:
+                    raise RouteError(grpc.StatusCode.INTERNAL,
+                                     f"request {request.request_id} failed on worker {request.decode_worker}: "
+                                     f"{event.error or 'unspecified worker error'}")
+                response = self._assembler.add(delta_from_proto(event))
+                request.tokens_sent += len(event.new_token_ids)
+                if emit is not None:
+                    await emit(response)
+                if worker_done:
+                    return self._assembler.unary_response()
+        finally:
+            if not worker_done and request.decode_worker is not None:
+                self._dispatcher.abort_in_background(request.request_id, request.decode_worker)
+            self._dispatcher.release(request)
+            self._table.remove(request)
+
+    async def _next_event(self) -> common_pb2.RequestDelta | WorkerLost:
+        try:
+            return await asyncio.wait_for(self._request.queue.get(), self._timeout_s)
+        except TimeoutError:
+            raise RequestTimeoutError(self._request.request_id, self._request.decode_worker or "?",
+                                      self._timeout_s) from None
+
+    async def _move(self, lost: WorkerLost) -> None:
+        """Re-submit to another worker after ``lost``, or fail with UNAVAILABLE if tokens already went out."""
+        request = self._request
+        if lost.worker_id != request.decode_worker:  # stale: the request already moved
+            return
+        if request.started_streaming:
+            raise RouteError(grpc.StatusCode.UNAVAILABLE,
+                             f"request {request.request_id}: worker {lost.worker_id} was lost after "
+                             f"{request.tokens_sent} tokens were sent ({lost.reason})")
+        self._dispatcher.abort_in_background(request.request_id, lost.worker_id)  # in case it still runs
+        self._dispatcher.release(request)
+        self._dispatcher.note_failure(request, lost.worker_id, lost.reason)
+        self._assembler = ResponseAssembler(request.request_id)  # drop what the lost worker reported
+        await self._dispatcher.submit(request, self._submit)

@@ -1,0 +1,96 @@
+"""Conversions of the ``PdServe`` service's requests and of its ListModels / ClusterStatus replies.
+
+``GenerateResponse`` helpers are in :mod:`pdserve.rpc.convert` (next to the delta conversions they use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from pdserve.common.errors import InvalidParameterError
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.rpc.convert import sampling_params_to_proto, token_ids_to_proto
+from pdserve.rpc.types import ClusterStatus, ModelInfo, WorkerStatus
+from pdserve.v1 import pdserve_pb2
+
+
+def generate_request(
+    prompt: str | None = None,
+    prompt_token_ids: Sequence[int] | None = None,
+    params: SamplingParams | Mapping[str, Any] | None = None,
+    *,
+    request_id: str = "",
+    model: str = "",
+) -> pdserve_pb2.GenerateRequest:
+    """A ``GenerateRequest`` for exactly one of a prompt text or prompt token ids.
+
+    ``params`` may be validated :class:`SamplingParams` or a dict sent unvalidated (see
+    :func:`~pdserve.rpc.convert.sampling_params_to_proto`). Raises :class:`InvalidParameterError`
+    naming the field: ``prompt`` when both or neither prompt form is given or the text is not a
+    string, ``prompt_token_ids`` for non-integer ids, a sampling field the wire cannot carry.
+    """
+    if (prompt is None) == (prompt_token_ids is None):
+        raise InvalidParameterError("prompt", "pass exactly one of a prompt text or prompt_token_ids")
+    request = pdserve_pb2.GenerateRequest(request_id=request_id, model=model,
+                                          params=sampling_params_to_proto(params))
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise InvalidParameterError("prompt", f"must be a string, got {type(prompt).__name__}")
+        request.text = prompt
+    else:
+        request.token_ids.CopyFrom(token_ids_to_proto(prompt_token_ids or ()))
+    return request
+
+
+def prompt_from_request(request: pdserve_pb2.GenerateRequest) -> str | list[int]:
+    """The prompt of a request: its text, or its token ids. Raises InvalidParameterError if it has none."""
+    which = request.WhichOneof("prompt")
+    if which == "text":
+        return request.text
+    if which == "token_ids":
+        return list(request.token_ids.ids)
+    raise InvalidParameterError("prompt", "the request has no prompt: set text or token_ids")
+
+
+def model_info_to_proto(info: ModelInfo) -> pdserve_pb2.ModelInfo:
+    return pdserve_pb2.ModelInfo(name=info.name, max_model_len=info.max_model_len, vocab_size=info.vocab_size)
+
+
+def model_info_from_proto(msg: pdserve_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(name=msg.name, max_model_len=msg.max_model_len, vocab_size=msg.vocab_size)
+
+
+def list_models_response(models: Iterable[ModelInfo]) -> pdserve_pb2.ListModelsResponse:
+    return pdserve_pb2.ListModelsResponse(models=[model_info_to_proto(m) for m in models])
+
+
+def models_from_proto(msg: pdserve_pb2.ListModelsResponse) -> list[ModelInfo]:
+    return [model_info_from_proto(m) for m in msg.models]
+
+
+def worker_status_to_proto(worker: WorkerStatus) -> pdserve_pb2.WorkerStatus:
+    return pdserve_pb2.WorkerStatus(
+        worker_id=worker.worker_id, role=worker.role, address=worker.address, healthy=worker.healthy,
+        running_requests=worker.running_requests, waiting_requests=worker.waiting_requests,
+        kv_usage=worker.kv_usage, queued_prefill_tokens=worker.queued_prefill_tokens,
+        num_kv_blocks=worker.num_kv_blocks)
+
+
+def worker_status_from_proto(msg: pdserve_pb2.WorkerStatus) -> WorkerStatus:
+    return WorkerStatus(
+        worker_id=msg.worker_id, role=msg.role, address=msg.address, healthy=msg.healthy,
+        running_requests=msg.running_requests, waiting_requests=msg.waiting_requests, kv_usage=msg.kv_usage,
+        queued_prefill_tokens=msg.queued_prefill_tokens, num_kv_blocks=msg.num_kv_blocks)
+
+
+def cluster_status_to_proto(status: ClusterStatus) -> pdserve_pb2.ClusterStatusResponse:
+    return pdserve_pb2.ClusterStatusResponse(
+        mode=status.mode, model=status.model, workers=[worker_status_to_proto(w) for w in status.workers],
+        requests_in_flight=status.requests_in_flight)
+
+
+def cluster_status_from_proto(msg: pdserve_pb2.ClusterStatusResponse) -> ClusterStatus:
+    return ClusterStatus(mode=msg.mode, model=msg.model,
+                         workers=tuple(worker_status_from_proto(w) for w in msg.workers),
+                         requests_in_flight=msg.requests_in_flight)

@@ -1,0 +1,107 @@
+"""Start a ``grpc.aio`` server the pdserve way: bound port returned, standard health service, shared options.
+
+Usage (inside a running event loop)::
+
+    running = await start_server(
+        lambda s: pdserve_pb2_grpc.add_PdServeServicer_to_server(servicer, s),
+        host="0.0.0.0", port=0, service_names=[PDSERVE_SERVICE])
+    print(running.address)          # "0.0.0.0:41234": port 0 picked a free port
+    ...
+    await running.stop(grace=5.0)   # health turns NOT_SERVING first, then in-flight calls get `grace` s
+
+The ``grpc.health.v1.Health`` service reports SERVING for the whole server (``""``) and for each name in
+``service_names`` from the moment :func:`start_server` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pdserve.rpc.options import SERVER_OPTIONS, ChannelOptions, merged
+from pdserve.v1 import pdserve_pb2, worker_pb2
+
+PDSERVE_SERVICE: str = pdserve_pb2.DESCRIPTOR.services_by_name["PdServe"].full_name
+"""``"pdserve.v1.PdServe"``: the health-check name of the client API."""
+WORKER_SERVICE: str = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+"""``"pdserve.v1.Worker"``: the health-check name of the worker control plane."""
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+@dataclass
+class RunningServer:
+    """A started server: the bound ``port`` and its health servicer."""
+
+    server: grpc.aio.Server
+    host: str
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as bound (port 0 already resolved)."""
+        return format_address(self.host, self.port)
+
+    async def set_serving(self, serving: bool, service: str | None = None) -> None:
+        """Report SERVING or NOT_SERVING for one service name, or (``None``) for all of them and ``""``."""
+        statuses = health_pb2.HealthCheckResponse
+        status = statuses.SERVING if serving else statuses.NOT_SERVING
+        for name in ("", *self.service_names) if service is None else (service,):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Turn health to NOT_SERVING, stop accepting calls, cancel calls still running after ``grace`` s."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (True) or ``timeout`` passes (False)."""
+        return await self.server.wait_for_termination(timeout)
+
+
+async def start_server(
+    register: Callable[[grpc.aio.Server], object] | Iterable[Callable[[grpc.aio.Server], object]],
+    host: str = "0.0.0.0",
+    port: int = 0,
+    *,
+    service_names: Sequence[str] = (),
+    options: ChannelOptions | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
+    maximum_concurrent_rpcs: int | None = None,
+) -> RunningServer:
+    """Create, bind and start a ``grpc.aio`` server; must be awaited inside the loop that will serve it.
+
+    ``register`` adds the servicers (one callable or several, each given the server, for example
+    ``lambda s: pdserve_pb2_grpc.add_PdServeServicer_to_server(servicer, s)``). ``port=0`` picks a free
+    port; the returned :class:`RunningServer` has the bound one. ``options`` override entries of
+    :data:`~pdserve.rpc.options.SERVER_OPTIONS` (64 MiB messages, keepalive, no port sharing).
+    Raises :class:`OSError` when the address cannot be bound (port taken, unknown host).
+    """
+    server = grpc.aio.server(options=merged(SERVER_OPTIONS, options), interceptors=interceptors,
+                             maximum_concurrent_rpcs=maximum_concurrent_rpcs)
+    for add in [register] if callable(register) else list(register):
+        add(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = format_address(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"could not bind a gRPC server to {address}: {exc}") from None
+    if bound == 0:
+        raise OSError(f"could not bind a gRPC server to {address}")
+    await server.start()
+    running = RunningServer(server=server, host=host, port=bound, health=health_servicer,
+                            service_names=tuple(service_names))
+    await running.set_serving(True)
+    return running

@@ -1,0 +1,66 @@
+"""Router settings and worker lists are validated once, naming the bad key; the package is torch-free."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pdserve.common.errors import ConfigError
+from pdserve.router import Router, RouterConfig, ServingMode, WorkerEndpoint, WorkerRole
+from pdserve.router.config import check_topology
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [
+    ({"port": 70000}, "port"),
+    ({"request_timeout_s": 0}, "request_timeout_s"),
+    ({"max_inflight_requests": 0}, "max_inflight_requests"),
+    ({"max_retries_before_first_token": -1}, "max_retries_before_first_token"),
+    ({"kv_usage_weight": -0.1}, "kv_usage_weight"),
+    ({"kv_usage_weight": 0.0, "running_requests_weight": 0.0}, "kv_usage_weight"),
+    ({"reconnect_backoff_initial_s": 2.0, "reconnect_backoff_max_s": 1.0}, "reconnect_backoff_max_s"),
+    ({"host": ""}, "host"),
+])
+def test_bad_router_settings_name_the_key(kwargs: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        RouterConfig(**kwargs)  # type: ignore[arg-type]
+    assert info.value.key == key
+
+
+def test_router_config_is_frozen() -> None:
+    config = RouterConfig()
+    with pytest.raises(AttributeError):
+        config.port = 1  # type: ignore[misc]
+
+
+def test_worker_endpoints() -> None:
+    assert WorkerEndpoint("d0", "decode", "host:1").role is WorkerRole.DECODE  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="workers.d0.role"):
+        WorkerEndpoint("d0", "encoder", "host:1")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="workers.d0.address"):
+        WorkerEndpoint("d0", "decode", "host")  # type: ignore[arg-type]
+
+
+def _endpoints(*roles: str) -> list[WorkerEndpoint]:
+    return [WorkerEndpoint(f"w{i}", role, f"h:{1000 + i}") for i, role in enumerate(roles)]  # type: ignore[arg-type]
+
+
+def test_topology_checks() -> None:
+    check_topology(ServingMode.DISAGGREGATED, _endpoints("prefill", "decode", "decode"))
+    check_topology(ServingMode.COLOCATED, _endpoints("colocated"))
+    with pytest.raises(ConfigError, match="none with role prefill"):
+        check_topology(ServingMode.DISAGGREGATED, _endpoints("decode"))
+    with pytest.raises(ConfigError, match="colocated workers only"):
+        check_topology(ServingMode.COLOCATED, _endpoints("colocated", "decode"))
+    with pytest.raises(ConfigError, match="duplicate"):
+        check_topology(ServingMode.COLOCATED, [WorkerEndpoint("w", "colocated", "h:1")] * 2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Router(RouterConfig(), model="m", mode="mixed", workers=_endpoints("colocated"))
+
+
+def test_router_package_imports_no_torch() -> None:
+    code = ("import sys, pdserve.router, pdserve.router.router, pdserve.router.servicer; "
+            "bad = sorted(m for m in ('torch', 'numpy', 'ray', 'pdserve.engine', 'pdserve.kvtransfer') "
+            "if m in sys.modules); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

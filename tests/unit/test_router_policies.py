@@ -1,0 +1,99 @@
+"""Routing policies on synthetic worker states: filter -> score in [0, 1] -> pick, round-robin ties."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.router import (
+    DecodePolicyConfig,
+    LeastLoadedDecodePolicy,
+    LeastQueuedPrefillPolicy,
+    LoadSnapshot,
+    WorkerEndpoint,
+    WorkerState,
+)
+from pdserve.router.errors import NoWorkerAvailableError
+from pdserve.router.prefill_policy import PrefillPolicy, estimate_prompt_tokens
+
+
+def _worker(worker_id: str, role: str = "decode", *, kv: float = 0.0, running: int = 0, waiting: int = 0,
+            assigned: int = 0, queued: int = 0, healthy: bool = True, stream: bool = True) -> WorkerState:
+    return WorkerState(endpoint=WorkerEndpoint(worker_id, role, f"10.0.0.{len(worker_id)}:7000"),  # type: ignore[arg-type]
+                       healthy=healthy, stream_live=stream,
+                       load=LoadSnapshot(running_requests=running, waiting_requests=waiting, kv_usage=kv),
+                       assigned_requests=assigned, queued_prefill_tokens=queued)
+
+
+def test_decode_policy_prefers_low_kv_usage_and_few_requests() -> None:
+    policy = LeastLoadedDecodePolicy()
+    workers = [_worker("a", kv=0.8, running=2), _worker("b", kv=0.2, running=2), _worker("c", kv=0.2, running=6)]
+    assert policy.pick(workers).worker_id == "b"
+    scores = policy.score(workers)
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert scores[1] > scores[0] and scores[1] > scores[2]
+
+
+def test_decode_policy_weights() -> None:
+    workers = [_worker("a", kv=0.9, running=1), _worker("b", kv=0.1, running=8)]
+    kv_only = LeastLoadedDecodePolicy(DecodePolicyConfig(kv_usage_weight=1.0, running_requests_weight=0.0))
+    requests_only = LeastLoadedDecodePolicy(DecodePolicyConfig(kv_usage_weight=0.0, running_requests_weight=1.0))
+    assert kv_only.pick(workers).worker_id == "b"
+    assert requests_only.pick(workers).worker_id == "a"
+
+
+def test_decode_policy_counts_assignments_not_yet_in_the_load() -> None:
+    policy = LeastLoadedDecodePolicy()
+    # The load reports are stale: "a" was just given 5 requests the worker has not reported yet.
+    workers = [_worker("a", running=1, assigned=5), _worker("b", running=3, waiting=1)]
+    assert LeastLoadedDecodePolicy.num_requests(workers[0]) == 5
+    assert LeastLoadedDecodePolicy.num_requests(workers[1]) == 4
+    assert policy.pick(workers).worker_id == "b"
+
+
+def test_ties_are_broken_round_robin() -> None:
+    policy = LeastLoadedDecodePolicy()
+    workers = [_worker("a"), _worker("b"), _worker("c")]
+    assert [policy.pick(workers).worker_id for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_unhealthy_and_streamless_workers_are_filtered_out() -> None:
+    policy = LeastLoadedDecodePolicy()
+    workers = [_worker("a", healthy=False), _worker("b", stream=False), _worker("c", kv=0.99, running=50)]
+    assert policy.pick(workers).worker_id == "c"
+    with pytest.raises(NoWorkerAvailableError) as info:
+        policy.pick(workers, exclude={"c"})
+    message = str(info.value)
+    assert "no healthy decode worker" in message
+    assert "a at" in message and "unhealthy" in message
+    assert "b at" in message and "Updates stream is down" in message
+    assert "c at" in message and "failed this request already" in message
+
+
+def test_no_worker_configured() -> None:
+    with pytest.raises(NoWorkerAvailableError, match="no prefill worker is configured"):
+        LeastQueuedPrefillPolicy().pick([])
+
+
+def test_prefill_policy_picks_the_least_queued_worker() -> None:
+    policy = LeastQueuedPrefillPolicy()
+    workers = [_worker("p0", "prefill", queued=500), _worker("p1", "prefill", queued=20),
+               _worker("p2", "prefill", queued=300)]
+    assert policy.pick(workers).worker_id == "p1"
+    assert policy.score(workers) == pytest.approx([0.0, 0.96, 0.4])
+    # Prefill workers have no Updates stream: healthy is enough.
+    assert policy.pick([_worker("p3", "prefill", stream=False)]).worker_id == "p3"
+    assert policy.pick([_worker("p4", "prefill", healthy=False), _worker("p5", "prefill", queued=9)]).worker_id == "p5"
+
+
+def test_short_prompt_hook() -> None:
+    assert PrefillPolicy.should_prefill_remotely(LeastQueuedPrefillPolicy(), 1)
+    assert LeastQueuedPrefillPolicy().should_prefill_remotely(1), "default: always remote"
+    hook = LeastQueuedPrefillPolicy(min_remote_prompt_tokens=64)
+    assert not hook.should_prefill_remotely(63)
+    assert hook.should_prefill_remotely(64)
+
+
+def test_prompt_token_estimate() -> None:
+    assert estimate_prompt_tokens(num_token_ids=7, text=None) == 7
+    assert estimate_prompt_tokens(num_token_ids=None, text="x" * 9) == 3
+    assert estimate_prompt_tokens(num_token_ids=None, text="") == 1
