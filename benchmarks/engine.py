@@ -1,0 +1,387 @@
+"""Engine benchmark on one GPU: decode bandwidth utilisation, prefill MFU, offline throughput vs
+transformers' continuous batching, start-up time. Llama-3.1-8B shapes, dummy weights, bf16.
+
+    python -m benchmarks.engine                  # full run (about 5 minutes on an H200)
+    python -m benchmarks.engine --preset tiny    # smoke run of the same code paths (CPU or GPU)
+
+Method. Ceilings first (device copy bandwidth counting bytes read + written; bf16 8192^3 matmul).
+Decode: B requests enter through the decode role's path (landing zone + ``complete_remote_prefill``)
+with C tokens of random KV, then 20 engine steps are timed; utilisation = (weight bytes + KV bytes
+read) / step time / copy bandwidth, where weight bytes exclude the embedding table (only B rows of it
+are read) and KV bytes = B x context x 2 x layers x kv_heads x head_dim x 2 bytes. "step" is the whole
+engine step (schedule, inputs, graph replay, logits, sampling, detokenize); "forward" is the GPU time
+of the forward pass alone (CUDA events). Prefill: one engine step computing a fresh prompt (prefix
+caching off); MFU = (2 x non-embedding params x tokens + 2 x lm_head x sequences + attention FLOPs) /
+time / matmul rate, attention FLOPs = 4 x layers x heads x head_dim x sum(T(T+1)/2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    LLAMA31_8B,
+    markdown_table,
+    measure_ceilings,
+    run_info,
+    write_model_dir,
+    write_results,
+)
+from pdserve import LLM, SamplingParams
+
+TINY: dict[str, Any] = {**LLAMA31_8B, "vocab_size": 50257, "hidden_size": 256, "intermediate_size": 512,
+                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}
+
+
+def weight_bytes(llm: LLM) -> int:
+    model = llm.engine.model
+    total = 0
+    for name, p in model.named_parameters():
+        if name.endswith("embed_tokens.weight") and model.lm_head is not None:
+            continue  # only the batch's rows of the embedding table are read
+        total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_token(llm: LLM) -> int:
+    s = llm.engine.spec
+    return 2 * s.num_layers * s.num_kv_heads * s.head_dim * llm.engine.kv_caches[0].element_size()
+
+
+class ForwardTimer:
+    """Wraps the runner's forward pass with CUDA events to time the GPU work alone."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.runner = llm.engine.runner
+        self.original = self.runner.forward
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.enabled = torch.cuda.is_available()
+
+        def timed(chunks):  # noqa: ANN001, ANN202
+            if not self.enabled:
+                return self.original(chunks)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = self.original(chunks)
+            end.record()
+            self.events.append((start, end))
+            return out
+
+        self.runner.forward = timed
+
+    def take_ms(self) -> list[float]:
+        if not self.enabled:
+            return []
+        torch.cuda.synchronize()
+        out = [s.elapsed_time(e) for s, e in self.events]
+        self.events.clear()
+        return out
+
+
+def inject_decode_batch(llm: LLM, batch: int, context: int, tag: str) -> list[str]:
+    """``batch`` running requests whose ``context`` prompt tokens already have (random) KV."""
+    engine = llm.engine
+    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    ids = [f"{tag}-{i}" for i in range(batch)]
+    for i, rid in enumerate(ids):
+        prompt = [(i * 7919 + j * 104729) % 50000 + 1 for j in range(context)]
+        engine.add_request(rid, prompt_token_ids=prompt, params=params, remote_prefill=True)
+    zones = []
+    while len(zones) < batch:
+        assert engine.step() == []
+        zones += engine.take_landing_zones()
+    for rid in ids:
+        engine.complete_remote_prefill(rid, 1)
+    return ids
+
+
+def bench_decode(llm: LLM, ceilings: dict[str, float], batches: list[int], contexts: list[int], steps: int
+                 ) -> list[dict[str, Any]]:
+    engine, timer = llm.engine, ForwardTimer(llm)
+    wbytes, per_token = weight_bytes(llm), kv_bytes_per_token(llm)
+    capacity = (engine.kv.pool.num_usable_blocks - 1) * engine.kv.block_size
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            if batch * (context + steps + 8 + engine.kv.block_size) > capacity or batch > engine.config.max_num_seqs:
+                rows.append({"batch": batch, "context": context, "skipped": "does not fit the KV cache"})
+                continue
+            ids = inject_decode_batch(llm, batch, context, f"d{batch}x{context}")
+            for _ in range(3):
+                engine.step()
+            timer.take_ms()
+            wall = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                engine.step()
+                wall.append((time.perf_counter() - t0) * 1e3)
+            fwd = timer.take_ms()
+            for rid in ids:
+                engine.abort_request(rid)
+            step_ms = statistics.median(wall)
+            fwd_ms = statistics.median(fwd) if fwd else float("nan")
+            avg_context = context + 3 + steps / 2
+            moved = wbytes + batch * avg_context * per_token
+            row = {"batch": batch, "context": context, "step_ms": round(step_ms, 3), "forward_ms": round(fwd_ms, 3),
+                   "bytes_gb": round(moved / 1e9, 3), "tokens_per_s": round(batch / step_ms * 1e3, 1)}
+            if ceilings:
+                bw = ceilings["copy_gb_per_s"] * 1e9
+                row["bw_util_step"] = round(moved / (step_ms * 1e-3) / bw, 3)
+                row["bw_util_forward"] = round(moved / (fwd_ms * 1e-3) / bw, 3)
+            rows.append(row)
+            print(f"decode B={batch:4d} ctx={context:5d}: step {step_ms:7.3f} ms  forward {fwd_ms:7.3f} ms  "
+                  f"util(step) {row.get('bw_util_step', '-')}", flush=True)
+    return rows
+
+
+def model_flops(llm: LLM, lengths: list[int]) -> float:
+    s = llm.engine.spec
+    non_embedding = s.num_parameters() - 2 * s.vocab_size * s.hidden_size
+    tokens = sum(lengths)
+    attention = 4 * s.num_layers * s.num_heads * s.head_dim * sum(t * (t + 1) / 2 for t in lengths)
+    return 2 * non_embedding * tokens + 2 * s.vocab_size * s.hidden_size * len(lengths) + attention
+
+
+def bench_prefill(llm: LLM, ceilings: dict[str, float], cases: list[tuple[str, list[int]]], repeats: int
+                  ) -> list[dict[str, Any]]:
+    engine, timer = llm.engine, ForwardTimer(llm)
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    rows, serial = [], 0
+    for name, lengths in cases:
+        times, fwd = [], []
+        for rep in range(repeats + 1):
+            for i, n in enumerate(lengths):
+                serial += 1
+                engine.add_request(f"p{serial}", prompt_token_ids=[(serial * 31 + j * 17 + i) % 50000 + 1
+                                                                  for j in range(n)], params=params)
+            timer.take_ms()
+            t0 = time.perf_counter()
+            deltas = engine.step()
+            elapsed = (time.perf_counter() - t0) * 1e3
+            assert len(deltas) == len(lengths) and all(d.finished for d in deltas), "prefill did not fit one step"
+            if rep:  # the first repetition warms up (kernel compilation for new shapes)
+                times.append(elapsed)
+                fwd += timer.take_ms()
+        step_ms, fwd_ms = statistics.median(times), statistics.median(fwd) if fwd else float("nan")
+        flops = model_flops(llm, lengths)
+        row = {"case": name, "tokens": sum(lengths), "step_ms": round(step_ms, 2), "forward_ms": round(fwd_ms, 2),
+               "tflops_step": round(flops / (step_ms * 1e-3) / 1e12, 1)}
+        if ceilings:
+            row["mfu_step"] = round(flops / (step_ms * 1e-3) / 1e12 / ceilings["bf16_matmul_tflops"], 3)
+            row["mfu_forward"] = round(flops / (fwd_ms * 1e-3) / 1e12 / ceilings["bf16_matmul_tflops"], 3)
+        rows.append(row)
+        print(f"prefill {name:>8}: step {step_ms:8.2f} ms  forward {fwd_ms:8.2f} ms  MFU(step) {row.get('mfu_step')}",
+              flush=True)
+    return rows
+
+
+def bench_offline(llm: LLM, num_requests: int, prompt_len: int, output_len: int) -> dict[str, Any]:
+    prompts = [[(r * 131 + j * 7) % 50000 + 1 for j in range(prompt_len)] for r in range(num_requests)]
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    llm.generate(prompt_token_ids=prompts[:4], sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
+    t0 = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    elapsed = time.perf_counter() - t0
+    generated = sum(len(o.token_ids) for o in outs)
+    return {"requests": num_requests, "prompt_len": prompt_len, "output_len": output_len,
+            "seconds": round(elapsed, 2), "output_tokens": generated,
+            "output_tokens_per_s": round(generated / elapsed, 1),
+            "total_tokens_per_s": round((generated + num_requests * prompt_len) / elapsed, 1)}
+
+
+def bench_attention_kernels(ceilings: dict[str, float]) -> list[dict[str, Any]]:
+    """Prefill attention alone: our Triton kernel vs torch SDPA (flash) on one causal sequence."""
+    import torch.nn.functional as F
+
+    from benchmarks.common import _median_ms
+    from pdserve.engine.kernels.paged_prefill import paged_prefill_attention
+    from tests.support.kernel_cases import paged_problem
+
+    rows = []
+    for t in (2048, 8192):
+        q, cache, meta = paged_problem([0], [t], 32, 8, 128, 16, torch.bfloat16, "cuda", seed=t)
+        ours = _median_ms(lambda: paged_prefill_attention(  # noqa: B023
+            q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, max_query_len=t, num_seqs=1,  # noqa: B023
+            scale=128**-0.5, sliding_window=None), 10)
+        k = torch.randn(1, 8, t, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        qs = q.transpose(0, 1).unsqueeze(0)
+        sdpa = _median_ms(lambda: F.scaled_dot_product_attention(qs, k, v, is_causal=True, enable_gqa=True), 10)  # noqa: B023
+        flops = 4 * 32 * 128 * t * (t + 1) / 2
+        rows.append({"tokens": t, "triton_ms": round(ours, 3), "sdpa_ms": round(sdpa, 3),
+                     "triton_tflops": round(flops / ours / 1e9, 1), "sdpa_tflops": round(flops / sdpa / 1e9, 1)})
+        print(f"attention T={t}: triton {ours:.3f} ms  sdpa {sdpa:.3f} ms", flush=True)
+    return rows
+
+
+def profile_decode_step(llm: LLM, context: int) -> list[dict[str, Any]]:
+    """Top GPU kernels of batch-1 decode steps (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = inject_decode_batch(llm, 1, context, "prof")
+    for _ in range(3):
+        llm.engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            llm.engine.step()
+    for rid in ids:
+        llm.engine.abort_request(rid)
+    rows = []
+    for evt in sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0))[:12]:
+        rows.append({"name": evt.key[:80], "calls": evt.count,
+                     "device_ms_per_step": round(getattr(evt, "device_time_total", 0) / 1e3 / 5, 3),
+                     "cpu_ms_per_step": round(evt.cpu_time_total / 1e3 / 5, 3)})
+    return rows
+
+
+def run_hf_baseline(model_config: dict[str, Any], requests: int, prompt_len: int, output_len: int,
+                    timeout_s: int) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        cmd = [sys.executable, "-m", "benchmarks.hf_baseline", "--json", out.name, "--requests", str(requests),
+               "--prompt-len", str(prompt_len), "--output-len", str(output_len), "--config", json.dumps(model_config)]
+        try:
+            done = subprocess.run(cmd, timeout=timeout_s, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            return {"error": f"did not finish within {timeout_s} s"}
+        if done.returncode != 0:
+            return {"error": done.stderr[-2000:]}
+        return json.loads(Path(out.name).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=["llama31-8b", "tiny"], default="llama31-8b")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--hf-timeout", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    tiny = args.preset == "tiny"
+    config = TINY if tiny else LLAMA31_8B
+    info = run_info()
+    cuda = torch.cuda.is_available()
+    ceilings = measure_ceilings() if cuda else {}
+    print("ceilings:", ceilings, flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(Path(tmp) / "model", config)
+        t0 = time.perf_counter()
+        llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16" if cuda else "float32",
+                  max_model_len=16384, max_num_seqs=256, max_num_batched_tokens=8192, enable_prefix_caching=False,
+                  gpu_memory_utilization=0.90, num_kv_blocks=None if cuda else 4096)
+        startup = {"total_s": round(time.perf_counter() - t0, 2),
+                   **{k: round(v, 2) for k, v in llm.engine.startup_seconds.items()},
+                   "kv_blocks": llm.engine.kv_layout.num_blocks}
+        print("startup:", startup, flush=True)
+        with torch.no_grad():
+            for cache in llm.engine.kv_caches:  # never time attention on zeros
+                cache.normal_(0.0, 0.5)
+        batches, contexts = ([1, 8, 32, 64, 128, 256], [1024, 4096]) if not tiny else ([1, 8], [64])
+        decode = guarded("decode", lambda: bench_decode(llm, ceilings, batches, contexts, args.steps), [])
+        cases = ([(f"1x{n}", [n]) for n in (512, 1024, 2048, 8192)] + [("8x1024", [1024] * 8)]) if not tiny \
+            else [("1x64", [64]), ("4x32", [32] * 4)]
+        prefill = guarded("prefill", lambda: bench_prefill(llm, ceilings, cases, repeats=3), [])
+        profile = guarded("profile", lambda: profile_decode_step(llm, 1024 if not tiny else 64), []) if cuda else []
+        offline = guarded("offline", lambda: bench_offline(llm, *((256, 512, 256) if not tiny else (16, 32, 16))),
+                          {"output_tokens_per_s": None})
+        print("offline:", offline, flush=True)
+        attention = guarded("attention", lambda: bench_attention_kernels(ceilings), []) if cuda and not tiny else []
+        llm.engine.runner.graphs = None
+        llm = None  # free the GPU for the transformers baseline's process
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    hf = {"skipped": True}
+    if cuda and not args.skip_hf:
+        hf = run_hf_baseline(config, *((256, 512, 256) if not tiny else (16, 32, 16)), timeout_s=args.hf_timeout)
+        print("transformers:", hf, flush=True)
+
+    targets = evaluate_targets(decode, prefill, offline, hf, startup) if not tiny else {}
+    payload = {"preset": args.preset, "ceilings": ceilings, "startup": startup, "decode": decode, "prefill": prefill,
+               "offline": offline, "transformers_cb": hf, "attention_kernels": attention,
+               "decode_profile_b1": profile, "targets": targets}
+    markdown = render_markdown(info, payload)
+    if cuda and not tiny:
+        paths = write_results("engine", info, payload, markdown)
+        print("wrote", *paths)
+    print(markdown)
+
+
+def guarded(name: str, fn, fallback):  # noqa: ANN001, ANN201
+    """Run one section; on failure record the error and go on, so one bug does not cost the whole run."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+        print(f"section {name} failed: {exc!r}", flush=True)
+        return fallback if not isinstance(fallback, list) else [{"error": f"{name}: {exc!r}"}]
+
+
+def evaluate_targets(decode, prefill, offline, hf, startup) -> dict[str, Any]:  # noqa: ANN001
+    def find(rows, **kw):  # noqa: ANN001, ANN202
+        return next((r for r in rows if all(r.get(k) == v for k, v in kw.items())), {})
+
+    out = {}
+    for batch, target in ((1, 0.80), (64, 0.75)):
+        r = find(decode, batch=batch, context=1024)
+        value = r.get("bw_util_step")
+        out[f"decode_bw_util_b{batch}_1k"] = {"target": target, "value": value,
+                                              "forward_value": r.get("bw_util_forward"),
+                                              "pass": value is not None and value >= target}
+    for case in ("1x2048", "1x8192"):
+        r = find(prefill, case=case)
+        out[f"prefill_mfu_{case}"] = {"target": 0.60, "value": r.get("mfu_step"), "pass": (r.get("mfu_step") or 0) >= 0.60}
+    ratio = None
+    if hf.get("output_tokens_per_s") and offline.get("output_tokens_per_s"):
+        ratio = round(offline["output_tokens_per_s"] / hf["output_tokens_per_s"], 1)
+    out["offline_vs_transformers"] = {"target": 10.0, "value": ratio, "pass": ratio is not None and ratio >= 10}
+    out["startup_s"] = {"target": 60.0, "value": startup["total_s"], "pass": startup["total_s"] < 60}
+    return out
+
+
+def render_markdown(info: dict[str, Any], p: dict[str, Any]) -> str:
+    lines = [f"# Engine benchmark ({p['preset']})", "",
+             f"{info.get('device')} · commit {info['commit']} · {info['date']} · torch {info['torch']}"
+             f" · triton {info.get('triton', '-')}", "",
+             f"Ceilings measured in this run: copy {p['ceilings'].get('copy_gb_per_s')} GB/s (read+write), "
+             f"bf16 matmul {p['ceilings'].get('bf16_matmul_tflops')} TFLOP/s.", "",
+             f"Start-up: {p['startup']}", "", "## Targets", ""]
+    if p["targets"]:
+        lines.append(markdown_table(["target", "goal", "measured", "pass"],
+                                    [[k, v["target"], v["value"], "PASS" if v["pass"] else "FAIL"]
+                                     for k, v in p["targets"].items()]))
+    lines += ["## Decode (engine step vs forward pass)", "",
+              markdown_table(["batch", "context", "step ms", "forward ms", "GB moved", "util (step)", "util (fwd)",
+                              "tok/s"],
+                             [[r["batch"], r["context"], r.get("step_ms", r.get("skipped")), r.get("forward_ms", ""),
+                               r.get("bytes_gb", ""), r.get("bw_util_step", ""), r.get("bw_util_forward", ""),
+                               r.get("tokens_per_s", "")] for r in p["decode"]]),
+              "## Prefill", "",
+              markdown_table(["case", "tokens", "step ms", "forward ms", "TFLOP/s", "MFU (step)", "MFU (fwd)"],
+                             [[r["case"], r["tokens"], r["step_ms"], r["forward_ms"], r["tflops_step"],
+                               r.get("mfu_step", ""), r.get("mfu_forward", "")] for r in p["prefill"]]),
+              "## Offline throughput", "", f"pdserve: {p['offline']}", "", f"transformers CB: {p['transformers_cb']}",
+              ""]
+    if p["attention_kernels"]:
+        lines += ["## Prefill attention kernel vs torch SDPA", "",
+                  markdown_table(list(p["attention_kernels"][0]), [list(r.values()) for r in p["attention_kernels"]])]
+    if p["decode_profile_b1"]:
+        lines += ["## Profile: batch-1 decode step, top kernels", "",
+                  markdown_table(list(p["decode_profile_b1"][0]), [list(r.values()) for r in p["decode_profile_b1"]])]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
