@@ -85,6 +85,8 @@ class KVCacheManager:
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        cached_prefix: Sequence[KVBlock] = ()) -> bool:
         table = self._tables.get(request.request_id, [])
+        if not cached_prefix and request.num_computed_tokens + num_new_tokens <= len(table) * self.block_size:
+            return True  # the common decode step: the last block still has room
         if cached_prefix and table:
             raise RuntimeError(f"request {request.request_id} already has blocks; a cached prefix only "
                                f"applies at first admission")
