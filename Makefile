@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pdserve-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint clean proto
+.PHONY: setup run serve test lint clean proto
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(VENV)/bin/pdserve generate --model tiny-random --max-tokens 48 "Hello from pdserve:"
+	$(VENV)/bin/pdserve serve --demo
+
+serve: setup
+	$(VENV)/bin/pdserve serve $(SERVE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pdserve.cluster.serve_cli import add_serve_parser, run_serve
 from pdserve.common.config import TINY_RANDOM_MODEL
 from pdserve.common.errors import PdserveError
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --target: deadline of each request in seconds, 0 for none (default: 300)")
     _add_sampling_args(gen)
     _add_engine_args(gen)
+    add_serve_parser(sub)
     return parser
 
 
@@ -198,7 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            return run_serve(args)
     except PdserveError as exc:
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the router's port is taken
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

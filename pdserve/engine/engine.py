@@ -307,6 +307,14 @@ class LLMEngine:
         self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
         return self._finalize(request, [], None)
 
+    def recompute_locally(self, request_id: str) -> bool:
+        """A remote prefill failed: compute the request's prompt on this engine instead."""
+        request = self._requests.get(request_id)
+        if request is None or request.status != RequestStatus.WAITING_FOR_KV:
+            return False
+        self.scheduler.recompute_locally(request)
+        return True
+
     def release_held_blocks(self, request_id: str) -> bool:
         """Free the blocks a finished ``prefill_only`` request kept for sending (exactly once)."""
         request = self._held.pop(request_id, None)

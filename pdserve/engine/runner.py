@@ -56,6 +56,7 @@ class ModelRunner:
         self.num_kv_heads = model.spec.num_kv_heads
         self.graphs: DecodeGraphs | None = None
         self.num_forward_tokens = 0  # cumulative count of tokens run through the model (a metric)
+        self.num_prompt_tokens_computed = 0  # of those, prompt positions: prefill work done on this engine
         self.num_graph_steps = 0
         self.num_eager_steps = 0
 
@@ -89,6 +90,8 @@ class ModelRunner:
                                 self.inputs.positions[: metadata.num_tokens], self.kv_caches, metadata)
             self.num_eager_steps += 1
         self.num_forward_tokens += sum(c.num_tokens for c in chunks)
+        self.num_prompt_tokens_computed += sum(
+            max(0, min(c.start + c.num_tokens, c.request.num_prompt_tokens) - c.start) for c in chunks)
         return hidden, metadata
 
     @torch.inference_mode()

@@ -106,6 +106,17 @@ class Scheduler:
             self.kv.free(request)
         request.status = status
 
+    def recompute_locally(self, request: Request) -> None:
+        """Give up on remote KV for a ``WAITING_FOR_KV`` request: free its landing zone and queue it
+        (first) to compute its prompt here."""
+        assert request.status == RequestStatus.WAITING_FOR_KV, request.status
+        del self.waiting_for_kv[request.request_id]
+        self.kv.free(request)
+        request.remote_prefill = False
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
     def kv_arrived(self, request: Request) -> None:
         """The landing zone of ``request`` now holds its whole prompt's KV: it runs from the next step."""
         assert request.status == RequestStatus.WAITING_FOR_KV, request.status

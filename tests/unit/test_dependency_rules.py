@@ -32,7 +32,7 @@ def _violations(package: str, forbidden: tuple[str, ...]) -> list[str]:
             for m in mods if any(m == f or m.startswith(f + ".") for f in forbidden)]
 
 
-@pytest.mark.parametrize("package", ["common", "router", "client"])
+@pytest.mark.parametrize("package", ["common", "router", "client", "rpc"])
 def test_torch_free_packages(package: str) -> None:
     assert not _violations(package, ("torch", "numpy", "pdserve.engine", "pdserve.kvtransfer"))
 
@@ -45,6 +45,11 @@ def test_common_imports_nothing_of_ours() -> None:
 def test_engine_never_imports_roles_router_or_ray() -> None:
     assert not _violations("engine", ("pdserve.prefill", "pdserve.decode", "pdserve.router", "pdserve.cluster",
                                       "ray"))
+
+
+def test_kvtransfer_imports_no_role_router_or_ray() -> None:
+    assert not _violations("kvtransfer", ("ray", "grpc", "pdserve.prefill", "pdserve.decode", "pdserve.router",
+                                          "pdserve.cluster", "pdserve.worker"))
 
 
 def test_roles_never_import_each_other() -> None:

@@ -1,0 +1,188 @@
+"""The cluster config: a YAML file loaded into frozen, validated dataclasses.
+
+Every error names the offending key by its dotted path and the file, e.g.
+``cluster.yaml: prefill.replicas: must be >= 0, got -1``. Example::
+
+    model: tiny-random            # or a local HF directory
+    load_format: auto             # auto | dummy
+    mode: disaggregated           # or colocated (workers do both phases, with chunked prefill)
+    engine: {block_size: 16}      # engine settings shared by every worker (see pdserve.EngineConfig)
+    prefill: {replicas: 1, gpus_per_worker: 0, max_batch_tokens: 8192}
+    decode:  {replicas: 1, gpus_per_worker: 0, max_running_requests: 256}
+    colocated: {replicas: 2}      # colocated mode only; default: prefill + decode replicas
+    router:  {grpc_port: 50051}
+    kv_transfer: {backend: auto}  # nccl on GPUs, gloo/tcp on CPU, loopback in-process
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pdserve.common.config import TINY_RANDOM_MODEL, EngineConfig
+from pdserve.common.errors import ConfigError, InvalidParameterError
+from pdserve.common.validation import require_float, require_int
+from pdserve.router.config import RouterConfig
+
+MODES = ("disaggregated", "colocated")
+TRANSFER_BACKENDS = ("auto", "nccl", "gloo", "loopback")
+FAILURE_POLICIES = ("fail", "recompute")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One pool of identical workers. ``engine`` overrides the shared engine settings for this pool."""
+
+    replicas: int = 1
+    gpus_per_worker: int = 0
+    max_batch_tokens: int = 8192
+    max_running_requests: int = 256
+    engine: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        require_int("replicas", self.replicas, minimum=0, maximum=1024)
+        require_int("gpus_per_worker", self.gpus_per_worker, minimum=0, maximum=1)
+        require_int("max_batch_tokens", self.max_batch_tokens, minimum=1)
+        require_int("max_running_requests", self.max_running_requests, minimum=1)
+        if not isinstance(self.engine, dict):
+            raise InvalidParameterError("engine", "must be a mapping of engine settings")
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """``backend``: auto = nccl between GPUs, gloo between CPU processes. ``timeout_s``: a transfer that
+    has not finished by then is failed and its blocks freed on both sides. ``on_failure``: ``fail`` the
+    request with a clear error, or ``recompute`` its prompt on the decode worker."""
+
+    backend: str = "auto"
+    timeout_s: float = 30.0
+    on_failure: str = "fail"
+
+    def __post_init__(self) -> None:
+        if self.backend not in TRANSFER_BACKENDS:
+            raise InvalidParameterError("backend", f"must be one of {', '.join(TRANSFER_BACKENDS)}; got {self.backend!r}")
+        require_float("timeout_s", self.timeout_s, minimum=0.0, exclusive_minimum=True)
+        if self.on_failure not in FAILURE_POLICIES:
+            raise InvalidParameterError("on_failure", f"must be one of {', '.join(FAILURE_POLICIES)}; "
+                                                      f"got {self.on_failure!r}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str = TINY_RANDOM_MODEL
+    load_format: str = "auto"
+    mode: str = "disaggregated"
+    engine: dict[str, Any] = field(default_factory=dict)
+    prefill: PoolConfig = field(default_factory=PoolConfig)
+    decode: PoolConfig = field(default_factory=PoolConfig)
+    colocated: PoolConfig | None = None
+    router: RouterConfig = field(default_factory=lambda: RouterConfig(port=50051))
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    pack_pairs: bool = False  # place prefill/decode workers pairwise on one node (Ray placement group)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError("mode", f"must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.mode == "disaggregated" and (self.prefill.replicas < 1 or self.decode.replicas < 1):
+            raise ConfigError("prefill.replicas", "disaggregated mode needs at least one prefill and one decode worker")
+        if self.mode == "colocated" and self.colocated_pool.replicas < 1:
+            raise ConfigError("colocated.replicas", "colocated mode needs at least one worker")
+        for role in self.roles:  # validate the engine settings now, not on the workers
+            self.engine_config(role)
+
+    @property
+    def colocated_pool(self) -> PoolConfig:
+        if self.colocated is not None:
+            return self.colocated
+        return PoolConfig(replicas=self.prefill.replicas + self.decode.replicas,
+                          gpus_per_worker=max(self.prefill.gpus_per_worker, self.decode.gpus_per_worker),
+                          max_batch_tokens=self.prefill.max_batch_tokens,
+                          max_running_requests=self.decode.max_running_requests)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ("prefill", "decode") if self.mode == "disaggregated" else ("colocated",)
+
+    def pool(self, role: str) -> PoolConfig:
+        return {"prefill": self.prefill, "decode": self.decode, "colocated": self.colocated_pool}[role]
+
+    def engine_config(self, role: str) -> EngineConfig:
+        pool = self.pool(role)
+        settings = {"max_num_batched_tokens": pool.max_batch_tokens, "max_num_seqs": pool.max_running_requests,
+                    "device": "cuda" if pool.gpus_per_worker else "cpu", **self.engine, **pool.engine,
+                    "model": self.model, "load_format": self.load_format}
+        return EngineConfig.from_dict(settings, prefix=f"{role}.engine." if pool.engine else "engine.")
+
+
+def load_cluster_config(path: str | Path) -> ClusterConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("config", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", str(path)) from None
+    return cluster_config_from_dict(data or {}, source=str(path))
+
+
+def cluster_config_from_dict(data: Any, source: str | None = None) -> ClusterConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("config", "the top level must be a mapping of settings", source)
+    known = {f.name for f in fields(ClusterConfig)} | {"placement"}
+    _reject_unknown("", data, known, source)
+    kwargs: dict[str, Any] = {k: v for k, v in data.items() if k not in ("prefill", "decode", "colocated", "router",
+                                                                       "kv_transfer", "placement")}
+    try:
+        for role in ("prefill", "decode", "colocated"):
+            if role in data:
+                kwargs[role] = _section(role, data[role], PoolConfig, source)
+        if "router" in data:
+            router = dict(_mapping("router", data["router"], source))
+            if "grpc_port" in router:
+                router["port"] = router.pop("grpc_port")
+            kwargs["router"] = _section("router", router, RouterConfig, source)
+        if "kv_transfer" in data:
+            kwargs["kv_transfer"] = _section("kv_transfer", data["kv_transfer"], KVTransferConfig, source)
+        if "placement" in data:
+            placement = _mapping("placement", data["placement"], source)
+            _reject_unknown("placement.", placement, {"pack_pairs"}, source)
+            kwargs["pack_pairs"] = placement.get("pack_pairs", False)
+        for key in ("model", "load_format", "mode"):
+            if key in kwargs and not isinstance(kwargs[key], str):
+                raise ConfigError(key, f"must be a string, got {kwargs[key]!r}")
+        if "engine" in kwargs:
+            kwargs["engine"] = dict(_mapping("engine", kwargs["engine"], source))
+        return ClusterConfig(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, exc.message, source) from None
+
+
+def _mapping(key: str, value: Any, source: str | None) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"must be a mapping, got {type(value).__name__}", source)
+    return value
+
+
+def _reject_unknown(prefix: str, data: dict[str, Any], known: set[str], source: str | None) -> None:
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}", f"unknown setting; known: {', '.join(sorted(known))}", source)
+
+
+def _section(name: str, value: Any, cls: type, source: str | None) -> Any:
+    data = _mapping(name, value, source)
+    _reject_unknown(f"{name}.", data, {f.name for f in fields(cls)} | ({"grpc_port"} if cls is RouterConfig else set()),
+                    source)
+    try:
+        return cls(**data)
+    except InvalidParameterError as exc:
+        raise ConfigError(f"{name}.{exc.field}", exc.message, source) from None
+    except ConfigError as exc:
+        raise ConfigError(f"{name}.{exc.key}", exc.message, source) from None

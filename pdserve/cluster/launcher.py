@@ -1,0 +1,167 @@
+"""Start and stop a pdserve cluster on Ray: the worker pools as actors, the router in this process.
+
+Lifecycle: ``Cluster(config)`` -> ``start()`` joins Ray (``address`` / ``RAY_ADDRESS``) or starts a
+local instance, creates every worker actor, waits for their gRPC addresses, then starts the router
+on its own asyncio loop thread and returns its address -> ``stop()`` stops the router, then every
+worker (cleanly, then ``ray.kill``), and shuts Ray down if this process started it. ``stop`` is
+idempotent and also runs on ``with Cluster(...)`` exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from pdserve.cluster.config import ClusterConfig
+from pdserve.cluster.worker_actor import RemoteWorkerActor
+from pdserve.router import Router, WorkerEndpoint, WorkerRole
+from pdserve.rpc.server import format_address
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerHandle:
+    worker_id: str
+    role: str
+    address: str
+    actor: Any
+
+
+class Cluster:
+    def __init__(self, config: ClusterConfig, *, address: str | None = None, log_level: str = "WARNING",
+                 start_timeout_s: float = 600.0) -> None:
+        self.config = config
+        self.ray_address = address or os.environ.get("RAY_ADDRESS")
+        self.log_level = log_level
+        self.start_timeout_s = start_timeout_s
+        self.workers: list[WorkerHandle] = []
+        self._actors: list[Any] = []  # every actor created, started or not (all are killed on stop)
+        self._started_ray = False
+        self._placement_groups: list[Any] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self.router: Router | None = None
+        self.router_address = ""
+        self._stopped = False
+
+    def __enter__(self) -> Cluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- start ---------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        try:
+            self._join_ray()
+            self._start_workers()
+            self._start_router()
+        except BaseException:
+            self.stop()
+            raise
+        return self.router_address
+
+    def _join_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        if self.ray_address:
+            ray.init(address=self.ray_address, log_to_driver=True)
+        else:
+            needed = sum(self.config.pool(r).replicas for r in self.config.roles)
+            ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, log_to_driver=True)
+            self._started_ray = True
+
+    def _start_workers(self) -> None:
+        cfg = self.config
+        specs = [(f"{role}-{i}", role, i) for role in cfg.roles for i in range(cfg.pool(role).replicas)]
+        strategies = self._pair_strategies()
+        actors = []
+        for worker_id, role, index in specs:
+            pool = cfg.pool(role)
+            options: dict[str, Any] = {"num_gpus": pool.gpus_per_worker, "num_cpus": 0 if pool.gpus_per_worker else 1,
+                                       "max_concurrency": 4}
+            if (role, index) in strategies:
+                options["scheduling_strategy"] = strategies[(role, index)]
+            engine = cfg.engine_config(role).to_dict()
+            actor = RemoteWorkerActor.options(**options).remote(
+                worker_id, role, engine, {"backend": cfg.kv_transfer.backend, "timeout_s": cfg.kv_transfer.timeout_s,
+                                          "on_failure": cfg.kv_transfer.on_failure},
+                cpu_threads=None if pool.gpus_per_worker else 1, log_level=self.log_level)
+            actors.append((worker_id, role, actor))
+            self._actors.append(actor)
+        addresses = ray.get([a.start.remote() for _, _, a in actors],  # type: ignore[attr-defined]
+                            timeout=self.start_timeout_s)
+        self.workers = [WorkerHandle(w, r, addr, a) for (w, r, a), addr in zip(actors, addresses)]
+        logger.info("workers: %s", ", ".join(f"{w.worker_id}@{w.address}" for w in self.workers))
+
+    def _pair_strategies(self) -> dict[tuple[str, int], Any]:
+        cfg = self.config
+        if not cfg.pack_pairs or cfg.mode != "disaggregated":
+            return {}
+        out: dict[tuple[str, int], Any] = {}
+        for i in range(min(cfg.prefill.replicas, cfg.decode.replicas)):
+            bundle = [{"GPU": cfg.prefill.gpus_per_worker, "CPU": 1}, {"GPU": cfg.decode.gpus_per_worker, "CPU": 1}]
+            group = placement_group([{k: v for k, v in b.items() if v} for b in bundle], strategy="STRICT_PACK")
+            ray.get(group.ready(), timeout=self.start_timeout_s)
+            self._placement_groups.append(group)
+            out[("prefill", i)] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+            out[("decode", i)] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=1)
+        return out
+
+    def _start_router(self) -> None:
+        cfg = self.config
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="pdserve-router", daemon=True)
+        self._loop_thread.start()
+        endpoints = [WorkerEndpoint(w.worker_id, WorkerRole(w.role), w.address) for w in self.workers]
+        self.router = Router(cfg.router, model=cfg.model, mode=cfg.mode, workers=endpoints)
+        port = asyncio.run_coroutine_threadsafe(self.router.start(), self._loop).result(120)
+        host = cfg.router.host if cfg.router.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        self.router_address = format_address(host, port)
+
+    # ---- inspection ----------------------------------------------------------------------------
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        return ray.get([w.actor.stats.remote() for w in self.workers], timeout=60)
+
+    def check_invariants(self) -> None:
+        ray.get([w.actor.check_invariants.remote() for w in self.workers], timeout=60)
+
+    # ---- stop ----------------------------------------------------------------------------------
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.router is not None and self._loop is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self.router.stop(grace), self._loop).result(grace + 30)
+            except Exception:  # noqa: BLE001 (keep stopping the rest)
+                logger.exception("router stop failed")
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(10)
+        stops = [actor.stop.remote() for actor in self._actors]
+        for ref in stops:
+            try:
+                ray.get(ref, timeout=30)
+            except Exception:  # noqa: BLE001 (a worker that failed to start cannot stop cleanly)
+                logger.debug("a worker did not stop cleanly", exc_info=True)
+        for actor in self._actors:
+            ray.kill(actor)
+        for group in self._placement_groups:
+            remove_placement_group(group)
+        if self._started_ray:
+            ray.shutdown()

@@ -1,0 +1,126 @@
+"""The wire format of one sender -> receiver channel, and the block gather/scatter it carries.
+
+Every message starts with a fixed header of ``HEADER_FIELDS`` little-endian int64 values; a ``FINISH``
+header is followed by ``num_ints`` more int64 values (the completion payload). A ``LAYER`` or ``HELLO``
+message is then followed, on the bulk channel, by exactly ``payload_nbytes`` bytes:
+
+==============  =====================================================================================
+field           meaning
+==============  =====================================================================================
+magic           ``MAGIC`` (rejects a stray or corrupt message)
+version         ``PROTOCOL_VERSION``
+kind            :class:`MessageKind`
+transfer_id     the transfer (0 for channel messages: HELLO, CLOSE, STOP)
+layer           LAYER: the layer index
+start           LAYER: first block index (into the request's block list); FINISH: ``num_skip_blocks``
+num_blocks      LAYER: blocks in the payload; FINISH: blocks the sender covered (largest ``end`` sent)
+payload_nbytes  LAYER/HELLO: bytes of the payload that follows on the bulk channel
+num_messages    FINISH: how many LAYER messages the sender sent for this transfer
+num_ints        FINISH: how many completion-payload ints follow the header
+==============  =====================================================================================
+
+A LAYER payload is the tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` of the cache's
+dtype, gathered from the source blocks (``index_select`` along dim 1 into one contiguous buffer) and
+scattered into the destination blocks with ``index_copy_``; it travels as raw bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import torch
+
+MAGIC = 0x50444B56  # "PDKV"
+PROTOCOL_VERSION = 1
+HEADER_FIELDS = 10
+HEADER_NBYTES = 8 * HEADER_FIELDS
+#: Upper bound on completion-payload ints (it carries a few token ids, not data).
+MAX_PAYLOAD_INTS = 4096
+
+
+class MessageKind(enum.IntEnum):
+    """What a message means. HELLO warms the bulk channel up; CLOSE says the sender is going away;
+    STOP is the receiver waking its own reader to shut down (never sent by a sender)."""
+
+    HELLO = 1
+    LAYER = 2
+    FINISH = 3
+    CANCEL = 4
+    CLOSE = 5
+    STOP = 6
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this format (wrong magic or version, truncated)."""
+
+
+@dataclass(frozen=True)
+class Header:
+    """One message header; ``ints`` is the FINISH completion payload (empty otherwise)."""
+
+    kind: MessageKind
+    transfer_id: int = 0
+    layer: int = 0
+    start: int = 0
+    num_blocks: int = 0
+    payload_nbytes: int = 0
+    num_messages: int = 0
+    ints: tuple[int, ...] = ()
+
+    def pack(self) -> bytes:
+        """The header as ``HEADER_FIELDS`` int64 values, then ``ints``."""
+        values = (MAGIC, PROTOCOL_VERSION, int(self.kind), self.transfer_id, self.layer, self.start,
+                  self.num_blocks, self.payload_nbytes, self.num_messages, len(self.ints), *self.ints)
+        return struct.pack(f"<{len(values)}q", *values)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Header:
+        """Parse :meth:`pack`'s output; raises :class:`ProtocolError` on anything else."""
+        if len(data) < HEADER_NBYTES or len(data) % 8:
+            raise ProtocolError(f"a message header has {len(data)} bytes, expected at least {HEADER_NBYTES}")
+        values = struct.unpack(f"<{len(data) // 8}q", data)
+        magic, version, kind, tid, layer, start, num_blocks, nbytes, num_messages, num_ints = \
+            values[:HEADER_FIELDS]
+        if magic != MAGIC:
+            raise ProtocolError(f"bad message magic {magic:#x}")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"the peer speaks KV transfer protocol {version}, this worker "
+                                f"{PROTOCOL_VERSION}")
+        if num_ints != len(values) - HEADER_FIELDS:
+            raise ProtocolError(f"header announces {num_ints} ints, carries {len(values) - HEADER_FIELDS}")
+        try:
+            message_kind = MessageKind(kind)
+        except ValueError:
+            raise ProtocolError(f"unknown message kind {kind}") from None
+        return cls(message_kind, tid, layer, start, num_blocks, nbytes, num_messages,
+                   tuple(values[HEADER_FIELDS:]))
+
+
+def check_payload_ints(payload: object) -> tuple[int, ...]:
+    """The completion payload as a tuple of int64-range ints, or ``ValueError``."""
+    if isinstance(payload, (str, bytes)) or not hasattr(payload, "__iter__"):
+        raise ValueError(f"payload must be a sequence of ints, got {payload!r}")
+    ints = tuple(payload)  # type: ignore[call-overload]
+    if len(ints) > MAX_PAYLOAD_INTS:
+        raise ValueError(f"payload has {len(ints)} ints, at most {MAX_PAYLOAD_INTS} are allowed")
+    for v in ints:
+        if isinstance(v, bool) or not isinstance(v, int) or not -(2 ** 63) <= v < 2 ** 63:
+            raise ValueError(f"payload values must be int64 ints, got {v!r}")
+    return ints
+
+
+def gather_blocks(kv_layer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Blocks ``index`` of one layer as a new contiguous ``[2, n, block_size, heads, dim]`` tensor."""
+    return torch.index_select(kv_layer, 1, index)
+
+
+def scatter_blocks(kv_layer: torch.Tensor, index: torch.Tensor, payload: torch.Tensor) -> None:
+    """Write ``payload`` (``[2, n, ...]``) into blocks ``index`` of one layer, in place."""
+    kv_layer.index_copy_(1, index, payload)
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat ``uint8`` view of a contiguous tensor (what the bulk channel carries)."""
+    return tensor.reshape(-1).view(torch.uint8)

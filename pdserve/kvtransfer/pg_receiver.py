@@ -1,0 +1,257 @@
+"""The decode side of the process-group transport: a store server, an accept thread, one thread per sender.
+
+Lifecycle: :func:`open_receiver` starts the ``TCPStore`` server, publishes this side's layout and backend,
+starts the accept thread and returns ``(receiver, bootstrap)``; ``bootstrap`` (host, port, group_name,
+backend, protocol: plain JSON-able values) goes to prefill workers, which call ``open_sender`` with it.
+The accept thread checks each joining sender (:func:`check_peer`), answers with a verdict and starts a
+channel thread for it, which builds the pair's two-rank group (lazily, when that sender joins) and then
+loops: pop the next header from the pair's store queue; for LAYER/HELLO receive exactly
+``payload_nbytes`` into a fresh buffer (on CUDA: on the channel's transfer stream); hand the message to
+:class:`ReceiverCore`, which scatters or drops it. CLOSE from the sender ends the channel and fails the
+unfinished transfers that heard from it; a broken group does the same with the error.
+
+Why headers travel through the store and not the process group: the reader must wait for the next
+message for as long as a worker idles. A receive posted on a gloo group cannot be interrupted (abort
+does not wake it; its timeout breaks the group) and an idle NCCL receive trips the watchdog. A blocking
+store-queue pop has neither problem, and ``close()`` wakes it by pushing a STOP message itself. The bulk
+receive is posted only once its header arrived, that is once the sender is already sending.
+
+``close()`` refuses further writes and cancels unfinished transfers at once, then stops the threads
+(at most ``close_timeout_s``) and the store server. Senders notice through their next send failing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
+from pdserve.kvtransfer.factory import resolve_backend
+from pdserve.kvtransfer.messages import PROTOCOL_VERSION, Header, MessageKind, as_bytes
+from pdserve.kvtransfer.receiving import ReceiverCore
+from pdserve.kvtransfer.rendezvous import (
+    IDLE_POP_TIMEOUT,
+    JOIN_QUEUE,
+    MESSAGE_QUEUE,
+    RECEIVER_KEY,
+    RECEIVER_RANK,
+    SENDER_RANK,
+    Group,
+    check_peer,
+    connect_store,
+    create_pair_group,
+    host_store,
+    is_store_timeout,
+    pair_prefix,
+    receiver_info,
+    shutdown_group,
+    verdict_key,
+)
+from pdserve.kvtransfer.streams import is_cuda
+
+DEFAULT_GROUP_NAME = "pdserve-kv"
+_STOP = json.dumps({"stop": True}).encode()
+
+
+@dataclass(eq=False)
+class _Channel:
+    index: int
+    name: str
+    thread: threading.Thread | None = None
+    group: Group | None = None
+
+
+class ProcessGroupReceiver(ReceiverCore):
+    """A :class:`KVReceiver` serving any number of senders; build it with :func:`open_receiver`."""
+
+    def __init__(self, caches: Sequence[torch.Tensor], layout: KVLayoutInfo, *, host: str = "127.0.0.1",
+                 port: int = 0, group_name: str = DEFAULT_GROUP_NAME, backend: str = "auto",
+                 join_timeout_s: float = 60.0, op_timeout_s: float = 60.0, close_timeout_s: float = 5.0) -> None:
+        super().__init__(caches, layout)
+        self._backend = resolve_backend(backend, self._device)
+        if self._backend == "loopback":
+            raise ValueError("the loopback backend is in-process: use LoopbackChannel")
+        self._join = datetime.timedelta(seconds=join_timeout_s)
+        self._op_timeout_s = op_timeout_s
+        self._close_timeout_s = close_timeout_s
+        self._group_name = group_name
+        self._master: Any = host_store(host, port, self._join)
+        self._host, self._port = host, int(self._master.port)
+        self._root: Any = dist.PrefixStore(group_name, self._master)
+        self._root.set(RECEIVER_KEY, receiver_info(layout, self._backend))
+        self._channels: list[_Channel] = []
+        self._closing = False
+        self.rejected_peers: list[str] = []
+        self._accept_thread = threading.Thread(target=self._accept, name="kv-receiver-accept", daemon=True)
+        self._accept_thread.start()
+
+    @property
+    def bootstrap(self) -> dict[str, Any]:
+        """What a sender needs to connect (JSON-able)."""
+        return {"host": self._host, "port": self._port, "group_name": self._group_name,
+                "backend": self._backend, "protocol": PROTOCOL_VERSION}
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            channels = list(self._channels)
+        self._close_records("the receiver was closed")
+        try:
+            self._root.queue_push(JOIN_QUEUE, _STOP)
+            for channel in channels:
+                pair = dist.PrefixStore(pair_prefix(self._group_name, channel.index), self._master)
+                pair.queue_push(MESSAGE_QUEUE, Header(MessageKind.STOP).pack())
+        except Exception:  # noqa: BLE001 - the threads are abandoned below if they cannot be woken
+            pass
+        end = time.monotonic() + self._close_timeout_s
+        for thread in [self._accept_thread, *(c.thread for c in channels)]:
+            if thread is not None and thread.ident is not None:
+                thread.join(max(0.0, end - time.monotonic()))
+        for channel in channels:
+            if channel.thread is not None and channel.thread.is_alive() and channel.group is not None:
+                shutdown_group(channel.group, abort=True)
+        self._root = None
+        self._master = None  # stops the store server
+
+    # -- threads ---------------------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        try:
+            store = connect_store(self._host, self._port, self._join)
+            store.set_timeout(IDLE_POP_TIMEOUT)
+            root = dist.PrefixStore(self._group_name, store)
+            while True:
+                raw = _pop(root, JOIN_QUEUE, lambda: self._closing)
+                if raw is None:
+                    return
+                request = json.loads(raw)
+                if request.get("stop"):
+                    return
+                self._admit(root, request)
+        except Exception:  # noqa: BLE001 - only while closing: the server went away
+            return
+
+    def _admit(self, root: Any, request: dict[str, Any]) -> None:
+        index, name = int(request["index"]), str(request.get("name", "?"))
+        try:
+            check_peer(self.layout, self._backend, request)
+        except HandshakeError as e:
+            self.rejected_peers.append(f"{name}: {e}")
+            root.set(verdict_key(index), str(e).encode())
+            return
+        channel = _Channel(index, name)
+        with self._cond:
+            if self._closing:
+                root.set(verdict_key(index), b"the receiver is closing")
+                return
+            channel.thread = threading.Thread(target=self._serve, args=(channel,), daemon=True,
+                                              name=f"kv-receiver-{index}")
+            self._channels.append(channel)
+        root.set(verdict_key(index), b"ok")
+        channel.thread.start()
+
+    def _serve(self, channel: _Channel) -> None:
+        cuda = is_cuda(self._device)
+        stream = torch.cuda.Stream(self._device) if cuda else None
+        prefix = pair_prefix(self._group_name, channel.index)
+        try:
+            if cuda:
+                torch.cuda.set_device(self._device)
+            store = connect_store(self._host, self._port, self._join)
+            messages = dist.PrefixStore(prefix, store)
+            # gloo uses the store only in its constructor, before the first pop; NCCL also uses it later
+            # (communicator set-up, watchdog), so it gets a connection no blocking pop holds
+            group_connection = store if self._backend == "gloo" else connect_store(self._host, self._port,
+                                                                                    self._join)
+            group_store = dist.PrefixStore(prefix + "/pg", group_connection)
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                channel.group = create_pair_group(self._backend, group_store, RECEIVER_RANK,
+                                                  datetime.timedelta(seconds=self._op_timeout_s),
+                                                  f"{self._group_name}/{channel.name}")
+                store.set_timeout(IDLE_POP_TIMEOUT)  # from now on it waits for headers, idle or not
+                self._loop(channel, messages)
+        except Exception as e:  # noqa: BLE001 - a broken channel fails its transfers, nothing else
+            if not self._closing:
+                self.peer_lost(channel.name, f"the KV channel from {channel.name} failed: "
+                                             f"{type(e).__name__}: {e}")
+        finally:
+            # drop the last reference too: that closes gloo's sockets, so a sender still sending to
+            # this channel fails at once instead of waiting for its timeout
+            group, channel.group = channel.group, None
+            if group is not None:
+                shutdown_group(group)
+            del group
+
+    def _loop(self, channel: _Channel, messages: Any) -> None:
+        while True:
+            raw = _pop(messages, MESSAGE_QUEUE, lambda: self._closing)
+            if raw is None:
+                return
+            header = Header.unpack(raw)
+            kind = header.kind
+            if kind is MessageKind.STOP:
+                return
+            if kind is MessageKind.CLOSE:
+                self.peer_lost(channel.name, f"the sender {channel.name} closed the channel")
+                return
+            if kind in (MessageKind.LAYER, MessageKind.HELLO):
+                payload = self._receive(channel, header)
+                if kind is MessageKind.LAYER:
+                    self.deliver_layer(channel.name, header, payload)
+            elif kind is MessageKind.FINISH:
+                self.deliver_finish(channel.name, header)
+            elif kind is MessageKind.CANCEL:
+                self.deliver_cancel(channel.name, header)
+
+    def _receive(self, channel: _Channel, header: Header) -> torch.Tensor:
+        """Receive exactly ``header.payload_nbytes`` bytes (the buffer is shaped if they fit the layout)."""
+        fits = (header.kind is MessageKind.LAYER and header.num_blocks > 0
+                and header.payload_nbytes == self.layout.payload_nbytes(header.num_blocks))
+        buffer = (self.scratch(header.num_blocks) if fits
+                  else torch.empty(header.payload_nbytes, dtype=torch.uint8, device=self._device))
+        if header.payload_nbytes == 0:
+            return buffer
+        assert channel.group is not None
+        work = channel.group.recv([as_bytes(buffer)], SENDER_RANK, 0)
+        if is_cuda(self._device):
+            work.wait()  # the transfer stream (current) waits; the scatter follows on it
+        else:
+            work.wait(datetime.timedelta(seconds=self._op_timeout_s))
+        return buffer
+
+
+def _pop(store: Any, key: str, closing: Any) -> bytes | None:
+    """The next value of queue ``key``; ``None`` once ``closing()`` (idle timeouts just retry)."""
+    while True:
+        try:
+            return bytes(store.queue_pop(key))
+        except Exception as e:
+            if closing():
+                return None
+            if not is_store_timeout(e):
+                raise
+
+
+def open_receiver(host: str = "127.0.0.1", port: int = 0, group_name: str = DEFAULT_GROUP_NAME, *,
+                  caches: Sequence[torch.Tensor], layout: KVLayoutInfo,
+                  **options: Any) -> tuple[ProcessGroupReceiver, dict[str, Any]]:
+    """Start a receiver on ``host:port`` (port 0: any free port) into ``caches``.
+
+    Returns the receiver and its bootstrap info (``host``, ``port``, ``group_name``, ``backend``,
+    ``protocol``) for :func:`open_sender`. ``options``: ``backend`` ("auto", "gloo", "nccl"),
+    ``join_timeout_s``, ``op_timeout_s``, ``close_timeout_s``. ``host`` must be an address the senders
+    can reach (the store server binds to all interfaces).
+    """
+    receiver = ProcessGroupReceiver(caches, layout, host=host, port=port, group_name=group_name, **options)
+    return receiver, receiver.bootstrap

@@ -1,0 +1,247 @@
+"""The prefill side of the process-group transport: one background thread per receiver.
+
+Lifecycle: :func:`open_sender` performs the handshake (layout, backend, pair index; see
+:mod:`pdserve.kvtransfer.rendezvous`), starts the thread, which builds the two-rank group and sends a
+HELLO message, and returns once that HELLO completed (so the group is up), or raises
+:class:`HandshakeError` after ``join_timeout_s``. From then on ``send_layer``/``finish``/``cancel``
+append messages to an in-memory queue and return; the thread drains it in order:
+
+* LAYER: (CUDA) make the transfer stream wait for the layer's event, gather the source blocks into one
+  buffer on that stream, push the header to the pair's store queue, ``group.send`` the buffer;
+* FINISH / CANCEL: push the header (FINISH carries the completion payload ints);
+* CLOSE (from :meth:`close`): push it and stop.
+
+Gloo sends complete synchronously (``work.wait(op_timeout)``). NCCL sends are stream-ordered: the
+thread records an event after each and keeps at most ``max_inflight_bytes`` of gather buffers in
+flight, completing messages in order as their events finish; one not finished within ``op_timeout_s``
+breaks the channel. Any channel error turns every live transfer FAILED (``_channel_failed``).
+``close()`` cancels live transfers, tells the receiver, and waits at most ``close_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
+from pdserve.kvtransfer.factory import resolve_backend
+from pdserve.kvtransfer.messages import Header, MessageKind, as_bytes, gather_blocks
+from pdserve.kvtransfer.rendezvous import (
+    JOIN_QUEUE,
+    MESSAGE_QUEUE,
+    PEER_COUNTER,
+    RECEIVER_KEY,
+    RECEIVER_RANK,
+    SENDER_RANK,
+    Group,
+    check_peer,
+    connect_store,
+    create_pair_group,
+    join_request,
+    pair_prefix,
+    shutdown_group,
+    verdict_key,
+)
+from pdserve.kvtransfer.sending import OutgoingMessage, SenderCore
+from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda, record_event, wait_event
+
+HELLO_NBYTES = 8
+
+
+@dataclass(eq=False)
+class _InFlight:
+    message: OutgoingMessage
+    buffer: torch.Tensor | None
+    event: Event
+    deadline: float
+
+
+class ProcessGroupSender(SenderCore):
+    """A :class:`KVSender` over a two-rank gloo/NCCL group; build it with :func:`open_sender`."""
+
+    def __init__(self, bootstrap: Mapping[str, Any], caches: Sequence[torch.Tensor], layout: KVLayoutInfo,
+                 *, name: str | None = None, join_timeout_s: float = 60.0, op_timeout_s: float = 60.0,
+                 close_timeout_s: float = 5.0, max_inflight_bytes: int = 256 << 20) -> None:
+        host, port, group_name = str(bootstrap["host"]), int(bootstrap["port"]), str(bootstrap["group_name"])
+        super().__init__(caches, layout, peer=f"{host}:{port}/{group_name}")
+        self._name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        try:
+            self._backend = resolve_backend(str(bootstrap.get("backend", "auto")), self._device)
+        except ValueError as e:
+            raise HandshakeError(f"backend: {e}", "backend") from None
+        self._op_timeout_s = op_timeout_s
+        self._close_timeout_s = close_timeout_s
+        self._max_inflight_bytes = max_inflight_bytes
+        join = datetime.timedelta(seconds=join_timeout_s)
+        index, self._store = self._handshake(host, port, group_name, join)
+        prefix = pair_prefix(group_name, index)
+        self._messages = dist.PrefixStore(prefix, self._store)
+        # one connection serves the handshake, the headers and the group: this side never blocks on it
+        self._group_store = dist.PrefixStore(prefix + "/pg", self._store)
+        self._group: Group | None = None
+        self._queue: collections.deque[OutgoingMessage] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._inflight: collections.deque[_InFlight] = collections.deque()
+        self._inflight_bytes = 0
+        self._ready = threading.Event()
+        self._setup_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"kv-sender-{index}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(join_timeout_s) or self._setup_error is not None:
+            reason = self._setup_error or f"it did not form within {join_timeout_s:g} s"
+            self.close()
+            raise HandshakeError(f"the {self._backend} process group with the KV receiver at {self.peer} "
+                                 f"failed: {reason}")
+
+    def _handshake(self, host: str, port: int, group_name: str, join: datetime.timedelta) -> tuple[int, Any]:
+        try:
+            store = connect_store(host, port, join)
+        except Exception as e:  # noqa: BLE001 - any connect failure is a handshake failure
+            raise HandshakeError(f"cannot reach the KV receiver's store at {host}:{port} within "
+                                 f"{join.total_seconds():g} s: {e}") from None
+        root = dist.PrefixStore(group_name, store)
+        try:
+            root.wait([RECEIVER_KEY], join)
+            info = json.loads(root.get(RECEIVER_KEY))
+        except Exception as e:  # noqa: BLE001
+            raise HandshakeError(f"no KV receiver {group_name!r} at {host}:{port}: {e}") from None
+        check_peer(self.layout, self._backend, info)
+        index = root.add(PEER_COUNTER, 1) - 1
+        root.queue_push(JOIN_QUEUE, join_request(index, self._name, self.layout, self._backend))
+        try:
+            root.wait([verdict_key(index)], join)
+        except Exception:  # noqa: BLE001
+            raise HandshakeError(f"the KV receiver at {host}:{port} ({group_name!r}) did not answer the "
+                                 f"handshake within {join.total_seconds():g} s") from None
+        verdict = root.get(verdict_key(index)).decode()
+        if verdict != "ok":
+            raise HandshakeError(f"the KV receiver refused this sender: {verdict}")
+        return index, store
+
+    # -- SenderCore --------------------------------------------------------------------------------------
+
+    def _submit(self, message: OutgoingMessage) -> None:
+        with self._cond:
+            self._queue.append(message)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            cancelled = self._mark_closed()
+        with self._cond:
+            self._queue.extend(OutgoingMessage(Header(MessageKind.CANCEL, t)) for t in cancelled)
+            self._queue.append(OutgoingMessage(Header(MessageKind.CLOSE)))
+            self._cond.notify()
+        if self._thread.ident is not None:
+            self._thread.join(self._close_timeout_s)
+        if self._group is not None:
+            shutdown_group(self._group, abort=self._thread.is_alive())
+
+    # -- the thread ----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        cuda = is_cuda(self._device)
+        stream = torch.cuda.Stream(self._device) if cuda else None
+        try:
+            if cuda:
+                torch.cuda.set_device(self._device)
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                timeout = datetime.timedelta(seconds=self._op_timeout_s)
+                self._group = create_pair_group(self._backend, self._group_store, SENDER_RANK, timeout,
+                                                f"{self.peer}/{self._name}")
+                hello = torch.zeros(HELLO_NBYTES, dtype=torch.uint8, device=self._device)
+                self._transmit(OutgoingMessage(Header(MessageKind.HELLO, payload_nbytes=HELLO_NBYTES)), hello)
+                self._reap(0)
+        except Exception as e:  # noqa: BLE001 - reported to open_sender
+            self._setup_error = f"{type(e).__name__}: {e}"
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                self._drain()
+        except Exception as e:  # noqa: BLE001 - any transport error breaks the channel
+            self._channel_failed(f"the KV channel to {self.peer} failed: {type(e).__name__}: {e}")
+            if self._group is not None:
+                shutdown_group(self._group, abort=True)
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._cond.wait(5e-4 if self._inflight else None)
+                message = self._queue.popleft() if self._queue else None
+            self._reap(self._max_inflight_bytes)
+            if message is None:
+                continue
+            kind = message.header.kind
+            if kind is MessageKind.CLOSE:
+                self._reap(0)
+                self._messages.queue_push(MESSAGE_QUEUE, message.header.pack())
+                return
+            if kind in (MessageKind.LAYER, MessageKind.FINISH) and not self._is_live(message.header.transfer_id):
+                continue
+            if kind is MessageKind.LAYER:
+                if message.ready is not None:
+                    torch.cuda.current_stream(self._device).wait_event(message.ready)
+                assert message.kv_layer is not None
+                index = index_tensor(message.src_block_ids, self._device)
+                self._transmit(message, gather_blocks(message.kv_layer, index))
+            else:
+                self._transmit(message, None)
+
+    def _transmit(self, message: OutgoingMessage, payload: torch.Tensor | None) -> None:
+        """Push the header, send the payload, and complete the message (now on gloo, later on NCCL)."""
+        assert self._group is not None
+        self._messages.queue_push(MESSAGE_QUEUE, message.header.pack())
+        work = None if payload is None else self._group.send([as_bytes(payload)], RECEIVER_RANK, 0)
+        if not is_cuda(self._device):
+            if work is not None:
+                work.wait(datetime.timedelta(seconds=self._op_timeout_s))
+            self._message_done(message)
+            return
+        if work is not None:
+            work.wait()  # the transfer stream waits for the send; the host does not
+        deadline = time.monotonic() + self._op_timeout_s
+        self._inflight.append(_InFlight(message, payload, record_event(self._device), deadline))
+        self._inflight_bytes += 0 if payload is None else payload.numel() * payload.element_size()
+
+    def _reap(self, max_bytes: int) -> None:
+        """Complete finished NCCL messages in order; block (bounded) while over ``max_bytes``."""
+        while self._inflight:
+            oldest = self._inflight[0]
+            if not event_done(oldest.event):
+                if self._inflight_bytes <= max_bytes and max_bytes > 0:
+                    return
+                if not wait_event(oldest.event, oldest.deadline):
+                    raise TimeoutError(f"a KV message to {self.peer} did not complete within "
+                                       f"{self._op_timeout_s:g} s")
+            self._inflight.popleft()
+            if oldest.buffer is not None:
+                self._inflight_bytes -= oldest.buffer.numel() * oldest.buffer.element_size()
+            self._message_done(oldest.message)
+
+
+def open_sender(bootstrap: Mapping[str, Any], caches: Sequence[torch.Tensor], layout: KVLayoutInfo,
+                **options: Any) -> ProcessGroupSender:
+    """Connect to the receiver described by ``bootstrap`` (from :func:`open_receiver`).
+
+    ``options``: ``name`` (how the receiver calls this sender), ``join_timeout_s``, ``op_timeout_s``,
+    ``close_timeout_s``, ``max_inflight_bytes``. Raises :class:`HandshakeError` when the layouts or
+    backends differ, or the receiver cannot be reached or does not join within ``join_timeout_s``.
+    """
+    return ProcessGroupSender(bootstrap, caches, layout, **options)

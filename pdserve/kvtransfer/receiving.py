@@ -1,0 +1,264 @@
+"""The transport-independent half of every receiver: expected transfers, writes, deadlines, completion.
+
+:class:`ReceiverCore` implements :class:`KVReceiver`; a transport feeds it the messages of each channel
+in order through ``deliver_layer`` / ``deliver_finish`` / ``deliver_cancel`` / ``peer_lost``, from any
+thread, with the current CUDA stream set to the stream the payload is ready on (its transfer stream).
+
+Write rule: a LAYER payload is scattered only into the blocks of a transfer that is live (expected, not
+terminal, deadline not passed, FINISH not yet seen), and only inside its ``dst_block_ids``; anything
+else is received and dropped (counted in ``discarded_messages``). The check and the scatter happen under
+one lock, and ``cancel``/timeout take that lock and then wait for the transfer's last write on the
+device, so once they return no byte lands in the blocks any more.
+
+Completion rule: FINISH makes a transfer DONE if the number of LAYER messages the sender announced
+arrived and every layer covers every block index in ``[num_skip_blocks, covered)``; on CUDA, DONE is
+reported once an event recorded after the last write completed. Otherwise the transfer FAILS with a
+message saying what was missing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pdserve.kvtransfer.base import KVLayoutInfo, KVReceiver, TransferHandle, TransferState, check_block_ids
+from pdserve.kvtransfer.messages import Header, scatter_blocks
+from pdserve.kvtransfer.streams import Event, event_done, index_tensor, record_event, wait_event
+
+#: How many finished transfer ids are remembered to refuse their reuse (late messages may still come).
+RETIRED_IDS_KEPT = 65536
+#: How long cancel/timeout wait for a transfer's last device write before giving the blocks back anyway
+#: (only a bulk receive that never completes, i.e. a dead peer mid-message, can make it wait this long).
+WRITE_FENCE_TIMEOUT_S = 60.0
+
+
+@dataclass(eq=False)
+class _Incoming:
+    handle: TransferHandle
+    coverage: list[int] = field(default_factory=list)  # per layer: bit i set = block index i written
+    num_messages: int = 0
+    last_write: Event = None
+    finished: Event | bool = False  # False: no FINISH yet; True (CPU) or an event (CUDA) after it
+
+
+class ReceiverCore(KVReceiver):
+    """:class:`KVReceiver` minus the transport; subclasses deliver messages and implement ``close``."""
+
+    def __init__(self, caches: Sequence[torch.Tensor], layout: KVLayoutInfo) -> None:
+        layout.check_caches(caches)
+        self._caches = list(caches)
+        self._layout = layout
+        self._device = caches[0].device
+        self._num_blocks = int(caches[0].shape[1])
+        self._cond = threading.Condition(threading.RLock())
+        self._records: dict[int, _Incoming] = {}
+        self._retired: OrderedDict[int, None] = OrderedDict()
+        self._closed = False
+        self.discarded_messages = 0
+
+    @property
+    def layout(self) -> KVLayoutInfo:
+        return self._layout
+
+    # -- KVReceiver ------------------------------------------------------------------------------------
+
+    def expect(self, transfer_id: int, request_id: str, dst_block_ids: Sequence[int], num_layers: int,
+               deadline_s: float) -> TransferHandle:
+        dst = check_block_ids(dst_block_ids, self._num_blocks, "dst_block_ids")
+        if len(set(dst)) != len(dst):
+            raise ValueError("dst_block_ids holds a block twice")
+        if num_layers != self._layout.num_layers:
+            raise ValueError(f"num_layers is {num_layers}, the caches have {self._layout.num_layers}")
+        if not deadline_s > 0:
+            raise ValueError(f"deadline_s must be positive, got {deadline_s}")
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("this KV receiver is closed")
+            if transfer_id in self._records or transfer_id in self._retired:
+                raise ValueError(f"transfer id {transfer_id} is in use or was used recently; "
+                                 f"transfer ids must be unique per receiver")
+            now = time.monotonic()
+            handle = TransferHandle(transfer_id=transfer_id, request_id=request_id, peer="",
+                                    block_ids=dst, num_layers=num_layers, created_at=now,
+                                    deadline_at=now + deadline_s)
+            self._records[transfer_id] = _Incoming(handle, [0] * num_layers)
+            return handle
+
+    def poll(self, handle: TransferHandle) -> TransferState:
+        with self._cond:
+            record = self._record_of(handle)
+            if record is not None:
+                self._refresh(record)
+            return handle.state
+
+    def wait(self, handle: TransferHandle, timeout: float) -> TransferState:
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                record = self._record_of(handle)
+                if record is None:
+                    return handle.state
+                self._refresh(record)
+                now = time.monotonic()
+                if handle.state.is_terminal or now >= end:
+                    return handle.state
+                if record.finished is not False:
+                    finished = record.finished
+                    self._cond.release()  # wait for the device without holding the lock
+                    try:
+                        wait_event(finished, end)
+                    finally:
+                        self._cond.acquire()
+                    continue
+                wake = min(end, handle.deadline_at or end)
+                self._cond.wait(max(0.0, wake - now) + 1e-3)
+
+    def cancel(self, handle: TransferHandle) -> None:
+        with self._cond:
+            record = self._record_of(handle)
+            if record is not None:
+                self._end(record, TransferState.CANCELLED, "cancelled by the receiver")
+
+    # -- for transports --------------------------------------------------------------------------------
+
+    def scratch(self, num_blocks: int) -> torch.Tensor:
+        """An uninitialised buffer for a LAYER payload of ``num_blocks`` blocks, on the cache device."""
+        return torch.empty(self._layout.payload_shape(num_blocks), dtype=self._layout.torch_dtype,
+                           device=self._device)
+
+    def deliver_layer(self, peer: str, header: Header, payload: torch.Tensor) -> None:
+        """Scatter a received LAYER payload if its transfer is live, else drop it."""
+        with self._cond:
+            record = self._records.get(header.transfer_id)
+            if record is None or self._closed:
+                self.discarded_messages += 1
+                return
+            handle = record.handle
+            self._refresh(record)
+            if handle.state.is_terminal:
+                self.discarded_messages += 1
+                return
+            handle.peer = handle.peer or peer
+            problem = self._check_layer_header(record, header, payload)
+            if problem is not None:
+                self._end(record, TransferState.FAILED, problem)
+                return
+            dst = handle.block_ids[header.start:header.start + header.num_blocks]
+            scatter_blocks(self._caches[header.layer], index_tensor(dst, self._device), payload)
+            record.last_write = record_event(self._device)
+            record.coverage[header.layer] |= ((1 << header.num_blocks) - 1) << header.start
+            record.num_messages += 1
+            handle.state = TransferState.IN_PROGRESS
+            self._cond.notify_all()
+
+    def deliver_finish(self, peer: str, header: Header) -> None:
+        """The sender's last message for a transfer: check completeness, keep the payload."""
+        with self._cond:
+            record = self._records.get(header.transfer_id)
+            if record is None or self._closed:
+                self.discarded_messages += 1
+                return
+            handle = record.handle
+            self._refresh(record)
+            if handle.state.is_terminal or record.finished is not False:
+                self.discarded_messages += 1
+                return
+            handle.peer = handle.peer or peer
+            problem = self._check_complete(record, header)
+            if problem is not None:
+                self._end(record, TransferState.FAILED, problem)
+                return
+            handle.payload = list(header.ints)
+            event = record_event(self._device)
+            record.finished = True if event is None else event
+            self._refresh(record)
+            self._cond.notify_all()
+
+    def deliver_cancel(self, peer: str, header: Header) -> None:
+        """The sender gave the transfer up: it fails here (its KV will never be complete)."""
+        with self._cond:
+            record = self._records.get(header.transfer_id)
+            if record is not None and record.finished is False:
+                record.handle.peer = record.handle.peer or peer
+                self._end(record, TransferState.FAILED, f"the sender {peer} cancelled the transfer")
+
+    def peer_lost(self, peer: str, reason: str) -> None:
+        """A channel ended: unfinished transfers that heard from ``peer`` fail with ``reason``."""
+        with self._cond:
+            for record in list(self._records.values()):
+                if record.handle.peer == peer and record.finished is False:
+                    self._end(record, TransferState.FAILED, reason)
+
+    def _close_records(self, reason: str) -> None:
+        """Refuse further writes and cancel every unfinished transfer (for ``close``)."""
+        with self._cond:
+            self._closed = True
+            for record in list(self._records.values()):
+                self._end(record, TransferState.CANCELLED, reason)
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _record_of(self, handle: TransferHandle) -> _Incoming | None:
+        record = self._records.get(handle.transfer_id)
+        return record if record is not None and record.handle is handle else None
+
+    def _refresh(self, record: _Incoming) -> None:
+        """Apply a finished device write (DONE) or a passed deadline (TIMED_OUT)."""
+        handle = record.handle
+        if handle.state.is_terminal:
+            return
+        if record.finished is not False:
+            if record.finished is True or event_done(record.finished):
+                self._end(record, TransferState.DONE, None)
+        elif handle.deadline_at is not None and time.monotonic() > handle.deadline_at:
+            self._end(record, TransferState.TIMED_OUT,
+                      f"the KV did not arrive within {handle.deadline_at - handle.created_at:.3g} s")
+
+    def _end(self, record: _Incoming, state: TransferState, error: str | None) -> None:
+        handle = record.handle
+        if not handle.state.is_terminal:
+            if state is not TransferState.DONE:
+                # no write may land after the blocks are given back
+                wait_event(record.last_write, time.monotonic() + WRITE_FENCE_TIMEOUT_S)
+            handle.state, handle.error = state, error
+        self._records.pop(handle.transfer_id, None)
+        self._retired[handle.transfer_id] = None
+        while len(self._retired) > RETIRED_IDS_KEPT:
+            self._retired.popitem(last=False)
+        self._cond.notify_all()
+
+    def _check_layer_header(self, record: _Incoming, header: Header, payload: torch.Tensor) -> str | None:
+        handle = record.handle
+        if record.finished is not False:
+            return "a layer message arrived after the transfer's FINISH"
+        if not 0 <= header.layer < self._layout.num_layers:
+            return f"layer {header.layer} is out of range [0, {self._layout.num_layers})"
+        if header.num_blocks <= 0 or header.start < 0 or header.start + header.num_blocks > len(handle.block_ids):
+            return (f"blocks [{header.start}, {header.start + header.num_blocks}) fall outside the "
+                    f"{len(handle.block_ids)} expected blocks")
+        if payload.dtype != self._layout.torch_dtype or payload.device != self._device:
+            return f"the payload is {payload.dtype} on {payload.device}, expected " \
+                   f"{self._layout.torch_dtype} on {self._device}"
+        if tuple(payload.shape) != self._layout.payload_shape(header.num_blocks):
+            return f"the payload has shape {tuple(payload.shape)}, expected " \
+                   f"{self._layout.payload_shape(header.num_blocks)}"
+        return None
+
+    def _check_complete(self, record: _Incoming, header: Header) -> str | None:
+        skip, covered = header.start, header.num_blocks
+        if record.num_messages != header.num_messages:
+            return (f"the sender sent {header.num_messages} layer messages but {record.num_messages} "
+                    f"arrived")
+        if covered > len(record.handle.block_ids):
+            return f"the sender covered {covered} blocks, only {len(record.handle.block_ids)} were expected"
+        needed = ((1 << covered) - 1) & ~((1 << skip) - 1)
+        for layer, mask in enumerate(record.coverage):
+            if mask & needed != needed:
+                missing = [i for i in range(skip, covered) if not (mask >> i) & 1]
+                return f"layer {layer} never received block indices {missing[:16]}"
+        return None

@@ -1,0 +1,137 @@
+"""Rendezvous for the process-group transport: the store, the handshake keys, the two-rank groups.
+
+The receiver (decode side) hosts a ``torch.distributed.TCPStore`` (``is_master=True``). Under the prefix
+``group_name`` it publishes its layout and backend (``RECEIVER_KEY``). A sender joins in four steps:
+
+1. read ``RECEIVER_KEY``, compare layouts and backend (``HandshakeError`` on a mismatch);
+2. take a pair index ``k = add(PEER_COUNTER, 1) - 1`` and push its own layout to ``JOIN_QUEUE``;
+3. wait for ``verdict_key(k)``: ``"ok"`` or the receiver's reason to refuse;
+4. both sides build a two-rank process group on ``PrefixStore(group_name/pair{k}/pg, store)``: the
+   sender is rank 0, the receiver rank 1. No default (global) process group is involved, so a worker
+   can hold any number of these next to whatever else it runs.
+
+Each side gives the process group its own store connection: a blocking queue pop on one connection
+would otherwise stall the group's store traffic (NCCL exchanges its unique id through the store).
+Group constructors differ little between torch versions; :func:`create_pair_group` only uses the
+forms torch 2.4 .. 2.13 share (``ProcessGroupGloo(store, rank, size, timeout)`` and
+``ProcessGroupNCCL(store, rank, size, options)`` with ``options._timeout``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+from typing import Any
+
+import torch.distributed as dist
+
+from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
+from pdserve.kvtransfer.messages import PROTOCOL_VERSION
+
+RECEIVER_KEY = "receiver"
+JOIN_QUEUE = "joins"
+PEER_COUNTER = "peers/next"
+MESSAGE_QUEUE = "messages"
+SENDER_RANK = 0
+RECEIVER_RANK = 1
+#: Blocking store pops wake up at least this often (a timed-out pop just starts again); shutdown
+#: never waits on it: the closing side pushes a STOP message instead.
+IDLE_POP_TIMEOUT = datetime.timedelta(hours=1)
+
+Store = Any  # torch.distributed.Store; its stubs are incomplete across versions
+Group = Any  # torch.distributed.ProcessGroupGloo | ProcessGroupNCCL (a c10d Backend)
+
+
+def verdict_key(index: int) -> str:
+    return f"peers/{index}/verdict"
+
+
+def pair_prefix(group_name: str, index: int) -> str:
+    """The store prefix of pair ``index``; its message queue and process group live under it."""
+    return f"{group_name}/pair{index}"
+
+
+def host_store(host: str, port: int, timeout: datetime.timedelta) -> Store:
+    """The receiver's store server on ``host:port`` (port 0: a free port, see ``store.port``)."""
+    store = dist.TCPStore(host, port, None, True, timeout, wait_for_workers=False)
+    if not hasattr(store, "queue_push"):
+        raise RuntimeError("the KV transfer needs torch.distributed store queues (torch >= 2.8)")
+    return store
+
+
+def connect_store(host: str, port: int, timeout: datetime.timedelta) -> Store:
+    """A client connection to the store at ``host:port``; ``DistNetworkError`` if unreachable in time."""
+    return dist.TCPStore(host, port, None, False, timeout)
+
+
+def is_store_timeout(error: BaseException) -> bool:
+    """Whether ``error`` is a store wait that timed out (the connection itself is still fine)."""
+    network_error = getattr(dist, "DistNetworkError", None)
+    if network_error is not None and isinstance(error, network_error):
+        return False
+    store_error = getattr(dist, "DistStoreError", None)
+    if store_error is not None:
+        return isinstance(error, store_error) and "timeout" in str(error).lower()
+    return isinstance(error, RuntimeError) and "timeout" in str(error).lower()
+
+
+def receiver_info(layout: KVLayoutInfo, backend: str) -> str:
+    """What the receiver publishes under ``RECEIVER_KEY`` (JSON)."""
+    return json.dumps({"protocol": PROTOCOL_VERSION, "backend": backend, "layout": layout.to_dict()})
+
+
+def join_request(index: int, name: str, layout: KVLayoutInfo, backend: str) -> str:
+    """What a sender pushes to ``JOIN_QUEUE`` (JSON)."""
+    return json.dumps({"index": index, "name": name, "backend": backend,
+                       "protocol": PROTOCOL_VERSION, "layout": layout.to_dict()})
+
+
+def check_peer(mine: KVLayoutInfo, my_backend: str, info: dict[str, Any]) -> None:
+    """Raise :class:`HandshakeError` unless the peer described by ``info`` can exchange KV with us."""
+    if info.get("protocol") != PROTOCOL_VERSION:
+        raise HandshakeError(f"protocol: this worker speaks KV transfer protocol {PROTOCOL_VERSION}, "
+                             f"the peer {info.get('protocol')!r}", "protocol")
+    try:
+        theirs = KVLayoutInfo.from_dict(info["layout"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise HandshakeError(f"the peer sent an unreadable KV layout: {e}") from None
+    problem = mine.mismatch(theirs)
+    if problem is not None:
+        raise HandshakeError(f"KV layouts differ: {problem}", mine.mismatch_field(theirs))
+    if info.get("backend") != my_backend:
+        raise HandshakeError(f"backend: this worker uses {my_backend!r}, the peer "
+                             f"{info.get('backend')!r}", "backend")
+
+
+def create_pair_group(backend: str, store: Store, rank: int, timeout: datetime.timedelta,
+                      name: str) -> Group:
+    """A two-rank gloo or NCCL process group on ``store`` (which should be a ``PrefixStore``).
+
+    Gloo connects in the constructor and so blocks until both ranks joined (at most ``timeout``);
+    NCCL creates its communicator at the first send/recv (the HELLO message).
+    """
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, 2, timeout)
+    if backend == "nccl":
+        if not dist.is_nccl_available():
+            raise RuntimeError("this torch build has no NCCL")
+        options = dist.ProcessGroupNCCL.Options()
+        for attr, value in (("is_high_priority_stream", False), ("_timeout", timeout), ("group_name", name)):
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(options, attr, value)
+        return dist.ProcessGroupNCCL(store, rank, 2, options)
+    raise ValueError(f"no process group for backend {backend!r}")
+
+
+def shutdown_group(group: Group, abort: bool = False) -> None:
+    """Release a group's communicators if this torch supports it; never raises."""
+    for method in (("abort", "shutdown") if abort else ("shutdown", "abort")):
+        fn = getattr(group, method, None)
+        if fn is None:
+            continue
+        try:
+            fn()
+            return
+        except Exception:  # noqa: BLE001 - best effort: older backends raise "not implemented"
+            continue

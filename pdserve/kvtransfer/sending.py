@@ -1,0 +1,208 @@
+"""The transport-independent half of every sender: argument checks, transfer states, message order.
+
+:class:`SenderCore` implements :class:`KVSender` on top of one primitive a transport provides,
+``_submit(message)``, which hands an :class:`OutgoingMessage` to the transport in call order (it must
+not block for long: it runs in the forward pass). The transport reports back, in the same order, with
+``_message_done(message)`` or ``_channel_failed(error)``; it skips LAYER/FINISH messages whose transfer
+``_is_live`` no longer is (cancelled or failed), but always delivers CANCEL and CLOSE.
+
+State of a transfer on this side: PENDING at ``begin``, IN_PROGRESS at the first ``send_layer``, DONE
+when the transport completed the FINISH message (it completes messages in order, so every LAYER message
+before it completed too), CANCELLED on ``cancel``/``close``, FAILED when the channel broke.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.kvtransfer.base import KVLayoutInfo, KVSender, TransferHandle, TransferState, check_block_ids
+from pdserve.kvtransfer.messages import Header, MessageKind, check_payload_ints
+from pdserve.kvtransfer.streams import Event, record_event
+
+
+@dataclass(eq=False)
+class OutgoingMessage:
+    """A header plus, for LAYER, what the transport needs to gather the payload.
+
+    ``kv_layer`` and ``src_block_ids`` name the source blocks; ``ready`` is the CUDA event recorded
+    after the layer was computed (``None`` on CPU): gather only after it completed on the device.
+    """
+
+    header: Header
+    kv_layer: torch.Tensor | None = None
+    src_block_ids: tuple[int, ...] = ()
+    ready: Event = None
+
+
+@dataclass(eq=False)
+class _Outgoing:
+    handle: TransferHandle
+    num_submitted: int = 0
+    max_end: int = 0
+    finishing: bool = False
+
+
+class SenderCore(KVSender):
+    """:class:`KVSender` minus the transport; subclasses implement ``_submit`` and ``close``."""
+
+    def __init__(self, caches: Sequence[torch.Tensor], layout: KVLayoutInfo, peer: str) -> None:
+        layout.check_caches(caches)
+        self._layout = layout
+        self._device = caches[0].device
+        self._num_blocks = int(caches[0].shape[1])
+        self._peer = peer
+        self._lock = threading.RLock()
+        self._records: dict[int, _Outgoing] = {}
+        self._closed = False
+        self._broken: str | None = None
+
+    @property
+    def layout(self) -> KVLayoutInfo:
+        return self._layout
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    # -- transport primitive -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _submit(self, message: OutgoingMessage) -> None:
+        """Hand ``message`` to the transport (called in order, under the sender's lock)."""
+
+    # -- KVSender ------------------------------------------------------------------------------------
+
+    def begin(self, transfer_id: int, request_id: str, dst_block_ids: Sequence[int],
+              num_skip_blocks: int = 0) -> TransferHandle:
+        dst = check_block_ids(dst_block_ids, 2 ** 62, "dst_block_ids")
+        if not 0 <= num_skip_blocks <= len(dst):
+            raise ValueError(f"num_skip_blocks must lie in [0, {len(dst)}], got {num_skip_blocks}")
+        with self._lock:
+            self._check_open()
+            if transfer_id in self._records:
+                raise ValueError(f"transfer {transfer_id} is already in progress on this sender")
+            handle = TransferHandle(transfer_id=transfer_id, request_id=request_id, peer=self._peer,
+                                    block_ids=dst, num_layers=self._layout.num_layers,
+                                    num_skip_blocks=num_skip_blocks)
+            if self._broken is not None:
+                handle.state, handle.error = TransferState.FAILED, self._broken
+            else:
+                self._records[transfer_id] = _Outgoing(handle)
+            return handle
+
+    def send_layer(self, handle: TransferHandle, layer: int, kv_cache_layer: torch.Tensor,
+                   src_block_ids: Sequence[int], block_range: tuple[int, int]) -> None:
+        if not 0 <= layer < self._layout.num_layers:
+            raise ValueError(f"layer must lie in [0, {self._layout.num_layers}), got {layer}")
+        start, end = block_range
+        num_dst = len(handle.block_ids)
+        if not 0 <= start <= end <= min(num_dst, len(src_block_ids)):
+            raise ValueError(f"block_range {block_range} must satisfy 0 <= start <= end <= "
+                             f"min(len(dst_block_ids)={num_dst}, len(src_block_ids)={len(src_block_ids)})")
+        if kv_cache_layer.device != self._device:
+            raise ValueError(f"kv_cache_layer is on {kv_cache_layer.device}, this sender's caches on "
+                             f"{self._device}")
+        self._layout.check_layer(kv_cache_layer, "kv_cache_layer")
+        start = max(start, handle.num_skip_blocks)
+        if start >= end:
+            return
+        src = check_block_ids(src_block_ids[start:end], int(kv_cache_layer.shape[1]), "src_block_ids")
+        header = Header(MessageKind.LAYER, handle.transfer_id, layer, start, end - start,
+                        self._layout.payload_nbytes(end - start))
+        with self._lock:
+            record = self._live_record(handle, "send_layer")
+            if record is None:
+                return
+            if record.finishing:
+                raise ValueError(f"send_layer after finish for transfer {handle.transfer_id}")
+            record.num_submitted += 1
+            record.max_end = max(record.max_end, end)
+            if handle.state is TransferState.PENDING:
+                handle.state = TransferState.IN_PROGRESS
+            self._submit(OutgoingMessage(header, kv_cache_layer, src, record_event(self._device)))
+
+    def finish(self, handle: TransferHandle, payload: Sequence[int]) -> None:
+        ints = check_payload_ints(payload)
+        with self._lock:
+            record = self._live_record(handle, "finish")
+            if record is None:
+                return
+            if record.finishing:
+                raise ValueError(f"finish called twice for transfer {handle.transfer_id}")
+            record.finishing = True
+            if handle.state is TransferState.PENDING:
+                handle.state = TransferState.IN_PROGRESS
+            header = Header(MessageKind.FINISH, handle.transfer_id, start=handle.num_skip_blocks,
+                            num_blocks=record.max_end, num_messages=record.num_submitted, ints=ints)
+            self._submit(OutgoingMessage(header))
+
+    def poll(self, handle: TransferHandle) -> TransferState:
+        return handle.state
+
+    def cancel(self, handle: TransferHandle) -> None:
+        with self._lock:
+            record = self._records.get(handle.transfer_id)
+            if record is None or record.handle is not handle or handle.state.is_terminal:
+                return
+            self._end(record, TransferState.CANCELLED, "cancelled by the sender")
+            if not self._closed and self._broken is None:
+                self._submit(OutgoingMessage(Header(MessageKind.CANCEL, handle.transfer_id)))
+
+    # -- for transports --------------------------------------------------------------------------------
+
+    def _is_live(self, transfer_id: int) -> bool:
+        """Whether LAYER/FINISH messages of ``transfer_id`` should still go out."""
+        with self._lock:
+            return transfer_id in self._records
+
+    def _message_done(self, message: OutgoingMessage) -> None:
+        """The transport completed ``message``; a completed FINISH makes its transfer DONE."""
+        if message.header.kind is not MessageKind.FINISH:
+            return
+        with self._lock:
+            record = self._records.get(message.header.transfer_id)
+            if record is not None and record.finishing:
+                self._end(record, TransferState.DONE, None)
+
+    def _channel_failed(self, error: str) -> None:
+        """The channel broke: every live transfer fails, later ``begin`` calls return FAILED handles."""
+        with self._lock:
+            if self._broken is None:
+                self._broken = error
+            for record in list(self._records.values()):
+                self._end(record, TransferState.FAILED, error)
+
+    def _mark_closed(self) -> list[int]:
+        """Refuse new work and cancel live transfers; returns their ids (to tell the receiver)."""
+        with self._lock:
+            self._closed = True
+            ids = list(self._records)
+            for record in list(self._records.values()):
+                self._end(record, TransferState.CANCELLED, "the sender was closed")
+            return ids
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this KV sender is closed")
+
+    def _live_record(self, handle: TransferHandle, what: str) -> _Outgoing | None:
+        self._check_open()
+        record = self._records.get(handle.transfer_id)
+        if record is None or record.handle is not handle:
+            if handle.state.is_terminal:
+                return None  # cancelled or failed meanwhile: the forward pass just goes on
+            raise ValueError(f"{what}: transfer {handle.transfer_id} was not begun on this sender")
+        return record
+
+    def _end(self, record: _Outgoing, state: TransferState, error: str | None) -> None:
+        handle = record.handle
+        if not handle.state.is_terminal:
+            handle.state, handle.error = state, error
+        self._records.pop(handle.transfer_id, None)

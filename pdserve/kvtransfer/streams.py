@@ -1,0 +1,57 @@
+"""Small device helpers shared by the transports: events, index tensors, bounded waits.
+
+On CPU every helper is a no-op or synchronous. On CUDA, nothing here synchronises a stream the caller
+did not ask for: index tensors go through pinned memory with a non-blocking copy on the current stream,
+and waits on events poll with a deadline instead of blocking forever.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+#: A ``torch.cuda.Event``, or ``None`` on CPU (where work is already done when the call returns).
+Event = Any
+
+
+def is_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def record_event(device: torch.device) -> Event:
+    """An event recorded on the current stream of ``device`` (``None`` on CPU)."""
+    if not is_cuda(device):
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def event_done(event: Event) -> bool:
+    """Whether the work before ``event`` finished (always true for ``None``)."""
+    return event is None or bool(event.query())
+
+
+def wait_event(event: Event, deadline: float | None = None,
+               should_stop: Callable[[], bool] | None = None) -> bool:
+    """Wait until ``event`` completed; ``False`` if ``deadline`` (monotonic) passed or ``should_stop()``
+    turned true first. Polls with a growing sleep (at most 1 ms), so it never hangs on a stuck stream."""
+    delay = 2e-5
+    while not event_done(event):
+        if (deadline is not None and time.monotonic() >= deadline) or (should_stop and should_stop()):
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 1e-3)
+    return True
+
+
+def index_tensor(ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``ids`` as an int64 tensor on ``device``; on CUDA copied from pinned memory on the current
+    stream without blocking the host (the caching host allocator keeps the source alive)."""
+    host = torch.tensor(ids, dtype=torch.int64)
+    if not is_cuda(device):
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

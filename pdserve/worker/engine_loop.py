@@ -1,0 +1,128 @@
+"""The engine's own thread: it steps the engine whenever there is work and runs submitted calls between
+steps, so the engine is only ever touched from one thread.
+
+Lifecycle: ``start()`` -> ``call(fn)`` from any thread (returns a ``concurrent.futures.Future``; ``fn``
+runs on the engine thread between steps) -> ``stop()``. After every step that produced deltas, and for
+deltas a role emits itself (``emit``), the ``on_update`` callback receives them with the worker's load;
+it runs on the engine thread and must not block (the worker hands them to its asyncio loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pdserve.common.outputs import RequestDelta
+from pdserve.engine.engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    running_requests: int
+    waiting_requests: int
+    kv_usage: float
+    queued_prefill_tokens: int
+    num_free_blocks: int
+
+
+def load_of(engine: LLMEngine) -> LoadReport:
+    scheduler = engine.scheduler
+    queued = sum(r.num_prompt_tokens - min(r.num_computed_tokens, r.num_prompt_tokens)
+                 for r in (*scheduler.waiting, *scheduler.running))
+    return LoadReport(len(scheduler.running) + len(scheduler.waiting_for_kv), len(scheduler.waiting),
+                      engine.kv.usage, queued, engine.kv.num_free_blocks)
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, on_update: Callable[[list[RequestDelta], LoadReport], None],
+                 idle_wait_s: float = 0.05, busy_wait_s: float = 0.0005) -> None:
+        self.engine = engine
+        self._on_update = on_update
+        self._calls: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], Future]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle_wait_s = idle_wait_s
+        self._busy_wait_s = busy_wait_s
+        self._periodic: list[Callable[[LLMEngine], None]] = []
+        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def call(self, fn: Callable[[LLMEngine], T]) -> Future[T]:
+        future: Future[T] = Future()
+        if self._stop.is_set():
+            future.set_exception(RuntimeError("the worker is shutting down"))
+            return future
+        self._calls.put((fn, future))
+        self._wake.set()
+        return future
+
+    def add_periodic(self, fn: Callable[[LLMEngine], None]) -> None:
+        """Run ``fn(engine)`` on the engine thread once per loop iteration (cheap checks only)."""
+        self._periodic.append(fn)
+
+    def emit(self, deltas: list[RequestDelta]) -> None:
+        """Publish deltas produced outside ``step()`` (engine thread only)."""
+        if deltas:
+            self._on_update(deltas, load_of(self.engine))
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stop.is_set():
+                self._run_calls()
+                for fn in self._periodic:
+                    fn(engine)
+                if engine.has_unfinished_requests():
+                    deltas = engine.step()
+                    if deltas:
+                        self._on_update(deltas, load_of(engine))
+                        continue
+                    self._wake.wait(self._busy_wait_s)  # waiting for KV or blocks: poll quickly
+                else:
+                    self._wake.wait(self._idle_wait_s)
+                self._wake.clear()
+        except BaseException as exc:  # noqa: BLE001 (reported to every pending and future call)
+            logger.exception("engine loop failed")
+            self.error = exc
+            self._stop.set()
+        finally:
+            self._fail_pending()
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(self.engine))
+            except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+                future.set_exception(exc)
+
+    def _fail_pending(self) -> None:
+        while True:
+            try:
+                _, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError(f"the engine loop stopped: {self.error!r}"))

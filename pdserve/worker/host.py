@@ -1,0 +1,121 @@
+"""One worker process's runtime: the engine on its thread, the gRPC control service on an asyncio loop
+thread, and the role that connects them. Used by the Ray actor and directly by tests.
+
+Lifecycle: ``WorkerHost(...)`` (nothing started) -> ``start()`` loads the model, starts the engine
+thread and the gRPC server, returns the address -> ``call_engine(fn)`` for inspection -> ``stop()``
+stops accepting calls, closes the role's transports, stops the engine thread. ``stop`` is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from pdserve.cluster.config import KVTransferConfig
+from pdserve.common.config import EngineConfig
+from pdserve.common.outputs import RequestDelta
+from pdserve.decode.role import DecodeRole
+from pdserve.engine.engine import LLMEngine
+from pdserve.kvtransfer import resolve_backend
+from pdserve.prefill.role import PrefillRole
+from pdserve.rpc.server import WORKER_SERVICE, RunningServer, format_address, start_server
+from pdserve.v1 import worker_pb2_grpc
+from pdserve.worker.engine_loop import EngineLoop, LoadReport
+from pdserve.worker.role import Role, WorkerContext
+from pdserve.worker.servicer import UpdateHub, WorkerServicer
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+def make_role(role: str) -> Role:
+    if role == "prefill":
+        return PrefillRole()
+    if role in ("decode", "colocated"):
+        return DecodeRole(role)
+    raise ValueError(f"unknown worker role {role!r}; expected one of {', '.join(ROLES)}")
+
+
+class WorkerHost:
+    def __init__(self, worker_id: str, role: str, engine_config: EngineConfig, transfer: KVTransferConfig,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        self.worker_id = worker_id
+        self.role = make_role(role)
+        self.engine_config = engine_config
+        self.transfer = transfer
+        self.host = host
+        self.port = port
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="pdserve-rpc", daemon=True)
+        self._server: RunningServer | None = None
+        self.engine_loop: EngineLoop | None = None
+        self.address = ""
+        self._stopped = False
+
+    def start(self) -> str:
+        engine = LLMEngine(self.engine_config)
+        backend = resolve_backend(self.transfer.backend, engine.device)
+        self._loop_thread.start()
+        hub = UpdateHub(self._loop)
+        self.engine_loop = EngineLoop(engine, on_update=lambda deltas, load: self._on_update(hub, deltas, load))
+        context = WorkerContext(self.worker_id, self.role.name, self.host, self.engine_loop, self._loop,
+                                self.transfer, backend)
+        self.role.attach(context)
+        servicer = WorkerServicer(context, self.role, hub)
+        self._hub = hub
+        self._server = self._run(start_server(lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),
+                                              self.host, self.port, service_names=[WORKER_SERVICE])).result(60)
+        self.address = context.address = format_address(self.host, self._server.port)
+        self.engine_loop.start()
+        logger.info("%s worker %s serving on %s", self.role.name, self.worker_id, self.address)
+        return self.address
+
+    def _on_update(self, hub: UpdateHub, deltas: list[RequestDelta], load: LoadReport) -> None:
+        self.role.on_deltas(deltas)
+        hub.publish_threadsafe(deltas, load)
+
+    def _run(self, coro: Any) -> Future:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def call_engine(self, fn: Callable[[LLMEngine], T], timeout: float = 60.0) -> T:
+        assert self.engine_loop is not None, "start() first"
+        return self.engine_loop.call(fn).result(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        def engine_stats(engine: LLMEngine) -> dict[str, Any]:
+            return {"forward_tokens": engine.runner.num_forward_tokens,
+                    "prompt_tokens_computed": engine.runner.num_prompt_tokens_computed,
+                    "unfinished": engine.num_unfinished_requests, "held": engine.num_held_requests,
+                    "preemptions": engine.scheduler.num_preemptions,
+                    "free_blocks": engine.kv.num_free_blocks, "usable_blocks": engine.kv.pool.num_usable_blocks}
+
+        return {"worker_id": self.worker_id, "role": self.role.name, **self.call_engine(engine_stats),
+                **self.role.stats()}
+
+    def timings(self) -> list[dict[str, Any]]:
+        """Per-request timestamps (``time.time()``) the role recorded: what the transfer benchmark reads."""
+        return list(getattr(self.role, "timings", []))
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._server is not None:
+            self._run(self._server.stop(grace)).result(grace + 10)
+        if self.engine_loop is not None:
+            self._run(self.role.close()).result(30)
+            self._hub_close()
+            self.engine_loop.stop()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(10)
+
+    def _hub_close(self) -> None:
+        hub = getattr(self, "_hub", None)
+        if hub is not None:
+            self._loop.call_soon_threadsafe(hub.close)

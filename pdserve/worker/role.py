@@ -1,0 +1,97 @@
+"""The role interface a worker plugs into its control service, and what a role can use of its worker.
+
+A role receives the gRPC calls of its role (the decode role: ``Submit``/``Abort`` and KV landing; the
+prefill role: ``KVHandshake``/``Prefill``/``CancelPrefill``); calls that belong to the other role are
+answered ``FAILED_PRECONDITION`` naming the right one. Roles run their async methods on the worker's
+asyncio loop and reach the engine only through :class:`EngineLoop` calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from pdserve.cluster.config import KVTransferConfig
+from pdserve.engine.engine import LLMEngine
+from pdserve.kvtransfer import KVLayoutInfo
+from pdserve.v1 import worker_pb2
+from pdserve.worker.engine_loop import EngineLoop
+
+
+def model_identity(engine: LLMEngine) -> str:
+    """What both sides of a KV transfer must agree on about the model: architecture and shapes."""
+    s = engine.spec
+    return (f"{s.architecture}/L{s.num_layers}/H{s.hidden_size}/q{s.num_heads}/kv{s.num_kv_heads}"
+            f"/d{s.head_dim}/v{s.vocab_size}")
+
+
+@dataclass
+class WorkerContext:
+    worker_id: str
+    role: str
+    host: str
+    engine_loop: EngineLoop
+    loop: asyncio.AbstractEventLoop
+    transfer: KVTransferConfig
+    transfer_backend: str  # resolved: "nccl" | "gloo" | "loopback"
+    address: str = ""
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.engine_loop.engine
+
+    @property
+    def kv_layout(self) -> KVLayoutInfo:
+        engine = self.engine
+        return KVLayoutInfo(model=model_identity(engine), dtype=str(engine.dtype).removeprefix("torch."),
+                            block_size=engine.kv_layout.block_size, num_layers=engine.kv_layout.num_layers,
+                            num_kv_heads=engine.kv_layout.num_kv_heads, head_dim=engine.kv_layout.head_dim)
+
+    async def on_engine(self, fn: Any) -> Any:
+        """Run ``fn(engine)`` on the engine thread and await its result."""
+        return await asyncio.wrap_future(self.engine_loop.call(fn))
+
+
+class Role:
+    """Base role: every call answers FAILED_PRECONDITION; subclasses implement their own calls."""
+
+    name = "none"
+
+    def attach(self, worker: WorkerContext) -> None:
+        self.worker = worker
+
+    async def close(self) -> None:
+        return None
+
+    async def submit(self, request: worker_pb2.SubmitRequest, context: grpc.aio.ServicerContext) -> None:
+        await self._wrong_role(context, "Submit", "decode or colocated")
+
+    async def abort(self, request_ids: list[str]) -> list[str]:
+        return []
+
+    async def kv_handshake(self, request: worker_pb2.KVHandshakeRequest, context: grpc.aio.ServicerContext
+                           ) -> worker_pb2.KVHandshakeReply:
+        await self._wrong_role(context, "KVHandshake", "prefill")
+        raise AssertionError("unreachable")
+
+    async def prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+                      ) -> worker_pb2.PrefillReply:
+        await self._wrong_role(context, "Prefill", "prefill")
+        raise AssertionError("unreachable")
+
+    async def cancel_prefill(self, request_ids: list[str]) -> list[str]:
+        return []
+
+    def on_deltas(self, deltas: list[Any]) -> None:
+        """Engine thread, after every step that produced deltas (before they are published)."""
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    async def _wrong_role(self, context: grpc.aio.ServicerContext, rpc: str, wanted: str) -> None:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"{rpc} goes to a {wanted} worker; worker {self.worker.worker_id} is a {self.name} worker")

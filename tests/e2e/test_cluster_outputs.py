@@ -1,0 +1,98 @@
+"""Clusters on Ray (1P1D, 2P1D, colocated) give the offline engine's outputs token for token, through the
+real router, gRPC and KV transfer over gloo between worker processes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+
+from pdserve import SamplingParams
+from pdserve.client import Client
+from tests.e2e.cluster_support import offline, start_cluster, wait_until_idle
+
+PROMPTS = ["Hello there, general", "The quick brown fox jumps over the lazy dog " * 3, "a",
+           "Disaggregated serving splits prefill from decode, and " * 4]
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=1234, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["1p1d", "2p1d", "colocated"])
+def cluster(request, ray_session):
+    mode, prefill = {"1p1d": ("disaggregated", 1), "2p1d": ("disaggregated", 2), "colocated": ("colocated", 1)}[
+        request.param]
+    c = start_cluster(mode, prefill=prefill)
+    yield c
+    c.check_invariants()
+    c.stop()
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_outputs_equal_offline(cluster, params: SamplingParams) -> None:
+    expected = offline(PROMPTS, params)
+    with Client(cluster.router_address, timeout=60) as client:
+        got = [client.generate(p, sampling_params=params).token_ids for p in PROMPTS]
+        streamed = []
+        for p in PROMPTS:
+            ids: list[int] = []
+            for chunk in client.generate_stream(p, sampling_params=params):
+                ids += chunk.token_ids
+            streamed.append(ids)
+    assert got == expected
+    assert streamed == expected
+
+
+def test_32_concurrent_streaming_clients(cluster) -> None:
+    prompts = [f"request {i}: " + PROMPTS[i % len(PROMPTS)] for i in range(32)]
+    expected = offline(prompts, GREEDY)
+
+    def stream(prompt: str) -> tuple[list[int], str, object]:
+        with Client(cluster.router_address, timeout=120) as client:
+            ids, text, last = [], "", None
+            for chunk in client.generate_stream(prompt, sampling_params=GREEDY):
+                ids += chunk.token_ids
+                text += chunk.text
+                last = chunk
+            return ids, text, last
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(stream, prompts))
+    assert [r[0] for r in results] == expected
+    for ids, _, last in results:
+        assert last.finish_reason == "length" and last.usage.completion_tokens == len(ids) == 24
+    stats = wait_until_idle(cluster)
+    assert all(s["free_blocks"] == s["usable_blocks"] for s in stats)
+
+
+def test_decode_workers_run_no_prefill_for_handed_off_requests(cluster) -> None:
+    if cluster.config.mode != "disaggregated":
+        pytest.skip("colocated workers prefill their own prompts")
+    with Client(cluster.router_address, timeout=60) as client:
+        for p in PROMPTS:
+            client.generate(p, sampling_params=GREEDY)
+    stats = {s["worker_id"]: s for s in wait_until_idle(cluster)}
+    decodes = [s for w, s in stats.items() if w.startswith("decode")]
+    prefills = [s for w, s in stats.items() if w.startswith("prefill")]
+    assert all(s["preemptions"] == 0 for s in decodes)  # a preempted request would recompute locally
+    assert all(s["prompt_tokens_computed"] == 0 for s in decodes)
+    assert all(s["remote_prefills"] > 0 for s in decodes)
+    assert sum(s["prompt_tokens_computed"] for s in prefills) > 0
+    # decode computed exactly one token per generated token after the first (no prompt positions)
+    assert all(s["failed_transfers"] == 0 for s in decodes)
+
+
+def test_cancel_mid_stream_frees_blocks_on_every_worker(cluster) -> None:
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    with Client(cluster.router_address, timeout=60) as client:
+        stream = client.generate_stream(PROMPTS[3], sampling_params=long)
+        received = 0
+        for chunk in stream:
+            received += len(chunk.token_ids)
+            if received >= 5:
+                break
+        stream.close()
+    stats = wait_until_idle(cluster)
+    for s in stats:
+        assert s["unfinished"] == 0 and s["held"] == 0, s
+        assert s["free_blocks"] == s["usable_blocks"], s
+    cluster.check_invariants()

@@ -1,0 +1,58 @@
+"""``pdserve serve`` as a newcomer runs it: it starts its own local Ray, serves the built-in tiny model,
+answers ``pdserve generate --target``, and on Ctrl-C stops leaving no stray Ray processes behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _ray_processes() -> int:
+    count = 0
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"raylet" in cmd or b"gcs_server" in cmd:
+                count += 1
+    return count
+
+
+def test_serve_then_ctrl_c_shuts_down_cleanly() -> None:
+    before = _ray_processes()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1",
+                                                                         "RAY_AUTH_MODE": "disabled"}
+    server = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--port", "0"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        address, lines = None, []
+        deadline = time.monotonic() + 120
+        while address is None and time.monotonic() < deadline:
+            line = server.stdout.readline()
+            if not line and server.poll() is not None:
+                break
+            lines.append(line)
+            match = re.search(r"serving on (\S+) \(gRPC\)", line)
+            if match:
+                address = match.group(1)
+        assert address, "".join(lines)
+        assert _ray_processes() > before
+        done = subprocess.run([sys.executable, "-m", "pdserve", "generate", "--target", address, "--max-tokens", "6",
+                               "Hello"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=90) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    end = time.monotonic() + 30
+    while _ray_processes() > before and time.monotonic() < end:
+        time.sleep(0.5)
+    assert _ray_processes() == before

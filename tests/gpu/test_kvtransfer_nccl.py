@@ -1,0 +1,54 @@
+"""The KV transfer contract over NCCL between two processes: receiver on cuda:0 (this process), sender
+on cuda:1 (a spawned process). Skipped without two CUDA GPUs.
+
+Besides the contract scenarios on the small test caches, two of them run again on Llama-3.1-8B-shaped
+blocks (16 tokens x 8 KV heads x 128, bf16: 64 KiB per block and layer), so the buffers are big enough
+for NCCL's chunked protocol and for the sender's in-flight accounting to matter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from pdserve.kvtransfer.testing import SCENARIOS, CacheSpec, ProcessGroupTransport
+from pdserve.kvtransfer.testing.contract import check_chunked_transfer, check_concurrent_transfers
+
+pytestmark = [
+    pytest.mark.multigpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                       reason="needs two CUDA GPUs"),
+]
+
+LLAMA_LIKE = CacheSpec(num_layers=4, num_src_blocks=96, num_dst_blocks=128, block_size=16, num_kv_heads=8,
+                       head_dim=128, dtype="bfloat16", model="llama-3.1-8b-shapes")
+
+
+def _transport(spec: CacheSpec) -> ProcessGroupTransport:
+    return ProcessGroupTransport(spec, "nccl", receiver_device="cuda:0", sender_device="cuda:1",
+                                 op_timeout_s=60.0)
+
+
+@pytest.fixture(scope="module")
+def transport() -> Iterator[ProcessGroupTransport]:
+    made = _transport(CacheSpec())
+    yield made
+    made.close()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_nccl_contract(transport: ProcessGroupTransport, scenario: str) -> None:
+    SCENARIOS[scenario](transport)
+
+
+@pytest.mark.timeout(300)
+def test_nccl_llama_sized_blocks() -> None:
+    made = _transport(LLAMA_LIKE)
+    try:
+        check_chunked_transfer(made)
+        check_concurrent_transfers(made)
+    finally:
+        made.close()

@@ -1,0 +1,51 @@
+"""The KV transfer contract, run against every transport this machine has.
+
+* ``loopback``: sender and receiver in this process;
+* ``gloo``: receiver here, sender in one spawned process (started once per module);
+* ``nccl``: receiver on cuda:0 here, sender on cuda:1 in a spawned process (skipped below 2 GPUs).
+
+The scenarios live in :mod:`pdserve.kvtransfer.testing.contract`; each opens its own pair, so they do
+not depend on one another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from pdserve.kvtransfer.testing import (
+    SCENARIOS,
+    CacheSpec,
+    LoopbackTransport,
+    ProcessGroupTransport,
+    Transport,
+)
+
+SPEC = CacheSpec()
+
+
+def _two_gpus() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+@pytest.fixture(scope="module", params=["loopback", "gloo", "nccl"])
+def transport(request: pytest.FixtureRequest) -> Iterator[Transport]:
+    name = request.param
+    if name == "nccl" and not _two_gpus():
+        pytest.skip("the nccl transport needs two CUDA GPUs")
+    if name == "loopback":
+        made: Transport = LoopbackTransport(SPEC)
+    elif name == "gloo":
+        made = ProcessGroupTransport(SPEC, "gloo")
+    else:
+        made = ProcessGroupTransport(SPEC, "nccl", receiver_device="cuda:0", sender_device="cuda:1")
+    yield made
+    made.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_contract(transport: Transport, scenario: str) -> None:
+    SCENARIOS[scenario](transport)
