@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
 from pdserve.kvtransfer.factory import resolve_backend
-from pdserve.kvtransfer.messages import PROTOCOL_VERSION, Header, MessageKind, as_bytes
+from pdserve.kvtransfer.messages import PROTOCOL_VERSION, Header, MessageKind, as_bytes, batch_parts
 from pdserve.kvtransfer.receiving import ReceiverCore
 from pdserve.kvtransfer.rendezvous import (
     IDLE_POP_TIMEOUT,
@@ -209,6 +209,17 @@ class ProcessGroupReceiver(ReceiverCore):
                 payload = self._receive(channel, header)
                 if kind is MessageKind.LAYER:
                     self.deliver_layer(channel.name, header, payload)
+            elif kind is MessageKind.BATCH:
+                parts = batch_parts(header)
+                buffer = self._receive(channel, header)
+                offset = 0
+                for part in parts:
+                    chunk = buffer[offset:offset + part.payload_nbytes]
+                    offset += part.payload_nbytes
+                    fits = part.num_blocks > 0 and part.payload_nbytes == self.layout.payload_nbytes(part.num_blocks)
+                    payload = (chunk.view(self.layout.torch_dtype).view(self.layout.payload_shape(part.num_blocks))
+                               if fits else chunk)
+                    self.deliver_layer(channel.name, part, payload)
             elif kind is MessageKind.FINISH:
                 self.deliver_finish(channel.name, header)
             elif kind is MessageKind.CANCEL:

@@ -60,9 +60,13 @@ from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda,
 HELLO_NBYTES = 8
 
 
+MAX_BATCH_PARTS = 64
+MAX_BATCH_BYTES = 64 << 20
+
+
 @dataclass(eq=False)
 class _InFlight:
-    message: OutgoingMessage
+    messages: list[OutgoingMessage]
     buffer: torch.Tensor | None
     event: Event
     deadline: float
@@ -196,28 +200,69 @@ class ProcessGroupSender(SenderCore):
             if kind in (MessageKind.LAYER, MessageKind.FINISH) and not self._is_live(message.header.transfer_id):
                 continue
             if kind is MessageKind.LAYER:
-                if message.ready is not None:
-                    torch.cuda.current_stream(self._device).wait_event(message.ready)
-                assert message.kv_layer is not None
-                index = index_tensor(message.src_block_ids, self._device)
-                self._transmit(message, gather_blocks(message.kv_layer, index))
+                batch = self._take_batch(message)
+                if len(batch) == 1:
+                    self._wait_ready(message)
+                    assert message.kv_layer is not None
+                    index = index_tensor(message.src_block_ids, self._device)
+                    self._transmit(message, gather_blocks(message.kv_layer, index))
+                else:
+                    self._transmit_batch(batch)
             else:
                 self._transmit(message, None)
 
-    def _transmit(self, message: OutgoingMessage, payload: torch.Tensor | None) -> None:
-        """Push the header, send the payload, and complete the message (now on gloo, later on NCCL)."""
+    def _take_batch(self, first: OutgoingMessage) -> list[OutgoingMessage]:
+        """``first`` plus the LAYER messages queued right behind it, within the batch limits."""
+        batch, nbytes = [first], first.header.payload_nbytes
+        with self._cond:
+            while self._queue and len(batch) < MAX_BATCH_PARTS:
+                nxt = self._queue[0]
+                if nxt.header.kind is not MessageKind.LAYER or nbytes + nxt.header.payload_nbytes > MAX_BATCH_BYTES:
+                    break
+                self._queue.popleft()
+                if self._is_live(nxt.header.transfer_id):
+                    batch.append(nxt)
+                    nbytes += nxt.header.payload_nbytes
+        return batch
+
+    def _wait_ready(self, message: OutgoingMessage) -> None:
+        if message.ready is not None:
+            torch.cuda.current_stream(self._device).wait_event(message.ready)
+
+    def _transmit_batch(self, batch: list[OutgoingMessage]) -> None:
+        """Gather every part straight into one buffer and send it under one BATCH header."""
+        total = sum(m.header.payload_nbytes for m in batch)
+        buffer = torch.empty(total, dtype=torch.uint8, device=self._device)
+        offset, ints = 0, []
+        for m in batch:
+            self._wait_ready(m)
+            h = m.header
+            assert m.kv_layer is not None
+            view = buffer[offset:offset + h.payload_nbytes].view(m.kv_layer.dtype).view(
+                self._layout.payload_shape(h.num_blocks))
+            torch.index_select(m.kv_layer, 1, index_tensor(m.src_block_ids, self._device), out=view)
+            ints += [h.transfer_id, h.layer, h.start, h.num_blocks, h.payload_nbytes]
+            offset += h.payload_nbytes
+        header = Header(MessageKind.BATCH, payload_nbytes=total, num_messages=len(batch), ints=tuple(ints))
+        self._transmit(OutgoingMessage(header), buffer, completes=batch)
+
+    def _transmit(self, message: OutgoingMessage, payload: torch.Tensor | None,
+                  completes: list[OutgoingMessage] | None = None) -> None:
+        """Push the header, send the payload, and complete the message(s) (now on gloo, later on NCCL)."""
         assert self._group is not None
+        done = [message] if completes is None else completes
         self._messages.queue_push(MESSAGE_QUEUE, message.header.pack())
         work = None if payload is None else self._group.send([as_bytes(payload)], RECEIVER_RANK, 0)
         if not is_cuda(self._device):
             if work is not None:
                 work.wait(datetime.timedelta(seconds=self._op_timeout_s))
-            self._message_done(message)
+            for m in done:
+                self._message_done(m)
             return
         if work is not None:
             work.wait()  # the transfer stream waits for the send; the host does not
         deadline = time.monotonic() + self._op_timeout_s
-        self._inflight.append(_InFlight(message, payload, record_event(self._device), deadline))
+        self._inflight.append(_InFlight(done, payload, record_event(self._device), deadline))
         self._inflight_bytes += 0 if payload is None else payload.numel() * payload.element_size()
 
     def _reap(self, max_bytes: int) -> None:
@@ -233,7 +278,8 @@ class ProcessGroupSender(SenderCore):
             self._inflight.popleft()
             if oldest.buffer is not None:
                 self._inflight_bytes -= oldest.buffer.numel() * oldest.buffer.element_size()
-            self._message_done(oldest.message)
+            for m in oldest.messages:
+                self._message_done(m)
 
 
 def open_sender(bootstrap: Mapping[str, Any], caches: Sequence[torch.Tensor], layout: KVLayoutInfo,

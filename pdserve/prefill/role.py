@@ -182,6 +182,7 @@ class PrefillRole(Role):
             start_block = 0 if transfer.sent_upto_block == 0 else chunk.start // bs
             transfer.sent_upto_block = end_block
             work.append((transfer, chunk.block_ids, (start_block, end_block)))
+            transfer.timing.setdefault("first_step_started_at", time.time())
             if chunk.samples:
                 transfer.timing.setdefault("last_step_started_at", time.time())
         if not work:
