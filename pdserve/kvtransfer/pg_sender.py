@@ -60,8 +60,8 @@ from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda,
 HELLO_NBYTES = 8
 
 
-MAX_BATCH_PARTS = 64
-MAX_BATCH_BYTES = 64 << 20
+MAX_BATCH_PARTS = int(os.environ.get("PDSERVE_KV_MAX_BATCH_PARTS", "64"))
+MAX_BATCH_BYTES = 256 << 20
 
 
 @dataclass(eq=False)
@@ -212,18 +212,19 @@ class ProcessGroupSender(SenderCore):
                 self._transmit(message, None)
 
     def _take_batch(self, first: OutgoingMessage) -> list[OutgoingMessage]:
-        """``first`` plus the LAYER messages queued right behind it, within the batch limits."""
+        """``first`` plus the LAYER messages queued right behind it, within the batch limits.
+
+        Liveness is checked after releasing ``_cond``: ``_is_live`` takes the core's lock, which
+        ``send_layer`` holds while it waits for ``_cond`` (taking both here would deadlock)."""
         batch, nbytes = [first], first.header.payload_nbytes
         with self._cond:
             while self._queue and len(batch) < MAX_BATCH_PARTS:
                 nxt = self._queue[0]
                 if nxt.header.kind is not MessageKind.LAYER or nbytes + nxt.header.payload_nbytes > MAX_BATCH_BYTES:
                     break
-                self._queue.popleft()
-                if self._is_live(nxt.header.transfer_id):
-                    batch.append(nxt)
-                    nbytes += nxt.header.payload_nbytes
-        return batch
+                batch.append(self._queue.popleft())
+                nbytes += nxt.header.payload_nbytes
+        return [first] + [m for m in batch[1:] if self._is_live(m.header.transfer_id)]
 
     def _wait_ready(self, message: OutgoingMessage) -> None:
         if message.ready is not None:

@@ -7,6 +7,8 @@ and waits on events poll with a deadline instead of blocking forever.
 
 from __future__ import annotations
 
+import collections
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,10 +50,30 @@ def wait_event(event: Event, deadline: float | None = None,
     return True
 
 
+_INDEX_CACHE: collections.OrderedDict[tuple[Any, ...], torch.Tensor] = collections.OrderedDict()
+_INDEX_CACHE_SIZE = 256
+_INDEX_LOCK = threading.Lock()
+
+
 def index_tensor(ids: Sequence[int], device: torch.device) -> torch.Tensor:
     """``ids`` as an int64 tensor on ``device``; on CUDA copied from pinned memory on the current
-    stream without blocking the host (the caching host allocator keeps the source alive)."""
-    host = torch.tensor(ids, dtype=torch.int64)
+    stream without blocking the host (the caching host allocator keeps the source alive).
+
+    On CUDA the result is memoised per (stream, ids): the layers of one transfer share their block
+    ids, and pinning plus a copy per message was the largest host cost per message. A memoised tensor
+    is only reused on the stream that created it, so its copy is ordered before every use.
+    """
     if not is_cuda(device):
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+        return torch.tensor(ids, dtype=torch.int64)
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream, tuple(ids))
+    with _INDEX_LOCK:
+        cached = _INDEX_CACHE.get(key)
+        if cached is not None:
+            _INDEX_CACHE.move_to_end(key)
+            return cached
+    tensor = torch.tensor(ids, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+    with _INDEX_LOCK:
+        _INDEX_CACHE[key] = tensor
+        while len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
+            _INDEX_CACHE.popitem(last=False)
+    return tensor

@@ -1,0 +1,278 @@
+"""Serving benchmark: goodput under latency SLOs, disaggregated (1 prefill + 1 decode) against colocated
+(2 workers, chunked prefill, same router), same workloads and seeds, in one invocation.
+
+    python -m benchmarks.serve                       # two GPUs: Llama-3.1-8B shapes, dummy weights
+    python -m benchmarks.serve --smoke               # CPU, tiny model: exercises every code path
+    python -m benchmarks.serve --address HOST:PORT   # against a running cluster (one configuration)
+
+For each configuration and workload it sweeps Poisson arrival rates (per GPU), or replays a scaled
+window of the Mooncake conversation trace, and records every request's timings. Goodput is the highest
+per-GPU rate at which >= 90% of requests meet both the TTFT and the TPOT SLO. Writes
+``benchmarks/results/serve-<device>.{json,md,png}`` (the JSON holds every request's token times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    LLAMA31_8B,
+    RESULTS,
+    device_slug,
+    markdown_table,
+    run_info,
+    write_model_dir,
+    write_results,
+)
+from benchmarks.serving.loadgen import client_capacity, client_stream, run_schedule
+from benchmarks.serving.metrics import goodput, summarize
+from benchmarks.serving.workload import (
+    PRESETS,
+    RequestSpec,
+    fixed_workload,
+    poisson_schedule,
+    sharegpt_workload,
+    trace_workload,
+)
+
+TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "mooncake_conversation.jsonl"
+
+
+def cluster_config(kind: str, model_dir: Path, smoke: bool) -> dict[str, Any]:
+    gpu = 0 if smoke else 1
+    engine: dict[str, Any] = {"load_format": "dummy", "dtype": "float32" if smoke else "bfloat16",
+                              "max_model_len": 2048 if smoke else 16384}
+    if smoke:
+        engine["num_kv_blocks"] = 2048
+    config: dict[str, Any] = {"model": str(model_dir), "load_format": "dummy", "engine": engine,
+                              "router": {"grpc_port": 0, "request_timeout_s": 300}, "kv_transfer": {"timeout_s": 120}}
+    if kind == "1p1d":
+        config |= {"mode": "disaggregated",
+                   "prefill": {"replicas": 1, "gpus_per_worker": gpu, "max_batch_tokens": 8192,
+                               "engine": {"enforce_eager": True}},
+                   "decode": {"replicas": 1, "gpus_per_worker": gpu, "max_running_requests": 256}}
+    else:
+        config |= {"mode": "colocated",
+                   "colocated": {"replicas": 2, "gpus_per_worker": gpu, "max_batch_tokens": 2048,
+                                 "max_running_requests": 256}}
+    return config
+
+
+def make_workload(name: str, n: int, seed: int, args: argparse.Namespace) -> list[RequestSpec]:
+    if name in PRESETS:
+        input_len, output_len = PRESETS[name]
+        if args.smoke:
+            input_len, output_len = input_len // 16, output_len // 16
+        return fixed_workload(n, input_len, output_len, seed)
+    if name == "sharegpt":
+        specs = sharegpt_workload(n, seed)
+        cap = 64 if args.smoke else args.max_output
+        return [RequestSpec(s.prompt_token_ids[: 256 if args.smoke else None], min(s.output_len, cap)) for s in specs]
+    if name == "trace":
+        return trace_workload(Path(args.trace_path), start=args.trace_start, count=n, time_scale=args.time_scale,
+                              length_scale=args.length_scale, max_input=1024 if args.smoke else 12000,
+                              max_output=32 if args.smoke else 512)
+    raise ValueError(f"unknown workload {name!r}")
+
+
+async def run_point(address: str, specs: list[RequestSpec], offsets: list[float], run_id: str,
+                    slos: list[tuple[float, float]]) -> dict[str, Any]:
+    from pdserve.client import AsyncClient
+
+    async with AsyncClient(address, timeout=600) as client:
+        records, duration, wall_start = await run_schedule(client_stream(client, run_id), specs, offsets, label=run_id)
+    summary = summarize(records, duration, slos)
+    summary["wall_start"] = wall_start
+    summary["records"] = [r.to_dict() for r in records]
+    return summary
+
+
+def breakdown(timings: dict[str, list[dict[str, Any]]], run_id: str) -> dict[str, float | None]:
+    """Median time per phase (ms) for the requests of one run, from the workers' own timestamps."""
+    prefill = {t["request_id"]: t for t in timings.get("prefill", []) if t["request_id"].startswith(run_id)}
+    decode = {t["request_id"]: t for t in timings.get("decode", []) if t["request_id"].startswith(run_id)}
+    phases: dict[str, list[float]] = {"prefill_queue_ms": [], "prefill_ms": [], "transfer_exposed_ms": []}
+    for rid, p in prefill.items():
+        if "first_step_started_at" in p and "forward_done_at" in p:
+            phases["prefill_queue_ms"].append((p["first_step_started_at"] - p["received_at"]) * 1e3)
+            phases["prefill_ms"].append((p["forward_done_at"] - p["first_step_started_at"]) * 1e3)
+            d = decode.get(rid)
+            if d is not None and "admitted_at" in d:
+                phases["transfer_exposed_ms"].append((d["admitted_at"] - p["forward_done_at"]) * 1e3)
+    return {k: (round(statistics.median(v), 2) if v else None) for k, v in phases.items()}
+
+
+def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos: list[tuple[float, float]]
+                      ) -> dict[str, Any]:
+    import ray
+
+    from pdserve.client import Client
+    from pdserve.cluster.config import cluster_config_from_dict
+    from pdserve.cluster.launcher import Cluster
+
+    cluster = Cluster(cluster_config_from_dict(cluster_config(kind, model_dir, args.smoke)))
+    t0 = time.perf_counter()
+    cluster.start()
+    results: dict[str, Any] = {"startup_s": round(time.perf_counter() - t0, 1), "workloads": {}}
+    try:
+        with Client(cluster.router_address, timeout=300) as client:  # warm-up: handshakes, kernels
+            for n in (64, 600):
+                client.generate(prompt_token_ids=[7] * n, max_tokens=4, ignore_eos=True)
+        num_gpus = args.num_gpus
+        for workload in args.workloads:
+            points = []
+            if workload == "trace":
+                specs = make_workload("trace", args.trace_requests, args.seed, args)
+                offsets = [s.arrival_s for s in specs]
+                rate = len(specs) / max(offsets[-1], 1.0) / num_gpus  # the window's mean arrival rate
+                summary = asyncio.run(run_point(cluster.router_address, specs, offsets, f"{kind}-trace", slos))
+                summary |= {"rate_per_gpu": rate, "run_id": f"{kind}-trace"}
+                points.append(summary)
+            else:
+                rates = args.rates[workload]
+                for j, rate in enumerate(rates):
+                    specs = make_workload(workload, args.num_requests, args.seed + j, args)
+                    offsets = poisson_schedule(len(specs), rate * num_gpus, seed=args.seed + j,
+                                               burstiness=args.burstiness)
+                    run_id = f"{kind}-{workload}-{rate:g}"
+                    summary = asyncio.run(run_point(cluster.router_address, specs, offsets, run_id, slos))
+                    summary |= {"rate_per_gpu": rate, "run_id": run_id}
+                    points.append(summary)
+                    print(f"{kind:9s} {workload:13s} rate/GPU {rate:6.2f}: " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in summary["slo_attainment"].items()), flush=True)
+            results["workloads"][workload] = points
+        timings = {w.role: ray.get(w.actor.timings.remote()) for w in cluster.workers}
+        for points in results["workloads"].values():
+            for point in points:
+                point["breakdown"] = breakdown(timings, point["run_id"])
+    finally:
+        cluster.stop()
+    return results
+
+
+def goodput_table(all_results: dict[str, Any], slos: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    rows = []
+    for kind, res in all_results.items():
+        for workload, points in res["workloads"].items():
+            if workload == "trace":
+                continue
+            for key in points[0]["slo_attainment"]:
+                pts = [(p["rate_per_gpu"], p["slo_attainment"][key]) for p in points]
+                rows.append({"config": kind, "workload": workload, "slo": key, "goodput_per_gpu": round(goodput(pts), 2)})
+    return rows
+
+
+def plot(all_results: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    panels = [(w, key) for w, pts in next(iter(all_results.values()))["workloads"].items() if w != "trace"
+              for key in pts[0]["slo_attainment"]]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (workload, key) in zip(axes[0], panels):
+        for kind, res in all_results.items():
+            pts = res["workloads"].get(workload, [])
+            ax.plot([p["rate_per_gpu"] for p in pts], [p["slo_attainment"][key] * 100 for p in pts], marker="o",
+                    label=kind)
+        ax.axhline(90, color="gray", linestyle="--", linewidth=0.8)
+        ax.set_title(f"{workload}\n{key}", fontsize=9)
+        ax.set_xlabel("request rate per GPU (req/s)")
+        ax.set_ylabel("SLO attainment (%)")
+        ax.set_ylim(0, 105)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
+    lines = ["# Serving benchmark: 1P1D vs 2 colocated", "",
+             f"{info.get('device')} x{info.get('num_gpus')} · commit {info['commit']} · {info['date']}", "",
+             f"Settings: {json.dumps(payload['settings'])}", "", "## Goodput (req/s per GPU, >= 90% meeting both SLOs)",
+             "", markdown_table(["config", "workload", "SLO", "goodput/GPU"],
+                                [list(r.values()) for r in payload["goodput"]])]
+    rows = []
+    for kind, res in payload["results"].items():
+        for workload, points in res["workloads"].items():
+            for p in points:
+                rows.append([kind, workload, round(p["rate_per_gpu"], 2), round(p["request_throughput"], 2),
+                             _ms(p["ttft_s"]["p50"]), _ms(p["ttft_s"]["p99"]), _ms(p["tpot_s"]["p50"]),
+                             _ms(p["tpot_s"]["p99"]), _ms(p["itl_s"]["p99"]),
+                             " / ".join(f"{v:.2f}" for v in p["slo_attainment"].values()),
+                             p["breakdown"].get("prefill_queue_ms"), p["breakdown"].get("prefill_ms"),
+                             p["breakdown"].get("transfer_exposed_ms"), p["errors"]])
+    lines += ["## Every point", "", markdown_table(
+        ["config", "workload", "rate/GPU", "req/s", "TTFT p50 ms", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p99",
+         "attainment (per SLO)", "prefill queue ms", "prefill ms", "transfer exposed ms", "errors"], rows),
+        f"Client capacity (no server): {json.dumps(payload['client_capacity'])}", ""]
+    return "\n".join(lines)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1e3:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--configs", default="1p1d,colocated")
+    parser.add_argument("--workloads", default="prefill-heavy,sharegpt,trace")
+    parser.add_argument("--rates-prefill-heavy", default="2,4,6,8,12")
+    parser.add_argument("--rates-sharegpt", default="4,8,16,24")
+    parser.add_argument("--rates-decode-heavy", default="1,2,4,8")
+    parser.add_argument("--num-requests", type=int, default=40)
+    parser.add_argument("--max-output", type=int, default=512)
+    parser.add_argument("--burstiness", type=float, default=1.0)
+    parser.add_argument("--ttft-slo", type=float, default=0.25)
+    parser.add_argument("--tpot-slos", default="0.025,0.015")
+    parser.add_argument("--trace-path", default=str(TRACE))
+    parser.add_argument("--trace-start", type=int, default=0)
+    parser.add_argument("--trace-requests", type=int, default=60)
+    parser.add_argument("--time-scale", type=float, default=0.5)
+    parser.add_argument("--length-scale", type=float, default=0.25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-gpus", type=int, default=2, help="GPUs per configuration (for per-GPU rates)")
+    args = parser.parse_args()
+    args.workloads = args.workloads.split(",")
+    args.rates = {w: [float(x) for x in getattr(args, f"rates_{w.replace('-', '_')}").split(",")]
+                  for w in ("prefill-heavy", "sharegpt", "decode-heavy")}
+    if args.smoke:
+        args.num_requests, args.trace_requests = 8, 8
+        args.rates = {w: [1.0, 3.0] for w in args.rates}
+        args.ttft_slo, args.tpot_slos = 1.0, "0.2,0.1"
+    slos = [(args.ttft_slo, float(t)) for t in args.tpot_slos.split(",")]
+    info = run_info()
+    capacity = asyncio.run(client_capacity(rate=5 * 24 * args.num_gpus, n=400 if not args.smoke else 100))
+    print("client capacity:", capacity, flush=True)
+    from benchmarks.engine import TINY
+
+    all_results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(Path(tmp) / "model", TINY if args.smoke else LLAMA31_8B)
+        for kind in args.configs.split(","):
+            all_results[kind] = run_configuration(kind, model_dir, args, slos)
+    payload = {"settings": {k: v for k, v in vars(args).items() if k not in ("rates",)} | {"rates": args.rates},
+               "client_capacity": capacity, "results": all_results, "goodput": goodput_table(all_results, slos)}
+    md = render(info, payload)
+    if not args.smoke:
+        paths = write_results("serve", info, payload, md)
+        plot(all_results, RESULTS / f"serve-{device_slug(info)}.png")
+        print("wrote", *paths)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The serving benchmark's load generator against a real CPU cluster (CI-sized smoke run)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from benchmarks.serve import run_point
+from benchmarks.serving.workload import fixed_workload, poisson_schedule
+from tests.e2e.cluster_support import start_cluster
+
+
+def test_serving_benchmark_smoke(ray_session) -> None:
+    cluster = start_cluster("disaggregated")
+    try:
+        specs = fixed_workload(6, input_len=40, output_len=8, seed=1, vocab=250)
+        summary = asyncio.run(run_point(cluster.router_address, specs, poisson_schedule(6, 4.0, seed=1),
+                                        "smoke", [(5.0, 1.0)]))
+    finally:
+        cluster.stop()
+    assert summary["errors"] == 0 and summary["requests"] == 6
+    assert all(r["num_output_tokens"] == 8 for r in summary["records"])
+    assert summary["slo_attainment"]["ttft<=5000ms,tpot<=1000ms"] == 1.0
+    assert summary["ttft_s"]["p50"] > 0 and summary["tpot_s"]["p50"] > 0

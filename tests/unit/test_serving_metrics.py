@@ -1,0 +1,90 @@
+"""The serving benchmark's definitions: TPOT, ITL, SLO attainment, goodput, arrival schedules, trace replay."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from benchmarks.serving.metrics import RequestRecord, attainment, goodput, summarize
+from benchmarks.serving.workload import TRACE_BLOCK, poisson_schedule, sharegpt_workload, trace_workload
+
+
+def _record(sent: float, times: list[float], error: str | None = None) -> RequestRecord:
+    return RequestRecord(0, scheduled_s=sent, sent_s=sent, token_times=times, error=error)
+
+
+def test_tpot_excludes_the_first_token_and_itl_counts_every_gap() -> None:
+    r = _record(1.0, [1.5, 1.6, 1.6, 1.9])  # TTFT 0.5; then 3 tokens over 0.4 s (two arrived together)
+    assert r.ttft == pytest.approx(0.5)
+    assert r.tpot == pytest.approx(0.4 / 3)
+    assert r.itls == pytest.approx([0.1, 0.0, 0.3])
+    assert r.e2e == pytest.approx(0.9)
+    assert _record(0.0, [0.2]).tpot is None
+
+
+def test_slo_attainment_needs_every_slo_and_success() -> None:
+    good = _record(0.0, [0.1, 0.11, 0.12])
+    slow_first = _record(0.0, [0.4, 0.41, 0.42])
+    slow_tokens = _record(0.0, [0.1, 0.2, 0.3])
+    failed = _record(0.0, [0.1, 0.11], error="UNAVAILABLE")
+    one_token = _record(0.0, [0.2])
+    records = [good, slow_first, slow_tokens, failed, one_token]
+    assert [r.meets(0.25, 0.02) for r in records] == [True, False, False, False, True]
+    assert attainment(records, 0.25, 0.02) == pytest.approx(2 / 5)
+    summary = summarize(records, 1.0, [(0.25, 0.02)])
+    assert summary["errors"] == 1 and summary["slo_attainment"]["ttft<=250ms,tpot<=20ms"] == pytest.approx(0.4)
+
+
+def test_goodput_is_the_highest_rate_meeting_90_percent() -> None:
+    assert goodput([(1, 1.0), (2, 0.95), (4, 0.5)]) == pytest.approx(2 + 2 * (0.05 / 0.45))
+    assert goodput([(1, 0.95), (2, 0.93)]) == 2
+    assert goodput([(1, 0.5), (2, 0.4)]) == 0.0
+
+
+@pytest.mark.parametrize("burstiness", [1.0, 0.5, 4.0])
+def test_poisson_schedule_has_the_right_mean_and_span(burstiness: float) -> None:
+    rate, n = 8.0, 20000
+    offsets = poisson_schedule(n, rate, seed=3, burstiness=burstiness)
+    gaps = [b - a for a, b in zip(offsets, offsets[1:])]
+    assert offsets[0] == 0 and all(g >= 0 for g in gaps)
+    assert statistics.fmean(gaps) == pytest.approx(1 / rate, rel=0.05)
+    assert offsets[-1] == pytest.approx((n - 1) / rate, rel=0.05)
+    cv = statistics.pstdev(gaps) / statistics.fmean(gaps)  # gamma: cv = 1/sqrt(shape)
+    assert cv == pytest.approx(burstiness**-0.5, rel=0.1)
+
+
+def test_trace_replay_reproduces_prefix_sharing(tmp_path) -> None:
+    rows = [
+        {"timestamp": 0, "input_length": 1200, "output_length": 10, "hash_ids": [1, 2, 3]},
+        {"timestamp": 500, "input_length": 1500, "output_length": 5, "hash_ids": [1, 2, 4]},
+        {"timestamp": 2000, "input_length": 600, "output_length": 7, "hash_ids": [9, 2]},
+    ]
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    specs = trace_workload(path, time_scale=0.5, length_scale=0.5)
+    block = TRACE_BLOCK // 2
+    assert [len(s.prompt_token_ids) for s in specs] == [600, 750, 300]
+    assert [s.output_len for s in specs] == [5, 2, 4]
+    assert [s.arrival_s for s in specs] == [0.0, 0.25, 1.0]
+    a, b, c = (s.prompt_token_ids for s in specs)
+    assert a[: 2 * block] == b[: 2 * block]  # hash ids 1, 2 shared at the same positions
+    assert a[2 * block: 3 * block] != b[2 * block: 3 * block]  # 3 vs 4
+    assert c[:block] != a[:block] and c[block:] == a[block:len(c)]  # id 2 at position 1 in both: same tokens
+
+
+def test_sharegpt_mix_is_deterministic_and_clipped() -> None:
+    a, b = sharegpt_workload(200, seed=5), sharegpt_workload(200, seed=5)
+    assert [s.output_len for s in a] == [s.output_len for s in b]
+    assert all(4 <= len(s.prompt_token_ids) <= 2048 and 4 <= s.output_len <= 1024 for s in a)
+    assert 100 < statistics.median(len(s.prompt_token_ids) for s in a) < 300
+
+
+def test_client_keeps_its_schedule_without_a_server() -> None:
+    import asyncio
+
+    from benchmarks.serving.loadgen import client_capacity
+
+    result = asyncio.run(client_capacity(rate=200.0, n=200, output_len=8))
+    assert result["p99_lag_s"] < 0.05
