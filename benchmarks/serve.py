@@ -146,8 +146,19 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                     summary |= {"rate_per_gpu": rate, "run_id": run_id}
                     points.append(summary)
                     print(f"{kind:9s} {workload:13s} rate/GPU {rate:6.2f}: " + ", ".join(
-                        f"{k} {v:.2f}" for k, v in summary["slo_attainment"].items()), flush=True)
+                        f"{k} {v:.2f}" for k, v in summary["slo_attainment"].items())
+                        + f" | TTFT p50/p99 {_ms(summary['ttft_s']['p50'])}/{_ms(summary['ttft_s']['p99'])} ms"
+                        f" TPOT p50/p99 {_ms(summary['tpot_s']['p50'])}/{_ms(summary['tpot_s']['p99'])} ms"
+                        f" errors {summary['errors']}", flush=True)
+                    _checkpoint(kind, workload, points)
             results["workloads"][workload] = points
+            if workload == "trace":
+                p = points[-1]
+                print(f"{kind:9s} trace rate/GPU {p['rate_per_gpu']:.2f}: " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in p["slo_attainment"].items())
+                    + f" | TTFT p50/p99 {_ms(p['ttft_s']['p50'])}/{_ms(p['ttft_s']['p99'])} ms"
+                    f" TPOT p50/p99 {_ms(p['tpot_s']['p50'])}/{_ms(p['tpot_s']['p99'])} ms", flush=True)
+                _checkpoint(kind, workload, points)
         timings = {w.role: ray.get(w.actor.timings.remote()) for w in cluster.workers}
         for points in results["workloads"].values():
             for point in points:
@@ -155,6 +166,13 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
     finally:
         cluster.stop()
     return results
+
+
+def _checkpoint(kind: str, workload: str, points: list[dict[str, Any]]) -> None:
+    """Keep every finished point on disk, so a failure later in the run loses nothing."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with (RESULTS / "serve-partial.jsonl").open("a") as f:
+        f.write(json.dumps({"config": kind, "workload": workload, "point": points[-1]}) + "\n")
 
 
 def goodput_table(all_results: dict[str, Any], slos: list[tuple[float, float]]) -> list[dict[str, Any]]:
@@ -260,10 +278,20 @@ def main() -> None:
     from benchmarks.engine import TINY
 
     all_results: dict[str, Any] = {}
+    if "trace" in args.workloads and not Path(args.trace_path).is_file():
+        raise SystemExit(f"--trace-path {args.trace_path}: no such file (the Mooncake trace, JSONL)")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(Path(tmp) / "model", TINY if args.smoke else LLAMA31_8B)
         for kind in args.configs.split(","):
-            all_results[kind] = run_configuration(kind, model_dir, args, slos)
+            try:
+                all_results[kind] = run_configuration(kind, model_dir, args, slos)
+            except Exception as exc:  # noqa: BLE001 (report the other configuration anyway)
+                import traceback
+
+                traceback.print_exc()
+                print(f"configuration {kind} failed: {exc!r}", flush=True)
+    if not all_results:
+        raise SystemExit("every configuration failed")
     payload = {"settings": {k: v for k, v in vars(args).items() if k not in ("rates",)} | {"rates": args.rates},
                "client_capacity": capacity, "results": all_results, "goodput": goodput_table(all_results, slos)}
     md = render(info, payload)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import logging
 import time
@@ -31,6 +32,7 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.worker.role import Role, WorkerContext
 
 logger = logging.getLogger(__name__)
+_WAIT_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="kv-landing-wait")
 
 
 class _PrefillPeer:
@@ -181,17 +183,23 @@ class DecodeRole(Role):
         self.timings.append({"request_id": rid, "num_prompt_tokens": len(zone.prompt_token_ids), **timing})
 
     async def _wait_landed(self, handle: Any, timeout: float, reply: asyncio.Future) -> TransferState:
-        """Poll the receiver until the transfer is terminal, the deadline passes, or the Prefill call failed."""
-        assert self._receiver is not None
+        """Wait until the transfer is terminal, the deadline passes, or the Prefill call failed.
+
+        The wait blocks a thread of a dedicated pool on the receiver's condition variable (woken by
+        the receiver itself), not the event loop: polling from asyncio, one timer per transfer in
+        flight, starved the receiver and engine threads of the GIL under load.
+        """
+        receiver = self._receiver
+        assert receiver is not None
         loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        delay = 5e-5
-        while True:
-            state = self._receiver.poll(handle)
-            if state.is_terminal or loop.time() >= end or (reply.done() and reply.exception() is not None):
-                return state
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.001)
+        waiter = loop.run_in_executor(_WAIT_POOL, receiver.wait, handle, timeout)
+        done, _ = await asyncio.wait({waiter, reply}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done and reply.exception() is not None:
+            receiver.cancel(handle)  # wakes the waiter
+            await waiter
+        elif waiter not in done:
+            await waiter
+        return receiver.poll(handle)
 
     async def _transfer_failed(self, rid: str, address: str, exc: Exception) -> None:
         self._prefill_of.pop(rid, None)

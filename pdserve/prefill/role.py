@@ -141,14 +141,16 @@ class PrefillRole(Role):
         return reply
 
     async def _wait_sent(self, transfer: _Transfer, deadline: float) -> TransferState:
+        """Poll (coarsely: the decode worker admits on its own receiver, not on this reply) until the
+        sender is done with the transfer; only then may its blocks be released."""
         loop = asyncio.get_running_loop()
-        delay = 5e-5
+        delay = 1e-3
         while True:
             state = transfer.sender.poll(transfer.handle)
             if state.is_terminal or loop.time() >= deadline:
                 return state
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.001)
+            delay = min(delay * 2, 0.005)
 
     async def _give_up(self, rid: str, transfer: _Transfer) -> None:
         transfer.sender.cancel(transfer.handle)
