@@ -25,10 +25,14 @@ class AttentionBackend(ABC):
     supports_cuda_graphs: bool = False
     fused_layers: bool = False  # use the fused Triton norm / activation kernels in the model too
 
-    @abstractmethod
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  metadata: AttentionMetadata) -> None:
         """Write ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into their cache slots."""
+        num_kv_heads, head_dim = key.shape[1], key.shape[2]
+        flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
+        slots = metadata.slot_mapping[: key.shape[0]].long()
+        flat[0].index_copy_(0, slots, key.to(kv_cache.dtype))
+        flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
 
     @abstractmethod
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, *,

@@ -17,14 +17,6 @@ from pdserve.engine.attention.metadata import AttentionMetadata
 class TorchReferenceBackend(AttentionBackend):
     name = "torch"
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 metadata: AttentionMetadata) -> None:
-        num_kv_heads, head_dim = key.shape[1], key.shape[2]
-        flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
-        slots = metadata.slot_mapping[: key.shape[0]].long()
-        flat[0].index_copy_(0, slots, key.to(kv_cache.dtype))
-        flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
-
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, *,
                scale: float, sliding_window: int | None) -> torch.Tensor:
         out = torch.empty_like(query)

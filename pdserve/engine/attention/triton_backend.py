@@ -24,14 +24,6 @@ class TritonBackend(AttentionBackend):
     supports_cuda_graphs = True
     fused_layers = True
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 metadata: AttentionMetadata) -> None:
-        num_kv_heads, head_dim = key.shape[1], key.shape[2]
-        flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
-        slots = metadata.slot_mapping[: key.shape[0]].long()
-        flat[0].index_copy_(0, slots, key.to(kv_cache.dtype))
-        flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
-
     def rope_write_attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           positions: torch.Tensor, rotary: RotaryEmbedding, kv_cache: torch.Tensor,
                           metadata: AttentionMetadata, *, scale: float, sliding_window: int | None) -> torch.Tensor:
