@@ -30,7 +30,7 @@ def _two_gpus() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() >= 2
 
 
-@pytest.fixture(scope="module", params=["loopback", "gloo", "nccl"])
+@pytest.fixture(scope="module", params=["loopback", "gloo", pytest.param("nccl", marks=pytest.mark.multigpu)])
 def transport(request: pytest.FixtureRequest) -> Iterator[Transport]:
     name = request.param
     if name == "nccl" and not _two_gpus():
