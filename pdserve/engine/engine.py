@@ -126,7 +126,6 @@ class LLMEngine:
 
     def _num_kv_blocks(self) -> int:
         config, spec, bs = self.config, self.spec, self.config.block_size
-        capacity_tokens = self.max_model_len
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         else:

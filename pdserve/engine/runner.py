@@ -6,14 +6,14 @@ CUDA graph when every chunk is a decode and a graph of that size exists -- take 
 last row of each chunk that samples, compute logits for those rows only, and sample. The host
 receives the sampled ids once per step.
 
-An optional per-layer hook (``set_layer_hook``) lets the prefill role stream each layer's freshly
-written KV while later layers compute; the engine itself does nothing with it.
+The model's optional per-layer hook (``DecoderForCausalLM.layer_hook``, installed per step by the
+engine from its ``step_hooks``) lets the prefill role stream each layer's freshly written KV while
+later layers compute; the runner itself does nothing with it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +121,3 @@ class ModelRunner:
     def run_dummy_prefill(self, chunks: list[ScheduledChunk]) -> None:
         """Forward ``chunks`` without sampling (memory profiling and warm-up)."""
         self.forward(chunks)
-
-    def set_layer_hook(self, hook: Callable[[int, torch.Tensor], None] | None) -> None:
-        self.model.layer_hook = hook

@@ -58,6 +58,17 @@ def test_cache_block_is_write_once_and_first_writer_wins() -> None:
     pool.check_invariants()
 
 
+def test_reset_prefix_cache_only_when_idle() -> None:
+    pool = BlockPool(4)
+    a, b = pool.allocate(2)
+    pool.cache_block(a, b"a")
+    assert not pool.reset_prefix_cache()  # blocks in use
+    pool.free([b, a])
+    assert pool.reset_prefix_cache()
+    assert pool.lookup(b"a") is None and a.block_hash is None
+    pool.check_invariants()
+
+
 def test_block_hashes_chain_over_prefixes() -> None:
     h1: list[bytes] = []
     h2: list[bytes] = []

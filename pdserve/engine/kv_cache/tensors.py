@@ -33,10 +33,6 @@ class KVCacheLayout:
         """Bytes of one block across all layers (keys and values)."""
         return bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype)
 
-    @property
-    def name(self) -> str:
-        return "layer_kv_blocks_v1"
-
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                     dtype: torch.dtype) -> int:
