@@ -7,7 +7,9 @@ landing zone (past any local prefix-cache hit) -> this role ``expect``s the tran
 shared with that prefill worker (handshake on first use) and calls ``Prefill`` -> once the reply (first
 token) is in and the receiver reports every byte landed, ``complete_remote_prefill``. A transfer that
 fails or misses its deadline ends the request with an error or recomputes it locally
-(``kv_transfer.on_failure``); its blocks are freed exactly once either way.
+(``kv_transfer.on_failure``); its blocks are freed exactly once either way, and only after the prefill
+worker acknowledged the cancel (or did not answer in time): with the ``cuda_ipc`` transport it writes
+into these blocks itself, and the receiver cannot fence those writes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.worker.role import Role, WorkerContext
 
 logger = logging.getLogger(__name__)
+#: How long a failed or aborted transfer waits for the prefill worker to confirm it stopped writing.
+CANCEL_ACK_TIMEOUT_S = 5.0
 _WAIT_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="kv-landing-wait")
 
 
@@ -99,7 +103,8 @@ class DecodeRole(Role):
             if handle is not None and self._receiver is not None:
                 self._receiver.cancel(handle)
             if address is not None and address in self._peers:
-                self._spawn(self._cancel_remote(address, rid))
+                # a one-sided (cuda_ipc) sender may still be writing: free the blocks once it stopped
+                await self._cancel_remote(address, rid)
             if await self.worker.on_engine(lambda e, rid=rid: self._abort_on_engine(e, rid)):
                 aborted.append(rid)
         return aborted
@@ -208,7 +213,7 @@ class DecodeRole(Role):
         if handle is not None and self._receiver is not None:
             self._receiver.cancel(handle)
         self.num_failed_transfers += 1
-        self._spawn(self._cancel_remote(address, rid))
+        await self._cancel_remote(address, rid)  # the blocks are reused only once the sender stopped
         detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
         message = f"prefill on {address} failed: {detail}"
         logger.warning("request %s: %s", rid, message)
@@ -225,11 +230,14 @@ class DecodeRole(Role):
         await self.worker.on_engine(fail)
 
     async def _cancel_remote(self, address: str, rid: str) -> None:
+        """Tell the prefill worker to stop; returns once it answered (its writes into this worker's
+        blocks have then completed) or after ``CANCEL_ACK_TIMEOUT_S`` (a worker that does not answer
+        stops writing at its own deadline, which lies within the transfer timeout)."""
         peer = self._peers.get(address)
         if peer is None:
             return
         try:
-            await peer.stub.CancelPrefill(worker_pb2.AbortRequest(request_ids=[rid]), timeout=5.0)
+            await peer.stub.CancelPrefill(worker_pb2.AbortRequest(request_ids=[rid]), timeout=CANCEL_ACK_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             logger.debug("CancelPrefill %s on %s: %s", rid, address, exc.details())
 
@@ -275,8 +283,10 @@ class DecodeRole(Role):
             await asyncio.to_thread(self._receiver.close)
 
     def stats(self) -> dict[str, Any]:
+        peers = getattr(self._receiver, "peer_transports", {}) if self._receiver is not None else {}
         return {"remote_prefills": self.num_remote_prefills, "failed_transfers": self.num_failed_transfers,
-                "local_recomputes": self.num_local_recomputes, "transfers_in_flight": len(self._transfers)}
+                "local_recomputes": self.num_local_recomputes, "transfers_in_flight": len(self._transfers),
+                "kv_peer_transports": dict(peers)}
 
 
 def _log_late_failure(task: asyncio.Future) -> None:

@@ -5,8 +5,9 @@ Public API:
 * :class:`KVLayoutInfo`, :class:`TransferState`, :class:`TransferHandle`, :class:`HandshakeError`,
   :class:`KVSender`, :class:`KVReceiver` (``base``): the contract every transport implements;
 * :class:`LoopbackChannel` (``loopback``): the in-process reference transport;
-* :func:`open_receiver` / :func:`open_sender` (``process_group``): gloo/NCCL between processes;
-* :func:`resolve_backend` (``factory``): "auto" -> "nccl" on CUDA, "gloo" on CPU.
+* :func:`open_receiver` / :func:`open_sender` (``process_group``): gloo/NCCL between processes, and
+  CUDA IPC writes into a same-host receiver's caches;
+* :func:`resolve_backend` (``factory``): "auto" -> "cuda_ipc" on CUDA (NCCL across hosts), "gloo" on CPU.
 
 This package imports torch and ``pdserve.common`` only (never Ray, gRPC or a role package).
 """

@@ -23,8 +23,11 @@ Lifecycle of one transfer (``transfer_id`` is chosen by the decode side, unique 
    holds the ints given to ``finish``.
 
 Either side may ``cancel``; the receiver turns a transfer whose ``FINISH`` has not arrived by its deadline
-into ``TIMED_OUT``. After a receiver-side cancel or timeout, nothing more is written into the transfer's
-blocks, so the decode side may free and reuse them at once.
+into ``TIMED_OUT``. With a two-sided transport (gloo, NCCL: the receiver does the writes), nothing more
+is written into the transfer's blocks after a receiver-side cancel or timeout, so the decode side may
+free and reuse them at once. A one-sided transport (``cuda_ipc``: the sender writes into the mapped
+cache) cannot be fenced by the receiver: the decode side frees such blocks once the sender's
+``cancel`` returned (it returns after the writes already launched completed), or after a grace period.
 """
 
 from __future__ import annotations

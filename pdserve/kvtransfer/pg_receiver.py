@@ -10,6 +10,11 @@ loops: pop the next header from the pair's store queue; for LAYER/HELLO receive 
 :class:`ReceiverCore`, which scatters or drops it. CLOSE from the sender ends the channel and fails the
 unfinished transfers that heard from it; a broken group does the same with the error.
 
+A ``cuda_ipc`` receiver also exports its caches (CUDA IPC handles, in the published receiver info).
+A sender on the same host maps them and writes the blocks itself (:mod:`pdserve.kvtransfer.cuda_ipc`);
+its channel has no process group and carries only FINISH (sent once every write completed) and CANCEL.
+Senders that cannot map the caches join as NCCL senders instead, on the same receiver.
+
 Why headers travel through the store and not the process group: the reader must wait for the next
 message for as long as a worker idles. A receive posted on a gloo group cannot be interrupted (abort
 does not wake it; its timeout breaks the group) and an idle NCCL receive trips the watchdog. A blocking
@@ -35,8 +40,16 @@ import torch
 import torch.distributed as dist
 
 from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
-from pdserve.kvtransfer.factory import resolve_backend
-from pdserve.kvtransfer.messages import PROTOCOL_VERSION, Header, MessageKind, as_bytes, batch_parts
+from pdserve.kvtransfer.cuda_ipc import export_caches
+from pdserve.kvtransfer.factory import process_group_backend, resolve_backend
+from pdserve.kvtransfer.messages import (
+    PROTOCOL_VERSION,
+    Header,
+    MessageKind,
+    ProtocolError,
+    as_bytes,
+    batch_parts,
+)
 from pdserve.kvtransfer.receiving import ReceiverCore
 from pdserve.kvtransfer.rendezvous import (
     IDLE_POP_TIMEOUT,
@@ -66,6 +79,7 @@ _STOP = json.dumps({"stop": True}).encode()
 class _Channel:
     index: int
     name: str
+    one_sided: bool = False  # a cuda_ipc sender: it writes the blocks itself, only FINISH/CANCEL come here
     thread: threading.Thread | None = None
     group: Group | None = None
 
@@ -75,11 +89,16 @@ class ProcessGroupReceiver(ReceiverCore):
 
     def __init__(self, caches: Sequence[torch.Tensor], layout: KVLayoutInfo, *, host: str = "127.0.0.1",
                  port: int = 0, group_name: str = DEFAULT_GROUP_NAME, backend: str = "auto",
-                 join_timeout_s: float = 60.0, op_timeout_s: float = 60.0, close_timeout_s: float = 5.0) -> None:
+                 join_timeout_s: float = 60.0, op_timeout_s: float = 60.0, close_timeout_s: float = 5.0,
+                 accept_one_sided: bool | None = None) -> None:
         super().__init__(caches, layout)
         self._backend = resolve_backend(backend, self._device)
         if self._backend == "loopback":
             raise ValueError("the loopback backend is in-process: use LoopbackChannel")
+        self._group_backend = process_group_backend(self._backend)
+        # cuda_ipc senders write into the exported caches; tests also admit them next to gloo
+        self._accept_one_sided = self._backend == "cuda_ipc" if accept_one_sided is None else accept_one_sided
+        ipc = export_caches(caches) if self._backend == "cuda_ipc" else None
         self._join = datetime.timedelta(seconds=join_timeout_s)
         self._op_timeout_s = op_timeout_s
         self._close_timeout_s = close_timeout_s
@@ -87,7 +106,7 @@ class ProcessGroupReceiver(ReceiverCore):
         self._master: Any = host_store(host, port, self._join)
         self._host, self._port = host, int(self._master.port)
         self._root: Any = dist.PrefixStore(group_name, self._master)
-        self._root.set(RECEIVER_KEY, receiver_info(layout, self._backend))
+        self._root.set(RECEIVER_KEY, receiver_info(layout, self._backend, ipc))
         self._channels: list[_Channel] = []
         self._closing = False
         self.rejected_peers: list[str] = []
@@ -99,6 +118,12 @@ class ProcessGroupReceiver(ReceiverCore):
         """What a sender needs to connect (JSON-able)."""
         return {"host": self._host, "port": self._port, "group_name": self._group_name,
                 "backend": self._backend, "protocol": PROTOCOL_VERSION}
+
+    @property
+    def peer_transports(self) -> dict[str, str]:
+        """How each joined sender sends: ``"cuda_ipc"`` (one-sided writes) or the group backend."""
+        with self._cond:
+            return {c.name: "cuda_ipc" if c.one_sided else self._group_backend for c in self._channels}
 
     def close(self) -> None:
         with self._cond:
@@ -144,13 +169,14 @@ class ProcessGroupReceiver(ReceiverCore):
 
     def _admit(self, root: Any, request: dict[str, Any]) -> None:
         index, name = int(request["index"]), str(request.get("name", "?"))
+        accepted = {self._group_backend} | ({"cuda_ipc"} if self._accept_one_sided else set())
         try:
-            check_peer(self.layout, self._backend, request)
+            check_peer(self.layout, accepted, request)
         except HandshakeError as e:
             self.rejected_peers.append(f"{name}: {e}")
             root.set(verdict_key(index), str(e).encode())
             return
-        channel = _Channel(index, name)
+        channel = _Channel(index, name, one_sided=request.get("backend") == "cuda_ipc")
         with self._cond:
             if self._closing:
                 root.set(verdict_key(index), b"the receiver is closing")
@@ -170,13 +196,17 @@ class ProcessGroupReceiver(ReceiverCore):
                 torch.cuda.set_device(self._device)
             store = connect_store(self._host, self._port, self._join)
             messages = dist.PrefixStore(prefix, store)
+            if channel.one_sided:
+                store.set_timeout(IDLE_POP_TIMEOUT)
+                self._loop(channel, messages)
+                return
             # gloo uses the store only in its constructor, before the first pop; NCCL also uses it later
             # (communicator set-up, watchdog), so it gets a connection no blocking pop holds
-            group_connection = store if self._backend == "gloo" else connect_store(self._host, self._port,
+            group_connection = store if self._group_backend == "gloo" else connect_store(self._host, self._port,
                                                                                     self._join)
             group_store = dist.PrefixStore(prefix + "/pg", group_connection)
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                channel.group = create_pair_group(self._backend, group_store, RECEIVER_RANK,
+                channel.group = create_pair_group(self._group_backend, group_store, RECEIVER_RANK,
                                                   datetime.timedelta(seconds=self._op_timeout_s),
                                                   f"{self._group_name}/{channel.name}")
                 store.set_timeout(IDLE_POP_TIMEOUT)  # from now on it waits for headers, idle or not
@@ -205,6 +235,8 @@ class ProcessGroupReceiver(ReceiverCore):
             if kind is MessageKind.CLOSE:
                 self.peer_lost(channel.name, f"the sender {channel.name} closed the channel")
                 return
+            if channel.one_sided and kind not in (MessageKind.FINISH, MessageKind.CANCEL):
+                raise ProtocolError(f"a cuda_ipc sender sent a {kind.name} message")
             if kind in (MessageKind.LAYER, MessageKind.HELLO):
                 payload = self._receive(channel, header)
                 if kind is MessageKind.LAYER:
@@ -221,7 +253,7 @@ class ProcessGroupReceiver(ReceiverCore):
                                if fits else chunk)
                     self.deliver_layer(channel.name, part, payload)
             elif kind is MessageKind.FINISH:
-                self.deliver_finish(channel.name, header)
+                self.deliver_finish(channel.name, header, written_by_sender=channel.one_sided)
             elif kind is MessageKind.CANCEL:
                 self.deliver_cancel(channel.name, header)
 
@@ -260,8 +292,9 @@ def open_receiver(host: str = "127.0.0.1", port: int = 0, group_name: str = DEFA
     """Start a receiver on ``host:port`` (port 0: any free port) into ``caches``.
 
     Returns the receiver and its bootstrap info (``host``, ``port``, ``group_name``, ``backend``,
-    ``protocol``) for :func:`open_sender`. ``options``: ``backend`` ("auto", "gloo", "nccl"),
-    ``join_timeout_s``, ``op_timeout_s``, ``close_timeout_s``. ``host`` must be an address the senders
+    ``protocol``) for :func:`open_sender`. ``options``: ``backend`` ("auto", "cuda_ipc", "nccl",
+    "gloo"), ``join_timeout_s``, ``op_timeout_s``, ``close_timeout_s``, ``accept_one_sided`` (admit
+    cuda_ipc senders; default: when the backend is cuda_ipc, which also exports the caches). ``host`` must be an address the senders
     can reach (the store server binds to all interfaces).
     """
     receiver = ProcessGroupReceiver(caches, layout, host=host, port=port, group_name=group_name, **options)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import datetime
-import json
 import os
 import socket
 import threading
@@ -36,23 +35,19 @@ import torch
 import torch.distributed as dist
 
 from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
-from pdserve.kvtransfer.factory import resolve_backend
+from pdserve.kvtransfer.factory import process_group_backend, resolve_backend
 from pdserve.kvtransfer.messages import Header, MessageKind, as_bytes, gather_blocks
 from pdserve.kvtransfer.rendezvous import (
-    JOIN_QUEUE,
     MESSAGE_QUEUE,
-    PEER_COUNTER,
-    RECEIVER_KEY,
     RECEIVER_RANK,
     SENDER_RANK,
     Group,
     check_peer,
-    connect_store,
     create_pair_group,
-    join_request,
+    join_receiver,
     pair_prefix,
+    read_receiver,
     shutdown_group,
-    verdict_key,
 )
 from pdserve.kvtransfer.sending import OutgoingMessage, SenderCore
 from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda, record_event, wait_event
@@ -82,7 +77,8 @@ class ProcessGroupSender(SenderCore):
         super().__init__(caches, layout, peer=f"{host}:{port}/{group_name}")
         self._name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         try:
-            self._backend = resolve_backend(str(bootstrap.get("backend", "auto")), self._device)
+            self._backend = process_group_backend(resolve_backend(str(bootstrap.get("backend", "auto")),
+                                                                  self._device))
         except ValueError as e:
             raise HandshakeError(f"backend: {e}", "backend") from None
         self._op_timeout_s = op_timeout_s
@@ -110,29 +106,11 @@ class ProcessGroupSender(SenderCore):
                                  f"failed: {reason}")
 
     def _handshake(self, host: str, port: int, group_name: str, join: datetime.timedelta) -> tuple[int, Any]:
-        try:
-            store = connect_store(host, port, join)
-        except Exception as e:  # noqa: BLE001 - any connect failure is a handshake failure
-            raise HandshakeError(f"cannot reach the KV receiver's store at {host}:{port} within "
-                                 f"{join.total_seconds():g} s: {e}") from None
-        root = dist.PrefixStore(group_name, store)
-        try:
-            root.wait([RECEIVER_KEY], join)
-            info = json.loads(root.get(RECEIVER_KEY))
-        except Exception as e:  # noqa: BLE001
-            raise HandshakeError(f"no KV receiver {group_name!r} at {host}:{port}: {e}") from None
-        check_peer(self.layout, self._backend, info)
-        index = root.add(PEER_COUNTER, 1) - 1
-        root.queue_push(JOIN_QUEUE, join_request(index, self._name, self.layout, self._backend))
-        try:
-            root.wait([verdict_key(index)], join)
-        except Exception:  # noqa: BLE001
-            raise HandshakeError(f"the KV receiver at {host}:{port} ({group_name!r}) did not answer the "
-                                 f"handshake within {join.total_seconds():g} s") from None
-        verdict = root.get(verdict_key(index)).decode()
-        if verdict != "ok":
-            raise HandshakeError(f"the KV receiver refused this sender: {verdict}")
-        return index, store
+        store, root, info = read_receiver(host, port, group_name, join)
+        # a cuda_ipc receiver also takes NCCL senders (those that cannot map its caches)
+        check_peer(self.layout, {self._backend, "cuda_ipc"} if self._backend == "nccl" else self._backend, info)
+        return join_receiver(root, self._name, self.layout, self._backend, join,
+                             f"{host}:{port} ({group_name!r})"), store
 
     # -- SenderCore --------------------------------------------------------------------------------------
 

@@ -156,8 +156,12 @@ class ReceiverCore(KVReceiver):
             handle.state = TransferState.IN_PROGRESS
             self._cond.notify_all()
 
-    def deliver_finish(self, peer: str, header: Header) -> None:
-        """The sender's last message for a transfer: check completeness, keep the payload."""
+    def deliver_finish(self, peer: str, header: Header, written_by_sender: bool = False) -> None:
+        """The sender's last message for a transfer: check completeness, keep the payload.
+
+        ``written_by_sender``: a one-sided (cuda_ipc) sender wrote the blocks itself and sends FINISH
+        only after its writes completed; no LAYER messages came here, so only the block range is checked.
+        """
         with self._cond:
             record = self._records.get(header.transfer_id)
             if record is None or self._closed:
@@ -169,7 +173,8 @@ class ReceiverCore(KVReceiver):
                 self.discarded_messages += 1
                 return
             handle.peer = handle.peer or peer
-            problem = self._check_complete(record, header)
+            problem = (self._check_range(record, header) if written_by_sender
+                       else self._check_complete(record, header))
             if problem is not None:
                 self._end(record, TransferState.FAILED, problem)
                 return
@@ -247,6 +252,13 @@ class ReceiverCore(KVReceiver):
         if tuple(payload.shape) != self._layout.payload_shape(header.num_blocks):
             return f"the payload has shape {tuple(payload.shape)}, expected " \
                    f"{self._layout.payload_shape(header.num_blocks)}"
+        return None
+
+    @staticmethod
+    def _check_range(record: _Incoming, header: Header) -> str | None:
+        if not 0 <= header.start <= header.num_blocks <= len(record.handle.block_ids):
+            return (f"the sender covered blocks [{header.start}, {header.num_blocks}) of "
+                    f"{len(record.handle.block_ids)} expected")
         return None
 
     def _check_complete(self, record: _Incoming, header: Header) -> str | None:

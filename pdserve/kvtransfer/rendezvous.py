@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+from collections.abc import Collection
 from typing import Any
 
 import torch.distributed as dist
@@ -76,9 +77,12 @@ def is_store_timeout(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "timeout" in str(error).lower()
 
 
-def receiver_info(layout: KVLayoutInfo, backend: str) -> str:
-    """What the receiver publishes under ``RECEIVER_KEY`` (JSON)."""
-    return json.dumps({"protocol": PROTOCOL_VERSION, "backend": backend, "layout": layout.to_dict()})
+def receiver_info(layout: KVLayoutInfo, backend: str, ipc: dict[str, Any] | None = None) -> str:
+    """What the receiver publishes under ``RECEIVER_KEY`` (JSON); ``ipc``: its exported caches."""
+    info: dict[str, Any] = {"protocol": PROTOCOL_VERSION, "backend": backend, "layout": layout.to_dict()}
+    if ipc is not None:
+        info["ipc"] = ipc
+    return json.dumps(info)
 
 
 def join_request(index: int, name: str, layout: KVLayoutInfo, backend: str) -> str:
@@ -87,8 +91,10 @@ def join_request(index: int, name: str, layout: KVLayoutInfo, backend: str) -> s
                        "protocol": PROTOCOL_VERSION, "layout": layout.to_dict()})
 
 
-def check_peer(mine: KVLayoutInfo, my_backend: str, info: dict[str, Any]) -> None:
-    """Raise :class:`HandshakeError` unless the peer described by ``info`` can exchange KV with us."""
+def check_peer(mine: KVLayoutInfo, my_backend: str | Collection[str], info: dict[str, Any]) -> None:
+    """Raise :class:`HandshakeError` unless the peer described by ``info`` can exchange KV with us
+    (same protocol and layout, and a backend in ``my_backend``: one name or several accepted)."""
+    accepted = {my_backend} if isinstance(my_backend, str) else set(my_backend)
     if info.get("protocol") != PROTOCOL_VERSION:
         raise HandshakeError(f"protocol: this worker speaks KV transfer protocol {PROTOCOL_VERSION}, "
                              f"the peer {info.get('protocol')!r}", "protocol")
@@ -99,9 +105,43 @@ def check_peer(mine: KVLayoutInfo, my_backend: str, info: dict[str, Any]) -> Non
     problem = mine.mismatch(theirs)
     if problem is not None:
         raise HandshakeError(f"KV layouts differ: {problem}", mine.mismatch_field(theirs))
-    if info.get("backend") != my_backend:
-        raise HandshakeError(f"backend: this worker uses {my_backend!r}, the peer "
+    if info.get("backend") not in accepted:
+        raise HandshakeError(f"backend: this worker uses {' or '.join(sorted(map(repr, accepted)))}, the peer "
                              f"{info.get('backend')!r}", "backend")
+
+
+def read_receiver(host: str, port: int, group_name: str, join: datetime.timedelta) -> tuple[Store, Store, dict[str, Any]]:
+    """Connect to a receiver's store: ``(connection, PrefixStore(group_name), receiver info)``, or
+    :class:`HandshakeError` when it cannot be reached or publishes nothing within ``join``."""
+    try:
+        store = connect_store(host, port, join)
+    except Exception as e:  # noqa: BLE001 - any connect failure is a handshake failure
+        raise HandshakeError(f"cannot reach the KV receiver's store at {host}:{port} within "
+                             f"{join.total_seconds():g} s: {e}") from None
+    root = dist.PrefixStore(group_name, store)
+    try:
+        root.wait([RECEIVER_KEY], join)
+        info = json.loads(root.get(RECEIVER_KEY))
+    except Exception as e:  # noqa: BLE001
+        raise HandshakeError(f"no KV receiver {group_name!r} at {host}:{port}: {e}") from None
+    return store, root, info
+
+
+def join_receiver(root: Store, name: str, layout: KVLayoutInfo, backend: str, join: datetime.timedelta,
+                  where: str) -> int:
+    """Join as a sender speaking ``backend``: take a pair index, ask, and wait for the verdict.
+    Returns the pair index; :class:`HandshakeError` if refused or unanswered within ``join``."""
+    index = root.add(PEER_COUNTER, 1) - 1
+    root.queue_push(JOIN_QUEUE, join_request(index, name, layout, backend))
+    try:
+        root.wait([verdict_key(index)], join)
+    except Exception:  # noqa: BLE001
+        raise HandshakeError(f"the KV receiver at {where} did not answer the handshake within "
+                             f"{join.total_seconds():g} s") from None
+    verdict = root.get(verdict_key(index)).decode()
+    if verdict != "ok":
+        raise HandshakeError(f"the KV receiver refused this sender: {verdict}")
+    return int(index)
 
 
 def create_pair_group(backend: str, store: Store, rank: int, timeout: datetime.timedelta,

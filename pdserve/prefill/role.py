@@ -33,6 +33,8 @@ from pdserve.v1 import worker_pb2
 from pdserve.worker.role import Role, WorkerContext
 
 logger = logging.getLogger(__name__)
+#: How many request ids cancelled before their Prefill call arrived are remembered (to refuse it).
+CANCELLED_IDS_KEPT = 4096
 
 
 @dataclass(eq=False)
@@ -51,6 +53,8 @@ class PrefillRole(Role):
     def __init__(self) -> None:
         self._senders: dict[str, KVSender] = {}  # decode worker id -> sender into its cache
         self._active: dict[str, _Transfer] = {}  # request id -> transfer (touched on both threads)
+        # cancelled before their Prefill call arrived (calls may overtake each other): refused later
+        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.num_prefills = 0
         self.timings: collections.deque[dict[str, Any]] = collections.deque(maxlen=1024)
 
@@ -101,6 +105,8 @@ class PrefillRole(Role):
         except InvalidParameterError as exc:
             await abort_with(context, exc)
         rid, ids = request.request_id, list(request.prompt_token_ids.ids)
+        if rid in self._cancelled:
+            await context.abort(grpc.StatusCode.CANCELLED, f"prefill of {rid} was cancelled by its decode worker")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (request.deadline_s or self.worker.transfer.timeout_s)
         assert sender is not None
@@ -153,7 +159,7 @@ class PrefillRole(Role):
             delay = min(delay * 2, 0.005)
 
     async def _give_up(self, rid: str, transfer: _Transfer) -> None:
-        transfer.sender.cancel(transfer.handle)
+        await asyncio.to_thread(transfer.sender.cancel, transfer.handle)
         self._active.pop(rid, None)
         await self.worker.on_engine(lambda e: e.abort_request(rid))
 
@@ -162,8 +168,12 @@ class PrefillRole(Role):
         for rid in request_ids:
             transfer = self._active.pop(rid, None)
             if transfer is None:
+                self._cancelled[rid] = None
+                while len(self._cancelled) > CANCELLED_IDS_KEPT:
+                    self._cancelled.popitem(last=False)
                 continue
-            transfer.sender.cancel(transfer.handle)
+            # returns once the writes already launched completed (one-sided transports)
+            await asyncio.to_thread(transfer.sender.cancel, transfer.handle)
             if not transfer.first.done():
                 transfer.first.cancel()
             await self.worker.on_engine(lambda e, rid=rid: e.abort_request(rid))

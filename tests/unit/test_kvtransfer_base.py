@@ -128,15 +128,15 @@ def test_payload_ints_are_checked() -> None:
 
 
 @pytest.mark.parametrize(("name", "device", "expected"), [
-    ("auto", "cpu", "gloo"), ("auto", "cuda:0", "nccl"), ("AUTO", "cuda", "nccl"), ("gloo", "cpu", "gloo"),
-    ("nccl", "cuda:1", "nccl"), ("loopback", "cpu", "loopback"), ("loopback", "cuda", "loopback"),
+    ("auto", "cpu", "gloo"), ("auto", "cuda:0", "cuda_ipc"), ("AUTO", "cuda", "cuda_ipc"), ("gloo", "cpu", "gloo"),
+    ("nccl", "cuda:1", "nccl"), ("cuda_ipc", "cuda:1", "cuda_ipc"), ("loopback", "cpu", "loopback"), ("loopback", "cuda", "loopback"),
 ])
 def test_resolve_backend(name: str, device: str, expected: str) -> None:
     assert resolve_backend(name, device) == expected
 
 
 @pytest.mark.parametrize(("name", "device", "message"), [
-    ("nccl", "cpu", "needs CUDA KV caches"), ("gloo", "cuda:0", "CPU KV caches only"),
+    ("nccl", "cpu", "needs CUDA KV caches"), ("cuda_ipc", "cpu", "needs CUDA KV caches"), ("gloo", "cuda:0", "CPU KV caches only"),
     ("mpi", "cpu", "unknown KV transfer backend 'mpi'"),
 ])
 def test_resolve_backend_rejects(name: str, device: str, message: str) -> None:

@@ -314,3 +314,8 @@ SCENARIOS = {fn.__name__.removeprefix("check_"): fn for fn in (
     check_chunked_transfer, check_concurrent_transfers, check_receiver_cancel_writes_nothing,
     check_sender_cancel_fails_receiver, check_timeout, check_incomplete_transfer_fails, check_payload_only,
     check_bad_arguments_rejected, check_close_is_prompt, check_layout_mismatch)}
+
+#: Scenarios a one-sided transport (cuda_ipc) does not promise: its receiver cannot stop or inspect the
+#: sender's writes, so a receiver-side cancel or timeout does not fence them (the decode worker waits
+#: for the sender's cancel acknowledgement instead) and a missing layer is not detected on arrival.
+TWO_SIDED_ONLY = frozenset({"receiver_cancel_writes_nothing", "timeout", "incomplete_transfer_fails"})

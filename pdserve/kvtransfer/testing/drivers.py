@@ -135,7 +135,7 @@ class LocalDriver(SenderDriver):
 
 def _host_main(conn: Any, spec: dict[str, Any], device: str, seed: int) -> None:
     """The child process of :class:`SenderHost`: one request, one answer, until ``exit``."""
-    from pdserve.kvtransfer.pg_sender import open_sender
+    from pdserve.kvtransfer.process_group import open_sender
 
     cache_spec = CacheSpec(**spec)
     if device.startswith("cuda"):

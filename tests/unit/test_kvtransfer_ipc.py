@@ -1,0 +1,131 @@
+"""The CUDA IPC transport's logic on CPU: one-sided writes, FINISH only after them, cancel, refusal.
+
+The mapping itself needs two GPUs (``tests/gpu/test_kvtransfer_ipc_gpu.py``); here the sender is given
+the receiver's own cache tensors in place of the mapped ones, over a real receiver and store.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.engine.kernels import triton_available
+from pdserve.kvtransfer import HandshakeError, KVLayoutInfo, TransferState, open_receiver
+from pdserve.kvtransfer.block_copy import copy_blocks, copy_blocks_reference
+from pdserve.kvtransfer.cuda_ipc import IpcUnavailable, host_identity, map_caches
+from pdserve.kvtransfer.ipc_sender import open_ipc_sender
+
+
+def _caches(num_blocks: int = 8, fill: bool = True) -> list[torch.Tensor]:
+    make = torch.randn if fill else torch.zeros
+    return [make(2, num_blocks, 4, 2, 4) for _ in range(3)]
+
+
+def _layout(caches: list[torch.Tensor]) -> KVLayoutInfo:
+    return KVLayoutInfo.from_caches(caches, "tiny")
+
+
+def test_one_sided_writes_land_before_finish_and_only_in_the_transfers_blocks() -> None:
+    src, dst = _caches(), _caches(num_blocks=10, fill=False)
+    receiver, bootstrap = open_receiver(caches=dst, layout=_layout(dst), group_name="ipc-ok", accept_one_sided=True)
+    sender = open_ipc_sender(bootstrap, src, _layout(src), remote_caches=dst, name="p0")
+    try:
+        dst_ids, src_ids = [9, 3, 5], [1, 2, 7]
+        rh = receiver.expect(1, "r", dst_ids, 3, deadline_s=10.0)
+        sh = sender.begin(1, "r", dst_ids, num_skip_blocks=1)
+        for layer in range(3):  # two chunks, as a chunked prefill sends them
+            sender.send_layer(sh, layer, src[layer], src_ids, (0, 2))
+            sender.send_layer(sh, layer, src[layer], src_ids, (2, 3))
+        sender.finish(sh, [42])
+        assert receiver.wait(rh, 10.0) is TransferState.DONE
+        assert rh.first_token == 42
+        assert sender.wait(sh, 10.0) is TransferState.DONE
+        for layer in range(3):
+            assert torch.equal(dst[layer][:, [3, 5]], src[layer][:, [2, 7]])
+            assert not dst[layer][:, [9]].any()  # below num_skip_blocks: never written
+            untouched = [b for b in range(10) if b not in (3, 5)]
+            assert not dst[layer][:, untouched].any()
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_cancel_reaches_the_receiver_and_stops_the_writes() -> None:
+    src, dst = _caches(), _caches(fill=False)
+    receiver, bootstrap = open_receiver(caches=dst, layout=_layout(dst), group_name="ipc-cancel",
+                                        accept_one_sided=True)
+    sender = open_ipc_sender(bootstrap, src, _layout(src), remote_caches=dst, name="p1")
+    try:
+        rh = receiver.expect(2, "r", [0, 1], 3, deadline_s=10.0)
+        sh = sender.begin(2, "r", [0, 1])
+        sender.send_layer(sh, 0, src[0], [4, 5], (0, 2))
+        sender.cancel(sh)
+        sender.send_layer(sh, 1, src[1], [4, 5], (0, 2))  # ignored: the transfer is over
+        assert sender.poll(sh) is TransferState.CANCELLED
+        assert receiver.wait(rh, 10.0) is TransferState.FAILED
+        assert "cancelled" in (rh.error or "")
+        assert not dst[1].any()
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_close_fails_the_receivers_unfinished_transfers() -> None:
+    src, dst = _caches(), _caches(fill=False)
+    receiver, bootstrap = open_receiver(caches=dst, layout=_layout(dst), group_name="ipc-close",
+                                        accept_one_sided=True)
+    sender = open_ipc_sender(bootstrap, src, _layout(src), remote_caches=dst, name="p2")
+    try:
+        rh = receiver.expect(3, "r", [0], 3, deadline_s=10.0)
+        sh = sender.begin(3, "r", [0])
+        sender.send_layer(sh, 0, src[0], [1], (0, 1))
+        sender.close()
+        assert sender.poll(sh) is TransferState.CANCELLED
+        assert receiver.wait(rh, 10.0) is TransferState.FAILED
+    finally:
+        receiver.close()
+
+
+def test_a_receiver_that_takes_no_one_sided_senders_refuses_them() -> None:
+    src, dst = _caches(), _caches(fill=False)
+    receiver, bootstrap = open_receiver(caches=dst, layout=_layout(dst), group_name="ipc-refuse")
+    try:
+        with pytest.raises(HandshakeError, match="backend: this worker uses 'gloo', the peer 'cuda_ipc'"):
+            open_ipc_sender(bootstrap, src, _layout(src), remote_caches=dst, join_timeout_s=10.0)
+    finally:
+        receiver.close()
+
+
+def test_map_caches_says_why_it_cannot() -> None:
+    layout = _layout(_caches())
+    with pytest.raises(IpcUnavailable, match="exported no CUDA IPC handles"):
+        map_caches(None, layout, torch.device("cuda", 0))
+    with pytest.raises(IpcUnavailable, match="needs CUDA caches"):
+        map_caches({"version": 1, "host": host_identity(), "layers": []}, layout, torch.device("cpu"))
+    with pytest.raises(IpcUnavailable, match="another host"):
+        map_caches({"version": 1, "host": "elsewhere", "layers": []}, layout, torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="exported 0 cache layers"):
+        map_caches({"version": 1, "host": host_identity(), "layers": []}, layout, torch.device("cuda", 0))
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_copy_kernel_matches_its_reference(dtype: torch.dtype) -> None:
+    """The Triton kernel itself (CPU interpreter here; on the GPU at real shapes in tests/gpu)."""
+    from pdserve.kvtransfer import block_copy
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    src = torch.randn(2, 9, 4, 3, 8, device=device).to(dtype)  # 96 elements per block: a masked tail
+    got, want = torch.zeros(2, 6, 4, 3, 8, dtype=dtype, device=device), torch.zeros(2, 6, 4, 3, 8, dtype=dtype,
+                                                                                     device=device)
+    src_ids = torch.tensor([8, 0, 3], device=device)
+    dst_ids = torch.tensor([1, 5, 2], device=device)
+    grid = (3, 2, 1)
+    block_copy._copy_blocks_kernel[grid](src, got, src_ids, dst_ids, src.stride(0), got.stride(0),
+                                         BLOCK_ELEMS=96, CHUNK=128)
+    copy_blocks_reference(src, want, src_ids, dst_ids)
+    assert torch.equal(got, want)
+    copy_blocks(src, want, src_ids, dst_ids)  # the dispatcher (reference path on CPU)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="3 source blocks but 2 destination"):
+        copy_blocks(src, want, src_ids, dst_ids[:2])
