@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import statistics
 import tempfile
@@ -113,7 +114,6 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                       ) -> dict[str, Any]:
     import ray
 
-    from pdserve.client import Client
     from pdserve.cluster.config import cluster_config_from_dict
     from pdserve.cluster.launcher import Cluster
 
@@ -122,9 +122,7 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
     cluster.start()
     results: dict[str, Any] = {"startup_s": round(time.perf_counter() - t0, 1), "workloads": {}}
     try:
-        with Client(cluster.router_address, timeout=300) as client:  # warm-up: handshakes, kernels
-            for n in (64, 600):
-                client.generate(prompt_token_ids=[7] * n, max_tokens=4, ignore_eos=True)
+        warm_up(cluster.router_address, smoke=args.smoke)
         num_gpus = args.num_gpus
         for workload in args.workloads:
             points = []
@@ -166,6 +164,24 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
     finally:
         cluster.stop()
     return results
+
+
+def warm_up(address: str, smoke: bool) -> None:
+    """Handshakes, kernel compilation and CUDA graphs before any timed point: single requests, then a
+    concurrent burst of mixed lengths (mixed prefill + decode batches compile their own variants)."""
+    from pdserve.client import Client
+
+    lengths = [64, 600] + ([32, 96, 160, 256] * 4 if smoke else [64, 512, 1024, 2048, 3000, 200, 4000, 1500] * 3)
+    with Client(address, timeout=300) as client:
+        for n in lengths[:2]:
+            client.generate(prompt_token_ids=[7] * n, max_tokens=4, ignore_eos=True)
+
+    def one(n: int) -> None:
+        with Client(address, timeout=300) as client:
+            client.generate(prompt_token_ids=[(n + i) % 1000 + 3 for i in range(n)], max_tokens=24, ignore_eos=True)
+
+    with concurrent.futures.ThreadPoolExecutor(len(lengths) - 2) as pool:
+        list(pool.map(one, lengths[2:]))
 
 
 def _checkpoint(kind: str, workload: str, points: list[dict[str, Any]]) -> None:

@@ -256,7 +256,8 @@ class ReceiverCore(KVReceiver):
 
     @staticmethod
     def _check_range(record: _Incoming, header: Header) -> str | None:
-        if not 0 <= header.start <= header.num_blocks <= len(record.handle.block_ids):
+        num_expected = len(record.handle.block_ids)
+        if not (0 <= header.start <= num_expected and 0 <= header.num_blocks <= num_expected):
             return (f"the sender covered blocks [{header.start}, {header.num_blocks}) of "
                     f"{len(record.handle.block_ids)} expected")
         return None

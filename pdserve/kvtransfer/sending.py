@@ -60,6 +60,7 @@ class SenderCore(KVSender):
         self._records: dict[int, _Outgoing] = {}
         self._closed = False
         self._broken: str | None = None
+        self._last_checked_src: tuple[int, ...] = ()
 
     @property
     def layout(self) -> KVLayoutInfo:
@@ -111,7 +112,10 @@ class SenderCore(KVSender):
         start = max(start, handle.num_skip_blocks)
         if start >= end:
             return
-        src = check_block_ids(src_block_ids[start:end], int(kv_cache_layer.shape[1]), "src_block_ids")
+        src = tuple(src_block_ids[start:end])
+        if src != self._last_checked_src:  # every layer of a chunk sends the same blocks: check once
+            check_block_ids(src, int(kv_cache_layer.shape[1]), "src_block_ids")
+            self._last_checked_src = src
         header = Header(MessageKind.LAYER, handle.transfer_id, layer, start, end - start,
                         self._layout.payload_nbytes(end - start))
         with self._lock:
