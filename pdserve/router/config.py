@@ -68,6 +68,10 @@ class RouterConfig:
       :class:`~pdserve.router.decode_policy.LeastLoadedDecodePolicy`).
     * ``min_remote_prefill_tokens``: in disaggregated mode, prompts shorter than this are prefilled on
       the decode worker itself (0: every prompt is prefilled remotely).
+    * ``max_queued_prefill_tokens``: conditional disaggregation. When every prefill worker already has
+      at least this many prompt tokens queued, the next prompt is prefilled on its decode worker
+      instead of waiting (0: never). The prefill pool then sets the TTFT only while it keeps up; past
+      that, decode workers absorb the overflow, at some cost to their inter-token latency.
     * ``describe_timeout_s``/``submit_timeout_s``/``abort_timeout_s``: per-RPC timeouts to workers.
     * ``health_check_interval_s``: how often unhealthy workers are probed again with ``Describe``.
     * ``reconnect_backoff_initial_s``/``reconnect_backoff_max_s``: exponential backoff of a dropped
@@ -82,6 +86,7 @@ class RouterConfig:
     kv_usage_weight: float = 0.5
     running_requests_weight: float = 0.5
     min_remote_prefill_tokens: int = 0
+    max_queued_prefill_tokens: int = 0
     describe_timeout_s: float = 5.0
     submit_timeout_s: float = 10.0
     abort_timeout_s: float = 5.0
@@ -102,6 +107,7 @@ class RouterConfig:
         require_int("max_retries_before_first_token", self.max_retries_before_first_token, minimum=0)
         require_int("max_inflight_requests", self.max_inflight_requests, minimum=1)
         require_int("min_remote_prefill_tokens", self.min_remote_prefill_tokens, minimum=0)
+        require_int("max_queued_prefill_tokens", self.max_queued_prefill_tokens, minimum=0)
         for name in ("request_timeout_s", "describe_timeout_s", "submit_timeout_s", "abort_timeout_s",
                      "health_check_interval_s", "reconnect_backoff_initial_s", "reconnect_backoff_max_s"):
             require_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)

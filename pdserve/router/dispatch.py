@@ -62,9 +62,11 @@ class Dispatcher:
             decode = self._decode_policy.pick(self._registry.with_role(*self._decode_roles),
                                               exclude=request.failed_workers)
             prefill_address = ""
-            if (self._mode is ServingMode.DISAGGREGATED
-                    and self._prefill_policy.should_prefill_remotely(request.num_prompt_tokens)):
-                prefill = self._prefill_policy.pick(self._registry.with_role(WorkerRole.PREFILL))
+            prefill_workers = (self._registry.with_role(WorkerRole.PREFILL)
+                               if self._mode is ServingMode.DISAGGREGATED else [])
+            if prefill_workers and self._prefill_policy.should_prefill_remotely(
+                    request.num_prompt_tokens, [w for w in prefill_workers if w.routable]):
+                prefill = self._prefill_policy.pick(prefill_workers)
                 prefill_address = prefill.endpoint.address
                 self._assign_prefill(request, prefill.worker_id)
             self._assign_decode(request, decode.worker_id)

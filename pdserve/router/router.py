@@ -41,7 +41,8 @@ class Router:
     """Routes ``PdServe`` requests to workers. Create, ``await start()``, ``await stop()``; one event loop.
 
     ``decode_policy``/``prefill_policy`` default to :class:`LeastLoadedDecodePolicy` (weights from
-    ``config``) and :class:`LeastQueuedPrefillPolicy` (``config.min_remote_prefill_tokens``).
+    ``config``) and :class:`LeastQueuedPrefillPolicy` (``config.min_remote_prefill_tokens``,
+    ``config.max_queued_prefill_tokens``).
     """
 
     def __init__(self, config: RouterConfig, *, model: str, mode: ServingMode | str,
@@ -60,7 +61,7 @@ class Router:
             config, self.mode, self.registry, self.table,
             decode_policy or LeastLoadedDecodePolicy(DecodePolicyConfig(
                 kv_usage_weight=config.kv_usage_weight, running_requests_weight=config.running_requests_weight)),
-            prefill_policy or LeastQueuedPrefillPolicy(config.min_remote_prefill_tokens))
+            prefill_policy or LeastQueuedPrefillPolicy(config.min_remote_prefill_tokens, config.max_queued_prefill_tokens))
         self._streams: dict[str, UpdatesStream] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._server: RunningServer | None = None

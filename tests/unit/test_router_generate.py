@@ -172,3 +172,19 @@ def test_max_inflight_requests_resource_exhausted() -> None:
             assert "max_inflight_requests" in info.value.details()
             held.cancel()
     run(scenario)
+
+
+def test_overflow_prompts_are_prefilled_on_the_decode_worker() -> None:
+    """Conditional disaggregation: once the prefill pool has ``max_queued_prefill_tokens`` queued (the
+    silent decode worker never sends a first token, so nothing leaves the queue), prompts stay local."""
+    async def scenario() -> None:
+        prefill, decode = FakeWorker("p0", "prefill"), FakeWorker("d0", "decode", silent=True)
+        async with cluster([prefill, decode], mode="disaggregated", max_queued_prefill_tokens=10) as (router, stub):
+            calls = []
+            for i in range(3):
+                calls.append(stub.Generate(generate_request([1 + i] * 8, 4, request_id=f"r{i}")))
+                await wait_until(lambda i=i: len(decode.submitted) == i + 1, what=f"request r{i} to be submitted")
+            assert [s.prefill_address for s in decode.submitted] == [prefill.address, prefill.address, ""]
+            for call in calls:
+                call.cancel()
+    run(scenario)

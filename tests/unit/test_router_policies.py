@@ -93,6 +93,17 @@ def test_short_prompt_hook() -> None:
     assert hook.should_prefill_remotely(64)
 
 
+def test_overflow_is_prefilled_locally_only_while_every_prefill_worker_is_backed_up() -> None:
+    hook = LeastQueuedPrefillPolicy(max_queued_prefill_tokens=1000)
+    busy, idle = _worker("p0", "prefill", queued=1000), _worker("p1", "prefill", queued=999)
+    assert hook.should_prefill_remotely(4000, [busy, idle])
+    assert not hook.should_prefill_remotely(4000, [busy, _worker("p2", "prefill", queued=5000)])
+    assert hook.should_prefill_remotely(4000, []), "no prefill worker to judge: the pick reports it"
+    assert LeastQueuedPrefillPolicy().should_prefill_remotely(10, [busy]), "0: never overflow"
+    with pytest.raises(ValueError, match="max_queued_prefill_tokens"):
+        LeastQueuedPrefillPolicy(max_queued_prefill_tokens=-1)
+
+
 def test_prompt_token_estimate() -> None:
     assert estimate_prompt_tokens(num_token_ids=7, text=None) == 7
     assert estimate_prompt_tokens(num_token_ids=None, text="x" * 9) == 3
