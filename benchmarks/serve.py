@@ -1,5 +1,7 @@
-"""Serving benchmark: goodput under latency SLOs, disaggregated (1 prefill + 1 decode) against colocated
-(2 workers, chunked prefill, same router), same workloads and seeds, in one invocation.
+"""Serving benchmark: goodput under latency SLOs, disaggregated (1 prefill + 1 decode; ``1p1d-overflow``
+adds conditional disaggregation: the decode worker prefills what the prefill worker cannot take in
+time) against colocated (2 workers, chunked prefill, same router), same workloads and seeds, in one
+invocation.
 
     python -m benchmarks.serve                       # two GPUs: Llama-3.1-8B shapes, dummy weights
     python -m benchmarks.serve --smoke               # CPU, tiny model: exercises every code path
@@ -281,14 +283,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--configs", default="1p1d,1p1d-overflow,colocated")
     parser.add_argument("--workloads", default="prefill-heavy,sharegpt,trace")
-    parser.add_argument("--rates-prefill-heavy", default="2,4,6,8,12")
-    parser.add_argument("--rates-sharegpt", default="4,8,16,24")
+    parser.add_argument("--rates-prefill-heavy", default="2,4,6,8,12,16")
+    parser.add_argument("--rates-sharegpt", default="4,8,16,32,48")
     parser.add_argument("--rates-decode-heavy", default="1,2,4,8")
-    parser.add_argument("--num-requests", type=int, default=40)
-    parser.add_argument("--max-output", type=int, default=512)
+    parser.add_argument("--num-requests", type=int, default=48)
+    parser.add_argument("--max-output", type=int, default=256)
     parser.add_argument("--burstiness", type=float, default=1.0)
     parser.add_argument("--ttft-slo", type=float, default=0.25)
-    parser.add_argument("--tpot-slos", default="0.025,0.015")
+    parser.add_argument("--tpot-slos", default="0.025,0.015,0.010")
     parser.add_argument("--trace-path", default=str(TRACE))
     parser.add_argument("--trace-start", type=int, default=0)
     parser.add_argument("--trace-requests", type=int, default=60)
@@ -306,7 +308,11 @@ def main() -> None:
         args.ttft_slo, args.tpot_slos = 1.0, "0.2,0.1"
     slos = [(args.ttft_slo, float(t)) for t in args.tpot_slos.split(",")]
     info = run_info()
-    capacity = asyncio.run(client_capacity(rate=5 * 24 * args.num_gpus, n=400 if not args.smoke else 100))
+    # the client must keep 5x the highest total rate of any point without falling behind
+    swept = [r for w in args.workloads if w in args.rates for r in args.rates[w]] or [1.0]
+    capacity_rate = 5 * max(swept) * args.num_gpus
+    capacity = asyncio.run(client_capacity(rate=capacity_rate, n=max(400, int(2 * capacity_rate)) if not args.smoke
+                                           else 100))
     print("client capacity:", capacity, flush=True)
     from benchmarks.engine import TINY
 
