@@ -5,12 +5,14 @@ the "decode" one allocates Llama-3.1-8B-shaped caches and exports them with CUDA
 one maps them, launches the block-copy kernel per layer (peer stores over NVLink) and times it against
 a plain contiguous cross-device copy of the same bytes. The decode side checks every byte landed.
 
-    python -m benchmarks.ipc_probe        # needs two GPUs
+    python -m benchmarks.ipc_probe        # needs two GPUs; writes benchmarks/results/ipc_probe-<device>.*
+
+``PROBE_OWN_ONLY=1`` runs both processes seeing only their own GPU (as under Ray); otherwise each sees
+both, its own first. The ceiling in the same run is a contiguous peer copy of the same bytes.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -57,9 +59,7 @@ def _prefill(conn: mp.connection.Connection, out: mp.connection.Connection) -> N
         t = torch.empty(0, dtype=torch.bfloat16, device="cuda:0")
         t.set_(storage, 0, (2, NUM_BLOCKS, BLOCK, HEADS, DIM))
         remote.append(t)
-    print("mapped", flush=True)
     torch.cuda.set_device(0)
-    print("peer access on", flush=True)
     src = [torch.randn(2, NUM_BLOCKS, BLOCK, HEADS, DIM, device="cuda:0").to(torch.bfloat16) for _ in range(LAYERS)]
     stream = torch.cuda.Stream(0)
     results = []
@@ -74,7 +74,6 @@ def _prefill(conn: mp.connection.Connection, out: mp.connection.Connection) -> N
             for layer in range(LAYERS):
                 copy_blocks(src[layer], remote[layer], src_ids, dst_ids)
             stream.synchronize()
-            print("first copy done", n, flush=True)
             times = []
             for _ in range(5):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -130,7 +129,19 @@ def main() -> int:
         print("probe failed: exit codes", prefill.exitcode, decode.exitcode)
         return 1
     results = out_r.recv()
-    print(json.dumps(results, indent=1))
+    from benchmarks.common import markdown_table, run_info, write_results
+
+    info = run_info()
+    visibility = "own GPU only" if os.environ.get("PROBE_OWN_ONLY") else "both GPUs"
+    md = "\n".join([
+        "# CUDA IPC block-copy probe", "", f"{info.get('device')} x{info.get('num_gpus')} · commit {info['commit']} · "
+        f"{info['date']} · each process sees {visibility}", "",
+        "Llama-3.1-8B-shaped blocks (16 tokens x 8 KV heads x 128, bf16), 32 layers, random block ids; "
+        "kernel = one block-copy launch per layer into the peer process's mapped cache; ceiling = "
+        "contiguous peer copy of the same bytes, same run.", "",
+        markdown_table(list(results[0]), [list(r.values()) for r in results])])
+    print(md)
+    write_results("ipc_probe", info, {"visibility": visibility, "rows": results}, md)
     return 0 if all(r["bytes_match"] for r in results) else 1
 
 
