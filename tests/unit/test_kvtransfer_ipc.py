@@ -1,10 +1,14 @@
 """The CUDA IPC transport's logic on CPU: one-sided writes, FINISH only after them, cancel, refusal.
 
-The mapping itself needs two GPUs (``tests/gpu/test_kvtransfer_ipc_gpu.py``); here the sender is given
+The mapping itself needs two GPUs (``tests/gpu/test_kvtransfer_gpu.py``); here the sender is given
 the receiver's own cache tensors in place of the mapped ones, over a real receiver and store.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -25,11 +29,23 @@ def _layout(caches: list[torch.Tensor]) -> KVLayoutInfo:
     return KVLayoutInfo.from_caches(caches, "tiny")
 
 
-def test_one_sided_writes_land_before_finish_and_only_in_the_transfers_blocks() -> None:
-    src, dst = _caches(), _caches(num_blocks=10, fill=False)
-    receiver, bootstrap = open_receiver(caches=dst, layout=_layout(dst), group_name="ipc-ok", accept_one_sided=True)
-    sender = open_ipc_sender(bootstrap, src, _layout(src), remote_caches=dst, name="p0")
+@contextlib.contextmanager
+def _pair(group: str, num_dst_blocks: int = 8) -> Iterator[tuple[Any, Any, list[torch.Tensor], list[torch.Tensor]]]:
+    """(receiver, IPC sender writing into the receiver's own caches, src caches, dst caches)."""
+    src, dst = _caches(), _caches(num_blocks=num_dst_blocks, fill=False)
+    receiver, bootstrap = open_receiver(caches=dst, layout=_layout(dst), group_name=group, accept_one_sided=True)
     try:
+        sender = open_ipc_sender(bootstrap, src, _layout(src), remote_caches=dst, name=group)
+        try:
+            yield receiver, sender, src, dst
+        finally:
+            sender.close()
+    finally:
+        receiver.close()
+
+
+def test_one_sided_writes_land_before_finish_and_only_in_the_transfers_blocks() -> None:
+    with _pair("ipc-ok", num_dst_blocks=10) as (receiver, sender, src, dst):
         dst_ids, src_ids = [9, 3, 5], [1, 2, 7]
         rh = receiver.expect(1, "r", dst_ids, 3, deadline_s=10.0)
         sh = sender.begin(1, "r", dst_ids, num_skip_blocks=1)
@@ -45,17 +61,10 @@ def test_one_sided_writes_land_before_finish_and_only_in_the_transfers_blocks() 
             assert not dst[layer][:, [9]].any()  # below num_skip_blocks: never written
             untouched = [b for b in range(10) if b not in (3, 5)]
             assert not dst[layer][:, untouched].any()
-    finally:
-        sender.close()
-        receiver.close()
 
 
 def test_cancel_reaches_the_receiver_and_stops_the_writes() -> None:
-    src, dst = _caches(), _caches(fill=False)
-    receiver, bootstrap = open_receiver(caches=dst, layout=_layout(dst), group_name="ipc-cancel",
-                                        accept_one_sided=True)
-    sender = open_ipc_sender(bootstrap, src, _layout(src), remote_caches=dst, name="p1")
-    try:
+    with _pair("ipc-cancel") as (receiver, sender, src, dst):
         rh = receiver.expect(2, "r", [0, 1], 3, deadline_s=10.0)
         sh = sender.begin(2, "r", [0, 1])
         sender.send_layer(sh, 0, src[0], [4, 5], (0, 2))
@@ -65,25 +74,16 @@ def test_cancel_reaches_the_receiver_and_stops_the_writes() -> None:
         assert receiver.wait(rh, 10.0) is TransferState.FAILED
         assert "cancelled" in (rh.error or "")
         assert not dst[1].any()
-    finally:
-        sender.close()
-        receiver.close()
 
 
 def test_close_fails_the_receivers_unfinished_transfers() -> None:
-    src, dst = _caches(), _caches(fill=False)
-    receiver, bootstrap = open_receiver(caches=dst, layout=_layout(dst), group_name="ipc-close",
-                                        accept_one_sided=True)
-    sender = open_ipc_sender(bootstrap, src, _layout(src), remote_caches=dst, name="p2")
-    try:
+    with _pair("ipc-close") as (receiver, sender, src, dst):
         rh = receiver.expect(3, "r", [0], 3, deadline_s=10.0)
         sh = sender.begin(3, "r", [0])
         sender.send_layer(sh, 0, src[0], [1], (0, 1))
         sender.close()
         assert sender.poll(sh) is TransferState.CANCELLED
         assert receiver.wait(rh, 10.0) is TransferState.FAILED
-    finally:
-        receiver.close()
 
 
 def test_a_receiver_that_takes_no_one_sided_senders_refuses_them() -> None:

@@ -2,7 +2,7 @@
 the sender in a spawned process) and the contract scenarios every transport must pass.
 
 Used by ``tests/unit/test_kvtransfer_contract.py`` (loopback, gloo, NCCL with 2 GPUs) and
-``tests/gpu/test_kvtransfer_nccl.py``; a new transport adds a :class:`Transport` and runs the same
+``tests/gpu/test_kvtransfer_gpu.py``; a new transport adds a :class:`Transport` and runs the same
 scenarios. Importing it starts nothing.
 """
 
