@@ -35,7 +35,7 @@ from pdserve.worker.role import Role, WorkerContext
 
 logger = logging.getLogger(__name__)
 #: How long a failed or aborted transfer waits for the prefill worker to confirm it stopped writing.
-CANCEL_ACK_TIMEOUT_S = 5.0
+CANCEL_ACK_TIMEOUT_S = 2.0
 _WAIT_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="kv-landing-wait")
 
 
