@@ -79,7 +79,7 @@ class ClusterConfig:
     prefill: PoolConfig = field(default_factory=PoolConfig)
     decode: PoolConfig = field(default_factory=PoolConfig)
     colocated: PoolConfig | None = None
-    router: RouterConfig = field(default_factory=lambda: RouterConfig(port=50051))
+    router: RouterConfig = field(default_factory=lambda: RouterConfig(port=50051, http_port=8000))
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     pack_pairs: bool = False  # place prefill/decode workers pairwise on one node (Ray placement group)
 

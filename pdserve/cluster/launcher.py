@@ -51,6 +51,7 @@ class Cluster:
         self._loop_thread: threading.Thread | None = None
         self.router: Router | None = None
         self.router_address = ""
+        self.http_url = ""  # the OpenAI-compatible HTTP API, when router.http_port is set
         self._stopped = False
 
     def __enter__(self) -> Cluster:
@@ -129,6 +130,8 @@ class Cluster:
         port = asyncio.run_coroutine_threadsafe(self.router.start(), self._loop).result(120)
         host = cfg.router.host if cfg.router.host not in ("0.0.0.0", "::") else "127.0.0.1"
         self.router_address = format_address(host, port)
+        http_port = self.router.http_port
+        self.http_url = f"http://{format_address(host, http_port)}" if http_port is not None else ""
 
     # ---- inspection ----------------------------------------------------------------------------
 

@@ -17,6 +17,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--config", type=Path, help="cluster YAML (default: tiny-random, 1 prefill + 1 decode, CPU)")
     serve.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance)")
     serve.add_argument("--port", type=int, help="router gRPC port (overrides router.grpc_port; 0 = any free port)")
+    serve.add_argument("--http-port", type=int,
+                       help="OpenAI-compatible HTTP API port (overrides router.http_port; 0 = any free port, "
+                            "-1 = no HTTP API)")
     serve.add_argument("--demo", action="store_true", help="send a few requests, print them, then stop")
 
 
@@ -31,6 +34,10 @@ def run_serve(args: argparse.Namespace) -> int:
         if not 0 <= args.port <= 65535:
             raise ConfigError("--port", f"must be in [0, 65535], got {args.port}")
         config = replace(config, router=replace(config.router, port=args.port))
+    if args.http_port is not None:
+        if not -1 <= args.http_port <= 65535:
+            raise ConfigError("--http-port", f"must be in [0, 65535] or -1 (off), got {args.http_port}")
+        config = replace(config, router=replace(config.router, http_port=None if args.http_port < 0 else args.http_port))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -38,7 +45,8 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"pdserve: starting {config.mode} cluster of {config.model!r} ({pools}) ...", file=sys.stderr, flush=True)
     with Cluster(config, address=args.address, log_level=args.log_level.upper()) as cluster:
         address = cluster.router_address
-        print(f"pdserve: serving on {address} (gRPC); workers: "
+        http = f", {cluster.http_url}/v1 (OpenAI HTTP)" if cluster.http_url else ""
+        print(f"pdserve: serving on {address} (gRPC){http}; workers: "
               + ", ".join(f"{w.worker_id}@{w.address}" for w in cluster.workers), flush=True)
         if args.demo:
             return _demo(address)

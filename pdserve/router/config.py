@@ -59,6 +59,8 @@ class RouterConfig:
 
     * ``host``/``port``: where the ``PdServe`` gRPC service listens (``port=0``: any free port; the
       bound one is returned by :meth:`Router.start`).
+    * ``http_port``: where the OpenAI-compatible HTTP API listens, on the same host (``0``: any free
+      port, see :attr:`Router.http_port`; ``None``: no HTTP API).
     * ``request_timeout_s``: a request that receives nothing (no token, no error) for this long is
       aborted at its worker and fails with DEADLINE_EXCEEDED. It is an idle timeout, not a total one.
     * ``max_retries_before_first_token``: how many *other* workers a request may be re-submitted to when
@@ -80,6 +82,7 @@ class RouterConfig:
 
     host: str = "0.0.0.0"
     port: int = 0
+    http_port: int | None = None
     request_timeout_s: float = 60.0
     max_retries_before_first_token: int = 2
     max_inflight_requests: int = 4096
@@ -104,6 +107,8 @@ class RouterConfig:
         if not isinstance(self.host, str) or not self.host:
             raise InvalidParameterError("host", "must be a non-empty string")
         require_int("port", self.port, minimum=0, maximum=65535)
+        if self.http_port is not None:
+            require_int("http_port", self.http_port, minimum=0, maximum=65535)
         require_int("max_retries_before_first_token", self.max_retries_before_first_token, minimum=0)
         require_int("max_inflight_requests", self.max_inflight_requests, minimum=1)
         require_int("min_remote_prefill_tokens", self.min_remote_prefill_tokens, minimum=0)

@@ -27,6 +27,7 @@ from pdserve.router.config import RouterConfig, ServingMode, WorkerEndpoint, Wor
 from pdserve.router.decode_policy import DecodePolicy, DecodePolicyConfig, LeastLoadedDecodePolicy
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.inflight import InFlightTable
+from pdserve.router.openai_http import OpenAIFront
 from pdserve.router.prefill_policy import LeastQueuedPrefillPolicy, PrefillPolicy
 from pdserve.router.registry import WorkerRegistry
 from pdserve.router.servicer import PdServeServicer
@@ -65,6 +66,7 @@ class Router:
         self._streams: dict[str, UpdatesStream] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._server: RunningServer | None = None
+        self._http: OpenAIFront | None = None
         self._serving: bool | None = None
 
     @property
@@ -72,6 +74,15 @@ class Router:
         if self._server is None:
             raise RuntimeError("the router is not started")
         return self._server.port
+
+    @property
+    def http_port(self) -> int | None:
+        """The OpenAI HTTP API's bound port (``None`` when ``config.http_port`` is ``None``)."""
+        return self._http.port if self._http is not None else None
+
+    def _max_model_len(self) -> int:
+        info = self.registry.model_info()
+        return int(info.max_model_len) if info is not None else 0
 
     async def start(self) -> int:
         """Connect to the workers and serve; returns the bound port. Raises OSError if it cannot bind."""
@@ -91,7 +102,14 @@ class Router:
                 self.config.host, self.config.port, service_names=[PDSERVE_SERVICE])
             await self._update_health()
             self._tasks.append(asyncio.create_task(self._watch_health(), name="router-health"))
+            if self.config.http_port is not None:
+                self._http = OpenAIFront(servicer, self.model, max_model_len=self._max_model_len,
+                                         serving=lambda: bool(self._serving))
+                await self._http.start(self.config.host, self.config.http_port)
         except BaseException:
+            if self._server is not None:
+                await self._server.stop(0)
+                self._server = None
             await self._shutdown_background()
             raise
         for state in self.registry.all():
@@ -107,6 +125,9 @@ class Router:
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop serving: calls still running after ``grace`` s are cancelled (and aborted at their
         workers); then the streams and channels close. Safe to call twice."""
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

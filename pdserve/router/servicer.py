@@ -42,7 +42,7 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
     async def Generate(self, request: pdserve_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> None:
         try:
-            session = self._open_session(request)
+            session = self.open_session(request)
             await session.run(context.write)
         except grpc.aio.AbortError:
             raise
@@ -52,7 +52,7 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
     async def GenerateUnary(self, request: pdserve_pb2.GenerateRequest,
                             context: grpc.aio.ServicerContext) -> pdserve_pb2.GenerateResponse:
         try:
-            session = self._open_session(request)
+            session = self.open_session(request)
             return await session.run()
         except grpc.aio.AbortError:
             raise
@@ -72,8 +72,9 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
         return cluster_status_to_proto(ClusterStatus(mode=self._mode.value, model=self._model, workers=workers,
                                                      requests_in_flight=len(self._table)))
 
-    def _open_session(self, request: pdserve_pb2.GenerateRequest) -> RequestSession:
-        """Validate and admit ``request``; raises InvalidParameterError or RouteError."""
+    def open_session(self, request: pdserve_pb2.GenerateRequest) -> RequestSession:
+        """Validate and admit ``request``; raises InvalidParameterError or RouteError. The HTTP front
+        uses it too, so both APIs share validation, admission and the session."""
         params = request.params if request.HasField("params") else None
         sampling_params_from_proto(params)  # validation only; the worker receives the message as sent
         if request.model and request.model != self._model:

@@ -1,10 +1,13 @@
 """``pdserve serve`` as a newcomer runs it: it starts its own local Ray, serves the built-in tiny model,
-answers ``pdserve generate --target``, and on Ctrl-C stops leaving no stray Ray processes behind."""
+answers ``pdserve generate --target`` and OpenAI-style HTTP completions (whose greedy tokens equal
+the offline engine's), and on Ctrl-C stops leaving no stray Ray processes behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import urllib.request
 import signal
 import subprocess
 import sys
@@ -25,28 +28,42 @@ def _ray_processes() -> int:
     return count
 
 
+def _offline_text(prompt: str, max_tokens: int) -> str:
+    from pdserve import LLM, SamplingParams
+
+    llm = LLM(model="tiny-random")
+    return llm.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0))[0].text
+
+
 def test_serve_then_ctrl_c_shuts_down_cleanly() -> None:
     before = _ray_processes()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1",
                                                                          "RAY_AUTH_MODE": "disabled"}
-    server = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--port", "0"], stdout=subprocess.PIPE,
+    server = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--port", "0", "--http-port", "0"],
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        address, lines = None, []
+        address, http, lines = None, None, []
         deadline = time.monotonic() + 120
         while address is None and time.monotonic() < deadline:
             line = server.stdout.readline()
             if not line and server.poll() is not None:
                 break
             lines.append(line)
-            match = re.search(r"serving on (\S+) \(gRPC\)", line)
+            match = re.search(r"serving on (\S+) \(gRPC\), (\S+) \(OpenAI HTTP\)", line)
             if match:
-                address = match.group(1)
+                address, http = match.group(1), match.group(2)
         assert address, "".join(lines)
         assert _ray_processes() > before
         done = subprocess.run([sys.executable, "-m", "pdserve", "generate", "--target", address, "--max-tokens", "6",
                                "Hello"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
+        body = json.dumps({"model": "tiny-random", "prompt": "Hello", "max_tokens": 6, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{http}/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        assert answer["usage"]["completion_tokens"] == 6
+        assert answer["choices"][0]["text"] == _offline_text("Hello", 6)
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=90) == 0
     finally:

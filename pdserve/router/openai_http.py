@@ -1,0 +1,167 @@
+"""The router's OpenAI-compatible HTTP front: ``GET /v1/models``, ``POST /v1/completions`` (whole
+answers and server-sent-event streams) and ``GET /health``, on aiohttp, in the router's event loop.
+
+Each completion goes through exactly the path of a gRPC ``Generate`` call: the body becomes a
+``GenerateRequest`` (:mod:`pdserve.router.openai_schema`), :meth:`PdServeServicer.open_session`
+validates and admits it, and the :class:`RequestSession` streams its responses, which become
+``text_completion`` JSON objects. So routing, retries, deadlines and aborts are the gRPC API's.
+
+Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``) with the HTTP status the
+ecosystem uses: 400 for a bad field (``param`` names it), 404 for another model, 429 when the router
+is full, 503 without a usable worker, 504 on a timeout, 500 otherwise. An error after a stream started
+is sent as one ``data: {"error": ...}`` event before ``data: [DONE]``. A client that disconnects
+cancels its handler (``handler_cancellation``), which aborts the request at its workers.
+
+Lifecycle: built by :class:`~pdserve.router.router.Router` when ``RouterConfig.http_port`` is set;
+``await start(host, port)`` returns the bound port; ``await stop()`` closes the listener and
+cancels the requests in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from pdserve.common.errors import InvalidParameterError
+from pdserve.router.openai_schema import (
+    completion_json,
+    completion_request,
+    error_json,
+    models_json,
+    usage_chunk,
+)
+from pdserve.router.servicer import PdServeServicer
+from pdserve.rpc.status import details_for, status_for
+from pdserve.v1 import pdserve_pb2
+
+logger = logging.getLogger(__name__)
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.UNIMPLEMENTED: 501,
+}
+_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+class OpenAIFront:
+    def __init__(self, servicer: PdServeServicer, model: str, *, max_model_len: Callable[[], int],
+                 serving: Callable[[], bool]) -> None:
+        self._servicer = servicer
+        self._model = model
+        self._max_model_len = max_model_len
+        self._serving = serving
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.add_routes([web.get("/v1/models", self._models), web.post("/v1/completions", self._completions),
+                        web.get("/health", self._health)])
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (0: any free port); returns the bound port. OSError if taken."""
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_port=False)
+        try:
+            await site.start()
+        except BaseException:
+            await self.stop()
+            raise
+        sockets = [s for s in getattr(site._server, "sockets", None) or []]  # noqa: SLF001 - the bound port
+        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        return self.port
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # -- handlers --------------------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        ok = self._serving()
+        return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response(models_json(self._model, self._max_model_len()))
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return _error(400, f"the request body is not valid JSON: {exc}", param="body")
+        created = int(time.time())
+        try:
+            generate, stream, include_usage = completion_request(body, self._model)
+            session = self._servicer.open_session(generate)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error
+            return _error_for(exc)
+        if not stream:
+            try:
+                answer = await session.run()
+            except Exception as exc:  # noqa: BLE001
+                return _error_for(exc)
+            return web.json_response(completion_json(answer, self._model, created, chunk=False))
+        return await self._stream(request, session, created, include_usage)
+
+    async def _stream(self, request: web.Request, session: Any, created: int,
+                      include_usage: bool) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        text_offset = 0
+        last: pdserve_pb2.GenerateResponse | None = None
+
+        async def emit(piece: pdserve_pb2.GenerateResponse) -> None:
+            nonlocal text_offset, last
+            await _event(response, completion_json(piece, self._model, created, chunk=True, text_offset=text_offset))
+            text_offset += len(piece.text)
+            last = piece
+
+        try:
+            await session.run(emit)
+            if include_usage and last is not None:
+                await _event(response, usage_chunk(last.request_id, last.usage, self._model, created))
+        except ConnectionResetError:
+            raise  # the client left: nothing to tell it
+        except Exception as exc:  # noqa: BLE001 - reported in the stream, whose status is already 200
+            status, message = _status_and_message(exc)
+            await _event(response, error_json(message, _ERROR_TYPES.get(status, "server_error"), code=str(status)))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+async def _event(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
+
+
+def _status_and_message(exc: BaseException) -> tuple[int, str]:
+    code = status_for(exc)
+    status = HTTP_STATUS.get(code, 500)
+    if status == 500:
+        logger.exception("HTTP completion failed", exc_info=exc)
+    return status, details_for(exc)
+
+
+def _error_for(exc: BaseException) -> web.Response:
+    if isinstance(exc, InvalidParameterError):
+        if exc.field == "model":
+            return _error(404, exc.message, param="model", code="model_not_found")
+        return _error(400, f"{exc.field}: {exc.message}", param=exc.field)
+    status, message = _status_and_message(exc)
+    return _error(status, message)
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
+    return web.json_response(error_json(message, _ERROR_TYPES.get(status, "server_error"), param, code),
+                             status=status)

@@ -1,0 +1,115 @@
+"""The router's OpenAI-compatible HTTP API over fake workers: real aiohttp server and client, real gRPC
+to the workers. Answers equal what the fake workers generate; every bad input gets an OpenAI-shaped
+error with the HTTP status the ecosystem uses and the field named."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.unit.test_router_fakes import MODEL, FakeWorker, cluster, expected_tokens, run, token_text, wait_until
+
+
+def _text(prompt: Any, max_tokens: int) -> str:
+    return "".join(token_text(t) for t in expected_tokens(prompt, max_tokens))
+
+
+async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[Any]:
+    """The JSON payloads of a server-sent-event stream, then the string ``"[DONE]"``."""
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        data = line.removeprefix("data: ")
+        yield data if data == "[DONE]" else json.loads(data)
+
+
+def _http(router: Any) -> str:
+    return f"http://127.0.0.1:{router.http_port}"
+
+
+def test_models_completion_and_stream() -> None:
+    async def scenario() -> None:
+        worker = FakeWorker("c0", "colocated")
+        async with cluster([worker], http_port=0) as (router, _), aiohttp.ClientSession(_http(router)) as http:
+            async with http.get("/v1/models") as r:
+                assert r.status == 200
+                models = await r.json()
+            assert [m["id"] for m in models["data"]] == [MODEL] and models["object"] == "list"
+
+            async with http.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 5,
+                                                          "temperature": 0}) as r:
+                assert r.status == 200, await r.text()
+                body = await r.json()
+            assert body["object"] == "text_completion" and body["model"] == MODEL
+            assert body["choices"][0]["text"] == _text("hello", 5)
+            assert body["choices"][0]["finish_reason"] == "length"
+            assert body["usage"]["completion_tokens"] == 5
+            assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
+
+            ids = [3, 4, 5]
+            async with http.post("/v1/completions", json={"prompt": ids, "max_tokens": 6, "stream": True,
+                                                          "stream_options": {"include_usage": True}}) as r:
+                assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+                events = [e async for e in _events(r)]
+            assert events[-1] == "[DONE]"
+            chunks, usage = events[:-2], events[-2]
+            assert "".join(c["choices"][0]["text"] for c in chunks) == _text(ids, 6)
+            assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+            assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+            assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 6
+            assert len({c["id"] for c in chunks + [usage]}) == 1
+
+            async with http.get("/health") as r:
+                assert r.status == 200
+    run(scenario)
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"prompt": "x", "max_tokens": "8"}, 400, "max_tokens"),
+    ({"prompt": "x", "temperature": -1.0}, 400, "temperature"),
+    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "max_token": 8}, 400, "max_token"),
+    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": "x", "stop": [1]}, 400, "stop"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"prompt": "x", "model": "other"}, 404, "model"),
+    ([1, 2], 400, "body"),
+])
+def test_bad_requests_name_the_field(body: Any, status: int, param: str) -> None:
+    async def scenario() -> None:
+        worker = FakeWorker("c0", "colocated")
+        async with cluster([worker], http_port=0) as (router, _), aiohttp.ClientSession(_http(router)) as http:
+            async with http.post("/v1/completions", json=body) as r:
+                assert r.status == status, await r.text()
+                error = (await r.json())["error"]
+            assert error["param"] == param
+            assert error["message"]
+            assert not worker.submitted, "nothing may reach a worker"
+    run(scenario)
+
+
+def test_invalid_json_full_router_and_client_disconnect() -> None:
+    async def scenario() -> None:
+        worker = FakeWorker("c0", "colocated", silent=True)
+        async with cluster([worker], http_port=0, max_inflight_requests=1) as (router, _), \
+                aiohttp.ClientSession(_http(router)) as http:
+            async with http.post("/v1/completions", data=b"{not json") as r:
+                assert r.status == 400 and (await r.json())["error"]["param"] == "body"
+            held = await http.post("/v1/completions", json={"prompt": "x", "stream": True})
+            await wait_until(lambda: len(worker.submitted) == 1, what="the first request to reach the worker")
+            async with http.post("/v1/completions", json={"prompt": "y"}) as r:
+                assert r.status == 429
+                assert "max_inflight_requests" in (await r.json())["error"]["message"]
+            held.close()  # the client goes away mid-stream: the router aborts the request at its worker
+            await wait_until(lambda: worker.submitted[0].request_id in worker.aborted, timeout=5.0,
+                             what="the abort of the abandoned stream")
+            await wait_until(lambda: len(router.table) == 0, what="the request to leave the table")
+    run(scenario)
