@@ -78,11 +78,17 @@ class DecodeRole(Role):
             await abort_with(context, exc)
         ids = list(request.prompt_token_ids.ids) or None
         text = None if ids else request.prompt_text
+        chat = ([{"role": m.role, "content": m.content} for m in request.chat.messages]
+                if request.HasField("chat") else None)
         remote = bool(request.prefill_address)
         rid = request.request_id
 
         def admit(engine: LLMEngine) -> None:
-            engine.add_request(rid, prompt=text, prompt_token_ids=ids, params=params, remote_prefill=remote)
+            prompt_ids = ids
+            if chat is not None:  # rendered and tokenized here: the tokenizer lives with the engine
+                prompt_ids = engine.tokenizer.encode_chat(chat, request.chat.add_generation_prompt)
+            engine.add_request(rid, prompt=None if chat is not None else text, prompt_token_ids=prompt_ids,
+                               params=params, remote_prefill=remote)
 
         try:
             if remote:

@@ -1,10 +1,12 @@
-"""The router's OpenAI-compatible HTTP front: ``GET /v1/models``, ``POST /v1/completions`` (whole
-answers and server-sent-event streams) and ``GET /health``, on aiohttp, in the router's event loop.
+"""The router's OpenAI-compatible HTTP front: ``GET /v1/models``, ``POST /v1/completions`` and
+``POST /v1/chat/completions`` (whole answers and server-sent-event streams) and ``GET /health``, on
+aiohttp, in the router's event loop.
 
-Each completion goes through exactly the path of a gRPC ``Generate`` call: the body becomes a
+Each call goes through exactly the path of a gRPC ``Generate`` call: the body becomes a
 ``GenerateRequest`` (:mod:`pdserve.router.openai_schema`), :meth:`PdServeServicer.open_session`
-validates and admits it, and the :class:`RequestSession` streams its responses, which become
-``text_completion`` JSON objects. So routing, retries, deadlines and aborts are the gRPC API's.
+validates and admits it, and the :class:`RequestSession` streams its responses, which become OpenAI
+JSON (:mod:`pdserve.router.openai_responses`). So routing, retries, deadlines and aborts are the gRPC
+API's; a chat is rendered with the model's chat template by the worker that serves it.
 
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``) with the HTTP status the
 ecosystem uses: 400 for a bad field (``param`` names it), 404 for another model, 429 when the router
@@ -23,19 +25,23 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from aiohttp import web
 
 from pdserve.common.errors import InvalidParameterError
-from pdserve.router.openai_schema import (
+from pdserve.router.openai_responses import (
+    chat_chunk,
+    chat_json,
+    chat_usage_chunk,
     completion_json,
-    completion_request,
     error_json,
     models_json,
     usage_chunk,
 )
+from pdserve.router.openai_schema import chat_request, completion_request
 from pdserve.router.servicer import PdServeServicer
 from pdserve.rpc.status import details_for, status_for
 from pdserve.v1 import pdserve_pb2
@@ -64,7 +70,7 @@ class OpenAIFront:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.add_routes([web.get("/v1/models", self._models), web.post("/v1/completions", self._completions),
-                        web.get("/health", self._health)])
+                        web.post("/v1/chat/completions", self._chat), web.get("/health", self._health)])
         return app
 
     async def start(self, host: str, port: int) -> int:
@@ -96,13 +102,19 @@ class OpenAIFront:
         return web.json_response(models_json(self._model, self._max_model_len()))
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, _COMPLETION)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, _CHAT)
+
+    async def _serve(self, request: web.Request, api: _Api) -> web.StreamResponse:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return _error(400, f"the request body is not valid JSON: {exc}", param="body")
         created = int(time.time())
         try:
-            generate, stream, include_usage = completion_request(body, self._model)
+            generate, stream, include_usage = api.parse(body, self._model, self._max_model_len())
             session = self._servicer.open_session(generate)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error
             return _error_for(exc)
@@ -111,10 +123,10 @@ class OpenAIFront:
                 answer = await session.run()
             except Exception as exc:  # noqa: BLE001
                 return _error_for(exc)
-            return web.json_response(completion_json(answer, self._model, created, chunk=False))
-        return await self._stream(request, session, created, include_usage)
+            return web.json_response(api.answer(answer, self._model, created))
+        return await self._stream(request, session, api, created, include_usage)
 
-    async def _stream(self, request: web.Request, session: Any, created: int,
+    async def _stream(self, request: web.Request, session: Any, api: _Api, created: int,
                       include_usage: bool) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
@@ -123,14 +135,14 @@ class OpenAIFront:
 
         async def emit(piece: pdserve_pb2.GenerateResponse) -> None:
             nonlocal text_offset, last
-            await _event(response, completion_json(piece, self._model, created, chunk=True, text_offset=text_offset))
+            await _event(response, api.chunk(piece, self._model, created, last is None, text_offset))
             text_offset += len(piece.text)
             last = piece
 
         try:
             await session.run(emit)
             if include_usage and last is not None:
-                await _event(response, usage_chunk(last.request_id, last.usage, self._model, created))
+                await _event(response, api.usage(last.request_id, last.usage, self._model, created))
         except ConnectionResetError:
             raise  # the client left: nothing to tell it
         except Exception as exc:  # noqa: BLE001 - reported in the stream, whose status is already 200
@@ -139,6 +151,28 @@ class OpenAIFront:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+@dataclass(frozen=True)
+class _Api:
+    """How one endpoint parses its body and shapes its answers."""
+
+    parse: Callable[[Any, str, int], tuple[pdserve_pb2.GenerateRequest, bool, bool]]
+    answer: Callable[[pdserve_pb2.GenerateResponse, str, int], dict[str, Any]]
+    chunk: Callable[[pdserve_pb2.GenerateResponse, str, int, bool, int], dict[str, Any]]
+    usage: Callable[[str, Any, str, int], dict[str, Any]]
+
+
+_COMPLETION = _Api(
+    parse=lambda body, model, max_model_len: completion_request(body, model),
+    answer=lambda r, model, created: completion_json(r, model, created, chunk=False),
+    chunk=lambda r, model, created, first, offset: completion_json(r, model, created, chunk=True, text_offset=offset),
+    usage=usage_chunk)
+_CHAT = _Api(
+    parse=chat_request,
+    answer=chat_json,
+    chunk=lambda r, model, created, first, offset: chat_chunk(r, model, created, first),
+    usage=chat_usage_chunk)
 
 
 async def _event(response: web.StreamResponse, payload: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""OpenAI request bodies -> the router's ``GenerateRequest``, and its responses -> OpenAI JSON.
+"""OpenAI request bodies (``/v1/completions``, ``/v1/chat/completions``) -> the router's ``GenerateRequest``.
 
 Only what this module can honour is accepted: a body with an unknown field, or a known one pdserve
 does not implement (``n`` > 1, ``echo``, ``logit_bias``, ``suffix``, ...), is refused with
@@ -7,18 +7,19 @@ where they are for every client (``SamplingParams`` validation, behind ``PdServe
 this module checks JSON types, so ``"max_tokens": "8"`` gets a type error naming ``max_tokens``.
 
 Extensions accepted as vLLM accepts them: ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
-``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``, and a
-prompt given as token ids.
+``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``, a
+completion prompt given as token ids, and ``add_generation_prompt`` for chat. A chat message's
+``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts (joined); the serving
+worker renders the conversation with the model's chat template.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from pdserve.common.errors import InvalidParameterError
-from pdserve.v1 import common_pb2, pdserve_pb2
+from pdserve.v1 import pdserve_pb2
 
 _FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
 _INTS = ("max_tokens", "min_tokens", "top_k", "seed")
@@ -27,23 +28,65 @@ _BOOLS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
 _OTHER = ("user", "stream", "stream_options")
 #: Fields of the OpenAI API pdserve does not implement: refused when set to anything but their default.
 _UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logit_bias": None, "suffix": None}
-COMPLETION_FIELDS = frozenset(("model", "prompt", "logprobs", "stop", "stop_token_ids", *_FLOATS, *_INTS, *_BOOLS,
-                               *_OTHER, *_UNSUPPORTED))
-
-FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
-                  common_pb2.FINISH_REASON_ABORT: "abort"}
+_SAMPLING = ("stop", "stop_token_ids", *_FLOATS, *_INTS, *_BOOLS)
+COMPLETION_FIELDS = frozenset(("model", "prompt", "logprobs", *_SAMPLING, *_OTHER, *_UNSUPPORTED))
+_CHAT_UNSUPPORTED = {"n": 1, "logit_bias": None, "tools": None, "tool_choice": None, "functions": None,
+                     "function_call": None, "audio": None, "modalities": None, "prediction": None}
+CHAT_FIELDS = frozenset(("model", "messages", "logprobs", "top_logprobs", "max_completion_tokens",
+                         "add_generation_prompt", "response_format", "parallel_tool_calls", *_SAMPLING, *_OTHER,
+                         *_CHAT_UNSUPPORTED))
 
 
 def completion_request(body: Any, model: str) -> tuple[pdserve_pb2.GenerateRequest, bool, bool]:
     """``(GenerateRequest, stream, include_usage)`` for a ``/v1/completions`` body; raises
     :class:`InvalidParameterError` naming the offending field."""
+    request = _base_request(body, model, COMPLETION_FIELDS, _UNSUPPORTED)
+    _set_prompt(request, body.get("prompt"))
+    if body.get("logprobs") is not None:
+        request.params.logprobs = _integer(body["logprobs"], "logprobs")
+    return (request, *_framing(body))
+
+
+def chat_request(body: Any, model: str, max_model_len: int = 0) -> tuple[pdserve_pb2.GenerateRequest, bool, bool]:
+    """``(GenerateRequest, stream, include_usage)`` for a ``/v1/chat/completions`` body. Without
+    ``max_tokens``/``max_completion_tokens`` a chat may fill the context: ``max_model_len`` (when known)."""
+    request = _base_request(body, model, CHAT_FIELDS, _CHAT_UNSUPPORTED)
+    format_type = (body.get("response_format") or {"type": "text"})
+    if not isinstance(format_type, Mapping) or format_type.get("type") != "text":
+        raise InvalidParameterError("response_format", "only {\"type\": \"text\"} is supported")
+    if body.get("max_completion_tokens") is not None:
+        if body.get("max_tokens") is not None:
+            raise InvalidParameterError("max_completion_tokens", "give max_tokens or max_completion_tokens, not both")
+        request.params.max_tokens = _integer(body["max_completion_tokens"], "max_completion_tokens")
+    elif body.get("max_tokens") is None and max_model_len > 0:
+        request.params.max_tokens = max_model_len  # the engine stops at the context's end first
+    if _flag(body, "logprobs", False):
+        top = body.get("top_logprobs")
+        request.params.logprobs = 0 if top is None else _integer(top, "top_logprobs")
+    elif body.get("top_logprobs") is not None:
+        raise InvalidParameterError("top_logprobs", "needs logprobs=true")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidParameterError("messages", "must be a non-empty list of {role, content} objects")
+    chat = request.chat
+    chat.add_generation_prompt = _flag(body, "add_generation_prompt", True)
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise InvalidParameterError(f"messages[{i}]", "must be an object with a string role")
+        chat.messages.add(role=message["role"], content=_content(message.get("content"), i))
+    return (request, *_framing(body))
+
+
+def _base_request(body: Any, model: str, accepted: frozenset[str],
+                  unsupported: Mapping[str, Any]) -> pdserve_pb2.GenerateRequest:
+    """The fields both endpoints share: field checks, model, sampling parameters."""
     if not isinstance(body, Mapping):
         raise InvalidParameterError("body", "the request body must be a JSON object")
-    unknown = sorted(set(body) - COMPLETION_FIELDS)
+    unknown = sorted(set(body) - accepted)
     if unknown:
-        raise InvalidParameterError(unknown[0], f"unknown field {unknown[0]!r} (pdserve accepts "
-                                                f"{', '.join(sorted(COMPLETION_FIELDS))})")
-    for name, default in _UNSUPPORTED.items():
+        raise InvalidParameterError(unknown[0], f"unknown field {unknown[0]!r} (this endpoint accepts "
+                                                f"{', '.join(sorted(accepted))})")
+    for name, default in unsupported.items():
         value = body.get(name, default)
         if value is not None and value != default:
             raise InvalidParameterError(name, f"{name}={value!r} is not supported (only {default!r})")
@@ -53,7 +96,6 @@ def completion_request(body: Any, model: str) -> tuple[pdserve_pb2.GenerateReque
         if not isinstance(requested_model, str):
             raise InvalidParameterError("model", "must be a string")
         request.model = requested_model or model
-    _set_prompt(request, body.get("prompt"))
     params = request.params
     for name in _FLOATS:
         if body.get(name) is not None:
@@ -63,11 +105,7 @@ def completion_request(body: Any, model: str) -> tuple[pdserve_pb2.GenerateReque
             setattr(params, name, _integer(body[name], name))
     for name in _BOOLS:
         if body.get(name) is not None:
-            if not isinstance(body[name], bool):
-                raise InvalidParameterError(name, f"must be true or false, got {body[name]!r}")
-            setattr(params, name, body[name])
-    if body.get("logprobs") is not None:
-        params.logprobs = _integer(body["logprobs"], "logprobs")
+            setattr(params, name, _flag(body, name, False))
     stop = body.get("stop")
     if stop is not None:
         stops = [stop] if isinstance(stop, str) else stop
@@ -79,15 +117,39 @@ def completion_request(body: Any, model: str) -> tuple[pdserve_pb2.GenerateReque
         if not isinstance(ids, list):
             raise InvalidParameterError("stop_token_ids", "must be a list of token ids")
         params.stop_token_ids.extend(_integer(i, "stop_token_ids") for i in ids)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidParameterError("stream", f"must be true or false, got {stream!r}")
+    return request
+
+
+def _framing(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """``(stream, include_usage)``."""
+    stream = _flag(body, "stream", False)
     options = body.get("stream_options") or {}
     if not isinstance(options, Mapping) or set(options) - {"include_usage", "continuous_usage_stats"}:
         raise InvalidParameterError("stream_options", "accepts {\"include_usage\": bool} only")
     if options and not stream:
         raise InvalidParameterError("stream_options", "is only allowed with stream=true")
-    return request, stream, bool(options.get("include_usage", False))
+    return stream, bool(options.get("include_usage", False))
+
+
+def _content(content: Any, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise InvalidParameterError(f"messages[{index}].content", "must be a string or a list of text parts "
+                                                              "(images and audio are not supported)")
+
+
+def _flag(body: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidParameterError(name, f"must be true or false, got {value!r}")
+    return value
 
 
 def _set_prompt(request: pdserve_pb2.GenerateRequest, prompt: Any) -> None:
@@ -113,67 +175,3 @@ def _integer(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidParameterError(name, f"must be an integer, got {value!r}")
     return value
-
-
-# -- responses -------------------------------------------------------------------------------------------
-
-def completion_id(request_id: str) -> str:
-    return f"cmpl-{request_id}"
-
-
-def completion_logprobs(response: pdserve_pb2.GenerateResponse, text_offset: int) -> dict[str, Any] | None:
-    """OpenAI's legacy ``logprobs`` object for the tokens of ``response`` (``None`` without logprobs)."""
-    if not response.logprobs:
-        return None
-    tokens, token_logprobs, top, offsets = [], [], [], []
-    offset = text_offset
-    for token_id, position in zip(response.token_ids, response.logprobs, strict=False):
-        entries = {e.token_id: e for e in position.entries}
-        chosen = entries.get(token_id)
-        text = chosen.decoded_token if chosen is not None else ""
-        tokens.append(text)
-        token_logprobs.append(chosen.logprob if chosen is not None else None)
-        top.append({e.decoded_token: e.logprob for e in position.entries})
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
-
-
-def usage_json(usage: common_pb2.Usage) -> dict[str, Any]:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens}}
-
-
-def completion_json(response: pdserve_pb2.GenerateResponse, model: str, created: int, *, chunk: bool,
-                    text_offset: int = 0) -> dict[str, Any]:
-    """One ``text_completion`` object: a whole answer, or (``chunk``) one streamed piece."""
-    finish = FINISH_REASONS.get(response.finish_reason) if response.finish_reason else None
-    choice = {"index": 0, "text": response.text, "logprobs": completion_logprobs(response, text_offset),
-              "finish_reason": finish}
-    if response.WhichOneof("stop_reason") is not None:
-        choice["stop_reason"] = getattr(response, response.WhichOneof("stop_reason"))
-    body: dict[str, Any] = {"id": completion_id(response.request_id), "object": "text_completion",
-                            "created": created, "model": model, "choices": [choice]}
-    if not chunk:
-        body["usage"] = usage_json(response.usage)
-    return body
-
-
-def usage_chunk(request_id: str, usage: common_pb2.Usage, model: str, created: int) -> dict[str, Any]:
-    """The last streamed chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
-    return {"id": completion_id(request_id), "object": "text_completion", "created": created, "model": model,
-            "choices": [], "usage": usage_json(usage)}
-
-
-def models_json(model: str, max_model_len: int, created: int | None = None) -> dict[str, Any]:
-    card: dict[str, Any] = {"id": model, "object": "model", "created": created or int(time.time()),
-                            "owned_by": "pdserve"}
-    if max_model_len:
-        card["max_model_len"] = max_model_len
-    return {"object": "list", "data": [card]}
-
-
-def error_json(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-

@@ -26,7 +26,7 @@ from pdserve.rpc.api import cluster_status_to_proto, list_models_response, promp
 from pdserve.rpc.convert import sampling_params_from_proto, token_ids_to_proto
 from pdserve.rpc.status import abort_with
 from pdserve.rpc.types import ClusterStatus, ModelInfo, WorkerStatus
-from pdserve.v1 import pdserve_pb2, pdserve_pb2_grpc, worker_pb2
+from pdserve.v1 import common_pb2, pdserve_pb2, pdserve_pb2_grpc, worker_pb2
 
 
 class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
@@ -85,6 +85,10 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
         if isinstance(prompt, str):
             submit.prompt_text = prompt
             num_prompt_tokens = estimate_prompt_tokens(num_token_ids=None, text=prompt)
+        elif isinstance(prompt, common_pb2.ChatPrompt):
+            submit.chat.CopyFrom(prompt)  # the worker renders it with the model's template
+            num_prompt_tokens = estimate_prompt_tokens(
+                num_token_ids=None, text="".join(m.role + m.content for m in prompt.messages))
         else:
             if not prompt:
                 raise InvalidParameterError("prompt", "token_ids is empty")

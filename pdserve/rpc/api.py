@@ -12,7 +12,7 @@ from pdserve.common.errors import InvalidParameterError
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.rpc.convert import sampling_params_to_proto, token_ids_to_proto
 from pdserve.rpc.types import ClusterStatus, ModelInfo, WorkerStatus
-from pdserve.v1 import pdserve_pb2
+from pdserve.v1 import common_pb2, pdserve_pb2
 
 
 def generate_request(
@@ -43,14 +43,22 @@ def generate_request(
     return request
 
 
-def prompt_from_request(request: pdserve_pb2.GenerateRequest) -> str | list[int]:
-    """The prompt of a request: its text, or its token ids. Raises InvalidParameterError if it has none."""
+def prompt_from_request(request: pdserve_pb2.GenerateRequest) -> str | list[int] | common_pb2.ChatPrompt:
+    """The prompt of a request: its text, its token ids, or its chat (checked: at least one message, each
+    with a role). Raises InvalidParameterError if it has none or the chat is malformed."""
     which = request.WhichOneof("prompt")
     if which == "text":
         return request.text
     if which == "token_ids":
         return list(request.token_ids.ids)
-    raise InvalidParameterError("prompt", "the request has no prompt: set text or token_ids")
+    if which == "chat":
+        if not request.chat.messages:
+            raise InvalidParameterError("messages", "the conversation has no message")
+        for i, message in enumerate(request.chat.messages):
+            if not message.role:
+                raise InvalidParameterError(f"messages[{i}].role", "must be a non-empty string")
+        return request.chat
+    raise InvalidParameterError("prompt", "the request has no prompt: set text, token_ids or chat")
 
 
 def model_info_to_proto(info: ModelInfo) -> pdserve_pb2.ModelInfo:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.request
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -33,6 +33,13 @@ def _offline_text(prompt: str, max_tokens: int) -> str:
 
     llm = LLM(model="tiny-random")
     return llm.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0))[0].text
+
+
+def _offline_chat(messages: list[dict[str, str]], max_tokens: int) -> str:
+    from pdserve import LLM, SamplingParams
+
+    llm = LLM(model="tiny-random")
+    return llm.chat(messages, SamplingParams(max_tokens=max_tokens, temperature=0.0))[0].text
 
 
 def test_serve_then_ctrl_c_shuts_down_cleanly() -> None:
@@ -64,6 +71,13 @@ def test_serve_then_ctrl_c_shuts_down_cleanly() -> None:
             answer = json.loads(response.read())
         assert answer["usage"]["completion_tokens"] == 6
         assert answer["choices"][0]["text"] == _offline_text("Hello", 6)
+        messages = [{"role": "user", "content": "Hello"}]
+        body = json.dumps({"messages": messages, "max_tokens": 6, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{http}/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            chat = json.loads(response.read())
+        assert chat["choices"][0]["message"]["content"] == _offline_chat(messages, 6)
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=90) == 0
     finally:

@@ -35,14 +35,24 @@ def run(coro_fn: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
     return asyncio.run(bounded())
 
 
+def chat_text(messages: Sequence[Any]) -> str:
+    """How the fake "renders" a chat: role and content of every message (dicts or ChatMessage protos)."""
+    pairs = [(m["role"], m["content"]) if isinstance(m, dict) else (m.role, m.content) for m in messages]
+    return "".join(f"{role}:{content}" for role, content in pairs)
+
+
+def _prompt_text(submit: worker_pb2.SubmitRequest) -> str:
+    return chat_text(submit.chat.messages) if submit.HasField("chat") else submit.prompt_text
+
+
 def base_token(submit: worker_pb2.SubmitRequest) -> int:
     if submit.HasField("prompt_token_ids"):
         return sum(submit.prompt_token_ids.ids) % 1000
-    return (7 * len(submit.prompt_text)) % 1000
+    return (7 * len(_prompt_text(submit))) % 1000
 
 
 def prompt_len(submit: worker_pb2.SubmitRequest) -> int:
-    return len(submit.prompt_token_ids.ids) if submit.HasField("prompt_token_ids") else len(submit.prompt_text)
+    return len(submit.prompt_token_ids.ids) if submit.HasField("prompt_token_ids") else len(_prompt_text(submit))
 
 
 def expected_tokens(prompt: Sequence[int] | str, max_tokens: int) -> list[int]:

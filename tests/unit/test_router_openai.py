@@ -11,7 +11,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.unit.test_router_fakes import MODEL, FakeWorker, cluster, expected_tokens, run, token_text, wait_until
+from tests.unit.test_router_fakes import (
+    MODEL,
+    FakeWorker,
+    chat_text,
+    cluster,
+    expected_tokens,
+    run,
+    token_text,
+    wait_until,
+)
 
 
 def _text(prompt: Any, max_tokens: int) -> str:
@@ -112,4 +121,59 @@ def test_invalid_json_full_router_and_client_disconnect() -> None:
             await wait_until(lambda: worker.submitted[0].request_id in worker.aborted, timeout=5.0,
                              what="the abort of the abandoned stream")
             await wait_until(lambda: len(router.table) == 0, what="the request to leave the table")
+    run(scenario)
+
+
+def test_chat_completion_and_stream() -> None:
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}]
+    rendered = chat_text([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}])
+
+    async def scenario() -> None:
+        worker = FakeWorker("c0", "colocated")
+        async with cluster([worker], http_port=0) as (router, _), aiohttp.ClientSession(_http(router)) as http:
+            async with http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4}) as r:
+                assert r.status == 200, await r.text()
+                body = await r.json()
+            assert body["object"] == "chat.completion"
+            choice = body["choices"][0]
+            assert choice["message"] == {"role": "assistant", "content": _text(rendered, 4)}
+            assert choice["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 4
+            submitted = worker.submitted[-1]
+            assert [(m.role, m.content) for m in submitted.chat.messages] == [("system", "be brief"),
+                                                                               ("user", "hi there")]
+            assert submitted.chat.add_generation_prompt and not submitted.prompt_text
+
+            async with http.post("/v1/chat/completions", json={"messages": messages, "max_completion_tokens": 5,
+                                                               "stream": True}) as r:
+                events = [e async for e in _events(r)]
+            assert events[-1] == "[DONE]"
+            chunks = events[:-1]
+            assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+            assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+            assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
+            assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == _text(rendered, 5)
+            assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    run(scenario)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"content": "x"}]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "u"}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "max_completion_tokens": 2},
+     "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "x"}, "prompt"),
+])
+def test_bad_chat_requests_name_the_field(body: Any, param: str) -> None:
+    async def scenario() -> None:
+        worker = FakeWorker("c0", "colocated")
+        async with cluster([worker], http_port=0) as (router, _), aiohttp.ClientSession(_http(router)) as http:
+            async with http.post("/v1/chat/completions", json=body) as r:
+                assert r.status == 400, await r.text()
+                assert (await r.json())["error"]["param"] == param
+            assert not worker.submitted
     run(scenario)
