@@ -110,6 +110,7 @@ def retry_delay(error: PdserveClientError, attempt: int, policy: RetryPolicy, de
 def build_request(
     prompt: str | None,
     prompt_token_ids: Sequence[int] | None,
+    messages: Sequence[Mapping[str, str]] | None,
     sampling_params: SamplingParams | Mapping[str, Any] | None,
     sampling_kwargs: Mapping[str, Any],
     request_id: str | None,
@@ -133,7 +134,7 @@ def build_request(
     params.update(sampling_kwargs)
     try:
         return generate_request(prompt, prompt_token_ids, params, request_id=request_id or "",
-                                model=model or "")
+                                model=model or "", messages=messages)
     except InvalidParameterError as exc:
         raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}") from None
 

@@ -66,6 +66,7 @@ class AsyncClient:
         prompt: str | None = None,
         *,
         prompt_token_ids: Sequence[int] | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
         sampling_params: SamplingParams | Mapping[str, Any] | None = None,
         request_id: str | None = None,
         model: str | None = None,
@@ -73,7 +74,7 @@ class AsyncClient:
         **sampling_kwargs: Any,
     ) -> Completion:
         """The whole completion of one prompt; see :meth:`pdserve.client.Client.generate`."""
-        request = build_request(prompt, prompt_token_ids, sampling_params, sampling_kwargs, request_id,
+        request = build_request(prompt, prompt_token_ids, messages, sampling_params, sampling_kwargs, request_id,
                                 model or self.model)
         response = await self._unary("GenerateUnary", request, timeout)
         return completion_from_response(response)
@@ -83,6 +84,7 @@ class AsyncClient:
         prompt: str | None = None,
         *,
         prompt_token_ids: Sequence[int] | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
         sampling_params: SamplingParams | Mapping[str, Any] | None = None,
         request_id: str | None = None,
         model: str | None = None,
@@ -94,7 +96,7 @@ class AsyncClient:
         See :meth:`pdserve.client.Client.generate_stream`. Breaking out of the loop cancels the call on
         the server (when the event loop finalizes the dropped generator, at once with ``aclose()``).
         """
-        request = build_request(prompt, prompt_token_ids, sampling_params, sampling_kwargs, request_id,
+        request = build_request(prompt, prompt_token_ids, messages, sampling_params, sampling_kwargs, request_id,
                                 model or self.model)
         return self._stream(request, Deadline(resolve_timeout(timeout, self.timeout)))
 

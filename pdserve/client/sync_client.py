@@ -68,19 +68,22 @@ class Client:
         prompt: str | None = None,
         *,
         prompt_token_ids: Sequence[int] | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
         sampling_params: SamplingParams | Mapping[str, Any] | None = None,
         request_id: str | None = None,
         model: str | None = None,
         timeout: Timeout = DEFAULT,
         **sampling_kwargs: Any,
     ) -> Completion:
-        """The whole completion of one prompt (text, or ``prompt_token_ids``), in one response.
+        """The whole completion of one prompt (text, ``prompt_token_ids``, or chat ``messages``: a list
+        of ``{"role", "content"}`` the serving worker renders with the model's chat template), in one
+        response.
 
         Sampling options are :class:`SamplingParams` field names given as keywords (they override
         ``sampling_params``) and are sent unvalidated: the server's verdict comes back as
         :class:`~pdserve.client.errors.InvalidArgumentError` with ``.field`` set.
         """
-        request = build_request(prompt, prompt_token_ids, sampling_params, sampling_kwargs, request_id,
+        request = build_request(prompt, prompt_token_ids, messages, sampling_params, sampling_kwargs, request_id,
                                 model or self.model)
         response = self._unary(self._stub.GenerateUnary, request, timeout)
         return completion_from_response(response)
@@ -90,6 +93,7 @@ class Client:
         prompt: str | None = None,
         *,
         prompt_token_ids: Sequence[int] | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
         sampling_params: SamplingParams | Mapping[str, Any] | None = None,
         request_id: str | None = None,
         model: str | None = None,
@@ -102,7 +106,7 @@ class Client:
         see raise here, the rest on the first ``next()``. Dropping the iterator (breaking out of ``for chunk in client.generate_stream(...)``)
         or calling its ``close()`` cancels the call on the server.
         """
-        request = build_request(prompt, prompt_token_ids, sampling_params, sampling_kwargs, request_id,
+        request = build_request(prompt, prompt_token_ids, messages, sampling_params, sampling_kwargs, request_id,
                                 model or self.model)
         return self._stream(request, Deadline(resolve_timeout(timeout, self.timeout)))
 

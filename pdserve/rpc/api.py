@@ -22,19 +22,27 @@ def generate_request(
     *,
     request_id: str = "",
     model: str = "",
+    messages: Sequence[Mapping[str, str]] | None = None,
 ) -> pdserve_pb2.GenerateRequest:
-    """A ``GenerateRequest`` for exactly one of a prompt text or prompt token ids.
+    """A ``GenerateRequest`` for exactly one of a prompt text, prompt token ids or chat ``messages``
+    (``{"role", "content"}`` mappings of strings; a generation prompt is added after them).
 
     ``params`` may be validated :class:`SamplingParams` or a dict sent unvalidated (see
     :func:`~pdserve.rpc.convert.sampling_params_to_proto`). Raises :class:`InvalidParameterError`
     naming the field: ``prompt`` when both or neither prompt form is given or the text is not a
     string, ``prompt_token_ids`` for non-integer ids, a sampling field the wire cannot carry.
     """
-    if (prompt is None) == (prompt_token_ids is None):
-        raise InvalidParameterError("prompt", "pass exactly one of a prompt text or prompt_token_ids")
+    if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
+        raise InvalidParameterError("prompt", "pass exactly one of a prompt text, prompt_token_ids or messages")
     request = pdserve_pb2.GenerateRequest(request_id=request_id, model=model,
                                           params=sampling_params_to_proto(params))
-    if prompt is not None:
+    if messages is not None:
+        request.chat.add_generation_prompt = True
+        for i, message in enumerate(messages):
+            if not isinstance(message, Mapping) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
+                raise InvalidParameterError(f"messages[{i}]", "must be a mapping with string role and content")
+            request.chat.messages.add(role=message["role"], content=message["content"])
+    elif prompt is not None:
         if not isinstance(prompt, str):
             raise InvalidParameterError("prompt", f"must be a string, got {type(prompt).__name__}")
         request.text = prompt

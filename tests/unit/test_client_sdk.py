@@ -40,7 +40,7 @@ from pdserve.rpc import api, convert
 from pdserve.rpc.server import PDSERVE_SERVICE, RunningServer, start_server
 from pdserve.rpc.status import abort_with
 from pdserve.rpc.types import ClusterStatus, ModelInfo, WorkerStatus
-from pdserve.v1 import pdserve_pb2, pdserve_pb2_grpc
+from pdserve.v1 import common_pb2, pdserve_pb2, pdserve_pb2_grpc
 
 TOKENS_PER_STEP = 3
 
@@ -65,6 +65,8 @@ class FakePdServe(pdserve_pb2_grpc.PdServeServicer):
     def _deltas(self, request: pdserve_pb2.GenerateRequest) -> list[RequestDelta]:
         prompt = api.prompt_from_request(request)
         params = convert.sampling_params_from_proto(request.params)
+        if isinstance(prompt, common_pb2.ChatPrompt):
+            prompt = "".join(m.role + m.content for m in prompt.messages)
         ids = list(prompt.encode()) if isinstance(prompt, str) else prompt
         tokens = _fake_tokens(ids, params.max_tokens)
         finish, stop_reason = FinishReason.LENGTH, None
@@ -216,6 +218,20 @@ def test_token_ids_sampling_params_stop_tokens_and_logprobs(client: Client, fake
     assert out.logprobs[0][out.token_ids[0]].decoded_token == chr(out.token_ids[0])
     last = list(client.generate_stream(prompt_token_ids=ids, max_tokens=20, stop_token_ids=[stop]))[-1]
     assert last.finish_reason is FinishReason.STOP and last.stop_reason == stop
+
+
+def test_chat_messages(client: Client, fake: FakePdServe) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    want = _fake_tokens(list(b"systembe briefuserhi"), 5)
+    assert client.generate(messages=messages, max_tokens=5).token_ids == want
+    assert [t for c in client.generate_stream(messages=messages, max_tokens=5) for t in c.token_ids] == want
+    calls = fake.calls
+    with pytest.raises(InvalidArgumentError) as info:
+        client.generate(messages=[{"role": "user"}])
+    assert info.value.field == "messages[0]"
+    with pytest.raises(InvalidArgumentError) as info:
+        client.generate("Hello", messages=messages)
+    assert info.value.field == "prompt" and fake.calls == calls  # caught before sending
 
 
 def test_invalid_arguments_name_the_field(client: Client, fake: FakePdServe) -> None:
