@@ -22,18 +22,21 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from pdserve.router.config import RouterConfig, ServingMode, WorkerEndpoint, WorkerRole, check_topology
 from pdserve.router.decode_policy import DecodePolicy, DecodePolicyConfig, LeastLoadedDecodePolicy
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.inflight import InFlightTable
-from pdserve.router.openai_http import OpenAIFront
 from pdserve.router.prefill_policy import LeastQueuedPrefillPolicy, PrefillPolicy
 from pdserve.router.registry import WorkerRegistry
 from pdserve.router.servicer import PdServeServicer
 from pdserve.router.updates import UpdatesStream
 from pdserve.rpc.server import PDSERVE_SERVICE, RunningServer, start_server
 from pdserve.v1 import pdserve_pb2_grpc
+
+if TYPE_CHECKING:
+    from pdserve.router.openai_http import OpenAIFront
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +106,8 @@ class Router:
             await self._update_health()
             self._tasks.append(asyncio.create_task(self._watch_health(), name="router-health"))
             if self.config.http_port is not None:
+                from pdserve.router.openai_http import OpenAIFront  # aiohttp only where HTTP is served
+
                 self._http = OpenAIFront(servicer, self.model, max_model_len=self._max_model_len,
                                          serving=lambda: bool(self._serving))
                 await self._http.start(self.config.host, self.config.http_port)
