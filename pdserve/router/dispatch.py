@@ -28,6 +28,7 @@ from pdserve.router.config import RouterConfig, ServingMode, WorkerRole
 from pdserve.router.decode_policy import DecodePolicy
 from pdserve.router.errors import RouteError
 from pdserve.router.inflight import InFlightRequest, InFlightTable, WorkerLost
+from pdserve.router.metrics import RouterMetrics
 from pdserve.router.prefill_policy import PrefillPolicy
 from pdserve.router.registry import WorkerRegistry
 from pdserve.v1 import worker_pb2
@@ -40,8 +41,10 @@ _RETRY_ELSEWHERE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEED
 
 class Dispatcher:
     def __init__(self, config: RouterConfig, mode: ServingMode, registry: WorkerRegistry, table: InFlightTable,
-                 decode_policy: DecodePolicy, prefill_policy: PrefillPolicy) -> None:
+                 decode_policy: DecodePolicy, prefill_policy: PrefillPolicy,
+                 metrics: RouterMetrics | None = None) -> None:
         self._config = config
+        self._metrics = metrics
         self._mode = mode
         self._registry = registry
         self._table = table
@@ -74,6 +77,8 @@ class Dispatcher:
             request.attempts += 1
             try:
                 await self._registry.stub(decode.worker_id).Submit(message, timeout=self._config.submit_timeout_s)
+                if self._metrics is not None:
+                    self._metrics.placed(remote_prefill=bool(prefill_address))
                 return
             except grpc.aio.AioRpcError as exc:
                 self.release(request)

@@ -1,6 +1,6 @@
 """The router's OpenAI-compatible HTTP front: ``GET /v1/models``, ``POST /v1/completions`` and
-``POST /v1/chat/completions`` (whole answers and server-sent-event streams) and ``GET /health``, on
-aiohttp, in the router's event loop.
+``POST /v1/chat/completions`` (whole answers and server-sent-event streams), ``GET /health`` and
+``GET /metrics`` (Prometheus, :mod:`pdserve.router.metrics`), on aiohttp, in the router's event loop.
 
 Each call goes through exactly the path of a gRPC ``Generate`` call: the body becomes a
 ``GenerateRequest`` (:mod:`pdserve.router.openai_schema`), :meth:`PdServeServicer.open_session`
@@ -32,6 +32,7 @@ import grpc
 from aiohttp import web
 
 from pdserve.common.errors import InvalidParameterError
+from pdserve.router.metrics import CONTENT_TYPE
 from pdserve.router.openai_responses import (
     chat_chunk,
     chat_json,
@@ -59,7 +60,8 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 
 class OpenAIFront:
     def __init__(self, servicer: PdServeServicer, model: str, *, max_model_len: Callable[[], int],
-                 serving: Callable[[], bool]) -> None:
+                 serving: Callable[[], bool], metrics: Callable[[], str] | None = None) -> None:
+        self._metrics = metrics
         self._servicer = servicer
         self._model = model
         self._max_model_len = max_model_len
@@ -70,7 +72,8 @@ class OpenAIFront:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.add_routes([web.get("/v1/models", self._models), web.post("/v1/completions", self._completions),
-                        web.post("/v1/chat/completions", self._chat), web.get("/health", self._health)])
+                        web.post("/v1/chat/completions", self._chat), web.get("/health", self._health),
+                        web.get("/metrics", self._metrics_page)])
         return app
 
     async def start(self, host: str, port: int) -> int:
@@ -97,6 +100,11 @@ class OpenAIFront:
     async def _health(self, request: web.Request) -> web.Response:
         ok = self._serving()
         return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        if self._metrics is None:
+            return _error(404, "this router keeps no metrics")
+        return web.Response(body=self._metrics().encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response(models_json(self._model, self._max_model_len()))

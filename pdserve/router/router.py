@@ -28,6 +28,7 @@ from pdserve.router.config import RouterConfig, ServingMode, WorkerEndpoint, Wor
 from pdserve.router.decode_policy import DecodePolicy, DecodePolicyConfig, LeastLoadedDecodePolicy
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.inflight import InFlightTable
+from pdserve.router.metrics import RouterMetrics
 from pdserve.router.prefill_policy import LeastQueuedPrefillPolicy, PrefillPolicy
 from pdserve.router.registry import WorkerRegistry
 from pdserve.router.servicer import PdServeServicer
@@ -61,11 +62,13 @@ class Router:
         self.workers = tuple(workers)
         self.registry = WorkerRegistry(self.workers, model=model, describe_timeout_s=config.describe_timeout_s)
         self.table = InFlightTable(config.max_inflight_requests)
+        self.metrics = RouterMetrics()
         self.dispatcher = Dispatcher(
             config, self.mode, self.registry, self.table,
             decode_policy or LeastLoadedDecodePolicy(DecodePolicyConfig(
                 kv_usage_weight=config.kv_usage_weight, running_requests_weight=config.running_requests_weight)),
-            prefill_policy or LeastQueuedPrefillPolicy(config.min_remote_prefill_tokens, config.max_queued_prefill_tokens))
+            prefill_policy or LeastQueuedPrefillPolicy(config.min_remote_prefill_tokens, config.max_queued_prefill_tokens),
+            self.metrics)
         self._streams: dict[str, UpdatesStream] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._server: RunningServer | None = None
@@ -99,7 +102,8 @@ class Router:
                     self._start_stream(state.worker_id)
             await self._wait_for_streams(self.config.describe_timeout_s)
             servicer = PdServeServicer(model=self.model, mode=self.mode, registry=self.registry, table=self.table,
-                                       dispatcher=self.dispatcher, request_timeout_s=self.config.request_timeout_s)
+                                       dispatcher=self.dispatcher, request_timeout_s=self.config.request_timeout_s,
+                                       metrics=self.metrics)
             self._server = await start_server(
                 lambda server: pdserve_pb2_grpc.add_PdServeServicer_to_server(servicer, server),
                 self.config.host, self.config.port, service_names=[PDSERVE_SERVICE])
@@ -109,7 +113,8 @@ class Router:
                 from pdserve.router.openai_http import OpenAIFront  # aiohttp only where HTTP is served
 
                 self._http = OpenAIFront(servicer, self.model, max_model_len=self._max_model_len,
-                                         serving=lambda: bool(self._serving))
+                                         serving=lambda: bool(self._serving),
+                                         metrics=lambda: self.metrics.render(self.registry.all(), len(self.table)))
                 await self._http.start(self.config.host, self.config.http_port)
         except BaseException:
             if self._server is not None:

@@ -19,6 +19,7 @@ from pdserve.router.config import ServingMode, WorkerRole
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.errors import RouteError
 from pdserve.router.inflight import InFlightTable
+from pdserve.router.metrics import RouterMetrics
 from pdserve.router.prefill_policy import estimate_prompt_tokens
 from pdserve.router.registry import WorkerRegistry, WorkerState
 from pdserve.router.session import RequestSession
@@ -31,7 +32,8 @@ from pdserve.v1 import common_pb2, pdserve_pb2, pdserve_pb2_grpc, worker_pb2
 
 class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
     def __init__(self, *, model: str, mode: ServingMode, registry: WorkerRegistry, table: InFlightTable,
-                 dispatcher: Dispatcher, request_timeout_s: float) -> None:
+                 dispatcher: Dispatcher, request_timeout_s: float, metrics: RouterMetrics | None = None) -> None:
+        self._metrics = metrics
         self._model = model
         self._mode = mode
         self._registry = registry
@@ -96,7 +98,8 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
             num_prompt_tokens = len(prompt)
         admitted = self._table.admit(request.request_id, num_prompt_tokens)
         submit.request_id = admitted.request_id
-        return RequestSession(self._dispatcher, self._table, admitted, submit, timeout_s=self._request_timeout_s)
+        return RequestSession(self._dispatcher, self._table, admitted, submit, timeout_s=self._request_timeout_s,
+                              metrics=self._metrics)
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:

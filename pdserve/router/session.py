@@ -26,6 +26,7 @@ import grpc
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.errors import RequestTimeoutError, RouteError
 from pdserve.router.inflight import InFlightRequest, InFlightTable, WorkerLost
+from pdserve.router.metrics import RouterMetrics
 from pdserve.rpc.convert import ResponseAssembler, delta_from_proto
 from pdserve.v1 import common_pb2, pdserve_pb2, worker_pb2
 
@@ -34,7 +35,8 @@ Emit = Callable[[pdserve_pb2.GenerateResponse], Awaitable[None]]
 
 class RequestSession:
     def __init__(self, dispatcher: Dispatcher, table: InFlightTable, request: InFlightRequest,
-                 submit: worker_pb2.SubmitRequest, *, timeout_s: float) -> None:
+                 submit: worker_pb2.SubmitRequest, *, timeout_s: float, metrics: RouterMetrics | None = None) -> None:
+        self._metrics = metrics
         self._dispatcher = dispatcher
         self._table = table
         self._request = request
@@ -47,6 +49,8 @@ class RequestSession:
         (the ``GenerateUnary`` answer). Raises :class:`RouteError` on failure."""
         request = self._request
         worker_done = False
+        clock = asyncio.get_running_loop().time
+        started, last_token_at, outcome, finish = clock(), None, "cancelled", ""
         try:
             await self._dispatcher.submit(request, self._submit)
             while True:
@@ -54,8 +58,16 @@ class RequestSession:
                 if isinstance(event, WorkerLost):
                     await self._move(event)
                     continue
+                if event.new_token_ids and self._metrics is not None:
+                    now = clock()
+                    if last_token_at is None:
+                        self._metrics.first_token(now - started)
+                    else:
+                        self._metrics.token_gap(now - last_token_at)
+                    last_token_at = now
                 if event.finished:
                     worker_done = True
+                    finish = common_pb2.FinishReason.Name(event.finish_reason).removeprefix("FINISH_REASON_").lower()
                 if event.finish_reason == common_pb2.FINISH_REASON_ERROR or event.error:
                     raise RouteError(grpc.StatusCode.INTERNAL,
                                      f"request {request.request_id} failed on worker {request.decode_worker}: "
@@ -65,8 +77,15 @@ class RequestSession:
                 if emit is not None:
                     await emit(response)
                 if worker_done:
+                    outcome = "finished"
                     return self._assembler.unary_response()
+        except RouteError:
+            outcome = "error"
+            raise
         finally:
+            if self._metrics is not None:
+                usage = self._assembler.usage
+                self._metrics.ended(outcome, finish, clock() - started, usage.prompt_tokens, usage.completion_tokens)
             if not worker_done and request.decode_worker is not None:
                 self._dispatcher.abort_in_background(request.request_id, request.decode_worker)
             self._dispatcher.release(request)
