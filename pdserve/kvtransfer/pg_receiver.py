@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -71,6 +72,7 @@ from pdserve.kvtransfer.rendezvous import (
 )
 from pdserve.kvtransfer.streams import is_cuda
 
+logger = logging.getLogger(__name__)
 DEFAULT_GROUP_NAME = "pdserve-kv"
 _STOP = json.dumps({"stop": True}).encode()
 
@@ -98,7 +100,12 @@ class ProcessGroupReceiver(ReceiverCore):
         self._group_backend = process_group_backend(self._backend)
         # cuda_ipc senders write into the exported caches; tests also admit them next to gloo
         self._accept_one_sided = self._backend == "cuda_ipc" if accept_one_sided is None else accept_one_sided
-        ipc = export_caches(caches) if self._backend == "cuda_ipc" else None
+        ipc = None
+        if self._backend == "cuda_ipc":
+            try:
+                ipc = export_caches(caches)
+            except RuntimeError as e:  # e.g. an allocator mode without IPC support: senders use NCCL
+                logger.warning("cannot export the KV caches over CUDA IPC (%s); senders will use NCCL", e)
         self._join = datetime.timedelta(seconds=join_timeout_s)
         self._op_timeout_s = op_timeout_s
         self._close_timeout_s = close_timeout_s
