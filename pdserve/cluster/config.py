@@ -10,8 +10,8 @@ Every error names the offending key by its dotted path and the file, e.g.
     prefill: {replicas: 1, gpus_per_worker: 0, max_batch_tokens: 8192}
     decode:  {replicas: 1, gpus_per_worker: 0, max_running_requests: 256}
     colocated: {replicas: 2}      # colocated mode only; default: prefill + decode replicas
-    router:  {grpc_port: 50051}
-    kv_transfer: {backend: auto}  # nccl on GPUs, gloo/tcp on CPU, loopback in-process
+    router:  {grpc_port: 50051, http_port: 8000}   # http_port: the OpenAI-compatible HTTP API
+    kv_transfer: {backend: auto}  # CUDA IPC on one host, else NCCL on GPUs; gloo/tcp on CPU
 """
 
 from __future__ import annotations
