@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     _add_engine_args(gen)
     add_serve_parser(sub)
+    status = sub.add_parser("status", help="show a running cluster's workers and load (its router's address)")
+    status.add_argument("--target", metavar="HOST:PORT", required=True, help="the router's gRPC address")
+    status.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    status.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the router (default: 10)")
     return parser
 
 
@@ -144,8 +149,6 @@ def _generate_remote(args: argparse.Namespace) -> int:
     """``generate --target``: the prompts go to a running cluster through the client SDK (no engine here)."""
     from pdserve.client import Client, UnavailableError
 
-    if args.chat:
-        raise PdserveError("--chat is not supported with --target: send the formatted prompt text instead")
     if args.timeout < 0:
         raise PdserveError(f"--timeout must be >= 0 seconds (0: no deadline), got {args.timeout:g}")
     prompts = _read_prompts(args)
@@ -155,9 +158,9 @@ def _generate_remote(args: argparse.Namespace) -> int:
     try:
         with Client(args.target, timeout=args.timeout or None, model=args.model) as client:
             if len(prompts) == 1 and not args.json:
-                return _stream_remote(client, prompts[0], sampling)
+                return _stream_remote(client, _remote_prompt(prompts[0], args.chat), sampling)
             for prompt in prompts:
-                out = client.generate(prompt, **sampling)
+                out = client.generate(**_remote_prompt(prompt, args.chat), **sampling)
                 if args.json:
                     print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
                                       "finish_reason": str(out.finish_reason),
@@ -174,10 +177,16 @@ def _generate_remote(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stream_remote(client: Client, prompt: str, sampling: dict[str, Any]) -> int:
+def _remote_prompt(prompt: str, chat: bool) -> dict[str, Any]:
+    """The prompt keyword of a client call: the text, or (``--chat``) one user message, which the
+    serving worker renders with the model's chat template."""
+    return {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+
+
+def _stream_remote(client: Client, prompt: dict[str, Any], sampling: dict[str, Any]) -> int:
     """Print one completion from the cluster as it streams; finish reason and usage go to stderr."""
     last = None
-    stream = client.generate_stream(prompt, **sampling)
+    stream = client.generate_stream(**prompt, **sampling)
     with contextlib.closing(stream):  # close() cancels the call (Ctrl-C, errors while printing)
         for chunk in stream:
             sys.stdout.write(chunk.text)
@@ -193,6 +202,32 @@ def _stream_remote(client: Client, prompt: str, sampling: dict[str, Any]) -> int
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    """``status --target``: the router's view of the cluster, a line per worker (what sizing the pools needs)."""
+    from pdserve.client import Client, UnavailableError
+
+    if not args.timeout > 0:
+        raise PdserveError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            status = client.cluster_status()
+    except UnavailableError as exc:
+        raise PdserveError(f"no router answered at {args.target} ({exc.details})") from None
+    if args.json:
+        print(json.dumps(dataclasses.asdict(status)))
+        return 0
+    healthy = sum(w.healthy for w in status.workers)
+    print(f"{status.model} ({status.mode}): {healthy}/{len(status.workers)} workers healthy, "
+          f"{status.requests_in_flight} requests in flight")
+    header = ("worker", "role", "address", "healthy", "running", "waiting", "kv_usage", "queued_prefill_tokens")
+    rows = [(w.worker_id, w.role, w.address, "yes" if w.healthy else "NO", str(w.running_requests),
+             str(w.waiting_requests), f"{w.kv_usage:.2f}", str(w.queued_prefill_tokens)) for w in status.workers]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -202,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "status":
+            return _status(args)
     except PdserveError as exc:
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ mid-stream failures; it records cancellations it observes.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -410,6 +411,27 @@ def test_cli_generate_with_target(address: str, fake: FakePdServe) -> None:
     done = _cli("generate", "--target", f"127.0.0.1:{port}", "--timeout", "5", "Hello")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"no server answered at 127.0.0.1:{port}" in done.stderr
+
+
+def test_cli_chat_and_status_with_target(address: str, fake: FakePdServe) -> None:
+    done = _cli("generate", "--target", address, "--chat", "--max-tokens", "4", "Hi")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "".join(map(chr, _fake_tokens(list(b"userHi"), 4))) + "\n"  # sent as a user message
+
+    done = _cli("status", "--target", address)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "fake (colocated): 1/1 workers healthy, 0 requests in flight"
+    assert lines[1].split() == ["worker", "role", "address", "healthy", "running", "waiting", "kv_usage",
+                                "queued_prefill_tokens"]
+    assert lines[2].split() == ["w0", "colocated", "yes", "0", "0", "0.00", "0"]
+    done = _cli("status", "--target", address, "--json")
+    assert json.loads(done.stdout)["workers"][0]["worker_id"] == "w0"
+
+    port = _free_port()
+    done = _cli("status", "--target", f"127.0.0.1:{port}", "--timeout", "3")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"no router answered at 127.0.0.1:{port}" in done.stderr
 
 
 def test_cli_target_and_client_do_not_import_torch(address: str, fake: FakePdServe) -> None:
