@@ -177,3 +177,26 @@ def test_bad_chat_requests_name_the_field(body: Any, param: str) -> None:
                 assert (await r.json())["error"]["param"] == param
             assert not worker.submitted
     run(scenario)
+
+
+def test_a_taken_http_port_fails_start_cleanly() -> None:
+    async def scenario() -> None:
+        import socket
+
+        from pdserve.router import Router, RouterConfig
+
+        worker = FakeWorker("c0", "colocated")
+        await worker.start()
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            router = Router(RouterConfig(host="127.0.0.1", port=0, http_port=port, describe_timeout_s=2.0),
+                            model=MODEL, mode="colocated", workers=[worker.endpoint()])
+            with pytest.raises(OSError):
+                await router.start()
+            with pytest.raises(RuntimeError, match="not started"):
+                _ = router.port  # the gRPC server it had started is gone again
+        await router.stop()
+        await worker.stop()
+    run(scenario)
