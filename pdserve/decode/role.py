@@ -86,7 +86,7 @@ class DecodeRole(Role):
         def admit(engine: LLMEngine) -> None:
             prompt_ids = ids
             if chat is not None:  # rendered and tokenized here: the tokenizer lives with the engine
-                prompt_ids = engine.tokenizer.encode_chat(chat, request.chat.add_generation_prompt)
+                prompt_ids = engine.tokenizer.encode_chat(chat, not request.chat.no_generation_prompt)
             engine.add_request(rid, prompt=None if chat is not None else text, prompt_token_ids=prompt_ids,
                                params=params, remote_prefill=remote)
 

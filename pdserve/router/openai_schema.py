@@ -69,7 +69,7 @@ def chat_request(body: Any, model: str, max_model_len: int = 0) -> tuple[pdserve
     if not isinstance(messages, list) or not messages:
         raise InvalidParameterError("messages", "must be a non-empty list of {role, content} objects")
     chat = request.chat
-    chat.add_generation_prompt = _flag(body, "add_generation_prompt", True)
+    chat.no_generation_prompt = not _flag(body, "add_generation_prompt", True)
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise InvalidParameterError(f"messages[{i}]", "must be an object with a string role")

@@ -37,7 +37,6 @@ def generate_request(
     request = pdserve_pb2.GenerateRequest(request_id=request_id, model=model,
                                           params=sampling_params_to_proto(params))
     if messages is not None:
-        request.chat.add_generation_prompt = True
         for i, message in enumerate(messages):
             if not isinstance(message, Mapping) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
                 raise InvalidParameterError(f"messages[{i}]", "must be a mapping with string role and content")

@@ -142,7 +142,11 @@ def test_chat_completion_and_stream() -> None:
             submitted = worker.submitted[-1]
             assert [(m.role, m.content) for m in submitted.chat.messages] == [("system", "be brief"),
                                                                                ("user", "hi there")]
-            assert submitted.chat.add_generation_prompt and not submitted.prompt_text
+            assert not submitted.chat.no_generation_prompt and not submitted.prompt_text
+            async with http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1,
+                                                               "add_generation_prompt": False}) as r:
+                assert r.status == 200
+            assert worker.submitted[-1].chat.no_generation_prompt
 
             async with http.post("/v1/chat/completions", json={"messages": messages, "max_completion_tokens": 5,
                                                                "stream": True}) as r:
