@@ -10,8 +10,8 @@ API's; a chat is rendered with the model's chat template by the worker that serv
 
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``) with the HTTP status the
 ecosystem uses: 400 for a bad field (``param`` names it), 404 for another model, 429 when the router
-is full, 503 without a usable worker, 504 on a timeout, 500 otherwise. An error after a stream started
-is sent as one ``data: {"error": ...}`` event before ``data: [DONE]``. A client that disconnects
+is full, 503 without a usable worker, 504 on a timeout, 500 otherwise. Once a stream has started (its
+headers go out at once), an error is sent as one ``data: {"error": ...}`` event before ``data: [DONE]``. A client that disconnects
 cancels its handler (``handler_cancellation``), which aborts the request at its workers.
 
 Lifecycle: built by :class:`~pdserve.router.router.Router` when ``RouterConfig.http_port`` is set;
@@ -44,6 +44,7 @@ from pdserve.router.openai_responses import (
 )
 from pdserve.router.openai_schema import chat_request, completion_request
 from pdserve.router.servicer import PdServeServicer
+from pdserve.router.session import RequestSession
 from pdserve.rpc.status import details_for, status_for
 from pdserve.v1 import pdserve_pb2
 
@@ -86,8 +87,8 @@ class OpenAIFront:
         except BaseException:
             await self.stop()
             raise
-        sockets = [s for s in getattr(site._server, "sockets", None) or []]  # noqa: SLF001 - the bound port
-        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        addresses = self._runner.addresses  # [(host, port, ...)] of the bound sockets
+        self.port = int(addresses[0][1]) if addresses else port
         return self.port
 
     async def stop(self) -> None:
@@ -134,10 +135,16 @@ class OpenAIFront:
             return web.json_response(api.answer(answer, self._model, created))
         return await self._stream(request, session, api, created, include_usage)
 
-    async def _stream(self, request: web.Request, session: Any, api: _Api, created: int,
+    async def _stream(self, request: web.Request, session: RequestSession, api: _Api, created: int,
                       include_usage: bool) -> web.StreamResponse:
+        """Stream the session as server-sent events; the headers go out at once (so a client sees
+        the stream open while the prompt is prefilled), errors after that as an ``error`` event."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except BaseException:
+            session.discard()  # never run: nothing else would release the admitted request
+            raise
         text_offset = 0
         last: pdserve_pb2.GenerateResponse | None = None
 

@@ -91,6 +91,11 @@ class RequestSession:
             self._dispatcher.release(request)
             self._table.remove(request)
 
+    def discard(self) -> None:
+        """Release a session that will never :meth:`run` (its caller failed first); idempotent."""
+        self._dispatcher.release(self._request)
+        self._table.remove(self._request)
+
     async def _next_event(self) -> common_pb2.RequestDelta | WorkerLost:
         try:
             return await asyncio.wait_for(self._request.queue.get(), self._timeout_s)

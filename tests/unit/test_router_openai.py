@@ -204,3 +204,20 @@ def test_a_taken_http_port_fails_start_cleanly() -> None:
         await router.stop()
         await worker.stop()
     run(scenario)
+
+
+def test_a_session_that_never_runs_is_released() -> None:
+    async def scenario() -> None:
+        from pdserve.router.servicer import PdServeServicer
+        from tests.unit.test_router_fakes import generate_request
+
+        worker = FakeWorker("c0", "colocated")
+        async with cluster([worker]) as (router, _):
+            servicer = PdServeServicer(model=MODEL, mode=router.mode, registry=router.registry, table=router.table,
+                                       dispatcher=router.dispatcher, request_timeout_s=5.0)
+            session = servicer.open_session(generate_request("x", 4))
+            assert len(router.table) == 1
+            session.discard()
+            session.discard()
+            assert len(router.table) == 0 and not worker.submitted
+    run(scenario)
