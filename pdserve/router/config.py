@@ -74,6 +74,9 @@ class RouterConfig:
       at least this many prompt tokens queued, the next prompt is prefilled on its decode worker
       instead of waiting (0: never). The prefill pool then sets the TTFT only while it keeps up; past
       that, decode workers absorb the overflow, at some cost to their inter-token latency.
+    * ``prefix_affinity_weight``: cache-aware routing (:mod:`~pdserve.router.prefix_affinity`). A
+      worker's score gains this weight times the share of the prompt's prefix blocks it was sent
+      before (0: off, routing by load alone; 1: a fully seen prefix outweighs any load difference).
     * ``describe_timeout_s``/``submit_timeout_s``/``abort_timeout_s``: per-RPC timeouts to workers.
     * ``health_check_interval_s``: how often unhealthy workers are probed again with ``Describe``.
     * ``reconnect_backoff_initial_s``/``reconnect_backoff_max_s``: exponential backoff of a dropped
@@ -90,6 +93,7 @@ class RouterConfig:
     running_requests_weight: float = 0.5
     min_remote_prefill_tokens: int = 0
     max_queued_prefill_tokens: int = 0
+    prefix_affinity_weight: float = 0.0
     describe_timeout_s: float = 5.0
     submit_timeout_s: float = 10.0
     abort_timeout_s: float = 5.0
@@ -120,6 +124,7 @@ class RouterConfig:
             raise InvalidParameterError("reconnect_backoff_max_s", "must be >= reconnect_backoff_initial_s")
         require_float("kv_usage_weight", self.kv_usage_weight, minimum=0.0)
         require_float("running_requests_weight", self.running_requests_weight, minimum=0.0)
+        require_float("prefix_affinity_weight", self.prefix_affinity_weight, minimum=0.0)
         if self.kv_usage_weight + self.running_requests_weight <= 0.0:
             raise InvalidParameterError("kv_usage_weight", "kv_usage_weight + running_requests_weight must be > 0")
 

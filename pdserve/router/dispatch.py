@@ -30,6 +30,7 @@ from pdserve.router.errors import RouteError
 from pdserve.router.inflight import InFlightRequest, InFlightTable, WorkerLost
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.prefill_policy import PrefillPolicy
+from pdserve.router.prefix_affinity import PrefixIndex, prefix_keys
 from pdserve.router.registry import WorkerRegistry
 from pdserve.v1 import worker_pb2
 
@@ -45,6 +46,7 @@ class Dispatcher:
                  metrics: RouterMetrics | None = None) -> None:
         self._config = config
         self._metrics = metrics
+        self._affinity = PrefixIndex()
         self._mode = mode
         self._registry = registry
         self._table = table
@@ -61,16 +63,20 @@ class Dispatcher:
         Raises :class:`RouteError` (or its UNAVAILABLE subclass when no worker is left) otherwise, with
         the request unassigned.
         """
+        weight = self._config.prefix_affinity_weight
+        keys = prefix_keys(message) if weight > 0 else []
         while True:
-            decode = self._decode_policy.pick(self._registry.with_role(*self._decode_roles),
-                                              exclude=request.failed_workers)
-            prefill_address = ""
+            decoders = self._registry.with_role(*self._decode_roles)
+            decode = self._decode_policy.pick(decoders, exclude=request.failed_workers,
+                                              bonus=self._affinity.bonus([w.worker_id for w in decoders], keys, weight))
+            prefill_address, prefill_id = "", None
             prefill_workers = (self._registry.with_role(WorkerRole.PREFILL)
                                if self._mode is ServingMode.DISAGGREGATED else [])
             if prefill_workers and self._prefill_policy.should_prefill_remotely(
                     request.num_prompt_tokens, [w for w in prefill_workers if w.routable]):
-                prefill = self._prefill_policy.pick(prefill_workers)
-                prefill_address = prefill.endpoint.address
+                prefill = self._prefill_policy.pick(
+                    prefill_workers, bonus=self._affinity.bonus([w.worker_id for w in prefill_workers], keys, weight))
+                prefill_address, prefill_id = prefill.endpoint.address, prefill.worker_id
                 self._assign_prefill(request, prefill.worker_id)
             self._assign_decode(request, decode.worker_id)
             message.prefill_address = prefill_address
@@ -79,6 +85,9 @@ class Dispatcher:
                 await self._registry.stub(decode.worker_id).Submit(message, timeout=self._config.submit_timeout_s)
                 if self._metrics is not None:
                     self._metrics.placed(remote_prefill=bool(prefill_address))
+                self._affinity.record(decode.worker_id, keys)
+                if prefill_id is not None:
+                    self._affinity.record(prefill_id, keys)
                 return
             except grpc.aio.AioRpcError as exc:
                 self.release(request)
@@ -154,6 +163,7 @@ class Dispatcher:
 
     def worker_lost(self, worker_id: str, reason: str) -> None:
         self._registry.set_stream_live(worker_id, False)
+        self._affinity.forget(worker_id)  # it may have restarted with an empty cache
         for request in self._table.on_worker(worker_id):
             request.queue.put_nowait(WorkerLost(worker_id, reason))
 

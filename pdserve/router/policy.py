@@ -9,7 +9,7 @@ takes the highest score and breaks ties round-robin, so an idle cluster spreads 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from pdserve.router.errors import NoWorkerAvailableError
 from pdserve.router.registry import WorkerState
@@ -33,12 +33,18 @@ class ScoredPolicy(ABC):
     def score(self, candidates: Sequence[WorkerState]) -> list[float]:
         """One score in [0, 1] per candidate (higher is better), relative to the other candidates."""
 
-    def pick(self, candidates: Sequence[WorkerState], exclude: Collection[str] = ()) -> WorkerState:
-        """The best eligible worker; raises :class:`NoWorkerAvailableError` explaining why none is."""
+    def pick(self, candidates: Sequence[WorkerState], exclude: Collection[str] = (),
+             bonus: Mapping[str, float] | None = None) -> WorkerState:
+        """The best eligible worker; raises :class:`NoWorkerAvailableError` explaining why none is.
+
+        ``bonus`` adds a per-request term to a worker's score (prefix affinity: the share of the
+        prompt it has probably cached, times its weight)."""
         eligible = self.filter(candidates, exclude)
         if not eligible:
             raise NoWorkerAvailableError(self._explain_none(candidates, exclude))
         scores = self.score(eligible)
+        if bonus:
+            scores = [s + bonus.get(c.worker_id, 0.0) for c, s in zip(eligible, scores, strict=True)]
         best = max(scores)
         tied = [c for c, s in zip(eligible, scores) if s >= best - TIE_TOLERANCE]
         choice = tied[self._round_robin % len(tied)]
