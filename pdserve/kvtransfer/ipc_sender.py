@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -55,8 +53,7 @@ class IpcSender(SenderCore):
                  close_timeout_s: float = 5.0, remote_caches: Sequence[torch.Tensor] | None = None,
                  **_: Any) -> None:
         host, port, group_name = str(bootstrap["host"]), int(bootstrap["port"]), str(bootstrap["group_name"])
-        super().__init__(caches, layout, peer=f"{host}:{port}/{group_name}")
-        self._name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        super().__init__(caches, layout, peer=f"{host}:{port}/{group_name}", name=name)
         self._op_timeout_s = op_timeout_s
         self._close_timeout_s = close_timeout_s
         join = datetime.timedelta(seconds=join_timeout_s)

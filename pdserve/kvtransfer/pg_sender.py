@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import datetime
 import os
-import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -74,8 +73,7 @@ class ProcessGroupSender(SenderCore):
                  *, name: str | None = None, join_timeout_s: float = 60.0, op_timeout_s: float = 60.0,
                  close_timeout_s: float = 5.0, max_inflight_bytes: int = 256 << 20) -> None:
         host, port, group_name = str(bootstrap["host"]), int(bootstrap["port"]), str(bootstrap["group_name"])
-        super().__init__(caches, layout, peer=f"{host}:{port}/{group_name}")
-        self._name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        super().__init__(caches, layout, peer=f"{host}:{port}/{group_name}", name=name)
         try:
             self._backend = process_group_backend(resolve_backend(str(bootstrap.get("backend", "auto")),
                                                                   self._device))

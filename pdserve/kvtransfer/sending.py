@@ -14,6 +14,8 @@ before it completed too), CANCELLED on ``cancel``/``close``, FAILED when the cha
 from __future__ import annotations
 
 import abc
+import os
+import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,8 +52,11 @@ class _Outgoing:
 class SenderCore(KVSender):
     """:class:`KVSender` minus the transport; subclasses implement ``_submit`` and ``close``."""
 
-    def __init__(self, caches: Sequence[torch.Tensor], layout: KVLayoutInfo, peer: str) -> None:
+    def __init__(self, caches: Sequence[torch.Tensor], layout: KVLayoutInfo, peer: str,
+                 name: str | None = None) -> None:
         layout.check_caches(caches)
+        #: how the receiver calls this sender (its logs and errors); unique per process by default
+        self._name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._layout = layout
         self._device = caches[0].device
         self._num_blocks = int(caches[0].shape[1])

@@ -36,7 +36,6 @@ from pdserve.router.metrics import CONTENT_TYPE
 from pdserve.router.openai_responses import (
     chat_chunk,
     chat_json,
-    chat_usage_chunk,
     completion_json,
     error_json,
     models_json,
@@ -187,7 +186,7 @@ _CHAT = _Api(
     parse=chat_request,
     answer=chat_json,
     chunk=lambda r, model, created, first, offset: chat_chunk(r, model, created, first),
-    usage=chat_usage_chunk)
+    usage=lambda request_id, usage, model, created: usage_chunk(request_id, usage, model, created, chat=True))
 
 
 async def _event(response: web.StreamResponse, payload: dict[str, Any]) -> None:

@@ -16,22 +16,29 @@ def completion_id(request_id: str) -> str:
     return f"cmpl-{request_id}"
 
 
+def _sampled(response: pdserve_pb2.GenerateResponse) -> list[tuple[str, float | None, list[common_pb2.Logprob]]]:
+    """Per generated token of ``response``: its text, its logprob, and every entry of its position
+    (the top alternatives and the sampled token), most likely first."""
+    out = []
+    for token_id, position in zip(response.token_ids, response.logprobs, strict=False):
+        chosen = next((e for e in position.entries if e.token_id == token_id), None)
+        out.append((chosen.decoded_token if chosen is not None else "", chosen.logprob if chosen is not None else None,
+                    sorted(position.entries, key=lambda e: e.rank)))
+    return out
+
+
 def completion_logprobs(response: pdserve_pb2.GenerateResponse, text_offset: int) -> dict[str, Any] | None:
     """OpenAI's legacy ``logprobs`` object for the tokens of ``response`` (``None`` without logprobs)."""
     if not response.logprobs:
         return None
-    tokens, token_logprobs, top, offsets = [], [], [], []
-    offset = text_offset
-    for token_id, position in zip(response.token_ids, response.logprobs, strict=False):
-        entries = {e.token_id: e for e in position.entries}
-        chosen = entries.get(token_id)
-        text = chosen.decoded_token if chosen is not None else ""
-        tokens.append(text)
-        token_logprobs.append(chosen.logprob if chosen is not None else None)
-        top.append({e.decoded_token: e.logprob for e in position.entries})
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+    sampled = _sampled(response)
+    offsets = []
+    for text, _, _ in sampled:
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": [t for t, _, _ in sampled], "token_logprobs": [lp for _, lp, _ in sampled],
+            "top_logprobs": [{e.decoded_token: e.logprob for e in entries} for _, _, entries in sampled],
+            "text_offset": offsets}
 
 
 def usage_json(usage: common_pb2.Usage) -> dict[str, Any]:
@@ -54,9 +61,11 @@ def completion_json(response: pdserve_pb2.GenerateResponse, model: str, created:
     return body
 
 
-def usage_chunk(request_id: str, usage: common_pb2.Usage, model: str, created: int) -> dict[str, Any]:
+def usage_chunk(request_id: str, usage: common_pb2.Usage, model: str, created: int, *, chat: bool = False
+                ) -> dict[str, Any]:
     """The last streamed chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
-    return {"id": completion_id(request_id), "object": "text_completion", "created": created, "model": model,
+    return {"id": chat_id(request_id) if chat else completion_id(request_id),
+            "object": "chat.completion.chunk" if chat else "text_completion", "created": created, "model": model,
             "choices": [], "usage": usage_json(usage)}
 
 
@@ -84,17 +93,10 @@ def chat_logprobs(response: pdserve_pb2.GenerateResponse) -> dict[str, Any] | No
     """The chat API's ``logprobs`` object: per generated token, its logprob and the top alternatives."""
     if not response.logprobs:
         return None
-    content = []
-    for token_id, position in zip(response.token_ids, response.logprobs, strict=False):
-        entries = {e.token_id: e for e in position.entries}
-        chosen = entries.get(token_id)
-        text = chosen.decoded_token if chosen is not None else ""
-        content.append({"token": text, "logprob": chosen.logprob if chosen is not None else None,
-                        "bytes": list(text.encode()),
-                        "top_logprobs": [{"token": e.decoded_token, "logprob": e.logprob,
-                                          "bytes": list(e.decoded_token.encode())}
-                                         for e in sorted(position.entries, key=lambda e: e.rank)]})
-    return {"content": content}
+    return {"content": [{"token": text, "logprob": logprob, "bytes": list(text.encode()),
+                         "top_logprobs": [{"token": e.decoded_token, "logprob": e.logprob,
+                                           "bytes": list(e.decoded_token.encode())} for e in entries]}
+                        for text, logprob, entries in _sampled(response)]}
 
 
 def chat_json(response: pdserve_pb2.GenerateResponse, model: str, created: int) -> dict[str, Any]:
@@ -113,8 +115,3 @@ def chat_chunk(response: pdserve_pb2.GenerateResponse, model: str, created: int,
     return {"id": chat_id(response.request_id), "object": "chat.completion.chunk", "created": created,
             "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": chat_logprobs(response),
                                          "finish_reason": _finish(response)}]}
-
-
-def chat_usage_chunk(request_id: str, usage: common_pb2.Usage, model: str, created: int) -> dict[str, Any]:
-    return {"id": chat_id(request_id), "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": usage_json(usage)}

@@ -13,6 +13,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 
 def _ray_processes() -> int:
@@ -28,18 +31,24 @@ def _ray_processes() -> int:
     return count
 
 
-def _offline_text(prompt: str, max_tokens: int) -> str:
+def _offline(prompt: str, max_tokens: int) -> tuple[Any, Any]:
+    """The offline engine's greedy completion of ``prompt`` and of ``prompt`` as a user message, with
+    the sampled tokens' logprobs (two alternatives each)."""
     from pdserve import LLM, SamplingParams
 
     llm = LLM(model="tiny-random")
-    return llm.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0))[0].text
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=2)
+    return llm.generate([prompt], params)[0], llm.chat([{"role": "user", "content": prompt}], params)[0]
 
 
-def _offline_chat(messages: list[dict[str, str]], max_tokens: int) -> str:
-    from pdserve import LLM, SamplingParams
+def _post(url: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
 
-    llm = LLM(model="tiny-random")
-    return llm.chat(messages, SamplingParams(max_tokens=max_tokens, temperature=0.0))[0].text
+
+def _chosen_logprobs(output: Any) -> list[float]:
+    return [position[t].logprob for t, position in zip(output.token_ids, output.logprobs, strict=True)]
 
 
 def test_serve_then_ctrl_c_shuts_down_cleanly() -> None:
@@ -65,19 +74,20 @@ def test_serve_then_ctrl_c_shuts_down_cleanly() -> None:
         done = subprocess.run([sys.executable, "-m", "pdserve", "generate", "--target", address, "--max-tokens", "6",
                                "Hello"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
-        body = json.dumps({"model": "tiny-random", "prompt": "Hello", "max_tokens": 6, "temperature": 0}).encode()
-        request = urllib.request.Request(f"{http}/completions", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.loads(response.read())
+        completion, chat_completion = _offline("Hello", 6)
+        answer = _post(f"{http}/completions", {"model": "tiny-random", "prompt": "Hello", "max_tokens": 6,
+                                               "temperature": 0, "logprobs": 2})
         assert answer["usage"]["completion_tokens"] == 6
-        assert answer["choices"][0]["text"] == _offline_text("Hello", 6)
-        messages = [{"role": "user", "content": "Hello"}]
-        body = json.dumps({"messages": messages, "max_tokens": 6, "temperature": 0}).encode()
-        request = urllib.request.Request(f"{http}/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            chat = json.loads(response.read())
-        assert chat["choices"][0]["message"]["content"] == _offline_chat(messages, 6)
+        choice = answer["choices"][0]
+        assert choice["text"] == completion.text
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx(_chosen_logprobs(completion), abs=1e-4)
+        assert "".join(choice["logprobs"]["tokens"]) == completion.text
+        chat = _post(f"{http}/chat/completions", {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6,
+                                                  "temperature": 0, "logprobs": True, "top_logprobs": 2})
+        choice = chat["choices"][0]
+        assert choice["message"]["content"] == chat_completion.text
+        assert [t["logprob"] for t in choice["logprobs"]["content"]] == pytest.approx(
+            _chosen_logprobs(chat_completion), abs=1e-4)
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=90) == 0
     finally:
