@@ -24,12 +24,12 @@ run: setup
 serve: setup
 	$(VENV)/bin/pdserve serve $(SERVE_ARGS)
 
-test: setup
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check pdserve tests benchmarks
-	$(VENV)/bin/mypy pdserve --ignore-missing-imports
+	$(VENV)/bin/mypy pdserve
 
 clean:
 	rm -rf $(VENV) .pytest_cache

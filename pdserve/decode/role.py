@@ -161,7 +161,7 @@ class DecodeRole(Role):
             reply_task = asyncio.ensure_future(peer.stub.Prefill(request, timeout=timeout))
             state = await self._wait_landed(handle, timeout, reply_task)
             if reply_task.done() and reply_task.exception() is not None:
-                raise reply_task.exception()  # type: ignore[misc]
+                raise reply_task.exception()
             if state is not TransferState.DONE:
                 raise TimeoutError(f"the KV of request {rid} did not land ({state.name.lower()}"
                                    f"{': ' + handle.error if handle.error else ''})")

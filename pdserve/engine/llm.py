@@ -71,7 +71,7 @@ class LLM:
              use_tqdm: bool = False) -> list[RequestOutput]:
         """Render each conversation with the model's chat template, then :meth:`generate`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        ids = [self.tokenizer.encode_chat(conv) for conv in conversations]  # type: ignore[arg-type]
+        ids = [self.tokenizer.encode_chat(conv) for conv in conversations]
         return self.generate(sampling_params=sampling_params, prompt_token_ids=ids, use_tqdm=use_tqdm)
 
 

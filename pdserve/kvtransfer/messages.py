@@ -124,7 +124,7 @@ def check_payload_ints(payload: object) -> tuple[int, ...]:
     """The completion payload as a tuple of int64-range ints, or ``ValueError``."""
     if isinstance(payload, (str, bytes)) or not hasattr(payload, "__iter__"):
         raise ValueError(f"payload must be a sequence of ints, got {payload!r}")
-    ints = tuple(payload)  # type: ignore[call-overload]
+    ints = tuple(payload)
     if len(ints) > MAX_PAYLOAD_INTS:
         raise ValueError(f"payload has {len(ints)} ints, at most {MAX_PAYLOAD_INTS} are allowed")
     for v in ints:

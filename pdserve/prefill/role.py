@@ -98,7 +98,7 @@ class PrefillRole(Role):
                       ) -> worker_pb2.PrefillReply:
         sender = self._senders.get(request.decode_worker_id)
         if sender is None:
-            await context.abort(  # raisesgrpc.StatusCode.FAILED_PRECONDITION,
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"no KV handshake with decode worker {request.decode_worker_id} yet")
         try:
             params = sampling_params_from_proto(request.params)

@@ -79,6 +79,31 @@ def test_mismatched_handshake_fails_the_request_clearly() -> None:
         decode.stop()
 
 
+def test_prefill_without_handshake_is_failed_precondition() -> None:
+    """A Prefill call from a decode worker that never shook hands is refused with FAILED_PRECONDITION
+    naming the peer (the status code used to be swallowed into the message argument)."""
+    prefill = WorkerHost("p-lonely", "prefill", EngineConfig(num_kv_blocks=64, max_model_len=256),
+                         KVTransferConfig(backend="gloo", timeout_s=10))
+    try:
+        address = prefill.start()
+
+        async def call() -> grpc.aio.AioRpcError:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = worker_pb2_grpc.WorkerStub(channel)
+                request = worker_pb2.PrefillRequest(request_id="r", decode_worker_id="d-unknown",
+                                                    params=sampling_params_to_proto(SamplingParams(max_tokens=2)))
+                request.prompt_token_ids.ids.extend([1, 2, 3])
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Prefill(request, timeout=30)
+                return info.value
+
+        error = asyncio.run(call())
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "d-unknown" in (error.details() or "")
+    finally:
+        prefill.stop()
+
+
 async def _submit_and_wait(decode_address: str, prefill_address: str):  # noqa: ANN202
     async with grpc.aio.insecure_channel(decode_address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)

@@ -29,7 +29,7 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):  # type: ignore[override]
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if self.fused:
             from pdserve.engine.kernels.rmsnorm import fused_rmsnorm
 
