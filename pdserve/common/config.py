@@ -30,6 +30,10 @@ class EngineConfig:
     ``max_num_batched_tokens`` is the per-step token budget shared by prefill chunks and decodes.
     The KV cache gets ``num_kv_blocks`` blocks when given; otherwise ``gpu_memory_utilization`` of the
     GPU's memory (minus weights and activations), or ``cpu_kv_cache_gib`` GiB on the CPU.
+    On CUDA every step of up to ``cuda_graph_max_tokens`` tokens (decode, prefill or mixed) replays a
+    CUDA graph captured at start-up (``enforce_eager`` turns graphs off). ``async_scheduling`` prepares
+    and launches step N+1 before the host reads step N's tokens, so host work overlaps the GPU (as
+    vLLM's option of the same name); outputs are the same either way.
     """
 
     model: str = TINY_RANDOM_MODEL
@@ -49,6 +53,8 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    cuda_graph_max_tokens: int = 2048
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         try:
@@ -79,7 +85,8 @@ class EngineConfig:
             require_int("num_kv_blocks", self.num_kv_blocks, minimum=2)
         require_float("cpu_kv_cache_gib", self.cpu_kv_cache_gib, minimum=0.0, exclusive_minimum=True)
         require_int("seed", self.seed, minimum=0)
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager"):
+        require_int("cuda_graph_max_tokens", self.cuda_graph_max_tokens, minimum=0, maximum=65536)
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameterError(name, f"must be true or false, got {getattr(self, name)!r}")
 

@@ -76,6 +76,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def uses_penalties(self) -> bool:
+        """Whether sampling reads the tokens generated so far (repetition/frequency/presence)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
     def max_stop_string_len(self) -> int:
         return max((len(s) for s in self.stop), default=0)
 

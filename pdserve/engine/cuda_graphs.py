@@ -1,9 +1,15 @@
-"""CUDA graphs of the decode forward pass, one per padded batch size, captured at start-up.
+"""CUDA graphs of the forward pass for every step shape -- decode, prefill and mixed -- captured at start-up.
 
-A decode step of ``n`` sequences replays the graph of the smallest captured size ``>= n``; the extra
-rows are dummies that read and write only the null block. Graphs share one memory pool and read their
-inputs from the runner's persistent :class:`StepInputs` buffers, so a replay costs one launch instead of
-hundreds. Capture sizes: 1, 2, 4, 8, then every multiple of 16 up to ``max_num_seqs``.
+A step of ``n`` tokens replays the graph of the smallest captured token count ``>= n``; the rows past
+the batch are padding that writes only the null block and whose outputs are dropped. The attention
+kernels read their live counts (decode sequences, prefill query tiles) from device memory and launch
+a grid fixed by the graph's :class:`LaunchShape`, so a graph serves any mix of decodes and prefill
+chunks with that many tokens. Graphs share one memory pool and read their inputs from the runner's
+persistent :class:`StepInputs` buffers, so a replay costs one launch instead of hundreds.
+
+Sizes: 1, 2, 4, 8, every multiple of 16 up to 256 (decode batches and short prompts), then steps of
+64 up to 512, 128 up to 1024 and 256 beyond, up to the largest step the engine may run through a graph;
+larger steps run eagerly, where the GPU work (tens of ms) hides the launches anyway.
 """
 
 from __future__ import annotations
@@ -11,62 +17,69 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Callable
 
 import torch
 
+from pdserve.engine.attention.metadata import LaunchShape
 from pdserve.engine.model.decoder import DecoderForCausalLM
 from pdserve.engine.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
 
-def capture_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs]
-    sizes += list(range(16, max_num_seqs + 1, 16))
-    if sizes[-1] != max_num_seqs:
-        sizes.append(max_num_seqs)
-    return sizes
+def capture_sizes(max_num_seqs: int, max_tokens: int) -> list[int]:
+    """Padded token counts to capture: every decode batch up to ``max_num_seqs`` is covered, and every
+    step up to ``max_tokens`` tokens."""
+    sizes = {s for s in (1, 2, 4, 8) if s <= max(max_num_seqs, max_tokens)}
+    ladder = [(256, 16), (512, 64), (1024, 128), (1 << 30, 256)]
+    size, limit = 16, max(max_tokens, max_num_seqs)
+    while size <= limit:
+        sizes.add(size)
+        size += next(step for bound, step in ladder if size < bound)
+    sizes.update({max_num_seqs, max_tokens} & set(range(1, limit + 1)))
+    return sorted(sizes)
 
 
-class DecodeGraphs:
+class StepGraphs:
     def __init__(self, model: DecoderForCausalLM, kv_caches: list[torch.Tensor], inputs: StepInputs,
-                 sizes: list[int], num_splits_for: Callable[[int], int]) -> None:
+                 shapes: list[LaunchShape]) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.inputs = inputs
-        self.sizes = sorted(sizes)
-        self.num_splits_for = num_splits_for
+        self.shapes = sorted(shapes, key=lambda s: s.num_tokens)
+        self._sizes = [s.num_tokens for s in self.shapes]
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
 
     @property
-    def max_size(self) -> int:
-        return self.sizes[-1]
+    def max_tokens(self) -> int:
+        return self._sizes[-1]
 
-    def padded_size(self, num_seqs: int) -> int | None:
-        i = bisect.bisect_left(self.sizes, num_seqs)
-        return self.sizes[i] if i < len(self.sizes) else None
+    def shape_for(self, num_tokens: int) -> LaunchShape | None:
+        """The captured shape a step of ``num_tokens`` tokens replays (``None``: run it eagerly)."""
+        i = bisect.bisect_left(self._sizes, num_tokens)
+        return self.shapes[i] if i < len(self.shapes) else None
 
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
-            metadata = self.inputs.load_dummy_decode(size, self.num_splits_for(size))
-            ids, pos = self.inputs.input_ids[:size], self.inputs.positions[:size]
+        for shape in reversed(self.shapes):  # largest first: later graphs reuse its pool memory
+            metadata = self.inputs.load_padding(shape)
+            ids, pos = self.inputs.input_ids[: shape.num_tokens], self.inputs.positions[: shape.num_tokens]
             self.model(ids, pos, self.kv_caches, metadata)  # warm-up: compiles kernels, sets up cuBLAS
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._outputs[size] = self.model(ids, pos, self.kv_caches, metadata)
-            self._graphs[size] = graph
+                self._outputs[shape.num_tokens] = self.model(ids, pos, self.kv_caches, metadata)
+            self._graphs[shape.num_tokens] = graph
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
-        logger.info("captured %d decode CUDA graphs in %.1f s", len(self.sizes), self.capture_seconds)
+        logger.info("captured %d CUDA graphs (1 to %d tokens) in %.1f s", len(self.shapes), self.max_tokens,
+                    self.capture_seconds)
 
-    def replay(self, padded_size: int) -> torch.Tensor:
-        """Run the graph of ``padded_size`` (inputs already loaded) and return its hidden states."""
-        self._graphs[padded_size].replay()
-        return self._outputs[padded_size]
+    def replay(self, shape: LaunchShape) -> torch.Tensor:
+        """Run the graph of ``shape`` (inputs already loaded) and return its hidden states (all rows)."""
+        self._graphs[shape.num_tokens].replay()
+        return self._outputs[shape.num_tokens]

@@ -39,7 +39,7 @@ from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches, n
 from pdserve.engine.model.loader import build_model, inspect_model_dir
 from pdserve.engine.model.tiny import ensure_tiny_random
 from pdserve.engine.request import Request, RequestStatus
-from pdserve.engine.runner import ModelRunner
+from pdserve.engine.runner import LaunchedStep, ModelRunner
 from pdserve.engine.sampler import Sampler, SamplingRow
 from pdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerPlan
 from pdserve.engine.tokenizer import Tokenizer
@@ -94,7 +94,7 @@ class LLMEngine:
                               f"max_model_len={self.max_model_len}; without chunked prefill a whole prompt "
                               f"must fit in one step")
         timer = time.perf_counter()
-        backend = select_backend(config.attention_backend, self.device)
+        self.attention_backend = backend = select_backend(config.attention_backend, self.device)
         self.model = build_model(source, backend=backend, dtype=self.dtype, device=self.device,
                                  load_format=config.load_format, max_positions=self.max_model_len, seed=config.seed)
         self.startup_seconds = {"weights": time.perf_counter() - timer}
@@ -102,7 +102,8 @@ class LLMEngine:
         self.sampler = Sampler(self.device, seed=config.seed)
         self.runner = ModelRunner(self.model, [], config.block_size, self.device, self.sampler, self.eos_token_ids,
                                   max_num_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=self.max_model_len)
+                                  max_model_len=self.max_model_len,
+                                  query_tile_rows=backend.query_tile_rows(spec.head_dim, self.dtype))
         timer = time.perf_counter()
         num_blocks = self._num_kv_blocks()
         self.kv_layout = KVCacheLayout(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
@@ -114,11 +115,13 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,
                                                    config.enable_chunked_prefill), self.kv)
         if self.device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
-            self.startup_seconds["cuda_graphs"] = self.runner.capture_cuda_graphs(config.max_num_seqs)
+            self.startup_seconds["cuda_graphs"] = self.runner.capture_cuda_graphs(config.max_num_seqs,
+                                                                                  config.cuda_graph_max_tokens)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._held: dict[str, Request] = {}  # prefill_only requests done computing, blocks not yet sent
         self._landing_zones: list[LandingZone] = []
+        self._in_flight: LaunchedStep | None = None  # launched, tokens not yet read (async scheduling)
         self.step_hooks: StepHooks | None = None
         _LIVE_ENGINES.add(self)
 
@@ -229,7 +232,15 @@ class LLMEngine:
         return self._finalize(request, [], None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Whether ``step()`` has anything left to do: queued or running requests, or a launched step
+        whose tokens some live request still awaits."""
+        return self.scheduler.has_unfinished() or self.has_step_in_flight
+
+    @property
+    def has_step_in_flight(self) -> bool:
+        step = self._in_flight
+        return step is not None and any(self._requests.get(c.request.request_id) is c.request
+                                        for c in step.sampling)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -238,28 +249,63 @@ class LLMEngine:
     # ---- stepping ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestDelta]:
+        """Schedule and launch the next step, then read the tokens of the step launched before it (with
+        ``async_scheduling``; otherwise of this one). Returns the deltas of the tokens read.
+
+        With asynchronous scheduling the next step is planned as if every request in flight gets its
+        token (it may be an end-of-sequence: that request's extra row is computed and dropped), and its
+        inputs take those tokens on the device. Requests whose sampling reads earlier tokens on the
+        host (penalties) make the engine read the step in flight first.
+        """
+        deltas: list[RequestDelta] = []
+        if self._in_flight is not None and any(c.request.params.uses_penalties for c in self._in_flight.sampling):
+            deltas += self._land(self._in_flight)
+            self._in_flight = None
         plan = self.scheduler.schedule()
         for request in plan.landing_zones:
             block_ids = self.kv.block_ids(request.request_id)
             self._landing_zones.append(LandingZone(request.request_id, request.prompt_token_ids, list(block_ids),
                                                    request.num_computed_tokens // self.kv.block_size))
-        if plan.is_empty:
-            return []
+        launched = self._launch(plan) if not plan.is_empty else None
+        if self._in_flight is not None:
+            deltas += self._land(self._in_flight)
+        self._in_flight = launched
+        if launched is not None and not self.config.async_scheduling:
+            deltas += self._land(launched)
+            self._in_flight = None
+        return deltas
+
+    def _launch(self, plan: SchedulerPlan) -> LaunchedStep:
         hooks = self.step_hooks
         self.model.layer_hook = hooks.before_forward(plan) if hooks is not None else None
         try:
-            result = self.runner.execute(plan)
+            launched = self.runner.launch(plan)
         finally:
             self.model.layer_hook = None
         self.scheduler.finish_step(plan)
-        if hooks is not None:
-            hooks.after_forward(plan)
+        for chunk in launched.sampling:
+            request = chunk.request
+            request.expect_token(ends_request=self._next_token_is_last(request))
+        return launched
+
+    def _next_token_is_last(self, request: Request) -> bool:
+        """Whether the token about to be sampled for ``request`` ends it whatever its value."""
+        num_outputs = request.num_output_tokens + request.num_pending_tokens + 1
+        return (request.prefill_only or num_outputs >= request.params.max_tokens
+                or request.num_tokens + 1 >= self.max_model_len)
+
+    def _land(self, launched: LaunchedStep) -> list[RequestDelta]:
+        """Read a launched step's tokens (waits for the device) and append them to their requests."""
+        token_ids, logprobs = launched.token_ids(), launched.logprobs()
+        if self.step_hooks is not None:
+            self.step_hooks.after_forward(launched.plan)
         deltas = []
-        for chunk in plan.chunks:
-            if chunk.samples:
-                request = chunk.request
-                rid = request.request_id
-                deltas.append(self._append_token(request, result.token_ids[rid], result.logprobs[rid]))
+        for chunk, token_id, token_logprobs in zip(launched.sampling, token_ids, logprobs, strict=True):
+            request = chunk.request
+            request.token_landed()
+            if self._requests.get(request.request_id) is not request or request.is_finished:
+                continue  # aborted, or ended by an earlier token: this row was computed in vain
+            deltas.append(self._append_token(request, token_id, token_logprobs))
         return deltas
 
     def _append_token(self, request: Request, token_id: int, logprobs: TokenLogprobs | None) -> RequestDelta:
@@ -337,7 +383,7 @@ class LLMEngine:
             if token_id in params.stop_token_ids:
                 request.stop_reason = token_id
                 return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        if request.num_output_tokens >= params.max_tokens or request.num_known_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

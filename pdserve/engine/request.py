@@ -4,6 +4,13 @@ A request is scheduled purely in token counts: it holds ``num_tokens`` known tok
 output so far) of which ``num_computed_tokens`` already have KV in the cache. Prefill, chunked
 prefill, decode, recompute after preemption and KV received from another worker are all the same
 thing: computing the tokens in ``[num_computed_tokens, num_tokens)``.
+
+With asynchronous scheduling a step's sampled token is known on the device before the host reads it:
+``num_pending_tokens`` counts it in ``num_tokens`` already, so the next step can be scheduled and
+computed from the device copy, while ``all_token_ids`` holds only the tokens the host has. It is at
+most 1 while a step is scheduled, and 2 between launching a step and reading the one before it.
+``pending_is_last`` marks a pending token that ends the request whatever it is (``max_tokens``, the
+model length, a prefill-only request's first token): nothing more is scheduled for it.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full blocks known so far
     remote_prefill: bool = False  # decode role: the prompt's KV arrives from a prefill worker
     prefill_only: bool = False  # prefill role: finish after the first token, keep the blocks until sent
+    num_pending_tokens: int = 0  # sampled by a step in flight, not yet appended (see the module docstring)
+    pending_is_last: bool = False
     _all_token_ids: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +86,12 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Known tokens plus the one a step in flight is sampling (if any)."""
+        return len(self._all_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens the host holds (``len(all_token_ids)``)."""
         return len(self._all_token_ids)
 
     @property
@@ -89,7 +104,7 @@ class Request:
 
     @property
     def num_tokens_to_compute(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        return 0 if self.pending_is_last else self.num_tokens - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -98,3 +113,16 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self._all_token_ids.append(token_id)
+
+    def expect_token(self, ends_request: bool) -> None:
+        """A step now in flight samples this request's next token (``ends_request``: it is the last)."""
+        assert self.num_pending_tokens < 2, f"{self.request_id} has two tokens in flight already"
+        self.num_pending_tokens += 1
+        self.pending_is_last = ends_request
+
+    def token_landed(self) -> None:
+        """The host now has the oldest pending token (append it next), or its row was dropped."""
+        assert self.num_pending_tokens > 0, f"{self.request_id} has no token in flight"
+        self.num_pending_tokens -= 1
+        if not self.num_pending_tokens:
+            self.pending_is_last = False

@@ -1,14 +1,17 @@
 """Turn a :class:`SchedulerPlan` into tensors, run the model, sample. Never calls back into the scheduler.
 
-One step: order the chunks decodes-first, write their inputs into the persistent buffers (one async
-copy each to the device), run the forward pass (which writes the new KV) -- by replaying a captured
-CUDA graph when every chunk is a decode and a graph of that size exists -- take the hidden state of the
-last row of each chunk that samples, compute logits for those rows only, and sample. The host
-receives the sampled ids once per step.
+One step (:meth:`ModelRunner.launch`): order the chunks decodes-first, write their inputs into the
+persistent buffers (one async copy each to the device), run the forward pass -- by replaying the CUDA
+graph of the smallest captured token count that fits the step, whatever its mix of decodes and
+prefill chunks, or eagerly when the step is larger than every graph (or graphs are off) -- take the
+hidden state of the last row of each chunk that samples, compute logits for those rows only, and
+sample. Nothing waits for the device: the sampled ids stay there (the next step may read them as
+inputs) and are copied to the host in the background; :meth:`LaunchedStep.token_ids` waits for them.
 
 The model's optional per-layer hook (``DecoderForCausalLM.layer_hook``, installed per step by the
 engine from its ``step_hooks``) lets the prefill role stream each layer's freshly written KV while
-later layers compute; the runner itself does nothing with it.
+later layers compute. A graph replay cannot stop between layers, so after a replay the hook is called
+for every layer in order (the KV of short prompts is sent once their whole forward pass is queued).
 """
 
 from __future__ import annotations
@@ -19,30 +22,42 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.common.outputs import TokenLogprobs
-from pdserve.engine.attention.metadata import AttentionMetadata
-from pdserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from pdserve.engine.attention.metadata import AttentionMetadata, LaunchShape
+from pdserve.engine.cuda_graphs import StepGraphs, capture_sizes
 from pdserve.engine.kernels.paged_decode import choose_num_splits
 from pdserve.engine.model.decoder import DecoderForCausalLM
-from pdserve.engine.sampler import Sampler, SamplingRow
+from pdserve.engine.sampler import SampledTokens, Sampler, SamplingRow
 from pdserve.engine.scheduler import ScheduledChunk, SchedulerPlan
-from pdserve.engine.step_inputs import StepInputs
+from pdserve.engine.step_inputs import FedTokens, StepCounts, StepInputs
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class StepResult:
-    """Sampled tokens of the chunks that sample, keyed by request id."""
+@dataclass(eq=False)
+class LaunchedStep:
+    """A step whose forward pass and sampling are queued on the device.
 
-    token_ids: dict[str, int]
-    logprobs: dict[str, TokenLogprobs | None]
-    num_forward_tokens: int = 0
+    ``sampling`` lists the chunks that sample, in the order of the rows of ``sampled``.
+    """
+
+    plan: SchedulerPlan
+    sampling: list[ScheduledChunk]
+    sampled: SampledTokens | None
+    num_forward_tokens: int
+
+    def token_ids(self) -> list[int]:
+        """The sampled ids in ``sampling`` order (waits for the device)."""
+        return [] if self.sampled is None else self.sampled.resolve().token_ids
+
+    def logprobs(self) -> list[TokenLogprobs | None]:
+        return [] if self.sampled is None else self.sampled.resolve().logprobs
 
 
 class ModelRunner:
     def __init__(self, model: DecoderForCausalLM, kv_caches: list[torch.Tensor], block_size: int,
                  device: torch.device, sampler: Sampler, eos_token_ids: tuple[int, ...], *,
-                 max_num_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
+                 max_num_tokens: int, max_num_seqs: int, max_model_len: int,
+                 query_tile_rows: int | None = None) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -50,11 +65,14 @@ class ModelRunner:
         self.sampler = sampler
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
         self.inputs = StepInputs(max(max_num_tokens, max_num_seqs), max_num_seqs,
-                                 -(-max_model_len // block_size), block_size, device)
+                                 -(-max_model_len // block_size), block_size, device, query_tile_rows)
+        self.query_tile_rows = query_tile_rows
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self.num_kv_heads = model.spec.num_kv_heads
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
+        self._fed: FedTokens | None = None  # the last launched step's sampled ids (next step's inputs)
         self.num_forward_tokens = 0  # cumulative count of tokens run through the model (a metric)
         self.num_prompt_tokens_computed = 0  # of those, prompt positions: prefill work done on this engine
         self.num_graph_steps = 0
@@ -62,58 +80,81 @@ class ModelRunner:
 
     # ---- set-up --------------------------------------------------------------------------------
 
-    def capture_cuda_graphs(self, max_num_seqs: int) -> float:
-        """Capture decode graphs for every padded batch size; returns the seconds it took."""
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.inputs, capture_sizes(max_num_seqs),
-                                   lambda n: self._decode_splits(n, self.max_model_len))
+    def capture_cuda_graphs(self, max_num_seqs: int, max_graph_tokens: int) -> float:
+        """Capture graphs for every padded step size up to ``max_graph_tokens`` tokens (and every decode
+        batch); returns the seconds it took."""
+        limit = min(max_graph_tokens, self.inputs.max_tokens)
+        sizes = [s for s in capture_sizes(max_num_seqs, limit) if s <= self.inputs.max_tokens]
+        self.graphs = StepGraphs(self.model, self.kv_caches, self.inputs, [self.graph_shape(s) for s in sizes])
         self.graphs.capture()
         return self.graphs.capture_seconds
 
+    def graph_shape(self, num_tokens: int) -> LaunchShape:
+        """The launch shape of the graph for ``num_tokens`` padded tokens: room for as many decodes as
+        the engine may run, split along the KV as a batch of that many decodes at full length needs,
+        and enough persistent prefill programs for every tile of a few prompts in one wave."""
+        capacity = min(num_tokens, self.max_num_seqs)
+        programs = 0
+        if self.query_tile_rows is not None:
+            programs = min(-(-num_tokens // self.query_tile_rows) + 8, num_tokens // 2)
+        return LaunchShape(num_tokens, capacity, self._decode_splits(capacity, self.max_model_len), programs)
+
+    def _eager_shape(self, counts: StepCounts) -> LaunchShape:
+        return LaunchShape(counts.num_tokens, counts.num_decodes,
+                           self._decode_splits(counts.num_decodes, counts.max_seq_len), counts.num_query_tiles,
+                           batch_specific=True)
+
     def _decode_splits(self, num_decodes: int, max_seq_len: int) -> int:
-        return choose_num_splits(num_decodes, self.num_kv_heads, max_seq_len, self.num_sms)
+        return choose_num_splits(max(num_decodes, 1), self.num_kv_heads, max(max_seq_len, 1), self.num_sms)
 
     # ---- one step ------------------------------------------------------------------------------
 
     def forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, AttentionMetadata]:
         """Run the model over ``chunks`` (decodes first); returns hidden states of the real rows."""
-        num_decodes = sum(1 for c in chunks if c.num_tokens == 1)
-        all_decode = num_decodes == len(chunks)
-        padded = self.graphs.padded_size(len(chunks)) if (self.graphs is not None and all_decode) else None
-        if padded is not None:
-            metadata = self.inputs.load(chunks, self.graphs.num_splits_for(padded), pad_seqs_to=padded)  # type: ignore[union-attr]
-            hidden = self.graphs.replay(padded)[: len(chunks)]  # type: ignore[union-attr]
+        num_tokens = sum(c.num_tokens for c in chunks)
+        shape = self.graphs.shape_for(num_tokens) if self.graphs is not None else None
+        if shape is not None:
+            assert self.graphs is not None
+            metadata = self.inputs.load(chunks, lambda _: shape, self._fed)
+            hidden = self.graphs.replay(shape)[:num_tokens]
+            hook = self.model.layer_hook
+            if hook is not None:
+                for index, kv_cache in enumerate(self.kv_caches):
+                    hook(index, kv_cache)
             self.num_graph_steps += 1
         else:
-            max_seq = max(c.start + c.num_tokens for c in chunks)
-            metadata = self.inputs.load(chunks, self._decode_splits(num_decodes, max_seq))
-            hidden = self.model(self.inputs.input_ids[: metadata.num_tokens],
-                                self.inputs.positions[: metadata.num_tokens], self.kv_caches, metadata)
+            metadata = self.inputs.load(chunks, self._eager_shape, self._fed)
+            rows = metadata.launch.num_tokens if metadata.launch is not None else num_tokens
+            hidden = self.model(self.inputs.input_ids[:rows], self.inputs.positions[:rows], self.kv_caches,
+                                metadata)[:num_tokens]
             self.num_eager_steps += 1
-        self.num_forward_tokens += sum(c.num_tokens for c in chunks)
+        self.num_forward_tokens += num_tokens
         self.num_prompt_tokens_computed += sum(
             max(0, min(c.start + c.num_tokens, c.request.num_prompt_tokens) - c.start) for c in chunks)
         return hidden, metadata
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerPlan) -> StepResult:
+    def launch(self, plan: SchedulerPlan) -> LaunchedStep:
+        """Queue the plan's forward pass and sampling on the device; wait for nothing."""
         chunks = sorted(plan.chunks, key=lambda c: c.num_tokens != 1)  # stable: decodes first
         hidden, metadata = self.forward(chunks)
-        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        sampling = [c for c in chunks if c.samples]
         if not sampling:
-            return StepResult({}, {}, metadata.num_tokens)
+            return LaunchedStep(plan, [], None, metadata.num_tokens)
         ends = metadata.query_start_loc_cpu
-        rows = [ends[i + 1] - 1 for i in sampling]
-        if rows == list(range(len(chunks))):
+        rows = [ends[i + 1] - 1 for i, c in enumerate(chunks) if c.samples]
+        if rows == list(range(len(rows))) and len(rows) == hidden.shape[0]:
             selected = hidden
         else:
-            selected = hidden[torch.tensor(rows, device=hidden.device)]
+            index = torch.tensor(rows, dtype=torch.long, pin_memory=self.device.type == "cuda")
+            selected = hidden.index_select(0, index.to(self.device, non_blocking=True))
         logits = self.model.compute_logits(selected)
-        sampled = [chunks[i] for i in sampling]
         rows_info = [SamplingRow(c.request.request_id, c.request.params, c.request.prompt_token_ids,
-                                 c.request.output_token_ids, self.eos_token_ids) for c in sampled]
-        out = self.sampler.sample(logits, rows_info)
-        ids = [c.request.request_id for c in sampled]
-        return StepResult(dict(zip(ids, out.token_ids)), dict(zip(ids, out.logprobs)), metadata.num_tokens)
+                                 c.request.output_token_ids, self.eos_token_ids, c.request.num_pending_tokens)
+                     for c in sampling]
+        sampled = self.sampler.sample_async(logits, rows_info)
+        self._fed = FedTokens(sampled.token_ids, {c.request.request_id: i for i, c in enumerate(sampling)})
+        return LaunchedStep(plan, sampling, sampled, metadata.num_tokens)
 
     # ---- profiling -----------------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 Semantics follow vLLM's sampler (see :class:`~pdserve.common.sampling_params.SamplingParams`). All
 math runs batched on the logits' device in float32; per-row parameters travel to the device as a
-handful of tensors built once per step, and the result comes back to the host in one transfer.
+handful of tensors built once per step, and the result comes back to the host in one transfer, which
+:meth:`Sampler.sample_async` only starts: the picks stay usable on the device (the next step's inputs)
+and the host reads them when it needs them (:meth:`SampledTokens.resolve`).
 
 Order of operations for one step:
 
@@ -42,8 +44,13 @@ class SamplingRow:
     request_id: str
     params: SamplingParams
     prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]  # tokens generated so far, before this step
+    output_token_ids: Sequence[int]  # tokens generated so far, before this step, known on the host
     eos_token_ids: tuple[int, ...]  # the model's EOS ids; blocked before min_tokens unless ignore_eos
+    num_pending_tokens: int = 0  # generated on the device, not yet in output_token_ids (no penalties then)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_token_ids) + self.num_pending_tokens
 
 
 @dataclass
@@ -57,6 +64,48 @@ class SamplerOutput:
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+
+
+class SampledTokens:
+    """One step's picks: on the device at once (``token_ids``, int64 ``[rows]``), on the host after
+    :meth:`resolve`, which waits for the one device-to-host copy started when they were drawn."""
+
+    def __init__(self, token_ids: torch.Tensor, payload: torch.Tensor,
+                 logprob_rows: list[tuple[int, int]], max_n: int) -> None:
+        self.token_ids = token_ids
+        self._logprob_rows = logprob_rows  # (row, requested n)
+        self._max_n = max_n
+        self._event: torch.cuda.Event | None = None
+        if payload.device.type == "cuda":
+            self._host = torch.empty(payload.shape, dtype=payload.dtype, pin_memory=True)
+            self._host.copy_(payload, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = payload
+        self._resolved: SamplerOutput | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def resolve(self) -> SamplerOutput:
+        if self._resolved is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._resolved = self._unpack(self._host.tolist())
+        return self._resolved
+
+    def _unpack(self, host: list) -> SamplerOutput:
+        rows = self.num_rows
+        token_ids = [int(t) for t in host[:rows]]
+        logprobs: list[TokenLogprobs | None] = [None] * rows
+        width = 2 + 3 * self._max_n
+        for j, (i, requested) in enumerate(self._logprob_rows):
+            start = rows + j * width
+            logprobs[i] = _unpack_logprobs(token_ids[i], host[start : start + width], min(requested, self._max_n),
+                                           self._max_n)
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
 
 class Sampler:
@@ -93,17 +142,20 @@ class Sampler:
         self._request_generators.pop(request_id, None)
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """Pick one token per row of ``logits`` (``[N, V]``, any float dtype, ``N == len(rows)``).
+        """Pick one token per row of ``logits`` (``[N, V]``, any float dtype, ``N == len(rows)``) and
+        wait for the picks on the host (the one device-to-host synchronisation)."""
+        return self.sample_async(logits, rows).resolve()
 
-        ``logits`` must be on this sampler's device and is not modified. The only device-to-host
-        synchronisation is the single transfer of the result at the end.
-        """
+    def sample_async(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampledTokens:
+        """Launch the sampling of every row of ``logits`` (on this sampler's device, not modified) and
+        the copy of the result to the host, without waiting for either."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}")
         if logits.device != self.device:
             raise ValueError(f"logits are on {logits.device}, the sampler on {self.device}")
         if not rows:
-            return SamplerOutput(token_ids=[], logprobs=[])
+            empty = torch.zeros(0, dtype=torch.long, device=logits.device)
+            return SampledTokens(empty, empty, [], 0)
         x = logits.to(dtype=torch.float32, copy=True)
 
         logprob_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
@@ -126,18 +178,11 @@ class Sampler:
                 tokens = torch.where(is_greedy, greedy_tokens, tokens)
 
         if raw_logprobs is None or logprob_index is None:
-            return SamplerOutput(token_ids=tokens.tolist(), logprobs=[None] * len(rows))
+            return SampledTokens(tokens, tokens, [], 0)
         max_n = min(max(rows[i].params.logprobs or 0 for i in logprob_rows), x.shape[1])
         packed = _pack_logprobs(raw_logprobs, tokens.index_select(0, logprob_index), max_n)
-        host = torch.cat([tokens.to(torch.float64), packed.flatten()]).tolist()  # the one transfer
-        token_ids = [int(t) for t in host[: len(rows)]]
-        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
-        width = packed.shape[1]
-        for j, i in enumerate(logprob_rows):
-            start = len(rows) + j * width
-            n = min(rows[i].params.logprobs or 0, max_n)
-            logprobs[i] = _unpack_logprobs(token_ids[i], host[start : start + width], n, max_n)
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+        payload = torch.cat([tokens.to(torch.float64), packed.flatten()])  # the one transfer
+        return SampledTokens(tokens, payload, [(i, rows[i].params.logprobs or 0) for i in logprob_rows], max_n)
 
     def _sample_random(
         self, x: torch.Tensor, rows: Sequence[SamplingRow], greedy: list[bool]
@@ -229,7 +274,7 @@ def _block_stop_tokens(x: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     col_index: list[int] = []
     for i, row in enumerate(rows):
         p = row.params
-        if len(row.output_token_ids) >= p.min_tokens:
+        if row.num_generated >= p.min_tokens:
             continue
         blocked = p.stop_token_ids if p.ignore_eos else (*row.eos_token_ids, *p.stop_token_ids)
         for token in blocked:

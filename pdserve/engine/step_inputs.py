@@ -6,64 +6,122 @@ tensors never move, so CUDA graphs captured over them replay with each step's ne
 the host arrays are the device tensors and nothing is copied.
 
 Token-level int32 buffers: ``input_ids``, ``positions``, ``slot_mapping``; sequence-level:
-``query_start_loc``, ``seq_lens``, ``context_lens``, ``block_tables`` ``[max_seqs, max_blocks]``.
+``query_start_loc``, ``seq_lens``, ``context_lens``, ``block_tables`` ``[max_seqs, max_blocks]``;
+launch data: ``counts`` (decode sequences, live query tiles) and ``query_tiles`` (see
+``kernels.paged_prefill.build_query_tiles``).
+
+A token sampled by the previous step may still be on the device only (asynchronous scheduling): its
+row's input id is then copied on the device from that step's sampled ids (:class:`FedTokens`), so the
+host never waits for it. For the same reason the host arrays are double-buffered: a step's copies may
+still be queued behind the step in flight when the next step is written, so consecutive steps write
+alternate pinned buffers, and a buffer is reused only once the copies that read it ran (an event).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pdserve.engine.attention.metadata import AttentionMetadata
+from pdserve.engine.attention.metadata import AttentionMetadata, LaunchShape
+from pdserve.engine.kernels.paged_prefill import build_query_tiles
 from pdserve.engine.scheduler import ScheduledChunk
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """What a step's shape depends on, known once its chunks are laid out."""
+
+    num_tokens: int
+    num_decodes: int
+    num_query_tiles: int
+    max_seq_len: int
+
+
+@dataclass(frozen=True)
+class FedTokens:
+    """The previous step's sampled ids (device, int64 ``[rows]``) and the row of each request in it."""
+
+    token_ids: torch.Tensor
+    row_of: dict[str, int]
 
 
 class StepInputs:
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, query_tile_rows: int | None = None) -> None:
         self.device = device
         self.block_size = block_size
         self.max_tokens = max_tokens
         self.max_seqs = max_seqs
+        self.query_tile_rows = query_tile_rows
+        tile_capacity = (-(-max_tokens // query_tile_rows) + max_seqs) if query_tile_rows else 1
         pin = device.type == "cuda"
         shapes = {
             "input_ids": (max_tokens,), "positions": (max_tokens,), "slot_mapping": (max_tokens,),
             "query_start_loc": (max_seqs + 1,), "seq_lens": (max_seqs,), "context_lens": (max_seqs,),
-            "block_tables": (max_seqs, max_blocks_per_seq),
+            "block_tables": (max_seqs, max_blocks_per_seq), "counts": (2,), "query_tiles": (2, tile_capacity),
+            "feed": (2, max_seqs),
         }
-        self._host = {k: torch.zeros(v, dtype=torch.int32, pin_memory=pin) for k, v in shapes.items()}
-        self.np = {k: t.numpy() for k, t in self._host.items()}
+        self._sets = [{k: torch.zeros(v, dtype=torch.int32, pin_memory=pin) for k, v in shapes.items()}
+                      for _ in range(2 if pin else 1)]
+        self._copied: list[torch.cuda.Event | None] = [None] * len(self._sets)
+        self._turn = 0
+        self.num_fed_rows = 0  # inputs taken on the device from the previous step's sampled ids (a metric)
         self.dev = ({k: torch.zeros(v, dtype=torch.int32, device=device) for k, v in shapes.items()}
-                    if pin else self._host)
+                    if pin else self._sets[0])
+        self._np_sets = [{k: t.numpy() for k, t in host.items()} for host in self._sets]
+        self._host = self._sets[0]
+        self.np = self._np_sets[0]
 
-    def load(self, chunks: Sequence[ScheduledChunk], decode_num_splits: int,
-             pad_seqs_to: int | None = None) -> AttentionMetadata:
+    def _next_host_set(self) -> None:
+        """Switch to the other pinned buffer set, waiting (rarely) until copies out of it have run."""
+        self._turn = (self._turn + 1) % len(self._sets)
+        event = self._copied[self._turn]
+        if event is not None:
+            event.synchronize()
+        self._host = self._sets[self._turn]
+        self.np = self._np_sets[self._turn]
+
+    def load(self, chunks: Sequence[ScheduledChunk], launch_for: Callable[[StepCounts], LaunchShape],
+             fed: FedTokens | None = None) -> AttentionMetadata:
         """Write the chunks' inputs and return the step's metadata over device views.
 
-        ``chunks`` must list single-token chunks (decodes) first. ``pad_seqs_to`` appends one-token
-        dummy sequences that read and write only the null block (CUDA-graph padding of decode batches;
-        only valid when every chunk is a decode).
+        ``chunks`` must list single-token chunks (decodes) first. ``launch_for`` turns the step's counts
+        into its launch shape; rows past the batch up to ``launch.num_tokens`` are padding that reads
+        token 0 at position 0 and writes only the null block (slot 0). A chunk whose last token is not
+        yet known on the host (sampled by the step in flight) takes it from ``fed``.
         """
+        self._next_host_set()
         bs = self.block_size
         n = self.np
         ids, pos, slots = n["input_ids"], n["positions"], n["slot_mapping"]
         qsl, seq_lens, ctx, tables = n["query_start_loc"], n["seq_lens"], n["context_lens"], n["block_tables"]
+        feed_rows: list[int] = []
+        feed_sources: list[int] = []
         t = 0
         qsl[0] = 0
         width = 1
         num_decodes = 0
+        context_free = True
         for i, chunk in enumerate(chunks):
             start, count, table = chunk.start, chunk.num_tokens, chunk.block_ids
             end = start + count
+            known = chunk.request.all_token_ids
+            if end > len(known):
+                assert fed is not None and end == len(known) + 1, "only a chunk's last token may be in flight"
+                feed_rows.append(t + count - 1)
+                feed_sources.append(fed.row_of[chunk.request.request_id])
             if count == 1:
                 num_decodes += num_decodes == i
-                ids[t] = chunk.request.all_token_ids[start]
+                ids[t] = known[start] if start < len(known) else 0
                 pos[t] = start
                 slots[t] = table[start // bs] * bs + start % bs
             else:
-                ids[t:t + count] = chunk.request.all_token_ids[start:end]
+                context_free = context_free and start == 0
+                last = min(end, len(known))
+                ids[t:t + last - start] = known[start:last]
                 p = np.arange(start, end, dtype=np.int32)
                 pos[t:t + count] = p
                 slots[t:t + count] = np.asarray(table, dtype=np.int32)[p // bs] * bs + p % bs
@@ -74,35 +132,57 @@ class StepInputs:
             tables[i, : len(table)] = table
             width = max(width, len(table))
         num_seqs = len(chunks)
-        if pad_seqs_to is not None and pad_seqs_to > num_seqs:
-            assert num_decodes == num_seqs, "only all-decode batches are padded"
-            pad = pad_seqs_to - num_seqs
-            ids[t:t + pad] = 0
-            pos[t:t + pad] = 0
-            slots[t:t + pad] = 0  # block 0 (the null block), offset 0
-            qsl[num_seqs + 1:pad_seqs_to + 1] = np.arange(t + 1, t + pad + 1, dtype=np.int32)
-            seq_lens[num_seqs:pad_seqs_to] = 1
-            ctx[num_seqs:pad_seqs_to] = 0
-            tables[num_seqs:pad_seqs_to, 0] = 0
-            num_seqs, t, num_decodes = pad_seqs_to, t + pad, pad_seqs_to
-        assert t > 0, "a step needs at least one token"
-        self._to_device(t, num_seqs, width)
+        num_tiles = 0
+        if self.query_tile_rows is not None and num_decodes < num_seqs:
+            num_tiles = build_query_tiles(np.diff(qsl[num_decodes:num_seqs + 1]), num_decodes,
+                                          self.query_tile_rows, n["query_tiles"])
+        n["counts"][0], n["counts"][1] = num_decodes, num_tiles
+        max_seq_len = int(seq_lens[:num_seqs].max()) if num_seqs else 0
+        launch = launch_for(StepCounts(t, num_decodes, num_tiles, max_seq_len))
+        padded = launch.num_tokens
+        assert padded >= t and (padded > 0), "a step needs at least one row"
+        ids[t:padded] = 0
+        pos[t:padded] = 0
+        slots[t:padded] = 0  # block 0 (the null block), offset 0
+        self._to_device(padded, num_seqs, width, num_tiles)
+        if feed_rows:
+            assert fed is not None
+            self._feed(fed.token_ids, feed_rows, feed_sources)
+            self.num_fed_rows += len(feed_rows)
         d = self.dev
         return AttentionMetadata(
-            num_tokens=t, num_seqs=num_seqs, max_query_len=int(np.diff(qsl[: num_seqs + 1]).max()),
-            max_seq_len=int(seq_lens[:num_seqs].max()), block_size=bs,
+            num_tokens=t, num_seqs=num_seqs,
+            max_query_len=int(np.diff(qsl[: num_seqs + 1]).max()) if num_seqs else 0,
+            max_seq_len=max_seq_len, block_size=bs,
             query_start_loc=d["query_start_loc"][: num_seqs + 1], seq_lens=d["seq_lens"][:num_seqs],
             context_lens=d["context_lens"][:num_seqs], block_tables=d["block_tables"][:num_seqs],
-            slot_mapping=d["slot_mapping"][:t], query_start_loc_cpu=qsl[: num_seqs + 1].tolist(),
+            slot_mapping=d["slot_mapping"][:padded], query_start_loc_cpu=qsl[: num_seqs + 1].tolist(),
             seq_lens_cpu=seq_lens[:num_seqs].tolist(), num_decode_seqs=num_decodes,
-            decode_num_splits=decode_num_splits,
+            context_free_prefill=context_free and num_decodes < num_seqs, counts=d["counts"], query_tiles=d["query_tiles"], launch=launch,
         )
 
-    def load_dummy_decode(self, num_seqs: int, decode_num_splits: int) -> AttentionMetadata:
-        """A decode batch of ``num_seqs`` dummy sequences (null block only): for warm-up and capture."""
-        return self.load([], decode_num_splits, pad_seqs_to=num_seqs)
+    def load_padding(self, launch: LaunchShape) -> AttentionMetadata:
+        """A batch of padding rows only (no sequence): for warm-up and CUDA-graph capture."""
+        return self.load([], lambda _: launch)
 
-    def _to_device(self, num_tokens: int, num_seqs: int, width: int) -> None:
+    def _feed(self, token_ids: torch.Tensor, rows: list[int], sources: list[int]) -> None:
+        k = len(rows)
+        self.np["feed"][0, :k] = rows
+        self.np["feed"][1, :k] = sources
+        feed = self.dev["feed"]
+        if feed is not self._host["feed"]:
+            feed[:, :k].copy_(self._host["feed"][:, :k], non_blocking=True)
+            self._record_copies()
+        index = feed[:, :k].long()
+        picked = token_ids.index_select(0, index[1]).to(torch.int32)
+        self.dev["input_ids"].index_copy_(0, index[0], picked)
+
+    def _record_copies(self) -> None:
+        event = torch.cuda.Event()
+        event.record()
+        self._copied[self._turn] = event
+
+    def _to_device(self, num_tokens: int, num_seqs: int, width: int, num_tiles: int) -> None:
         if self.dev is self._host:
             return
         h, d = self._host, self.dev
@@ -112,6 +192,10 @@ class StepInputs:
         for key in ("seq_lens", "context_lens"):
             d[key][:num_seqs].copy_(h[key][:num_seqs], non_blocking=True)
         d["block_tables"][:num_seqs, :width].copy_(h["block_tables"][:num_seqs, :width], non_blocking=True)
+        d["counts"].copy_(h["counts"], non_blocking=True)
+        if num_tiles:
+            d["query_tiles"][:, :num_tiles].copy_(h["query_tiles"][:, :num_tiles], non_blocking=True)
+        self._record_copies()
 
     @property
     def input_ids(self) -> torch.Tensor:

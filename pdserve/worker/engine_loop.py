@@ -93,6 +93,7 @@ class EngineLoop:
                     deltas = engine.step()
                     if deltas:
                         self._on_update(deltas, load_of(engine))
+                    if deltas or engine.has_step_in_flight:
                         continue
                     self._wake.wait(self._busy_wait_s)  # waiting for KV or blocks: poll quickly
                 else:

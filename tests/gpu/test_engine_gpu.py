@@ -1,4 +1,5 @@
-"""The GPU engine (Triton kernels, CUDA graphs) against the CPU reference engine, token for token."""
+"""The GPU engine (Triton kernels, CUDA graphs for every step shape, asynchronous scheduling) against the
+CPU reference engine, token for token."""
 
 from __future__ import annotations
 
@@ -13,8 +14,13 @@ from tests.support.hf_models import make_hf_model
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("kind", ["llama31", "qwen3", "mistral"])
-def test_gpu_engine_float32_equals_cpu_reference(kind: str, tmp_path) -> None:
+@pytest.mark.parametrize(("kind", "async_scheduling", "graph_tokens"), [
+    ("llama31", True, 2048), ("llama31", False, 2048), ("qwen3", True, 2048), ("mistral", True, 16),
+])
+def test_gpu_engine_float32_equals_cpu_reference(kind: str, async_scheduling: bool, graph_tokens: int,
+                                                 tmp_path) -> None:
+    """Prefill-only, mixed (chunked prefill + decodes) and decode steps, then prefix hits; every step a
+    graph replay (or, with 16-token graphs, the larger ones eager)."""
     if kind == "llama31":
         make_hf_model(kind, tmp_path)
     else:
@@ -25,12 +31,17 @@ def test_gpu_engine_float32_equals_cpu_reference(kind: str, tmp_path) -> None:
     kwargs = dict(model=str(tmp_path), dtype="float32", max_model_len=512, block_size=16, max_num_seqs=16,
                   max_num_batched_tokens=64)  # a small budget: chunked prefill mixed with decodes
     cpu = LLM(device="cpu", attention_backend="torch", num_kv_blocks=512, **kwargs)
-    gpu = LLM(device="cuda", num_kv_blocks=512, **kwargs)
+    gpu = LLM(device="cuda", num_kv_blocks=512, async_scheduling=async_scheduling,
+              cuda_graph_max_tokens=graph_tokens, **kwargs)
     assert gpu.engine.runner.graphs is not None
-    expected = [o.token_ids for o in cpu.generate(prompt_token_ids=prompts, sampling_params=params)]
-    got = [o.token_ids for o in gpu.generate(prompt_token_ids=prompts, sampling_params=params)]
-    assert got == expected
-    assert gpu.engine.runner.num_graph_steps > 0 and gpu.engine.runner.num_eager_steps > 0
+    for _ in range(2):  # the second round hits the prefix cache
+        expected = [o.token_ids for o in cpu.generate(prompt_token_ids=prompts, sampling_params=params)]
+        got = [o.token_ids for o in gpu.generate(prompt_token_ids=prompts, sampling_params=params)]
+        assert got == expected
+    runner = gpu.engine.runner
+    assert runner.num_graph_steps > 0
+    assert (runner.num_eager_steps > 0) == (graph_tokens < 64)
+    assert (runner.inputs.num_fed_rows > 0) == async_scheduling
     del gpu
     torch.cuda.empty_cache()
 
@@ -44,3 +55,41 @@ def test_bf16_graphs_match_eager(tmp_path) -> None:
     eager = LLM(enforce_eager=True, **common).generate(prompt_token_ids=prompts, sampling_params=params)
     same = sum(a.token_ids == b.token_ids for a, b in zip(graphs, eager))
     assert same >= 2  # identical kernels; a split-count difference may flip a near-tie in bf16
+
+
+def test_layer_hook_sees_every_layer_after_a_graph_replay(tmp_path) -> None:
+    """The prefill role streams KV from the per-layer hook: a replayed step calls it for every layer,
+    in order, and the KV it points at (read after the queued work ran) is the eager step's."""
+    make_hf_model("llama", tmp_path)
+    prompt = [i % 250 + 1 for i in range(40)]
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    common = dict(model=str(tmp_path), dtype="float32", max_model_len=256, num_kv_blocks=64,
+                  enable_prefix_caching=False)
+    seen: dict[bool, list[tuple[int, torch.Tensor]]] = {}
+    for eager in (False, True):
+        llm = LLM(enforce_eager=eager, **common)
+        engine = llm.engine
+        calls: list[tuple[int, torch.Tensor]] = []
+
+        def hook(index: int, kv_cache: torch.Tensor, engine=engine, calls=calls) -> None:  # noqa: ANN001
+            torch.cuda.synchronize()
+            blocks = torch.tensor(engine.kv.block_ids("r"), device=kv_cache.device)
+            calls.append((index, kv_cache[:, blocks].clone()))
+
+        class Hooks:
+            def before_forward(self, plan):  # noqa: ANN001, ANN202
+                return hook
+
+            def after_forward(self, plan) -> None:  # noqa: ANN001
+                pass
+
+        engine.step_hooks = Hooks()
+        engine.add_request("r", prompt_token_ids=prompt, params=params, prefill_only=True)
+        while engine.has_unfinished_requests():
+            engine.step()
+        engine.release_held_blocks("r")
+        assert [i for i, _ in calls] == list(range(engine.spec.num_layers))
+        assert (engine.runner.num_graph_steps > 0) != eager and (engine.runner.num_eager_steps > 0) == eager
+        seen[eager] = calls
+    for (_, graph_kv), (_, eager_kv) in zip(seen[False], seen[True]):
+        assert torch.allclose(graph_kv, eager_kv, atol=1e-5, rtol=1e-5)

@@ -24,7 +24,7 @@ def test_prefill_kernel_gpu(head_dim: int, heads: int, kv_heads: int, window: in
                                    seed=head_dim + heads + kv_heads)
     out = torch.full_like(q, float("nan"))
     paged_prefill_attention(q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                            max_query_len=meta.max_query_len, num_seqs=meta.num_seqs, scale=head_dim**-0.5,
+                            num_seqs=meta.num_seqs, scale=head_dim**-0.5,
                             sliding_window=window, out=out)
     assert relative_error(out.cpu(), reference_attention(q, cache, meta, head_dim**-0.5, window)) < BF16_BOUND
 
@@ -51,9 +51,27 @@ def test_float32_kernels_are_exact_to_rounding() -> None:
 
     q, cache, meta = paged_problem([0, 40], [77, 33], 8, 2, 64, 16, torch.float32, "cuda", seed=1)
     out = paged_prefill_attention(q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                  max_query_len=meta.max_query_len, num_seqs=2, scale=0.125, sliding_window=None)
+                                  num_seqs=2, scale=0.125, sliding_window=None)
     assert relative_error(out.cpu(), reference_attention(q, cache, meta, 0.125, None)) < 1e-5
     q, cache, meta = paged_problem([100, 3000], [1, 1], 8, 2, 64, 16, torch.float32, "cuda", seed=2)
     out = paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens, scale=0.125, sliding_window=None,
                                  num_splits=8)
     assert relative_error(out.cpu(), reference_attention(q, cache, meta, 0.125, None)) < 1e-5
+
+
+@pytest.mark.parametrize("window", [None, 100])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(32, 8), (32, 32)])
+def test_flash_prefill_gpu(heads: int, kv_heads: int, window: int | None) -> None:
+    """Context-free prefill through PyTorch's FlashAttention-2 (packed new K/V) against the reference."""
+    from pdserve.engine.attention.flash_prefill import flash_prefill, flash_prefill_supported
+
+    if not flash_prefill_supported(torch.device("cuda"), torch.bfloat16, 128, window):
+        pytest.skip("this torch build has no FlashAttention varlen kernel (or no window support)")
+    qlens = [1, 255, 129, 1000, 64]
+    q, cache, meta = paged_problem([0] * len(qlens), qlens, heads, kv_heads, 128, 16, torch.bfloat16, "cuda",
+                                   seed=heads + kv_heads)
+    flat = cache.view(2, -1, kv_heads, 128)
+    slots = meta.slot_mapping.long()
+    k, v = flat[0][slots], flat[1][slots]
+    out = flash_prefill(q, k, v, meta.query_start_loc, max(qlens), scale=128**-0.5, sliding_window=window)
+    assert relative_error(out.cpu(), reference_attention(q, cache, meta, 128**-0.5, window)) < BF16_BOUND

@@ -40,3 +40,33 @@ def test_triton_engine_matches_transformers(reference, budget: int, num_sms: int
     again = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
     assert [o.token_ids for o in again] == expected
     assert max(o.num_cached_tokens for o in again) > 0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_graph_shaped_steps_match_transformers(reference, async_scheduling: bool) -> None:
+    """Every step runs with the launch shape its CUDA graph would have (rows padded to the captured
+    size, fixed decode and prefill grids reading live counts from the device): prefill-only, mixed and
+    decode steps still give transformers' tokens. (No CUDA graph on the CPU; the shapes are the point.)"""
+    from pdserve.engine.cuda_graphs import capture_sizes
+
+    directory, prompts, expected = reference
+    llm = LLM(model=str(directory), attention_backend="triton", dtype="float32", max_model_len=512,
+              num_kv_blocks=80, block_size=8, max_num_batched_tokens=20, max_num_seqs=8,
+              async_scheduling=async_scheduling)
+    runner = llm.engine.runner
+    runner.num_sms = 64  # graphs' decode grids split the KV
+    sizes = capture_sizes(8, 20)
+    shapes = []
+
+    def graph_shaped(counts):  # noqa: ANN001, ANN202
+        shape = runner.graph_shape(next(s for s in sizes if s >= counts.num_tokens))
+        shapes.append((counts, shape))
+        return shape
+
+    runner._eager_shape = graph_shaped
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    assert any(c.num_tokens < s.num_tokens for c, s in shapes)  # padded rows
+    assert any(c.num_decodes and c.num_query_tiles for c, _ in shapes)  # mixed steps
+    assert any(c.num_decodes < s.decode_capacity for c, s in shapes)  # decode grids wider than live
+    assert any(s.decode_num_splits > 1 for _, s in shapes)

@@ -42,10 +42,56 @@ def test_paged_prefill(case: int, dtype: torch.dtype) -> None:
     q, cache, meta = paged_problem(ctx, qlens, h, kvh, d, bs, dtype, DEVICE, seed=case)
     out = torch.full_like(q, float("nan"))
     paged_prefill.paged_prefill_attention(q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                          max_query_len=meta.max_query_len, num_seqs=meta.num_seqs,
-                                          scale=d**-0.5, sliding_window=window, out=out)
+                                          num_seqs=meta.num_seqs, scale=d**-0.5, sliding_window=window, out=out)
     ref = reference_attention(q, cache, meta, d**-0.5, window)
     assert relative_error(out.cpu(), ref) < BOUND[dtype]
+
+
+def test_query_tiles_cover_every_row_once_longest_first() -> None:
+    import numpy as np
+
+    _, paged_prefill, *_ = _kernels()
+    out = np.full((2, 16), -1, dtype=np.int32)
+    n = paged_prefill.build_query_tiles(np.array([5, 32, 33, 2]), 3, 16, out)
+    assert n == 1 + 2 + 3 + 1
+    assert out[0, :n].tolist() == [3, 4, 4, 5, 5, 5, 6]
+    assert out[1, :n].tolist() == [0, 1, 0, 2, 1, 0, 0]  # per sequence: last (longest) tile first
+    assert (out[:, n:] == -1).all()
+    with pytest.raises(ValueError, match="tile buffer"):
+        paged_prefill.build_query_tiles(np.array([300]), 0, 16, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_shaped_launch_runs_live_work_only(dtype: torch.dtype) -> None:
+    """The launch a CUDA graph freezes: decodes first, then prefill chunks, then padding rows; the decode
+    grid covers more sequences than are live, the prefill kernel has fewer persistent programs than
+    tiles. Live rows equal the reference; padding rows and rows of no live work stay untouched."""
+    import numpy as np
+
+    from tests.support.kernel_cases import paged_problem, reference_attention, relative_error
+
+    paged_decode, paged_prefill, *_ = _kernels()
+    ctx, qlens = [9, 40, 0, 3, 0], [1, 1, 37, 20, 6]  # 2 decodes, 3 prefill chunks
+    q, cache, meta = paged_problem(ctx, qlens, 4, 2, 32, 8, dtype, DEVICE, seed=7)
+    padding = 11
+    q = torch.cat([q, torch.randn(padding, 4, 32).to(dtype).to(DEVICE)])
+    block_m = paged_prefill.prefill_config(32, dtype)["BLOCK_M"]
+    host = np.zeros((2, 64), dtype=np.int32)
+    num_tiles = paged_prefill.build_query_tiles(np.array(qlens[2:]), 2, block_m, host)
+    tiles = torch.from_numpy(host).to(DEVICE)
+    counts = torch.tensor([2, num_tiles], dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    capacity = 6  # grid rows past the 2 live decodes must exit without writing
+    paged_decode.paged_decode_attention(q[:capacity], cache, meta.block_tables, meta.seq_lens, scale=0.3,
+                                        sliding_window=None, num_splits=2, num_active=counts[0:1],
+                                        out=out[:capacity])
+    paged_prefill.paged_prefill_attention(q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                          scale=0.3, sliding_window=None, tiles=tiles, num_tiles=counts[1:2],
+                                          num_programs=max(1, num_tiles // 2), out=out)
+    live = sum(qlens)
+    ref = reference_attention(q[:live], cache, meta, 0.3, None)
+    assert relative_error(out[:live].cpu(), ref) < BOUND[dtype]
+    assert torch.isnan(out[live:]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -107,8 +153,9 @@ def test_silu_and_mul(dtype: torch.dtype) -> None:
     assert relative_error(activation.silu_and_mul(x).cpu(), reference_silu_mul(x.cpu())) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("store_key", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_and_write_cache(dtype: torch.dtype) -> None:
+def test_rope_and_write_cache(dtype: torch.dtype, store_key: bool) -> None:
     from pdserve.engine.model.hf_config import RopeSpec
     from pdserve.engine.model.layers import RotaryEmbedding
     from tests.support.kernel_cases import relative_error
@@ -130,9 +177,13 @@ def test_rope_and_write_cache(dtype: torch.dtype) -> None:
     flat = expected_cache.view(2, -1, kv_heads, dim)
     flat[0, slots] = k32.to(dtype)
     flat[1, slots] = v
-    q_in = q.clone()
-    rope_cache.rope_and_write_cache(q, k, v, positions, rotary.cos, rotary.sin, cache, slots)
+    q_in, k_in = q.clone(), k.clone()
+    rope_cache.rope_and_write_cache(q, k, v, positions, rotary.cos, rotary.sin, cache, slots, store_key=store_key)
     assert relative_error(q.cpu(), q32.cpu()) < BOUND[dtype]
+    if store_key:
+        assert relative_error(k.cpu(), k32.cpu()) < BOUND[dtype]
+    else:
+        assert torch.equal(k, k_in)
     assert relative_error(cache.cpu(), expected_cache.cpu()) < BOUND[dtype]
     untouched = torch.ones(blocks * bs, dtype=torch.bool)
     untouched[slots.cpu()] = False

@@ -25,6 +25,11 @@ class AttentionBackend(ABC):
     supports_cuda_graphs: bool = False
     fused_layers: bool = False  # use the fused Triton norm / activation kernels in the model too
 
+    def query_tile_rows(self, head_dim: int, dtype: torch.dtype) -> int | None:
+        """Rows per prefill query tile when the backend reads a tile list (``metadata.query_tiles``,
+        built by ``StepInputs``); ``None`` when it needs none."""
+        return None
+
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  metadata: AttentionMetadata) -> None:
         """Write ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into their cache slots."""

@@ -7,6 +7,24 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass(frozen=True)
+class LaunchShape:
+    """The launch constants of one step's attention kernels: everything a CUDA graph freezes.
+
+    ``num_tokens`` rows are run (the batch's tokens, then padding rows that write only the null block
+    and whose outputs are discarded); the decode kernel's grid covers ``decode_capacity`` sequences
+    with ``decode_num_splits`` KV splits, the prefill kernel runs ``prefill_programs`` persistent
+    programs per head. The live counts come from device memory (``AttentionMetadata.counts``), so a
+    graph captured for one shape replays for every batch that fits it.
+    """
+
+    num_tokens: int
+    decode_capacity: int
+    decode_num_splits: int
+    prefill_programs: int
+    batch_specific: bool = False  # built for this very batch (an eager step): host facts may steer kernels
+
+
 @dataclass
 class AttentionMetadata:
     """Where each sequence's new tokens sit in the packed batch and where its KV lives.
@@ -16,8 +34,13 @@ class AttentionMetadata:
     tokens of KV in the cache, after it ``seq_lens[i]``. ``block_tables[i, j]`` is the physical block
     holding its tokens ``j*block_size ... (j+1)*block_size-1``; ``slot_mapping[t]`` the flat cache slot
     (``block * block_size + offset``) that row ``t``'s new K/V is written to. Sequences with a single new
-    token (decodes) come first: the first ``num_decode_seqs`` sequences own rows ``0 .. num_decode_seqs-1``. Host copies of the small
-    per-sequence vectors are kept for code that must loop on the host (the torch reference).
+    token (decodes) come first: the first ``num_decode_seqs`` sequences own rows
+    ``0 .. num_decode_seqs-1``. Host copies of the small per-sequence vectors are kept for code that
+    must loop on the host (the torch reference).
+
+    For the Triton kernels: ``counts`` is int32 ``[2]`` on the device (decode sequences, live query
+    tiles), ``query_tiles`` the prefill tile list (see ``kernels.paged_prefill``), ``launch`` the grid
+    constants. ``launch.num_tokens`` may exceed ``num_tokens`` (padding for a CUDA graph).
     """
 
     num_tokens: int
@@ -33,7 +56,11 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
     num_decode_seqs: int = 0  # the first sequences of the batch that have exactly one new token
-    decode_num_splits: int = 1  # KV splits of the decode kernel (fixed per CUDA graph)
+    context_free_prefill: bool = False  # every prefill chunk starts at position 0 (no earlier KV)
+    counts: torch.Tensor | None = None  # [2] int32: decode sequences, live query tiles
+    query_tiles: torch.Tensor | None = None  # [2, capacity] int32
+    launch: LaunchShape | None = None
+    prefill_cu_seqlens: torch.Tensor | None = None  # filled by a backend that needs it, once per step
 
     @property
     def is_decode_only(self) -> bool:

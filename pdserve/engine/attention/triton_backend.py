@@ -2,9 +2,12 @@
 
 Per layer and step: one fused kernel applies RoPE to q and k and writes k, v into the paged cache;
 then the decode sequences (the first ``num_decode_seqs`` of the batch) go through the split-KV paged
-decode kernel and the rest through the paged varlen prefill kernel. Every launch depends only on
-device tensors and on launch constants fixed per batch shape, so decode steps can be captured in
-CUDA graphs.
+decode kernel and the prefill chunks' query tiles through the persistent paged varlen prefill kernel.
+Every launch depends only on device tensors and on the step's :class:`LaunchShape`, so any step --
+decode, prefill or mixed -- can be captured in a CUDA graph and replayed for every batch of its shape.
+
+In eager steps (larger than every graph) whose prefill chunks all start at position 0, the prefill
+rows go to PyTorch's FlashAttention-2 instead (``flash_prefill``), which is faster on long prompts.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from __future__ import annotations
 import torch
 
 from pdserve.engine.attention.backend import AttentionBackend
+from pdserve.engine.attention.flash_prefill import flash_prefill, flash_prefill_supported
 from pdserve.engine.attention.metadata import AttentionMetadata
 from pdserve.engine.kernels.paged_decode import paged_decode_attention
-from pdserve.engine.kernels.paged_prefill import paged_prefill_attention
+from pdserve.engine.kernels.paged_prefill import paged_prefill_attention, query_tile_rows
 from pdserve.engine.kernels.rope_cache import rope_and_write_cache
 from pdserve.engine.model.layers import RotaryEmbedding
 
@@ -24,25 +28,63 @@ class TritonBackend(AttentionBackend):
     supports_cuda_graphs = True
     fused_layers = True
 
+    def __init__(self, use_flash_prefill: bool = True) -> None:
+        self.use_flash_prefill = use_flash_prefill
+        self._flash_ok: dict[tuple, bool] = {}
+
+    def query_tile_rows(self, head_dim: int, dtype: torch.dtype) -> int | None:
+        return query_tile_rows(head_dim, dtype)
+
     def rope_write_attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           positions: torch.Tensor, rotary: RotaryEmbedding, kv_cache: torch.Tensor,
                           metadata: AttentionMetadata, *, scale: float, sliding_window: int | None) -> torch.Tensor:
         assert rotary.cos is not None and rotary.sin is not None
+        flash = self._takes_flash_prefill(query, metadata, sliding_window)
         rope_and_write_cache(query, key, value, positions, rotary.cos, rotary.sin, kv_cache,
-                             metadata.slot_mapping)
-        return self.attend(query, kv_cache, metadata, scale=scale, sliding_window=sliding_window)
+                             metadata.slot_mapping, store_key=flash)
+        if not flash:
+            return self.attend(query, kv_cache, metadata, scale=scale, sliding_window=sliding_window)
+        out = torch.empty_like(query)
+        self._decode(query, kv_cache, metadata, scale, sliding_window, out)
+        first, last = metadata.num_decode_seqs, metadata.num_tokens
+        if metadata.prefill_cu_seqlens is None:
+            starts = metadata.query_start_loc[first:]
+            metadata.prefill_cu_seqlens = starts - starts[0]
+        out[first:last] = flash_prefill(query[first:last], key[first:last], value[first:last],
+                                        metadata.prefill_cu_seqlens, metadata.max_query_len, scale=scale,
+                                        sliding_window=sliding_window)
+        return out
 
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, *,
                scale: float, sliding_window: int | None) -> torch.Tensor:
+        launch, counts = metadata.launch, metadata.counts
+        assert launch is not None and counts is not None, "the Triton backend needs StepInputs' launch data"
         out = torch.empty_like(query)
-        num_decode = metadata.num_decode_seqs
-        if num_decode:
-            paged_decode_attention(query[:num_decode], kv_cache, metadata.block_tables[:num_decode],
-                                   metadata.seq_lens[:num_decode], scale=scale, sliding_window=sliding_window,
-                                   num_splits=metadata.decode_num_splits, out=out[:num_decode])
-        if num_decode < metadata.num_seqs:
+        self._decode(query, kv_cache, metadata, scale, sliding_window, out)
+        if launch.prefill_programs:
             paged_prefill_attention(query, kv_cache, metadata.block_tables, metadata.seq_lens,
-                                    metadata.query_start_loc, max_query_len=metadata.max_query_len,
-                                    num_seqs=metadata.num_seqs - num_decode, seq_offset=num_decode,
-                                    scale=scale, sliding_window=sliding_window, out=out)
+                                    metadata.query_start_loc, scale=scale, sliding_window=sliding_window,
+                                    tiles=metadata.query_tiles, num_tiles=counts[1:2],
+                                    num_programs=launch.prefill_programs, out=out)
         return out
+
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                sliding_window: int | None, out: torch.Tensor) -> None:
+        launch, counts = metadata.launch, metadata.counts
+        assert launch is not None and counts is not None
+        cap = launch.decode_capacity
+        if cap:
+            paged_decode_attention(query[:cap], kv_cache, metadata.block_tables[:cap], metadata.seq_lens[:cap],
+                                   scale=scale, sliding_window=sliding_window, num_splits=launch.decode_num_splits,
+                                   num_active=counts[0:1], out=out[:cap])
+
+    def _takes_flash_prefill(self, query: torch.Tensor, metadata: AttentionMetadata,
+                             sliding_window: int | None) -> bool:
+        launch = metadata.launch
+        if not (self.use_flash_prefill and metadata.context_free_prefill and launch is not None
+                and launch.batch_specific):
+            return False
+        key = (query.device, query.dtype, query.shape[-1], sliding_window)
+        if key not in self._flash_ok:
+            self._flash_ok[key] = flash_prefill_supported(query.device, query.dtype, query.shape[-1], sliding_window)
+        return self._flash_ok[key]

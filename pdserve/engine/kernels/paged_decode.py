@@ -1,6 +1,8 @@
 """Paged decode attention: one query token per sequence over its whole paged KV context.
 
-Grid ``(num_seqs, num_kv_heads, num_splits)``. A program handles every query head of one GQA group
+Grid ``(capacity, num_kv_heads, num_splits)``; only sequences ``< num_active`` (an int32 device scalar)
+are computed, the rest of the grid exits at once, so one launch captured in a CUDA graph serves any
+decode count up to its capacity. A program handles every query head of one GQA group
 (so each K/V tile is read once per group, not once per query head) over one contiguous slice of the
 sequence's tokens; ``num_splits > 1`` splits long contexts along the KV so that a few sequences still
 fill the GPU (flash-decoding), and a second kernel merges the slices by their log-sum-exp.
@@ -25,7 +27,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_partial_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, num_active_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
     scale_log2, window,
     stride_qs, stride_qh,
@@ -37,6 +39,8 @@ def _decode_partial_kernel(
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
+    if seq >= tl.load(num_active_ptr):
+        return
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -91,11 +95,13 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr, num_active_ptr,
     stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_os, stride_oh,
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
+    if seq >= tl.load(num_active_ptr):
+        return
     head = tl.program_id(1)
     k = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, HEAD_DIM)
@@ -121,14 +127,20 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, *, scale: float, sliding_window: int | None,
                            num_splits: int, out: torch.Tensor | None = None,
+                           num_active: torch.Tensor | None = None,
                            workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Decode attention; ``num_splits`` must be a power of two. ``workspace`` (partial outputs and
-    log-sum-exps, float32 ``[num_seqs, num_heads, num_splits, head_dim]`` and ``[..., num_splits]``)
-    may be passed in to avoid allocations (CUDA graphs)."""
+    """Decode attention for the first ``num_active`` (int32 device scalar; default: all) of the
+    ``query.shape[0]`` sequences; ``num_splits`` must be a power of two. ``workspace`` (partial outputs
+    and log-sum-exps, float32 ``[num_seqs, num_heads, num_splits, head_dim]`` and ``[..., num_splits]``)
+    may be passed in to avoid allocations."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(query) if out is None else out
+    if num_active is None:
+        num_active = torch.full((1,), num_seqs, dtype=torch.int32, device=query.device)
+    if num_seqs == 0:
+        return out
     if num_splits > 1:
         if workspace is None:
             part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32,
@@ -142,7 +154,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     block_n = 64 if block_size <= 64 else block_size
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     _decode_partial_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        query, k_cache, v_cache, block_tables, seq_lens, num_active, out, part_out, part_lse,
         scale * LOG2E, sliding_window or 0,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -154,7 +166,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     )
     if num_splits > 1:
         _decode_merge_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out,
+            part_out, part_lse, out, num_active,
             part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4,

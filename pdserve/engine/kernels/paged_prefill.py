@@ -2,19 +2,25 @@
 
 Every sequence's new tokens are packed back to back in ``query``; their keys and values were already
 written to the cache, together with any earlier context (a previous chunk or a prefix-cache hit), so
-one kernel reads the whole context from the cache. Grid ``(query tiles, num_heads, num_seqs)``; a
-program computes ``BLOCK_M`` query rows of one head with an online softmax over key tiles up to the
-causal bound, skipping the mask on tiles entirely below the diagonal.
+one kernel reads the whole context from the cache.
+
+Work is a list of *query tiles* built on the host (:func:`build_query_tiles`): tile ``k`` is rows
+``m * BLOCK_M .. (m + 1) * BLOCK_M - 1`` of sequence ``s`` (``tiles[0, k] = s``, ``tiles[1, k] = m``),
+and ``num_tiles`` (a device scalar) says how many are live. The grid is ``(num_programs, num_heads)``
+and program ``p`` computes tiles ``p, p + num_programs, ...`` with an online softmax over key tiles up
+to the causal bound, skipping the mask on tiles entirely below the diagonal. The launch shape depends
+only on ``num_programs``, never on the batch, so one launch captured in a CUDA graph serves every batch
+of that graph's padded size; in eager steps ``num_programs`` is simply the number of tiles.
 
 Contract: ``query`` ``[num_tokens, num_heads, head_dim]``; ``query_start_loc`` ``[num_seqs + 1]``;
 ``seq_lens`` ``[num_seqs]`` (context after this step); ``block_tables`` as for decode. Row ``r`` of
 sequence ``i`` sits at position ``seq_lens[i] - q_len_i + r`` and attends to keys ``k <= pos`` with
-``pos - k < window`` when a window is set. ``seq_offset`` skips the first sequences (handled by the
-decode kernel in mixed batches).
+``pos - k < window`` when a window is set. Rows covered by no tile are not written.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -51,54 +57,54 @@ def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table, kv_head, n_s
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr,
-    scale_log2, window, seq_offset,
-    stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
+    tiles_ptr, num_tiles_ptr, scale_log2, window,
+    stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh, stride_tiles,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    m_block = tl.program_id(0)
     head = tl.program_id(1)
-    seq = tl.program_id(2) + seq_offset
-    q_start = tl.load(query_start_ptr + seq)
-    q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    if m_block * BLOCK_M >= q_len:
-        return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    context = seq_len - q_len
     kv_head = head // GROUP
-    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < q_len
-    q_pos = context + rows
+    num_tiles = tl.load(num_tiles_ptr)
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    for k in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        seq = tl.load(tiles_ptr + k)
+        m_block = tl.load(tiles_ptr + stride_tiles + k)
+        q_start = tl.load(query_start_ptr + seq)
+        q_len = tl.load(query_start_ptr + seq + 1) - q_start
+        seq_len = tl.load(seq_lens_ptr + seq)
+        context = seq_len - q_len
+        rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        q_pos = context + rows
+        q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
+                    mask=row_ok[:, None], other=0.0)
 
-    table = block_tables_ptr + seq * stride_bt
-    first_pos = context + m_block * BLOCK_M
-    last_pos = tl.minimum(first_pos + BLOCK_M, seq_len)  # exclusive bound of keys any row may see
-    lo = 0
-    if window > 0:
-        lo = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
-    # tiles wholly before the first row's position need no causal mask (and none at all without window)
-    full_hi = lo
-    if window == 0:
-        full_hi = (first_pos // BLOCK_N) * BLOCK_N
+        table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        first_pos = context + m_block * BLOCK_M
+        last_pos = tl.minimum(first_pos + BLOCK_M, seq_len)  # exclusive bound of keys any row may see
+        lo = 0
+        if window > 0:
+            lo = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
+        # tiles wholly before the first row's position need no causal mask (and none at all without window)
+        full_hi = lo
+        if window == 0:
+            full_hi = (first_pos // BLOCK_N) * BLOCK_N
 
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for n_start in range(lo, full_hi, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table, kv_head, n_start,
-                                     q_pos, seq_len, window, scale_log2, stride_cb, stride_ct, stride_ch,
-                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
-    for n_start in range(full_hi, last_pos, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table, kv_head, n_start,
-                                     q_pos, seq_len, window, scale_log2, stride_cb, stride_ct, stride_ch,
-                                     HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
-    safe_l = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / safe_l[:, None]
-    tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for n_start in range(lo, full_hi, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table, kv_head, n_start,
+                                         q_pos, seq_len, window, scale_log2, stride_cb, stride_ct, stride_ch,
+                                         HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
+        for n_start in range(full_hi, last_pos, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table, kv_head, n_start,
+                                         q_pos, seq_len, window, scale_log2, stride_cb, stride_ct, stride_ch,
+                                         HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
+        safe_l = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / safe_l[:, None]
+        tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 def prefill_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
@@ -110,23 +116,61 @@ def prefill_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 
+def query_tile_rows(head_dim: int, dtype: torch.dtype) -> int:
+    """``BLOCK_M``: how many query rows one tile of :func:`build_query_tiles` covers."""
+    return prefill_config(head_dim, dtype)["BLOCK_M"]
+
+
+def build_query_tiles(query_lens: np.ndarray, first_seq: int, block_m: int, out: np.ndarray) -> int:
+    """Write the query tiles of sequences ``first_seq, first_seq + 1, ...`` (whose new-token counts are
+    ``query_lens``) into ``out`` ``[2, capacity]`` (row 0: sequence, row 1: tile index within it) and
+    return their number. Within a sequence the last tile (the one that reads the most keys) comes first,
+    so that persistent programs start with the longest work."""
+    per_seq = (query_lens.astype(np.int64) + block_m - 1) // block_m
+    total = int(per_seq.sum())
+    if total > out.shape[1]:
+        raise ValueError(f"{total} query tiles exceed the tile buffer's {out.shape[1]}")
+    ends = np.cumsum(per_seq)
+    out[0, :total] = np.repeat(np.arange(first_seq, first_seq + len(per_seq), dtype=np.int64), per_seq)
+    out[1, :total] = np.repeat(ends, per_seq) - 1 - np.arange(total)
+    return total
+
+
 def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor, *, max_query_len: int,
-                            num_seqs: int, scale: float, sliding_window: int | None, seq_offset: int = 0,
-                            out: torch.Tensor | None = None, config: dict[str, int] | None = None) -> torch.Tensor:
-    """Attention for sequences ``seq_offset .. seq_offset + num_seqs - 1`` of the packed batch."""
+                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor, *, scale: float,
+                            sliding_window: int | None, tiles: torch.Tensor | None = None,
+                            num_tiles: torch.Tensor | None = None, num_programs: int | None = None,
+                            num_seqs: int | None = None, seq_offset: int = 0, out: torch.Tensor | None = None,
+                            config: dict[str, int] | None = None) -> torch.Tensor:
+    """Attention for the query tiles in ``tiles[:, :num_tiles]`` (int32 device tensors) run by
+    ``num_programs`` persistent programs per head.
+
+    Without ``tiles`` (tests, one-off calls) the tiles of sequences ``seq_offset .. seq_offset +
+    num_seqs - 1`` are built here from ``query_start_loc`` (a host round trip) and every tile gets its
+    own program."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     out = torch.empty_like(query) if out is None else out
     cfg = dict(config or prefill_config(head_dim, query.dtype))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    if tiles is None:
+        starts = query_start_loc.cpu().numpy().astype(np.int64)
+        count = len(starts) - 1 - seq_offset if num_seqs is None else num_seqs
+        lens = np.diff(starts)[seq_offset:seq_offset + count]
+        host = np.zeros((2, max(1, int(((lens + block_m - 1) // block_m).sum()))), dtype=np.int32)
+        total = build_query_tiles(lens, seq_offset, block_m, host)
+        tiles = torch.from_numpy(host).to(query.device)
+        num_tiles = torch.tensor([total], dtype=torch.int32, device=query.device)
+        num_programs = total
+    assert num_tiles is not None and num_programs is not None, "tiles need num_tiles and num_programs"
+    if num_programs == 0:
+        return out
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    grid = (triton.cdiv(max_query_len, block_m), num_heads, num_seqs)
-    _prefill_kernel[grid](
-        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
-        scale * LOG2E, sliding_window or 0, seq_offset,
+    _prefill_kernel[(num_programs, num_heads)](
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, tiles, num_tiles,
+        scale * LOG2E, sliding_window or 0,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1), tiles.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
         BLOCK_N=block_n, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", **cfg,
     )

@@ -1,7 +1,8 @@
 """Rotary embedding of q and k plus the write of k and v into the paged cache, in one kernel.
 
 One program per token: it rotates every query head in place, rotates every key head and stores it,
-and the value heads, at the token's cache slot (``slot = block * block_size + offset``). This replaces
+and the value heads, at the token's cache slot (``slot = block * block_size + offset``); with
+``store_key`` the rotated keys are also written back in place (for attention that reads them there). This replaces
 the reference path's separate rotary and cache-write operations (a dozen small launches per layer).
 Rotation is neox-style (halves), computed in float32 from float32 cos/sin tables.
 """
@@ -18,7 +19,8 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_ptr, sin_ptr, k_c
                        slots_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_cos, stride_cb, stride_ct, stride_ch,
                        NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
-                       KV_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                       KV_HEADS_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                       STORE_KEY: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + t).to(tl.int64)
     i = tl.arange(0, HALF)
@@ -37,8 +39,12 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_ptr, sin_ptr, k_c
     kh = tl.arange(0, KV_HEADS_PAD)
     km = (kh < NUM_KV_HEADS)[:, None]
     k_base = k_ptr + t * stride_kt + kh[:, None] * stride_kh + i[None, :]
-    k1 = tl.load(k_base, mask=km, other=0.0).to(tl.float32)
-    k2 = tl.load(k_base + HALF, mask=km, other=0.0).to(tl.float32)
+    k1_in = tl.load(k_base, mask=km, other=0.0)
+    k2_in = tl.load(k_base + HALF, mask=km, other=0.0)
+    k1, k2 = k1_in.to(tl.float32), k2_in.to(tl.float32)
+    if STORE_KEY:
+        tl.store(k_base, (k1 * cos - k2 * sin).to(k1_in.dtype), mask=km)
+        tl.store(k_base + HALF, (k2 * cos + k1 * sin).to(k1_in.dtype), mask=km)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + kh[:, None] * stride_ch + i[None, :]
     cache_ty = k_cache_ptr.dtype.element_ty
@@ -51,9 +57,10 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_ptr, sin_ptr, k_c
 
 def rope_and_write_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor,
                          cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor) -> None:
+                         slot_mapping: torch.Tensor, *, store_key: bool = False) -> None:
     """Rotate ``query`` ``[T, Hq, D]`` in place; write rotated ``key`` and ``value`` ``[T, Hkv, D]`` into
-    ``kv_cache`` at ``slot_mapping``. ``cos``/``sin`` are float32 ``[max_positions, D // 2]``."""
+    ``kv_cache`` at ``slot_mapping`` (and the rotated ``key`` in place too with ``store_key``).
+    ``cos``/``sin`` are float32 ``[max_positions, D // 2]``."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     k_cache, v_cache = kv_cache[0], kv_cache[1]
@@ -63,5 +70,5 @@ def rope_and_write_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_heads),
         KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2, BLOCK_SIZE=kv_cache.shape[2],
-        num_warps=4,
+        STORE_KEY=store_key, num_warps=4,
     )

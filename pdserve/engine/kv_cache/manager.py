@@ -111,7 +111,9 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         table = self._tables[request.request_id]
-        num_full = min(request.num_computed_tokens // self.block_size, len(table))
+        # a token still in flight has KV but no id on the host yet: it cannot be hashed
+        known = min(request.num_computed_tokens, request.num_known_tokens)
+        num_full = min(known // self.block_size, len(table))
         done = self._num_cached_blocks.get(request.request_id, 0)
         if num_full <= done:
             return
