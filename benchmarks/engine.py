@@ -307,7 +307,7 @@ def main() -> None:
         if cuda and not tiny:  # the same eager steps with our Triton prefill attention instead of FlashAttention
             backend = llm.engine.attention_backend
             backend.use_flash_prefill = False  # type: ignore[attr-defined]
-            prefill += [{**r, "case": r["case"] + " (triton attention)"} for r in guarded(
+            prefill += [{**r, "case": r.get("case", "?") + " (triton attention)"} for r in guarded(
                 "prefill-triton", lambda: bench_prefill(llm, ceilings, [("1x8192", [8192]), ("8x1024", [1024] * 8)],
                                                         repeats=3), [])]
             backend.use_flash_prefill = True  # type: ignore[attr-defined]

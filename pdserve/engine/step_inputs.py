@@ -150,12 +150,13 @@ class StepInputs:
             self._feed(fed.token_ids, feed_rows, feed_sources)
             self.num_fed_rows += len(feed_rows)
         d = self.dev
+        rows = max(num_seqs, 1)  # never an empty view: its data_ptr() is 0, which a captured graph would keep
         return AttentionMetadata(
             num_tokens=t, num_seqs=num_seqs,
             max_query_len=int(np.diff(qsl[: num_seqs + 1]).max()) if num_seqs else 0,
             max_seq_len=max_seq_len, block_size=bs,
-            query_start_loc=d["query_start_loc"][: num_seqs + 1], seq_lens=d["seq_lens"][:num_seqs],
-            context_lens=d["context_lens"][:num_seqs], block_tables=d["block_tables"][:num_seqs],
+            query_start_loc=d["query_start_loc"][: num_seqs + 1], seq_lens=d["seq_lens"][:rows],
+            context_lens=d["context_lens"][:rows], block_tables=d["block_tables"][:rows],
             slot_mapping=d["slot_mapping"][:padded], query_start_loc_cpu=qsl[: num_seqs + 1].tolist(),
             seq_lens_cpu=seq_lens[:num_seqs].tolist(), num_decode_seqs=num_decodes,
             context_free_prefill=context_free and num_decodes < num_seqs, counts=d["counts"], query_tiles=d["query_tiles"], launch=launch,

@@ -49,9 +49,9 @@ class AttentionMetadata:
     max_seq_len: int
     block_size: int
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
-    seq_lens: torch.Tensor  # [num_seqs] int32
-    context_lens: torch.Tensor  # [num_seqs] int32
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32 (at least 1 row: a CUDA graph captures the pointer)
+    context_lens: torch.Tensor  # [num_seqs] int32 (likewise)
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32 (likewise)
     slot_mapping: torch.Tensor  # [num_tokens] int64
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]

@@ -1,0 +1,47 @@
+"""The runner's persistent input buffers: what a CUDA graph captures must stay valid for every replay."""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.attention.metadata import LaunchShape
+from pdserve.engine.request import Request
+from pdserve.engine.scheduler import ScheduledChunk
+from pdserve.engine.step_inputs import FedTokens, StepInputs
+
+
+def _inputs() -> StepInputs:
+    return StepInputs(64, 8, 16, 4, torch.device("cpu"), query_tile_rows=16)
+
+
+def test_every_view_points_at_its_buffer_even_with_no_sequences() -> None:
+    """A graph is captured over a batch of padding only: empty views would carry a null data_ptr()
+    into the graph (an illegal address at replay), so every view starts at its persistent buffer."""
+    inputs = _inputs()
+    meta = inputs.load_padding(LaunchShape(16, 8, 2, 4))
+    buffers = inputs.dev
+    for name in ("query_start_loc", "seq_lens", "context_lens", "block_tables", "slot_mapping"):
+        view = getattr(meta, name)
+        assert view.numel() > 0 and view.data_ptr() == buffers[name].data_ptr(), name
+    assert meta.counts is not None and meta.counts.data_ptr() == buffers["counts"].data_ptr()
+    assert meta.query_tiles is not None and meta.query_tiles.data_ptr() == buffers["query_tiles"].data_ptr()
+    assert meta.counts.tolist() == [0, 0] and meta.num_seqs == 0
+    assert (buffers["slot_mapping"][:16] == 0).all()  # padding writes only the null block
+
+
+def test_padding_rows_and_fed_tokens() -> None:
+    inputs = _inputs()
+    params = SamplingParams(max_tokens=8)
+    decode = Request("d", [5, 6, 7], params)
+    decode.expect_token(ends_request=False)  # its 4th token is still on the device
+    prompt = Request("p", [9] * 20, params)
+    chunks = [ScheduledChunk(decode, 3, 1, [1], True), ScheduledChunk(prompt, 0, 20, [2, 3, 4, 5, 6], True)]
+    fed = FedTokens(torch.tensor([11, 42]), {"x": 0, "d": 1})
+    meta = inputs.load(chunks, lambda c: LaunchShape(32, 8, 1, 3), fed)
+    ids = inputs.dev["input_ids"]
+    assert ids[0].item() == 42  # taken on the device from the previous step's row of "d"
+    assert ids[1:21].tolist() == [9] * 20 and ids[21:32].tolist() == [0] * 11
+    assert inputs.dev["slot_mapping"][21:32].tolist() == [0] * 11
+    assert meta.num_decode_seqs == 1 and meta.counts is not None and meta.counts.tolist() == [1, 2]
+    assert meta.context_free_prefill and inputs.num_fed_rows == 1
