@@ -214,19 +214,29 @@ def bench_offline(llm: LLM, num_requests: int, prompt_len: int, output_len: int)
 
 
 def bench_attention_kernels(ceilings: dict[str, float]) -> list[dict[str, Any]]:
-    """Prefill attention alone: our Triton kernel vs torch SDPA (flash) on one causal sequence."""
+    """Prefill attention alone on one causal sequence: our Triton kernel (its tile list built beforehand,
+    as the engine does) vs torch SDPA (what ``dense_prefill`` calls)."""
+    import numpy as np
     import torch.nn.functional as F
 
     from benchmarks.common import _median_ms
-    from pdserve.engine.kernels.paged_prefill import paged_prefill_attention
+    from pdserve.engine.kernels.paged_prefill import (
+        build_query_tiles,
+        paged_prefill_attention,
+        query_tile_rows,
+    )
     from tests.support.kernel_cases import paged_problem
 
     rows = []
     for t in (2048, 8192):
         q, cache, meta = paged_problem([0], [t], 32, 8, 128, 16, torch.bfloat16, "cuda", seed=t)
+        host = np.zeros((2, t), dtype=np.int32)
+        n = build_query_tiles(np.array([t]), 0, query_tile_rows(128, torch.bfloat16), host)
+        tiles = torch.from_numpy(host).cuda()
+        count = torch.tensor([n], dtype=torch.int32, device="cuda")
         ours = _median_ms(lambda: paged_prefill_attention(  # noqa: B023
-            q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, num_seqs=1,  # noqa: B023
-            scale=128**-0.5, sliding_window=None), 10)
+            q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale=128**-0.5,  # noqa: B023
+            sliding_window=None, tiles=tiles, num_tiles=count, num_programs=n), 10)  # noqa: B023
         k = torch.randn(1, 8, t, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         qs = q.transpose(0, 1).unsqueeze(0)
@@ -304,13 +314,13 @@ def main() -> None:
         cases = ([(f"1x{n}", [n]) for n in (512, 1024, 2048, 8192)] + [("8x1024", [1024] * 8)]) if not tiny \
             else [("1x64", [64]), ("4x32", [32] * 4)]
         prefill = guarded("prefill", lambda: bench_prefill(llm, ceilings, cases, repeats=3), [])
-        if cuda and not tiny:  # the same eager steps with our Triton prefill attention instead of FlashAttention
+        if cuda and not tiny:  # the same eager steps with our Triton prefill attention instead of torch SDPA
             backend = llm.engine.attention_backend
-            backend.use_flash_prefill = False  # type: ignore[attr-defined]
+            backend.use_dense_prefill = False  # type: ignore[attr-defined]
             prefill += [{**r, "case": r.get("case", "?") + " (triton attention)"} for r in guarded(
                 "prefill-triton", lambda: bench_prefill(llm, ceilings, [("1x8192", [8192]), ("8x1024", [1024] * 8)],
                                                         repeats=3), [])]
-            backend.use_flash_prefill = True  # type: ignore[attr-defined]
+            backend.use_dense_prefill = True  # type: ignore[attr-defined]
         lengths = [16, 64, 128, 256, 512, 1024, 2048, 4096, 8192] if not tiny else [16, 64]
         latency = guarded("prefill-latency", lambda: bench_prefill_latency(llm, lengths), [])
         mixed = guarded("mixed", lambda: bench_mixed_steps(

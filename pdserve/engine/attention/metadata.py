@@ -60,7 +60,6 @@ class AttentionMetadata:
     counts: torch.Tensor | None = None  # [2] int32: decode sequences, live query tiles
     query_tiles: torch.Tensor | None = None  # [2, capacity] int32
     launch: LaunchShape | None = None
-    prefill_cu_seqlens: torch.Tensor | None = None  # filled by a backend that needs it, once per step
 
     @property
     def is_decode_only(self) -> bool:

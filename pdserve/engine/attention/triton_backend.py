@@ -6,8 +6,8 @@ decode kernel and the prefill chunks' query tiles through the persistent paged v
 Every launch depends only on device tensors and on the step's :class:`LaunchShape`, so any step --
 decode, prefill or mixed -- can be captured in a CUDA graph and replayed for every batch of its shape.
 
-In eager steps (larger than every graph) whose prefill chunks all start at position 0, the prefill
-rows go to PyTorch's FlashAttention-2 instead (``flash_prefill``), which is faster on long prompts.
+In eager steps (larger than every graph) whose few prefill chunks all start at position 0, the
+prefill rows go to PyTorch's fused attention instead (``dense_prefill``), which is faster on long prompts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from pdserve.engine.attention.backend import AttentionBackend
-from pdserve.engine.attention.flash_prefill import flash_prefill, flash_prefill_supported
+from pdserve.engine.attention.dense_prefill import MAX_DENSE_CHUNKS, dense_prefill, dense_prefill_supported
 from pdserve.engine.attention.metadata import AttentionMetadata
 from pdserve.engine.kernels.paged_decode import paged_decode_attention
 from pdserve.engine.kernels.paged_prefill import paged_prefill_attention, query_tile_rows
@@ -28,9 +28,8 @@ class TritonBackend(AttentionBackend):
     supports_cuda_graphs = True
     fused_layers = True
 
-    def __init__(self, use_flash_prefill: bool = True) -> None:
-        self.use_flash_prefill = use_flash_prefill
-        self._flash_ok: dict[tuple, bool] = {}
+    def __init__(self, use_dense_prefill: bool = True) -> None:
+        self.use_dense_prefill = use_dense_prefill
 
     def query_tile_rows(self, head_dim: int, dtype: torch.dtype) -> int | None:
         return query_tile_rows(head_dim, dtype)
@@ -39,20 +38,16 @@ class TritonBackend(AttentionBackend):
                           positions: torch.Tensor, rotary: RotaryEmbedding, kv_cache: torch.Tensor,
                           metadata: AttentionMetadata, *, scale: float, sliding_window: int | None) -> torch.Tensor:
         assert rotary.cos is not None and rotary.sin is not None
-        flash = self._takes_flash_prefill(query, metadata, sliding_window)
+        dense = self._takes_dense_prefill(query, metadata, sliding_window)
         rope_and_write_cache(query, key, value, positions, rotary.cos, rotary.sin, kv_cache,
-                             metadata.slot_mapping, store_key=flash)
-        if not flash:
+                             metadata.slot_mapping, store_key=dense)
+        if not dense:
             return self.attend(query, kv_cache, metadata, scale=scale, sliding_window=sliding_window)
         out = torch.empty_like(query)
         self._decode(query, kv_cache, metadata, scale, sliding_window, out)
-        first, last = metadata.num_decode_seqs, metadata.num_tokens
-        if metadata.prefill_cu_seqlens is None:
-            starts = metadata.query_start_loc[first:]
-            metadata.prefill_cu_seqlens = starts - starts[0]
-        out[first:last] = flash_prefill(query[first:last], key[first:last], value[first:last],
-                                        metadata.prefill_cu_seqlens, metadata.max_query_len, scale=scale,
-                                        sliding_window=sliding_window)
+        starts = metadata.query_start_loc_cpu
+        bounds = [(starts[i], starts[i + 1]) for i in range(metadata.num_decode_seqs, metadata.num_seqs)]
+        dense_prefill(query, key, value, bounds, out, scale=scale)
         return out
 
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, *,
@@ -78,13 +73,9 @@ class TritonBackend(AttentionBackend):
                                    scale=scale, sliding_window=sliding_window, num_splits=launch.decode_num_splits,
                                    num_active=counts[0:1], out=out[:cap])
 
-    def _takes_flash_prefill(self, query: torch.Tensor, metadata: AttentionMetadata,
+    def _takes_dense_prefill(self, query: torch.Tensor, metadata: AttentionMetadata,
                              sliding_window: int | None) -> bool:
         launch = metadata.launch
-        if not (self.use_flash_prefill and metadata.context_free_prefill and launch is not None
-                and launch.batch_specific):
-            return False
-        key = (query.device, query.dtype, query.shape[-1], sliding_window)
-        if key not in self._flash_ok:
-            self._flash_ok[key] = flash_prefill_supported(query.device, query.dtype, query.shape[-1], sliding_window)
-        return self._flash_ok[key]
+        return (self.use_dense_prefill and metadata.context_free_prefill and launch is not None
+                and launch.batch_specific and metadata.num_seqs - metadata.num_decode_seqs <= MAX_DENSE_CHUNKS
+                and dense_prefill_supported(query.device, query.dtype, sliding_window))
