@@ -286,6 +286,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["llama31-8b", "tiny"], default="llama31-8b")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--hf-from", type=Path, help="take the transformers baseline from an earlier run's JSON "
+                        "(same device kind; its commit and date are recorded) instead of measuring it again")
     parser.add_argument("--hf-timeout", type=int, default=300)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
@@ -339,8 +341,11 @@ def main() -> None:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    hf = {"skipped": True}
-    if cuda and not args.skip_hf:
+    hf: dict[str, Any] = {"skipped": True}
+    if args.hf_from is not None:
+        earlier = json.loads(args.hf_from.read_text())
+        hf = {**earlier["transformers_cb"], "measured_in_run": f"{earlier['run']['commit']} {earlier['run']['date']}"}
+    elif cuda and not args.skip_hf:
         hf = run_hf_baseline(config, *((256, 512, 256) if not tiny else (16, 32, 16)), timeout_s=args.hf_timeout)
         print("transformers:", hf, flush=True)
 

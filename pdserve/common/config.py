@@ -31,7 +31,8 @@ class EngineConfig:
     The KV cache gets ``num_kv_blocks`` blocks when given; otherwise ``gpu_memory_utilization`` of the
     GPU's memory (minus weights and activations), or ``cpu_kv_cache_gib`` GiB on the CPU.
     On CUDA every step of up to ``cuda_graph_max_tokens`` tokens (decode, prefill or mixed) replays a
-    CUDA graph captured at start-up (``enforce_eager`` turns graphs off). ``async_scheduling`` prepares
+    CUDA graph captured at start-up (``enforce_eager`` turns graphs off); larger steps keep the GPU busy
+    longer than their launches take, and run eagerly, where fresh prompts use torch's faster attention. ``async_scheduling`` prepares
     and launches step N+1 before the host reads step N's tokens, so host work overlaps the GPU (as
     vLLM's option of the same name); outputs are the same either way.
     """
@@ -53,7 +54,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"
     enforce_eager: bool = False
-    cuda_graph_max_tokens: int = 2048
+    cuda_graph_max_tokens: int = 1024
     async_scheduling: bool = True
 
     def __post_init__(self) -> None:
