@@ -12,11 +12,12 @@ Every error names the offending key by its dotted path and the file, e.g.
     colocated: {replicas: 2}      # colocated mode only; default: prefill + decode replicas
     router:  {grpc_port: 50051, http_port: 8000}   # http_port: the OpenAI-compatible HTTP API
     kv_transfer: {backend: auto}  # CUDA IPC on one host, else NCCL on GPUs; gloo/tcp on CPU
+    slo: {ttft_ms: 250, tpot_ms: 15}   # optional: SLO-aware scheduling and routing (see SLOConfig)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,22 @@ class KVTransferConfig:
 
 
 @dataclass(frozen=True)
+class SLOConfig:
+    """Latency objectives the cluster schedules for. ``tpot_ms`` becomes the step-time budget of every
+    decode and colocated worker (a step carrying decodes takes prefill tokens only up to it, by the
+    worker's measured step-time model); ``ttft_ms`` orders every worker's prompt queue by deadline and
+    lets the router keep a prompt on its decode worker when the prefill pool would miss it. A pool's
+    own ``engine`` settings (``step_time_budget_ms``, ``ttft_slo_ms``) override these."""
+
+    ttft_ms: float = 250.0
+    tpot_ms: float = 25.0
+
+    def __post_init__(self) -> None:
+        require_float("ttft_ms", self.ttft_ms, minimum=0.0, exclusive_minimum=True)
+        require_float("tpot_ms", self.tpot_ms, minimum=0.0, exclusive_minimum=True)
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     model: str = TINY_RANDOM_MODEL
     load_format: str = "auto"
@@ -82,6 +99,7 @@ class ClusterConfig:
     router: RouterConfig = field(default_factory=lambda: RouterConfig(port=50051, http_port=8000))
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     pack_pairs: bool = False  # place prefill/decode workers pairwise on one node (Ray placement group)
+    slo: SLOConfig | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -90,6 +108,8 @@ class ClusterConfig:
             raise ConfigError("prefill.replicas", "disaggregated mode needs at least one prefill and one decode worker")
         if self.mode == "colocated" and self.colocated_pool.replicas < 1:
             raise ConfigError("colocated.replicas", "colocated mode needs at least one worker")
+        if self.slo is not None and self.router.ttft_slo_ms is None:
+            object.__setattr__(self, "router", replace(self.router, ttft_slo_ms=self.slo.ttft_ms))
         for role in self.roles:  # validate the engine settings now, not on the workers
             self.engine_config(role)
 
@@ -111,8 +131,13 @@ class ClusterConfig:
 
     def engine_config(self, role: str) -> EngineConfig:
         pool = self.pool(role)
+        slo: dict[str, Any] = {}
+        if self.slo is not None:
+            slo["ttft_slo_ms"] = self.slo.ttft_ms
+            if role != "prefill":  # prefill workers run no decodes: no TPOT to protect
+                slo["step_time_budget_ms"] = self.slo.tpot_ms
         settings = {"max_num_batched_tokens": pool.max_batch_tokens, "max_num_seqs": pool.max_running_requests,
-                    "device": "cuda" if pool.gpus_per_worker else "cpu", **self.engine, **pool.engine,
+                    "device": "cuda" if pool.gpus_per_worker else "cpu", **slo, **self.engine, **pool.engine,
                     "model": self.model, "load_format": self.load_format}
         return EngineConfig.from_dict(settings, prefix=f"{role}.engine." if pool.engine else "engine.")
 
@@ -138,7 +163,7 @@ def cluster_config_from_dict(data: Any, source: str | None = None) -> ClusterCon
     known = {f.name for f in fields(ClusterConfig)} | {"placement"}
     _reject_unknown("", data, known, source)
     kwargs: dict[str, Any] = {k: v for k, v in data.items() if k not in ("prefill", "decode", "colocated", "router",
-                                                                       "kv_transfer", "placement")}
+                                                                       "kv_transfer", "placement", "slo")}
     try:
         for role in ("prefill", "decode", "colocated"):
             if role in data:
@@ -150,6 +175,8 @@ def cluster_config_from_dict(data: Any, source: str | None = None) -> ClusterCon
             kwargs["router"] = _section("router", router, RouterConfig, source)
         if "kv_transfer" in data:
             kwargs["kv_transfer"] = _section("kv_transfer", data["kv_transfer"], KVTransferConfig, source)
+        if data.get("slo") is not None:
+            kwargs["slo"] = _section("slo", data["slo"], SLOConfig, source)
         if "placement" in data:
             placement = _mapping("placement", data["placement"], source)
             _reject_unknown("placement.", placement, {"pack_pairs"}, source)

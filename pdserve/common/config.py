@@ -35,6 +35,11 @@ class EngineConfig:
     longer than their launches take, and run eagerly, where fresh prompts use torch's faster attention. ``async_scheduling`` prepares
     and launches step N+1 before the host reads step N's tokens, so host work overlaps the GPU (as
     vLLM's option of the same name); outputs are the same either way.
+
+    SLO-aware scheduling: ``step_time_budget_ms`` caps the predicted time of a step that carries
+    decodes (prefill chunks are cut to fit: the TPOT SLO); ``ttft_slo_ms`` admits prompts earliest
+    deadline first, after those that can still meet it. Both use a step-time model, measured at start-up
+    or read from ``step_time_profile`` (a JSON file written by ``pdserve.engine.step_time``).
     """
 
     model: str = TINY_RANDOM_MODEL
@@ -56,6 +61,9 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_max_tokens: int = 1024
     async_scheduling: bool = True
+    step_time_budget_ms: float | None = None
+    ttft_slo_ms: float | None = None
+    step_time_profile: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -87,9 +95,20 @@ class EngineConfig:
         require_float("cpu_kv_cache_gib", self.cpu_kv_cache_gib, minimum=0.0, exclusive_minimum=True)
         require_int("seed", self.seed, minimum=0)
         require_int("cuda_graph_max_tokens", self.cuda_graph_max_tokens, minimum=0, maximum=65536)
+        for name in ("step_time_budget_ms", "ttft_slo_ms"):
+            if getattr(self, name) is not None:
+                require_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)
+        if self.step_time_profile is not None and (not isinstance(self.step_time_profile, str)
+                                                   or not self.step_time_profile):
+            raise InvalidParameterError("step_time_profile", "must be the path of a step-time profile (JSON)")
         for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameterError(name, f"must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def needs_step_time_model(self) -> bool:
+        return (self.step_time_budget_ms is not None or self.ttft_slo_ms is not None
+                or self.step_time_profile is not None)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str | None = None, prefix: str = "") -> EngineConfig:

@@ -42,6 +42,8 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import LaunchedStep, ModelRunner
 from pdserve.engine.sampler import Sampler, SamplingRow
 from pdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerPlan
+from pdserve.engine.step_profile import measure_step_time
+from pdserve.engine.step_time import StepTimeModel, StepTimeMonitor
 from pdserve.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -112,11 +114,18 @@ class LLMEngine:
         self.runner.kv_caches = self.kv_caches
         self.startup_seconds["kv_cache"] = time.perf_counter() - timer
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,
-                                                   config.enable_chunked_prefill), self.kv)
+        self.scheduler = Scheduler(SchedulerConfig(
+            config.max_num_batched_tokens, config.max_num_seqs, config.enable_chunked_prefill,
+            step_time_budget_s=None if config.step_time_budget_ms is None else config.step_time_budget_ms / 1e3,
+            ttft_slo_s=None if config.ttft_slo_ms is None else config.ttft_slo_ms / 1e3), self.kv)
         if self.device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
             self.startup_seconds["cuda_graphs"] = self.runner.capture_cuda_graphs(config.max_num_seqs,
                                                                                   config.cuda_graph_max_tokens)
+        self.step_time: StepTimeModel | None = None
+        self.step_time_samples: list[dict] = []
+        self.step_monitor: StepTimeMonitor | None = None
+        if config.needs_step_time_model:
+            self._set_up_step_time()
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._held: dict[str, Request] = {}  # prefill_only requests done computing, blocks not yet sent
@@ -124,6 +133,42 @@ class LLMEngine:
         self._in_flight: LaunchedStep | None = None  # launched, tokens not yet read (async scheduling)
         self.step_hooks: StepHooks | None = None
         _LIVE_ENGINES.add(self)
+
+    # ---- step-time model ---------------------------------------------------------------------
+
+    def _set_up_step_time(self) -> None:
+        timer = time.perf_counter()
+        if self.config.step_time_profile is not None:
+            self.step_time = StepTimeModel.load(self.config.step_time_profile)
+        else:
+            self.step_time, self.step_time_samples = measure_step_time(self)
+            runner = self.runner
+            runner.num_forward_tokens = runner.num_prompt_tokens_computed = 0
+            runner.num_graph_steps = runner.num_eager_steps = 0
+        self.startup_seconds["step_time_profile"] = time.perf_counter() - timer
+        self.scheduler.step_time = self.step_time
+        self.step_monitor = StepTimeMonitor(self.step_time)
+        logger.info("step-time model: %s", self.step_time)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """Prompt tokens per second at full speed (chunks of the whole token budget); 0 without a model."""
+        if self.step_time is None:
+            return 0.0
+        return self.step_time.prefill_tokens_per_s(self.config.max_num_batched_tokens)
+
+    def spare_prefill_tokens_per_s(self) -> float:
+        """Prompt tokens per second this engine can compute now: within its step-time budget given its
+        running decodes, or at full speed without a budget (0 without a model)."""
+        model, budget_s = self.step_time, self.scheduler.config.step_time_budget_s
+        if model is None:
+            return 0.0
+        decodes = self.scheduler.decode_shape()
+        if budget_s is None or decodes.tokens == 0:
+            return self.prefill_tokens_per_s
+        limit = self.config.max_num_batched_tokens - decodes.tokens
+        tokens = max(model.max_chunk_tokens(decodes, budget_s, limit), self.scheduler.config.min_prefill_chunk)
+        return tokens / max(budget_s, model.predict(decodes.plus_chunk(tokens, 0)))
 
     # ---- sizing --------------------------------------------------------------------------------
 
@@ -279,7 +324,7 @@ class LLMEngine:
         hooks = self.step_hooks
         self.model.layer_hook = hooks.before_forward(plan) if hooks is not None else None
         try:
-            launched = self.runner.launch(plan)
+            launched = self.runner.launch(plan, timed=self.step_monitor is not None)
         finally:
             self.model.layer_hook = None
         self.scheduler.finish_step(plan)
@@ -297,6 +342,9 @@ class LLMEngine:
     def _land(self, launched: LaunchedStep) -> list[RequestDelta]:
         """Read a launched step's tokens (waits for the device) and append them to their requests."""
         token_ids, logprobs = launched.token_ids(), launched.logprobs()
+        seconds = launched.seconds()
+        if self.step_monitor is not None and seconds is not None:
+            self.step_monitor.record(launched.plan.shape, seconds)
         if self.step_hooks is not None:
             self.step_hooks.after_forward(launched.plan)
         deltas = []

@@ -71,6 +71,7 @@ class Request:
     remote_prefill: bool = False  # decode role: the prompt's KV arrives from a prefill worker
     prefill_only: bool = False  # prefill role: finish after the first token, keep the blocks until sent
     num_pending_tokens: int = 0  # sampled by a step in flight, not yet appended (see the module docstring)
+    deadline_missed: bool = False  # the scheduler predicted this prompt cannot meet its TTFT SLO
     pending_is_last: bool = False
     _all_token_ids: list[int] = field(default_factory=list, repr=False)
 

@@ -17,7 +17,9 @@ for every layer in order (the KV of short prompts is sent once their whole forwa
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,6 +46,19 @@ class LaunchedStep:
     sampling: list[ScheduledChunk]
     sampled: SampledTokens | None
     num_forward_tokens: int
+    clock: tuple[Any, Any] | None = None  # (start, end): CUDA events, or host seconds on the CPU
+
+    def seconds(self) -> float | None:
+        """How long the step took on the device (from the moment the device reached it); after the
+        tokens were read, and only for a step launched with ``timed=True``."""
+        if self.clock is None:
+            return None
+        start, end = self.clock
+        if isinstance(start, float):
+            return end - start
+        if not end.query():  # a step that samples nothing is never waited for: skip it if not done
+            return None
+        return start.elapsed_time(end) / 1e3
 
     def token_ids(self) -> list[int]:
         """The sampled ids in ``sampling`` order (waits for the device)."""
@@ -134,8 +149,23 @@ class ModelRunner:
         return hidden, metadata
 
     @torch.inference_mode()
-    def launch(self, plan: SchedulerPlan) -> LaunchedStep:
-        """Queue the plan's forward pass and sampling on the device; wait for nothing."""
+    def launch(self, plan: SchedulerPlan, timed: bool = False) -> LaunchedStep:
+        """Queue the plan's forward pass and sampling on the device; wait for nothing. ``timed``: record
+        the step's device span (:meth:`LaunchedStep.seconds`)."""
+        start = self._clock() if timed else None
+        step = self._launch(plan)
+        if start is not None:
+            step.clock = (start, self._clock())
+        return step
+
+    def _clock(self) -> Any:
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _launch(self, plan: SchedulerPlan) -> LaunchedStep:
         chunks = sorted(plan.chunks, key=lambda c: c.num_tokens != 1)  # stable: decodes first
         hidden, metadata = self.forward(chunks)
         sampling = [c for c in chunks if c.samples]

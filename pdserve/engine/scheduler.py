@@ -12,6 +12,18 @@ without compute: the scheduler allocates blocks for the whole prompt (a landing 
 prefix-cache hit), marks them ``WAITING_FOR_KV`` and lists them in the plan; :meth:`Scheduler.kv_arrived`
 later makes them running with the prompt computed. A request that is preempted recomputes locally.
 
+SLO-aware scheduling (both optional, set from the cluster's ``slo``):
+
+* ``step_time_budget_s`` with a step-time model: a step that carries decodes takes prefill tokens only
+  as long as its predicted time stays within the budget (the TPOT SLO), so a decode batch never waits
+  longer than the SLO for a prompt to pass; a step with no decodes takes its whole token budget, and a
+  step whose decodes alone exceed the budget still advances one prefill chunk of ``min_prefill_chunk``
+  tokens (no prompt starves).
+* ``ttft_slo_s``: fresh prompts are admitted earliest-deadline first (arrival + TTFT SLO), except that
+  prompts which can no longer meet their deadline, predicted from the queue ahead of them, go after
+  those that still can (they are served, and counted in ``num_late_prompts``); a prompt waiting
+  longer than ``LATE_PROMOTION_FACTOR`` x the TTFT SLO goes first, so none starves.
+
 The scheduler never runs the model: it emits one :class:`SchedulerPlan` per step, and after the step the
 engine calls :meth:`Scheduler.finish_step` (advance computed counts, index full blocks) and
 :meth:`Scheduler.finish` for requests that ended.
@@ -19,11 +31,16 @@ engine calls :meth:`Scheduler.finish_step` (advance computed counts, index full 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.step_time import StepShape, StepTimeModel
+
+#: A prompt that has waited this many TTFT SLOs is admitted before every other fresh prompt.
+LATE_PROMOTION_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_num_seqs: int
     enable_chunked_prefill: bool = True
+    step_time_budget_s: float | None = None
+    ttft_slo_s: float | None = None
+    min_prefill_chunk: int = 32
 
 
 @dataclass(frozen=True)
@@ -64,18 +84,31 @@ class SchedulerPlan:
         return sum(c.num_tokens for c in self.chunks)
 
     @property
+    def shape(self) -> StepShape:
+        """What the step carries, in the step-time model's terms."""
+        step = StepShape(0)
+        for chunk in self.chunks:
+            step = step.plus_decode(chunk.start) if chunk.num_tokens == 1 else step.plus_chunk(chunk.num_tokens,
+                                                                                               chunk.start)
+        return step
+
+    @property
     def is_empty(self) -> bool:
         return not self.chunks
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, step_time: StepTimeModel | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.step_time = step_time
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.waiting_for_kv: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._protect_decodes = False
+        self.num_late_prompts = 0  # prompts predicted to miss their TTFT deadline (queued after those that can)
+        self.num_budget_cut_chunks = 0  # prefill chunks shortened to keep a step within its time budget
 
     # ---- queue management ----------------------------------------------------------------------
 
@@ -131,10 +164,14 @@ class Scheduler:
     def schedule(self) -> SchedulerPlan:
         plan = SchedulerPlan()
         budget = self.config.max_num_batched_tokens
+        step = self.decode_shape()
+        self._protect_decodes = step.tokens > 0
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens_to_compute, budget)
+            wanted = request.num_tokens_to_compute
+            num_new = (min(wanted, budget) if wanted <= 1
+                       else self._prefill_tokens(plan, step, request.num_computed_tokens, wanted, budget))
             if num_new <= 0:
                 i += 1
                 continue
@@ -147,15 +184,42 @@ class Scheduler:
             if request.status == RequestStatus.PREEMPTED:
                 break
             plan.chunks.append(self._chunk(request, num_new))
+            if wanted > 1:
+                step = step.plus_chunk(num_new, request.num_computed_tokens)
             budget -= num_new
             i += 1
         if not plan.preempted:
-            self._admit_waiting(plan, budget)
+            self._admit_waiting(plan, budget, step)
         return plan
 
-    def _admit_waiting(self, plan: SchedulerPlan, budget: int) -> None:
+    def decode_shape(self) -> StepShape:
+        """The decodes the next step will carry (the budget for prefill chunks is what they leave)."""
+        step = StepShape(0)
+        if self.step_time is not None and self.config.step_time_budget_s is not None:
+            for request in self.running:
+                if request.num_tokens_to_compute == 1:
+                    step = step.plus_decode(request.num_computed_tokens)
+        return step
+
+    def _prefill_tokens(self, plan: SchedulerPlan, step: StepShape, context: int, wanted: int, budget: int) -> int:
+        """How many of ``wanted`` prompt tokens (after ``context`` computed ones) a chunk gets in this step."""
+        limit = min(wanted, budget)
+        budget_s = self.config.step_time_budget_s
+        if self.step_time is None or budget_s is None or not self._protect_decodes:
+            return limit  # no decodes to protect (or no budget): the token budget alone decides
+        fits = self.step_time.max_chunk_tokens(step, budget_s, limit, context)
+        if fits == 0 and not any(c.num_tokens > 1 for c in plan.chunks):
+            fits = min(limit, self.config.min_prefill_chunk)  # over budget already: still advance one chunk
+        if fits < limit:
+            self.num_budget_cut_chunks += 1
+        return fits
+
+    def _admit_waiting(self, plan: SchedulerPlan, budget: int, step: StepShape) -> None:
+        if self.config.ttft_slo_s is not None and len(self.waiting) > 1:
+            self._order_by_deadline()
         while self.waiting and budget > 0 and self.num_admitted < self.config.max_num_seqs:
             request = self.waiting[0]
+            assert request.num_pending_tokens == 0, "a waiting request has no token in flight"
             cached = self.kv.find_cached_prefix(request)
             num_cached_tokens = len(cached) * self.kv.block_size
             remaining = request.num_tokens - request.num_computed_tokens - num_cached_tokens
@@ -172,7 +236,12 @@ class Scheduler:
                 continue
             if not self.config.enable_chunked_prefill and remaining > budget:
                 break
+            context = request.num_computed_tokens + num_cached_tokens
             num_new = min(remaining, budget)
+            if remaining > 1:
+                num_new = self._prefill_tokens(plan, step, context, remaining, budget)
+                if num_new <= 0:
+                    break
             if not self.kv.allocate_slots(request, num_new, cached):
                 break
             self.waiting.popleft()
@@ -183,7 +252,36 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             plan.chunks.append(self._chunk(request, num_new))
+            step = step.plus_chunk(num_new, context) if num_new > 1 else step.plus_decode(context)
             budget -= num_new
+
+    def _order_by_deadline(self) -> None:
+        """Fresh prompts earliest deadline first, those that cannot make it after those that can (see
+        the module docstring); preempted requests keep their place at the head."""
+        slo = self.config.ttft_slo_s
+        assert slo is not None
+        head: list[Request] = []
+        fresh: list[Request] = []
+        for request in self.waiting:
+            (fresh if request.status == RequestStatus.WAITING and not request.num_output_tokens else head).append(request)
+        now = time.monotonic()
+        rate = self.step_time.prefill_tokens_per_s(self.config.max_num_batched_tokens) if self.step_time else None
+        on_time, late, promoted = [], [], []
+        ahead_s = 0.0
+        for request in sorted(fresh, key=lambda r: r.arrival_time):
+            if now - request.arrival_time > LATE_PROMOTION_FACTOR * slo:
+                promoted.append(request)
+                continue
+            cost_s = request.num_prompt_tokens / rate if rate else 0.0
+            if now + ahead_s + cost_s <= request.arrival_time + slo:
+                on_time.append(request)
+                ahead_s += cost_s
+            else:
+                if not request.deadline_missed:
+                    request.deadline_missed = True
+                    self.num_late_prompts += 1
+                late.append(request)
+        self.waiting = deque(head + promoted + on_time + late)
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         return ScheduledChunk.of(request, num_new, self.kv.block_ids(request.request_id))

@@ -74,6 +74,9 @@ class RouterConfig:
       at least this many prompt tokens queued, the next prompt is prefilled on its decode worker
       instead of waiting (0: never). The prefill pool then sets the TTFT only while it keeps up; past
       that, decode workers absorb the overflow, at some cost to their inter-token latency.
+    * ``ttft_slo_ms``: the time-to-first-token SLO (the cluster's ``slo.ttft_ms``). In disaggregated
+      mode a prompt whose prefill pool would miss it goes to its decode worker when that is faster
+      (TTFT-aware placement, replacing ``max_queued_prefill_tokens``); None: off.
     * ``prefix_affinity_weight``: cache-aware routing (:mod:`~pdserve.router.prefix_affinity`). A
       worker's score gains this weight times the share of the prompt's prefix blocks it was sent
       before (0: off, routing by load alone; 1: a fully seen prefix outweighs any load difference).
@@ -93,6 +96,7 @@ class RouterConfig:
     running_requests_weight: float = 0.5
     min_remote_prefill_tokens: int = 0
     max_queued_prefill_tokens: int = 0
+    ttft_slo_ms: float | None = None
     prefix_affinity_weight: float = 0.0
     describe_timeout_s: float = 5.0
     submit_timeout_s: float = 10.0
@@ -117,6 +121,8 @@ class RouterConfig:
         require_int("max_inflight_requests", self.max_inflight_requests, minimum=1)
         require_int("min_remote_prefill_tokens", self.min_remote_prefill_tokens, minimum=0)
         require_int("max_queued_prefill_tokens", self.max_queued_prefill_tokens, minimum=0)
+        if self.ttft_slo_ms is not None:
+            require_float("ttft_slo_ms", self.ttft_slo_ms, minimum=0.0, exclusive_minimum=True)
         for name in ("request_timeout_s", "describe_timeout_s", "submit_timeout_s", "abort_timeout_s",
                      "health_check_interval_s", "reconnect_backoff_initial_s", "reconnect_backoff_max_s"):
             require_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)

@@ -73,12 +73,12 @@ class Dispatcher:
             prefill_workers = (self._registry.with_role(WorkerRole.PREFILL)
                                if self._mode is ServingMode.DISAGGREGATED else [])
             if prefill_workers and self._prefill_policy.should_prefill_remotely(
-                    request.num_prompt_tokens, [w for w in prefill_workers if w.routable]):
+                    request.num_prompt_tokens, [w for w in prefill_workers if w.routable], decode):
                 prefill = self._prefill_policy.pick(
                     prefill_workers, bonus=self._affinity.bonus([w.worker_id for w in prefill_workers], keys, weight))
                 prefill_address, prefill_id = prefill.endpoint.address, prefill.worker_id
                 self._assign_prefill(request, prefill.worker_id)
-            self._assign_decode(request, decode.worker_id)
+            self._assign_decode(request, decode.worker_id, local_prefill=prefill_id is None)
             message.prefill_address = prefill_address
             request.attempts += 1
             try:
@@ -121,9 +121,12 @@ class Dispatcher:
         logger.info("request %s: retrying elsewhere after worker %s failed: %s", request.request_id,
                     worker_id, reason)
 
-    def _assign_decode(self, request: InFlightRequest, worker_id: str) -> None:
+    def _assign_decode(self, request: InFlightRequest, worker_id: str, *, local_prefill: bool) -> None:
         request.decode_worker = worker_id
         self._registry.add_assigned(worker_id, 1)
+        if local_prefill:
+            request.local_prefill_tokens = request.num_prompt_tokens
+            self._registry.add_prefill_tokens(worker_id, request.local_prefill_tokens)
 
     def _assign_prefill(self, request: InFlightRequest, worker_id: str) -> None:
         request.prefill_worker = worker_id
@@ -132,7 +135,10 @@ class Dispatcher:
         self._registry.add_prefill_tokens(worker_id, request.prefill_tokens)
 
     def release_prefill(self, request: InFlightRequest) -> None:
-        """The prefill is over (first delta, failure or end): drop its charge on the prefill worker."""
+        """The prefill is over (first delta, failure or end): drop its charge on the worker doing it."""
+        if request.local_prefill_tokens and request.decode_worker is not None:
+            self._registry.add_prefill_tokens(request.decode_worker, -request.local_prefill_tokens)
+            request.local_prefill_tokens = 0
         if request.prefill_worker is not None:
             self._registry.add_prefill_tokens(request.prefill_worker, -request.prefill_tokens)
             self._registry.add_assigned(request.prefill_worker, -1)

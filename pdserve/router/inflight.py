@@ -31,7 +31,8 @@ RequestEvent = common_pb2.RequestDelta | WorkerLost
 class InFlightRequest:
     """One admitted request. ``decode_worker``/``prefill_worker`` are its current assignment (None
     before the first Submit and after a failed one); ``prefill_tokens`` is what this request adds to
-    its prefill worker's queue estimate until its first delta arrives."""
+    its prefill worker's queue estimate until its first delta arrives, ``local_prefill_tokens`` what it
+    adds to its decode worker's when that worker prefills it itself."""
 
     request_id: str
     num_prompt_tokens: int
@@ -39,6 +40,7 @@ class InFlightRequest:
     decode_worker: str | None = None
     prefill_worker: str | None = None
     prefill_tokens: int = 0
+    local_prefill_tokens: int = 0
     tokens_sent: int = 0
     attempts: int = 0
     failed_workers: set[str] = field(default_factory=set)

@@ -9,8 +9,12 @@ with the fewest queued tokens.
 :meth:`PrefillPolicy.should_prefill_remotely` decides whether a prompt goes to the prefill pool at all:
 a prompt for which it returns False is prefilled on the decode worker (``SubmitRequest.prefill_address``
 left empty). :class:`LeastQueuedPrefillPolicy` keeps short prompts local (the KV transfer would cost
-more than it hides) and, optionally, prompts that arrive while every prefill worker is backed up
-(conditional disaggregation: the overflow is prefilled where it would otherwise queue).
+more than it hides) and, with a TTFT SLO, compares expected times to first token: a prompt goes to the
+prefill pool when the best prefill worker still meets the SLO (queued tokens plus this prompt over its
+measured prefill rate) or beats its decode worker; otherwise the decode worker prefills it, in chunks
+its step-time budget allows (the rate it reports with every step). Without an SLO (or rates), the
+older rule applies: prompts that arrive while every prefill worker has ``max_queued_prefill_tokens``
+queued stay local (conditional disaggregation).
 """
 
 from __future__ import annotations
@@ -37,28 +41,53 @@ class PrefillPolicy(ScoredPolicy):
 
     role_label = "prefill"
 
-    def should_prefill_remotely(self, num_prompt_tokens: int,
-                                prefill_workers: Sequence[WorkerState] = ()) -> bool:
+    def should_prefill_remotely(self, num_prompt_tokens: int, prefill_workers: Sequence[WorkerState] = (),
+                                decode_worker: WorkerState | None = None) -> bool:
         return True
+
+
+def expected_ttft_remote(worker: WorkerState, num_prompt_tokens: int) -> float:
+    """Seconds until a prefill worker would finish this prompt: its queue and the prompt at its rate."""
+    rate = worker.full_prefill_tokens_per_s
+    return (worker.queued_prefill_tokens + num_prompt_tokens) / rate if rate > 0 else math.inf
+
+
+def expected_ttft_local(worker: WorkerState, num_prompt_tokens: int) -> float:
+    """Seconds until a decode worker would finish this prompt itself, at the spare rate its step budget
+    leaves (its own report of queued prompt tokens, or this router's, whichever is larger)."""
+    rate = worker.load.prefill_tokens_per_s
+    queued = max(worker.queued_prefill_tokens, worker.load.queued_prefill_tokens)
+    return (queued + num_prompt_tokens) / rate if rate > 0 else math.inf
 
 
 class LeastQueuedPrefillPolicy(PrefillPolicy):
     """score = 1 - queued_prefill_tokens / max(queued_prefill_tokens).
 
     Prompts shorter than ``min_remote_prompt_tokens`` are prefilled on the decode worker (0: none
-    is); so are prompts that arrive while every prefill worker has at least
-    ``max_queued_prefill_tokens`` tokens queued (0: never)."""
+    is). With ``ttft_slo_s`` and measured rates, a prompt stays local when the prefill pool would miss
+    the SLO and the decode worker would be faster; without them, prompts that arrive while every
+    prefill worker has at least ``max_queued_prefill_tokens`` tokens queued stay local (0: never)."""
 
-    def __init__(self, min_remote_prompt_tokens: int = 0, max_queued_prefill_tokens: int = 0) -> None:
+    def __init__(self, min_remote_prompt_tokens: int = 0, max_queued_prefill_tokens: int = 0,
+                 ttft_slo_s: float | None = None) -> None:
         super().__init__()
         self.min_remote_prompt_tokens = require_int("min_remote_prompt_tokens", min_remote_prompt_tokens, minimum=0)
         self.max_queued_prefill_tokens = require_int("max_queued_prefill_tokens", max_queued_prefill_tokens,
                                                      minimum=0)
+        self.ttft_slo_s = ttft_slo_s
+        self.num_spilled = 0  # prompts kept on their decode worker because the prefill pool would be late
 
-    def should_prefill_remotely(self, num_prompt_tokens: int,
-                                prefill_workers: Sequence[WorkerState] = ()) -> bool:
+    def should_prefill_remotely(self, num_prompt_tokens: int, prefill_workers: Sequence[WorkerState] = (),
+                                decode_worker: WorkerState | None = None) -> bool:
         if num_prompt_tokens < self.min_remote_prompt_tokens:
             return False
+        if self.ttft_slo_s is not None and decode_worker is not None and prefill_workers:
+            remote = min(expected_ttft_remote(w, num_prompt_tokens) for w in prefill_workers)
+            if remote < math.inf:
+                if remote <= self.ttft_slo_s or remote <= expected_ttft_local(decode_worker, num_prompt_tokens):
+                    return True
+                self.num_spilled += 1
+                return False
         if self.max_queued_prefill_tokens and prefill_workers:
             return min(w.queued_prefill_tokens for w in prefill_workers) < self.max_queued_prefill_tokens
         return True

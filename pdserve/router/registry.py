@@ -36,12 +36,13 @@ class LoadSnapshot:
     kv_usage: float = 0.0
     queued_prefill_tokens: int = 0
     num_free_blocks: int = 0
+    prefill_tokens_per_s: float = 0.0  # spare prefill rate within the worker's step budget (0: unknown)
 
     @classmethod
     def from_proto(cls, msg: worker_pb2.WorkerLoad) -> LoadSnapshot:
         return cls(running_requests=msg.running_requests, waiting_requests=msg.waiting_requests,
                    kv_usage=min(max(msg.kv_usage, 0.0), 1.0), queued_prefill_tokens=msg.queued_prefill_tokens,
-                   num_free_blocks=msg.num_free_blocks)
+                   num_free_blocks=msg.num_free_blocks, prefill_tokens_per_s=max(msg.prefill_tokens_per_s, 0.0))
 
 
 @dataclass
@@ -51,7 +52,8 @@ class WorkerState:
     ``assigned_requests`` counts this router's in-flight requests on the worker (decode role: the
     requests it streams; prefill role: the requests whose prefill it was asked to do and whose first
     token has not arrived). ``queued_prefill_tokens`` is the router's own estimate of the prompt
-    tokens waiting on a prefill worker.
+    tokens waiting on a worker: on a prefill worker every prompt sent there, on a decode worker the
+    prompts it prefills itself, until their first token.
     """
 
     endpoint: WorkerEndpoint
@@ -70,6 +72,11 @@ class WorkerState:
     @property
     def role(self) -> WorkerRole:
         return self.endpoint.role
+
+    @property
+    def full_prefill_tokens_per_s(self) -> float:
+        """Prompt tokens per second at full speed, from its ``Describe`` (0: unknown)."""
+        return max(self.info.prefill_tokens_per_s, 0.0) if self.info is not None else 0.0
 
     @property
     def routable(self) -> bool:

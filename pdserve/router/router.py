@@ -47,7 +47,7 @@ class Router:
 
     ``decode_policy``/``prefill_policy`` default to :class:`LeastLoadedDecodePolicy` (weights from
     ``config``) and :class:`LeastQueuedPrefillPolicy` (``config.min_remote_prefill_tokens``,
-    ``config.max_queued_prefill_tokens``).
+    ``config.max_queued_prefill_tokens``, ``config.ttft_slo_ms``).
     """
 
     def __init__(self, config: RouterConfig, *, model: str, mode: ServingMode | str,
@@ -67,7 +67,9 @@ class Router:
             config, self.mode, self.registry, self.table,
             decode_policy or LeastLoadedDecodePolicy(DecodePolicyConfig(
                 kv_usage_weight=config.kv_usage_weight, running_requests_weight=config.running_requests_weight)),
-            prefill_policy or LeastQueuedPrefillPolicy(config.min_remote_prefill_tokens, config.max_queued_prefill_tokens),
+            prefill_policy or LeastQueuedPrefillPolicy(
+                config.min_remote_prefill_tokens, config.max_queued_prefill_tokens,
+                None if config.ttft_slo_ms is None else config.ttft_slo_ms / 1e3),
             self.metrics)
         self._streams: dict[str, UpdatesStream] = {}
         self._tasks: list[asyncio.Task[None]] = []

@@ -31,6 +31,7 @@ class LoadReport:
     kv_usage: float
     queued_prefill_tokens: int
     num_free_blocks: int
+    prefill_tokens_per_s: float = 0.0  # what it can prefill now within its step budget (0: no model)
 
 
 def load_of(engine: LLMEngine) -> LoadReport:
@@ -38,7 +39,7 @@ def load_of(engine: LLMEngine) -> LoadReport:
     queued = sum(r.num_prompt_tokens - min(r.num_computed_tokens, r.num_prompt_tokens)
                  for r in (*scheduler.waiting, *scheduler.running))
     return LoadReport(len(scheduler.running) + len(scheduler.waiting_for_kv), len(scheduler.waiting),
-                      engine.kv.usage, queued, engine.kv.num_free_blocks)
+                      engine.kv.usage, queued, engine.kv.num_free_blocks, engine.spare_prefill_tokens_per_s())
 
 
 class EngineLoop:

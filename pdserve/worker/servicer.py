@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 def load_to_proto(load: LoadReport) -> worker_pb2.WorkerLoad:
     return worker_pb2.WorkerLoad(running_requests=load.running_requests, waiting_requests=load.waiting_requests,
                                  kv_usage=load.kv_usage, queued_prefill_tokens=load.queued_prefill_tokens,
-                                 num_free_blocks=load.num_free_blocks)
+                                 num_free_blocks=load.num_free_blocks, prefill_tokens_per_s=load.prefill_tokens_per_s)
 
 
 class UpdateHub:
@@ -69,7 +69,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                           head_dim=layout.head_dim, layout=layout.layout,
                                           tensor_parallel_size=layout.tensor_parallel_size),
             num_kv_blocks=engine.kv_layout.num_blocks, load=load_to_proto(self.hub.last_load or load_of(engine)),
-            kv_transport=self.worker.transfer_backend,
+            kv_transport=self.worker.transfer_backend, prefill_tokens_per_s=engine.prefill_tokens_per_s,
         )
 
     async def Submit(self, request, context):  # noqa: N802, ANN001, ANN201

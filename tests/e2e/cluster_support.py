@@ -12,8 +12,10 @@ from pdserve.cluster.launcher import Cluster
 ENGINE = {"block_size": 16, "max_model_len": 512, "num_kv_blocks": 1024}
 
 
-def start_cluster(mode: str, prefill: int = 1, decode: int = 1, colocated: int = 2, **overrides: Any) -> Cluster:
-    config = {
+def start_cluster(mode: str, prefill: int = 1, decode: int = 1, colocated: int = 2,
+                  pool_engines: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> Cluster:
+    """A cluster of the tiny model; ``pool_engines`` adds engine settings per pool (``{"decode": {...}}``)."""
+    config: dict[str, Any] = {
         "model": "tiny-random", "mode": mode, "engine": dict(ENGINE),
         "prefill": {"replicas": prefill, "max_batch_tokens": 256},
         "decode": {"replicas": decode, "max_running_requests": 64},
@@ -24,6 +26,8 @@ def start_cluster(mode: str, prefill: int = 1, decode: int = 1, colocated: int =
     }
     if mode != "colocated":
         config.pop("colocated")
+    for role, engine in (pool_engines or {}).items():
+        config[role]["engine"] = engine
     cluster = Cluster(cluster_config_from_dict(config))
     cluster.start()
     return cluster

@@ -108,3 +108,36 @@ def test_prompt_token_estimate() -> None:
     assert estimate_prompt_tokens(num_token_ids=7, text=None) == 7
     assert estimate_prompt_tokens(num_token_ids=None, text="x" * 9) == 3
     assert estimate_prompt_tokens(num_token_ids=None, text="") == 1
+
+
+def _rated(worker: WorkerState, *, full_rate: float = 0.0, spare_rate: float = 0.0,
+           reported_queue: int = 0) -> WorkerState:
+    from pdserve.v1 import worker_pb2
+
+    worker.info = worker_pb2.WorkerInfo(worker_id=worker.worker_id, prefill_tokens_per_s=full_rate)
+    worker.load = LoadSnapshot(queued_prefill_tokens=reported_queue, prefill_tokens_per_s=spare_rate)
+    return worker
+
+
+def test_ttft_aware_placement_keeps_a_prompt_local_only_when_the_pool_would_be_late() -> None:
+    policy = LeastQueuedPrefillPolicy(ttft_slo_s=0.25)
+    decode = _rated(_worker("d"), spare_rate=2_000.0)  # 1k-token prompt locally: 0.5 s
+    idle = _rated(_worker("p", "prefill"), full_rate=40_000.0)
+    assert policy.should_prefill_remotely(1000, [idle], decode)  # 25 ms in the pool
+    backed_up = _rated(_worker("p", "prefill", queued=16_000), full_rate=40_000.0)  # 0.425 s
+    assert policy.should_prefill_remotely(1000, [backed_up], decode)  # late, but still faster than local
+    fast_decode = _rated(_worker("d"), spare_rate=10_000.0)  # 0.1 s locally
+    assert not policy.should_prefill_remotely(1000, [backed_up], fast_decode)
+    assert policy.num_spilled == 1
+    # the decode worker's own queue counts, whichever of its report and the router's charge is larger
+    busy_decode = _rated(_worker("d", queued=5000), spare_rate=10_000.0)
+    assert policy.should_prefill_remotely(1000, [backed_up], busy_decode)
+    busy_report = _rated(_worker("d"), spare_rate=10_000.0, reported_queue=5000)
+    assert policy.should_prefill_remotely(1000, [backed_up], busy_report)
+
+
+def test_ttft_aware_placement_falls_back_without_rates() -> None:
+    policy = LeastQueuedPrefillPolicy(max_queued_prefill_tokens=1000, ttft_slo_s=0.25)
+    unknown = _worker("p", "prefill", queued=2000)  # no Describe rate: the queue-length rule applies
+    assert not policy.should_prefill_remotely(100, [unknown], _worker("d"))
+    assert policy.should_prefill_remotely(100, [_worker("p", "prefill", queued=10)], _worker("d"))

@@ -1,0 +1,55 @@
+"""Measure an engine's step-time model at start-up: time synthetic steps through its own runner.
+
+Each synthetic step borrows blocks from the engine's KV cache for dummy requests (``decodes`` requests
+each with ``context`` tokens of (garbage) KV, plus one fresh prompt chunk), runs the forward pass the
+way real steps do (CUDA graph or eager), and gives the blocks back; no request is ever visible to the
+scheduler. Called before the engine serves anything.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.engine.request import Request
+from pdserve.engine.scheduler import ScheduledChunk
+from pdserve.engine.step_time import StepTimeModel, profile_step_time
+
+
+def measure_step_time(engine) -> tuple[StepTimeModel, list[dict]]:  # noqa: ANN001 (LLMEngine: avoids a cycle)
+    kv, runner, device = engine.kv, engine.runner, engine.device
+    params = SamplingParams(max_tokens=1)
+
+    def run(decodes: int, context: int, chunk: int) -> float:
+        requests, chunks = [], []
+        try:
+            for i in range(decodes):
+                request = Request(f"__profile-d{i}", [1] * (context + 1), params)
+                requests.append(request)
+                if not kv.allocate_slots(request, context + 1):
+                    raise RuntimeError("the step-time profile does not fit the KV cache")
+                request.num_computed_tokens = context
+                chunks.append(ScheduledChunk(request, context, 1, kv.block_ids(request.request_id), False))
+            if chunk:
+                request = Request("__profile-p", [2] * chunk, params)
+                requests.append(request)
+                if not kv.allocate_slots(request, chunk):
+                    raise RuntimeError("the step-time profile does not fit the KV cache")
+                chunks.append(ScheduledChunk(request, 0, chunk, kv.block_ids(request.request_id), False))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            runner.run_dummy_prefill(chunks)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - start
+        finally:
+            for request in requests:
+                kv.free(request)
+
+    capacity = (kv.pool.num_usable_blocks - 1) * kv.block_size
+    return profile_step_time(run, max_tokens=engine.config.max_num_batched_tokens,
+                             max_decodes=engine.config.max_num_seqs, max_context=engine.max_model_len - 1,
+                             kv_capacity_tokens=capacity)

@@ -1,0 +1,106 @@
+"""SLO-aware scheduling: prefill chunks cut to the step-time budget, deadline-ordered prompt admission;
+outputs are unchanged by either."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from pdserve import LLM, SamplingParams
+from pdserve.engine.kv_cache.manager import KVCacheManager
+from pdserve.engine.request import Request
+from pdserve.engine.scheduler import LATE_PROMOTION_FACTOR, Scheduler, SchedulerConfig
+from pdserve.engine.step_time import StepTimeModel
+
+# 5 ms per step, 0.1 ms per token past 16: a 10 ms budget leaves room for ~50 tokens beside a few decodes
+MODEL = StepTimeModel(base_s=5e-3, per_token_s=1e-4, free_tokens=16)
+
+
+def _scheduler(**config) -> Scheduler:
+    defaults = dict(max_num_batched_tokens=512, max_num_seqs=64, step_time_budget_s=10e-3, ttft_slo_s=None)
+    return Scheduler(SchedulerConfig(**{**defaults, **config}), KVCacheManager(512, 16, False), MODEL)
+
+
+def _decoding(scheduler: Scheduler, n: int) -> list[Request]:
+    requests = []
+    for i in range(n):
+        r = Request(f"d{i}", [1] * 8, SamplingParams(max_tokens=100))
+        scheduler.add(r)
+        requests.append(r)
+    plan = scheduler.schedule()
+    scheduler.finish_step(plan)
+    for r in requests:
+        r.append_output_token(3)  # now each has one token to compute: a decode
+    return requests
+
+
+def test_prefill_chunk_is_cut_to_the_budget_beside_decodes() -> None:
+    scheduler = _scheduler()
+    _decoding(scheduler, 4)
+    scheduler.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
+    plan = scheduler.schedule()
+    chunk = next(c for c in plan.chunks if c.request.request_id == "long")
+    assert MODEL.predict(plan.shape) <= 10e-3 < MODEL.predict(plan.shape.plus_chunk(1, chunk.num_tokens))
+    assert 0 < chunk.num_tokens < 400 and scheduler.num_budget_cut_chunks == 1
+
+
+def test_without_decodes_the_whole_token_budget_is_used() -> None:
+    scheduler = _scheduler()
+    scheduler.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
+    assert scheduler.schedule().chunks[0].num_tokens == 400
+
+
+def test_over_budget_decodes_still_let_one_small_chunk_through() -> None:
+    scheduler = _scheduler(step_time_budget_s=1e-3)  # below even the base cost
+    _decoding(scheduler, 2)
+    scheduler.add(Request("a", [2] * 400, SamplingParams(max_tokens=4)))
+    scheduler.add(Request("b", [2] * 400, SamplingParams(max_tokens=4)))
+    prompts = [c for c in scheduler.schedule().chunks if c.num_tokens > 1]
+    assert [c.num_tokens for c in prompts] == [scheduler.config.min_prefill_chunk]
+
+
+def test_prompts_that_cannot_meet_their_deadline_go_after_those_that_can() -> None:
+    # at 1 / per_token_s = 10k tokens/s, a 4000-token prompt needs 0.4 s: it misses a 0.25 s TTFT anyway
+    scheduler = _scheduler(step_time_budget_s=None, ttft_slo_s=0.25, max_num_batched_tokens=8192)
+    now = time.monotonic()
+    long = Request("long", [1] * 4000, SamplingParams(max_tokens=4), arrival_time=now - 0.01)
+    short = Request("short", [1] * 100, SamplingParams(max_tokens=4), arrival_time=now)
+    old = Request("old", [1] * 4000, SamplingParams(max_tokens=4),
+                  arrival_time=now - LATE_PROMOTION_FACTOR * 0.25 - 0.1)  # waited too long: goes first
+    for r in (long, short, old):
+        scheduler.add(r)
+    scheduler._order_by_deadline()
+    assert [r.request_id for r in scheduler.waiting] == ["old", "short", "long"]
+    assert long.deadline_missed and not short.deadline_missed and scheduler.num_late_prompts == 1
+
+
+def _two_waves(llm: LLM, prompts: list[str], params: SamplingParams) -> list[list[int]]:
+    """Half the prompts first; the rest arrive while those decode (so chunks share steps with decodes)."""
+    engine = llm.engine
+    tokens: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts[:2]):
+        engine.add_request(f"r{i}", prompt=prompt, params=params)
+    for _ in range(3):
+        for delta in engine.step():
+            tokens.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+    for i, prompt in enumerate(prompts[2:], start=2):
+        engine.add_request(f"r{i}", prompt=prompt, params=params)
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            tokens.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+    return [tokens[f"r{i}"] for i in range(len(prompts))]
+
+
+def test_slo_scheduling_leaves_outputs_unchanged(tmp_path) -> None:
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(MODEL.to_dict()))
+    prompts = ["Hello there " * 20, "The capital of France is", "x" * 150, "Once upon a time " * 8, "zzz"]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    plain = _two_waves(LLM(model="tiny-random", num_kv_blocks=256), prompts, params)
+    budgeted = LLM(model="tiny-random", num_kv_blocks=256, step_time_profile=str(profile), step_time_budget_ms=6.0,
+                   ttft_slo_ms=1.0)
+    assert _two_waves(budgeted, prompts, params) == plain
+    engine = budgeted.engine
+    assert engine.scheduler.num_budget_cut_chunks > 0  # prompts were chunked beside decodes
+    assert engine.step_monitor is not None and engine.step_monitor.summary()["steps"] > 0
+    assert 0 < engine.spare_prefill_tokens_per_s() <= engine.prefill_tokens_per_s

@@ -1,0 +1,85 @@
+"""The step-time model: fitting, the budget arithmetic the scheduler relies on, profiles, the live check."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from pdserve.common.errors import ConfigError
+from pdserve.engine.step_time import (
+    StepShape,
+    StepTimeModel,
+    StepTimeMonitor,
+    fit_step_time,
+    profile_step_time,
+)
+
+TRUE = StepTimeModel(base_s=4e-3, per_token_s=25e-6, free_tokens=128, per_kv_token_s=2e-8, per_pair_s=1e-10)
+
+
+def _grid() -> list[StepShape]:
+    shapes = [StepShape(c, 0, c * c / 2) for c in (16, 64, 256, 1024, 2048, 4096)]
+    shapes += [StepShape(d, d * ctx) for d in (1, 16, 64, 128) for ctx in (128, 1024, 4096)]
+    shapes += [StepShape(64 + c, 64 * 128, c * c / 2) for c in (64, 256)]
+    return shapes
+
+
+def test_fit_recovers_a_known_model_from_noisy_samples() -> None:
+    rng = random.Random(0)
+    samples = [(s, TRUE.predict(s) * (1 + rng.uniform(-0.02, 0.02))) for s in _grid()]
+    model = fit_step_time(samples)
+    for shape, _ in samples:
+        assert model.predict(shape) == pytest.approx(TRUE.predict(shape), rel=0.06)
+    assert model.free_tokens in (64, 128, 256)
+
+
+def test_max_chunk_tokens_is_the_largest_chunk_within_the_budget() -> None:
+    decodes = StepShape(0)
+    for _ in range(32):
+        decodes = decodes.plus_decode(1000)
+    budget = 10e-3
+    n = TRUE.max_chunk_tokens(decodes, budget, limit=8192)
+    assert TRUE.predict(decodes.plus_chunk(n, 0)) <= budget < TRUE.predict(decodes.plus_chunk(n + 1, 0))
+    assert TRUE.max_chunk_tokens(decodes, budget, limit=10) == 10
+    assert TRUE.max_chunk_tokens(decodes, 1e-3, limit=8192) == 0  # the decodes alone exceed it
+    # a later chunk of the same prompt (more context to attend to) gets fewer tokens
+    assert TRUE.max_chunk_tokens(decodes, budget, 8192, chunk_context=20000) < n
+
+
+def test_profile_round_trip_and_bad_profiles(tmp_path) -> None:
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"model": TRUE.to_dict(), "device": "test"}))
+    assert StepTimeModel.load(path) == TRUE
+    path.write_text(json.dumps({"base_s": 1.0}))
+    with pytest.raises(ConfigError, match="per_token_s"):
+        StepTimeModel.load(path)
+    path.write_text(json.dumps({**TRUE.to_dict(), "per_token_s": -1}))
+    with pytest.raises(ConfigError, match=">= 0"):
+        StepTimeModel.load(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        StepTimeModel.load(tmp_path / "missing.json")
+
+
+def test_profile_step_time_times_a_grid_inside_the_limits() -> None:
+    calls: list[tuple[int, int, int]] = []
+
+    def run(decodes: int, context: int, chunk: int) -> float:
+        calls.append((decodes, context, chunk))
+        return TRUE.predict(StepShape(decodes + chunk, decodes * context, chunk * chunk / 2))
+
+    model, rows = profile_step_time(run, max_tokens=512, max_decodes=32, max_context=2000, kv_capacity_tokens=40000)
+    assert all(c <= 512 and d <= 32 and ctx < 2000 and d * (ctx + 1) + c <= 20000 for d, ctx, c in calls)
+    assert all(r["predicted"] == pytest.approx(r["seconds"], rel=0.1) for r in rows)
+    assert model.prefill_tokens_per_s(512) > 0
+
+
+def test_monitor_reports_the_model_error() -> None:
+    monitor = StepTimeMonitor(TRUE)
+    assert monitor.summary()["steps"] == 0
+    for n in (16, 256, 1024):
+        shape = StepShape(n)
+        monitor.record(shape, TRUE.predict(shape) * 1.25)  # the device is 25% slower than predicted
+    summary = monitor.summary()
+    assert summary["steps"] == 3 and summary["bias_p50"] == pytest.approx(-0.2, abs=1e-3)
