@@ -1,7 +1,15 @@
-"""Serving benchmark: goodput under latency SLOs, disaggregated (1 prefill + 1 decode; ``1p1d-overflow``
-adds conditional disaggregation: the decode worker prefills what the prefill worker cannot take in
-time) against colocated (2 workers, chunked prefill, same router), same workloads and seeds, in one
-invocation.
+"""Serving benchmark: goodput under latency SLOs, disaggregated against colocated on the same GPUs, same
+workloads and seeds, in one invocation. Configurations:
+
+* ``1p1d``: 1 prefill + 1 decode worker; every prompt prefilled remotely.
+* ``1p1d-overflow``: the same plus the older conditional disaggregation (a prompt arriving while the
+  prefill worker has ``OVERFLOW_TOKENS`` queued is prefilled whole by the decode worker).
+* ``colocated``: 2 workers, chunked prefill at a fixed 2048 tokens per step.
+* ``colocated-slo``: 2 workers whose steps are cut to the TPOT SLO (``slo.tpot_ms`` = ``--slo-tpot-ms``)
+  by their step-time model, prompts in deadline order: the SLO-tuned colocated baseline.
+* ``auto``: 1P1D with the SLOs: TTFT-aware placement (a prompt the prefill pool would serve late is
+  prefilled by the decode worker in budget-sized chunks), budgeted decode steps, deadline-ordered
+  prompt queues. The shipped 2-GPU config (``deploy/cluster-2gpu-1p1d.yaml``).
 
     python -m benchmarks.serve                       # two GPUs: Llama-3.1-8B shapes, dummy weights
     python -m benchmarks.serve --smoke               # CPU, tiny model: exercises every code path
@@ -53,7 +61,9 @@ TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "moon
 OVERFLOW_TOKENS = 8192
 
 
-def cluster_config(kind: str, model_dir: Path, smoke: bool) -> dict[str, Any]:
+def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float, float] = (250.0, 15.0)
+                   ) -> dict[str, Any]:
+    """The cluster of one configuration; ``slo_ms`` (TTFT, TPOT) for the SLO-aware ones."""
     gpu = 0 if smoke else 1
     engine: dict[str, Any] = {"load_format": "dummy", "dtype": "float32" if smoke else "bfloat16",
                               "max_model_len": 2048 if smoke else 16384}
@@ -61,21 +71,27 @@ def cluster_config(kind: str, model_dir: Path, smoke: bool) -> dict[str, Any]:
         engine["num_kv_blocks"] = 2048
     config: dict[str, Any] = {"model": str(model_dir), "load_format": "dummy", "engine": engine,
                               "router": {"grpc_port": 0, "request_timeout_s": 300}, "kv_transfer": {"timeout_s": 120}}
-    if kind in ("1p1d", "1p1d-overflow"):
+    if kind in ("1p1d", "1p1d-overflow", "auto"):
         config |= {"mode": "disaggregated",
-                   "prefill": {"replicas": 1, "gpus_per_worker": gpu, "max_batch_tokens": 8192,
-                               "engine": {"enforce_eager": True}},
+                   "prefill": {"replicas": 1, "gpus_per_worker": gpu, "max_batch_tokens": 8192},
                    "decode": {"replicas": 1, "gpus_per_worker": gpu, "max_running_requests": 256,
                               "max_batch_tokens": 2048}}
         if kind == "1p1d-overflow":  # the decode worker prefills what the prefill worker cannot take in time
             config["router"]["max_queued_prefill_tokens"] = 256 if smoke else OVERFLOW_TOKENS
-    elif kind == "colocated":
+    elif kind in ("colocated", "colocated-slo"):
         config |= {"mode": "colocated",
                    "colocated": {"replicas": 2, "gpus_per_worker": gpu, "max_batch_tokens": 2048,
                                  "max_running_requests": 256}}
     else:
-        raise ValueError(f"unknown configuration {kind!r}; choose from 1p1d, 1p1d-overflow, colocated")
+        raise ValueError(f"unknown configuration {kind!r}; choose from {', '.join(CONFIGS)}")
+    if kind in ("colocated-slo", "auto"):
+        config["slo"] = {"ttft_ms": slo_ms[0], "tpot_ms": slo_ms[1]}
+        if kind == "colocated-slo":  # the budget, not a fixed chunk, bounds a step
+            config["colocated"]["max_batch_tokens"] = 8192
     return config
+
+
+CONFIGS = ("1p1d", "1p1d-overflow", "colocated", "colocated-slo", "auto")
 
 
 def make_workload(name: str, n: int, seed: int, args: argparse.Namespace) -> list[RequestSpec]:
@@ -103,7 +119,7 @@ async def run_point(address: str, specs: list[RequestSpec], offsets: list[float]
         records, duration, wall_start = await run_schedule(client_stream(client, run_id), specs, offsets, label=run_id)
     summary = summarize(records, duration, slos)
     summary["wall_start"] = wall_start
-    summary["records"] = [r.to_dict() for r in records]
+    summary["records"] = [r.to_dict() for r in records]  # moved out of the summary file when written
     return summary
 
 
@@ -129,7 +145,8 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
     from pdserve.cluster.config import cluster_config_from_dict
     from pdserve.cluster.launcher import Cluster
 
-    cluster = Cluster(cluster_config_from_dict(cluster_config(kind, model_dir, args.smoke)))
+    cluster = Cluster(cluster_config_from_dict(cluster_config(kind, model_dir, args.smoke,
+                                                              (args.ttft_slo * 1e3, args.slo_tpot_ms))))
     t0 = time.perf_counter()
     cluster.start()
     results: dict[str, Any] = {"startup_s": round(time.perf_counter() - t0, 1), "workloads": {}}
@@ -204,6 +221,21 @@ def _checkpoint(kind: str, workload: str, points: list[dict[str, Any]]) -> None:
         f.write(json.dumps({"config": kind, "workload": workload, "point": points[-1]}) + "\n")
 
 
+def write_records(all_results: dict[str, Any], path: Path) -> None:
+    """Every request's timings, compressed, in their own file (the summary file stays small); the
+    points keep a count."""
+    import gzip
+
+    records = {}
+    for kind, res in all_results.items():
+        for workload, points in res["workloads"].items():
+            for point in points:
+                records[f"{kind}/{workload}/{point['run_id']}"] = point.pop("records", [])
+                point["num_records"] = len(records[f"{kind}/{workload}/{point['run_id']}"])
+    with gzip.open(path, "wt") as f:
+        json.dump(records, f, separators=(",", ":"))
+
+
 def goodput_table(all_results: dict[str, Any], slos: list[tuple[float, float]]) -> list[dict[str, Any]]:
     rows = []
     for kind, res in all_results.items():
@@ -265,12 +297,15 @@ def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
         ["config", "workload", "rate/GPU", "req/s", "TTFT p50 ms", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p99",
          "attainment (per SLO)", "prefill queue ms", "prefill ms", "transfer exposed ms", "errors"], rows),
         f"Client capacity (no server): {json.dumps(payload['client_capacity'])}", ""]
-    stats = [[kind, s["worker_id"], s["role"], s.get("remote_prefills", ""), s["prompt_tokens_computed"]]
+    stats = [[kind, s["worker_id"], s["role"], s.get("remote_prefills", ""), s["prompt_tokens_computed"],
+              s.get("budget_cut_chunks", ""), s.get("late_prompts", ""),
+              (s.get("step_time_error") or {}).get("abs_error_p50", "")]
              for kind, res in payload["results"].items() for s in res.get("worker_stats", [])]
     if stats:
         lines += ["## Workers at the end of each configuration (warm-up included)", "",
-                  markdown_table(["config", "worker", "role", "prompts prefilled remotely", "prompt tokens computed"],
-                                 stats)]
+                  markdown_table(["config", "worker", "role", "prompts prefilled remotely", "prompt tokens computed",
+                                  "chunks cut to the step budget", "prompts predicted late",
+                                  "step-time model error p50"], stats)]
     return "\n".join(lines)
 
 
@@ -281,12 +316,14 @@ def _ms(v: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--configs", default="1p1d,1p1d-overflow,colocated")
+    parser.add_argument("--configs", default="1p1d,colocated,colocated-slo,auto")
+    parser.add_argument("--slo-tpot-ms", type=float, default=15.0,
+                        help="the TPOT SLO the SLO-aware configurations (colocated-slo, auto) are set up for")
     parser.add_argument("--workloads", default="prefill-heavy,sharegpt,trace")
     parser.add_argument("--rates-prefill-heavy", default="2,4,6,8,12,16")
     parser.add_argument("--rates-sharegpt", default="4,8,16,32,48")
     parser.add_argument("--rates-decode-heavy", default="1,2,4,8")
-    parser.add_argument("--num-requests", type=int, default=48)
+    parser.add_argument("--num-requests", type=int, default=200)
     parser.add_argument("--max-output", type=int, default=256)
     parser.add_argument("--burstiness", type=float, default=1.0)
     parser.add_argument("--ttft-slo", type=float, default=0.25)
@@ -335,9 +372,11 @@ def main() -> None:
                "client_capacity": capacity, "results": all_results, "goodput": goodput_table(all_results, slos)}
     md = render(info, payload)
     if not args.smoke:
+        requests_path = RESULTS / f"serve-{device_slug(info)}-requests.json.gz"
+        write_records(all_results, requests_path)
         paths = write_results("serve", info, payload, md)
         plot(all_results, RESULTS / f"serve-{device_slug(info)}.png")
-        print("wrote", *paths)
+        print("wrote", *paths, requests_path)
     print(md)
 
 

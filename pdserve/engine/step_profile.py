@@ -50,6 +50,6 @@ def measure_step_time(engine) -> tuple[StepTimeModel, list[dict]]:  # noqa: ANN0
                 kv.free(request)
 
     capacity = (kv.pool.num_usable_blocks - 1) * kv.block_size
-    return profile_step_time(run, max_tokens=engine.config.max_num_batched_tokens,
+    return profile_step_time(run, max_tokens=min(engine.config.max_num_batched_tokens, engine.max_model_len - 1),
                              max_decodes=engine.config.max_num_seqs, max_context=engine.max_model_len - 1,
                              kv_capacity_tokens=capacity)

@@ -93,6 +93,9 @@ class WorkerHost:
                     "prompt_tokens_computed": engine.runner.num_prompt_tokens_computed,
                     "unfinished": engine.num_unfinished_requests, "held": engine.num_held_requests,
                     "preemptions": engine.scheduler.num_preemptions,
+                    "budget_cut_chunks": engine.scheduler.num_budget_cut_chunks,
+                    "late_prompts": engine.scheduler.num_late_prompts,
+                    "step_time_error": engine.step_monitor.summary() if engine.step_monitor else None,
                     "free_blocks": engine.kv.num_free_blocks, "usable_blocks": engine.kv.pool.num_usable_blocks}
 
         return {"worker_id": self.worker_id, "role": self.role.name, **self.call_engine(engine_stats),
