@@ -334,6 +334,7 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=0.5)
     parser.add_argument("--length-scale", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="suffix of the result files (serve-<device>-<tag>.*)")
     parser.add_argument("--num-gpus", type=int, default=2, help="GPUs per configuration (for per-GPU rates)")
     args = parser.parse_args()
     args.workloads = args.workloads.split(",")
@@ -372,10 +373,12 @@ def main() -> None:
                "client_capacity": capacity, "results": all_results, "goodput": goodput_table(all_results, slos)}
     md = render(info, payload)
     if not args.smoke:
-        requests_path = RESULTS / f"serve-{device_slug(info)}-requests.json.gz"
+        name = "serve" + (f"-{args.tag}" if args.tag else "")
+        stem = f"{name}-{device_slug(info)}"
+        requests_path = RESULTS / f"{stem}-requests.json.gz"
         write_records(all_results, requests_path)
-        paths = write_results("serve", info, payload, md)
-        plot(all_results, RESULTS / f"serve-{device_slug(info)}.png")
+        paths = write_results(name, info, payload, md)
+        plot(all_results, RESULTS / f"{stem}.png")
         print("wrote", *paths, requests_path)
     print(md)
 

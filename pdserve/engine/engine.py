@@ -160,7 +160,7 @@ class LLMEngine:
     def spare_prefill_tokens_per_s(self) -> float:
         """Prompt tokens per second this engine can compute now: within its step-time budget given its
         running decodes, or at full speed without a budget (0 without a model)."""
-        model, budget_s = self.step_time, self.scheduler.config.step_time_budget_s
+        model, budget_s = self.step_time, self.scheduler.step_budget()
         if model is None:
             return 0.0
         decodes = self.scheduler.decode_shape()

@@ -72,6 +72,7 @@ class Request:
     prefill_only: bool = False  # prefill role: finish after the first token, keep the blocks until sent
     num_pending_tokens: int = 0  # sampled by a step in flight, not yet appended (see the module docstring)
     deadline_missed: bool = False  # the scheduler predicted this prompt cannot meet its TTFT SLO
+    first_token_time: float | None = None  # time.monotonic() when its first output token was appended
     pending_is_last: bool = False
     _all_token_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -114,6 +115,8 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self._all_token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
 
     def expect_token(self, ends_request: bool) -> None:
         """A step now in flight samples this request's next token (``ends_request``: it is the last)."""

@@ -15,10 +15,14 @@ later makes them running with the prompt computed. A request that is preempted r
 SLO-aware scheduling (both optional, set from the cluster's ``slo``):
 
 * ``step_time_budget_s`` with a step-time model: a step that carries decodes takes prefill tokens only
-  as long as its predicted time stays within the budget (the TPOT SLO), so a decode batch never waits
-  longer than the SLO for a prompt to pass; a step with no decodes takes its whole token budget, and a
-  step whose decodes alone exceed the budget still advances one prefill chunk of ``min_prefill_chunk``
-  tokens (no prompt starves).
+  as long as its predicted time stays within its budget; a step with no decodes takes its whole token
+  budget, and a step whose decodes alone exceed the budget still advances one prefill chunk of
+  ``min_prefill_chunk`` tokens (no prompt starves). The budget is the TPOT SLO, or more when every
+  running request is ahead of it: TPOT is a mean per request, so a request that got its last tokens
+  faster than the SLO has slack (``first token time + SLO x tokens so far - now``), and a step may
+  take the least slack of the batch, less one SLO for the step in flight (:meth:`step_budget`). Long
+  chunks then ride on the slack fast decode steps build up, instead of every step being held to the
+  SLO.
 * ``ttft_slo_s``: fresh prompts are admitted earliest-deadline first (arrival + TTFT SLO), except that
   prompts which can no longer meet their deadline, predicted from the queue ahead of them, go after
   those that still can (they are served, and counted in ``num_late_prompts``); a prompt waiting
@@ -107,6 +111,7 @@ class Scheduler:
         self.waiting_for_kv: dict[str, Request] = {}
         self.num_preemptions = 0
         self._protect_decodes = False
+        self._budget_s: float | None = None
         self.num_late_prompts = 0  # prompts predicted to miss their TTFT deadline (queued after those that can)
         self.num_budget_cut_chunks = 0  # prefill chunks shortened to keep a step within its time budget
 
@@ -166,6 +171,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         step = self.decode_shape()
         self._protect_decodes = step.tokens > 0
+        self._budget_s = self.step_budget() if self._protect_decodes else None
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -192,6 +198,21 @@ class Scheduler:
             self._admit_waiting(plan, budget, step)
         return plan
 
+    def step_budget(self, now: float | None = None) -> float | None:
+        """Seconds the next step may take (see the module docstring); None without a budget."""
+        base = self.config.step_time_budget_s
+        if base is None:
+            return None
+        now = time.monotonic() if now is None else now
+        least = None
+        for request in self.running:
+            if request.first_token_time is None or request.num_tokens_to_compute != 1:
+                continue
+            produced = request.num_output_tokens + request.num_pending_tokens
+            slack = request.first_token_time + base * produced - now - base  # less the step in flight
+            least = slack if least is None else min(least, slack)
+        return base if least is None else max(base, least)
+
     def decode_shape(self) -> StepShape:
         """The decodes the next step will carry (the budget for prefill chunks is what they leave)."""
         step = StepShape(0)
@@ -204,7 +225,7 @@ class Scheduler:
     def _prefill_tokens(self, plan: SchedulerPlan, step: StepShape, context: int, wanted: int, budget: int) -> int:
         """How many of ``wanted`` prompt tokens (after ``context`` computed ones) a chunk gets in this step."""
         limit = min(wanted, budget)
-        budget_s = self.config.step_time_budget_s
+        budget_s = self._budget_s
         if self.step_time is None or budget_s is None or not self._protect_decodes:
             return limit  # no decodes to protect (or no budget): the token budget alone decides
         fits = self.step_time.max_chunk_tokens(step, budget_s, limit, context)

@@ -104,3 +104,24 @@ def test_slo_scheduling_leaves_outputs_unchanged(tmp_path) -> None:
     assert engine.scheduler.num_budget_cut_chunks > 0  # prompts were chunked beside decodes
     assert engine.step_monitor is not None and engine.step_monitor.summary()["steps"] > 0
     assert 0 < engine.spare_prefill_tokens_per_s() <= engine.prefill_tokens_per_s
+
+
+def test_decodes_ahead_of_their_tpot_let_a_longer_chunk_through() -> None:
+    """TPOT is a mean per request: requests whose tokens came faster than the SLO have slack, and the
+    step may spend the batch's least slack (less one SLO for the step in flight)."""
+    fresh = _scheduler()
+    _decoding(fresh, 4)
+    assert fresh.step_budget() == 10e-3  # a first token just now: no slack yet
+    ahead = _scheduler()
+    for request in _decoding(ahead, 4):
+        request.first_token_time = time.monotonic() - 0.1  # 1 token in 100 ms: far ahead of 10 ms/token
+        for _ in range(19):
+            request.append_output_token(3)  # 20 tokens: 200 ms allowed, 100 ms used
+        request.num_computed_tokens = request.num_tokens - 1  # all but the newest token have KV
+    budget = ahead.step_budget()
+    assert budget is not None and 0.08 < budget < 0.1
+    cuts = []
+    for scheduler in (fresh, ahead):
+        scheduler.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
+        cuts.append(next(c.num_tokens for c in scheduler.schedule().chunks if c.request.request_id == "long"))
+    assert cuts[0] < cuts[1] == 400
