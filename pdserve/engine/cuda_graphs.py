@@ -36,7 +36,7 @@ def capture_sizes(max_num_seqs: int, max_tokens: int) -> list[int]:
     while size <= limit:
         sizes.add(size)
         size += next(step for bound, step in ladder if size < bound)
-    sizes.update({max_num_seqs, max_tokens} & set(range(1, limit + 1)))
+    sizes.update(s for s in (max_num_seqs, max_tokens) if 1 <= s <= limit)
     return sorted(sizes)
 
 

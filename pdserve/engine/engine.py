@@ -35,14 +35,15 @@ from pdserve.engine.attention.selector import select_backend
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.device import resolve_device, resolve_dtype, resolve_max_model_len
 from pdserve.engine.kv_cache.manager import KVCacheManager
-from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches, num_blocks_for_budget
+from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches
 from pdserve.engine.model.loader import build_model, inspect_model_dir
 from pdserve.engine.model.tiny import ensure_tiny_random
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import LaunchedStep, ModelRunner
-from pdserve.engine.sampler import Sampler, SamplingRow
-from pdserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerPlan
-from pdserve.engine.step_profile import measure_step_time
+from pdserve.engine.sampler import Sampler
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerPlan
+from pdserve.engine.sizing import size_kv_cache
+from pdserve.engine.step_profile import load_or_measure_step_time
 from pdserve.engine.step_time import StepTimeModel, StepTimeMonitor
 from pdserve.engine.tokenizer import Tokenizer
 
@@ -107,7 +108,7 @@ class LLMEngine:
                                   max_model_len=self.max_model_len,
                                   query_tile_rows=backend.query_tile_rows(spec.head_dim, self.dtype))
         timer = time.perf_counter()
-        num_blocks = self._num_kv_blocks()
+        num_blocks = size_kv_cache(self)
         self.kv_layout = KVCacheLayout(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
                                        spec.head_dim, self.dtype)
         self.kv_caches = allocate_kv_caches(self.kv_layout, self.device)
@@ -138,13 +139,7 @@ class LLMEngine:
 
     def _set_up_step_time(self) -> None:
         timer = time.perf_counter()
-        if self.config.step_time_profile is not None:
-            self.step_time = StepTimeModel.load(self.config.step_time_profile)
-        else:
-            self.step_time, self.step_time_samples = measure_step_time(self)
-            runner = self.runner
-            runner.num_forward_tokens = runner.num_prompt_tokens_computed = 0
-            runner.num_graph_steps = runner.num_eager_steps = 0
+        self.step_time, self.step_time_samples = load_or_measure_step_time(self)
         self.startup_seconds["step_time_profile"] = time.perf_counter() - timer
         self.scheduler.step_time = self.step_time
         self.step_monitor = StepTimeMonitor(self.step_time)
@@ -170,64 +165,8 @@ class LLMEngine:
         decodes = self.scheduler.decode_shape()
         if budget_s is None or decodes.tokens == 0:
             return self.prefill_tokens_per_s
-        limit = self.config.max_num_batched_tokens - decodes.tokens
-        tokens = max(model.max_chunk_tokens(decodes, budget_s, limit), self.scheduler.config.min_prefill_chunk)
-        return tokens / max(budget_s, model.predict(decodes.plus_chunk(tokens, 0)))
-
-    # ---- sizing --------------------------------------------------------------------------------
-
-    def _num_kv_blocks(self) -> int:
-        config, spec, bs = self.config, self.spec, self.config.block_size
-        if config.num_kv_blocks is not None:
-            num_blocks = config.num_kv_blocks
-        else:
-            if self.device.type == "cuda":
-                reserve = self._profile_activation_bytes()
-                free, total = torch.cuda.mem_get_info(self.device)
-                budget = int(total * config.gpu_memory_utilization) - (total - free) - reserve
-            else:
-                budget = int(config.cpu_kv_cache_gib * 2**30)
-            num_blocks = num_blocks_for_budget(spec, bs, self.dtype, budget)
-            # never more than every sequence at full length needs (+1 for the null block)
-            num_blocks = min(num_blocks, -(-config.max_num_seqs * self.max_model_len // bs) + 1)
-        capacity_tokens = (num_blocks - 1) * bs
-        if capacity_tokens < self.max_model_len:
-            if config.max_model_len is not None or capacity_tokens < bs:
-                raise ConfigError("max_model_len", f"the KV cache holds {capacity_tokens} tokens ({num_blocks - 1} "
-                                  f"usable blocks of {bs}), less than max_model_len={self.max_model_len}: raise "
-                                  f"the KV memory (num_kv_blocks, gpu_memory_utilization, cpu_kv_cache_gib) "
-                                  f"or lower max_model_len")
-            logger.warning("KV cache holds %d tokens; lowering max_model_len from %d", capacity_tokens,
-                           self.max_model_len)
-            self.max_model_len = capacity_tokens
-        return num_blocks
-
-    def _profile_activation_bytes(self) -> int:
-        """Peak transient memory of the largest step: a dummy prefill of ``max_num_batched_tokens``
-        tokens into a temporary cache, plus logits and sampling for ``max_num_seqs`` rows; with a margin
-        for CUDA graphs and allocator fragmentation."""
-        config, spec = self.config, self.spec
-        num_tokens = min(config.max_num_batched_tokens, self.max_model_len - 1)
-        temp_kv = KVCacheManager(-(-num_tokens // config.block_size) + 1, config.block_size, False)
-        layout = KVCacheLayout(spec.num_layers, temp_kv.pool.num_blocks, config.block_size, spec.num_kv_heads,
-                               spec.head_dim, self.dtype)
-        self.runner.kv_caches = allocate_kv_caches(layout, self.device)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        dummy = Request("profile", [1] * num_tokens, SamplingParams(max_tokens=1))
-        temp_kv.allocate_slots(dummy, num_tokens)
-        self.runner.run_dummy_prefill([ScheduledChunk.of(dummy, num_tokens, temp_kv.block_ids("profile"))])
-        logits = self.model.compute_logits(torch.zeros(config.max_num_seqs, spec.hidden_size, dtype=self.dtype,
-                                                       device=self.device))
-        rows = [SamplingRow(f"p{i}", SamplingParams(top_p=0.9, top_k=50), [], [], ()) for i in range(len(logits))]
-        self.sampler.sample(logits, rows)
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - base
-        del logits
-        self.runner.kv_caches = []
-        torch.cuda.empty_cache()
-        return peak + 256 * 2**20
+        return model.spare_prefill_tokens_per_s(decodes, budget_s, self.config.max_num_batched_tokens - decodes.tokens,
+                                                self.scheduler.config.min_prefill_chunk)
 
     # ---- requests ------------------------------------------------------------------------------
 

@@ -18,6 +18,21 @@ from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.engine.step_time import StepTimeModel, profile_step_time
 
 
+def load_or_measure_step_time(engine) -> tuple[StepTimeModel, list[dict]]:  # noqa: ANN001 (LLMEngine: a cycle)
+    """The engine's step-time model: from ``step_time_profile`` when set, else measured (leaving the
+    runner's step counters as they were: synthetic steps are not work done)."""
+    if engine.config.step_time_profile is not None:
+        return StepTimeModel.load(engine.config.step_time_profile), []
+    runner = engine.runner
+    counters = (runner.num_forward_tokens, runner.num_prompt_tokens_computed, runner.num_graph_steps,
+                runner.num_eager_steps)
+    try:
+        return measure_step_time(engine)
+    finally:
+        (runner.num_forward_tokens, runner.num_prompt_tokens_computed, runner.num_graph_steps,
+         runner.num_eager_steps) = counters
+
+
 def measure_step_time(engine) -> tuple[StepTimeModel, list[dict]]:  # noqa: ANN001 (LLMEngine: avoids a cycle)
     kv, runner, device = engine.kv, engine.runner, engine.device
     params = SamplingParams(max_tokens=1)

@@ -73,6 +73,12 @@ class StepTimeModel:
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
         return lo
 
+    def spare_prefill_tokens_per_s(self, decodes: StepShape, budget_s: float, limit: int, min_chunk: int) -> float:
+        """Prompt tokens per second a worker running ``decodes`` can add while its steps stay within
+        ``budget_s`` (at least ``min_chunk`` per step, as the scheduler guarantees)."""
+        tokens = max(self.max_chunk_tokens(decodes, budget_s, limit), min(min_chunk, limit))
+        return tokens / max(budget_s, self.predict(decodes.plus_chunk(tokens, 0)))
+
     def prefill_tokens_per_s(self, chunk_tokens: int) -> float:
         """Prompt tokens per second of back-to-back chunks of ``chunk_tokens`` (a prefill worker)."""
         n = max(chunk_tokens, 1)
