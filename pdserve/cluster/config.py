@@ -25,12 +25,11 @@ import yaml
 
 from pdserve.common.config import TINY_RANDOM_MODEL, EngineConfig
 from pdserve.common.errors import ConfigError, InvalidParameterError
+from pdserve.common.kv_transfer_config import KVTransferConfig
 from pdserve.common.validation import require_float, require_int
 from pdserve.router.config import RouterConfig
 
 MODES = ("disaggregated", "colocated")
-TRANSFER_BACKENDS = ("auto", "nccl", "gloo", "loopback")
-FAILURE_POLICIES = ("fail", "recompute")
 
 
 @dataclass(frozen=True)
@@ -50,25 +49,6 @@ class PoolConfig:
         require_int("max_running_requests", self.max_running_requests, minimum=1)
         if not isinstance(self.engine, dict):
             raise InvalidParameterError("engine", "must be a mapping of engine settings")
-
-
-@dataclass(frozen=True)
-class KVTransferConfig:
-    """``backend``: auto = nccl between GPUs, gloo between CPU processes. ``timeout_s``: a transfer that
-    has not finished by then is failed and its blocks freed on both sides. ``on_failure``: ``fail`` the
-    request with a clear error, or ``recompute`` its prompt on the decode worker."""
-
-    backend: str = "auto"
-    timeout_s: float = 30.0
-    on_failure: str = "fail"
-
-    def __post_init__(self) -> None:
-        if self.backend not in TRANSFER_BACKENDS:
-            raise InvalidParameterError("backend", f"must be one of {', '.join(TRANSFER_BACKENDS)}; got {self.backend!r}")
-        require_float("timeout_s", self.timeout_s, minimum=0.0, exclusive_minimum=True)
-        if self.on_failure not in FAILURE_POLICIES:
-            raise InvalidParameterError("on_failure", f"must be one of {', '.join(FAILURE_POLICIES)}; "
-                                                      f"got {self.on_failure!r}")
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from typing import Any
 
 import ray
 
-from pdserve.cluster.config import KVTransferConfig
+from pdserve.cluster.roles import make_role
 from pdserve.common.config import EngineConfig
+from pdserve.common.kv_transfer_config import KVTransferConfig
 
 
 class WorkerActor:
@@ -33,7 +34,8 @@ class WorkerActor:
         from pdserve.worker.host import WorkerHost
 
         host = ray.util.get_node_ip_address()
-        self.host = WorkerHost(worker_id, role, EngineConfig(**engine_config), KVTransferConfig(**transfer), host=host)
+        self.host = WorkerHost(worker_id, make_role(role), EngineConfig(**engine_config), KVTransferConfig(**transfer),
+                               host=host)
 
     def start(self) -> str:
         return self.host.start()

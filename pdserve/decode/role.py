@@ -31,12 +31,12 @@ from pdserve.rpc.convert import position_logprobs_from_proto, sampling_params_fr
 from pdserve.rpc.options import CHANNEL_OPTIONS
 from pdserve.rpc.status import abort_with
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
-from pdserve.worker.role import Role, WorkerContext
+from pdserve.worker.engine_loop import StepOutput
+from pdserve.worker.role import Role
 
 logger = logging.getLogger(__name__)
 #: How long a failed or aborted transfer waits for the prefill worker to confirm it stopped writing.
 CANCEL_ACK_TIMEOUT_S = 2.0
-_WAIT_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=512, thread_name_prefix="kv-landing-wait")
 
 
 class _PrefillPeer:
@@ -58,16 +58,13 @@ class DecodeRole(Role):
         self._prefill_of: dict[str, str] = {}  # request id -> prefill address, until its KV landed
         self._params: dict[str, Any] = {}  # request id -> its SamplingParams proto, for the Prefill call
         self._transfers: dict[str, Any] = {}  # request id -> receiver handle
+        self._failures: dict[str, Exception] = {}  # request id -> why this side cancelled its transfer
         self._tasks: set[asyncio.Task] = set()
         self._transfer_ids = itertools.count(1)
         self.num_remote_prefills = 0
         self.timings: collections.deque[dict[str, Any]] = collections.deque(maxlen=1024)
         self.num_failed_transfers = 0
         self.num_local_recomputes = 0
-
-    def attach(self, worker: WorkerContext) -> None:
-        super().attach(worker)
-        worker.engine_loop.add_periodic(self._collect_landing_zones)
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -123,9 +120,9 @@ class DecodeRole(Role):
 
     # ---- landing zones and transfers -----------------------------------------------------------
 
-    def _collect_landing_zones(self, engine: LLMEngine) -> None:
-        """Engine thread, every loop iteration: hand new landing zones to the asyncio side."""
-        for zone in engine.take_landing_zones():
+    def on_step(self, output: StepOutput) -> None:
+        """Engine thread: hand the step's new landing zones to the asyncio side."""
+        for zone in output.landing_zones:
             self.worker.loop.call_soon_threadsafe(self._start_remote_prefill, zone)
 
     def _start_remote_prefill(self, zone: LandingZone) -> None:
@@ -137,84 +134,108 @@ class DecodeRole(Role):
         task.add_done_callback(self._tasks.discard)
 
     async def _remote_prefill(self, zone: LandingZone) -> None:
-        """Run one remote prefill. The request is admitted as soon as the receiver has every byte: the
-        final KV message carries the first token, so the ``Prefill`` reply is only awaited when it brings
-        something more (logprobs) or an error."""
+        """Start one remote prefill: expect its KV, then ask the prefill worker to compute and stream it.
+
+        The request is admitted by the receiver's completion callback the moment every byte landed (the
+        final KV message carries the first token): straight onto the engine thread, no hop through this
+        loop. The ``Prefill`` reply is awaited only for what it adds (logprobs) or an error, which
+        cancels the transfer and so ends in the same callback."""
         rid = zone.request_id
         address = self._prefill_of.get(rid)
         if address is None:  # aborted meanwhile
             return
         timing = {"zone_at": time.time()}
         timeout = self.worker.transfer.timeout_s
+        params = self._params[rid]
+        loop = asyncio.get_running_loop()
+        wants_reply = params.HasField("logprobs")
+        reply_ready: asyncio.Future = loop.create_future()
         try:
             peer = await self._peer(address)
             assert self._receiver is not None
+
+            def on_terminal(handle: Any) -> None:  # the receiver's completion thread
+                self._kv_landed(zone, handle, timing, reply_ready if wants_reply else None, loop)
+
             handle = self._receiver.expect(next(self._transfer_ids), rid, zone.block_ids,
-                                           self.worker.kv_layout.num_layers, deadline_s=timeout)
+                                           self.worker.kv_layout.num_layers, deadline_s=timeout,
+                                           on_terminal=on_terminal)
             self._transfers[rid] = handle
             request = worker_pb2.PrefillRequest(
                 request_id=rid, prompt_token_ids=token_ids_to_proto(zone.prompt_token_ids),
                 decode_worker_id=self.worker.worker_id, block_ids=zone.block_ids,
                 num_skip_blocks=zone.num_skip_blocks, transfer_id=handle.transfer_id, deadline_s=timeout)
-            params = self._params[rid]
             request.params.CopyFrom(params)
-            reply_task = asyncio.ensure_future(peer.stub.Prefill(request, timeout=timeout))
-            state = await self._wait_landed(handle, timeout, reply_task)
-            if reply_task.done() and reply_task.exception() is not None:
-                raise reply_task.exception()
-            if state is not TransferState.DONE:
-                raise TimeoutError(f"the KV of request {rid} did not land ({state.name.lower()}"
-                                   f"{': ' + handle.error if handle.error else ''})")
-            timing["landed_at"] = time.time()
-            logprobs = None
-            if params.HasField("logprobs"):
-                reply = await reply_task
-                first_token = reply.first_token_id
-                logprobs = position_logprobs_from_proto(reply.first_logprobs) if reply.has_logprobs else None
-            else:
-                first_token = handle.first_token
-                reply_task.add_done_callback(_log_late_failure)
+            reply_ready.set_result(await peer.stub.Prefill(request, timeout=timeout))
         except Exception as exc:  # noqa: BLE001 (any failure ends in the failure policy)
-            if rid in self._prefill_of:
+            if not reply_ready.done():
+                reply_ready.set_exception(exc)
+                reply_ready.exception()  # retrieved: only the logprobs path awaits it
+            if rid not in self._prefill_of:
+                return  # aborted, admitted (the reply failed after the KV landed), or failed already
+            pending = self._transfers.get(rid)
+            if pending is not None and self._receiver is not None and not pending.state.is_terminal:
+                self._failures[rid] = exc
+                self._receiver.cancel(pending)  # its callback runs the failure policy
+            elif pending is None:
                 await self._transfer_failed(rid, address, exc)
+
+    def _kv_landed(self, zone: LandingZone, handle: Any, timing: dict[str, float],
+                   reply: asyncio.Future | None, loop: asyncio.AbstractEventLoop) -> None:
+        """The transfer of ``zone`` turned terminal (receiver thread): admit the request on the engine
+        thread, or hand the failure to the event loop (which must tell the prefill worker first)."""
+        rid = zone.request_id
+        if handle.state is not TransferState.DONE:
+            exc = self._failures.pop(rid, None) or TimeoutError(
+                f"the KV of request {rid} did not land ({handle.state.name.lower()}"
+                f"{': ' + handle.error if handle.error else ''})")
+            address = self._prefill_of.get(rid)
+            if address is not None:
+                loop.call_soon_threadsafe(self._spawn, self._transfer_failed(rid, address, exc))
             return
+        timing["landed_at"] = time.time()
+        if reply is not None:  # logprobs of the first token come with the Prefill reply
+            loop.call_soon_threadsafe(self._spawn, self._admit_with_reply(zone, handle, timing, reply))
+            return
+        self._admit(zone, handle.first_token, None, timing)
+
+    async def _admit_with_reply(self, zone: LandingZone, handle: Any, timing: dict[str, float],
+                                reply: asyncio.Future) -> None:
+        try:
+            answer = await reply
+        except Exception as exc:  # noqa: BLE001
+            address = self._prefill_of.get(zone.request_id)
+            if address is not None:
+                await self._transfer_failed(zone.request_id, address, exc)
+            return
+        logprobs = position_logprobs_from_proto(answer.first_logprobs) if answer.has_logprobs else None
+        self._admit(zone, answer.first_token_id, logprobs, timing)
+
+    def _admit(self, zone: LandingZone, first_token: int | None, logprobs: Any, timing: dict[str, float]) -> None:
+        """Any thread: the KV is in place; the request decodes from the engine's next step."""
+        rid = zone.request_id
         if self._prefill_of.pop(rid, None) is None:
             return  # aborted while the KV was in flight
         self._transfers.pop(rid, None)
         self._params.pop(rid, None)
+        self._failures.pop(rid, None)
         self.num_remote_prefills += 1
+        assert first_token is not None
 
         def land(engine: LLMEngine) -> None:
             delta = engine.complete_remote_prefill(rid, first_token, logprobs)
             timing["admitted_at"] = time.time()
             if delta is not None:
                 self.worker.engine_loop.emit([delta])
+            self.timings.append({"request_id": rid, "num_prompt_tokens": len(zone.prompt_token_ids), **timing})
 
-        await self.worker.on_engine(land)
-        self.timings.append({"request_id": rid, "num_prompt_tokens": len(zone.prompt_token_ids), **timing})
-
-    async def _wait_landed(self, handle: Any, timeout: float, reply: asyncio.Future) -> TransferState:
-        """Wait until the transfer is terminal, the deadline passes, or the Prefill call failed.
-
-        The wait blocks a thread of a dedicated pool on the receiver's condition variable (woken by
-        the receiver itself), not the event loop: polling from asyncio, one timer per transfer in
-        flight, starved the receiver and engine threads of the GIL under load.
-        """
-        receiver = self._receiver
-        assert receiver is not None
-        loop = asyncio.get_running_loop()
-        waiter = loop.run_in_executor(_WAIT_POOL, receiver.wait, handle, timeout)
-        done, _ = await asyncio.wait({waiter, reply}, return_when=asyncio.FIRST_COMPLETED)
-        if waiter not in done and reply.exception() is not None:
-            receiver.cancel(handle)  # wakes the waiter
-            await waiter
-        elif waiter not in done:
-            await waiter
-        return receiver.poll(handle)
+        self.worker.engine_loop.call(land).add_done_callback(_log_engine_failure)
 
     async def _transfer_failed(self, rid: str, address: str, exc: Exception) -> None:
-        self._prefill_of.pop(rid, None)
+        if self._prefill_of.pop(rid, None) is None:
+            return  # aborted, or handled already
         self._params.pop(rid, None)
+        self._failures.pop(rid, None)
         handle = self._transfers.pop(rid, None)
         if handle is not None and self._receiver is not None:
             self._receiver.cancel(handle)
@@ -295,6 +316,6 @@ class DecodeRole(Role):
                 "kv_peer_transports": dict(peers)}
 
 
-def _log_late_failure(task: asyncio.Future) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.warning("a Prefill call failed after its KV had landed: %s", task.exception())
+def _log_engine_failure(future: concurrent.futures.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("admitting a request whose KV landed failed: %s", future.exception())

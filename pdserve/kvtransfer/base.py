@@ -35,7 +35,7 @@ from __future__ import annotations
 import abc
 import enum
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from types import TracebackType
 from typing import Any
@@ -312,11 +312,13 @@ class KVReceiver(_Closable):
 
     @abc.abstractmethod
     def expect(self, transfer_id: int, request_id: str, dst_block_ids: Sequence[int], num_layers: int,
-               deadline_s: float) -> TransferHandle:
+               deadline_s: float, on_terminal: Callable[[TransferHandle], None] | None = None) -> TransferHandle:
         """Register a transfer before the sender starts it. ``dst_block_ids`` is the request's whole
         block list on this side; the transfer must complete within ``deadline_s`` seconds from now or
         it turns ``TIMED_OUT``. ``transfer_id`` must be unique (not reused while old messages may still
-        arrive). Bad arguments raise ``ValueError``."""
+        arrive). Bad arguments raise ``ValueError``. ``on_terminal(handle)`` is called once when the
+        transfer turns terminal (``DONE`` only once every byte is in the cache), from a receiver
+        thread, never under the receiver's lock; it must not block."""
 
     @abc.abstractmethod
     def poll(self, handle: TransferHandle) -> TransferState:

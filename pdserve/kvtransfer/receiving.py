@@ -14,14 +14,21 @@ Completion rule: FINISH makes a transfer DONE if the number of LAYER messages th
 arrived and every layer covers every block index in ``[num_skip_blocks, covered)``; on CUDA, DONE is
 reported once an event recorded after the last write completed. Otherwise the transfer FAILS with a
 message saying what was missing.
+
+Completion callbacks: a transfer expected with ``on_terminal`` has it called exactly once, when it
+turns terminal, from the receiver's one completion thread (never under the receiver's lock). That
+thread sleeps on the condition until something happens: a FINISH (it then waits on the finish
+event of the oldest finished transfer, on CUDA), the earliest deadline, or a terminal transition to
+report; nothing polls.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +37,7 @@ from pdserve.kvtransfer.base import KVLayoutInfo, KVReceiver, TransferHandle, Tr
 from pdserve.kvtransfer.messages import Header, scatter_blocks
 from pdserve.kvtransfer.streams import Event, event_done, index_tensor, record_event, wait_event
 
+logger = logging.getLogger(__name__)
 #: How many finished transfer ids are remembered to refuse their reuse (late messages may still come).
 RETIRED_IDS_KEPT = 65536
 #: How long cancel/timeout wait for a transfer's last device write before giving the blocks back anyway
@@ -44,6 +52,7 @@ class _Incoming:
     num_messages: int = 0
     last_write: Event = None
     finished: Event | bool = False  # False: no FINISH yet; True (CPU) or an event (CUDA) after it
+    on_terminal: Callable[[TransferHandle], None] | None = None
 
 
 class ReceiverCore(KVReceiver):
@@ -60,6 +69,9 @@ class ReceiverCore(KVReceiver):
         self._retired: OrderedDict[int, None] = OrderedDict()
         self._closed = False
         self.discarded_messages = 0
+        self._callbacks: deque[tuple[Callable[[TransferHandle], None], TransferHandle]] = deque()
+        self._completions = threading.Thread(target=self._complete, name="kv-receiver-completions", daemon=True)
+        self._completions.start()
 
     @property
     def layout(self) -> KVLayoutInfo:
@@ -68,7 +80,7 @@ class ReceiverCore(KVReceiver):
     # -- KVReceiver ------------------------------------------------------------------------------------
 
     def expect(self, transfer_id: int, request_id: str, dst_block_ids: Sequence[int], num_layers: int,
-               deadline_s: float) -> TransferHandle:
+               deadline_s: float, on_terminal: Callable[[TransferHandle], None] | None = None) -> TransferHandle:
         dst = check_block_ids(dst_block_ids, self._num_blocks, "dst_block_ids")
         if len(set(dst)) != len(dst):
             raise ValueError("dst_block_ids holds a block twice")
@@ -86,7 +98,8 @@ class ReceiverCore(KVReceiver):
             handle = TransferHandle(transfer_id=transfer_id, request_id=request_id, peer="",
                                     block_ids=dst, num_layers=num_layers, created_at=now,
                                     deadline_at=now + deadline_s)
-            self._records[transfer_id] = _Incoming(handle, [0] * num_layers)
+            self._records[transfer_id] = _Incoming(handle, [0] * num_layers, on_terminal=on_terminal)
+            self._cond.notify_all()  # the completion thread learns the new deadline
             return handle
 
     def poll(self, handle: TransferHandle) -> TransferState:
@@ -200,11 +213,54 @@ class ReceiverCore(KVReceiver):
                     self._end(record, TransferState.FAILED, reason)
 
     def _close_records(self, reason: str) -> None:
-        """Refuse further writes and cancel every unfinished transfer (for ``close``)."""
+        """Refuse further writes and cancel every unfinished transfer (for ``close``); returns once their
+        callbacks ran."""
         with self._cond:
             self._closed = True
             for record in list(self._records.values()):
                 self._end(record, TransferState.CANCELLED, reason)
+            self._cond.notify_all()  # wakes the completion thread even with nothing in flight
+        if threading.current_thread() is not self._completions:
+            self._completions.join(WRITE_FENCE_TIMEOUT_S)
+
+    # -- the completion thread ---------------------------------------------------------------------------
+
+    def _complete(self) -> None:
+        """Turn finished transfers DONE once their writes completed, time out the late ones, and run the
+        callbacks of every transfer that turned terminal; until the receiver is closed."""
+        while True:
+            with self._cond:
+                callbacks = self._due_callbacks()
+                if not callbacks:
+                    if self._closed:
+                        return
+                    finished = next((r for r in self._records.values() if r.finished is not False), None)
+                    if finished is None:
+                        deadlines = [r.handle.deadline_at for r in self._records.values()
+                                     if r.handle.deadline_at is not None]
+                        wait_s = max(0.0, min(deadlines) - time.monotonic()) + 1e-3 if deadlines else None
+                        self._cond.wait(wait_s)
+                        for record in list(self._records.values()):
+                            self._refresh(record)
+                        continue
+            if callbacks:
+                for callback, handle in callbacks:
+                    try:
+                        callback(handle)
+                    except Exception:  # noqa: BLE001 - a failing callback must not stop the others
+                        logger.exception("KV transfer callback of request %s failed", handle.request_id)
+                continue
+            assert finished is not None
+            if not isinstance(finished.finished, bool):  # wait for the device outside the lock
+                wait_event(finished.finished, time.monotonic() + WRITE_FENCE_TIMEOUT_S)
+            with self._cond:
+                if self._records.get(finished.handle.transfer_id) is finished:
+                    self._refresh(finished)
+
+    def _due_callbacks(self) -> list[tuple[Callable[[TransferHandle], None], TransferHandle]]:
+        due = list(self._callbacks)
+        self._callbacks.clear()
+        return due
 
     # -- internals ---------------------------------------------------------------------------------------
 
@@ -231,6 +287,8 @@ class ReceiverCore(KVReceiver):
                 # no write may land after the blocks are given back
                 wait_event(record.last_write, time.monotonic() + WRITE_FENCE_TIMEOUT_S)
             handle.state, handle.error = state, error
+            if record.on_terminal is not None:
+                self._callbacks.append((record.on_terminal, handle))
         self._records.pop(handle.transfer_id, None)
         self._retired[handle.transfer_id] = None
         while len(self._retired) > RETIRED_IDS_KEPT:

@@ -30,6 +30,7 @@ from pdserve.kvtransfer import HandshakeError, KVLayoutInfo, KVSender, TransferS
 from pdserve.rpc.convert import position_logprobs_to_proto, sampling_params_from_proto
 from pdserve.rpc.status import abort_with
 from pdserve.v1 import worker_pb2
+from pdserve.worker.engine_loop import StepOutput
 from pdserve.worker.role import Role, WorkerContext
 
 logger = logging.getLogger(__name__)
@@ -214,9 +215,9 @@ class PrefillRole(Role):
             if transfer is not None and chunk.samples:
                 transfer.timing["forward_done_at"] = now
 
-    def on_deltas(self, deltas: list[RequestDelta]) -> None:
+    def on_step(self, output: StepOutput) -> None:
         """Engine thread: a finished prefill's first token closes its transfer with the final message."""
-        for delta in deltas:
+        for delta in output.deltas:
             transfer = self._active.get(delta.request_id)
             if transfer is None or not delta.finished:
                 continue

@@ -2,9 +2,10 @@
 steps, so the engine is only ever touched from one thread.
 
 Lifecycle: ``start()`` -> ``call(fn)`` from any thread (returns a ``concurrent.futures.Future``; ``fn``
-runs on the engine thread between steps) -> ``stop()``. After every step that produced deltas, and for
-deltas a role emits itself (``emit``), the ``on_update`` callback receives them with the worker's load;
-it runs on the engine thread and must not block (the worker hands them to its asyncio loop).
+runs on the engine thread between steps) -> ``stop()``. After every step that produced deltas or new
+landing zones, and for deltas a role emits itself (``emit``), the one ``on_step`` callback receives a
+:class:`StepOutput` (the deltas, the landing zones to fill, the worker's load); it runs on the engine
+thread and must not block (the worker hands what it must to its asyncio loop).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pdserve.common.outputs import RequestDelta
-from pdserve.engine.engine import LLMEngine
+from pdserve.engine.engine import LandingZone, LLMEngine
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,6 +35,15 @@ class LoadReport:
     prefill_tokens_per_s: float = 0.0  # what it can prefill now within its step budget (0: no model)
 
 
+@dataclass(frozen=True)
+class StepOutput:
+    """What one engine step (or a role's ``emit``) hands to the worker."""
+
+    deltas: list[RequestDelta]
+    landing_zones: list[LandingZone]
+    load: LoadReport
+
+
 def load_of(engine: LLMEngine) -> LoadReport:
     scheduler = engine.scheduler
     queued = sum(r.num_prompt_tokens - min(r.num_computed_tokens, r.num_prompt_tokens)
@@ -43,16 +53,15 @@ def load_of(engine: LLMEngine) -> LoadReport:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, on_update: Callable[[list[RequestDelta], LoadReport], None],
+    def __init__(self, engine: LLMEngine, on_step: Callable[[StepOutput], None],
                  idle_wait_s: float = 0.05, busy_wait_s: float = 0.0005) -> None:
         self.engine = engine
-        self._on_update = on_update
+        self._on_step = on_step
         self._calls: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], Future]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle_wait_s = idle_wait_s
         self._busy_wait_s = busy_wait_s
-        self._periodic: list[Callable[[LLMEngine], None]] = []
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self.error: BaseException | None = None
 
@@ -74,26 +83,21 @@ class EngineLoop:
         self._wake.set()
         return future
 
-    def add_periodic(self, fn: Callable[[LLMEngine], None]) -> None:
-        """Run ``fn(engine)`` on the engine thread once per loop iteration (cheap checks only)."""
-        self._periodic.append(fn)
-
     def emit(self, deltas: list[RequestDelta]) -> None:
         """Publish deltas produced outside ``step()`` (engine thread only)."""
         if deltas:
-            self._on_update(deltas, load_of(self.engine))
+            self._on_step(StepOutput(deltas, [], load_of(self.engine)))
 
     def _run(self) -> None:
         engine = self.engine
         try:
             while not self._stop.is_set():
                 self._run_calls()
-                for fn in self._periodic:
-                    fn(engine)
                 if engine.has_unfinished_requests():
                     deltas = engine.step()
-                    if deltas:
-                        self._on_update(deltas, load_of(engine))
+                    zones = engine.take_landing_zones()
+                    if deltas or zones:
+                        self._on_step(StepOutput(deltas, zones, load_of(engine)))
                     if deltas or engine.has_step_in_flight:
                         continue
                     self._wake.wait(self._busy_wait_s)  # waiting for KV or blocks: poll quickly

@@ -15,38 +15,24 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from pdserve.cluster.config import KVTransferConfig
 from pdserve.common.config import EngineConfig
-from pdserve.common.outputs import RequestDelta
-from pdserve.decode.role import DecodeRole
+from pdserve.common.kv_transfer_config import KVTransferConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.kvtransfer import resolve_backend
-from pdserve.prefill.role import PrefillRole
 from pdserve.rpc.server import WORKER_SERVICE, RunningServer, format_address, start_server
 from pdserve.v1 import worker_pb2_grpc
-from pdserve.worker.engine_loop import EngineLoop, LoadReport
+from pdserve.worker.engine_loop import EngineLoop, StepOutput
 from pdserve.worker.role import Role, WorkerContext
 from pdserve.worker.servicer import UpdateHub, WorkerServicer
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ROLES = ("prefill", "decode", "colocated")
-
-
-def make_role(role: str) -> Role:
-    if role == "prefill":
-        return PrefillRole()
-    if role in ("decode", "colocated"):
-        return DecodeRole(role)
-    raise ValueError(f"unknown worker role {role!r}; expected one of {', '.join(ROLES)}")
-
-
 class WorkerHost:
-    def __init__(self, worker_id: str, role: str, engine_config: EngineConfig, transfer: KVTransferConfig,
+    def __init__(self, worker_id: str, role: Role, engine_config: EngineConfig, transfer: KVTransferConfig,
                  host: str = "127.0.0.1", port: int = 0) -> None:
         self.worker_id = worker_id
-        self.role = make_role(role)
+        self.role = role
         self.engine_config = engine_config
         self.transfer = transfer
         self.host = host
@@ -63,7 +49,7 @@ class WorkerHost:
         backend = resolve_backend(self.transfer.backend, engine.device)
         self._loop_thread.start()
         hub = UpdateHub(self._loop)
-        self.engine_loop = EngineLoop(engine, on_update=lambda deltas, load: self._on_update(hub, deltas, load))
+        self.engine_loop = EngineLoop(engine, on_step=lambda output: self._on_step(hub, output))
         context = WorkerContext(self.worker_id, self.role.name, self.host, self.engine_loop, self._loop,
                                 self.transfer, backend)
         self.role.attach(context)
@@ -76,9 +62,10 @@ class WorkerHost:
         logger.info("%s worker %s serving on %s", self.role.name, self.worker_id, self.address)
         return self.address
 
-    def _on_update(self, hub: UpdateHub, deltas: list[RequestDelta], load: LoadReport) -> None:
-        self.role.on_deltas(deltas)
-        hub.publish_threadsafe(deltas, load)
+    def _on_step(self, hub: UpdateHub, output: StepOutput) -> None:
+        self.role.on_step(output)
+        if output.deltas:
+            hub.publish_threadsafe(output.deltas, output.load)
 
     def _run(self, coro: Any) -> Future:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)

@@ -14,11 +14,11 @@ from typing import Any
 
 import grpc
 
-from pdserve.cluster.config import KVTransferConfig
+from pdserve.common.kv_transfer_config import KVTransferConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.kvtransfer import KVLayoutInfo
 from pdserve.v1 import worker_pb2
-from pdserve.worker.engine_loop import EngineLoop
+from pdserve.worker.engine_loop import EngineLoop, StepOutput
 
 
 def model_identity(engine: LLMEngine) -> str:
@@ -85,8 +85,9 @@ class Role:
     async def cancel_prefill(self, request_ids: list[str]) -> list[str]:
         return []
 
-    def on_deltas(self, deltas: list[Any]) -> None:
-        """Engine thread, after every step that produced deltas (before they are published)."""
+    def on_step(self, output: StepOutput) -> None:
+        """Engine thread, after every step that produced deltas or landing zones (before the deltas are
+        published); must not block."""
         return None
 
     def stats(self) -> dict[str, Any]:

@@ -14,12 +14,13 @@ import pytest
 from pdserve import SamplingParams
 from pdserve.client import Client, InvalidArgumentError
 from pdserve.cluster.config import KVTransferConfig, load_cluster_config
+from pdserve.cluster.roles import make_role
 from pdserve.common.config import EngineConfig
 from pdserve.common.errors import ConfigError
 from pdserve.rpc.convert import delta_from_proto, sampling_params_to_proto
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.worker.host import WorkerHost
-from tests.e2e.cluster_support import start_cluster, wait_until_idle
+from tests.e2e.cluster_support import offline, start_cluster, wait_until_idle
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,8 @@ def test_cli_generate_against_the_cluster(cluster) -> None:
 
 def test_mismatched_handshake_fails_the_request_clearly() -> None:
     transfer = KVTransferConfig(backend="gloo", timeout_s=10)
-    prefill = WorkerHost("p-bad", "prefill", EngineConfig(num_kv_blocks=64, block_size=8, max_model_len=256), transfer)
-    decode = WorkerHost("d-bad", "decode", EngineConfig(num_kv_blocks=64, block_size=16, max_model_len=256), transfer)
+    prefill = WorkerHost("p-bad", make_role("prefill"), EngineConfig(num_kv_blocks=64, block_size=8, max_model_len=256), transfer)
+    decode = WorkerHost("d-bad", make_role("decode"), EngineConfig(num_kv_blocks=64, block_size=16, max_model_len=256), transfer)
     try:
         prefill_address, decode_address = prefill.start(), decode.start()
         delta = asyncio.run(_submit_and_wait(decode_address, prefill_address))
@@ -82,7 +83,7 @@ def test_mismatched_handshake_fails_the_request_clearly() -> None:
 def test_prefill_without_handshake_is_failed_precondition() -> None:
     """A Prefill call from a decode worker that never shook hands is refused with FAILED_PRECONDITION
     naming the peer (the status code used to be swallowed into the message argument)."""
-    prefill = WorkerHost("p-lonely", "prefill", EngineConfig(num_kv_blocks=64, max_model_len=256),
+    prefill = WorkerHost("p-lonely", make_role("prefill"), EngineConfig(num_kv_blocks=64, max_model_len=256),
                          KVTransferConfig(backend="gloo", timeout_s=10))
     try:
         address = prefill.start()
@@ -104,21 +105,57 @@ def test_prefill_without_handshake_is_failed_precondition() -> None:
         prefill.stop()
 
 
-async def _submit_and_wait(decode_address: str, prefill_address: str):  # noqa: ANN202
+async def _submit_and_wait(decode_address: str, prefill_address: str, request_id: str = "mismatch",
+                           prompt: str = "Hello", params: SamplingParams | None = None):  # noqa: ANN202
+    """Submit one request to a decode worker and return its final delta, with every token id."""
     async with grpc.aio.insecure_channel(decode_address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
         updates = stub.Updates(worker_pb2.UpdatesRequest())
         await updates.read()
-        params = sampling_params_to_proto(SamplingParams(max_tokens=4))
-        await stub.Submit(worker_pb2.SubmitRequest(request_id="mismatch", prompt_text="Hello", params=params,
+        proto = sampling_params_to_proto(params or SamplingParams(max_tokens=4))
+        await stub.Submit(worker_pb2.SubmitRequest(request_id=request_id, prompt_text=prompt, params=proto,
                                                    prefill_address=prefill_address))
+        tokens: list[int] = []
         while True:
             update = await asyncio.wait_for(updates.read(), 30)
             for msg in update.deltas:
                 delta = delta_from_proto(msg)
-                if delta.request_id == "mismatch" and delta.finished:
-                    updates.cancel()
-                    return delta
+                if delta.request_id == request_id:
+                    tokens.extend(delta.new_token_ids)
+                    if delta.finished:
+                        updates.cancel()
+                        delta.new_token_ids = tokens
+                        return delta
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_a_prefill_worker_lost_mid_request_ends_in_the_failure_policy(policy: str) -> None:
+    """The Prefill call fails after the decode worker expected the KV (its peer is gone): the transfer is
+    cancelled and its completion callback runs the policy: recompute locally (the offline engine's
+    tokens) or fail clearly; either way every block comes back."""
+    transfer = KVTransferConfig(backend="gloo", timeout_s=10, on_failure=policy)
+    engine = EngineConfig(num_kv_blocks=64, max_model_len=256)
+    prefill = WorkerHost("p-gone", make_role("prefill"), engine, transfer)
+    decode = WorkerHost("d-left", make_role("decode"), engine, transfer)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    try:
+        prefill_address, decode_address = prefill.start(), decode.start()
+        first = asyncio.run(_submit_and_wait(decode_address, prefill_address, "ok", "Hello there", greedy))
+        assert first.finish_reason == "length" and len(first.new_token_ids) == 6  # handshake done, KV landed
+        prefill.stop()
+        delta = asyncio.run(_submit_and_wait(decode_address, prefill_address, "orphan", "Hello again", greedy))
+        if policy == "recompute":
+            assert delta.finish_reason == "length" and delta.error is None
+            assert delta.new_token_ids == offline(["Hello again"], greedy)[0]
+            assert decode.stats()["local_recomputes"] == 1
+        else:
+            assert delta.finish_reason == "error" and "prefill on" in (delta.error or "")
+        assert decode.stats()["failed_transfers"] == 1
+        decode.call_engine(lambda e: e.check_invariants())
+        assert decode.stats()["free_blocks"] == decode.stats()["usable_blocks"]
+    finally:
+        prefill.stop()
+        decode.stop()
 
 
 @pytest.mark.parametrize(("text", "key"), [

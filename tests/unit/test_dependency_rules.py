@@ -52,6 +52,12 @@ def test_kvtransfer_imports_no_role_router_or_ray() -> None:
                                           "pdserve.cluster", "pdserve.worker"))
 
 
+def test_worker_runtime_imports_no_role_and_nothing_above_it() -> None:
+    """The worker runtime hosts a role it is given; only ``cluster`` knows the roles by name."""
+    assert not _violations("worker", ("pdserve.prefill", "pdserve.decode", "pdserve.cluster", "pdserve.router",
+                                      "ray"))
+
+
 def test_roles_never_import_each_other() -> None:
     assert not _violations("prefill", ("pdserve.decode",))
     assert not _violations("decode", ("pdserve.prefill",))

@@ -196,6 +196,47 @@ def check_timeout(transport: Transport) -> None:
         assert_untouched(pair, fenced)
 
 
+def check_completion_callbacks(transport: Transport) -> None:
+    """``on_terminal`` runs exactly once per transfer, off the caller's thread, after its state is final:
+    DONE (with the payload and every byte landed), CANCELLED, TIMED_OUT (on time, nobody polling)."""
+    import threading
+
+    spec, rng = transport.spec, random.Random(19)
+    seen: dict[str, list[tuple[TransferState, list[int] | None, str]]] = {}
+    lock, caller = threading.Lock(), threading.current_thread().name
+
+    def record(handle) -> None:  # noqa: ANN001
+        with lock:
+            seen.setdefault(handle.request_id, []).append(
+                (handle.state, handle.payload, threading.current_thread().name))
+
+    with _shared_pair(transport) as pair:
+        src, dst = _pick(rng, 3, spec.num_src_blocks), _pick(rng, 3, spec.num_dst_blocks)
+        done_id = next(_transfer_ids)
+        pair.receiver.expect(done_id, "cb-done", dst, spec.num_layers, DEADLINE_S, on_terminal=record)
+        pair.sender.begin(done_id, "cb-done", dst)
+        pair.sender.send_layers(done_id, range(spec.num_layers), src, (0, 3))
+        pair.sender.finish(done_id, [4])
+        cancel_dst = _pick(rng, 2, spec.num_dst_blocks, avoid=dst)
+        cancelled = pair.receiver.expect(next(_transfer_ids), "cb-cancel", cancel_dst, spec.num_layers,
+                                         DEADLINE_S, on_terminal=record)
+        pair.receiver.cancel(cancelled)
+        late_dst = _pick(rng, 2, spec.num_dst_blocks, avoid=dst + cancel_dst)
+        start = time.monotonic()
+        pair.receiver.expect(next(_transfer_ids), "cb-late", late_dst, spec.num_layers, 0.3, on_terminal=record)
+        end = time.monotonic() + 10.0
+        while len(seen) < 3 and time.monotonic() < end:
+            time.sleep(0.01)
+        assert sorted(seen) == ["cb-cancel", "cb-done", "cb-late"], seen
+        assert seen["cb-done"][0][:2] == (TransferState.DONE, [4]), seen
+        assert seen["cb-cancel"][0][0] is TransferState.CANCELLED
+        assert seen["cb-late"][0][0] is TransferState.TIMED_OUT and time.monotonic() - start < 5.0
+        assert all(len(calls) == 1 and calls[0][2] != caller for calls in seen.values()), seen
+        assert_landed(pair, src, dst, range(3))
+        time.sleep(0.05)
+        assert all(len(calls) == 1 for calls in seen.values()), "a callback ran twice"
+
+
 def check_incomplete_transfer_fails(transport: Transport) -> None:
     """A FINISH after a layer never sent: the receiver reports FAILED naming the layer."""
     spec, rng = transport.spec, random.Random(16)
@@ -312,8 +353,9 @@ def _expect_error(kind: type[BaseException], call: Callable[[], object]) -> None
 #: Every scenario, for parametrised test suites.
 SCENARIOS = {fn.__name__.removeprefix("check_"): fn for fn in (
     check_chunked_transfer, check_concurrent_transfers, check_receiver_cancel_writes_nothing,
-    check_sender_cancel_fails_receiver, check_timeout, check_incomplete_transfer_fails, check_payload_only,
-    check_bad_arguments_rejected, check_close_is_prompt, check_layout_mismatch)}
+    check_sender_cancel_fails_receiver, check_timeout, check_completion_callbacks,
+    check_incomplete_transfer_fails, check_payload_only, check_bad_arguments_rejected, check_close_is_prompt,
+    check_layout_mismatch)}
 
 #: Scenarios a one-sided transport (cuda_ipc) does not promise: its receiver cannot stop or inspect the
 #: sender's writes, so a receiver-side cancel or timeout does not fence them (the decode worker waits

@@ -1,0 +1,30 @@
+"""The KV transfer settings of a cluster (torch-free: the CLI, the router and every worker read them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.common.errors import InvalidParameterError
+from pdserve.common.validation import require_float
+
+TRANSFER_BACKENDS = ("auto", "nccl", "gloo", "loopback")
+FAILURE_POLICIES = ("fail", "recompute")
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """``backend``: auto = nccl between GPUs, gloo between CPU processes. ``timeout_s``: a transfer that
+    has not finished by then is failed and its blocks freed on both sides. ``on_failure``: ``fail`` the
+    request with a clear error, or ``recompute`` its prompt on the decode worker."""
+
+    backend: str = "auto"
+    timeout_s: float = 30.0
+    on_failure: str = "fail"
+
+    def __post_init__(self) -> None:
+        if self.backend not in TRANSFER_BACKENDS:
+            raise InvalidParameterError("backend", f"must be one of {', '.join(TRANSFER_BACKENDS)}; got {self.backend!r}")
+        require_float("timeout_s", self.timeout_s, minimum=0.0, exclusive_minimum=True)
+        if self.on_failure not in FAILURE_POLICIES:
+            raise InvalidParameterError("on_failure", f"must be one of {', '.join(FAILURE_POLICIES)}; "
+                                                      f"got {self.on_failure!r}")
