@@ -286,8 +286,9 @@ class LLMEngine:
         """Read a launched step's tokens (waits for the device) and append them to their requests."""
         token_ids, logprobs = launched.token_ids(), launched.logprobs()
         seconds = launched.seconds()
-        if self.step_monitor is not None and seconds is not None:
-            self.step_monitor.record(launched.plan.shape, seconds)
+        if self.step_monitor is not None and seconds is not None and self.step_monitor.record(launched.plan.shape,
+                                                                                               seconds):
+            self.step_time = self.scheduler.step_time = self.step_monitor.model  # recalibrated on live steps
         if self.step_hooks is not None:
             self.step_hooks.after_forward(launched.plan)
         deltas = []

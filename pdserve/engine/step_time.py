@@ -84,6 +84,11 @@ class StepTimeModel:
         n = max(chunk_tokens, 1)
         return n / self.predict(StepShape(n, 0, n * n / 2))
 
+    def scaled(self, factor: float) -> StepTimeModel:
+        """The same shape of cost, every term ``factor`` times as long (a calibration)."""
+        return StepTimeModel(self.base_s * factor, self.per_token_s * factor, self.free_tokens,
+                             self.per_kv_token_s * factor, self.per_pair_s * factor)
+
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
@@ -171,23 +176,51 @@ def profile_step_time(run: Callable[[int, int, int], float], *, max_tokens: int,
 
 
 class StepTimeMonitor:
-    """Predicted against measured step times over the last ``window`` steps (a live check of the model)."""
+    """Predicted against measured step times over the last ``window`` steps (a live check of the model),
+    and its calibration: every ``recalibrate_every`` steps, if the median error is off by more than
+    ``tolerance``, the model is scaled by the median measured/predicted ratio (at most 2x either way per
+    round) and the window starts over. ``model`` is the calibrated model; ``calibration`` the product
+    of the factors applied so far."""
 
-    def __init__(self, model: StepTimeModel, window: int = 512) -> None:
+    def __init__(self, model: StepTimeModel, window: int = 512, recalibrate_every: int = 256,
+                 tolerance: float = 0.05) -> None:
         self.model = model
         self._errors: deque[float] = deque(maxlen=window)
+        self._ratios: deque[float] = deque(maxlen=window)
         self.num_steps = 0
+        self.calibration = 1.0
+        self._recalibrate_every = recalibrate_every
+        self._tolerance = tolerance
+        self._since = 0
 
-    def record(self, shape: StepShape, seconds: float) -> None:
-        if seconds > 0:
-            self._errors.append((self.model.predict(shape) - seconds) / seconds)
-            self.num_steps += 1
+    def record(self, shape: StepShape, seconds: float) -> bool:
+        """Add one measured step; returns True when it recalibrated the model."""
+        if seconds <= 0:
+            return False
+        predicted = self.model.predict(shape)
+        self._errors.append((predicted - seconds) / seconds)
+        self._ratios.append(seconds / predicted if predicted > 0 else 1.0)
+        self.num_steps += 1
+        self._since += 1
+        if self._since < self._recalibrate_every:
+            return False
+        self._since = 0
+        factor = statistics.median(self._ratios)
+        if abs(factor - 1.0) <= self._tolerance:
+            return False
+        factor = min(max(factor, 0.5), 2.0)
+        self.model = self.model.scaled(factor)
+        self.calibration *= factor
+        self._errors.clear()
+        self._ratios.clear()
+        return True
 
     def summary(self) -> dict[str, float | int | None]:
         """Median and 90th-percentile absolute relative error, and the median signed error (bias)."""
         if not self._errors:
-            return {"steps": 0, "abs_error_p50": None, "abs_error_p90": None, "bias_p50": None}
+            return {"steps": self.num_steps, "abs_error_p50": None, "abs_error_p90": None, "bias_p50": None,
+                    "calibration": round(self.calibration, 3)}
         absolute = sorted(abs(e) for e in self._errors)
         return {"steps": self.num_steps, "abs_error_p50": round(statistics.median(absolute), 3),
                 "abs_error_p90": round(absolute[int(0.9 * (len(absolute) - 1))], 3),
-                "bias_p50": round(statistics.median(self._errors), 3)}
+                "bias_p50": round(statistics.median(self._errors), 3), "calibration": round(self.calibration, 3)}

@@ -83,3 +83,14 @@ def test_monitor_reports_the_model_error() -> None:
         monitor.record(shape, TRUE.predict(shape) * 1.25)  # the device is 25% slower than predicted
     summary = monitor.summary()
     assert summary["steps"] == 3 and summary["bias_p50"] == pytest.approx(-0.2, abs=1e-3)
+
+
+def test_monitor_recalibrates_the_model_to_the_live_steps() -> None:
+    monitor = StepTimeMonitor(TRUE, recalibrate_every=8)
+    shapes = [StepShape(n, 64 * n) for n in (1, 16, 256, 1024)] * 4
+    changed = [monitor.record(s, TRUE.predict(s) * 1.25) for s in shapes]
+    assert changed.count(True) == 1 and changed[7]  # after 8 steps, once
+    assert monitor.calibration == pytest.approx(1.25)
+    for s in shapes:
+        assert monitor.model.predict(s) == pytest.approx(TRUE.predict(s) * 1.25)
+    assert not any(monitor.record(s, monitor.model.predict(s) * 1.02) for s in shapes)  # within tolerance
