@@ -14,12 +14,13 @@ FAILURE_POLICIES = ("fail", "recompute")
 @dataclass(frozen=True)
 class KVTransferConfig:
     """``backend``: auto = nccl between GPUs, gloo between CPU processes. ``timeout_s``: a transfer that
-    has not finished by then is failed and its blocks freed on both sides. ``on_failure``: ``fail`` the
-    request with a clear error, or ``recompute`` its prompt on the decode worker."""
+    has not finished by then is failed and its blocks freed on both sides. ``on_failure``: ``recompute``
+    the prompt on the decode worker (the default: the client sees no error, only latency), or ``fail``
+    the request with UNAVAILABLE and a clear message."""
 
     backend: str = "auto"
     timeout_s: float = 30.0
-    on_failure: str = "fail"
+    on_failure: str = "recompute"
 
     def __post_init__(self) -> None:
         if self.backend not in TRANSFER_BACKENDS:

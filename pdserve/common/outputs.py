@@ -75,3 +75,4 @@ class RequestDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    error_code: str | None = None  # gRPC status code name for ``error`` (None: INTERNAL)

@@ -42,3 +42,18 @@ def _check_range(field: str, value: float, minimum: float | None, maximum: float
         raise InvalidParameterError(field, f"must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
         raise InvalidParameterError(field, f"must be <= {maximum}, got {value}")
+
+
+def require_text(field: str, value: Any, *, max_chars: int | None = None) -> str:
+    """A ``str`` that can travel as UTF-8 (no lone surrogate) and, with ``max_chars``, is no longer
+    than that; else :class:`InvalidParameterError` naming ``field``."""
+    if not isinstance(value, str):
+        raise InvalidParameterError(field, f"must be a string, got {type(value).__name__}")
+    if max_chars is not None and len(value) > max_chars:
+        raise InvalidParameterError(field, f"is {len(value)} characters long, more than the {max_chars} allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameterError(field, f"is not valid UTF-8 text: it holds a lone surrogate at character "
+                                           f"{exc.start}") from None
+    return value

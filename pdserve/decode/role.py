@@ -244,13 +244,17 @@ class DecodeRole(Role):
         detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
         message = f"prefill on {address} failed: {detail}"
         logger.warning("request %s: %s", rid, message)
-        if self.worker.transfer.on_failure == "recompute":
+        # an incompatible peer (the KV handshake refused it) is a deployment error: say so, never hide it
+        # behind local recomputes; any other failure (a lost, late or failing peer) is retryable
+        incompatible = isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.FAILED_PRECONDITION
+        if self.worker.transfer.on_failure == "recompute" and not incompatible:
             self.num_local_recomputes += 1
             await self.worker.on_engine(lambda e: e.recompute_locally(rid))
             return
+        code = "FAILED_PRECONDITION" if incompatible else "UNAVAILABLE"
 
         def fail(engine: LLMEngine) -> None:
-            delta = engine.fail_request(rid, message)
+            delta = engine.fail_request(rid, message, code)
             if delta is not None:
                 self.worker.engine_loop.emit([delta])
 

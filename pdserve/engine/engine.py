@@ -335,12 +335,13 @@ class LLMEngine:
             self.sampler.skip_draws(request_id, request.params.seed, self.spec.vocab_size, 1)
         return self._append_token(request, first_token_id, logprobs)
 
-    def fail_request(self, request_id: str, error: str) -> RequestDelta | None:
-        """End a request with an error (e.g. its KV never arrived); frees its blocks once."""
+    def fail_request(self, request_id: str, error: str, code: str | None = None) -> RequestDelta | None:
+        """End a request with an error (e.g. its KV never arrived; ``code``: the gRPC status code name
+        callers should see, e.g. ``UNAVAILABLE`` for a retryable fault); frees its blocks once."""
         request = self._requests.get(request_id)
         if request is None:
             return None
-        request.error = error
+        request.error, request.error_code = error, code
         self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
         return self._finalize(request, [], None)
 
@@ -393,6 +394,7 @@ class LLMEngine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
             error=request.error,
+            error_code=request.error_code,
         )
         if finished:
             self.sampler.release(rid)

@@ -67,6 +67,7 @@ class Request:
     logprobs: list[TokenLogprobs] | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    error_code: str | None = None  # gRPC status code name of ``error`` (None: INTERNAL)
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full blocks known so far
     remote_prefill: bool = False  # decode role: the prompt's KV arrives from a prefill worker
     prefill_only: bool = False  # prefill role: finish after the first token, keep the blocks until sent

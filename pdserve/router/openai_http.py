@@ -9,9 +9,10 @@ JSON (:mod:`pdserve.router.openai_responses`). So routing, retries, deadlines an
 API's; a chat is rendered with the model's chat template by the worker that serves it.
 
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``) with the HTTP status the
-ecosystem uses: 400 for a bad field (``param`` names it), 404 for another model, 429 when the router
-is full, 503 without a usable worker, 504 on a timeout, 500 otherwise. Once a stream has started (its
-headers go out at once), an error is sent as one ``data: {"error": ...}`` event before ``data: [DONE]``. A client that disconnects
+ecosystem uses: 400 for a bad field (``param`` names it), 404 for another model, 413 for a body over
+``MAX_BODY_BYTES``, 429 when the router is full, 503 without a usable worker, 504 on a timeout, 500
+otherwise. A stream's headers go out once a worker accepted the request; an error after that is sent
+as one ``data: {"error": ...}`` event before ``data: [DONE]``. A client that disconnects
 cancels its handler (``handler_cancellation``), which aborts the request at its workers.
 
 Lifecycle: built by :class:`~pdserve.router.router.Router` when ``RouterConfig.http_port`` is set;
@@ -54,8 +55,9 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.CANCELLED: 499,
     grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.UNIMPLEMENTED: 501,
 }
-_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}
-MAX_BODY_BYTES = 64 * 1024 * 1024
+_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error"}
+MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 class OpenAIFront:
@@ -120,6 +122,10 @@ class OpenAIFront:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return _error(400, f"the request body is not valid JSON: {exc}", param="body")
+        except RecursionError:
+            return _error(400, "the request body is not valid JSON: it is nested too deeply", param="body")
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", param="body")
         created = int(time.time())
         try:
             generate, stream, include_usage = api.parse(body, self._model, self._max_model_len())
@@ -136,14 +142,14 @@ class OpenAIFront:
 
     async def _stream(self, request: web.Request, session: RequestSession, api: _Api, created: int,
                       include_usage: bool) -> web.StreamResponse:
-        """Stream the session as server-sent events; the headers go out at once (so a client sees
-        the stream open while the prompt is prefilled), errors after that as an ``error`` event."""
+        """Stream the session as server-sent events. The headers go out once a worker accepted the
+        request (so a prompt it refuses, e.g. too long, gets its 4xx like an unstreamed call, and a client
+        sees the stream open while the prompt is prefilled); errors after that come as an ``error`` event."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        try:
+
+        async def accepted() -> None:
             await response.prepare(request)
-        except BaseException:
-            session.discard()  # never run: nothing else would release the admitted request
-            raise
+
         text_offset = 0
         last: pdserve_pb2.GenerateResponse | None = None
 
@@ -154,12 +160,14 @@ class OpenAIFront:
             last = piece
 
         try:
-            await session.run(emit)
+            await session.run(emit, on_accepted=accepted)
             if include_usage and last is not None:
                 await _event(response, api.usage(last.request_id, last.usage, self._model, created))
         except ConnectionResetError:
             raise  # the client left: nothing to tell it
-        except Exception as exc:  # noqa: BLE001 - reported in the stream, whose status is already 200
+        except Exception as exc:  # noqa: BLE001 - reported in the stream once its status (200) went out
+            if not response.prepared:
+                return _error_for(exc)
             status, message = _status_and_message(exc)
             await _event(response, error_json(message, _ERROR_TYPES.get(status, "server_error"), code=str(status)))
         await response.write(b"data: [DONE]\n\n")

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from pdserve.common.errors import InvalidParameterError
+from pdserve.common.validation import require_text
+from pdserve.rpc.convert import INT64_MAX, INT64_MIN
 from pdserve.v1 import pdserve_pb2
 
 _FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
@@ -73,7 +75,8 @@ def chat_request(body: Any, model: str, max_model_len: int = 0) -> tuple[pdserve
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise InvalidParameterError(f"messages[{i}]", "must be an object with a string role")
-        chat.messages.add(role=message["role"], content=_content(message.get("content"), i))
+        chat.messages.add(role=require_text(f"messages[{i}].role", message["role"]),
+                          content=require_text(f"messages[{i}].content", _content(message.get("content"), i)))
     return (request, *_framing(body))
 
 
@@ -95,7 +98,7 @@ def _base_request(body: Any, model: str, accepted: frozenset[str],
     if requested_model is not None:
         if not isinstance(requested_model, str):
             raise InvalidParameterError("model", "must be a string")
-        request.model = requested_model or model
+        request.model = require_text("model", requested_model) or model
     params = request.params
     for name in _FLOATS:
         if body.get(name) is not None:
@@ -111,7 +114,7 @@ def _base_request(body: Any, model: str, accepted: frozenset[str],
         stops = [stop] if isinstance(stop, str) else stop
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise InvalidParameterError("stop", "must be a string or a list of strings")
-        params.stop.extend(stops)
+        params.stop.extend(require_text("stop", s) for s in stops)
     if body.get("stop_token_ids") is not None:
         ids = body["stop_token_ids"]
         if not isinstance(ids, list):
@@ -156,9 +159,9 @@ def _set_prompt(request: pdserve_pb2.GenerateRequest, prompt: Any) -> None:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        request.text = prompt
+        request.text = require_text("prompt", prompt)
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        request.token_ids.ids.extend(prompt)
+        request.token_ids.ids.extend(_integer(t, "prompt") for t in prompt)
     elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
         raise InvalidParameterError("prompt", "batched prompts are not supported: send one request per prompt")
     else:
@@ -174,4 +177,6 @@ def _number(value: Any, name: str) -> float:
 def _integer(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidParameterError(name, f"must be an integer, got {value!r}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidParameterError(name, f"must fit in a signed 64-bit integer, got {value}")
     return value

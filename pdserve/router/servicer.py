@@ -14,7 +14,8 @@ from typing import NoReturn
 
 import grpc
 
-from pdserve.common.errors import InvalidParameterError
+from pdserve.common.errors import InvalidParameterError, PromptTooLongError
+from pdserve.common.validation import require_text
 from pdserve.router.config import ServingMode, WorkerRole
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.errors import RouteError
@@ -23,11 +24,20 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.prefill_policy import estimate_prompt_tokens
 from pdserve.router.registry import WorkerRegistry, WorkerState
 from pdserve.router.session import RequestSession
-from pdserve.rpc.api import cluster_status_to_proto, list_models_response, prompt_from_request
+from pdserve.rpc.api import (
+    MAX_REQUEST_ID_CHARS,
+    cluster_status_to_proto,
+    list_models_response,
+    prompt_from_request,
+)
 from pdserve.rpc.convert import sampling_params_from_proto, token_ids_to_proto
 from pdserve.rpc.status import abort_with
 from pdserve.rpc.types import ClusterStatus, ModelInfo, WorkerStatus
 from pdserve.v1 import common_pb2, pdserve_pb2, pdserve_pb2_grpc, worker_pb2
+
+#: No tokenizer packs more characters than this into one token on average: a text prompt longer than
+#: this many characters per token of ``max_model_len`` cannot fit, and is refused without tokenizing it.
+MAX_CHARS_PER_TOKEN = 32
 
 
 class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
@@ -79,10 +89,12 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
         uses it too, so both APIs share validation, admission and the session."""
         params = request.params if request.HasField("params") else None
         sampling_params_from_proto(params)  # validation only; the worker receives the message as sent
+        require_text("request_id", request.request_id, max_chars=MAX_REQUEST_ID_CHARS)
         if request.model and request.model != self._model:
             raise InvalidParameterError("model", f"{request.model!r} is not served here; this router serves "
                                                  f"{self._model!r}")
         prompt = prompt_from_request(request)
+        self._check_size(prompt)
         submit = worker_pb2.SubmitRequest(params=params)
         if isinstance(prompt, str):
             submit.prompt_text = prompt
@@ -100,6 +112,24 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
         submit.request_id = admitted.request_id
         return RequestSession(self._dispatcher, self._table, admitted, submit, timeout_s=self._request_timeout_s,
                               metrics=self._metrics)
+
+    def _check_size(self, prompt: str | list[int] | common_pb2.ChatPrompt) -> None:
+        """Refuse a prompt that cannot fit the model's context before a worker tokenizes it (a huge text
+        would cost seconds there): token ids past ``max_model_len``, or text longer than
+        ``MAX_CHARS_PER_TOKEN`` characters per token of it."""
+        info = self._registry.model_info()
+        max_model_len = info.max_model_len if info is not None else 0
+        if max_model_len <= 0:
+            return
+        if isinstance(prompt, list):
+            if len(prompt) >= max_model_len:
+                raise PromptTooLongError(len(prompt), max_model_len)
+            return
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(m.content) + len(m.role) for m in prompt.messages)
+        if chars > max_model_len * MAX_CHARS_PER_TOKEN:
+            raise InvalidParameterError("prompt", f"the prompt is {chars} characters long: more than "
+                                                  f"{MAX_CHARS_PER_TOKEN} per token of the model's "
+                                                  f"max_model_len={max_model_len}, so it cannot fit")
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:

@@ -8,8 +8,8 @@ ends the session, which returns the accumulated completion (the unary answer). F
 * nothing arrives for ``request_timeout_s``: DEADLINE_EXCEEDED (and an Abort at the worker);
 * the worker's Updates stream drops: the request is re-submitted elsewhere if no token reached the
   client yet and the retry budget lasts, else UNAVAILABLE;
-* the worker reports an error in the delta (``finish_reason`` ERROR or ``error`` set): INTERNAL with
-  the worker's message;
+* the worker reports an error in the delta (``finish_reason`` ERROR or ``error`` set): the status code
+  the worker named (UNAVAILABLE for a lost peer), else INTERNAL, with the worker's message;
 * the caller is cancelled (client gone, deadline): the cancellation propagates, after an Abort.
 
 Whatever the outcome, the ``finally`` clause leaves no trace: an unfinished request is aborted at its
@@ -44,15 +44,19 @@ class RequestSession:
         self._timeout_s = timeout_s
         self._assembler = ResponseAssembler(request.request_id)
 
-    async def run(self, emit: Emit | None = None) -> pdserve_pb2.GenerateResponse:
-        """Serve the request; ``emit`` receives each streamed response. Returns the whole completion
-        (the ``GenerateUnary`` answer). Raises :class:`RouteError` on failure."""
+    async def run(self, emit: Emit | None = None,
+                  on_accepted: Callable[[], Awaitable[None]] | None = None) -> pdserve_pb2.GenerateResponse:
+        """Serve the request; ``emit`` receives each streamed response, ``on_accepted`` is awaited once a
+        worker accepted the request (before any response). Returns the whole completion (the
+        ``GenerateUnary`` answer). Raises :class:`RouteError` on failure."""
         request = self._request
         worker_done = False
         clock = asyncio.get_running_loop().time
         started, last_token_at, outcome, finish = clock(), None, "cancelled", ""
         try:
             await self._dispatcher.submit(request, self._submit)
+            if on_accepted is not None:
+                await on_accepted()
             while True:
                 event = await self._next_event()
                 if isinstance(event, WorkerLost):
@@ -69,7 +73,7 @@ class RequestSession:
                     worker_done = True
                     finish = common_pb2.FinishReason.Name(event.finish_reason).removeprefix("FINISH_REASON_").lower()
                 if event.finish_reason == common_pb2.FINISH_REASON_ERROR or event.error:
-                    raise RouteError(grpc.StatusCode.INTERNAL,
+                    raise RouteError(_status_code(event.error_code),
                                      f"request {request.request_id} failed on worker {request.decode_worker}: "
                                      f"{event.error or 'unspecified worker error'}")
                 response = self._assembler.add(delta_from_proto(event))
@@ -117,3 +121,8 @@ class RequestSession:
         self._dispatcher.note_failure(request, lost.worker_id, lost.reason)
         self._assembler = ResponseAssembler(request.request_id)  # drop what the lost worker reported
         await self._dispatcher.submit(request, self._submit)
+
+
+def _status_code(name: str) -> grpc.StatusCode:
+    """The status code a worker named for a failed request (INTERNAL if none or unknown)."""
+    return getattr(grpc.StatusCode, name, grpc.StatusCode.INTERNAL) if name else grpc.StatusCode.INTERNAL

@@ -10,9 +10,13 @@ from typing import Any
 
 from pdserve.common.errors import InvalidParameterError
 from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.validation import require_text
 from pdserve.rpc.convert import sampling_params_to_proto, token_ids_to_proto
 from pdserve.rpc.types import ClusterStatus, ModelInfo, WorkerStatus
 from pdserve.v1 import common_pb2, pdserve_pb2
+
+#: The longest request id a caller may choose (ids are logged, keyed on and sent to every worker).
+MAX_REQUEST_ID_CHARS = 256
 
 
 def generate_request(
@@ -34,17 +38,19 @@ def generate_request(
     """
     if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
         raise InvalidParameterError("prompt", "pass exactly one of a prompt text, prompt_token_ids or messages")
-    request = pdserve_pb2.GenerateRequest(request_id=request_id, model=model,
-                                          params=sampling_params_to_proto(params))
+    request = pdserve_pb2.GenerateRequest(request_id=require_text("request_id", request_id,
+                                                                  max_chars=MAX_REQUEST_ID_CHARS),
+                                          model=require_text("model", model), params=sampling_params_to_proto(params))
     if messages is not None:
         for i, message in enumerate(messages):
             if not isinstance(message, Mapping) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
                 raise InvalidParameterError(f"messages[{i}]", "must be a mapping with string role and content")
-            request.chat.messages.add(role=message["role"], content=message["content"])
+            request.chat.messages.add(role=require_text(f"messages[{i}].role", message["role"]),
+                                      content=require_text(f"messages[{i}].content", message["content"]))
     elif prompt is not None:
         if not isinstance(prompt, str):
             raise InvalidParameterError("prompt", f"must be a string, got {type(prompt).__name__}")
-        request.text = prompt
+        request.text = require_text("prompt", prompt)
     else:
         request.token_ids.CopyFrom(token_ids_to_proto(prompt_token_ids or ()))
     return request

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from pdserve.common.errors import InvalidParameterError
 from pdserve.common.outputs import FinishReason, Logprob, RequestDelta, TokenLogprobs
 from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.validation import require_text
 from pdserve.rpc.types import Completion, CompletionChunk, Usage
 from pdserve.v1 import common_pb2, pdserve_pb2
 
@@ -123,13 +124,14 @@ def _encode_ints(name: str, values: Any) -> list[int]:
 
 def _encode_stop(value: Any) -> list[str]:
     if isinstance(value, str):
-        return [value]
+        return [require_text("stop", value)]
     if not isinstance(value, Iterable) or isinstance(value, bytes):
         raise InvalidParameterError("stop", f"must be a string or a list of strings, got {value!r}")
     out = list(value)
     for s in out:
         if not isinstance(s, str):
             raise InvalidParameterError("stop", f"each stop string must be a non-empty string, got {s!r}")
+        require_text("stop", s)
     return out
 
 
@@ -222,6 +224,7 @@ def delta_to_proto(delta: RequestDelta) -> common_pb2.RequestDelta:
         num_prompt_tokens=delta.num_prompt_tokens,
         num_cached_tokens=delta.num_cached_tokens,
         error=delta.error or "",
+        error_code=delta.error_code or "",
     )
     set_stop_reason(msg, delta.stop_reason)
     return msg
@@ -240,6 +243,7 @@ def delta_from_proto(msg: common_pb2.RequestDelta) -> RequestDelta:
         num_prompt_tokens=msg.num_prompt_tokens,
         num_cached_tokens=msg.num_cached_tokens,
         error=msg.error or None,
+        error_code=msg.error_code or None,
     )
 
 

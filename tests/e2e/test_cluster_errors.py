@@ -71,7 +71,7 @@ def test_mismatched_handshake_fails_the_request_clearly() -> None:
     try:
         prefill_address, decode_address = prefill.start(), decode.start()
         delta = asyncio.run(_submit_and_wait(decode_address, prefill_address))
-        assert delta.finished and delta.finish_reason == "error"
+        assert delta.finished and delta.finish_reason == "error" and delta.error_code == "FAILED_PRECONDITION"
         assert "block_size" in delta.error and "16" in delta.error and "8" in delta.error
         decode.call_engine(lambda e: e.check_invariants())
         assert decode.stats()["free_blocks"] == decode.stats()["usable_blocks"]
@@ -150,6 +150,7 @@ def test_a_prefill_worker_lost_mid_request_ends_in_the_failure_policy(policy: st
             assert decode.stats()["local_recomputes"] == 1
         else:
             assert delta.finish_reason == "error" and "prefill on" in (delta.error or "")
+            assert delta.error_code == "UNAVAILABLE"  # a lost peer is retryable, never INTERNAL
         assert decode.stats()["failed_transfers"] == 1
         decode.call_engine(lambda e: e.check_invariants())
         assert decode.stats()["free_blocks"] == decode.stats()["usable_blocks"]

@@ -88,6 +88,9 @@ def test_request_ids_caller_chosen_or_fresh() -> None:
     (lambda r: setattr(r, "model", "other-model"), "model"),
     (lambda r: r.ClearField("prompt"), "prompt"),
     (lambda r: r.token_ids.ClearField("ids"), "prompt"),
+    (lambda r: setattr(r, "request_id", "r" * 1_000_000), "request_id"),  # a 1 MB id
+    (lambda r: r.token_ids.ids.extend(range(2048)), "prompt"),  # past the model's max_model_len (2048)
+    (lambda r: setattr(r, "text", "x" * 5_000_000), "prompt"),  # 5 MB: refused without tokenizing
 ])
 def test_invalid_arguments_name_the_field(mutate: Any, field: str) -> None:
     async def scenario() -> None:

@@ -221,3 +221,41 @@ def test_a_session_that_never_runs_is_released() -> None:
             session.discard()
             assert len(router.table) == 0 and not worker.submitted
     run(scenario)
+
+
+@pytest.mark.parametrize(("raw", "param"), [
+    (json.dumps({"prompt": "x", "max_tokens": 2**63}), "max_tokens"),
+    (json.dumps({"prompt": "x", "seed": 2**64}), "seed"),
+    (json.dumps({"prompt": [1, 2**63]}), "prompt"),
+    (json.dumps({"prompt": "a\ud800b"}), "prompt"),  # a lone surrogate: not UTF-8
+    (json.dumps({"prompt": "x", "stop": ["\udfff"]}), "stop"),
+    ("[" * 100_000 + "]" * 100_000, "body"),  # nested deeper than any parser recursion
+    (json.dumps({"prompt": "x" * (2048 * 32 + 1)}), "prompt"),  # cannot fit max_model_len=2048: no tokenizing
+])
+def test_hostile_inputs_are_4xx_naming_the_field(raw: str, param: str) -> None:
+    async def scenario() -> None:
+        worker = FakeWorker("c0", "colocated")
+        async with cluster([worker], http_port=0) as (router, _), aiohttp.ClientSession(_http(router)) as http:
+            for stream in (False, True):
+                body = raw if raw.startswith("[") or not stream else raw[:-1] + ', "stream": true}'
+                async with http.post("/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"}) as r:
+                    assert r.status == 400, await r.text()
+                    assert (await r.json())["error"]["param"] == param
+            assert not worker.submitted  # refused at the router, before any worker
+            async with http.post("/v1/completions", json={"prompt": "still fine", "max_tokens": 2}) as r:
+                assert r.status == 200  # and the router is healthy after
+    run(scenario)
+
+
+def test_a_stream_the_worker_refuses_gets_its_4xx_before_any_event() -> None:
+    async def scenario() -> None:
+        worker = FakeWorker("c0", "colocated", max_prompt_tokens=4)
+        async with cluster([worker], http_port=0) as (router, _), aiohttp.ClientSession(_http(router)) as http:
+            async with http.post("/v1/completions", json={"prompt": [1, 2, 3, 4, 5, 6], "stream": True}) as r:
+                assert r.status == 400, await r.text()
+                assert r.headers["Content-Type"].startswith("application/json")
+            async with http.post("/v1/completions", json={"prompt": [1, 2], "stream": True, "max_tokens": 3}) as r:
+                assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+                assert [e async for e in _events(r)][-1] == "[DONE]"
+    run(scenario)

@@ -175,6 +175,19 @@ def test_generate_request_round_trip() -> None:
     assert api.prompt_from_request(api.generate_request("")) == ""  # an empty text is a (bad) prompt, not none
 
 
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"prompt": "a\ud800"}, "prompt"),
+    ({"messages": [{"role": "user", "content": "\udc00"}]}, "messages[0].content"),
+    ({"prompt": "x", "params": {"stop": ["ok", "\ud83d"]}}, "stop"),
+    ({"prompt": "x", "request_id": "r" * 257}, "request_id"),
+    ({"prompt": "x", "params": {"seed": 2**64}}, "seed"),
+])
+def test_generate_request_refuses_what_the_wire_cannot_carry(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidParameterError) as info:
+        api.generate_request(**kwargs)
+    assert info.value.field == field
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"prompt": "a", "prompt_token_ids": [1]}, {"prompt": b"bytes"}])
 def test_generate_request_needs_exactly_one_prompt(kwargs: dict[str, Any]) -> None:
     with pytest.raises(InvalidParameterError) as info:
