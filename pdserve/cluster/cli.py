@@ -219,9 +219,11 @@ def _status(args: argparse.Namespace) -> int:
     healthy = sum(w.healthy for w in status.workers)
     print(f"{status.model} ({status.mode}): {healthy}/{len(status.workers)} workers healthy, "
           f"{status.requests_in_flight} requests in flight")
-    header = ("worker", "role", "address", "healthy", "running", "waiting", "kv_usage", "queued_prefill_tokens")
+    header = ("worker", "role", "address", "healthy", "running", "waiting", "kv_usage", "queued_prefill_tokens",
+              "restarts", "last_recovery_s")
     rows = [(w.worker_id, w.role, w.address, "yes" if w.healthy else "NO", str(w.running_requests),
-             str(w.waiting_requests), f"{w.kv_usage:.2f}", str(w.queued_prefill_tokens)) for w in status.workers]
+             str(w.waiting_requests), f"{w.kv_usage:.2f}", str(w.queued_prefill_tokens), str(w.restarts),
+             f"{w.last_recovery_s:.1f}" if w.restarts else "-") for w in status.workers]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

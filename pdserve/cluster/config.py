@@ -80,8 +80,13 @@ class ClusterConfig:
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     pack_pairs: bool = False  # place prefill/decode workers pairwise on one node (Ray placement group)
     slo: SLOConfig | None = None
+    max_worker_restarts: int = 8  # a dead worker process is started again this many times (-1: always)
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_worker_restarts, bool) or not isinstance(self.max_worker_restarts, int) \
+                or self.max_worker_restarts < -1:
+            raise ConfigError("max_worker_restarts", f"must be an integer >= -1 (-1: always restart), got "
+                                                     f"{self.max_worker_restarts!r}")
         if self.mode not in MODES:
             raise ConfigError("mode", f"must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.mode == "disaggregated" and (self.prefill.replicas < 1 or self.decode.replicas < 1):

@@ -2,9 +2,14 @@
 
 Lifecycle: ``Cluster(config)`` -> ``start()`` joins Ray (``address`` / ``RAY_ADDRESS``) or starts a
 local instance, creates every worker actor, waits for their gRPC addresses, then starts the router
-on its own asyncio loop thread and returns its address -> ``stop()`` stops the router, then every
-worker (cleanly, then ``ray.kill``), and shuts Ray down if this process started it. ``stop`` is
-idempotent and also runs on ``with Cluster(...)`` exit.
+on its own asyncio loop thread and a supervisor thread, and returns the router's address ->
+``stop()`` stops the supervisor, the router, then every worker (cleanly, then ``ray.kill``), and shuts
+Ray down if this process started it. ``stop`` is idempotent and also runs on ``with Cluster(...)`` exit.
+
+Supervision: worker actors are created with ``max_restarts`` (``ClusterConfig.max_worker_restarts``):
+Ray starts a dead worker's process again, the worker serves at once, and the supervisor (every
+``SUPERVISE_INTERVAL_S``) asks each actor for its address and points the router at a new one
+(:meth:`Router.rebind_worker`). ``pdserve status`` shows each worker's restarts and recovery time.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from pdserve.router import Router, WorkerEndpoint, WorkerRole
 from pdserve.rpc.server import format_address
 
 logger = logging.getLogger(__name__)
+#: How often the supervisor asks every worker actor where it serves.
+SUPERVISE_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class Cluster:
         self.router_address = ""
         self.http_url = ""  # the OpenAI-compatible HTTP API, when router.http_port is set
         self._stopped = False
+        self._stop_supervising = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     def __enter__(self) -> Cluster:
         self.start()
@@ -68,6 +77,7 @@ class Cluster:
             self._join_ray()
             self._start_workers()
             self._start_router()
+            self._start_supervisor()
         except BaseException:
             self.stop()
             raise
@@ -91,7 +101,8 @@ class Cluster:
         for worker_id, role, index in specs:
             pool = cfg.pool(role)
             options: dict[str, Any] = {"num_gpus": pool.gpus_per_worker, "num_cpus": 0 if pool.gpus_per_worker else 1,
-                                       "max_concurrency": 4}
+                                       "max_concurrency": 4, "max_restarts": cfg.max_worker_restarts,
+                                       "max_task_retries": 0}
             if (role, index) in strategies:
                 options["scheduling_strategy"] = strategies[(role, index)]
             engine = cfg.engine_config(role).to_dict()
@@ -133,6 +144,28 @@ class Cluster:
         http_port = self.router.http_port
         self.http_url = f"http://{format_address(host, http_port)}" if http_port is not None else ""
 
+    def _start_supervisor(self) -> None:
+        self._supervisor = threading.Thread(target=self._supervise, name="pdserve-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        """Point the router at every worker that came back at a new address (see the module docstring)."""
+        while not self._stop_supervising.wait(SUPERVISE_INTERVAL_S):
+            for i, worker in enumerate(list(self.workers)):
+                try:
+                    address = ray.get(worker.actor.address.remote(), timeout=5)
+                except Exception:  # noqa: BLE001 (dead, or restarting: asked again next round)
+                    continue
+                if not address or address == worker.address or self.router is None or self._loop is None:
+                    continue
+                logger.warning("worker %s came back at %s (was %s)", worker.worker_id, address, worker.address)
+                self.workers[i] = WorkerHandle(worker.worker_id, worker.role, address, worker.actor)
+                try:
+                    asyncio.run_coroutine_threadsafe(self.router.rebind_worker(worker.worker_id, address),
+                                                     self._loop).result(30)
+                except Exception:  # noqa: BLE001 (the router keeps probing it)
+                    logger.exception("could not point the router at worker %s", worker.worker_id)
+
     # ---- inspection ----------------------------------------------------------------------------
 
     def worker_stats(self) -> list[dict[str, Any]]:
@@ -147,6 +180,9 @@ class Cluster:
         if self._stopped:
             return
         self._stopped = True
+        self._stop_supervising.set()
+        if self._supervisor is not None:
+            self._supervisor.join(10)
         if self.router is not None and self._loop is not None:
             try:
                 asyncio.run_coroutine_threadsafe(self.router.stop(grace), self._loop).result(grace + 30)

@@ -3,6 +3,10 @@
 Ray assigns the GPU (``num_gpus``); the actor builds a :class:`WorkerHost` on its node's IP address and
 returns the gRPC address from ``start()``. Everything else goes over gRPC; the Ray methods here are for
 the launcher and for tests (stats, invariant checks, a clean stop).
+
+Restarts: the launcher creates the actor with ``max_restarts``; when its process dies, Ray runs the
+constructor again in a new process, which then starts serving at once (a fresh engine, a new address)
+and the launcher's supervisor points the router at ``address()``.
 """
 
 from __future__ import annotations
@@ -36,9 +40,19 @@ class WorkerActor:
         host = ray.util.get_node_ip_address()
         self.host = WorkerHost(worker_id, make_role(role), EngineConfig(**engine_config), KVTransferConfig(**transfer),
                                host=host)
+        self._address = ""
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            logging.getLogger(__name__).warning("worker %s restarted in a new process; serving again", worker_id)
+            self._address = self.host.start()
 
     def start(self) -> str:
-        return self.host.start()
+        if not self._address:
+            self._address = self.host.start()
+        return self._address
+
+    def address(self) -> str:
+        """The gRPC address it serves on ("" before ``start``)."""
+        return self._address
 
     def stats(self) -> dict[str, Any]:
         return self.host.stats()

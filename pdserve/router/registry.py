@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -64,6 +65,10 @@ class WorkerState:
     assigned_requests: int = 0
     queued_prefill_tokens: int = 0
     last_error: str = ""
+    restarts: int = 0  # times it came back at a new address (a new process)
+    lost_at: float | None = None  # time.monotonic() when it stopped being usable (after being usable once)
+    last_recovery_s: float = 0.0  # from its last loss to usable again
+    ever_usable: bool = False
 
     @property
     def worker_id(self) -> str:
@@ -92,6 +97,7 @@ class WorkerRegistry:
         self._describe_timeout_s = describe_timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     # -- channels ---------------------------------------------------------------------------------
     def open(self) -> None:
@@ -130,9 +136,43 @@ class WorkerRegistry:
             logger.warning("worker %s (%s) marked unhealthy: %s", worker_id, state.endpoint.address, reason)
         state.healthy = False
         state.last_error = reason
+        self._note_usability(state)
 
     def set_stream_live(self, worker_id: str, live: bool) -> None:
-        self._states[worker_id].stream_live = live
+        state = self._states[worker_id]
+        state.stream_live = live
+        self._note_usability(state)
+
+    def rebind(self, worker_id: str, address: str) -> None:
+        """The worker came back as a new process at ``address``: talk to it there (unusable until it
+        describes itself again); its old channel is closed in the background."""
+        state = self._states[worker_id]
+        old = self._channels.get(worker_id)
+        state.endpoint = WorkerEndpoint(worker_id, state.role, address)
+        state.restarts += 1
+        state.healthy = state.stream_live = False
+        state.last_error = f"restarted at {address}"
+        self._note_usability(state)
+        channel = grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+        self._channels[worker_id] = channel
+        self._stubs[worker_id] = worker_pb2_grpc.WorkerStub(channel)
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(old.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    def _note_usability(state: WorkerState) -> None:
+        """Track when a worker stopped being usable and how long it took to come back."""
+        if not state.routable:
+            if state.ever_usable and state.lost_at is None:
+                state.lost_at = time.monotonic()
+            return
+        state.ever_usable = True
+        if state.lost_at is not None:
+            state.last_recovery_s = time.monotonic() - state.lost_at
+            state.lost_at = None
+            logger.info("worker %s usable again after %.1f s", state.worker_id, state.last_recovery_s)
 
     def update_load(self, worker_id: str, load: worker_pb2.WorkerLoad) -> None:
         self._states[worker_id].load = LoadSnapshot.from_proto(load)
@@ -169,6 +209,7 @@ class WorkerRegistry:
         state.last_error = ""
         if info.HasField("load"):
             self.update_load(worker_id, info.load)
+        self._note_usability(state)
         return True
 
     def _mismatch(self, state: WorkerState, info: worker_pb2.WorkerInfo) -> str:

@@ -155,6 +155,16 @@ class Router:
                         tb: TracebackType | None) -> None:
         await self.stop()
 
+    async def rebind_worker(self, worker_id: str, address: str) -> None:
+        """A worker came back as a new process at ``address`` (its supervisor restarted it): reconnect
+        there, describe it, and route to it again once it is usable."""
+        self.registry.rebind(worker_id, address)
+        stream = self._streams.get(worker_id)
+        if stream is not None:
+            stream.retry_now()
+        await self.registry.describe(worker_id)
+        await self._update_health()
+
     # -- internals --------------------------------------------------------------------------------
     def _start_stream(self, worker_id: str) -> None:
         stream = UpdatesStream(

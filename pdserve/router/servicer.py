@@ -145,4 +145,5 @@ def _worker_status(state: WorkerState) -> WorkerStatus:
                         healthy=state.routable, running_requests=load.running_requests,
                         waiting_requests=load.waiting_requests, kv_usage=load.kv_usage,
                         queued_prefill_tokens=queued,
-                        num_kv_blocks=state.info.num_kv_blocks if state.info is not None else 0)
+                        num_kv_blocks=state.info.num_kv_blocks if state.info is not None else 0,
+                        restarts=state.restarts, last_recovery_s=round(state.last_recovery_s, 3))

@@ -43,6 +43,11 @@ class UpdatesStream:
         self._backoff_max_s = backoff_max_s
         self.live = asyncio.Event()
         self.connects = 0
+        self._retry_now = asyncio.Event()
+
+    def retry_now(self) -> None:
+        """Reconnect without waiting out the backoff (the worker moved to a new address)."""
+        self._retry_now.set()
 
     async def run(self) -> None:
         """Forever: connect, stream, reconnect. Never raises except ``CancelledError``."""
@@ -54,8 +59,12 @@ class UpdatesStream:
                 logger.warning("Updates stream of worker %s dropped: %s", self.worker_id, reason)
                 self._on_lost(self.worker_id, reason)
                 backoff = self._backoff_initial_s
-            await asyncio.sleep(backoff * random.uniform(0.75, 1.0))
-            backoff = min(backoff * 2, self._backoff_max_s)
+            try:
+                await asyncio.wait_for(self._retry_now.wait(), backoff * random.uniform(0.75, 1.0))
+                backoff = self._backoff_initial_s
+            except TimeoutError:
+                backoff = min(backoff * 2, self._backoff_max_s)
+            self._retry_now.clear()
 
     async def _stream_once(self) -> str:
         """Run one stream until it ends; return why it ended."""

@@ -95,14 +95,15 @@ def worker_status_to_proto(worker: WorkerStatus) -> pdserve_pb2.WorkerStatus:
         worker_id=worker.worker_id, role=worker.role, address=worker.address, healthy=worker.healthy,
         running_requests=worker.running_requests, waiting_requests=worker.waiting_requests,
         kv_usage=worker.kv_usage, queued_prefill_tokens=worker.queued_prefill_tokens,
-        num_kv_blocks=worker.num_kv_blocks)
+        num_kv_blocks=worker.num_kv_blocks, restarts=worker.restarts, last_recovery_s=worker.last_recovery_s)
 
 
 def worker_status_from_proto(msg: pdserve_pb2.WorkerStatus) -> WorkerStatus:
     return WorkerStatus(
         worker_id=msg.worker_id, role=msg.role, address=msg.address, healthy=msg.healthy,
         running_requests=msg.running_requests, waiting_requests=msg.waiting_requests, kv_usage=msg.kv_usage,
-        queued_prefill_tokens=msg.queued_prefill_tokens, num_kv_blocks=msg.num_kv_blocks)
+        queued_prefill_tokens=msg.queued_prefill_tokens, num_kv_blocks=msg.num_kv_blocks, restarts=msg.restarts,
+        last_recovery_s=msg.last_recovery_s)
 
 
 def cluster_status_to_proto(status: ClusterStatus) -> pdserve_pb2.ClusterStatusResponse:

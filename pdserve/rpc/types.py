@@ -114,6 +114,8 @@ class WorkerStatus:
     kv_usage: float = 0.0  # fraction of KV blocks in use
     queued_prefill_tokens: int = 0
     num_kv_blocks: int = 0
+    restarts: int = 0  # times it came back as a new process
+    last_recovery_s: float = 0.0  # seconds from its last loss to serving again (0: never lost)
 
 
 @dataclass(frozen=True)

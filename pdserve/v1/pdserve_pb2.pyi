@@ -68,7 +68,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "healthy", "running_requests", "waiting_requests", "kv_usage", "queued_prefill_tokens", "num_kv_blocks")
+    __slots__ = ("worker_id", "role", "address", "healthy", "running_requests", "waiting_requests", "kv_usage", "queued_prefill_tokens", "num_kv_blocks", "restarts", "last_recovery_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,8 @@ class WorkerStatus(_message.Message):
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECOVERY_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     address: str
@@ -87,7 +89,9 @@ class WorkerStatus(_message.Message):
     kv_usage: float
     queued_prefill_tokens: int
     num_kv_blocks: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., queued_prefill_tokens: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ...) -> None: ...
+    restarts: int
+    last_recovery_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., queued_prefill_tokens: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., restarts: _Optional[int] = ..., last_recovery_s: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("mode", "model", "workers", "requests_in_flight")

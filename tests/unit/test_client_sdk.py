@@ -423,8 +423,8 @@ def test_cli_chat_and_status_with_target(address: str, fake: FakePdServe) -> Non
     lines = done.stdout.splitlines()
     assert lines[0] == "fake (colocated): 1/1 workers healthy, 0 requests in flight"
     assert lines[1].split() == ["worker", "role", "address", "healthy", "running", "waiting", "kv_usage",
-                                "queued_prefill_tokens"]
-    assert lines[2].split() == ["w0", "colocated", "yes", "0", "0", "0.00", "0"]
+                                "queued_prefill_tokens", "restarts", "last_recovery_s"]
+    assert lines[2].split() == ["w0", "colocated", "yes", "0", "0", "0.00", "0", "0", "-"]
     done = _cli("status", "--target", address, "--json")
     assert json.loads(done.stdout)["workers"][0]["worker_id"] == "w0"
 
