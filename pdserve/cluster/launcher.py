@@ -176,6 +176,14 @@ class Cluster:
 
     # ---- stop ----------------------------------------------------------------------------------
 
+    def drain(self, grace_s: float | None = None) -> bool:
+        """Stop admitting and let requests in flight finish (up to ``router.shutdown_grace_s``); True if
+        none is left. ``stop()`` next."""
+        if self.router is None or self._loop is None:
+            return True
+        grace = self.config.router.shutdown_grace_s if grace_s is None else grace_s
+        return asyncio.run_coroutine_threadsafe(self.router.drain(grace), self._loop).result(grace + 30)
+
     def stop(self, grace: float = 2.0) -> None:
         if self._stopped:
             return

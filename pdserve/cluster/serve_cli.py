@@ -1,5 +1,11 @@
 """``pdserve serve``: start a cluster from a config file (or the built-in default) and serve until
-Ctrl-C; ``--demo`` sends a few streaming requests through the router, prints them and stops."""
+SIGTERM or Ctrl-C; ``--demo`` sends a few streaming requests through the router, prints them and stops.
+
+Shutdown is graceful: the first SIGTERM/SIGINT stops admission (readiness false, new requests get
+UNAVAILABLE) and lets the requests in flight finish for up to ``router.shutdown_grace_s``, then the
+cluster stops and the process exits 0; a second signal stops at once. The handlers are installed once
+the cluster runs (Ray installs its own while starting, which would otherwise replace them).
+"""
 
 from __future__ import annotations
 
@@ -39,8 +45,6 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ConfigError("--http-port", f"must be in [0, 65535] or -1 (off), got {args.http_port}")
         config = replace(config, router=replace(config.router, http_port=None if args.http_port < 0 else args.http_port))
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     pools = ", ".join(f"{config.pool(r).replicas} {r}" for r in config.roles)
     print(f"pdserve: starting {config.mode} cluster of {config.model!r} ({pools}) ...", file=sys.stderr, flush=True)
     with Cluster(config, address=args.address, log_level=args.log_level.upper()) as cluster:
@@ -51,8 +55,26 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.demo:
             return _demo(address)
         print(f"pdserve: try `pdserve generate --target {address} \"Hello\"`; Ctrl-C stops", flush=True)
-        stop.wait()
-        print("pdserve: stopping ...", file=sys.stderr, flush=True)
+        signals = [0]
+
+        def on_signal(signum: int, frame: object) -> None:
+            signals[0] += 1
+            if signals[0] > 1:
+                raise KeyboardInterrupt  # a second signal: stop now
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+        while not stop.wait(0.5):
+            pass
+        grace = config.router.shutdown_grace_s
+        print(f"pdserve: draining (up to {grace:g} s; a second Ctrl-C stops now) ...", file=sys.stderr, flush=True)
+        try:
+            finished = cluster.drain()
+        except KeyboardInterrupt:
+            finished = False
+        print("pdserve: stopping" + ("" if finished else " with requests still in flight") + " ...",
+              file=sys.stderr, flush=True)
     return 0
 
 

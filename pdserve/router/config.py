@@ -82,6 +82,8 @@ class RouterConfig:
       before (0: off, routing by load alone; 1: a fully seen prefix outweighs any load difference).
     * ``describe_timeout_s``/``submit_timeout_s``/``abort_timeout_s``: per-RPC timeouts to workers.
     * ``health_check_interval_s``: how often unhealthy workers are probed again with ``Describe``.
+    * ``shutdown_grace_s``: on shutdown (SIGTERM, Ctrl-C) the router stops admitting (readiness turns
+      false, new requests get UNAVAILABLE) and lets requests in flight finish for up to this long.
     * ``reconnect_backoff_initial_s``/``reconnect_backoff_max_s``: exponential backoff of a dropped
       ``Worker.Updates`` stream.
     """
@@ -102,6 +104,7 @@ class RouterConfig:
     submit_timeout_s: float = 10.0
     abort_timeout_s: float = 5.0
     health_check_interval_s: float = 2.0
+    shutdown_grace_s: float = 30.0
     reconnect_backoff_initial_s: float = 0.1
     reconnect_backoff_max_s: float = 5.0
 
@@ -123,6 +126,7 @@ class RouterConfig:
         require_int("max_queued_prefill_tokens", self.max_queued_prefill_tokens, minimum=0)
         if self.ttft_slo_ms is not None:
             require_float("ttft_slo_ms", self.ttft_slo_ms, minimum=0.0, exclusive_minimum=True)
+        require_float("shutdown_grace_s", self.shutdown_grace_s, minimum=0.0)
         for name in ("request_timeout_s", "describe_timeout_s", "submit_timeout_s", "abort_timeout_s",
                      "health_check_interval_s", "reconnect_backoff_initial_s", "reconnect_backoff_max_s"):
             require_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)

@@ -9,10 +9,13 @@ the previous worker are dropped) and a :class:`WorkerLost` event if that worker'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from dataclasses import dataclass, field
 
-from pdserve.router.errors import RouterOverloadedError
+import grpc
+
+from pdserve.router.errors import RouteError, RouterOverloadedError
 from pdserve.v1 import common_pb2
 
 
@@ -55,9 +58,13 @@ class InFlightTable:
     def __init__(self, max_inflight: int) -> None:
         self._max = max_inflight
         self._requests: dict[str, InFlightRequest] = {}
+        self.closed_reason: str | None = None  # set when the router drains: new requests are refused
+        self._emptied = asyncio.Event()
 
     def admit(self, requested_id: str, num_prompt_tokens: int) -> InFlightRequest:
         """Admit a request under ``requested_id`` if non-empty and not in flight, else under a fresh uuid."""
+        if self.closed_reason is not None:
+            raise RouteError(grpc.StatusCode.UNAVAILABLE, self.closed_reason)
         if len(self._requests) >= self._max:
             raise RouterOverloadedError(self._max)
         request_id = requested_id if requested_id and requested_id not in self._requests else uuid.uuid4().hex
@@ -68,6 +75,17 @@ class InFlightTable:
     def remove(self, request: InFlightRequest) -> None:
         if self._requests.get(request.request_id) is request:
             del self._requests[request.request_id]
+            if not self._requests:
+                self._emptied.set()
+
+    async def wait_empty(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight (or ``timeout_s`` passed); True if none is left."""
+        if not self._requests:
+            return True
+        self._emptied.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._emptied.wait(), timeout_s)
+        return not self._requests
 
     def get(self, request_id: str) -> InFlightRequest | None:
         return self._requests.get(request_id)

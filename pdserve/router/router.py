@@ -134,6 +134,21 @@ class Router:
                     self._server.port, healthy, len(self.workers))
         return self._server.port
 
+    async def drain(self, grace_s: float | None = None) -> bool:
+        """Stop admitting (readiness turns false, new requests get UNAVAILABLE) and wait up to ``grace_s``
+        (default ``config.shutdown_grace_s``) for the requests in flight to finish. Returns True if
+        none is left. Call :meth:`stop` next."""
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        self.table.closed_reason = "the router is shutting down; retry on another replica"
+        self._serving = False
+        if self._server is not None:
+            await self._server.set_serving(False, PDSERVE_SERVICE)
+        left = len(self.table)
+        done = await self.table.wait_empty(grace)
+        logger.info("drain: %d request(s) in flight, %s", left,
+                    "all finished" if done else f"{len(self.table)} still running after {grace:g} s")
+        return done
+
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop serving: calls still running after ``grace`` s are cancelled (and aborted at their
         workers); then the streams and channels close. Safe to call twice."""
@@ -191,6 +206,8 @@ class Router:
             await self._update_health()
 
     async def _update_health(self) -> None:
+        if self.table.closed_reason is not None:
+            return  # draining: not serving, whatever the workers say
         decode_roles = (WorkerRole.DECODE,) if self.mode is ServingMode.DISAGGREGATED else (WorkerRole.COLOCATED,)
         serving = any(s.routable for s in self.registry.with_role(*decode_roles))
         if self.mode is ServingMode.DISAGGREGATED:

@@ -97,3 +97,45 @@ def test_serve_then_ctrl_c_shuts_down_cleanly() -> None:
     while _ray_processes() > before and time.monotonic() < end:
         time.sleep(0.5)
     assert _ray_processes() == before
+
+
+def test_sigterm_drains_streams_in_flight_then_exits_0() -> None:
+    """SIGTERM (what Kubernetes sends) stops admission, lets the open stream finish every token, refuses
+    new requests with UNAVAILABLE meanwhile, then exits 0 (not killed by Ray's handler)."""
+    from pdserve.client import Client, UnavailableError
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1",
+                                                                         "RAY_AUTH_MODE": "disabled"}
+    server = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--port", "0", "--http-port", "-1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        address, lines = None, []
+        deadline = time.monotonic() + 120
+        while address is None and time.monotonic() < deadline:
+            line = server.stdout.readline()
+            if not line and server.poll() is not None:
+                break
+            lines.append(line)
+            match = re.search(r"serving on (\S+) \(gRPC\)", line)
+            if match:
+                address = match.group(1)
+        assert address, "".join(lines)
+        with Client(address, timeout=60) as client:
+            received = 0
+            stream = client.generate_stream("Hello", max_tokens=300, temperature=0.0, ignore_eos=True)
+            for chunk in stream:
+                received += len(chunk.token_ids)
+                if received and server.poll() is None and received < 300 and not lines[-1].startswith("SENT"):
+                    server.send_signal(signal.SIGTERM)
+                    lines.append("SENT")
+                    refused = None
+                    try:
+                        client.generate("another", max_tokens=2, timeout=5)
+                    except UnavailableError as exc:
+                        refused = exc
+                    assert refused is not None, "a new request was admitted while draining"
+            assert received == 300 and chunk.finish_reason == "length"
+        assert server.wait(timeout=90) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
