@@ -76,7 +76,8 @@ class ClusterConfig:
     prefill: PoolConfig = field(default_factory=PoolConfig)
     decode: PoolConfig = field(default_factory=PoolConfig)
     colocated: PoolConfig | None = None
-    router: RouterConfig = field(default_factory=lambda: RouterConfig(port=50051, http_port=8000))
+    # the cluster's router listens on this host only unless the config says otherwise (router.host)
+    router: RouterConfig = field(default_factory=lambda: RouterConfig(host="127.0.0.1", port=50051, http_port=8000))
     kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     pack_pairs: bool = False  # place prefill/decode workers pairwise on one node (Ray placement group)
     slo: SLOConfig | None = None
@@ -154,7 +155,7 @@ def cluster_config_from_dict(data: Any, source: str | None = None) -> ClusterCon
             if role in data:
                 kwargs[role] = _section(role, data[role], PoolConfig, source)
         if "router" in data:
-            router = dict(_mapping("router", data["router"], source))
+            router = {"host": "127.0.0.1", **_mapping("router", data["router"], source)}
             if "grpc_port" in router:
                 router["port"] = router.pop("grpc_port")
             kwargs["router"] = _section("router", router, RouterConfig, source)

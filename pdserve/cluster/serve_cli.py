@@ -49,6 +49,9 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"pdserve: starting {config.mode} cluster of {config.model!r} ({pools}) ...", file=sys.stderr, flush=True)
     with Cluster(config, address=args.address, log_level=args.log_level.upper()) as cluster:
         address = cluster.router_address
+        if config.router.host in ("0.0.0.0", "::"):
+            print(f"pdserve: WARNING: the router listens on every interface ({config.router.host}) with no "
+                  f"authentication: anyone who can reach this machine can use it", file=sys.stderr, flush=True)
         http = f", {cluster.http_url}/v1 (OpenAI HTTP)" if cluster.http_url else ""
         print(f"pdserve: serving on {address} (gRPC){http}; workers: "
               + ", ".join(f"{w.worker_id}@{w.address}" for w in cluster.workers), flush=True)
