@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import ray
@@ -41,7 +42,10 @@ class WorkerActor:
         self.host = WorkerHost(worker_id, make_role(role), EngineConfig(**engine_config), KVTransferConfig(**transfer),
                                host=host)
         self._address = ""
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        with warnings.catch_warnings():  # Ray's own property trips its deprecation warning on actor_id
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted:
             logging.getLogger(__name__).warning("worker %s restarted in a new process; serving again", worker_id)
             self._address = self.host.start()
 

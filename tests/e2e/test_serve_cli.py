@@ -51,25 +51,34 @@ def _chosen_logprobs(output: Any) -> list[float]:
     return [position[t].logprob for t, position in zip(output.token_ids, output.logprobs, strict=True)]
 
 
-def test_serve_then_ctrl_c_shuts_down_cleanly() -> None:
-    before = _ray_processes()
+def _serve(*args: str, pattern: str) -> tuple[subprocess.Popen, re.Match]:
+    """Start ``pdserve serve`` with ``args`` on its own local Ray; wait for the banner line matching
+    ``pattern``."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1",
                                                                          "RAY_AUTH_MODE": "disabled"}
-    server = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--port", "0", "--http-port", "0"],
-                              stdout=subprocess.PIPE,
+    server = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    assert server.stdout is not None
+    while time.monotonic() < deadline:
+        line = server.stdout.readline()
+        if not line and server.poll() is not None:
+            break
+        lines.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return server, match
+    server.kill()
+    raise AssertionError("pdserve serve did not start:\n" + "".join(lines))
+
+
+def test_serve_then_ctrl_c_shuts_down_cleanly() -> None:
+    before = _ray_processes()
+    server, match = _serve("--port", "0", "--http-port", "0",
+                           pattern=r"serving on (\S+) \(gRPC\), (\S+) \(OpenAI HTTP\)")
     try:
-        address, http, lines = None, None, []
-        deadline = time.monotonic() + 120
-        while address is None and time.monotonic() < deadline:
-            line = server.stdout.readline()
-            if not line and server.poll() is not None:
-                break
-            lines.append(line)
-            match = re.search(r"serving on (\S+) \(gRPC\), (\S+) \(OpenAI HTTP\)", line)
-            if match:
-                address, http = match.group(1), match.group(2)
-        assert address, "".join(lines)
+        address, http = match.group(1), match.group(2)
         assert _ray_processes() > before
         done = subprocess.run([sys.executable, "-m", "pdserve", "generate", "--target", address, "--max-tokens", "6",
                                "Hello"], capture_output=True, text=True, timeout=60)
@@ -104,30 +113,17 @@ def test_sigterm_drains_streams_in_flight_then_exits_0() -> None:
     new requests with UNAVAILABLE meanwhile, then exits 0 (not killed by Ray's handler)."""
     from pdserve.client import Client, UnavailableError
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1",
-                                                                         "RAY_AUTH_MODE": "disabled"}
-    server = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--port", "0", "--http-port", "-1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    server, match = _serve("--port", "0", "--http-port", "-1", pattern=r"serving on (\S+) \(gRPC\)")
     try:
-        address, lines = None, []
-        deadline = time.monotonic() + 120
-        while address is None and time.monotonic() < deadline:
-            line = server.stdout.readline()
-            if not line and server.poll() is not None:
-                break
-            lines.append(line)
-            match = re.search(r"serving on (\S+) \(gRPC\)", line)
-            if match:
-                address = match.group(1)
-        assert address, "".join(lines)
+        address, sent = match.group(1), False
         with Client(address, timeout=60) as client:
             received = 0
             stream = client.generate_stream("Hello", max_tokens=300, temperature=0.0, ignore_eos=True)
             for chunk in stream:
                 received += len(chunk.token_ids)
-                if received and server.poll() is None and received < 300 and not lines[-1].startswith("SENT"):
+                if received < 300 and not sent:
                     server.send_signal(signal.SIGTERM)
-                    lines.append("SENT")
+                    sent = True
                     refused = None
                     try:
                         client.generate("another", max_tokens=2, timeout=5)
