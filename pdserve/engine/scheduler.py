@@ -110,8 +110,6 @@ class Scheduler:
         self.running: list[Request] = []
         self.waiting_for_kv: dict[str, Request] = {}
         self.num_preemptions = 0
-        self._protect_decodes = False
-        self._budget_s: float | None = None
         self.num_late_prompts = 0  # prompts predicted to miss their TTFT deadline (queued after those that can)
         self.num_budget_cut_chunks = 0  # prefill chunks shortened to keep a step within its time budget
 
@@ -170,14 +168,13 @@ class Scheduler:
         plan = SchedulerPlan()
         budget = self.config.max_num_batched_tokens
         step = self.decode_shape()
-        self._protect_decodes = step.tokens > 0
-        self._budget_s = self.step_budget() if self._protect_decodes else None
+        budget_s = self.step_budget() if step.tokens else None  # None: no decodes to protect, or no budget
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             wanted = request.num_tokens_to_compute
             num_new = (min(wanted, budget) if wanted <= 1
-                       else self._prefill_tokens(plan, step, request.num_computed_tokens, wanted, budget))
+                       else self._prefill_tokens(plan, step, budget_s, request.num_computed_tokens, wanted, budget))
             if num_new <= 0:
                 i += 1
                 continue
@@ -195,7 +192,7 @@ class Scheduler:
             budget -= num_new
             i += 1
         if not plan.preempted:
-            self._admit_waiting(plan, budget, step)
+            self._admit_waiting(plan, budget, step, budget_s)
         return plan
 
     def step_budget(self, now: float | None = None) -> float | None:
@@ -222,12 +219,13 @@ class Scheduler:
                     step = step.plus_decode(request.num_computed_tokens)
         return step
 
-    def _prefill_tokens(self, plan: SchedulerPlan, step: StepShape, context: int, wanted: int, budget: int) -> int:
-        """How many of ``wanted`` prompt tokens (after ``context`` computed ones) a chunk gets in this step."""
+    def _prefill_tokens(self, plan: SchedulerPlan, step: StepShape, budget_s: float | None, context: int,
+                        wanted: int, budget: int) -> int:
+        """How many of ``wanted`` prompt tokens (after ``context`` computed ones) a chunk gets in a step
+        already carrying ``step`` whose time budget is ``budget_s`` (None: the token budget alone decides)."""
         limit = min(wanted, budget)
-        budget_s = self._budget_s
-        if self.step_time is None or budget_s is None or not self._protect_decodes:
-            return limit  # no decodes to protect (or no budget): the token budget alone decides
+        if self.step_time is None or budget_s is None:
+            return limit
         fits = self.step_time.max_chunk_tokens(step, budget_s, limit, context)
         if fits == 0 and not any(c.num_tokens > 1 for c in plan.chunks):
             fits = min(limit, self.config.min_prefill_chunk)  # over budget already: still advance one chunk
@@ -235,7 +233,7 @@ class Scheduler:
             self.num_budget_cut_chunks += 1
         return fits
 
-    def _admit_waiting(self, plan: SchedulerPlan, budget: int, step: StepShape) -> None:
+    def _admit_waiting(self, plan: SchedulerPlan, budget: int, step: StepShape, budget_s: float | None) -> None:
         if self.config.ttft_slo_s is not None and len(self.waiting) > 1:
             self._order_by_deadline()
         while self.waiting and budget > 0 and self.num_admitted < self.config.max_num_seqs:
@@ -260,7 +258,7 @@ class Scheduler:
             context = request.num_computed_tokens + num_cached_tokens
             num_new = min(remaining, budget)
             if remaining > 1:
-                num_new = self._prefill_tokens(plan, step, context, remaining, budget)
+                num_new = self._prefill_tokens(plan, step, budget_s, context, remaining, budget)
                 if num_new <= 0:
                     break
             if not self.kv.allocate_slots(request, num_new, cached):
