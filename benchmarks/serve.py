@@ -61,16 +61,17 @@ TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "moon
 OVERFLOW_TOKENS = 8192
 
 
-def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float, float] = (250.0, 15.0)
-                   ) -> dict[str, Any]:
-    """The cluster of one configuration; ``slo_ms`` (TTFT, TPOT) for the SLO-aware ones."""
+def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float, float] = (250.0, 15.0),
+                   kv_backend: str = "auto") -> dict[str, Any]:
+    """The cluster of one configuration; ``slo_ms`` (TTFT, TPOT) for the SLO-aware ones; ``kv_backend``
+    the KV transport between prefill and decode workers (auto: CUDA IPC on one host)."""
     gpu = 0 if smoke else 1
     engine: dict[str, Any] = {"load_format": "dummy", "dtype": "float32" if smoke else "bfloat16",
                               "max_model_len": 2048 if smoke else 16384}
     if smoke:
         engine["num_kv_blocks"] = 2048
     config: dict[str, Any] = {"model": str(model_dir), "load_format": "dummy", "engine": engine,
-                              "router": {"grpc_port": 0, "request_timeout_s": 300}, "kv_transfer": {"timeout_s": 120}}
+                              "router": {"grpc_port": 0, "request_timeout_s": 300}, "kv_transfer": {"timeout_s": 120, "backend": kv_backend}}
     if kind in ("1p1d", "1p1d-overflow", "auto"):
         config |= {"mode": "disaggregated",
                    "prefill": {"replicas": 1, "gpus_per_worker": gpu, "max_batch_tokens": 8192},
@@ -146,7 +147,8 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
     from pdserve.cluster.launcher import Cluster
 
     cluster = Cluster(cluster_config_from_dict(cluster_config(kind, model_dir, args.smoke,
-                                                              (args.ttft_slo * 1e3, args.slo_tpot_ms))))
+                                                              (args.ttft_slo * 1e3, args.slo_tpot_ms),
+                                                              args.kv_backend)))
     t0 = time.perf_counter()
     cluster.start()
     results: dict[str, Any] = {"startup_s": round(time.perf_counter() - t0, 1), "workloads": {}}
@@ -323,6 +325,8 @@ def main() -> None:
     parser.add_argument("--rates-prefill-heavy", default="2,4,6,8,12,16")
     parser.add_argument("--rates-sharegpt", default="4,8,16,32,48")
     parser.add_argument("--rates-decode-heavy", default="1,2,4,8")
+    parser.add_argument("--kv-backend", default="auto", choices=("auto", "nccl"),
+                        help="KV transport of the disaggregated configurations (auto: CUDA IPC on one host)")
     parser.add_argument("--num-requests", type=int, default=200)
     parser.add_argument("--max-output", type=int, default=256)
     parser.add_argument("--burstiness", type=float, default=1.0)

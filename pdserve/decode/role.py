@@ -104,7 +104,7 @@ class DecodeRole(Role):
             self._params.pop(rid, None)
             handle = self._transfers.pop(rid, None)
             if handle is not None and self._receiver is not None:
-                self._receiver.cancel(handle)
+                await asyncio.to_thread(self._receiver.cancel, handle)  # waits for posted writes
             if address is not None and address in self._peers:
                 # a one-sided (cuda_ipc) sender may still be writing: free the blocks once it stopped
                 await self._cancel_remote(address, rid)
@@ -176,7 +176,8 @@ class DecodeRole(Role):
             pending = self._transfers.get(rid)
             if pending is not None and self._receiver is not None and not pending.state.is_terminal:
                 self._failures[rid] = exc
-                self._receiver.cancel(pending)  # its callback runs the failure policy
+                # its callback runs the failure policy; it may wait for posted writes, off this loop
+                await asyncio.to_thread(self._receiver.cancel, pending)
             elif pending is None:
                 await self._transfer_failed(rid, address, exc)
 
@@ -238,7 +239,7 @@ class DecodeRole(Role):
         self._failures.pop(rid, None)
         handle = self._transfers.pop(rid, None)
         if handle is not None and self._receiver is not None:
-            self._receiver.cancel(handle)
+            await asyncio.to_thread(self._receiver.cancel, handle)
         self.num_failed_transfers += 1
         await self._cancel_remote(address, rid)  # the blocks are reused only once the sender stopped
         detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)

@@ -26,6 +26,7 @@ class LoopbackReceiver(ReceiverCore):
 
     def close(self) -> None:
         self._close_records("the receiver was closed")
+        self._join_completions(5.0)
 
 
 class LoopbackSender(SenderCore):

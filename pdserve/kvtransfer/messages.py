@@ -19,11 +19,9 @@ num_messages    FINISH: how many LAYER messages the sender sent for this transfe
 num_ints        FINISH: how many completion-payload ints follow the header
 ==============  =====================================================================================
 
-A BATCH message carries several LAYER messages that were queued back to back (of any transfers): its
-header has ``num_messages`` parts and ``BATCH_PART_INTS`` ints per part (transfer_id, layer, start,
-num_blocks, payload_nbytes), and its payload is the parts' payloads concatenated. It saves the
-per-message header round trip whenever layers are produced faster than the channel sends them; the
-receiver handles each part exactly as the LAYER message it replaces.
+The process-group transport never sends LAYER headers on their own: a PLAN header announces a run of
+bulk messages made of LAYER parts (see :mod:`pdserve.kvtransfer.plan`), and the receiver posts all of
+their receives at once. LAYER headers remain the unit a receiver checks and lands.
 
 A LAYER payload is the tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` of the cache's
 dtype, gathered from the source blocks (``index_select`` along dim 1 into one contiguous buffer) and
@@ -39,8 +37,7 @@ from dataclasses import dataclass
 import torch
 
 MAGIC = 0x50444B56  # "PDKV"
-PROTOCOL_VERSION = 2
-BATCH_PART_INTS = 5  # per batched LAYER part: transfer_id, layer, start, num_blocks, payload_nbytes
+PROTOCOL_VERSION = 3
 HEADER_FIELDS = 10
 HEADER_NBYTES = 8 * HEADER_FIELDS
 #: Upper bound on completion-payload ints (it carries a few token ids, not data).
@@ -57,7 +54,7 @@ class MessageKind(enum.IntEnum):
     CANCEL = 4
     CLOSE = 5
     STOP = 6
-    BATCH = 7
+    PLAN = 7
 
 
 class ProtocolError(ValueError):
@@ -104,20 +101,6 @@ class Header:
             raise ProtocolError(f"unknown message kind {kind}") from None
         return cls(message_kind, tid, layer, start, num_blocks, nbytes, num_messages,
                    tuple(values[HEADER_FIELDS:]))
-
-
-def batch_parts(header: Header) -> list[Header]:
-    """The LAYER headers a BATCH header stands for, in order."""
-    ints = header.ints
-    if len(ints) != BATCH_PART_INTS * header.num_messages:
-        raise ProtocolError(f"a BATCH header announces {header.num_messages} parts but carries {len(ints)} ints")
-    parts = []
-    for i in range(header.num_messages):
-        tid, layer, start, num_blocks, nbytes = ints[BATCH_PART_INTS * i:BATCH_PART_INTS * (i + 1)]
-        parts.append(Header(MessageKind.LAYER, tid, layer, start, num_blocks, nbytes))
-    if sum(p.payload_nbytes for p in parts) != header.payload_nbytes:
-        raise ProtocolError("a BATCH header's parts do not add up to its payload size")
-    return parts
 
 
 def check_payload_ints(payload: object) -> tuple[int, ...]:

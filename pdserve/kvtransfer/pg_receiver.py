@@ -5,10 +5,11 @@ starts the accept thread and returns ``(receiver, bootstrap)``; ``bootstrap`` (h
 backend, protocol: plain JSON-able values) goes to prefill workers, which call ``open_sender`` with it.
 The accept thread checks each joining sender (:func:`check_peer`), answers with a verdict and starts a
 channel thread for it, which builds the pair's two-rank group (lazily, when that sender joins) and then
-loops: pop the next header from the pair's store queue; for LAYER/HELLO receive exactly
-``payload_nbytes`` into a fresh buffer (on CUDA: on the channel's transfer stream); hand the message to
-:class:`ReceiverCore`, which scatters or drops it. CLOSE from the sender ends the channel and fails the
-unfinished transfers that heard from it; a broken group does the same with the error.
+loops: pop the next header from the pair's store queue; a PLAN goes to the channel's
+:class:`~pdserve.kvtransfer.landing.PlanLanding`, which posts every receive it announces at once and lands
+the bytes (in place, or staged and scattered); FINISH/CANCEL go to :class:`ReceiverCore`. CLOSE from the
+sender ends the channel and fails the unfinished transfers that heard from it; a broken group does the
+same with the error. A channel that ends while receives it posted still wait aborts its group.
 
 A ``cuda_ipc`` receiver also exports its caches (CUDA IPC handles, in the published receiver info).
 A sender on the same host maps them and writes the blocks itself (:mod:`pdserve.kvtransfer.cuda_ipc`);
@@ -18,8 +19,9 @@ Senders that cannot map the caches join as NCCL senders instead, on the same rec
 Why headers travel through the store and not the process group: the reader must wait for the next
 message for as long as a worker idles. A receive posted on a gloo group cannot be interrupted (abort
 does not wake it; its timeout breaks the group) and an idle NCCL receive trips the watchdog. A blocking
-store-queue pop has neither problem, and ``close()`` wakes it by pushing a STOP message itself. The bulk
-receive is posted only once its header arrived, that is once the sender is already sending.
+store-queue pop has neither problem, and ``close()`` wakes it by pushing a STOP message itself. Bulk
+receives are posted only once their PLAN arrived, that is once the sender is already sending them; one
+PLAN announces a run of messages, so the store is visited once per run, not per message.
 
 ``close()`` refuses further writes and cancels unfinished transfers at once, then stops the threads
 (at most ``close_timeout_s``) and the store server. Senders notice through their next send failing.
@@ -43,14 +45,9 @@ import torch.distributed as dist
 from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
 from pdserve.kvtransfer.cuda_ipc import export_caches
 from pdserve.kvtransfer.factory import process_group_backend, resolve_backend
-from pdserve.kvtransfer.messages import (
-    PROTOCOL_VERSION,
-    Header,
-    MessageKind,
-    ProtocolError,
-    as_bytes,
-    batch_parts,
-)
+from pdserve.kvtransfer.landing import PlanLanding
+from pdserve.kvtransfer.messages import PROTOCOL_VERSION, Header, MessageKind, ProtocolError, as_bytes
+from pdserve.kvtransfer.plan import decode_plan
 from pdserve.kvtransfer.receiving import ReceiverCore
 from pdserve.kvtransfer.rendezvous import (
     IDLE_POP_TIMEOUT,
@@ -84,6 +81,7 @@ class _Channel:
     one_sided: bool = False  # a cuda_ipc sender: it writes the blocks itself, only FINISH/CANCEL come here
     thread: threading.Thread | None = None
     group: Group | None = None
+    landing: PlanLanding | None = None
 
 
 class ProcessGroupReceiver(ReceiverCore):
@@ -93,7 +91,7 @@ class ProcessGroupReceiver(ReceiverCore):
                  port: int = 0, group_name: str = DEFAULT_GROUP_NAME, backend: str = "auto",
                  join_timeout_s: float = 60.0, op_timeout_s: float = 60.0, close_timeout_s: float = 5.0,
                  accept_one_sided: bool | None = None) -> None:
-        super().__init__(caches, layout)
+        super().__init__(caches, layout, fence_timeout_s=op_timeout_s)
         self._backend = resolve_backend(backend, self._device)
         if self._backend == "loopback":
             raise ValueError("the loopback backend is in-process: use LoopbackChannel")
@@ -153,6 +151,7 @@ class ProcessGroupReceiver(ReceiverCore):
         for channel in channels:
             if channel.thread is not None and channel.thread.is_alive() and channel.group is not None:
                 shutdown_group(channel.group, abort=True)
+        self._join_completions(max(0.1, end - time.monotonic()))
         self._root = None
         self._master = None  # stops the store server
 
@@ -213,9 +212,13 @@ class ProcessGroupReceiver(ReceiverCore):
                                                                                     self._join)
             group_store = dist.PrefixStore(prefix + "/pg", group_connection)
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                # posted receives may legitimately wait for the sender's forward pass: the group's own
+                # timeout (NCCL's watchdog) stays well behind the fence timeout, which aborts first
                 channel.group = create_pair_group(self._group_backend, group_store, RECEIVER_RANK,
-                                                  datetime.timedelta(seconds=self._op_timeout_s),
+                                                  datetime.timedelta(seconds=2 * self._op_timeout_s + 60),
                                                   f"{self._group_name}/{channel.name}")
+                channel.landing = PlanLanding(self, channel.name, channel.group, self._caches,
+                                              self._op_timeout_s)
                 store.set_timeout(IDLE_POP_TIMEOUT)  # from now on it waits for headers, idle or not
                 self._loop(channel, messages)
         except Exception as e:  # noqa: BLE001 - a broken channel fails its transfers, nothing else
@@ -225,10 +228,12 @@ class ProcessGroupReceiver(ReceiverCore):
         finally:
             # drop the last reference too: that closes gloo's sockets, so a sender still sending to
             # this channel fails at once instead of waiting for its timeout
+            # (an abort when receives it posted are still waiting: that ends them)
             group, channel.group = channel.group, None
+            landing, channel.landing = channel.landing, None
             if group is not None:
-                shutdown_group(group)
-            del group
+                shutdown_group(group, abort=landing is not None and landing.pending())
+            del group, landing
 
     def _loop(self, channel: _Channel, messages: Any) -> None:
         while True:
@@ -244,41 +249,37 @@ class ProcessGroupReceiver(ReceiverCore):
                 return
             if channel.one_sided and kind not in (MessageKind.FINISH, MessageKind.CANCEL):
                 raise ProtocolError(f"a cuda_ipc sender sent a {kind.name} message")
-            if kind in (MessageKind.LAYER, MessageKind.HELLO):
-                payload = self._receive(channel, header)
-                if kind is MessageKind.LAYER:
-                    self.deliver_layer(channel.name, header, payload)
-            elif kind is MessageKind.BATCH:
-                parts = batch_parts(header)
-                buffer = self._receive(channel, header)
-                offset = 0
-                for part in parts:
-                    chunk = buffer[offset:offset + part.payload_nbytes]
-                    offset += part.payload_nbytes
-                    fits = part.num_blocks > 0 and part.payload_nbytes == self.layout.payload_nbytes(part.num_blocks)
-                    payload = (chunk.view(self.layout.torch_dtype).view(self.layout.payload_shape(part.num_blocks))
-                               if fits else chunk)
-                    self.deliver_layer(channel.name, part, payload)
+            if kind is MessageKind.LAYER:
+                raise ProtocolError("a LAYER message outside a PLAN (a sender of an older protocol?)")
+            if kind is MessageKind.HELLO:
+                self._receive(channel, header)
+            elif kind is MessageKind.PLAN:
+                assert channel.landing is not None
+                channel.landing.land(decode_plan(header))
             elif kind is MessageKind.FINISH:
                 self.deliver_finish(channel.name, header, written_by_sender=channel.one_sided)
             elif kind is MessageKind.CANCEL:
                 self.deliver_cancel(channel.name, header)
 
-    def _receive(self, channel: _Channel, header: Header) -> torch.Tensor:
-        """Receive exactly ``header.payload_nbytes`` bytes (the buffer is shaped if they fit the layout)."""
-        fits = (header.kind is MessageKind.LAYER and header.num_blocks > 0
-                and header.payload_nbytes == self.layout.payload_nbytes(header.num_blocks))
-        buffer = (self.scratch(header.num_blocks) if fits
-                  else torch.empty(header.payload_nbytes, dtype=torch.uint8, device=self._device))
+    def _receive(self, channel: _Channel, header: Header) -> None:
+        """Receive and drop exactly ``header.payload_nbytes`` bytes (HELLO: it warms the group up)."""
         if header.payload_nbytes == 0:
-            return buffer
+            return
         assert channel.group is not None
+        buffer = torch.empty(header.payload_nbytes, dtype=torch.uint8, device=self._device)
         work = channel.group.recv([as_bytes(buffer)], SENDER_RANK, 0)
         if is_cuda(self._device):
-            work.wait()  # the transfer stream (current) waits; the scatter follows on it
+            work.wait()
         else:
             work.wait(datetime.timedelta(seconds=self._op_timeout_s))
-        return buffer
+
+    def _abandon_writes(self, peer: str) -> None:
+        """Abort the group of ``peer``'s channel: its posted receives end (the channel then fails)."""
+        with self._cond:
+            channels = [c for c in self._channels if c.name == peer and c.group is not None]
+        for channel in channels:
+            logger.warning("aborting the KV channel from %s: its announced messages did not arrive", peer)
+            shutdown_group(channel.group, abort=True)
 
 
 def _pop(store: Any, key: str, closing: Any) -> bytes | None:

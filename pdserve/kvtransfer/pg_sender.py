@@ -6,8 +6,10 @@ HELLO message, and returns once that HELLO completed (so the group is up), or ra
 :class:`HandshakeError` after ``join_timeout_s``. From then on ``send_layer``/``finish``/``cancel``
 append messages to an in-memory queue and return; the thread drains it in order:
 
-* LAYER: (CUDA) make the transfer stream wait for the layer's event, gather the source blocks into one
-  buffer on that stream, push the header to the pair's store queue, ``group.send`` the buffer;
+* LAYER: take it and the LAYER messages queued behind it as one plan (:mod:`pdserve.kvtransfer.plan`),
+  push the PLAN header to the pair's store queue, then per planned message: (CUDA) make the transfer
+  stream wait for its layers' events, gather the source blocks (or take them straight from the cache
+  when a split message's blocks are contiguous) and ``group.send`` them;
 * FINISH / CANCEL: push the header (FINISH carries the completion payload ints);
 * CLOSE (from :meth:`close`): push it and stop.
 
@@ -36,6 +38,7 @@ import torch.distributed as dist
 from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
 from pdserve.kvtransfer.factory import process_group_backend, resolve_backend
 from pdserve.kvtransfer.messages import Header, MessageKind, as_bytes, gather_blocks
+from pdserve.kvtransfer.plan import PlannedMessage, encode_plan, group_parts, is_contiguous
 from pdserve.kvtransfer.rendezvous import (
     MESSAGE_QUEUE,
     RECEIVER_RANK,
@@ -54,14 +57,20 @@ from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda,
 HELLO_NBYTES = 8
 
 
-MAX_BATCH_PARTS = int(os.environ.get("PDSERVE_KV_MAX_BATCH_PARTS", "64"))
-MAX_BATCH_BYTES = 256 << 20
+#: Plan limits: parts and bytes one PLAN header announces (bounds the receiver's posted staging).
+MAX_PLAN_PARTS = 256
+MAX_PLAN_BYTES = 1 << 30
+#: Messages smaller than this take the next layer's parts too (small NCCL messages are slow).
+MIN_MESSAGE_BYTES = int(os.environ.get("PDSERVE_KV_MIN_MESSAGE_BYTES", str(4 << 20)))
+MAX_MESSAGE_BYTES = 256 << 20
+#: How long a plan may wait for its first layer to be computed while later layers queue up behind it.
+PLAN_GATHER_WAIT_S = 2e-3
 
 
 @dataclass(eq=False)
 class _InFlight:
     messages: list[OutgoingMessage]
-    buffer: torch.Tensor | None
+    payloads: list[torch.Tensor]  # kept alive until the sends finished on the device
     event: Event
     deadline: float
 
@@ -144,7 +153,7 @@ class ProcessGroupSender(SenderCore):
                 self._group = create_pair_group(self._backend, self._group_store, SENDER_RANK, timeout,
                                                 f"{self.peer}/{self._name}")
                 hello = torch.zeros(HELLO_NBYTES, dtype=torch.uint8, device=self._device)
-                self._transmit(OutgoingMessage(Header(MessageKind.HELLO, payload_nbytes=HELLO_NBYTES)), hello)
+                self._transmit(OutgoingMessage(Header(MessageKind.HELLO, payload_nbytes=HELLO_NBYTES)), [hello])
                 self._reap(0)
         except Exception as e:  # noqa: BLE001 - reported to open_sender
             self._setup_error = f"{type(e).__name__}: {e}"
@@ -176,71 +185,91 @@ class ProcessGroupSender(SenderCore):
             if kind in (MessageKind.LAYER, MessageKind.FINISH) and not self._is_live(message.header.transfer_id):
                 continue
             if kind is MessageKind.LAYER:
-                batch = self._take_batch(message)
-                if len(batch) == 1:
-                    self._wait_ready(message)
-                    assert message.kv_layer is not None
-                    index = index_tensor(message.src_block_ids, self._device)
-                    self._transmit(message, gather_blocks(message.kv_layer, index))
-                else:
-                    self._transmit_batch(batch)
+                self._send_plan(self._take_plan(message))
             else:
-                self._transmit(message, None)
+                self._transmit(message, [])
 
-    def _take_batch(self, first: OutgoingMessage) -> list[OutgoingMessage]:
-        """``first`` plus the LAYER messages queued right behind it, within the batch limits.
+    def _take_plan(self, first: OutgoingMessage) -> list[OutgoingMessage]:
+        """``first`` plus the LAYER messages queued behind it, within the plan limits.
 
-        Liveness is checked after releasing ``_cond``: ``_is_live`` takes the core's lock, which
-        ``send_layer`` holds while it waits for ``_cond`` (taking both here would deadlock)."""
-        batch, nbytes = [first], first.header.payload_nbytes
+        While ``first``'s layer is still being computed (at most ``PLAN_GATHER_WAIT_S``), the forward
+        pass goes on queueing the next layers: waiting lets them join this plan, and costs nothing,
+        since no byte of it could go out earlier. Liveness is checked after releasing ``_cond``:
+        ``_is_live`` takes the core's lock, which ``send_layer`` holds while it waits for ``_cond``."""
+        end = time.monotonic() + PLAN_GATHER_WAIT_S
+        while not event_done(first.ready) and time.monotonic() < end:
+            time.sleep(5e-5)
+        taken, nbytes = [first], first.header.payload_nbytes
         with self._cond:
-            while self._queue and len(batch) < MAX_BATCH_PARTS:
+            while self._queue and len(taken) < MAX_PLAN_PARTS:
                 nxt = self._queue[0]
-                if nxt.header.kind is not MessageKind.LAYER or nbytes + nxt.header.payload_nbytes > MAX_BATCH_BYTES:
+                if nxt.header.kind is not MessageKind.LAYER or nbytes + nxt.header.payload_nbytes > MAX_PLAN_BYTES:
                     break
-                batch.append(self._queue.popleft())
+                taken.append(self._queue.popleft())
                 nbytes += nxt.header.payload_nbytes
-        return [first] + [m for m in batch[1:] if self._is_live(m.header.transfer_id)]
+        return [first] + [m for m in taken[1:] if self._is_live(m.header.transfer_id)]
 
-    def _wait_ready(self, message: OutgoingMessage) -> None:
-        if message.ready is not None:
-            torch.cuda.current_stream(self._device).wait_event(message.ready)
+    def _send_plan(self, outgoing: list[OutgoingMessage]) -> None:
+        """Announce the messages of ``outgoing`` in one PLAN header, then send them in order, each as
+        soon as its layers are computed. Every announced message is sent, even if its transfer is
+        cancelled meanwhile: the receiver has posted a receive for it."""
+        planned = group_parts([m.header for m in outgoing], lambda i: outgoing[i].dst_contiguous,
+                              MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES)
+        self._messages.queue_push(MESSAGE_QUEUE, encode_plan(planned).pack())
+        pos = 0
+        for message in planned:
+            parts = outgoing[pos:pos + len(message.parts)]
+            pos += len(message.parts)
+            self._reap(self._max_inflight_bytes)
+            for m in parts:
+                if m.ready is not None:
+                    torch.cuda.current_stream(self._device).wait_event(m.ready)
+            self._send(self._payload(message, parts), parts)
 
-    def _transmit_batch(self, batch: list[OutgoingMessage]) -> None:
-        """Gather every part straight into one buffer and send it under one BATCH header."""
-        total = sum(m.header.payload_nbytes for m in batch)
-        buffer = torch.empty(total, dtype=torch.uint8, device=self._device)
-        offset, ints = 0, []
-        for m in batch:
-            self._wait_ready(m)
+    def _payload(self, message: PlannedMessage, parts: list[OutgoingMessage]) -> list[torch.Tensor]:
+        """The tensors that carry ``message``: for a split message keys then values (straight from the
+        cache when the source blocks are contiguous), else the parts gathered into one buffer."""
+        if message.split:
+            (m,) = parts
+            assert m.kv_layer is not None
+            if is_contiguous(m.src_block_ids):
+                first = m.src_block_ids[0]
+                return [m.kv_layer[kv, first:first + len(m.src_block_ids)] for kv in (0, 1)]
+            gathered = gather_blocks(m.kv_layer, index_tensor(m.src_block_ids, self._device))
+            return [gathered[0], gathered[1]]
+        buffer = torch.empty(message.nbytes, dtype=torch.uint8, device=self._device)
+        offset = 0
+        for m in parts:
             h = m.header
             assert m.kv_layer is not None
             view = buffer[offset:offset + h.payload_nbytes].view(m.kv_layer.dtype).view(
                 self._layout.payload_shape(h.num_blocks))
             torch.index_select(m.kv_layer, 1, index_tensor(m.src_block_ids, self._device), out=view)
-            ints += [h.transfer_id, h.layer, h.start, h.num_blocks, h.payload_nbytes]
             offset += h.payload_nbytes
-        header = Header(MessageKind.BATCH, payload_nbytes=total, num_messages=len(batch), ints=tuple(ints))
-        self._transmit(OutgoingMessage(header), buffer, completes=batch)
+        return [buffer]
 
-    def _transmit(self, message: OutgoingMessage, payload: torch.Tensor | None,
-                  completes: list[OutgoingMessage] | None = None) -> None:
-        """Push the header, send the payload, and complete the message(s) (now on gloo, later on NCCL)."""
-        assert self._group is not None
-        done = [message] if completes is None else completes
+    def _transmit(self, message: OutgoingMessage, payloads: list[torch.Tensor]) -> None:
+        """Push ``message``'s header, then send ``payloads`` (HELLO's warm-up bytes; FINISH and CANCEL
+        have none) and complete the message."""
         self._messages.queue_push(MESSAGE_QUEUE, message.header.pack())
-        work = None if payload is None else self._group.send([as_bytes(payload)], RECEIVER_RANK, 0)
+        self._send(payloads, [message])
+
+    def _send(self, payloads: list[torch.Tensor], done: list[OutgoingMessage]) -> None:
+        """Send ``payloads`` in order and complete ``done`` (now on gloo; on NCCL once the sends
+        finished on the device, see :meth:`_reap`)."""
+        assert self._group is not None
+        works = [self._group.send([as_bytes(p)], RECEIVER_RANK, 0) for p in payloads]
         if not is_cuda(self._device):
-            if work is not None:
+            for work in works:
                 work.wait(datetime.timedelta(seconds=self._op_timeout_s))
             for m in done:
                 self._message_done(m)
             return
-        if work is not None:
-            work.wait()  # the transfer stream waits for the send; the host does not
+        for work in works:
+            work.wait()  # the transfer stream waits for the sends; the host does not
         deadline = time.monotonic() + self._op_timeout_s
-        self._inflight.append(_InFlight(done, payload, record_event(self._device), deadline))
-        self._inflight_bytes += 0 if payload is None else payload.numel() * payload.element_size()
+        self._inflight.append(_InFlight(done, payloads, record_event(self._device), deadline))
+        self._inflight_bytes += sum(p.numel() * p.element_size() for p in payloads)
 
     def _reap(self, max_bytes: int) -> None:
         """Complete finished NCCL messages in order; block (bounded) while over ``max_bytes``."""
@@ -253,8 +282,7 @@ class ProcessGroupSender(SenderCore):
                     raise TimeoutError(f"a KV message to {self.peer} did not complete within "
                                        f"{self._op_timeout_s:g} s")
             self._inflight.popleft()
-            if oldest.buffer is not None:
-                self._inflight_bytes -= oldest.buffer.numel() * oldest.buffer.element_size()
+            self._inflight_bytes -= sum(p.numel() * p.element_size() for p in oldest.payloads)
             for m in oldest.messages:
                 self._message_done(m)
 

@@ -4,11 +4,18 @@
 in order through ``deliver_layer`` / ``deliver_finish`` / ``deliver_cancel`` / ``peer_lost``, from any
 thread, with the current CUDA stream set to the stream the payload is ready on (its transfer stream).
 
-Write rule: a LAYER payload is scattered only into the blocks of a transfer that is live (expected, not
+Write rule: a LAYER payload is written only into the blocks of a transfer that is live (expected, not
 terminal, deadline not passed, FINISH not yet seen), and only inside its ``dst_block_ids``; anything
-else is received and dropped (counted in ``discarded_messages``). The check and the scatter happen under
-one lock, and ``cancel``/timeout take that lock and then wait for the transfer's last write on the
-device, so once they return no byte lands in the blocks any more.
+else is received and dropped (counted in ``discarded_messages``). A transport either lands a payload it
+already holds (``deliver_layer``: check and scatter under one lock) or, on CUDA, *claims* a part before
+its bytes arrive (``claim_part``, under the lock) and posts device work that writes it, then records
+the event after that work as the transfer's ``last_write`` (``writes_posted``), still under the lock.
+
+Fences: a transfer that ends other than DONE may still have posted writes in flight. Its blocks are
+given back only once they finished: ``cancel`` returns, and ``on_terminal`` runs, after the transfer's
+``last_write`` completed. If it does not within ``fence_timeout_s`` (a peer that stopped sending in
+the middle of announced messages), the transport is told to abandon that peer's writes
+(``_abandon_writes``: abort its channel, which ends the posted receives) and the wait goes on briefly.
 
 Completion rule: FINISH makes a transfer DONE if the number of LAYER messages the sender announced
 arrived and every layer covers every block index in ``[num_skip_blocks, covered)``; on CUDA, DONE is
@@ -40,9 +47,10 @@ from pdserve.kvtransfer.streams import Event, event_done, index_tensor, record_e
 logger = logging.getLogger(__name__)
 #: How many finished transfer ids are remembered to refuse their reuse (late messages may still come).
 RETIRED_IDS_KEPT = 65536
-#: How long cancel/timeout wait for a transfer's last device write before giving the blocks back anyway
-#: (only a bulk receive that never completes, i.e. a dead peer mid-message, can make it wait this long).
+#: Default for how long an ended transfer waits for its posted writes before its peer's are abandoned.
 WRITE_FENCE_TIMEOUT_S = 60.0
+#: After abandoning a peer's writes, how much longer to wait for them to stop before giving up.
+ABANDON_WAIT_S = 5.0
 
 
 @dataclass(eq=False)
@@ -53,19 +61,23 @@ class _Incoming:
     last_write: Event = None
     finished: Event | bool = False  # False: no FINISH yet; True (CPU) or an event (CUDA) after it
     on_terminal: Callable[[TransferHandle], None] | None = None
+    fence_deadline: float | None = None  # ended with writes in flight: when to abandon them
 
 
 class ReceiverCore(KVReceiver):
     """:class:`KVReceiver` minus the transport; subclasses deliver messages and implement ``close``."""
 
-    def __init__(self, caches: Sequence[torch.Tensor], layout: KVLayoutInfo) -> None:
+    def __init__(self, caches: Sequence[torch.Tensor], layout: KVLayoutInfo,
+                 fence_timeout_s: float = WRITE_FENCE_TIMEOUT_S) -> None:
         layout.check_caches(caches)
+        self._fence_timeout_s = fence_timeout_s
         self._caches = list(caches)
         self._layout = layout
         self._device = caches[0].device
         self._num_blocks = int(caches[0].shape[1])
         self._cond = threading.Condition(threading.RLock())
         self._records: dict[int, _Incoming] = {}
+        self._fencing: list[_Incoming] = []  # ended, waiting for posted writes before their callbacks
         self._retired: OrderedDict[int, None] = OrderedDict()
         self._closed = False
         self.discarded_messages = 0
@@ -115,11 +127,11 @@ class ReceiverCore(KVReceiver):
             while True:
                 record = self._record_of(handle)
                 if record is None:
-                    return handle.state
+                    break
                 self._refresh(record)
                 now = time.monotonic()
                 if handle.state.is_terminal or now >= end:
-                    return handle.state
+                    break
                 if record.finished is not False:
                     finished = record.finished
                     self._cond.release()  # wait for the device without holding the lock
@@ -130,12 +142,16 @@ class ReceiverCore(KVReceiver):
                     continue
                 wake = min(end, handle.deadline_at or end)
                 self._cond.wait(max(0.0, wake - now) + 1e-3)
+        self._await_fence(handle)
+        return handle.state
 
     def cancel(self, handle: TransferHandle) -> None:
+        """End the transfer; returns once no write of it can land any more (see *Fences*)."""
         with self._cond:
             record = self._record_of(handle)
             if record is not None:
                 self._end(record, TransferState.CANCELLED, "cancelled by the receiver")
+        self._await_fence(handle)
 
     # -- for transports --------------------------------------------------------------------------------
 
@@ -147,27 +163,57 @@ class ReceiverCore(KVReceiver):
     def deliver_layer(self, peer: str, header: Header, payload: torch.Tensor) -> None:
         """Scatter a received LAYER payload if its transfer is live, else drop it."""
         with self._cond:
-            record = self._records.get(header.transfer_id)
-            if record is None or self._closed:
-                self.discarded_messages += 1
+            record = self.claim_part(peer, header, payload)
+            if record is None:
                 return
-            handle = record.handle
-            self._refresh(record)
-            if handle.state.is_terminal:
-                self.discarded_messages += 1
-                return
-            handle.peer = handle.peer or peer
-            problem = self._check_layer_header(record, header, payload)
-            if problem is not None:
-                self._end(record, TransferState.FAILED, problem)
-                return
-            dst = handle.block_ids[header.start:header.start + header.num_blocks]
+            dst = record.handle.block_ids[header.start:header.start + header.num_blocks]
             scatter_blocks(self._caches[header.layer], index_tensor(dst, self._device), payload)
             record.last_write = record_event(self._device)
-            record.coverage[header.layer] |= ((1 << header.num_blocks) - 1) << header.start
-            record.num_messages += 1
-            handle.state = TransferState.IN_PROGRESS
-            self._cond.notify_all()
+
+    def claim_part(self, peer: str, header: Header, payload: torch.Tensor | None = None) -> _Incoming | None:
+        """Under the lock: count a LAYER part (its bytes land right after) toward its transfer if that is
+        live and the part fits it; ``None`` (dropped, or the transfer failed) otherwise. The caller
+        writes ``handle.block_ids[start:start + num_blocks]`` and then sets ``last_write``, or calls
+        :meth:`writes_posted`, before it releases the lock."""
+        record = self._records.get(header.transfer_id)
+        if record is None or self._closed:
+            self.discarded_messages += 1
+            return None
+        handle = record.handle
+        self._refresh(record)
+        if handle.state.is_terminal:
+            self.discarded_messages += 1
+            return None
+        handle.peer = handle.peer or peer
+        problem = self._check_layer_header(record, header)
+        if problem is None and payload is not None:
+            problem = self._check_payload(header, payload)
+        if problem is not None:
+            self._end(record, TransferState.FAILED, problem)
+            return None
+        record.coverage[header.layer] |= ((1 << header.num_blocks) - 1) << header.start
+        record.num_messages += 1
+        handle.state = TransferState.IN_PROGRESS
+        self._cond.notify_all()
+        return record
+
+    def writes_posted(self, records: Sequence[_Incoming], event: Event) -> None:
+        """Under the lock, after posting the device work that writes claimed parts: ``event`` (recorded
+        after it) is those transfers' last write."""
+        for record in records:
+            record.last_write = event
+            handle = record.handle
+            if handle.state.is_terminal and record not in self._fencing and not event_done(event):
+                # it ended while its writes were being posted (a later part failed it, or its deadline
+                # passed): hold its callback back until those writes finished
+                self._callbacks = deque(c for c in self._callbacks if c[1] is not handle)
+                record.fence_deadline = time.monotonic() + self._fence_timeout_s
+                self._fencing.append(record)
+
+    @property
+    def lock(self) -> threading.Condition:
+        """The receiver's lock (a transport holds it from ``claim_part`` to ``writes_posted``)."""
+        return self._cond
 
     def deliver_finish(self, peer: str, header: Header, written_by_sender: bool = False) -> None:
         """The sender's last message for a transfer: check completeness, keep the payload.
@@ -213,29 +259,40 @@ class ReceiverCore(KVReceiver):
                     self._end(record, TransferState.FAILED, reason)
 
     def _close_records(self, reason: str) -> None:
-        """Refuse further writes and cancel every unfinished transfer (for ``close``); returns once their
-        callbacks ran."""
+        """Refuse further writes and cancel every unfinished transfer (for ``close``); the callbacks run
+        on the completion thread, which ends once every fence is settled (see :meth:`_join_completions`)."""
         with self._cond:
             self._closed = True
             for record in list(self._records.values()):
                 self._end(record, TransferState.CANCELLED, reason)
             self._cond.notify_all()  # wakes the completion thread even with nothing in flight
+
+    def _join_completions(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until the completion thread ran every callback and stopped."""
         if threading.current_thread() is not self._completions:
-            self._completions.join(WRITE_FENCE_TIMEOUT_S)
+            self._completions.join(timeout)
 
     # -- the completion thread ---------------------------------------------------------------------------
 
     def _complete(self) -> None:
-        """Turn finished transfers DONE once their writes completed, time out the late ones, and run the
-        callbacks of every transfer that turned terminal; until the receiver is closed."""
+        """Turn finished transfers DONE once their writes completed, time out the late ones, release
+        fenced ones once their writes stopped, and run the callbacks of every transfer that turned
+        terminal; until the receiver is closed and nothing is left to report."""
         while True:
             with self._cond:
                 callbacks = self._due_callbacks()
+                fenced: _Incoming | None = None
+                finished: _Incoming | None = None
                 if not callbacks:
-                    if self._closed:
-                        return
+                    for record in list(self._fencing):
+                        self._settle_fence(record)
+                    callbacks = self._due_callbacks()
+                if not callbacks:
+                    fenced = self._fencing[0] if self._fencing else None
                     finished = next((r for r in self._records.values() if r.finished is not False), None)
-                    if finished is None:
+                    if fenced is None and finished is None:
+                        if self._closed:
+                            return
                         deadlines = [r.handle.deadline_at for r in self._records.values()
                                      if r.handle.deadline_at is not None]
                         wait_s = max(0.0, min(deadlines) - time.monotonic()) + 1e-3 if deadlines else None
@@ -250,9 +307,12 @@ class ReceiverCore(KVReceiver):
                     except Exception:  # noqa: BLE001 - a failing callback must not stop the others
                         logger.exception("KV transfer callback of request %s failed", handle.request_id)
                 continue
+            if fenced is not None:
+                self._wait_fence(fenced)
+                continue
             assert finished is not None
             if not isinstance(finished.finished, bool):  # wait for the device outside the lock
-                wait_event(finished.finished, time.monotonic() + WRITE_FENCE_TIMEOUT_S)
+                wait_event(finished.finished, time.monotonic() + self._fence_timeout_s)
             with self._cond:
                 if self._records.get(finished.handle.transfer_id) is finished:
                     self._refresh(finished)
@@ -281,13 +341,14 @@ class ReceiverCore(KVReceiver):
                       f"the KV did not arrive within {handle.deadline_at - handle.created_at:.3g} s")
 
     def _end(self, record: _Incoming, state: TransferState, error: str | None) -> None:
+        """Make the transfer terminal; its callback is queued now, or once its posted writes finished."""
         handle = record.handle
         if not handle.state.is_terminal:
-            if state is not TransferState.DONE:
-                # no write may land after the blocks are given back
-                wait_event(record.last_write, time.monotonic() + WRITE_FENCE_TIMEOUT_S)
             handle.state, handle.error = state, error
-            if record.on_terminal is not None:
+            if state is not TransferState.DONE and not event_done(record.last_write):
+                record.fence_deadline = time.monotonic() + self._fence_timeout_s
+                self._fencing.append(record)
+            elif record.on_terminal is not None:
                 self._callbacks.append((record.on_terminal, handle))
         self._records.pop(handle.transfer_id, None)
         self._retired[handle.transfer_id] = None
@@ -295,7 +356,44 @@ class ReceiverCore(KVReceiver):
             self._retired.popitem(last=False)
         self._cond.notify_all()
 
-    def _check_layer_header(self, record: _Incoming, header: Header, payload: torch.Tensor) -> str | None:
+    def _settle_fence(self, record: _Incoming, force: bool = False) -> bool:
+        """Under the lock: release a fenced transfer whose writes finished (or ``force``); its callback
+        is queued. Returns whether it is released."""
+        if record not in self._fencing:
+            return True
+        if not force and not event_done(record.last_write):
+            return False
+        self._fencing.remove(record)
+        if record.on_terminal is not None:
+            self._callbacks.append((record.on_terminal, record.handle))
+        self._cond.notify_all()
+        return True
+
+    def _wait_fence(self, record: _Incoming) -> None:
+        """Outside the lock: wait for a fenced transfer's writes; abandon its peer's writes when they are
+        late; then release it."""
+        assert record.fence_deadline is not None
+        if not wait_event(record.last_write, record.fence_deadline):
+            logger.warning("the KV writes of transfer %s from %s did not finish within %.3g s; abandoning "
+                           "that peer's writes", record.handle.transfer_id, record.handle.peer or "?",
+                           self._fence_timeout_s)
+            self._abandon_writes(record.handle.peer)
+            if not wait_event(record.last_write, time.monotonic() + ABANDON_WAIT_S):
+                logger.error("the KV writes of transfer %s did not stop; its blocks are given back anyway",
+                             record.handle.transfer_id)
+        with self._cond:
+            self._settle_fence(record, force=True)
+
+    def _await_fence(self, handle: TransferHandle) -> None:
+        with self._cond:
+            record = next((r for r in self._fencing if r.handle is handle), None)
+        if record is not None:
+            self._wait_fence(record)
+
+    def _abandon_writes(self, peer: str) -> None:
+        """Make the posted writes from ``peer`` finish now (a transport aborts that peer's channel)."""
+
+    def _check_layer_header(self, record: _Incoming, header: Header) -> str | None:
         handle = record.handle
         if record.finished is not False:
             return "a layer message arrived after the transfer's FINISH"
@@ -304,6 +402,12 @@ class ReceiverCore(KVReceiver):
         if header.num_blocks <= 0 or header.start < 0 or header.start + header.num_blocks > len(handle.block_ids):
             return (f"blocks [{header.start}, {header.start + header.num_blocks}) fall outside the "
                     f"{len(handle.block_ids)} expected blocks")
+        if header.payload_nbytes != self._layout.payload_nbytes(header.num_blocks):
+            return (f"a layer message of {header.num_blocks} blocks has {header.payload_nbytes} bytes, expected "
+                    f"{self._layout.payload_nbytes(header.num_blocks)}")
+        return None
+
+    def _check_payload(self, header: Header, payload: torch.Tensor) -> str | None:
         if payload.dtype != self._layout.torch_dtype or payload.device != self._device:
             return f"the payload is {payload.dtype} on {payload.device}, expected " \
                    f"{self._layout.torch_dtype} on {self._device}"

@@ -24,6 +24,7 @@ import torch
 
 from pdserve.kvtransfer.base import KVLayoutInfo, KVSender, TransferHandle, TransferState, check_block_ids
 from pdserve.kvtransfer.messages import Header, MessageKind, check_payload_ints
+from pdserve.kvtransfer.plan import is_contiguous
 from pdserve.kvtransfer.streams import Event, record_event
 
 
@@ -33,12 +34,15 @@ class OutgoingMessage:
 
     ``kv_layer`` and ``src_block_ids`` name the source blocks; ``ready`` is the CUDA event recorded
     after the layer was computed (``None`` on CPU): gather only after it completed on the device.
+    ``dst_contiguous``: the destination blocks of this range are consecutive ids (a receiver can take
+    them straight into its cache).
     """
 
     header: Header
     kv_layer: torch.Tensor | None = None
     src_block_ids: tuple[int, ...] = ()
     ready: Event = None
+    dst_contiguous: bool = False
 
 
 @dataclass(eq=False)
@@ -133,7 +137,8 @@ class SenderCore(KVSender):
             record.max_end = max(record.max_end, end)
             if handle.state is TransferState.PENDING:
                 handle.state = TransferState.IN_PROGRESS
-            self._submit(OutgoingMessage(header, kv_cache_layer, src, record_event(self._device)))
+            self._submit(OutgoingMessage(header, kv_cache_layer, src, record_event(self._device),
+                                         is_contiguous(handle.block_ids[start:end])))
 
     def finish(self, handle: TransferHandle, payload: Sequence[int]) -> None:
         ints = check_payload_ints(payload)

@@ -1,0 +1,131 @@
+"""Landing a plan's messages on the receiver: every receive posted at once, bytes written in place.
+
+One :class:`PlanLanding` per channel of the process-group receiver (built in the channel's thread).
+``land(plan)`` handles one PLAN header (:mod:`pdserve.kvtransfer.plan`):
+
+* **CUDA (NCCL).** Under the receiver's lock, for each message in order: claim its parts
+  (``ReceiverCore.claim_part``: a part of a transfer that is not live is dropped); post its receives on
+  the *post stream*, which carries nothing else, so NCCL runs every receive of the plan back to back;
+  make the *landing stream* (the thread's current stream) wait for them; then either nothing more (a
+  split message of one part whose destination blocks are contiguous was received straight into the
+  two cache ranges, keys and values) or one scatter per claimed part from a staging buffer. Then
+  one event on the landing stream becomes the claimed transfers' ``last_write``. The host never waits
+  for a message; it learns that the whole plan landed from that event (through the transfers'
+  completion, see :mod:`pdserve.kvtransfer.receiving`).
+* **CPU (gloo).** Every receive is posted into staging first, then each message is landed when its
+  receives complete, through ``deliver_layer`` (check and scatter under the lock): on the host a late
+  check costs nothing and keeps the write rule exact.
+
+Staging buffers of a posted plan stay referenced until its event completed (``retire``), so the caching
+allocator cannot hand their memory to a later receive that NCCL runs on its own stream.
+``pending()`` says whether posted receives have not finished: a channel that ends with such receives
+aborts its group, which ends them.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+from typing import Any
+
+import torch
+
+from pdserve.kvtransfer.messages import as_bytes, scatter_blocks
+from pdserve.kvtransfer.plan import PlannedMessage, is_contiguous
+from pdserve.kvtransfer.receiving import ReceiverCore
+from pdserve.kvtransfer.rendezvous import SENDER_RANK, Group
+from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda, record_event
+
+
+class PlanLanding:
+    """Posts and lands the plans of one channel; used from that channel's thread only."""
+
+    def __init__(self, core: ReceiverCore, peer: str, group: Group, caches: list[torch.Tensor],
+                 op_timeout_s: float) -> None:
+        self._core, self._peer, self._group, self._caches = core, peer, group, caches
+        self._layout = core.layout
+        self._device = caches[0].device
+        self._timeout = datetime.timedelta(seconds=op_timeout_s)
+        self._post_stream = torch.cuda.Stream(self._device) if is_cuda(self._device) else None
+        self._posted: collections.deque[tuple[Event, list[torch.Tensor]]] = collections.deque()
+        self.num_direct = 0  # messages received straight into the cache (no staging, no scatter)
+        self.num_staged = 0
+
+    def land(self, plan: list[PlannedMessage]) -> None:
+        if self._post_stream is None:
+            self._land_on_host(plan)
+        else:
+            self._retire()
+            self._post(plan)
+
+    def pending(self) -> bool:
+        """Whether receives this channel posted have not all finished on the device."""
+        self._retire()
+        return bool(self._posted)
+
+    # -- CUDA ----------------------------------------------------------------------------------------------
+
+    def _post(self, plan: list[PlannedMessage]) -> None:
+        assert self._post_stream is not None
+        staging: list[torch.Tensor] = []
+        claimed = []
+        with self._core.lock:
+            for message in plan:
+                records = [self._core.claim_part(self._peer, part) for part in message.parts]
+                claimed += [r for r in records if r is not None]
+                targets = [None if r is None else r.handle.block_ids[p.start:p.start + p.num_blocks]
+                           for r, p in zip(records, message.parts)]
+                direct = message.split and targets[0] is not None and is_contiguous(targets[0])
+                if direct:
+                    part, first = message.parts[0], targets[0][0]  # type: ignore[index]
+                    buffers = [self._caches[part.layer][kv, first:first + part.num_blocks] for kv in (0, 1)]
+                    self.num_direct += 1
+                else:
+                    staged = torch.empty(message.nbytes, dtype=torch.uint8, device=self._device)
+                    staging.append(staged)
+                    half = message.nbytes // 2
+                    buffers = [staged[:half], staged[half:]] if message.split else [staged]
+                    self.num_staged += 1
+                with torch.cuda.stream(self._post_stream):
+                    works = [self._group.recv([as_bytes(b)], SENDER_RANK, 0) for b in buffers]
+                for work in works:
+                    work.wait()  # the landing stream waits for the receive, the host does not
+                if not direct:
+                    self._scatter(message, targets, staging[-1])
+            event = record_event(self._device)
+            self._core.writes_posted(claimed, event)
+        self._posted.append((event, staging))
+
+    def _scatter(self, message: PlannedMessage, targets: list[Any], staged: torch.Tensor) -> None:
+        offset = 0
+        for part, target in zip(message.parts, targets):
+            if target is not None:
+                payload = staged[offset:offset + part.payload_nbytes].view(self._layout.torch_dtype).view(
+                    self._layout.payload_shape(part.num_blocks))
+                scatter_blocks(self._caches[part.layer], index_tensor(target, self._device), payload)
+            offset += part.payload_nbytes
+
+    def _retire(self) -> None:
+        while self._posted and event_done(self._posted[0][0]):
+            self._posted.popleft()
+
+    # -- CPU -----------------------------------------------------------------------------------------------
+
+    def _land_on_host(self, plan: list[PlannedMessage]) -> None:
+        posted = []
+        for message in plan:
+            staged = torch.empty(message.nbytes, dtype=torch.uint8)
+            half = message.nbytes // 2
+            buffers = [staged[:half], staged[half:]] if message.split else [staged]
+            posted.append((message, staged, [self._group.recv([b], SENDER_RANK, 0) for b in buffers]))
+        for message, staged, works in posted:
+            for work in works:
+                work.wait(self._timeout)
+            offset = 0
+            for part in message.parts:
+                chunk = staged[offset:offset + part.payload_nbytes]
+                offset += part.payload_nbytes
+                fits = part.num_blocks > 0 and part.payload_nbytes == self._layout.payload_nbytes(part.num_blocks)
+                payload = (chunk.view(self._layout.torch_dtype).view(self._layout.payload_shape(part.num_blocks))
+                           if fits else chunk)
+                self._core.deliver_layer(self._peer, part, payload)
