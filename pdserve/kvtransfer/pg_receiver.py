@@ -228,11 +228,12 @@ class ProcessGroupReceiver(ReceiverCore):
         finally:
             # drop the last reference too: that closes gloo's sockets, so a sender still sending to
             # this channel fails at once instead of waiting for its timeout
-            # (an abort when receives it posted are still waiting: that ends them)
+            # (an abort when receives it posted are still waiting, which ends them, and for NCCL, whose
+            # orderly shutdown may wait on the peer)
             group, channel.group = channel.group, None
             landing, channel.landing = channel.landing, None
             if group is not None:
-                shutdown_group(group, abort=landing is not None and landing.pending())
+                shutdown_group(group, abort=self._group_backend == "nccl" or (landing is not None and landing.pending()))
             del group, landing
 
     def _loop(self, channel: _Channel, messages: Any) -> None:

@@ -62,7 +62,10 @@ MAX_PLAN_PARTS = 256
 MAX_PLAN_BYTES = 1 << 30
 #: Messages smaller than this take the next layer's parts too (small NCCL messages are slow).
 MIN_MESSAGE_BYTES = int(os.environ.get("PDSERVE_KV_MIN_MESSAGE_BYTES", str(4 << 20)))
-MAX_MESSAGE_BYTES = 256 << 20
+MAX_MESSAGE_BYTES = int(os.environ.get("PDSERVE_KV_MAX_MESSAGE_BYTES", str(64 << 20)))
+#: A lone part at least this large goes as keys + values into the receiver's cache (two NCCL operations
+#: instead of one plus a scatter: on 2xH200 the extra operation cost more than the scatter below this).
+MIN_SPLIT_BYTES = int(os.environ.get("PDSERVE_KV_MIN_SPLIT_BYTES", str(64 << 20)))
 #: How long a plan may wait for its first layer to be computed while later layers queue up behind it.
 PLAN_GATHER_WAIT_S = 2e-3
 
@@ -137,8 +140,8 @@ class ProcessGroupSender(SenderCore):
             self._cond.notify()
         if self._thread.ident is not None:
             self._thread.join(self._close_timeout_s)
-        if self._group is not None:
-            shutdown_group(self._group, abort=self._thread.is_alive())
+        if self._group is not None:  # NCCL: abort (a communicator's shutdown may wait on its peer)
+            shutdown_group(self._group, abort=self._thread.is_alive() or self._backend == "nccl")
 
     # -- the thread ----------------------------------------------------------------------------------------
 
@@ -213,8 +216,9 @@ class ProcessGroupSender(SenderCore):
         """Announce the messages of ``outgoing`` in one PLAN header, then send them in order, each as
         soon as its layers are computed. Every announced message is sent, even if its transfer is
         cancelled meanwhile: the receiver has posted a receive for it."""
-        planned = group_parts([m.header for m in outgoing], lambda i: outgoing[i].dst_contiguous,
-                              MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES)
+        planned = group_parts([m.header for m in outgoing],
+                              lambda i: outgoing[i].dst_contiguous and outgoing[i].header.payload_nbytes >= MIN_SPLIT_BYTES,
+                              MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES, [event_done(m.ready) for m in outgoing])
         self._messages.queue_push(MESSAGE_QUEUE, encode_plan(planned).pack())
         pos = 0
         for message in planned:

@@ -18,7 +18,11 @@ bytes, and ``ints`` = per message ``[num_parts, split]`` followed by ``PART_INTS
 
 Grouping (:func:`group_parts`): consecutive parts go into one message until it holds at least
 ``min_message_bytes`` (small layers of short prompts are grouped, since small NCCL messages are slow),
-never splitting one layer's parts over two messages unless the message would pass ``max_message_bytes``.
+never splitting one layer's parts over two messages unless the message would pass ``max_message_bytes``;
+parts whose layers are already computed when the plan is made are merged up to ``max_message_bytes``
+(a backlog goes out in few large messages; layers still being computed go one by one, overlapping the
+forward pass). Per NCCL operation there is a fixed host and link cost, which is why a split message
+(two operations) pays off only for large parts.
 """
 
 from __future__ import annotations
@@ -88,22 +92,24 @@ def decode_plan(header: Header) -> list[PlannedMessage]:
 
 
 def group_parts(parts: Sequence[Header], splittable: Callable[[int], bool], min_message_bytes: int,
-                max_message_bytes: int) -> list[PlannedMessage]:
+                max_message_bytes: int, ready: Sequence[bool] | None = None) -> list[PlannedMessage]:
     """Group ``parts`` (in send order) into messages; ``splittable(i)`` says whether part ``i`` may go
-    as a split message when it ends up alone (its destination blocks are contiguous)."""
+    as a split message when it ends up alone; ``ready[i]`` whether its layer is computed already."""
     groups: list[list[int]] = []
-    nbytes = 0
+    nbytes, all_ready = 0, False
     for i, part in enumerate(parts):
         current = groups[-1] if groups else None
+        is_ready = bool(ready[i]) if ready is not None else False
         if current is not None:
             same_layer = parts[current[-1]].layer == part.layer
             room = nbytes + part.payload_nbytes <= max_message_bytes
-            if room and (same_layer or nbytes < min_message_bytes):
+            if room and (same_layer or nbytes < min_message_bytes or (all_ready and is_ready)):
                 current.append(i)
                 nbytes += part.payload_nbytes
+                all_ready = all_ready and is_ready
                 continue
         groups.append([i])
-        nbytes = part.payload_nbytes
+        nbytes, all_ready = part.payload_nbytes, is_ready
     return [PlannedMessage(tuple(parts[i] for i in g), split=len(g) == 1 and splittable(g[0])) for g in groups]
 
 

@@ -54,15 +54,27 @@ def test_grouping_keeps_layers_whole_and_groups_small_ones() -> None:
     assert [len(m.parts) for m in group_parts(parts, lambda i: True, 1000, 30)] == [3, 3, 2]
 
 
+def test_grouping_merges_layers_already_computed() -> None:
+    parts = [_part(1, layer, 10) for layer in range(6)]
+    # layers 0-3 computed when the plan is made: one message (up to the maximum); 4 and 5 one by one
+    ready = [True, True, True, True, False, False]
+    grouped = group_parts(parts, lambda i: False, 10, 1000, ready)
+    assert [[p.layer for p in m.parts] for m in grouped] == [[0, 1, 2, 3], [4], [5]]
+    assert [len(m.parts) for m in group_parts(parts, lambda i: False, 10, 25, ready)] == [2, 2, 1, 1]
+
+
 def test_is_contiguous() -> None:
     assert is_contiguous([4, 5, 6]) and is_contiguous([9]) and not is_contiguous([4, 6]) and not is_contiguous([5, 4])
 
 
-def _roundtrip(dst_ids: list[int], src_ids: list[int], monkeypatch: pytest.MonkeyPatch, min_bytes: int,
+def _roundtrip(dst_ids: list[int], src_ids: list[int], monkeypatch: pytest.MonkeyPatch, max_bytes: int,
                second: bool) -> list[PlannedMessage]:
     """Transfer ``src_ids`` -> ``dst_ids`` (and, with ``second``, one more block of another transfer
-    interleaved layer by layer) over gloo; returns the messages the sender planned."""
-    monkeypatch.setattr(pg_sender, "MIN_MESSAGE_BYTES", min_bytes)
+    interleaved layer by layer) over gloo; returns the messages the sender planned. (On CPU every layer
+    is computed already, so parts merge up to ``max_bytes``.)"""
+    monkeypatch.setattr(pg_sender, "MIN_MESSAGE_BYTES", 0)
+    monkeypatch.setattr(pg_sender, "MAX_MESSAGE_BYTES", max_bytes)
+    monkeypatch.setattr(pg_sender, "MIN_SPLIT_BYTES", 0)
     planned: list[PlannedMessage] = []
 
     def spy(messages: list[PlannedMessage]) -> Header:
@@ -104,21 +116,25 @@ def _roundtrip(dst_ids: list[int], src_ids: list[int], monkeypatch: pytest.Monke
     return planned
 
 
-@pytest.mark.parametrize("dst_ids, src_ids, min_bytes, second, shape", [
-    ([4, 5, 6], [9, 10, 11], 0, False, "split"),     # contiguous on both sides: sent from the cache
-    ([4, 5, 6], [11, 2, 7], 0, False, "split"),      # contiguous destination, gathered source
-    ([6, 2, 9], [1, 2, 3], 0, False, "single"),      # scattered destination: staged
-    ([4, 5, 6], [9, 10, 11], 0, True, "per-layer"),  # two transfers: one message per layer
-    ([4, 5, 6], [9, 10, 11], 1 << 30, True, "one"),  # every part of the plan in one message
+PART = 768  # bytes of one layer of 3 blocks here (a lone block: 256)
+
+
+@pytest.mark.parametrize("dst_ids, src_ids, max_bytes, second, shape", [
+    ([4, 5, 6], [9, 10, 11], PART, False, "split"),        # contiguous on both sides: sent from the cache
+    ([4, 5, 6], [11, 2, 7], PART, False, "split"),         # contiguous destination, gathered source
+    ([6, 2, 9], [1, 2, 3], PART, False, "single"),         # scattered destination: staged
+    ([4, 5, 6], [9, 10, 11], PART + 256, True, "per-layer"),  # two transfers: one message per layer
+    ([4, 5, 6], [9, 10, 11], 1 << 30, True, "one"),        # every part of the plan in one message
 ])
-def test_plans_land_exactly(dst_ids: list[int], src_ids: list[int], min_bytes: int, second: bool, shape: str,
+def test_plans_land_exactly(dst_ids: list[int], src_ids: list[int], max_bytes: int, second: bool, shape: str,
                             monkeypatch: pytest.MonkeyPatch) -> None:
-    planned = _roundtrip(dst_ids, src_ids, monkeypatch, min_bytes, second)
+    planned = _roundtrip(dst_ids, src_ids, monkeypatch, max_bytes, second)
     if shape == "split":
         assert planned and all(m.split and len(m.parts) == 1 for m in planned)
     elif shape == "single":
         assert planned and all(not m.split and len(m.parts) == 1 for m in planned)
     elif shape == "per-layer":
-        assert all(len({p.layer for p in m.parts}) == 1 and len(m.parts) == 2 for m in planned)
+        # (a plan holds what was queued when it was made, so a layer's two parts may fall in two plans)
+        assert all(len({p.layer for p in m.parts}) == 1 for m in planned) and sum(len(m.parts) for m in planned) == 6
     else:
         assert sum(len(m.parts) for m in planned) == 6 and len(planned) <= 3  # plans may end early
