@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,6 +51,7 @@ class _Outgoing:
     num_submitted: int = 0
     max_end: int = 0
     finishing: bool = False
+    contiguous: dict[tuple[int, int], bool] = field(default_factory=dict)  # per block range (every layer asks)
 
 
 class SenderCore(KVSender):
@@ -137,8 +138,10 @@ class SenderCore(KVSender):
             record.max_end = max(record.max_end, end)
             if handle.state is TransferState.PENDING:
                 handle.state = TransferState.IN_PROGRESS
-            self._submit(OutgoingMessage(header, kv_cache_layer, src, record_event(self._device),
-                                         is_contiguous(handle.block_ids[start:end])))
+            contiguous = record.contiguous.get((start, end))
+            if contiguous is None:
+                contiguous = record.contiguous[(start, end)] = is_contiguous(handle.block_ids[start:end])
+            self._submit(OutgoingMessage(header, kv_cache_layer, src, record_event(self._device), contiguous))
 
     def finish(self, handle: TransferHandle, payload: Sequence[int]) -> None:
         ints = check_payload_ints(payload)
