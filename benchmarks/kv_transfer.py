@@ -66,8 +66,10 @@ def _transport_worker(rank: int, tokens_list: list[int], queue_in: Any, queue_ou
                       dst_layouts: tuple[str, ...] = ("contiguous",)) -> None:
     import datetime
     import os
+    import sys
 
     os.environ.update(env or {})
+    sys.setswitchinterval(0.001)  # what pdserve's worker processes run with
 
     import torch.distributed as dist
 

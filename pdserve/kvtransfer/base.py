@@ -153,7 +153,7 @@ class KVLayoutInfo:
 
     def payload_nbytes(self, num_blocks: int) -> int:
         """Bytes of ``num_blocks`` blocks of one layer (keys and values)."""
-        element = torch.empty((), dtype=self.torch_dtype).element_size()
+        element = self.torch_dtype.itemsize
         return 2 * num_blocks * self.block_size * self.num_kv_heads * self.head_dim * element
 
     def check_caches(self, caches: Sequence[torch.Tensor]) -> None:

@@ -69,6 +69,7 @@ class PlanLanding:
         assert self._post_stream is not None
         staging: list[torch.Tensor] = []
         claimed = []
+        indices: dict[tuple[int, int, int], torch.Tensor] = {}  # a block range's ids, once per plan
         with self._core.lock:
             for message in plan:
                 records = [self._core.claim_part(self._peer, part) for part in message.parts]
@@ -91,18 +92,23 @@ class PlanLanding:
                 for work in works:
                     work.wait()  # the landing stream waits for the receive, the host does not
                 if not direct:
-                    self._scatter(message, targets, staging[-1])
+                    self._scatter(message, targets, staging[-1], indices)
             event = record_event(self._device)
             self._core.writes_posted(claimed, event)
         self._posted.append((event, staging))
 
-    def _scatter(self, message: PlannedMessage, targets: list[Any], staged: torch.Tensor) -> None:
+    def _scatter(self, message: PlannedMessage, targets: list[Any], staged: torch.Tensor,
+                 indices: dict[tuple[int, int, int], torch.Tensor]) -> None:
         offset = 0
         for part, target in zip(message.parts, targets):
             if target is not None:
                 payload = staged[offset:offset + part.payload_nbytes].view(self._layout.torch_dtype).view(
                     self._layout.payload_shape(part.num_blocks))
-                scatter_blocks(self._caches[part.layer], index_tensor(target, self._device), payload)
+                key = (part.transfer_id, part.start, part.num_blocks)
+                index = indices.get(key)
+                if index is None:
+                    index = indices[key] = index_tensor(target, self._device)
+                scatter_blocks(self._caches[part.layer], index, payload)
             offset += part.payload_nbytes
 
     def _retire(self) -> None:

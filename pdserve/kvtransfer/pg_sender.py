@@ -57,15 +57,17 @@ from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda,
 HELLO_NBYTES = 8
 
 
-#: Plan limits: parts and bytes one PLAN header announces (bounds the receiver's posted staging).
+#: Plan limits: parts one PLAN header announces, and the bytes of them the receiver has to stage (parts
+#: received straight into its cache do not count).
 MAX_PLAN_PARTS = 256
-MAX_PLAN_BYTES = 1 << 30
+MAX_PLAN_STAGED_BYTES = 1 << 30
 #: Messages smaller than this take the next layer's parts too (small NCCL messages are slow).
 MIN_MESSAGE_BYTES = int(os.environ.get("PDSERVE_KV_MIN_MESSAGE_BYTES", str(4 << 20)))
-MAX_MESSAGE_BYTES = int(os.environ.get("PDSERVE_KV_MAX_MESSAGE_BYTES", str(64 << 20)))
-#: A lone part at least this large goes as keys + values into the receiver's cache (two NCCL operations
-#: instead of one plus a scatter: on 2xH200 the extra operation cost more than the scatter below this).
-MIN_SPLIT_BYTES = int(os.environ.get("PDSERVE_KV_MIN_SPLIT_BYTES", str(64 << 20)))
+MAX_MESSAGE_BYTES = int(os.environ.get("PDSERVE_KV_MAX_MESSAGE_BYTES", str(256 << 20)))
+#: A lone part at least this large goes as keys + values straight into the receiver's cache. Off by
+#: default: on 2xH200 every NCCL operation cost 150-300 us of host time on each side (torch 2.11), more
+#: than the scatter a staged message needs, so one operation per message is faster.
+MIN_SPLIT_BYTES = int(os.environ.get("PDSERVE_KV_MIN_SPLIT_BYTES", str(1 << 40)))
 #: How long a plan may wait for its first layer to be computed while later layers queue up behind it.
 PLAN_GATHER_WAIT_S = 2e-3
 
@@ -83,7 +85,7 @@ class ProcessGroupSender(SenderCore):
 
     def __init__(self, bootstrap: Mapping[str, Any], caches: Sequence[torch.Tensor], layout: KVLayoutInfo,
                  *, name: str | None = None, join_timeout_s: float = 60.0, op_timeout_s: float = 60.0,
-                 close_timeout_s: float = 5.0, max_inflight_bytes: int = 256 << 20) -> None:
+                 close_timeout_s: float = 5.0, max_inflight_bytes: int = 1 << 30) -> None:
         host, port, group_name = str(bootstrap["host"]), int(bootstrap["port"]), str(bootstrap["group_name"])
         super().__init__(caches, layout, peer=f"{host}:{port}/{group_name}", name=name)
         try:
@@ -202,25 +204,25 @@ class ProcessGroupSender(SenderCore):
         end = time.monotonic() + PLAN_GATHER_WAIT_S
         while not event_done(first.ready) and time.monotonic() < end:
             time.sleep(5e-5)
-        taken, nbytes = [first], first.header.payload_nbytes
+        taken, staged = [first], _staged_bytes(first)
         with self._cond:
             while self._queue and len(taken) < MAX_PLAN_PARTS:
                 nxt = self._queue[0]
-                if nxt.header.kind is not MessageKind.LAYER or nbytes + nxt.header.payload_nbytes > MAX_PLAN_BYTES:
+                if nxt.header.kind is not MessageKind.LAYER or staged + _staged_bytes(nxt) > MAX_PLAN_STAGED_BYTES:
                     break
                 taken.append(self._queue.popleft())
-                nbytes += nxt.header.payload_nbytes
+                staged += _staged_bytes(nxt)
         return [first] + [m for m in taken[1:] if self._is_live(m.header.transfer_id)]
 
     def _send_plan(self, outgoing: list[OutgoingMessage]) -> None:
         """Announce the messages of ``outgoing`` in one PLAN header, then send them in order, each as
         soon as its layers are computed. Every announced message is sent, even if its transfer is
         cancelled meanwhile: the receiver has posted a receive for it."""
-        planned = group_parts([m.header for m in outgoing],
-                              lambda i: outgoing[i].dst_contiguous and outgoing[i].header.payload_nbytes >= MIN_SPLIT_BYTES,
+        planned = group_parts([m.header for m in outgoing], lambda i: _splittable(outgoing[i]),
                               MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES, [event_done(m.ready) for m in outgoing])
         self._messages.queue_push(MESSAGE_QUEUE, encode_plan(planned).pack())
         pos = 0
+        indices: dict[tuple[int, ...], torch.Tensor] = {}  # source block ids, once per plan
         for message in planned:
             parts = outgoing[pos:pos + len(message.parts)]
             pos += len(message.parts)
@@ -228,9 +230,16 @@ class ProcessGroupSender(SenderCore):
             for m in parts:
                 if m.ready is not None:
                     torch.cuda.current_stream(self._device).wait_event(m.ready)
-            self._send(self._payload(message, parts), parts)
+            self._send(self._payload(message, parts, indices), parts)
 
-    def _payload(self, message: PlannedMessage, parts: list[OutgoingMessage]) -> list[torch.Tensor]:
+    def _index(self, ids: tuple[int, ...], indices: dict[tuple[int, ...], torch.Tensor]) -> torch.Tensor:
+        index = indices.get(ids)
+        if index is None:
+            index = indices[ids] = index_tensor(ids, self._device)
+        return index
+
+    def _payload(self, message: PlannedMessage, parts: list[OutgoingMessage],
+                 indices: dict[tuple[int, ...], torch.Tensor]) -> list[torch.Tensor]:
         """The tensors that carry ``message``: for a split message keys then values (straight from the
         cache when the source blocks are contiguous), else the parts gathered into one buffer."""
         if message.split:
@@ -239,7 +248,7 @@ class ProcessGroupSender(SenderCore):
             if is_contiguous(m.src_block_ids):
                 first = m.src_block_ids[0]
                 return [m.kv_layer[kv, first:first + len(m.src_block_ids)] for kv in (0, 1)]
-            gathered = gather_blocks(m.kv_layer, index_tensor(m.src_block_ids, self._device))
+            gathered = gather_blocks(m.kv_layer, self._index(m.src_block_ids, indices))
             return [gathered[0], gathered[1]]
         buffer = torch.empty(message.nbytes, dtype=torch.uint8, device=self._device)
         offset = 0
@@ -248,7 +257,7 @@ class ProcessGroupSender(SenderCore):
             assert m.kv_layer is not None
             view = buffer[offset:offset + h.payload_nbytes].view(m.kv_layer.dtype).view(
                 self._layout.payload_shape(h.num_blocks))
-            torch.index_select(m.kv_layer, 1, index_tensor(m.src_block_ids, self._device), out=view)
+            torch.index_select(m.kv_layer, 1, self._index(m.src_block_ids, indices), out=view)
             offset += h.payload_nbytes
         return [buffer]
 
@@ -289,6 +298,18 @@ class ProcessGroupSender(SenderCore):
             self._inflight_bytes -= sum(p.numel() * p.element_size() for p in oldest.payloads)
             for m in oldest.messages:
                 self._message_done(m)
+
+
+def _splittable(message: OutgoingMessage) -> bool:
+    """Whether a part may go as keys + values straight into the receiver's cache (when it is alone)."""
+    return message.dst_contiguous and message.header.payload_nbytes >= MIN_SPLIT_BYTES
+
+
+def _staged_bytes(message: OutgoingMessage) -> int:
+    """The bytes of a part the receiver will stage (parts of at least ``MAX_MESSAGE_BYTES`` go alone, so
+    a splittable one of that size lands in place)."""
+    direct = _splittable(message) and message.header.payload_nbytes >= MAX_MESSAGE_BYTES
+    return 0 if direct else message.header.payload_nbytes
 
 
 def open_sender(bootstrap: Mapping[str, Any], caches: Sequence[torch.Tensor], layout: KVLayoutInfo,
