@@ -77,7 +77,8 @@ class DecodeRole(Role):
         text = None if ids else request.prompt_text
         chat = ([{"role": m.role, "content": m.content} for m in request.chat.messages]
                 if request.HasField("chat") else None)
-        remote = bool(request.prefill_address)
+        resume = list(request.resume_token_ids.ids)
+        remote = bool(request.prefill_address) and not resume  # a moved stream is computed here
         rid = request.request_id
 
         def admit(engine: LLMEngine) -> None:
@@ -85,7 +86,7 @@ class DecodeRole(Role):
             if chat is not None:  # rendered and tokenized here: the tokenizer lives with the engine
                 prompt_ids = engine.tokenizer.encode_chat(chat, not request.chat.no_generation_prompt)
             engine.add_request(rid, prompt=None if chat is not None else text, prompt_token_ids=prompt_ids,
-                               params=params, remote_prefill=remote)
+                               params=params, remote_prefill=remote, resume_token_ids=resume)
 
         try:
             if remote:

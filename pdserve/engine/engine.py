@@ -193,21 +193,49 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | None = None, prompt_token_ids: Sequence[int] | None = None,
                     params: SamplingParams | None = None, *, remote_prefill: bool = False,
-                    prefill_only: bool = False) -> Request:
+                    prefill_only: bool = False, resume_token_ids: Sequence[int] = ()) -> Request:
+        """Queue a request. ``resume_token_ids``: output a lost worker already generated (and streamed)
+        for it; they follow the prompt, count as output (``max_tokens``, ``min_tokens``, penalties,
+        usage), are computed here with the prompt and are not emitted again."""
         if request_id in self._requests or request_id in self._held:
             raise InvalidParameterError("request_id", f"{request_id!r} is already in use")
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidParameterError("sampling_params", f"must be SamplingParams, got {type(params).__name__}")
         ids = self.encode_prompt(prompt, prompt_token_ids)
+        resumed = self._check_resume(ids, params, list(resume_token_ids), remote_prefill or prefill_only)
         request = Request(request_id, ids, params, prompt=prompt, remote_prefill=remote_prefill,
                           prefill_only=prefill_only)
+        for token_id in resumed:
+            request.append_output_token(token_id)
+        if resumed:
+            request.first_token_time = None  # its first token (on this worker) is still to come
+            if request.logprobs is not None:
+                request.logprobs.extend({} for _ in resumed)  # sent by the lost worker
         self._requests[request_id] = request
         self._detokenizers[request_id] = IncrementalDetokenizer(
-            self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+            self.tokenizer, ids + resumed, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
             include_stop_str_in_output=params.include_stop_str_in_output)
         self.scheduler.add(request)
         return request
+
+    def _check_resume(self, ids: list[int], params: SamplingParams, resumed: list[int], remote: bool) -> list[int]:
+        if not resumed:
+            return resumed
+        if remote:
+            raise InvalidParameterError("resume_token_ids", "a resumed request is computed on the worker that "
+                                        "resumes it, never prefilled remotely")
+        vocab = self.spec.vocab_size
+        for t in resumed:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise InvalidParameterError("resume_token_ids", f"token id {t!r} is outside the vocabulary "
+                                            f"[0, {vocab})")
+        if params.max_tokens is not None and len(resumed) >= params.max_tokens:
+            raise InvalidParameterError("resume_token_ids", f"{len(resumed)} tokens already reach max_tokens "
+                                        f"({params.max_tokens})")
+        if len(ids) + len(resumed) >= self.max_model_len:
+            raise PromptTooLongError(len(ids) + len(resumed), self.max_model_len)
+        return resumed
 
     def abort_request(self, request_id: str) -> RequestDelta | None:
         """Stop a request and free its blocks; returns its final delta, or None if it is unknown."""

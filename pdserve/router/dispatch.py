@@ -56,6 +56,10 @@ class Dispatcher:
                               else (WorkerRole.COLOCATED,))
         self._aborts: set[asyncio.Task[None]] = set()
 
+    @property
+    def max_stream_migrations(self) -> int:
+        return self._config.max_stream_migrations
+
     # -- placement --------------------------------------------------------------------------------
     async def submit(self, request: InFlightRequest, message: worker_pb2.SubmitRequest) -> None:
         """Place ``request`` on a worker and Submit it there; on return it is assigned and accepted.
@@ -70,8 +74,9 @@ class Dispatcher:
             decode = self._decode_policy.pick(decoders, exclude=request.failed_workers,
                                               bonus=self._affinity.bonus([w.worker_id for w in decoders], keys, weight))
             prefill_address, prefill_id = "", None
+            resumed = len(message.resume_token_ids.ids) > 0  # computed on its decode worker
             prefill_workers = (self._registry.with_role(WorkerRole.PREFILL)
-                               if self._mode is ServingMode.DISAGGREGATED else [])
+                               if self._mode is ServingMode.DISAGGREGATED and not resumed else [])
             if prefill_workers and self._prefill_policy.should_prefill_remotely(
                     request.num_prompt_tokens, [w for w in prefill_workers if w.routable], decode):
                 prefill = self._prefill_policy.pick(
@@ -97,6 +102,26 @@ class Dispatcher:
                         f"worker {decode.worker_id} rejected request {request.request_id}: {details}"
                     raise RouteError(code, message_text) from None
                 self._on_submit_failure(request, decode.worker_id, code, details)
+
+    async def resume_stream(self, request: InFlightRequest, message: worker_pb2.SubmitRequest, lost_worker: str,
+                            deadline: float) -> None:
+        """Place a stream that lost its decode worker (``message`` carries ``resume_token_ids``) on another
+        decode worker, or on the same one once it is back (restarted): retries with backoff until
+        ``deadline`` (loop time), then raises UNAVAILABLE."""
+        loop = asyncio.get_running_loop()
+        delay = 0.1
+        while True:
+            request.attempts, request.failed_workers = 0, {lost_worker} if delay == 0.1 else set()
+            try:
+                await self.submit(request, message)
+                return
+            except RouteError as exc:
+                if exc.code is not grpc.StatusCode.UNAVAILABLE or loop.time() + delay > deadline:
+                    raise
+                logger.info("request %s: no decode worker to continue on yet (%s); retrying in %.1f s",
+                            request.request_id, exc.message, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
 
     def _on_submit_failure(self, request: InFlightRequest, worker_id: str, code: grpc.StatusCode,
                            details: str) -> None:

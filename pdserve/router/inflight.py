@@ -47,10 +47,11 @@ class InFlightRequest:
     tokens_sent: int = 0
     attempts: int = 0
     failed_workers: set[str] = field(default_factory=set)
+    migrations: int = 0  # times the stream continued on another decode worker after tokens went out
 
     @property
     def started_streaming(self) -> bool:
-        """Whether any output reached the client: from then on the request cannot move to another worker."""
+        """Whether any output reached the client: from then on the request moves only as a resumed stream."""
         return self.tokens_sent > 0
 
 

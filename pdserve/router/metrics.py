@@ -59,11 +59,15 @@ class RouterMetrics:
         self.placements: Counter[str] = Counter()  # "prefill_worker" | "decode_worker"
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.streams_moved = 0
 
     # -- recording -----------------------------------------------------------------------------------
 
     def placed(self, remote_prefill: bool) -> None:
         self.placements["prefill_worker" if remote_prefill else "decode_worker"] += 1
+
+    def stream_moved(self) -> None:
+        self.streams_moved += 1
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -94,6 +98,9 @@ class RouterMetrics:
         family("pdserve_prefill_placements_total", "counter",
                "Where prompts were prefilled: by a prefill worker or by their decode worker.",
                [f'pdserve_prefill_placements_total{{where="{w}"}} {n}' for w, n in sorted(self.placements.items())])
+        family("pdserve_streams_moved_total", "counter",
+               "Streams that continued on another decode worker after theirs was lost.",
+               [f"pdserve_streams_moved_total {self.streams_moved}"])
         family("pdserve_prompt_tokens_total", "counter", "Prompt tokens of ended requests.",
                [f"pdserve_prompt_tokens_total {self.prompt_tokens}"])
         family("pdserve_generation_tokens_total", "counter", "Generated tokens of ended requests.",

@@ -7,7 +7,11 @@ ends the session, which returns the accumulated completion (the unary answer). F
 
 * nothing arrives for ``request_timeout_s``: DEADLINE_EXCEEDED (and an Abort at the worker);
 * the worker's Updates stream drops: the request is re-submitted elsewhere if no token reached the
-  client yet and the retry budget lasts, else UNAVAILABLE;
+  client yet and the retry budget lasts; once tokens went out, the stream *moves*: it is submitted
+  to another decode worker (or to the same one once restarted, waiting up to ``request_timeout_s``)
+  with the tokens already sent as ``resume_token_ids``, which that worker computes with the prompt
+  and does not send again, so the client sees one stream (up to ``max_stream_migrations`` times;
+  then, or with no worker back in time, UNAVAILABLE);
 * the worker reports an error in the delta (``finish_reason`` ERROR or ``error`` set): the status code
   the worker named (UNAVAILABLE for a lost peer), else INTERNAL, with the worker's message;
 * the caller is cancelled (client gone, deadline): the cancellation propagates, after an Abort.
@@ -108,19 +112,42 @@ class RequestSession:
                                       self._timeout_s) from None
 
     async def _move(self, lost: WorkerLost) -> None:
-        """Re-submit to another worker after ``lost``, or fail with UNAVAILABLE if tokens already went out."""
+        """Re-submit to another worker after ``lost``: from scratch if no token went out yet, else as a
+        resumed stream (see the module docstring)."""
         request = self._request
         if lost.worker_id != request.decode_worker:  # stale: the request already moved
             return
         if request.started_streaming:
-            raise RouteError(grpc.StatusCode.UNAVAILABLE,
-                             f"request {request.request_id}: worker {lost.worker_id} was lost after "
-                             f"{request.tokens_sent} tokens were sent ({lost.reason})")
+            await self._resume(lost)
+            return
         self._dispatcher.abort_in_background(request.request_id, lost.worker_id)  # in case it still runs
         self._dispatcher.release(request)
         self._dispatcher.note_failure(request, lost.worker_id, lost.reason)
         self._assembler = ResponseAssembler(request.request_id)  # drop what the lost worker reported
         await self._dispatcher.submit(request, self._submit)
+
+
+    async def _resume(self, lost: WorkerLost) -> None:
+        request = self._request
+        lost_after = (f"request {request.request_id}: worker {lost.worker_id} was lost after "
+                      f"{request.tokens_sent} tokens were sent ({lost.reason})")
+        if request.migrations >= self._dispatcher.max_stream_migrations:
+            raise RouteError(grpc.StatusCode.UNAVAILABLE,
+                             f"{lost_after}; it already moved {request.migrations} time(s), the limit "
+                             f"(router.max_stream_migrations)")
+        self._dispatcher.abort_in_background(request.request_id, lost.worker_id)  # in case it still runs
+        self._dispatcher.release(request)
+        request.migrations += 1
+        resume = self._submit.resume_token_ids.ids
+        del resume[:]
+        resume.extend(self._assembler.token_ids)
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        try:
+            await self._dispatcher.resume_stream(request, self._submit, lost.worker_id, deadline)
+        except RouteError as exc:
+            raise RouteError(exc.code, f"{lost_after}; it could not continue elsewhere: {exc.message}") from None
+        if self._metrics is not None:
+            self._metrics.stream_moved()
 
 
 def _status_code(name: str) -> grpc.StatusCode:

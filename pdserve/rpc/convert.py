@@ -302,6 +302,11 @@ class ResponseAssembler:
         return len(self._token_ids)
 
     @property
+    def token_ids(self) -> list[int]:
+        """The output token ids received so far (a copy)."""
+        return list(self._token_ids)
+
+    @property
     def usage(self) -> Usage:
         return Usage(prompt_tokens=self._num_prompt_tokens, completion_tokens=len(self._token_ids),
                      cached_prompt_tokens=self._num_cached_tokens)

@@ -17,6 +17,7 @@ from pdserve.router.config import check_topology
     ({"request_timeout_s": 0}, "request_timeout_s"),
     ({"max_inflight_requests": 0}, "max_inflight_requests"),
     ({"max_retries_before_first_token": -1}, "max_retries_before_first_token"),
+    ({"max_stream_migrations": -1}, "max_stream_migrations"),
     ({"kv_usage_weight": -0.1}, "kv_usage_weight"),
     ({"kv_usage_weight": 0.0, "running_requests_weight": 0.0}, "kv_usage_weight"),
     ({"reconnect_backoff_initial_s": 2.0, "reconnect_backoff_max_s": 1.0}, "reconnect_backoff_max_s"),

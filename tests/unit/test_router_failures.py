@@ -88,22 +88,39 @@ def test_lost_stream_before_first_token_moves_the_request() -> None:
     run(scenario)
 
 
-def test_lost_stream_after_tokens_fails_with_unavailable() -> None:
+@pytest.mark.parametrize("migrations", [3, 0])
+def test_a_lost_stream_after_tokens_moves_or_fails_with_unavailable(migrations: int) -> None:
+    """Default: the stream continues on the other worker from the tokens already sent (``resume_token_ids``),
+    the client sees one stream; with ``max_stream_migrations=0`` it fails with UNAVAILABLE."""
     async def scenario() -> None:
         doomed = FakeWorker("c0", "colocated", step_interval_s=0.05, tokens_per_step=1)
         good = FakeWorker("c1", "colocated", kv_usage=0.5)
-        async with cluster([doomed, good], health_check_interval_s=60.0) as (router, stub):
+        async with cluster([doomed, good], health_check_interval_s=60.0,
+                           max_stream_migrations=migrations) as (router, stub):
             call = stub.Generate(generate_request([1], 100))
             first = await call.read()
             assert list(first.token_ids) == expected_tokens([1], 1)
             await doomed.stop()
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                while await call.read() is not grpc.aio.EOF:
-                    pass
-            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-            assert "was lost after" in info.value.details()
-            assert not good.submitted
-            await wait_until(lambda: len(router.table) == 0, what="the failed request to leave")
+            if migrations:
+                tokens = list(first.token_ids)
+                while (response := await call.read()) is not grpc.aio.EOF:
+                    tokens += response.token_ids
+                    last = response
+                response = last
+                assert tokens == expected_tokens([1], 100) and response.finish_reason
+                assert response.usage.completion_tokens == 100
+                [moved] = good.submitted
+                assert list(moved.resume_token_ids.ids) == tokens[:len(moved.resume_token_ids.ids)]
+                assert len(moved.resume_token_ids.ids) >= 1 and moved.prefill_address == ""
+                assert router.metrics.streams_moved == 1
+            else:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    while await call.read() is not grpc.aio.EOF:
+                        pass
+                assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+                assert "was lost after" in info.value.details()
+                assert not good.submitted
+            await wait_until(lambda: len(router.table) == 0, what="the request to leave")
     run(scenario)
 
 

@@ -133,7 +133,8 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
                                 f"prompt: the prompt has {prompt_len(request)} tokens but max is {self.max_prompt_tokens}")
         self.submitted.append(request)
         max_tokens = request.params.max_tokens if request.params.HasField("max_tokens") else 16
-        self.active[request.request_id] = _Active(request, max_tokens)
+        # a resumed stream goes on after the tokens a lost worker already sent (as the engine does)
+        self.active[request.request_id] = _Active(request, max_tokens, generated=len(request.resume_token_ids.ids))
         return worker_pb2.SubmitReply()
 
     async def Abort(self, request: worker_pb2.AbortRequest, context: Any) -> worker_pb2.AbortReply:
