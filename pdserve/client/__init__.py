@@ -34,6 +34,7 @@ from pdserve.client.errors import (
     PdserveClientError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
     UnimplementedError,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "NotFoundError",
     "PdserveClientError",
     "PermissionDeniedError",
+    "UnauthenticatedError",
     "ResourceExhaustedError",
     "SamplingParams",
     "UnavailableError",

@@ -143,3 +143,19 @@ def stream_ended_early(request_id: str) -> PdserveClientError:
     """The error for a stream the server closed (OK) before a finishing response."""
     return InternalError(grpc.StatusCode.INTERNAL,
                          f"the stream of request {request_id!r} ended before the request finished")
+
+
+#: The environment variable the SDK (and the ``pdserve`` CLI) reads an API key from.
+API_KEY_ENV = "PDSERVE_API_KEY"
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata carrying ``api_key`` (else ``$PDSERVE_API_KEY``) as a bearer token, or None."""
+    import os
+
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    if key is None or key == "":
+        return None
+    if not isinstance(key, str) or any(c.isspace() for c in key) or not key.isprintable():
+        raise ValueError("api_key must be a printable string without whitespace")
+    return (("authorization", f"Bearer {key}"),)

@@ -14,6 +14,7 @@ from pdserve.client._calls import (
     Deadline,
     RetryPolicy,
     Timeout,
+    auth_metadata,
     build_request,
     check_timeout,
     resolve_timeout,
@@ -47,8 +48,10 @@ class AsyncClient:
         model: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.target = target
+        self._metadata = auth_metadata(api_key)
         self.timeout = check_timeout(timeout)
         self.model = model
         self.retry = RetryPolicy(max_retries, retry_backoff, max_retry_backoff)
@@ -105,7 +108,7 @@ class AsyncClient:
         stub = self._pdserve_stub()
         attempt = 0
         while True:
-            call = stub.Generate(request, timeout=deadline.remaining())
+            call = stub.Generate(request, timeout=deadline.remaining(), metadata=self._metadata)
             produced = False
             try:
                 final: CompletionChunk | None = None
@@ -190,7 +193,7 @@ class AsyncClient:
         attempt = 0
         while True:
             try:
-                return await callable_(request, timeout=deadline.remaining())
+                return await callable_(request, timeout=deadline.remaining(), metadata=self._metadata)
             except grpc.RpcError as err:
                 error = error_from_rpc(err)
                 delay = retry_delay(error, attempt, self.retry, deadline, produced=False)

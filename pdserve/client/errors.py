@@ -57,6 +57,10 @@ class PermissionDeniedError(PdserveClientError):
     """PERMISSION_DENIED or UNAUTHENTICATED."""
 
 
+class UnauthenticatedError(PermissionDeniedError):
+    """No valid API key: pass ``api_key=`` to the client or set ``PDSERVE_API_KEY``."""
+
+
 class ResourceExhaustedError(PdserveClientError):
     """RESOURCE_EXHAUSTED: the cluster's queue is full, or the request can never fit; retry later/smaller."""
 
@@ -107,7 +111,7 @@ ERROR_CLASSES: dict[grpc.StatusCode, type[PdserveClientError]] = {
     grpc.StatusCode.INTERNAL: InternalError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DATA_LOSS: InternalError,
-    grpc.StatusCode.UNAUTHENTICATED: PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
 }
 """The exception class of every non-OK status code."""
 

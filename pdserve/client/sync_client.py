@@ -14,6 +14,7 @@ from pdserve.client._calls import (
     Deadline,
     RetryPolicy,
     Timeout,
+    auth_metadata,
     build_request,
     check_timeout,
     resolve_timeout,
@@ -36,7 +37,9 @@ class Client:
     attempts; every call takes its own ``timeout=``. Calls failing with UNAVAILABLE are retried up to
     ``max_retries`` times with exponential backoff (from ``retry_backoff`` s, at most
     ``max_retry_backoff`` s, jittered), a stream only before its first chunk. Failures raise
-    :class:`~pdserve.client.errors.PdserveClientError` subclasses.
+    :class:`~pdserve.client.errors.PdserveClientError` subclasses. ``api_key`` (else the
+    ``PDSERVE_API_KEY`` environment variable) is sent as ``authorization: Bearer <key>`` with each call;
+    ``credentials`` (e.g. ``grpc.ssl_channel_credentials(root_cert)``) make the channel TLS.
     """
 
     def __init__(
@@ -50,8 +53,10 @@ class Client:
         model: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: ChannelOptions | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.target = target
+        self._metadata = auth_metadata(api_key)
         self.timeout = check_timeout(timeout)
         self.model = model
         self.retry = RetryPolicy(max_retries, retry_backoff, max_retry_backoff)
@@ -114,7 +119,7 @@ class Client:
                 deadline: Deadline) -> Generator[CompletionChunk, None, None]:
         attempt = 0
         while True:
-            call = self._stub.Generate(request, timeout=deadline.remaining())
+            call = self._stub.Generate(request, timeout=deadline.remaining(), metadata=self._metadata)
             produced = False
             try:
                 final: CompletionChunk | None = None
@@ -179,7 +184,7 @@ class Client:
         deadline = Deadline(resolve_timeout(timeout, self.timeout))
         attempt = 0
         while True:
-            future = method.future(request, timeout=deadline.remaining())
+            future = method.future(request, timeout=deadline.remaining(), metadata=self._metadata)
             try:
                 return future.result()
             except grpc.RpcError as err:

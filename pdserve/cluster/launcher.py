@@ -142,7 +142,8 @@ class Cluster:
         host = cfg.router.host if cfg.router.host not in ("0.0.0.0", "::") else "127.0.0.1"
         self.router_address = format_address(host, port)
         http_port = self.router.http_port
-        self.http_url = f"http://{format_address(host, http_port)}" if http_port is not None else ""
+        scheme = "https" if self.config.router.tls_cert_file else "http"
+        self.http_url = f"{scheme}://{format_address(host, http_port)}" if http_port is not None else ""
 
     def _start_supervisor(self) -> None:
         self._supervisor = threading.Thread(target=self._supervise, name="pdserve-supervisor", daemon=True)

@@ -10,6 +10,7 @@ the cluster runs (Ray installs its own while starting, which would otherwise rep
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -34,6 +35,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from pdserve.cluster.config import ClusterConfig, load_cluster_config
     from pdserve.cluster.launcher import Cluster
+    from pdserve.router.auth import API_KEYS_ENV
 
     config = load_cluster_config(args.config) if args.config else ClusterConfig()
     if args.port is not None:
@@ -49,9 +51,11 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"pdserve: starting {config.mode} cluster of {config.model!r} ({pools}) ...", file=sys.stderr, flush=True)
     with Cluster(config, address=args.address, log_level=args.log_level.upper()) as cluster:
         address = cluster.router_address
-        if config.router.host in ("0.0.0.0", "::"):
+        keyed = bool(config.router.api_keys_file or os.environ.get(API_KEYS_ENV))
+        if config.router.host in ("0.0.0.0", "::") and not keyed:
             print(f"pdserve: WARNING: the router listens on every interface ({config.router.host}) with no "
-                  f"authentication: anyone who can reach this machine can use it", file=sys.stderr, flush=True)
+                  f"authentication: anyone who can reach this machine can use it (set router.api_keys_file "
+                  f"or {API_KEYS_ENV})", file=sys.stderr, flush=True)
         http = f", {cluster.http_url}/v1 (OpenAI HTTP)" if cluster.http_url else ""
         print(f"pdserve: serving on {address} (gRPC){http}; workers: "
               + ", ".join(f"{w.worker_id}@{w.address}" for w in cluster.workers), flush=True)

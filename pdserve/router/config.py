@@ -65,6 +65,9 @@ class RouterConfig:
       aborted at its worker and fails with DEADLINE_EXCEEDED. It is an idle timeout, not a total one.
     * ``max_retries_before_first_token``: how many *other* workers a request may be re-submitted to when
       its worker turns out unavailable, as long as no token has reached the client yet.
+    * ``max_stream_migrations``: how many times a stream whose decode worker was lost after tokens
+      reached the client may continue on another decode worker (from the tokens already sent: see
+      :meth:`~pdserve.router.session.RequestSession.run`); 0: such streams fail with UNAVAILABLE.
     * ``max_inflight_requests``: admission limit; the next request fails with RESOURCE_EXHAUSTED.
     * ``kv_usage_weight``/``running_requests_weight``: the decode policy's weights (see
       :class:`~pdserve.router.decode_policy.LeastLoadedDecodePolicy`).
@@ -86,6 +89,10 @@ class RouterConfig:
       false, new requests get UNAVAILABLE) and lets requests in flight finish for up to this long.
     * ``reconnect_backoff_initial_s``/``reconnect_backoff_max_s``: exponential backoff of a dropped
       ``Worker.Updates`` stream.
+    * ``api_keys_file``: API keys for the client ports, one per line (see :mod:`pdserve.router.auth`;
+      ``PDSERVE_API_KEYS`` adds comma-separated ones). None and no such variable: no authentication.
+    * ``tls_cert_file``/``tls_key_file``: PEM certificate chain and private key; both set: the gRPC and
+      HTTP ports speak TLS only.
     """
 
     host: str = "0.0.0.0"
@@ -93,6 +100,7 @@ class RouterConfig:
     http_port: int | None = None
     request_timeout_s: float = 60.0
     max_retries_before_first_token: int = 2
+    max_stream_migrations: int = 3
     max_inflight_requests: int = 4096
     kv_usage_weight: float = 0.5
     running_requests_weight: float = 0.5
@@ -107,6 +115,9 @@ class RouterConfig:
     shutdown_grace_s: float = 30.0
     reconnect_backoff_initial_s: float = 0.1
     reconnect_backoff_max_s: float = 5.0
+    api_keys_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -121,12 +132,19 @@ class RouterConfig:
         if self.http_port is not None:
             require_int("http_port", self.http_port, minimum=0, maximum=65535)
         require_int("max_retries_before_first_token", self.max_retries_before_first_token, minimum=0)
+        require_int("max_stream_migrations", self.max_stream_migrations, minimum=0)
         require_int("max_inflight_requests", self.max_inflight_requests, minimum=1)
         require_int("min_remote_prefill_tokens", self.min_remote_prefill_tokens, minimum=0)
         require_int("max_queued_prefill_tokens", self.max_queued_prefill_tokens, minimum=0)
         if self.ttft_slo_ms is not None:
             require_float("ttft_slo_ms", self.ttft_slo_ms, minimum=0.0, exclusive_minimum=True)
         require_float("shutdown_grace_s", self.shutdown_grace_s, minimum=0.0)
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise InvalidParameterError("tls_cert_file", "give both tls_cert_file and tls_key_file, or neither")
+        for name in ("api_keys_file", "tls_cert_file", "tls_key_file"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidParameterError(name, "must be a non-empty path")
         for name in ("request_timeout_s", "describe_timeout_s", "submit_timeout_s", "abort_timeout_s",
                      "health_check_interval_s", "reconnect_backoff_initial_s", "reconnect_backoff_max_s"):
             require_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import grpc
 from aiohttp import web
 
 from pdserve.common.errors import InvalidParameterError
+from pdserve.router.auth import ApiKeys
 from pdserve.router.metrics import CONTENT_TYPE
 from pdserve.router.openai_responses import (
     chat_chunk,
@@ -55,15 +57,17 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.CANCELLED: 499,
     grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.UNIMPLEMENTED: 501,
 }
-_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-                429: "rate_limit_error"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+                413: "invalid_request_error", 429: "rate_limit_error"}
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 class OpenAIFront:
     def __init__(self, servicer: PdServeServicer, model: str, *, max_model_len: Callable[[], int],
-                 serving: Callable[[], bool], metrics: Callable[[], str] | None = None) -> None:
+                 serving: Callable[[], bool], metrics: Callable[[], str] | None = None,
+                 api_keys: ApiKeys | None = None) -> None:
         self._metrics = metrics
+        self._api_keys = api_keys
         self._servicer = servicer
         self._model = model
         self._max_model_len = max_model_len
@@ -72,17 +76,29 @@ class OpenAIFront:
         self.port = 0
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._authenticate])
         app.add_routes([web.get("/v1/models", self._models), web.post("/v1/completions", self._completions),
                         web.post("/v1/chat/completions", self._chat), web.get("/health", self._health),
                         web.get("/metrics", self._metrics_page)])
         return app
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on ``host:port`` (0: any free port); returns the bound port. OSError if taken."""
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """``/v1/*`` needs a valid ``Authorization: Bearer`` key when keys are configured (401 otherwise)."""
+        if (self._api_keys is not None and request.path.startswith("/v1/")
+                and not self._api_keys.check_authorization(request.headers.get("Authorization"))):
+            response = _error(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+                              code="invalid_api_key")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        return await handler(request)
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen on ``host:port`` (0: any free port; with ``ssl_context``: HTTPS only); returns the bound
+        port. OSError if taken."""
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_port=False)
+        site = web.TCPSite(self._runner, host, port, reuse_port=False, ssl_context=ssl_context)
         try:
             await site.start()
         except BaseException:

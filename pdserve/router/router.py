@@ -20,10 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from pdserve.common.errors import ConfigError
+from pdserve.router.auth import ApiKeyInterceptor, ApiKeys
 from pdserve.router.config import RouterConfig, ServingMode, WorkerEndpoint, WorkerRole, check_topology
 from pdserve.router.decode_policy import DecodePolicy, DecodePolicyConfig, LeastLoadedDecodePolicy
 from pdserve.router.dispatch import Dispatcher
@@ -106,9 +110,12 @@ class Router:
             servicer = PdServeServicer(model=self.model, mode=self.mode, registry=self.registry, table=self.table,
                                        dispatcher=self.dispatcher, request_timeout_s=self.config.request_timeout_s,
                                        metrics=self.metrics)
+            keys = ApiKeys.load(self.config.api_keys_file)
+            tls = read_tls(self.config)
             self._server = await start_server(
                 lambda server: pdserve_pb2_grpc.add_PdServeServicer_to_server(servicer, server),
-                self.config.host, self.config.port, service_names=[PDSERVE_SERVICE])
+                self.config.host, self.config.port, service_names=[PDSERVE_SERVICE],
+                interceptors=[ApiKeyInterceptor(keys)] if keys.enabled else None, tls=tls)
             await self._update_health()
             self._tasks.append(asyncio.create_task(self._watch_health(), name="router-health"))
             if self.config.http_port is not None:
@@ -116,8 +123,10 @@ class Router:
 
                 self._http = OpenAIFront(servicer, self.model, max_model_len=self._max_model_len,
                                          serving=lambda: bool(self._serving),
-                                         metrics=lambda: self.metrics.render(self.registry.all(), len(self.table)))
-                await self._http.start(self.config.host, self.config.http_port)
+                                         metrics=lambda: self.metrics.render(self.registry.all(), len(self.table)),
+                                         api_keys=keys)
+                await self._http.start(self.config.host, self.config.http_port,
+                                       ssl_context=None if tls is None else server_ssl_context(self.config))
         except BaseException:
             if self._server is not None:
                 await self._server.stop(0)
@@ -130,8 +139,9 @@ class Router:
                                state.role.value, state.endpoint.address,
                                state.last_error or "its Updates stream did not connect")
         healthy = sum(s.routable for s in self.registry.all())
-        logger.info("router serving %s (%s) on port %d; %d/%d workers healthy", self.model, self.mode.value,
-                    self._server.port, healthy, len(self.workers))
+        logger.info("router serving %s (%s) on port %d%s%s; %d/%d workers healthy", self.model, self.mode.value,
+                    self._server.port, " (TLS)" if tls else "",
+                    f", {len(keys)} API key(s) required" if keys.enabled else "", healthy, len(self.workers))
         return self._server.port
 
     async def drain(self, grace_s: float | None = None) -> bool:
@@ -225,3 +235,26 @@ class Router:
                 await task
         self._streams.clear()
         await self.registry.close()
+
+
+def read_tls(config: RouterConfig) -> tuple[bytes, bytes] | None:
+    """``(private_key, certificate_chain)`` PEM bytes from the config's files, or None without TLS."""
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return None
+    out = []
+    for name, path in (("router.tls_key_file", config.tls_key_file), ("router.tls_cert_file", config.tls_cert_file)):
+        try:
+            out.append(Path(path).read_bytes())
+        except OSError as exc:
+            raise ConfigError(name, f"cannot read {path!r}: {exc.strerror or exc}") from None
+    return out[0], out[1]
+
+
+def server_ssl_context(config: RouterConfig) -> ssl.SSLContext:
+    """The HTTP port's TLS context (same certificate and key as the gRPC port)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(config.tls_cert_file), str(config.tls_key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("router.tls_cert_file", f"cannot load the certificate and key: {exc}") from None
+    return context

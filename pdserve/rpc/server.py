@@ -78,6 +78,7 @@ async def start_server(
     options: ChannelOptions | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
     maximum_concurrent_rpcs: int | None = None,
+    tls: tuple[bytes, bytes] | None = None,
 ) -> RunningServer:
     """Create, bind and start a ``grpc.aio`` server; must be awaited inside the loop that will serve it.
 
@@ -85,6 +86,7 @@ async def start_server(
     ``lambda s: pdserve_pb2_grpc.add_PdServeServicer_to_server(servicer, s)``). ``port=0`` picks a free
     port; the returned :class:`RunningServer` has the bound one. ``options`` override entries of
     :data:`~pdserve.rpc.options.SERVER_OPTIONS` (64 MiB messages, keepalive, no port sharing).
+    ``tls``: ``(private_key_pem, certificate_chain_pem)``: the port speaks TLS only.
     Raises :class:`OSError` when the address cannot be bound (port taken, unknown host).
     """
     server = grpc.aio.server(options=merged(SERVER_OPTIONS, options), interceptors=interceptors,
@@ -95,7 +97,8 @@ async def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = format_address(host, port)
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_insecure_port(address) if tls is None
+                 else server.add_secure_port(address, grpc.ssl_server_credentials([tls])))
     except RuntimeError as exc:
         raise OSError(f"could not bind a gRPC server to {address}: {exc}") from None
     if bound == 0:
