@@ -26,6 +26,8 @@ class PdserveClientError(PdserveError):
         super().__init__(code, details)
         self.code = code
         self.details = details
+        #: seconds the server asked the caller to wait before retrying (its ``retry-after`` trailer)
+        self.retry_after_s: float | None = None
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.details}"
@@ -129,4 +131,16 @@ def error_from_rpc(error: grpc.RpcError) -> PdserveClientError:
     details = details_fn() if callable(details_fn) else None
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
-    return error_for(code, details or code.name.lower().replace("_", " "))
+    out = error_for(code, details or code.name.lower().replace("_", " "))
+    out.retry_after_s = _retry_after(error)
+    return out
+
+
+def _retry_after(error: grpc.RpcError) -> float | None:
+    trailers_fn = getattr(error, "trailing_metadata", None)
+    try:
+        trailers = trailers_fn() if callable(trailers_fn) else None
+        value = dict(trailers or ()).get("retry-after")
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -69,6 +69,9 @@ class RouterConfig:
       reached the client may continue on another decode worker (from the tokens already sent: see
       :meth:`~pdserve.router.session.RequestSession.run`); 0: such streams fail with UNAVAILABLE.
     * ``max_inflight_requests``: admission limit; the next request fails with RESOURCE_EXHAUSTED.
+    * ``admission_max_ttft_s``: refuse (RESOURCE_EXHAUSTED / HTTP 429 with a retry time) a request whose
+      expected time to first token exceeds this (see :mod:`pdserve.router.admission`); a gRPC
+      client's deadline is such a limit too. None: only client deadlines.
     * ``kv_usage_weight``/``running_requests_weight``: the decode policy's weights (see
       :class:`~pdserve.router.decode_policy.LeastLoadedDecodePolicy`).
     * ``min_remote_prefill_tokens``: in disaggregated mode, prompts shorter than this are prefilled on
@@ -102,6 +105,7 @@ class RouterConfig:
     max_retries_before_first_token: int = 2
     max_stream_migrations: int = 3
     max_inflight_requests: int = 4096
+    admission_max_ttft_s: float | None = None
     kv_usage_weight: float = 0.5
     running_requests_weight: float = 0.5
     min_remote_prefill_tokens: int = 0
@@ -136,6 +140,8 @@ class RouterConfig:
         require_int("max_inflight_requests", self.max_inflight_requests, minimum=1)
         require_int("min_remote_prefill_tokens", self.min_remote_prefill_tokens, minimum=0)
         require_int("max_queued_prefill_tokens", self.max_queued_prefill_tokens, minimum=0)
+        if self.admission_max_ttft_s is not None:
+            require_float("admission_max_ttft_s", self.admission_max_ttft_s, minimum=0.0, exclusive_minimum=True)
         if self.ttft_slo_ms is not None:
             require_float("ttft_slo_ms", self.ttft_slo_ms, minimum=0.0, exclusive_minimum=True)
         require_float("shutdown_grace_s", self.shutdown_grace_s, minimum=0.0)

@@ -19,6 +19,8 @@ class RouteError(PdserveError):
         super().__init__(message)
         self.code = code
         self.message = message
+        #: for refusals under load: when to try again (gRPC ``retry-after`` trailer, HTTP ``Retry-After``)
+        self.retry_after_s: float | None = None
 
 
 class NoWorkerAvailableError(RouteError):
@@ -34,6 +36,7 @@ class RouterOverloadedError(RouteError):
     def __init__(self, limit: int) -> None:
         super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"the router has {limit} requests in flight (max_inflight_requests); retry later")
+        self.retry_after_s = 1.0
 
 
 class RequestTimeoutError(RouteError):

@@ -60,11 +60,15 @@ class RouterMetrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.streams_moved = 0
+        self.rejections: Counter[str] = Counter()  # "ttft" | "in_flight"
 
     # -- recording -----------------------------------------------------------------------------------
 
     def placed(self, remote_prefill: bool) -> None:
         self.placements["prefill_worker" if remote_prefill else "decode_worker"] += 1
+
+    def rejected(self, reason: str) -> None:
+        self.rejections[reason] += 1
 
     def stream_moved(self) -> None:
         self.streams_moved += 1
@@ -98,6 +102,10 @@ class RouterMetrics:
         family("pdserve_prefill_placements_total", "counter",
                "Where prompts were prefilled: by a prefill worker or by their decode worker.",
                [f'pdserve_prefill_placements_total{{where="{w}"}} {n}' for w, n in sorted(self.placements.items())])
+        family("pdserve_requests_rejected_total", "counter",
+               "Requests refused at admission (RESOURCE_EXHAUSTED / 429): expected TTFT over the limit, or "
+               "the router full.",
+               [f'pdserve_requests_rejected_total{{reason="{r}"}} {n}' for r, n in sorted(self.rejections.items())])
         family("pdserve_streams_moved_total", "counter",
                "Streams that continued on another decode worker after theirs was lost.",
                [f"pdserve_streams_moved_total {self.streams_moved}"])

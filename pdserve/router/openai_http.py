@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable
@@ -231,7 +232,11 @@ def _error_for(exc: BaseException) -> web.Response:
             return _error(404, exc.message, param="model", code="model_not_found")
         return _error(400, f"{exc.field}: {exc.message}", param=exc.field)
     status, message = _status_and_message(exc)
-    return _error(status, message)
+    response = _error(status, message)
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return response
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:

@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from pdserve.common.errors import ConfigError
+from pdserve.router.admission import AdmissionControl
 from pdserve.router.auth import ApiKeyInterceptor, ApiKeys
 from pdserve.router.config import RouterConfig, ServingMode, WorkerEndpoint, WorkerRole, check_topology
 from pdserve.router.decode_policy import DecodePolicy, DecodePolicyConfig, LeastLoadedDecodePolicy
@@ -109,7 +110,9 @@ class Router:
             await self._wait_for_streams(self.config.describe_timeout_s)
             servicer = PdServeServicer(model=self.model, mode=self.mode, registry=self.registry, table=self.table,
                                        dispatcher=self.dispatcher, request_timeout_s=self.config.request_timeout_s,
-                                       metrics=self.metrics)
+                                       metrics=self.metrics,
+                                       admission=AdmissionControl(self.registry, self.mode,
+                                                                  self.config.admission_max_ttft_s))
             keys = ApiKeys.load(self.config.api_keys_file)
             tls = read_tls(self.config)
             self._server = await start_server(

@@ -10,15 +10,17 @@ the handler coroutine, so a client that goes away cancels exactly the coroutine 
 
 from __future__ import annotations
 
+import math
 from typing import NoReturn
 
 import grpc
 
 from pdserve.common.errors import InvalidParameterError, PromptTooLongError
 from pdserve.common.validation import require_text
+from pdserve.router.admission import AdmissionControl, AdmissionRejectedError
 from pdserve.router.config import ServingMode, WorkerRole
 from pdserve.router.dispatch import Dispatcher
-from pdserve.router.errors import RouteError
+from pdserve.router.errors import RouteError, RouterOverloadedError
 from pdserve.router.inflight import InFlightTable
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.prefill_policy import estimate_prompt_tokens
@@ -42,8 +44,10 @@ MAX_CHARS_PER_TOKEN = 32
 
 class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
     def __init__(self, *, model: str, mode: ServingMode, registry: WorkerRegistry, table: InFlightTable,
-                 dispatcher: Dispatcher, request_timeout_s: float, metrics: RouterMetrics | None = None) -> None:
+                 dispatcher: Dispatcher, request_timeout_s: float, metrics: RouterMetrics | None = None,
+                 admission: AdmissionControl | None = None) -> None:
         self._metrics = metrics
+        self._admission = admission
         self._model = model
         self._mode = mode
         self._registry = registry
@@ -54,7 +58,7 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
     async def Generate(self, request: pdserve_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> None:
         try:
-            session = self.open_session(request)
+            session = self.open_session(request, context.time_remaining())
             await session.run(context.write)
         except grpc.aio.AbortError:
             raise
@@ -64,7 +68,7 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
     async def GenerateUnary(self, request: pdserve_pb2.GenerateRequest,
                             context: grpc.aio.ServicerContext) -> pdserve_pb2.GenerateResponse:
         try:
-            session = self.open_session(request)
+            session = self.open_session(request, context.time_remaining())
             return await session.run()
         except grpc.aio.AbortError:
             raise
@@ -84,9 +88,12 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
         return cluster_status_to_proto(ClusterStatus(mode=self._mode.value, model=self._model, workers=workers,
                                                      requests_in_flight=len(self._table)))
 
-    def open_session(self, request: pdserve_pb2.GenerateRequest) -> RequestSession:
-        """Validate and admit ``request``; raises InvalidParameterError or RouteError. The HTTP front
-        uses it too, so both APIs share validation, admission and the session."""
+    def open_session(self, request: pdserve_pb2.GenerateRequest,
+                     client_deadline_s: float | None = None) -> RequestSession:
+        """Validate and admit ``request``; raises InvalidParameterError or RouteError (RESOURCE_EXHAUSTED
+        with ``retry_after_s`` when it cannot start within ``client_deadline_s`` or the router's
+        admission limit, see :mod:`pdserve.router.admission`). The HTTP front uses it too, so both APIs
+        share validation, admission and the session."""
         params = request.params if request.HasField("params") else None
         sampling_params_from_proto(params)  # validation only; the worker receives the message as sent
         require_text("request_id", request.request_id, max_chars=MAX_REQUEST_ID_CHARS)
@@ -108,7 +115,14 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
                 raise InvalidParameterError("prompt", "token_ids is empty")
             submit.prompt_token_ids.CopyFrom(token_ids_to_proto(prompt))
             num_prompt_tokens = len(prompt)
-        admitted = self._table.admit(request.request_id, num_prompt_tokens)
+        try:
+            if self._admission is not None:
+                self._admission.check(num_prompt_tokens, client_deadline_s)
+            admitted = self._table.admit(request.request_id, num_prompt_tokens)
+        except (AdmissionRejectedError, RouterOverloadedError) as exc:
+            if self._metrics is not None:
+                self._metrics.rejected("ttft" if isinstance(exc, AdmissionRejectedError) else "in_flight")
+            raise
         submit.request_id = admitted.request_id
         return RequestSession(self._dispatcher, self._table, admitted, submit, timeout_s=self._request_timeout_s,
                               metrics=self._metrics)
@@ -134,6 +148,10 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
         if isinstance(exc, RouteError):
+            if exc.retry_after_s is not None:
+                seconds = max(1, math.ceil(exc.retry_after_s))
+                context.set_trailing_metadata((("retry-after", str(seconds)),
+                                               ("grpc-retry-pushback-ms", str(seconds * 1000))))
             await context.abort(exc.code, exc.message)
         await abort_with(context, exc)
 

@@ -82,6 +82,8 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
     submit_error: grpc.StatusCode | None = None
     max_prompt_tokens: int = 1000
     kv_usage: float = 0.0
+    prefill_tokens_per_s: float = 0.0  # reported with every step (0: no rate known)
+    queued_prefill_tokens: int = 0
     address: str = ""
     submitted: list[worker_pb2.SubmitRequest] = field(default_factory=list)
     submit_attempts: int = 0
@@ -116,7 +118,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         return WorkerEndpoint(self.worker_id, self.role, self.address)  # type: ignore[arg-type]
 
     def load(self) -> worker_pb2.WorkerLoad:
-        return worker_pb2.WorkerLoad(running_requests=len(self.active), kv_usage=self.kv_usage, num_free_blocks=100)
+        return worker_pb2.WorkerLoad(running_requests=len(self.active), kv_usage=self.kv_usage, num_free_blocks=100,
+                                     prefill_tokens_per_s=self.prefill_tokens_per_s,
+                                     queued_prefill_tokens=self.queued_prefill_tokens)
 
     # -- RPCs -------------------------------------------------------------------------------------
     async def Describe(self, request: Any, context: Any) -> worker_pb2.WorkerInfo:
