@@ -15,8 +15,10 @@ The ``grpc.health.v1.Health`` service reports SERVING for the whole server (``""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -89,7 +91,8 @@ async def start_server(
     ``tls``: ``(private_key_pem, certificate_chain_pem)``: the port speaks TLS only.
     Raises :class:`OSError` when the address cannot be bound (port taken, unknown host).
     """
-    server = grpc.aio.server(options=merged(SERVER_OPTIONS, options), interceptors=interceptors,
+    server = grpc.aio.server(options=merged(SERVER_OPTIONS, options),
+                             interceptors=[RejectUndecodable(), *(interceptors or ())],
                              maximum_concurrent_rpcs=maximum_concurrent_rpcs)
     for add in [register] if callable(register) else list(register):
         add(server)
@@ -108,3 +111,63 @@ async def start_server(
                             service_names=tuple(service_names))
     await running.set_serving(True)
     return running
+
+
+class _Undecodable:
+    """What a request deserializer returns for bytes that are no such message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class RejectUndecodable(grpc.aio.ServerInterceptor):
+    """Answers requests whose bytes do not parse as the method's message with INVALID_ARGUMENT.
+
+    grpcio itself answers UNKNOWN and logs a traceback (a server error for a client's mistake); here the
+    deserializer of every unary-request method is wrapped so that a parse failure reaches the handler as
+    a marker, and the handler aborts before the servicer sees anything."""
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+        method = handler_call_details.method
+
+        def safe(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except Exception as exc:  # noqa: BLE001 - any parse failure is the client's
+                return _Undecodable(exc)
+
+        async def refuse(request: _Undecodable, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid message for {method}: {request.error}")
+
+        kwargs = {"request_deserializer": safe, "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def unary_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_call, **kwargs)
+        streaming = handler.unary_stream
+        if inspect.isasyncgenfunction(streaming):
+            async def stream_gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                async for item in streaming(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(stream_gen, **kwargs)
+
+        async def stream_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await refuse(request, context)
+            return await streaming(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(stream_call, **kwargs)

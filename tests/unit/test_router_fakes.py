@@ -60,6 +60,9 @@ def expected_tokens(prompt: Sequence[int] | str, max_tokens: int) -> list[int]:
     return [base + i for i in range(max_tokens)]
 
 
+FAKE_MAX_MODEL_LEN = 2048
+
+
 def token_text(token: int) -> str:
     return f"<{token}>"
 
@@ -125,7 +128,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
     # -- RPCs -------------------------------------------------------------------------------------
     async def Describe(self, request: Any, context: Any) -> worker_pb2.WorkerInfo:
         return worker_pb2.WorkerInfo(worker_id=self.worker_id, role=self.role, address=self.address,
-                                     model_name=self.model, max_model_len=2048, vocab_size=1000,
+                                     model_name=self.model, max_model_len=FAKE_MAX_MODEL_LEN, vocab_size=1000,
                                      num_kv_blocks=100, load=self.load(), kv_transport="loopback")
 
     async def Submit(self, request: worker_pb2.SubmitRequest, context: Any) -> worker_pb2.SubmitReply:
@@ -137,6 +140,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
                                 f"prompt: the prompt has {prompt_len(request)} tokens but max is {self.max_prompt_tokens}")
         self.submitted.append(request)
         max_tokens = request.params.max_tokens if request.params.HasField("max_tokens") else 16
+        max_tokens = min(max_tokens, FAKE_MAX_MODEL_LEN - prompt_len(request))  # the engine stops at the model length
         # a resumed stream goes on after the tokens a lost worker already sent (as the engine does)
         self.active[request.request_id] = _Active(request, max_tokens, generated=len(request.resume_token_ids.ids))
         return worker_pb2.SubmitReply()
