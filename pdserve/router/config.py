@@ -68,6 +68,8 @@ class RouterConfig:
     * ``max_stream_migrations``: how many times a stream whose decode worker was lost after tokens
       reached the client may continue on another decode worker (from the tokens already sent: see
       :meth:`~pdserve.router.session.RequestSession.run`); 0: such streams fail with UNAVAILABLE.
+    * ``no_worker_wait_s``: how long a new request waits for a usable worker of its pool (one that is
+      restarting) before it fails with UNAVAILABLE; 0: fail at once.
     * ``max_inflight_requests``: admission limit; the next request fails with RESOURCE_EXHAUSTED.
     * ``admission_max_ttft_s``: refuse (RESOURCE_EXHAUSTED / HTTP 429 with a retry time) a request whose
       expected time to first token exceeds this (see :mod:`pdserve.router.admission`); a gRPC
@@ -104,6 +106,7 @@ class RouterConfig:
     request_timeout_s: float = 60.0
     max_retries_before_first_token: int = 2
     max_stream_migrations: int = 3
+    no_worker_wait_s: float = 10.0
     max_inflight_requests: int = 4096
     admission_max_ttft_s: float | None = None
     kv_usage_weight: float = 0.5
@@ -145,6 +148,7 @@ class RouterConfig:
         if self.ttft_slo_ms is not None:
             require_float("ttft_slo_ms", self.ttft_slo_ms, minimum=0.0, exclusive_minimum=True)
         require_float("shutdown_grace_s", self.shutdown_grace_s, minimum=0.0)
+        require_float("no_worker_wait_s", self.no_worker_wait_s, minimum=0.0)
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise InvalidParameterError("tls_cert_file", "give both tls_cert_file and tls_key_file, or neither")
         for name in ("api_keys_file", "tls_cert_file", "tls_key_file"):

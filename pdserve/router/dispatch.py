@@ -60,6 +60,10 @@ class Dispatcher:
     def max_stream_migrations(self) -> int:
         return self._config.max_stream_migrations
 
+    @property
+    def no_worker_wait_s(self) -> float:
+        return self._config.no_worker_wait_s
+
     # -- placement --------------------------------------------------------------------------------
     async def submit(self, request: InFlightRequest, message: worker_pb2.SubmitRequest) -> None:
         """Place ``request`` on a worker and Submit it there; on return it is assigned and accepted.
@@ -103,24 +107,27 @@ class Dispatcher:
                     raise RouteError(code, message_text) from None
                 self._on_submit_failure(request, decode.worker_id, code, details)
 
-    async def resume_stream(self, request: InFlightRequest, message: worker_pb2.SubmitRequest, lost_worker: str,
-                            deadline: float) -> None:
-        """Place a stream that lost its decode worker (``message`` carries ``resume_token_ids``) on another
-        decode worker, or on the same one once it is back (restarted): retries with backoff until
-        ``deadline`` (loop time), then raises UNAVAILABLE."""
+    async def place(self, request: InFlightRequest, message: worker_pb2.SubmitRequest, deadline: float,
+                    avoid: str | None = None) -> None:
+        """:meth:`submit`, waiting while no worker is usable (a restarting worker comes back within
+        seconds): retries with backoff until ``deadline`` (loop time), then raises UNAVAILABLE. ``avoid``:
+        a worker not to try first (the one a moved stream lost; it may be back later)."""
         loop = asyncio.get_running_loop()
         delay = 0.1
+        first = True
         while True:
-            request.attempts, request.failed_workers = 0, {lost_worker} if delay == 0.1 else set()
+            request.attempts, request.failed_workers = 0, {avoid} if avoid and first else set()
+            first = False
             try:
                 await self.submit(request, message)
                 return
             except RouteError as exc:
-                if exc.code is not grpc.StatusCode.UNAVAILABLE or loop.time() + delay > deadline:
+                remaining = deadline - loop.time()
+                if exc.code is not grpc.StatusCode.UNAVAILABLE or remaining <= 0:
                     raise
-                logger.info("request %s: no decode worker to continue on yet (%s); retrying in %.1f s",
-                            request.request_id, exc.message, delay)
-            await asyncio.sleep(delay)
+                logger.info("request %s: no usable worker yet (%s); retrying in %.1f s", request.request_id,
+                            exc.message, min(delay, remaining))
+            await asyncio.sleep(min(delay, remaining))
             delay = min(2 * delay, 1.0)
 
     def _on_submit_failure(self, request: InFlightRequest, worker_id: str, code: grpc.StatusCode,

@@ -58,7 +58,7 @@ class RequestSession:
         clock = asyncio.get_running_loop().time
         started, last_token_at, outcome, finish = clock(), None, "cancelled", ""
         try:
-            await self._dispatcher.submit(request, self._submit)
+            await self._dispatcher.place(request, self._submit, clock() + self._dispatcher.no_worker_wait_s)
             if on_accepted is not None:
                 await on_accepted()
             while True:
@@ -143,7 +143,7 @@ class RequestSession:
         resume.extend(self._assembler.token_ids)
         deadline = asyncio.get_running_loop().time() + self._timeout_s
         try:
-            await self._dispatcher.resume_stream(request, self._submit, lost.worker_id, deadline)
+            await self._dispatcher.place(request, self._submit, deadline, avoid=lost.worker_id)
         except RouteError as exc:
             raise RouteError(exc.code, f"{lost_after}; it could not continue elsewhere: {exc.message}") from None
         if self._metrics is not None:

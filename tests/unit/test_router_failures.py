@@ -38,12 +38,17 @@ def test_submit_unavailable_marks_worker_unhealthy_and_retries_elsewhere() -> No
     run(scenario)
 
 
-def test_every_worker_unavailable_fails_with_unavailable_naming_them() -> None:
+@pytest.mark.parametrize("wait_s", [0.0, 0.6])
+def test_every_worker_unavailable_fails_with_unavailable_naming_them(wait_s: float) -> None:
+    """After ``no_worker_wait_s`` of waiting for a worker to come back (a restarting one would)."""
     async def scenario() -> None:
         workers = [FakeWorker(f"c{i}", "colocated", submit_error=grpc.StatusCode.UNAVAILABLE) for i in range(2)]
-        async with cluster(workers, health_check_interval_s=60.0) as (_, stub):
+        async with cluster(workers, health_check_interval_s=60.0, no_worker_wait_s=wait_s) as (_, stub):
+            start = time.monotonic()
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.GenerateUnary(generate_request([1], 3))
+            waited = time.monotonic() - start
+            assert wait_s <= waited + 0.05 and waited < wait_s + 1.0
             assert info.value.code() is grpc.StatusCode.UNAVAILABLE
             assert "no healthy decode worker" in info.value.details()
             assert "c0" in info.value.details() and "c1" in info.value.details()
