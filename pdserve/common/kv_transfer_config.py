@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from pdserve.common.errors import InvalidParameterError
 from pdserve.common.validation import require_float
 
-TRANSFER_BACKENDS = ("auto", "nccl", "gloo", "loopback")
+#: The one list of KV transports (the transport factory and the config validator both use it).
+TRANSFER_BACKENDS = ("auto", "cuda_ipc", "nccl", "gloo", "loopback")
 FAILURE_POLICIES = ("fail", "recompute")
 
 
 @dataclass(frozen=True)
 class KVTransferConfig:
-    """``backend``: auto = nccl between GPUs, gloo between CPU processes. ``timeout_s``: a transfer that
+    """``backend``: auto = CUDA IPC writes between GPUs of one host (NCCL across hosts, decided per peer),
+    gloo between CPU processes; ``cuda_ipc`` says the same explicitly; ``nccl`` forces NCCL. ``timeout_s``: a transfer that
     has not finished by then is failed and its blocks freed on both sides. ``on_failure``: ``recompute``
     the prompt on the decode worker (the default: the client sees no error, only latency), or ``fail``
     the request with UNAVAILABLE and a clear message."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-BACKENDS = ("auto", "cuda_ipc", "nccl", "gloo", "loopback")
+from pdserve.common.kv_transfer_config import TRANSFER_BACKENDS as BACKENDS
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:

@@ -36,3 +36,17 @@ def test_bad_input_gives_one_clear_line_and_exit_2(tmp_path) -> None:
     assert done.returncode == 2 and "no such model directory" in done.stderr
     done = _run("generate")
     assert done.returncode == 2 and "no prompt" in done.stderr
+
+
+def test_version_and_log_level_choices(capsys) -> None:  # noqa: ANN001
+    import pytest
+
+    from pdserve.cluster.cli import build_parser
+
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("pdserve ")
+    with pytest.raises(SystemExit) as refused:
+        build_parser().parse_args(["--log-level", "verbose", "status", "--target", "127.0.0.1:1"])
+    assert refused.value.code == 2 and "invalid choice: 'VERBOSE'" in capsys.readouterr().err
+    assert build_parser().parse_args(["--log-level", "debug", "status", "--target", "127.0.0.1:1"]).log_level == "DEBUG"
