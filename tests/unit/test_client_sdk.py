@@ -442,3 +442,26 @@ def test_cli_target_and_client_do_not_import_torch(address: str, fake: FakePdSer
             f"assert main(['generate', '--target', {address!r}, '--max-tokens', '2', 'Hi']) == 0\n"
             "assert 'torch' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
+
+
+def test_the_sdk_needs_neither_torch_nor_ray() -> None:
+    """``pip install pdserve`` (no ``[server]`` extra) brings grpcio and protobuf only: the SDK imports and
+    makes calls with every server dependency unimportable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ['torch', 'ray', 'numpy', 'yaml', 'aiohttp', 'safetensors', 'tokenizers', 'jinja2', 'tqdm',"
+        " 'triton', 'transformers']:\n"
+        "    sys.modules[m] = None\n"
+        "from pdserve.client import Client, SamplingParams, UnavailableError\n"
+        "with Client('127.0.0.1:1', timeout=2, max_retries=0) as c:\n"
+        "    try:\n"
+        "        c.generate('hi', sampling_params=SamplingParams(max_tokens=2))\n"
+        "    except UnavailableError:\n"
+        "        print('unavailable as expected')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "unavailable as expected" in done.stdout
