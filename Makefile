@@ -30,6 +30,7 @@ test: lint
 lint: setup
 	$(VENV)/bin/ruff check pdserve tests benchmarks
 	$(VENV)/bin/mypy pdserve
+	$(VENV)/bin/hadolint deploy/docker/Dockerfile.gpu deploy/docker/Dockerfile.cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -11,7 +11,7 @@ from pdserve.cluster.config import load_cluster_config
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
-@pytest.mark.parametrize("path", sorted(DEPLOY.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*DEPLOY.glob("*.yaml"), DEPLOY / "docker" / "demo.yaml"]), ids=lambda p: p.name)
 def test_example_configs_load(path: Path) -> None:
     config = load_cluster_config(path)
     assert config.roles
