@@ -132,7 +132,15 @@ class DecodeRole(Role):
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future) -> None:
+        """Forget a finished background task and log (once, one line) an exception it ended with, which
+        asyncio would otherwise report as "Task exception was never retrieved" with a traceback."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            logger.error("a remote-prefill task failed: %s: %s", type(exc).__name__, exc)
 
     async def _remote_prefill(self, zone: LandingZone) -> None:
         """Start one remote prefill: expect its KV, then ask the prefill worker to compute and stream it.
@@ -281,6 +289,8 @@ class DecodeRole(Role):
             peer = self._peers[address] = _PrefillPeer(address)
         if peer.ready is None:
             peer.ready = asyncio.ensure_future(self._handshake(peer))
+            # every waiter may be cancelled before it fails: its exception is still retrieved here
+            peer.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             await asyncio.shield(peer.ready)
         except Exception:
