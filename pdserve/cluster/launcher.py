@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pdserve.cluster.config import ClusterConfig
 from pdserve.cluster.worker_actor import RemoteWorkerActor
 from pdserve.router import Router, WorkerEndpoint, WorkerRole
+from pdserve.rpc.auth import CLUSTER_TOKEN_ENV
 from pdserve.rpc.server import format_address
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,9 @@ class Cluster:
 
     def _start_workers(self) -> None:
         cfg = self.config
+        # minted once per cluster (kept if the environment sets one: every process must then share it);
+        # this process (the router's) reads it from the environment too
+        token = os.environ.setdefault(CLUSTER_TOKEN_ENV, secrets.token_urlsafe(32))
         specs = [(f"{role}-{i}", role, i) for role in cfg.roles for i in range(cfg.pool(role).replicas)]
         strategies = self._pair_strategies()
         actors = []
@@ -102,7 +107,9 @@ class Cluster:
             pool = cfg.pool(role)
             options: dict[str, Any] = {"num_gpus": pool.gpus_per_worker, "num_cpus": 0 if pool.gpus_per_worker else 1,
                                        "max_concurrency": 4, "max_restarts": cfg.max_worker_restarts,
-                                       "max_task_retries": 0}
+                                       "max_task_retries": 0,
+                                       # the workers' ports accept only calls carrying this cluster's token
+                                       "runtime_env": {"env_vars": {CLUSTER_TOKEN_ENV: token}}}
             if (role, index) in strategies:
                 options["scheduling_strategy"] = strategies[(role, index)]
             engine = cfg.engine_config(role).to_dict()

@@ -35,7 +35,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from pdserve.cluster.config import ClusterConfig, load_cluster_config
     from pdserve.cluster.launcher import Cluster
-    from pdserve.router.auth import API_KEYS_ENV
+    from pdserve.rpc.auth import API_KEYS_ENV
 
     config = load_cluster_config(args.config) if args.config else ClusterConfig()
     if args.port is not None:

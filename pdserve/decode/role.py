@@ -27,6 +27,7 @@ import grpc
 from pdserve.common.errors import InvalidParameterError, OutOfCapacityError
 from pdserve.engine.engine import LandingZone, LLMEngine
 from pdserve.kvtransfer import KVReceiver, TransferState, open_receiver
+from pdserve.rpc.auth import peer_channel
 from pdserve.rpc.convert import position_logprobs_from_proto, sampling_params_from_proto, token_ids_to_proto
 from pdserve.rpc.options import CHANNEL_OPTIONS
 from pdserve.rpc.status import abort_with
@@ -44,7 +45,7 @@ class _PrefillPeer:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = peer_channel(address, CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.ready: asyncio.Future[None] | None = None
 

@@ -94,7 +94,7 @@ class RouterConfig:
       false, new requests get UNAVAILABLE) and lets requests in flight finish for up to this long.
     * ``reconnect_backoff_initial_s``/``reconnect_backoff_max_s``: exponential backoff of a dropped
       ``Worker.Updates`` stream.
-    * ``api_keys_file``: API keys for the client ports, one per line (see :mod:`pdserve.router.auth`;
+    * ``api_keys_file``: API keys for the client ports, one per line (see :mod:`pdserve.rpc.auth`;
       ``PDSERVE_API_KEYS`` adds comma-separated ones). None and no such variable: no authentication.
     * ``tls_cert_file``/``tls_key_file``: PEM certificate chain and private key; both set: the gRPC and
       HTTP ports speak TLS only.

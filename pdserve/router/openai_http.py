@@ -35,7 +35,6 @@ import grpc
 from aiohttp import web
 
 from pdserve.common.errors import InvalidParameterError
-from pdserve.router.auth import ApiKeys
 from pdserve.router.metrics import CONTENT_TYPE
 from pdserve.router.openai_responses import (
     chat_chunk,
@@ -48,6 +47,7 @@ from pdserve.router.openai_responses import (
 from pdserve.router.openai_schema import chat_request, completion_request
 from pdserve.router.servicer import PdServeServicer
 from pdserve.router.session import RequestSession
+from pdserve.rpc.auth import ApiKeys
 from pdserve.rpc.status import details_for, status_for
 from pdserve.v1 import pdserve_pb2
 

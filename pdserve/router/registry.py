@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from pdserve.router.config import WorkerEndpoint, WorkerRole
+from pdserve.rpc.auth import peer_channel
 from pdserve.rpc.options import CHANNEL_OPTIONS
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
@@ -103,7 +104,7 @@ class WorkerRegistry:
     def open(self) -> None:
         """Create the channels; call from the event loop that will use them."""
         for worker_id, state in self._states.items():
-            channel = grpc.aio.insecure_channel(state.endpoint.address, options=list(CHANNEL_OPTIONS))
+            channel = peer_channel(state.endpoint.address, list(CHANNEL_OPTIONS))
             self._channels[worker_id] = channel
             self._stubs[worker_id] = worker_pb2_grpc.WorkerStub(channel)
 
@@ -153,7 +154,7 @@ class WorkerRegistry:
         state.healthy = state.stream_live = False
         state.last_error = f"restarted at {address}"
         self._note_usability(state)
-        channel = grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+        channel = peer_channel(address, list(CHANNEL_OPTIONS))
         self._channels[worker_id] = channel
         self._stubs[worker_id] = worker_pb2_grpc.WorkerStub(channel)
         if old is not None:

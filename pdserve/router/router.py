@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 from pdserve.common.errors import ConfigError
 from pdserve.router.admission import AdmissionControl
-from pdserve.router.auth import ApiKeyInterceptor, ApiKeys
 from pdserve.router.config import RouterConfig, ServingMode, WorkerEndpoint, WorkerRole, check_topology
 from pdserve.router.decode_policy import DecodePolicy, DecodePolicyConfig, LeastLoadedDecodePolicy
 from pdserve.router.dispatch import Dispatcher
@@ -38,6 +37,7 @@ from pdserve.router.prefill_policy import LeastQueuedPrefillPolicy, PrefillPolic
 from pdserve.router.registry import WorkerRegistry
 from pdserve.router.servicer import PdServeServicer
 from pdserve.router.updates import UpdatesStream
+from pdserve.rpc.auth import ApiKeyInterceptor, ApiKeys
 from pdserve.rpc.server import PDSERVE_SERVICE, RunningServer, start_server
 from pdserve.v1 import pdserve_pb2_grpc
 

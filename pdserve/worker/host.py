@@ -19,6 +19,7 @@ from pdserve.common.config import EngineConfig
 from pdserve.common.kv_transfer_config import KVTransferConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.kvtransfer import resolve_backend
+from pdserve.rpc.auth import peer_interceptors
 from pdserve.rpc.server import WORKER_SERVICE, RunningServer, format_address, start_server
 from pdserve.v1 import worker_pb2_grpc
 from pdserve.worker.engine_loop import EngineLoop, StepOutput
@@ -56,7 +57,8 @@ class WorkerHost:
         servicer = WorkerServicer(context, self.role, hub)
         self._hub = hub
         self._server = self._run(start_server(lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),
-                                              self.host, self.port, service_names=[WORKER_SERVICE])).result(60)
+                                              self.host, self.port, service_names=[WORKER_SERVICE],
+                                              interceptors=peer_interceptors())).result(60)
         self.address = context.address = format_address(self.host, self._server.port)
         self.engine_loop.start()
         logger.info("%s worker %s serving on %s", self.role.name, self.worker_id, self.address)

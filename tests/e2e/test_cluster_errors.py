@@ -17,6 +17,7 @@ from pdserve.cluster.config import KVTransferConfig, load_cluster_config
 from pdserve.cluster.roles import make_role
 from pdserve.common.config import EngineConfig
 from pdserve.common.errors import ConfigError
+from pdserve.rpc.auth import peer_channel
 from pdserve.rpc.convert import delta_from_proto, sampling_params_to_proto
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.worker.host import WorkerHost
@@ -89,7 +90,7 @@ def test_prefill_without_handshake_is_failed_precondition() -> None:
         address = prefill.start()
 
         async def call() -> grpc.aio.AioRpcError:
-            async with grpc.aio.insecure_channel(address) as channel:
+            async with peer_channel(address, None) as channel:  # with the cluster token, as the router
                 stub = worker_pb2_grpc.WorkerStub(channel)
                 request = worker_pb2.PrefillRequest(request_id="r", decode_worker_id="d-unknown",
                                                     params=sampling_params_to_proto(SamplingParams(max_tokens=2)))
@@ -108,7 +109,7 @@ def test_prefill_without_handshake_is_failed_precondition() -> None:
 async def _submit_and_wait(decode_address: str, prefill_address: str, request_id: str = "mismatch",
                            prompt: str = "Hello", params: SamplingParams | None = None):  # noqa: ANN202
     """Submit one request to a decode worker and return its final delta, with every token id."""
-    async with grpc.aio.insecure_channel(decode_address) as channel:
+    async with peer_channel(decode_address, None) as channel:  # with the cluster token, as the router
         stub = worker_pb2_grpc.WorkerStub(channel)
         updates = stub.Updates(worker_pb2.UpdatesRequest())
         await updates.read()

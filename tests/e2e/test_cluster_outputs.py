@@ -96,3 +96,33 @@ def test_cancel_mid_stream_frees_blocks_on_every_worker(cluster) -> None:
         assert s["unfinished"] == 0 and s["held"] == 0, s
         assert s["free_blocks"] == s["usable_blocks"], s
     cluster.check_invariants()
+
+
+def test_worker_ports_refuse_calls_without_the_cluster_token(cluster) -> None:
+    """Only the cluster's own processes reach a worker's gRPC port: a call without the token minted at
+    start-up is UNAUTHENTICATED (health checks excepted); with it (as the router sends it) it works."""
+    import os
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from pdserve.rpc.auth import CLUSTER_TOKEN_ENV
+    from pdserve.v1 import worker_pb2, worker_pb2_grpc
+
+    token = os.environ[CLUSTER_TOKEN_ENV]
+    assert len(token) >= 32
+    for worker in cluster.workers:
+        with grpc.insecure_channel(worker.address) as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            for metadata in (None, (("authorization", "Bearer not-the-token"),)):
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Describe(worker_pb2.DescribeRequest(), timeout=10, metadata=metadata)
+                assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Abort(worker_pb2.AbortRequest(request_ids=["x"]), timeout=10, metadata=metadata)
+                assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            info = stub.Describe(worker_pb2.DescribeRequest(), timeout=10,
+                                 metadata=(("authorization", f"Bearer {token}"),))
+            assert info.worker_id == worker.worker_id
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING

@@ -15,8 +15,8 @@ import pytest
 
 from pdserve.client import AsyncClient, UnauthenticatedError
 from pdserve.common.errors import ConfigError
-from pdserve.router.auth import API_KEYS_ENV, ApiKeys, bearer_token
 from pdserve.router.config import RouterConfig
+from pdserve.rpc.auth import API_KEYS_ENV, ApiKeys, bearer_token
 from pdserve.v1 import pdserve_pb2
 from tests.unit.test_router_fakes import FakeWorker, cluster, expected_tokens, generate_request, run
 

@@ -1,4 +1,13 @@
-"""API keys for the router's client ports: ``Authorization: Bearer <key>`` on HTTP and in gRPC metadata.
+"""Bearer keys on gRPC and HTTP: the router's API keys, and the cluster token of the workers' ports.
+
+**Cluster token.** :class:`~pdserve.cluster.launcher.Cluster` mints a random token at start-up
+(``PDSERVE_CLUSTER_TOKEN``, unless set already: then every process of the cluster must get the same
+value) and hands it to its worker actors; each worker's gRPC port then refuses calls without it
+(UNAUTHENTICATED, health checks excepted), and the router and the decode workers send it on every
+channel to a worker (:func:`peer_channel`). Not covered: the decode workers' KV stores (torch's
+``TCPStore`` has no authentication) and the NCCL/gloo groups: keep the nodes on a private network.
+
+**API keys** of the router's client ports: ``Authorization: Bearer <key>`` on HTTP and in gRPC metadata.
 
 Keys come from a file (``router.api_keys_file``: one key per line, ``#`` comments and blank lines
 ignored) and/or the environment (``PDSERVE_API_KEYS``: comma-separated). Only their SHA-256 digests
@@ -25,6 +34,7 @@ import grpc
 from pdserve.common.errors import ConfigError
 
 API_KEYS_ENV = "PDSERVE_API_KEYS"
+CLUSTER_TOKEN_ENV = "PDSERVE_CLUSTER_TOKEN"
 #: RPCs that need no key: health checks (probes and load balancers cannot send one).
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 UNAUTHENTICATED_MESSAGE = "a valid API key is required: send 'authorization: Bearer <key>'"
@@ -134,3 +144,44 @@ def _refusing(handler: Any) -> Any:
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(refuse_unary, **kwargs)
     return grpc.stream_stream_rpc_method_handler(refuse_stream, **kwargs)
+
+
+def cluster_token() -> str | None:
+    """This process's cluster token (``PDSERVE_CLUSTER_TOKEN``), or None outside a launched cluster."""
+    return os.environ.get(CLUSTER_TOKEN_ENV) or None
+
+
+class _BearerMetadata:
+    """Adds ``authorization: Bearer <token>`` to the calls of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        metadata = tuple(details.metadata or ()) + (self._entry,)
+        return details._replace(metadata=metadata)
+
+
+class _UnaryBearer(_BearerMetadata, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class _StreamBearer(_BearerMetadata, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+def peer_channel(address: str, options: Any) -> grpc.aio.Channel:
+    """A channel to a worker of this cluster, carrying the cluster token when there is one."""
+    token = cluster_token()
+    # one interceptor per call kind: a channel files each interceptor under one kind only
+    interceptors: list[grpc.aio.ClientInterceptor] | None = (
+        [_UnaryBearer(token), _StreamBearer(token)] if token else None)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+
+
+def peer_interceptors() -> list[grpc.aio.ServerInterceptor] | None:
+    """The interceptors of a worker's gRPC server: refuse calls without the cluster token (if any)."""
+    token = cluster_token()
+    return [ApiKeyInterceptor(ApiKeys([token]))] if token else None
