@@ -14,6 +14,9 @@ ChannelOptions = Sequence[tuple[str, int | str]]
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """The largest message either side sends or accepts (64 MiB)."""
 
+#: Calls a server may hold before its handlers pick them up (above the router's default admission limit).
+MAX_PENDING_CALLS = 16_384
+
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 
@@ -29,6 +32,11 @@ SERVER_OPTIONS: ChannelOptions = (
     ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 3),
     # Fail loudly when the port is taken instead of silently sharing it with another process.
     ("grpc.so_reuseport", 0),
+    # grpc-core queues at most 1,000 calls the application has not picked up yet and cancels the
+    # excess (measured: 2,000 streams opened at once lost ~200 with a bare CANCELLED before any pdserve
+    # code saw them); admission control (max_inflight_requests, expected TTFT) is pdserve's to do.
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
 )
 """Options of every pdserve gRPC server."""
 
