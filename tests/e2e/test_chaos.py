@@ -1,7 +1,7 @@
 """Chaos: workers killed at random points of a sustained streaming load, over and over.
 
-A 1P2D cluster serves greedy streams, 60 at a time, for as long as it takes to kill decode and prefill
-worker processes (Ray restarts them) every ~1.5 s, 10 times, and at least 200 streams. Targets (printed): 0 streams lost (each
+A 1P2D cluster (and a cluster of two colocated workers) serves greedy streams, 60 at a time, for as long
+as it takes to kill worker processes (Ray restarts them) every ~1.5 s, 10 times, and at least 200 streams. Targets (printed): 0 streams lost (each
 finishes equal to the offline engine's output: streams on a killed decode worker move, prompts on a
 killed prefill worker are recomputed), every killed worker serves again within 30 s, 0 KV blocks
 leaked once the cluster is idle. Deterministic kill schedule (seeded), bounded in time for CI."""
@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import ray
 
 from pdserve import SamplingParams
@@ -24,10 +25,11 @@ GREEDY = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
 NUM_PROMPTS = 40
 
 
-def test_streams_survive_repeated_worker_kills(ray_session) -> None:
+@pytest.mark.parametrize("mode", ["disaggregated", "colocated"])
+def test_streams_survive_repeated_worker_kills(ray_session, mode: str) -> None:
     prompts = [f"Chaos request {i}: tell me about the number {i * 7}" for i in range(NUM_PROMPTS)]
     expected = offline(prompts, GREEDY)
-    cluster = start_cluster("disaggregated", prefill=1, decode=2)
+    cluster = start_cluster(mode, prefill=1, decode=2, colocated=2)
     results: dict[int, list[int]] = {}
     errors: dict[int, str] = {}
     stop_killing = threading.Event()
@@ -70,7 +72,7 @@ def test_streams_survive_repeated_worker_kills(ray_session) -> None:
         chaos.join(10)
         elapsed = time.monotonic() - start
         lost = [i for i in range(submitted) if results.get(i) != expected[i % NUM_PROMPTS]]
-        print(f"chaos: {submitted} streams, {len(kills)} kills ({', '.join(w for w, _ in kills)}) in "
+        print(f"chaos ({mode}): {submitted} streams, {len(kills)} kills ({', '.join(w for w, _ in kills)}) in "
               f"{elapsed:.0f} s; lost {len(lost)}; errors {len(errors)}")
         assert len(kills) >= NUM_KILLS, f"only {len(kills)} kills happened before the load ended"
         assert not errors, dict(list(errors.items())[:5])
