@@ -196,7 +196,8 @@ class LLMEngine:
                     prefill_only: bool = False, resume_token_ids: Sequence[int] = ()) -> Request:
         """Queue a request. ``resume_token_ids``: output a lost worker already generated (and streamed)
         for it; they follow the prompt, count as output (``max_tokens``, ``min_tokens``, penalties,
-        usage), are computed here with the prompt and are not emitted again."""
+        usage), are computed here with the prompt and are not emitted again; a seeded request's
+        generator skips the draws they took, so its remaining tokens equal an undisturbed run's."""
         if request_id in self._requests or request_id in self._held:
             raise InvalidParameterError("request_id", f"{request_id!r} is already in use")
         params = params or SamplingParams()
@@ -212,6 +213,9 @@ class LLMEngine:
             request.first_token_time = None  # its first token (on this worker) is still to come
             if request.logprobs is not None:
                 request.logprobs.extend({} for _ in resumed)  # sent by the lost worker
+            if params.seed is not None and not params.greedy:
+                # one draw per token already sampled: the rest continue the same random sequence
+                self.sampler.skip_draws(request_id, params.seed, self.spec.vocab_size, len(resumed))
         self._requests[request_id] = request
         self._detokenizers[request_id] = IncrementalDetokenizer(
             self.tokenizer, ids + resumed, skip_special_tokens=params.skip_special_tokens, stop=params.stop,

@@ -31,6 +31,7 @@ def _run(engine: LLMEngine, rid: str) -> list:
     SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, logprobs=2, min_tokens=10),
     SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, repetition_penalty=1.3,
                    frequency_penalty=0.5, presence_penalty=0.4),
+    SamplingParams(max_tokens=14, temperature=0.9, top_k=40, top_p=0.95, seed=11, ignore_eos=True),
 ])
 @pytest.mark.parametrize("cut", [1, 6, 13])
 def test_a_resumed_stream_continues_exactly(params: SamplingParams, cut: int) -> None:
