@@ -180,11 +180,7 @@ class LLMEngine:
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt_token_ids)  # type: ignore[arg-type]
-            vocab = self.spec.vocab_size
-            for t in ids:
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                    raise InvalidParameterError("prompt_token_ids", f"token id {t!r} is outside the "
-                                                f"vocabulary [0, {vocab})")
+            self._check_token_ids("prompt_token_ids", ids)
         if not ids:
             raise InvalidParameterError("prompt", "the prompt is empty")
         if len(ids) >= self.max_model_len:
@@ -223,17 +219,19 @@ class LLMEngine:
         self.scheduler.add(request)
         return request
 
+    def _check_token_ids(self, field: str, ids: Sequence[int]) -> None:
+        vocab = self.spec.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise InvalidParameterError(field, f"token id {t!r} is outside the vocabulary [0, {vocab})")
+
     def _check_resume(self, ids: list[int], params: SamplingParams, resumed: list[int], remote: bool) -> list[int]:
         if not resumed:
             return resumed
         if remote:
             raise InvalidParameterError("resume_token_ids", "a resumed request is computed on the worker that "
                                         "resumes it, never prefilled remotely")
-        vocab = self.spec.vocab_size
-        for t in resumed:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise InvalidParameterError("resume_token_ids", f"token id {t!r} is outside the vocabulary "
-                                            f"[0, {vocab})")
+        self._check_token_ids("resume_token_ids", resumed)
         if params.max_tokens is not None and len(resumed) >= params.max_tokens:
             raise InvalidParameterError("resume_token_ids", f"{len(resumed)} tokens already reach max_tokens "
                                         f"({params.max_tokens})")

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from pdserve.kvtransfer.messages import as_bytes, scatter_blocks
-from pdserve.kvtransfer.plan import PlannedMessage, is_contiguous
+from pdserve.kvtransfer.plan import PlannedMessage, is_contiguous, message_buffers, part_payloads
 from pdserve.kvtransfer.receiving import ReceiverCore
 from pdserve.kvtransfer.rendezvous import SENDER_RANK, Group
 from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda, record_event
@@ -82,10 +82,8 @@ class PlanLanding:
                     buffers = [self._caches[part.layer][kv, first:first + part.num_blocks] for kv in (0, 1)]
                     self.num_direct += 1
                 else:
-                    staged = torch.empty(message.nbytes, dtype=torch.uint8, device=self._device)
+                    staged, buffers = message_buffers(message, self._device)
                     staging.append(staged)
-                    half = message.nbytes // 2
-                    buffers = [staged[:half], staged[half:]] if message.split else [staged]
                     self.num_staged += 1
                 with torch.cuda.stream(self._post_stream):
                     works = [self._group.recv([as_bytes(b)], SENDER_RANK, 0) for b in buffers]
@@ -99,17 +97,13 @@ class PlanLanding:
 
     def _scatter(self, message: PlannedMessage, targets: list[Any], staged: torch.Tensor,
                  indices: dict[tuple[int, int, int], torch.Tensor]) -> None:
-        offset = 0
-        for part, target in zip(message.parts, targets):
+        for (part, payload), target in zip(part_payloads(message, staged, self._layout), targets):
             if target is not None:
-                payload = staged[offset:offset + part.payload_nbytes].view(self._layout.torch_dtype).view(
-                    self._layout.payload_shape(part.num_blocks))
                 key = (part.transfer_id, part.start, part.num_blocks)
                 index = indices.get(key)
                 if index is None:
                     index = indices[key] = index_tensor(target, self._device)
                 scatter_blocks(self._caches[part.layer], index, payload)
-            offset += part.payload_nbytes
 
     def _retire(self) -> None:
         while self._posted and event_done(self._posted[0][0]):
@@ -120,18 +114,10 @@ class PlanLanding:
     def _land_on_host(self, plan: list[PlannedMessage]) -> None:
         posted = []
         for message in plan:
-            staged = torch.empty(message.nbytes, dtype=torch.uint8)
-            half = message.nbytes // 2
-            buffers = [staged[:half], staged[half:]] if message.split else [staged]
+            staged, buffers = message_buffers(message, self._device)
             posted.append((message, staged, [self._group.recv([b], SENDER_RANK, 0) for b in buffers]))
         for message, staged, works in posted:
             for work in works:
                 work.wait(self._timeout)
-            offset = 0
-            for part in message.parts:
-                chunk = staged[offset:offset + part.payload_nbytes]
-                offset += part.payload_nbytes
-                fits = part.num_blocks > 0 and part.payload_nbytes == self._layout.payload_nbytes(part.num_blocks)
-                payload = (chunk.view(self._layout.torch_dtype).view(self._layout.payload_shape(part.num_blocks))
-                           if fits else chunk)
+            for part, payload in part_payloads(message, staged, self._layout):
                 self._core.deliver_layer(self._peer, part, payload)

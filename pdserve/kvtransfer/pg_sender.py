@@ -38,7 +38,14 @@ import torch.distributed as dist
 from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
 from pdserve.kvtransfer.factory import process_group_backend, resolve_backend
 from pdserve.kvtransfer.messages import Header, MessageKind, as_bytes, gather_blocks
-from pdserve.kvtransfer.plan import PlannedMessage, encode_plan, group_parts, is_contiguous
+from pdserve.kvtransfer.plan import (
+    PlannedMessage,
+    encode_plan,
+    group_parts,
+    is_contiguous,
+    message_buffers,
+    part_payloads,
+)
 from pdserve.kvtransfer.rendezvous import (
     MESSAGE_QUEUE,
     RECEIVER_RANK,
@@ -250,15 +257,10 @@ class ProcessGroupSender(SenderCore):
                 return [m.kv_layer[kv, first:first + len(m.src_block_ids)] for kv in (0, 1)]
             gathered = gather_blocks(m.kv_layer, self._index(m.src_block_ids, indices))
             return [gathered[0], gathered[1]]
-        buffer = torch.empty(message.nbytes, dtype=torch.uint8, device=self._device)
-        offset = 0
-        for m in parts:
-            h = m.header
+        buffer, _ = message_buffers(message, self._device)
+        for m, (_, view) in zip(parts, part_payloads(message, buffer, self._layout)):
             assert m.kv_layer is not None
-            view = buffer[offset:offset + h.payload_nbytes].view(m.kv_layer.dtype).view(
-                self._layout.payload_shape(h.num_blocks))
             torch.index_select(m.kv_layer, 1, self._index(m.src_block_ids, indices), out=view)
-            offset += h.payload_nbytes
         return [buffer]
 
     def _transmit(self, message: OutgoingMessage, payloads: list[torch.Tensor]) -> None:

@@ -27,9 +27,12 @@ forward pass). Per NCCL operation there is a fixed host and link cost, which is 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
+
+from pdserve.kvtransfer.base import KVLayoutInfo
 from pdserve.kvtransfer.messages import Header, MessageKind, ProtocolError
 
 PART_INTS = 5  # transfer_id, layer, start, num_blocks, payload_nbytes
@@ -116,3 +119,23 @@ def group_parts(parts: Sequence[Header], splittable: Callable[[int], bool], min_
 def is_contiguous(ids: Sequence[int]) -> bool:
     """Whether block ids are consecutive and increasing (one range of a layer tensor)."""
     return all(b == ids[0] + i for i, b in enumerate(ids))
+
+
+def part_payloads(message: PlannedMessage, buffer: torch.Tensor,
+                  layout: KVLayoutInfo) -> Iterator[tuple[Header, torch.Tensor]]:
+    """Each part of ``message`` with its payload: a ``[2, n, block_size, heads, dim]`` view into the
+    message's ``uint8`` ``buffer`` (the raw bytes when a part's size does not fit the layout: the
+    receiver's checks then refuse it)."""
+    offset = 0
+    for part in message.parts:
+        chunk = buffer[offset:offset + part.payload_nbytes]
+        offset += part.payload_nbytes
+        fits = part.num_blocks > 0 and part.payload_nbytes == layout.payload_nbytes(part.num_blocks)
+        yield part, (chunk.view(layout.torch_dtype).view(layout.payload_shape(part.num_blocks)) if fits else chunk)
+
+
+def message_buffers(message: PlannedMessage, device: torch.device | str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A staging buffer for ``message`` and the views its sends fill (keys then values when split)."""
+    staged = torch.empty(message.nbytes, dtype=torch.uint8, device=device)
+    half = message.nbytes // 2
+    return staged, [staged[:half], staged[half:]] if message.split else [staged]

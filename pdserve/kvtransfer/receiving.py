@@ -207,8 +207,7 @@ class ReceiverCore(KVReceiver):
                 # it ended while its writes were being posted (a later part failed it, or its deadline
                 # passed): hold its callback back until those writes finished
                 self._callbacks = deque(c for c in self._callbacks if c[1] is not handle)
-                record.fence_deadline = time.monotonic() + self._fence_timeout_s
-                self._fencing.append(record)
+                self._start_fence(record)
 
     @property
     def lock(self) -> threading.Condition:
@@ -346,8 +345,7 @@ class ReceiverCore(KVReceiver):
         if not handle.state.is_terminal:
             handle.state, handle.error = state, error
             if state is not TransferState.DONE and not event_done(record.last_write):
-                record.fence_deadline = time.monotonic() + self._fence_timeout_s
-                self._fencing.append(record)
+                self._start_fence(record)
             elif record.on_terminal is not None:
                 self._callbacks.append((record.on_terminal, handle))
         self._records.pop(handle.transfer_id, None)
@@ -355,6 +353,11 @@ class ReceiverCore(KVReceiver):
         while len(self._retired) > RETIRED_IDS_KEPT:
             self._retired.popitem(last=False)
         self._cond.notify_all()
+
+    def _start_fence(self, record: _Incoming) -> None:
+        """Under the lock: hold an ended transfer (and its callback) until its posted writes finished."""
+        record.fence_deadline = time.monotonic() + self._fence_timeout_s
+        self._fencing.append(record)
 
     def _settle_fence(self, record: _Incoming, force: bool = False) -> bool:
         """Under the lock: release a fenced transfer whose writes finished (or ``force``); its callback

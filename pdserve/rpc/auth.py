@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 
 from pdserve.common.errors import ConfigError
+from pdserve.rpc.server import with_precheck
 
 API_KEYS_ENV = "PDSERVE_API_KEYS"
 CLUSTER_TOKEN_ENV = "PDSERVE_CLUSTER_TOKEN"
@@ -122,28 +123,11 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         metadata = dict(handler_call_details.invocation_metadata or ())
         if self._keys.check_authorization(metadata.get("authorization")):
             return handler
-        return _refusing(handler)
+        return with_precheck(handler, _refuse_unauthenticated)
 
 
-def _refusing(handler: Any) -> Any:
-    """A handler of the same shape as ``handler`` that aborts with UNAUTHENTICATED."""
-
-    async def refuse_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-        yield  # pragma: no cover - never reached: abort raises
-
-    kwargs = {"request_deserializer": handler.request_deserializer,
-              "response_serializer": handler.response_serializer}
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(refuse_unary, **kwargs)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **kwargs)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(refuse_unary, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(refuse_stream, **kwargs)
+async def _refuse_unauthenticated(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
 
 def cluster_token() -> str | None:

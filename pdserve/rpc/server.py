@@ -120,6 +120,35 @@ class _Undecodable:
         self.error = error
 
 
+Precheck = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
+
+
+def with_precheck(handler: Any, precheck: Precheck, request_deserializer: Any = None) -> Any:
+    """A handler of ``handler``'s kind whose behaviour first awaits ``precheck(request, context)``
+    (which refuses a call by aborting it) and then runs the original; ``request_deserializer``
+    replaces the original's. Server interceptors build their refusals with it."""
+    kwargs = {"request_deserializer": request_deserializer or handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler), ("unary_stream", grpc.unary_stream_rpc_method_handler),
+             ("stream_unary", grpc.stream_unary_rpc_method_handler),
+             ("stream_stream", grpc.stream_stream_rpc_method_handler))
+    name, make = next((k, f) for k, f in kinds if getattr(handler, k) is not None)
+    behavior = getattr(handler, name)
+    if inspect.isasyncgenfunction(behavior):  # a streaming response written by yielding
+        async def checked_gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await precheck(request, context)
+            async for item in behavior(request, context):
+                yield item
+
+        return make(checked_gen, **kwargs)
+
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await precheck(request, context)
+        return await behavior(request, context)
+
+    return make(checked, **kwargs)
+
+
 class RejectUndecodable(grpc.aio.ServerInterceptor):
     """Answers requests whose bytes do not parse as the method's message with INVALID_ARGUMENT.
 
@@ -141,33 +170,9 @@ class RejectUndecodable(grpc.aio.ServerInterceptor):
             except Exception as exc:  # noqa: BLE001 - any parse failure is the client's
                 return _Undecodable(exc)
 
-        async def refuse(request: _Undecodable, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the request is not a valid message for {method}: {request.error}")
-
-        kwargs = {"request_deserializer": safe, "response_serializer": handler.response_serializer}
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
-
-            async def unary_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, _Undecodable):
-                    await refuse(request, context)
-                return await unary(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(unary_call, **kwargs)
-        streaming = handler.unary_stream
-        if inspect.isasyncgenfunction(streaming):
-            async def stream_gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                if isinstance(request, _Undecodable):
-                    await refuse(request, context)
-                async for item in streaming(request, context):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(stream_gen, **kwargs)
-
-        async def stream_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
             if isinstance(request, _Undecodable):
-                await refuse(request, context)
-            return await streaming(request, context)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"the request is not a valid message for {method}: {request.error}")
 
-        return grpc.unary_stream_rpc_method_handler(stream_call, **kwargs)
+        return with_precheck(handler, refuse_undecodable, safe)
