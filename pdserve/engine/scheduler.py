@@ -10,7 +10,10 @@ the head of the queue to be recomputed later (its cached full blocks usually mak
 Requests whose prompt KV is computed elsewhere (``remote_prefill``, the decode role) are admitted
 without compute: the scheduler allocates blocks for the whole prompt (a landing zone, past any local
 prefix-cache hit), marks them ``WAITING_FOR_KV`` and lists them in the plan; :meth:`Scheduler.kv_arrived`
-later makes them running with the prompt computed. A request that is preempted recomputes locally.
+later makes them running with the prompt computed. Zones are opened before local prompts are admitted
+and outside the token and time budgets (a zone costs blocks only, and the remote GPU starts on the
+prompt once its zone exists), unless a preempted request waits for blocks. A request that is preempted
+recomputes locally.
 
 SLO-aware scheduling (both optional, set from the cluster's ``slo``):
 
@@ -234,25 +237,20 @@ class Scheduler:
         return fits
 
     def _admit_waiting(self, plan: SchedulerPlan, budget: int, step: StepShape, budget_s: float | None) -> None:
+        self._admit_landing_zones(plan)
         if self.config.ttft_slo_s is not None and len(self.waiting) > 1:
             self._order_by_deadline()
         while self.waiting and budget > 0 and self.num_admitted < self.config.max_num_seqs:
             request = self.waiting[0]
             assert request.num_pending_tokens == 0, "a waiting request has no token in flight"
+            if request.remote_prefill and request.status == RequestStatus.WAITING:
+                if not self._open_landing_zone(request, plan):
+                    break
+                self.waiting.popleft()
+                continue
             cached = self.kv.find_cached_prefix(request)
             num_cached_tokens = len(cached) * self.kv.block_size
             remaining = request.num_tokens - request.num_computed_tokens - num_cached_tokens
-            if request.remote_prefill and request.status == RequestStatus.WAITING:
-                if not self.kv.allocate_slots(request, remaining, cached):
-                    break
-                self.waiting.popleft()
-                self.kv.record_prefix_lookup(request.num_tokens, num_cached_tokens)
-                request.num_cached_tokens = num_cached_tokens
-                request.num_computed_tokens = num_cached_tokens
-                request.status = RequestStatus.WAITING_FOR_KV
-                self.waiting_for_kv[request.request_id] = request
-                plan.landing_zones.append(request)
-                continue
             if not self.config.enable_chunked_prefill and remaining > budget:
                 break
             context = request.num_computed_tokens + num_cached_tokens
@@ -274,6 +272,42 @@ class Scheduler:
             step = step.plus_chunk(num_new, context) if num_new > 1 else step.plus_decode(context)
             budget -= num_new
 
+    def _admit_landing_zones(self, plan: SchedulerPlan) -> None:
+        """Admit every waiting remote-prefill request whose landing zone fits, in arrival order, whatever
+        the local prompts around it wait for: a landing zone costs blocks, not step time, and its prompt
+        is computed on another GPU only once it exists, so holding it back behind a local prompt that
+        waits for step budget would idle that GPU and add a step or more to its TTFT. Not while a
+        preempted request waits (blocks are short: it goes first)."""
+        if not any(r.remote_prefill for r in self.waiting) or any(
+                r.status == RequestStatus.PREEMPTED for r in self.waiting):
+            return
+        kept: deque[Request] = deque()
+        blocked = False
+        for request in self.waiting:
+            if (blocked or not request.remote_prefill or request.status != RequestStatus.WAITING
+                    or self.num_admitted >= self.config.max_num_seqs):
+                kept.append(request)
+                continue
+            if not self._open_landing_zone(request, plan):
+                blocked = True  # later zones wait too: first come, first served for blocks
+                kept.append(request)
+        self.waiting = kept
+
+    def _open_landing_zone(self, request: Request, plan: SchedulerPlan) -> bool:
+        """Allocate blocks for the whole prompt of a remote-prefill ``request`` (past any prefix-cache
+        hit) and mark it ``WAITING_FOR_KV``; False (nothing changed) when the blocks are not free."""
+        cached = self.kv.find_cached_prefix(request)
+        num_cached_tokens = len(cached) * self.kv.block_size
+        if not self.kv.allocate_slots(request, request.num_tokens - num_cached_tokens, cached):
+            return False
+        self.kv.record_prefix_lookup(request.num_tokens, num_cached_tokens)
+        request.num_cached_tokens = num_cached_tokens
+        request.num_computed_tokens = num_cached_tokens
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.waiting_for_kv[request.request_id] = request
+        plan.landing_zones.append(request)
+        return True
+
     def _order_by_deadline(self) -> None:
         """Fresh prompts earliest deadline first, those that cannot make it after those that can (see
         the module docstring); preempted requests keep their place at the head."""
@@ -282,7 +316,8 @@ class Scheduler:
         head: list[Request] = []
         fresh: list[Request] = []
         for request in self.waiting:
-            (fresh if request.status == RequestStatus.WAITING and not request.num_output_tokens else head).append(request)
+            local = request.status == RequestStatus.WAITING and not request.remote_prefill
+            (fresh if local and not request.num_output_tokens else head).append(request)
         now = time.monotonic()
         rate = self.step_time.prefill_tokens_per_s(self.config.max_num_batched_tokens) if self.step_time else None
         on_time, late, promoted = [], [], []

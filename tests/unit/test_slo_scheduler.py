@@ -74,6 +74,49 @@ def test_prompts_that_cannot_meet_their_deadline_go_after_those_that_can() -> No
     assert long.deadline_missed and not short.deadline_missed and scheduler.num_late_prompts == 1
 
 
+def test_landing_zones_open_ahead_of_local_prompts_that_wait_for_step_budget() -> None:
+    # decodes leave no budget: one local prompt gets the minimum chunk, the next waits; the remote
+    # prompts queued behind them (one by arrival, one behind both) get their landing zones now anyway
+    scheduler = _scheduler(step_time_budget_s=1e-3, ttft_slo_s=0.25)
+    _decoding(scheduler, 2)
+    now = time.monotonic()
+    for i, remote in enumerate([False, True, False, True]):
+        scheduler.add(Request(f"p{i}", [2] * 300, SamplingParams(max_tokens=4), arrival_time=now + i * 1e-3,
+                              remote_prefill=remote))
+    plan = scheduler.schedule()
+    assert [r.request_id for r in plan.landing_zones] == ["p1", "p3"]
+    assert [c.request.request_id for c in plan.chunks if c.num_tokens > 1] == ["p0"]
+    assert [r.request_id for r in scheduler.waiting] == ["p2"]
+    assert set(scheduler.waiting_for_kv) == {"p1", "p3"}
+
+
+def test_landing_zones_open_when_decodes_use_the_whole_token_budget() -> None:
+    scheduler = _scheduler(max_num_batched_tokens=4, step_time_budget_s=None)
+    _decoding(scheduler, 4)
+    scheduler.add(Request("remote", [2] * 40, SamplingParams(max_tokens=4), remote_prefill=True))
+    plan = scheduler.schedule()
+    assert [r.request_id for r in plan.landing_zones] == ["remote"] and plan.num_batched_tokens == 4
+
+
+def test_landing_zones_wait_behind_a_preempted_request() -> None:
+    # blocks for one 200-token prompt only: the preempted request (head of the queue) gets them, the
+    # landing zone that arrived later waits; without the preempted request the zone gets them
+    for with_preempted in (True, False):
+        scheduler = _scheduler()
+        hog = Request("hog", [2] * 16 * (scheduler.kv.num_free_blocks - 14), SamplingParams(max_tokens=4))
+        assert scheduler.kv.allocate_slots(hog, hog.num_tokens)
+        if with_preempted:
+            preempted = Request("pre", [2] * 200, SamplingParams(max_tokens=4))
+            scheduler._preempt(preempted)
+        scheduler.add(Request("remote", [2] * 200, SamplingParams(max_tokens=4), remote_prefill=True))
+        plan = scheduler.schedule()
+        if with_preempted:
+            assert [c.request.request_id for c in plan.chunks] == ["pre"] and not plan.landing_zones
+            assert [r.request_id for r in scheduler.waiting] == ["remote"]
+        else:
+            assert [r.request_id for r in plan.landing_zones] == ["remote"]
+
+
 def _two_waves(llm: LLM, prompts: list[str], params: SamplingParams) -> list[list[int]]:
     """Half the prompts first; the rest arrive while those decode (so chunks share steps with decodes)."""
     engine = llm.engine
