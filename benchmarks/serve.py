@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -124,19 +125,48 @@ async def run_point(address: str, specs: list[RequestSpec], offsets: list[float]
     return summary
 
 
-def breakdown(timings: dict[str, list[dict[str, Any]]], run_id: str) -> dict[str, float | None]:
-    """Median time per phase (ms) for the requests of one run, from the workers' own timestamps."""
-    prefill = {t["request_id"]: t for t in timings.get("prefill", []) if t["request_id"].startswith(run_id)}
-    decode = {t["request_id"]: t for t in timings.get("decode", []) if t["request_id"].startswith(run_id)}
-    phases: dict[str, list[float]] = {"prefill_queue_ms": [], "prefill_ms": [], "transfer_exposed_ms": []}
+#: The phases of a remote prefill, from the workers' own timestamps: (name, start key, end key), each key
+#: read from the prefill ("p") or decode ("d") worker's record of the request.
+PHASES = (("zone_wait_ms", ("d", "submitted_at"), ("d", "zone_at")),  # decode: Submit -> landing zone exists
+          ("prefill_queue_ms", ("p", "received_at"), ("p", "first_step_started_at")),
+          ("prefill_ms", ("p", "first_step_started_at"), ("p", "forward_done_at")),
+          ("kv_landing_ms", ("p", "forward_done_at"), ("d", "landed_at")),  # last bytes + completion callback
+          ("admit_wait_ms", ("d", "landed_at"), ("d", "admitted_at")),  # callback -> engine thread took it in
+          ("transfer_exposed_ms", ("p", "forward_done_at"), ("d", "admitted_at")))
+
+
+def breakdown(timings: dict[str, list[dict[str, Any]]], run_id: str,
+              records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Median and p90 per phase (ms) of the remote prefills of one run, from the workers' own timestamps;
+    with the run's ``records``, how many prompts were prefilled remotely and the TTFT p50/p99 of the
+    remote and the local ones."""
+    prefix = f"{run_id}-"
+    prefill = {t["request_id"]: t for t in timings.get("prefill", []) if t["request_id"].startswith(prefix)}
+    decode = {t["request_id"]: t for t in timings.get("decode", []) if t["request_id"].startswith(prefix)}
+    phases: dict[str, list[float]] = {name: [] for name, _, _ in PHASES}
     for rid, p in prefill.items():
-        if "first_step_started_at" in p and "forward_done_at" in p:
-            phases["prefill_queue_ms"].append((p["first_step_started_at"] - p["received_at"]) * 1e3)
-            phases["prefill_ms"].append((p["forward_done_at"] - p["first_step_started_at"]) * 1e3)
-            d = decode.get(rid)
-            if d is not None and "admitted_at" in d:
-                phases["transfer_exposed_ms"].append((d["admitted_at"] - p["forward_done_at"]) * 1e3)
-    return {k: (round(statistics.median(v), 2) if v else None) for k, v in phases.items()}
+        sides = {"p": p, "d": decode.get(rid, {})}
+        for name, (a_side, a_key), (b_side, b_key) in PHASES:
+            a, b = sides[a_side].get(a_key), sides[b_side].get(b_key)
+            if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
+                phases[name].append((b - a) * 1e3)
+    out: dict[str, Any] = {}
+    for name, values in phases.items():
+        values.sort()
+        out[name] = round(statistics.median(values), 2) if values else None
+        out[name.replace("_ms", "_p90_ms")] = round(values[int(0.9 * (len(values) - 1))], 2) if values else None
+    if records is not None:
+        ttft = {"remote": [], "local": []}
+        for r in records:
+            if r.get("ttft_s") is not None:
+                ttft["remote" if f"{prefix}{r['index']}" in prefill else "local"].append(r["ttft_s"])
+        out["remote_prefills"] = len(ttft["remote"])
+        out["local_prefills"] = len(ttft["local"])
+        for kind, values in ttft.items():
+            values.sort()
+            for q in (50, 99):
+                out[f"ttft_{kind}_p{q}_ms"] = round(values[int(q / 100 * (len(values) - 1))] * 1e3, 1) if values else None
+    return out
 
 
 def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos: list[tuple[float, float]]
@@ -192,7 +222,7 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
         results["worker_stats"] = cluster.worker_stats()
         for points in results["workloads"].values():
             for point in points:
-                point["breakdown"] = breakdown(timings, point["run_id"])
+                point["breakdown"] = breakdown(timings, point["run_id"], point.get("records"))
     finally:
         cluster.stop()
     return results
@@ -299,6 +329,19 @@ def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
         ["config", "workload", "rate/GPU", "req/s", "TTFT p50 ms", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p99",
          "attainment (per SLO)", "prefill queue ms", "prefill ms", "transfer exposed ms", "errors"], rows),
         f"Client capacity (no server): {json.dumps(payload['client_capacity'])}", ""]
+    phase_rows = [[kind, workload, round(p["rate_per_gpu"], 2), p["breakdown"].get("remote_prefills"),
+                   p["breakdown"].get("local_prefills"), p["breakdown"].get("ttft_remote_p50_ms"),
+                   p["breakdown"].get("ttft_remote_p99_ms"), p["breakdown"].get("ttft_local_p50_ms"),
+                   p["breakdown"].get("ttft_local_p99_ms"),
+                   *(f"{p['breakdown'].get(n)} / {p['breakdown'].get(n.replace('_ms', '_p90_ms'))}"
+                     for n, _, _ in PHASES)]
+                  for kind, res in payload["results"].items() for workload, points in res["workloads"].items()
+                  for p in points if p["breakdown"].get("remote_prefills")]
+    if phase_rows:
+        lines += ["## Where a remote prefill's time goes (ms, p50 / p90, workers' clocks)", "", markdown_table(
+            ["config", "workload", "rate/GPU", "remote", "local", "TTFT remote p50", "TTFT remote p99",
+             "TTFT local p50", "TTFT local p99", *(n.removesuffix("_ms").replace("_", " ") for n, _, _ in PHASES)],
+            phase_rows), ""]
     stats = [[kind, s["worker_id"], s["role"], s.get("remote_prefills", ""), s["prompt_tokens_computed"],
               s.get("budget_cut_chunks", ""), s.get("late_prompts", ""),
               (s.get("step_time_error") or {}).get("abs_error_p50", "")]

@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import itertools
 import logging
+import math
 import time
 from typing import Any
 
@@ -33,11 +34,13 @@ from pdserve.rpc.options import CHANNEL_OPTIONS
 from pdserve.rpc.status import abort_with
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.worker.engine_loop import StepOutput
-from pdserve.worker.role import Role
+from pdserve.worker.role import Role, WorkerContext
 
 logger = logging.getLogger(__name__)
 #: How long a failed or aborted transfer waits for the prefill worker to confirm it stopped writing.
 CANCEL_ACK_TIMEOUT_S = 2.0
+#: Per-request timestamps kept for benchmarks (the most recent ones).
+TIMINGS_KEPT = 8192
 
 
 class _PrefillPeer:
@@ -62,10 +65,16 @@ class DecodeRole(Role):
         self._failures: dict[str, Exception] = {}  # request id -> why this side cancelled its transfer
         self._tasks: set[asyncio.Task] = set()
         self._transfer_ids = itertools.count(1)
+        self._submitted_at: dict[str, float] = {}  # request id -> when Submit admitted it, until its zone exists
         self.num_remote_prefills = 0
-        self.timings: collections.deque[dict[str, Any]] = collections.deque(maxlen=1024)
+        self.timings: collections.deque[dict[str, Any]] = collections.deque(maxlen=TIMINGS_KEPT)
         self.num_failed_transfers = 0
         self.num_local_recomputes = 0
+
+    def attach(self, worker: WorkerContext) -> None:
+        super().attach(worker)
+        # a request whose KV landed is admitted (and its first token sent) while a step is on the device
+        worker.engine_loop.run_urgent_calls_mid_step(lambda: bool(self._transfers))
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -93,10 +102,12 @@ class DecodeRole(Role):
             if remote:
                 self._prefill_of[rid] = request.prefill_address
                 self._params[rid] = request.params
+                self._submitted_at[rid] = time.time()
             await self.worker.on_engine(admit)
         except (InvalidParameterError, OutOfCapacityError) as exc:
             self._prefill_of.pop(rid, None)
             self._params.pop(rid, None)
+            self._submitted_at.pop(rid, None)
             await abort_with(context, exc)
 
     async def abort(self, request_ids: list[str]) -> list[str]:
@@ -104,6 +115,7 @@ class DecodeRole(Role):
         for rid in request_ids:
             address = self._prefill_of.pop(rid, None)
             self._params.pop(rid, None)
+            self._submitted_at.pop(rid, None)
             handle = self._transfers.pop(rid, None)
             if handle is not None and self._receiver is not None:
                 await asyncio.to_thread(self._receiver.cancel, handle)  # waits for posted writes
@@ -153,8 +165,9 @@ class DecodeRole(Role):
         rid = zone.request_id
         address = self._prefill_of.get(rid)
         if address is None:  # aborted meanwhile
+            self._submitted_at.pop(rid, None)
             return
-        timing = {"zone_at": time.time()}
+        timing = {"submitted_at": self._submitted_at.pop(rid, math.nan), "zone_at": time.time()}
         timeout = self.worker.transfer.timeout_s
         params = self._params[rid]
         loop = asyncio.get_running_loop()
@@ -240,7 +253,7 @@ class DecodeRole(Role):
                 self.worker.engine_loop.emit([delta])
             self.timings.append({"request_id": rid, "num_prompt_tokens": len(zone.prompt_token_ids), **timing})
 
-        self.worker.engine_loop.call(land).add_done_callback(_log_engine_failure)
+        self.worker.engine_loop.call(land, urgent=True).add_done_callback(_log_engine_failure)
 
     async def _transfer_failed(self, rid: str, address: str, exc: Exception) -> None:
         if self._prefill_of.pop(rid, None) is None:

@@ -132,6 +132,9 @@ class LLMEngine:
         self._held: dict[str, Request] = {}  # prefill_only requests done computing, blocks not yet sent
         self._landing_zones: list[LandingZone] = []
         self._in_flight: LaunchedStep | None = None  # launched, tokens not yet read (async scheduling)
+        # called with "is the step done?" while a step's tokens are awaited (the engine loop serves
+        # urgent calls there); it must return by the time the step is done, and never step the engine
+        self.device_wait_hook: Callable[[Callable[[], bool]], None] | None = None
         self.step_hooks: StepHooks | None = None
         _LIVE_ENGINES.add(self)
 
@@ -313,7 +316,10 @@ class LLMEngine:
                 or request.num_tokens + 1 >= self.max_model_len)
 
     def _land(self, launched: LaunchedStep) -> list[RequestDelta]:
-        """Read a launched step's tokens (waits for the device) and append them to their requests."""
+        """Read a launched step's tokens (waits for the device, through ``device_wait_hook`` when set)
+        and append them to their requests."""
+        if self.device_wait_hook is not None and not launched.is_done():
+            self.device_wait_hook(launched.is_done)
         token_ids, logprobs = launched.token_ids(), launched.logprobs()
         seconds = launched.seconds()
         if self.step_monitor is not None and seconds is not None and self.step_monitor.record(launched.plan.shape,

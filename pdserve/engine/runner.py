@@ -60,6 +60,10 @@ class LaunchedStep:
             return None
         return start.elapsed_time(end) / 1e3
 
+    def is_done(self) -> bool:
+        """Whether reading the tokens would not wait for the device."""
+        return self.sampled is None or self.sampled.is_ready()
+
     def token_ids(self) -> list[int]:
         """The sampled ids in ``sampling`` order (waits for the device)."""
         return [] if self.sampled is None else self.sampled.resolve().token_ids

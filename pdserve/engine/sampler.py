@@ -89,6 +89,10 @@ class SampledTokens:
     def num_rows(self) -> int:
         return int(self.token_ids.shape[0])
 
+    def is_ready(self) -> bool:
+        """Whether :meth:`resolve` would return without waiting for the device."""
+        return self._resolved is not None or self._event is None or self._event.query()
+
     def resolve(self) -> SamplerOutput:
         if self._resolved is None:
             if self._event is not None:

@@ -36,6 +36,8 @@ from pdserve.worker.role import Role, WorkerContext
 logger = logging.getLogger(__name__)
 #: How many request ids cancelled before their Prefill call arrived are remembered (to refuse it).
 CANCELLED_IDS_KEPT = 4096
+#: Per-request timestamps kept for benchmarks (the most recent ones).
+TIMINGS_KEPT = 8192
 
 
 @dataclass(eq=False)
@@ -57,7 +59,7 @@ class PrefillRole(Role):
         # cancelled before their Prefill call arrived (calls may overtake each other): refused later
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.num_prefills = 0
-        self.timings: collections.deque[dict[str, Any]] = collections.deque(maxlen=1024)
+        self.timings: collections.deque[dict[str, Any]] = collections.deque(maxlen=TIMINGS_KEPT)
 
     def attach(self, worker: WorkerContext) -> None:
         super().attach(worker)

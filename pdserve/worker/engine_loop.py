@@ -2,7 +2,11 @@
 steps, so the engine is only ever touched from one thread.
 
 Lifecycle: ``start()`` -> ``call(fn)`` from any thread (returns a ``concurrent.futures.Future``; ``fn``
-runs on the engine thread between steps) -> ``stop()``. After every step that produced deltas or new
+runs on the engine thread between steps) -> ``stop()``. ``call(fn, urgent=True)`` marks a call that may
+also run *inside* a step, while the engine waits for the device to finish it, once a role enabled that
+with :meth:`EngineLoop.run_urgent_calls_mid_step` (the decode role: a request whose KV landed gets its
+first token out without waiting for the step in flight). An urgent call must only change requests that
+are not in the step in flight (e.g. admit a ``WAITING_FOR_KV`` request) and never step the engine. After every step that produced deltas or new
 landing zones, and for deltas a role emits itself (``emit``), the one ``on_step`` callback receives a
 :class:`StepOutput` (the deltas, the landing zones to fill, the worker's load); it runs on the engine
 thread and must not block (the worker hands what it must to its asyncio loop).
@@ -23,6 +27,8 @@ from pdserve.engine.engine import LandingZone, LLMEngine
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+#: How often the engine thread checks the device while it serves urgent calls inside a step.
+MID_STEP_POLL_S = 2e-4
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,9 @@ class EngineLoop:
         self.engine = engine
         self._on_step = on_step
         self._calls: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], Future]] = queue.SimpleQueue()
+        self._urgent_calls: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], Future]] = queue.SimpleQueue()
+        self._urgent_wake = threading.Event()
+        self._mid_step_wanted: Callable[[], bool] | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle_wait_s = idle_wait_s
@@ -74,14 +83,36 @@ class EngineLoop:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def call(self, fn: Callable[[LLMEngine], T]) -> Future[T]:
+    def call(self, fn: Callable[[LLMEngine], T], *, urgent: bool = False) -> Future[T]:
         future: Future[T] = Future()
         if self._stop.is_set():
             future.set_exception(RuntimeError("the worker is shutting down"))
             return future
-        self._calls.put((fn, future))
+        if urgent:
+            self._urgent_calls.put((fn, future))
+            self._urgent_wake.set()
+        else:
+            self._calls.put((fn, future))
         self._wake.set()
         return future
+
+    def run_urgent_calls_mid_step(self, wanted: Callable[[], bool]) -> None:
+        """From now on, while the engine waits for a step on the device and ``wanted()`` is true (asked
+        on the engine thread as it waits: e.g. "a transfer is in flight"), urgent calls run as they
+        arrive, at the cost of polling the device every ``MID_STEP_POLL_S`` meanwhile."""
+        self._mid_step_wanted = wanted
+        self.engine.device_wait_hook = self._serve_urgent_calls
+
+    def _serve_urgent_calls(self, done: Callable[[], bool]) -> None:
+        """Engine thread, inside a step: run urgent calls until the device is ``done`` with the step (or
+        none is wanted; the engine then waits for the device as usual)."""
+        wanted = self._mid_step_wanted
+        while True:
+            self._urgent_wake.clear()
+            self._run_calls(self._urgent_calls)
+            if done() or wanted is None or not (wanted() or not self._urgent_calls.empty()):
+                return
+            self._urgent_wake.wait(MID_STEP_POLL_S)
 
     def emit(self, deltas: list[RequestDelta]) -> None:
         """Publish deltas produced outside ``step()`` (engine thread only)."""
@@ -111,10 +142,14 @@ class EngineLoop:
         finally:
             self._fail_pending()
 
-    def _run_calls(self) -> None:
+    def _run_calls(self, calls: queue.SimpleQueue | None = None) -> None:
+        """Run the queued calls: urgent ones first, then the rest (only ``calls`` when given)."""
+        if calls is None:
+            self._run_calls(self._urgent_calls)
+            calls = self._calls
         while True:
             try:
-                fn, future = self._calls.get_nowait()
+                fn, future = calls.get_nowait()
             except queue.Empty:
                 return
             if not future.set_running_or_notify_cancel():
@@ -125,10 +160,11 @@ class EngineLoop:
                 future.set_exception(exc)
 
     def _fail_pending(self) -> None:
-        while True:
-            try:
-                _, future = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            if future.set_running_or_notify_cancel():
-                future.set_exception(RuntimeError(f"the engine loop stopped: {self.error!r}"))
+        for calls in (self._urgent_calls, self._calls):
+            while True:
+                try:
+                    _, future = calls.get_nowait()
+                except queue.Empty:
+                    break
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(RuntimeError(f"the engine loop stopped: {self.error!r}"))
