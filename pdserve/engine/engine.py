@@ -48,6 +48,16 @@ from pdserve.engine.step_time import StepTimeModel, StepTimeMonitor
 from pdserve.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+#: A step whose launch, or whose wait for the device, takes longer is logged (a stall: e.g. a kernel
+#: compiled or a plan built on first use of a shape while requests wait).
+SLOW_STEP_S = 0.25
+
+
+def describe_plan(plan: SchedulerPlan) -> str:
+    """One line about what a step carries: its decodes and its prefill chunks (start, tokens)."""
+    decodes = sum(1 for c in plan.chunks if c.num_tokens == 1)
+    chunks = [(c.start, c.num_tokens) for c in plan.chunks if c.num_tokens > 1]
+    return f"{decodes} decodes, prefill chunks (start, tokens) {chunks}"
 
 _LIVE_ENGINES: weakref.WeakSet[LLMEngine] = weakref.WeakSet()
 
@@ -287,9 +297,17 @@ class LLMEngine:
             block_ids = self.kv.block_ids(request.request_id)
             self._landing_zones.append(LandingZone(request.request_id, request.prompt_token_ids, list(block_ids),
                                                    request.num_computed_tokens // self.kv.block_size))
+        started = time.perf_counter()
         launched = self._launch(plan) if not plan.is_empty else None
+        launched_at = time.perf_counter()
+        if launched_at - started > SLOW_STEP_S:
+            logger.warning("launching a step took %.0f ms on the host (%s)", (launched_at - started) * 1e3,
+                           describe_plan(plan))
         if self._in_flight is not None:
             deltas += self._land(self._in_flight)
+            if time.perf_counter() - launched_at > SLOW_STEP_S:
+                logger.warning("waiting for a step took %.0f ms (%s)", (time.perf_counter() - launched_at) * 1e3,
+                               describe_plan(self._in_flight.plan))
         self._in_flight = launched
         if launched is not None and not self.config.async_scheduling:
             deltas += self._land(launched)
