@@ -4,8 +4,10 @@ A decode worker that prefills now and then (spilled prompts, chunks cut to its s
 a prefill worker never sees; anything built on first use of a shape (a compiled kernel, an attention
 plan) stalls every stream it decodes. This probe runs the decode worker's engine settings (Llama-3.1-8B
 shapes, dummy weights, a 15 ms step budget) with a decode batch running and prompts of random lengths
-arriving, times every step, and lists the slowest with what they carried; then it runs the same
-sequence again (a stall that does not repeat is a first-use cost).
+arriving, times every step, and lists the slowest with what they carried and, for any step over
+``--profile-over-ms``, where its host time went (cProfile); then it runs a second sequence with new
+prompts (a stall that does not repeat is a first-use cost), and one without the step budget (chunks as
+long as the token budget, as when the running decodes have slack).
 
     python -m benchmarks.step_stalls [--preset tiny] [--prompts 40]
 """
@@ -13,6 +15,10 @@ sequence again (a stall that does not repeat is a first-use cost).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import dataclasses
+import io
+import pstats
 import random
 import tempfile
 import time
@@ -26,12 +32,14 @@ from pdserve import LLM, SamplingParams
 from pdserve.engine.engine import describe_plan
 
 
-def run_sequence(llm: LLM, lengths: list[int], decodes: int, tag: str) -> list[dict[str, Any]]:
+def run_sequence(llm: LLM, lengths: list[int], decodes: int, tag: str, profile_over_ms: float,
+                 seed: int) -> list[dict[str, Any]]:
     """``decodes`` long-running requests, then one prompt of each length every few steps; every step timed."""
     engine = llm.engine
     params = SamplingParams(max_tokens=10_000, ignore_eos=True, temperature=0.0)
     for i in range(decodes):
-        engine.add_request(f"{tag}-d{i}", prompt=None, prompt_token_ids=[(i * 7 + k) % 1000 + 3 for k in range(1024)],
+        engine.add_request(f"{tag}-d{i}", prompt=None,
+                           prompt_token_ids=[(seed + i * 7 + k) % 1000 + 3 for k in range(1024)],
                            params=params)
     while any(r.num_output_tokens == 0 for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
@@ -41,15 +49,23 @@ def run_sequence(llm: LLM, lengths: list[int], decodes: int, tag: str) -> list[d
     while pending or any(r.num_output_tokens == 0 for r in engine.scheduler.running) or engine.scheduler.waiting:
         if pending and n % 3 == 0:
             length = pending.pop(0)
-            engine.add_request(f"{tag}-p{n}", prompt=None, prompt_token_ids=[(n + k) % 1000 + 3 for k in range(length)],
+            engine.add_request(f"{tag}-p{n}", prompt=None,
+                               prompt_token_ids=[(seed + n * 13 + k) % 1000 + 3 for k in range(length)],
                                params=SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0))
         plan_line = ""
+        profiler = cProfile.Profile()
         started = time.perf_counter()
+        profiler.enable()
         engine.step()
+        profiler.disable()
         seconds = time.perf_counter() - started
         if engine._in_flight is not None:  # the step just launched (what a stall in launching concerns)
             plan_line = describe_plan(engine._in_flight.plan)
         steps.append({"ms": round(seconds * 1e3, 2), "plan": plan_line})
+        if seconds * 1e3 > profile_over_ms:
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
+            print(f"--- {tag}: step of {seconds * 1e3:.0f} ms ({plan_line}) ---\n{text.getvalue()}", flush=True)
         n += 1
     for request_id in list(engine._requests):
         engine.abort_request(request_id)
@@ -63,6 +79,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=("llama31-8b", "tiny"), default="llama31-8b")
     parser.add_argument("--prompts", type=int, default=40)
     parser.add_argument("--decodes", type=int, default=16)
+    parser.add_argument("--profile-over-ms", type=float, default=150.0)
     args = parser.parse_args()
     tiny = args.preset == "tiny"
     cuda = torch.cuda.is_available()
@@ -75,8 +92,13 @@ def main() -> None:
         model_dir = write_model_dir(Path(tmp) / "model", TINY if tiny else LLAMA31_8B)
         llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16" if cuda else "float32",
                   max_model_len=16384, max_num_seqs=256, max_num_batched_tokens=2048, step_time_budget_ms=15.0,
-                  ttft_slo_ms=250.0, gpu_memory_utilization=0.85, num_kv_blocks=None if cuda else 4096)
-        runs = {tag: run_sequence(llm, lengths, args.decodes, tag) for tag in ("first", "again")}
+                  ttft_slo_ms=250.0, gpu_memory_utilization=0.85, enable_prefix_caching=False, num_kv_blocks=None if cuda else 4096)
+        runs = {}
+        for i, tag in enumerate(("first", "again", "no-budget")):
+            if tag == "no-budget":
+                scheduler = llm.engine.scheduler
+                scheduler.config = dataclasses.replace(scheduler.config, step_time_budget_s=None)
+            runs[tag] = run_sequence(llm, lengths, args.decodes, tag, args.profile_over_ms, seed=101 * i)
     rows, summary = [], {}
     for tag, steps in runs.items():
         times = sorted(s["ms"] for s in steps)

@@ -17,7 +17,11 @@ Role entry points (the engine knows nothing of roles; the shells set these per r
 
 from __future__ import annotations
 
+import cProfile
+import io
 import logging
+import os
+import pstats
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -51,6 +55,24 @@ logger = logging.getLogger(__name__)
 #: A step whose launch, or whose wait for the device, takes longer is logged (a stall: e.g. a kernel
 #: compiled or a plan built on first use of a shape while requests wait).
 SLOW_STEP_S = 0.25
+
+
+def _profiler_for_slow_steps() -> cProfile.Profile | None:
+    """With ``PDSERVE_PROFILE_SLOW_STEPS=1`` (a diagnostic: it slows every step's host work), each
+    launch runs under cProfile and a slow one's report names the Python calls its time went to."""
+    if os.environ.get("PDSERVE_PROFILE_SLOW_STEPS") != "1":
+        return None
+    profiler = cProfile.Profile()
+    profiler.enable()
+    return profiler
+
+
+def _profile_report(profiler: cProfile.Profile | None) -> str:
+    if profiler is None:
+        return ""
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
+    return "\n" + text.getvalue()
 
 
 def describe_plan(plan: SchedulerPlan) -> str:
@@ -298,11 +320,15 @@ class LLMEngine:
             self._landing_zones.append(LandingZone(request.request_id, request.prompt_token_ids, list(block_ids),
                                                    request.num_computed_tokens // self.kv.block_size))
         started = time.perf_counter()
+        profiler = _profiler_for_slow_steps()
         launched = self._launch(plan) if not plan.is_empty else None
         launched_at = time.perf_counter()
+        if profiler is not None:
+            profiler.disable()
         if launched_at - started > SLOW_STEP_S:
-            logger.warning("launching a step took %.0f ms on the host (%s)", (launched_at - started) * 1e3,
-                           describe_plan(plan))
+            logger.warning("launching a step took %.0f ms on the host (%s; ms by phase %s)%s",
+                           (launched_at - started) * 1e3, describe_plan(plan), self.runner.host_breakdown_ms(),
+                           _profile_report(profiler))
         if self._in_flight is not None:
             deltas += self._land(self._in_flight)
             if time.perf_counter() - launched_at > SLOW_STEP_S:

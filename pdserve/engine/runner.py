@@ -96,6 +96,7 @@ class ModelRunner:
         self.num_prompt_tokens_computed = 0  # of those, prompt positions: prefill work done on this engine
         self.num_graph_steps = 0
         self.num_eager_steps = 0
+        self.host_stamps: dict[str, float] = {}  # phase -> perf_counter() at its end, of the last launch
 
     # ---- set-up --------------------------------------------------------------------------------
 
@@ -143,6 +144,7 @@ class ModelRunner:
             self.num_graph_steps += 1
         else:
             metadata = self.inputs.load(chunks, self._eager_shape, self._fed)
+            self.host_stamps["inputs"] = time.perf_counter()
             rows = metadata.launch.num_tokens if metadata.launch is not None else num_tokens
             hidden = self.model(self.inputs.input_ids[:rows], self.inputs.positions[:rows], self.kv_caches,
                                 metadata)[:num_tokens]
@@ -169,9 +171,16 @@ class ModelRunner:
         event.record()
         return event
 
+    def host_breakdown_ms(self) -> dict[str, float]:
+        """Where the host time of the last launch went (ms per phase, in order): for slow-step reports."""
+        stamps = list(self.host_stamps.items())
+        return {name: round((t - stamps[i - 1][1]) * 1e3, 2) for i, (name, t) in enumerate(stamps) if i}
+
     def _launch(self, plan: SchedulerPlan) -> LaunchedStep:
+        self.host_stamps = {"start": time.perf_counter()}
         chunks = sorted(plan.chunks, key=lambda c: c.num_tokens != 1)  # stable: decodes first
         hidden, metadata = self.forward(chunks)
+        self.host_stamps["forward"] = time.perf_counter()
         sampling = [c for c in chunks if c.samples]
         if not sampling:
             return LaunchedStep(plan, [], None, metadata.num_tokens)
