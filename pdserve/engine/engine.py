@@ -154,6 +154,9 @@ class LLMEngine:
         if self.device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
             self.startup_seconds["cuda_graphs"] = self.runner.capture_cuda_graphs(config.max_num_seqs,
                                                                                   config.cuda_graph_max_tokens)
+        self.startup_seconds["attention_plans"] = backend.prepare(
+            spec.num_heads, spec.num_kv_heads, spec.head_dim, self.dtype, self.device,
+            min(config.max_num_batched_tokens, self.max_model_len), spec.sliding_window)
         self.step_time: StepTimeModel | None = None
         self.step_time_samples: list[dict] = []
         self.step_monitor: StepTimeMonitor | None = None

@@ -30,6 +30,12 @@ class AttentionBackend(ABC):
         built by ``StepInputs``); ``None`` when it needs none."""
         return None
 
+    def prepare(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                max_tokens: int, sliding_window: int | None) -> float:
+        """Build, before serving, whatever the backend would otherwise build on first use of a shape
+        (steps of at most ``max_tokens`` tokens); returns the seconds it took. Default: nothing."""
+        return 0.0
+
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  metadata: AttentionMetadata) -> None:
         """Write ``key``/``value`` ``[num_tokens, num_kv_heads, head_dim]`` into their cache slots."""

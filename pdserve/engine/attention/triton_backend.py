@@ -15,7 +15,12 @@ from __future__ import annotations
 import torch
 
 from pdserve.engine.attention.backend import AttentionBackend
-from pdserve.engine.attention.dense_prefill import MAX_DENSE_CHUNKS, dense_prefill, dense_prefill_supported
+from pdserve.engine.attention.dense_prefill import (
+    MAX_DENSE_CHUNKS,
+    dense_prefill,
+    dense_prefill_supported,
+    prebuild_dense_plans,
+)
 from pdserve.engine.attention.metadata import AttentionMetadata
 from pdserve.engine.kernels.paged_decode import paged_decode_attention
 from pdserve.engine.kernels.paged_prefill import paged_prefill_attention, query_tile_rows
@@ -30,6 +35,14 @@ class TritonBackend(AttentionBackend):
 
     def __init__(self, use_dense_prefill: bool = True) -> None:
         self.use_dense_prefill = use_dense_prefill
+
+    def prepare(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                max_tokens: int, sliding_window: int | None) -> float:
+        """The fused attention's plan for every bucketed chunk length (see ``dense_prefill``)."""
+        if not (self.use_dense_prefill and dense_prefill_supported(device, dtype, sliding_window)):
+            return 0.0
+        return prebuild_dense_plans(num_heads, num_kv_heads, head_dim, dtype, device, max_tokens,
+                                    scale=head_dim**-0.5)
 
     def query_tile_rows(self, head_dim: int, dtype: torch.dtype) -> int | None:
         return query_tile_rows(head_dim, dtype)
