@@ -20,7 +20,8 @@ import json
 import statistics
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -28,35 +29,61 @@ import numpy as np
 from pdserve.common.errors import ConfigError
 
 
+class StepKind(StrEnum):
+    """What a step is made of: decodes only, prefill chunks only, or both. Each kind has its own
+    calibration: their live times drift apart (a mixed step launches eager kernels between graph pieces
+    and pays host delays a replayed decode graph does not)."""
+
+    DECODE = "decode"
+    MIXED = "mixed"
+    PREFILL = "prefill"
+
+
 @dataclass(frozen=True)
 class StepShape:
-    """What a step carries, in the model's terms."""
+    """What a step carries, in the model's terms (``decodes``: how many of ``tokens`` are decodes)."""
 
     tokens: int
     kv_tokens: int = 0
     pairs: float = 0.0
+    decodes: int = 0
 
     def plus_chunk(self, tokens: int, context: int) -> StepShape:
         """This step with a prefill chunk of ``tokens`` tokens after ``context`` earlier ones added."""
         if tokens <= 0:
             return self
-        return StepShape(self.tokens + tokens, self.kv_tokens + context, self.pairs + tokens * (context + tokens / 2))
+        return StepShape(self.tokens + tokens, self.kv_tokens + context, self.pairs + tokens * (context + tokens / 2),
+                         self.decodes)
 
     def plus_decode(self, context: int) -> StepShape:
-        return StepShape(self.tokens + 1, self.kv_tokens + context, self.pairs)
+        return StepShape(self.tokens + 1, self.kv_tokens + context, self.pairs, self.decodes + 1)
+
+    @property
+    def kind(self) -> StepKind:
+        if self.pairs == 0:
+            return StepKind.DECODE
+        return StepKind.MIXED if self.decodes else StepKind.PREFILL
 
 
 @dataclass(frozen=True)
 class StepTimeModel:
+    """The fitted coefficients, and a calibration factor per :class:`StepKind` (1.0 until live steps
+    say otherwise; not part of a profile file)."""
+
     base_s: float
     per_token_s: float
     free_tokens: int
     per_kv_token_s: float = 0.0
     per_pair_s: float = 0.0
+    calibration: tuple[tuple[StepKind, float], ...] = ()
 
     def predict(self, shape: StepShape) -> float:
-        return (self.base_s + self.per_token_s * max(shape.tokens, self.free_tokens)
-                + self.per_kv_token_s * shape.kv_tokens + self.per_pair_s * shape.pairs)
+        seconds = (self.base_s + self.per_token_s * max(shape.tokens, self.free_tokens)
+                   + self.per_kv_token_s * shape.kv_tokens + self.per_pair_s * shape.pairs)
+        return seconds * self.factor(shape.kind)
+
+    def factor(self, kind: StepKind) -> float:
+        return dict(self.calibration).get(kind, 1.0)
 
     def max_chunk_tokens(self, step: StepShape, budget_s: float, limit: int, chunk_context: int = 0) -> int:
         """The most tokens of a prefill chunk starting at ``chunk_context`` that a step already carrying
@@ -84,13 +111,15 @@ class StepTimeModel:
         n = max(chunk_tokens, 1)
         return n / self.predict(StepShape(n, 0, n * n / 2))
 
-    def scaled(self, factor: float) -> StepTimeModel:
-        """The same shape of cost, every term ``factor`` times as long (a calibration)."""
-        return StepTimeModel(self.base_s * factor, self.per_token_s * factor, self.free_tokens,
-                             self.per_kv_token_s * factor, self.per_pair_s * factor)
+    def scaled(self, kind: StepKind, factor: float) -> StepTimeModel:
+        """The same model with steps of ``kind`` predicted ``factor`` times as long (a calibration)."""
+        factors = dict(self.calibration)
+        factors[kind] = factors.get(kind, 1.0) * factor
+        return replace(self, calibration=tuple(sorted(factors.items())))
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """The fitted coefficients (what a profile file holds; calibration is a live-run matter)."""
+        return {k: v for k, v in asdict(self).items() if k != "calibration"}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "step-time profile") -> StepTimeModel:
@@ -166,7 +195,7 @@ def profile_step_time(run: Callable[[int, int, int], float], *, max_tokens: int,
     for d, ctx, c in grid:
         run(d, ctx, c)  # warm-up: kernels for this shape
         seconds = statistics.median(run(d, ctx, c) for _ in range(3))
-        shape = StepShape(d + c, d * ctx, c * c / 2)
+        shape = StepShape(d + c, d * ctx, c * c / 2, d)
         samples.append((shape, seconds))
         rows.append({"decodes": d, "context": ctx, "chunk_tokens": c, "seconds": seconds})
     model = fit_step_time(samples)
@@ -177,50 +206,53 @@ def profile_step_time(run: Callable[[int, int, int], float], *, max_tokens: int,
 
 class StepTimeMonitor:
     """Predicted against measured step times over the last ``window`` steps (a live check of the model),
-    and its calibration: every ``recalibrate_every`` steps, if the median error is off by more than
-    ``tolerance``, the model is scaled by the median measured/predicted ratio (at most 2x either way per
-    round) and the window starts over. ``model`` is the calibrated model; ``calibration`` the product
-    of the factors applied so far."""
+    and its calibration, per :class:`StepKind`: every ``recalibrate_every`` steps of a kind, if their
+    median error is off by more than ``tolerance``, that kind's factor is scaled by the median
+    measured/predicted ratio (at most 2x either way per round) and its window starts over. ``model``
+    is the calibrated model."""
 
     def __init__(self, model: StepTimeModel, window: int = 512, recalibrate_every: int = 256,
                  tolerance: float = 0.05) -> None:
         self.model = model
-        self._errors: deque[float] = deque(maxlen=window)
-        self._ratios: deque[float] = deque(maxlen=window)
+        self._errors: deque[float] = deque(maxlen=window)  # every kind: what summary() reports
+        self._ratios: dict[StepKind, deque[float]] = {kind: deque(maxlen=window) for kind in StepKind}
+        self._since: dict[StepKind, int] = dict.fromkeys(StepKind, 0)
         self.num_steps = 0
-        self.calibration = 1.0
         self._recalibrate_every = recalibrate_every
         self._tolerance = tolerance
-        self._since = 0
+
+    def calibration(self, kind: StepKind) -> float:
+        return self.model.factor(kind)
 
     def record(self, shape: StepShape, seconds: float) -> bool:
         """Add one measured step; returns True when it recalibrated the model."""
         if seconds <= 0:
             return False
+        kind = shape.kind
         predicted = self.model.predict(shape)
         self._errors.append((predicted - seconds) / seconds)
-        self._ratios.append(seconds / predicted if predicted > 0 else 1.0)
+        self._ratios[kind].append(seconds / predicted if predicted > 0 else 1.0)
         self.num_steps += 1
-        self._since += 1
-        if self._since < self._recalibrate_every:
+        self._since[kind] += 1
+        if self._since[kind] < self._recalibrate_every:
             return False
-        self._since = 0
-        factor = statistics.median(self._ratios)
+        self._since[kind] = 0
+        factor = statistics.median(self._ratios[kind])
         if abs(factor - 1.0) <= self._tolerance:
             return False
-        factor = min(max(factor, 0.5), 2.0)
-        self.model = self.model.scaled(factor)
-        self.calibration *= factor
+        self.model = self.model.scaled(kind, min(max(factor, 0.5), 2.0))
+        self._ratios[kind].clear()
         self._errors.clear()
-        self._ratios.clear()
         return True
 
-    def summary(self) -> dict[str, float | int | None]:
-        """Median and 90th-percentile absolute relative error, and the median signed error (bias)."""
+    def summary(self) -> dict[str, float | int | None | dict[str, float]]:
+        """Median and 90th-percentile absolute relative error, the median signed error (bias), and the
+        calibration factor of each kind of step."""
+        calibration = {kind.value: round(self.model.factor(kind), 3) for kind in StepKind}
         if not self._errors:
             return {"steps": self.num_steps, "abs_error_p50": None, "abs_error_p90": None, "bias_p50": None,
-                    "calibration": round(self.calibration, 3)}
+                    "calibration": calibration}
         absolute = sorted(abs(e) for e in self._errors)
         return {"steps": self.num_steps, "abs_error_p50": round(statistics.median(absolute), 3),
                 "abs_error_p90": round(absolute[int(0.9 * (len(absolute) - 1))], 3),
-                "bias_p50": round(statistics.median(self._errors), 3), "calibration": round(self.calibration, 3)}
+                "bias_p50": round(statistics.median(self._errors), 3), "calibration": calibration}

@@ -9,6 +9,7 @@ import pytest
 
 from pdserve.common.errors import ConfigError
 from pdserve.engine.step_time import (
+    StepKind,
     StepShape,
     StepTimeModel,
     StepTimeMonitor,
@@ -90,7 +91,26 @@ def test_monitor_recalibrates_the_model_to_the_live_steps() -> None:
     shapes = [StepShape(n, 64 * n) for n in (1, 16, 256, 1024)] * 4
     changed = [monitor.record(s, TRUE.predict(s) * 1.25) for s in shapes]
     assert changed.count(True) == 1 and changed[7]  # after 8 steps, once
-    assert monitor.calibration == pytest.approx(1.25)
+    assert monitor.calibration(StepKind.DECODE) == pytest.approx(1.25)
     for s in shapes:
         assert monitor.model.predict(s) == pytest.approx(TRUE.predict(s) * 1.25)
     assert not any(monitor.record(s, monitor.model.predict(s) * 1.02) for s in shapes)  # within tolerance
+
+
+def test_each_kind_of_step_is_calibrated_on_its_own() -> None:
+    # mixed steps run 1.9x the model on the device, decode steps as predicted: decode steps must keep
+    # their prediction (one shared factor made the decode worker think its decodes took twice as long)
+    monitor = StepTimeMonitor(TRUE, recalibrate_every=8)
+    decode = StepShape(0).plus_decode(1000).plus_decode(2000)
+    mixed = decode.plus_chunk(300, 0)
+    prefill = StepShape(0).plus_chunk(2048, 0)
+    assert (decode.kind, mixed.kind, prefill.kind) == (StepKind.DECODE, StepKind.MIXED, StepKind.PREFILL)
+    for _ in range(16):
+        monitor.record(decode, TRUE.predict(decode))
+        monitor.record(mixed, TRUE.predict(mixed) * 1.9)
+        monitor.record(prefill, TRUE.predict(prefill) * 0.8)
+    assert monitor.model.predict(decode) == pytest.approx(TRUE.predict(decode))
+    assert monitor.model.predict(mixed) == pytest.approx(TRUE.predict(mixed) * 1.9)
+    assert monitor.model.predict(prefill) == pytest.approx(TRUE.predict(prefill) * 0.8)
+    assert monitor.summary()["calibration"] == {"decode": 1.0, "mixed": 1.9, "prefill": 0.8}
+    assert StepTimeModel.from_dict(monitor.model.to_dict()) == TRUE  # a profile holds no calibration
