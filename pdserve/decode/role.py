@@ -97,13 +97,15 @@ class DecodeRole(Role):
                 prompt_ids = engine.tokenizer.encode_chat(chat, not request.chat.no_generation_prompt)
             engine.add_request(rid, prompt=None if chat is not None else text, prompt_token_ids=prompt_ids,
                                params=params, remote_prefill=remote, resume_token_ids=resume)
+            if remote:  # its zone now, not at the next step: the prefill worker starts a step earlier
+                self.worker.engine_loop.emit([], engine.open_landing_zones())
 
         try:
             if remote:
                 self._prefill_of[rid] = request.prefill_address
                 self._params[rid] = request.params
                 self._submitted_at[rid] = time.time()
-            await self.worker.on_engine(admit)
+            await self.worker.on_engine(admit, urgent=remote)
         except (InvalidParameterError, OutOfCapacityError) as exc:
             self._prefill_of.pop(rid, None)
             self._params.pop(rid, None)

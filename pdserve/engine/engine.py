@@ -318,10 +318,7 @@ class LLMEngine:
             deltas += self._land(self._in_flight)
             self._in_flight = None
         plan = self.scheduler.schedule()
-        for request in plan.landing_zones:
-            block_ids = self.kv.block_ids(request.request_id)
-            self._landing_zones.append(LandingZone(request.request_id, request.prompt_token_ids, list(block_ids),
-                                                   request.num_computed_tokens // self.kv.block_size))
+        self._note_landing_zones(plan.landing_zones)
         started = time.perf_counter()
         profiler = _profiler_for_slow_steps()
         launched = self._launch(plan) if not plan.is_empty else None
@@ -399,6 +396,18 @@ class LLMEngine:
         return self._finalize(request, [token_id], logprobs)
 
     # ---- role entry points ---------------------------------------------------------------------
+
+    def _note_landing_zones(self, requests: list[Request]) -> None:
+        for request in requests:
+            block_ids = self.kv.block_ids(request.request_id)
+            self._landing_zones.append(LandingZone(request.request_id, request.prompt_token_ids, list(block_ids),
+                                                   request.num_computed_tokens // self.kv.block_size))
+
+    def open_landing_zones(self) -> list[LandingZone]:
+        """Open the landing zones of waiting remote-prefill requests now, without a step (also while a
+        step is on the device: a zone touches no request in it), and return every zone not yet taken."""
+        self._note_landing_zones(self.scheduler.open_landing_zones())
+        return self.take_landing_zones()
 
     def take_landing_zones(self) -> list[LandingZone]:
         """Landing zones allocated since the last call (decode role: start their transfers now)."""

@@ -272,6 +272,12 @@ class Scheduler:
             step = step.plus_chunk(num_new, context) if num_new > 1 else step.plus_decode(context)
             budget -= num_new
 
+    def open_landing_zones(self) -> list[Request]:
+        """Open what landing zones fit now, outside a step (see :meth:`_admit_landing_zones`)."""
+        plan = SchedulerPlan()
+        self._admit_landing_zones(plan)
+        return plan.landing_zones
+
     def _admit_landing_zones(self, plan: SchedulerPlan) -> None:
         """Admit every waiting remote-prefill request whose landing zone fits, in arrival order, whatever
         the local prompts around it wait for: a landing zone costs blocks, not step time, and its prompt

@@ -114,10 +114,10 @@ class EngineLoop:
                 return
             self._urgent_wake.wait(MID_STEP_POLL_S)
 
-    def emit(self, deltas: list[RequestDelta]) -> None:
-        """Publish deltas produced outside ``step()`` (engine thread only)."""
-        if deltas:
-            self._on_step(StepOutput(deltas, [], load_of(self.engine)))
+    def emit(self, deltas: list[RequestDelta], landing_zones: list[LandingZone] | None = None) -> None:
+        """Publish deltas (and landing zones) produced outside ``step()`` (engine thread only)."""
+        if deltas or landing_zones:
+            self._on_step(StepOutput(deltas, landing_zones or [], load_of(self.engine)))
 
     def _run(self) -> None:
         engine = self.engine

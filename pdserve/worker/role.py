@@ -50,9 +50,10 @@ class WorkerContext:
                             block_size=engine.kv_layout.block_size, num_layers=engine.kv_layout.num_layers,
                             num_kv_heads=engine.kv_layout.num_kv_heads, head_dim=engine.kv_layout.head_dim)
 
-    async def on_engine(self, fn: Any) -> Any:
-        """Run ``fn(engine)`` on the engine thread and await its result."""
-        return await asyncio.wrap_future(self.engine_loop.call(fn))
+    async def on_engine(self, fn: Any, *, urgent: bool = False) -> Any:
+        """Run ``fn(engine)`` on the engine thread and await its result (``urgent``: see
+        :meth:`EngineLoop.call`)."""
+        return await asyncio.wrap_future(self.engine_loop.call(fn, urgent=urgent))
 
 
 class Role:
