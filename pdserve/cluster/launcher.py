@@ -143,7 +143,9 @@ class Cluster:
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="pdserve-router", daemon=True)
         self._loop_thread.start()
-        endpoints = [WorkerEndpoint(w.worker_id, WorkerRole(w.role), w.address) for w in self.workers]
+        nodes = self.worker_nodes()  # the router prefers a prefill worker on the decode worker's node
+        endpoints = [WorkerEndpoint(w.worker_id, WorkerRole(w.role), w.address, nodes[w.worker_id])
+                     for w in self.workers]
         self.router = Router(cfg.router, model=cfg.model, mode=cfg.mode, workers=endpoints)
         port = asyncio.run_coroutine_threadsafe(self.router.start(), self._loop).result(120)
         host = cfg.router.host if cfg.router.host not in ("0.0.0.0", "::") else "127.0.0.1"
@@ -175,6 +177,11 @@ class Cluster:
                     logger.exception("could not point the router at worker %s", worker.worker_id)
 
     # ---- inspection ----------------------------------------------------------------------------
+
+    def worker_nodes(self) -> dict[str, str]:
+        """Worker id -> the Ray node it runs on."""
+        nodes = ray.get([w.actor.node_id.remote() for w in self.workers], timeout=60)
+        return {w.worker_id: node for w, node in zip(self.workers, nodes)}
 
     def worker_stats(self) -> list[dict[str, Any]]:
         return ray.get([w.actor.stats.remote() for w in self.workers], timeout=60)

@@ -61,6 +61,10 @@ class WorkerActor:
     def stats(self) -> dict[str, Any]:
         return self.host.stats()
 
+    def node_id(self) -> str:
+        """The Ray node this worker runs on."""
+        return str(ray.get_runtime_context().get_node_id())
+
     def timings(self) -> list[dict[str, Any]]:
         return self.host.timings()
 

@@ -34,11 +34,13 @@ class WorkerRole(StrEnum):
 
 @dataclass(frozen=True)
 class WorkerEndpoint:
-    """One worker the router talks to: a unique id, its role and its gRPC ``host:port``."""
+    """One worker the router talks to: a unique id, its role, its gRPC ``host:port`` and, when known,
+    the node it runs on (``node``: e.g. its Ray node id; workers on one node move KV fastest)."""
 
     worker_id: str
     role: WorkerRole
     address: str
+    node: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.worker_id, str) or not self.worker_id:
@@ -88,6 +90,10 @@ class RouterConfig:
     * ``prefix_affinity_weight``: cache-aware routing (:mod:`~pdserve.router.prefix_affinity`). A
       worker's score gains this weight times the share of the prompt's prefix blocks it was sent
       before (0: off, routing by load alone; 1: a fully seen prefix outweighs any load difference).
+    * ``prefill_locality_weight``: a prefill worker on the same node as the request's decode worker
+      (KV over the node's fast path: CUDA IPC / NVLink rather than the network) gains this much score
+      (0: off; the default 0.5 decides between equally loaded workers and never beats a shorter queue
+      by more than half the longest).
     * ``describe_timeout_s``/``submit_timeout_s``/``abort_timeout_s``: per-RPC timeouts to workers.
     * ``health_check_interval_s``: how often unhealthy workers are probed again with ``Describe``.
     * ``shutdown_grace_s``: on shutdown (SIGTERM, Ctrl-C) the router stops admitting (readiness turns
@@ -115,6 +121,7 @@ class RouterConfig:
     max_queued_prefill_tokens: int = 0
     ttft_slo_ms: float | None = None
     prefix_affinity_weight: float = 0.0
+    prefill_locality_weight: float = 0.5
     describe_timeout_s: float = 5.0
     submit_timeout_s: float = 10.0
     abort_timeout_s: float = 5.0
@@ -163,6 +170,7 @@ class RouterConfig:
         require_float("kv_usage_weight", self.kv_usage_weight, minimum=0.0)
         require_float("running_requests_weight", self.running_requests_weight, minimum=0.0)
         require_float("prefix_affinity_weight", self.prefix_affinity_weight, minimum=0.0)
+        require_float("prefill_locality_weight", self.prefill_locality_weight, minimum=0.0)
         if self.kv_usage_weight + self.running_requests_weight <= 0.0:
             raise InvalidParameterError("kv_usage_weight", "kv_usage_weight + running_requests_weight must be > 0")
 

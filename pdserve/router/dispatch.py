@@ -31,7 +31,7 @@ from pdserve.router.inflight import InFlightRequest, InFlightTable, WorkerLost
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.prefill_policy import PrefillPolicy
 from pdserve.router.prefix_affinity import PrefixIndex, prefix_keys
-from pdserve.router.registry import WorkerRegistry
+from pdserve.router.registry import WorkerRegistry, WorkerState
 from pdserve.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
@@ -83,8 +83,9 @@ class Dispatcher:
                                if self._mode is ServingMode.DISAGGREGATED and not resumed else [])
             if prefill_workers and self._prefill_policy.should_prefill_remotely(
                     request.num_prompt_tokens, [w for w in prefill_workers if w.routable], decode):
-                prefill = self._prefill_policy.pick(
-                    prefill_workers, bonus=self._affinity.bonus([w.worker_id for w in prefill_workers], keys, weight))
+                bonus = self._affinity.bonus([w.worker_id for w in prefill_workers], keys, weight)
+                self._add_locality(bonus, decode, prefill_workers)
+                prefill = self._prefill_policy.pick(prefill_workers, bonus=bonus)
                 prefill_address, prefill_id = prefill.endpoint.address, prefill.worker_id
                 self._assign_prefill(request, prefill.worker_id)
             self._assign_decode(request, decode.worker_id, local_prefill=prefill_id is None)
@@ -106,6 +107,15 @@ class Dispatcher:
                         f"worker {decode.worker_id} rejected request {request.request_id}: {details}"
                     raise RouteError(code, message_text) from None
                 self._on_submit_failure(request, decode.worker_id, code, details)
+
+    def _add_locality(self, bonus: dict[str, float], decode: WorkerState, prefill_workers: list[WorkerState]) -> None:
+        """Prefill workers on the decode worker's node gain ``prefill_locality_weight`` (in place)."""
+        weight, node = self._config.prefill_locality_weight, decode.endpoint.node
+        if weight <= 0 or not node:
+            return
+        for worker in prefill_workers:
+            if worker.endpoint.node == node:
+                bonus[worker.worker_id] = bonus.get(worker.worker_id, 0.0) + weight
 
     async def place(self, request: InFlightRequest, message: worker_pb2.SubmitRequest, deadline: float,
                     avoid: str | None = None) -> None:

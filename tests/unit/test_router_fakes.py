@@ -88,6 +88,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
     prefill_tokens_per_s: float = 0.0  # reported with every step (0: no rate known)
     queued_prefill_tokens: int = 0
     address: str = ""
+    node: str = ""
     submitted: list[worker_pb2.SubmitRequest] = field(default_factory=list)
     submit_attempts: int = 0
     aborted: list[str] = field(default_factory=list)
@@ -118,7 +119,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
             await self._server.stop(0)
 
     def endpoint(self) -> WorkerEndpoint:
-        return WorkerEndpoint(self.worker_id, self.role, self.address)  # type: ignore[arg-type]
+        return WorkerEndpoint(self.worker_id, self.role, self.address, self.node)  # type: ignore[arg-type]
 
     def load(self) -> worker_pb2.WorkerLoad:
         return worker_pb2.WorkerLoad(running_requests=len(self.active), kv_usage=self.kv_usage, num_free_blocks=100,

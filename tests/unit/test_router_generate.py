@@ -191,3 +191,18 @@ def test_overflow_prompts_are_prefilled_on_the_decode_worker() -> None:
             for call in calls:
                 call.cancel()
     run(scenario)
+
+
+@pytest.mark.parametrize(("weight", "local"), [(0.5, 6), (0.0, 0)])
+def test_prefill_worker_on_the_decode_workers_node_is_preferred(weight: float, local: int) -> None:
+    # round robin alone pairs d0 with p0 and d1 with p1: both across nodes here
+    async def scenario() -> None:
+        workers = [FakeWorker("p0", "prefill", node="b"), FakeWorker("p1", "prefill", node="a"),
+                   FakeWorker("d0", "decode", node="a"), FakeWorker("d1", "decode", node="b")]
+        async with cluster(workers, mode="disaggregated", prefill_locality_weight=weight) as (_, stub):
+            for i in range(6):  # one at a time: every worker is idle each time
+                await stub.GenerateUnary(generate_request([5, 6, 7, i], 2))
+        node_of = {w.address: w.node for w in workers}
+        pairs = [(d.node, node_of[s.prefill_address]) for d in workers[2:] for s in d.submitted]
+        assert len(pairs) == 6 and sum(a == b for a, b in pairs) == local
+    run(scenario)
