@@ -17,6 +17,8 @@ Every error names the offending key by its dotted path and the file, e.g.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -128,19 +130,60 @@ class ClusterConfig:
         return EngineConfig.from_dict(settings, prefix=f"{role}.engine." if pool.engine else "engine.")
 
 
-def load_cluster_config(path: str | Path) -> ClusterConfig:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError("config", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", str(path)) from None
-    return cluster_config_from_dict(data or {}, source=str(path))
+#: Environment variables ``PDSERVE__<SECTION>__<KEY>=<value>`` override the config file (or the
+#: built-in default): the path is the setting's, upper-cased, levels joined by ``__`` (e.g.
+#: ``PDSERVE__ROUTER__GRPC_PORT=50051``, ``PDSERVE__DECODE__REPLICAS=4``, ``PDSERVE__MODEL=/models/x``),
+#: the value is read as a YAML scalar (``8``, ``true``, ``0.5``, ``null``, text).
+ENV_OVERRIDE_PREFIX = "PDSERVE__"
+
+
+def load_cluster_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> ClusterConfig:
+    """The cluster config of the YAML file at ``path`` (None: the built-in default) with the
+    ``PDSERVE__*`` overrides of ``environ`` (default: this process's environment) applied."""
+    data: Any = {}
+    source = "the built-in default"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError("config", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", str(path)) from None
+    names = apply_env_overrides(data, os.environ if environ is None else environ)
+    if names:
+        source += " with " + ", ".join(names)
+    return cluster_config_from_dict(data, source=source)
+
+
+def apply_env_overrides(data: Any, environ: Mapping[str, str]) -> list[str]:
+    """Set every ``PDSERVE__*`` override of ``environ`` in ``data`` (in place); returns their names."""
+    names = sorted(k for k in environ if k.startswith(ENV_OVERRIDE_PREFIX))
+    if names and not isinstance(data, dict):
+        raise ConfigError("config", "the top level must be a mapping of settings")
+    for name in names:
+        path = name[len(ENV_OVERRIDE_PREFIX):].lower().split("__")
+        if not all(path):
+            raise ConfigError(name, "an empty level in the setting's path (use __ between levels only)")
+        try:
+            value = yaml.safe_load(environ[name])
+        except yaml.YAMLError:
+            raise ConfigError(name, f"not a YAML scalar: {environ[name]!r}") from None
+        node = data
+        for i, key in enumerate(path[:-1]):
+            child = node.setdefault(key, {})
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(name, f"{'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return names
 
 
 def cluster_config_from_dict(data: Any, source: str | None = None) -> ClusterConfig:

@@ -21,7 +21,9 @@ from pdserve.common.errors import ConfigError
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="start a cluster (prefill + decode pools and the router) on Ray")
-    serve.add_argument("--config", type=Path, help="cluster YAML (default: tiny-random, 1 prefill + 1 decode, CPU)")
+    serve.add_argument("--config", type=Path, help="cluster YAML (default: tiny-random, 1 prefill + 1 decode, CPU); "
+                       "environment variables PDSERVE__<SECTION>__<KEY>=<value> override its settings, e.g. "
+                       "PDSERVE__DECODE__REPLICAS=4")
     serve.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance)")
     serve.add_argument("--port", type=int, help="router gRPC port (overrides router.grpc_port; 0 = any free port)")
     serve.add_argument("--http-port", type=int,
@@ -33,11 +35,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from pdserve.cluster.config import ClusterConfig, load_cluster_config
+    from pdserve.cluster.config import load_cluster_config
     from pdserve.cluster.launcher import Cluster
     from pdserve.rpc.auth import API_KEYS_ENV
 
-    config = load_cluster_config(args.config) if args.config else ClusterConfig()
+    config = load_cluster_config(args.config)  # with the PDSERVE__* environment overrides
     if args.port is not None:
         if not 0 <= args.port <= 65535:
             raise ConfigError("--port", f"must be in [0, 65535], got {args.port}")

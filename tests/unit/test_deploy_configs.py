@@ -31,3 +31,33 @@ def test_every_kv_backend_the_docs_name_is_accepted() -> None:
     assert "cuda_ipc" in TRANSFER_BACKENDS
     for backend in TRANSFER_BACKENDS:
         assert KVTransferConfig(backend=backend).backend == backend
+
+
+def test_environment_overrides_the_settings_a_manifest_needs() -> None:
+    from pdserve.cluster.config import ClusterConfig
+
+    environ = {"PDSERVE__MODE": "colocated", "PDSERVE__COLOCATED__REPLICAS": "3", "PDSERVE__ROUTER__GRPC_PORT": "6000",
+               "PDSERVE__ROUTER__HOST": "0.0.0.0", "PDSERVE__SLO__TPOT_MS": "20", "PDSERVE__SLO__TTFT_MS": "300",
+               "PDSERVE__ENGINE__MAX_MODEL_LEN": "256", "PDSERVE__KV_TRANSFER__BACKEND": "gloo",
+               "PDSERVE_API_KEYS": "not an override (one underscore)"}
+    config = load_cluster_config(DEPLOY / "cluster-cpu.yaml", environ)
+    assert (config.mode, config.colocated_pool.replicas, config.router.port, config.router.host) == \
+        ("colocated", 3, 6000, "0.0.0.0")
+    assert config.slo is not None and (config.slo.tpot_ms, config.slo.ttft_ms) == (20, 300)
+    assert config.engine_config("colocated").max_model_len == 256 and config.kv_transfer.backend == "gloo"
+    assert load_cluster_config(None, {}) == ClusterConfig()  # no file, no override: the built-in default
+    assert load_cluster_config(None, {"PDSERVE__DECODE__REPLICAS": "2"}).decode.replicas == 2
+
+
+@pytest.mark.parametrize(("environ", "says"), [
+    ({"PDSERVE__ROUTER__NOPE": "1"}, "router.nope: unknown setting"),
+    ({"PDSERVE__DECODE__REPLICAS": "many"}, "decode.replicas"),
+    ({"PDSERVE__MODEL__NAME": "x"}, "model is not a section"),
+    ({"PDSERVE__ROUTER____PORT": "1"}, "empty level"),
+])
+def test_a_bad_environment_override_is_named(environ: dict[str, str], says: str) -> None:
+    from pdserve.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=says) as info:
+        load_cluster_config(DEPLOY / "cluster-cpu.yaml", environ)
+    assert next(iter(environ)) in str(info.value)  # the message names the variable
