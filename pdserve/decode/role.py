@@ -70,6 +70,9 @@ class DecodeRole(Role):
         self.timings: collections.deque[dict[str, Any]] = collections.deque(maxlen=TIMINGS_KEPT)
         self.num_failed_transfers = 0
         self.num_local_recomputes = 0
+        self.kv_bytes_received = 0  # into landing zones of requests admitted (telemetry)
+        self.kv_transfer_seconds = 0.0  # landing zone opened -> every byte landed, summed
+        self._block_bytes = 0
 
     def attach(self, worker: WorkerContext) -> None:
         super().attach(worker)
@@ -246,6 +249,10 @@ class DecodeRole(Role):
         self._params.pop(rid, None)
         self._failures.pop(rid, None)
         self.num_remote_prefills += 1
+        if not self._block_bytes:  # keys and values of one block, every layer
+            self._block_bytes = sum(c[:, 0].numel() * c.element_size() for c in self.worker.engine.kv_caches)
+        self.kv_bytes_received += (len(zone.block_ids) - zone.num_skip_blocks) * self._block_bytes
+        self.kv_transfer_seconds += max(0.0, timing.get("landed_at", timing["zone_at"]) - timing["zone_at"])
         assert first_token is not None
 
         def land(engine: LLMEngine) -> None:
@@ -345,6 +352,7 @@ class DecodeRole(Role):
         peers = getattr(self._receiver, "peer_transports", {}) if self._receiver is not None else {}
         return {"remote_prefills": self.num_remote_prefills, "failed_transfers": self.num_failed_transfers,
                 "local_recomputes": self.num_local_recomputes, "transfers_in_flight": len(self._transfers),
+                "kv_bytes_received": self.kv_bytes_received, "kv_transfer_seconds": self.kv_transfer_seconds,
                 "kv_peer_transports": dict(peers)}
 
 

@@ -48,7 +48,7 @@ from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerPlan
 from pdserve.engine.sizing import size_kv_cache
 from pdserve.engine.step_profile import load_or_measure_step_time
-from pdserve.engine.step_time import StepTimeModel, StepTimeMonitor
+from pdserve.engine.step_time import StepKind, StepTimeModel, StepTimeMonitor
 from pdserve.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -171,6 +171,8 @@ class LLMEngine:
         # urgent calls there); it must return by the time the step is done, and never step the engine
         self.device_wait_hook: Callable[[Callable[[], bool]], None] | None = None
         self.step_hooks: StepHooks | None = None
+        # steps measured so far and their device seconds, per kind (telemetry)
+        self.step_seconds: dict[StepKind, list[float]] = {kind: [0, 0.0] for kind in StepKind}
         _LIVE_ENGINES.add(self)
 
     # ---- step-time model ---------------------------------------------------------------------
@@ -344,7 +346,7 @@ class LLMEngine:
         hooks = self.step_hooks
         self.model.layer_hook = hooks.before_forward(plan) if hooks is not None else None
         try:
-            launched = self.runner.launch(plan, timed=self.step_monitor is not None)
+            launched = self.runner.launch(plan, timed=True)  # two CUDA events: telemetry and the step model
         finally:
             self.model.layer_hook = None
         self.scheduler.finish_step(plan)
@@ -366,9 +368,13 @@ class LLMEngine:
             self.device_wait_hook(launched.is_done)
         token_ids, logprobs = launched.token_ids(), launched.logprobs()
         seconds = launched.seconds()
-        if self.step_monitor is not None and seconds is not None and self.step_monitor.record(launched.plan.shape,
-                                                                                               seconds):
-            self.step_time = self.scheduler.step_time = self.step_monitor.model  # recalibrated on live steps
+        if seconds is not None:
+            shape = launched.plan.shape
+            totals = self.step_seconds[shape.kind]
+            totals[0] += 1
+            totals[1] += seconds
+            if self.step_monitor is not None and self.step_monitor.record(shape, seconds):
+                self.step_time = self.scheduler.step_time = self.step_monitor.model  # recalibrated on live steps
         if self.step_hooks is not None:
             self.step_hooks.after_forward(launched.plan)
         deltas = []

@@ -27,7 +27,7 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +65,7 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 
 class OpenAIFront:
     def __init__(self, servicer: PdServeServicer, model: str, *, max_model_len: Callable[[], int],
-                 serving: Callable[[], bool], metrics: Callable[[], str] | None = None,
+                 serving: Callable[[], bool], metrics: Callable[[], Awaitable[str]] | None = None,
                  api_keys: ApiKeys | None = None) -> None:
         self._metrics = metrics
         self._api_keys = api_keys
@@ -123,7 +123,7 @@ class OpenAIFront:
     async def _metrics_page(self, request: web.Request) -> web.Response:
         if self._metrics is None:
             return _error(404, "this router keeps no metrics")
-        return web.Response(body=self._metrics().encode(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=(await self._metrics()).encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response(models_json(self._model, self._max_model_len()))

@@ -36,6 +36,7 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.prefill_policy import LeastQueuedPrefillPolicy, PrefillPolicy
 from pdserve.router.registry import WorkerRegistry
 from pdserve.router.servicer import PdServeServicer
+from pdserve.router.telemetry import TelemetryPoller
 from pdserve.router.updates import UpdatesStream
 from pdserve.rpc.auth import ApiKeyInterceptor, ApiKeys
 from pdserve.rpc.server import PDSERVE_SERVICE, RunningServer, start_server
@@ -67,7 +68,9 @@ class Router:
         self.workers = tuple(workers)
         self.registry = WorkerRegistry(self.workers, model=model, describe_timeout_s=config.describe_timeout_s)
         self.table = InFlightTable(config.max_inflight_requests)
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(model, deadline_s=config.request_timeout_s)
+        self.telemetry = TelemetryPoller(self.registry)
+        self.metrics.attach(self.registry.all, lambda: self.telemetry.snapshots)
         self.dispatcher = Dispatcher(
             config, self.mode, self.registry, self.table,
             decode_policy or LeastLoadedDecodePolicy(DecodePolicyConfig(
@@ -121,12 +124,13 @@ class Router:
                 interceptors=[ApiKeyInterceptor(keys)] if keys.enabled else None, tls=tls)
             await self._update_health()
             self._tasks.append(asyncio.create_task(self._watch_health(), name="router-health"))
+            self._tasks.append(asyncio.create_task(self.telemetry.run(), name="router-telemetry"))
             if self.config.http_port is not None:
                 from pdserve.router.openai_http import OpenAIFront  # aiohttp only where HTTP is served
 
                 self._http = OpenAIFront(servicer, self.model, max_model_len=self._max_model_len,
                                          serving=lambda: bool(self._serving),
-                                         metrics=lambda: self.metrics.render(self.registry.all(), len(self.table)),
+                                         metrics=self.metrics_text,
                                          api_keys=keys)
                 await self._http.start(self.config.host, self.config.http_port,
                                        ssl_context=None if tls is None else server_ssl_context(self.config))
@@ -146,6 +150,11 @@ class Router:
                     self._server.port, " (TLS)" if tls else "",
                     f", {len(keys)} API key(s) required" if keys.enabled else "", healthy, len(self.workers))
         return self._server.port
+
+    async def metrics_text(self) -> str:
+        """The Prometheus exposition of the whole cluster (worker telemetry at most 1 s old)."""
+        await self.telemetry.fresh(1.0)
+        return self.metrics.render(len(self.table))
 
     async def drain(self, grace_s: float | None = None) -> bool:
         """Stop admitting (readiness turns false, new requests get UNAVAILABLE) and wait up to ``grace_s``

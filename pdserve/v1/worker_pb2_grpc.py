@@ -69,6 +69,11 @@ class WorkerStub:
                 request_serializer=pdserve_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_worker__pb2.AbortReply.FromString,
                 _registered_method=True)
+        self.Telemetry = channel.unary_unary(
+                '/pdserve.v1.Worker/Telemetry',
+                request_serializer=pdserve_dot_v1_dot_worker__pb2.TelemetryRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_worker__pb2.TelemetryReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -124,6 +129,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Telemetry(self, request, context):
+        """Router -> any worker: a snapshot of its telemetry (engine, KV transfer, GPU), for /metrics and
+        the dashboard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +174,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.CancelPrefill,
                     request_deserializer=pdserve_dot_v1_dot_worker__pb2.AbortRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_worker__pb2.AbortReply.SerializeToString,
+            ),
+            'Telemetry': grpc.unary_unary_rpc_method_handler(
+                    servicer.Telemetry,
+                    request_deserializer=pdserve_dot_v1_dot_worker__pb2.TelemetryRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_worker__pb2.TelemetryReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +370,33 @@ class Worker:
             '/pdserve.v1.Worker/CancelPrefill',
             pdserve_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
             pdserve_dot_v1_dot_worker__pb2.AbortReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Telemetry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Worker/Telemetry',
+            pdserve_dot_v1_dot_worker__pb2.TelemetryRequest.SerializeToString,
+            pdserve_dot_v1_dot_worker__pb2.TelemetryReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,6 +4,7 @@ role's calls. The same class serves prefill, decode and colocated workers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -12,6 +13,7 @@ from pdserve.rpc.convert import delta_to_proto
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.worker.engine_loop import LoadReport, load_of
 from pdserve.worker.role import Role, WorkerContext
+from pdserve.worker.telemetry import GpuProbe, engine_telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.worker = worker
         self.role = role
         self.hub = hub
+        self.gpu = GpuProbe(worker.engine.device)
 
     async def Describe(self, request, context):  # noqa: N802, ANN001, ANN201
         engine = self.worker.engine
@@ -100,3 +103,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def CancelPrefill(self, request, context):  # noqa: N802, ANN001, ANN201
         return worker_pb2.AbortReply(aborted=await self.role.cancel_prefill(list(request.request_ids)))
+
+    async def Telemetry(self, request, context):  # noqa: N802, ANN001, ANN201
+        engine = await self.worker.on_engine(engine_telemetry)
+        stats = self.role.stats()
+        kv = {"transport": self.worker.transfer_backend}
+        for name, key in (("received", "remote_prefills"), ("failures", "failed_transfers"),
+                          ("local_recomputes", "local_recomputes"), ("bytes", "kv_bytes_received"),
+                          ("seconds", "kv_transfer_seconds"), ("sent", "prefills")):
+            if key in stats:
+                kv[name] = stats[key]
+        snapshot = {"worker_id": self.worker.worker_id, "role": self.role.name,
+                    "model": self.worker.engine.config.model, "engine": engine, "kv_transfer": kv,
+                    "gpu": self.gpu.read()}
+        return worker_pb2.TelemetryReply(json=json.dumps(snapshot))

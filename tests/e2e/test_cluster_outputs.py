@@ -126,3 +126,34 @@ def test_worker_ports_refuse_calls_without_the_cluster_token(cluster) -> None:
             assert info.worker_id == worker.worker_id
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_one_scrape_target_carries_every_workers_telemetry(cluster) -> None:
+    import asyncio
+    import re
+
+    with Client(cluster.router_address, timeout=60) as client:
+        client.generate(PROMPTS[3], sampling_params=GREEDY)
+    cluster.router.telemetry.refreshed_at = 0.0  # no snapshot older than this request
+    text = asyncio.run_coroutine_threadsafe(cluster.router.metrics_text(), cluster._loop).result(30)
+
+    def value(name: str, **labels: str) -> float:
+        pattern = re.escape(name) + r"\{([^}]*)\} (\S+)"
+        for found in re.finditer(pattern, text):
+            pairs = dict(re.findall(r'(\w+)="([^"]*)"', found.group(1)))
+            if all(pairs.get(k) == v for k, v in labels.items()):
+                return float(found.group(2))
+        raise AssertionError(f"no sample {name} {labels} in:\n{text[:3000]}")
+
+    for w in cluster.workers:
+        assert value("pdserve:worker_healthy", worker=w.worker_id, role=w.role) == 1
+        assert value("pdserve:gpu_telemetry_available", worker=w.worker_id) == 0  # CPU workers: no GPU series
+        assert value("pdserve:kv_cache_blocks", worker=w.worker_id) > 0
+    steps = sum(value("pdserve:engine_steps_total", worker=w.worker_id, kind="decode") for w in cluster.workers
+                if w.role != "prefill")
+    assert steps > 0
+    if any(w.role == "decode" for w in cluster.workers):  # KV arrived over gloo, counted in bytes
+        decode = next(w for w in cluster.workers if w.role == "decode")
+        assert value("pdserve:kv_transfer_bytes_total", worker=decode.worker_id, transport="gloo") > 0
+        assert value("pdserve:kv_transfers_received_total", worker=decode.worker_id) >= 1
+    assert not re.search(r"^pdserve:gpu_utilization_percent\{", text, re.M)

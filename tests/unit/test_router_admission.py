@@ -47,7 +47,7 @@ def test_expected_ttft_over_the_limit_is_refused_at_once_with_a_retry_time() -> 
                     assert r.status == 429 and r.headers["Retry-After"] == "5"
                     assert (await r.json())["error"]["type"] == "rate_limit_error"
                 async with http.get("/metrics") as r:
-                    assert 'pdserve_requests_rejected_total{reason="ttft"} 3' in await r.text()
+                    assert 'pdserve:requests_rejected_total{model_name="fake-model",reason="ttft"} 3.0' in await r.text()
             assert not worker.submitted and len(router.table) == 0
     run(scenario)
 

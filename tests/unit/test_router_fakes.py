@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -131,6 +132,17 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.WorkerInfo(worker_id=self.worker_id, role=self.role, address=self.address,
                                      model_name=self.model, max_model_len=FAKE_MAX_MODEL_LEN, vocab_size=1000,
                                      num_kv_blocks=100, load=self.load(), kv_transport="loopback")
+
+    async def Telemetry(self, request: Any, context: Any) -> worker_pb2.TelemetryReply:
+        """What a CPU worker reports (the schema of pdserve/worker/telemetry.py), from the fake's state."""
+        snapshot = {"worker_id": self.worker_id, "role": self.role, "model": self.model,
+                    "engine": {"running_requests": len(self.active), "waiting_requests": 0, "kv_usage": self.kv_usage,
+                               "num_kv_blocks": 100, "queued_prefill_tokens": self.queued_prefill_tokens,
+                               "preemptions": 0, "prompt_tokens_computed": 0, "prefix_cache_queries": 0,
+                               "prefix_cache_hits": 0, "steps": {"decode": {"count": 3, "seconds": 0.03}}},
+                    "kv_transfer": {"transport": "loopback", "received": len(self.submitted)},
+                    "gpu": {"available": False, "reason": "no NVIDIA GPU on this worker"}}
+        return worker_pb2.TelemetryReply(json=json.dumps(snapshot))
 
     async def Submit(self, request: worker_pb2.SubmitRequest, context: Any) -> worker_pb2.SubmitReply:
         self.submit_attempts += 1

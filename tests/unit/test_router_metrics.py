@@ -6,25 +6,29 @@ import re
 
 import aiohttp
 
-from pdserve.router.metrics import Histogram
+from pdserve.router.metrics import deadline_buckets
 from tests.unit.test_router_fakes import FakeWorker, cluster, generate_request, run, wait_until
 
 
-def _samples(text: str) -> dict[str, float]:
+def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample, keyed by its name and its set of labels (the exposition's label order is not ours)."""
     out = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
+            series, value = line.rsplit(" ", 1)
+            name, _, labels = series.partition("{")
+            pairs = re.findall(r'(\w+)="([^"]*)"', labels)
+            out[(name, frozenset(pairs))] = float(value)
     return out
 
 
-def test_histogram_buckets_are_cumulative() -> None:
-    h = Histogram((0.1, 1.0))
-    for v in (0.05, 0.1, 0.5, 3.0):
-        h.observe(v)
-    assert h.lines("x") == ['x_bucket{le="0.1"} 2', 'x_bucket{le="1.0"} 3', 'x_bucket{le="+Inf"} 4',
-                            "x_sum 3.65", "x_count 4"]
+def _key(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return name, frozenset({"model_name": "fake-model", **labels}.items())
+
+
+def test_latency_buckets_reach_the_deadline() -> None:
+    assert deadline_buckets(900.0)[-1] == 900.0 and 0.25 in deadline_buckets(None)
+    assert deadline_buckets(60.0) == deadline_buckets(None)  # already a bucket
 
 
 def test_metrics_after_finished_and_cancelled_requests() -> None:
@@ -39,21 +43,30 @@ def test_metrics_after_finished_and_cancelled_requests() -> None:
                 break  # one response, then the client leaves
             call.cancel()
             await wait_until(lambda: len(router.table) == 0, what="the cancelled request to end")
+            await router.telemetry.fresh(0.0)  # a scrape may show telemetry up to 1 s old: not in this test
             async with aiohttp.ClientSession(f"http://127.0.0.1:{router.http_port}") as http, \
                     http.get("/metrics") as r:
                 assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
                 text = await r.text()
         s = _samples(text)
-        assert s['pdserve_requests_total{outcome="finished",finish_reason="length"}'] == 2
-        assert s['pdserve_requests_total{outcome="cancelled",finish_reason=""}'] == 1
-        assert s["pdserve_requests_in_flight"] == 0
-        assert s['pdserve_prefill_placements_total{where="prefill_worker"}'] == 3
-        assert s["pdserve_generation_tokens_total"] >= 10
-        assert s["pdserve_time_to_first_token_seconds_count"] == 3
-        assert s["pdserve_e2e_request_latency_seconds_count"] == 3
-        itl = s["pdserve_inter_token_latency_seconds_count"]
-        assert itl >= 2 and s['pdserve_inter_token_latency_seconds_bucket{le="+Inf"}'] == itl
+        assert s[_key("vllm:request_success_total", finished_reason="length")] == 2
+        assert s[_key("pdserve:requests_failed_total", outcome="cancelled")] == 1
+        assert s[_key("pdserve:requests_in_flight")] == 0
+        assert s[_key("pdserve:prefill_placements_total", where="prefill_worker")] == 3
+        assert s[_key("vllm:generation_tokens_total")] >= 10
+        assert s[_key("vllm:time_to_first_token_seconds_count")] == 3
+        assert s[_key("vllm:e2e_request_latency_seconds_count")] == 3
+        assert s[_key("vllm:request_prompt_tokens_count")] == 3
+        itl = s[_key("vllm:inter_token_latency_seconds_count")]
+        assert itl >= 2 and s[_key("vllm:inter_token_latency_seconds_bucket", le="+Inf")] == itl
         for worker, role in (("p0", "prefill"), ("d0", "decode")):
-            assert s[f'pdserve_worker_healthy{{worker="{worker}",role="{role}"}}'] == 1
-        assert re.search(r"^# TYPE pdserve_time_to_first_token_seconds histogram$", text, re.M)
+            assert s[_key("pdserve:worker_healthy", worker=worker, role=role)] == 1
+        assert re.search(r"^# TYPE vllm:time_to_first_token_seconds histogram$", text, re.M)
+        # the workers' own series, from their telemetry, on the same scrape target
+        d0 = {"worker": "d0", "role": "decode"}
+        assert s[_key("vllm:kv_cache_usage_perc", **d0)] == 0.0 and s[_key("vllm:num_requests_running", **d0)] == 0
+        assert s[_key("pdserve:engine_steps_total", kind="decode", **d0)] == 3
+        assert s[_key("pdserve:kv_transfers_received_total", transport="loopback", **d0)] == 3
+        assert s[_key("pdserve:gpu_telemetry_available", **d0)] == 0
+        assert not any(name.startswith("pdserve:gpu_utilization") for name, _ in s)  # absent without a GPU
     run(scenario)
