@@ -98,6 +98,8 @@ class ClusterConfig:
             raise ConfigError("colocated.replicas", "colocated mode needs at least one worker")
         if self.slo is not None and self.router.ttft_slo_ms is None:
             object.__setattr__(self, "router", replace(self.router, ttft_slo_ms=self.slo.ttft_ms))
+        if self.slo is not None and self.router.tpot_slo_ms is None:  # the dashboard's attainment
+            object.__setattr__(self, "router", replace(self.router, tpot_slo_ms=self.slo.tpot_ms))
         for role in self.roles:  # validate the engine settings now, not on the workers
             self.engine_config(role)
 

@@ -87,6 +87,8 @@ class RouterConfig:
     * ``ttft_slo_ms``: the time-to-first-token SLO (the cluster's ``slo.ttft_ms``). In disaggregated
       mode a prompt whose prefill pool would miss it goes to its decode worker when that is faster
       (TTFT-aware placement, replacing ``max_queued_prefill_tokens``); None: off.
+    * ``tpot_slo_ms``: the time-per-output-token SLO (the cluster's ``slo.tpot_ms``): the dashboard
+      scores attainment against it (and ``ttft_slo_ms``); None: not scored.
     * ``prefix_affinity_weight``: cache-aware routing (:mod:`~pdserve.router.prefix_affinity`). A
       worker's score gains this weight times the share of the prompt's prefix blocks it was sent
       before (0: off, routing by load alone; 1: a fully seen prefix outweighs any load difference).
@@ -120,6 +122,7 @@ class RouterConfig:
     min_remote_prefill_tokens: int = 0
     max_queued_prefill_tokens: int = 0
     ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
     prefix_affinity_weight: float = 0.0
     prefill_locality_weight: float = 0.5
     describe_timeout_s: float = 5.0
@@ -152,8 +155,9 @@ class RouterConfig:
         require_int("max_queued_prefill_tokens", self.max_queued_prefill_tokens, minimum=0)
         if self.admission_max_ttft_s is not None:
             require_float("admission_max_ttft_s", self.admission_max_ttft_s, minimum=0.0, exclusive_minimum=True)
-        if self.ttft_slo_ms is not None:
-            require_float("ttft_slo_ms", self.ttft_slo_ms, minimum=0.0, exclusive_minimum=True)
+        for name in ("ttft_slo_ms", "tpot_slo_ms"):
+            if getattr(self, name) is not None:
+                require_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)
         require_float("shutdown_grace_s", self.shutdown_grace_s, minimum=0.0)
         require_float("no_worker_wait_s", self.no_worker_wait_s, minimum=0.0)
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

@@ -31,6 +31,8 @@ on a worker without an NVIDIA GPU: ``pdserve:gpu_telemetry_available`` says whic
 
 from __future__ import annotations
 
+import collections
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -47,6 +49,7 @@ from prometheus_client.registry import Collector
 
 from pdserve.router.config import WorkerRole
 from pdserve.router.registry import WorkerState
+from pdserve.router.request_log import EndedRequest, RequestLog
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0, 600.0)
@@ -102,6 +105,9 @@ class RouterMetrics:
                               "theirs was lost.", ["model_name"], registry=r).labels(model)
         self._in_flight = Gauge("pdserve:requests_in_flight", "Requests admitted and not yet ended.",
                                 ["model_name"], registry=r).labels(model)
+        self.log = RequestLog()  # the dashboard's windowed figures
+        self.placement_counts: collections.Counter[str] = collections.Counter()
+        self.streams_moved = 0
         self._workers: Callable[[], Iterable[WorkerState]] = list
         self._telemetry: Callable[[], Mapping[str, dict[str, Any]]] = dict
         self.registry.register(_WorkerCollector(self))
@@ -114,22 +120,27 @@ class RouterMetrics:
     # -- recording (router event loop) ----------------------------------------------------------------
 
     def placed(self, remote_prefill: bool) -> None:
-        self._placements.labels(self.model, "prefill_worker" if remote_prefill else "decode_worker").inc()
+        where = "prefill_worker" if remote_prefill else "decode_worker"
+        self._placements.labels(self.model, where).inc()
+        self.placement_counts[where] += 1
 
     def rejected(self, reason: str) -> None:
         self._rejections.labels(self.model, reason).inc()
 
     def stream_moved(self) -> None:
         self._moved.inc()
+        self.streams_moved += 1
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
 
     def token_gap(self, seconds: float) -> None:
         self.itl.observe(seconds)
+        self.log.add_gap(seconds)
 
     def ended(self, outcome: str, finish_reason: str, seconds: float, prompt_tokens: int,
-              completion_tokens: int) -> None:
+              completion_tokens: int, ttft_s: float | None = None) -> None:
+        self.log.add(EndedRequest(time.time(), seconds, prompt_tokens, completion_tokens, ttft_s, outcome))
         if outcome == "finished":
             self._success.labels(self.model, finish_reason or "unknown").inc()
         else:

@@ -1,6 +1,8 @@
 """The router's OpenAI-compatible HTTP front: ``GET /v1/models``, ``POST /v1/completions`` and
 ``POST /v1/chat/completions`` (whole answers and server-sent-event streams), ``GET /health`` and
-``GET /metrics`` (Prometheus, :mod:`pdserve.router.metrics`), on aiohttp, in the router's event loop.
+``GET /metrics`` (Prometheus, :mod:`pdserve.router.metrics`), and the operator dashboard (``GET
+/dashboard``, its JSON at ``/dashboard/data`` and live at ``/dashboard/events``,
+:mod:`pdserve.router.dashboard`), on aiohttp, in the router's event loop.
 
 Each call goes through exactly the path of a gRPC ``Generate`` call: the body becomes a
 ``GenerateRequest`` (:mod:`pdserve.router.openai_schema`), :meth:`PdServeServicer.open_session`
@@ -22,6 +24,7 @@ cancels the requests in flight.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -29,12 +32,14 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import grpc
 from aiohttp import web
 
 from pdserve.common.errors import InvalidParameterError
+from pdserve.router.dashboard import PUSH_INTERVAL_S
 from pdserve.router.metrics import CONTENT_TYPE
 from pdserve.router.openai_responses import (
     chat_chunk,
@@ -66,8 +71,10 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 class OpenAIFront:
     def __init__(self, servicer: PdServeServicer, model: str, *, max_model_len: Callable[[], int],
                  serving: Callable[[], bool], metrics: Callable[[], Awaitable[str]] | None = None,
+                 dashboard: Callable[[], Awaitable[dict[str, Any]]] | None = None,
                  api_keys: ApiKeys | None = None) -> None:
         self._metrics = metrics
+        self._dashboard = dashboard
         self._api_keys = api_keys
         self._servicer = servicer
         self._model = model
@@ -80,7 +87,9 @@ class OpenAIFront:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._authenticate])
         app.add_routes([web.get("/v1/models", self._models), web.post("/v1/completions", self._completions),
                         web.post("/v1/chat/completions", self._chat), web.get("/health", self._health),
-                        web.get("/metrics", self._metrics_page)])
+                        web.get("/metrics", self._metrics_page), web.get("/dashboard", self._dashboard_page),
+                        web.get("/dashboard/data", self._dashboard_data),
+                        web.get("/dashboard/events", self._dashboard_events)])
         return app
 
     @web.middleware
@@ -119,6 +128,32 @@ class OpenAIFront:
     async def _health(self, request: web.Request) -> web.Response:
         ok = self._serving()
         return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+
+    async def _dashboard_page(self, request: web.Request) -> web.Response:
+        if self._dashboard is None:
+            return _error(404, "this router serves no dashboard")
+        page = resources.files("pdserve.router").joinpath("static/dashboard.html").read_bytes()
+        return web.Response(body=page, headers={"Content-Type": "text/html; charset=utf-8",
+                                                "Cache-Control": "no-cache"})
+
+    async def _dashboard_data(self, request: web.Request) -> web.Response:
+        if self._dashboard is None:
+            return _error(404, "this router serves no dashboard")
+        return web.json_response(await self._dashboard())
+
+    async def _dashboard_events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: the dashboard's JSON every ``PUSH_INTERVAL_S`` until the client leaves."""
+        if self._dashboard is None:
+            return _error(404, "this router serves no dashboard")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(f"data: {json.dumps(await self._dashboard())}\n\n".encode())
+                await asyncio.sleep(PUSH_INTERVAL_S)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass  # the page was closed (or the router is stopping)
+        return response
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
         if self._metrics is None:

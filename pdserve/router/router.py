@@ -24,11 +24,12 @@ import ssl
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pdserve.common.errors import ConfigError
 from pdserve.router.admission import AdmissionControl
 from pdserve.router.config import RouterConfig, ServingMode, WorkerEndpoint, WorkerRole, check_topology
+from pdserve.router.dashboard import dashboard_data
 from pdserve.router.decode_policy import DecodePolicy, DecodePolicyConfig, LeastLoadedDecodePolicy
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.inflight import InFlightTable
@@ -130,7 +131,7 @@ class Router:
 
                 self._http = OpenAIFront(servicer, self.model, max_model_len=self._max_model_len,
                                          serving=lambda: bool(self._serving),
-                                         metrics=self.metrics_text,
+                                         metrics=self.metrics_text, dashboard=self.dashboard_snapshot,
                                          api_keys=keys)
                 await self._http.start(self.config.host, self.config.http_port,
                                        ssl_context=None if tls is None else server_ssl_context(self.config))
@@ -150,6 +151,13 @@ class Router:
                     self._server.port, " (TLS)" if tls else "",
                     f", {len(keys)} API key(s) required" if keys.enabled else "", healthy, len(self.workers))
         return self._server.port
+
+    async def dashboard_snapshot(self) -> dict[str, Any]:
+        """The dashboard's JSON (:mod:`pdserve.router.dashboard`), worker telemetry at most 1 s old."""
+        await self.telemetry.fresh(1.0)
+        return dashboard_data(model=self.model, mode=self.mode, config=self.config, workers=self.registry.all(),
+                              telemetry=self.telemetry.snapshots, history=list(self.telemetry.history),
+                              log=self.metrics.log, placements=self.metrics.placement_counts)
 
     async def metrics_text(self) -> str:
         """The Prometheus exposition of the whole cluster (worker telemetry at most 1 s old)."""

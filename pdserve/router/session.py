@@ -57,6 +57,7 @@ class RequestSession:
         worker_done = False
         clock = asyncio.get_running_loop().time
         started, last_token_at, outcome, finish = clock(), None, "cancelled", ""
+        first_token_s: float | None = None
         try:
             await self._dispatcher.place(request, self._submit, clock() + self._dispatcher.no_worker_wait_s)
             if on_accepted is not None:
@@ -69,7 +70,8 @@ class RequestSession:
                 if event.new_token_ids and self._metrics is not None:
                     now = clock()
                     if last_token_at is None:
-                        self._metrics.first_token(now - started)
+                        first_token_s = now - started
+                        self._metrics.first_token(first_token_s)
                     else:
                         self._metrics.token_gap(now - last_token_at)
                     last_token_at = now
@@ -93,7 +95,8 @@ class RequestSession:
         finally:
             if self._metrics is not None:
                 usage = self._assembler.usage
-                self._metrics.ended(outcome, finish, clock() - started, usage.prompt_tokens, usage.completion_tokens)
+                self._metrics.ended(outcome, finish, clock() - started, usage.prompt_tokens, usage.completion_tokens,
+                                    first_token_s)
             if not worker_done and request.decode_worker is not None:
                 self._dispatcher.abort_in_background(request.request_id, request.decode_worker)
             self._dispatcher.release(request)

@@ -10,6 +10,7 @@ time: a second caller waits for the one in flight). A worker that does not answe
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -29,6 +30,8 @@ class TelemetryPoller:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self.snapshots: dict[str, dict[str, Any]] = {}
+        # (time.time(), snapshots) of the last refreshes: rates over time (the dashboard)
+        self.history: collections.deque[tuple[float, dict[str, dict[str, Any]]]] = collections.deque(maxlen=64)
         self.refreshed_at = 0.0  # time.monotonic() of the last refresh
         self._refresh: asyncio.Task[None] | None = None
         self._garbled: set[str] = set()
@@ -51,6 +54,7 @@ class TelemetryPoller:
         answers = await asyncio.gather(*(self._ask(s.worker_id) for s in states))
         self.snapshots = {s.worker_id: snap for s, snap in zip(states, answers, strict=True) if snap is not None}
         self.refreshed_at = time.monotonic()
+        self.history.append((time.time(), self.snapshots))
 
     async def _ask(self, worker_id: str) -> dict[str, Any] | None:
         try:

@@ -88,6 +88,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
     kv_usage: float = 0.0
     prefill_tokens_per_s: float = 0.0  # reported with every step (0: no rate known)
     queued_prefill_tokens: int = 0
+    full_prefill_tokens_per_s: float = 0.0  # in Describe: the worker's rate at full speed (0: unknown)
     address: str = ""
     node: str = ""
     submitted: list[worker_pb2.SubmitRequest] = field(default_factory=list)
@@ -131,7 +132,8 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
     async def Describe(self, request: Any, context: Any) -> worker_pb2.WorkerInfo:
         return worker_pb2.WorkerInfo(worker_id=self.worker_id, role=self.role, address=self.address,
                                      model_name=self.model, max_model_len=FAKE_MAX_MODEL_LEN, vocab_size=1000,
-                                     num_kv_blocks=100, load=self.load(), kv_transport="loopback")
+                                     num_kv_blocks=100, load=self.load(), kv_transport="loopback",
+                                     prefill_tokens_per_s=self.full_prefill_tokens_per_s)
 
     async def Telemetry(self, request: Any, context: Any) -> worker_pb2.TelemetryReply:
         """What a CPU worker reports (the schema of pdserve/worker/telemetry.py), from the fake's state."""
