@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pdserve-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run serve test lint clean proto
+.PHONY: setup run serve test lint browser clean proto
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,11 @@ run: setup
 serve: setup
 	$(VENV)/bin/pdserve serve $(SERVE_ARGS)
 
-test: lint
+test: lint browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+browser:
+	@tests/support/ensure_browser.sh
 
 lint: setup
 	$(VENV)/bin/ruff check pdserve tests benchmarks

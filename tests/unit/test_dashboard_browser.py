@@ -1,0 +1,95 @@
+"""The dashboard in a real browser (Debian's chromium, headless, through selenium and the system
+chromedriver; nothing is downloaded): the page renders the router's workers, latencies and attainment,
+and keeps updating over server-sent events. Skipped where no chromium is installed (``make test``
+installs it when it can)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from tests.unit.test_router_fakes import FakeWorker, cluster, generate_request
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium + chromedriver installed")
+
+
+def _browser() -> Any:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+
+
+def _wait(driver: Any, condition: Any, what: str, timeout: float = 20.0) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = driver.execute_script(condition)
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}: {driver.page_source[:2000]}")
+
+
+def test_dashboard_renders_and_updates_live_in_chromium() -> None:
+    ready = threading.Event()
+    stop = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def serve() -> None:
+        workers = [FakeWorker("p0", "prefill"), FakeWorker("d0", "decode")]
+        async with cluster(workers, mode="disaggregated", http_port=0, ttft_slo_ms=250.0, tpot_slo_ms=50.0) \
+                as (router, stub):
+            state["url"] = f"http://127.0.0.1:{router.http_port}/dashboard"
+            state["stub"] = stub
+            state["loop"] = asyncio.get_running_loop()
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+
+    server = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
+    server.start()
+    assert ready.wait(30)
+
+    def send(n: int) -> None:
+        async def requests() -> None:
+            for i in range(n):
+                await state["stub"].GenerateUnary(generate_request([1, 2, i], 4))
+        asyncio.run_coroutine_threadsafe(requests(), state["loop"]).result(30)
+
+    driver = _browser()
+    try:
+        send(3)
+        driver.get(state["url"])
+        _wait(driver, "return document.querySelectorAll('#workers tbody tr').length === 2", "the two workers")
+        assert _wait(driver, "return document.getElementById('connection').textContent === 'live'", "live events")
+        rows = driver.execute_script(
+            "return [...document.querySelectorAll('#workers tbody tr')].map(r => [...r.cells].map(c => c.textContent))")
+        assert {r[0]: (r[1], r[3], r[10]) for r in rows} == {"p0": ("prefill", "healthy", "unavailable"),
+                                                             "d0": ("decode", "healthy", "unavailable")}
+        ttft = driver.execute_script("return document.querySelector('#latency tbody tr').cells[1].textContent")
+        assert ttft != "–" and float(ttft) > 0
+        assert driver.execute_script("return document.getElementById('slo').textContent").startswith("TTFT ≤ 250")
+        _wait(driver, "const p = document.getElementById('attainment-line'); return p && p.getAttribute('points')",
+              "the attainment line")
+        # more requests arrive: the page updates by itself (server-sent events, no reload)
+        before = driver.execute_script("return document.getElementById('updated').textContent")
+        send(5)
+        _wait(driver, f"return document.getElementById('updated').textContent !== {before!r}", "a pushed update")
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()
+        stop.set()
+        server.join(10)
