@@ -36,13 +36,16 @@ MODES = ("disaggregated", "colocated")
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """One pool of identical workers. ``engine`` overrides the shared engine settings for this pool."""
+    """One pool of identical workers. ``engine`` overrides the shared engine settings for this pool;
+    ``ray_resources`` are custom Ray resources each of its workers requests (e.g. ``{pdserve_prefill: 1}``),
+    which pins the pool to the nodes that advertise them (a Kubernetes worker group per pool)."""
 
     replicas: int = 1
     gpus_per_worker: int = 0
     max_batch_tokens: int = 8192
     max_running_requests: int = 256
     engine: dict[str, Any] = field(default_factory=dict)
+    ray_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require_int("replicas", self.replicas, minimum=0, maximum=1024)
@@ -51,6 +54,14 @@ class PoolConfig:
         require_int("max_running_requests", self.max_running_requests, minimum=1)
         if not isinstance(self.engine, dict):
             raise InvalidParameterError("engine", "must be a mapping of engine settings")
+        if not isinstance(self.ray_resources, dict):
+            raise InvalidParameterError("ray_resources", "must be a mapping of Ray resource names to amounts")
+        for name, amount in self.ray_resources.items():
+            if not isinstance(name, str) or not name or name in ("CPU", "GPU", "memory"):
+                raise InvalidParameterError("ray_resources", f"{name!r}: a custom resource name (CPU and GPU come "
+                                            f"from gpus_per_worker)")
+            if isinstance(amount, bool) or not isinstance(amount, int | float) or not amount > 0:
+                raise InvalidParameterError(f"ray_resources.{name}", f"must be a number > 0, got {amount!r}")
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,8 @@ class Cluster:
                                        "max_task_retries": 0,
                                        # the workers' ports accept only calls carrying this cluster's token
                                        "runtime_env": {"env_vars": {CLUSTER_TOKEN_ENV: token}}}
+            if pool.ray_resources:
+                options["resources"] = dict(pool.ray_resources)
             if (role, index) in strategies:
                 options["scheduling_strategy"] = strategies[(role, index)]
             engine = cfg.engine_config(role).to_dict()
@@ -130,7 +132,8 @@ class Cluster:
             return {}
         out: dict[tuple[str, int], Any] = {}
         for i in range(min(cfg.prefill.replicas, cfg.decode.replicas)):
-            bundle = [{"GPU": cfg.prefill.gpus_per_worker, "CPU": 1}, {"GPU": cfg.decode.gpus_per_worker, "CPU": 1}]
+            bundle = [{"GPU": cfg.prefill.gpus_per_worker, "CPU": 1, **cfg.prefill.ray_resources},
+                      {"GPU": cfg.decode.gpus_per_worker, "CPU": 1, **cfg.decode.ray_resources}]
             group = placement_group([{k: v for k, v in b.items() if v} for b in bundle], strategy="STRICT_PACK")
             ray.get(group.ready(), timeout=self.start_timeout_s)
             self._placement_groups.append(group)

@@ -99,17 +99,21 @@ def dashboard_data(*, model: str, mode: ServingMode, config: RouterConfig, worke
                 "output_tokens_per_s": sum(r.output_tokens for r in recent) / span,
                 "prompt_len": _percentiles([r.prompt_tokens for r in recent]),
                 "output_len": _percentiles([r.output_tokens for r in finished])}
-    attainment = []
     start = now - HISTORY_S
-    history_records = log.ended_since(start)
-    for i in range(int(HISTORY_S // BUCKET_S)):
-        lo, hi = start + i * BUCKET_S, start + (i + 1) * BUCKET_S
-        bucket = [r for r in history_records if lo <= r.ended_at < hi]
-        n = len(bucket)
-        attainment.append({"t": hi, "requests": n,
-                           "ttft": sum(r.meets(ttft_slo, None) for r in bucket) / n if n else None,
-                           "tpot": sum(r.meets(None, tpot_slo) for r in bucket) / n if n else None,
-                           "both": sum(r.meets(ttft_slo, tpot_slo) for r in bucket) / n if n else None})
+    counts = [[0, 0, 0, 0] for _ in range(int(HISTORY_S // BUCKET_S))]  # requests, met TTFT, TPOT, both
+    for r in log.ended_since(start):
+        i = int((r.ended_at - start) // BUCKET_S)
+        if 0 <= i < len(counts):
+            ttft_ok, tpot_ok = r.meets(ttft_slo, None), r.meets(None, tpot_slo)
+            c = counts[i]
+            c[0] += 1
+            c[1] += ttft_ok
+            c[2] += tpot_ok
+            c[3] += ttft_ok and tpot_ok
+    attainment = [{"t": start + (i + 1) * BUCKET_S, "requests": n,
+                   "ttft": met_ttft / n if n else None, "tpot": met_tpot / n if n else None,
+                   "both": met_both / n if n else None}
+                  for i, (n, met_ttft, met_tpot, met_both) in enumerate(counts)]
     sizing_pools: dict[str, dict[str, Any]] = {}
     for role in pools:
         members = [r for r in rows if r["role"] == role and r["healthy"] and r["busy"] is not None]

@@ -2,7 +2,7 @@
 and load panels are computed from (the Prometheus histograms cannot give percentiles over a window).
 
 Bounded twice: records older than ``window_s`` are dropped as new ones arrive, and at most
-``max_records`` are kept. Written and read on the router's event loop only.
+``max_records`` are kept (and the latest ``max_gaps`` inter-token gaps: enough for percentiles). Written and read on the router's event loop only.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class EndedRequest:
 
 
 class RequestLog:
-    def __init__(self, window_s: float = 300.0, max_records: int = 50_000, max_gaps: int = 200_000) -> None:
+    def __init__(self, window_s: float = 300.0, max_records: int = 50_000, max_gaps: int = 20_000) -> None:
         self.window_s = window_s
         self._records: deque[EndedRequest] = deque(maxlen=max_records)
         self._gaps: deque[tuple[float, float]] = deque(maxlen=max_gaps)  # (time.time(), seconds)

@@ -21,6 +21,7 @@ def test_multinode_cluster_places_pairs_serves_and_survives_a_node() -> None:
     lines = [line for line in done.stdout.splitlines() if line.startswith("FINDINGS ")]
     assert done.returncode == 0 and lines, f"rc={done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     found = json.loads(lines[-1].removeprefix("FINDINGS "))
+    assert found["pinned_placement"] == {"prefill-0": 0, "decode-0": 1} and found["pinned_outputs_match"] is True
     placement = found["placement"]
     # pack_pairs: prefill-i and decode-i share a node, and the two pairs use both nodes
     assert all(placement[f"prefill-{i}"] == placement[f"decode-{i}"] >= 0 for i in range(2)), placement

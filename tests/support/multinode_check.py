@@ -3,6 +3,8 @@ a head without CPUs and two worker nodes, each a raylet with its own node id and
 its own process so it never meets the test session's Ray instance. Prints one JSON line of findings
 for ``tests/e2e/test_multinode.py``:
 
+* ``pinned_placement``: with ``ray_resources`` per pool (node 0 advertises ``pdserve_prefill``, node 1
+  ``pdserve_decode``, as a Kubernetes worker group per pool would), each pool on its own node;
 * ``placement``: worker id -> node (index of the worker node), with ``placement.pack_pairs``: every
   prefill worker must share its node with the decode worker of the same index, and the pools span
   both nodes;
@@ -50,12 +52,28 @@ def _stream(address: str, prompt: str, started: threading.Event, out: dict[str, 
 def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray_cluster = RayCluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [ray_cluster.add_node(num_cpus=2) for _ in range(2)]
+    # node 0 advertises the prefill pool's resource, node 1 the decode pool's (a worker group per pool)
+    nodes = [ray_cluster.add_node(num_cpus=2, resources={f"pdserve_{role}": 2}) for role in ("prefill", "decode")]
     ray_cluster.wait_for_nodes()
     ray.init(address=ray_cluster.address, log_to_driver=False,
              runtime_env={"env_vars": {"PDSERVE_CACHE_DIR": os.environ.get("PDSERVE_CACHE_DIR", "")}})
     node_index = {n.node_id: i for i, n in enumerate(nodes)}
     findings: dict[str, Any] = {"nodes": len(nodes)}
+    expected = [o.token_ids for o in LLM(model="tiny-random", **ENGINE, max_num_batched_tokens=256).generate(
+        PROMPTS * 2, GREEDY)]
+    # pools pinned to their node groups by ray_resources
+    pinned = Cluster(cluster_config_from_dict({
+        "model": "tiny-random", "mode": "disaggregated", "engine": dict(ENGINE), "max_worker_restarts": 0,
+        "prefill": {"replicas": 1, "max_batch_tokens": 256, "ray_resources": {"pdserve_prefill": 1}},
+        "decode": {"replicas": 1, "max_running_requests": 64, "ray_resources": {"pdserve_decode": 1}},
+        "router": {"grpc_port": 0, "request_timeout_s": 60}, "kv_transfer": {"backend": "auto", "timeout_s": 20}}))
+    try:
+        address = pinned.start()
+        findings["pinned_placement"] = {w: node_index.get(n, -1) for w, n in pinned.worker_nodes().items()}
+        with Client(address, timeout=60) as client:
+            findings["pinned_outputs_match"] = client.generate(PROMPTS[0], sampling_params=GREEDY).token_ids == expected[0]
+    finally:
+        pinned.stop()
     config = cluster_config_from_dict({
         "model": "tiny-random", "mode": "disaggregated", "engine": dict(ENGINE), "max_worker_restarts": 0,
         "prefill": {"replicas": 2, "max_batch_tokens": 256}, "decode": {"replicas": 2, "max_running_requests": 64},
@@ -66,8 +84,6 @@ def main() -> None:
         address = cluster.start()
         placement = {w: node_index.get(n, -1) for w, n in cluster.worker_nodes().items()}
         findings["placement"] = placement
-        expected = [o.token_ids for o in LLM(model="tiny-random", **ENGINE, max_num_batched_tokens=256).generate(
-            PROMPTS * 2, GREEDY)]
         with Client(address, timeout=60) as client:
             got = [client.generate(p, sampling_params=GREEDY).token_ids for p in PROMPTS * 2]
         findings["outputs_match"] = got == expected

@@ -6,40 +6,15 @@ installs it when it can)."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
-import time
 from typing import Any
 
 import pytest
 
+from tests.support import browser
 from tests.unit.test_router_fakes import FakeWorker, cluster, generate_request
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium + chromedriver installed")
-
-
-def _browser() -> Any:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-
-
-def _wait(driver: Any, condition: Any, what: str, timeout: float = 20.0) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = driver.execute_script(condition)
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}: {driver.page_source[:2000]}")
+pytestmark = pytest.mark.skipif(not browser.available(), reason=browser.MISSING)
 
 
 def test_dashboard_renders_and_updates_live_in_chromium() -> None:
@@ -68,12 +43,12 @@ def test_dashboard_renders_and_updates_live_in_chromium() -> None:
                 await state["stub"].GenerateUnary(generate_request([1, 2, i], 4))
         asyncio.run_coroutine_threadsafe(requests(), state["loop"]).result(30)
 
-    driver = _browser()
+    driver = browser.browser()
     try:
         send(3)
         driver.get(state["url"])
-        _wait(driver, "return document.querySelectorAll('#workers tbody tr').length === 2", "the two workers")
-        assert _wait(driver, "return document.getElementById('connection').textContent === 'live'", "live events")
+        browser.wait_for(driver, "return document.querySelectorAll('#workers tbody tr').length === 2", "the two workers")
+        assert browser.wait_for(driver, "return document.getElementById('connection').textContent === 'live'", "live events")
         rows = driver.execute_script(
             "return [...document.querySelectorAll('#workers tbody tr')].map(r => [...r.cells].map(c => c.textContent))")
         assert {r[0]: (r[1], r[3], r[10]) for r in rows} == {"p0": ("prefill", "healthy", "unavailable"),
@@ -81,14 +56,13 @@ def test_dashboard_renders_and_updates_live_in_chromium() -> None:
         ttft = driver.execute_script("return document.querySelector('#latency tbody tr').cells[1].textContent")
         assert ttft != "–" and float(ttft) > 0
         assert driver.execute_script("return document.getElementById('slo').textContent").startswith("TTFT ≤ 250")
-        _wait(driver, "const p = document.getElementById('attainment-line'); return p && p.getAttribute('points')",
+        browser.wait_for(driver, "const p = document.getElementById('attainment-line'); return p && p.getAttribute('points')",
               "the attainment line")
         # more requests arrive: the page updates by itself (server-sent events, no reload)
         before = driver.execute_script("return document.getElementById('updated').textContent")
         send(5)
-        _wait(driver, f"return document.getElementById('updated').textContent !== {before!r}", "a pushed update")
-        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-        assert not errors, errors
+        browser.wait_for(driver, f"return document.getElementById('updated').textContent !== {before!r}", "a pushed update")
+        assert not browser.severe_errors(driver)
     finally:
         driver.quit()
         stop.set()

@@ -36,9 +36,16 @@ def test_rendered_manifests_are_valid_and_consistent(value_set: str) -> None:
 
     config = cluster_config_from_dict(yaml.safe_load(kinds["ConfigMap"]["data"]["cluster.yaml"]))
     cluster = kinds["RayJob"]["spec"]["rayClusterSpec"]
-    [group] = cluster["workerGroupSpecs"]
-    gpus = group["replicas"] * int(group["rayStartParams"]["num-gpus"])
-    assert sum(config.pool(r).replicas * config.pool(r).gpus_per_worker for r in config.roles) <= gpus
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == {"prefill", "decode"}
+    for role in config.roles:  # each pool on its own group: enough GPUs there, and pinned to it by resource
+        group = groups["prefill" if role == "prefill" else "decode"]
+        gpus = group["replicas"] * int(group["rayStartParams"]["num-gpus"])
+        assert config.pool(role).replicas * config.pool(role).gpus_per_worker <= gpus
+        advertised = json.loads(json.loads(group["rayStartParams"]["resources"]))
+        assert config.pool(role).ray_resources and config.pool(role).ray_resources.items() <= advertised.items()
+        other = groups["decode" if group is groups["prefill"] else "prefill"]
+        assert not config.pool(role).ray_resources.keys() & json.loads(json.loads(other["rayStartParams"]["resources"]))
     head = cluster["headGroupSpec"]["template"]
     service = kinds["Service"]
     assert service["spec"]["selector"].items() <= head["metadata"]["labels"].items()
@@ -51,7 +58,7 @@ def test_rendered_manifests_are_valid_and_consistent(value_set: str) -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
     pdb = kinds["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]
-    assert pdb.items() <= group["template"]["metadata"]["labels"].items()
+    assert all(pdb.items() <= g["template"]["metadata"]["labels"].items() for g in groups.values())
     assert "/etc/pdserve/cluster.yaml" in kinds["RayJob"]["spec"]["entrypoint"]
 
 
@@ -59,6 +66,10 @@ def test_the_4p4d_values_take_effect() -> None:
     kinds = _by_kind(render_value_set("4p4d"))
     config = cluster_config_from_dict(yaml.safe_load(kinds["ConfigMap"]["data"]["cluster.yaml"]))
     assert (config.pool("prefill").replicas, config.pool("decode").replicas) == (4, 4)
+    groups = kinds["RayJob"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert [(g["groupName"], g["replicas"]) for g in groups] == [("prefill", 4), ("decode", 4)]
+    for g in groups:
+        assert g["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
     env = kinds["RayJob"]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "PDSERVE_API_KEYS",
             "valueFrom": {"secretKeyRef": {"name": "pdserve-api-keys", "key": "keys"}}} in env

@@ -61,3 +61,16 @@ def test_a_bad_environment_override_is_named(environ: dict[str, str], says: str)
     with pytest.raises(ConfigError, match=says) as info:
         load_cluster_config(DEPLOY / "cluster-cpu.yaml", environ)
     assert next(iter(environ)) in str(info.value)  # the message names the variable
+
+
+@pytest.mark.parametrize(("resources", "says"), [
+    ({"GPU": 1}, "custom resource name"), ({"pdserve_decode": 0}, "ray_resources.pdserve_decode"),
+    ({"pdserve_decode": "one"}, "ray_resources.pdserve_decode"), (["pdserve_decode"], "mapping")])
+def test_pool_ray_resources_are_validated(resources: object, says: str) -> None:
+    from pdserve.cluster.config import cluster_config_from_dict
+    from pdserve.common.errors import ConfigError
+
+    assert cluster_config_from_dict({"decode": {"ray_resources": {"pdserve_decode": 1}}}).decode.ray_resources == \
+        {"pdserve_decode": 1}
+    with pytest.raises(ConfigError, match=says):
+        cluster_config_from_dict({"decode": {"ray_resources": resources}})
