@@ -9,7 +9,7 @@ usage, queued prompt tokens, advertised prefill rate, ``busy``: the share of the
 its GPU spent in engine steps, ``gpu``: the NVML readings or ``{"available": false, ...}``);
 ``latency`` (TTFT, TPOT, ITL, end-to-end p50/p90/p99 over ``window_s``); ``attainment`` (per
 ``BUCKET_S`` interval of the last ``HISTORY_S``: requests that ended, the share meeting TTFT, TPOT and
-both); ``arrivals`` (requests, prompt and output tokens per second, length percentiles); ``prefill``
+both, and their TTFT and TPOT p90); ``arrivals`` (requests, prompt and output tokens per second, length percentiles); ``prefill``
 (queued prompt tokens, KV bytes per second, where prompts were prefilled); ``sizing`` (per pool its
 ``busy`` share and, for prefill, its prompt-token capacity; the ``bottleneck`` pool, the busier one
 when it is at least half busy, and by what ``ratio``).
@@ -100,19 +100,27 @@ def dashboard_data(*, model: str, mode: ServingMode, config: RouterConfig, worke
                 "prompt_len": _percentiles([r.prompt_tokens for r in recent]),
                 "output_len": _percentiles([r.output_tokens for r in finished])}
     start = now - HISTORY_S
-    counts = [[0, 0, 0, 0] for _ in range(int(HISTORY_S // BUCKET_S))]  # requests, met TTFT, TPOT, both
+    buckets = int(HISTORY_S // BUCKET_S)
+    counts = [[0, 0, 0, 0] for _ in range(buckets)]  # requests, met TTFT, met TPOT, met both
+    ttfts: list[list[float]] = [[] for _ in range(buckets)]
+    tpots: list[list[float]] = [[] for _ in range(buckets)]
     for r in log.ended_since(start):
         i = int((r.ended_at - start) // BUCKET_S)
-        if 0 <= i < len(counts):
+        if 0 <= i < buckets:
             ttft_ok, tpot_ok = r.meets(ttft_slo, None), r.meets(None, tpot_slo)
             c = counts[i]
             c[0] += 1
             c[1] += ttft_ok
             c[2] += tpot_ok
             c[3] += ttft_ok and tpot_ok
+            if r.outcome == "finished" and r.ttft_s is not None:
+                ttfts[i].append(r.ttft_s)
+                if (tpot := r.tpot_s) is not None:
+                    tpots[i].append(tpot)
     attainment = [{"t": start + (i + 1) * BUCKET_S, "requests": n,
                    "ttft": met_ttft / n if n else None, "tpot": met_tpot / n if n else None,
-                   "both": met_both / n if n else None}
+                   "both": met_both / n if n else None,
+                   "ttft_p90": _percentiles(ttfts[i])["p90"], "tpot_p90": _percentiles(tpots[i])["p90"]}
                   for i, (n, met_ttft, met_tpot, met_both) in enumerate(counts)]
     sizing_pools: dict[str, dict[str, Any]] = {}
     for role in pools:
