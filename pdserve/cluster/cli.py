@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pdserve.cluster.serve_cli import add_serve_parser, run_serve
 from pdserve.common.config import TINY_RANDOM_MODEL
 from pdserve.common.errors import PdserveError
+from pdserve.planner.cli import add_planner_parsers, run_plan, run_profile
 
 if TYPE_CHECKING:
     from pdserve.client import Client
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     _add_engine_args(gen)
     add_serve_parser(sub)
+    add_planner_parsers(sub)
     status = sub.add_parser("status", help="show a running cluster's workers and load (its router's address)")
     status.add_argument("--target", metavar="HOST:PORT", required=True, help="the router's gRPC address")
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
@@ -253,6 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "profile":
+            return run_profile(args)
+        if args.command == "plan":
+            return run_plan(args)
     except PdserveError as exc:
         print(f"pdserve: error: {exc}", file=sys.stderr)
         return 2

@@ -50,3 +50,24 @@ def test_version_and_log_level_choices(capsys) -> None:  # noqa: ANN001
         build_parser().parse_args(["--log-level", "verbose", "status", "--target", "127.0.0.1:1"])
     assert refused.value.code == 2 and "invalid choice: 'VERBOSE'" in capsys.readouterr().err
     assert build_parser().parse_args(["--log-level", "debug", "status", "--target", "127.0.0.1:1"]).log_level == "DEBUG"
+
+
+def test_profile_then_plan(tmp_path) -> None:
+    """`pdserve profile` measures this machine's step-time model; `pdserve plan` predicts from it."""
+    import json
+
+    profile = tmp_path / "cpu.json"
+    done = _run("profile", "--max-batch-tokens", "128", "--out", str(profile), timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(profile.read_text())
+    assert data["model"]["per_token_s"] > 0 and data["kv_bytes_per_token"] > 0 and data["samples"]
+    done = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
+                "--rate", "20", "--prompt-len", "100", "--output-len", "8", "--requests", "60", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert [p["config"] for p in result["predictions"]] == ["colocated x2", "1P1D"]
+    assert result["recommended"] in ("colocated x2", "1P1D")
+    assert all(p["goodput_per_gpu"] > 0 for p in result["predictions"])
+    done = _run("plan", "--profile", str(tmp_path / "missing.json"), "--gpus", "2", "--slo-ttft-ms", "200",
+                "--slo-tpot-ms", "50", "--rate", "1")
+    assert done.returncode == 2 and "cannot read" in done.stderr and "Traceback" not in done.stderr

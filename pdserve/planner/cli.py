@@ -1,0 +1,94 @@
+"""``pdserve profile`` (measure a GPU's step-time model into a JSON file) and ``pdserve plan`` (predict
+and recommend a configuration from such a file and a workload)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pdserve.common.errors import ConfigError
+
+
+def add_planner_parsers(sub: argparse._SubParsersAction) -> None:
+    profile = sub.add_parser("profile", help="measure this device's step-time model (for the scheduler and "
+                                             "`pdserve plan`) and write it as JSON")
+    profile.add_argument("--model", default="tiny-random", help="a local HF directory, or tiny-random")
+    profile.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                         help="dummy: random weights of the model's shapes (timing only)")
+    profile.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    profile.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    profile.add_argument("--max-batch-tokens", type=int, default=8192, help="the largest step profiled")
+    profile.add_argument("--max-model-len", type=int, default=None)
+    profile.add_argument("--out", type=Path, required=True, help="the JSON file to write")
+
+    plan = sub.add_parser("plan", help="predict goodput per GPU of every configuration for a workload and SLOs, "
+                                       "by simulation over a step-time profile, and recommend one")
+    plan.add_argument("--profile", type=Path, required=True, help="a file written by `pdserve profile`")
+    plan.add_argument("--gpus", type=int, required=True, help="how many GPUs (one worker each)")
+    plan.add_argument("--slo-ttft-ms", type=float, required=True)
+    plan.add_argument("--slo-tpot-ms", type=float, required=True)
+    source = plan.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", type=Path, help="a Mooncake-format JSONL trace (timestamp ms, input_length, "
+                                                   "output_length)")
+    source.add_argument("--rate", type=float, help="Poisson arrivals per second (with --prompt-len, --output-len)")
+    plan.add_argument("--prompt-len", type=int, default=2048)
+    plan.add_argument("--output-len", type=int, default=128)
+    plan.add_argument("--requests", type=int, default=400, help="requests simulated per point (default: 400)")
+    plan.add_argument("--trace-start", type=int, default=0)
+    plan.add_argument("--time-scale", type=float, default=1.0, help="trace arrival times x this")
+    plan.add_argument("--length-scale", type=float, default=1.0, help="trace prompt lengths x this")
+    plan.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from pdserve.common.config import EngineConfig
+    from pdserve.engine.engine import LLMEngine
+
+    if args.max_batch_tokens < 16:
+        raise ConfigError("--max-batch-tokens", f"must be >= 16, got {args.max_batch_tokens}")
+    engine = LLMEngine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
+                                    device=args.device, max_num_batched_tokens=args.max_batch_tokens,
+                                    max_model_len=args.max_model_len, step_time_budget_ms=1e6))
+    assert engine.step_time is not None, "a step-time budget always measures the model"
+    layout = engine.kv_layout
+    element = engine.kv_caches[0].element_size() if engine.kv_caches else 2
+    profile: dict[str, Any] = {
+        "model": engine.step_time.to_dict(), "samples": engine.step_time_samples,
+        "kv_bytes_per_token": 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * element,
+        "engine": {"model": args.model, "device": str(engine.device), "dtype": str(engine.dtype),
+                   "max_batch_tokens": args.max_batch_tokens},
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    if engine.device.type == "cuda":
+        import torch
+
+        profile["engine"]["device_name"] = torch.cuda.get_device_name(engine.device)
+    args.out.write_text(json.dumps(profile, indent=1) + "\n")
+    print(f"pdserve: wrote {args.out} (step-time model {engine.step_time.to_dict()})")
+    return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from pdserve.planner.plan import Profile, Workload, plan, render
+
+    if args.gpus < 2:
+        raise ConfigError("--gpus", f"planning compares colocated with split pools: needs >= 2, got {args.gpus}")
+    for name in ("slo_ttft_ms", "slo_tpot_ms"):
+        if not getattr(args, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')}", f"must be > 0, got {getattr(args, name)}")
+    if args.requests < 20:
+        raise ConfigError("--requests", f"must be >= 20, got {args.requests}")
+    profile = Profile.load(args.profile)
+    if args.trace is not None:
+        workload = Workload.trace(args.trace, start=args.trace_start, count=args.requests, time_scale=args.time_scale,
+                                  length_scale=args.length_scale)
+    else:
+        if not args.rate > 0 or args.prompt_len < 1 or args.output_len < 1:
+            raise ConfigError("--rate", "--rate, --prompt-len and --output-len must be > 0")
+        workload = Workload.poisson(args.rate, args.prompt_len, args.output_len, n=args.requests)
+    result = plan(profile, workload, args.gpus, ttft_slo_s=args.slo_ttft_ms / 1e3, tpot_slo_s=args.slo_tpot_ms / 1e3)
+    print(json.dumps(result) if args.json else render(result), file=sys.stdout)
+    return 0

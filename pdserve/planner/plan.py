@@ -1,0 +1,192 @@
+"""``pdserve plan``: for a workload, SLOs, a GPU count and a step-time profile, predict every
+configuration worth running (colocated with SLO-budgeted steps, and every xPyD split) by simulation
+(:mod:`pdserve.planner.simulate`), and recommend the one with the most goodput per GPU.
+
+Goodput is the highest request rate at which at least ``target`` (0.9) of the requests meet both SLOs,
+found by bisection on the arrival rate (for a trace: a factor on its arrival rate), divided by the GPU
+count. The profile is the JSON ``pdserve profile`` writes (the step-time model under ``model``, and
+``kv_bytes_per_token``); a bare step-time model works too, with the transfer defaults below.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pdserve.common.errors import ConfigError
+from pdserve.engine.step_time import StepTimeModel
+from pdserve.planner.simulate import ClusterSimulation, SimOutcome, SimRequest, WorkerSpec
+
+DEFAULT_KV_BYTES_PER_TOKEN = 131072.0  # Llama-3.1-8B in bf16: 32 layers x 2 x 8 heads x 128 x 2 bytes
+DEFAULT_TRANSFER_BYTES_PER_S = 50e9
+MAX_SCALE = 64.0  # the goodput search stops at 64x the workload's own rate
+
+
+@dataclass(frozen=True)
+class Profile:
+    model: StepTimeModel
+    kv_bytes_per_token: float = DEFAULT_KV_BYTES_PER_TOKEN
+    transfer_bytes_per_s: float = DEFAULT_TRANSFER_BYTES_PER_S
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError("profile", f"cannot read {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("profile", f"{path}: not a JSON object")
+        model = StepTimeModel.from_dict(data.get("model", data), str(path))
+        return cls(model, float(data.get("kv_bytes_per_token", DEFAULT_KV_BYTES_PER_TOKEN)),
+                   float(data.get("kv_transfer_bytes_per_s", DEFAULT_TRANSFER_BYTES_PER_S)))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Requests at a base rate; ``at(scale)`` gives them at ``scale`` times that rate."""
+
+    requests: tuple[SimRequest, ...]
+    name: str
+
+    @property
+    def rate(self) -> float:
+        span = self.requests[-1].arrival_s - self.requests[0].arrival_s if len(self.requests) > 1 else 0.0
+        return (len(self.requests) - 1) / span if span > 0 else 0.0
+
+    @property
+    def span_s(self) -> float:
+        return self.requests[-1].arrival_s - self.requests[0].arrival_s
+
+    def at(self, scale: float) -> list[SimRequest]:
+        """The requests at ``scale`` times the rate over the same window (``span_s``): the workload is
+        repeated back to back and its time compressed, so an overloaded configuration shows a growing
+        queue rather than a short burst it could clear."""
+        span = self.span_s
+        period = span + (span / max(1, len(self.requests) - 1))
+        out: list[SimRequest] = []
+        for copy in range(max(1, math.ceil(scale))):
+            for r in self.requests:
+                t = (r.arrival_s - self.requests[0].arrival_s + copy * period) / scale
+                if t <= span:
+                    out.append(SimRequest(t, r.prompt_tokens, r.output_tokens))
+        return sorted(out, key=lambda r: r.arrival_s)
+
+    @classmethod
+    def poisson(cls, rate: float, prompt_tokens: int, output_tokens: int, n: int = 400, seed: int = 0) -> Workload:
+        rng = random.Random(seed)
+        t, out = 0.0, []
+        for _ in range(n):
+            t += rng.expovariate(rate)
+            out.append(SimRequest(t, prompt_tokens, output_tokens))
+        return cls(tuple(out), f"poisson {rate:g}/s, {prompt_tokens} in / {output_tokens} out")
+
+    @classmethod
+    def trace(cls, path: str | Path, *, start: int = 0, count: int = 400, time_scale: float = 1.0,
+              length_scale: float = 1.0, max_prompt: int = 32768) -> Workload:
+        """A Mooncake-format JSONL trace (``timestamp`` ms, ``input_length``, ``output_length``)."""
+        out: list[tuple[float, int, int]] = []
+        try:
+            with Path(path).open() as f:
+                for i, line in enumerate(f):
+                    if i < start:
+                        continue
+                    if len(out) >= count:
+                        break
+                    row = json.loads(line)
+                    out.append((float(row["timestamp"]) / 1e3 * time_scale,
+                                max(1, min(max_prompt, int(row["input_length"] * length_scale))),
+                                max(1, int(row["output_length"]))))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError("trace", f"cannot read a Mooncake trace from {path}: {exc!r}") from None
+        if len(out) < 2:
+            raise ConfigError("trace", f"{path}: fewer than two requests from line {start}")
+        t0 = out[0][0]
+        return cls(tuple(SimRequest(t - t0, p, o) for t, p, o in out), f"trace {Path(path).name}")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    config: str
+    num_gpus: int
+    goodput_per_gpu: float  # req/s per GPU at >= target attainment
+    goodput_at_search_limit: bool  # the search stopped at MAX_SCALE x the offered rate: "at least" this
+    attainment_at_offered: float
+    ttft_p90_s: float | None
+    tpot_p90_s: float | None
+
+
+def configurations(num_gpus: int) -> list[tuple[str, dict[str, int]]]:
+    """Colocated on every GPU, and every split into prefill and decode workers."""
+    out = [(f"colocated x{num_gpus}", {"colocated": num_gpus})]
+    out += [(f"{p}P{num_gpus - p}D", {"prefill": p, "decode": num_gpus - p}) for p in range(1, num_gpus)]
+    return out
+
+
+def _p90(values: Sequence[float]) -> float | None:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(0.9 * len(s)))] if s else None
+
+
+def attainment(outcomes: Sequence[SimOutcome], ttft_slo_s: float, tpot_slo_s: float) -> float:
+    return sum(o.meets(ttft_slo_s, tpot_slo_s) for o in outcomes) / len(outcomes) if outcomes else 0.0
+
+
+def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttft_slo_s: float, tpot_slo_s: float,
+            target: float = 0.9, name: str = "") -> Prediction:
+    """Simulate one configuration at the offered rate, then bisect the rate for its goodput."""
+
+    def simulate(scale: float) -> list[SimOutcome]:
+        sim = ClusterSimulation(profile.model, colocated=counts.get("colocated", 0), prefill=counts.get("prefill", 0),
+                                decode=counts.get("decode", 0), colocated_spec=WorkerSpec(step_budget_s=tpot_slo_s),
+                                kv_bytes_per_token=profile.kv_bytes_per_token,
+                                transfer_bytes_per_s=profile.transfer_bytes_per_s)
+        return sim.run(workload.at(scale))
+
+    offered = simulate(1.0)
+    num_gpus = sum(counts.values())
+    meets: Callable[[float], bool] = lambda scale: attainment(simulate(scale), ttft_slo_s, tpot_slo_s) >= target  # noqa: E731
+    lo, hi = 0.0, 1.0
+    while meets(hi) and hi < MAX_SCALE:
+        lo, hi = hi, hi * 2
+    if lo == 0.0 and not meets(1 / 64):
+        best = 0.0
+    else:
+        lo = max(lo, 1 / 64)
+        for _ in range(10):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if meets(mid) else (lo, mid)
+        best = lo
+    return Prediction(name or "+".join(f"{v} {k}" for k, v in counts.items()), num_gpus,
+                      round(best * workload.rate / num_gpus, 3), best >= MAX_SCALE,
+                      round(attainment(offered, ttft_slo_s, tpot_slo_s), 3),
+                      _p90([o.ttft_s for o in offered if o.ttft_s is not None]),
+                      _p90([o.tpot_s for o in offered if o.tpot_s is not None]))
+
+
+def plan(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: float, tpot_slo_s: float
+         ) -> dict[str, Any]:
+    predictions = [predict(profile, workload, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, name=name)
+                   for name, counts in configurations(num_gpus)]
+    best = max(predictions, key=lambda p: (p.goodput_per_gpu, p.attainment_at_offered))
+    return {"workload": workload.name, "offered_rate": round(workload.rate, 3), "num_gpus": num_gpus,
+            "slo": {"ttft_ms": ttft_slo_s * 1e3, "tpot_ms": tpot_slo_s * 1e3},
+            "predictions": [asdict(p) for p in predictions], "recommended": best.config}
+
+
+def render(result: dict[str, Any]) -> str:
+    rows = [f"pdserve plan: {result['workload']} (offered {result['offered_rate']:g} req/s) on {result['num_gpus']} "
+            f"GPUs, TTFT <= {result['slo']['ttft_ms']:g} ms, TPOT <= {result['slo']['tpot_ms']:g} ms", "",
+            f"{'configuration':<16} {'goodput/GPU':>12} {'attain@offered':>15} {'TTFT p90 ms':>12} {'TPOT p90 ms':>12}"]
+    for p in result["predictions"]:
+        mark = "  <- recommended" if p["config"] == result["recommended"] else ""
+        ttft = "-" if p["ttft_p90_s"] is None else f"{p['ttft_p90_s'] * 1e3:.1f}"
+        tpot = "-" if p["tpot_p90_s"] is None else f"{p['tpot_p90_s'] * 1e3:.1f}"
+        goodput = (">= " if p["goodput_at_search_limit"] else "") + f"{p['goodput_per_gpu']:.3f}"
+        rows.append(f"{p['config']:<16} {goodput:>12} {p['attainment_at_offered']:>15.3f} "
+                    f"{ttft:>12} {tpot:>12}{mark}")
+    return "\n".join(rows)

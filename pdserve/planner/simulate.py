@@ -1,0 +1,232 @@
+"""A discrete-event simulation of a pdserve cluster over a step-time profile: what ``pdserve plan``
+predicts with.
+
+Each worker runs engine steps back to back while it has work, each lasting what the profile's
+:class:`~pdserve.engine.step_time.StepTimeModel` predicts for what the step carries, as pdserve's own
+scheduler builds it:
+
+* a **colocated** worker runs every decode it holds plus prompt tokens, first come first served, up to
+  its token budget and, with a TPOT budget, only as many as keep the step within it (at least
+  ``min_prefill_chunk`` when its decodes alone exceed it, so no prompt starves);
+* a **prefill** worker runs prompt chunks up to its token budget; when a prompt's last chunk is done its
+  first token exists, and its KV reaches a decode worker ``transfer_s(prompt)`` later;
+* a **decode** worker runs one token per held request each step; a request joins at the first step
+  after its KV arrived.
+
+The router sends a prompt to the prefill worker with the fewest queued prompt tokens and a request to
+the decode (or colocated) worker holding the fewest requests. A request's TTFT is its first token
+minus its arrival (plus the handoff for remote prefills: the client sees the first token once the
+decode worker has it), its TPOT the mean time per later token. Not modelled: prefix caching, KV
+capacity limits and preemption, the spilling of prompts to decode workers (``auto``), network and
+host overheads beyond the profile's step times.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdserve.engine.step_time import StepShape, StepTimeModel
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass
+class SimOutcome:
+    request: SimRequest
+    first_token_s: float | None = None
+    done_s: float | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.request.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.first_token_s is None or self.done_s is None or self.request.output_tokens < 2:
+            return None
+        return (self.done_s - self.first_token_s) / (self.request.output_tokens - 1)
+
+    def meets(self, ttft_slo_s: float, tpot_slo_s: float) -> bool:
+        ttft, tpot = self.ttft_s, self.tpot_s
+        return ttft is not None and ttft <= ttft_slo_s and (tpot is None or tpot <= tpot_slo_s)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """How one simulated worker schedules (the engine settings that matter here)."""
+
+    max_batch_tokens: int = 8192
+    max_running: int = 256
+    step_budget_s: float | None = None  # the TPOT SLO of an SLO-budgeted worker
+    min_prefill_chunk: int = 32
+
+
+@dataclass
+class _Active:
+    outcome: SimOutcome
+    computed: int = 0  # prompt tokens computed
+    produced: int = 0  # output tokens produced
+
+
+@dataclass
+class _Worker:
+    role: str  # colocated | prefill | decode
+    spec: WorkerSpec
+    model: StepTimeModel
+    waiting: deque[_Active] = field(default_factory=deque)  # prompts to compute (colocated, prefill)
+    running: list[_Active] = field(default_factory=list)  # decoding
+    joining: list[_Active] = field(default_factory=list)  # KV arrived, decodes from the next step
+    busy: bool = False
+
+    @property
+    def queued_prompt_tokens(self) -> int:
+        return sum(a.outcome.request.prompt_tokens - a.computed for a in self.waiting)
+
+    @property
+    def held(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.joining)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.joining)
+
+
+class ClusterSimulation:
+    """One configuration: ``colocated`` workers, or ``prefill`` + ``decode`` workers."""
+
+    def __init__(self, model: StepTimeModel, *, colocated: int = 0, prefill: int = 0, decode: int = 0,
+                 colocated_spec: WorkerSpec = WorkerSpec(), prefill_spec: WorkerSpec = WorkerSpec(),
+                 decode_spec: WorkerSpec = WorkerSpec(max_batch_tokens=2048),
+                 transfer_s: float | None = None, kv_bytes_per_token: float = 131072.0,
+                 transfer_bytes_per_s: float = 50e9, transfer_overhead_s: float = 0.003) -> None:
+        if colocated and (prefill or decode):
+            raise ValueError("a configuration is colocated workers, or prefill + decode workers")
+        if not colocated and not (prefill and decode):
+            raise ValueError("a disaggregated configuration needs at least one prefill and one decode worker")
+        self.model = model
+        self.workers = ([_Worker("colocated", colocated_spec, model) for _ in range(colocated)]
+                        + [_Worker("prefill", prefill_spec, model) for _ in range(prefill)]
+                        + [_Worker("decode", decode_spec, model) for _ in range(decode)])
+        self._fixed_transfer_s = transfer_s
+        self._kv_bytes_per_token = kv_bytes_per_token
+        self._transfer_bytes_per_s = transfer_bytes_per_s
+        self._transfer_overhead_s = transfer_overhead_s
+
+    @property
+    def num_gpus(self) -> int:
+        return len(self.workers)
+
+    def transfer_s(self, prompt_tokens: int) -> float:
+        if self._fixed_transfer_s is not None:
+            return self._fixed_transfer_s
+        return self._transfer_overhead_s + prompt_tokens * self._kv_bytes_per_token / self._transfer_bytes_per_s
+
+    def run(self, requests: list[SimRequest]) -> list[SimOutcome]:
+        """Simulate ``requests`` (any order) to completion; outcomes in the order given."""
+        outcomes = [SimOutcome(r) for r in requests]
+        events: list[tuple[float, int, str, object]] = []
+        seq = itertools.count()
+        for outcome in outcomes:
+            heapq.heappush(events, (outcome.request.arrival_s, next(seq), "arrive", outcome))
+        by_role = {role: [w for w in self.workers if w.role == role] for role in ("colocated", "prefill", "decode")}
+
+        plan: list[tuple[_Active, int]]
+        worker: _Worker
+
+        def start(worker: _Worker, now: float) -> None:
+            if worker.busy or not worker.has_work():
+                return
+            chunks, seconds = self._plan(worker)
+            worker.busy = True
+            heapq.heappush(events, (now + seconds, next(seq), "step", (worker, chunks)))
+
+        while events:
+            now, _, kind, payload = heapq.heappop(events)
+            if kind == "arrive":
+                assert isinstance(payload, SimOutcome)
+                active = _Active(payload)
+                if by_role["colocated"]:
+                    worker = min(by_role["colocated"], key=lambda w: w.held)
+                else:
+                    worker = min(by_role["prefill"], key=lambda w: w.queued_prompt_tokens)
+                worker.waiting.append(active)
+                start(worker, now)
+            elif kind == "kv":
+                assert isinstance(payload, _Active)
+                worker = min(by_role["decode"], key=lambda w: w.held)
+                worker.joining.append(payload)
+                start(worker, now)
+            else:
+                assert isinstance(payload, tuple)
+                worker, plan = payload[0], payload[1]
+                worker.busy = False
+                self._finish_step(worker, plan, now, lambda a, t: heapq.heappush(
+                    events, (t + self.transfer_s(a.outcome.request.prompt_tokens), next(seq), "kv", a)))
+                start(worker, now)
+        return outcomes
+
+    # -- one worker ---------------------------------------------------------------------------------
+
+    def _plan(self, worker: _Worker) -> tuple[list[tuple[_Active, int]], float]:
+        """The step a worker runs now: ``(request, prompt tokens)`` chunks (0: a decode) and its seconds."""
+        spec = worker.spec
+        room = max(0, spec.max_running - len(worker.running))
+        worker.running += worker.joining[:room]  # the rest wait for room (KV held, not decoding)
+        worker.joining = worker.joining[room:]
+        chunks: list[tuple[_Active, int]] = [(a, 0) for a in worker.running]
+        shape = StepShape(0)
+        for a in worker.running:
+            shape = shape.plus_decode(a.outcome.request.prompt_tokens + a.produced)
+        budget = spec.max_batch_tokens - len(chunks)
+        prefill_taken = False
+        for a in worker.waiting:
+            if budget <= 0 or len(chunks) >= spec.max_running:  # a running batch of max_running at most
+                break
+            left = a.outcome.request.prompt_tokens - a.computed
+            n = min(left, budget)
+            if spec.step_budget_s is not None and shape.tokens:
+                fits = self.model.max_chunk_tokens(shape, spec.step_budget_s, n, a.computed)
+                if fits == 0 and not prefill_taken:
+                    fits = min(n, spec.min_prefill_chunk)
+                n = fits
+            if n <= 0:
+                break
+            chunks.append((a, n))
+            shape = shape.plus_chunk(n, a.computed)
+            budget -= n
+            prefill_taken = True
+        return chunks, self.model.predict(shape)
+
+    def _finish_step(self, worker: _Worker, plan: list[tuple[_Active, int]], now: float, hand_off) -> None:  # noqa: ANN001
+        for a, n in plan:
+            request = a.outcome.request
+            if n == 0:  # a decode: one more token
+                a.produced += 1
+                if a.produced >= request.output_tokens:
+                    a.outcome.done_s = now
+                    worker.running.remove(a)
+                continue
+            a.computed += n
+            if a.computed < request.prompt_tokens:
+                continue
+            worker.waiting.remove(a)
+            a.produced = 1  # the prompt's last chunk samples the first token
+            if worker.role == "prefill":
+                a.outcome.first_token_s = now + self.transfer_s(request.prompt_tokens)  # seen once decoding
+                if request.output_tokens <= 1:
+                    a.outcome.done_s = a.outcome.first_token_s
+                else:
+                    hand_off(a, now)
+                continue
+            a.outcome.first_token_s = now
+            if request.output_tokens <= 1:
+                a.outcome.done_s = now
+            else:
+                worker.running.append(a)

@@ -1,0 +1,64 @@
+"""The planner's simulator against queueing theory (M/D/1), and its choice on synthetic profiles."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+
+import pytest
+
+from pdserve.engine.step_time import StepShape, StepTimeModel
+from pdserve.planner.plan import Profile, Workload, configurations, plan
+from pdserve.planner.simulate import ClusterSimulation, SimRequest, WorkerSpec
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.8])
+def test_a_prefill_worker_is_an_md1_queue(rho: float) -> None:
+    # one prompt per step, every step 0.1 s: deterministic service; Poisson arrivals; one-token answers
+    service = 0.1
+    model = StepTimeModel(base_s=service, per_token_s=0.0, free_tokens=0)
+    rng, t, requests = random.Random(1), 0.0, []
+    for _ in range(20000):
+        t += rng.expovariate(rho / service)
+        requests.append(SimRequest(t, 100, 1))
+    sim = ClusterSimulation(model, prefill=1, decode=1, prefill_spec=WorkerSpec(max_batch_tokens=100), transfer_s=0.0)
+    waits = [o.ttft_s - service for o in sim.run(requests)]
+    expected = rho * service / (2 * (1 - rho))  # Pollaczek-Khinchine, M/D/1 mean wait
+    assert statistics.mean(waits) == pytest.approx(expected, rel=0.08)
+
+
+def test_tokens_and_times_add_up_for_one_request() -> None:
+    model = StepTimeModel(base_s=0.01, per_token_s=1e-4, free_tokens=0)
+    [colocated] = ClusterSimulation(model, colocated=1).run([SimRequest(0.0, 500, 4)])
+    assert colocated.ttft_s == pytest.approx(model.predict(StepShape(500, 0, 500 * 500 / 2)))
+    assert colocated.tpot_s == pytest.approx(model.predict(StepShape(0).plus_decode(501)), rel=0.01)
+    [remote] = ClusterSimulation(model, prefill=1, decode=1, transfer_s=0.005).run([SimRequest(0.0, 500, 4)])
+    assert remote.ttft_s == pytest.approx(colocated.ttft_s + 0.005)
+
+
+# a step of up to 256 tokens costs 10.1 ms (weights read once), every token past 256 20 us more
+SYNTHETIC = StepTimeModel(base_s=0.005, per_token_s=2e-5, free_tokens=256)
+
+
+def test_tight_tpot_on_long_prompts_picks_disaggregation() -> None:
+    workload = Workload.poisson(4.0, 2048, 64, n=200)
+    result = plan(Profile(SYNTHETIC), workload, 2, ttft_slo_s=1.0, tpot_slo_s=0.012)
+    goodput = {p["config"]: p["goodput_per_gpu"] for p in result["predictions"]}
+    assert result["recommended"] == "1P1D" and goodput["1P1D"] > goodput["colocated x2"]
+
+
+def test_short_prompts_and_loose_tpot_pick_colocated() -> None:
+    # both GPUs decode when colocated; split, one decodes alone while the other idles on tiny prompts
+    workload = Workload.poisson(40.0, 128, 64, n=400)
+    result = plan(Profile(SYNTHETIC), workload, 2, ttft_slo_s=0.3, tpot_slo_s=0.03)
+    goodput = {p["config"]: p["goodput_per_gpu"] for p in result["predictions"]}
+    assert result["recommended"] == "colocated x2" and goodput["colocated x2"] > goodput["1P1D"]
+
+
+def test_configurations_and_profile_files(tmp_path) -> None:  # noqa: ANN001
+    assert [name for name, _ in configurations(3)] == ["colocated x3", "1P2D", "2P1D"]
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"model": SYNTHETIC.to_dict(), "kv_bytes_per_token": 1000}))
+    profile = Profile.load(path)
+    assert profile.model == SYNTHETIC and profile.kv_bytes_per_token == 1000
