@@ -296,9 +296,10 @@ class LLMEngine:
 
     @property
     def has_step_in_flight(self) -> bool:
+        """A launched step some live request awaits, or whose landing frees a finished request's blocks."""
         step = self._in_flight
-        return step is not None and any(self._requests.get(c.request.request_id) is c.request
-                                        for c in step.sampling)
+        return step is not None and (bool(self.scheduler.deferred_free) or any(
+            self._requests.get(c.request.request_id) is c.request for c in step.sampling))
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -340,6 +341,8 @@ class LLMEngine:
         if launched is not None and not self.config.async_scheduling:
             deltas += self._land(launched)
             self._in_flight = None
+        if self._in_flight is None:
+            self.scheduler.release_landed(all_landed=True)
         return deltas
 
     def _launch(self, plan: SchedulerPlan) -> LaunchedStep:
@@ -384,6 +387,7 @@ class LLMEngine:
             if self._requests.get(request.request_id) is not request or request.is_finished:
                 continue  # aborted, or ended by an earlier token: this row was computed in vain
             deltas.append(self._append_token(request, token_id, token_logprobs))
+        self.scheduler.release_landed()
         return deltas
 
     def _append_token(self, request: Request, token_id: int, logprobs: TokenLogprobs | None) -> RequestDelta:
@@ -510,5 +514,5 @@ class LLMEngine:
             assert not self.kv.has_blocks(request.request_id), f"waiting {request.request_id} holds blocks"
         for request_id in (*self.scheduler.waiting_for_kv, *self._held):
             assert self.kv.has_blocks(request_id), f"{request_id} lost its blocks"
-        if not self._requests and not self._held:
+        if not self._requests and not self._held and not self.scheduler.deferred_free:
             self.kv.check_no_leaks()

@@ -115,6 +115,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_late_prompts = 0  # prompts predicted to miss their TTFT deadline (queued after those that can)
         self.num_budget_cut_chunks = 0  # prefill chunks shortened to keep a step within its time budget
+        self.deferred_free: list[Request] = []  # finished with a row in a launched step (see release_landed)
 
     # ---- queue management ----------------------------------------------------------------------
 
@@ -142,8 +143,25 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         if free_blocks:
-            self.kv.free(request)
+            if request.num_pending_tokens:  # a launched step still writes its KV: free once that step landed
+                self.deferred_free.append(request)
+            else:
+                self.kv.free(request)
         request.status = status
+
+    def release_landed(self, *, all_landed: bool = False) -> None:
+        """Free the blocks of finished requests no launched step writes any more (``all_landed``: no step
+        is in flight at all). Until then they stay allocated: a block freed while a step still writes a
+        row into it could be handed to a landing zone that another GPU fills first."""
+        if not self.deferred_free:
+            return
+        still = []
+        for request in self.deferred_free:
+            if request.num_pending_tokens and not all_landed:
+                still.append(request)
+            else:
+                self.kv.free(request)
+        self.deferred_free = still
 
     def recompute_locally(self, request: Request) -> None:
         """Give up on remote KV for a ``WAITING_FOR_KV`` request: free its landing zone and queue it

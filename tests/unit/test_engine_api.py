@@ -183,6 +183,12 @@ def test_abort_frees_blocks(llm: LLM) -> None:
     assert engine.kv.has_blocks("abort-me")
     delta = engine.abort_request("abort-me")
     assert delta is not None and delta.finished and delta.finish_reason == "abort"
+    # its prompt's step is still in flight (asynchronous scheduling) and writes into its blocks: they
+    # are freed once that step landed, never while it may still write (another request, or a landing
+    # zone filled by another GPU, could hold them by then)
+    assert engine.kv.has_blocks("abort-me") and engine.has_unfinished_requests()
+    engine.check_invariants()
+    engine.step()
     assert not engine.kv.has_blocks("abort-me") and not engine.has_unfinished_requests()
     engine.check_invariants()
     assert engine.abort_request("abort-me") is None
