@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pdserve.cluster.profile_cli import run_profile
 from pdserve.cluster.serve_cli import add_serve_parser, run_serve
 from pdserve.common.config import TINY_RANDOM_MODEL
 from pdserve.common.errors import PdserveError
-from pdserve.planner.cli import add_planner_parsers, run_plan, run_profile
+from pdserve.planner.cli import add_planner_parsers, run_plan
 
 if TYPE_CHECKING:
     from pdserve.client import Client

@@ -111,6 +111,9 @@ class ClusterConfig:
             object.__setattr__(self, "router", replace(self.router, ttft_slo_ms=self.slo.ttft_ms))
         if self.slo is not None and self.router.tpot_slo_ms is None:  # the dashboard's attainment
             object.__setattr__(self, "router", replace(self.router, tpot_slo_ms=self.slo.tpot_ms))
+        if self.router.planner_mode != "off" and (self.router.ttft_slo_ms is None or self.router.tpot_slo_ms is None):
+            raise ConfigError("router.planner_mode", "the planner scores configurations against the SLOs: set "
+                              "slo: {ttft_ms, tpot_ms} too")
         for role in self.roles:  # validate the engine settings now, not on the workers
             self.engine_config(role)
 

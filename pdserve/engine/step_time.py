@@ -16,131 +16,13 @@ profile, used by the scheduler (prefill tokens that fit a step-time budget), rep
 from __future__ import annotations
 
 import itertools
-import json
 import statistics
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
-from enum import StrEnum
-from pathlib import Path
 
 import numpy as np
 
-from pdserve.common.errors import ConfigError
-
-
-class StepKind(StrEnum):
-    """What a step is made of: decodes only, prefill chunks only, or both. Each kind has its own
-    calibration: their live times drift apart (a mixed step launches eager kernels between graph pieces
-    and pays host delays a replayed decode graph does not)."""
-
-    DECODE = "decode"
-    MIXED = "mixed"
-    PREFILL = "prefill"
-
-
-@dataclass(frozen=True)
-class StepShape:
-    """What a step carries, in the model's terms (``decodes``: how many of ``tokens`` are decodes)."""
-
-    tokens: int
-    kv_tokens: int = 0
-    pairs: float = 0.0
-    decodes: int = 0
-
-    def plus_chunk(self, tokens: int, context: int) -> StepShape:
-        """This step with a prefill chunk of ``tokens`` tokens after ``context`` earlier ones added."""
-        if tokens <= 0:
-            return self
-        return StepShape(self.tokens + tokens, self.kv_tokens + context, self.pairs + tokens * (context + tokens / 2),
-                         self.decodes)
-
-    def plus_decode(self, context: int) -> StepShape:
-        return StepShape(self.tokens + 1, self.kv_tokens + context, self.pairs, self.decodes + 1)
-
-    @property
-    def kind(self) -> StepKind:
-        if self.pairs == 0:
-            return StepKind.DECODE
-        return StepKind.MIXED if self.decodes else StepKind.PREFILL
-
-
-@dataclass(frozen=True)
-class StepTimeModel:
-    """The fitted coefficients, and a calibration factor per :class:`StepKind` (1.0 until live steps
-    say otherwise; not part of a profile file)."""
-
-    base_s: float
-    per_token_s: float
-    free_tokens: int
-    per_kv_token_s: float = 0.0
-    per_pair_s: float = 0.0
-    calibration: tuple[tuple[StepKind, float], ...] = ()
-
-    def predict(self, shape: StepShape) -> float:
-        seconds = (self.base_s + self.per_token_s * max(shape.tokens, self.free_tokens)
-                   + self.per_kv_token_s * shape.kv_tokens + self.per_pair_s * shape.pairs)
-        return seconds * self.factor(shape.kind)
-
-    def factor(self, kind: StepKind) -> float:
-        return dict(self.calibration).get(kind, 1.0)
-
-    def max_chunk_tokens(self, step: StepShape, budget_s: float, limit: int, chunk_context: int = 0) -> int:
-        """The most tokens of a prefill chunk starting at ``chunk_context`` that a step already carrying
-        ``step`` may add and still be predicted within ``budget_s`` (0 if it is over already); at most
-        ``limit``."""
-        def fits(n: int) -> bool:
-            return self.predict(step.plus_chunk(n, chunk_context)) <= budget_s
-
-        lo, hi = 0, limit
-        if not fits(0):
-            return 0
-        while lo < hi:  # the largest n that fits (predict is monotonic in n)
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        return lo
-
-    def spare_prefill_tokens_per_s(self, decodes: StepShape, budget_s: float, limit: int, min_chunk: int) -> float:
-        """Prompt tokens per second a worker running ``decodes`` can add while its steps stay within
-        ``budget_s`` (at least ``min_chunk`` per step, as the scheduler guarantees)."""
-        tokens = max(self.max_chunk_tokens(decodes, budget_s, limit), min(min_chunk, limit))
-        return tokens / max(budget_s, self.predict(decodes.plus_chunk(tokens, 0)))
-
-    def prefill_tokens_per_s(self, chunk_tokens: int) -> float:
-        """Prompt tokens per second of back-to-back chunks of ``chunk_tokens`` (a prefill worker)."""
-        n = max(chunk_tokens, 1)
-        return n / self.predict(StepShape(n, 0, n * n / 2))
-
-    def scaled(self, kind: StepKind, factor: float) -> StepTimeModel:
-        """The same model with steps of ``kind`` predicted ``factor`` times as long (a calibration)."""
-        factors = dict(self.calibration)
-        factors[kind] = factors.get(kind, 1.0) * factor
-        return replace(self, calibration=tuple(sorted(factors.items())))
-
-    def to_dict(self) -> dict[str, float]:
-        """The fitted coefficients (what a profile file holds; calibration is a live-run matter)."""
-        return {k: v for k, v in asdict(self).items() if k != "calibration"}
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "step-time profile") -> StepTimeModel:
-        try:
-            model = cls(base_s=float(data["base_s"]), per_token_s=float(data["per_token_s"]),
-                        free_tokens=int(data["free_tokens"]), per_kv_token_s=float(data.get("per_kv_token_s", 0.0)),
-                        per_pair_s=float(data.get("per_pair_s", 0.0)))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError("step_time_profile", f"{source}: not a step-time model ({exc!r}); expected "
-                              f"base_s, per_token_s, free_tokens[, per_kv_token_s, per_pair_s]") from None
-        if min(model.base_s, model.per_token_s, model.per_kv_token_s, model.per_pair_s) < 0 or model.free_tokens < 0:
-            raise ConfigError("step_time_profile", f"{source}: coefficients must be >= 0")
-        return model
-
-    @classmethod
-    def load(cls, path: str | Path) -> StepTimeModel:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError("step_time_profile", f"cannot read {path}: {exc}") from None
-        return cls.from_dict(data.get("model", data) if isinstance(data, dict) else {}, str(path))
+from pdserve.common.step_model import StepKind, StepShape, StepTimeModel
 
 
 def fit_step_time(samples: Sequence[tuple[StepShape, float]]) -> StepTimeModel:

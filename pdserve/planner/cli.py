@@ -1,14 +1,12 @@
-"""``pdserve profile`` (measure a GPU's step-time model into a JSON file) and ``pdserve plan`` (predict
-and recommend a configuration from such a file and a workload)."""
+"""The ``pdserve profile`` and ``pdserve plan`` command lines; ``plan`` runs here (torch-free), ``profile``
+builds an engine and runs in :mod:`pdserve.cluster.profile_cli`."""
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from pdserve.common.errors import ConfigError
 
@@ -42,33 +40,6 @@ def add_planner_parsers(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--time-scale", type=float, default=1.0, help="trace arrival times x this")
     plan.add_argument("--length-scale", type=float, default=1.0, help="trace prompt lengths x this")
     plan.add_argument("--json", action="store_true", help="print the result as one JSON object")
-
-
-def run_profile(args: argparse.Namespace) -> int:
-    from pdserve.common.config import EngineConfig
-    from pdserve.engine.engine import LLMEngine
-
-    if args.max_batch_tokens < 16:
-        raise ConfigError("--max-batch-tokens", f"must be >= 16, got {args.max_batch_tokens}")
-    engine = LLMEngine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
-                                    device=args.device, max_num_batched_tokens=args.max_batch_tokens,
-                                    max_model_len=args.max_model_len, step_time_budget_ms=1e6))
-    assert engine.step_time is not None, "a step-time budget always measures the model"
-    layout = engine.kv_layout
-    element = engine.kv_caches[0].element_size() if engine.kv_caches else 2
-    profile: dict[str, Any] = {
-        "model": engine.step_time.to_dict(), "samples": engine.step_time_samples,
-        "kv_bytes_per_token": 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * element,
-        "engine": {"model": args.model, "device": str(engine.device), "dtype": str(engine.dtype),
-                   "max_batch_tokens": args.max_batch_tokens},
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
-    if engine.device.type == "cuda":
-        import torch
-
-        profile["engine"]["device_name"] = torch.cuda.get_device_name(engine.device)
-    args.out.write_text(json.dumps(profile, indent=1) + "\n")
-    print(f"pdserve: wrote {args.out} (step-time model {engine.step_time.to_dict()})")
-    return 0
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.common.errors import ConfigError
-from pdserve.engine.step_time import StepTimeModel
+from pdserve.common.step_model import StepTimeModel
 from pdserve.planner.simulate import ClusterSimulation, SimOutcome, SimRequest, WorkerSpec
 
 DEFAULT_KV_BYTES_PER_TOKEN = 131072.0  # Llama-3.1-8B in bf16: 32 layers x 2 x 8 heads x 128 x 2 bytes

@@ -28,7 +28,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from pdserve.engine.step_time import StepShape, StepTimeModel
+from pdserve.common.step_model import StepShape, StepTimeModel
 
 
 @dataclass(frozen=True)

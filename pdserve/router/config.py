@@ -55,6 +55,9 @@ class WorkerEndpoint:
             raise ConfigError(f"workers.{self.worker_id}.address", f"must be 'host:port', got {self.address!r}")
 
 
+PLANNER_MODES = ("off", "recommend")
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """Settings of one router process.
@@ -89,6 +92,10 @@ class RouterConfig:
       (TTFT-aware placement, replacing ``max_queued_prefill_tokens``); None: off.
     * ``tpot_slo_ms``: the time-per-output-token SLO (the cluster's ``slo.tpot_ms``): the dashboard
       scores attainment against it (and ``ttft_slo_ms``); None: not scored.
+    * ``planner_mode``: ``off`` or ``recommend``: every ``planner_interval_s`` the router simulates
+      every configuration of its GPUs on the last minutes of traffic, over the workers' own step-time
+      models, and publishes the best (dashboard, ``pdserve:planner_*`` metrics). It does not act on it
+      (``apply`` is not implemented yet). Needs both SLOs.
     * ``prefix_affinity_weight``: cache-aware routing (:mod:`~pdserve.router.prefix_affinity`). A
       worker's score gains this weight times the share of the prompt's prefix blocks it was sent
       before (0: off, routing by load alone; 1: a fully seen prefix outweighs any load difference).
@@ -123,6 +130,8 @@ class RouterConfig:
     max_queued_prefill_tokens: int = 0
     ttft_slo_ms: float | None = None
     tpot_slo_ms: float | None = None
+    planner_mode: str = "off"
+    planner_interval_s: float = 30.0
     prefix_affinity_weight: float = 0.0
     prefill_locality_weight: float = 0.5
     describe_timeout_s: float = 5.0
@@ -155,6 +164,10 @@ class RouterConfig:
         require_int("max_queued_prefill_tokens", self.max_queued_prefill_tokens, minimum=0)
         if self.admission_max_ttft_s is not None:
             require_float("admission_max_ttft_s", self.admission_max_ttft_s, minimum=0.0, exclusive_minimum=True)
+        if self.planner_mode not in PLANNER_MODES:
+            raise ConfigError("planner_mode", f"must be one of {', '.join(PLANNER_MODES)} (apply is not implemented "
+                              f"yet), got {self.planner_mode!r}")
+        require_float("planner_interval_s", self.planner_interval_s, minimum=1.0)
         for name in ("ttft_slo_ms", "tpot_slo_ms"):
             if getattr(self, name) is not None:
                 require_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)

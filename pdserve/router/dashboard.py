@@ -12,7 +12,8 @@ its GPU spent in engine steps, ``gpu``: the NVML readings or ``{"available": fal
 both, and their TTFT and TPOT p90); ``arrivals`` (requests, prompt and output tokens per second, length percentiles); ``prefill``
 (queued prompt tokens, KV bytes per second, where prompts were prefilled); ``sizing`` (per pool its
 ``busy`` share and, for prefill, its prompt-token capacity; the ``bottleneck`` pool, the busier one
-when it is at least half busy, and by what ``ratio``).
+when it is at least half busy, and by what ``ratio``; ``planner``: the online planner's latest
+recommendation, with ``router.planner_mode: recommend``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def _rates(history: Sequence[tuple[float, Mapping[str, dict[str, Any]]]], now: f
 def dashboard_data(*, model: str, mode: ServingMode, config: RouterConfig, workers: Sequence[WorkerState],
                    telemetry: Mapping[str, dict[str, Any]],
                    history: Sequence[tuple[float, Mapping[str, dict[str, Any]]]], log: RequestLog,
-                   placements: Mapping[str, int], now: float | None = None) -> dict[str, Any]:
+                   placements: Mapping[str, int], now: float | None = None,
+                   planner: Mapping[str, Any] | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     ttft_slo = config.ttft_slo_ms / 1e3 if config.ttft_slo_ms else None
     tpot_slo = config.tpot_slo_ms / 1e3 if config.tpot_slo_ms else None
@@ -143,4 +145,5 @@ def dashboard_data(*, model: str, mode: ServingMode, config: RouterConfig, worke
             "pools": pools, "workers": rows, "latency": latency, "arrivals": arrivals, "attainment": attainment,
             "prefill": {"queued_tokens": sum(r["queued_prefill_tokens"] for r in rows),
                         "transfer_bytes_per_s": transfer_rate, "placements": dict(placements)},
-            "sizing": {"pools": sizing_pools, "bottleneck": bottleneck, "ratio": ratio}}
+            "sizing": {"pools": sizing_pools, "bottleneck": bottleneck, "ratio": ratio,
+                       "planner": dict(planner) if planner is not None else None}}

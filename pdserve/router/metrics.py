@@ -25,8 +25,10 @@ P/D-specific and operational series are ``pdserve:*``: requests in flight, faile
 requests, where prompts were prefilled, admission refusals, moved streams, worker health, queued
 prefill tokens and the advertised prefill rate, engine steps and their device time by kind
 (decode / mixed / prefill), KV transfers (count, failures, bytes, seconds, local recomputes by
-transport) and GPU readings (utilisation, memory, power, SM clock, NVLink bytes; absent, never zero,
-on a worker without an NVIDIA GPU: ``pdserve:gpu_telemetry_available`` says which).
+transport), GPU readings (utilisation, memory, power, SM clock, NVLink bytes; absent, never zero,
+on a worker without an NVIDIA GPU: ``pdserve:gpu_telemetry_available`` says which), and with the
+online planner on, ``pdserve:planner_predicted_goodput_per_gpu`` / ``pdserve:planner_recommended``
+per configuration.
 """
 
 from __future__ import annotations
@@ -110,12 +112,14 @@ class RouterMetrics:
         self.streams_moved = 0
         self._workers: Callable[[], Iterable[WorkerState]] = list
         self._telemetry: Callable[[], Mapping[str, dict[str, Any]]] = dict
+        self._planner: Callable[[], Mapping[str, Any] | None] = lambda: None
         self.registry.register(_WorkerCollector(self))
 
     def attach(self, workers: Callable[[], Iterable[WorkerState]],
-               telemetry: Callable[[], Mapping[str, dict[str, Any]]]) -> None:
-        """Where the per-worker series come from at scrape time."""
-        self._workers, self._telemetry = workers, telemetry
+               telemetry: Callable[[], Mapping[str, dict[str, Any]]],
+               planner: Callable[[], Mapping[str, Any] | None] = lambda: None) -> None:
+        """Where the per-worker series (and the planner's) come from at scrape time."""
+        self._workers, self._telemetry, self._planner = workers, telemetry, planner
 
     # -- recording (router event loop) ----------------------------------------------------------------
 
@@ -242,6 +246,17 @@ class _WorkerCollector(Collector):
                 if field in kv:
                     transfer[name].add_metric([*key(s), str(kv.get("transport", ""))], float(kv[field]))
         yield from (available, steps, step_seconds, *transfer.values())
+        latest = metrics._planner()
+        if latest and latest.get("predictions"):
+            predicted = GaugeMetricFamily("pdserve:planner_predicted_goodput_per_gpu", "The online planner's "
+                                          "predicted goodput (req/s per GPU) of each configuration on the recent "
+                                          "traffic.", labels=["model_name", "config"])
+            recommended = GaugeMetricFamily("pdserve:planner_recommended", "1 for the configuration the online "
+                                            "planner recommends.", labels=["model_name", "config"])
+            for p in latest["predictions"]:
+                predicted.add_metric([metrics.model, p["config"]], float(p["goodput_per_gpu"]))
+                recommended.add_metric([metrics.model, p["config"]], int(p["config"] == latest.get("recommended")))
+            yield from (predicted, recommended)
 
 
 def _at(data: Mapping[str, Any], path: tuple[str, ...]) -> Any:

@@ -34,6 +34,7 @@ from pdserve.router.decode_policy import DecodePolicy, DecodePolicyConfig, Least
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.inflight import InFlightTable
 from pdserve.router.metrics import RouterMetrics
+from pdserve.router.online_planner import OnlinePlanner
 from pdserve.router.prefill_policy import LeastQueuedPrefillPolicy, PrefillPolicy
 from pdserve.router.registry import WorkerRegistry
 from pdserve.router.servicer import PdServeServicer
@@ -71,7 +72,11 @@ class Router:
         self.table = InFlightTable(config.max_inflight_requests)
         self.metrics = RouterMetrics(model, deadline_s=config.request_timeout_s)
         self.telemetry = TelemetryPoller(self.registry)
-        self.metrics.attach(self.registry.all, lambda: self.telemetry.snapshots)
+        self.planner = (OnlinePlanner(config, self.metrics.log, lambda: len(self.workers),
+                                      lambda: self.telemetry.snapshots, self.configuration_name)
+                        if config.planner_mode == "recommend" else None)
+        self.metrics.attach(self.registry.all, lambda: self.telemetry.snapshots,
+                            lambda: self.planner.latest if self.planner is not None else None)
         self.dispatcher = Dispatcher(
             config, self.mode, self.registry, self.table,
             decode_policy or LeastLoadedDecodePolicy(DecodePolicyConfig(
@@ -127,6 +132,8 @@ class Router:
             await self._update_health()
             self._tasks.append(asyncio.create_task(self._watch_health(), name="router-health"))
             self._tasks.append(asyncio.create_task(self.telemetry.run(), name="router-telemetry"))
+            if self.planner is not None:
+                self._tasks.append(asyncio.create_task(self.planner.run(), name="router-planner"))
             if self.config.http_port is not None:
                 from pdserve.router.openai_http import OpenAIFront  # aiohttp only where HTTP is served
 
@@ -163,9 +170,17 @@ class Router:
         await self.telemetry.fresh(1.0)
         data = dashboard_data(model=self.model, mode=self.mode, config=self.config, workers=self.registry.all(),
                               telemetry=self.telemetry.snapshots, history=list(self.telemetry.history),
-                              log=self.metrics.log, placements=self.metrics.placement_counts)
+                              log=self.metrics.log, placements=self.metrics.placement_counts,
+                              planner=self.planner.latest if self.planner is not None else None)
         self._dashboard_cache = (loop_time, data)
         return data
+
+    def configuration_name(self) -> str:
+        """This cluster's configuration as the planner names them (``colocated x2``, ``1P1D``)."""
+        if self.mode is ServingMode.COLOCATED:
+            return f"colocated x{len(self.workers)}"
+        prefill = sum(w.role is WorkerRole.PREFILL for w in self.workers)
+        return f"{prefill}P{len(self.workers) - prefill}D"
 
     async def metrics_text(self) -> str:
         """The Prometheus exposition of the whole cluster (worker telemetry at most 1 s old)."""

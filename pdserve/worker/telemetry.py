@@ -6,7 +6,8 @@ Schema (counters run from the worker's start; the router turns them into Prometh
 * ``engine``: ``running_requests``, ``waiting_requests``, ``kv_usage`` (0-1), ``num_kv_blocks``,
   ``queued_prefill_tokens``, ``preemptions``, ``prompt_tokens_computed``, ``prefix_cache_queries`` and
   ``prefix_cache_hits`` (tokens), ``steps``: ``{decode|mixed|prefill: {"count", "seconds"}}`` (device
-  time of measured steps by kind);
+  time of measured steps by kind), ``step_time_model`` (its fitted coefficients, or null) and
+  ``kv_bytes_per_token`` (what the router's planner simulates with);
 * ``kv_transfer``: ``transport`` and the role's counters: a decode worker's ``received``,
   ``failures``, ``local_recomputes``, ``bytes`` and ``seconds`` (landing zone to every byte landed); a
   prefill worker's ``sent``;
@@ -38,7 +39,16 @@ def engine_telemetry(engine: LLMEngine) -> dict[str, Any]:
             "prompt_tokens_computed": engine.runner.num_prompt_tokens_computed,
             "prefix_cache_queries": kv.prefix_queries_tokens, "prefix_cache_hits": kv.prefix_hit_tokens,
             "steps": {kind.value: {"count": int(count), "seconds": seconds}
-                      for kind, (count, seconds) in engine.step_seconds.items()}}
+                      for kind, (count, seconds) in engine.step_seconds.items()},
+            "step_time_model": engine.step_time.to_dict() if engine.step_time is not None else None,
+            "kv_bytes_per_token": kv_bytes_per_token(engine)}
+
+
+def kv_bytes_per_token(engine: LLMEngine) -> int:
+    """Bytes of KV one token takes in the engine's cache (keys and values, every layer)."""
+    layout = engine.kv_layout
+    element = engine.kv_caches[0].element_size() if engine.kv_caches else 2
+    return 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * element
 
 
 class GpuProbe:

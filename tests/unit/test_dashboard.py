@@ -63,3 +63,46 @@ def test_attainment_and_bottleneck_from_windows() -> None:
     assert data["latency"]["tpot"]["p50"] is not None
     busy, _ = _rates(history, now)
     assert busy == {"p0": 0.9, "d0": 0.3}
+
+
+def test_online_planner_recommends_on_live_traffic() -> None:
+    from tests.unit.test_router_fakes import wait_until
+
+    async def scenario() -> None:
+        workers = [FakeWorker("p0", "prefill"), FakeWorker("d0", "decode")]
+        async with cluster(workers, mode="disaggregated", http_port=0, ttft_slo_ms=250.0, tpot_slo_ms=50.0,
+                           planner_mode="recommend", planner_interval_s=1.0) as (router, stub):
+            assert router.planner is not None and router.configuration_name() == "1P1D"
+            early = await router.planner.recommend()
+            assert "planning needs 50" in early["status"]
+            for i in range(60):
+                await stub.GenerateUnary(generate_request([1, 2, 3, i % 7], 4))
+            await router.telemetry.fresh(0.0)
+            result = await router.planner.recommend()
+            assert result["status"] == "ok" and result["current"] == "1P1D" and result["requests"] == 60
+            assert [p["config"] for p in result["predictions"]] == ["colocated x2", "1P1D"]
+            assert result["recommended"] in ("colocated x2", "1P1D")
+            await wait_until(lambda: router.planner.latest.get("status") == "ok", what="a planning round")
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{router.http_port}") as http:
+                async with http.get("/dashboard/data") as r:
+                    data = await r.json()
+                async with http.get("/metrics") as r:
+                    text = await r.text()
+        assert data["sizing"]["planner"]["recommended"] == result["recommended"]
+        assert f'pdserve:planner_recommended{{config="{result["recommended"]}",model_name="fake-model"}} 1.0' in text
+        assert 'pdserve:planner_predicted_goodput_per_gpu{config="1P1D",model_name="fake-model"}' in text
+    run(scenario)
+
+
+def test_planner_mode_is_validated() -> None:
+    import pytest
+
+    from pdserve.cluster.config import cluster_config_from_dict
+    from pdserve.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="apply is not implemented"):
+        RouterConfig(planner_mode="apply")
+    with pytest.raises(ConfigError, match="set slo"):
+        cluster_config_from_dict({"router": {"planner_mode": "recommend"}})
+    config = cluster_config_from_dict({"router": {"planner_mode": "recommend"}, "slo": {"ttft_ms": 250, "tpot_ms": 20}})
+    assert (config.router.planner_mode, config.router.tpot_slo_ms) == ("recommend", 20)

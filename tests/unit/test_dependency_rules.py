@@ -32,7 +32,7 @@ def _violations(package: str, forbidden: tuple[str, ...]) -> list[str]:
             for m in mods if any(m == f or m.startswith(f + ".") for f in forbidden)]
 
 
-@pytest.mark.parametrize("package", ["common", "router", "client", "rpc"])
+@pytest.mark.parametrize("package", ["common", "router", "client", "rpc", "planner"])
 def test_torch_free_packages(package: str) -> None:
     assert not _violations(package, ("torch", "numpy", "pdserve.engine", "pdserve.kvtransfer"))
 

@@ -141,7 +141,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
                     "engine": {"running_requests": len(self.active), "waiting_requests": 0, "kv_usage": self.kv_usage,
                                "num_kv_blocks": 100, "queued_prefill_tokens": self.queued_prefill_tokens,
                                "preemptions": 0, "prompt_tokens_computed": 0, "prefix_cache_queries": 0,
-                               "prefix_cache_hits": 0, "steps": {"decode": {"count": 3, "seconds": 0.03}}},
+                               "prefix_cache_hits": 0, "steps": {"decode": {"count": 3, "seconds": 0.03}},
+                               "step_time_model": {"base_s": 0.005, "per_token_s": 2e-5, "free_tokens": 256},
+                               "kv_bytes_per_token": 1000},
                     "kv_transfer": {"transport": "loopback", "received": len(self.submitted)},
                     "gpu": {"available": False, "reason": "no NVIDIA GPU on this worker"}}
         return worker_pb2.TelemetryReply(json=json.dumps(snapshot))

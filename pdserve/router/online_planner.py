@@ -1,0 +1,79 @@
+"""The planner on live data (``router.planner_mode: recommend``): every ``planner_interval_s`` the router
+simulates every configuration of its GPU count on the requests of the last ``WINDOW_S`` (their arrival
+times and lengths, as the router saw them) over a worker's own step-time model (from its telemetry),
+and publishes the best with each configuration's predicted goodput per GPU: in the dashboard's sizing
+panel and as ``pdserve:planner_*`` metrics. It recommends only: changing roles is an operator's act
+(``apply``, elastic roles, is not implemented).
+
+Lifecycle: ``OnlinePlanner(...)`` -> ``run()`` as a router task (cancelled with the others). The
+simulation runs in a thread so the router's loop keeps serving. Skipped (``latest`` says why) while
+fewer than ``MIN_REQUESTS`` requests ended in the window or no worker reports a step-time model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pdserve.common.step_model import StepTimeModel
+from pdserve.planner.plan import Profile, Workload, plan
+from pdserve.planner.simulate import SimRequest
+from pdserve.router.config import RouterConfig
+from pdserve.router.request_log import RequestLog
+
+logger = logging.getLogger(__name__)
+WINDOW_S = 300.0
+MIN_REQUESTS = 50
+MAX_REQUESTS = 400  # the most recent ones, to bound the simulation's time
+
+
+class OnlinePlanner:
+    def __init__(self, config: RouterConfig, log: RequestLog, num_gpus: Callable[[], int],
+                 telemetry: Callable[[], Mapping[str, dict[str, Any]]], current: Callable[[], str]) -> None:
+        self._config = config
+        self._log = log
+        self._num_gpus = num_gpus
+        self._telemetry = telemetry
+        self._current = current
+        self.latest: dict[str, Any] = {"status": "waiting for the first planning round"}
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.planner_interval_s)
+            try:
+                self.latest = await self.recommend()
+            except Exception as exc:  # noqa: BLE001 (a planning round must never take the router down)
+                logger.exception("planner round failed")
+                self.latest = {"status": f"the last round failed: {type(exc).__name__}: {exc}"}
+
+    async def recommend(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        ended = [r for r in self._log.ended_since(now - WINDOW_S) if r.outcome == "finished"][-MAX_REQUESTS:]
+        if len(ended) < MIN_REQUESTS:
+            return {"status": f"{len(ended)} finished requests in the last {WINDOW_S:g} s; planning needs "
+                              f"{MIN_REQUESTS}", "at": now}
+        profile = self._profile()
+        if profile is None:
+            return {"status": "no worker reports a step-time model yet", "at": now}
+        arrivals = sorted((r.ended_at - r.e2e_s, r.prompt_tokens, r.output_tokens) for r in ended)
+        t0 = arrivals[0][0]
+        workload = Workload(tuple(SimRequest(t - t0, p, max(1, o)) for t, p, o in arrivals), "live traffic")
+        assert self._config.ttft_slo_ms is not None and self._config.tpot_slo_ms is not None
+        result = await asyncio.to_thread(plan, profile, workload, max(2, self._num_gpus()),
+                                         ttft_slo_s=self._config.ttft_slo_ms / 1e3,
+                                         tpot_slo_s=self._config.tpot_slo_ms / 1e3)
+        result |= {"status": "ok", "at": now, "current": self._current(), "requests": len(ended)}
+        logger.info("planner: recommends %s (now %s) for %s", result["recommended"], result["current"],
+                    result["workload"])
+        return result
+
+    def _profile(self) -> Profile | None:
+        for snapshot in self._telemetry().values():
+            engine = snapshot.get("engine") or {}
+            if engine.get("step_time_model"):
+                return Profile(StepTimeModel.from_dict(engine["step_time_model"], "a worker's telemetry"),
+                               float(engine.get("kv_bytes_per_token") or 131072))
+        return None
