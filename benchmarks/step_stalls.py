@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.common import LLAMA31_8B, markdown_table, run_info, write_model_dir, write_results
 from pdserve import LLM, SamplingParams
-from pdserve.engine.engine import describe_plan
+from pdserve.engine.slow_steps import describe_plan
 
 
 def run_sequence(llm: LLM, lengths: list[int], decodes: int, tag: str, profile_over_ms: float,

@@ -17,11 +17,7 @@ Role entry points (the engine knows nothing of roles; the shells set these per r
 
 from __future__ import annotations
 
-import cProfile
-import io
 import logging
-import os
-import pstats
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -47,40 +43,12 @@ from pdserve.engine.runner import LaunchedStep, ModelRunner
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerPlan
 from pdserve.engine.sizing import size_kv_cache
+from pdserve.engine.slow_steps import SlowStepWatch
 from pdserve.engine.step_profile import load_or_measure_step_time
 from pdserve.engine.step_time import StepKind, StepTimeModel, StepTimeMonitor
 from pdserve.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-#: A step whose launch, or whose wait for the device, takes longer is logged (a stall: e.g. a kernel
-#: compiled or a plan built on first use of a shape while requests wait).
-SLOW_STEP_S = 0.25
-
-
-def _profiler_for_slow_steps() -> cProfile.Profile | None:
-    """With ``PDSERVE_PROFILE_SLOW_STEPS=1`` (a diagnostic: it slows every step's host work), each
-    launch runs under cProfile and a slow one's report names the Python calls its time went to."""
-    if os.environ.get("PDSERVE_PROFILE_SLOW_STEPS") != "1":
-        return None
-    profiler = cProfile.Profile()
-    profiler.enable()
-    return profiler
-
-
-def _profile_report(profiler: cProfile.Profile | None) -> str:
-    if profiler is None:
-        return ""
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
-    return "\n" + text.getvalue()
-
-
-def describe_plan(plan: SchedulerPlan) -> str:
-    """One line about what a step carries: its decodes and its prefill chunks (start, tokens)."""
-    decodes = sum(1 for c in plan.chunks if c.num_tokens == 1)
-    chunks = [(c.start, c.num_tokens) for c in plan.chunks if c.num_tokens > 1]
-    return f"{decodes} decodes, prefill chunks (start, tokens) {chunks}"
-
 _LIVE_ENGINES: weakref.WeakSet[LLMEngine] = weakref.WeakSet()
 
 
@@ -171,6 +139,7 @@ class LLMEngine:
         # urgent calls there); it must return by the time the step is done, and never step the engine
         self.device_wait_hook: Callable[[Callable[[], bool]], None] | None = None
         self.step_hooks: StepHooks | None = None
+        self._slow_steps = SlowStepWatch()
         # steps measured so far and their device seconds, per kind (telemetry)
         self.step_seconds: dict[StepKind, list[float]] = {kind: [0, 0.0] for kind in StepKind}
         _LIVE_ENGINES.add(self)
@@ -322,21 +291,12 @@ class LLMEngine:
             self._in_flight = None
         plan = self.scheduler.schedule()
         self._note_landing_zones(plan.landing_zones)
-        started = time.perf_counter()
-        profiler = _profiler_for_slow_steps()
+        self._slow_steps.launching()
         launched = self._launch(plan) if not plan.is_empty else None
-        launched_at = time.perf_counter()
-        if profiler is not None:
-            profiler.disable()
-        if launched_at - started > SLOW_STEP_S:
-            logger.warning("launching a step took %.0f ms on the host (%s; ms by phase %s)%s",
-                           (launched_at - started) * 1e3, describe_plan(plan), self.runner.host_breakdown_ms(),
-                           _profile_report(profiler))
+        self._slow_steps.launched(plan, self.runner.host_breakdown_ms)
         if self._in_flight is not None:
             deltas += self._land(self._in_flight)
-            if time.perf_counter() - launched_at > SLOW_STEP_S:
-                logger.warning("waiting for a step took %.0f ms (%s)", (time.perf_counter() - launched_at) * 1e3,
-                               describe_plan(self._in_flight.plan))
+            self._slow_steps.landed(self._in_flight.plan)
         self._in_flight = launched
         if launched is not None and not self.config.async_scheduling:
             deltas += self._land(launched)

@@ -1,0 +1,68 @@
+"""Stall reports: a step whose launch (host work) or whose wait for the device takes longer than
+``SLOW_STEP_S`` is logged with what it carried and where the launch's host time went, and with
+``PDSERVE_PROFILE_SLOW_STEPS=1`` (a diagnostic: it slows every launch) the Python calls it went to.
+Stalls of this kind (a kernel compiled or an attention plan built on first use of a shape) stop every
+stream of a worker at once; the log names them so they can be moved to start-up.
+
+Per step: ``watch.launching()`` -> launch -> ``watch.launched(plan, host_breakdown)`` -> read the step
+before -> ``watch.landed(plan)``. Engine thread only.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import logging
+import os
+import pstats
+import time
+from collections.abc import Callable
+
+from pdserve.engine.scheduler import SchedulerPlan
+
+logger = logging.getLogger("pdserve.engine.engine")
+#: A step whose launch, or whose wait for the device, takes longer is logged.
+SLOW_STEP_S = 0.25
+
+
+def describe_plan(plan: SchedulerPlan) -> str:
+    """One line about what a step carries: its decodes and its prefill chunks (start, tokens)."""
+    decodes = sum(1 for c in plan.chunks if c.num_tokens == 1)
+    chunks = [(c.start, c.num_tokens) for c in plan.chunks if c.num_tokens > 1]
+    return f"{decodes} decodes, prefill chunks (start, tokens) {chunks}"
+
+
+class SlowStepWatch:
+    def __init__(self) -> None:
+        self._started = self._launched_at = 0.0
+        self._profiler: cProfile.Profile | None = None
+
+    def launching(self) -> None:
+        self._started = time.perf_counter()
+        self._profiler = None
+        if os.environ.get("PDSERVE_PROFILE_SLOW_STEPS") == "1":
+            self._profiler = cProfile.Profile()
+            self._profiler.enable()
+
+    def launched(self, plan: SchedulerPlan, host_breakdown: Callable[[], dict[str, float]]) -> None:
+        self._launched_at = time.perf_counter()
+        profiler, self._profiler = self._profiler, None
+        if profiler is not None:
+            profiler.disable()
+        seconds = self._launched_at - self._started
+        if seconds > SLOW_STEP_S:
+            logger.warning("launching a step took %.0f ms on the host (%s; ms by phase %s)%s", seconds * 1e3,
+                           describe_plan(plan), host_breakdown(), _report(profiler))
+
+    def landed(self, plan: SchedulerPlan) -> None:
+        seconds = time.perf_counter() - self._launched_at
+        if seconds > SLOW_STEP_S:
+            logger.warning("waiting for a step took %.0f ms (%s)", seconds * 1e3, describe_plan(plan))
+
+
+def _report(profiler: cProfile.Profile | None) -> str:
+    if profiler is None:
+        return ""
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
+    return "\n" + text.getvalue()
