@@ -15,6 +15,7 @@ Ray starts a dead worker's process again, the worker serves at once, and the sup
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import secrets
@@ -102,29 +103,73 @@ class Cluster:
         token = os.environ.setdefault(CLUSTER_TOKEN_ENV, secrets.token_urlsafe(32))
         specs = [(f"{role}-{i}", role, i) for role in cfg.roles for i in range(cfg.pool(role).replicas)]
         strategies = self._pair_strategies()
-        actors = []
-        for worker_id, role, index in specs:
-            pool = cfg.pool(role)
-            options: dict[str, Any] = {"num_gpus": pool.gpus_per_worker, "num_cpus": 0 if pool.gpus_per_worker else 1,
-                                       "max_concurrency": 4, "max_restarts": cfg.max_worker_restarts,
-                                       "max_task_retries": 0,
-                                       # the workers' ports accept only calls carrying this cluster's token
-                                       "runtime_env": {"env_vars": {CLUSTER_TOKEN_ENV: token}}}
-            if pool.ray_resources:
-                options["resources"] = dict(pool.ray_resources)
-            if (role, index) in strategies:
-                options["scheduling_strategy"] = strategies[(role, index)]
-            engine = cfg.engine_config(role).to_dict()
-            actor = RemoteWorkerActor.options(**options).remote(
-                worker_id, role, engine, {"backend": cfg.kv_transfer.backend, "timeout_s": cfg.kv_transfer.timeout_s,
-                                          "on_failure": cfg.kv_transfer.on_failure},
-                cpu_threads=None if pool.gpus_per_worker else 1, log_level=self.log_level)
-            actors.append((worker_id, role, actor))
-            self._actors.append(actor)
-        addresses = ray.get([a.start.remote() for _, _, a in actors],  # type: ignore[attr-defined]
+        actors = [(worker_id, role, self._create_actor(worker_id, role, token, strategies.get((role, index))))
+                  for worker_id, role, index in specs]
+        addresses = ray.get([a.start.remote() for _, _, a in actors],
                             timeout=self.start_timeout_s)
         self.workers = [WorkerHandle(w, r, addr, a) for (w, r, a), addr in zip(actors, addresses)]
         logger.info("workers: %s", ", ".join(f"{w.worker_id}@{w.address}" for w in self.workers))
+
+    def _create_actor(self, worker_id: str, role: str, token: str, strategy: Any = None) -> Any:
+        cfg = self.config
+        pool = cfg.pool(role)
+        options: dict[str, Any] = {"num_gpus": pool.gpus_per_worker, "num_cpus": 0 if pool.gpus_per_worker else 1,
+                                   "max_concurrency": 4, "max_restarts": cfg.max_worker_restarts,
+                                   "max_task_retries": 0,
+                                   # the workers' ports accept only calls carrying this cluster's token
+                                   "runtime_env": {"env_vars": {CLUSTER_TOKEN_ENV: token}}}
+        if pool.ray_resources:
+            options["resources"] = dict(pool.ray_resources)
+        if strategy is not None:
+            options["scheduling_strategy"] = strategy
+        actor = RemoteWorkerActor.options(**options).remote(
+            worker_id, role, cfg.engine_config(role).to_dict(),
+            {"backend": cfg.kv_transfer.backend, "timeout_s": cfg.kv_transfer.timeout_s,
+             "on_failure": cfg.kv_transfer.on_failure},
+            cpu_threads=None if pool.gpus_per_worker else 1, log_level=self.log_level)
+        self._actors.append(actor)
+        return actor
+
+    # ---- scaling -------------------------------------------------------------------------------
+
+    def scale(self, role: str, replicas: int, *, grace_s: float | None = None) -> list[str]:
+        """Grow or shrink the ``role`` pool to ``replicas`` workers while serving: new workers start on
+        whatever node Ray finds the pool's resources on, then the router routes to them; removed ones
+        (the newest first) stop taking requests, finish theirs for up to ``grace_s`` (default
+        ``router.shutdown_grace_s``; streams left then move to another worker), and stop. Returns the
+        ids of the workers added or removed. Blocks until done; call from outside the router's loop."""
+        if role not in self.config.roles:
+            raise ValueError(f"this {self.config.mode} cluster has no {role} pool (pools: {', '.join(self.config.roles)})")
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
+        assert self.router is not None and self._loop is not None, "start() first"
+        current = [w for w in self.workers if w.role == role]
+        changed: list[str] = []
+        if replicas > len(current):
+            token = os.environ[CLUSTER_TOKEN_ENV]
+            taken = {w.worker_id for w in self.workers}
+            ids = list(itertools.islice((f"{role}-{i}" for i in itertools.count() if f"{role}-{i}" not in taken),
+                                        replicas - len(current)))
+            actors = [(worker_id, self._create_actor(worker_id, role, token)) for worker_id in ids]
+            addresses = ray.get([a.start.remote() for _, a in actors], timeout=self.start_timeout_s)
+            nodes = ray.get([a.node_id.remote() for _, a in actors], timeout=60)
+            for (worker_id, actor), address, node in zip(actors, addresses, nodes):
+                self.workers.append(WorkerHandle(worker_id, role, address, actor))
+                endpoint = WorkerEndpoint(worker_id, WorkerRole(role), address, node)
+                asyncio.run_coroutine_threadsafe(self.router.add_worker(endpoint), self._loop).result(120)
+                changed.append(worker_id)
+        for handle in sorted(current, key=lambda w: w.worker_id, reverse=True)[: max(0, len(current) - replicas)]:
+            wait = (self.config.router.shutdown_grace_s if grace_s is None else grace_s) + 60
+            asyncio.run_coroutine_threadsafe(self.router.remove_worker(handle.worker_id, grace_s),
+                                             self._loop).result(wait)
+            self.workers.remove(handle)
+            try:
+                ray.get(handle.actor.stop.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 (killed next either way)
+                logger.debug("worker %s did not stop cleanly", handle.worker_id, exc_info=True)
+            ray.kill(handle.actor)
+            changed.append(handle.worker_id)
+        return changed
 
     def _pair_strategies(self) -> dict[tuple[str, int], Any]:
         cfg = self.config
@@ -164,15 +209,18 @@ class Cluster:
     def _supervise(self) -> None:
         """Point the router at every worker that came back at a new address (see the module docstring)."""
         while not self._stop_supervising.wait(SUPERVISE_INTERVAL_S):
-            for i, worker in enumerate(list(self.workers)):
+            for worker in list(self.workers):
                 try:
                     address = ray.get(worker.actor.address.remote(), timeout=5)
-                except Exception:  # noqa: BLE001 (dead, or restarting: asked again next round)
+                except Exception:  # noqa: BLE001 (dead, restarting or removed: asked again next round)
                     continue
                 if not address or address == worker.address or self.router is None or self._loop is None:
                     continue
+                index = next((i for i, w in enumerate(self.workers) if w.worker_id == worker.worker_id), None)
+                if index is None:  # removed meanwhile (scale-in)
+                    continue
                 logger.warning("worker %s came back at %s (was %s)", worker.worker_id, address, worker.address)
-                self.workers[i] = WorkerHandle(worker.worker_id, worker.role, address, worker.actor)
+                self.workers[index] = WorkerHandle(worker.worker_id, worker.role, address, worker.actor)
                 try:
                     asyncio.run_coroutine_threadsafe(self.router.rebind_worker(worker.worker_id, address),
                                                      self._loop).result(30)

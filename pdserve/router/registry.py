@@ -70,6 +70,7 @@ class WorkerState:
     lost_at: float | None = None  # time.monotonic() when it stopped being usable (after being usable once)
     last_recovery_s: float = 0.0  # from its last loss to usable again
     ever_usable: bool = False
+    draining: bool = False  # being removed: no new requests; those it holds finish (see Router.remove_worker)
 
     @property
     def worker_id(self) -> str:
@@ -86,7 +87,7 @@ class WorkerState:
 
     @property
     def routable(self) -> bool:
-        return self.healthy and (self.stream_live or not self.role.streams_tokens)
+        return self.healthy and not self.draining and (self.stream_live or not self.role.streams_tokens)
 
 
 class WorkerRegistry:
@@ -107,6 +108,29 @@ class WorkerRegistry:
             channel = peer_channel(state.endpoint.address, list(CHANNEL_OPTIONS))
             self._channels[worker_id] = channel
             self._stubs[worker_id] = worker_pb2_grpc.WorkerStub(channel)
+
+    def add(self, endpoint: WorkerEndpoint) -> WorkerState:
+        """A worker joins (scale-out): its state and channel; unusable until it describes itself."""
+        if endpoint.worker_id in self._states:
+            raise ValueError(f"worker {endpoint.worker_id} is already registered")
+        state = self._states[endpoint.worker_id] = WorkerState(endpoint=endpoint)
+        channel = peer_channel(endpoint.address, list(CHANNEL_OPTIONS))
+        self._channels[endpoint.worker_id] = channel
+        self._stubs[endpoint.worker_id] = worker_pb2_grpc.WorkerStub(channel)
+        return state
+
+    def remove(self, worker_id: str) -> None:
+        """A worker leaves (scale-in): forget it; its channel closes in the background."""
+        self._states.pop(worker_id)
+        self._stubs.pop(worker_id, None)
+        self._close_later(self._channels.pop(worker_id, None))
+
+    def _close_later(self, channel: grpc.aio.Channel | None) -> None:
+        if channel is None:
+            return
+        task = asyncio.get_running_loop().create_task(channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
@@ -132,7 +156,9 @@ class WorkerRegistry:
         return described[0].info if described else None
 
     def mark_unhealthy(self, worker_id: str, reason: str) -> None:
-        state = self._states[worker_id]
+        state = self._states.get(worker_id)
+        if state is None:  # removed (scale-in)
+            return
         if state.healthy:
             logger.warning("worker %s (%s) marked unhealthy: %s", worker_id, state.endpoint.address, reason)
         state.healthy = False
@@ -140,7 +166,9 @@ class WorkerRegistry:
         self._note_usability(state)
 
     def set_stream_live(self, worker_id: str, live: bool) -> None:
-        state = self._states[worker_id]
+        state = self._states.get(worker_id)
+        if state is None:  # removed (scale-in)
+            return
         state.stream_live = live
         self._note_usability(state)
 
@@ -149,7 +177,7 @@ class WorkerRegistry:
         describes itself again); its old channel is closed in the background."""
         state = self._states[worker_id]
         old = self._channels.get(worker_id)
-        state.endpoint = WorkerEndpoint(worker_id, state.role, address)
+        state.endpoint = WorkerEndpoint(worker_id, state.role, address, state.endpoint.node)
         state.restarts += 1
         state.healthy = state.stream_live = False
         state.last_error = f"restarted at {address}"
@@ -157,10 +185,7 @@ class WorkerRegistry:
         channel = peer_channel(address, list(CHANNEL_OPTIONS))
         self._channels[worker_id] = channel
         self._stubs[worker_id] = worker_pb2_grpc.WorkerStub(channel)
-        if old is not None:
-            task = asyncio.get_running_loop().create_task(old.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        self._close_later(old)
 
     @staticmethod
     def _note_usability(state: WorkerState) -> None:
@@ -179,12 +204,15 @@ class WorkerRegistry:
         self._states[worker_id].load = LoadSnapshot.from_proto(load)
 
     def add_assigned(self, worker_id: str, delta: int) -> None:
-        state = self._states[worker_id]
-        state.assigned_requests = max(0, state.assigned_requests + delta)
+        """Charge (or release) requests on a worker; a worker removed meanwhile is ignored."""
+        state = self._states.get(worker_id)
+        if state is not None:
+            state.assigned_requests = max(0, state.assigned_requests + delta)
 
     def add_prefill_tokens(self, worker_id: str, delta: int) -> None:
-        state = self._states[worker_id]
-        state.queued_prefill_tokens = max(0, state.queued_prefill_tokens + delta)
+        state = self._states.get(worker_id)
+        if state is not None:
+            state.queued_prefill_tokens = max(0, state.queued_prefill_tokens + delta)
 
     # -- Describe ---------------------------------------------------------------------------------
     async def describe(self, worker_id: str) -> bool:

@@ -233,6 +233,53 @@ class Router:
         await self.registry.describe(worker_id)
         await self._update_health()
 
+    async def add_worker(self, endpoint: WorkerEndpoint) -> bool:
+        """Scale out: route to a new worker once it describes itself (and, decode or colocated, its
+        Updates stream is live). Returns whether it is usable already (else the health probe retries)."""
+        check_topology(self.mode, (*self.workers, endpoint))
+        self.registry.add(endpoint)
+        self.workers = (*self.workers, endpoint)
+        await self.registry.describe(endpoint.worker_id)
+        if endpoint.role.streams_tokens:
+            self._start_stream(endpoint.worker_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._streams[endpoint.worker_id].live.wait(), self.config.describe_timeout_s)
+        await self._update_health()
+        logger.info("worker %s (%s) added at %s", endpoint.worker_id, endpoint.role.value, endpoint.address)
+        return self.registry.get(endpoint.worker_id).routable
+
+    async def remove_worker(self, worker_id: str, grace_s: float | None = None) -> bool:
+        """Scale in: stop sending ``worker_id`` new requests, let those it holds finish for up to
+        ``grace_s`` (default ``shutdown_grace_s``), then forget it; streams still on it move to another
+        worker as if it had died. Returns whether it drained in time. Refuses to remove the last usable
+        worker of a pool the mode needs."""
+        state = self.registry.get(worker_id)
+        peers = [s for s in self.registry.with_role(state.role) if s.worker_id != worker_id and s.routable]
+        if not peers:
+            raise ValueError(f"worker {worker_id} is the last usable {state.role.value} worker: add one first")
+        state.draining = True
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._holding(worker_id) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        drained = not self._holding(worker_id)
+        stream = self._streams.pop(worker_id, None)
+        for task in [t for t in self._tasks if t.get_name() == f"updates-{worker_id}"]:
+            task.cancel()
+            self._tasks.remove(task)
+        if stream is not None or not drained:
+            self.dispatcher.worker_lost(worker_id, "the worker was removed (scale-in)")
+        self.registry.remove(worker_id)
+        self.workers = tuple(w for w in self.workers if w.worker_id != worker_id)
+        await self._update_health()
+        logger.info("worker %s removed (%s)", worker_id, "drained" if drained else "requests moved after the grace")
+        return drained
+
+    def _holding(self, worker_id: str) -> bool:
+        """Whether an in-flight request still decodes on, or awaits a prefill from, ``worker_id``."""
+        return bool(self.table.on_worker(worker_id)) or self.registry.get(worker_id).assigned_requests > 0
+
     # -- internals --------------------------------------------------------------------------------
     def _start_stream(self, worker_id: str) -> None:
         stream = UpdatesStream(
