@@ -22,6 +22,7 @@ from pdserve.client._calls import (
     stream_ended_early,
 )
 from pdserve.client.errors import error_from_rpc
+from pdserve.common.errors import InvalidParameterError
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.rpc.api import cluster_status_from_proto, models_from_proto
 from pdserve.rpc.convert import chunk_from_response, completion_from_response
@@ -139,6 +140,21 @@ class AsyncClient:
     async def list_models(self, *, timeout: Timeout = DEFAULT) -> list[ModelInfo]:
         """The models the cluster serves."""
         return models_from_proto(await self._unary("ListModels", pdserve_pb2.ListModelsRequest(), timeout))
+
+    async def scale_pool(self, role: str, replicas: int, *, grace_s: float = 0.0,
+                   timeout: Timeout = DEFAULT) -> list[str]:
+        """Grow or shrink the ``role`` pool to ``replicas`` workers (operators); returns the ids of the
+        workers added or removed. Removed workers finish their requests for up to ``grace_s`` (0: the
+        router's ``shutdown_grace_s``) before their streams move elsewhere."""
+        if not isinstance(role, str) or not role:
+            raise InvalidParameterError("role", "must be a pool name: prefill, decode or colocated")
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas < 2**31:
+            raise InvalidParameterError("replicas", f"must be an integer >= 1, got {replicas!r}")
+        if not isinstance(grace_s, int | float) or isinstance(grace_s, bool) or not grace_s >= 0:
+            raise InvalidParameterError("grace_s", f"must be a number >= 0, got {grace_s!r}")
+        request = pdserve_pb2.ScalePoolRequest(role=role, replicas=replicas, grace_s=float(grace_s))
+        response = await self._unary("ScalePool", request, timeout)
+        return list(response.changed_workers)
 
     async def cluster_status(self, *, timeout: Timeout = DEFAULT) -> ClusterStatus:
         """The router's view of the cluster: mode, model, each worker's health and load."""

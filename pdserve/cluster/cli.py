@@ -67,7 +67,29 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--target", metavar="HOST:PORT", required=True, help="the router's gRPC address")
     status.add_argument("--json", action="store_true", help="print the status as one JSON object")
     status.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the router (default: 10)")
+    scale = sub.add_parser("scale", help="grow or shrink one pool of a running cluster (its router's address)")
+    scale.add_argument("--target", metavar="HOST:PORT", required=True, help="the router's gRPC address")
+    scale.add_argument("--role", required=True, choices=["prefill", "decode", "colocated"], help="the pool")
+    scale.add_argument("--replicas", type=int, required=True, help="how many workers the pool should have")
+    scale.add_argument("--grace-s", type=float, default=0.0,
+                       help="how long removed workers may finish their requests (default 0: the router's "
+                            "shutdown_grace_s); streams left then move to another worker")
+    scale.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the change (default: 600)")
     return parser
+
+
+def _scale(args: argparse.Namespace) -> int:
+    """``scale --target --role --replicas``: the router's launcher starts or drains workers."""
+    from pdserve.client import Client, UnavailableError
+
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            changed = client.scale_pool(args.role, args.replicas, grace_s=args.grace_s)
+    except UnavailableError as exc:
+        raise PdserveError(f"no router answered at {args.target} ({exc.details})") from None
+    print(f"pdserve: {args.role} pool at {args.replicas}: " + (", ".join(changed) + " changed" if changed
+                                                                else "no change"))
+    return 0
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -256,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "scale":
+            return _scale(args)
         if args.command == "profile":
             return run_profile(args)
         if args.command == "plan":

@@ -195,6 +195,7 @@ class Cluster:
         endpoints = [WorkerEndpoint(w.worker_id, WorkerRole(w.role), w.address, nodes[w.worker_id])
                      for w in self.workers]
         self.router = Router(cfg.router, model=cfg.model, mode=cfg.mode, workers=endpoints)
+        self.router.scaler = lambda role, replicas, grace_s: self.scale(role, replicas, grace_s=grace_s)
         port = asyncio.run_coroutine_threadsafe(self.router.start(), self._loop).result(120)
         host = cfg.router.host if cfg.router.host not in ("0.0.0.0", "::") else "127.0.0.1"
         self.router_address = format_address(host, port)

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -91,6 +91,9 @@ class Router:
         self._http: OpenAIFront | None = None
         self._serving: bool | None = None
         self._dashboard_cache: tuple[float, dict[str, Any]] | None = None
+        # set by whoever manages the workers (the Ray launcher): (role, replicas, grace_s) -> changed ids;
+        # called in a thread (it blocks), serves the ScalePool RPC
+        self.scaler: Callable[[str, int, float | None], list[str]] | None = None
 
     @property
     def port(self) -> int:
@@ -122,7 +125,8 @@ class Router:
                                        dispatcher=self.dispatcher, request_timeout_s=self.config.request_timeout_s,
                                        metrics=self.metrics,
                                        admission=AdmissionControl(self.registry, self.mode,
-                                                                  self.config.admission_max_ttft_s))
+                                                                  self.config.admission_max_ttft_s),
+                                       scaler=lambda: self.scaler)
             keys = ApiKeys.load(self.config.api_keys_file)
             tls = read_tls(self.config)
             self._server = await start_server(

@@ -10,7 +10,9 @@ the handler coroutine, so a client that goes away cancels exactly the coroutine 
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Callable
 from typing import NoReturn
 
 import grpc
@@ -45,7 +47,9 @@ MAX_CHARS_PER_TOKEN = 32
 class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
     def __init__(self, *, model: str, mode: ServingMode, registry: WorkerRegistry, table: InFlightTable,
                  dispatcher: Dispatcher, request_timeout_s: float, metrics: RouterMetrics | None = None,
-                 admission: AdmissionControl | None = None) -> None:
+                 admission: AdmissionControl | None = None,
+                 scaler: Callable[[], Callable[[str, int, float | None], list[str]] | None] = lambda: None) -> None:
+        self._scaler = scaler
         self._metrics = metrics
         self._admission = admission
         self._model = model
@@ -87,6 +91,23 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
         workers = tuple(_worker_status(s) for s in self._registry.all())
         return cluster_status_to_proto(ClusterStatus(mode=self._mode.value, model=self._model, workers=workers,
                                                      requests_in_flight=len(self._table)))
+
+    async def ScalePool(self, request: pdserve_pb2.ScalePoolRequest,
+                        context: grpc.aio.ServicerContext) -> pdserve_pb2.ScalePoolResponse:
+        scale = self._scaler()
+        if scale is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this router does not manage its workers (it was "
+                                "not started by `pdserve serve`): scale the pools where they are started")
+        assert scale is not None
+        if request.replicas < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"replicas: must be >= 1, got {request.replicas}")
+        if not math.isfinite(request.grace_s) or request.grace_s < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"grace_s: must be >= 0, got {request.grace_s}")
+        try:
+            changed = await asyncio.to_thread(scale, request.role, request.replicas, request.grace_s or None)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pdserve_pb2.ScalePoolResponse(changed_workers=changed)
 
     def open_session(self, request: pdserve_pb2.GenerateRequest,
                      client_deadline_s: float | None = None) -> RequestSession:

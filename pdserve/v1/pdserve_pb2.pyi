@@ -7,6 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ScalePoolRequest(_message.Message):
+    __slots__ = ("role", "replicas", "grace_s")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    GRACE_S_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    replicas: int
+    grace_s: float
+    def __init__(self, role: _Optional[str] = ..., replicas: _Optional[int] = ..., grace_s: _Optional[float] = ...) -> None: ...
+
+class ScalePoolResponse(_message.Message):
+    __slots__ = ("changed_workers",)
+    CHANGED_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    changed_workers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, changed_workers: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "chat", "params", "model")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,11 @@ class PdServeStub:
                 request_serializer=pdserve_dot_v1_dot_pdserve__pb2.ClusterStatusRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_pdserve__pb2.ClusterStatusResponse.FromString,
                 _registered_method=True)
+        self.ScalePool = channel.unary_unary(
+                '/pdserve.v1.PdServe/ScalePool',
+                request_serializer=pdserve_dot_v1_dot_pdserve__pb2.ScalePoolRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_pdserve__pb2.ScalePoolResponse.FromString,
+                _registered_method=True)
 
 
 class PdServeServicer:
@@ -87,6 +92,17 @@ class PdServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScalePool(self, request, context):
+        """Operators: grow or shrink one pool (prefill, decode or colocated) to `replicas` workers while
+        serving; removed workers finish their requests for up to `grace_s` (0: the router's
+        shutdown_grace_s), then streams left move to another worker. Returns once done.
+        FAILED_PRECONDITION when the router does not manage its workers (not started by `pdserve serve`),
+        INVALID_ARGUMENT for an unknown pool or a bad count.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PdServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +125,11 @@ def add_PdServeServicer_to_server(servicer, server):
                     servicer.ClusterStatus,
                     request_deserializer=pdserve_dot_v1_dot_pdserve__pb2.ClusterStatusRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_pdserve__pb2.ClusterStatusResponse.SerializeToString,
+            ),
+            'ScalePool': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScalePool,
+                    request_deserializer=pdserve_dot_v1_dot_pdserve__pb2.ScalePoolRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_pdserve__pb2.ScalePoolResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +240,33 @@ class PdServe:
             '/pdserve.v1.PdServe/ClusterStatus',
             pdserve_dot_v1_dot_pdserve__pb2.ClusterStatusRequest.SerializeToString,
             pdserve_dot_v1_dot_pdserve__pb2.ClusterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScalePool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.PdServe/ScalePool',
+            pdserve_dot_v1_dot_pdserve__pb2.ScalePoolRequest.SerializeToString,
+            pdserve_dot_v1_dot_pdserve__pb2.ScalePoolResponse.FromString,
             options,
             channel_credentials,
             insecure,

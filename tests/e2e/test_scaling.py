@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from pdserve import SamplingParams
-from pdserve.client import Client
+from pdserve.client import Client, InvalidArgumentError
 from tests.e2e.cluster_support import offline, start_cluster, wait_until_idle
 
 GREEDY = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
@@ -53,9 +55,11 @@ def test_pools_grow_and_shrink_under_load(ray_session) -> None:
         assert [results[i] for i in range(len(PROMPTS))] == expected
         assert [w.worker_id for w in cluster.workers if w.role == "decode"] == ["decode-0"]
 
-        assert cluster.scale("prefill", 2) == ["prefill-1"]
-        assert cluster.scale("prefill", 1) == ["prefill-1"]
-        with Client(cluster.router_address, timeout=60) as client:
+        with Client(cluster.router_address, timeout=120) as client:  # what `pdserve scale` calls
+            assert client.scale_pool("prefill", 2) == ["prefill-1"]
+            assert client.scale_pool("prefill", 1) == ["prefill-1"]
+            with pytest.raises(InvalidArgumentError, match="no colocated pool"):
+                client.scale_pool("colocated", 2)
             assert client.generate(PROMPTS[0], sampling_params=GREEDY).token_ids == expected[0]
         assert cluster.router.configuration_name() == "1P1D"
         stats = wait_until_idle(cluster)

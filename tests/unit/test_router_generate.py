@@ -206,3 +206,21 @@ def test_prefill_worker_on_the_decode_workers_node_is_preferred(weight: float, l
         pairs = [(d.node, node_of[s.prefill_address]) for d in workers[2:] for s in d.submitted]
         assert len(pairs) == 6 and sum(a == b for a, b in pairs) == local
     run(scenario)
+
+
+def test_scale_pool_needs_a_router_that_manages_its_workers() -> None:
+    async def scenario() -> None:
+        async with cluster(_disaggregated(), mode="disaggregated") as (router, stub):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ScalePool(pdserve_pb2.ScalePoolRequest(role="decode", replicas=3))
+            assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "pdserve serve" in info.value.details()
+            calls = []
+            router.scaler = lambda role, replicas, grace: calls.append((role, replicas, grace)) or ["decode-9"]
+            reply = await stub.ScalePool(pdserve_pb2.ScalePoolRequest(role="decode", replicas=3, grace_s=2.5))
+            assert list(reply.changed_workers) == ["decode-9"] and calls == [("decode", 3, 2.5)]
+            for bad in (pdserve_pb2.ScalePoolRequest(role="decode", replicas=0),
+                        pdserve_pb2.ScalePoolRequest(role="decode", replicas=1, grace_s=-1)):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.ScalePool(bad)
+                assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    run(scenario)
