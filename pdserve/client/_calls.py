@@ -139,6 +139,17 @@ def build_request(
         raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}") from None
 
 
+def scale_pool_request(role: str, replicas: int, grace_s: float) -> pdserve_pb2.ScalePoolRequest:
+    """The ``ScalePool`` request, validated here (both clients)."""
+    if not isinstance(role, str) or not role:
+        raise InvalidParameterError("role", "must be a pool name: prefill, decode or colocated")
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas < 2**31:
+        raise InvalidParameterError("replicas", f"must be an integer >= 1, got {replicas!r}")
+    if isinstance(grace_s, bool) or not isinstance(grace_s, int | float) or not grace_s >= 0:
+        raise InvalidParameterError("grace_s", f"must be a number >= 0, got {grace_s!r}")
+    return pdserve_pb2.ScalePoolRequest(role=role, replicas=replicas, grace_s=float(grace_s))
+
+
 def stream_ended_early(request_id: str) -> PdserveClientError:
     """The error for a stream the server closed (OK) before a finishing response."""
     return InternalError(grpc.StatusCode.INTERNAL,

@@ -19,10 +19,10 @@ from pdserve.client._calls import (
     check_timeout,
     resolve_timeout,
     retry_delay,
+    scale_pool_request,
     stream_ended_early,
 )
 from pdserve.client.errors import error_from_rpc
-from pdserve.common.errors import InvalidParameterError
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.rpc.api import cluster_status_from_proto, models_from_proto
 from pdserve.rpc.convert import chunk_from_response, completion_from_response
@@ -146,13 +146,7 @@ class AsyncClient:
         """Grow or shrink the ``role`` pool to ``replicas`` workers (operators); returns the ids of the
         workers added or removed. Removed workers finish their requests for up to ``grace_s`` (0: the
         router's ``shutdown_grace_s``) before their streams move elsewhere."""
-        if not isinstance(role, str) or not role:
-            raise InvalidParameterError("role", "must be a pool name: prefill, decode or colocated")
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas < 2**31:
-            raise InvalidParameterError("replicas", f"must be an integer >= 1, got {replicas!r}")
-        if not isinstance(grace_s, int | float) or isinstance(grace_s, bool) or not grace_s >= 0:
-            raise InvalidParameterError("grace_s", f"must be a number >= 0, got {grace_s!r}")
-        request = pdserve_pb2.ScalePoolRequest(role=role, replicas=replicas, grace_s=float(grace_s))
+        request = scale_pool_request(role, replicas, grace_s)
         response = await self._unary("ScalePool", request, timeout)
         return list(response.changed_workers)
 
