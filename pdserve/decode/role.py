@@ -72,7 +72,6 @@ class DecodeRole(Role):
         self.num_local_recomputes = 0
         self.kv_bytes_received = 0  # into landing zones of requests admitted (telemetry)
         self.kv_transfer_seconds = 0.0  # landing zone opened -> every byte landed, summed
-        self._block_bytes = 0
 
     def attach(self, worker: WorkerContext) -> None:
         super().attach(worker)
@@ -249,9 +248,8 @@ class DecodeRole(Role):
         self._params.pop(rid, None)
         self._failures.pop(rid, None)
         self.num_remote_prefills += 1
-        if not self._block_bytes:  # keys and values of one block, every layer
-            self._block_bytes = sum(c[:, 0].numel() * c.element_size() for c in self.worker.engine.kv_caches)
-        self.kv_bytes_received += (len(zone.block_ids) - zone.num_skip_blocks) * self._block_bytes
+        blocks = len(zone.block_ids) - zone.num_skip_blocks
+        self.kv_bytes_received += blocks * self.worker.engine.kv_layout.bytes_per_block
         self.kv_transfer_seconds += max(0.0, timing.get("landed_at", timing["zone_at"]) - timing["zone_at"])
         assert first_token is not None
 

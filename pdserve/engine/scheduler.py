@@ -92,12 +92,18 @@ class SchedulerPlan:
 
     @property
     def shape(self) -> StepShape:
-        """What the step carries, in the step-time model's terms."""
-        step = StepShape(0)
+        """What the step carries, in the step-time model's terms (one pass: it is read every step)."""
+        tokens = kv_tokens = decodes = 0
+        pairs = 0.0
         for chunk in self.chunks:
-            step = step.plus_decode(chunk.start) if chunk.num_tokens == 1 else step.plus_chunk(chunk.num_tokens,
-                                                                                               chunk.start)
-        return step
+            n, start = chunk.num_tokens, chunk.start
+            tokens += n
+            kv_tokens += start
+            if n == 1:
+                decodes += 1
+            else:
+                pairs += n * (start + n / 2)
+        return StepShape(tokens, kv_tokens, pairs, decodes)
 
     @property
     def is_empty(self) -> bool:
@@ -233,12 +239,10 @@ class Scheduler:
 
     def decode_shape(self) -> StepShape:
         """The decodes the next step will carry (the budget for prefill chunks is what they leave)."""
-        step = StepShape(0)
-        if self.step_time is not None and self.config.step_time_budget_s is not None:
-            for request in self.running:
-                if request.num_tokens_to_compute == 1:
-                    step = step.plus_decode(request.num_computed_tokens)
-        return step
+        if self.step_time is None or self.config.step_time_budget_s is None:
+            return StepShape(0)
+        contexts = [r.num_computed_tokens for r in self.running if r.num_tokens_to_compute == 1]
+        return StepShape(len(contexts), sum(contexts), 0.0, len(contexts))
 
     def _prefill_tokens(self, plan: SchedulerPlan, step: StepShape, budget_s: float | None, context: int,
                         wanted: int, budget: int) -> int:
@@ -302,8 +306,12 @@ class Scheduler:
         is computed on another GPU only once it exists, so holding it back behind a local prompt that
         waits for step budget would idle that GPU and add a step or more to its TTFT. Not while a
         preempted request waits (blocks are short: it goes first)."""
-        if not any(r.remote_prefill for r in self.waiting) or any(
-                r.status == RequestStatus.PREEMPTED for r in self.waiting):
+        remote = False
+        for r in self.waiting:  # one pass: no zone opens while a preempted request waits for blocks
+            if r.status == RequestStatus.PREEMPTED:
+                return
+            remote = remote or r.remote_prefill
+        if not remote:
             return
         kept: deque[Request] = deque()
         blocked = False

@@ -120,11 +120,15 @@ class Prediction:
     tpot_p90_s: float | None
 
 
+def configuration_name(*, colocated: int = 0, prefill: int = 0, decode: int = 0) -> str:
+    """How the planner (and the router, for its own cluster) names a configuration."""
+    return f"colocated x{colocated}" if colocated else f"{prefill}P{decode}D"
+
+
 def configurations(num_gpus: int) -> list[tuple[str, dict[str, int]]]:
     """Colocated on every GPU, and every split into prefill and decode workers."""
-    out = [(f"colocated x{num_gpus}", {"colocated": num_gpus})]
-    out += [(f"{p}P{num_gpus - p}D", {"prefill": p, "decode": num_gpus - p}) for p in range(1, num_gpus)]
-    return out
+    counts = [{"colocated": num_gpus}] + [{"prefill": p, "decode": num_gpus - p} for p in range(1, num_gpus)]
+    return [(configuration_name(**c), c) for c in counts]
 
 
 def _p90(values: Sequence[float]) -> float | None:

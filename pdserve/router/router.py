@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from pdserve.common.errors import ConfigError
+from pdserve.planner.plan import configuration_name
 from pdserve.router.admission import AdmissionControl
 from pdserve.router.config import RouterConfig, ServingMode, WorkerEndpoint, WorkerRole, check_topology
 from pdserve.router.dashboard import dashboard_data
@@ -86,6 +87,7 @@ class Router:
                 None if config.ttft_slo_ms is None else config.ttft_slo_ms / 1e3),
             self.metrics)
         self._streams: dict[str, UpdatesStream] = {}
+        self._stream_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._server: RunningServer | None = None
         self._http: OpenAIFront | None = None
@@ -182,9 +184,9 @@ class Router:
     def configuration_name(self) -> str:
         """This cluster's configuration as the planner names them (``colocated x2``, ``1P1D``)."""
         if self.mode is ServingMode.COLOCATED:
-            return f"colocated x{len(self.workers)}"
+            return configuration_name(colocated=len(self.workers))
         prefill = sum(w.role is WorkerRole.PREFILL for w in self.workers)
-        return f"{prefill}P{len(self.workers) - prefill}D"
+        return configuration_name(prefill=prefill, decode=len(self.workers) - prefill)
 
     async def metrics_text(self) -> str:
         """The Prometheus exposition of the whole cluster (worker telemetry at most 1 s old)."""
@@ -268,12 +270,12 @@ class Router:
         while self._holding(worker_id) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         drained = not self._holding(worker_id)
-        stream = self._streams.pop(worker_id, None)
-        for task in [t for t in self._tasks if t.get_name() == f"updates-{worker_id}"]:
+        self._streams.pop(worker_id, None)
+        task = self._stream_tasks.pop(worker_id, None)
+        if task is not None:
             task.cancel()
             self._tasks.remove(task)
-        if stream is not None or not drained:
-            self.dispatcher.worker_lost(worker_id, "the worker was removed (scale-in)")
+        self.dispatcher.worker_lost(worker_id, "the worker was removed (scale-in)")  # moves what is left
         self.registry.remove(worker_id)
         self.workers = tuple(w for w in self.workers if w.worker_id != worker_id)
         await self._update_health()
@@ -292,7 +294,8 @@ class Router:
             backoff_initial_s=self.config.reconnect_backoff_initial_s,
             backoff_max_s=self.config.reconnect_backoff_max_s)
         self._streams[worker_id] = stream
-        self._tasks.append(asyncio.create_task(stream.run(), name=f"updates-{worker_id}"))
+        task = self._stream_tasks[worker_id] = asyncio.create_task(stream.run(), name=f"updates-{worker_id}")
+        self._tasks.append(task)
 
     async def _wait_for_streams(self, timeout_s: float) -> None:
         waits = [asyncio.ensure_future(stream.live.wait()) for worker_id, stream in self._streams.items()
@@ -328,6 +331,7 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._streams.clear()
+        self._stream_tasks.clear()
         await self.registry.close()
 
 

@@ -6,7 +6,9 @@ runs on the engine thread between steps) -> ``stop()``. ``call(fn, urgent=True)`
 also run *inside* a step, while the engine waits for the device to finish it, once a role enabled that
 with :meth:`EngineLoop.run_urgent_calls_mid_step` (the decode role: a request whose KV landed gets its
 first token out without waiting for the step in flight). An urgent call must only change requests that
-are not in the step in flight (e.g. admit a ``WAITING_FOR_KV`` request) and never step the engine. After every step that produced deltas or new
+are not in the step in flight (e.g. admit a ``WAITING_FOR_KV`` request) and never step the engine.
+
+After every step that produced deltas or new
 landing zones, and for deltas a role emits itself (``emit``), the one ``on_step`` callback receives a
 :class:`StepOutput` (the deltas, the landing zones to fill, the worker's load); it runs on the engine
 thread and must not block (the worker hands what it must to its asyncio loop).

@@ -24,18 +24,17 @@ from typing import Any
 import torch
 
 from pdserve.engine.engine import LLMEngine
+from pdserve.worker.engine_loop import load_of
 
 logger = logging.getLogger(__name__)
 
 
 def engine_telemetry(engine: LLMEngine) -> dict[str, Any]:
     """Engine thread: the engine's part of the snapshot."""
-    scheduler, kv = engine.scheduler, engine.kv
-    queued = sum(r.num_prompt_tokens - min(r.num_computed_tokens, r.num_prompt_tokens)
-                 for r in (*scheduler.waiting, *scheduler.running))
-    return {"running_requests": len(scheduler.running) + len(scheduler.waiting_for_kv),
-            "waiting_requests": len(scheduler.waiting), "kv_usage": kv.usage, "num_kv_blocks": engine.kv_layout.num_blocks,
-            "queued_prefill_tokens": queued, "preemptions": scheduler.num_preemptions,
+    kv, load = engine.kv, load_of(engine)  # the load the Updates stream reports, the same way
+    return {"running_requests": load.running_requests, "waiting_requests": load.waiting_requests,
+            "kv_usage": load.kv_usage, "num_kv_blocks": engine.kv_layout.num_blocks,
+            "queued_prefill_tokens": load.queued_prefill_tokens, "preemptions": engine.scheduler.num_preemptions,
             "prompt_tokens_computed": engine.runner.num_prompt_tokens_computed,
             "prefix_cache_queries": kv.prefix_queries_tokens, "prefix_cache_hits": kv.prefix_hit_tokens,
             "steps": {kind.value: {"count": int(count), "seconds": seconds}
@@ -46,9 +45,7 @@ def engine_telemetry(engine: LLMEngine) -> dict[str, Any]:
 
 def kv_bytes_per_token(engine: LLMEngine) -> int:
     """Bytes of KV one token takes in the engine's cache (keys and values, every layer)."""
-    layout = engine.kv_layout
-    element = engine.kv_caches[0].element_size() if engine.kv_caches else 2
-    return 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * element
+    return engine.kv_layout.bytes_per_block // engine.kv_layout.block_size
 
 
 class GpuProbe:

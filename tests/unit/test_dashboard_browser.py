@@ -5,48 +5,26 @@ installs it when it can)."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from typing import Any
-
 import pytest
 
 from tests.support import browser
-from tests.unit.test_router_fakes import FakeWorker, cluster, generate_request
+from tests.unit.test_router_fakes import BackgroundCluster, FakeWorker
 
 pytestmark = pytest.mark.skipif(not browser.available(), reason=browser.MISSING)
 
 
 def test_dashboard_renders_and_updates_live_in_chromium() -> None:
-    ready = threading.Event()
-    stop = threading.Event()
-    state: dict[str, Any] = {}
+    workers = [FakeWorker("p0", "prefill"), FakeWorker("d0", "decode")]
+    with BackgroundCluster(workers, mode="disaggregated", ttft_slo_ms=250.0, tpot_slo_ms=50.0) as fakes:
+        _check_page(fakes)
 
-    async def serve() -> None:
-        workers = [FakeWorker("p0", "prefill"), FakeWorker("d0", "decode")]
-        async with cluster(workers, mode="disaggregated", http_port=0, ttft_slo_ms=250.0, tpot_slo_ms=50.0) \
-                as (router, stub):
-            state["url"] = f"http://127.0.0.1:{router.http_port}/dashboard"
-            state["stub"] = stub
-            state["loop"] = asyncio.get_running_loop()
-            ready.set()
-            while not stop.is_set():
-                await asyncio.sleep(0.05)
 
-    server = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
-    server.start()
-    assert ready.wait(30)
-
-    def send(n: int) -> None:
-        async def requests() -> None:
-            for i in range(n):
-                await state["stub"].GenerateUnary(generate_request([1, 2, i], 4))
-        asyncio.run_coroutine_threadsafe(requests(), state["loop"]).result(30)
-
+def _check_page(fakes: BackgroundCluster) -> None:
+    url, send = f"{fakes.url}/dashboard", fakes.send
     driver = browser.browser()
     try:
         send(3)
-        driver.get(state["url"])
+        driver.get(url)
         browser.wait_for(driver, "return document.querySelectorAll('#workers tbody tr').length === 2", "the two workers")
         assert browser.wait_for(driver, "return document.getElementById('connection').textContent === 'live'", "live events")
         rows = driver.execute_script(
@@ -68,10 +46,8 @@ def test_dashboard_renders_and_updates_live_in_chromium() -> None:
         driver.set_page_load_timeout(20)  # a load that waits for a free connection is a hang
         for _ in range(8):
             driver.get("about:blank")
-            driver.get(state["url"])
+            driver.get(url)
             browser.wait_for(driver, "return document.querySelectorAll('#workers tbody tr').length === 2",
                              "the page loaded again", timeout=15)
     finally:
         driver.quit()
-        stop.set()
-        server.join(10)

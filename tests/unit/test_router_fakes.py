@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -255,3 +256,39 @@ def test_fake_worker_is_deterministic() -> None:
     first, second = worker._step("r", active), worker._step("r", active)
     assert list(first.new_token_ids) + list(second.new_token_ids) == expected_tokens([1, 2, 3], 4)
     assert second.finished and not first.finished
+
+
+class BackgroundCluster:
+    """:func:`cluster` on its own event loop thread, for callers that block (a browser driver): ``url``
+    is the router's HTTP base, ``send(n)`` runs ``n`` unary requests through it. Use as a context
+    manager; leaving it stops everything."""
+
+    def __init__(self, workers: Sequence[FakeWorker], **config: Any) -> None:
+        self._workers, self._config = workers, config
+        self._ready, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+        self.url = ""
+
+    async def _serve(self) -> None:
+        async with cluster(self._workers, http_port=0, **self._config) as (router, stub):
+            self.router, self._stub, self._loop = router, stub, asyncio.get_running_loop()
+            self.url = f"http://127.0.0.1:{router.http_port}"
+            self._ready.set()
+            while not self._stop.is_set():
+                await asyncio.sleep(0.05)
+
+    def send(self, n: int, max_tokens: int = 4) -> None:
+        async def requests() -> None:
+            for i in range(n):
+                await self._stub.GenerateUnary(generate_request([1, 2, i % 50], max_tokens))
+        asyncio.run_coroutine_threadsafe(requests(), self._loop).result(60)
+
+    def __enter__(self) -> BackgroundCluster:
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise TimeoutError("the fake cluster did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)

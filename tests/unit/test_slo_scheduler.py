@@ -10,7 +10,7 @@ from pdserve import LLM, SamplingParams
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.request import Request
 from pdserve.engine.scheduler import LATE_PROMOTION_FACTOR, Scheduler, SchedulerConfig
-from pdserve.engine.step_time import StepTimeModel
+from pdserve.engine.step_time import StepShape, StepTimeModel
 
 # 5 ms per step, 0.1 ms per token past 16: a 10 ms budget leaves room for ~50 tokens beside a few decodes
 MODEL = StepTimeModel(base_s=5e-3, per_token_s=1e-4, free_tokens=16)
@@ -42,6 +42,10 @@ def test_prefill_chunk_is_cut_to_the_budget_beside_decodes() -> None:
     chunk = next(c for c in plan.chunks if c.request.request_id == "long")
     assert MODEL.predict(plan.shape) <= 10e-3 < MODEL.predict(plan.shape.plus_chunk(1, chunk.num_tokens))
     assert 0 < chunk.num_tokens < 400 and scheduler.num_budget_cut_chunks == 1
+    composed = StepShape(0)
+    for c in plan.chunks:  # the plan's one-pass shape is the step-by-step one
+        composed = composed.plus_decode(c.start) if c.num_tokens == 1 else composed.plus_chunk(c.num_tokens, c.start)
+    assert plan.shape == composed and plan.shape.decodes == 4
 
 
 def test_without_decodes_the_whole_token_budget_is_used() -> None:
