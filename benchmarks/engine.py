@@ -290,6 +290,8 @@ def main() -> None:
                         "(same device kind; its commit and date are recorded) instead of measuring it again")
     parser.add_argument("--hf-timeout", type=int, default=300)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when any section failed "
+                        "(the CI smoke run); by default a failed section is recorded and the run goes on")
     args = parser.parse_args()
     tiny = args.preset == "tiny"
     config = TINY if tiny else LLAMA31_8B
@@ -344,7 +346,8 @@ def main() -> None:
     hf: dict[str, Any] = {"skipped": True}
     if args.hf_from is not None:
         earlier = json.loads(args.hf_from.read_text())
-        hf = {**earlier["transformers_cb"], "measured_in_run": f"{earlier['run']['commit']} {earlier['run']['date']}"}
+        hf = {"measured_in_run": f"{earlier['run']['commit']} {earlier['run']['date']}",
+              **earlier["transformers_cb"]}  # a baseline carried over twice keeps the run that measured it
     elif cuda and not args.skip_hf:
         hf = run_hf_baseline(config, *((256, 512, 256) if not tiny else (16, 32, 16)), timeout_s=args.hf_timeout)
         print("transformers:", hf, flush=True)
@@ -359,6 +362,12 @@ def main() -> None:
         paths = write_results("engine", info, payload, markdown)
         print("wrote", *paths)
     print(markdown)
+    if args.strict and FAILED_SECTIONS:
+        raise SystemExit(f"failed sections: {', '.join(FAILED_SECTIONS)}")
+
+
+#: The sections of this run that raised (``guarded``), for ``--strict``.
+FAILED_SECTIONS: list[str] = []
 
 
 def guarded(name: str, fn, fallback):  # noqa: ANN001, ANN201
@@ -369,6 +378,7 @@ def guarded(name: str, fn, fallback):  # noqa: ANN001, ANN201
         import traceback
 
         traceback.print_exc()
+        FAILED_SECTIONS.append(name)
         print(f"section {name} failed: {exc!r}", flush=True)
         return fallback if not isinstance(fallback, list) else [{"error": f"{name}: {exc!r}"}]
 

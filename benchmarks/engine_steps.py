@@ -55,15 +55,15 @@ class LaunchSpans:
         self.cuda = torch.cuda.is_available()
         self.events: list[tuple[Any, Any, int]] = []
 
-        def timed(plan):  # noqa: ANN001, ANN202
+        def timed(plan, **kwargs):  # noqa: ANN001, ANN003, ANN202 (passes the runner's options through)
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                out = self.original(plan)
+                out = self.original(plan, **kwargs)
                 end.record()
             else:
                 start = time.perf_counter()
-                out = self.original(plan)
+                out = self.original(plan, **kwargs)
                 end = time.perf_counter()
             self.events.append((start, end, plan.num_batched_tokens))
             return out

@@ -1,0 +1,19 @@
+"""The engine benchmark's every section runs on the tiny preset (CPU here): a section that breaks when the
+engine's interfaces change is caught in CI, not on a GPU host (the mixed-step table once was)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_engine_benchmark_tiny_runs_every_section() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.engine", "--preset", "tiny", "--strict"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for table in ("## Decode", "## Prefill", "## Mixed steps", "## Inter-token latency", "## Offline throughput"):
+        assert table in done.stdout
+    assert "| error |" not in done.stdout
