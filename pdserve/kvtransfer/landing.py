@@ -8,7 +8,9 @@ One :class:`PlanLanding` per channel of the process-group receiver (built in the
   the *post stream*, which carries nothing else, so NCCL runs every receive of the plan back to back;
   make the *landing stream* (the thread's current stream) wait for them; then either nothing more (a
   split message of one part whose destination blocks are contiguous was received straight into the
-  two cache ranges, keys and values) or one scatter per claimed part from a staging buffer. Then
+  two cache ranges, keys and values) or one scatter per claimed part from a staging buffer. Where
+  the group coalesces (NCCL, :mod:`pdserve.kvtransfer.coalescing`), a plan of several messages posts
+  every receive in one launch and the scatters follow it. Then
   one event on the landing stream becomes the claimed transfers' ``last_write``. The host never waits
   for a message; it learns that the whole plan landed from that event (through the transfers'
   completion, see :mod:`pdserve.kvtransfer.receiving`).
@@ -26,10 +28,12 @@ from __future__ import annotations
 
 import collections
 import datetime
+import functools
 from typing import Any
 
 import torch
 
+from pdserve.kvtransfer.coalescing import can_coalesce, run_coalesced
 from pdserve.kvtransfer.messages import as_bytes, scatter_blocks
 from pdserve.kvtransfer.plan import PlannedMessage, is_contiguous, message_buffers, part_payloads
 from pdserve.kvtransfer.receiving import ReceiverCore
@@ -71,26 +75,42 @@ class PlanLanding:
         claimed = []
         indices: dict[tuple[int, int, int], torch.Tensor] = {}  # a block range's ids, once per plan
         with self._core.lock:
+            # per message: where its bytes go, and the staging buffer to scatter (None: received in place)
+            landings: list[tuple[PlannedMessage, list[Any], list[torch.Tensor], torch.Tensor | None]] = []
+            staged: torch.Tensor | None
             for message in plan:
                 records = [self._core.claim_part(self._peer, part) for part in message.parts]
                 claimed += [r for r in records if r is not None]
                 targets = [None if r is None else r.handle.block_ids[p.start:p.start + p.num_blocks]
                            for r, p in zip(records, message.parts)]
-                direct = message.split and targets[0] is not None and is_contiguous(targets[0])
-                if direct:
-                    part, first = message.parts[0], targets[0][0]  # type: ignore[index]
+                if message.split and targets[0] is not None and is_contiguous(targets[0]):
+                    part, first = message.parts[0], targets[0][0]
                     buffers = [self._caches[part.layer][kv, first:first + part.num_blocks] for kv in (0, 1)]
+                    landings.append((message, targets, buffers, None))
                     self.num_direct += 1
                 else:
                     staged, buffers = message_buffers(message, self._device)
                     staging.append(staged)
+                    landings.append((message, targets, buffers, staged))
                     self.num_staged += 1
+            if len(landings) > 1 and can_coalesce(self._group):
+                # one launch for the plan: the scatters wait for all of it (host time saved > overlap lost)
+                receives = [functools.partial(self._group.recv, [as_bytes(b)], SENDER_RANK, 0)
+                            for _, _, buffers, _ in landings for b in buffers]
                 with torch.cuda.stream(self._post_stream):
-                    works = [self._group.recv([as_bytes(b)], SENDER_RANK, 0) for b in buffers]
-                for work in works:
-                    work.wait()  # the landing stream waits for the receive, the host does not
-                if not direct:
-                    self._scatter(message, targets, staging[-1], indices)
+                    work = run_coalesced(self._group, receives)
+                work.wait()  # the landing stream waits for the receives, the host does not
+                for message, targets, _, staged in landings:
+                    if staged is not None:
+                        self._scatter(message, targets, staged, indices)
+            else:
+                for message, targets, buffers, staged in landings:
+                    with torch.cuda.stream(self._post_stream):
+                        works = [self._group.recv([as_bytes(b)], SENDER_RANK, 0) for b in buffers]
+                    for work in works:
+                        work.wait()
+                    if staged is not None:
+                        self._scatter(message, targets, staged, indices)
             event = record_event(self._device)
             self._core.writes_posted(claimed, event)
         self._posted.append((event, staging))

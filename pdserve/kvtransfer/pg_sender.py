@@ -9,7 +9,9 @@ append messages to an in-memory queue and return; the thread drains it in order:
 * LAYER: take it and the LAYER messages queued behind it as one plan (:mod:`pdserve.kvtransfer.plan`),
   push the PLAN header to the pair's store queue, then per planned message: (CUDA) make the transfer
   stream wait for its layers' events, gather the source blocks (or take them straight from the cache
-  when a split message's blocks are contiguous) and ``group.send`` them;
+  when a split message's blocks are contiguous) and ``group.send`` them; on NCCL, messages whose
+  layers are already computed are sent together in one coalesced launch
+  (:mod:`pdserve.kvtransfer.coalescing`);
 * FINISH / CANCEL: push the header (FINISH carries the completion payload ints);
 * CLOSE (from :meth:`close`): push it and stop.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import functools
 import os
 import threading
 import time
@@ -36,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
+from pdserve.kvtransfer.coalescing import can_coalesce, run_coalesced
 from pdserve.kvtransfer.factory import process_group_backend, resolve_backend
 from pdserve.kvtransfer.messages import Header, MessageKind, as_bytes, gather_blocks
 from pdserve.kvtransfer.plan import (
@@ -230,14 +234,25 @@ class ProcessGroupSender(SenderCore):
         self._messages.queue_push(MESSAGE_QUEUE, encode_plan(planned).pack())
         pos = 0
         indices: dict[tuple[int, ...], torch.Tensor] = {}  # source block ids, once per plan
+        batch: list[tuple[list[torch.Tensor], list[OutgoingMessage]]] = []  # computed, not yet sent
+        coalesce = is_cuda(self._device) and can_coalesce(self._group)
         for message in planned:
             parts = outgoing[pos:pos + len(message.parts)]
             pos += len(message.parts)
+            ready = coalesce and all(event_done(m.ready) for m in parts)
+            if batch and (not ready or _batch_bytes(batch) >= self._max_inflight_bytes // 4):
+                self._send_batch(batch)
+                batch = []
             self._reap(self._max_inflight_bytes)
+            if ready:  # its layers are computed: it joins the next coalesced send
+                batch.append((self._payload(message, parts, indices), parts))
+                continue
             for m in parts:
                 if m.ready is not None:
                     torch.cuda.current_stream(self._device).wait_event(m.ready)
             self._send(self._payload(message, parts, indices), parts)
+        if batch:
+            self._send_batch(batch)
 
     def _index(self, ids: tuple[int, ...], indices: dict[tuple[int, ...], torch.Tensor]) -> torch.Tensor:
         index = indices.get(ids)
@@ -282,6 +297,23 @@ class ProcessGroupSender(SenderCore):
             return
         for work in works:
             work.wait()  # the transfer stream waits for the sends; the host does not
+        self._track(payloads, done)
+
+    def _send_batch(self, batch: list[tuple[list[torch.Tensor], list[OutgoingMessage]]]) -> None:
+        """Send the messages of ``batch`` (NCCL, their layers computed) in one coalesced launch."""
+        if len(batch) == 1:
+            self._send(*batch[0])
+            return
+        assert self._group is not None
+        group = self._group
+        payloads = [p for message_payloads, _ in batch for p in message_payloads]
+        work = run_coalesced(group, [functools.partial(group.send, [as_bytes(p)], RECEIVER_RANK, 0)
+                                     for p in payloads])
+        work.wait()
+        self._track(payloads, [m for _, done in batch for m in done])
+
+    def _track(self, payloads: list[torch.Tensor], done: list[OutgoingMessage]) -> None:
+        """Complete ``done`` once the sends queued so far finished on the device (:meth:`_reap`)."""
         deadline = time.monotonic() + self._op_timeout_s
         self._inflight.append(_InFlight(done, payloads, record_event(self._device), deadline))
         self._inflight_bytes += sum(p.numel() * p.element_size() for p in payloads)
@@ -300,6 +332,10 @@ class ProcessGroupSender(SenderCore):
             self._inflight_bytes -= sum(p.numel() * p.element_size() for p in oldest.payloads)
             for m in oldest.messages:
                 self._message_done(m)
+
+
+def _batch_bytes(batch: list[tuple[list[torch.Tensor], list[OutgoingMessage]]]) -> int:
+    return sum(p.numel() * p.element_size() for payloads, _ in batch for p in payloads)
 
 
 def _splittable(message: OutgoingMessage) -> bool:
