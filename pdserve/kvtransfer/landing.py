@@ -8,9 +8,9 @@ One :class:`PlanLanding` per channel of the process-group receiver (built in the
   the *post stream*, which carries nothing else, so NCCL runs every receive of the plan back to back;
   make the *landing stream* (the thread's current stream) wait for them; then either nothing more (a
   split message of one part whose destination blocks are contiguous was received straight into the
-  two cache ranges, keys and values) or one scatter per claimed part from a staging buffer. Where
-  the group coalesces (NCCL, :mod:`pdserve.kvtransfer.coalescing`), a plan of several messages posts
-  every receive in one launch and the scatters follow it. Then
+  two cache ranges, keys and values) or one scatter per claimed part from a staging buffer. Messages
+  the plan marks as one coalesced launch (:func:`~pdserve.kvtransfer.plan.coalesce_ready`) have their
+  receives posted in one coalesced launch too, as NCCL needs, and their scatters follow it. Then
   one event on the landing stream becomes the claimed transfers' ``last_write``. The host never waits
   for a message; it learns that the whole plan landed from that event (through the transfers'
   completion, see :mod:`pdserve.kvtransfer.receiving`).
@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from pdserve.kvtransfer.coalescing import can_coalesce, run_coalesced
-from pdserve.kvtransfer.messages import as_bytes, scatter_blocks
-from pdserve.kvtransfer.plan import PlannedMessage, is_contiguous, message_buffers, part_payloads
+from pdserve.kvtransfer.messages import ProtocolError, as_bytes, scatter_blocks
+from pdserve.kvtransfer.plan import PlannedMessage, is_contiguous, launches, message_buffers, part_payloads
 from pdserve.kvtransfer.receiving import ReceiverCore
 from pdserve.kvtransfer.rendezvous import SENDER_RANK, Group
 from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda, record_event
@@ -93,22 +93,21 @@ class PlanLanding:
                     staging.append(staged)
                     landings.append((message, targets, buffers, staged))
                     self.num_staged += 1
-            if len(landings) > 1 and can_coalesce(self._group):
-                # one launch for the plan: the scatters wait for all of it (host time saved > overlap lost)
+            for launch in launches(plan):
                 receives = [functools.partial(self._group.recv, [as_bytes(b)], SENDER_RANK, 0)
-                            for _, _, buffers, _ in landings for b in buffers]
+                            for i in launch for b in landings[i][2]]
                 with torch.cuda.stream(self._post_stream):
-                    work = run_coalesced(self._group, receives)
-                work.wait()  # the landing stream waits for the receives, the host does not
-                for message, targets, _, staged in landings:
-                    if staged is not None:
-                        self._scatter(message, targets, staged, indices)
-            else:
-                for message, targets, buffers, staged in landings:
-                    with torch.cuda.stream(self._post_stream):
-                        works = [self._group.recv([as_bytes(b)], SENDER_RANK, 0) for b in buffers]
-                    for work in works:
-                        work.wait()
+                    if len(launch) > 1:  # the sender coalesced these messages: so must we (NCCL)
+                        if not can_coalesce(self._group):
+                            raise ProtocolError("the sender coalesces KV messages and this receiver cannot "
+                                                "(PDSERVE_KV_COALESCE=0 or an older torch on one side only)")
+                        works = [run_coalesced(self._group, receives)]
+                    else:
+                        works = [receive() for receive in receives]
+                for work in works:
+                    work.wait()  # the landing stream waits for the receives, the host does not
+                for i in launch:
+                    message, targets, _, staged = landings[i]
                     if staged is not None:
                         self._scatter(message, targets, staged, indices)
             event = record_event(self._device)

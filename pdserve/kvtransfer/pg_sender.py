@@ -10,8 +10,8 @@ append messages to an in-memory queue and return; the thread drains it in order:
   push the PLAN header to the pair's store queue, then per planned message: (CUDA) make the transfer
   stream wait for its layers' events, gather the source blocks (or take them straight from the cache
   when a split message's blocks are contiguous) and ``group.send`` them; on NCCL, messages whose
-  layers are already computed are sent together in one coalesced launch
-  (:mod:`pdserve.kvtransfer.coalescing`);
+  layers are already computed when the plan is made go in coalesced launches the plan announces
+  (:func:`~pdserve.kvtransfer.plan.coalesce_ready`);
 * FINISH / CANCEL: push the header (FINISH carries the completion payload ints);
 * CLOSE (from :meth:`close`): push it and stop.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import datetime
 import functools
+import itertools
 import os
 import threading
 import time
@@ -44,9 +45,11 @@ from pdserve.kvtransfer.factory import process_group_backend, resolve_backend
 from pdserve.kvtransfer.messages import Header, MessageKind, as_bytes, gather_blocks
 from pdserve.kvtransfer.plan import (
     PlannedMessage,
+    coalesce_ready,
     encode_plan,
     group_parts,
     is_contiguous,
+    launches,
     message_buffers,
     part_payloads,
 )
@@ -227,31 +230,26 @@ class ProcessGroupSender(SenderCore):
 
     def _send_plan(self, outgoing: list[OutgoingMessage]) -> None:
         """Announce the messages of ``outgoing`` in one PLAN header, then send them in order, each as
-        soon as its layers are computed. Every announced message is sent, even if its transfer is
-        cancelled meanwhile: the receiver has posted a receive for it."""
+        soon as its layers are computed (on NCCL, messages already computed when the plan is made go
+        in coalesced launches the plan announces). Every announced message is sent, even if its
+        transfer is cancelled meanwhile: the receiver has posted a receive for it."""
         planned = group_parts([m.header for m in outgoing], lambda i: _splittable(outgoing[i]),
                               MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES, [event_done(m.ready) for m in outgoing])
+        bounds = list(itertools.accumulate((len(m.parts) for m in planned), initial=0))
+        parts_of = [outgoing[bounds[i]:bounds[i + 1]] for i in range(len(planned))]
+        if is_cuda(self._device) and can_coalesce(self._group):
+            ready = [all(event_done(m.ready) for m in parts) for parts in parts_of]
+            planned = coalesce_ready(planned, ready, MAX_PLAN_STAGED_BYTES)
         self._messages.queue_push(MESSAGE_QUEUE, encode_plan(planned).pack())
-        pos = 0
         indices: dict[tuple[int, ...], torch.Tensor] = {}  # source block ids, once per plan
-        batch: list[tuple[list[torch.Tensor], list[OutgoingMessage]]] = []  # computed, not yet sent
-        coalesce = is_cuda(self._device) and can_coalesce(self._group)
-        for message in planned:
-            parts = outgoing[pos:pos + len(message.parts)]
-            pos += len(message.parts)
-            ready = coalesce and all(event_done(m.ready) for m in parts)
-            if batch and (not ready or _batch_bytes(batch) >= self._max_inflight_bytes // 4):
-                self._send_batch(batch)
-                batch = []
-            self._reap(self._max_inflight_bytes)
-            if ready:  # its layers are computed: it joins the next coalesced send
-                batch.append((self._payload(message, parts, indices), parts))
-                continue
-            for m in parts:
-                if m.ready is not None:
-                    torch.cuda.current_stream(self._device).wait_event(m.ready)
-            self._send(self._payload(message, parts, indices), parts)
-        if batch:
+        for launch in launches(planned):
+            batch = []
+            for i in launch:
+                self._reap(self._max_inflight_bytes)
+                for m in parts_of[i]:
+                    if m.ready is not None:
+                        torch.cuda.current_stream(self._device).wait_event(m.ready)
+                batch.append((self._payload(planned[i], parts_of[i], indices), parts_of[i]))
             self._send_batch(batch)
 
     def _index(self, ids: tuple[int, ...], indices: dict[tuple[int, ...], torch.Tensor]) -> torch.Tensor:
@@ -300,7 +298,7 @@ class ProcessGroupSender(SenderCore):
         self._track(payloads, done)
 
     def _send_batch(self, batch: list[tuple[list[torch.Tensor], list[OutgoingMessage]]]) -> None:
-        """Send the messages of ``batch`` (NCCL, their layers computed) in one coalesced launch."""
+        """Send the messages of one launch of a plan (several: one coalesced NCCL launch)."""
         if len(batch) == 1:
             self._send(*batch[0])
             return
@@ -332,10 +330,6 @@ class ProcessGroupSender(SenderCore):
             self._inflight_bytes -= sum(p.numel() * p.element_size() for p in oldest.payloads)
             for m in oldest.messages:
                 self._message_done(m)
-
-
-def _batch_bytes(batch: list[tuple[list[torch.Tensor], list[OutgoingMessage]]]) -> int:
-    return sum(p.numel() * p.element_size() for payloads, _ in batch for p in payloads)
 
 
 def _splittable(message: OutgoingMessage) -> bool:

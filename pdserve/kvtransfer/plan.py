@@ -13,8 +13,14 @@ destination blocks are contiguous receives them straight into its cache (each ha
 range of a layer tensor); otherwise the receiver stages the bytes and scatters them.
 
 Wire form: a ``PLAN`` header with ``num_messages`` = number of messages, ``payload_nbytes`` = total
-bytes, and ``ints`` = per message ``[num_parts, split]`` followed by ``PART_INTS`` ints per part
-(transfer_id, layer, start, num_blocks, payload_nbytes).
+bytes, and ``ints`` = per message ``[num_parts, flags]`` (bit 0: split; bit 1: joins the previous
+message's coalesced launch) followed by ``PART_INTS`` ints per part (transfer_id, layer, start,
+num_blocks, payload_nbytes).
+
+Launches (:func:`coalesce_ready`, :func:`launches`): on NCCL, consecutive messages whose layers are all
+computed when the plan is made go out in one coalesced launch (one host-side operation for several
+messages, :mod:`pdserve.kvtransfer.coalescing`), and the receiver posts their receives in the same
+grouping, which the plan states because NCCL needs both sides to group alike.
 
 Grouping (:func:`group_parts`): consecutive parts go into one message until it holds at least
 ``min_message_bytes`` (small layers of short prompts are grouped, since small NCCL messages are slow),
@@ -44,6 +50,9 @@ class PlannedMessage:
 
     parts: tuple[Header, ...]
     split: bool = False
+    #: Sent in one coalesced launch with the message before it (both sides group exactly these sets:
+    #: NCCL hangs when one side coalesces operations the other posts one by one).
+    joins_previous: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -59,7 +68,7 @@ def encode_plan(messages: Sequence[PlannedMessage]) -> Header:
     """The PLAN header announcing ``messages``."""
     ints: list[int] = []
     for message in messages:
-        ints += [len(message.parts), int(message.split)]
+        ints += [len(message.parts), int(message.split) | int(message.joins_previous) << 1]
         for p in message.parts:
             ints += [p.transfer_id, p.layer, p.start, p.num_blocks, p.payload_nbytes]
     return Header(MessageKind.PLAN, num_messages=len(messages),
@@ -68,14 +77,17 @@ def encode_plan(messages: Sequence[PlannedMessage]) -> Header:
 
 def decode_plan(header: Header) -> list[PlannedMessage]:
     """The messages a PLAN header announces; :class:`ProtocolError` if it is malformed."""
-    ints, pos, messages = header.ints, 0, []
+    ints, pos = header.ints, 0
+    messages: list[PlannedMessage] = []
     for _ in range(header.num_messages):
         if pos + 2 > len(ints):
             raise ProtocolError("a PLAN header ends inside a message descriptor")
-        num_parts, split = ints[pos], ints[pos + 1]
+        num_parts, flags = ints[pos], ints[pos + 1]
         pos += 2
-        if num_parts <= 0 or pos + PART_INTS * num_parts > len(ints) or split not in (0, 1):
-            raise ProtocolError(f"a PLAN message descriptor is malformed (parts={num_parts}, split={split})")
+        if num_parts <= 0 or pos + PART_INTS * num_parts > len(ints) or flags not in (0, 1, 2, 3):
+            raise ProtocolError(f"a PLAN message descriptor is malformed (parts={num_parts}, flags={flags})")
+        if flags & 2 and not messages:
+            raise ProtocolError("the first message of a PLAN cannot join a previous one")
         parts = []
         for _ in range(num_parts):
             tid, layer, start, num_blocks, nbytes = ints[pos:pos + PART_INTS]
@@ -83,7 +95,7 @@ def decode_plan(header: Header) -> list[PlannedMessage]:
             if nbytes <= 0:
                 raise ProtocolError(f"a PLAN part has {nbytes} bytes")
             parts.append(Header(MessageKind.LAYER, tid, layer, start, num_blocks, nbytes))
-        message = PlannedMessage(tuple(parts), bool(split))
+        message = PlannedMessage(tuple(parts), bool(flags & 1), bool(flags & 2))
         if message.split and (num_parts != 1 or message.nbytes % 2):
             raise ProtocolError("a split PLAN message must have one part of an even size")
         messages.append(message)
@@ -139,3 +151,27 @@ def message_buffers(message: PlannedMessage, device: torch.device | str) -> tupl
     staged = torch.empty(message.nbytes, dtype=torch.uint8, device=device)
     half = message.nbytes // 2
     return staged, [staged[:half], staged[half:]] if message.split else [staged]
+
+
+def coalesce_ready(messages: Sequence[PlannedMessage], ready: Sequence[bool], max_bytes: int) -> list[PlannedMessage]:
+    """``messages`` with ``joins_previous`` set on each ready message that follows a ready one, while
+    the launch it joins stays within ``max_bytes`` (``ready[i]``: message ``i``'s layers are computed)."""
+    out: list[PlannedMessage] = []
+    launch_bytes = 0
+    for i, message in enumerate(messages):
+        joins = bool(out) and ready[i] and ready[i - 1] and launch_bytes + message.nbytes <= max_bytes
+        launch_bytes = launch_bytes + message.nbytes if joins else message.nbytes
+        out.append(PlannedMessage(message.parts, message.split, joins))
+    return out
+
+
+def launches(messages: Sequence[PlannedMessage]) -> Iterator[list[int]]:
+    """The indices of ``messages`` in launch order, one list per launch (a message and those joining it)."""
+    batch: list[int] = []
+    for i, message in enumerate(messages):
+        if batch and not message.joins_previous:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch

@@ -66,3 +66,18 @@ def test_llama_sized_blocks(backend: str) -> None:
         check_concurrent_transfers(made)
     finally:
         made.close()
+
+
+@pytest.mark.timeout(300)
+def test_nccl_coalesced_launches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One message per layer (the spawned sender reads these limits at import): a transfer whose layers
+    are computed before its plan is made goes in coalesced launches, which the receiver must group alike
+    (NCCL hangs otherwise); the bytes land exactly and concurrent transfers still do."""
+    monkeypatch.setenv("PDSERVE_KV_MIN_MESSAGE_BYTES", "1")
+    monkeypatch.setenv("PDSERVE_KV_MAX_MESSAGE_BYTES", str(64 << 10))
+    made = _transport(LLAMA_LIKE, "nccl")
+    try:
+        check_chunked_transfer(made)
+        check_concurrent_transfers(made)
+    finally:
+        made.close()

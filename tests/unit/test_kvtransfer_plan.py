@@ -9,7 +9,15 @@ import torch
 
 from pdserve.kvtransfer import KVLayoutInfo, TransferState, open_receiver, pg_sender
 from pdserve.kvtransfer.messages import Header, MessageKind, ProtocolError
-from pdserve.kvtransfer.plan import PlannedMessage, decode_plan, encode_plan, group_parts, is_contiguous
+from pdserve.kvtransfer.plan import (
+    PlannedMessage,
+    coalesce_ready,
+    decode_plan,
+    encode_plan,
+    group_parts,
+    is_contiguous,
+    launches,
+)
 from pdserve.kvtransfer.process_group import open_sender
 
 
@@ -29,7 +37,8 @@ def test_plan_round_trip() -> None:
 @pytest.mark.parametrize("ints", [
     (1, 0, 1, 0, 0, 1, 64, 99),            # one int too many
     (2, 0, 1, 0, 0, 1, 64),                # ends inside the second part
-    (1, 2, 1, 0, 0, 1, 64),                # split flag not 0/1
+    (1, 4, 1, 0, 0, 1, 64),                # flags beyond split (1) and joins-previous (2)
+    (1, 2, 1, 0, 0, 1, 64),                # the first message cannot join a previous launch
     (2, 1, 1, 0, 0, 1, 32, 2, 0, 0, 1, 32),  # split with two parts
     (1, 0, 1, 0, 0, 1, 0),                 # an empty part
 ])
@@ -61,6 +70,17 @@ def test_grouping_merges_layers_already_computed() -> None:
     grouped = group_parts(parts, lambda i: False, 10, 1000, ready)
     assert [[p.layer for p in m.parts] for m in grouped] == [[0, 1, 2, 3], [4], [5]]
     assert [len(m.parts) for m in group_parts(parts, lambda i: False, 10, 25, ready)] == [2, 2, 1, 1]
+
+
+def test_coalesced_launches_cover_ready_runs_within_the_byte_limit() -> None:
+    messages = [PlannedMessage((_part(1, layer, 10),)) for layer in range(6)]
+    ready = [True, True, True, False, True, True]
+    marked = coalesce_ready(messages, ready, 25)
+    # 0+1 fill the limit (20 bytes; 30 would pass it), 2 starts a launch, 3 is not computed, 4+5 join
+    assert [m.joins_previous for m in marked] == [False, True, False, False, False, True]
+    assert list(launches(marked)) == [[0, 1], [2], [3], [4, 5]]
+    assert decode_plan(Header.unpack(encode_plan(marked).pack())) == marked
+    assert list(launches(coalesce_ready(messages, [False] * 6, 1000))) == [[i] for i in range(6)]
 
 
 def test_is_contiguous() -> None:
