@@ -209,6 +209,8 @@ def _probe_case(rank: int, case: str, port: int, results: Any) -> None:
     ok = not thread.is_alive() and not error and (rank == 0 or all(
         int(b[0].item()) == i and int(b[-1].item()) == i for i, b in enumerate(buffers)))
     results.put((rank, case, "hung" if thread.is_alive() else (error[0] if error else ("ok" if ok else "wrong"))))
+    results.close()
+    results.join_thread()  # flush the answer before leaving without NCCL's teardown
     os._exit(0)
 
 
@@ -222,7 +224,8 @@ def _catch(fn: Any, error: list[str]) -> None:
 def coalescing_probe() -> dict[str, str]:
     ctx = mp.get_context("spawn")
     out = {}
-    for n, case in enumerate(["ind->ind", "ind->coal", "coal->ind", "coal->coal", "ind->coal-thread"]):
+    # one side coalescing while the other posts one by one hangs (measured on 2xH200, NCCL 2.28): not probed
+    for n, case in enumerate(["ind->ind", "coal->coal", "coal->coal-thread"]):
         results = ctx.Queue()
         procs = [ctx.Process(target=_probe_case, args=(rank, case, 29700 + n, results)) for rank in (0, 1)]
         for p in procs:
