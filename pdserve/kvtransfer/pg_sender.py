@@ -121,6 +121,7 @@ class ProcessGroupSender(SenderCore):
         self._cond = threading.Condition(threading.Lock())
         self._inflight: collections.deque[_InFlight] = collections.deque()
         self._inflight_bytes = 0
+        self._done_stream: torch.cuda.Stream | None = None  # where NCCL sends' completion is recorded
         self._ready = threading.Event()
         self._setup_error: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"kv-sender-{index}", daemon=True)
@@ -293,9 +294,7 @@ class ProcessGroupSender(SenderCore):
             for m in done:
                 self._message_done(m)
             return
-        for work in works:
-            work.wait()  # the transfer stream waits for the sends; the host does not
-        self._track(payloads, done)
+        self._track(works, payloads, done)
 
     def _send_batch(self, batch: list[tuple[list[torch.Tensor], list[OutgoingMessage]]]) -> None:
         """Send the messages of one launch of a plan (several: one coalesced NCCL launch)."""
@@ -307,13 +306,21 @@ class ProcessGroupSender(SenderCore):
         payloads = [p for message_payloads, _ in batch for p in message_payloads]
         work = run_coalesced(group, [functools.partial(group.send, [as_bytes(p)], RECEIVER_RANK, 0)
                                      for p in payloads])
-        work.wait()
-        self._track(payloads, [m for _, done in batch for m in done])
+        self._track([work], payloads, [m for _, done in batch for m in done])
 
-    def _track(self, payloads: list[torch.Tensor], done: list[OutgoingMessage]) -> None:
-        """Complete ``done`` once the sends queued so far finished on the device (:meth:`_reap`)."""
+    def _track(self, works: list[Any], payloads: list[torch.Tensor], done: list[OutgoingMessage]) -> None:
+        """Complete ``done`` once ``works`` finished on the device (:meth:`_reap`). Their completion is
+        recorded on a stream of its own: were the transfer stream to wait for a send, the next
+        message's gather would start only after it, and gathers and sends would run one after the
+        other (measured on 2xH200: 6.8 ms of gathers + 15 ms of sends for 4 GB, back to back)."""
+        if self._done_stream is None:
+            self._done_stream = torch.cuda.Stream(self._device)
+        with torch.cuda.stream(self._done_stream):
+            for work in works:
+                work.wait()
+            event = record_event(self._device)
         deadline = time.monotonic() + self._op_timeout_s
-        self._inflight.append(_InFlight(done, payloads, record_event(self._device), deadline))
+        self._inflight.append(_InFlight(done, payloads, event, deadline))
         self._inflight_bytes += sum(p.numel() * p.element_size() for p in payloads)
 
     def _reap(self, max_bytes: int) -> None:
