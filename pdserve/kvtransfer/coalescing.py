@@ -2,12 +2,15 @@
 
 Each ``ProcessGroupNCCL.send``/``recv`` costs 150-300 us of host time on 2xH200 (torch 2.11: a work
 object, events, the flight recorder); inside a coalescing block the operations are only queued between
-``ncclGroupStart`` and ``ncclGroupEnd`` and one work object stands for all of them. A side may coalesce
-its operations whatever the peer does: NCCL matches point-to-point operations per peer in order.
+``ncclGroupStart`` and ``ncclGroupEnd`` and one work object stands for all of them.
 
-Used where a side has several messages to move at once: the receiver posts every receive of a plan in
-one block, the sender sends in one block the messages whose layers are already computed. Gloo groups
-(CPU) do not coalesce; ``PDSERVE_KV_COALESCE=0`` turns it off for measurements.
+Used, when ``PDSERVE_KV_COALESCE=1``, for the runs of messages a plan marks as one launch (their
+layers computed when the plan was made): the sender sends them in one block and the receiver posts
+their receives in one block -- both sides must group alike, since NCCL 2.28 hangs when only one side
+coalesces (probed on 2xH200, ``benchmarks/kv_timeline.py --probe``). Off by default: on 2xH200 it
+measured no faster (4 GB: 19.0 ms against 16.9; 512 MB: 5.3 against 5.2), because a coalesced launch
+starts only once every message of it is gathered, which costs the overlap of gathers and sends.
+Gloo groups (CPU) do not coalesce.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-COALESCE = os.environ.get("PDSERVE_KV_COALESCE", "1") != "0"
+COALESCE = os.environ.get("PDSERVE_KV_COALESCE", "0") == "1"
 
 
 def can_coalesce(group: Any) -> bool:

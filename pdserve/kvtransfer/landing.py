@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from pdserve.kvtransfer.coalescing import can_coalesce, run_coalesced
-from pdserve.kvtransfer.messages import ProtocolError, as_bytes, scatter_blocks
+from pdserve.kvtransfer.messages import ProtocolError, as_bytes, scatter_blocks, warm_up_block_copies
 from pdserve.kvtransfer.plan import PlannedMessage, is_contiguous, launches, message_buffers, part_payloads
 from pdserve.kvtransfer.receiving import ReceiverCore
 from pdserve.kvtransfer.rendezvous import SENDER_RANK, Group
@@ -51,6 +51,7 @@ class PlanLanding:
         self._device = caches[0].device
         self._timeout = datetime.timedelta(seconds=op_timeout_s)
         self._post_stream = torch.cuda.Stream(self._device) if is_cuda(self._device) else None
+        warm_up_block_copies(caches[0])  # the first plan would wait for the scatter kernel's compilation
         self._posted: collections.deque[tuple[Event, list[torch.Tensor]]] = collections.deque()
         self.num_direct = 0  # messages received straight into the cache (no staging, no scatter)
         self.num_staged = 0

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
 from pdserve.kvtransfer.coalescing import can_coalesce, run_coalesced
 from pdserve.kvtransfer.factory import process_group_backend, resolve_backend
-from pdserve.kvtransfer.messages import Header, MessageKind, as_bytes, gather_blocks
+from pdserve.kvtransfer.messages import Header, MessageKind, as_bytes, gather_blocks, warm_up_block_copies
 from pdserve.kvtransfer.plan import (
     PlannedMessage,
     coalesce_ready,
@@ -109,6 +109,7 @@ class ProcessGroupSender(SenderCore):
             raise HandshakeError(f"backend: {e}", "backend") from None
         self._op_timeout_s = op_timeout_s
         self._close_timeout_s = close_timeout_s
+        self._first_layer = caches[0]  # the block-copy kernel is compiled for its layout at start-up
         self._max_inflight_bytes = max_inflight_bytes
         join = datetime.timedelta(seconds=join_timeout_s)
         index, self._store = self._handshake(host, port, group_name, join)
@@ -174,6 +175,7 @@ class ProcessGroupSender(SenderCore):
                                                 f"{self.peer}/{self._name}")
                 hello = torch.zeros(HELLO_NBYTES, dtype=torch.uint8, device=self._device)
                 self._transmit(OutgoingMessage(Header(MessageKind.HELLO, payload_nbytes=HELLO_NBYTES)), [hello])
+                warm_up_block_copies(self._first_layer)
                 self._reap(0)
         except Exception as e:  # noqa: BLE001 - reported to open_sender
             self._setup_error = f"{type(e).__name__}: {e}"
@@ -274,7 +276,7 @@ class ProcessGroupSender(SenderCore):
         buffer, _ = message_buffers(message, self._device)
         for m, (_, view) in zip(parts, part_payloads(message, buffer, self._layout)):
             assert m.kv_layer is not None
-            torch.index_select(m.kv_layer, 1, self._index(m.src_block_ids, indices), out=view)
+            gather_blocks(m.kv_layer, self._index(m.src_block_ids, indices), out=view)
         return [buffer]
 
     def _transmit(self, message: OutgoingMessage, payloads: list[torch.Tensor]) -> None:
