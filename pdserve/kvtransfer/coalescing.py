@@ -23,9 +23,10 @@ COALESCE = os.environ.get("PDSERVE_KV_COALESCE", "0") == "1"
 
 
 def can_coalesce(group: Any) -> bool:
-    """Whether ``group`` can run a coalescing block (an NCCL group on a torch that supports it)."""
-    return (COALESCE and bool(getattr(group, "supports_coalescing", False))
-            and hasattr(group, "_start_coalescing") and hasattr(group, "_end_coalescing"))
+    """Whether ``group`` can run a coalescing block (an NCCL group on a torch that supports it). A
+    receiver follows the plan whenever it can; only a sender chooses (``COALESCE``)."""
+    return (bool(getattr(group, "supports_coalescing", False)) and hasattr(group, "_start_coalescing")
+            and hasattr(group, "_end_coalescing"))
 
 
 def run_coalesced(group: Any, operations: Sequence[Callable[[], Any]]) -> Any:

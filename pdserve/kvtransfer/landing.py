@@ -101,7 +101,7 @@ class PlanLanding:
                     if len(launch) > 1:  # the sender coalesced these messages: so must we (NCCL)
                         if not can_coalesce(self._group):
                             raise ProtocolError("the sender coalesces KV messages and this receiver cannot "
-                                                "(PDSERVE_KV_COALESCE=0 or an older torch on one side only)")
+                                                "(an older torch on this side)")
                         works = [run_coalesced(self._group, receives)]
                     else:
                         works = [receive() for receive in receives]

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
-from pdserve.kvtransfer.coalescing import can_coalesce, run_coalesced
+from pdserve.kvtransfer.coalescing import COALESCE, can_coalesce, run_coalesced
 from pdserve.kvtransfer.factory import process_group_backend, resolve_backend
 from pdserve.kvtransfer.messages import Header, MessageKind, as_bytes, gather_blocks, warm_up_block_copies
 from pdserve.kvtransfer.plan import (
@@ -240,7 +240,7 @@ class ProcessGroupSender(SenderCore):
                               MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES, [event_done(m.ready) for m in outgoing])
         bounds = list(itertools.accumulate((len(m.parts) for m in planned), initial=0))
         parts_of = [outgoing[bounds[i]:bounds[i + 1]] for i in range(len(planned))]
-        if is_cuda(self._device) and can_coalesce(self._group):
+        if COALESCE and is_cuda(self._device) and can_coalesce(self._group):
             ready = [all(event_done(m.ready) for m in parts) for parts in parts_of]
             planned = coalesce_ready(planned, ready, MAX_PLAN_STAGED_BYTES)
         self._messages.queue_push(MESSAGE_QUEUE, encode_plan(planned).pack())

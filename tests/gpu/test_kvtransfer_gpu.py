@@ -73,6 +73,7 @@ def test_nccl_coalesced_launches(monkeypatch: pytest.MonkeyPatch) -> None:
     """One message per layer (the spawned sender reads these limits at import): a transfer whose layers
     are computed before its plan is made goes in coalesced launches, which the receiver must group alike
     (NCCL hangs otherwise); the bytes land exactly and concurrent transfers still do."""
+    monkeypatch.setenv("PDSERVE_KV_COALESCE", "1")  # off by default; the receiver follows the plan
     monkeypatch.setenv("PDSERVE_KV_MIN_MESSAGE_BYTES", "1")
     monkeypatch.setenv("PDSERVE_KV_MAX_MESSAGE_BYTES", str(64 << 10))
     made = _transport(LLAMA_LIKE, "nccl")
