@@ -26,26 +26,31 @@ class StepKind(StrEnum):
 
 @dataclass(frozen=True)
 class StepShape:
-    """What a step carries, in the model's terms (``decodes``: how many of ``tokens`` are decodes)."""
+    """What a step carries, in the model's terms: ``tokens`` rows (``decodes`` of them decodes),
+    ``kv_tokens`` of earlier context read from the cache, and the query-key pairs of its prefill chunks,
+    split into ``pairs`` among a chunk's own tokens (``n * n / 2``) and ``context_pairs`` against the
+    chunk's earlier context (``n * context``): the two run through different attention kernels (a fresh
+    prompt through the fused dense one, a later chunk through the paged one) at different speeds."""
 
     tokens: int
     kv_tokens: int = 0
     pairs: float = 0.0
     decodes: int = 0
+    context_pairs: float = 0.0
 
     def plus_chunk(self, tokens: int, context: int) -> StepShape:
         """This step with a prefill chunk of ``tokens`` tokens after ``context`` earlier ones added."""
         if tokens <= 0:
             return self
-        return StepShape(self.tokens + tokens, self.kv_tokens + context, self.pairs + tokens * (context + tokens / 2),
-                         self.decodes)
+        return StepShape(self.tokens + tokens, self.kv_tokens + context, self.pairs + tokens * tokens / 2,
+                         self.decodes, self.context_pairs + tokens * context)
 
     def plus_decode(self, context: int) -> StepShape:
-        return StepShape(self.tokens + 1, self.kv_tokens + context, self.pairs, self.decodes + 1)
+        return StepShape(self.tokens + 1, self.kv_tokens + context, self.pairs, self.decodes + 1, self.context_pairs)
 
     @property
     def kind(self) -> StepKind:
-        if self.pairs == 0:
+        if self.pairs == 0 and self.context_pairs == 0:
             return StepKind.DECODE
         return StepKind.MIXED if self.decodes else StepKind.PREFILL
 
@@ -60,11 +65,13 @@ class StepTimeModel:
     free_tokens: int
     per_kv_token_s: float = 0.0
     per_pair_s: float = 0.0
+    per_context_pair_s: float = 0.0
     calibration: tuple[tuple[StepKind, float], ...] = ()
 
     def predict(self, shape: StepShape) -> float:
         seconds = (self.base_s + self.per_token_s * max(shape.tokens, self.free_tokens)
-                   + self.per_kv_token_s * shape.kv_tokens + self.per_pair_s * shape.pairs)
+                   + self.per_kv_token_s * shape.kv_tokens + self.per_pair_s * shape.pairs
+                   + self.per_context_pair_s * shape.context_pairs)
         return seconds * self.factor(shape.kind)
 
     def factor(self, kind: StepKind) -> float:
@@ -94,7 +101,7 @@ class StepTimeModel:
     def prefill_tokens_per_s(self, chunk_tokens: int) -> float:
         """Prompt tokens per second of back-to-back chunks of ``chunk_tokens`` (a prefill worker)."""
         n = max(chunk_tokens, 1)
-        return n / self.predict(StepShape(n, 0, n * n / 2))
+        return n / self.predict(StepShape(0).plus_chunk(n, 0))
 
     def scaled(self, kind: StepKind, factor: float) -> StepTimeModel:
         """The same model with steps of ``kind`` predicted ``factor`` times as long (a calibration)."""
@@ -109,13 +116,18 @@ class StepTimeModel:
     @classmethod
     def from_dict(cls, data: dict, source: str = "step-time profile") -> StepTimeModel:
         try:
+            per_pair_s = float(data.get("per_pair_s", 0.0))
             model = cls(base_s=float(data["base_s"]), per_token_s=float(data["per_token_s"]),
                         free_tokens=int(data["free_tokens"]), per_kv_token_s=float(data.get("per_kv_token_s", 0.0)),
-                        per_pair_s=float(data.get("per_pair_s", 0.0)))
+                        per_pair_s=per_pair_s,
+                        # profiles written before the split priced every pair alike
+                        per_context_pair_s=float(data.get("per_context_pair_s", per_pair_s)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError("step_time_profile", f"{source}: not a step-time model ({exc!r}); expected "
-                              f"base_s, per_token_s, free_tokens[, per_kv_token_s, per_pair_s]") from None
-        if min(model.base_s, model.per_token_s, model.per_kv_token_s, model.per_pair_s) < 0 or model.free_tokens < 0:
+                              f"base_s, per_token_s, free_tokens[, per_kv_token_s, per_pair_s, "
+                              f"per_context_pair_s]") from None
+        if min(model.base_s, model.per_token_s, model.per_kv_token_s, model.per_pair_s,
+               model.per_context_pair_s) < 0 or model.free_tokens < 0:
             raise ConfigError("step_time_profile", f"{source}: coefficients must be >= 0")
         return model
 

@@ -94,7 +94,7 @@ class SchedulerPlan:
     def shape(self) -> StepShape:
         """What the step carries, in the step-time model's terms (one pass: it is read every step)."""
         tokens = kv_tokens = decodes = 0
-        pairs = 0.0
+        pairs = context_pairs = 0.0
         for chunk in self.chunks:
             n, start = chunk.num_tokens, chunk.start
             tokens += n
@@ -102,8 +102,9 @@ class SchedulerPlan:
             if n == 1:
                 decodes += 1
             else:
-                pairs += n * (start + n / 2)
-        return StepShape(tokens, kv_tokens, pairs, decodes)
+                pairs += n * n / 2
+                context_pairs += n * start
+        return StepShape(tokens, kv_tokens, pairs, decodes, context_pairs)
 
     @property
     def is_empty(self) -> bool:

@@ -1,7 +1,8 @@
 """Measure an engine's step-time model at start-up: time synthetic steps through its own runner.
 
 Each synthetic step borrows blocks from the engine's KV cache for dummy requests (``decodes`` requests
-each with ``context`` tokens of (garbage) KV, plus one fresh prompt chunk), runs the forward pass the
+each with ``context`` tokens of (garbage) KV, plus one prompt chunk after ``chunk_context`` computed
+tokens of garbage KV), runs the forward pass the
 way real steps do (CUDA graph or eager), and gives the blocks back; no request is ever visible to the
 scheduler. Called before the engine serves anything.
 """
@@ -37,7 +38,7 @@ def measure_step_time(engine) -> tuple[StepTimeModel, list[dict]]:  # noqa: ANN0
     kv, runner, device = engine.kv, engine.runner, engine.device
     params = SamplingParams(max_tokens=1)
 
-    def run(decodes: int, context: int, chunk: int) -> float:
+    def run(decodes: int, context: int, chunk: int, chunk_context: int) -> float:
         requests, chunks = [], []
         try:
             for i in range(decodes):
@@ -48,11 +49,12 @@ def measure_step_time(engine) -> tuple[StepTimeModel, list[dict]]:  # noqa: ANN0
                 request.num_computed_tokens = context
                 chunks.append(ScheduledChunk(request, context, 1, kv.block_ids(request.request_id), False))
             if chunk:
-                request = Request("__profile-p", [2] * chunk, params)
+                request = Request("__profile-p", [2] * (chunk_context + chunk), params)
                 requests.append(request)
-                if not kv.allocate_slots(request, chunk):
+                if not kv.allocate_slots(request, chunk_context + chunk):
                     raise RuntimeError("the step-time profile does not fit the KV cache")
-                chunks.append(ScheduledChunk(request, 0, chunk, kv.block_ids(request.request_id), False))
+                request.num_computed_tokens = chunk_context
+                chunks.append(ScheduledChunk(request, chunk_context, chunk, kv.block_ids(request.request_id), False))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()

@@ -1,12 +1,16 @@
 """The step-time model: how long one engine step takes, as a function of what it carries.
 
     t(step) = base + per_token * max(tokens, free_tokens) + per_kv_token * kv_tokens + per_pair * pairs
+              + per_context_pair * context_pairs
 
 ``tokens`` is every row the step runs (decodes plus prefill-chunk tokens); below ``free_tokens`` the
 matrix products are bound by reading the weights, so extra rows cost nothing; above it they cost
 ``per_token`` each. ``kv_tokens`` is the earlier context the step's attention reads from the cache
-(every decode's context, each chunk's earlier context), ``pairs`` the query-key pairs of prefill
-chunks (``n * (context + n / 2)`` for a chunk of ``n`` tokens after ``context``). One model per worker,
+(every decode's context, each chunk's earlier context); ``pairs`` the query-key pairs among a prefill
+chunk's own tokens (``n * n / 2``) and ``context_pairs`` those against its earlier context
+(``n * context``). The two are priced apart because they take different kernels: on an H200 a fresh
+prompt's attention runs through the fused dense kernel (~600 TFLOP/s at 8k) and a later chunk's
+through the paged one (~300), and a profile of fresh prompts alone under-priced chunked prompts. One model per worker,
 fitted at start-up from a handful of timed steps (:func:`profile_step_time`) or loaded from a JSON
 profile, used by the scheduler (prefill tokens that fit a step-time budget), reported to the router
 (prompt tokens per second, for TTFT estimates), and checked against live steps
@@ -40,7 +44,8 @@ def fit_step_time(samples: Sequence[tuple[StepShape, float]]) -> StepTimeModel:
         columns = {"base_s": np.ones(len(samples)),
                    "per_token_s": np.array([max(s.tokens, free) for s, _ in samples], dtype=np.float64),
                    "per_kv_token_s": np.array([s.kv_tokens for s, _ in samples], dtype=np.float64),
-                   "per_pair_s": np.array([s.pairs for s, _ in samples], dtype=np.float64)}
+                   "per_pair_s": np.array([s.pairs for s, _ in samples], dtype=np.float64),
+                   "per_context_pair_s": np.array([s.context_pairs for s, _ in samples], dtype=np.float64)}
         active = [k for k, v in columns.items() if k == "base_s" or v.any()]
         coef: dict[str, float] = {}
         while active:
@@ -53,7 +58,8 @@ def fit_step_time(samples: Sequence[tuple[StepShape, float]]) -> StepTimeModel:
             active = [k for k in active if k not in negative]
         model = StepTimeModel(base_s=coef.get("base_s", 0.0), per_token_s=coef.get("per_token_s", 0.0),
                               free_tokens=free, per_kv_token_s=coef.get("per_kv_token_s", 0.0),
-                              per_pair_s=coef.get("per_pair_s", 0.0))
+                              per_pair_s=coef.get("per_pair_s", 0.0),
+                              per_context_pair_s=coef.get("per_context_pair_s", 0.0))
         error = float(np.mean([abs(model.predict(s) - t) / t for s, t in samples]))
         if best is None or error < best[0]:
             best = (error, model)
@@ -61,25 +67,34 @@ def fit_step_time(samples: Sequence[tuple[StepShape, float]]) -> StepTimeModel:
     return best[1]
 
 
-def profile_step_time(run: Callable[[int, int, int], float], *, max_tokens: int, max_decodes: int,
+def profile_step_time(run: Callable[[int, int, int, int], float], *, max_tokens: int, max_decodes: int,
                       max_context: int, kv_capacity_tokens: int) -> tuple[StepTimeModel, list[dict]]:
-    """Time a grid of synthetic steps with ``run(decodes, context, chunk_tokens) -> seconds`` (decodes
-    each reading ``context`` tokens of KV, plus one fresh chunk of ``chunk_tokens``), fit the model,
-    and return it with the samples. The grid stays inside the token budget and the KV capacity."""
+    """Time a grid of synthetic steps with ``run(decodes, context, chunk_tokens, chunk_context) ->
+    seconds`` (decodes each reading ``context`` tokens of KV, plus one prompt chunk of ``chunk_tokens``
+    after ``chunk_context`` computed ones), fit the model, and return it with the samples. The grid:
+    fresh prompts, decode batches, decodes with a fresh chunk, later chunks of a prompt, and decodes at
+    a serving context with a later chunk (what a worker that chunks prompts between decodes runs); it
+    stays inside the token budget, the model length and the KV capacity."""
     chunks = sorted({c for c in (16, 64, 256, 1024, 2048, 4096) if c <= max_tokens} | {min(max_tokens, 8192)})
     decodes = sorted({d for d in (1, 16, 64, 128) if d <= max_decodes})
     contexts = sorted({c for c in (128, 1024, 4096) if c < max_context})
-    grid = [(0, 0, c) for c in chunks]
-    grid += [(d, ctx, 0) for d, ctx in itertools.product(decodes, contexts) if d * (ctx + 1) <= kv_capacity_tokens // 2]
-    grid += [(d, ctx, c) for d, ctx, c in itertools.product(decodes[-1:], contexts[:1], chunks[1:3])
-             if d + c <= max_tokens and d * (ctx + 1) + c <= kv_capacity_tokens // 2]
+    grid = [(0, 0, c, 0) for c in chunks]
+    grid += [(d, ctx, 0, 0) for d, ctx in itertools.product(decodes, contexts) if d * (ctx + 1) <= kv_capacity_tokens // 2]
+    grid += [(d, ctx, c, 0) for d, ctx, c in itertools.product(decodes[-1:], contexts[:1], chunks[1:3])]
+    grid += [(0, 0, c, x) for c, x in ((256, 1024), (256, 4096), (1024, 3072))]
+    grid += [(min(64, max_decodes), 1024, c, x) for c, x in ((256, 1024), (512, 2048))]
+    grid = [(d, ctx, c, x) for d, ctx, c, x in grid
+            if d + c <= max_tokens and x + c <= max_context and d * (ctx + 1) + c + x <= kv_capacity_tokens // 2]
     samples, rows = [], []
-    for d, ctx, c in grid:
-        run(d, ctx, c)  # warm-up: kernels for this shape
-        seconds = statistics.median(run(d, ctx, c) for _ in range(3))
-        shape = StepShape(d + c, d * ctx, c * c / 2, d)
+    for d, ctx, c, x in grid:
+        run(d, ctx, c, x)  # warm-up: kernels for this shape
+        seconds = statistics.median(run(d, ctx, c, x) for _ in range(3))
+        shape = StepShape(0)
+        for _ in range(d):
+            shape = shape.plus_decode(ctx)
+        shape = shape.plus_chunk(c, x)
         samples.append((shape, seconds))
-        rows.append({"decodes": d, "context": ctx, "chunk_tokens": c, "seconds": seconds})
+        rows.append({"decodes": d, "context": ctx, "chunk_tokens": c, "chunk_context": x, "seconds": seconds})
     model = fit_step_time(samples)
     for row, (shape, _) in zip(rows, samples):
         row["predicted"] = model.predict(shape)

@@ -17,13 +17,25 @@ from pdserve.engine.step_time import (
     profile_step_time,
 )
 
-TRUE = StepTimeModel(base_s=4e-3, per_token_s=25e-6, free_tokens=128, per_kv_token_s=2e-8, per_pair_s=1e-10)
+# H200-like, Llama-3.1-8B: a later chunk's pairs cost twice a fresh prompt's (the paged attention
+# kernel at ~300 TFLOP/s against the dense one at ~600; 0.5 MFLOP per pair over 32 layers)
+TRUE = StepTimeModel(base_s=4e-3, per_token_s=25e-6, free_tokens=128, per_kv_token_s=2e-8, per_pair_s=0.9e-9,
+                     per_context_pair_s=1.8e-9)
+
+
+def _shape(decodes: int, context: int, chunk: int, chunk_context: int = 0) -> StepShape:
+    shape = StepShape(0)
+    for _ in range(decodes):
+        shape = shape.plus_decode(context)
+    return shape.plus_chunk(chunk, chunk_context)
 
 
 def _grid() -> list[StepShape]:
-    shapes = [StepShape(c, 0, c * c / 2) for c in (16, 64, 256, 1024, 2048, 4096)]
-    shapes += [StepShape(d, d * ctx) for d in (1, 16, 64, 128) for ctx in (128, 1024, 4096)]
-    shapes += [StepShape(64 + c, 64 * 128, c * c / 2) for c in (64, 256)]
+    shapes = [_shape(0, 0, c) for c in (16, 64, 256, 1024, 2048, 4096)]
+    shapes += [_shape(d, ctx, 0) for d in (1, 16, 64, 128) for ctx in (128, 1024, 4096)]
+    shapes += [_shape(64, 128, c) for c in (64, 256)]
+    shapes += [_shape(0, 0, c, x) for c, x in ((256, 1024), (256, 4096), (1024, 3072))]
+    shapes += [_shape(64, 1024, c, x) for c, x in ((256, 1024), (512, 2048))]
     return shapes
 
 
@@ -34,6 +46,18 @@ def test_fit_recovers_a_known_model_from_noisy_samples() -> None:
     for shape, _ in samples:
         assert model.predict(shape) == pytest.approx(TRUE.predict(shape), rel=0.06)
     assert model.free_tokens in (64, 128, 256)
+    # the later chunk of a long prompt is priced by its own pairs, not a fresh prompt's
+    late_chunk = _shape(0, 0, 512, 6000)
+    assert model.predict(late_chunk) == pytest.approx(TRUE.predict(late_chunk), rel=0.08)
+
+
+def test_a_fit_without_later_chunks_underprices_them() -> None:
+    """Why the grid has later chunks: fitted on fresh prompts only, one pair price cannot know that a
+    later chunk's pairs cost more (what made a chunking worker's steps run long on an H200)."""
+    fresh_only = [s for s in _grid() if s.context_pairs == 0]
+    model = fit_step_time([(s, TRUE.predict(s)) for s in fresh_only])
+    late_chunk = _shape(0, 0, 512, 6000)
+    assert model.predict(late_chunk) < 0.85 * TRUE.predict(late_chunk)
 
 
 def test_max_chunk_tokens_is_the_largest_chunk_within_the_budget() -> None:
@@ -53,6 +77,9 @@ def test_profile_round_trip_and_bad_profiles(tmp_path) -> None:
     path = tmp_path / "profile.json"
     path.write_text(json.dumps({"model": TRUE.to_dict(), "device": "test"}))
     assert StepTimeModel.load(path) == TRUE
+    older = {k: v for k, v in TRUE.to_dict().items() if k != "per_context_pair_s"}  # before the split
+    path.write_text(json.dumps(older))
+    assert StepTimeModel.load(path).per_context_pair_s == TRUE.per_pair_s
     path.write_text(json.dumps({"base_s": 1.0}))
     with pytest.raises(ConfigError, match="per_token_s"):
         StepTimeModel.load(path)
@@ -64,14 +91,16 @@ def test_profile_round_trip_and_bad_profiles(tmp_path) -> None:
 
 
 def test_profile_step_time_times_a_grid_inside_the_limits() -> None:
-    calls: list[tuple[int, int, int]] = []
+    calls: list[tuple[int, int, int, int]] = []
 
-    def run(decodes: int, context: int, chunk: int) -> float:
-        calls.append((decodes, context, chunk))
-        return TRUE.predict(StepShape(decodes + chunk, decodes * context, chunk * chunk / 2))
+    def run(decodes: int, context: int, chunk: int, chunk_context: int) -> float:
+        calls.append((decodes, context, chunk, chunk_context))
+        return TRUE.predict(_shape(decodes, context, chunk, chunk_context))
 
-    model, rows = profile_step_time(run, max_tokens=512, max_decodes=32, max_context=2000, kv_capacity_tokens=40000)
-    assert all(c <= 512 and d <= 32 and ctx < 2000 and d * (ctx + 1) + c <= 20000 for d, ctx, c in calls)
+    model, rows = profile_step_time(run, max_tokens=512, max_decodes=32, max_context=2000, kv_capacity_tokens=100000)
+    assert all(c + d <= 512 and d <= 32 and ctx < 2000 and x + c <= 2000 and d * (ctx + 1) + c + x <= 50000
+               for d, ctx, c, x in calls)
+    assert any(x > 0 and d == 0 for d, _, _, x in calls) and any(x > 0 and d > 0 for d, _, _, x in calls)
     assert all(r["predicted"] == pytest.approx(r["seconds"], rel=0.1) for r in rows)
     assert model.prefill_tokens_per_s(512) > 0
 
