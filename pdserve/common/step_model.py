@@ -109,6 +109,10 @@ class StepTimeModel:
         factors[kind] = factors.get(kind, 1.0) * factor
         return replace(self, calibration=tuple(sorted(factors.items())))
 
+    def calibrated(self, factors: dict[StepKind, float]) -> StepTimeModel:
+        """The same coefficients with ``factors`` as the calibration (kinds not named: 1.0)."""
+        return replace(self, calibration=tuple(sorted(factors.items())))
+
     def to_dict(self) -> dict[str, float]:
         """The fitted coefficients (what a profile file holds; calibration is a live-run matter)."""
         return {k: v for k, v in asdict(self).items() if k != "calibration"}
@@ -138,3 +142,35 @@ class StepTimeModel:
         except (OSError, ValueError) as exc:
             raise ConfigError("step_time_profile", f"cannot read {path}: {exc}") from None
         return cls.from_dict(data.get("model", data) if isinstance(data, dict) else {}, str(path))
+
+
+def parse_calibration(text: str, source: str = "--calibrate") -> dict[StepKind, float]:
+    """``"mixed=1.37,prefill=1.25"`` as factors per kind of step (``ConfigError`` naming what is wrong)."""
+    factors: dict[StepKind, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, _, value = item.partition("=")
+        try:
+            step_kind = StepKind(kind.strip())
+        except ValueError:
+            raise ConfigError(source, f"{kind.strip()!r} is not a kind of step; use "
+                              f"{', '.join(k.value for k in StepKind)}") from None
+        try:
+            factor = float(value)
+        except ValueError:
+            raise ConfigError(source, f"{item!r}: expected KIND=FACTOR, e.g. mixed=1.3") from None
+        if not 0.1 <= factor <= 10:
+            raise ConfigError(source, f"{item!r}: a factor must be within 0.1-10")
+        factors[step_kind] = factor
+    return factors
+
+
+def pooled_calibration(reports: list[tuple[dict[str, float], dict[str, int]]], min_steps: int) -> dict[StepKind, float]:
+    """One calibration per kind of step from several workers' ``(factors, step counts)`` by kind: the
+    mean factor of the workers that ran at least ``min_steps`` steps of that kind (a worker recalibrates
+    a kind only after that many), 1.0 where none did."""
+    pooled: dict[StepKind, float] = {}
+    for kind in StepKind:
+        factors = [float(f.get(kind.value, 1.0)) for f, counts in reports if counts.get(kind.value, 0) >= min_steps]
+        if factors:
+            pooled[kind] = sum(factors) / len(factors)
+    return pooled

@@ -4,11 +4,13 @@ builds an engine and runs in :mod:`pdserve.cluster.profile_cli`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from pdserve.common.errors import ConfigError
+from pdserve.common.step_model import parse_calibration
 
 
 def add_planner_parsers(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +41,10 @@ def add_planner_parsers(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--trace-start", type=int, default=0)
     plan.add_argument("--time-scale", type=float, default=1.0, help="trace arrival times x this")
     plan.add_argument("--length-scale", type=float, default=1.0, help="trace prompt lengths x this")
+    plan.add_argument("--calibrate", default="", metavar="KIND=FACTOR,...",
+                      help="scale the profile's steps of a kind (decode, mixed, prefill) by what live steps "
+                           "measured, e.g. mixed=1.37,prefill=1.25 (a worker's telemetry reports its "
+                           "step_time_calibration); the start-up profile alone is optimistic under load")
     plan.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -53,6 +59,8 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.requests < 20:
         raise ConfigError("--requests", f"must be >= 20, got {args.requests}")
     profile = Profile.load(args.profile)
+    if args.calibrate:
+        profile = dataclasses.replace(profile, model=profile.model.calibrated(parse_calibration(args.calibrate)))
     if args.trace is not None:
         workload = Workload.trace(args.trace, start=args.trace_start, count=args.requests, time_scale=args.time_scale,
                                   length_scale=args.length_scale)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.common.errors import ConfigError
-from pdserve.common.step_model import StepTimeModel
+from pdserve.common.step_model import StepKind, StepTimeModel
 from pdserve.planner.simulate import ClusterSimulation, SimOutcome, SimRequest, WorkerSpec
 
 DEFAULT_KV_BYTES_PER_TOKEN = 131072.0  # Llama-3.1-8B in bf16: 32 layers x 2 x 8 heads x 128 x 2 bytes
@@ -179,12 +179,14 @@ def plan(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: flo
     best = max(predictions, key=lambda p: (p.goodput_per_gpu, p.attainment_at_offered))
     return {"workload": workload.name, "offered_rate": round(workload.rate, 3), "num_gpus": num_gpus,
             "slo": {"ttft_ms": ttft_slo_s * 1e3, "tpot_ms": tpot_slo_s * 1e3},
+            "calibration": {kind.value: round(profile.model.factor(kind), 3) for kind in StepKind},
             "predictions": [asdict(p) for p in predictions], "recommended": best.config}
 
 
 def render(result: dict[str, Any]) -> str:
     rows = [f"pdserve plan: {result['workload']} (offered {result['offered_rate']:g} req/s) on {result['num_gpus']} "
-            f"GPUs, TTFT <= {result['slo']['ttft_ms']:g} ms, TPOT <= {result['slo']['tpot_ms']:g} ms", "",
+            f"GPUs, TTFT <= {result['slo']['ttft_ms']:g} ms, TPOT <= {result['slo']['tpot_ms']:g} ms",
+            "step times x " + ", ".join(f"{k} {v:g}" for k, v in result.get("calibration", {}).items()), "",
             f"{'configuration':<16} {'goodput/GPU':>12} {'attain@offered':>15} {'TTFT p90 ms':>12} {'TPOT p90 ms':>12}"]
     for p in result["predictions"]:
         mark = "  <- recommended" if p["config"] == result["recommended"] else ""

@@ -6,8 +6,9 @@ Schema (counters run from the worker's start; the router turns them into Prometh
 * ``engine``: ``running_requests``, ``waiting_requests``, ``kv_usage`` (0-1), ``num_kv_blocks``,
   ``queued_prefill_tokens``, ``preemptions``, ``prompt_tokens_computed``, ``prefix_cache_queries`` and
   ``prefix_cache_hits`` (tokens), ``steps``: ``{decode|mixed|prefill: {"count", "seconds"}}`` (device
-  time of measured steps by kind), ``step_time_model`` (its fitted coefficients, or null) and
-  ``kv_bytes_per_token`` (what the router's planner simulates with);
+  time of measured steps by kind), ``step_time_model`` (its fitted coefficients, or null),
+  ``step_time_calibration`` (``{decode|mixed|prefill: factor}``: measured over profiled, as the live
+  monitor last calibrated it) and ``kv_bytes_per_token`` (what the router's planner simulates with);
 * ``kv_transfer``: ``transport`` and the role's counters: a decode worker's ``received``,
   ``failures``, ``local_recomputes``, ``bytes`` and ``seconds`` (landing zone to every byte landed); a
   prefill worker's ``sent``;
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from pdserve.common.step_model import StepKind
 from pdserve.engine.engine import LLMEngine
 from pdserve.worker.engine_loop import load_of
 
@@ -40,6 +42,9 @@ def engine_telemetry(engine: LLMEngine) -> dict[str, Any]:
             "steps": {kind.value: {"count": int(count), "seconds": seconds}
                       for kind, (count, seconds) in engine.step_seconds.items()},
             "step_time_model": engine.step_time.to_dict() if engine.step_time is not None else None,
+            # what live steps taught the model (per kind: measured / profiled), for the planner
+            "step_time_calibration": ({kind.value: engine.step_time.factor(kind) for kind in StepKind}
+                                      if engine.step_time is not None else None),
             "kv_bytes_per_token": kv_bytes_per_token(engine)}
 
 

@@ -8,9 +8,14 @@ import statistics
 
 import pytest
 
+from pdserve.common.errors import ConfigError
+from pdserve.common.step_model import StepKind, parse_calibration, pooled_calibration
 from pdserve.engine.step_time import StepShape, StepTimeModel
 from pdserve.planner.plan import Profile, Workload, configurations, plan
 from pdserve.planner.simulate import ClusterSimulation, SimRequest, WorkerSpec
+from pdserve.router.config import RouterConfig
+from pdserve.router.online_planner import OnlinePlanner
+from pdserve.router.request_log import RequestLog
 
 
 @pytest.mark.parametrize("rho", [0.5, 0.8])
@@ -62,3 +67,42 @@ def test_configurations_and_profile_files(tmp_path) -> None:  # noqa: ANN001
     path.write_text(json.dumps({"model": SYNTHETIC.to_dict(), "kv_bytes_per_token": 1000}))
     profile = Profile.load(path)
     assert profile.model == SYNTHETIC and profile.kv_bytes_per_token == 1000
+
+
+def test_live_calibration_lowers_the_predicted_goodput() -> None:
+    """Mixed steps that run 1.5x their profile cost a colocated worker goodput; the planner must see it."""
+    model = StepTimeModel(base_s=4e-3, per_token_s=20e-6, free_tokens=64, per_kv_token_s=2e-8, per_pair_s=1e-9)
+    workload = Workload.poisson(8.0, 1024, 64, n=200, seed=3)
+    args = {"ttft_slo_s": 0.3, "tpot_slo_s": 0.02}
+    raw = plan(Profile(model), workload, 2, **args)
+    slow = plan(Profile(model.calibrated({StepKind.MIXED: 1.5})), workload, 2, **args)
+    goodput = {r["config"]: r["goodput_per_gpu"] for r in raw["predictions"]}
+    slowed = {r["config"]: r["goodput_per_gpu"] for r in slow["predictions"]}
+    assert slowed["colocated x2"] < goodput["colocated x2"]
+    assert slow["calibration"] == {"decode": 1.0, "mixed": 1.5, "prefill": 1.0}
+
+
+def test_calibration_parsing_and_pooling() -> None:
+    assert parse_calibration("mixed=1.37, prefill=1.25") == {StepKind.MIXED: 1.37, StepKind.PREFILL: 1.25}
+    for bad, words in (("chunky=2", "not a kind of step"), ("mixed", "KIND=FACTOR"), ("mixed=40", "0.1-10")):
+        with pytest.raises(ConfigError, match=words):
+            parse_calibration(bad)
+    # a worker's factor for a kind counts once it ran enough steps of it; no worker: no factor
+    reports = [({"decode": 1.1, "mixed": 1.4}, {"decode": 1000, "mixed": 300}),
+               ({"decode": 1.3, "mixed": 9.0}, {"decode": 500, "mixed": 10})]
+    assert pooled_calibration(reports, 256) == pytest.approx({StepKind.DECODE: 1.2, StepKind.MIXED: 1.4})
+
+
+def test_the_online_planner_simulates_with_the_workers_calibration() -> None:
+    model = {"base_s": 4e-3, "per_token_s": 2e-5, "free_tokens": 64}
+    telemetry = {"colocated-0": {"engine": {"step_time_model": model, "kv_bytes_per_token": 1000,
+                                            "step_time_calibration": {"decode": 1.0, "mixed": 1.5, "prefill": 1.0},
+                                            "steps": {"decode": {"count": 900}, "mixed": {"count": 400}}}},
+                 "colocated-1": {"engine": {"step_time_model": model, "kv_bytes_per_token": 1000,
+                                            "step_time_calibration": {"decode": 1.0, "mixed": 1.3, "prefill": 1.0},
+                                            "steps": {"mixed": {"count": 300}}}}}
+    planner = OnlinePlanner(RouterConfig(), RequestLog(), lambda: 2, lambda: telemetry, lambda: "colocated x2")
+    profile = planner._profile()
+    assert profile is not None and profile.kv_bytes_per_token == 1000
+    assert profile.model.factor(StepKind.MIXED) == pytest.approx(1.4)
+    assert profile.model.factor(StepKind.DECODE) == 1.0 and profile.model.per_token_s == 2e-5
