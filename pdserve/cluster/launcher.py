@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +172,41 @@ class Cluster:
             changed.append(handle.worker_id)
         return changed
 
+    def switch_role(self, worker_id: str, role: str, *, grace_s: float | None = None) -> str:
+        """Turn worker ``worker_id`` into a ``role`` worker while serving, without a restart: the router
+        stops sending it requests and lets those it holds finish for up to ``grace_s`` (default
+        ``router.shutdown_grace_s``; streams left then move to another worker, as in a scale-in), the
+        worker closes its old role and takes the new one (same process, engine and address), and the
+        router adds it under its new id (``<role>-<n>``, returned). Refused (``ValueError``) for a role
+        this cluster has no pool of, or when the worker is the last usable one of its pool. Blocks; call
+        from outside the router's loop."""
+        assert self.router is not None and self._loop is not None, "start() first"
+        handle = next((w for w in self.workers if w.worker_id == worker_id), None)
+        if handle is None:
+            raise ValueError(f"no worker {worker_id!r}; workers: {', '.join(w.worker_id for w in self.workers)}")
+        if role not in self.config.roles or role == handle.role:
+            raise ValueError(f"worker {worker_id} cannot become a {role} worker: this {self.config.mode} cluster's "
+                             f"pools are {', '.join(self.config.roles)}, and it is a {handle.role} worker")
+        started = time.perf_counter()
+        wait = (self.config.router.shutdown_grace_s if grace_s is None else grace_s) + 60
+        asyncio.run_coroutine_threadsafe(self.router.remove_worker(worker_id, grace_s), self._loop).result(wait)
+        taken = {w.worker_id for w in self.workers}
+        new_id = next(f"{role}-{i}" for i in itertools.count() if f"{role}-{i}" not in taken)
+        node = ray.get(handle.actor.node_id.remote(), timeout=60)
+        try:
+            ray.get(handle.actor.switch_role.remote(role, new_id, self.config.engine_config(role).step_time_budget_ms),
+                    timeout=120)
+        except Exception:
+            old = WorkerEndpoint(worker_id, WorkerRole(handle.role), handle.address, node)  # back, as it was
+            asyncio.run_coroutine_threadsafe(self.router.add_worker(old), self._loop).result(120)
+            raise
+        index = self.workers.index(handle)
+        self.workers[index] = WorkerHandle(new_id, role, handle.address, handle.actor)
+        endpoint = WorkerEndpoint(new_id, WorkerRole(role), handle.address, node)
+        asyncio.run_coroutine_threadsafe(self.router.add_worker(endpoint), self._loop).result(120)
+        logger.info("worker %s is now %s (%.2f s, drain included)", worker_id, new_id, time.perf_counter() - started)
+        return new_id
+
     def _pair_strategies(self) -> dict[tuple[str, int], Any]:
         cfg = self.config
         if not cfg.pack_pairs or cfg.mode != "disaggregated":
@@ -221,6 +257,14 @@ class Cluster:
                 if index is None:  # removed meanwhile (scale-in)
                     continue
                 logger.warning("worker %s came back at %s (was %s)", worker.worker_id, address, worker.address)
+                try:  # restarted in the role it was created with: switch it again (it holds nothing yet)
+                    if ray.get(worker.actor.identity.remote(), timeout=10) != [worker.worker_id, worker.role]:
+                        ray.get(worker.actor.switch_role.remote(
+                            worker.role, worker.worker_id, self.config.engine_config(worker.role).step_time_budget_ms),
+                            timeout=60)
+                except Exception:  # noqa: BLE001 (asked again next round)
+                    logger.exception("could not give restarted worker %s its role back", worker.worker_id)
+                    continue
                 self.workers[index] = WorkerHandle(worker.worker_id, worker.role, address, worker.actor)
                 try:
                     asyncio.run_coroutine_threadsafe(self.router.rebind_worker(worker.worker_id, address),

@@ -6,7 +6,8 @@ the launcher and for tests (stats, invariant checks, a clean stop).
 
 Restarts: the launcher creates the actor with ``max_restarts``; when its process dies, Ray runs the
 constructor again in a new process, which then starts serving at once (a fresh engine, a new address)
-and the launcher's supervisor points the router at ``address()``.
+and the launcher's supervisor points the router at ``address()``. A worker whose role was switched
+(``switch_role``) comes back from such a restart in its original role: the launcher switches it again.
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ class WorkerActor:
     def address(self) -> str:
         """The gRPC address it serves on ("" before ``start``)."""
         return self._address
+
+    def switch_role(self, role: str, worker_id: str, step_time_budget_ms: float | None) -> float:
+        """Serve as a ``role`` worker named ``worker_id`` from now on (drained first); the seconds it took."""
+        return self.host.switch_role(make_role(role), worker_id, step_time_budget_ms)
+
+    def identity(self) -> list[str]:
+        """``[worker_id, role]`` as it serves now."""
+        return [self.host.worker_id, self.host.role.name]
 
     def stats(self) -> dict[str, Any]:
         return self.host.stats()

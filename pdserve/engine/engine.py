@@ -274,6 +274,9 @@ class LLMEngine:
     def num_unfinished_requests(self) -> int:
         return len(self._requests)
 
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._requests)
+
     # ---- stepping ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestDelta]:

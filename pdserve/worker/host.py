@@ -2,15 +2,19 @@
 thread, and the role that connects them. Used by the Ray actor and directly by tests.
 
 Lifecycle: ``WorkerHost(...)`` (nothing started) -> ``start()`` loads the model, starts the engine
-thread and the gRPC server, returns the address -> ``call_engine(fn)`` for inspection -> ``stop()``
-stops accepting calls, closes the role's transports, stops the engine thread. ``stop`` is idempotent.
+thread and the gRPC server, returns the address -> ``call_engine(fn)`` for inspection ->
+``switch_role(...)`` any number of times (an elastic role: the same process, engine and address) ->
+``stop()`` stops accepting calls, closes the role's transports, stops the engine thread. ``stop`` is
+idempotent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -55,6 +59,7 @@ class WorkerHost:
                                 self.transfer, backend)
         self.role.attach(context)
         servicer = WorkerServicer(context, self.role, hub)
+        self._context, self._servicer = context, servicer
         self._hub = hub
         self._server = self._run(start_server(lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),
                                               self.host, self.port, service_names=[WORKER_SERVICE],
@@ -63,6 +68,46 @@ class WorkerHost:
         self.engine_loop.start()
         logger.info("%s worker %s serving on %s", self.role.name, self.worker_id, self.address)
         return self.address
+
+    def switch_role(self, role: Role, worker_id: str, step_time_budget_ms: float | None,
+                    settle_s: float = 10.0) -> float:
+        """Serve as ``role`` under ``worker_id`` from now on, keeping the engine (weights, KV cache,
+        graphs) and the gRPC address; returns the seconds it took. Call it once the router no longer
+        routes here (``Router.remove_worker``): what the worker still runs then is aborted -- the
+        router moved those streams elsewhere -- and the switch waits up to ``settle_s`` for their
+        blocks to come back (``RuntimeError`` if they do not; the old role then stays). The old role's
+        transports close (prefill workers that streamed to it notice on their next send, which the
+        router no longer asks for); the new role's open as its first requests need them. The step-time
+        budget follows the new role (a prefill worker protects no TPOT)."""
+        assert self.engine_loop is not None, "start() first"
+        started = time.perf_counter()
+        orphans = self.call_engine(lambda e: e.unfinished_request_ids())
+        if orphans:
+            self._run(self.role.abort(orphans)).result(30)
+            self._run(self.role.cancel_prefill(orphans)).result(30)
+        deadline = time.monotonic() + settle_s
+        while (held := self.call_engine(lambda e: e.num_unfinished_requests + e.num_held_requests)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if held:
+            raise RuntimeError(f"worker {self.worker_id} still holds {held} requests {settle_s:g} s after they "
+                               f"were aborted; it stays a {self.role.name} worker")
+        self._run(self.role.close()).result(30)
+
+        def retune(engine: LLMEngine) -> None:
+            engine.step_hooks = None
+            budget = None if step_time_budget_ms is None else step_time_budget_ms / 1e3
+            engine.scheduler.config = dataclasses.replace(engine.scheduler.config, step_time_budget_s=budget)
+
+        self.call_engine(retune)
+        self.engine_loop.run_urgent_calls_mid_step(lambda: False)
+        self._context.worker_id, self._context.role = worker_id, role.name
+        role.attach(self._context)
+        self._servicer.role = self.role = role
+        old, self.worker_id = self.worker_id, worker_id
+        seconds = time.perf_counter() - started
+        logger.info("worker %s is now %s worker %s (%.2f s)", old, role.name, worker_id, seconds)
+        return seconds
 
     def _on_step(self, hub: UpdateHub, output: StepOutput) -> None:
         self.role.on_step(output)

@@ -5,6 +5,8 @@ too. Every output equals the offline engine's."""
 from __future__ import annotations
 
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -64,5 +66,86 @@ def test_pools_grow_and_shrink_under_load(ray_session) -> None:
         assert cluster.router.configuration_name() == "1P1D"
         stats = wait_until_idle(cluster)
         assert all(s["free_blocks"] == s["usable_blocks"] for s in stats)
+    finally:
+        cluster.stop()
+
+
+def _streams(cluster, prompts: list[str], started: threading.Barrier) -> tuple[list[threading.Thread], dict, dict]:  # noqa: ANN001
+    """One greedy stream per prompt in its own thread; each waits at ``started`` after its third chunk."""
+    results: dict[int, list[int]] = {}
+    errors: dict[int, Exception] = {}
+
+    def stream(i: int) -> None:
+        tokens: list[int] = []
+        try:
+            with Client(cluster.router_address, timeout=120) as client:
+                for n, chunk in enumerate(client.generate_stream(prompts[i], sampling_params=GREEDY)):
+                    tokens += chunk.token_ids
+                    if n == 2:
+                        started.wait()
+            results[i] = tokens
+        except Exception as exc:  # noqa: BLE001 (reported by the caller)
+            errors[i] = exc
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    return threads, results, errors
+
+
+def test_workers_switch_roles_under_load(ray_session) -> None:
+    """Elastic roles: a prefill worker becomes a decode worker and a decode worker holding streams becomes
+    a prefill worker, each without a restart; no request fails and every output equals the offline one."""
+    fresh = [f"Role story {i}: far away" for i in range(4)]  # no worker has their prefixes cached
+    reference = offline(PROMPTS + fresh, GREEDY)
+    expected, expected_fresh = reference[:len(PROMPTS)], reference[len(PROMPTS):]
+    cluster = start_cluster("disaggregated")
+    try:
+        assert cluster.scale("prefill", 2) == ["prefill-1"]
+        address = next(w.address for w in cluster.workers if w.worker_id == "prefill-1")
+        with pytest.raises(ValueError, match="cannot become a colocated worker"):
+            cluster.switch_role("prefill-1", "colocated")
+        with pytest.raises(ValueError, match="last usable decode worker"):
+            cluster.switch_role("decode-0", "prefill")
+
+        started = threading.Barrier(len(PROMPTS) + 1, timeout=60)
+        threads, results, errors = _streams(cluster, PROMPTS, started)
+        started.wait()
+        t0 = time.perf_counter()
+        assert cluster.switch_role("prefill-1", "decode") == "decode-1"  # it held no stream: drains at once
+        first_switch_s = time.perf_counter() - t0
+        assert cluster.router.configuration_name() == "1P2D"
+        assert next(w.address for w in cluster.workers if w.worker_id == "decode-1") == address  # same process
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert [results[i] for i in range(len(PROMPTS))] == expected
+        with Client(cluster.router_address, timeout=60) as client, ThreadPoolExecutor(len(fresh)) as pool:
+            # at once, so the router spreads them by load: the new decode worker takes some
+            outputs = list(pool.map(lambda p: client.generate(p, sampling_params=GREEDY).token_ids, fresh))
+        assert outputs == expected_fresh
+        by_worker = {s["worker_id"]: s for s in cluster.worker_stats()}
+        assert by_worker["decode-1"]["role"] == "decode" and by_worker["decode-1"]["remote_prefills"] > 0, by_worker
+
+        # decode-0 leaves the decode pool with streams on it and no grace: they move to decode-1
+        started = threading.Barrier(len(PROMPTS) + 1, timeout=60)
+        threads, results, errors = _streams(cluster, PROMPTS, started)
+        started.wait()
+        t0 = time.perf_counter()
+        assert cluster.switch_role("decode-0", "prefill", grace_s=0.0) == "prefill-1"
+        second_switch_s = time.perf_counter() - t0
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert [results[i] for i in range(len(PROMPTS))] == expected
+        assert cluster.router.configuration_name() == "2P1D"
+        with Client(cluster.router_address, timeout=60) as client:
+            assert [client.generate(p, sampling_params=GREEDY).token_ids for p in fresh] == expected_fresh
+        stats = wait_until_idle(cluster)
+        assert {s["worker_id"]: s["role"] for s in stats} == {"prefill-0": "prefill", "prefill-1": "prefill",
+                                                              "decode-1": "decode"}
+        assert all(s["free_blocks"] == s["usable_blocks"] for s in stats)
+        print(f"role switches: prefill->decode {first_switch_s:.2f} s, decode->prefill with "
+              f"{len(PROMPTS)} streams moved {second_switch_s:.2f} s")
     finally:
         cluster.stop()
