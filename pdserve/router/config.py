@@ -12,6 +12,7 @@ from enum import StrEnum
 
 from pdserve.common.errors import ConfigError, InvalidParameterError
 from pdserve.common.validation import require_float, require_int
+from pdserve.router.plan_applier import ApplyConfig
 
 
 class ServingMode(StrEnum):
@@ -55,7 +56,7 @@ class WorkerEndpoint:
             raise ConfigError(f"workers.{self.worker_id}.address", f"must be 'host:port', got {self.address!r}")
 
 
-PLANNER_MODES = ("off", "recommend")
+PLANNER_MODES = ("off", "recommend", "apply")
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,13 @@ class RouterConfig:
       (TTFT-aware placement, replacing ``max_queued_prefill_tokens``); None: off.
     * ``tpot_slo_ms``: the time-per-output-token SLO (the cluster's ``slo.tpot_ms``): the dashboard
       scores attainment against it (and ``ttft_slo_ms``); None: not scored.
-    * ``planner_mode``: ``off`` or ``recommend``: every ``planner_interval_s`` the router simulates
-      every configuration of its GPUs on the last minutes of traffic, over the workers' own step-time
-      models, and publishes the best (dashboard, ``pdserve:planner_*`` metrics). It does not act on it
-      (``apply`` is not implemented yet). Needs both SLOs.
+    * ``planner_mode``: ``off``, ``recommend`` or ``apply``: every ``planner_interval_s`` the router
+      simulates every configuration of its GPUs on the last minutes of traffic, over the workers' own
+      step-time models, and publishes the best (dashboard, ``pdserve:planner_*`` metrics). ``apply``
+      also acts: a split predicted ``planner_min_gain`` better than the current one in
+      ``planner_confirmations`` rounds in a row moves one worker between the prefill and decode pools
+      (a role switch, no restart), at most once per ``planner_dwell_s``
+      (:mod:`~pdserve.router.plan_applier`). Needs both SLOs.
     * ``prefix_affinity_weight``: cache-aware routing (:mod:`~pdserve.router.prefix_affinity`). A
       worker's score gains this weight times the share of the prompt's prefix blocks it was sent
       before (0: off, routing by load alone; 1: a fully seen prefix outweighs any load difference).
@@ -132,6 +136,9 @@ class RouterConfig:
     tpot_slo_ms: float | None = None
     planner_mode: str = "off"
     planner_interval_s: float = 30.0
+    planner_dwell_s: float = 300.0
+    planner_confirmations: int = 2
+    planner_min_gain: float = 0.1
     prefix_affinity_weight: float = 0.0
     prefill_locality_weight: float = 0.5
     describe_timeout_s: float = 5.0
@@ -144,6 +151,10 @@ class RouterConfig:
     api_keys_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+
+    @property
+    def apply_config(self) -> ApplyConfig:
+        return ApplyConfig(self.planner_dwell_s, self.planner_confirmations, self.planner_min_gain)
 
     def __post_init__(self) -> None:
         try:
@@ -165,9 +176,9 @@ class RouterConfig:
         if self.admission_max_ttft_s is not None:
             require_float("admission_max_ttft_s", self.admission_max_ttft_s, minimum=0.0, exclusive_minimum=True)
         if self.planner_mode not in PLANNER_MODES:
-            raise ConfigError("planner_mode", f"must be one of {', '.join(PLANNER_MODES)} (apply is not implemented "
-                              f"yet), got {self.planner_mode!r}")
+            raise ConfigError("planner_mode", f"must be one of {', '.join(PLANNER_MODES)}, got {self.planner_mode!r}")
         require_float("planner_interval_s", self.planner_interval_s, minimum=1.0)
+        ApplyConfig(self.planner_dwell_s, self.planner_confirmations, self.planner_min_gain)  # validates them
         for name in ("ttft_slo_ms", "tpot_slo_ms"):
             if getattr(self, name) is not None:
                 require_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)

@@ -2,8 +2,10 @@
 simulates every configuration of its GPU count on the requests of the last ``WINDOW_S`` (their arrival
 times and lengths, as the router saw them) over a worker's own step-time model (from its telemetry),
 calibrated by the workers' live steps, and publishes the best with each configuration's predicted goodput per GPU: in the dashboard's sizing
-panel and as ``pdserve:planner_*`` metrics. It recommends only: changing roles is an operator's act
-(``apply``, elastic roles, is not implemented).
+panel and as ``pdserve:planner_*`` metrics. With ``planner_mode: apply`` it also acts: its
+:class:`~pdserve.router.plan_applier.PlanApplier` decides, round by round, when one worker should move
+between the prefill and decode pools, and ``switch(from_role, to_role)`` (the router's, which asks
+whoever manages the workers) performs it; ``latest["apply"]`` says what it decided and why.
 
 Lifecycle: ``OnlinePlanner(...)`` -> ``run()`` as a router task (cancelled with the others). The
 simulation runs in a thread so the router's loop keeps serving. Skipped (``latest`` says why) while
@@ -15,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from pdserve.common.step_model import StepTimeModel, pooled_calibration
 from pdserve.planner.plan import Profile, Workload, plan
 from pdserve.planner.simulate import SimRequest
 from pdserve.router.config import RouterConfig
+from pdserve.router.plan_applier import PlanApplier
 from pdserve.router.request_log import RequestLog
 
 logger = logging.getLogger(__name__)
@@ -35,8 +38,11 @@ CALIBRATED_AFTER_STEPS = 256
 
 class OnlinePlanner:
     def __init__(self, config: RouterConfig, log: RequestLog, num_gpus: Callable[[], int],
-                 telemetry: Callable[[], Mapping[str, dict[str, Any]]], current: Callable[[], str]) -> None:
+                 telemetry: Callable[[], Mapping[str, dict[str, Any]]], current: Callable[[], str],
+                 switch: Callable[[str, str], Awaitable[str]] | None = None) -> None:
         self._config = config
+        self._switch = switch
+        self.applier = PlanApplier(config.apply_config) if config.planner_mode == "apply" else None
         self._log = log
         self._num_gpus = num_gpus
         self._telemetry = telemetry
@@ -47,10 +53,29 @@ class OnlinePlanner:
         while True:
             await asyncio.sleep(self._config.planner_interval_s)
             try:
-                self.latest = await self.recommend()
+                latest = await self.recommend()
+                if self.applier is not None:
+                    latest["apply"] = await self.apply(latest)
+                self.latest = latest
             except Exception as exc:  # noqa: BLE001 (a planning round must never take the router down)
                 logger.exception("planner round failed")
                 self.latest = {"status": f"the last round failed: {type(exc).__name__}: {exc}"}
+
+    async def apply(self, result: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+        """Act on one planning round (``apply`` mode): switch one worker's role when the applier says so."""
+        assert self.applier is not None
+        action = self.applier.decide(result, time.time() if now is None else now)
+        out: dict[str, Any] = {"status": self.applier.status, "switches": self.applier.num_switches}
+        if action is not None:
+            if self._switch is None:
+                out["status"] = "would switch a worker, but no launcher manages the workers"
+            else:
+                try:
+                    out["switched"] = await self._switch(*action)
+                except Exception as exc:  # noqa: BLE001 (reported; the next rounds decide again)
+                    logger.exception("planner: the role switch failed")
+                    out["status"] = f"the role switch failed: {type(exc).__name__}: {exc}"
+        return out
 
     async def recommend(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now

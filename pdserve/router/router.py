@@ -74,8 +74,8 @@ class Router:
         self.metrics = RouterMetrics(model, deadline_s=config.request_timeout_s)
         self.telemetry = TelemetryPoller(self.registry)
         self.planner = (OnlinePlanner(config, self.metrics.log, lambda: len(self.workers),
-                                      lambda: self.telemetry.snapshots, self.configuration_name)
-                        if config.planner_mode == "recommend" else None)
+                                      lambda: self.telemetry.snapshots, self.configuration_name, self.switch_one)
+                        if config.planner_mode != "off" else None)
         self.metrics.attach(self.registry.all, lambda: self.telemetry.snapshots,
                             lambda: self.planner.latest if self.planner is not None else None)
         self.dispatcher = Dispatcher(
@@ -96,6 +96,8 @@ class Router:
         # set by whoever manages the workers (the Ray launcher): (role, replicas, grace_s) -> changed ids;
         # called in a thread (it blocks), serves the ScalePool RPC
         self.scaler: Callable[[str, int, float | None], list[str]] | None = None
+        # likewise: (worker_id, new role) -> its new id; the planner's apply mode switches roles with it
+        self.role_switcher: Callable[[str, str], str] | None = None
 
     @property
     def port(self) -> int:
@@ -281,6 +283,19 @@ class Router:
         await self._update_health()
         logger.info("worker %s removed (%s)", worker_id, "drained" if drained else "requests moved after the grace")
         return drained
+
+    async def switch_one(self, from_role: str, to_role: str) -> str:
+        """Move the least busy ``from_role`` worker to the ``to_role`` pool (the planner's apply mode);
+        returns ``"<old id> -> <new id>"``. ``RuntimeError`` when no launcher manages the workers or the
+        pool has no worker to spare."""
+        if self.role_switcher is None:
+            raise RuntimeError("no launcher manages this router's workers")
+        pool = [s for s in self.registry.with_role(WorkerRole(from_role)) if s.routable and not s.draining]
+        if len(pool) < 2:
+            raise RuntimeError(f"the {from_role} pool has no worker to spare ({len(pool)} usable)")
+        chosen = min(pool, key=lambda s: (len(self.table.on_worker(s.worker_id)) + s.assigned_requests, s.worker_id))
+        new_id = await asyncio.to_thread(self.role_switcher, chosen.worker_id, to_role)
+        return f"{chosen.worker_id} -> {new_id}"
 
     def _holding(self, worker_id: str) -> bool:
         """Whether an in-flight request still decodes on, or awaits a prefill from, ``worker_id``."""

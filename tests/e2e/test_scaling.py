@@ -4,6 +4,7 @@ too. Every output equals the offline engine's."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -141,8 +142,14 @@ def test_workers_switch_roles_under_load(ray_session) -> None:
         assert cluster.router.configuration_name() == "2P1D"
         with Client(cluster.router_address, timeout=60) as client:
             assert [client.generate(p, sampling_params=GREEDY).token_ids for p in fresh] == expected_fresh
+        # what the planner's apply mode calls: the router picks a prefill worker, the launcher switches it
+        assert asyncio.run_coroutine_threadsafe(cluster.router.switch_one("prefill", "decode"),
+                                                cluster._loop).result(120) == "prefill-0 -> decode-0"
+        assert cluster.router.configuration_name() == "1P2D"
+        with Client(cluster.router_address, timeout=60) as client:
+            assert [client.generate(p, sampling_params=GREEDY).token_ids for p in fresh] == expected_fresh
         stats = wait_until_idle(cluster)
-        assert {s["worker_id"]: s["role"] for s in stats} == {"prefill-0": "prefill", "prefill-1": "prefill",
+        assert {s["worker_id"]: s["role"] for s in stats} == {"decode-0": "decode", "prefill-1": "prefill",
                                                               "decode-1": "decode"}
         assert all(s["free_blocks"] == s["usable_blocks"] for s in stats)
         print(f"role switches: prefill->decode {first_switch_s:.2f} s, decode->prefill with "

@@ -100,8 +100,8 @@ def test_planner_mode_is_validated() -> None:
     from pdserve.cluster.config import cluster_config_from_dict
     from pdserve.common.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="apply is not implemented"):
-        RouterConfig(planner_mode="apply")
+    with pytest.raises(ConfigError, match="off, recommend, apply"):
+        RouterConfig(planner_mode="act")
     with pytest.raises(ConfigError, match="set slo"):
         cluster_config_from_dict({"router": {"planner_mode": "recommend"}})
     config = cluster_config_from_dict({"router": {"planner_mode": "recommend"}, "slo": {"ttft_ms": 250, "tpot_ms": 20}})
