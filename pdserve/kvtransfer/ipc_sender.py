@@ -35,7 +35,15 @@ from pdserve.kvtransfer.base import KVLayoutInfo
 from pdserve.kvtransfer.block_copy import copy_blocks
 from pdserve.kvtransfer.cuda_ipc import IpcUnavailable, map_caches
 from pdserve.kvtransfer.messages import Header, MessageKind
-from pdserve.kvtransfer.rendezvous import MESSAGE_QUEUE, check_peer, join_receiver, pair_prefix, read_receiver
+from pdserve.kvtransfer.rendezvous import (
+    MESSAGE_QUEUE,
+    channel_context,
+    check_peer,
+    join_receiver,
+    pair_prefix,
+    read_receiver,
+)
+from pdserve.kvtransfer.sealing import SealedQueue, cluster_key
 from pdserve.kvtransfer.sending import OutgoingMessage, SenderCore
 from pdserve.kvtransfer.streams import Event, index_tensor, is_cuda, record_event, wait_event
 
@@ -57,12 +65,14 @@ class IpcSender(SenderCore):
         self._op_timeout_s = op_timeout_s
         self._close_timeout_s = close_timeout_s
         join = datetime.timedelta(seconds=join_timeout_s)
-        store, root, info = read_receiver(host, port, group_name, join)
+        key = cluster_key()
+        store, root, info = read_receiver(host, port, group_name, join, key)
         check_peer(layout, str(info.get("backend")), info)  # protocol and layout; the verdict decides the rest
         self._remote = list(remote_caches) if remote_caches is not None else map_caches(
             info.get("ipc"), layout, self._device)
-        index = join_receiver(root, self._name, layout, "cuda_ipc", join, self.peer)
-        self._messages = dist.PrefixStore(pair_prefix(group_name, index), store)
+        index = join_receiver(root, self._name, layout, "cuda_ipc", join, self.peer, group_name=group_name, key=key)
+        self._messages = SealedQueue(dist.PrefixStore(pair_prefix(group_name, index), store), MESSAGE_QUEUE, key,
+                                     channel_context(group_name, index))
         self._stream = torch.cuda.Stream(self._device) if is_cuda(self._device) else None
         self._last_write: dict[int, Event] = {}
         self._notices: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -136,7 +146,7 @@ class IpcSender(SenderCore):
                         fence.synchronize()  # releases the GIL; the copies are short
                     if not self._is_live(message.header.transfer_id):
                         continue
-                self._messages.queue_push(MESSAGE_QUEUE, message.header.pack())
+                self._messages.push(message.header.pack())
                 self._message_done(message)
             except Exception as e:  # noqa: BLE001 - the store went away: the channel is broken
                 self._channel_failed(f"the KV channel to {self.peer} failed: {type(e).__name__}: {e}")

@@ -57,21 +57,28 @@ from pdserve.kvtransfer.rendezvous import (
     RECEIVER_RANK,
     SENDER_RANK,
     Group,
+    channel_context,
     check_peer,
     connect_store,
     create_pair_group,
     host_store,
     is_store_timeout,
+    join_context,
     pair_prefix,
+    receiver_context,
     receiver_info,
     shutdown_group,
+    verdict_context,
     verdict_key,
 )
+from pdserve.kvtransfer.sealing import QueueOpener, cluster_key, open_once, seal_once
 from pdserve.kvtransfer.streams import is_cuda
 
 logger = logging.getLogger(__name__)
 DEFAULT_GROUP_NAME = "pdserve-kv"
+#: What ``close()`` pushes to wake its own threads (unsealed: they stop on it only while closing).
 _STOP = json.dumps({"stop": True}).encode()
+_STOP_HEADER = Header(MessageKind.STOP).pack()
 
 
 @dataclass(eq=False)
@@ -110,9 +117,14 @@ class ProcessGroupReceiver(ReceiverCore):
         self._group_name = group_name
         self._master: Any = host_store(host, port, self._join)
         self._host, self._port = host, int(self._master.port)
-        self._root: Any = dist.PrefixStore(group_name, self._master)
-        self._root.set(RECEIVER_KEY, receiver_info(layout, self._backend, ipc))
+        root: Any = dist.PrefixStore(group_name, self._master)  # (torch's stub says str; bytes are stored)
+        self._root = root
+        self._key = cluster_key()  # every value through the store is sealed with it (sealing.py)
+        root.set(RECEIVER_KEY, seal_once(self._key, receiver_context(group_name),
+                                         receiver_info(layout, self._backend, ipc).encode()))
         self._channels: list[_Channel] = []
+        self._admitted: set[int] = set()  # pair indices: a join is answered once
+        self.num_dropped_values = 0  # joins and headers that did not open (a stranger's, or mis-keyed)
         self._closing = False
         self.rejected_peers: list[str] = []
         self._accept_thread = threading.Thread(target=self._accept, name="kv-receiver-accept", daemon=True)
@@ -141,7 +153,7 @@ class ProcessGroupReceiver(ReceiverCore):
             self._root.queue_push(JOIN_QUEUE, _STOP)
             for channel in channels:
                 pair = dist.PrefixStore(pair_prefix(self._group_name, channel.index), self._master)
-                pair.queue_push(MESSAGE_QUEUE, Header(MessageKind.STOP).pack())
+                pair.queue_push(MESSAGE_QUEUE, _STOP_HEADER)
         except Exception:  # noqa: BLE001 - the threads are abandoned below if they cannot be woken
             pass
         end = time.monotonic() + self._close_timeout_s
@@ -164,33 +176,47 @@ class ProcessGroupReceiver(ReceiverCore):
             root = dist.PrefixStore(self._group_name, store)
             while True:
                 raw = _pop(root, JOIN_QUEUE, lambda: self._closing)
-                if raw is None:
+                if raw is None or (raw == _STOP and self._closing):
                     return
-                request = json.loads(raw)
-                if request.get("stop"):
-                    return
+                try:
+                    request = json.loads(open_once(self._key, join_context(self._group_name), raw))
+                except (ProtocolError, ValueError) as e:  # not from a sender of this cluster: unanswered
+                    self._drop(f"a join request: {e}")
+                    continue
                 self._admit(root, request)
         except Exception:  # noqa: BLE001 - only while closing: the server went away
             return
 
+    def _drop(self, what: str) -> None:
+        self.num_dropped_values += 1
+        logger.warning("KV receiver %s dropped %s", self._group_name, what)
+
     def _admit(self, root: Any, request: dict[str, Any]) -> None:
         index, name = int(request["index"]), str(request.get("name", "?"))
+        if index in self._admitted:  # a replayed join
+            self._drop(f"a second join request for pair {index}")
+            return
+        self._admitted.add(index)
+
+        def answer(verdict: bytes) -> None:
+            root.set(verdict_key(index), seal_once(self._key, verdict_context(self._group_name, index), verdict))
+
         accepted = {self._group_backend} | ({"cuda_ipc"} if self._accept_one_sided else set())
         try:
             check_peer(self.layout, accepted, request)
         except HandshakeError as e:
             self.rejected_peers.append(f"{name}: {e}")
-            root.set(verdict_key(index), str(e).encode())
+            answer(str(e).encode())
             return
         channel = _Channel(index, name, one_sided=request.get("backend") == "cuda_ipc")
         with self._cond:
             if self._closing:
-                root.set(verdict_key(index), b"the receiver is closing")
+                answer(b"the receiver is closing")
                 return
             channel.thread = threading.Thread(target=self._serve, args=(channel,), daemon=True,
                                               name=f"kv-receiver-{index}")
             self._channels.append(channel)
-        root.set(verdict_key(index), b"ok")
+        answer(b"ok")
         channel.thread.start()
 
     def _serve(self, channel: _Channel) -> None:
@@ -237,11 +263,16 @@ class ProcessGroupReceiver(ReceiverCore):
             del group, landing
 
     def _loop(self, channel: _Channel, messages: Any) -> None:
+        opener = QueueOpener(self._key, channel_context(self._group_name, channel.index))
         while True:
             raw = _pop(messages, MESSAGE_QUEUE, lambda: self._closing)
-            if raw is None:
+            if raw is None or (raw == _STOP_HEADER and self._closing):
                 return
-            header = Header.unpack(raw)
+            try:
+                header = Header.unpack(opener.open(raw))
+            except ProtocolError as e:  # not from this channel's sender: dropped, the channel goes on
+                self._drop(f"a header on the channel from {channel.name}: {e}")
+                continue
             kind = header.kind
             if kind is MessageKind.STOP:
                 return

@@ -58,6 +58,7 @@ from pdserve.kvtransfer.rendezvous import (
     RECEIVER_RANK,
     SENDER_RANK,
     Group,
+    channel_context,
     check_peer,
     create_pair_group,
     join_receiver,
@@ -65,6 +66,7 @@ from pdserve.kvtransfer.rendezvous import (
     read_receiver,
     shutdown_group,
 )
+from pdserve.kvtransfer.sealing import SealedQueue, cluster_key
 from pdserve.kvtransfer.sending import OutgoingMessage, SenderCore
 from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda, record_event, wait_event
 
@@ -112,9 +114,11 @@ class ProcessGroupSender(SenderCore):
         self._first_layer = caches[0]  # the block-copy kernel is compiled for its layout at start-up
         self._max_inflight_bytes = max_inflight_bytes
         join = datetime.timedelta(seconds=join_timeout_s)
+        self._key = cluster_key()
         index, self._store = self._handshake(host, port, group_name, join)
         prefix = pair_prefix(group_name, index)
-        self._messages = dist.PrefixStore(prefix, self._store)
+        self._messages = SealedQueue(dist.PrefixStore(prefix, self._store), MESSAGE_QUEUE, self._key,
+                                     channel_context(group_name, index))
         # one connection serves the handshake, the headers and the group: this side never blocks on it
         self._group_store = dist.PrefixStore(prefix + "/pg", self._store)
         self._group: Group | None = None
@@ -134,11 +138,11 @@ class ProcessGroupSender(SenderCore):
                                  f"failed: {reason}")
 
     def _handshake(self, host: str, port: int, group_name: str, join: datetime.timedelta) -> tuple[int, Any]:
-        store, root, info = read_receiver(host, port, group_name, join)
+        store, root, info = read_receiver(host, port, group_name, join, self._key)
         # a cuda_ipc receiver also takes NCCL senders (those that cannot map its caches)
         check_peer(self.layout, {self._backend, "cuda_ipc"} if self._backend == "nccl" else self._backend, info)
-        return join_receiver(root, self._name, self.layout, self._backend, join,
-                             f"{host}:{port} ({group_name!r})"), store
+        return join_receiver(root, self._name, self.layout, self._backend, join, f"{host}:{port} ({group_name!r})",
+                             group_name=group_name, key=self._key), store
 
     # -- SenderCore --------------------------------------------------------------------------------------
 
@@ -202,7 +206,7 @@ class ProcessGroupSender(SenderCore):
             kind = message.header.kind
             if kind is MessageKind.CLOSE:
                 self._reap(0)
-                self._messages.queue_push(MESSAGE_QUEUE, message.header.pack())
+                self._messages.push(message.header.pack())
                 return
             if kind in (MessageKind.LAYER, MessageKind.FINISH) and not self._is_live(message.header.transfer_id):
                 continue
@@ -243,7 +247,7 @@ class ProcessGroupSender(SenderCore):
         if COALESCE and is_cuda(self._device) and can_coalesce(self._group):
             ready = [all(event_done(m.ready) for m in parts) for parts in parts_of]
             planned = coalesce_ready(planned, ready, MAX_PLAN_STAGED_BYTES)
-        self._messages.queue_push(MESSAGE_QUEUE, encode_plan(planned).pack())
+        self._messages.push(encode_plan(planned).pack())
         indices: dict[tuple[int, ...], torch.Tensor] = {}  # source block ids, once per plan
         for launch in launches(planned):
             batch = []
@@ -282,7 +286,7 @@ class ProcessGroupSender(SenderCore):
     def _transmit(self, message: OutgoingMessage, payloads: list[torch.Tensor]) -> None:
         """Push ``message``'s header, then send ``payloads`` (HELLO's warm-up bytes; FINISH and CANCEL
         have none) and complete the message."""
-        self._messages.queue_push(MESSAGE_QUEUE, message.header.pack())
+        self._messages.push(message.header.pack())
         self._send(payloads, [message])
 
     def _send(self, payloads: list[torch.Tensor], done: list[OutgoingMessage]) -> None:

@@ -10,7 +10,9 @@ The receiver (decode side) hosts a ``torch.distributed.TCPStore`` (``is_master=T
    sender is rank 0, the receiver rank 1. No default (global) process group is involved, so a worker
    can hold any number of these next to whatever else it runs.
 
-Each side gives the process group its own store connection: a blocking queue pop on one connection
+With a cluster token (``PDSERVE_CLUSTER_TOKEN``) every value of steps 1-3 and every header of a pair's
+queue is sealed (:mod:`pdserve.kvtransfer.sealing`): a stranger on the store's port cannot join or
+forge a header. Each side gives the process group its own store connection: a blocking queue pop on one connection
 would otherwise stall the group's store traffic (NCCL exchanges its unique id through the store).
 Group constructors differ little between torch versions; :func:`create_pair_group` only uses the
 forms torch 2.4 .. 2.13 share (``ProcessGroupGloo(store, rank, size, timeout)`` and
@@ -28,7 +30,8 @@ from typing import Any
 import torch.distributed as dist
 
 from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
-from pdserve.kvtransfer.messages import PROTOCOL_VERSION
+from pdserve.kvtransfer.messages import PROTOCOL_VERSION, ProtocolError
+from pdserve.kvtransfer.sealing import open_once, seal_once
 
 RECEIVER_KEY = "receiver"
 JOIN_QUEUE = "joins"
@@ -42,6 +45,24 @@ IDLE_POP_TIMEOUT = datetime.timedelta(hours=1)
 
 Store = Any  # torch.distributed.Store; its stubs are incomplete across versions
 Group = Any  # torch.distributed.ProcessGroupGloo | ProcessGroupNCCL (a c10d Backend)
+
+
+def receiver_context(group_name: str) -> str:
+    """Where a receiver's sealed description belongs (:mod:`pdserve.kvtransfer.sealing`)."""
+    return f"{group_name}/receiver"
+
+
+def join_context(group_name: str) -> str:
+    return f"{group_name}/join"
+
+
+def verdict_context(group_name: str, index: int) -> str:
+    return f"{group_name}/verdict/{index}"
+
+
+def channel_context(group_name: str, index: int) -> str:
+    """Where the headers of pair ``index`` belong."""
+    return f"{group_name}/pair/{index}"
 
 
 def verdict_key(index: int) -> str:
@@ -110,9 +131,11 @@ def check_peer(mine: KVLayoutInfo, my_backend: str | Collection[str], info: dict
                              f"{info.get('backend')!r}", "backend")
 
 
-def read_receiver(host: str, port: int, group_name: str, join: datetime.timedelta) -> tuple[Store, Store, dict[str, Any]]:
+def read_receiver(host: str, port: int, group_name: str, join: datetime.timedelta,
+                  key: bytes | None = None) -> tuple[Store, Store, dict[str, Any]]:
     """Connect to a receiver's store: ``(connection, PrefixStore(group_name), receiver info)``, or
-    :class:`HandshakeError` when it cannot be reached or publishes nothing within ``join``."""
+    :class:`HandshakeError` when it cannot be reached, publishes nothing within ``join``, or its
+    description does not open with ``key`` (the cluster token, :mod:`pdserve.kvtransfer.sealing`)."""
     try:
         store = connect_store(host, port, join)
     except Exception as e:  # noqa: BLE001 - any connect failure is a handshake failure
@@ -121,24 +144,34 @@ def read_receiver(host: str, port: int, group_name: str, join: datetime.timedelt
     root = dist.PrefixStore(group_name, store)
     try:
         root.wait([RECEIVER_KEY], join)
-        info = json.loads(root.get(RECEIVER_KEY))
+        raw = bytes(root.get(RECEIVER_KEY))
     except Exception as e:  # noqa: BLE001
         raise HandshakeError(f"no KV receiver {group_name!r} at {host}:{port}: {e}") from None
+    try:
+        info = json.loads(open_once(key, receiver_context(group_name), raw))
+    except ProtocolError as e:
+        raise HandshakeError(f"the KV receiver at {host}:{port}: {e}", "cluster_token") from None
     return store, root, info
 
 
 def join_receiver(root: Store, name: str, layout: KVLayoutInfo, backend: str, join: datetime.timedelta,
-                  where: str) -> int:
-    """Join as a sender speaking ``backend``: take a pair index, ask, and wait for the verdict.
-    Returns the pair index; :class:`HandshakeError` if refused or unanswered within ``join``."""
+                  where: str, *, group_name: str, key: bytes | None = None) -> int:
+    """Join as a sender speaking ``backend``: take a pair index, ask, and wait for the verdict (sealed
+    with ``key`` both ways). Returns the pair index; :class:`HandshakeError` if refused or unanswered
+    within ``join``."""
     index = root.add(PEER_COUNTER, 1) - 1
-    root.queue_push(JOIN_QUEUE, join_request(index, name, layout, backend))
+    root.queue_push(JOIN_QUEUE, seal_once(key, join_context(group_name), join_request(index, name, layout,
+                                                                                     backend).encode()))
     try:
         root.wait([verdict_key(index)], join)
     except Exception:  # noqa: BLE001
         raise HandshakeError(f"the KV receiver at {where} did not answer the handshake within "
-                             f"{join.total_seconds():g} s") from None
-    verdict = root.get(verdict_key(index)).decode()
+                             f"{join.total_seconds():g} s (a receiver with another cluster token drops the "
+                             f"request unanswered)") from None
+    try:
+        verdict = open_once(key, verdict_context(group_name, index), bytes(root.get(verdict_key(index)))).decode()
+    except ProtocolError as e:
+        raise HandshakeError(f"the KV receiver at {where}: {e}", "cluster_token") from None
     if verdict != "ok":
         raise HandshakeError(f"the KV receiver refused this sender: {verdict}")
     return int(index)

@@ -21,7 +21,15 @@ from pdserve.kvtransfer import (
     open_sender,
 )
 from pdserve.kvtransfer.messages import MessageKind
-from pdserve.kvtransfer.rendezvous import JOIN_QUEUE, join_request, verdict_key
+from pdserve.kvtransfer.rendezvous import (
+    JOIN_QUEUE,
+    join_context,
+    join_request,
+    receiver_context,
+    verdict_context,
+    verdict_key,
+)
+from pdserve.kvtransfer.sealing import cluster_key, open_once, seal_once
 from pdserve.kvtransfer.sending import OutgoingMessage, SenderCore
 
 
@@ -156,11 +164,13 @@ def test_receiver_refuses_a_joining_sender_with_another_layout() -> None:
         store = dist.TCPStore(bootstrap["host"], bootstrap["port"], None, False, datetime.timedelta(seconds=10))
         root = dist.PrefixStore("refuse", store)
         theirs = dataclasses.replace(_layout(caches), head_dim=8)
-        root.queue_push(JOIN_QUEUE, join_request(7, "liar", theirs, "gloo"))
+        key = cluster_key()  # a worker of this cluster (sealed if the session has a token), another layout
+        root.queue_push(JOIN_QUEUE, seal_once(key, join_context("refuse"), join_request(7, "liar", theirs,
+                                                                                       "gloo").encode()))
         root.wait([verdict_key(7)], datetime.timedelta(seconds=10))
-        verdict = root.get(verdict_key(7)).decode()
+        verdict = open_once(key, verdict_context("refuse", 7), bytes(root.get(verdict_key(7)))).decode()
         assert "head_dim: this worker has 4, the peer has 8" in verdict
         assert receiver.rejected_peers and receiver.rejected_peers[0].startswith("liar: ")
-        assert json.loads(root.get("receiver"))["backend"] == "gloo"
+        assert json.loads(open_once(key, receiver_context("refuse"), bytes(root.get("receiver"))))["backend"] == "gloo"
     finally:
         receiver.close()
