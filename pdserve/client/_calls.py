@@ -150,6 +150,17 @@ def scale_pool_request(role: str, replicas: int, grace_s: float) -> pdserve_pb2.
     return pdserve_pb2.ScalePoolRequest(role=role, replicas=replicas, grace_s=float(grace_s))
 
 
+def switch_role_request(worker_id: str, role: str, grace_s: float) -> pdserve_pb2.SwitchRoleRequest:
+    """The ``SwitchRole`` request, validated here (both clients)."""
+    if not isinstance(worker_id, str) or not worker_id:
+        raise InvalidParameterError("worker_id", "must be a worker's id, e.g. prefill-1 (see `pdserve status`)")
+    if role not in ("prefill", "decode"):
+        raise InvalidParameterError("role", f"must be prefill or decode, got {role!r}")
+    if isinstance(grace_s, bool) or not isinstance(grace_s, int | float) or not grace_s >= 0:
+        raise InvalidParameterError("grace_s", f"must be a number >= 0, got {grace_s!r}")
+    return pdserve_pb2.SwitchRoleRequest(worker_id=worker_id, role=role, grace_s=float(grace_s))
+
+
 def stream_ended_early(request_id: str) -> PdserveClientError:
     """The error for a stream the server closed (OK) before a finishing response."""
     return InternalError(grpc.StatusCode.INTERNAL,

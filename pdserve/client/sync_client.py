@@ -21,6 +21,7 @@ from pdserve.client._calls import (
     retry_delay,
     scale_pool_request,
     stream_ended_early,
+    switch_role_request,
 )
 from pdserve.client.errors import error_from_rpc
 from pdserve.common.sampling_params import SamplingParams
@@ -160,6 +161,15 @@ class Client:
         request = scale_pool_request(role, replicas, grace_s)
         response = self._unary(self._stub.ScalePool, request, timeout)
         return list(response.changed_workers)
+
+    def switch_role(self, worker_id: str, role: str, *, grace_s: float = 0.0,
+                    timeout: Timeout = DEFAULT) -> str:
+        """Turn worker ``worker_id`` into a ``role`` worker (prefill or decode) without a restart
+        (operators); returns its new id. Requests it holds finish for up to ``grace_s`` (0: the
+        router's ``shutdown_grace_s``) before their streams move elsewhere."""
+        request = switch_role_request(worker_id, role, grace_s)
+        response = self._unary(self._stub.SwitchRole, request, timeout)
+        return str(response.worker_id)
 
     def cluster_status(self, *, timeout: Timeout = DEFAULT) -> ClusterStatus:
         """The router's view of the cluster: mode, model, each worker's health and load."""

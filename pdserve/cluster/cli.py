@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long removed workers may finish their requests (default 0: the router's "
                             "shutdown_grace_s); streams left then move to another worker")
     scale.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the change (default: 600)")
+    switch = sub.add_parser("switch", help="turn one worker of a running cluster into a prefill or decode worker, "
+                                           "without a restart (its router's address)")
+    switch.add_argument("--target", metavar="HOST:PORT", required=True, help="the router's gRPC address")
+    switch.add_argument("--worker", required=True, help="the worker's id (see `pdserve status`), e.g. prefill-1")
+    switch.add_argument("--role", required=True, choices=["prefill", "decode"], help="its new role")
+    switch.add_argument("--grace-s", type=float, default=0.0,
+                        help="how long it may finish its requests first (default 0: the router's shutdown_grace_s); "
+                             "streams left then move to another worker")
+    switch.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the switch (default: 600)")
     return parser
 
 
@@ -89,6 +98,19 @@ def _scale(args: argparse.Namespace) -> int:
         raise PdserveError(f"no router answered at {args.target} ({exc.details})") from None
     print(f"pdserve: {args.role} pool at {args.replicas}: " + (", ".join(changed) + " changed" if changed
                                                                 else "no change"))
+    return 0
+
+
+def _switch(args: argparse.Namespace) -> int:
+    """``switch --target --worker --role``: the router drains the worker and its launcher switches it."""
+    from pdserve.client import Client, UnavailableError
+
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            new_id = client.switch_role(args.worker, args.role, grace_s=args.grace_s)
+    except UnavailableError as exc:
+        raise PdserveError(f"no router answered at {args.target} ({exc.details})") from None
+    print(f"pdserve: {args.worker} is now {args.role} worker {new_id}")
     return 0
 
 
@@ -280,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command == "scale":
             return _scale(args)
+        if args.command == "switch":
+            return _switch(args)
         if args.command == "profile":
             return run_profile(args)
         if args.command == "plan":

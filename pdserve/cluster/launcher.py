@@ -232,7 +232,7 @@ class Cluster:
                      for w in self.workers]
         self.router = Router(cfg.router, model=cfg.model, mode=cfg.mode, workers=endpoints)
         self.router.scaler = lambda role, replicas, grace_s: self.scale(role, replicas, grace_s=grace_s)
-        self.router.role_switcher = self.switch_role
+        self.router.role_switcher = lambda worker_id, role, grace_s: self.switch_role(worker_id, role, grace_s=grace_s)
         port = asyncio.run_coroutine_threadsafe(self.router.start(), self._loop).result(120)
         host = cfg.router.host if cfg.router.host not in ("0.0.0.0", "::") else "127.0.0.1"
         self.router_address = format_address(host, port)

@@ -96,8 +96,9 @@ class Router:
         # set by whoever manages the workers (the Ray launcher): (role, replicas, grace_s) -> changed ids;
         # called in a thread (it blocks), serves the ScalePool RPC
         self.scaler: Callable[[str, int, float | None], list[str]] | None = None
-        # likewise: (worker_id, new role) -> its new id; the planner's apply mode switches roles with it
-        self.role_switcher: Callable[[str, str], str] | None = None
+        # likewise: (worker_id, new role, grace_s) -> its new id; serves the SwitchRole RPC and the
+        # planner's apply mode
+        self.role_switcher: Callable[[str, str, float | None], str] | None = None
 
     @property
     def port(self) -> int:
@@ -130,7 +131,7 @@ class Router:
                                        metrics=self.metrics,
                                        admission=AdmissionControl(self.registry, self.mode,
                                                                   self.config.admission_max_ttft_s),
-                                       scaler=lambda: self.scaler)
+                                       scaler=lambda: self.scaler, switcher=lambda: self.role_switcher)
             keys = ApiKeys.load(self.config.api_keys_file)
             tls = read_tls(self.config)
             self._server = await start_server(
@@ -294,7 +295,7 @@ class Router:
         if len(pool) < 2:
             raise RuntimeError(f"the {from_role} pool has no worker to spare ({len(pool)} usable)")
         chosen = min(pool, key=lambda s: (len(self.table.on_worker(s.worker_id)) + s.assigned_requests, s.worker_id))
-        new_id = await asyncio.to_thread(self.role_switcher, chosen.worker_id, to_role)
+        new_id = await asyncio.to_thread(self.role_switcher, chosen.worker_id, to_role, None)
         return f"{chosen.worker_id} -> {new_id}"
 
     def _holding(self, worker_id: str) -> bool:

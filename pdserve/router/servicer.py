@@ -48,8 +48,10 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
     def __init__(self, *, model: str, mode: ServingMode, registry: WorkerRegistry, table: InFlightTable,
                  dispatcher: Dispatcher, request_timeout_s: float, metrics: RouterMetrics | None = None,
                  admission: AdmissionControl | None = None,
-                 scaler: Callable[[], Callable[[str, int, float | None], list[str]] | None] = lambda: None) -> None:
+                 scaler: Callable[[], Callable[[str, int, float | None], list[str]] | None] = lambda: None,
+                 switcher: Callable[[], Callable[[str, str, float | None], str] | None] = lambda: None) -> None:
         self._scaler = scaler
+        self._switcher = switcher
         self._metrics = metrics
         self._admission = admission
         self._model = model
@@ -108,6 +110,21 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pdserve_pb2.ScalePoolResponse(changed_workers=changed)
+
+    async def SwitchRole(self, request: pdserve_pb2.SwitchRoleRequest,
+                         context: grpc.aio.ServicerContext) -> pdserve_pb2.SwitchRoleResponse:
+        switch = self._switcher()
+        if switch is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this router does not manage its workers (it was "
+                                "not started by `pdserve serve`): change roles where the workers are started")
+        assert switch is not None
+        if not math.isfinite(request.grace_s) or request.grace_s < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"grace_s: must be >= 0, got {request.grace_s}")
+        try:
+            new_id = await asyncio.to_thread(switch, request.worker_id, request.role, request.grace_s or None)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pdserve_pb2.SwitchRoleResponse(worker_id=new_id)
 
     def open_session(self, request: pdserve_pb2.GenerateRequest,
                      client_deadline_s: float | None = None) -> RequestSession:

@@ -25,33 +25,37 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/pdserve.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"C\n\x10ScalePoolRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x05\x12\x0f\n\x07grace_s\x18\x03 \x01(\x01\",\n\x11ScalePoolResponse\x12\x17\n\x0f\x63hanged_workers\x18\x01 \x03(\t\"\xcd\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x16.pdserve.v1.ChatPromptH\x00\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\r\n\x05model\x18\x05 \x01(\tB\x08\n\x06prompt\"\x89\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.pdserve.v1.PositionLogprobs\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x03H\x00\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.pdserve.v1.UsageB\r\n\x0bstop_reason\"\x13\n\x11ListModelsRequest\"D\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x03\x12\x12\n\nvocab_size\x18\x03 \x01(\x03\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.ModelInfo\"\x16\n\x14\x43lusterStatusRequest\"\xf8\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x18\n\x10running_requests\x18\x05 \x01(\x03\x12\x18\n\x10waiting_requests\x18\x06 \x01(\x03\x12\x10\n\x08kv_usage\x18\x07 \x01(\x01\x12\x1d\n\x15queued_prefill_tokens\x18\x08 \x01(\x03\x12\x15\n\rnum_kv_blocks\x18\t \x01(\x03\x12\x10\n\x08restarts\x18\n \x01(\x03\x12\x17\n\x0flast_recovery_s\x18\x0b \x01(\x01\"{\n\x15\x43lusterStatusResponse\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x07workers\x18\x03 \x03(\x0b\x32\x18.pdserve.v1.WorkerStatus\x12\x1a\n\x12requests_in_flight\x18\x04 \x01(\x03\x32\x8b\x03\n\x07PdServe\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12J\n\rGenerateUnary\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponse\x12T\n\rClusterStatus\x12 .pdserve.v1.ClusterStatusRequest\x1a!.pdserve.v1.ClusterStatusResponse\x12H\n\tScalePool\x12\x1c.pdserve.v1.ScalePoolRequest\x1a\x1d.pdserve.v1.ScalePoolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/pdserve.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"E\n\x11SwitchRoleRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07grace_s\x18\x03 \x01(\x01\"\'\n\x12SwitchRoleResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\"C\n\x10ScalePoolRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\x05\x12\x0f\n\x07grace_s\x18\x03 \x01(\x01\",\n\x11ScalePoolResponse\x12\x17\n\x0f\x63hanged_workers\x18\x01 \x03(\t\"\xcd\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x16.pdserve.v1.ChatPromptH\x00\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\r\n\x05model\x18\x05 \x01(\tB\x08\n\x06prompt\"\x89\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.pdserve.v1.PositionLogprobs\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x03H\x00\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.pdserve.v1.UsageB\r\n\x0bstop_reason\"\x13\n\x11ListModelsRequest\"D\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x03\x12\x12\n\nvocab_size\x18\x03 \x01(\x03\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.ModelInfo\"\x16\n\x14\x43lusterStatusRequest\"\xf8\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x18\n\x10running_requests\x18\x05 \x01(\x03\x12\x18\n\x10waiting_requests\x18\x06 \x01(\x03\x12\x10\n\x08kv_usage\x18\x07 \x01(\x01\x12\x1d\n\x15queued_prefill_tokens\x18\x08 \x01(\x03\x12\x15\n\rnum_kv_blocks\x18\t \x01(\x03\x12\x10\n\x08restarts\x18\n \x01(\x03\x12\x17\n\x0flast_recovery_s\x18\x0b \x01(\x01\"{\n\x15\x43lusterStatusResponse\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12)\n\x07workers\x18\x03 \x03(\x0b\x32\x18.pdserve.v1.WorkerStatus\x12\x1a\n\x12requests_in_flight\x18\x04 \x01(\x03\x32\xd8\x03\n\x07PdServe\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12J\n\rGenerateUnary\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponse\x12T\n\rClusterStatus\x12 .pdserve.v1.ClusterStatusRequest\x1a!.pdserve.v1.ClusterStatusResponse\x12H\n\tScalePool\x12\x1c.pdserve.v1.ScalePoolRequest\x1a\x1d.pdserve.v1.ScalePoolResponse\x12K\n\nSwitchRole\x12\x1d.pdserve.v1.SwitchRoleRequest\x1a\x1e.pdserve.v1.SwitchRoleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.pdserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCALEPOOLREQUEST']._serialized_start=65
-  _globals['_SCALEPOOLREQUEST']._serialized_end=132
-  _globals['_SCALEPOOLRESPONSE']._serialized_start=134
-  _globals['_SCALEPOOLRESPONSE']._serialized_end=178
-  _globals['_GENERATEREQUEST']._serialized_start=181
-  _globals['_GENERATEREQUEST']._serialized_end=386
-  _globals['_GENERATERESPONSE']._serialized_start=389
-  _globals['_GENERATERESPONSE']._serialized_end=654
-  _globals['_LISTMODELSREQUEST']._serialized_start=656
-  _globals['_LISTMODELSREQUEST']._serialized_end=675
-  _globals['_MODELINFO']._serialized_start=677
-  _globals['_MODELINFO']._serialized_end=745
-  _globals['_LISTMODELSRESPONSE']._serialized_start=747
-  _globals['_LISTMODELSRESPONSE']._serialized_end=806
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=808
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=830
-  _globals['_WORKERSTATUS']._serialized_start=833
-  _globals['_WORKERSTATUS']._serialized_end=1081
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1083
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1206
-  _globals['_PDSERVE']._serialized_start=1209
-  _globals['_PDSERVE']._serialized_end=1604
+  _globals['_SWITCHROLEREQUEST']._serialized_start=65
+  _globals['_SWITCHROLEREQUEST']._serialized_end=134
+  _globals['_SWITCHROLERESPONSE']._serialized_start=136
+  _globals['_SWITCHROLERESPONSE']._serialized_end=175
+  _globals['_SCALEPOOLREQUEST']._serialized_start=177
+  _globals['_SCALEPOOLREQUEST']._serialized_end=244
+  _globals['_SCALEPOOLRESPONSE']._serialized_start=246
+  _globals['_SCALEPOOLRESPONSE']._serialized_end=290
+  _globals['_GENERATEREQUEST']._serialized_start=293
+  _globals['_GENERATEREQUEST']._serialized_end=498
+  _globals['_GENERATERESPONSE']._serialized_start=501
+  _globals['_GENERATERESPONSE']._serialized_end=766
+  _globals['_LISTMODELSREQUEST']._serialized_start=768
+  _globals['_LISTMODELSREQUEST']._serialized_end=787
+  _globals['_MODELINFO']._serialized_start=789
+  _globals['_MODELINFO']._serialized_end=857
+  _globals['_LISTMODELSRESPONSE']._serialized_start=859
+  _globals['_LISTMODELSRESPONSE']._serialized_end=918
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=920
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=942
+  _globals['_WORKERSTATUS']._serialized_start=945
+  _globals['_WORKERSTATUS']._serialized_end=1193
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1195
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1318
+  _globals['_PDSERVE']._serialized_start=1321
+  _globals['_PDSERVE']._serialized_end=1793
 # @@protoc_insertion_point(module_scope)

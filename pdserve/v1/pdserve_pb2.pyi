@@ -7,6 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SwitchRoleRequest(_message.Message):
+    __slots__ = ("worker_id", "role", "grace_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    GRACE_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    role: str
+    grace_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., grace_s: _Optional[float] = ...) -> None: ...
+
+class SwitchRoleResponse(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
 class ScalePoolRequest(_message.Message):
     __slots__ = ("role", "replicas", "grace_s")
     ROLE_FIELD_NUMBER: _ClassVar[int]

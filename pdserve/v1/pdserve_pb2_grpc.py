@@ -59,6 +59,11 @@ class PdServeStub:
                 request_serializer=pdserve_dot_v1_dot_pdserve__pb2.ScalePoolRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_pdserve__pb2.ScalePoolResponse.FromString,
                 _registered_method=True)
+        self.SwitchRole = channel.unary_unary(
+                '/pdserve.v1.PdServe/SwitchRole',
+                request_serializer=pdserve_dot_v1_dot_pdserve__pb2.SwitchRoleRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_pdserve__pb2.SwitchRoleResponse.FromString,
+                _registered_method=True)
 
 
 class PdServeServicer:
@@ -103,6 +108,17 @@ class PdServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SwitchRole(self, request, context):
+        """Operators: turn one worker into a worker of another pool (prefill <-> decode) without a restart.
+        The router drains it (streams still on it after grace_s -- 0: shutdown_grace_s -- move to another
+        worker), the worker takes the new role on the same process and engine, and comes back under a new
+        id (returned). FAILED_PRECONDITION when the router does not manage its workers, INVALID_ARGUMENT
+        for an unknown worker, a role this cluster has no pool of, or the last worker of its pool.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PdServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +146,11 @@ def add_PdServeServicer_to_server(servicer, server):
                     servicer.ScalePool,
                     request_deserializer=pdserve_dot_v1_dot_pdserve__pb2.ScalePoolRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_pdserve__pb2.ScalePoolResponse.SerializeToString,
+            ),
+            'SwitchRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchRole,
+                    request_deserializer=pdserve_dot_v1_dot_pdserve__pb2.SwitchRoleRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_pdserve__pb2.SwitchRoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +288,33 @@ class PdServe:
             '/pdserve.v1.PdServe/ScalePool',
             pdserve_dot_v1_dot_pdserve__pb2.ScalePoolRequest.SerializeToString,
             pdserve_dot_v1_dot_pdserve__pb2.ScalePoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.PdServe/SwitchRole',
+            pdserve_dot_v1_dot_pdserve__pb2.SwitchRoleRequest.SerializeToString,
+            pdserve_dot_v1_dot_pdserve__pb2.SwitchRoleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -133,7 +133,10 @@ def test_workers_switch_roles_under_load(ray_session) -> None:
         threads, results, errors = _streams(cluster, PROMPTS, started)
         started.wait()
         t0 = time.perf_counter()
-        assert cluster.switch_role("decode-0", "prefill", grace_s=0.0) == "prefill-1"
+        with Client(cluster.router_address, timeout=120) as client:  # what `pdserve switch` calls
+            with pytest.raises(InvalidArgumentError, match="no worker 'decode-9'"):
+                client.switch_role("decode-9", "prefill")
+            assert client.switch_role("decode-0", "prefill", grace_s=0.0) == "prefill-1"
         second_switch_s = time.perf_counter() - t0
         for t in threads:
             t.join(120)

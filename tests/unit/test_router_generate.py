@@ -224,3 +224,29 @@ def test_scale_pool_needs_a_router_that_manages_its_workers() -> None:
                     await stub.ScalePool(bad)
                 assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     run(scenario)
+
+
+def test_switch_role_needs_a_router_that_manages_its_workers() -> None:
+    async def scenario() -> None:
+        async with cluster(_disaggregated(), mode="disaggregated") as (router, stub):
+            request = pdserve_pb2.SwitchRoleRequest(worker_id="p0", role="decode")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.SwitchRole(request)
+            assert info.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "pdserve serve" in info.value.details()
+            calls = []
+
+            def switcher(worker_id: str, role: str, grace: float | None) -> str:
+                if worker_id == "nobody":
+                    raise ValueError("no worker 'nobody'")
+                calls.append((worker_id, role, grace))
+                return "decode-7"
+
+            router.role_switcher = switcher
+            reply = await stub.SwitchRole(pdserve_pb2.SwitchRoleRequest(worker_id="p0", role="decode", grace_s=1.5))
+            assert reply.worker_id == "decode-7" and calls == [("p0", "decode", 1.5)]
+            for bad in (pdserve_pb2.SwitchRoleRequest(worker_id="nobody", role="decode"),
+                        pdserve_pb2.SwitchRoleRequest(worker_id="p0", role="decode", grace_s=-1)):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.SwitchRole(bad)
+                assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    run(scenario)
