@@ -89,13 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _scale(args: argparse.Namespace) -> int:
     """``scale --target --role --replicas``: the router's launcher starts or drains workers."""
-    from pdserve.client import Client, UnavailableError
-
-    try:
-        with Client(args.target, timeout=args.timeout) as client:
-            changed = client.scale_pool(args.role, args.replicas, grace_s=args.grace_s)
-    except UnavailableError as exc:
-        raise PdserveError(f"no router answered at {args.target} ({exc.details})") from None
+    changed = _on_router(args, lambda client: client.scale_pool(args.role, args.replicas, grace_s=args.grace_s))
     print(f"pdserve: {args.role} pool at {args.replicas}: " + (", ".join(changed) + " changed" if changed
                                                                 else "no change"))
     return 0
@@ -103,15 +97,20 @@ def _scale(args: argparse.Namespace) -> int:
 
 def _switch(args: argparse.Namespace) -> int:
     """``switch --target --worker --role``: the router drains the worker and its launcher switches it."""
+    new_id = _on_router(args, lambda client: client.switch_role(args.worker, args.role, grace_s=args.grace_s))
+    print(f"pdserve: {args.worker} is now {args.role} worker {new_id}")
+    return 0
+
+
+def _on_router(args: argparse.Namespace, call: Any) -> Any:
+    """``call(client)`` on the router at ``args.target`` (an operator's command)."""
     from pdserve.client import Client, UnavailableError
 
     try:
         with Client(args.target, timeout=args.timeout) as client:
-            new_id = client.switch_role(args.worker, args.role, grace_s=args.grace_s)
+            return call(client)
     except UnavailableError as exc:
         raise PdserveError(f"no router answered at {args.target} ({exc.details})") from None
-    print(f"pdserve: {args.worker} is now {args.role} worker {new_id}")
-    return 0
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import grpc
 
@@ -42,6 +42,7 @@ from pdserve.v1 import common_pb2, pdserve_pb2, pdserve_pb2_grpc, worker_pb2
 #: No tokenizer packs more characters than this into one token on average: a text prompt longer than
 #: this many characters per token of ``max_model_len`` cannot fit, and is refused without tokenizing it.
 MAX_CHARS_PER_TOKEN = 32
+T = TypeVar("T")
 
 
 class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
@@ -96,15 +97,9 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
 
     async def ScalePool(self, request: pdserve_pb2.ScalePoolRequest,
                         context: grpc.aio.ServicerContext) -> pdserve_pb2.ScalePoolResponse:
-        scale = self._scaler()
-        if scale is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this router does not manage its workers (it was "
-                                "not started by `pdserve serve`): scale the pools where they are started")
-        assert scale is not None
+        scale = await self._manager(self._scaler(), context, request.grace_s, "scale the pools")
         if request.replicas < 1:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"replicas: must be >= 1, got {request.replicas}")
-        if not math.isfinite(request.grace_s) or request.grace_s < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"grace_s: must be >= 0, got {request.grace_s}")
         try:
             changed = await asyncio.to_thread(scale, request.role, request.replicas, request.grace_s or None)
         except ValueError as exc:
@@ -113,18 +108,23 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
 
     async def SwitchRole(self, request: pdserve_pb2.SwitchRoleRequest,
                          context: grpc.aio.ServicerContext) -> pdserve_pb2.SwitchRoleResponse:
-        switch = self._switcher()
-        if switch is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this router does not manage its workers (it was "
-                                "not started by `pdserve serve`): change roles where the workers are started")
-        assert switch is not None
-        if not math.isfinite(request.grace_s) or request.grace_s < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"grace_s: must be >= 0, got {request.grace_s}")
+        switch = await self._manager(self._switcher(), context, request.grace_s, "change roles")
         try:
             new_id = await asyncio.to_thread(switch, request.worker_id, request.role, request.grace_s or None)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pdserve_pb2.SwitchRoleResponse(worker_id=new_id)
+
+    async def _manager(self, action: T | None, context: grpc.aio.ServicerContext, grace_s: float, what: str) -> T:
+        """An operator's action on the workers (``ScalePool``, ``SwitchRole``): FAILED_PRECONDITION when
+        no launcher manages them, INVALID_ARGUMENT for a bad ``grace_s``."""
+        if action is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this router does not manage its workers (it "
+                                f"was not started by `pdserve serve`): {what} where the workers are started")
+        if not math.isfinite(grace_s) or grace_s < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"grace_s: must be >= 0, got {grace_s}")
+        assert action is not None
+        return action
 
     def open_session(self, request: pdserve_pb2.GenerateRequest,
                      client_deadline_s: float | None = None) -> RequestSession:
