@@ -36,6 +36,9 @@ class EngineConfig:
     and launches step N+1 before the host reads step N's tokens, so host work overlaps the GPU (as
     vLLM's option of the same name); outputs are the same either way.
 
+    ``tensor_parallel_size`` splits the model over that many ranks in this process (one thread each,
+    all-reduce over gloo: :mod:`pdserve.engine.tensor_parallel`); CPU only so far.
+
     SLO-aware scheduling: ``step_time_budget_ms`` caps the predicted time of a step that carries
     decodes (prefill chunks are cut to fit: the TPOT SLO); ``ttft_slo_ms`` admits prompts earliest
     deadline first, after those that can still meet it. Both use a step-time model, measured at start-up
@@ -64,6 +67,7 @@ class EngineConfig:
     step_time_budget_ms: float | None = None
     ttft_slo_ms: float | None = None
     step_time_profile: str | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         try:
@@ -95,6 +99,10 @@ class EngineConfig:
         require_float("cpu_kv_cache_gib", self.cpu_kv_cache_gib, minimum=0.0, exclusive_minimum=True)
         require_int("seed", self.seed, minimum=0)
         require_int("cuda_graph_max_tokens", self.cuda_graph_max_tokens, minimum=0, maximum=65536)
+        require_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1, maximum=64)
+        if self.tensor_parallel_size > 1 and self.device != "cpu":
+            raise InvalidParameterError("tensor_parallel_size", "tensor parallelism runs on the CPU (gloo) only so "
+                                        "far: set device='cpu', or 1 on GPUs")
         for name in ("step_time_budget_ms", "ttft_slo_ms"):
             if getattr(self, name) is not None:
                 require_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)

@@ -36,7 +36,9 @@ from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.device import resolve_device, resolve_dtype, resolve_max_model_len
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches
+from pdserve.engine.model.decoder import DecoderForCausalLM
 from pdserve.engine.model.loader import build_model, inspect_model_dir
+from pdserve.engine.model.parallel import SINGLE, TensorParallel
 from pdserve.engine.model.tiny import ensure_tiny_random
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import LaunchedStep, ModelRunner
@@ -46,6 +48,7 @@ from pdserve.engine.sizing import size_kv_cache
 from pdserve.engine.slow_steps import SlowStepWatch
 from pdserve.engine.step_profile import load_or_measure_step_time
 from pdserve.engine.step_time import StepKind, StepTimeModel, StepTimeMonitor
+from pdserve.engine.tensor_parallel import TensorParallelModel
 from pdserve.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -98,8 +101,13 @@ class LLMEngine:
                               f"must fit in one step")
         timer = time.perf_counter()
         self.attention_backend = backend = select_backend(config.attention_backend, self.device)
-        self.model = build_model(source, backend=backend, dtype=self.dtype, device=self.device,
-                                 load_format=config.load_format, max_positions=self.max_model_len, seed=config.seed)
+        def build(tp: TensorParallel = SINGLE) -> DecoderForCausalLM:
+            return build_model(source, backend=backend, dtype=self.dtype, device=self.device, tp=tp,
+                               load_format=config.load_format, max_positions=self.max_model_len, seed=config.seed)
+
+        tensor_parallel = (TensorParallelModel.build(config.tensor_parallel_size, build)
+                           if config.tensor_parallel_size > 1 else None)
+        self.model: DecoderForCausalLM = tensor_parallel or build()  # type: ignore[assignment]
         self.startup_seconds = {"weights": time.perf_counter() - timer}
         self.eos_token_ids = tuple(dict.fromkeys((*self.tokenizer.eos_token_ids, *spec.eos_token_ids)))
         self.sampler = Sampler(self.device, seed=config.seed)
@@ -109,9 +117,11 @@ class LLMEngine:
                                   query_tile_rows=backend.query_tile_rows(spec.head_dim, self.dtype))
         timer = time.perf_counter()
         num_blocks = size_kv_cache(self)
-        self.kv_layout = KVCacheLayout(spec.num_layers, num_blocks, config.block_size, spec.num_kv_heads,
-                                       spec.head_dim, self.dtype)
+        self.kv_layout = KVCacheLayout(spec.num_layers, num_blocks, config.block_size,
+                                       self.model.spec.num_kv_heads, spec.head_dim, self.dtype)  # (a rank's heads)
         self.kv_caches = allocate_kv_caches(self.kv_layout, self.device)
+        if tensor_parallel is not None:
+            tensor_parallel.attach_kv_caches(self.kv_layout, self.device, self.kv_caches)
         self.runner.kv_caches = self.kv_caches
         self.startup_seconds["kv_cache"] = time.perf_counter() - timer
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -119,7 +129,8 @@ class LLMEngine:
             config.max_num_batched_tokens, config.max_num_seqs, config.enable_chunked_prefill,
             step_time_budget_s=None if config.step_time_budget_ms is None else config.step_time_budget_ms / 1e3,
             ttft_slo_s=None if config.ttft_slo_ms is None else config.ttft_slo_ms / 1e3), self.kv)
-        if self.device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
+        if (self.device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager
+                and tensor_parallel is None):
             self.startup_seconds["cuda_graphs"] = self.runner.capture_cuda_graphs(config.max_num_seqs,
                                                                                   config.cuda_graph_max_tokens)
         self.startup_seconds["attention_plans"] = backend.prepare(

@@ -7,6 +7,10 @@ Projections are fused for speed: ``qkv_proj`` holds q, k and v stacked along the
 ``gate_up_proj`` holds gate and up. :meth:`DecoderForCausalLM.load_weights` maps a checkpoint's
 separate ``q_proj``/``k_proj``/``v_proj``/``gate_proj``/``up_proj`` tensors into those shards.
 
+With tensor parallelism (:mod:`~pdserve.engine.model.parallel`) a rank builds its share: ``spec`` is
+then that share's shape (``full_spec`` the model's), ``o_proj``/``down_proj`` all-reduce, and
+:meth:`load_weights` cuts each checkpoint tensor to the rank's slice.
+
 The forward pass takes a packed batch (all sequences' new tokens back to back, no padding), their
 absolute positions, one KV cache tensor per layer and the step's :class:`AttentionMetadata`.
 """
@@ -24,15 +28,16 @@ from pdserve.engine.attention.backend import AttentionBackend
 from pdserve.engine.attention.metadata import AttentionMetadata
 from pdserve.engine.model.hf_config import ModelSpec
 from pdserve.engine.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from pdserve.engine.model.parallel import SINGLE, RowParallelLinear, TensorParallel
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, backend: AttentionBackend, o_proj_bias: bool) -> None:
+    def __init__(self, spec: ModelSpec, backend: AttentionBackend, o_proj_bias: bool, tp: TensorParallel) -> None:
         super().__init__()
         self.spec = spec
         self.backend = backend
         self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.attention_bias)
-        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=o_proj_bias)
+        self.o_proj = RowParallelLinear(spec.q_size, spec.hidden_size, o_proj_bias, tp)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
@@ -54,11 +59,11 @@ class Attention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, tp: TensorParallel) -> None:
         super().__init__()
         self.intermediate_size = spec.intermediate_size
         self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp)
         self.fused = False  # see DecoderForCausalLM.use_fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,12 +75,12 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, backend: AttentionBackend, o_proj_bias: bool) -> None:
+    def __init__(self, spec: ModelSpec, backend: AttentionBackend, o_proj_bias: bool, tp: TensorParallel) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, backend, o_proj_bias)
+        self.self_attn = Attention(spec, backend, o_proj_bias, tp)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = GatedMLP(spec)
+        self.mlp = GatedMLP(spec, tp)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 rotary: RotaryEmbedding, kv_cache: torch.Tensor, metadata: AttentionMetadata
@@ -91,10 +96,10 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, spec: ModelSpec, backend: AttentionBackend, o_proj_bias: bool) -> None:
+    def __init__(self, spec: ModelSpec, backend: AttentionBackend, o_proj_bias: bool, tp: TensorParallel) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, backend, o_proj_bias) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, backend, o_proj_bias, tp) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
@@ -104,11 +109,13 @@ class DecoderForCausalLM(nn.Module):
     o_proj_bias_follows_attention_bias = True
     """Llama puts ``attention_bias`` on all four projections; Qwen2 on q/k/v only."""
 
-    def __init__(self, spec: ModelSpec, backend: AttentionBackend) -> None:
+    def __init__(self, spec: ModelSpec, backend: AttentionBackend, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.spec = spec
+        self.full_spec = spec
+        self.tp = tp
+        self.spec = spec = tp.local_spec(spec)  # this rank's heads and MLP width (all of them with one rank)
         o_bias = spec.attention_bias and self.o_proj_bias_follows_attention_bias
-        self.model = DecoderModel(spec, backend, o_bias)
+        self.model = DecoderModel(spec, backend, o_bias, tp)
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size,
                                                                        bias=False)
         self.rotary = RotaryEmbedding(spec.rope, spec.head_dim)
@@ -180,6 +187,7 @@ class DecoderForCausalLM(nn.Module):
             if param is None:
                 ignored.append(name)
                 continue
+            tensor = self.tp.shard(name, tensor, self.full_spec)
             dest = param.data if rows is None else param.data.narrow(0, offset, rows)
             if tuple(dest.shape) != tuple(tensor.shape):
                 raise ModelLoadError(f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, the config "

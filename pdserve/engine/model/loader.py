@@ -19,6 +19,7 @@ from pdserve.common.errors import ModelLoadError
 from pdserve.engine.attention.backend import AttentionBackend
 from pdserve.engine.model.decoder import DecoderForCausalLM
 from pdserve.engine.model.hf_config import ModelSpec, architecture_of, read_config_json
+from pdserve.engine.model.parallel import SINGLE, TensorParallel
 from pdserve.engine.model.registry import model_class_for
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -77,10 +78,11 @@ def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def build_model(source: ModelSource, *, backend: AttentionBackend, dtype: torch.dtype, device: torch.device,
-                load_format: str, max_positions: int, seed: int = 0) -> DecoderForCausalLM:
-    """Materialise the model on ``device`` in ``dtype`` with real (``auto``) or random (``dummy``) weights."""
+                load_format: str, max_positions: int, seed: int = 0, tp: TensorParallel = SINGLE) -> DecoderForCausalLM:
+    """Materialise the model (``tp``: this rank's share of it) on ``device`` in ``dtype`` with real
+    (``auto``) or random (``dummy``) weights."""
     with torch.device("meta"):
-        model = source.model_class(source.spec, backend)
+        model = source.model_class(source.spec, backend, tp)
     model = model.to_empty(device=device).to(dtype)
     if load_format == "dummy":
         init_dummy_weights(model, seed)

@@ -1,0 +1,104 @@
+"""Tensor parallelism inside one model: which slice of each weight a rank holds, and the all-reduce.
+
+Megatron-style: the projections that widen (``q/k/v_proj``, ``gate/up_proj``) are split by output rows
+(column-parallel: each rank computes its heads and its share of the MLP), the ones that narrow
+(``o_proj``, ``down_proj``) by input columns (row-parallel: each rank's partial sum is all-reduced,
+then the bias added once). Attention heads are split evenly; KV heads too when there are at least as
+many as ranks, else each rank keeps the one KV head its query heads read (replicated). Embeddings,
+norms and the LM head are replicated (every rank holds the whole vocabulary: simple, and the logits
+need no gather).
+
+:class:`TensorParallel` is one rank's view: ``rank``, ``size`` and the process group its all-reduces
+run on (gloo on CPU, NCCL on GPUs; ``None`` for one rank). ``local_spec`` is the model shape a rank
+builds; ``shard(name, tensor)`` cuts a checkpoint tensor (Hugging Face names) to that rank's slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.common.errors import ConfigError
+from pdserve.engine.model.hf_config import ModelSpec
+
+#: Checkpoint sub-names split by output rows, and those split by input columns (weights only).
+COLUMN_PARALLEL = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "mlp.gate_proj.", "mlp.up_proj.")
+ROW_PARALLEL = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+
+    def check(self, spec: ModelSpec) -> None:
+        """``ConfigError`` unless ``spec`` splits evenly over ``size`` ranks."""
+        problems = []
+        if spec.num_heads % self.size:
+            problems.append(f"{spec.num_heads} attention heads")
+        if spec.num_kv_heads % self.size and self.size % spec.num_kv_heads:
+            problems.append(f"{spec.num_kv_heads} KV heads (neither a multiple nor a divisor of it)")
+        if spec.intermediate_size % self.size:
+            problems.append(f"an MLP width of {spec.intermediate_size}")
+        if problems:
+            raise ConfigError("tensor_parallel_size", f"{self.size} ranks cannot split {', '.join(problems)}")
+
+    def local_spec(self, spec: ModelSpec) -> ModelSpec:
+        """The shape of this rank's share of the model."""
+        if self.size == 1:
+            return spec
+        self.check(spec)
+        return dataclasses.replace(spec, num_heads=spec.num_heads // self.size,
+                                   num_kv_heads=max(1, spec.num_kv_heads // self.size),
+                                   intermediate_size=spec.intermediate_size // self.size)
+
+    def kv_heads(self, spec: ModelSpec) -> range:
+        """The (full model's) KV heads this rank holds."""
+        if spec.num_kv_heads >= self.size:
+            per = spec.num_kv_heads // self.size
+            return range(self.rank * per, (self.rank + 1) * per)
+        index = self.rank * spec.num_kv_heads // self.size
+        return range(index, index + 1)
+
+    def shard(self, name: str, tensor: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+        """This rank's slice of checkpoint tensor ``name`` of the full model ``spec``."""
+        if self.size == 1:
+            return tensor
+        if any(part in name for part in ("self_attn.k_proj.", "self_attn.v_proj.")):
+            heads = self.kv_heads(spec)
+            return tensor.narrow(0, heads.start * spec.head_dim, len(heads) * spec.head_dim)
+        if any(part in name for part in COLUMN_PARALLEL):
+            return tensor.chunk(self.size, 0)[self.rank]
+        if any(name.endswith(part) for part in ROW_PARALLEL):
+            return tensor.chunk(self.size, 1)[self.rank]
+        return tensor
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the ranks, in place."""
+        if self.size > 1:
+            self.group.allreduce([tensor]).wait()
+        return tensor
+
+
+SINGLE = TensorParallel()
+
+
+class RowParallelLinear(nn.Linear):
+    """``nn.Linear`` whose input is split over the ranks: partial products are all-reduced, then the
+    bias is added once. With one rank it is ``nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(x)
+        out = self.tp.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias

@@ -1,0 +1,43 @@
+"""Tensor parallelism inside one engine (ranks on threads, all-reduce over gloo): a model split over two
+ranks generates what the unsplit model does, token for token, for Llama and Qwen shapes -- KV heads
+split, and replicated when there are fewer of them than ranks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pdserve import LLM, SamplingParams
+from pdserve.common.errors import ConfigError
+from pdserve.engine.model.parallel import TensorParallel
+from tests.support.hf_models import make_hf_model
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("kind", ["llama31", "qwen3", "qwen2"])  # qwen2 here: one KV head for two ranks
+def test_two_ranks_generate_what_one_does(kind: str, tmp_path) -> None:  # noqa: ANN001
+    make_hf_model(kind, tmp_path)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (5, 23, 40, 1)]
+    outputs = {}
+    for tp in (1, 2):
+        llm = LLM(model=str(tmp_path), device="cpu", max_model_len=128, num_kv_blocks=64, tensor_parallel_size=tp,
+                  max_num_batched_tokens=32)  # chunked prefill and mixed steps too
+        outputs[tp] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)]
+        if tp == 2:
+            ranks = llm.engine.model.ranks
+            assert len(ranks) == 2 and ranks[0].spec.num_heads * 2 == ranks[0].full_spec.num_heads
+            assert llm.engine.kv_layout.num_kv_heads == max(1, ranks[0].full_spec.num_kv_heads // 2)
+    assert outputs[2] == outputs[1]
+
+
+def test_splits_that_do_not_divide_are_refused(tmp_path) -> None:  # noqa: ANN001
+    make_hf_model("llama31", tmp_path)  # 4 heads, 2 KV heads, MLP 160
+    with pytest.raises(ConfigError, match="3 ranks cannot split 4 attention heads"):
+        LLM(model=str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=3)
+    with pytest.raises(ConfigError, match="CPU"):
+        LLM(model=str(tmp_path), device="cuda", tensor_parallel_size=2)
+    spec = LLM(model=str(tmp_path), device="cpu", num_kv_blocks=16).engine.spec
+    assert [list(TensorParallel(r, 4).kv_heads(spec)) for r in range(4)] == [[0], [0], [1], [1]]
