@@ -115,7 +115,11 @@ class ClusterConfig:
             raise ConfigError("router.planner_mode", "the planner scores configurations against the SLOs: set "
                               "slo: {ttft_ms, tpot_ms} too")
         for role in self.roles:  # validate the engine settings now, not on the workers
-            self.engine_config(role)
+            engine = self.engine_config(role)
+            if engine.tensor_parallel_size > 1 and role != "colocated":
+                raise ConfigError(f"{role}.engine.tensor_parallel_size", "tensor-parallel workers serve in colocated "
+                                  "mode only so far: KV transfer sends one rank's heads (per-rank transfers are "
+                                  "not built)")
 
     @property
     def colocated_pool(self) -> PoolConfig:
