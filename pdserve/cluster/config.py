@@ -114,12 +114,10 @@ class ClusterConfig:
         if self.router.planner_mode != "off" and (self.router.ttft_slo_ms is None or self.router.tpot_slo_ms is None):
             raise ConfigError("router.planner_mode", "the planner scores configurations against the SLOs: set "
                               "slo: {ttft_ms, tpot_ms} too")
-        for role in self.roles:  # validate the engine settings now, not on the workers
-            engine = self.engine_config(role)
-            if engine.tensor_parallel_size > 1 and role != "colocated":
-                raise ConfigError(f"{role}.engine.tensor_parallel_size", "tensor-parallel workers serve in colocated "
-                                  "mode only so far: KV transfer sends one rank's heads (per-rank transfers are "
-                                  "not built)")
+        sizes = {role: self.engine_config(role).tensor_parallel_size for role in self.roles}  # (validates them)
+        if len(set(sizes.values())) > 1:
+            raise ConfigError("decode.engine.tensor_parallel_size", f"prefill and decode workers must split the model "
+                              f"alike (KV moves rank to rank; re-sharding between degrees is not built): {sizes}")
 
     @property
     def colocated_pool(self) -> PoolConfig:

@@ -282,6 +282,16 @@ class LLMEngine:
             self._requests.get(c.request.request_id) is c.request for c in step.sampling))
 
     @property
+    def tensor_parallel_size(self) -> int:
+        return self.config.tensor_parallel_size
+
+    def transfer_caches(self) -> list[torch.Tensor]:
+        """The caches KV transfer moves: one per layer, or with tensor parallelism one per layer and
+        rank, layer-major (:mod:`pdserve.engine.tensor_parallel`)."""
+        model = self.model
+        return model.transfer_caches() if isinstance(model, TensorParallelModel) else self.kv_caches
+
+    @property
     def num_unfinished_requests(self) -> int:
         return len(self._requests)
 

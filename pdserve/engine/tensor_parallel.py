@@ -12,8 +12,12 @@ Lifecycle: ``TensorParallelModel.build(...)`` forms the groups (every rank joins
 own thread) and builds each rank's share of the weights; ``attach_kv_caches(layout)`` gives ranks past
 the first their caches once the engine sized rank 0's; ``close()`` stops the threads.
 
-Limits: CPU only (the engine refuses other devices); no CUDA graphs; the per-layer KV hook (KV
-streaming to a decode worker) sees rank 0's caches only, so disaggregated workers do not take it yet.
+KV transfer between workers of the same size: the per-layer hook (KV streaming) is called for every
+rank's cache of the layer, indexed layer-major, and :meth:`transfer_caches` lists the caches the same
+way, so the transport moves ``num_layers x size`` "layers" and rank r's heads land in rank r's cache.
+
+Limits: CPU only (the engine refuses other devices); no CUDA graphs; both sides of a transfer must have
+the same size (the KV layout handshake refuses others).
 """
 
 from __future__ import annotations
@@ -63,7 +67,24 @@ class TensorParallelModel:
 
     @layer_hook.setter
     def layer_hook(self, hook: Callable[[int, torch.Tensor], None] | None) -> None:
-        self.ranks[0].layer_hook = hook
+        """``hook(index, cache)`` for every rank's cache of each layer, once rank 0 finished the layer
+        (the layer's last all-reduce waited for every rank, so their KV is written); ``index`` counts
+        layer-major over the ranks, as :meth:`transfer_caches` lists the caches."""
+        if hook is None:
+            self.ranks[0].layer_hook = None
+            return
+        size = len(self.ranks)
+
+        def every_rank(layer: int, _rank0_cache: torch.Tensor) -> None:
+            for rank in range(size):
+                hook(layer * size + rank, self.kv_caches[rank][layer])
+
+        self.ranks[0].layer_hook = every_rank
+
+    def transfer_caches(self) -> list[torch.Tensor]:
+        """Every rank's cache of every layer, layer-major (what a KV transfer between workers of the
+        same tensor-parallel size moves: rank r's heads land in rank r's cache)."""
+        return [cache for layer in zip(*self.kv_caches, strict=True) for cache in layer]
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  metadata: AttentionMetadata) -> torch.Tensor:

@@ -85,7 +85,7 @@ class PrefillRole(Role):
         bootstrap = {"host": request.store_host, "port": request.store_port, "group_name": request.group_name,
                      "backend": request.transport}
         try:
-            sender = await asyncio.to_thread(open_sender, bootstrap, self.worker.engine.kv_caches, mine,
+            sender = await asyncio.to_thread(open_sender, bootstrap, self.worker.engine.transfer_caches(), mine,
                                              name=self.worker.worker_id, op_timeout_s=self.worker.transfer.timeout_s)
         except HandshakeError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))

@@ -47,8 +47,11 @@ class WorkerContext:
     def kv_layout(self) -> KVLayoutInfo:
         engine = self.engine
         return KVLayoutInfo(model=model_identity(engine), dtype=str(engine.dtype).removeprefix("torch."),
-                            block_size=engine.kv_layout.block_size, num_layers=engine.kv_layout.num_layers,
-                            num_kv_heads=engine.kv_layout.num_kv_heads, head_dim=engine.kv_layout.head_dim)
+                            block_size=engine.kv_layout.block_size,
+                            # with tensor parallelism, one "layer" per layer and rank (transfer_caches)
+                            num_layers=engine.kv_layout.num_layers * engine.tensor_parallel_size,
+                            num_kv_heads=engine.kv_layout.num_kv_heads, head_dim=engine.kv_layout.head_dim,
+                            tensor_parallel_size=engine.tensor_parallel_size)
 
     async def on_engine(self, fn: Any, *, urgent: bool = False) -> Any:
         """Run ``fn(engine)`` on the engine thread and await its result (``urgent``: see
