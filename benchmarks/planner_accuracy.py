@@ -1,7 +1,8 @@
 """How close ``pdserve plan`` comes to measured serving results: predictions from an H200 step-time
 profile (``deploy/profiles/h200-llama31-8b.json``, written by ``pdserve profile``) against the goodput and
 attainment the serving benchmark measured on 2xH200, for every measured configuration the simulator
-models (``auto``'s spilling is not modelled, so it is left out).
+models (``auto``: 1P1D whose router keeps prompts the prefill worker would answer late on the decode
+worker, set up for TPOT 15 ms in the measured runs and simulated with each scored TPOT as its budget).
 
 Two predictions per point: from the start-up profile alone, and with the calibration the serving runs'
 own workers reported (live step time over profiled, per kind of step, pooled over the runs given).
@@ -26,13 +27,15 @@ from pdserve.planner.simulate import SimRequest, WorkerSpec
 
 RESULTS = Path(__file__).parent / "results"
 SLOS = (("ttft<=250ms,tpot<=25ms", 0.025), ("ttft<=250ms,tpot<=15ms", 0.015), ("ttft<=250ms,tpot<=10ms", 0.010))
-#: The measured configurations the simulator models: name -> (run file, config in it, worker counts, spec)
-CONFIGS: dict[str, tuple[str, str, dict[str, int], WorkerSpec | None]] = {
-    "1p1d": ("serve-h200x2.json", "1p1d", {"prefill": 1, "decode": 1}, None),
+#: The measured configurations the simulator models: name -> (run file, config in it, worker counts,
+#: colocated worker spec, whether the router spills late prompts to the decode worker)
+CONFIGS: dict[str, tuple[str, str, dict[str, int], WorkerSpec | None, bool]] = {
+    "1p1d": ("serve-h200x2.json", "1p1d", {"prefill": 1, "decode": 1}, None, False),
+    "auto (1P1D, spilling)": ("serve-pooled-h200x2.json", "auto", {"prefill": 1, "decode": 1}, None, True),
     "colocated (2048-token chunks)": ("serve-h200x2.json", "colocated", {"colocated": 2},
-                                      WorkerSpec(max_batch_tokens=2048)),
+                                      WorkerSpec(max_batch_tokens=2048), False),
     "colocated-slo (15 ms budget)": ("serve-pooled-h200x2.json", "colocated-slo", {"colocated": 2},
-                                     WorkerSpec(step_budget_s=0.015)),
+                                     WorkerSpec(step_budget_s=0.015), False),
 }
 
 
@@ -86,14 +89,14 @@ def main() -> None:
     settings = json.loads((RESULTS / "serve-s0-h200x2.json").read_text())["settings"]
     trace = trace_workload(args.trace_path, settings) if args.trace_path else None
     rows = []
-    for name, (file, config, counts, spec) in CONFIGS.items():
+    for name, (file, config, counts, spec, spill) in CONFIGS.items():
         truth = measured(file, config)
         for slo, tpot in SLOS:
             row: dict[str, Any] = {"config": name, "workload": "prefill-heavy 2048/128", "slo": slo,
                                    "measured": truth["goodput"].get(slo), "measured_at": truth["commit"]}
             for label, p in (("profile", profile), ("calibrated", calibrated)):
                 row[label] = predict(p, heavy, counts, ttft_slo_s=0.25, tpot_slo_s=tpot, colocated_spec=spec,
-                                     name=name).goodput_per_gpu
+                                     spill=spill, name=name).goodput_per_gpu
                 row[f"{label}_error"] = (round(row[label] / row["measured"] - 1, 3) if row["measured"] else None)
             rows.append(row)
             print(row, flush=True)
@@ -102,7 +105,7 @@ def main() -> None:
                    "measured": truth["trace_attainment"], "measured_at": truth["commit"]}
             for label, p in (("profile", profile), ("calibrated", calibrated)):
                 row[label] = predict(p, trace, counts, ttft_slo_s=0.25, tpot_slo_s=0.025, colocated_spec=spec,
-                                     name=name).attainment_at_offered
+                                     spill=spill, name=name).attainment_at_offered
                 row[f"{label}_error"] = round(row[label] - row["measured"], 3)
             rows.append(row)
             print(row, flush=True)

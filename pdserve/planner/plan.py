@@ -141,14 +141,19 @@ def attainment(outcomes: Sequence[SimOutcome], ttft_slo_s: float, tpot_slo_s: fl
 
 
 def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttft_slo_s: float, tpot_slo_s: float,
-            target: float = 0.9, name: str = "", colocated_spec: WorkerSpec | None = None) -> Prediction:
+            target: float = 0.9, name: str = "", colocated_spec: WorkerSpec | None = None,
+            spill: bool = True) -> Prediction:
     """Simulate one configuration at the offered rate, then bisect the rate for its goodput. Colocated
-    workers budget their steps to the TPOT SLO unless ``colocated_spec`` says otherwise."""
+    workers budget their steps to the TPOT SLO unless ``colocated_spec`` says otherwise; split pools
+    run as pdserve runs them with SLOs set (``spill``): decode workers budget their steps to the TPOT
+    SLO and take the prompts the prefill pool would answer too late."""
     spec = colocated_spec or WorkerSpec(step_budget_s=tpot_slo_s)
+    decode_spec = WorkerSpec(max_batch_tokens=2048, step_budget_s=tpot_slo_s if spill else None)
 
     def simulate(scale: float) -> list[SimOutcome]:
         sim = ClusterSimulation(profile.model, colocated=counts.get("colocated", 0), prefill=counts.get("prefill", 0),
-                                decode=counts.get("decode", 0), colocated_spec=spec,
+                                decode=counts.get("decode", 0), colocated_spec=spec, decode_spec=decode_spec,
+                                spill_ttft_s=ttft_slo_s if spill else None,
                                 kv_bytes_per_token=profile.kv_bytes_per_token,
                                 transfer_bytes_per_s=profile.transfer_bytes_per_s)
         return sim.run(workload.at(scale))

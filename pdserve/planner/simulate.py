@@ -11,10 +11,15 @@ scheduler builds it:
 * a **prefill** worker runs prompt chunks up to its token budget; when a prompt's last chunk is done its
   first token exists, and its KV reaches a decode worker ``transfer_s(prompt)`` later;
 * a **decode** worker runs one token per held request each step; a request joins at the first step
-  after its KV arrived.
+  after its KV arrived. With ``spill_ttft_s`` (TTFT-aware placement, what pdserve's router does when
+  an SLO is set) it also computes the prompts the router keeps on it, in chunks within its step budget,
+  as a colocated worker does.
 
 The router sends a prompt to the prefill worker with the fewest queued prompt tokens and a request to
-the decode (or colocated) worker holding the fewest requests. A request's TTFT is its first token
+the decode (or colocated) worker holding the fewest requests. With ``spill_ttft_s``, a prompt whose
+prefill pool would answer later than that stays on the decode worker of fewest requests when that
+worker would be faster: queued prompt tokens over the prefill rate of back-to-back chunks, against its
+queued local prompt tokens over the spare rate its decodes leave within its step budget. A request's TTFT is its first token
 minus its arrival (plus the handoff for remote prefills: the client sees the first token once the
 decode worker has it), its TPOT the mean time per later token. Not modelled: prefix caching, KV
 capacity limits and preemption, the spilling of prompts to decode workers (``auto``), network and
@@ -105,7 +110,8 @@ class ClusterSimulation:
                  colocated_spec: WorkerSpec = WorkerSpec(), prefill_spec: WorkerSpec = WorkerSpec(),
                  decode_spec: WorkerSpec = WorkerSpec(max_batch_tokens=2048),
                  transfer_s: float | None = None, kv_bytes_per_token: float = 131072.0,
-                 transfer_bytes_per_s: float = 50e9, transfer_overhead_s: float = 0.003) -> None:
+                 transfer_bytes_per_s: float = 50e9, transfer_overhead_s: float = 0.003,
+                 spill_ttft_s: float | None = None) -> None:
         if colocated and (prefill or decode):
             raise ValueError("a configuration is colocated workers, or prefill + decode workers")
         if not colocated and not (prefill and decode):
@@ -118,6 +124,8 @@ class ClusterSimulation:
         self._kv_bytes_per_token = kv_bytes_per_token
         self._transfer_bytes_per_s = transfer_bytes_per_s
         self._transfer_overhead_s = transfer_overhead_s
+        self._spill_ttft_s = spill_ttft_s
+        self.num_spilled = 0
 
     @property
     def num_gpus(self) -> int:
@@ -155,7 +163,7 @@ class ClusterSimulation:
                 if by_role["colocated"]:
                     worker = min(by_role["colocated"], key=lambda w: w.held)
                 else:
-                    worker = min(by_role["prefill"], key=lambda w: w.queued_prompt_tokens)
+                    worker = self._place_prompt(payload.request.prompt_tokens, by_role)
                 worker.waiting.append(active)
                 start(worker, now)
             elif kind == "kv":
@@ -171,6 +179,29 @@ class ClusterSimulation:
                     events, (t + self.transfer_s(a.outcome.request.prompt_tokens), next(seq), "kv", a)))
                 start(worker, now)
         return outcomes
+
+    def _place_prompt(self, prompt_tokens: int, by_role: dict[str, list[_Worker]]) -> _Worker:
+        """The prefill worker of fewest queued tokens, or (spilling) the decode worker that is faster."""
+        prefill = min(by_role["prefill"], key=lambda w: w.queued_prompt_tokens)
+        if self._spill_ttft_s is None:
+            return prefill
+        rate = self.model.prefill_tokens_per_s(prefill.spec.max_batch_tokens)
+        remote = (prefill.queued_prompt_tokens + prompt_tokens) / rate
+        if remote <= self._spill_ttft_s:
+            return prefill
+        decode = min(by_role["decode"], key=lambda w: w.held)
+        if decode.spec.step_budget_s is None:
+            return prefill
+        shape = StepShape(0)
+        for a in decode.running:
+            shape = shape.plus_decode(a.outcome.request.prompt_tokens + a.produced)
+        spare = self.model.spare_prefill_tokens_per_s(shape, decode.spec.step_budget_s, decode.spec.max_batch_tokens,
+                                                      decode.spec.min_prefill_chunk)
+        local = (decode.queued_prompt_tokens + prompt_tokens) / spare if spare > 0 else float("inf")
+        if local < remote:
+            self.num_spilled += 1
+            return decode
+        return prefill
 
     # -- one worker ---------------------------------------------------------------------------------
 

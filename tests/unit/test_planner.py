@@ -106,3 +106,27 @@ def test_the_online_planner_simulates_with_the_workers_calibration() -> None:
     assert profile is not None and profile.kv_bytes_per_token == 1000
     assert profile.model.factor(StepKind.MIXED) == pytest.approx(1.4)
     assert profile.model.factor(StepKind.DECODE) == 1.0 and profile.model.per_token_s == 2e-5
+
+
+def test_spilling_keeps_late_prompts_on_the_decode_worker() -> None:
+    """TTFT-aware placement in the simulator (what pdserve's router does with an SLO): when the prefill
+    worker is behind, prompts stay on the decode worker, computed within its step budget, and TTFT
+    improves; when the prefill worker keeps up, nothing spills."""
+    model = StepTimeModel(base_s=4e-3, per_token_s=20e-6, free_tokens=64, per_kv_token_s=2e-8, per_pair_s=1e-9)
+    rng, t, requests = random.Random(2), 0.0, []
+    for _ in range(300):
+        t += rng.expovariate(60.0)  # 1.5x what one prefill worker computes of 1,024-token prompts (~40/s)
+        requests.append(SimRequest(t, 1024, 32))
+
+    def run(spill_ttft_s: float | None) -> tuple[ClusterSimulation, list]:
+        sim = ClusterSimulation(model, prefill=1, decode=1, spill_ttft_s=spill_ttft_s,
+                                decode_spec=WorkerSpec(max_batch_tokens=2048, step_budget_s=0.05))
+        return sim, sim.run(requests)
+
+    plain, plain_out = run(None)
+    spilling, spill_out = run(0.3)
+    assert plain.num_spilled == 0 and spilling.num_spilled > 40
+    assert statistics.median(o.ttft_s for o in spill_out) < 0.5 * statistics.median(o.ttft_s for o in plain_out)
+    assert all(o.done_s is not None for o in spill_out)
+    relaxed, _ = run(1e6)
+    assert relaxed.num_spilled == 0
