@@ -249,7 +249,8 @@ class DecodeRole(Role):
         self._failures.pop(rid, None)
         self.num_remote_prefills += 1
         blocks = len(zone.block_ids) - zone.num_skip_blocks
-        self.kv_bytes_received += blocks * self.worker.engine.kv_layout.bytes_per_block
+        mine = self.worker.engine
+        self.kv_bytes_received += blocks * mine.kv_layout.bytes_per_block * mine.tensor_parallel_size  # all ranks
         self.kv_transfer_seconds += max(0.0, timing.get("landed_at", timing["zone_at"]) - timing["zone_at"])
         assert first_token is not None
 

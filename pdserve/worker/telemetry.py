@@ -49,8 +49,9 @@ def engine_telemetry(engine: LLMEngine) -> dict[str, Any]:
 
 
 def kv_bytes_per_token(engine: LLMEngine) -> int:
-    """Bytes of KV one token takes in the engine's cache (keys and values, every layer)."""
-    return engine.kv_layout.bytes_per_block // engine.kv_layout.block_size
+    """Bytes of KV one token takes in the engine's caches (keys and values, every layer, every
+    tensor-parallel rank: what a transfer of it moves)."""
+    return engine.kv_layout.bytes_per_block // engine.kv_layout.block_size * engine.tensor_parallel_size
 
 
 class GpuProbe:
