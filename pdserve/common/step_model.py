@@ -137,11 +137,20 @@ class StepTimeModel:
 
     @classmethod
     def load(cls, path: str | Path) -> StepTimeModel:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError("step_time_profile", f"cannot read {path}: {exc}") from None
-        return cls.from_dict(data.get("model", data) if isinstance(data, dict) else {}, str(path))
+        data = read_profile(path, "step_time_profile")
+        return cls.from_dict(data.get("model", data), str(path))
+
+
+def read_profile(path: str | Path, field: str) -> dict:
+    """The JSON object of a profile file (``pdserve profile``'s output, or bare coefficients);
+    ``ConfigError`` naming ``field`` when it cannot be read or is not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(field, f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(field, f"{path}: not a JSON object")
+    return data
 
 
 def parse_calibration(text: str, source: str = "--calibrate") -> dict[StepKind, float]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.common.errors import ConfigError
-from pdserve.common.step_model import StepKind, StepTimeModel
+from pdserve.common.step_model import StepKind, StepTimeModel, read_profile
 from pdserve.planner.simulate import ClusterSimulation, SimOutcome, SimRequest, WorkerSpec
 
 DEFAULT_KV_BYTES_PER_TOKEN = 131072.0  # Llama-3.1-8B in bf16: 32 layers x 2 x 8 heads x 128 x 2 bytes
@@ -35,12 +35,7 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError("profile", f"cannot read {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError("profile", f"{path}: not a JSON object")
+        data = read_profile(path, "profile")
         model = StepTimeModel.from_dict(data.get("model", data), str(path))
         return cls(model, float(data.get("kv_bytes_per_token", DEFAULT_KV_BYTES_PER_TOKEN)),
                    float(data.get("kv_transfer_bytes_per_s", DEFAULT_TRANSFER_BYTES_PER_S)))

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from pdserve.common.step_model import StepTimeModel, pooled_calibration
-from pdserve.planner.plan import Profile, Workload, plan
+from pdserve.planner.plan import DEFAULT_KV_BYTES_PER_TOKEN, Profile, Workload, plan
 from pdserve.planner.simulate import SimRequest
 from pdserve.router.config import RouterConfig
 from pdserve.router.plan_applier import PlanApplier
@@ -39,7 +39,7 @@ CALIBRATED_AFTER_STEPS = 256
 class OnlinePlanner:
     def __init__(self, config: RouterConfig, log: RequestLog, num_gpus: Callable[[], int],
                  telemetry: Callable[[], Mapping[str, dict[str, Any]]], current: Callable[[], str],
-                 switch: Callable[[str, str], Awaitable[str]] | None = None) -> None:
+                 switch: Callable[[str, str], Awaitable[str]]) -> None:
         self._config = config
         self._switch = switch
         self.applier = PlanApplier(config.apply_config) if config.planner_mode == "apply" else None
@@ -67,14 +67,11 @@ class OnlinePlanner:
         action = self.applier.decide(result, time.time() if now is None else now)
         out: dict[str, Any] = {"status": self.applier.status, "switches": self.applier.num_switches}
         if action is not None:
-            if self._switch is None:
-                out["status"] = "would switch a worker, but no launcher manages the workers"
-            else:
-                try:
-                    out["switched"] = await self._switch(*action)
-                except Exception as exc:  # noqa: BLE001 (reported; the next rounds decide again)
-                    logger.exception("planner: the role switch failed")
-                    out["status"] = f"the role switch failed: {type(exc).__name__}: {exc}"
+            try:
+                out["switched"] = await self._switch(*action)
+            except Exception as exc:  # noqa: BLE001 (no launcher, no worker to spare...: reported, decided anew)
+                logger.exception("planner: the role switch failed")
+                out["status"] = f"the role switch failed: {type(exc).__name__}: {exc}"
         return out
 
     async def recommend(self, now: float | None = None) -> dict[str, Any]:
@@ -110,4 +107,4 @@ class OnlinePlanner:
         reports = [(e.get("step_time_calibration") or {},
                     {kind: int(v.get("count", 0)) for kind, v in (e.get("steps") or {}).items()}) for e in with_model]
         return Profile(model.calibrated(pooled_calibration(reports, CALIBRATED_AFTER_STEPS)),
-                       float(with_model[0].get("kv_bytes_per_token") or 131072))
+                       float(with_model[0].get("kv_bytes_per_token") or DEFAULT_KV_BYTES_PER_TOKEN))

@@ -101,7 +101,11 @@ def test_the_online_planner_simulates_with_the_workers_calibration() -> None:
                  "colocated-1": {"engine": {"step_time_model": model, "kv_bytes_per_token": 1000,
                                             "step_time_calibration": {"decode": 1.0, "mixed": 1.3, "prefill": 1.0},
                                             "steps": {"mixed": {"count": 300}}}}}
-    planner = OnlinePlanner(RouterConfig(), RequestLog(), lambda: 2, lambda: telemetry, lambda: "colocated x2")
+    async def no_switch(from_role: str, to_role: str) -> str:
+        raise AssertionError("recommend mode never switches")
+
+    planner = OnlinePlanner(RouterConfig(), RequestLog(), lambda: 2, lambda: telemetry, lambda: "colocated x2",
+                            no_switch)
     profile = planner._profile()
     assert profile is not None and profile.kv_bytes_per_token == 1000
     assert profile.model.factor(StepKind.MIXED) == pytest.approx(1.4)

@@ -9,6 +9,7 @@ import random
 import pytest
 
 from pdserve import LLM, SamplingParams
+from pdserve.common.config import EngineConfig
 from pdserve.common.errors import ConfigError
 from pdserve.engine.model.parallel import TensorParallel
 from tests.support.hf_models import make_hf_model
@@ -37,7 +38,7 @@ def test_splits_that_do_not_divide_are_refused(tmp_path) -> None:  # noqa: ANN00
     make_hf_model("llama31", tmp_path)  # 4 heads, 2 KV heads, MLP 160
     with pytest.raises(ConfigError, match="3 ranks cannot split 4 attention heads"):
         LLM(model=str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=3)
-    with pytest.raises(ConfigError, match="CPU"):
-        LLM(model=str(tmp_path), device="cuda", tensor_parallel_size=2)
+    with pytest.raises(ConfigError, match="CPU"):  # refused by the config, before any device is touched
+        EngineConfig(model=str(tmp_path), device="cuda", tensor_parallel_size=2)
     spec = LLM(model=str(tmp_path), device="cpu", num_kv_blocks=16).engine.spec
     assert [list(TensorParallel(r, 4).kv_heads(spec)) for r in range(4)] == [[0], [0], [1], [1]]
