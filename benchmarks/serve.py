@@ -131,6 +131,12 @@ PHASES = (("zone_wait_ms", ("d", "submitted_at"), ("d", "zone_at")),  # decode: 
           ("prefill_queue_ms", ("p", "received_at"), ("p", "first_step_started_at")),
           ("prefill_ms", ("p", "first_step_started_at"), ("p", "forward_done_at")),
           ("kv_landing_ms", ("p", "forward_done_at"), ("d", "landed_at")),  # last bytes + completion callback
+          # kv_landing in four parts: the prefill engine reaching finish(); the transport's last writes and
+          # its FINISH push; FINISH reaching the receiver; the receiver's completion callback
+          ("finish_call_ms", ("p", "forward_done_at"), ("p", "finish_called_at")),
+          ("finish_push_ms", ("p", "finish_called_at"), ("p", "finish_pushed_at")),
+          ("finish_delivery_ms", ("p", "finish_pushed_at"), ("d", "finish_received_at")),
+          ("completion_ms", ("d", "finish_received_at"), ("d", "landed_at")),
           ("admit_wait_ms", ("d", "landed_at"), ("d", "admitted_at")),  # callback -> engine thread took it in
           ("transfer_exposed_ms", ("p", "forward_done_at"), ("d", "admitted_at")))
 

@@ -222,6 +222,7 @@ class DecodeRole(Role):
                 loop.call_soon_threadsafe(self._spawn, self._transfer_failed(rid, address, exc))
             return
         timing["landed_at"] = time.time()
+        timing.update(handle.marks)
         if reply is not None:  # logprobs of the first token come with the Prefill reply
             loop.call_soon_threadsafe(self._spawn, self._admit_with_reply(zone, handle, timing, reply))
             return

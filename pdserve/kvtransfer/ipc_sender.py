@@ -146,6 +146,7 @@ class IpcSender(SenderCore):
                         fence.synchronize()  # releases the GIL; the copies are short
                     if not self._is_live(message.header.transfer_id):
                         continue
+                self._mark_pushing(message)
                 self._messages.push(message.header.pack())
                 self._message_done(message)
             except Exception as e:  # noqa: BLE001 - the store went away: the channel is broken

@@ -50,6 +50,7 @@ class LoopbackSender(SenderCore):
         elif header.kind is MessageKind.FINISH:
             if not self._is_live(header.transfer_id):
                 return
+            self._mark_pushing(message)
             self._receiver.deliver_finish(self._name, header)
         elif header.kind is MessageKind.CANCEL:
             self._receiver.deliver_cancel(self._name, header)

@@ -286,6 +286,7 @@ class ProcessGroupSender(SenderCore):
     def _transmit(self, message: OutgoingMessage, payloads: list[torch.Tensor]) -> None:
         """Push ``message``'s header, then send ``payloads`` (HELLO's warm-up bytes; FINISH and CANCEL
         have none) and complete the message."""
+        self._mark_pushing(message)
         self._messages.push(message.header.pack())
         self._send(payloads, [message])
 

@@ -231,6 +231,7 @@ class ReceiverCore(KVReceiver):
                 self.discarded_messages += 1
                 return
             handle.peer = handle.peer or peer
+            handle.marks["finish_received_at"] = time.time()
             problem = (self._check_range(record, header) if written_by_sender
                        else self._check_complete(record, header))
             if problem is not None:

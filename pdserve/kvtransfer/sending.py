@@ -17,6 +17,7 @@ import abc
 import os
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -152,6 +153,7 @@ class SenderCore(KVSender):
             if record.finishing:
                 raise ValueError(f"finish called twice for transfer {handle.transfer_id}")
             record.finishing = True
+            handle.marks["finish_called_at"] = time.time()
             if handle.state is TransferState.PENDING:
                 handle.state = TransferState.IN_PROGRESS
             header = Header(MessageKind.FINISH, handle.transfer_id, start=handle.num_skip_blocks,
@@ -176,6 +178,14 @@ class SenderCore(KVSender):
         """Whether LAYER/FINISH messages of ``transfer_id`` should still go out."""
         with self._lock:
             return transfer_id in self._records
+
+    def _mark_pushing(self, message: OutgoingMessage) -> None:
+        """Transports call this right before a message's header leaves: stamps a FINISH's push."""
+        if message.header.kind is MessageKind.FINISH:
+            with self._lock:
+                record = self._records.get(message.header.transfer_id)
+                if record is not None:
+                    record.handle.marks["finish_pushed_at"] = time.time()
 
     def _message_done(self, message: OutgoingMessage) -> None:
         """The transport completed ``message``; a completed FINISH makes its transfer DONE."""

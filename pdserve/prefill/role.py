@@ -141,6 +141,7 @@ class PrefillRole(Role):
                                 f"prefill of {rid} ended without a token: {first.error or first.finish_reason}")
         self.num_prefills += 1
         transfer.timing["sent_at"] = time.time()
+        transfer.timing.update(transfer.handle.marks)
         self.timings.append({"request_id": rid, "num_prompt_tokens": len(ids), **transfer.timing})
         reply = worker_pb2.PrefillReply(first_token_id=first.new_token_ids[0], num_cached_tokens=first.num_cached_tokens,
                                         prefill_seconds=time.perf_counter() - transfer.started)

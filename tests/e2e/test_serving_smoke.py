@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from benchmarks.serve import run_point
+import ray
+
+from benchmarks.serve import PHASES, breakdown, run_point
 from benchmarks.serving.workload import fixed_workload, poisson_schedule
 from tests.e2e.cluster_support import start_cluster
 
@@ -15,9 +17,16 @@ def test_serving_benchmark_smoke(ray_session) -> None:
         specs = fixed_workload(6, input_len=40, output_len=8, seed=1, vocab=250)
         summary = asyncio.run(run_point(cluster.router_address, specs, poisson_schedule(6, 4.0, seed=1),
                                         "smoke", [(5.0, 1.0)]))
+        timings = {w.role: ray.get(w.actor.timings.remote()) for w in cluster.workers}
     finally:
         cluster.stop()
     assert summary["errors"] == 0 and summary["requests"] == 6
     assert all(r["num_output_tokens"] == 8 for r in summary["records"])
     assert summary["slo_attainment"]["ttft<=5000ms,tpot<=1000ms"] == 1.0
     assert summary["ttft_s"]["p50"] > 0 and summary["tpot_s"]["p50"] > 0
+    phases = breakdown(timings, "smoke", summary["records"])
+    assert phases["remote_prefills"] == 6, phases  # every prompt of 40 tokens went to the prefill worker
+    for name, _, _ in PHASES:  # every phase of the handoff is stamped on both sides, in order
+        assert phases[name] is not None and phases[name] >= 0, (name, phases)
+    landing_parts = ("finish_call_ms", "finish_push_ms", "finish_delivery_ms", "completion_ms")
+    assert abs(sum(phases[p] for p in landing_parts) - phases["kv_landing_ms"]) < max(5.0, 0.5 * phases["kv_landing_ms"])
