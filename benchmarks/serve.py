@@ -182,12 +182,14 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
     from pdserve.cluster.config import cluster_config_from_dict
     from pdserve.cluster.launcher import Cluster
 
-    cluster = Cluster(cluster_config_from_dict(cluster_config(kind, model_dir, args.smoke,
-                                                              (args.ttft_slo * 1e3, args.slo_tpot_ms),
-                                                              args.kv_backend)))
+    config = cluster_config(kind, model_dir, args.smoke, (args.ttft_slo * 1e3, args.slo_tpot_ms), args.kv_backend)
+    if args.dashboard:  # the operator's view of the run: the dashboard's JSON after every point
+        config["router"] |= {"http_port": 0, "planner_mode": "recommend", "planner_interval_s": 5.0}
+    cluster = Cluster(cluster_config_from_dict(config))
     t0 = time.perf_counter()
     cluster.start()
     results: dict[str, Any] = {"startup_s": round(time.perf_counter() - t0, 1), "workloads": {}}
+    dashboard: dict[str, Any] = {}
     try:
         warm_up(cluster.router_address, smoke=args.smoke)
         num_gpus = args.num_gpus
@@ -200,6 +202,8 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                 summary = asyncio.run(run_point(cluster.router_address, specs, offsets, f"{kind}-trace", slos))
                 summary |= {"rate_per_gpu": rate, "run_id": f"{kind}-trace"}
                 points.append(summary)
+                if args.dashboard:
+                    dashboard[summary["run_id"]] = dashboard_snapshot(cluster.http_url)
             else:
                 rates = args.rates[workload]
                 for j, rate in enumerate(rates):
@@ -210,6 +214,8 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                     summary = asyncio.run(run_point(cluster.router_address, specs, offsets, run_id, slos))
                     summary |= {"rate_per_gpu": rate, "run_id": run_id}
                     points.append(summary)
+                    if args.dashboard:
+                        dashboard[run_id] = dashboard_snapshot(cluster.http_url)
                     print(f"{kind:9s} {workload:13s} rate/GPU {rate:6.2f}: " + ", ".join(
                         f"{k} {v:.2f}" for k, v in summary["slo_attainment"].items())
                         + f" | TTFT p50/p99 {_ms(summary['ttft_s']['p50'])}/{_ms(summary['ttft_s']['p99'])} ms"
@@ -229,9 +235,22 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
         for points in results["workloads"].values():
             for point in points:
                 point["breakdown"] = breakdown(timings, point["run_id"], point.get("records"))
+        if dashboard:
+            results["dashboard"] = dashboard  # moved to its own file when written
     finally:
         cluster.stop()
     return results
+
+
+def dashboard_snapshot(http_url: str) -> dict[str, Any]:
+    """The router's ``/dashboard/data`` now (what the dashboard page shows), or the error."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{http_url}/dashboard/data", timeout=10) as response:
+            return dict(json.load(response))
+    except Exception as exc:  # noqa: BLE001 (a missed snapshot is noted, the run goes on)
+        return {"error": repr(exc)}
 
 
 def warm_up(address: str, smoke: bool) -> None:
@@ -390,6 +409,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix of the result files (serve-<device>-<tag>.*)")
     parser.add_argument("--num-gpus", type=int, default=2, help="GPUs per configuration (for per-GPU rates)")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="serve the router's HTTP API with the planner recommending, and keep the dashboard's "
+                             "JSON after every point (<stem>-dashboard.json.gz; render: benchmarks.dashboard_replay)")
     args = parser.parse_args()
     args.workloads = args.workloads.split(",")
     args.rates = {w: [float(x) for x in getattr(args, f"rates_{w.replace('-', '_')}").split(",")]
@@ -431,6 +453,12 @@ def main() -> None:
         stem = f"{name}-{device_slug(info)}"
         requests_path = RESULTS / f"{stem}-requests.json.gz"
         write_records(all_results, requests_path)
+        snapshots = {kind: res.pop("dashboard") for kind, res in all_results.items() if "dashboard" in res}
+        if snapshots:
+            import gzip
+
+            with gzip.open(RESULTS / f"{stem}-dashboard.json.gz", "wt") as f:
+                json.dump({"run": info, "snapshots": snapshots}, f, separators=(",", ":"))
         paths = write_results(name, info, payload, md)
         plot(all_results, RESULTS / f"{stem}.png")
         print("wrote", *paths, requests_path)
