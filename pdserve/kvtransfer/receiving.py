@@ -19,7 +19,8 @@ the middle of announced messages), the transport is told to abandon that peer's 
 
 Completion rule: FINISH makes a transfer DONE if the number of LAYER messages the sender announced
 arrived and every layer covers every block index in ``[num_skip_blocks, covered)``; on CUDA, DONE is
-reported once an event recorded after the last write completed. Otherwise the transfer FAILS with a
+reported once an event recorded after the last write completed (at once for a one-sided sender, whose
+FINISH comes after its writes completed). Otherwise the transfer FAILS with a
 message saying what was missing.
 
 Completion callbacks: a transfer expected with ``on_terminal`` has it called exactly once, when it
@@ -238,7 +239,10 @@ class ReceiverCore(KVReceiver):
                 self._end(record, TransferState.FAILED, problem)
                 return
             handle.payload = list(header.ints)
-            event = record_event(self._device)
+            # a one-sided sender pushes FINISH once its writes completed: nothing here to wait for (an
+            # event on this thread's stream -- the device's default one -- would wait for the engine's
+            # steps in flight: 7.6 ms of every handoff on 2xH200)
+            event = None if written_by_sender else record_event(self._device)
             record.finished = True if event is None else event
             self._refresh(record)
             self._cond.notify_all()
