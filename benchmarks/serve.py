@@ -143,7 +143,7 @@ PHASES = (("zone_wait_ms", ("d", "submitted_at"), ("d", "zone_at")),  # decode: 
 
 def breakdown(timings: dict[str, list[dict[str, Any]]], run_id: str,
               records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Median and p90 per phase (ms) of the remote prefills of one run, from the workers' own timestamps;
+    """Median, p90 and p99 per phase (ms) of the remote prefills of one run, from the workers' own timestamps;
     with the run's ``records``, how many prompts were prefilled remotely and the TTFT p50/p99 of the
     remote and the local ones."""
     prefix = f"{run_id}-"
@@ -160,7 +160,8 @@ def breakdown(timings: dict[str, list[dict[str, Any]]], run_id: str,
     for name, values in phases.items():
         values.sort()
         out[name] = round(statistics.median(values), 2) if values else None
-        out[name.replace("_ms", "_p90_ms")] = round(values[int(0.9 * (len(values) - 1))], 2) if values else None
+        for q in (90, 99):
+            out[name.replace("_ms", f"_p{q}_ms")] = round(values[int(q / 100 * (len(values) - 1))], 2) if values else None
     if records is not None:
         ttft = {"remote": [], "local": []}
         for r in records:
@@ -290,7 +291,18 @@ def write_records(all_results: dict[str, Any], path: Path) -> None:
                 records[f"{kind}/{workload}/{point['run_id']}"] = point.pop("records", [])
                 point["num_records"] = len(records[f"{kind}/{workload}/{point['run_id']}"])
     with gzip.open(path, "wt") as f:
-        json.dump(records, f, separators=(",", ":"))
+        json.dump(_rounded(records), f, separators=(",", ":"))
+
+
+def _rounded(value: Any) -> Any:
+    """``value`` with every float to 10 us (keeps a run's request file under ~1 MB compressed)."""
+    if isinstance(value, float):
+        return round(value, 5)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def goodput_table(all_results: dict[str, Any], slos: list[tuple[float, float]]) -> list[dict[str, Any]]:
