@@ -60,8 +60,9 @@ def weight_bytes(llm: LLM) -> int:
 
 
 def kv_bytes_per_token(llm: LLM) -> int:
-    s = llm.engine.spec
-    return 2 * s.num_layers * s.num_kv_heads * s.head_dim * llm.engine.kv_caches[0].element_size()
+    """KV bytes of one token in one rank's cache (all of it without tensor parallelism)."""
+    layout = llm.engine.kv_layout
+    return layout.bytes_per_block // layout.block_size
 
 
 class ForwardTimer:

@@ -49,7 +49,7 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         require_int("replicas", self.replicas, minimum=0, maximum=1024)
-        require_int("gpus_per_worker", self.gpus_per_worker, minimum=0, maximum=1)
+        require_int("gpus_per_worker", self.gpus_per_worker, minimum=0, maximum=8)
         require_int("max_batch_tokens", self.max_batch_tokens, minimum=1)
         require_int("max_running_requests", self.max_running_requests, minimum=1)
         if not isinstance(self.engine, dict):
@@ -115,6 +115,16 @@ class ClusterConfig:
             raise ConfigError("router.planner_mode", "the planner scores configurations against the SLOs: set "
                               "slo: {ttft_ms, tpot_ms} too")
         sizes = {role: self.engine_config(role).tensor_parallel_size for role in self.roles}  # (validates them)
+        for role in self.roles:
+            gpus = self.pool(role).gpus_per_worker
+            if gpus and sizes[role] != gpus:
+                raise ConfigError(f"{role}.gpus_per_worker", f"a worker of {gpus} GPU(s) runs one tensor-parallel "
+                                  f"rank per GPU, but its engine's tensor_parallel_size is {sizes[role]}: make "
+                                  f"them equal")
+            if gpus > 1 and role != "colocated":
+                raise ConfigError(f"{role}.gpus_per_worker", "tensor-parallel prefill and decode workers run on "
+                                  "CPUs only so far (on GPUs each rank's KV cache sits on its own device, which "
+                                  "the KV transports do not move yet): use colocated workers, or 1 GPU per worker")
         if len(set(sizes.values())) > 1:
             raise ConfigError("decode.engine.tensor_parallel_size", f"prefill and decode workers must split the model "
                               f"alike (KV moves rank to rank; re-sharding between degrees is not built): {sizes}")
@@ -143,7 +153,8 @@ class ClusterConfig:
             if role != "prefill":  # prefill workers run no decodes: no TPOT to protect
                 slo["step_time_budget_ms"] = self.slo.tpot_ms
         settings = {"max_num_batched_tokens": pool.max_batch_tokens, "max_num_seqs": pool.max_running_requests,
-                    "device": "cuda" if pool.gpus_per_worker else "cpu", **slo, **self.engine, **pool.engine,
+                    "device": "cuda" if pool.gpus_per_worker else "cpu",
+                    "tensor_parallel_size": max(1, pool.gpus_per_worker), **slo, **self.engine, **pool.engine,
                     "model": self.model, "load_format": self.load_format}
         return EngineConfig.from_dict(settings, prefix=f"{role}.engine." if pool.engine else "engine.")
 

@@ -37,7 +37,8 @@ class EngineConfig:
     vLLM's option of the same name); outputs are the same either way.
 
     ``tensor_parallel_size`` splits the model over that many ranks in this process (one thread each,
-    all-reduce over gloo: :mod:`pdserve.engine.tensor_parallel`); CPU only so far.
+    all-reduce over gloo on the CPU, NCCL on GPUs: rank r on the r-th GPU from ``device``;
+    :mod:`pdserve.engine.tensor_parallel`). With more than one GPU rank, steps run eagerly (no CUDA graphs).
 
     SLO-aware scheduling: ``step_time_budget_ms`` caps the predicted time of a step that carries
     decodes (prefill chunks are cut to fit: the TPOT SLO); ``ttft_slo_ms`` admits prompts earliest
@@ -100,9 +101,6 @@ class EngineConfig:
         require_int("seed", self.seed, minimum=0)
         require_int("cuda_graph_max_tokens", self.cuda_graph_max_tokens, minimum=0, maximum=65536)
         require_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1, maximum=64)
-        if self.tensor_parallel_size > 1 and self.device != "cpu":
-            raise InvalidParameterError("tensor_parallel_size", "tensor parallelism runs on the CPU (gloo) only so "
-                                        "far: set device='cpu', or 1 on GPUs")
         for name in ("step_time_budget_ms", "ttft_slo_ms"):
             if getattr(self, name) is not None:
                 require_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)

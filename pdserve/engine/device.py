@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 
@@ -25,6 +27,24 @@ def resolve_device(name: str) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def on_device(device: torch.device) -> AbstractContextManager[Any]:
+    """Make ``device`` this thread's current CUDA device inside the block (Triton and cuDNN launch on
+    the current device); nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
+def rank_devices(device: torch.device, size: int) -> list[torch.device]:
+    """The device of each of ``size`` tensor-parallel ranks: all ``device`` on the CPU, consecutive GPUs
+    from ``device`` on CUDA (``ConfigError`` when this process sees too few)."""
+    if device.type != "cuda" or size == 1:
+        return [device] * size
+    first, count = device.index or 0, torch.cuda.device_count()
+    if first + size > count:
+        raise ConfigError("tensor_parallel_size", f"{size} ranks from {device} need GPUs {first}..{first + size - 1}; "
+                          f"this process sees {count} (on a cluster, give the pool gpus_per_worker: {size})")
+    return [torch.device("cuda", first + rank) for rank in range(size)]
 
 
 def resolve_dtype(name: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:

@@ -33,7 +33,13 @@ from pdserve.common.outputs import Logprob, RequestDelta, TokenLogprobs
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.attention.selector import select_backend
 from pdserve.engine.detokenizer import IncrementalDetokenizer
-from pdserve.engine.device import resolve_device, resolve_dtype, resolve_max_model_len
+from pdserve.engine.device import (
+    on_device,
+    rank_devices,
+    resolve_device,
+    resolve_dtype,
+    resolve_max_model_len,
+)
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches
 from pdserve.engine.model.decoder import DecoderForCausalLM
@@ -101,12 +107,15 @@ class LLMEngine:
                               f"must fit in one step")
         timer = time.perf_counter()
         self.attention_backend = backend = select_backend(config.attention_backend, self.device)
-        def build(tp: TensorParallel = SINGLE) -> DecoderForCausalLM:
-            return build_model(source, backend=backend, dtype=self.dtype, device=self.device, tp=tp,
-                               load_format=config.load_format, max_positions=self.max_model_len, seed=config.seed)
+        self.rank_devices = devices = rank_devices(self.device, config.tensor_parallel_size)
 
-        tensor_parallel = (TensorParallelModel.build(config.tensor_parallel_size, build)
-                           if config.tensor_parallel_size > 1 else None)
+        def build(tp: TensorParallel = SINGLE) -> DecoderForCausalLM:
+            with on_device(devices[tp.rank]):
+                return build_model(source, backend=backend, dtype=self.dtype, device=devices[tp.rank], tp=tp,
+                                   load_format=config.load_format, max_positions=self.max_model_len,
+                                   seed=config.seed)
+
+        tensor_parallel = (TensorParallelModel.build(build, devices) if config.tensor_parallel_size > 1 else None)
         self.model: DecoderForCausalLM = tensor_parallel or build()  # type: ignore[assignment]
         self.startup_seconds = {"weights": time.perf_counter() - timer}
         self.eos_token_ids = tuple(dict.fromkeys((*self.tokenizer.eos_token_ids, *spec.eos_token_ids)))
@@ -121,7 +130,7 @@ class LLMEngine:
                                        self.model.spec.num_kv_heads, spec.head_dim, self.dtype)  # (a rank's heads)
         self.kv_caches = allocate_kv_caches(self.kv_layout, self.device)
         if tensor_parallel is not None:
-            tensor_parallel.attach_kv_caches(self.kv_layout, self.device, self.kv_caches)
+            tensor_parallel.attach_kv_caches(self.kv_layout, self.kv_caches)
         self.runner.kv_caches = self.kv_caches
         self.startup_seconds["kv_cache"] = time.perf_counter() - timer
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -133,9 +142,13 @@ class LLMEngine:
                 and tensor_parallel is None):
             self.startup_seconds["cuda_graphs"] = self.runner.capture_cuda_graphs(config.max_num_seqs,
                                                                                   config.cuda_graph_max_tokens)
-        self.startup_seconds["attention_plans"] = backend.prepare(
-            spec.num_heads, spec.num_kv_heads, spec.head_dim, self.dtype, self.device,
-            min(config.max_num_batched_tokens, self.max_model_len), spec.sliding_window)
+        local = self.model.spec  # a rank's heads
+        self.startup_seconds["attention_plans"] = 0.0
+        for device in dict.fromkeys(devices):
+            with on_device(device):
+                self.startup_seconds["attention_plans"] += backend.prepare(
+                    local.num_heads, local.num_kv_heads, spec.head_dim, self.dtype, device,
+                    min(config.max_num_batched_tokens, self.max_model_len), spec.sliding_window)
         self.step_time: StepTimeModel | None = None
         self.step_time_samples: list[dict] = []
         self.step_monitor: StepTimeMonitor | None = None

@@ -4,24 +4,35 @@ Rank 0 is the engine's own model: the scheduler, the KV block manager, the runne
 the sampler exist once, and every rank reads the same step inputs (block ids mean the same blocks on
 every rank; each rank's KV cache holds its own heads). A forward pass starts every other rank on its
 thread with the same inputs, runs rank 0 on the caller's thread, and returns rank 0's hidden states
-once all finished; the ranks meet in the all-reduces of their row-parallel projections
-(:mod:`pdserve.engine.model.parallel`), over a gloo group per rank on one in-process store. The LM head
-is replicated, so logits and sampling stay on rank 0.
+once all finished launching; the ranks meet in the all-reduces of their row-parallel projections
+(:mod:`pdserve.engine.model.parallel`): over gloo on the CPU, over NCCL on GPUs (rank r on its own GPU,
+one communicator per rank in this process, formed from one in-process store). The LM head is
+replicated, so logits and sampling stay on rank 0.
 
-Lifecycle: ``TensorParallelModel.build(...)`` forms the groups (every rank joins at once, each on its
-own thread) and builds each rank's share of the weights; ``attach_kv_caches(layout)`` gives ranks past
-the first their caches once the engine sized rank 0's; ``close()`` stops the threads.
+On GPUs a rank past the first copies the step's inputs from rank 0's GPU to its own, on a stream that
+first waits for an event rank 0 recorded after writing them (peer copies, NVLink); nothing waits on the
+host. The all-reduces order the rest: rank 0 cannot pass its first all-reduce of a step before every
+rank reached it, that is before every rank's input copy ran, so rank 0 may rewrite its input buffers
+for the next step afterwards.
+
+Lifecycle: ``TensorParallelModel.build(make, devices)`` forms the groups (every rank joins at once, each
+on its own thread; on GPUs a first all-reduce checks them) and builds each rank's share of the weights on
+its device; ``attach_kv_caches(layout, rank0)`` gives ranks past the first their caches once the engine
+sized rank 0's; ``close()`` stops the threads.
 
 KV transfer between workers of the same size: the per-layer hook (KV streaming) is called for every
 rank's cache of the layer, indexed layer-major, and :meth:`transfer_caches` lists the caches the same
 way, so the transport moves ``num_layers x size`` "layers" and rank r's heads land in rank r's cache.
 
-Limits: CPU only (the engine refuses other devices); no CUDA graphs; both sides of a transfer must have
-the same size (the KV layout handshake refuses others).
+Limits: no CUDA graphs (steps run eagerly, so small steps pay every rank's kernel launches on the host);
+both sides of a transfer must have the same size (the KV layout handshake refuses others), and on GPUs
+the ranks' caches sit on different devices, which the KV transports do not handle yet (the cluster
+config refuses tensor-parallel prefill and decode pools on GPUs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from pdserve.engine.attention.metadata import AttentionMetadata
+from pdserve.engine.device import on_device
 from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches
 from pdserve.engine.model.decoder import DecoderForCausalLM
 from pdserve.engine.model.parallel import TensorParallel
@@ -41,22 +53,40 @@ GROUP_TIMEOUT = datetime.timedelta(seconds=300)
 class TensorParallelModel:
     """Rank 0's model, to the runner; ranks past the first follow it (see module)."""
 
-    def __init__(self, ranks: list[DecoderForCausalLM]) -> None:
+    def __init__(self, ranks: list[DecoderForCausalLM], devices: list[torch.device]) -> None:
         self.ranks = ranks
+        self.devices = devices
         self.kv_caches: list[list[torch.Tensor]] = [[] for _ in ranks]
         self._pool = ThreadPoolExecutor(max(1, len(ranks) - 1), thread_name_prefix="pdserve-tp")
 
     @classmethod
-    def build(cls, size: int, make: Callable[[TensorParallel], DecoderForCausalLM]) -> TensorParallelModel:
-        """Form ``size`` gloo groups on one in-process store and ``make`` each rank's share of the model."""
-        store = dist.HashStore()
-        with ThreadPoolExecutor(size) as pool:  # a group's constructor returns once every rank joined
-            groups = list(pool.map(lambda r: dist.ProcessGroupGloo(store, r, size, GROUP_TIMEOUT), range(size)))
-        return cls([make(TensorParallel(rank, size, group)) for rank, group in enumerate(groups)])
+    def build(cls, make: Callable[[TensorParallel], DecoderForCausalLM],
+              devices: list[torch.device]) -> TensorParallelModel:
+        """Form one group per rank on an in-process store (gloo, or NCCL when ``devices`` are GPUs) and
+        ``make`` each rank's share of the model."""
+        size, store = len(devices), dist.HashStore()
 
-    def attach_kv_caches(self, layout: KVCacheLayout, device: torch.device, rank0: list[torch.Tensor]) -> None:
-        """Caches for every rank past the first, shaped like rank 0's (``rank0``)."""
-        self.kv_caches = [rank0] + [allocate_kv_caches(layout, device) for _ in self.ranks[1:]]
+        def join(rank: int) -> Any:  # a group's constructor returns once every rank joined
+            if devices[rank].type != "cuda":
+                return dist.ProcessGroupGloo(store, rank, size, GROUP_TIMEOUT)
+            with on_device(devices[rank]):
+                options = dist.ProcessGroupNCCL.Options()
+                options._timeout = GROUP_TIMEOUT
+                group = dist.ProcessGroupNCCL(store, rank, size, options)
+                probe = torch.ones(1, device=devices[rank])
+                TensorParallel(rank, size, group).all_reduce(probe)  # forms the communicator now, every rank here
+                if probe.item() != size:
+                    raise RuntimeError(f"tensor-parallel rank {rank}: a first all-reduce over NCCL gave "
+                                       f"{probe.item()}, not {size}")
+                return group
+
+        with ThreadPoolExecutor(size) as pool:
+            groups = list(pool.map(join, range(size)))
+        return cls([make(TensorParallel(rank, size, group)) for rank, group in enumerate(groups)], devices)
+
+    def attach_kv_caches(self, layout: KVCacheLayout, rank0: list[torch.Tensor]) -> None:
+        """Caches for every rank past the first, shaped like rank 0's (``rank0``), each on its device."""
+        self.kv_caches = [rank0] + [allocate_kv_caches(layout, device) for device in self.devices[1:]]
 
     def __getattr__(self, name: str) -> Any:  # spec, compute_logits, build_rotary ...: rank 0's
         return getattr(self.ranks[0], name)
@@ -88,7 +118,11 @@ class TensorParallelModel:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  metadata: AttentionMetadata) -> torch.Tensor:
-        others = [self._pool.submit(self._forward_rank, rank, input_ids, positions, metadata)
+        inputs_ready = None
+        if self.devices[0].type == "cuda":
+            inputs_ready = torch.cuda.Event()
+            inputs_ready.record(torch.cuda.current_stream(self.devices[0]))
+        others = [self._pool.submit(self._forward_rank, rank, input_ids, positions, metadata, inputs_ready)
                   for rank in range(1, len(self.ranks))]
         try:
             hidden = self.ranks[0](input_ids, positions, kv_caches, metadata)
@@ -98,9 +132,22 @@ class TensorParallelModel:
         return hidden
 
     def _forward_rank(self, rank: int, input_ids: torch.Tensor, positions: torch.Tensor,
-                      metadata: AttentionMetadata) -> None:
-        with torch.inference_mode():
-            self.ranks[rank](input_ids, positions, self.kv_caches[rank], metadata)
+                      metadata: AttentionMetadata, inputs_ready: torch.cuda.Event | None) -> None:
+        device = self.devices[rank]
+        with torch.inference_mode(), on_device(device):
+            if inputs_ready is not None:  # the peer copies run on this thread's stream of rank 0's GPU
+                torch.cuda.current_stream(self.devices[0]).wait_event(inputs_ready)
+            self.ranks[rank](input_ids.to(device), positions.to(device), self.kv_caches[rank],
+                             metadata_on(metadata, device))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def metadata_on(metadata: AttentionMetadata, device: torch.device) -> AttentionMetadata:
+    """``metadata`` with its tensors on ``device`` (itself when they are there already)."""
+    if metadata.query_start_loc.device == device:
+        return metadata
+    moved: dict[str, Any] = {f.name: value.to(device) for f in dataclasses.fields(metadata)
+             if isinstance(value := getattr(metadata, f.name), torch.Tensor)}
+    return dataclasses.replace(metadata, **moved)

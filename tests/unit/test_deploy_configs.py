@@ -74,3 +74,22 @@ def test_pool_ray_resources_are_validated(resources: object, says: str) -> None:
         {"pdserve_decode": 1}
     with pytest.raises(ConfigError, match=says):
         cluster_config_from_dict({"decode": {"ray_resources": resources}})
+
+
+def test_gpus_per_worker_sets_the_tensor_parallel_size() -> None:
+    """A colocated worker of two GPUs runs two tensor-parallel ranks; a size that disagrees with the GPU
+    count, and tensor-parallel prefill or decode workers on GPUs, are refused naming the setting."""
+    from pdserve.cluster.config import cluster_config_from_dict
+    from pdserve.common.errors import ConfigError
+
+    config = cluster_config_from_dict({"mode": "colocated", "colocated": {"replicas": 1, "gpus_per_worker": 2}})
+    assert config.engine_config("colocated").tensor_parallel_size == 2
+    assert config.engine_config("colocated").device == "cuda"
+    with pytest.raises(ConfigError, match="colocated.gpus_per_worker.*tensor_parallel_size is 4"):
+        cluster_config_from_dict({"mode": "colocated", "colocated": {"replicas": 1, "gpus_per_worker": 2,
+                                                                     "engine": {"tensor_parallel_size": 4}}})
+    with pytest.raises(ConfigError, match="prefill.gpus_per_worker.*CPUs only so far"):
+        cluster_config_from_dict({"mode": "disaggregated", "prefill": {"gpus_per_worker": 2},
+                                  "decode": {"gpus_per_worker": 2}})
+    assert cluster_config_from_dict({"mode": "colocated", "colocated": {
+        "replicas": 1, "engine": {"tensor_parallel_size": 2}}}).engine_config("colocated").device == "cpu"

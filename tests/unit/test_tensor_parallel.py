@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from pdserve import LLM, SamplingParams
 from pdserve.common.config import EngineConfig
@@ -38,7 +39,18 @@ def test_splits_that_do_not_divide_are_refused(tmp_path) -> None:  # noqa: ANN00
     make_hf_model("llama31", tmp_path)  # 4 heads, 2 KV heads, MLP 160
     with pytest.raises(ConfigError, match="3 ranks cannot split 4 attention heads"):
         LLM(model=str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=3)
-    with pytest.raises(ConfigError, match="CPU"):  # refused by the config, before any device is touched
-        EngineConfig(model=str(tmp_path), device="cuda", tensor_parallel_size=2)
+    assert EngineConfig(model=str(tmp_path), device="cuda", tensor_parallel_size=2).tensor_parallel_size == 2
     spec = LLM(model=str(tmp_path), device="cpu", num_kv_blocks=16).engine.spec
     assert [list(TensorParallel(r, 4).kv_heads(spec)) for r in range(4)] == [[0], [0], [1], [1]]
+
+
+def test_ranks_take_consecutive_gpus_and_too_few_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank r computes on the r-th GPU from the engine's device; a process that sees too few GPUs is
+    told how many the ranks need (the GPU count is faked: this machine has none)."""
+    from pdserve.engine.device import rank_devices
+
+    assert rank_devices(torch.device("cpu"), 3) == [torch.device("cpu")] * 3
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert rank_devices(torch.device("cuda", 1), 2) == [torch.device("cuda", 1), torch.device("cuda", 2)]
+    with pytest.raises(ConfigError, match=r"2 ranks from cuda:3 need GPUs 3..4; this process sees 4"):
+        rank_devices(torch.device("cuda", 3), 2)

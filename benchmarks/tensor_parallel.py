@@ -1,0 +1,173 @@
+"""Tensor parallelism on two GPUs: one engine whose model is split over two ranks (threads of one process,
+each on its own GPU, all-reduce over NCCL) against the same model on one GPU. Llama-3.1-8B shapes (and
+Llama-3.1-70B shapes, which need both GPUs), dummy bf16 weights.
+
+    python -m benchmarks.tensor_parallel              # 2 GPUs (about 4 minutes on 2xH200)
+    python -m benchmarks.tensor_parallel --skip-70b
+
+Each case runs in a process of its own (the GPUs start empty). Decode: batch B with 1k tokens of
+random KV, median engine step over 20 steps (``benchmarks.engine.bench_decode``); bandwidth utilisation
+is a rank's bytes (its share of the weights and of the KV) per step over one GPU's copy ceiling.
+Prefill: one step computing a fresh prompt; MFU divides the model's FLOPs by the step time and by the
+matmul ceiling of every GPU of the case. The all-reduce share: under the torch profiler, the NCCL
+kernels' time on GPU 0 over all kernel time on GPU 0, in decode steps and in the 8k prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    LLAMA31_8B,
+    markdown_table,
+    measure_ceilings,
+    run_info,
+    write_model_dir,
+    write_results,
+)
+from benchmarks.engine import bench_decode, bench_prefill
+
+LLAMA31_70B: dict[str, Any] = {**LLAMA31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                               "num_attention_heads": 64, "num_key_value_heads": 8}
+#: name -> (model shapes, tensor-parallel size, extra engine settings)
+CASES: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = {
+    "8b-tp1": (LLAMA31_8B, 1, {}),
+    "8b-tp1-eager": (LLAMA31_8B, 1, {"enforce_eager": True}),
+    "8b-tp2": (LLAMA31_8B, 2, {}),
+    "70b-tp2": (LLAMA31_70B, 2, {}),
+}
+
+
+def nccl_share(llm: Any, run: Any) -> float | None:
+    """NCCL kernel time over all kernel time on GPU 0 while ``run()`` runs (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    total = nccl = 0.0
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA or event.device_index != 0:
+            continue
+        us = event.time_range.elapsed_us()
+        total += us
+        nccl += us if "nccl" in event.name.lower() else 0.0
+    return round(nccl / total, 3) if total else None
+
+
+def run_case(name: str, out: Path) -> None:
+    from pdserve import LLM
+
+    config, size, extra = CASES[name]
+    ceilings = measure_ceilings()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(Path(tmp) / "model", config)
+        llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=16384, max_num_seqs=64,
+                  max_num_batched_tokens=8192, enable_prefix_caching=False, gpu_memory_utilization=0.90,
+                  tensor_parallel_size=size, **extra)
+        startup = {k: round(v, 2) for k, v in llm.engine.startup_seconds.items()}
+        ranks_caches = getattr(llm.engine.model, "kv_caches", [llm.engine.kv_caches])
+        with torch.no_grad():
+            for caches in ranks_caches:  # never time attention on zeros
+                for cache in caches:
+                    cache.normal_(0.0, 0.5)
+        decode = bench_decode(llm, ceilings, [1, 32], [1024], steps=20)
+        prefill = bench_prefill(llm, ceilings, [("1x2048", [2048]), ("1x8192", [8192])], repeats=3)
+        for row in prefill:  # MFU of every GPU the case computes on
+            for key in ("mfu_step", "mfu_forward"):
+                if key in row:
+                    row[key] = round(row[key] / size, 3)
+        shares = {}
+        if size > 1:
+            engine = llm.engine
+
+            def decode_steps() -> None:
+                bench_decode(llm, {}, [1], [1024], steps=5)
+
+            def prefill_8k() -> None:
+                bench_prefill(llm, {}, [("1x8192", [8192])], repeats=1)
+
+            shares = {"decode_b1": nccl_share(llm, decode_steps), "prefill_8k": nccl_share(llm, prefill_8k)}
+            assert engine.tensor_parallel_size == size
+    out.write_text(json.dumps({"case": name, "tensor_parallel_size": size, "layers": config["num_hidden_layers"],
+                               "hidden": config["hidden_size"], "startup_s": startup, "ceilings": ceilings,
+                               "decode": decode, "prefill": prefill, "nccl_share": shares}))
+
+
+def render(info: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["case"], "failed: " + r["error"][-200:], "", "", "", "", "", ""])
+            continue
+        dec = {d["batch"]: d for d in r["decode"] if "step_ms" in d}
+        pre = {p["case"]: p for p in r["prefill"]}
+        rows.append([r["case"], dec.get(1, {}).get("step_ms"), dec.get(1, {}).get("bw_util_step"),
+                     dec.get(32, {}).get("step_ms"), pre.get("1x2048", {}).get("step_ms"),
+                     pre.get("1x8192", {}).get("step_ms"), pre.get("1x8192", {}).get("mfu_step"),
+                     json.dumps(r.get("nccl_share") or {})])
+    by = {r["case"]: r for r in results if "error" not in r}
+    ratios = []
+
+    def step(case: str, kind: str, key: Any) -> float | None:
+        if case not in by:
+            return None
+        table = {d["batch"]: d for d in by[case]["decode"]} if kind == "decode" else \
+            {p["case"]: p for p in by[case]["prefill"]}
+        return table.get(key, {}).get("step_ms")
+
+    for label, kind, key in (("decode batch 1 (target <= 0.6)", "decode", 1), ("decode batch 32", "decode", 32),
+                             ("prefill 8k (target <= 0.55)", "prefill", "1x8192")):
+        one, two = step("8b-tp1", kind, key), step("8b-tp2", kind, key)
+        ratios.append([label, one, two, round(two / one, 3) if one and two else None])
+    return "\n".join([
+        "# Tensor parallelism on two GPUs (one engine, ranks on threads, all-reduce over NCCL)", "",
+        f"{info.get('device')} x{info.get('num_gpus')} · commit {info['commit']} · {info['date']}", "",
+        markdown_table(["case", "decode B=1 step ms", "B=1 bw util", "decode B=32 step ms", "prefill 2k ms",
+                        "prefill 8k ms", "8k MFU (per GPU)", "NCCL share of GPU 0 kernel time"], rows), "",
+        "TP=2 over TP=1 (Llama-3.1-8B shapes; TP=1 with CUDA graphs, its default; TP=2 runs eagerly):", "",
+        markdown_table(["step", "TP=1 ms", "TP=2 ms", "TP=2 / TP=1"], ratios), ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", choices=sorted(CASES), help="(internal) run one case, write --out")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--skip-70b", action="store_true")
+    parser.add_argument("--timeout", type=int, default=400, help="seconds per case")
+    args = parser.parse_args()
+    if args.case:
+        run_case(args.case, args.out)
+        return
+    if torch.cuda.device_count() < 2:
+        raise SystemExit("needs two CUDA GPUs")
+    info = run_info()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in CASES:
+            if args.skip_70b and name.startswith("70b"):
+                continue
+            out = Path(tmp) / f"{name}.json"
+            try:
+                done = subprocess.run([sys.executable, "-m", "benchmarks.tensor_parallel", "--case", name, "--out",
+                                       str(out)], timeout=args.timeout, capture_output=True, text=True)
+                print(done.stdout[-4000:], done.stderr[-4000:], flush=True)
+                results.append(json.loads(out.read_text()) if done.returncode == 0 and out.exists()
+                               else {"case": name, "error": done.stderr[-2000:] or f"exit {done.returncode}"})
+            except subprocess.TimeoutExpired:
+                results.append({"case": name, "error": f"timed out after {args.timeout} s"})
+    markdown = render(info, results)
+    print(markdown)
+    write_results("tensor_parallel", info, {"results": results}, markdown)
+
+
+if __name__ == "__main__":
+    main()
