@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--case", choices=sorted(CASES), help="(internal) run one case, write --out")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--skip-70b", action="store_true")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
     parser.add_argument("--timeout", type=int, default=400, help="seconds per case")
     args = parser.parse_args()
     if args.case:
@@ -152,7 +153,9 @@ def main() -> None:
     info = run_info()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in CASES:
+        for name in args.cases.split(","):
+            if name not in CASES:
+                raise SystemExit(f"unknown case {name!r}; choose from {', '.join(CASES)}")
             if args.skip_70b and name.startswith("70b"):
                 continue
             out = Path(tmp) / f"{name}.json"

@@ -5,9 +5,10 @@ the sampler exist once, and every rank reads the same step inputs (block ids mea
 every rank; each rank's KV cache holds its own heads). A forward pass starts every other rank on its
 thread with the same inputs, runs rank 0 on the caller's thread, and returns rank 0's hidden states
 once all finished launching; the ranks meet in the all-reduces of their row-parallel projections
-(:mod:`pdserve.engine.model.parallel`): over gloo on the CPU, over NCCL on GPUs (rank r on its own GPU,
-one communicator per rank in this process, formed from one in-process store). The LM head is
-replicated, so logits and sampling stay on rank 0.
+(:mod:`pdserve.engine.model.parallel`): over gloo on the CPU, over NCCL on GPUs (rank r on its own GPU;
+the ranks meet on the host and one of them launches the all-reduce for all:
+:mod:`pdserve.engine.thread_collectives`). The LM head is replicated, so logits and sampling stay on
+rank 0.
 
 On GPUs a rank past the first copies the step's inputs from rank 0's GPU to its own, on a stream that
 first waits for an event rank 0 recorded after writing them (peer copies, NVLink); nothing waits on the
@@ -46,6 +47,7 @@ from pdserve.engine.device import on_device
 from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches
 from pdserve.engine.model.decoder import DecoderForCausalLM
 from pdserve.engine.model.parallel import TensorParallel
+from pdserve.engine.thread_collectives import ThreadRendezvous
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=300)
 
@@ -58,23 +60,24 @@ class TensorParallelModel:
         self.devices = devices
         self.kv_caches: list[list[torch.Tensor]] = [[] for _ in ranks]
         self._pool = ThreadPoolExecutor(max(1, len(ranks) - 1), thread_name_prefix="pdserve-tp")
+        self._rendezvous: ThreadRendezvous | None = None
 
     @classmethod
     def build(cls, make: Callable[[TensorParallel], DecoderForCausalLM],
               devices: list[torch.device]) -> TensorParallelModel:
-        """Form one group per rank on an in-process store (gloo, or NCCL when ``devices`` are GPUs) and
-        ``make`` each rank's share of the model."""
+        """Form the ranks' groups (gloo on an in-process store; on GPUs a host rendezvous launching NCCL)
+        and ``make`` each rank's share of the model."""
         size, store = len(devices), dist.HashStore()
 
-        def join(rank: int) -> Any:  # a group's constructor returns once every rank joined
-            if devices[rank].type != "cuda":
+        rendezvous = ThreadRendezvous(size) if devices[0].type == "cuda" else None
+
+        def join(rank: int) -> Any:  # a gloo group's constructor returns once every rank joined
+            if rendezvous is None:
                 return dist.ProcessGroupGloo(store, rank, size, GROUP_TIMEOUT)
             with on_device(devices[rank]):
-                options = dist.ProcessGroupNCCL.Options()
-                options._timeout = GROUP_TIMEOUT
-                group = dist.ProcessGroupNCCL(store, rank, size, options)
+                group = rendezvous.group(rank)
                 probe = torch.ones(1, device=devices[rank])
-                TensorParallel(rank, size, group).all_reduce(probe)  # forms the communicator now, every rank here
+                TensorParallel(rank, size, group).all_reduce(probe)  # every rank here: NCCL's clique forms now
                 if probe.item() != size:
                     raise RuntimeError(f"tensor-parallel rank {rank}: a first all-reduce over NCCL gave "
                                        f"{probe.item()}, not {size}")
@@ -82,7 +85,9 @@ class TensorParallelModel:
 
         with ThreadPoolExecutor(size) as pool:
             groups = list(pool.map(join, range(size)))
-        return cls([make(TensorParallel(rank, size, group)) for rank, group in enumerate(groups)], devices)
+        model = cls([make(TensorParallel(rank, size, group)) for rank, group in enumerate(groups)], devices)
+        model._rendezvous = rendezvous
+        return model
 
     def attach_kv_caches(self, layout: KVCacheLayout, rank0: list[torch.Tensor]) -> None:
         """Caches for every rank past the first, shaped like rank 0's (``rank0``), each on its device."""
@@ -126,6 +131,10 @@ class TensorParallelModel:
                   for rank in range(1, len(self.ranks))]
         try:
             hidden = self.ranks[0](input_ids, positions, kv_caches, metadata)
+        except BaseException:
+            if self._rendezvous is not None:
+                self._rendezvous.abort()  # the other ranks leave their all-reduce (and fail) instead of waiting
+            raise
         finally:
             for future in others:
                 future.result()
