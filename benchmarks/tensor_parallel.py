@@ -74,6 +74,7 @@ def run_case(name: str, out: Path) -> None:
                   max_num_batched_tokens=8192, enable_prefix_caching=False, gpu_memory_utilization=0.90,
                   tensor_parallel_size=size, **extra)
         startup = {k: round(v, 2) for k, v in llm.engine.startup_seconds.items()}
+        print(f"{name}: started ({startup})", flush=True)
         ranks_caches = getattr(llm.engine.model, "kv_caches", [llm.engine.kv_caches])
         with torch.no_grad():
             for caches in ranks_caches:  # never time attention on zeros
@@ -96,6 +97,7 @@ def run_case(name: str, out: Path) -> None:
                 bench_prefill(llm, {}, [("1x8192", [8192])], repeats=1)
 
             shares = {"decode_b1": nccl_share(llm, decode_steps), "prefill_8k": nccl_share(llm, prefill_8k)}
+            print(f"{name}: NCCL share of GPU 0 kernel time {shares}", flush=True)
             assert engine.tensor_parallel_size == size
     out.write_text(json.dumps({"case": name, "tensor_parallel_size": size, "layers": config["num_hidden_layers"],
                                "hidden": config["hidden_size"], "startup_s": startup, "ceilings": ceilings,
@@ -160,11 +162,11 @@ def main() -> None:
                 continue
             out = Path(tmp) / f"{name}.json"
             try:
+                print(f"== case {name}", flush=True)  # the case's own lines follow as they come
                 done = subprocess.run([sys.executable, "-m", "benchmarks.tensor_parallel", "--case", name, "--out",
-                                       str(out)], timeout=args.timeout, capture_output=True, text=True)
-                print(done.stdout[-4000:], done.stderr[-4000:], flush=True)
+                                       str(out)], timeout=args.timeout)
                 results.append(json.loads(out.read_text()) if done.returncode == 0 and out.exists()
-                               else {"case": name, "error": done.stderr[-2000:] or f"exit {done.returncode}"})
+                               else {"case": name, "error": f"exit {done.returncode} (its output is above)"})
             except subprocess.TimeoutExpired:
                 results.append({"case": name, "error": f"timed out after {args.timeout} s"})
     markdown = render(info, results)
