@@ -178,7 +178,8 @@ class Cluster:
         ``router.shutdown_grace_s``; streams left then move to another worker, as in a scale-in), the
         worker closes its old role and takes the new one (same process, engine and address), and the
         router adds it under its new id (``<role>-<n>``, returned). Refused (``ValueError``) for a role
-        this cluster has no pool of, or when the worker is the last usable one of its pool. Blocks; call
+        this cluster has no pool of, or when the worker is the last usable one of its pool (but the last
+        prefill worker may go: decode workers then prefill every prompt themselves). Blocks; call
         from outside the router's loop."""
         assert self.router is not None and self._loop is not None, "start() first"
         handle = next((w for w in self.workers if w.worker_id == worker_id), None)

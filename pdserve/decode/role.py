@@ -34,7 +34,7 @@ from pdserve.rpc.options import CHANNEL_OPTIONS
 from pdserve.rpc.status import abort_with
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.worker.engine_loop import StepOutput
-from pdserve.worker.role import Role, WorkerContext
+from pdserve.worker.role import NO_HANDSHAKE, Role, WorkerContext
 
 logger = logging.getLogger(__name__)
 #: How long a failed or aborted transfer waits for the prefill worker to confirm it stopped writing.
@@ -193,7 +193,16 @@ class DecodeRole(Role):
                 decode_worker_id=self.worker.worker_id, block_ids=zone.block_ids,
                 num_skip_blocks=zone.num_skip_blocks, transfer_id=handle.transfer_id, deadline_s=timeout)
             request.params.CopyFrom(params)
-            reply_ready.set_result(await peer.stub.Prefill(request, timeout=timeout))
+            try:
+                reply = await peer.stub.Prefill(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION or NO_HANDSHAKE not in (exc.details() or ""):
+                    raise
+                # the worker at that address lost our channel (restarted, or switched roles and back):
+                # nothing was computed or sent; shake hands again and ask once more
+                peer = await self._peer(address, stale=peer.ready)
+                reply = await peer.stub.Prefill(request, timeout=timeout)
+            reply_ready.set_result(reply)
         except Exception as exc:  # noqa: BLE001 (any failure ends in the failure policy)
             if not reply_ready.done():
                 reply_ready.set_exception(exc)
@@ -305,11 +314,14 @@ class DecodeRole(Role):
         except grpc.aio.AioRpcError as exc:
             logger.debug("CancelPrefill %s on %s: %s", rid, address, exc.details())
 
-    async def _peer(self, address: str) -> _PrefillPeer:
-        """The prefill peer at ``address``, shaking hands (layout check + transport set-up) once."""
+    async def _peer(self, address: str, stale: asyncio.Future | None = None) -> _PrefillPeer:
+        """The prefill peer at ``address``, shaking hands (layout check + transport set-up) once; again
+        when ``stale`` (the handshake a refused call relied on) is still the peer's latest."""
         peer = self._peers.get(address)
         if peer is None:
             peer = self._peers[address] = _PrefillPeer(address)
+        if stale is not None and peer.ready is stale:
+            peer.ready = None
         if peer.ready is None:
             peer.ready = asyncio.ensure_future(self._handshake(peer))
             # every waiter may be cancelled before it fails: its exception is still retrieved here

@@ -31,7 +31,7 @@ from pdserve.rpc.convert import position_logprobs_to_proto, sampling_params_from
 from pdserve.rpc.status import abort_with
 from pdserve.v1 import worker_pb2
 from pdserve.worker.engine_loop import StepOutput
-from pdserve.worker.role import Role, WorkerContext
+from pdserve.worker.role import NO_HANDSHAKE, Role, WorkerContext
 
 logger = logging.getLogger(__name__)
 #: How many request ids cancelled before their Prefill call arrived are remembered (to refuse it).
@@ -102,7 +102,7 @@ class PrefillRole(Role):
         sender = self._senders.get(request.decode_worker_id)
         if sender is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"no KV handshake with decode worker {request.decode_worker_id} yet")
+                                f"{NO_HANDSHAKE} {request.decode_worker_id} yet")
         try:
             params = sampling_params_from_proto(request.params)
         except InvalidParameterError as exc:

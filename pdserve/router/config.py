@@ -203,11 +203,12 @@ class RouterConfig:
             raise InvalidParameterError("kv_usage_weight", "kv_usage_weight + running_requests_weight must be > 0")
 
 
-def check_topology(mode: ServingMode, workers: Sequence[WorkerEndpoint]) -> None:
+def check_topology(mode: ServingMode, workers: Sequence[WorkerEndpoint], *, starting: bool = True) -> None:
     """Reject worker lists that cannot serve ``mode``: duplicate ids, or roles the mode does not use.
 
-    Disaggregated mode needs at least one prefill and one decode worker (and no colocated ones);
-    colocated mode needs colocated workers only.
+    Disaggregated mode starts with at least one prefill and one decode worker (and no colocated ones);
+    later (``starting=False``: workers added or switched while serving) the prefill pool may be empty, its
+    decode workers then prefilling every prompt themselves. Colocated mode needs colocated workers only.
     """
     seen: set[str] = set()
     for worker in workers:
@@ -216,7 +217,7 @@ def check_topology(mode: ServingMode, workers: Sequence[WorkerEndpoint]) -> None
         seen.add(worker.worker_id)
     roles = {w.role for w in workers}
     if mode is ServingMode.DISAGGREGATED:
-        missing = {WorkerRole.PREFILL, WorkerRole.DECODE} - roles
+        missing = {WorkerRole.PREFILL, WorkerRole.DECODE} - roles - (set() if starting else {WorkerRole.PREFILL})
         if missing:
             raise ConfigError("workers", f"disaggregated mode needs prefill and decode workers; none with role "
                                          f"{', '.join(sorted(r.value for r in missing))}")

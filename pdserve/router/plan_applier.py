@@ -4,8 +4,10 @@ A planning round (:mod:`pdserve.router.online_planner`) predicts every configura
 recent traffic. :class:`PlanApplier` turns a run of such rounds into at most one role switch (a prefill
 worker becomes a decode worker or the other way round, ``Cluster.switch_role``), with hysteresis:
 
-* only splits of this cluster's GPUs into prefill and decode pools are candidates (a colocated cluster
-  cannot switch: its workers run one mode, and the router's mode is fixed at start);
+* candidates are the splits of this cluster's GPUs into prefill and decode pools, and colocated on all
+  of them, which a split cluster runs as ``0PnD``: no prefill worker, every decode worker prefills its
+  own prompts within its TPOT step budget (what a colocated worker does). A cluster started colocated
+  cannot switch: its workers run one mode, and the router's mode is fixed at start;
 * the best split must beat the current one's predicted goodput by ``min_gain`` (a share, e.g. 0.1),
   in ``confirmations`` consecutive rounds, with the same target each time;
 * after a switch, nothing moves for ``dwell_s`` (the traffic the next rounds see must be served by the
@@ -45,6 +47,11 @@ def prefill_count(config: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def split_prefill_count(config: str) -> int | None:
+    """The prefill workers a split cluster runs ``config`` with: ``xPyD`` -> x, ``colocated xN`` -> 0."""
+    return 0 if config.startswith("colocated x") else prefill_count(config)
+
+
 class PlanApplier:
     def __init__(self, config: ApplyConfig) -> None:
         self.config = config
@@ -63,11 +70,12 @@ class PlanApplier:
             self.status = ("a colocated cluster keeps its configuration" if result.get("status") == "ok"
                            else f"no plan: {result.get('status')}")
             return None
-        predictions = {p["config"]: p for p in result.get("predictions", []) if prefill_count(p["config"]) is not None}
+        predictions = {p["config"]: p for p in result.get("predictions", [])
+                       if split_prefill_count(p["config"]) is not None}
         best = max(predictions.values(), key=lambda p: (p["goodput_per_gpu"], p["attainment_at_offered"]))
-        mine = predictions.get(current)
+        mine = next((p for name, p in predictions.items() if split_prefill_count(name) == here), None)
         floor = (mine["goodput_per_gpu"] if mine else 0.0) * (1 + self.config.min_gain)
-        if best["config"] == current or best["goodput_per_gpu"] <= floor:
+        if best is mine or best["goodput_per_gpu"] <= floor:
             self._streak, self._target = 0, None
             self.status = f"keeping {current}: no split predicted {self.config.min_gain:.0%} better"
             return None
@@ -80,8 +88,8 @@ class PlanApplier:
             wait = self.config.dwell_s - (now - self._last_switch)
             self.status = f"{best['config']} predicted better; the last switch was too recent ({wait:.0f} s to go)"
             return None
-        target = prefill_count(best["config"])
-        assert target is not None
+        target = split_prefill_count(best["config"])
+        assert target is not None and target != here
         self._last_switch, self._streak = now, 0
         self.num_switches += 1
         action = ("decode", "prefill") if target > here else ("prefill", "decode")

@@ -245,7 +245,7 @@ class Router:
     async def add_worker(self, endpoint: WorkerEndpoint) -> bool:
         """Scale out: route to a new worker once it describes itself (and, decode or colocated, its
         Updates stream is live). Returns whether it is usable already (else the health probe retries)."""
-        check_topology(self.mode, (*self.workers, endpoint))
+        check_topology(self.mode, (*self.workers, endpoint), starting=False)
         self.registry.add(endpoint)
         self.workers = (*self.workers, endpoint)
         await self.registry.describe(endpoint.worker_id)
@@ -261,10 +261,11 @@ class Router:
         """Scale in: stop sending ``worker_id`` new requests, let those it holds finish for up to
         ``grace_s`` (default ``shutdown_grace_s``), then forget it; streams still on it move to another
         worker as if it had died. Returns whether it drained in time. Refuses to remove the last usable
-        worker of a pool the mode needs."""
+        worker of a pool the mode needs (the prefill pool may go: decode workers then prefill every prompt
+        themselves, which is how a split cluster becomes the equivalent of a colocated one)."""
         state = self.registry.get(worker_id)
         peers = [s for s in self.registry.with_role(state.role) if s.worker_id != worker_id and s.routable]
-        if not peers:
+        if not peers and state.role is not WorkerRole.PREFILL:
             raise ValueError(f"worker {worker_id} is the last usable {state.role.value} worker: add one first")
         state.draining = True
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
@@ -292,7 +293,7 @@ class Router:
         if self.role_switcher is None:
             raise RuntimeError("no launcher manages this router's workers")
         pool = [s for s in self.registry.with_role(WorkerRole(from_role)) if s.routable and not s.draining]
-        if len(pool) < 2:
+        if len(pool) < (1 if from_role == WorkerRole.PREFILL.value else 2):  # the prefill pool may empty
             raise RuntimeError(f"the {from_role} pool has no worker to spare ({len(pool)} usable)")
         chosen = min(pool, key=lambda s: (len(self.table.on_worker(s.worker_id)) + s.assigned_requests, s.worker_id))
         new_id = await asyncio.to_thread(self.role_switcher, chosen.worker_id, to_role, None)
@@ -333,8 +334,9 @@ class Router:
             return  # draining: not serving, whatever the workers say
         decode_roles = (WorkerRole.DECODE,) if self.mode is ServingMode.DISAGGREGATED else (WorkerRole.COLOCATED,)
         serving = any(s.routable for s in self.registry.with_role(*decode_roles))
-        if self.mode is ServingMode.DISAGGREGATED:
-            serving = serving and any(s.routable for s in self.registry.with_role(WorkerRole.PREFILL))
+        prefill = self.registry.with_role(WorkerRole.PREFILL)
+        if self.mode is ServingMode.DISAGGREGATED and prefill:  # none at all: decode workers prefill
+            serving = serving and any(s.routable for s in prefill)
         if serving != self._serving and self._server is not None:
             self._serving = serving
             await self._server.set_serving(serving, PDSERVE_SERVICE)

@@ -113,7 +113,8 @@ class PdServeServicer:
         The router drains it (streams still on it after grace_s -- 0: shutdown_grace_s -- move to another
         worker), the worker takes the new role on the same process and engine, and comes back under a new
         id (returned). FAILED_PRECONDITION when the router does not manage its workers, INVALID_ARGUMENT
-        for an unknown worker, a role this cluster has no pool of, or the last worker of its pool.
+        for an unknown worker, a role this cluster has no pool of, or the last worker of its pool (except the
+        prefill pool: without one, decode workers prefill every prompt themselves).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

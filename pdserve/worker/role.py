@@ -20,6 +20,10 @@ from pdserve.kvtransfer import KVLayoutInfo
 from pdserve.v1 import worker_pb2
 from pdserve.worker.engine_loop import EngineLoop, StepOutput
 
+#: How a prefill worker refuses a ``Prefill`` from a decode worker it has no KV channel with (it was
+#: restarted, or switched roles, since the handshake): the decode worker shakes hands again and retries.
+NO_HANDSHAKE = "no KV handshake with decode worker"
+
 
 def model_identity(engine: LLMEngine) -> str:
     """What both sides of a KV transfer must agree on about the model: architecture and shapes."""

@@ -9,7 +9,7 @@ import pytest
 from pdserve.common.errors import ConfigError
 from pdserve.router.config import RouterConfig
 from pdserve.router.online_planner import OnlinePlanner
-from pdserve.router.plan_applier import ApplyConfig, PlanApplier, prefill_count
+from pdserve.router.plan_applier import ApplyConfig, PlanApplier, prefill_count, split_prefill_count
 from pdserve.router.request_log import RequestLog
 
 
@@ -18,14 +18,14 @@ def _round(current: str, goodput: dict[str, float]) -> dict:
             "predictions": [{"config": c, "goodput_per_gpu": g, "attainment_at_offered": 0.9} for c, g in goodput.items()]}
 
 
-PREFILL_HEAVY = {"colocated x4": 9.0, "1P3D": 3.0, "2P2D": 5.0, "3P1D": 6.0}
+PREFILL_HEAVY = {"colocated x4": 4.0, "1P3D": 3.0, "2P2D": 5.0, "3P1D": 6.0}
 
 
 def test_a_better_split_must_be_confirmed_then_moves_one_worker() -> None:
     applier = PlanApplier(ApplyConfig(dwell_s=100.0, confirmations=2, min_gain=0.1))
     assert applier.decide(_round("2P2D", PREFILL_HEAVY), now=0.0) is None  # 1 of 2 rounds
     assert "1/2" in applier.status
-    # the best *split* (3P1D), not colocated: this cluster cannot leave its mode; one prefill more
+    # towards the best split (3P1D): one prefill worker more
     assert applier.decide(_round("2P2D", PREFILL_HEAVY), now=30.0) == ("decode", "prefill")
     assert applier.num_switches == 1
     # confirmed again, but within the dwell time of the last switch
@@ -48,6 +48,19 @@ def test_small_gains_changing_targets_and_colocated_clusters_do_nothing() -> Non
     assert "colocated" in applier.status
     assert applier.decide({"status": "3 finished requests"}, now=6.0) is None
     assert (prefill_count("3P1D"), prefill_count("colocated x2")) == (3, None)
+
+
+def test_a_split_cluster_runs_colocated_as_decode_workers_that_prefill_themselves() -> None:
+    """colocated xN is a candidate for a split cluster: it gets there by moving its prefill workers to
+    the decode pool (0PnD, every prompt prefilled on its decode worker), and back the same way."""
+    applier = PlanApplier(ApplyConfig(dwell_s=0.0, confirmations=1, min_gain=0.1))
+    short_prompts = {"colocated x2": 9.0, "1P1D": 6.0}
+    assert applier.decide(_round("1P1D", short_prompts), now=0.0) == ("prefill", "decode")
+    assert "towards colocated x2" in applier.status
+    assert applier.decide(_round("0P2D", short_prompts), now=1.0) is None  # there: 0P2D is colocated x2
+    assert "keeping 0P2D" in applier.status
+    assert applier.decide(_round("0P2D", {"colocated x2": 5.0, "1P1D": 8.0}), now=2.0) == ("decode", "prefill")
+    assert (split_prefill_count("colocated x3"), split_prefill_count("2P1D"), split_prefill_count("x")) == (0, 2, None)
 
 
 def test_apply_settings_are_validated() -> None:

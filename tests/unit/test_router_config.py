@@ -50,6 +50,7 @@ def _endpoints(*roles: str) -> list[WorkerEndpoint]:
 def test_topology_checks() -> None:
     check_topology(ServingMode.DISAGGREGATED, _endpoints("prefill", "decode", "decode"))
     check_topology(ServingMode.COLOCATED, _endpoints("colocated"))
+    check_topology(ServingMode.DISAGGREGATED, _endpoints("decode", "decode"), starting=False)  # 0P2D, later
     with pytest.raises(ConfigError, match="none with role prefill"):
         check_topology(ServingMode.DISAGGREGATED, _endpoints("decode"))
     with pytest.raises(ConfigError, match="colocated workers only"):
