@@ -58,6 +58,13 @@ class RequestRecord:
         tpot = self.tpot
         return self.ttft <= ttft_slo and (tpot is None or tpot <= tpot_slo)  # type: ignore[operator]
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RequestRecord:
+        """The record ``to_dict`` wrote."""
+        return cls(index=data["index"], scheduled_s=data["scheduled_s"], sent_s=data["sent_s"],
+                   token_times=list(data["token_times_s"]), num_prompt_tokens=data["num_prompt_tokens"],
+                   error=data["error"])
+
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "scheduled_s": self.scheduled_s, "sent_s": self.sent_s,
                 "num_prompt_tokens": self.num_prompt_tokens, "num_output_tokens": len(self.token_times),

@@ -94,11 +94,12 @@ class RouterConfig:
     * ``tpot_slo_ms``: the time-per-output-token SLO (the cluster's ``slo.tpot_ms``): the dashboard
       scores attainment against it (and ``ttft_slo_ms``); None: not scored.
     * ``planner_mode``: ``off``, ``recommend`` or ``apply``: every ``planner_interval_s`` the router
-      simulates every configuration of its GPUs on the last minutes of traffic, over the workers' own
+      simulates every configuration of its GPUs on the last ``planner_window_s`` of traffic, over the workers' own
       step-time models, and publishes the best (dashboard, ``pdserve:planner_*`` metrics). ``apply``
-      also acts: a split predicted ``planner_min_gain`` better than the current one in
+      also acts: a configuration predicted ``planner_min_gain`` better than the current one in
       ``planner_confirmations`` rounds in a row moves one worker between the prefill and decode pools
-      (a role switch, no restart), at most once per ``planner_dwell_s``
+      (a role switch, no restart; colocated is reached as decode workers only), at most once per
+      ``planner_dwell_s``
       (:mod:`~pdserve.router.plan_applier`). Needs both SLOs.
     * ``prefix_affinity_weight``: cache-aware routing (:mod:`~pdserve.router.prefix_affinity`). A
       worker's score gains this weight times the share of the prompt's prefix blocks it was sent
@@ -136,6 +137,7 @@ class RouterConfig:
     tpot_slo_ms: float | None = None
     planner_mode: str = "off"
     planner_interval_s: float = 30.0
+    planner_window_s: float = 300.0
     planner_dwell_s: float = 300.0
     planner_confirmations: int = 2
     planner_min_gain: float = 0.1
@@ -178,6 +180,7 @@ class RouterConfig:
         if self.planner_mode not in PLANNER_MODES:
             raise ConfigError("planner_mode", f"must be one of {', '.join(PLANNER_MODES)}, got {self.planner_mode!r}")
         require_float("planner_interval_s", self.planner_interval_s, minimum=1.0)
+        require_float("planner_window_s", self.planner_window_s, minimum=1.0, maximum=300.0)  # what the log keeps
         ApplyConfig(self.planner_dwell_s, self.planner_confirmations, self.planner_min_gain)  # validates them
         for name in ("ttft_slo_ms", "tpot_slo_ms"):
             if getattr(self, name) is not None:

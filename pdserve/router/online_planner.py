@@ -1,5 +1,5 @@
 """The planner on live data (``router.planner_mode: recommend``): every ``planner_interval_s`` the router
-simulates every configuration of its GPU count on the requests of the last ``WINDOW_S`` (their arrival
+simulates every configuration of its GPU count on the requests of the last ``planner_window_s`` (their arrival
 times and lengths, as the router saw them) over a worker's own step-time model (from its telemetry),
 calibrated by the workers' live steps, and publishes the best with each configuration's predicted goodput per GPU: in the dashboard's sizing
 panel and as ``pdserve:planner_*`` metrics. With ``planner_mode: apply`` it also acts: its
@@ -36,7 +36,6 @@ from pdserve.router.plan_applier import PlanApplier
 from pdserve.router.request_log import RequestLog
 
 logger = logging.getLogger(__name__)
-WINDOW_S = 300.0
 MIN_REQUESTS = 50
 MAX_REQUESTS = 400  # the most recent ones, to bound the simulation's time
 #: A worker's factor for a kind of step counts once it ran this many of them (its monitor recalibrates
@@ -108,9 +107,10 @@ class OnlinePlanner:
 
     async def recommend(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
-        ended = [r for r in self._log.ended_since(now - WINDOW_S) if r.outcome == "finished"][-MAX_REQUESTS:]
+        window = self._config.planner_window_s
+        ended = [r for r in self._log.ended_since(now - window) if r.outcome == "finished"][-MAX_REQUESTS:]
         if len(ended) < MIN_REQUESTS:
-            return {"status": f"{len(ended)} finished requests in the last {WINDOW_S:g} s; planning needs "
+            return {"status": f"{len(ended)} finished requests in the last {window:g} s; planning needs "
                               f"{MIN_REQUESTS}", "at": now}
         profile = self._profile()
         if profile is None:

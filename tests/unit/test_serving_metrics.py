@@ -88,3 +88,20 @@ def test_client_keeps_its_schedule_without_a_server() -> None:
 
     result = asyncio.run(client_capacity(rate=200.0, n=200, output_len=8))
     assert result["p99_lag_s"] < 0.05
+
+
+def test_a_record_reads_back_what_it_wrote_and_the_apply_run_scores_phases() -> None:
+    import argparse
+
+    from benchmarks.planner_apply import score
+
+    records = [RequestRecord(index=i, scheduled_s=float(i), sent_s=float(i), num_prompt_tokens=8,
+                             token_times=[i + 0.1, i + 0.2, i + (0.3 if i < 2 else 2.0)]) for i in range(4)]
+    assert [RequestRecord.from_dict(r.to_dict()) for r in records] == records
+    timeline = [{"t_s": 1.0, "config": "1P1D"}, {"t_s": 2.0, "config": "0P2D"}, {"t_s": 3.0, "config": "0P2D"}]
+    args = argparse.Namespace(phase_s=2.0, num_gpus=2)
+    scores = score({"records": [r.to_dict() for r in records], "timeline": timeline}, 2, args, [(0.5, 0.2)])
+    assert scores["decode-heavy @ tpot<=200ms"] == {"attainment": 1.0, "good_per_gpu_s": 0.5}
+    assert scores["prefill-heavy @ tpot<=200ms"]["attainment"] == 0.0  # their last tokens came 1.8 s late
+    assert scores["whole run @ tpot<=200ms"] == {"attainment": 0.5, "good_per_gpu_s": 0.25}
+    assert scores["switches"] == [(2.0, "0P2D")]
