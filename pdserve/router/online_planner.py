@@ -7,29 +7,25 @@ panel and as ``pdserve:planner_*`` metrics. With ``planner_mode: apply`` it also
 between the prefill and decode pools, and ``switch(from_role, to_role)`` (the router's, which asks
 whoever manages the workers) performs it; ``latest["apply"]`` says what it decided and why.
 
-Lifecycle: ``OnlinePlanner(...)`` -> ``run()`` as a router task (cancelled with the others; it then
-shuts its simulation process down, as ``close()`` does). The simulation runs in a process of its own,
-started at the first round: a planning round is seconds of pure Python, and in a thread of the router's
-process it held the GIL against the router's loop (on 2xH200 with a round every 5 s, TTFT p99 went from
-0.16 to 2.5-3 s at 6 req/s per GPU). Skipped (``latest`` says why) while
-fewer than ``MIN_REQUESTS`` requests ended in the window or no worker reports a step-time model.
+Lifecycle: ``OnlinePlanner(...)`` -> ``run()`` as a router task (cancelled with the others). Each
+round's simulation runs in a child interpreter (:mod:`pdserve.planner.plan_process`): a round is seconds
+of pure Python, and in a thread of the router's process it held the GIL against the router's loop (on
+2xH200 with a round every 5 s, TTFT p99 went from 0.25 to 2.5-3 s at 6 req/s per GPU). Skipped
+(``latest`` says why) while fewer than ``MIN_REQUESTS`` requests ended in the window or no worker
+reports a step-time model.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
-import functools
 import logging
-import multiprocessing
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from pdserve.common.step_model import StepTimeModel, pooled_calibration
-from pdserve.planner.plan import DEFAULT_KV_BYTES_PER_TOKEN, Profile, Workload, plan
+from pdserve.planner.plan import DEFAULT_KV_BYTES_PER_TOKEN, Profile, Workload
+from pdserve.planner.plan_process import plan_in_subprocess
 from pdserve.planner.simulate import SimRequest
 from pdserve.router.config import RouterConfig
 from pdserve.router.plan_applier import PlanApplier
@@ -55,42 +51,18 @@ class OnlinePlanner:
         self._telemetry = telemetry
         self._current = current
         self.latest: dict[str, Any] = {"status": "waiting for the first planning round"}
-        self._simulator: concurrent.futures.ProcessPoolExecutor | None = None
 
     async def run(self) -> None:
-        try:
-            while True:
-                await asyncio.sleep(self._config.planner_interval_s)
-                try:
-                    latest = await self.recommend()
-                    if self.applier is not None:
-                        latest["apply"] = await self.apply(latest)
-                    self.latest = latest
-                except Exception as exc:  # noqa: BLE001 (a planning round must never take the router down)
-                    logger.exception("planner round failed")
-                    self.latest = {"status": f"the last round failed: {type(exc).__name__}: {exc}"}
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Stop the simulation process (a round in progress is abandoned); a later round starts another."""
-        simulator, self._simulator = self._simulator, None
-        if simulator is not None:
-            simulator.shutdown(wait=False, cancel_futures=True)
-
-    async def _simulate(self, profile: Profile, workload: Workload, num_gpus: int) -> dict[str, Any]:
-        """``plan(...)`` in the simulation process (started here the first time, at a lower priority)."""
-        if self._simulator is None:
-            self._simulator = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority)
-        assert self._config.ttft_slo_ms is not None and self._config.tpot_slo_ms is not None
-        job = functools.partial(plan, profile, workload, num_gpus, ttft_slo_s=self._config.ttft_slo_ms / 1e3,
-                                tpot_slo_s=self._config.tpot_slo_ms / 1e3)
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._simulator, job)
-        except concurrent.futures.BrokenExecutor:
-            self.close()  # the process died (killed, out of memory): the next round starts a new one
-            raise
+        while True:
+            await asyncio.sleep(self._config.planner_interval_s)
+            try:
+                latest = await self.recommend()
+                if self.applier is not None:
+                    latest["apply"] = await self.apply(latest)
+                self.latest = latest
+            except Exception as exc:  # noqa: BLE001 (a planning round must never take the router down)
+                logger.exception("planner round failed")
+                self.latest = {"status": f"the last round failed: {type(exc).__name__}: {exc}"}
 
     async def apply(self, result: dict[str, Any], now: float | None = None) -> dict[str, Any]:
         """Act on one planning round (``apply`` mode): switch one worker's role when the applier says so."""
@@ -118,7 +90,10 @@ class OnlinePlanner:
         arrivals = sorted((r.ended_at - r.e2e_s, r.prompt_tokens, r.output_tokens) for r in ended)
         t0 = arrivals[0][0]
         workload = Workload(tuple(SimRequest(t - t0, p, max(1, o)) for t, p, o in arrivals), "live traffic")
-        result = await self._simulate(profile, workload, max(2, self._num_gpus()))
+        assert self._config.ttft_slo_ms is not None and self._config.tpot_slo_ms is not None
+        result = await plan_in_subprocess(profile, workload, max(2, self._num_gpus()),
+                                          ttft_slo_s=self._config.ttft_slo_ms / 1e3,
+                                          tpot_slo_s=self._config.tpot_slo_ms / 1e3)
         result |= {"status": "ok", "at": now, "current": self._current(), "requests": len(ended)}
         logger.info("planner: recommends %s (now %s) for %s", result["recommended"], result["current"],
                     result["workload"])
@@ -138,8 +113,3 @@ class OnlinePlanner:
         return Profile(model.calibrated(pooled_calibration(reports, CALIBRATED_AFTER_STEPS)),
                        float(with_model[0].get("kv_bytes_per_token") or DEFAULT_KV_BYTES_PER_TOKEN))
 
-
-def _lower_priority() -> None:
-    """The simulation process yields the CPU to the router and the workers."""
-    with contextlib.suppress(OSError):
-        os.nice(10)

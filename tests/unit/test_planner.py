@@ -134,3 +134,21 @@ def test_spilling_keeps_late_prompts_on_the_decode_worker() -> None:
     assert all(o.done_s is not None for o in spill_out)
     relaxed, _ = run(1e6)
     assert relaxed.num_spilled == 0
+
+
+def test_a_round_in_a_child_interpreter_gives_what_plan_gives() -> None:
+    """The online planner's rounds run in ``python -m pdserve.planner.plan_process``: the same inputs,
+    calibration included, give the same result as ``plan`` in this process; a bad input fails with the
+    child's error."""
+    import asyncio
+
+    from pdserve.planner.plan_process import plan_in_subprocess
+
+    model = StepTimeModel(base_s=4e-3, per_token_s=20e-6, free_tokens=64, per_kv_token_s=2e-8, per_pair_s=1e-9)
+    profile = Profile(model.calibrated({StepKind.MIXED: 1.4}), kv_bytes_per_token=2000)
+    workload = Workload.poisson(6.0, 512, 32, n=60, seed=5)
+    args = {"ttft_slo_s": 0.3, "tpot_slo_s": 0.02}
+    here = json.loads(json.dumps(plan(profile, workload, 2, **args)))
+    assert asyncio.run(plan_in_subprocess(profile, workload, 2, **args)) == here
+    with pytest.raises(RuntimeError, match="the planning process exited with 1"):
+        asyncio.run(plan_in_subprocess(profile, workload, 0, **args))
