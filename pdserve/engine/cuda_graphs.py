@@ -21,7 +21,7 @@ import time
 import torch
 
 from pdserve.engine.attention.metadata import LaunchShape
-from pdserve.engine.model.decoder import DecoderForCausalLM
+from pdserve.engine.model.interface import CausalLM
 from pdserve.engine.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def capture_sizes(max_num_seqs: int, max_tokens: int) -> list[int]:
 
 
 class StepGraphs:
-    def __init__(self, model: DecoderForCausalLM, kv_caches: list[torch.Tensor], inputs: StepInputs,
+    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], inputs: StepInputs,
                  shapes: list[LaunchShape]) -> None:
         self.model = model
         self.kv_caches = kv_caches

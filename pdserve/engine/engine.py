@@ -43,6 +43,7 @@ from pdserve.engine.device import (
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches
 from pdserve.engine.model.decoder import DecoderForCausalLM
+from pdserve.engine.model.interface import CausalLM
 from pdserve.engine.model.loader import build_model, inspect_model_dir
 from pdserve.engine.model.parallel import SINGLE, TensorParallel
 from pdserve.engine.model.tiny import ensure_tiny_random
@@ -116,7 +117,7 @@ class LLMEngine:
                                    seed=config.seed)
 
         tensor_parallel = (TensorParallelModel.build(build, devices) if config.tensor_parallel_size > 1 else None)
-        self.model: DecoderForCausalLM = tensor_parallel or build()  # type: ignore[assignment]
+        self.model: CausalLM = tensor_parallel or build()
         self.startup_seconds = {"weights": time.perf_counter() - timer}
         self.eos_token_ids = tuple(dict.fromkeys((*self.tokenizer.eos_token_ids, *spec.eos_token_ids)))
         self.sampler = Sampler(self.device, seed=config.seed)

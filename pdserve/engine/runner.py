@@ -8,7 +8,7 @@ hidden state of the last row of each chunk that samples, compute logits for thos
 sample. Nothing waits for the device: the sampled ids stay there (the next step may read them as
 inputs) and are copied to the host in the background; :meth:`LaunchedStep.token_ids` waits for them.
 
-The model's optional per-layer hook (``DecoderForCausalLM.layer_hook``, installed per step by the
+The model's optional per-layer hook (``CausalLM.layer_hook``, installed per step by the
 engine from its ``step_hooks``) lets the prefill role stream each layer's freshly written KV while
 later layers compute. A graph replay cannot stop between layers, so after a replay the hook is called
 for every layer in order (the KV of short prompts is sent once their whole forward pass is queued).
@@ -27,7 +27,7 @@ from pdserve.common.outputs import TokenLogprobs
 from pdserve.engine.attention.metadata import AttentionMetadata, LaunchShape
 from pdserve.engine.cuda_graphs import StepGraphs, capture_sizes
 from pdserve.engine.kernels.paged_decode import choose_num_splits
-from pdserve.engine.model.decoder import DecoderForCausalLM
+from pdserve.engine.model.interface import CausalLM
 from pdserve.engine.sampler import SampledTokens, Sampler, SamplingRow
 from pdserve.engine.scheduler import ScheduledChunk, SchedulerPlan
 from pdserve.engine.step_inputs import FedTokens, StepCounts, StepInputs
@@ -73,7 +73,7 @@ class LaunchedStep:
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderForCausalLM, kv_caches: list[torch.Tensor], block_size: int,
+    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], block_size: int,
                  device: torch.device, sampler: Sampler, eos_token_ids: tuple[int, ...], *,
                  max_num_tokens: int, max_num_seqs: int, max_model_len: int,
                  query_tile_rows: int | None = None) -> None:

@@ -46,6 +46,7 @@ from pdserve.engine.attention.metadata import AttentionMetadata
 from pdserve.engine.device import on_device
 from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches
 from pdserve.engine.model.decoder import DecoderForCausalLM
+from pdserve.engine.model.hf_config import ModelSpec
 from pdserve.engine.model.parallel import TensorParallel
 from pdserve.engine.thread_collectives import ThreadRendezvous
 
@@ -93,7 +94,16 @@ class TensorParallelModel:
         """Caches for every rank past the first, shaped like rank 0's (``rank0``), each on its device."""
         self.kv_caches = [rank0] + [allocate_kv_caches(layout, device) for device in self.devices[1:]]
 
-    def __getattr__(self, name: str) -> Any:  # spec, compute_logits, build_rotary ...: rank 0's
+    @property
+    def spec(self) -> ModelSpec:
+        """A rank's shape (every rank has the same)."""
+        return self.ranks[0].spec
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Rank 0's logits: the LM head is replicated."""
+        return self.ranks[0].compute_logits(hidden)
+
+    def __getattr__(self, name: str) -> Any:  # full_spec, named_parameters ...: rank 0's (benchmarks, tests)
         return getattr(self.ranks[0], name)
 
     @property
