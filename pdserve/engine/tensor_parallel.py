@@ -153,11 +153,16 @@ class TensorParallelModel:
     def _forward_rank(self, rank: int, input_ids: torch.Tensor, positions: torch.Tensor,
                       metadata: AttentionMetadata, inputs_ready: torch.cuda.Event | None) -> None:
         device = self.devices[rank]
-        with torch.inference_mode(), on_device(device):
-            if inputs_ready is not None:  # the peer copies run on this thread's stream of rank 0's GPU
-                torch.cuda.current_stream(self.devices[0]).wait_event(inputs_ready)
-            self.ranks[rank](input_ids.to(device), positions.to(device), self.kv_caches[rank],
-                             metadata_on(metadata, device))
+        try:
+            with torch.inference_mode(), on_device(device):
+                if inputs_ready is not None:  # the peer copies run on this thread's stream of rank 0's GPU
+                    torch.cuda.current_stream(self.devices[0]).wait_event(inputs_ready)
+                self.ranks[rank](input_ids.to(device), positions.to(device), self.kv_caches[rank],
+                                 metadata_on(metadata, device))
+        except BaseException:
+            if self._rendezvous is not None:
+                self._rendezvous.abort()  # rank 0 (and the others) leave their all-reduce instead of waiting
+            raise
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -168,5 +173,5 @@ def metadata_on(metadata: AttentionMetadata, device: torch.device) -> AttentionM
     if metadata.query_start_loc.device == device:
         return metadata
     moved: dict[str, Any] = {f.name: value.to(device) for f in dataclasses.fields(metadata)
-             if isinstance(value := getattr(metadata, f.name), torch.Tensor)}
+                             if isinstance(value := getattr(metadata, f.name), torch.Tensor)}
     return dataclasses.replace(metadata, **moved)

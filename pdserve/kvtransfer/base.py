@@ -202,9 +202,9 @@ class TransferHandle:
     decode side); ``payload`` is set on the receiver when the transfer is ``DONE`` (the ints the sender
     passed to ``finish``: the first token ids). ``created_at``/``deadline_at`` are ``time.monotonic()``
     values; the sender has no deadline (its stalls surface as ``FAILED`` through the transport timeout).
-    ``marks`` holds ``time.time()`` stamps of the transport's milestones (``finish_called_at`` and
-    ``finish_pushed_at`` (the FINISH header about to leave) on the sender, ``finish_received_at`` on the receiver), for latency breakdowns
-    that compare the two sides' clocks on one host.
+    ``marks`` holds ``time.time()`` stamps of the transport's milestones, for latency breakdowns that
+    compare the two sides' clocks on one host: ``finish_called_at`` and ``finish_pushed_at`` (the FINISH
+    header about to leave) on the sender, ``finish_received_at`` on the receiver.
     """
 
     transfer_id: int
