@@ -148,6 +148,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=400, help="seconds per case")
     args = parser.parse_args()
     if args.case:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(max(5, args.timeout - 15))  # a case about to be killed says where it was
         run_case(args.case, args.out)
         return
     if torch.cuda.device_count() < 2:
@@ -164,7 +167,7 @@ def main() -> None:
             try:
                 print(f"== case {name}", flush=True)  # the case's own lines follow as they come
                 done = subprocess.run([sys.executable, "-m", "benchmarks.tensor_parallel", "--case", name, "--out",
-                                       str(out)], timeout=args.timeout)
+                                       str(out), "--timeout", str(args.timeout)], timeout=args.timeout)
                 results.append(json.loads(out.read_text()) if done.returncode == 0 and out.exists()
                                else {"case": name, "error": f"exit {done.returncode} (its output is above)"})
             except subprocess.TimeoutExpired:
