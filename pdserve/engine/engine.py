@@ -34,7 +34,6 @@ from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.attention.selector import select_backend
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.device import (
-    on_device,
     rank_devices,
     resolve_device,
     resolve_dtype,
@@ -42,11 +41,10 @@ from pdserve.engine.device import (
 )
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches
-from pdserve.engine.model.decoder import DecoderForCausalLM
 from pdserve.engine.model.interface import CausalLM
-from pdserve.engine.model.loader import build_model, inspect_model_dir
-from pdserve.engine.model.parallel import SINGLE, TensorParallel
+from pdserve.engine.model.loader import inspect_model_dir
 from pdserve.engine.model.tiny import ensure_tiny_random
+from pdserve.engine.placement import place_model, prepare_attention
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.runner import LaunchedStep, ModelRunner
 from pdserve.engine.sampler import Sampler
@@ -109,15 +107,8 @@ class LLMEngine:
         timer = time.perf_counter()
         self.attention_backend = backend = select_backend(config.attention_backend, self.device)
         self.rank_devices = devices = rank_devices(self.device, config.tensor_parallel_size)
-
-        def build(tp: TensorParallel = SINGLE) -> DecoderForCausalLM:
-            with on_device(devices[tp.rank]):
-                return build_model(source, backend=backend, dtype=self.dtype, device=devices[tp.rank], tp=tp,
-                                   load_format=config.load_format, max_positions=self.max_model_len,
-                                   seed=config.seed)
-
-        tensor_parallel = (TensorParallelModel.build(build, devices) if config.tensor_parallel_size > 1 else None)
-        self.model: CausalLM = tensor_parallel or build()
+        self.model: CausalLM = place_model(source, backend, self.dtype, devices, config, self.max_model_len)
+        tensor_parallel = self.model if isinstance(self.model, TensorParallelModel) else None
         self.startup_seconds = {"weights": time.perf_counter() - timer}
         self.eos_token_ids = tuple(dict.fromkeys((*self.tokenizer.eos_token_ids, *spec.eos_token_ids)))
         self.sampler = Sampler(self.device, seed=config.seed)
@@ -143,13 +134,8 @@ class LLMEngine:
                 and tensor_parallel is None):
             self.startup_seconds["cuda_graphs"] = self.runner.capture_cuda_graphs(config.max_num_seqs,
                                                                                   config.cuda_graph_max_tokens)
-        local = self.model.spec  # a rank's heads
-        self.startup_seconds["attention_plans"] = 0.0
-        for device in dict.fromkeys(devices):
-            with on_device(device):
-                self.startup_seconds["attention_plans"] += backend.prepare(
-                    local.num_heads, local.num_kv_heads, spec.head_dim, self.dtype, device,
-                    min(config.max_num_batched_tokens, self.max_model_len), spec.sliding_window)
+        self.startup_seconds["attention_plans"] = prepare_attention(
+            backend, self.model, self.dtype, devices, min(config.max_num_batched_tokens, self.max_model_len))
         self.step_time: StepTimeModel | None = None
         self.step_time_samples: list[dict] = []
         self.step_monitor: StepTimeMonitor | None = None
