@@ -13,6 +13,12 @@ from pathlib import Path
 
 from pdserve.common.errors import ConfigError
 
+#: A kind of step is first calibrated from live steps after this many of them, then every
+#: ``RECALIBRATE_EVERY_STEPS`` (the engine's monitor; the router's planner trusts a worker's factor for a
+#: kind from the first calibration on).
+FIRST_CALIBRATION_STEPS = 32
+RECALIBRATE_EVERY_STEPS = 256
+
 
 class StepKind(StrEnum):
     """What a step is made of: decodes only, prefill chunks only, or both. Each kind has its own

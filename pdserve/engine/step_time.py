@@ -26,7 +26,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from pdserve.common.step_model import StepKind, StepShape, StepTimeModel
+from pdserve.common.step_model import (
+    FIRST_CALIBRATION_STEPS,
+    RECALIBRATE_EVERY_STEPS,
+    StepKind,
+    StepShape,
+    StepTimeModel,
+)
 
 
 def fit_step_time(samples: Sequence[tuple[StepShape, float]]) -> StepTimeModel:
@@ -103,19 +109,21 @@ def profile_step_time(run: Callable[[int, int, int, int], float], *, max_tokens:
 
 class StepTimeMonitor:
     """Predicted against measured step times over the last ``window`` steps (a live check of the model),
-    and its calibration, per :class:`StepKind`: every ``recalibrate_every`` steps of a kind, if their
-    median error is off by more than ``tolerance``, that kind's factor is scaled by the median
-    measured/predicted ratio (at most 2x either way per round) and its window starts over. ``model``
-    is the calibrated model."""
+    and its calibration, per :class:`StepKind`: after the first ``first_after`` steps of a kind and then
+    every ``recalibrate_every``, if their median error is off by more than ``tolerance``, that kind's
+    factor is scaled by the median measured/predicted ratio (at most 2x either way per round) and its
+    window starts over. ``model`` is the calibrated model."""
 
-    def __init__(self, model: StepTimeModel, window: int = 512, recalibrate_every: int = 256,
-                 tolerance: float = 0.05) -> None:
+    def __init__(self, model: StepTimeModel, window: int = 512, recalibrate_every: int = RECALIBRATE_EVERY_STEPS,
+                 tolerance: float = 0.05, first_after: int = FIRST_CALIBRATION_STEPS) -> None:
         self.model = model
         self._errors: deque[float] = deque(maxlen=window)  # every kind: what summary() reports
         self._ratios: dict[StepKind, deque[float]] = {kind: deque(maxlen=window) for kind in StepKind}
         self._since: dict[StepKind, int] = dict.fromkeys(StepKind, 0)
         self.num_steps = 0
         self._recalibrate_every = recalibrate_every
+        self._first_after = min(first_after, recalibrate_every)
+        self._checked: set[StepKind] = set()  # kinds past their first calibration round
         self._tolerance = tolerance
 
     def calibration(self, kind: StepKind) -> float:
@@ -131,9 +139,10 @@ class StepTimeMonitor:
         self._ratios[kind].append(seconds / predicted if predicted > 0 else 1.0)
         self.num_steps += 1
         self._since[kind] += 1
-        if self._since[kind] < self._recalibrate_every:
+        if self._since[kind] < (self._recalibrate_every if kind in self._checked else self._first_after):
             return False
         self._since[kind] = 0
+        self._checked.add(kind)
         factor = statistics.median(self._ratios[kind])
         if abs(factor - 1.0) <= self._tolerance:
             return False

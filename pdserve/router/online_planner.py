@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from pdserve.common.step_model import StepTimeModel, pooled_calibration
+from pdserve.common.step_model import FIRST_CALIBRATION_STEPS, StepTimeModel, pooled_calibration
 from pdserve.planner.plan import DEFAULT_KV_BYTES_PER_TOKEN, Profile, Workload
 from pdserve.planner.plan_process import plan_in_subprocess
 from pdserve.planner.simulate import SimRequest
@@ -34,9 +34,6 @@ from pdserve.router.request_log import RequestLog
 logger = logging.getLogger(__name__)
 MIN_REQUESTS = 50
 MAX_REQUESTS = 400  # the most recent ones, to bound the simulation's time
-#: A worker's factor for a kind of step counts once it ran this many of them (its monitor recalibrates
-#: a kind every 256 steps of it).
-CALIBRATED_AFTER_STEPS = 256
 
 
 class OnlinePlanner:
@@ -110,6 +107,6 @@ class OnlinePlanner:
         model = StepTimeModel.from_dict(with_model[0]["step_time_model"], "a worker's telemetry")
         reports = [(e.get("step_time_calibration") or {},
                     {kind: int(v.get("count", 0)) for kind, v in (e.get("steps") or {}).items()}) for e in with_model]
-        return Profile(model.calibrated(pooled_calibration(reports, CALIBRATED_AFTER_STEPS)),
+        return Profile(model.calibrated(pooled_calibration(reports, FIRST_CALIBRATION_STEPS)),
                        float(with_model[0].get("kv_bytes_per_token") or DEFAULT_KV_BYTES_PER_TOKEN))
 

@@ -143,3 +143,14 @@ def test_each_kind_of_step_is_calibrated_on_its_own() -> None:
     assert monitor.model.predict(prefill) == pytest.approx(TRUE.predict(prefill) * 0.8)
     assert monitor.summary()["calibration"] == {"decode": 1.0, "mixed": 1.9, "prefill": 0.8}
     assert StepTimeModel.from_dict(monitor.model.to_dict()) == TRUE  # a profile holds no calibration
+
+
+def test_the_first_calibration_comes_early_the_later_ones_every_window() -> None:
+    """A kind of step is first calibrated after ``first_after`` of its steps (a worker's budgets and the
+    router's planner get live factors within seconds), then every ``recalibrate_every``."""
+    monitor = StepTimeMonitor(TRUE, recalibrate_every=20, first_after=4)
+    shape = StepShape(0).plus_decode(500)
+    changed = [monitor.record(shape, TRUE.predict(shape) * 1.5) for _ in range(4)]
+    assert changed == [False, False, False, True] and monitor.calibration(StepKind.DECODE) == pytest.approx(1.5)
+    slower = [monitor.record(shape, TRUE.predict(shape) * 2.0) for _ in range(20)]
+    assert slower.index(True) == 19 and monitor.calibration(StepKind.DECODE) == pytest.approx(2.0)
