@@ -125,9 +125,12 @@ class ClusterConfig:
                 raise ConfigError(f"{role}.gpus_per_worker", "tensor-parallel prefill and decode workers run on "
                                   "CPUs only so far (on GPUs each rank's KV cache sits on its own device, which "
                                   "the KV transports do not move yet): use colocated workers, or 1 GPU per worker")
-        if len(set(sizes.values())) > 1:
-            raise ConfigError("decode.engine.tensor_parallel_size", f"prefill and decode workers must split the model "
-                              f"alike (KV moves rank to rank; re-sharding between degrees is not built): {sizes}")
+        if self.mode == "disaggregated":
+            low, high = sorted((sizes["prefill"], sizes["decode"]))
+            if high % low:
+                raise ConfigError("decode.engine.tensor_parallel_size", f"the prefill and decode degrees must divide "
+                                  f"one another (KV heads move in {high} groups per layer): {sizes}")
+            object.__setattr__(self, "kv_transfer", replace(self.kv_transfer, head_groups=high))
 
     @property
     def colocated_pool(self) -> PoolConfig:

@@ -15,6 +15,7 @@ Ray starts a dead worker's process again, the worker serves at once, and the sup
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -125,8 +126,7 @@ class Cluster:
             options["scheduling_strategy"] = strategy
         actor = RemoteWorkerActor.options(**options).remote(
             worker_id, role, cfg.engine_config(role).to_dict(),
-            {"backend": cfg.kv_transfer.backend, "timeout_s": cfg.kv_transfer.timeout_s,
-             "on_failure": cfg.kv_transfer.on_failure},
+            dataclasses.asdict(cfg.kv_transfer),
             cpu_threads=None if pool.gpus_per_worker else 1, log_level=self.log_level)
         self._actors.append(actor)
         return actor

@@ -335,10 +335,10 @@ class DecodeRole(Role):
 
     async def _handshake(self, peer: _PrefillPeer) -> None:
         if self._receiver is None:
-            engine = self.worker.engine
             self._receiver, self._bootstrap = await asyncio.to_thread(
                 open_receiver, self.worker.host, 0, f"pdserve-kv-{self.worker.worker_id}",
-                caches=engine.transfer_caches(), layout=self.worker.kv_layout, backend=self.worker.transfer_backend,
+                caches=self.worker.transfer_caches(), layout=self.worker.kv_layout,
+                backend=self.worker.transfer_backend,
                 op_timeout_s=self.worker.transfer.timeout_s)
         layout = self.worker.kv_layout
         assert self._bootstrap is not None

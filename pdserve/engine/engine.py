@@ -40,7 +40,7 @@ from pdserve.engine.device import (
     resolve_max_model_len,
 )
 from pdserve.engine.kv_cache.manager import KVCacheManager
-from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches
+from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches, head_group_views
 from pdserve.engine.model.interface import CausalLM
 from pdserve.engine.model.loader import inspect_model_dir
 from pdserve.engine.model.tiny import ensure_tiny_random
@@ -285,11 +285,17 @@ class LLMEngine:
     def tensor_parallel_size(self) -> int:
         return self.config.tensor_parallel_size
 
-    def transfer_caches(self) -> list[torch.Tensor]:
-        """The caches KV transfer moves: one per layer, or with tensor parallelism one per layer and
-        rank, layer-major (:mod:`pdserve.engine.tensor_parallel`)."""
-        model = self.model
-        return model.transfer_caches() if isinstance(model, TensorParallelModel) else self.kv_caches
+    def transfer_caches(self, head_groups: int = 0) -> list[torch.Tensor]:
+        """The caches KV transfer moves, layer-major: per layer ``head_groups`` views of consecutive KV
+        heads (0: one per tensor-parallel rank, its whole cache), rank by rank (:mod:`pdserve.engine.
+        tensor_parallel`). ``ConfigError`` when the heads do not split that way."""
+        model, ranks = self.model, self.tensor_parallel_size
+        groups = head_groups or ranks
+        if groups % ranks or (groups != ranks and self.spec.num_kv_heads % groups):
+            raise ConfigError("kv_transfer.head_groups", f"{groups} groups of KV heads do not fit {ranks} "
+                              f"tensor-parallel rank(s) of a model with {self.spec.num_kv_heads} KV heads")
+        caches = model.transfer_caches() if isinstance(model, TensorParallelModel) else self.kv_caches
+        return [view for cache in caches for view in head_group_views(cache, groups // ranks)]
 
     @property
     def num_unfinished_requests(self) -> int:

@@ -21,14 +21,14 @@ on its own thread; on GPUs a first all-reduce checks them) and builds each rank'
 its device; ``attach_kv_caches(layout, rank0)`` gives ranks past the first their caches once the engine
 sized rank 0's; ``close()`` stops the threads.
 
-KV transfer between workers of the same size: the per-layer hook (KV streaming) is called for every
-rank's cache of the layer, indexed layer-major, and :meth:`transfer_caches` lists the caches the same
-way, so the transport moves ``num_layers x size`` "layers" and rank r's heads land in rank r's cache.
+KV transfer: the per-layer hook (KV streaming) is called for every rank's cache of the layer, indexed
+layer-major, and :meth:`transfer_caches` lists the caches the same way; with workers of different
+degrees both sides further cut each cache into views of consecutive KV heads
+(``LLMEngine.transfer_caches(head_groups)``), so rank r's heads land in whichever decode rank owns them.
 
 Limits: no CUDA graphs (steps run eagerly, so small steps pay every rank's kernel launches on the host);
-both sides of a transfer must have the same size (the KV layout handshake refuses others), and on GPUs
-the ranks' caches sit on different devices, which the KV transports do not handle yet (the cluster
-config refuses tensor-parallel prefill and decode pools on GPUs).
+on GPUs the ranks' caches sit on different devices, which the KV transports do not handle yet (the
+cluster config refuses tensor-parallel prefill and decode pools on GPUs).
 """
 
 from __future__ import annotations

@@ -167,7 +167,9 @@ class KVLayoutInfo:
                 raise ValueError(f"cache layer {i} is on {cache.device}, layer 0 on {device}")
 
     def check_layer(self, cache: torch.Tensor, what: str = "the cache layer") -> None:
-        """Raise ``ValueError`` unless ``cache`` is one contiguous layer of this layout."""
+        """Raise ``ValueError`` unless ``cache`` is one layer of this layout: contiguous on CUDA (the block
+        copies and CUDA IPC need it); on the CPU it may be a view of some heads of a larger cache (KV
+        moved between tensor-parallel degrees, :func:`~pdserve.engine.kv_cache.tensors.head_group_views`)."""
         shape = tuple(cache.shape)
         if (len(shape) != 5 or shape[0] != 2
                 or shape[2:] != (self.block_size, self.num_kv_heads, self.head_dim)):
@@ -175,8 +177,8 @@ class KVLayoutInfo:
                              f"[2, num_blocks, {self.block_size}, {self.num_kv_heads}, {self.head_dim}]")
         if cache.dtype != self.torch_dtype:
             raise ValueError(f"{what} has dtype {cache.dtype}, expected {self.torch_dtype}")
-        if not cache.is_contiguous():
-            raise ValueError(f"{what} is not contiguous")
+        if not cache.is_contiguous() and cache.device.type != "cpu":
+            raise ValueError(f"{what} is not contiguous (on {cache.device.type}, KV moves whole layers)")
 
 
 class TransferState(enum.Enum):

@@ -272,7 +272,7 @@ class ProcessGroupSender(SenderCore):
         if message.split:
             (m,) = parts
             assert m.kv_layer is not None
-            if is_contiguous(m.src_block_ids):
+            if is_contiguous(m.src_block_ids) and m.kv_layer.is_contiguous():  # (a view of some heads is not)
                 first = m.src_block_ids[0]
                 return [m.kv_layer[kv, first:first + len(m.src_block_ids)] for kv in (0, 1)]
             gathered = gather_blocks(m.kv_layer, self._index(m.src_block_ids, indices))

@@ -25,6 +25,7 @@ import torch
 
 from pdserve.common.errors import InvalidParameterError, OutOfCapacityError
 from pdserve.common.outputs import RequestDelta
+from pdserve.engine.kv_cache.tensors import head_group_views
 from pdserve.engine.scheduler import SchedulerPlan
 from pdserve.kvtransfer import HandshakeError, KVLayoutInfo, KVSender, TransferState, open_sender
 from pdserve.rpc.convert import position_logprobs_to_proto, sampling_params_from_proto
@@ -85,7 +86,7 @@ class PrefillRole(Role):
         bootstrap = {"host": request.store_host, "port": request.store_port, "group_name": request.group_name,
                      "backend": request.transport}
         try:
-            sender = await asyncio.to_thread(open_sender, bootstrap, self.worker.engine.transfer_caches(), mine,
+            sender = await asyncio.to_thread(open_sender, bootstrap, self.worker.transfer_caches(), mine,
                                              name=self.worker.worker_id, op_timeout_s=self.worker.transfer.timeout_s)
         except HandshakeError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
@@ -204,9 +205,14 @@ class PrefillRole(Role):
         if not work:
             return None
 
-        def after_layer(layer: int, kv_cache: torch.Tensor) -> None:
+        per_cache = self.worker.head_groups // self.worker.engine.tensor_parallel_size
+
+        def after_layer(layer: int, kv_cache: torch.Tensor) -> None:  # layer: a rank's cache, layer-major
+            views = head_group_views(kv_cache, per_cache)
             for transfer, src_blocks, block_range in work:
-                transfer.sender.send_layer(transfer.handle, layer, kv_cache, src_blocks, block_range)
+                for group, view in enumerate(views):
+                    transfer.sender.send_layer(transfer.handle, layer * per_cache + group, view, src_blocks,
+                                               block_range)
 
         return after_layer
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import torch
 
 from pdserve.common.kv_transfer_config import KVTransferConfig
 from pdserve.engine.engine import LLMEngine
@@ -52,10 +53,19 @@ class WorkerContext:
         engine = self.engine
         return KVLayoutInfo(model=model_identity(engine), dtype=str(engine.dtype).removeprefix("torch."),
                             block_size=engine.kv_layout.block_size,
-                            # with tensor parallelism, one "layer" per layer and rank (transfer_caches)
-                            num_layers=engine.kv_layout.num_layers * engine.tensor_parallel_size,
-                            num_kv_heads=engine.kv_layout.num_kv_heads, head_dim=engine.kv_layout.head_dim,
-                            tensor_parallel_size=engine.tensor_parallel_size)
+                            # one "layer" per layer and group of KV heads (transfer_caches)
+                            num_layers=engine.kv_layout.num_layers * self.head_groups,
+                            num_kv_heads=engine.kv_layout.num_kv_heads * engine.tensor_parallel_size // self.head_groups,
+                            head_dim=engine.kv_layout.head_dim, tensor_parallel_size=self.head_groups)
+
+    @property
+    def head_groups(self) -> int:
+        """Groups of KV heads a transfer moves per layer (the cluster's; else this worker's degree)."""
+        return self.transfer.head_groups or self.engine.tensor_parallel_size
+
+    def transfer_caches(self) -> list[torch.Tensor]:
+        """The cache views this worker's KV transfers move, in the order of :attr:`kv_layout`."""
+        return self.engine.transfer_caches(self.head_groups)
 
     async def on_engine(self, fn: Any, *, urgent: bool = False) -> Any:
         """Run ``fn(engine)`` on the engine thread and await its result (``urgent``: see

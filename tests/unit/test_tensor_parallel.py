@@ -54,3 +54,23 @@ def test_ranks_take_consecutive_gpus_and_too_few_are_refused(monkeypatch: pytest
     assert rank_devices(torch.device("cuda", 1), 2) == [torch.device("cuda", 1), torch.device("cuda", 2)]
     with pytest.raises(ConfigError, match=r"2 ranks from cuda:3 need GPUs 3..4; this process sees 4"):
         rank_devices(torch.device("cuda", 3), 2)
+
+
+def test_transfer_caches_split_kv_heads_into_groups(tmp_path) -> None:  # noqa: ANN001
+    """What KV transfer between degrees moves: per layer ``head_groups`` views of consecutive KV heads,
+    rank by rank, each a view into the rank's own cache; groups that do not fit are refused."""
+    make_hf_model("llama31", tmp_path)  # 2 KV heads
+    one = LLM(model=str(tmp_path), device="cpu", num_kv_blocks=16).engine
+    two = LLM(model=str(tmp_path), device="cpu", num_kv_blocks=16, tensor_parallel_size=2).engine
+    views = one.transfer_caches(2)
+    assert len(views) == 2 * one.spec.num_layers and all(v.shape[3] == 1 for v in views)
+    views[3].fill_(7.0)  # layer 1, second head: written through into the cache
+    assert (one.kv_caches[1][:, :, :, 1] == 7.0).all() and (one.kv_caches[1][:, :, :, 0] == 0.0).all()
+    ranks = two.transfer_caches(2)
+    assert [v.data_ptr() for v in ranks[:2]] == [two.model.kv_caches[0][0].data_ptr(),
+                                                 two.model.kv_caches[1][0].data_ptr()]
+    assert len(two.transfer_caches()) == 2 * two.spec.num_layers
+    with pytest.raises(ConfigError, match="3 groups of KV heads do not fit 2 tensor-parallel rank"):
+        two.transfer_caches(3)
+    with pytest.raises(ConfigError, match="4 groups of KV heads"):
+        one.transfer_caches(4)

@@ -48,3 +48,15 @@ def num_blocks_for_budget(spec: ModelSpec, block_size: int, dtype: torch.dtype, 
 def allocate_kv_caches(layout: KVCacheLayout, device: torch.device) -> list[torch.Tensor]:
     """One zero-filled tensor per layer (zeros so that never-written slots are finite)."""
     return [torch.zeros(layout.shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
+
+
+def head_group_views(cache: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """``cache`` (one layer, ``[2, blocks, block_size, heads, dim]``) as ``groups`` views of consecutive
+    KV heads each (itself for one group): what a transfer between tensor-parallel degrees moves."""
+    if groups == 1:
+        return [cache]
+    heads = cache.shape[3]
+    if heads % groups:
+        raise ValueError(f"{heads} KV heads do not split into {groups} groups")
+    width = heads // groups
+    return [cache.narrow(3, g * width, width) for g in range(groups)]
