@@ -81,6 +81,9 @@ def main() -> None:
     parser.add_argument("--trace-path", type=Path, default=None, help="the Mooncake trace (its point is skipped "
                         "without it)")
     parser.add_argument("--calibration-from", default="serve-s0-h200x2.json,serve-s1-h200x2.json,serve-s2-h200x2.json")
+    parser.add_argument("--measured", default=None, help="score against this run file instead (only the "
+                        "configurations it has): with calibration from other runs, an out-of-sample check")
+    parser.add_argument("--tag", default="", help="suffix of the result files (planner_accuracy-<tag>-...)")
     args = parser.parse_args()
     profile = Profile.load(args.profile)
     factors = live_calibration(args.calibration_from.split(","))
@@ -90,6 +93,10 @@ def main() -> None:
     trace = trace_workload(args.trace_path, settings) if args.trace_path else None
     rows = []
     for name, (file, config, counts, spec, spill) in CONFIGS.items():
+        if args.measured is not None:
+            if config not in json.loads((RESULTS / args.measured).read_text())["results"]:
+                continue
+            file = args.measured
         truth = measured(file, config)
         for slo, tpot in SLOS:
             row: dict[str, Any] = {"config": name, "workload": "prefill-heavy 2048/128", "slo": slo,
@@ -121,7 +128,11 @@ def main() -> None:
     columns = ["config", "workload", "slo", "measured", "measured_at", "profile", "profile_error", "calibrated",
                "calibrated_error"]
     markdown = header + markdown_table(columns, [[r.get(c) for c in columns] for r in rows])
-    paths = write_results("planner_accuracy", info, payload, markdown)
+    if args.measured is not None:
+        header_note = (f"\n\nMeasured: {args.measured} only (calibration from {args.calibration_from}: "
+                       "out of sample when those are other runs).\n")
+        markdown += header_note
+    paths = write_results("planner_accuracy" + (f"-{args.tag}" if args.tag else ""), info, payload, markdown)
     print(markdown)
     print("wrote", *paths)
 
