@@ -370,12 +370,12 @@ def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
                    p["breakdown"].get("local_prefills"), p["breakdown"].get("ttft_remote_p50_ms"),
                    p["breakdown"].get("ttft_remote_p99_ms"), p["breakdown"].get("ttft_local_p50_ms"),
                    p["breakdown"].get("ttft_local_p99_ms"),
-                   *(f"{p['breakdown'].get(n)} / {p['breakdown'].get(n.replace('_ms', '_p90_ms'))}"
+                   *(" / ".join(str(p["breakdown"].get(n.replace("_ms", suffix))) for suffix in ("_ms", "_p90_ms", "_p99_ms"))
                      for n, _, _ in PHASES)]
                   for kind, res in payload["results"].items() for workload, points in res["workloads"].items()
                   for p in points if p["breakdown"].get("remote_prefills")]
     if phase_rows:
-        lines += ["## Where a remote prefill's time goes (ms, p50 / p90, workers' clocks)", "", markdown_table(
+        lines += ["## Where a remote prefill's time goes (ms, p50 / p90 / p99, workers' clocks)", "", markdown_table(
             ["config", "workload", "rate/GPU", "remote", "local", "TTFT remote p50", "TTFT remote p99",
              "TTFT local p50", "TTFT local p99", *(n.removesuffix("_ms").replace("_", " ") for n, _, _ in PHASES)],
             phase_rows), ""]
