@@ -295,7 +295,7 @@ def write_records(all_results: dict[str, Any], path: Path) -> None:
 
 
 def _rounded(value: Any) -> Any:
-    """``value`` with every float to 10 us (keeps a run's request file under ~1 MB compressed)."""
+    """``value`` with every float rounded to 10 us (the request files get about half as large)."""
     if isinstance(value, float):
         return round(value, 5)
     if isinstance(value, dict):
