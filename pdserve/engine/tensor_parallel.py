@@ -68,9 +68,9 @@ class TensorParallelModel:
               devices: list[torch.device]) -> TensorParallelModel:
         """Form the ranks' groups (gloo on an in-process store; on GPUs a host rendezvous launching NCCL)
         and ``make`` each rank's share of the model."""
-        size, store = len(devices), dist.HashStore()
-
+        size = len(devices)
         rendezvous = ThreadRendezvous(size) if devices[0].type == "cuda" else None
+        store = dist.HashStore()  # (gloo's; in-process, nothing to set up)
 
         def join(rank: int) -> Any:  # a gloo group's constructor returns once every rank joined
             if rendezvous is None:

@@ -35,10 +35,23 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
-        data = read_profile(path, "profile")
-        model = StepTimeModel.from_dict(data.get("model", data), str(path))
+        return cls.from_dict(read_profile(path, "profile"), str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "profile") -> Profile:
+        """A profile file's contents (``model``, or a bare step-time model, plus the KV figures), and the
+        live ``calibration`` per kind of step when present (``to_dict`` writes it; profile files don't)."""
+        model = StepTimeModel.from_dict(data.get("model", data), source)
+        if data.get("calibration"):
+            model = model.calibrated({StepKind(kind): float(f) for kind, f in data["calibration"].items()})
         return cls(model, float(data.get("kv_bytes_per_token", DEFAULT_KV_BYTES_PER_TOKEN)),
                    float(data.get("kv_transfer_bytes_per_s", DEFAULT_TRANSFER_BYTES_PER_S)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``from_dict`` reads back: the profile file's fields plus the calibration."""
+        return {"model": self.model.to_dict(), "kv_bytes_per_token": self.kv_bytes_per_token,
+                "kv_transfer_bytes_per_s": self.transfer_bytes_per_s,
+                "calibration": {kind.value: factor for kind, factor in self.model.calibration}}
 
 
 @dataclass(frozen=True)

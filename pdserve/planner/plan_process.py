@@ -5,8 +5,8 @@ Contract: :func:`plan_in_subprocess` starts ``python -m pdserve.planner.plan_pro
 interpreter: nothing of the caller's ``__main__`` runs again, unlike a multiprocessing spawn), writes the
 round's inputs to its stdin as JSON, and returns the ``plan(...)`` result it prints; the child lowers its
 priority first. A failed child raises ``RuntimeError`` with its last error lines; a cancelled call kills
-the child. The inputs are the profile (step-time coefficients, live calibration per kind of step, KV
-bytes per token and transfer rate), the workload's requests, the GPU count and the SLOs.
+the child. Inputs: the profile (``Profile.to_dict``: step-time coefficients, live calibration, KV
+figures), the workload's requests, the GPU count and the SLOs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import os
 import sys
 from typing import Any
 
-from pdserve.common.step_model import StepKind, StepTimeModel
 from pdserve.planner.plan import Profile, Workload, plan
 from pdserve.planner.simulate import SimRequest
 
@@ -27,19 +26,14 @@ def encode_round(profile: Profile, workload: Workload, num_gpus: int, *, ttft_sl
                  tpot_slo_s: float) -> bytes:
     """The round's inputs as JSON (what the child reads)."""
     return json.dumps({
-        "model": profile.model.to_dict(),
-        "calibration": {kind.value: profile.model.factor(kind) for kind in StepKind},
-        "kv_bytes_per_token": profile.kv_bytes_per_token, "transfer_bytes_per_s": profile.transfer_bytes_per_s,
-        "workload": workload.name,
+        "profile": profile.to_dict(), "workload": workload.name,
         "requests": [[r.arrival_s, r.prompt_tokens, r.output_tokens] for r in workload.requests],
         "num_gpus": num_gpus, "ttft_slo_s": ttft_slo_s, "tpot_slo_s": tpot_slo_s}).encode()
 
 
 def run_round(data: dict[str, Any]) -> dict[str, Any]:
     """``plan(...)`` on inputs decoded from :func:`encode_round`."""
-    model = StepTimeModel.from_dict(data["model"], "the planner's round").calibrated(
-        {StepKind(kind): float(factor) for kind, factor in data["calibration"].items()})
-    profile = Profile(model, float(data["kv_bytes_per_token"]), float(data["transfer_bytes_per_s"]))
+    profile = Profile.from_dict(data["profile"], "the planner's round")
     workload = Workload(tuple(SimRequest(float(a), int(p), int(o)) for a, p, o in data["requests"]),
                         str(data["workload"]))
     return plan(profile, workload, int(data["num_gpus"]), ttft_slo_s=float(data["ttft_slo_s"]),

@@ -265,7 +265,7 @@ class Router:
         themselves, which is how a split cluster becomes the equivalent of a colocated one)."""
         state = self.registry.get(worker_id)
         peers = [s for s in self.registry.with_role(state.role) if s.worker_id != worker_id and s.routable]
-        if not peers and state.role is not WorkerRole.PREFILL:
+        if not peers and not _may_empty(state.role):
             raise ValueError(f"worker {worker_id} is the last usable {state.role.value} worker: add one first")
         state.draining = True
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
@@ -293,7 +293,7 @@ class Router:
         if self.role_switcher is None:
             raise RuntimeError("no launcher manages this router's workers")
         pool = [s for s in self.registry.with_role(WorkerRole(from_role)) if s.routable and not s.draining]
-        if len(pool) < (1 if from_role == WorkerRole.PREFILL.value else 2):  # the prefill pool may empty
+        if len(pool) < (1 if _may_empty(WorkerRole(from_role)) else 2):
             raise RuntimeError(f"the {from_role} pool has no worker to spare ({len(pool)} usable)")
         chosen = min(pool, key=lambda s: (len(self.table.on_worker(s.worker_id)) + s.assigned_requests, s.worker_id))
         new_id = await asyncio.to_thread(self.role_switcher, chosen.worker_id, to_role, None)
@@ -351,6 +351,12 @@ class Router:
         self._streams.clear()
         self._stream_tasks.clear()
         await self.registry.close()
+
+
+def _may_empty(role: WorkerRole) -> bool:
+    """Whether a pool may lose its last worker while serving: only the prefill pool (decode workers then
+    prefill every prompt themselves)."""
+    return role is WorkerRole.PREFILL
 
 
 def read_tls(config: RouterConfig) -> tuple[bytes, bytes] | None:

@@ -131,7 +131,7 @@ class WorkerHost:
                     "late_prompts": engine.scheduler.num_late_prompts,
                     "step_time_error": engine.step_monitor.summary() if engine.step_monitor else None,
                     "free_blocks": engine.kv.num_free_blocks, "usable_blocks": engine.kv.pool.num_usable_blocks,
-                    "tensor_parallel_ranks": len(getattr(engine.model, "ranks", [engine.model]))}
+                    "tensor_parallel_ranks": engine.tensor_parallel_size}
 
         return {"worker_id": self.worker_id, "role": self.role.name, **self.call_engine(engine_stats),
                 **self.role.stats()}

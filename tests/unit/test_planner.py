@@ -67,6 +67,8 @@ def test_configurations_and_profile_files(tmp_path) -> None:  # noqa: ANN001
     path.write_text(json.dumps({"model": SYNTHETIC.to_dict(), "kv_bytes_per_token": 1000}))
     profile = Profile.load(path)
     assert profile.model == SYNTHETIC and profile.kv_bytes_per_token == 1000
+    calibrated = Profile(SYNTHETIC.calibrated({StepKind.MIXED: 1.3}), 2000, 7e9)
+    assert Profile.from_dict(json.loads(json.dumps(calibrated.to_dict()))) == calibrated  # live factors kept
 
 
 def test_live_calibration_lowers_the_predicted_goodput() -> None:
