@@ -17,6 +17,7 @@ from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches, n
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import SamplingRow
 from pdserve.engine.scheduler import ScheduledChunk
+from pdserve.engine.tensor_parallel import TensorParallelModel
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +53,17 @@ def size_kv_cache(engine) -> int:  # noqa: ANN001 (LLMEngine: avoids an import c
 def profile_activation_bytes(engine) -> int:  # noqa: ANN001
     """Peak transient memory of the largest step: a dummy prefill of ``max_num_batched_tokens``
     tokens into a temporary cache, plus logits and sampling for ``max_num_seqs`` rows; with a margin
-    for CUDA graphs and allocator fragmentation."""
+    for CUDA graphs and allocator fragmentation. Measured on rank 0's GPU (a tensor-parallel model's
+    ranks hold equal shares, and rank 0 also holds the logits)."""
     config, spec = engine.config, engine.spec
     num_tokens = min(config.max_num_batched_tokens, engine.max_model_len - 1)
     temp_kv = KVCacheManager(-(-num_tokens // config.block_size) + 1, config.block_size, False)
     layout = KVCacheLayout(spec.num_layers, temp_kv.pool.num_blocks, config.block_size, spec.num_kv_heads,
                            spec.head_dim, engine.dtype)
     engine.runner.kv_caches = allocate_kv_caches(layout, engine.device)
+    tensor_parallel = engine.model if isinstance(engine.model, TensorParallelModel) else None
+    if tensor_parallel is not None:  # every rank runs the dummy step, each into a temporary cache of its own
+        tensor_parallel.attach_kv_caches(layout, engine.runner.kv_caches)
     torch.cuda.synchronize(engine.device)
     torch.cuda.reset_peak_memory_stats(engine.device)
     base = torch.cuda.memory_allocated(engine.device)
@@ -73,5 +78,7 @@ def profile_activation_bytes(engine) -> int:  # noqa: ANN001
     peak = torch.cuda.max_memory_allocated(engine.device) - base
     del logits
     engine.runner.kv_caches = []
+    if tensor_parallel is not None:
+        tensor_parallel.detach_kv_caches()
     torch.cuda.empty_cache()
     return peak + 256 * 2**20

@@ -19,7 +19,7 @@ for the next step afterwards.
 Lifecycle: ``TensorParallelModel.build(make, devices)`` forms the groups (every rank joins at once, each
 on its own thread; on GPUs a first all-reduce checks them) and builds each rank's share of the weights on
 its device; ``attach_kv_caches(layout, rank0)`` gives ranks past the first their caches once the engine
-sized rank 0's; ``close()`` stops the threads.
+sized rank 0's (and, with ``detach_kv_caches()``, temporary ones for the sizing step); ``close()`` stops the threads.
 
 KV transfer: the per-layer hook (KV streaming) is called for every rank's cache of the layer, indexed
 layer-major, and :meth:`transfer_caches` lists the caches the same way; with workers of different
@@ -93,6 +93,10 @@ class TensorParallelModel:
     def attach_kv_caches(self, layout: KVCacheLayout, rank0: list[torch.Tensor]) -> None:
         """Caches for every rank past the first, shaped like rank 0's (``rank0``), each on its device."""
         self.kv_caches = [rank0] + [allocate_kv_caches(layout, device) for device in self.devices[1:]]
+
+    def detach_kv_caches(self) -> None:
+        """Drop every rank's caches (the engine's start-up sizing runs one step into temporary ones)."""
+        self.kv_caches = [[] for _ in self.ranks]
 
     @property
     def spec(self) -> ModelSpec:

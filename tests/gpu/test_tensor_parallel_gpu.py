@@ -36,3 +36,21 @@ def test_two_gpu_ranks_generate_what_one_gpu_does(kind: str, tmp_path) -> None: 
         expected = [o.token_ids for o in one.generate(prompt_token_ids=prompts, sampling_params=params)]
         got = [o.token_ids for o in two.generate(prompt_token_ids=prompts, sampling_params=params)]
         assert got == expected
+
+
+def test_two_gpu_ranks_size_their_kv_cache_from_gpu_memory(tmp_path) -> None:  # noqa: ANN001
+    """Without ``num_kv_blocks`` the engine sizes its cache by running the largest step into temporary
+    caches: every rank takes part (each into its own), then each keeps a cache of the sized shape."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    make_hf_model("llama31", tmp_path)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 9, 33, 2] * 10, [7] * 3]
+    kwargs = dict(model=str(tmp_path), device="cuda:0", dtype="float32", max_model_len=512, block_size=16,
+                  max_num_seqs=8, max_num_batched_tokens=256, gpu_memory_utilization=0.3)
+    two = LLM(tensor_parallel_size=2, **kwargs)
+    caches = two.engine.model.kv_caches
+    assert caches[0][0].shape == caches[1][0].shape and caches[1][0].device == torch.device("cuda", 1)
+    one = LLM(**kwargs)
+    assert ([o.token_ids for o in two.generate(prompt_token_ids=prompts, sampling_params=params)]
+            == [o.token_ids for o in one.generate(prompt_token_ids=prompts, sampling_params=params)])
