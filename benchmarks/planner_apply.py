@@ -143,7 +143,7 @@ def main() -> None:
             for kind, r in results.items()]
     markdown = "\n".join([
         "# Planner apply mode on a workload that changes halfway", "",
-        f"{info.get('device', 'cpu')} · commit {info['commit']} · {info['date']}", "",
+        f"{info.get('device', 'cpu')} x{info.get('num_gpus', 0)} · commit {info['commit']} · {info['date']}", "",
         f"{args.phase_s:g} s of decode-heavy (128/1024) at {args.rate_decode:g} req/s per GPU, then {args.phase_s:g} s "
         f"of prefill-heavy (2048/128) at {args.rate_prefill:g}; {len(specs)} requests; SLO-aware configurations set "
         f"up for TTFT {args.ttft_slo * 1e3:g} ms, TPOT {args.slo_tpot_ms:g} ms." + (" (smoke: tiny model, lengths / 16)"
