@@ -148,6 +148,17 @@ def attainment(outcomes: Sequence[SimOutcome], ttft_slo_s: float, tpot_slo_s: fl
     return sum(o.meets(ttft_slo_s, tpot_slo_s) for o in outcomes) / len(outcomes) if outcomes else 0.0
 
 
+def simulation(profile: Profile, counts: dict[str, int], *, ttft_slo_s: float, tpot_slo_s: float,
+               colocated_spec: WorkerSpec | None = None, spill: bool = True) -> ClusterSimulation:
+    """A fresh simulation of one configuration as :func:`predict` runs it (see there)."""
+    spec = colocated_spec or WorkerSpec(step_budget_s=tpot_slo_s)
+    decode_spec = WorkerSpec(max_batch_tokens=2048, step_budget_s=tpot_slo_s if spill else None)
+    return ClusterSimulation(profile.model, colocated=counts.get("colocated", 0), prefill=counts.get("prefill", 0),
+                             decode=counts.get("decode", 0), colocated_spec=spec, decode_spec=decode_spec,
+                             spill_ttft_s=ttft_slo_s if spill else None, kv_bytes_per_token=profile.kv_bytes_per_token,
+                             transfer_bytes_per_s=profile.transfer_bytes_per_s)
+
+
 def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttft_slo_s: float, tpot_slo_s: float,
             target: float = 0.9, name: str = "", colocated_spec: WorkerSpec | None = None,
             spill: bool = True) -> Prediction:
@@ -155,16 +166,9 @@ def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttf
     workers budget their steps to the TPOT SLO unless ``colocated_spec`` says otherwise; split pools
     run as pdserve runs them with SLOs set (``spill``): decode workers budget their steps to the TPOT
     SLO and take the prompts the prefill pool would answer too late."""
-    spec = colocated_spec or WorkerSpec(step_budget_s=tpot_slo_s)
-    decode_spec = WorkerSpec(max_batch_tokens=2048, step_budget_s=tpot_slo_s if spill else None)
-
     def simulate(scale: float) -> list[SimOutcome]:
-        sim = ClusterSimulation(profile.model, colocated=counts.get("colocated", 0), prefill=counts.get("prefill", 0),
-                                decode=counts.get("decode", 0), colocated_spec=spec, decode_spec=decode_spec,
-                                spill_ttft_s=ttft_slo_s if spill else None,
-                                kv_bytes_per_token=profile.kv_bytes_per_token,
-                                transfer_bytes_per_s=profile.transfer_bytes_per_s)
-        return sim.run(workload.at(scale))
+        return simulation(profile, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, colocated_spec=colocated_spec,
+                          spill=spill).run(workload.at(scale))
 
     offered = simulate(1.0)
     num_gpus = sum(counts.values())

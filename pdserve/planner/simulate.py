@@ -22,8 +22,8 @@ worker would be faster: queued prompt tokens over the prefill rate of back-to-ba
 queued local prompt tokens over the spare rate its decodes leave within its step budget. A request's TTFT is its first token
 minus its arrival (plus the handoff for remote prefills: the client sees the first token once the
 decode worker has it), its TPOT the mean time per later token. Not modelled: prefix caching, KV
-capacity limits and preemption, the spilling of prompts to decode workers (``auto``), network and
-host overheads beyond the profile's step times.
+capacity limits and preemption, deadline ordering of queued prompts, network and host overheads beyond
+the profile's step times.
 """
 
 from __future__ import annotations
