@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 
 from pdserve.common.config import TINY_RANDOM_MODEL, EngineConfig
-from pdserve.common.errors import ConfigError, InvalidParameterError, PromptTooLongError
+from pdserve.common.errors import ConfigError, InvalidParameterError
 from pdserve.common.outputs import Logprob, RequestDelta, TokenLogprobs
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.attention.selector import select_backend
@@ -46,6 +46,7 @@ from pdserve.engine.model.loader import inspect_model_dir
 from pdserve.engine.model.tiny import ensure_tiny_random
 from pdserve.engine.placement import place_model, prepare_attention
 from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.request_checks import check_resume, encode_prompt, stop_status
 from pdserve.engine.runner import LaunchedStep, ModelRunner
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerPlan
@@ -192,20 +193,7 @@ class LLMEngine:
 
     def encode_prompt(self, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:
         """Validate a prompt (text xor token ids) and return its token ids; raises before any compute."""
-        if (prompt is None) == (prompt_token_ids is None):
-            raise InvalidParameterError("prompt", "give exactly one of a prompt text or prompt token ids")
-        if prompt is not None:
-            if not isinstance(prompt, str):
-                raise InvalidParameterError("prompt", f"must be a string, got {type(prompt).__name__}")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt_token_ids)  # type: ignore[arg-type]
-            self._check_token_ids("prompt_token_ids", ids)
-        if not ids:
-            raise InvalidParameterError("prompt", "the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLongError(len(ids), self.max_model_len)
-        return ids
+        return encode_prompt(self.tokenizer, self.spec.vocab_size, self.max_model_len, prompt, prompt_token_ids)
 
     def add_request(self, request_id: str, prompt: str | None = None, prompt_token_ids: Sequence[int] | None = None,
                     params: SamplingParams | None = None, *, remote_prefill: bool = False,
@@ -220,7 +208,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidParameterError("sampling_params", f"must be SamplingParams, got {type(params).__name__}")
         ids = self.encode_prompt(prompt, prompt_token_ids)
-        resumed = self._check_resume(ids, params, list(resume_token_ids), remote_prefill or prefill_only)
+        resumed = check_resume(ids, params, list(resume_token_ids), remote_prefill or prefill_only,
+                               self.spec.vocab_size, self.max_model_len)
         request = Request(request_id, ids, params, prompt=prompt, remote_prefill=remote_prefill,
                           prefill_only=prefill_only)
         for token_id in resumed:
@@ -238,26 +227,6 @@ class LLMEngine:
             include_stop_str_in_output=params.include_stop_str_in_output)
         self.scheduler.add(request)
         return request
-
-    def _check_token_ids(self, field: str, ids: Sequence[int]) -> None:
-        vocab = self.spec.vocab_size
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise InvalidParameterError(field, f"token id {t!r} is outside the vocabulary [0, {vocab})")
-
-    def _check_resume(self, ids: list[int], params: SamplingParams, resumed: list[int], remote: bool) -> list[int]:
-        if not resumed:
-            return resumed
-        if remote:
-            raise InvalidParameterError("resume_token_ids", "a resumed request is computed on the worker that "
-                                        "resumes it, never prefilled remotely")
-        self._check_token_ids("resume_token_ids", resumed)
-        if params.max_tokens is not None and len(resumed) >= params.max_tokens:
-            raise InvalidParameterError("resume_token_ids", f"{len(resumed)} tokens already reach max_tokens "
-                                        f"({params.max_tokens})")
-        if len(ids) + len(resumed) >= self.max_model_len:
-            raise PromptTooLongError(len(ids) + len(resumed), self.max_model_len)
-        return resumed
 
     def abort_request(self, request_id: str) -> RequestDelta | None:
         """Stop a request and free its blocks; returns its final delta, or None if it is unknown."""
@@ -387,7 +356,7 @@ class LLMEngine:
             assert request.logprobs is not None
             request.logprobs.append(logprobs)
         stop_string = self._detokenizers[request.request_id].push([token_id])
-        status = self._stop_status(request, token_id, stop_string)
+        status = stop_status(request, token_id, stop_string, self.eos_token_ids, self.max_model_len)
         if request.prefill_only:
             self.scheduler.finish(request, status or RequestStatus.FINISHED_STOPPED, free_blocks=False)
             self._held[request.request_id] = request
@@ -456,21 +425,6 @@ class LLMEngine:
     @property
     def num_held_requests(self) -> int:
         return len(self._held)
-
-    def _stop_status(self, request: Request, token_id: int, stop_string: str | None) -> RequestStatus | None:
-        params = request.params
-        if stop_string is not None:
-            request.stop_reason = stop_string
-            return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens > params.min_tokens:  # the sampler blocks EOS/stop ids before
-            if not params.ignore_eos and token_id in self.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-            if token_id in params.stop_token_ids:
-                request.stop_reason = token_id
-                return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= params.max_tokens or request.num_known_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def _finalize(self, request: Request, new_ids: list[int], logprobs: TokenLogprobs | None) -> RequestDelta:
         finished = request.is_finished
