@@ -7,8 +7,9 @@ thread with the same inputs, runs rank 0 on the caller's thread, and returns ran
 once all finished launching; the ranks meet in the all-reduces of their row-parallel projections
 (:mod:`pdserve.engine.model.parallel`): over gloo on the CPU, over NCCL on GPUs (rank r on its own GPU;
 the ranks meet on the host and one of them launches the all-reduce for all:
-:mod:`pdserve.engine.thread_collectives`). The LM head is replicated, so logits and sampling stay on
-rank 0.
+:mod:`pdserve.engine.thread_collectives`). The embedding and the LM head are split by vocabulary;
+``compute_logits`` runs on every rank the same way, each computing its share, gathered on all of them;
+sampling runs on rank 0.
 
 On GPUs a rank past the first copies the step's inputs from rank 0's GPU to its own, on a stream that
 first waits for an event rank 0 recorded after writing them (peer copies, NVLink); nothing waits on the
@@ -104,8 +105,9 @@ class TensorParallelModel:
         return self.ranks[0].spec
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Rank 0's logits: the LM head is replicated."""
-        return self.ranks[0].compute_logits(hidden)
+        """The full logits, on rank 0's device: every rank computes its vocabulary rows from a copy of
+        rank 0's ``hidden`` (the LM head is split by vocabulary, :mod:`pdserve.engine.model.parallel`)."""
+        return self._on_every_rank(lambda rank, device: self.ranks[rank].compute_logits(hidden.to(device)))
 
     def __getattr__(self, name: str) -> Any:  # full_spec, named_parameters ...: rank 0's (benchmarks, tests)
         return getattr(self.ranks[0], name)
@@ -137,35 +139,45 @@ class TensorParallelModel:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  metadata: AttentionMetadata) -> torch.Tensor:
+        def forward(rank: int, device: torch.device) -> torch.Tensor:
+            if rank == 0:
+                return self.ranks[0](input_ids, positions, kv_caches, metadata)
+            return self.ranks[rank](input_ids.to(device), positions.to(device), self.kv_caches[rank],
+                                    metadata_on(metadata, device))
+
+        return self._on_every_rank(forward)
+
+    def _on_every_rank(self, work: Callable[[int, torch.device], torch.Tensor]) -> torch.Tensor:
+        """Run ``work(rank, device)`` for every rank at once (ranks past the first on their threads, after
+        rank 0's stream reached this point, so their copies from rank 0's GPU read finished inputs) and
+        return rank 0's result once every rank finished launching. A rank that fails aborts the
+        rendezvous, so the others leave their all-reduce instead of waiting."""
         inputs_ready = None
         if self.devices[0].type == "cuda":
             inputs_ready = torch.cuda.Event()
             inputs_ready.record(torch.cuda.current_stream(self.devices[0]))
-        others = [self._pool.submit(self._forward_rank, rank, input_ids, positions, metadata, inputs_ready)
-                  for rank in range(1, len(self.ranks))]
+        others = [self._pool.submit(self._run_rank, rank, work, inputs_ready) for rank in range(1, len(self.ranks))]
         try:
-            hidden = self.ranks[0](input_ids, positions, kv_caches, metadata)
+            return work(0, self.devices[0])
         except BaseException:
             if self._rendezvous is not None:
-                self._rendezvous.abort()  # the other ranks leave their all-reduce (and fail) instead of waiting
+                self._rendezvous.abort()
             raise
         finally:
             for future in others:
                 future.result()
-        return hidden
 
-    def _forward_rank(self, rank: int, input_ids: torch.Tensor, positions: torch.Tensor,
-                      metadata: AttentionMetadata, inputs_ready: torch.cuda.Event | None) -> None:
+    def _run_rank(self, rank: int, work: Callable[[int, torch.device], torch.Tensor],
+                  inputs_ready: torch.cuda.Event | None) -> None:
         device = self.devices[rank]
         try:
             with torch.inference_mode(), on_device(device):
                 if inputs_ready is not None:  # the peer copies run on this thread's stream of rank 0's GPU
                     torch.cuda.current_stream(self.devices[0]).wait_event(inputs_ready)
-                self.ranks[rank](input_ids.to(device), positions.to(device), self.kv_caches[rank],
-                                 metadata_on(metadata, device))
+                work(rank, device)
         except BaseException:
             if self._rendezvous is not None:
-                self._rendezvous.abort()  # rank 0 (and the others) leave their all-reduce instead of waiting
+                self._rendezvous.abort()
             raise
 
     def close(self) -> None:

@@ -35,6 +35,24 @@ def test_two_ranks_generate_what_one_does(kind: str, tmp_path) -> None:  # noqa:
     assert outputs[2] == outputs[1]
 
 
+def test_vocabulary_split_unevenly_over_ranks(tmp_path) -> None:  # noqa: ANN001
+    """A vocabulary of 321 over two ranks: rank 0 holds ids 0-160 of the embedding and the LM head,
+    rank 1 ids 161-320; lookups and logits of ids on either side equal the unsplit model's."""
+    make_hf_model("llama31", tmp_path, vocab_size=321)
+    prompts = [[3, 160, 161, 320, 200, 7], [319, 161, 160, 0]]
+    outputs = {}
+    for tp in (1, 2):
+        llm = LLM(model=str(tmp_path), device="cpu", max_model_len=64, num_kv_blocks=32, tensor_parallel_size=tp)
+        outputs[tp] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)]
+        if tp == 2:
+            ranks = llm.engine.model.ranks
+            assert [r.model.embed_tokens.weight.shape[0] for r in ranks] == [161, 160]
+            assert [r.lm_head.weight.shape[0] for r in ranks] == [161, 160]
+            logits = llm.engine.model.compute_logits(torch.randn(3, ranks[0].spec.hidden_size))
+            assert logits.shape == (3, 321)
+    assert outputs[2] == outputs[1]
+
+
 def test_splits_that_do_not_divide_are_refused(tmp_path) -> None:  # noqa: ANN001
     make_hf_model("llama31", tmp_path)  # 4 heads, 2 KV heads, MLP 160
     with pytest.raises(ConfigError, match="3 ranks cannot split 4 attention heads"):

@@ -28,7 +28,7 @@ from pdserve.engine.attention.backend import AttentionBackend
 from pdserve.engine.attention.metadata import AttentionMetadata
 from pdserve.engine.model.hf_config import ModelSpec
 from pdserve.engine.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
-from pdserve.engine.model.parallel import SINGLE, RowParallelLinear, TensorParallel
+from pdserve.engine.model.parallel import SINGLE, RowParallelLinear, TensorParallel, VocabParallelEmbedding
 
 
 class Attention(nn.Module):
@@ -98,7 +98,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, spec: ModelSpec, backend: AttentionBackend, o_proj_bias: bool, tp: TensorParallel) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(spec, backend, o_proj_bias, tp) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -116,8 +116,8 @@ class DecoderForCausalLM(nn.Module):
         self.spec = spec = tp.local_spec(spec)  # this rank's heads and MLP width (all of them with one rank)
         o_bias = spec.attention_bias and self.o_proj_bias_follows_attention_bias
         self.model = DecoderModel(spec, backend, o_bias, tp)
-        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size,
-                                                                       bias=False)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(
+            spec.hidden_size, len(tp.vocab_rows(spec.vocab_size)), bias=False)  # this rank's vocabulary rows
         self.rotary = RotaryEmbedding(spec.rope, spec.head_dim)
         self.layer_hook: Callable[[int, torch.Tensor], None] | None = None
         """Called as ``hook(layer_index, kv_cache)`` after each layer wrote its KV (KV streaming)."""
@@ -150,9 +150,10 @@ class DecoderForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[rows, vocab_size]`` for the given final hidden states."""
+        """Float32 logits ``[rows, vocab_size]`` for the given final hidden states (with several ranks,
+        every rank calls this at once: each computes its vocabulary rows, and all get every row)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self.tp.gather_vocab(F.linear(hidden, weight), self.spec.vocab_size).float()
 
     # ---- weights -------------------------------------------------------------------------------
 

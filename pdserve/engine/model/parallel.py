@@ -4,9 +4,12 @@ Megatron-style: the projections that widen (``q/k/v_proj``, ``gate/up_proj``) ar
 (column-parallel: each rank computes its heads and its share of the MLP), the ones that narrow
 (``o_proj``, ``down_proj``) by input columns (row-parallel: each rank's partial sum is all-reduced,
 then the bias added once). Attention heads are split evenly; KV heads too when there are at least as
-many as ranks, else each rank keeps the one KV head its query heads read (replicated). Embeddings,
-norms and the LM head are replicated (every rank holds the whole vocabulary: simple, and the logits
-need no gather).
+many as ranks, else each rank keeps the one KV head its query heads read (replicated). The embedding
+and the LM head are split by vocabulary rows (``vocab_rows``: consecutive ids, the last rank's share
+shorter when the vocabulary does not divide): a rank looks up the ids it holds and the ranks' rows are
+all-reduced; a rank computes the logits of its ids, and ``gather_vocab`` assembles every rank's into
+the full vocabulary (an all-reduce of zero-padded rows: each element has one non-zero term, so it is
+exact in any dtype). Norms are replicated.
 
 :class:`TensorParallel` is one rank's view: ``rank``, ``size`` and the process group its all-reduces
 run on (gloo on CPU, NCCL on GPUs; ``None`` for one rank). ``local_spec`` is the model shape a rank
@@ -29,6 +32,8 @@ from pdserve.engine.model.hf_config import ModelSpec
 #: Checkpoint sub-names split by output rows, and those split by input columns (weights only).
 COLUMN_PARALLEL = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "mlp.gate_proj.", "mlp.up_proj.")
 ROW_PARALLEL = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+#: Checkpoint names split by vocabulary rows.
+VOCAB_PARALLEL = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class TensorParallel:
             problems.append(f"{spec.num_kv_heads} KV heads (neither a multiple nor a divisor of it)")
         if spec.intermediate_size % self.size:
             problems.append(f"an MLP width of {spec.intermediate_size}")
+        if spec.vocab_size < self.size:
+            problems.append(f"a vocabulary of {spec.vocab_size}")
         if problems:
             raise ConfigError("tensor_parallel_size", f"{self.size} ranks cannot split {', '.join(problems)}")
 
@@ -66,10 +73,18 @@ class TensorParallel:
         index = self.rank * spec.num_kv_heads // self.size
         return range(index, index + 1)
 
+    def vocab_rows(self, vocab_size: int) -> range:
+        """The token ids whose embedding and LM-head rows this rank holds."""
+        per = -(-vocab_size // self.size)
+        return range(min(vocab_size, self.rank * per), min(vocab_size, (self.rank + 1) * per))
+
     def shard(self, name: str, tensor: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
         """This rank's slice of checkpoint tensor ``name`` of the full model ``spec``."""
         if self.size == 1:
             return tensor
+        if name in VOCAB_PARALLEL:
+            rows = self.vocab_rows(spec.vocab_size)
+            return tensor.narrow(0, rows.start, len(rows))
         if any(part in name for part in ("self_attn.k_proj.", "self_attn.v_proj.")):
             heads = self.kv_heads(spec)
             return tensor.narrow(0, heads.start * spec.head_dim, len(heads) * spec.head_dim)
@@ -86,7 +101,35 @@ class TensorParallel:
         return tensor
 
 
+    def gather_vocab(self, local: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Every rank's columns of ``local`` (``[rows, len(vocab_rows)]``) as ``[rows, vocab_size]``."""
+        if self.size == 1:
+            return local
+        full = local.new_zeros(local.shape[0], vocab_size)
+        rows = self.vocab_rows(vocab_size)
+        full[:, rows.start:rows.stop] = local
+        return self.all_reduce(full)
+
+
 SINGLE = TensorParallel()
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """``nn.Embedding`` over this rank's vocabulary rows: ids outside them give zeros here, and the
+    ranks' lookups are summed. With one rank it is ``nn.Embedding``."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel) -> None:
+        self.rows = tp.vocab_rows(vocab_size)
+        super().__init__(len(self.rows), hidden_size)
+        self.tp = tp
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(input_ids)
+        local = input_ids - self.rows.start
+        held = (local >= 0) & (local < len(self.rows))
+        out = F.embedding(local.clamp(0, len(self.rows) - 1), self.weight) * held.unsqueeze(-1).to(self.weight.dtype)
+        return self.tp.all_reduce(out)
 
 
 class RowParallelLinear(nn.Linear):
