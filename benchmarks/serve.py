@@ -27,8 +27,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
-import math
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -38,13 +36,14 @@ from benchmarks.common import (
     LLAMA31_8B,
     RESULTS,
     device_slug,
-    markdown_table,
     run_info,
     write_model_dir,
     write_results,
 )
+from benchmarks.serving.handoff import breakdown
 from benchmarks.serving.loadgen import client_capacity, client_stream, run_schedule
-from benchmarks.serving.metrics import goodput, summarize
+from benchmarks.serving.metrics import summarize
+from benchmarks.serving.report import goodput_table, ms, plot, render
 from benchmarks.serving.workload import (
     PRESETS,
     RequestSpec,
@@ -125,57 +124,6 @@ async def run_point(address: str, specs: list[RequestSpec], offsets: list[float]
     return summary
 
 
-#: The phases of a remote prefill, from the workers' own timestamps: (name, start key, end key), each key
-#: read from the prefill ("p") or decode ("d") worker's record of the request.
-PHASES = (("zone_wait_ms", ("d", "submitted_at"), ("d", "zone_at")),  # decode: Submit -> landing zone exists
-          ("prefill_queue_ms", ("p", "received_at"), ("p", "first_step_started_at")),
-          ("prefill_ms", ("p", "first_step_started_at"), ("p", "forward_done_at")),
-          ("kv_landing_ms", ("p", "forward_done_at"), ("d", "landed_at")),  # last bytes + completion callback
-          # kv_landing in four parts: the prefill engine reaching finish(); the transport's last writes and
-          # its FINISH push; FINISH reaching the receiver; the receiver's completion callback
-          ("finish_call_ms", ("p", "forward_done_at"), ("p", "finish_called_at")),
-          ("finish_push_ms", ("p", "finish_called_at"), ("p", "finish_pushed_at")),
-          ("finish_delivery_ms", ("p", "finish_pushed_at"), ("d", "finish_received_at")),
-          ("completion_ms", ("d", "finish_received_at"), ("d", "landed_at")),
-          ("admit_wait_ms", ("d", "landed_at"), ("d", "admitted_at")),  # callback -> engine thread took it in
-          ("transfer_exposed_ms", ("p", "forward_done_at"), ("d", "admitted_at")))
-
-
-def breakdown(timings: dict[str, list[dict[str, Any]]], run_id: str,
-              records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Median, p90 and p99 per phase (ms) of the remote prefills of one run, from the workers' own timestamps;
-    with the run's ``records``, how many prompts were prefilled remotely and the TTFT p50/p99 of the
-    remote and the local ones."""
-    prefix = f"{run_id}-"
-    prefill = {t["request_id"]: t for t in timings.get("prefill", []) if t["request_id"].startswith(prefix)}
-    decode = {t["request_id"]: t for t in timings.get("decode", []) if t["request_id"].startswith(prefix)}
-    phases: dict[str, list[float]] = {name: [] for name, _, _ in PHASES}
-    for rid, p in prefill.items():
-        sides = {"p": p, "d": decode.get(rid, {})}
-        for name, (a_side, a_key), (b_side, b_key) in PHASES:
-            a, b = sides[a_side].get(a_key), sides[b_side].get(b_key)
-            if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
-                phases[name].append((b - a) * 1e3)
-    out: dict[str, Any] = {}
-    for name, values in phases.items():
-        values.sort()
-        out[name] = round(statistics.median(values), 2) if values else None
-        for q in (90, 99):
-            out[name.replace("_ms", f"_p{q}_ms")] = round(values[int(q / 100 * (len(values) - 1))], 2) if values else None
-    if records is not None:
-        ttft = {"remote": [], "local": []}
-        for r in records:
-            if r.get("ttft_s") is not None:
-                ttft["remote" if f"{prefix}{r['index']}" in prefill else "local"].append(r["ttft_s"])
-        out["remote_prefills"] = len(ttft["remote"])
-        out["local_prefills"] = len(ttft["local"])
-        for kind, values in ttft.items():
-            values.sort()
-            for q in (50, 99):
-                out[f"ttft_{kind}_p{q}_ms"] = round(values[int(q / 100 * (len(values) - 1))] * 1e3, 1) if values else None
-    return out
-
-
 def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos: list[tuple[float, float]]
                       ) -> dict[str, Any]:
     import ray
@@ -219,8 +167,8 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                         dashboard[run_id] = dashboard_snapshot(cluster.http_url)
                     print(f"{kind:9s} {workload:13s} rate/GPU {rate:6.2f}: " + ", ".join(
                         f"{k} {v:.2f}" for k, v in summary["slo_attainment"].items())
-                        + f" | TTFT p50/p99 {_ms(summary['ttft_s']['p50'])}/{_ms(summary['ttft_s']['p99'])} ms"
-                        f" TPOT p50/p99 {_ms(summary['tpot_s']['p50'])}/{_ms(summary['tpot_s']['p99'])} ms"
+                        + f" | TTFT p50/p99 {ms(summary['ttft_s']['p50'])}/{ms(summary['ttft_s']['p99'])} ms"
+                        f" TPOT p50/p99 {ms(summary['tpot_s']['p50'])}/{ms(summary['tpot_s']['p99'])} ms"
                         f" errors {summary['errors']}", flush=True)
                     _checkpoint(kind, workload, points)
             results["workloads"][workload] = points
@@ -228,8 +176,8 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                 p = points[-1]
                 print(f"{kind:9s} trace rate/GPU {p['rate_per_gpu']:.2f}: " + ", ".join(
                     f"{k} {v:.2f}" for k, v in p["slo_attainment"].items())
-                    + f" | TTFT p50/p99 {_ms(p['ttft_s']['p50'])}/{_ms(p['ttft_s']['p99'])} ms"
-                    f" TPOT p50/p99 {_ms(p['tpot_s']['p50'])}/{_ms(p['tpot_s']['p99'])} ms", flush=True)
+                    + f" | TTFT p50/p99 {ms(p['ttft_s']['p50'])}/{ms(p['ttft_s']['p99'])} ms"
+                    f" TPOT p50/p99 {ms(p['tpot_s']['p50'])}/{ms(p['tpot_s']['p99'])} ms", flush=True)
                 _checkpoint(kind, workload, points)
         timings = {w.role: ray.get(w.actor.timings.remote()) for w in cluster.workers}
         results["worker_stats"] = cluster.worker_stats()
@@ -303,97 +251,6 @@ def _rounded(value: Any) -> Any:
     if isinstance(value, list):
         return [_rounded(v) for v in value]
     return value
-
-
-def goodput_table(all_results: dict[str, Any], slos: list[tuple[float, float]]) -> list[dict[str, Any]]:
-    rows = []
-    for kind, res in all_results.items():
-        for workload, points in res["workloads"].items():
-            if workload == "trace":
-                continue
-            for key in points[0]["slo_attainment"]:
-                pts = [(p["rate_per_gpu"], p["slo_attainment"][key]) for p in points]
-                rows.append({"config": kind, "workload": workload, "slo": key, "goodput_per_gpu": round(goodput(pts), 2)})
-    return rows
-
-
-def plot(all_results: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
-    panels = [(w, key) for w, pts in next(iter(all_results.values()))["workloads"].items() if w != "trace"
-              for key in pts[0]["slo_attainment"]]
-    if not panels:
-        return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for ax, (workload, key) in zip(axes[0], panels):
-        for kind, res in all_results.items():
-            pts = res["workloads"].get(workload, [])
-            ax.plot([p["rate_per_gpu"] for p in pts], [p["slo_attainment"][key] * 100 for p in pts], marker="o",
-                    label=kind)
-        ax.axhline(90, color="gray", linestyle="--", linewidth=0.8)
-        ax.set_title(f"{workload}\n{key}", fontsize=9)
-        ax.set_xlabel("request rate per GPU (req/s)")
-        ax.set_ylabel("SLO attainment (%)")
-        ax.set_ylim(0, 105)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
-    lines = ["# Serving benchmark: disaggregated (1P1D) vs colocated, same GPUs", "",
-             f"{info.get('device')} x{info.get('num_gpus')} · commit {info['commit']} · {info['date']}", "",
-             f"Settings: {json.dumps(payload['settings'])}", "", "## Goodput (req/s per GPU, >= 90% meeting both SLOs)",
-             "", markdown_table(["config", "workload", "SLO", "goodput/GPU"],
-                                [list(r.values()) for r in payload["goodput"]])]
-    rows = []
-    for kind, res in payload["results"].items():
-        for workload, points in res["workloads"].items():
-            for p in points:
-                rows.append([kind, workload, round(p["rate_per_gpu"], 2), round(p["request_throughput"], 2),
-                             _ms(p["ttft_s"]["p50"]), _ms(p["ttft_s"]["p99"]), _ms(p["tpot_s"]["p50"]),
-                             _ms(p["tpot_s"]["p99"]), _ms(p["itl_s"]["p99"]),
-                             " / ".join(f"{v:.2f}" for v in p["slo_attainment"].values()),
-                             p["breakdown"].get("prefill_queue_ms"), p["breakdown"].get("prefill_ms"),
-                             p["breakdown"].get("transfer_exposed_ms"), p["errors"]])
-    lines += ["## Every point", "", markdown_table(
-        ["config", "workload", "rate/GPU", "req/s", "TTFT p50 ms", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p99",
-         "attainment (per SLO)", "prefill queue ms", "prefill ms", "transfer exposed ms", "errors"], rows),
-        f"Client capacity (no server): {json.dumps(payload['client_capacity'])}", ""]
-    phase_rows = [[kind, workload, round(p["rate_per_gpu"], 2), p["breakdown"].get("remote_prefills"),
-                   p["breakdown"].get("local_prefills"), p["breakdown"].get("ttft_remote_p50_ms"),
-                   p["breakdown"].get("ttft_remote_p99_ms"), p["breakdown"].get("ttft_local_p50_ms"),
-                   p["breakdown"].get("ttft_local_p99_ms"),
-                   *(" / ".join(str(p["breakdown"].get(n.replace("_ms", suffix))) for suffix in ("_ms", "_p90_ms", "_p99_ms"))
-                     for n, _, _ in PHASES)]
-                  for kind, res in payload["results"].items() for workload, points in res["workloads"].items()
-                  for p in points if p["breakdown"].get("remote_prefills")]
-    if phase_rows:
-        lines += ["## Where a remote prefill's time goes (ms, p50 / p90 / p99, workers' clocks)", "", markdown_table(
-            ["config", "workload", "rate/GPU", "remote", "local", "TTFT remote p50", "TTFT remote p99",
-             "TTFT local p50", "TTFT local p99", *(n.removesuffix("_ms").replace("_", " ") for n, _, _ in PHASES)],
-            phase_rows), ""]
-    stats = [[kind, s["worker_id"], s["role"], s.get("remote_prefills", ""), s["prompt_tokens_computed"],
-              s.get("budget_cut_chunks", ""), s.get("late_prompts", ""),
-              (s.get("step_time_error") or {}).get("abs_error_p50", ""),
-              " / ".join(str(v) for v in ((s.get("step_time_error") or {}).get("calibration") or {}).values())]
-             for kind, res in payload["results"].items() for s in res.get("worker_stats", [])]
-    if stats:
-        lines += ["## Workers at the end of each configuration (warm-up included)", "",
-                  markdown_table(["config", "worker", "role", "prompts prefilled remotely", "prompt tokens computed",
-                                  "chunks cut to the step budget", "prompts predicted late",
-                                  "step-time model error p50", "calibration decode / mixed / prefill"], stats)]
-    return "\n".join(lines)
-
-
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v * 1e3:.1f}"
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ import asyncio
 
 import ray
 
-from benchmarks.serve import PHASES, breakdown, run_point
+from benchmarks.serve import run_point
+from benchmarks.serving.handoff import PHASES, breakdown
 from benchmarks.serving.workload import fixed_workload, poisson_schedule
 from tests.e2e.cluster_support import start_cluster
 
