@@ -91,6 +91,20 @@ def resolve_model_dir(model: str) -> Path:
     return ensure_tiny_random() if model == TINY_RANDOM_MODEL else Path(model).expanduser()
 
 
+def between_layers(layer_hook: Callable[[int, torch.Tensor], None] | None,
+                   launch_hook: Callable[[], None] | None) -> Callable[[int, torch.Tensor], None] | None:
+    """The per-layer hook of one step: the role's (KV streaming), then the engine loop's."""
+    if launch_hook is None:
+        return layer_hook
+
+    def hook(index: int, kv_cache: torch.Tensor) -> None:
+        if layer_hook is not None:
+            layer_hook(index, kv_cache)
+        launch_hook()
+
+    return hook
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -150,6 +164,10 @@ class LLMEngine:
         # called with "is the step done?" while a step's tokens are awaited (the engine loop serves
         # urgent calls there); it must return by the time the step is done, and never step the engine
         self.device_wait_hook: Callable[[Callable[[], bool]], None] | None = None
+        # called between layers while a step is launched eagerly (and after a graph replay is queued):
+        # the same urgent calls may run there, under the same rule -- they never step the engine and
+        # touch no request of the step being launched (its inputs are already packed)
+        self.launch_hook: Callable[[], None] | None = None
         self.step_hooks: StepHooks | None = None
         self._slow_steps = SlowStepWatch()
         # steps measured so far and their device seconds, per kind (telemetry)
@@ -306,7 +324,8 @@ class LLMEngine:
 
     def _launch(self, plan: SchedulerPlan) -> LaunchedStep:
         hooks = self.step_hooks
-        self.model.layer_hook = hooks.before_forward(plan) if hooks is not None else None
+        self.model.layer_hook = between_layers(hooks.before_forward(plan) if hooks is not None else None,
+                                               self.launch_hook)
         try:
             launched = self.runner.launch(plan, timed=True)  # two CUDA events: telemetry and the step model
         finally:

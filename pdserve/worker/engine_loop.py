@@ -5,8 +5,10 @@ Lifecycle: ``start()`` -> ``call(fn)`` from any thread (returns a ``concurrent.f
 runs on the engine thread between steps) -> ``stop()``. ``call(fn, urgent=True)`` marks a call that may
 also run *inside* a step, while the engine waits for the device to finish it, once a role enabled that
 with :meth:`EngineLoop.run_urgent_calls_mid_step` (the decode role: a request whose KV landed gets its
-first token out without waiting for the step in flight). An urgent call must only change requests that
-are not in the step in flight (e.g. admit a ``WAITING_FOR_KV`` request) and never step the engine.
+first token out without waiting for the step in flight), and between the layers of a step the engine
+launches eagerly (a long prompt chunk's launch alone can take tens of milliseconds of host time). An
+urgent call must only change requests that are not in the step in flight or being launched (e.g. admit
+a ``WAITING_FOR_KV`` request) and never step the engine.
 
 After every step that produced deltas or new
 landing zones, and for deltas a role emits itself (``emit``), the one ``on_step`` callback receives a
@@ -101,9 +103,16 @@ class EngineLoop:
     def run_urgent_calls_mid_step(self, wanted: Callable[[], bool]) -> None:
         """From now on, while the engine waits for a step on the device and ``wanted()`` is true (asked
         on the engine thread as it waits: e.g. "a transfer is in flight"), urgent calls run as they
-        arrive, at the cost of polling the device every ``MID_STEP_POLL_S`` meanwhile."""
+        arrive, at the cost of polling the device every ``MID_STEP_POLL_S`` meanwhile; and those queued
+        run between the layers of a step being launched."""
         self._mid_step_wanted = wanted
         self.engine.device_wait_hook = self._serve_urgent_calls
+        self.engine.launch_hook = self._run_urgent_calls_now
+
+    def _run_urgent_calls_now(self) -> None:
+        """Engine thread, between the layers of a step being launched: run the urgent calls queued."""
+        if not self._urgent_calls.empty():
+            self._run_calls(self._urgent_calls)
 
     def _serve_urgent_calls(self, done: Callable[[], bool]) -> None:
         """Engine thread, inside a step: run urgent calls until the device is ``done`` with the step (or

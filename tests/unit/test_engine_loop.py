@@ -51,3 +51,45 @@ def test_a_queued_urgent_call_runs_even_when_none_is_wanted_any_more() -> None:
     future = loop.call(lambda e: "admitted", urgent=True)
     engine.device_wait_hook(lambda: False)
     assert future.result(timeout=0) == "admitted"
+
+
+def test_urgent_calls_run_between_the_layers_of_a_step_being_launched() -> None:
+    """On a real engine (CPU, where a step's launch is its computation): an urgent call queued while a
+    step is launched runs between its layers, before the launch returns; a request it adds there (not
+    part of that step) and the requests of the step generate what they generate without it."""
+    from pdserve import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = {"a": [5, 6, 7, 8, 9], "b": [11, 12, 13]}
+    reference = LLM(model="tiny-random", num_kv_blocks=64).generate(
+        prompt_token_ids=list(prompts.values()), sampling_params=params)
+    engine = LLM(model="tiny-random", num_kv_blocks=64).engine
+    loop = EngineLoop(engine, on_step=lambda output: None)
+    loop.run_urgent_calls_mid_step(lambda: True)
+    engine.add_request("a", prompt_token_ids=prompts["a"], params=params)
+    layers: list[int] = []
+    admitted: list[int] = []
+
+    class QueueAtFirstLayer:  # stands in for a KV transfer landing while the step is launched
+        def before_forward(self, plan: Any) -> Any:
+            if admitted:
+                return None
+
+            def hook(index: int, kv_cache: Any) -> None:
+                layers.append(index)
+                if index == 0:
+                    loop.call(lambda e: (admitted.append(layers[-1]),
+                                         e.add_request("b", prompt_token_ids=prompts["b"], params=params)),
+                              urgent=True)
+            return hook
+
+        def after_forward(self, plan: Any) -> None:
+            pass
+
+    engine.step_hooks = QueueAtFirstLayer()
+    outputs: dict[str, list[int]] = {"a": [], "b": []}
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            outputs[delta.request_id] += delta.new_token_ids
+    assert admitted == [0] and len(layers) == engine.spec.num_layers  # ran at layer 0, mid-launch
+    assert [outputs["a"], outputs["b"]] == [list(o.token_ids) for o in reference]
