@@ -100,7 +100,6 @@ class TensorParallel:
             self.group.allreduce([tensor]).wait()
         return tensor
 
-
     def gather_vocab(self, local: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """Every rank's columns of ``local`` (``[rows, len(vocab_rows)]``) as ``[rows, vocab_size]``."""
         if self.size == 1:
