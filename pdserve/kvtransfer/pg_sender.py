@@ -12,7 +12,8 @@ append messages to an in-memory queue and return; the thread drains it in order:
   when a split message's blocks are contiguous) and ``group.send`` them; on NCCL, messages whose
   layers are already computed when the plan is made go in coalesced launches the plan announces
   (:func:`~pdserve.kvtransfer.plan.coalesce_ready`);
-* FINISH / CANCEL: push the header (FINISH carries the completion payload ints);
+* FINISH / CANCEL: push the header (FINISH carries the completion payload ints); a FINISH is queued
+  ahead of later transfers' LAYERs (:func:`finish_position`);
 * CLOSE (from :meth:`close`): push it and stop.
 
 Gloo sends complete synchronously (``work.wait(op_timeout)``). NCCL sends are stream-ordered: the
@@ -148,7 +149,10 @@ class ProcessGroupSender(SenderCore):
 
     def _submit(self, message: OutgoingMessage) -> None:
         with self._cond:
-            self._queue.append(message)
+            if message.header.kind is MessageKind.FINISH:
+                self._queue.insert(finish_position(self._queue, message.header.transfer_id), message)
+            else:
+                self._queue.append(message)
             self._cond.notify()
 
     def close(self) -> None:
@@ -344,6 +348,19 @@ class ProcessGroupSender(SenderCore):
             self._inflight_bytes -= sum(p.numel() * p.element_size() for p in oldest.payloads)
             for m in oldest.messages:
                 self._message_done(m)
+
+
+def finish_position(queue: collections.deque[OutgoingMessage], transfer_id: int) -> int:
+    """Where a transfer's FINISH joins the queue: right after the last message of that transfer still
+    queued (the receiver must have its LAYERs announced first), ahead of the LAYERs of later transfers
+    queued since, never ahead of another control message. A prefill worker queues its next step's layers
+    before the previous prompt's FINISH (whose first token waits for that step's launch): behind them, the
+    FINISH waited for their announcement and sends, up to the whole next forward pass."""
+    for index in range(len(queue) - 1, -1, -1):
+        header = queue[index].header
+        if header.transfer_id == transfer_id or header.kind is not MessageKind.LAYER:
+            return index + 1
+    return 0
 
 
 def _splittable(message: OutgoingMessage) -> bool:

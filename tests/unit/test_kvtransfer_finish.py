@@ -84,3 +84,22 @@ def test_a_finished_transfer_does_not_wait_behind_an_older_one_from_another_chan
         assert receiver.wait(handles[0], timeout=2.0) is TransferState.DONE
     finally:
         receiver.close()
+
+
+def test_a_finish_is_queued_after_its_own_layers_and_ahead_of_later_transfers() -> None:
+    """The sender's queue: a FINISH goes right after its transfer's last queued LAYER (or first, when all
+    were taken), ahead of the next prompt's LAYERs, but never ahead of another control message."""
+    from collections import deque
+
+    from pdserve.kvtransfer.pg_sender import finish_position
+    from pdserve.kvtransfer.sending import OutgoingMessage
+
+    def queue(*items: tuple[MessageKind, int]) -> deque[OutgoingMessage]:
+        return deque(OutgoingMessage(Header(kind, transfer_id)) for kind, transfer_id in items)
+
+    layer, cancel = MessageKind.LAYER, MessageKind.CANCEL
+    assert finish_position(queue(), 1) == 0
+    assert finish_position(queue((layer, 2), (layer, 2)), 1) == 0  # every layer of 1 already announced
+    assert finish_position(queue((layer, 1), (layer, 2), (layer, 2)), 1) == 1
+    assert finish_position(queue((layer, 1), (layer, 2), (layer, 1), (layer, 2)), 1) == 3
+    assert finish_position(queue((cancel, 3), (layer, 2)), 1) == 1  # behind a queued control message
