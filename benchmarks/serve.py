@@ -117,11 +117,43 @@ async def run_point(address: str, specs: list[RequestSpec], offsets: list[float]
     from pdserve.client import AsyncClient
 
     async with AsyncClient(address, timeout=600) as client:
-        records, duration, wall_start = await run_schedule(client_stream(client, run_id), specs, offsets, label=run_id)
+        sampler = asyncio.create_task(sample_load(client))
+        try:
+            records, duration, wall_start = await run_schedule(client_stream(client, run_id), specs, offsets,
+                                                               label=run_id)
+        finally:
+            sampler.cancel()
+        load = await asyncio.gather(sampler, return_exceptions=True)
     summary = summarize(records, duration, slos)
     summary["wall_start"] = wall_start
+    summary["load_series"] = load[0] if isinstance(load[0], list) else []
     summary["records"] = [r.to_dict() for r in records]  # moved out of the summary file when written
     return summary
+
+
+LOAD_SAMPLE_S = 0.5
+
+
+async def sample_load(client: Any) -> list[list[Any]]:
+    """Until cancelled: every :data:`LOAD_SAMPLE_S`, each worker's load as the router sees it (a row of
+    time.time(), requests in the router, then worker id, running, waiting, KV use, queued prefill tokens
+    per worker): where requests wait when TTFT grows during a point. Returns the rows when cancelled."""
+    rows: list[list[Any]] = []
+    try:
+        while True:
+            try:
+                status = await client.cluster_status(timeout=5)
+            except Exception:  # noqa: BLE001 (a missed sample; the run goes on)
+                status = None
+            if status is not None:
+                row: list[Any] = [round(time.time(), 3), status.requests_in_flight]
+                for w in status.workers:
+                    row += [w.worker_id, w.running_requests, w.waiting_requests, round(w.kv_usage, 3),
+                            w.queued_prefill_tokens]
+                rows.append(row)
+            await asyncio.sleep(LOAD_SAMPLE_S)
+    except asyncio.CancelledError:
+        return rows
 
 
 def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos: list[tuple[float, float]]
@@ -183,7 +215,7 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
         results["worker_stats"] = cluster.worker_stats()
         for points in results["workloads"].values():
             for point in points:
-                point["breakdown"] = breakdown(timings, point["run_id"], point.get("records"))
+                point["breakdown"] = breakdown(timings, point["run_id"], point.get("records"), point.get("wall_start"))
         if dashboard:
             results["dashboard"] = dashboard  # moved to its own file when written
     finally:

@@ -13,7 +13,9 @@ from typing import Any
 
 #: The phases of a remote prefill, from the workers' own timestamps: (name, start key, end key), each key
 #: read from the prefill ("p") or decode ("d") worker's record of the request.
-PHASES = (("zone_wait_ms", ("d", "submitted_at"), ("d", "zone_at")),  # decode: Submit -> landing zone exists
+PHASES = (("router_in_ms", ("c", "sent_at"), ("d", "submitted_at")),  # client send -> decode worker's Submit
+          ("zone_wait_ms", ("d", "submitted_at"), ("d", "zone_at")),  # decode: Submit -> landing zone exists
+          ("prefill_call_ms", ("d", "zone_at"), ("p", "received_at")),  # decode's Prefill RPC reaching the prefill worker
           ("prefill_queue_ms", ("p", "received_at"), ("p", "first_step_started_at")),
           ("prefill_ms", ("p", "first_step_started_at"), ("p", "forward_done_at")),
           ("kv_landing_ms", ("p", "forward_done_at"), ("d", "landed_at")),  # last bytes + completion callback
@@ -24,20 +26,24 @@ PHASES = (("zone_wait_ms", ("d", "submitted_at"), ("d", "zone_at")),  # decode: 
           ("finish_delivery_ms", ("p", "finish_pushed_at"), ("d", "finish_received_at")),
           ("completion_ms", ("d", "finish_received_at"), ("d", "landed_at")),
           ("admit_wait_ms", ("d", "landed_at"), ("d", "admitted_at")),  # callback -> engine thread took it in
-          ("transfer_exposed_ms", ("p", "forward_done_at"), ("d", "admitted_at")))
+          ("transfer_exposed_ms", ("p", "forward_done_at"), ("d", "admitted_at")),
+          # the first token (emitted at admission) through the Updates stream and the router to the client
+          ("first_token_out_ms", ("d", "admitted_at"), ("c", "first_token_at")))
 
 
 def breakdown(timings: dict[str, list[dict[str, Any]]], run_id: str,
-              records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+              records: list[dict[str, Any]] | None = None, wall_start: float | None = None) -> dict[str, Any]:
     """Median, p90 and p99 per phase (ms) of the remote prefills of one run, from the workers' own timestamps;
     with the run's ``records``, how many prompts were prefilled remotely and the TTFT p50/p99 of the
-    remote and the local ones."""
+    remote and the local ones; with ``wall_start`` too (the run's start on the client's ``time.time()``
+    clock, which on one host is the workers' clock), the client ("c") side of the phases."""
     prefix = f"{run_id}-"
     prefill = {t["request_id"]: t for t in timings.get("prefill", []) if t["request_id"].startswith(prefix)}
     decode = {t["request_id"]: t for t in timings.get("decode", []) if t["request_id"].startswith(prefix)}
     phases: dict[str, list[float]] = {name: [] for name, _, _ in PHASES}
+    client = _client_times(records or [], prefix, wall_start)
     for rid, p in prefill.items():
-        sides = {"p": p, "d": decode.get(rid, {})}
+        sides = {"p": p, "d": decode.get(rid, {}), "c": client.get(rid, {})}
         for name, (a_side, a_key), (b_side, b_key) in PHASES:
             a, b = sides[a_side].get(a_key), sides[b_side].get(b_key)
             if a is not None and b is not None and math.isfinite(a) and math.isfinite(b):
@@ -59,4 +65,19 @@ def breakdown(timings: dict[str, list[dict[str, Any]]], run_id: str,
             values.sort()
             for q in (50, 99):
                 out[f"ttft_{kind}_p{q}_ms"] = round(values[int(q / 100 * (len(values) - 1))] * 1e3, 1) if values else None
+    return out
+
+
+def _client_times(records: list[dict[str, Any]], prefix: str, wall_start: float | None) -> dict[str, dict[str, float]]:
+    """Request id -> when the client sent it and received its first token (``time.time()``)."""
+    if wall_start is None:
+        return {}
+    out = {}
+    for r in records:
+        if r.get("sent_s") is None:
+            continue
+        times = {"sent_at": wall_start + r["sent_s"]}
+        if r.get("ttft_s") is not None:
+            times["first_token_at"] = wall_start + r["sent_s"] + r["ttft_s"]
+        out[f"{prefix}{r['index']}"] = times
     return out

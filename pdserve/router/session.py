@@ -3,7 +3,11 @@
 :meth:`RequestSession.run` submits the request (with retries, see :class:`~pdserve.router.dispatch.Dispatcher`),
 then waits on the request's queue: each delta becomes one response (built by
 :class:`~pdserve.rpc.convert.ResponseAssembler`) passed to ``emit`` (a stream write); the finished delta
-ends the session, which returns the accumulated completion (the unary answer). Failure paths:
+ends the session, which returns the accumulated completion (the unary answer). Deltas that queued up
+while the previous write was in progress leave as one response (tokens concatenated): a stream behind
+its worker catches up in one write instead of one write per token, so a router relaying thousands of
+tokens a second spends its time per write, not per token, once it falls behind (vLLM's output
+collector merges waiting outputs the same way). Failure paths:
 
 * nothing arrives for ``request_timeout_s``: DEADLINE_EXCEEDED (and an Abort at the worker);
 * the worker's Updates stream drops: the request is re-submitted elsewhere if no token reached the
@@ -29,9 +33,9 @@ import grpc
 
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.errors import RequestTimeoutError, RouteError
-from pdserve.router.inflight import InFlightRequest, InFlightTable, WorkerLost
+from pdserve.router.inflight import InFlightRequest, InFlightTable, RequestEvent, WorkerLost
 from pdserve.router.metrics import RouterMetrics
-from pdserve.rpc.convert import ResponseAssembler, delta_from_proto
+from pdserve.rpc.convert import ResponseAssembler, delta_from_proto, merge_responses
 from pdserve.v1 import common_pb2, pdserve_pb2, worker_pb2
 
 Emit = Callable[[pdserve_pb2.GenerateResponse], Awaitable[None]]
@@ -47,6 +51,9 @@ class RequestSession:
         self._submit = submit
         self._timeout_s = timeout_s
         self._assembler = ResponseAssembler(request.request_id)
+        self._started = 0.0  # when run() began (the event loop's clock)
+        self._first_token_s: float | None = None  # run() start -> first token, once one arrived
+        self._last_token_at: float | None = None
 
     async def run(self, emit: Emit | None = None,
                   on_accepted: Callable[[], Awaitable[None]] | None = None) -> pdserve_pb2.GenerateResponse:
@@ -56,47 +63,42 @@ class RequestSession:
         request = self._request
         worker_done = False
         clock = asyncio.get_running_loop().time
-        started, last_token_at, outcome, finish = clock(), None, "cancelled", ""
-        first_token_s: float | None = None
+        self._started, outcome, finish = clock(), "cancelled", ""
         try:
             await self._dispatcher.place(request, self._submit, clock() + self._dispatcher.no_worker_wait_s)
             if on_accepted is not None:
                 await on_accepted()
-            while True:
-                event = await self._next_event()
-                if isinstance(event, WorkerLost):
-                    await self._move(event)
-                    continue
-                if event.new_token_ids and self._metrics is not None:
-                    now = clock()
-                    if last_token_at is None:
-                        first_token_s = now - started
-                        self._metrics.first_token(first_token_s)
-                    else:
-                        self._metrics.token_gap(now - last_token_at)
-                    last_token_at = now
-                if event.finished:
-                    worker_done = True
-                    finish = common_pb2.FinishReason.Name(event.finish_reason).removeprefix("FINISH_REASON_").lower()
-                if event.finish_reason == common_pb2.FINISH_REASON_ERROR or event.error:
-                    raise RouteError(_status_code(event.error_code),
-                                     f"request {request.request_id} failed on worker {request.decode_worker}: "
-                                     f"{event.error or 'unspecified worker error'}")
-                response = self._assembler.add(delta_from_proto(event))
-                request.tokens_sent += len(event.new_token_ids)
-                if emit is not None:
-                    await emit(response)
-                if worker_done:
-                    outcome = "finished"
-                    return self._assembler.unary_response()
+            while not worker_done:
+                pending: list[pdserve_pb2.GenerateResponse] = []  # sent as one response (see module)
+                for event in await self._next_events():
+                    if isinstance(event, WorkerLost):
+                        await self._send(emit, pending)
+                        await self._move(event)
+                        continue
+                    if event.new_token_ids:
+                        self._observe_tokens(clock())
+                    if event.finish_reason == common_pb2.FINISH_REASON_ERROR or event.error:
+                        await self._send(emit, pending)
+                        raise RouteError(_status_code(event.error_code),
+                                         f"request {request.request_id} failed on worker {request.decode_worker}: "
+                                         f"{event.error or 'unspecified worker error'}")
+                    pending.append(self._assembler.add(delta_from_proto(event)))
+                    request.tokens_sent += len(event.new_token_ids)
+                    if event.finished:
+                        worker_done = True
+                        finish = common_pb2.FinishReason.Name(event.finish_reason).removeprefix("FINISH_REASON_").lower()
+                        break
+                await self._send(emit, pending)
+            outcome = "finished"
+            return self._assembler.unary_response()
         except RouteError:
             outcome = "error"
             raise
         finally:
             if self._metrics is not None:
                 usage = self._assembler.usage
-                self._metrics.ended(outcome, finish, clock() - started, usage.prompt_tokens, usage.completion_tokens,
-                                    first_token_s)
+                self._metrics.ended(outcome, finish, clock() - self._started, usage.prompt_tokens,
+                                    usage.completion_tokens, self._first_token_s)
             if not worker_done and request.decode_worker is not None:
                 self._dispatcher.abort_in_background(request.request_id, request.decode_worker)
             self._dispatcher.release(request)
@@ -107,12 +109,39 @@ class RequestSession:
         self._dispatcher.release(self._request)
         self._table.remove(self._request)
 
-    async def _next_event(self) -> common_pb2.RequestDelta | WorkerLost:
-        try:
-            return await asyncio.wait_for(self._request.queue.get(), self._timeout_s)
-        except TimeoutError:
-            raise RequestTimeoutError(self._request.request_id, self._request.decode_worker or "?",
-                                      self._timeout_s) from None
+    async def _next_events(self) -> list[RequestEvent]:
+        """Every event waiting on the request's queue, waiting for the first up to the request timeout."""
+        queue = self._request.queue
+        if queue.empty():
+            try:
+                first = await asyncio.wait_for(queue.get(), self._timeout_s)
+            except TimeoutError:
+                raise RequestTimeoutError(self._request.request_id, self._request.decode_worker or "?",
+                                          self._timeout_s) from None
+            events = [first]
+        else:
+            events = []
+        while not queue.empty():
+            events.append(queue.get_nowait())
+        return events
+
+    def _observe_tokens(self, now: float) -> None:
+        """Metrics: the first token's delay, or the gap since the previous tokens."""
+        if self._metrics is None:
+            return
+        if self._last_token_at is None:
+            self._first_token_s = now - self._started
+            self._metrics.first_token(self._first_token_s)
+        else:
+            self._metrics.token_gap(now - self._last_token_at)
+        self._last_token_at = now
+
+    @staticmethod
+    async def _send(emit: Emit | None, pending: list[pdserve_pb2.GenerateResponse]) -> None:
+        """Emit the waiting responses as one, and forget them."""
+        if emit is not None and pending:
+            await emit(merge_responses(pending))
+        pending.clear()
 
     async def _move(self, lost: WorkerLost) -> None:
         """Re-submit to another worker after ``lost``: from scratch if no token went out yet, else as a

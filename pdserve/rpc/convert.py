@@ -269,6 +269,32 @@ def token_ids_from_proto(msg: common_pb2.TokenIds) -> list[int]:
 # ----------------------------------------------------------------------------------- GenerateResponse
 
 
+def merge_responses(responses: list[pdserve_pb2.GenerateResponse]) -> pdserve_pb2.GenerateResponse:
+    """One streaming response carrying ``responses`` in order (tokens, text and logprobs concatenated;
+    finish reason, stop reason and usage from the last that has them): what a stream sends when several
+    deltas of a request are waiting, as a client reading slower than tokens arrive gets them. The first
+    response is extended in place and returned. ``ValueError`` for an empty list."""
+    if not responses:
+        raise ValueError("merge_responses needs at least one response")
+    merged = responses[0]
+    if len(responses) == 1:
+        return merged
+    texts = [merged.text]
+    for response in responses[1:]:
+        merged.token_ids.extend(response.token_ids)
+        texts.append(response.text)
+        merged.logprobs.extend(response.logprobs)
+        if response.finish_reason:
+            merged.finish_reason = response.finish_reason
+        stop = response.WhichOneof("stop_reason")
+        if stop is not None:
+            setattr(merged, stop, getattr(response, stop))
+        if response.HasField("usage"):
+            merged.usage.CopyFrom(response.usage)
+    merged.text = "".join(texts)
+    return merged
+
+
 class ResponseAssembler:
     """Server side: turns one request's :class:`RequestDelta` stream into ``GenerateResponse`` messages.
 

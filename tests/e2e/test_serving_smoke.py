@@ -25,7 +25,9 @@ def test_serving_benchmark_smoke(ray_session) -> None:
     assert all(r["num_output_tokens"] == 8 for r in summary["records"])
     assert summary["slo_attainment"]["ttft<=5000ms,tpot<=1000ms"] == 1.0
     assert summary["ttft_s"]["p50"] > 0 and summary["tpot_s"]["p50"] > 0
-    phases = breakdown(timings, "smoke", summary["records"])
+    first = summary["load_series"][0]  # the router's view of the workers, sampled during the run
+    assert len(first) == 2 + 5 * 2 and {"prefill", "decode"} <= {str(v).split("-")[0] for v in first[2::5]}, first
+    phases = breakdown(timings, "smoke", summary["records"], summary["wall_start"])
     assert phases["remote_prefills"] == 6, phases  # every prompt of 40 tokens went to the prefill worker
     for name, _, _ in PHASES:  # every phase of the handoff is stamped on both sides, in order
         assert phases[name] is not None and phases[name] >= 0, (name, phases)
