@@ -35,7 +35,7 @@ from pdserve.router.dispatch import Dispatcher
 from pdserve.router.errors import RequestTimeoutError, RouteError
 from pdserve.router.inflight import InFlightRequest, InFlightTable, RequestEvent, WorkerLost
 from pdserve.router.metrics import RouterMetrics
-from pdserve.rpc.convert import ResponseAssembler, delta_from_proto, merge_responses
+from pdserve.rpc.convert import ResponseAssembler, merge_responses
 from pdserve.v1 import common_pb2, pdserve_pb2, worker_pb2
 
 Emit = Callable[[pdserve_pb2.GenerateResponse], Awaitable[None]]
@@ -82,7 +82,7 @@ class RequestSession:
                         raise RouteError(_status_code(event.error_code),
                                          f"request {request.request_id} failed on worker {request.decode_worker}: "
                                          f"{event.error or 'unspecified worker error'}")
-                    pending.append(self._assembler.add(delta_from_proto(event)))
+                    pending.append(self._assembler.add_proto(event))
                     request.tokens_sent += len(event.new_token_ids)
                     if event.finished:
                         worker_done = True
@@ -114,7 +114,8 @@ class RequestSession:
         queue = self._request.queue
         if queue.empty():
             try:
-                first = await asyncio.wait_for(queue.get(), self._timeout_s)
+                async with asyncio.timeout(self._timeout_s):  # (no task per wait, unlike wait_for on 3.11)
+                    first = await queue.get()
             except TimeoutError:
                 raise RequestTimeoutError(self._request.request_id, self._request.decode_worker or "?",
                                           self._timeout_s) from None

@@ -339,24 +339,29 @@ class ResponseAssembler:
 
     def add(self, delta: RequestDelta) -> pdserve_pb2.GenerateResponse:
         """Record ``delta`` and return its streaming response. Raises ValueError after the finishing delta."""
+        return self.add_proto(delta_to_proto(delta))
+
+    def add_proto(self, delta: common_pb2.RequestDelta) -> pdserve_pb2.GenerateResponse:
+        """:meth:`add` of a delta as it arrived from a worker: its fields are copied message to message,
+        with no Python objects in between (the router's per-token path)."""
         if self._finished:
             raise ValueError(f"request {delta.request_id!r}: a delta arrived after the request finished")
         self._seen_id = self._seen_id or delta.request_id
-        logprobs = logprobs_to_proto(delta.new_logprobs)
         self._token_ids.extend(delta.new_token_ids)
         self._texts.append(delta.new_text)
-        self._logprobs.extend(logprobs)
+        self._logprobs.extend(delta.new_logprobs)
         self._num_prompt_tokens = delta.num_prompt_tokens or self._num_prompt_tokens
         self._num_cached_tokens = delta.num_cached_tokens or self._num_cached_tokens
         response = pdserve_pb2.GenerateResponse(
             request_id=self._request_id or delta.request_id, token_ids=delta.new_token_ids,
-            text=delta.new_text, logprobs=logprobs)
+            text=delta.new_text, logprobs=delta.new_logprobs)
         if delta.finished:
             self._finished = True
-            self._finish_reason = delta.finish_reason or FinishReason.STOP  # finished implies a reason
-            self._stop_reason = delta.stop_reason
-            response.finish_reason = finish_reason_to_proto(self._finish_reason)
-            set_stop_reason(response, delta.stop_reason)
+            reason = finish_reason_from_proto(delta.finish_reason) or FinishReason.STOP  # finished implies a reason
+            self._finish_reason = reason
+            self._stop_reason = stop_reason_from_proto(delta)
+            response.finish_reason = finish_reason_to_proto(reason)
+            set_stop_reason(response, self._stop_reason)
             response.usage.CopyFrom(usage_to_proto(self.usage))
         return response
 
