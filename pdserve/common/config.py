@@ -38,7 +38,7 @@ class EngineConfig:
 
     ``tensor_parallel_size`` splits the model over that many ranks in this process (one thread each,
     all-reduce over gloo on the CPU, NCCL on GPUs: rank r on the r-th GPU from ``device``;
-    :mod:`pdserve.engine.tensor_parallel`). With more than one GPU rank, steps run eagerly (no CUDA graphs).
+    :mod:`pdserve.engine.tensor_parallel`). With more than one GPU rank, every rank captures its own CUDA graphs.
 
     SLO-aware scheduling: ``step_time_budget_ms`` caps the predicted time of a step that carries
     decodes (prefill chunks are cut to fit: the TPOT SLO); ``ttft_slo_ms`` admits prompts earliest

@@ -10,6 +10,10 @@ persistent :class:`StepInputs` buffers, so a replay costs one launch instead of 
 Sizes: 1, 2, 4, 8, every multiple of 16 up to 256 (decode batches and short prompts), then steps of
 64 up to 512, 128 up to 1024 and 256 beyond, up to the largest step the engine may run through a graph;
 larger steps run eagerly, where the GPU work (tens of ms) hides the launches anyway.
+
+A tensor-parallel model captures a graph per rank for each size
+(:meth:`~pdserve.engine.tensor_parallel.TensorParallelModel.capture_graph`), each rank with a memory
+pool on its own GPU and its own copy of the step inputs (made here, before the first capture).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from pdserve.engine.attention.metadata import LaunchShape
 from pdserve.engine.model.interface import CausalLM
 from pdserve.engine.step_inputs import StepInputs
+from pdserve.engine.tensor_parallel import TensorParallelGraph, TensorParallelModel
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +53,7 @@ class StepGraphs:
         self.inputs = inputs
         self.shapes = sorted(shapes, key=lambda s: s.num_tokens)
         self._sizes = [s.num_tokens for s in self.shapes]
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph | TensorParallelGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
 
@@ -65,9 +70,21 @@ class StepGraphs:
     def capture(self) -> None:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
+        tensor_parallel = self.model if isinstance(self.model, TensorParallelModel) else None
+        rank_pools = []
+        if tensor_parallel is not None:
+            for device in tensor_parallel.devices[1 + len(self.inputs.ranks):]:
+                self.inputs.add_rank(device)
+            rank_pools = [pool] + [torch.cuda.graph_pool_handle() for _ in tensor_parallel.devices[1:]]
         for shape in reversed(self.shapes):  # largest first: later graphs reuse its pool memory
             metadata = self.inputs.load_padding(shape)
             ids, pos = self.inputs.input_ids[: shape.num_tokens], self.inputs.positions[: shape.num_tokens]
+            if tensor_parallel is not None:
+                inputs = [(ids, pos, metadata)] + [(rank.view_of(ids), rank.view_of(pos), rank.metadata(metadata))
+                                                   for rank in self.inputs.ranks]
+                ranks_graph = tensor_parallel.capture_graph(inputs, rank_pools)
+                self._graphs[shape.num_tokens], self._outputs[shape.num_tokens] = ranks_graph, ranks_graph.output
+                continue
             self.model(ids, pos, self.kv_caches, metadata)  # warm-up: compiles kernels, sets up cuBLAS
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()

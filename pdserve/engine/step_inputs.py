@@ -15,6 +15,9 @@ row's input id is then copied on the device from that step's sampled ids (:class
 host never waits for it. For the same reason the host arrays are double-buffered: a step's copies may
 still be queued behind the step in flight when the next step is written, so consecutive steps write
 alternate pinned buffers, and a buffer is reused only once the copies that read it ran (an event).
+
+With a tensor-parallel model captured in CUDA graphs, every rank past the first has a copy of the device
+buffers on its own GPU (:mod:`pdserve.engine.rank_inputs`), written with the same copies.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 from pdserve.engine.attention.metadata import AttentionMetadata, LaunchShape
 from pdserve.engine.kernels.paged_prefill import build_query_tiles
+from pdserve.engine.rank_inputs import RankInputs
 from pdserve.engine.scheduler import ScheduledChunk
 
 
@@ -66,7 +70,7 @@ class StepInputs:
         }
         self._sets = [{k: torch.zeros(v, dtype=torch.int32, pin_memory=pin) for k, v in shapes.items()}
                       for _ in range(2 if pin else 1)]
-        self._copied: list[torch.cuda.Event | None] = [None] * len(self._sets)
+        self._copied: list[list[torch.cuda.Event]] = [[] for _ in self._sets]
         self._turn = 0
         self.num_fed_rows = 0  # inputs taken on the device from the previous step's sampled ids (a metric)
         self.dev = ({k: torch.zeros(v, dtype=torch.int32, device=device) for k, v in shapes.items()}
@@ -74,12 +78,19 @@ class StepInputs:
         self._np_sets = [{k: t.numpy() for k, t in host.items()} for host in self._sets]
         self._host = self._sets[0]
         self.np = self._np_sets[0]
+        self.ranks: list[RankInputs] = []  # copies on the GPUs of tensor-parallel ranks past the first
+
+    def add_rank(self, device: torch.device) -> RankInputs:
+        """Keep a copy of the device buffers on ``device`` (a tensor-parallel rank's GPU), written with every
+        step's inputs from now on (see :mod:`pdserve.engine.rank_inputs`)."""
+        rank = RankInputs(self.dev, device)
+        self.ranks.append(rank)
+        return rank
 
     def _next_host_set(self) -> None:
         """Switch to the other pinned buffer set, waiting (rarely) until copies out of it have run."""
         self._turn = (self._turn + 1) % len(self._sets)
-        event = self._copied[self._turn]
-        if event is not None:
+        for event in self._copied[self._turn]:
             event.synchronize()
         self._host = self._sets[self._turn]
         self.np = self._np_sets[self._turn]
@@ -177,25 +188,32 @@ class StepInputs:
         index = feed[:, :k].long()
         picked = token_ids.index_select(0, index[1]).to(torch.int32)
         self.dev["input_ids"].index_copy_(0, index[0], picked)
+        for rank in self.ranks:
+            rank.feed(index[0], picked)
 
     def _record_copies(self) -> None:
-        event = torch.cuda.Event()
-        event.record()
-        self._copied[self._turn] = event
+        """Mark the copies out of the current host buffers: on this device's stream and every rank's."""
+        events = []
+        for device in [self.device] + [rank.device for rank in self.ranks]:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
+        self._copied[self._turn] = events
 
     def _to_device(self, num_tokens: int, num_seqs: int, width: int, num_tiles: int) -> None:
         if self.dev is self._host:
             return
-        h, d = self._host, self.dev
-        for key in ("input_ids", "positions", "slot_mapping"):
-            d[key][:num_tokens].copy_(h[key][:num_tokens], non_blocking=True)
-        d["query_start_loc"][: num_seqs + 1].copy_(h["query_start_loc"][: num_seqs + 1], non_blocking=True)
-        for key in ("seq_lens", "context_lens"):
-            d[key][:num_seqs].copy_(h[key][:num_seqs], non_blocking=True)
-        d["block_tables"][:num_seqs, :width].copy_(h["block_tables"][:num_seqs, :width], non_blocking=True)
-        d["counts"].copy_(h["counts"], non_blocking=True)
-        if num_tiles:
-            d["query_tiles"][:, :num_tiles].copy_(h["query_tiles"][:, :num_tiles], non_blocking=True)
+        h = self._host
+        for d in [self.dev] + [rank.dev for rank in self.ranks]:
+            for key in ("input_ids", "positions", "slot_mapping"):
+                d[key][:num_tokens].copy_(h[key][:num_tokens], non_blocking=True)
+            d["query_start_loc"][: num_seqs + 1].copy_(h["query_start_loc"][: num_seqs + 1], non_blocking=True)
+            for key in ("seq_lens", "context_lens"):
+                d[key][:num_seqs].copy_(h[key][:num_seqs], non_blocking=True)
+            d["block_tables"][:num_seqs, :width].copy_(h["block_tables"][:num_seqs, :width], non_blocking=True)
+            d["counts"].copy_(h["counts"], non_blocking=True)
+            if num_tiles:
+                d["query_tiles"][:, :num_tiles].copy_(h["query_tiles"][:, :num_tiles], non_blocking=True)
         self._record_copies()
 
     @property

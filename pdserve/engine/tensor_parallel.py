@@ -27,15 +27,24 @@ layer-major, and :meth:`transfer_caches` lists the caches the same way; with wor
 degrees both sides further cut each cache into views of consecutive KV heads
 (``LLMEngine.transfer_caches(head_groups)``), so rank r's heads land in whichever decode rank owns them.
 
-Limits: no CUDA graphs (steps run eagerly, so small steps pay every rank's kernel launches on the host);
-on GPUs the ranks' caches sit on different devices, which the KV transports do not handle yet (the
-cluster config refuses tensor-parallel prefill and decode pools on GPUs).
+CUDA graphs (:meth:`capture_graph`): every rank captures its own graph of the forward pass on its own
+GPU, at once, each on its thread; the all-reduces are captured into every rank's graph by the one NCCL
+group launch that also serves eager steps (as NCCL's own tests capture one graph per GPU of a
+single-process group). A rank past the first reads its inputs from its own copy of the step-input
+buffers (:mod:`pdserve.engine.rank_inputs`), so a replay is one graph launch per rank from the engine's
+thread, in rank order, with no thread hand-off: rank r's graph runs on the engine thread's current
+stream of GPU r, after the copies of its inputs on that stream, and the ranks meet in the graphs'
+all-reduce kernels. The logits (few kernels) still run eagerly on every rank's thread.
+
+Limits: on GPUs the ranks' caches sit on different devices, which the KV transports do not handle yet
+(the cluster config refuses tensor-parallel prefill and decode pools on GPUs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -49,7 +58,7 @@ from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches
 from pdserve.engine.model.decoder import DecoderForCausalLM
 from pdserve.engine.model.hf_config import ModelSpec
 from pdserve.engine.model.parallel import TensorParallel
-from pdserve.engine.thread_collectives import ThreadRendezvous
+from pdserve.engine.thread_collectives import BARRIER_TIMEOUT_S, ThreadRendezvous
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=300)
 
@@ -63,6 +72,7 @@ class TensorParallelModel:
         self.kv_caches: list[list[torch.Tensor]] = [[] for _ in ranks]
         self._pool = ThreadPoolExecutor(max(1, len(ranks) - 1), thread_name_prefix="pdserve-tp")
         self._rendezvous: ThreadRendezvous | None = None
+        self._capture_streams: dict[int, torch.cuda.Stream] = {}
 
     @classmethod
     def build(cls, make: Callable[[TensorParallel], DecoderForCausalLM],
@@ -180,8 +190,56 @@ class TensorParallelModel:
                 self._rendezvous.abort()
             raise
 
+    def capture_graph(self, inputs: list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]],
+                      pools: list[Any]) -> TensorParallelGraph:
+        """Capture one forward pass per rank into a CUDA graph on its GPU, all ranks at once; ``inputs[r]``
+        are rank r's (input ids, positions, metadata) over buffers that stay put (rank 0's step inputs,
+        the others' copies), ``pools[r]`` the graph memory pool on rank r's GPU. Each rank first runs the
+        pass eagerly on its capture stream (kernels built for its device, cuBLAS set up for the stream)."""
+        graphs = [torch.cuda.CUDAGraph() for _ in self.ranks]
+        outputs: list[torch.Tensor | None] = [None] * len(self.ranks)
+        ready = threading.Barrier(len(self.ranks), timeout=BARRIER_TIMEOUT_S)  # all warmed up, none capturing
+
+        def capture(rank: int, device: torch.device) -> torch.Tensor:
+            ids, positions, metadata = inputs[rank]
+            model, caches = self.ranks[rank], self.kv_caches[rank]
+            stream = self._capture_streams.setdefault(rank, torch.cuda.Stream(device))
+            stream.wait_stream(torch.cuda.current_stream(device))
+            try:
+                with torch.cuda.stream(stream):
+                    model(ids, positions, caches, metadata)
+                    stream.synchronize()
+                    ready.wait()
+                    graphs[rank].capture_begin(pool=pools[rank], capture_error_mode="thread_local")
+                    try:
+                        outputs[rank] = model(ids, positions, caches, metadata)
+                    finally:
+                        graphs[rank].capture_end()
+            except BaseException:
+                ready.abort()
+                raise
+            torch.cuda.current_stream(device).wait_stream(stream)
+            return outputs[rank]  # type: ignore[return-value]
+
+        output = self._on_every_rank(capture)
+        return TensorParallelGraph(graphs, output)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class TensorParallelGraph:
+    """One captured step: a CUDA graph per rank (see :meth:`TensorParallelModel.capture_graph`)."""
+
+    def __init__(self, graphs: list[torch.cuda.CUDAGraph], output: torch.Tensor) -> None:
+        self._graphs = graphs
+        self.output = output
+
+    def replay(self) -> torch.Tensor:
+        """Launch every rank's graph (inputs already written) and return rank 0's hidden states."""
+        for graph in self._graphs:
+            graph.replay()
+        return self.output
 
 
 def metadata_on(metadata: AttentionMetadata, device: torch.device) -> AttentionMetadata:

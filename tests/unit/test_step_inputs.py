@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pdserve.common.sampling_params import SamplingParams
@@ -45,3 +46,24 @@ def test_padding_rows_and_fed_tokens() -> None:
     assert inputs.dev["slot_mapping"][21:32].tolist() == [0] * 11
     assert meta.num_decode_seqs == 1 and meta.counts is not None and meta.counts.tolist() == [1, 2]
     assert meta.context_free_prefill and inputs.num_fed_rows == 1
+
+
+def test_a_rank_copy_gives_the_same_views_of_its_own_buffers() -> None:
+    """A tensor-parallel rank's graph reads the views of its own copy that match rank 0's views: same
+    buffer, shape, strides and offset; and the ids fed from the previous step land in every copy."""
+    inputs = _inputs()
+    rank = inputs.add_rank(torch.device("cpu"))
+    meta = inputs.load_padding(LaunchShape(16, 8, 2, 4))
+    mirrored = rank.metadata(meta)
+    for name in ("query_start_loc", "seq_lens", "context_lens", "block_tables", "slot_mapping", "counts",
+                 "query_tiles"):
+        ours, theirs = getattr(meta, name), getattr(mirrored, name)
+        assert theirs.untyped_storage().data_ptr() == rank.dev[name].untyped_storage().data_ptr(), name
+        assert (theirs.shape, theirs.stride(), theirs.storage_offset()) == (
+            ours.shape, ours.stride(), ours.storage_offset()), name
+    view = inputs.input_ids[3:9]
+    assert rank.view_of(view).storage_offset() == 3 and rank.view_of(view).shape == (6,)
+    with pytest.raises(ValueError, match="not a view of a step-input buffer"):
+        rank.view_of(torch.zeros(4, dtype=torch.int32))
+    rank.feed(torch.tensor([2, 5]), torch.tensor([70, 71], dtype=torch.int32))
+    assert rank.dev["input_ids"][[2, 5]].tolist() == [70, 71]
