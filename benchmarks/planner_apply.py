@@ -17,7 +17,6 @@ requests per GPU. The router's configuration and the planner's decision are samp
 from __future__ import annotations
 
 import argparse
-import asyncio
 import tempfile
 import threading
 import time
@@ -25,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import LLAMA31_8B, markdown_table, run_info, write_model_dir, write_results
-from benchmarks.serve import cluster_config, run_point, warm_up
+from benchmarks.serve import cluster_config, warm_up
 from benchmarks.serving.metrics import attainment
+from benchmarks.serving.point import measure_point
 from benchmarks.serving.workload import PRESETS, fixed_workload, poisson_schedule
 
 
@@ -76,7 +76,7 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
         warm_up(cluster.router_address, smoke=args.smoke)
         sampler = threading.Thread(target=sample, args=(time.time(),), daemon=True)
         sampler.start()
-        summary = asyncio.run(run_point(cluster.router_address, specs, offsets, kind, slos))
+        summary = measure_point(cluster.router_address, specs, offsets, kind, slos)
     finally:
         stop.set()
         cluster.stop()

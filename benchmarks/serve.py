@@ -41,8 +41,8 @@ from benchmarks.common import (
     write_results,
 )
 from benchmarks.serving.handoff import breakdown
-from benchmarks.serving.loadgen import client_capacity, client_stream, run_schedule
-from benchmarks.serving.metrics import summarize
+from benchmarks.serving.loadgen import client_capacity
+from benchmarks.serving.point import measure_point
 from benchmarks.serving.report import goodput_table, ms, plot, render
 from benchmarks.serving.workload import (
     PRESETS,
@@ -112,50 +112,6 @@ def make_workload(name: str, n: int, seed: int, args: argparse.Namespace) -> lis
     raise ValueError(f"unknown workload {name!r}")
 
 
-async def run_point(address: str, specs: list[RequestSpec], offsets: list[float], run_id: str,
-                    slos: list[tuple[float, float]]) -> dict[str, Any]:
-    from pdserve.client import AsyncClient
-
-    async with AsyncClient(address, timeout=600) as client:
-        sampler = asyncio.create_task(sample_load(client))
-        try:
-            records, duration, wall_start = await run_schedule(client_stream(client, run_id), specs, offsets,
-                                                               label=run_id)
-        finally:
-            sampler.cancel()
-        load = await asyncio.gather(sampler, return_exceptions=True)
-    summary = summarize(records, duration, slos)
-    summary["wall_start"] = wall_start
-    summary["load_series"] = load[0] if isinstance(load[0], list) else []
-    summary["records"] = [r.to_dict() for r in records]  # moved out of the summary file when written
-    return summary
-
-
-LOAD_SAMPLE_S = 0.5
-
-
-async def sample_load(client: Any) -> list[list[Any]]:
-    """Until cancelled: every :data:`LOAD_SAMPLE_S`, each worker's load as the router sees it (a row of
-    time.time(), requests in the router, then worker id, running, waiting, KV use, queued prefill tokens
-    per worker): where requests wait when TTFT grows during a point. Returns the rows when cancelled."""
-    rows: list[list[Any]] = []
-    try:
-        while True:
-            try:
-                status = await client.cluster_status(timeout=5)
-            except Exception:  # noqa: BLE001 (a missed sample; the run goes on)
-                status = None
-            if status is not None:
-                row: list[Any] = [round(time.time(), 3), status.requests_in_flight]
-                for w in status.workers:
-                    row += [w.worker_id, w.running_requests, w.waiting_requests, round(w.kv_usage, 3),
-                            w.queued_prefill_tokens]
-                rows.append(row)
-            await asyncio.sleep(LOAD_SAMPLE_S)
-    except asyncio.CancelledError:
-        return rows
-
-
 def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos: list[tuple[float, float]]
                       ) -> dict[str, Any]:
     import ray
@@ -180,7 +136,7 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                 specs = make_workload("trace", args.trace_requests, args.seed, args)
                 offsets = [s.arrival_s for s in specs]
                 rate = len(specs) / max(offsets[-1], 1.0) / num_gpus  # the window's mean arrival rate
-                summary = asyncio.run(run_point(cluster.router_address, specs, offsets, f"{kind}-trace", slos))
+                summary = measure_point(cluster.router_address, specs, offsets, f"{kind}-trace", slos)
                 summary |= {"rate_per_gpu": rate, "run_id": f"{kind}-trace"}
                 points.append(summary)
                 if args.dashboard:
@@ -192,7 +148,7 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                     offsets = poisson_schedule(len(specs), rate * num_gpus, seed=args.seed + j,
                                                burstiness=args.burstiness)
                     run_id = f"{kind}-{workload}-{rate:g}"
-                    summary = asyncio.run(run_point(cluster.router_address, specs, offsets, run_id, slos))
+                    summary = measure_point(cluster.router_address, specs, offsets, run_id, slos)
                     summary |= {"rate_per_gpu": rate, "run_id": run_id}
                     points.append(summary)
                     if args.dashboard:

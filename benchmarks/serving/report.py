@@ -68,10 +68,12 @@ def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
                              ms(p["tpot_s"]["p99"]), ms(p["itl_s"]["p99"]),
                              " / ".join(f"{v:.2f}" for v in p["slo_attainment"].values()),
                              p["breakdown"].get("prefill_queue_ms"), p["breakdown"].get("prefill_ms"),
-                             p["breakdown"].get("transfer_exposed_ms"), p["errors"]])
+                             p["breakdown"].get("transfer_exposed_ms"), p["errors"],
+                             " / ".join(f"{k} {v:g}" for k, v in (p.get("loop_lag_max_ms") or {}).items())])
     lines += ["## Every point", "", markdown_table(
         ["config", "workload", "rate/GPU", "req/s", "TTFT p50 ms", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p99",
-         "attainment (per SLO)", "prefill queue ms", "prefill ms", "transfer exposed ms", "errors"], rows),
+         "attainment (per SLO)", "prefill queue ms", "prefill ms", "transfer exposed ms", "errors",
+         "event-loop lag max ms"], rows),
         f"Client capacity (no server): {json.dumps(payload['client_capacity'])}", ""]
     phase_rows = [[kind, workload, round(p["rate_per_gpu"], 2), p["breakdown"].get("remote_prefills"),
                    p["breakdown"].get("local_prefills"), p["breakdown"].get("ttft_remote_p50_ms"),

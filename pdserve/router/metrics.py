@@ -107,6 +107,9 @@ class RouterMetrics:
                               "theirs was lost.", ["model_name"], registry=r).labels(model)
         self._in_flight = Gauge("pdserve:requests_in_flight", "Requests admitted and not yet ended.",
                                 ["model_name"], registry=r).labels(model)
+        self._loop_lag = Gauge("pdserve:router_event_loop_lag_seconds", "How late the router's event loop runs its "
+                               "callbacks (largest over the last 2 s): every request waits that long at each hop "
+                               "through the router.", ["model_name"], registry=r).labels(model)
         self.log = RequestLog()  # the dashboard's windowed figures
         self.placement_counts: collections.Counter[str] = collections.Counter()
         self.streams_moved = 0
@@ -117,9 +120,11 @@ class RouterMetrics:
 
     def attach(self, workers: Callable[[], Iterable[WorkerState]],
                telemetry: Callable[[], Mapping[str, dict[str, Any]]],
-               planner: Callable[[], Mapping[str, Any] | None] = lambda: None) -> None:
-        """Where the per-worker series (and the planner's) come from at scrape time."""
+               planner: Callable[[], Mapping[str, Any] | None] = lambda: None,
+               loop_lag_s: Callable[[], float] = float) -> None:
+        """Where the per-worker series (and the planner's, and the router loop's lag) come from at scrape time."""
         self._workers, self._telemetry, self._planner = workers, telemetry, planner
+        self._loop_lag.set_function(loop_lag_s)
 
     # -- recording (router event loop) ----------------------------------------------------------------
 
@@ -214,13 +219,16 @@ class _WorkerCollector(Collector):
                                    labels=labels)
         rate = GaugeMetricFamily("pdserve:prefill_tokens_per_second", "Prompt tokens per second the worker can "
                                  "prefill now (as advertised to the router).", labels=labels)
+        lag = GaugeMetricFamily("pdserve:worker_event_loop_lag_seconds", "How late the worker's event loop (its "
+                                "gRPC side) runs, as last reported.", labels=labels)
         for s in states:
+            lag.add_metric(key(s), s.load.loop_lag_s)
             healthy.add_metric(key(s), int(s.routable))
             queued.add_metric(key(s), s.queued_prefill_tokens if s.role is WorkerRole.PREFILL
                               else s.load.queued_prefill_tokens)
             rate.add_metric(key(s), s.full_prefill_tokens_per_s if s.role is WorkerRole.PREFILL
                             else s.load.prefill_tokens_per_s)
-        yield from (healthy, queued, rate)
+        yield from (healthy, queued, rate, lag)
         with_data = [(s, snapshots[s.worker_id]) for s in states if s.worker_id in snapshots]
         for name, kind, help_text, path in _WORKER_SERIES:
             family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, help_text, labels=labels)

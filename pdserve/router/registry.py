@@ -39,12 +39,14 @@ class LoadSnapshot:
     queued_prefill_tokens: int = 0
     num_free_blocks: int = 0
     prefill_tokens_per_s: float = 0.0  # spare prefill rate within the worker's step budget (0: unknown)
+    loop_lag_s: float = 0.0  # how late the worker's event loop runs (common/loop_lag.py)
 
     @classmethod
     def from_proto(cls, msg: worker_pb2.WorkerLoad) -> LoadSnapshot:
         return cls(running_requests=msg.running_requests, waiting_requests=msg.waiting_requests,
                    kv_usage=min(max(msg.kv_usage, 0.0), 1.0), queued_prefill_tokens=msg.queued_prefill_tokens,
-                   num_free_blocks=msg.num_free_blocks, prefill_tokens_per_s=max(msg.prefill_tokens_per_s, 0.0))
+                   num_free_blocks=msg.num_free_blocks, prefill_tokens_per_s=max(msg.prefill_tokens_per_s, 0.0),
+                   loop_lag_s=max(msg.loop_lag_s, 0.0))
 
 
 @dataclass

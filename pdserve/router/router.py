@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from pdserve.common.errors import ConfigError
+from pdserve.common.loop_lag import LoopLagMonitor
 from pdserve.planner.plan import configuration_name
 from pdserve.router.admission import AdmissionControl
 from pdserve.router.config import RouterConfig, ServingMode, WorkerEndpoint, WorkerRole, check_topology
@@ -73,11 +74,13 @@ class Router:
         self.table = InFlightTable(config.max_inflight_requests)
         self.metrics = RouterMetrics(model, deadline_s=config.request_timeout_s)
         self.telemetry = TelemetryPoller(self.registry)
+        self.loop_lag = LoopLagMonitor()  # how late this loop runs: ClusterStatus, the load samples
         self.planner = (OnlinePlanner(config, self.metrics.log, lambda: len(self.workers),
                                       lambda: self.telemetry.snapshots, self.configuration_name, self.switch_one)
                         if config.planner_mode != "off" else None)
         self.metrics.attach(self.registry.all, lambda: self.telemetry.snapshots,
-                            lambda: self.planner.latest if self.planner is not None else None)
+                            lambda: self.planner.latest if self.planner is not None else None,
+                            lambda: self.loop_lag.lag_s)
         self.dispatcher = Dispatcher(
             config, self.mode, self.registry, self.table,
             decode_policy or LeastLoadedDecodePolicy(DecodePolicyConfig(
@@ -131,7 +134,8 @@ class Router:
                                        metrics=self.metrics,
                                        admission=AdmissionControl(self.registry, self.mode,
                                                                   self.config.admission_max_ttft_s),
-                                       scaler=lambda: self.scaler, switcher=lambda: self.role_switcher)
+                                       scaler=lambda: self.scaler, switcher=lambda: self.role_switcher,
+                                       loop_lag=self.loop_lag)
             keys = ApiKeys.load(self.config.api_keys_file)
             tls = read_tls(self.config)
             self._server = await start_server(
@@ -140,6 +144,7 @@ class Router:
                 interceptors=[ApiKeyInterceptor(keys)] if keys.enabled else None, tls=tls)
             await self._update_health()
             self._tasks.append(asyncio.create_task(self._watch_health(), name="router-health"))
+            self._tasks.append(asyncio.create_task(self.loop_lag.run(), name="router-loop-lag"))
             self._tasks.append(asyncio.create_task(self.telemetry.run(), name="router-telemetry"))
             if self.planner is not None:
                 self._tasks.append(asyncio.create_task(self.planner.run(), name="router-planner"))

@@ -18,6 +18,7 @@ from typing import NoReturn, TypeVar
 import grpc
 
 from pdserve.common.errors import InvalidParameterError, PromptTooLongError
+from pdserve.common.loop_lag import LoopLagMonitor
 from pdserve.common.validation import require_text
 from pdserve.router.admission import AdmissionControl, AdmissionRejectedError
 from pdserve.router.config import ServingMode, WorkerRole
@@ -50,7 +51,9 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
                  dispatcher: Dispatcher, request_timeout_s: float, metrics: RouterMetrics | None = None,
                  admission: AdmissionControl | None = None,
                  scaler: Callable[[], Callable[[str, int, float | None], list[str]] | None] = lambda: None,
-                 switcher: Callable[[], Callable[[str, str, float | None], str] | None] = lambda: None) -> None:
+                 switcher: Callable[[], Callable[[str, str, float | None], str] | None] = lambda: None,
+                 loop_lag: LoopLagMonitor | None = None) -> None:
+        self._loop_lag = loop_lag
         self._scaler = scaler
         self._switcher = switcher
         self._metrics = metrics
@@ -92,8 +95,9 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
     async def ClusterStatus(self, request: pdserve_pb2.ClusterStatusRequest,
                             context: grpc.aio.ServicerContext) -> pdserve_pb2.ClusterStatusResponse:
         workers = tuple(_worker_status(s) for s in self._registry.all())
-        return cluster_status_to_proto(ClusterStatus(mode=self._mode.value, model=self._model, workers=workers,
-                                                     requests_in_flight=len(self._table)))
+        return cluster_status_to_proto(ClusterStatus(
+            mode=self._mode.value, model=self._model, workers=workers, requests_in_flight=len(self._table),
+            router_loop_lag_s=self._loop_lag.lag_s if self._loop_lag is not None else 0.0))
 
     async def ScalePool(self, request: pdserve_pb2.ScalePoolRequest,
                         context: grpc.aio.ServicerContext) -> pdserve_pb2.ScalePoolResponse:
@@ -202,4 +206,5 @@ def _worker_status(state: WorkerState) -> WorkerStatus:
                         waiting_requests=load.waiting_requests, kv_usage=load.kv_usage,
                         queued_prefill_tokens=queued,
                         num_kv_blocks=state.info.num_kv_blocks if state.info is not None else 0,
-                        restarts=state.restarts, last_recovery_s=round(state.last_recovery_s, 3))
+                        restarts=state.restarts, last_recovery_s=round(state.last_recovery_s, 3),
+                        loop_lag_s=load.loop_lag_s)

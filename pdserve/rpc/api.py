@@ -95,7 +95,8 @@ def worker_status_to_proto(worker: WorkerStatus) -> pdserve_pb2.WorkerStatus:
         worker_id=worker.worker_id, role=worker.role, address=worker.address, healthy=worker.healthy,
         running_requests=worker.running_requests, waiting_requests=worker.waiting_requests,
         kv_usage=worker.kv_usage, queued_prefill_tokens=worker.queued_prefill_tokens,
-        num_kv_blocks=worker.num_kv_blocks, restarts=worker.restarts, last_recovery_s=worker.last_recovery_s)
+        num_kv_blocks=worker.num_kv_blocks, restarts=worker.restarts, last_recovery_s=worker.last_recovery_s,
+        loop_lag_s=worker.loop_lag_s)
 
 
 def worker_status_from_proto(msg: pdserve_pb2.WorkerStatus) -> WorkerStatus:
@@ -103,16 +104,16 @@ def worker_status_from_proto(msg: pdserve_pb2.WorkerStatus) -> WorkerStatus:
         worker_id=msg.worker_id, role=msg.role, address=msg.address, healthy=msg.healthy,
         running_requests=msg.running_requests, waiting_requests=msg.waiting_requests, kv_usage=msg.kv_usage,
         queued_prefill_tokens=msg.queued_prefill_tokens, num_kv_blocks=msg.num_kv_blocks, restarts=msg.restarts,
-        last_recovery_s=msg.last_recovery_s)
+        last_recovery_s=msg.last_recovery_s, loop_lag_s=msg.loop_lag_s)
 
 
 def cluster_status_to_proto(status: ClusterStatus) -> pdserve_pb2.ClusterStatusResponse:
     return pdserve_pb2.ClusterStatusResponse(
         mode=status.mode, model=status.model, workers=[worker_status_to_proto(w) for w in status.workers],
-        requests_in_flight=status.requests_in_flight)
+        requests_in_flight=status.requests_in_flight, router_loop_lag_s=status.router_loop_lag_s)
 
 
 def cluster_status_from_proto(msg: pdserve_pb2.ClusterStatusResponse) -> ClusterStatus:
     return ClusterStatus(mode=msg.mode, model=msg.model,
                          workers=tuple(worker_status_from_proto(w) for w in msg.workers),
-                         requests_in_flight=msg.requests_in_flight)
+                         requests_in_flight=msg.requests_in_flight, router_loop_lag_s=msg.router_loop_lag_s)

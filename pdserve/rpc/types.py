@@ -116,6 +116,7 @@ class WorkerStatus:
     num_kv_blocks: int = 0
     restarts: int = 0  # times it came back as a new process
     last_recovery_s: float = 0.0  # seconds from its last loss to serving again (0: never lost)
+    loop_lag_s: float = 0.0  # how late its event loop runs, as last reported (s; common/loop_lag.py)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class ClusterStatus:
     model: str
     workers: tuple[WorkerStatus, ...] = ()
     requests_in_flight: int = 0
+    router_loop_lag_s: float = 0.0  # how late the router's event loop runs now (s)
 
     @property
     def healthy_workers(self) -> tuple[WorkerStatus, ...]:

@@ -100,7 +100,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "healthy", "running_requests", "waiting_requests", "kv_usage", "queued_prefill_tokens", "num_kv_blocks", "restarts", "last_recovery_s")
+    __slots__ = ("worker_id", "role", "address", "healthy", "running_requests", "waiting_requests", "kv_usage", "queued_prefill_tokens", "num_kv_blocks", "restarts", "last_recovery_s", "loop_lag_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class WorkerStatus(_message.Message):
     NUM_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     LAST_RECOVERY_S_FIELD_NUMBER: _ClassVar[int]
+    LOOP_LAG_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     address: str
@@ -123,16 +124,19 @@ class WorkerStatus(_message.Message):
     num_kv_blocks: int
     restarts: int
     last_recovery_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., queued_prefill_tokens: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., restarts: _Optional[int] = ..., last_recovery_s: _Optional[float] = ...) -> None: ...
+    loop_lag_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., queued_prefill_tokens: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., restarts: _Optional[int] = ..., last_recovery_s: _Optional[float] = ..., loop_lag_s: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("mode", "model", "workers", "requests_in_flight")
+    __slots__ = ("mode", "model", "workers", "requests_in_flight", "router_loop_lag_s")
     MODE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_LOOP_LAG_S_FIELD_NUMBER: _ClassVar[int]
     mode: str
     model: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     requests_in_flight: int
-    def __init__(self, mode: _Optional[str] = ..., model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ...) -> None: ...
+    router_loop_lag_s: float
+    def __init__(self, mode: _Optional[str] = ..., model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., router_loop_lag_s: _Optional[float] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\x12\n\x10TelemetryRequest\"\x1e\n\x0eTelemetryReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"\xa6\x01\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x03\x12\x12\n\nnum_layers\x18\x04 \x01(\x03\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\x03\x12\x10\n\x08head_dim\x18\x06 \x01(\x03\x12\x0e\n\x06layout\x18\x07 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x08 \x01(\x03\"\xa8\x01\n\nWorkerLoad\x12\x18\n\x10running_requests\x18\x01 \x01(\x03\x12\x18\n\x10waiting_requests\x18\x02 \x01(\x03\x12\x10\n\x08kv_usage\x18\x03 \x01(\x01\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x03\x12\x17\n\x0fnum_free_blocks\x18\x05 \x01(\x03\x12\x1c\n\x14prefill_tokens_per_s\x18\x06 \x01(\x01\"\x97\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\x03\x12\x12\n\nvocab_size\x18\x06 \x01(\x03\x12\'\n\tkv_layout\x18\x07 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x15\n\rnum_kv_blocks\x18\x08 \x01(\x03\x12$\n\x04load\x18\t \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\x12\x14\n\x0ckv_transport\x18\n \x01(\t\x12\x1c\n\x14prefill_tokens_per_s\x18\x0b \x01(\x01\"\x83\x02\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.TokenIds\x12\x13\n\x0bprompt_text\x18\x03 \x01(\t\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x17\n\x0fprefill_address\x18\x05 \x01(\t\x12$\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x16.pdserve.v1.ChatPrompt\x12.\n\x10resume_token_ids\x18\x07 \x01(\x0b\x32\x14.pdserve.v1.TokenIds\"\r\n\x0bSubmitReply\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\x1d\n\nAbortReply\x12\x0f\n\x07\x61\x62orted\x18\x01 \x03(\t\"\x10\n\x0eUpdatesRequest\"\\\n\nStepUpdate\x12(\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.RequestDelta\x12$\n\x04load\x18\x02 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\"\xa3\x01\n\x12KVHandshakeRequest\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x01 \x01(\t\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x12\n\nstore_host\x18\x04 \x01(\t\x12\x12\n\nstore_port\x18\x05 \x01(\x03\x12\x12\n\ngroup_name\x18\x06 \x01(\t\"-\n\x10KVHandshakeReply\x12\x19\n\x11prefill_worker_id\x18\x01 \x01(\t\"\xef\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.TokenIds\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x04 \x01(\t\x12\x11\n\tblock_ids\x18\x05 \x03(\x03\x12\x17\n\x0fnum_skip_blocks\x18\x06 \x01(\x03\x12\x13\n\x0btransfer_id\x18\x07 \x01(\x03\x12\x12\n\ndeadline_s\x18\x08 \x01(\x01\"\xa6\x01\n\x0cPrefillReply\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x03\x12\x34\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\x1c.pdserve.v1.PositionLogprobs\x12\x14\n\x0chas_logprobs\x18\x03 \x01(\x08\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x03\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x32\x9b\x04\n\x06Worker\x12?\n\x08\x44\x65scribe\x12\x1b.pdserve.v1.DescribeRequest\x1a\x16.pdserve.v1.WorkerInfo\x12<\n\x06Submit\x12\x19.pdserve.v1.SubmitRequest\x1a\x17.pdserve.v1.SubmitReply\x12\x39\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x16.pdserve.v1.AbortReply\x12?\n\x07Updates\x12\x1a.pdserve.v1.UpdatesRequest\x1a\x16.pdserve.v1.StepUpdate0\x01\x12K\n\x0bKVHandshake\x12\x1e.pdserve.v1.KVHandshakeRequest\x1a\x1c.pdserve.v1.KVHandshakeReply\x12?\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x18.pdserve.v1.PrefillReply\x12\x41\n\rCancelPrefill\x12\x18.pdserve.v1.AbortRequest\x1a\x16.pdserve.v1.AbortReply\x12\x45\n\tTelemetry\x12\x1c.pdserve.v1.TelemetryRequest\x1a\x1a.pdserve.v1.TelemetryReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\x12\n\x10TelemetryRequest\"\x1e\n\x0eTelemetryReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"\xa6\x01\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x03\x12\x12\n\nnum_layers\x18\x04 \x01(\x03\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\x03\x12\x10\n\x08head_dim\x18\x06 \x01(\x03\x12\x0e\n\x06layout\x18\x07 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x08 \x01(\x03\"\xbc\x01\n\nWorkerLoad\x12\x18\n\x10running_requests\x18\x01 \x01(\x03\x12\x18\n\x10waiting_requests\x18\x02 \x01(\x03\x12\x10\n\x08kv_usage\x18\x03 \x01(\x01\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x03\x12\x17\n\x0fnum_free_blocks\x18\x05 \x01(\x03\x12\x1c\n\x14prefill_tokens_per_s\x18\x06 \x01(\x01\x12\x12\n\nloop_lag_s\x18\x07 \x01(\x01\"\x97\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\x03\x12\x12\n\nvocab_size\x18\x06 \x01(\x03\x12\'\n\tkv_layout\x18\x07 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x15\n\rnum_kv_blocks\x18\x08 \x01(\x03\x12$\n\x04load\x18\t \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\x12\x14\n\x0ckv_transport\x18\n \x01(\t\x12\x1c\n\x14prefill_tokens_per_s\x18\x0b \x01(\x01\"\x83\x02\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.TokenIds\x12\x13\n\x0bprompt_text\x18\x03 \x01(\t\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x17\n\x0fprefill_address\x18\x05 \x01(\t\x12$\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x16.pdserve.v1.ChatPrompt\x12.\n\x10resume_token_ids\x18\x07 \x01(\x0b\x32\x14.pdserve.v1.TokenIds\"\r\n\x0bSubmitReply\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\x1d\n\nAbortReply\x12\x0f\n\x07\x61\x62orted\x18\x01 \x03(\t\"\x10\n\x0eUpdatesRequest\"\\\n\nStepUpdate\x12(\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.RequestDelta\x12$\n\x04load\x18\x02 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\"\xa3\x01\n\x12KVHandshakeRequest\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x01 \x01(\t\x12$\n\x06layout\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x12\n\nstore_host\x18\x04 \x01(\t\x12\x12\n\nstore_port\x18\x05 \x01(\x03\x12\x12\n\ngroup_name\x18\x06 \x01(\t\"-\n\x10KVHandshakeReply\x12\x19\n\x11prefill_worker_id\x18\x01 \x01(\t\"\xef\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.TokenIds\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x04 \x01(\t\x12\x11\n\tblock_ids\x18\x05 \x03(\x03\x12\x17\n\x0fnum_skip_blocks\x18\x06 \x01(\x03\x12\x13\n\x0btransfer_id\x18\x07 \x01(\x03\x12\x12\n\ndeadline_s\x18\x08 \x01(\x01\"\xa6\x01\n\x0cPrefillReply\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x03\x12\x34\n\x0e\x66irst_logprobs\x18\x02 \x01(\x0b\x32\x1c.pdserve.v1.PositionLogprobs\x12\x14\n\x0chas_logprobs\x18\x03 \x01(\x08\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x03\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x32\x9b\x04\n\x06Worker\x12?\n\x08\x44\x65scribe\x12\x1b.pdserve.v1.DescribeRequest\x1a\x16.pdserve.v1.WorkerInfo\x12<\n\x06Submit\x12\x19.pdserve.v1.SubmitRequest\x1a\x17.pdserve.v1.SubmitReply\x12\x39\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x16.pdserve.v1.AbortReply\x12?\n\x07Updates\x12\x1a.pdserve.v1.UpdatesRequest\x1a\x16.pdserve.v1.StepUpdate0\x01\x12K\n\x0bKVHandshake\x12\x1e.pdserve.v1.KVHandshakeRequest\x1a\x1c.pdserve.v1.KVHandshakeReply\x12?\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x18.pdserve.v1.PrefillReply\x12\x41\n\rCancelPrefill\x12\x18.pdserve.v1.AbortRequest\x1a\x16.pdserve.v1.AbortReply\x12\x45\n\tTelemetry\x12\x1c.pdserve.v1.TelemetryRequest\x1a\x1a.pdserve.v1.TelemetryReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,29 +41,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVLAYOUT']._serialized_start=136
   _globals['_KVLAYOUT']._serialized_end=302
   _globals['_WORKERLOAD']._serialized_start=305
-  _globals['_WORKERLOAD']._serialized_end=473
-  _globals['_WORKERINFO']._serialized_start=476
-  _globals['_WORKERINFO']._serialized_end=755
-  _globals['_SUBMITREQUEST']._serialized_start=758
-  _globals['_SUBMITREQUEST']._serialized_end=1017
-  _globals['_SUBMITREPLY']._serialized_start=1019
-  _globals['_SUBMITREPLY']._serialized_end=1032
-  _globals['_ABORTREQUEST']._serialized_start=1034
-  _globals['_ABORTREQUEST']._serialized_end=1069
-  _globals['_ABORTREPLY']._serialized_start=1071
-  _globals['_ABORTREPLY']._serialized_end=1100
-  _globals['_UPDATESREQUEST']._serialized_start=1102
-  _globals['_UPDATESREQUEST']._serialized_end=1118
-  _globals['_STEPUPDATE']._serialized_start=1120
-  _globals['_STEPUPDATE']._serialized_end=1212
-  _globals['_KVHANDSHAKEREQUEST']._serialized_start=1215
-  _globals['_KVHANDSHAKEREQUEST']._serialized_end=1378
-  _globals['_KVHANDSHAKEREPLY']._serialized_start=1380
-  _globals['_KVHANDSHAKEREPLY']._serialized_end=1425
-  _globals['_PREFILLREQUEST']._serialized_start=1428
-  _globals['_PREFILLREQUEST']._serialized_end=1667
-  _globals['_PREFILLREPLY']._serialized_start=1670
-  _globals['_PREFILLREPLY']._serialized_end=1836
-  _globals['_WORKER']._serialized_start=1839
-  _globals['_WORKER']._serialized_end=2378
+  _globals['_WORKERLOAD']._serialized_end=493
+  _globals['_WORKERINFO']._serialized_start=496
+  _globals['_WORKERINFO']._serialized_end=775
+  _globals['_SUBMITREQUEST']._serialized_start=778
+  _globals['_SUBMITREQUEST']._serialized_end=1037
+  _globals['_SUBMITREPLY']._serialized_start=1039
+  _globals['_SUBMITREPLY']._serialized_end=1052
+  _globals['_ABORTREQUEST']._serialized_start=1054
+  _globals['_ABORTREQUEST']._serialized_end=1089
+  _globals['_ABORTREPLY']._serialized_start=1091
+  _globals['_ABORTREPLY']._serialized_end=1120
+  _globals['_UPDATESREQUEST']._serialized_start=1122
+  _globals['_UPDATESREQUEST']._serialized_end=1138
+  _globals['_STEPUPDATE']._serialized_start=1140
+  _globals['_STEPUPDATE']._serialized_end=1232
+  _globals['_KVHANDSHAKEREQUEST']._serialized_start=1235
+  _globals['_KVHANDSHAKEREQUEST']._serialized_end=1398
+  _globals['_KVHANDSHAKEREPLY']._serialized_start=1400
+  _globals['_KVHANDSHAKEREPLY']._serialized_end=1445
+  _globals['_PREFILLREQUEST']._serialized_start=1448
+  _globals['_PREFILLREQUEST']._serialized_end=1687
+  _globals['_PREFILLREPLY']._serialized_start=1690
+  _globals['_PREFILLREPLY']._serialized_end=1856
+  _globals['_WORKER']._serialized_start=1859
+  _globals['_WORKER']._serialized_end=2398
 # @@protoc_insertion_point(module_scope)

@@ -42,20 +42,22 @@ class KVLayout(_message.Message):
     def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., layout: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running_requests", "waiting_requests", "kv_usage", "queued_prefill_tokens", "num_free_blocks", "prefill_tokens_per_s")
+    __slots__ = ("running_requests", "waiting_requests", "kv_usage", "queued_prefill_tokens", "num_free_blocks", "prefill_tokens_per_s", "loop_lag_s")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    LOOP_LAG_S_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     waiting_requests: int
     kv_usage: float
     queued_prefill_tokens: int
     num_free_blocks: int
     prefill_tokens_per_s: float
-    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., queued_prefill_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ...) -> None: ...
+    loop_lag_s: float
+    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., queued_prefill_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., loop_lag_s: _Optional[float] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "model_name", "max_model_len", "vocab_size", "kv_layout", "num_kv_blocks", "load", "kv_transport", "prefill_tokens_per_s")

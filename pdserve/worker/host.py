@@ -54,6 +54,7 @@ class WorkerHost:
         backend = resolve_backend(self.transfer.backend, engine.device)
         self._loop_thread.start()
         hub = UpdateHub(self._loop)
+        self._lag_task = asyncio.run_coroutine_threadsafe(hub.lag.run(), self._loop)  # ends with the loop
         self.engine_loop = EngineLoop(engine, on_step=lambda output: self._on_step(hub, output))
         context = WorkerContext(self.worker_id, self.role.name, self.host, self.engine_loop, self._loop,
                                 self.transfer, backend)
@@ -150,6 +151,9 @@ class WorkerHost:
             self._run(self.role.close()).result(30)
             self._hub_close()
             self.engine_loop.stop()
+        lag_task = getattr(self, "_lag_task", None)
+        if lag_task is not None:
+            lag_task.cancel()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(10)
 

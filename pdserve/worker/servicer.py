@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
+from pdserve.common.loop_lag import LoopLagMonitor
 from pdserve.common.outputs import RequestDelta
 from pdserve.rpc.convert import delta_to_proto
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
@@ -18,22 +19,25 @@ from pdserve.worker.telemetry import GpuProbe, engine_telemetry
 logger = logging.getLogger(__name__)
 
 
-def load_to_proto(load: LoadReport) -> worker_pb2.WorkerLoad:
+def load_to_proto(load: LoadReport, loop_lag_s: float = 0.0) -> worker_pb2.WorkerLoad:
     return worker_pb2.WorkerLoad(running_requests=load.running_requests, waiting_requests=load.waiting_requests,
                                  kv_usage=load.kv_usage, queued_prefill_tokens=load.queued_prefill_tokens,
-                                 num_free_blocks=load.num_free_blocks, prefill_tokens_per_s=load.prefill_tokens_per_s)
+                                 num_free_blocks=load.num_free_blocks, prefill_tokens_per_s=load.prefill_tokens_per_s,
+                                 loop_lag_s=loop_lag_s)
 
 
 class UpdateHub:
-    """Fans per-step updates out to every ``Updates`` subscriber (asyncio side; fed thread-safely)."""
+    """Fans per-step updates out to every ``Updates`` subscriber (asyncio side; fed thread-safely). Every
+    load it sends carries how late the worker's event loop runs (``lag``)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, lag: LoopLagMonitor | None = None) -> None:
         self._loop = loop
+        self.lag = lag or LoopLagMonitor()
         self._subscribers: set[asyncio.Queue[worker_pb2.StepUpdate | None]] = set()
         self.last_load: LoadReport | None = None
 
     def publish_threadsafe(self, deltas: list[RequestDelta], load: LoadReport) -> None:
-        update = worker_pb2.StepUpdate(deltas=[delta_to_proto(d) for d in deltas], load=load_to_proto(load))
+        update = worker_pb2.StepUpdate(deltas=[delta_to_proto(d) for d in deltas], load=load_to_proto(load, self.lag.lag_s))
         self.last_load = load
         self._loop.call_soon_threadsafe(self._publish, update)
 
@@ -71,7 +75,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                           num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
                                           head_dim=layout.head_dim, layout=layout.layout,
                                           tensor_parallel_size=layout.tensor_parallel_size),
-            num_kv_blocks=engine.kv_layout.num_blocks, load=load_to_proto(self.hub.last_load or load_of(engine)),
+            num_kv_blocks=engine.kv_layout.num_blocks, load=load_to_proto(self.hub.last_load or load_of(engine), self.hub.lag.lag_s),
             kv_transport=self.worker.transfer_backend, prefill_tokens_per_s=engine.prefill_tokens_per_s,
         )
 
@@ -86,7 +90,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         q = self.hub.subscribe()
         try:
             load = self.hub.last_load or await self.worker.on_engine(load_of)
-            yield worker_pb2.StepUpdate(load=load_to_proto(load))  # headers out: the router may route now
+            yield worker_pb2.StepUpdate(load=load_to_proto(load, self.hub.lag.lag_s))  # headers out: the router may route now
             while True:
                 update = await q.get()
                 if update is None:

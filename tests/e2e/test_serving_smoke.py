@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import ray
 
-from benchmarks.serve import run_point
 from benchmarks.serving.handoff import PHASES, breakdown
+from benchmarks.serving.point import measure_point
 from benchmarks.serving.workload import fixed_workload, poisson_schedule
 from tests.e2e.cluster_support import start_cluster
 
@@ -16,8 +14,8 @@ def test_serving_benchmark_smoke(ray_session) -> None:
     cluster = start_cluster("disaggregated")
     try:
         specs = fixed_workload(6, input_len=40, output_len=8, seed=1, vocab=250)
-        summary = asyncio.run(run_point(cluster.router_address, specs, poisson_schedule(6, 4.0, seed=1),
-                                        "smoke", [(5.0, 1.0)]))
+        summary = measure_point(cluster.router_address, specs, poisson_schedule(6, 4.0, seed=1),
+                                "smoke", [(5.0, 1.0)])  # from a process of its own
         timings = {w.role: ray.get(w.actor.timings.remote()) for w in cluster.workers}
     finally:
         cluster.stop()
@@ -26,7 +24,9 @@ def test_serving_benchmark_smoke(ray_session) -> None:
     assert summary["slo_attainment"]["ttft<=5000ms,tpot<=1000ms"] == 1.0
     assert summary["ttft_s"]["p50"] > 0 and summary["tpot_s"]["p50"] > 0
     first = summary["load_series"][0]  # the router's view of the workers, sampled during the run
-    assert len(first) == 2 + 5 * 2 and {"prefill", "decode"} <= {str(v).split("-")[0] for v in first[2::5]}, first
+    assert len(first) == 3 + 6 * 2 and {"prefill", "decode"} <= {str(v).split("-")[0] for v in first[3::6]}, first
+    lags = summary["loop_lag_max_ms"]  # every event loop on the way reports how late it runs
+    assert set(lags) == {"router", *first[3::6]} and all(v >= 0 for v in lags.values()), lags
     phases = breakdown(timings, "smoke", summary["records"], summary["wall_start"])
     assert phases["remote_prefills"] == 6, phases  # every prompt of 40 tokens went to the prefill worker
     for name, _, _ in PHASES:  # every phase of the handoff is stamped on both sides, in order

@@ -61,6 +61,8 @@ def test_metrics_after_finished_and_cancelled_requests() -> None:
         assert itl >= 2 and s[_key("vllm:inter_token_latency_seconds_bucket", le="+Inf")] == itl
         for worker, role in (("p0", "prefill"), ("d0", "decode")):
             assert s[_key("pdserve:worker_healthy", worker=worker, role=role)] == 1
+            assert 0 <= s[_key("pdserve:worker_event_loop_lag_seconds", worker=worker, role=role)] < 5
+        assert 0 <= s[_key("pdserve:router_event_loop_lag_seconds")] < 5  # how late the router's loop runs
         assert re.search(r"^# TYPE vllm:time_to_first_token_seconds histogram$", text, re.M)
         # the workers' own series, from their telemetry, on the same scrape target
         d0 = {"worker": "d0", "role": "decode"}

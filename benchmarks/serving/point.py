@@ -1,0 +1,94 @@
+"""One load point against a router: the schedule's requests streamed through the SDK, the workers' load
+sampled meanwhile, everything summarised.
+
+:func:`measure_point` runs it in a process of its own. The benchmarks start the cluster in-process, and
+the router's event loop runs on a thread of that process: a load generator on the same interpreter would
+share the router's GIL, and at thousands of streamed tokens a second each side's per-message work slows
+the other (a client is elsewhere in a deployment). :func:`run_point` is the coroutine itself (the CPU smoke
+test awaits it directly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import multiprocessing
+import time
+from typing import Any
+
+from benchmarks.serving.loadgen import client_stream, run_schedule
+from benchmarks.serving.metrics import summarize
+from benchmarks.serving.workload import RequestSpec
+
+_CLIENT_PROCESS: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+def measure_point(address: str, specs: list[RequestSpec], offsets: list[float], run_id: str,
+                  slos: list[tuple[float, float]]) -> dict[str, Any]:
+    """:func:`run_point` in the load-generator process (spawned once, reused for every point)."""
+    global _CLIENT_PROCESS
+    if _CLIENT_PROCESS is None:
+        _CLIENT_PROCESS = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return _CLIENT_PROCESS.submit(_run_point_blocking, address, specs, offsets, run_id, slos).result()
+
+
+def _run_point_blocking(address: str, specs: list[RequestSpec], offsets: list[float], run_id: str,
+                        slos: list[tuple[float, float]]) -> dict[str, Any]:
+    return asyncio.run(run_point(address, specs, offsets, run_id, slos))
+
+
+async def run_point(address: str, specs: list[RequestSpec], offsets: list[float], run_id: str,
+                    slos: list[tuple[float, float]]) -> dict[str, Any]:
+    from pdserve.client import AsyncClient
+
+    async with AsyncClient(address, timeout=600) as client:
+        sampler = asyncio.create_task(sample_load(client))
+        try:
+            records, duration, wall_start = await run_schedule(client_stream(client, run_id), specs, offsets,
+                                                               label=run_id)
+        finally:
+            sampler.cancel()
+        load = await asyncio.gather(sampler, return_exceptions=True)
+    summary = summarize(records, duration, slos)
+    summary["wall_start"] = wall_start
+    summary["load_series"] = load[0] if isinstance(load[0], list) else []
+    summary["loop_lag_max_ms"] = loop_lag_max_ms(summary["load_series"])
+    summary["records"] = [r.to_dict() for r in records]  # moved out of the summary file when written
+    return summary
+
+
+LOAD_SAMPLE_S = 0.5
+
+
+async def sample_load(client: Any) -> list[list[Any]]:
+    """Until cancelled: every :data:`LOAD_SAMPLE_S`, each worker's load as the router sees it (a row of
+    time.time(), requests in the router, the router's event-loop lag, then worker id, running, waiting, KV
+    use, queued prefill tokens, event-loop lag per worker): where requests wait when TTFT grows during a
+    point. Returns the rows when cancelled."""
+    rows: list[list[Any]] = []
+    try:
+        while True:
+            try:
+                status = await client.cluster_status(timeout=5)
+            except Exception:  # noqa: BLE001 (a missed sample; the run goes on)
+                status = None
+            if status is not None:
+                row: list[Any] = [round(time.time(), 3), status.requests_in_flight,
+                                  round(status.router_loop_lag_s, 6)]
+                for w in status.workers:
+                    row += [w.worker_id, w.running_requests, w.waiting_requests, round(w.kv_usage, 3),
+                            w.queued_prefill_tokens, round(w.loop_lag_s, 6)]
+                rows.append(row)
+            await asyncio.sleep(LOAD_SAMPLE_S)
+    except asyncio.CancelledError:
+        return rows
+
+
+def loop_lag_max_ms(rows: list[list[Any]]) -> dict[str, float]:
+    """The largest event-loop lag seen during a point: the router's, and each worker's (ms)."""
+    out: dict[str, float] = {}
+    for row in rows:
+        out["router"] = max(out.get("router", 0.0), row[2] * 1e3)
+        for i in range(3, len(row), 6):
+            out[row[i]] = max(out.get(row[i], 0.0), row[i + 5] * 1e3)
+    return {k: round(v, 1) for k, v in out.items()}
