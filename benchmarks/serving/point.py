@@ -62,9 +62,9 @@ LOAD_SAMPLE_S = 0.5
 
 async def sample_load(client: Any) -> list[list[Any]]:
     """Until cancelled: every :data:`LOAD_SAMPLE_S`, each worker's load as the router sees it (a row of
-    time.time(), requests in the router, the router's event-loop lag, then worker id, running, waiting, KV
-    use, queued prefill tokens, event-loop lag per worker): where requests wait when TTFT grows during a
-    point. Returns the rows when cancelled."""
+    time.time(), requests in the router, the router's event-loop lag and longest garbage collection, then
+    worker id, running, waiting, KV use, queued prefill tokens, event-loop lag per worker): where requests
+    wait when TTFT grows during a point. Returns the rows when cancelled."""
     rows: list[list[Any]] = []
     try:
         while True:
@@ -74,7 +74,7 @@ async def sample_load(client: Any) -> list[list[Any]]:
                 status = None
             if status is not None:
                 row: list[Any] = [round(time.time(), 3), status.requests_in_flight,
-                                  round(status.router_loop_lag_s, 6)]
+                                  round(status.router_loop_lag_s, 6), round(status.router_gc_pause_s, 6)]
                 for w in status.workers:
                     row += [w.worker_id, w.running_requests, w.waiting_requests, round(w.kv_usage, 3),
                             w.queued_prefill_tokens, round(w.loop_lag_s, 6)]
@@ -84,11 +84,19 @@ async def sample_load(client: Any) -> list[list[Any]]:
         return rows
 
 
+#: Lags and pauses are maxima over the last 2 s (``LoopLagMonitor``, ``GcPauses``): samples this early in a
+#: point may still show what happened before it (the benchmark writing its checkpoint between points).
+WINDOW_S = 2.0
+
+
 def loop_lag_max_ms(rows: list[list[Any]]) -> dict[str, float]:
-    """The largest event-loop lag seen during a point: the router's, and each worker's (ms)."""
+    """The largest event-loop lag seen during a point: the router's, and each worker's (ms); and the router
+    process's longest garbage collection ("router gc")."""
     out: dict[str, float] = {}
-    for row in rows:
+    late = [row for row in rows if row[0] >= rows[0][0] + WINDOW_S] or rows[-1:]  # (a point shorter than a window)
+    for row in late:
         out["router"] = max(out.get("router", 0.0), row[2] * 1e3)
-        for i in range(3, len(row), 6):
+        out["router gc"] = max(out.get("router gc", 0.0), row[3] * 1e3)
+        for i in range(4, len(row), 6):
             out[row[i]] = max(out.get(row[i], 0.0), row[i + 5] * 1e3)
     return {k: round(v, 1) for k, v in out.items()}

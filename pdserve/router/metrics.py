@@ -110,6 +110,9 @@ class RouterMetrics:
         self._loop_lag = Gauge("pdserve:router_event_loop_lag_seconds", "How late the router's event loop runs its "
                                "callbacks (largest over the last 2 s): every request waits that long at each hop "
                                "through the router.", ["model_name"], registry=r).labels(model)
+        self._gc_pause = Gauge("pdserve:router_gc_pause_seconds", "The longest garbage collection in the router's "
+                               "process over the last 2 s (it stops the router's loop meanwhile).", ["model_name"],
+                               registry=r).labels(model)
         self.log = RequestLog()  # the dashboard's windowed figures
         self.placement_counts: collections.Counter[str] = collections.Counter()
         self.streams_moved = 0
@@ -121,10 +124,11 @@ class RouterMetrics:
     def attach(self, workers: Callable[[], Iterable[WorkerState]],
                telemetry: Callable[[], Mapping[str, dict[str, Any]]],
                planner: Callable[[], Mapping[str, Any] | None] = lambda: None,
-               loop_lag_s: Callable[[], float] = float) -> None:
+               loop_lag_s: Callable[[], float] = float, gc_pause_s: Callable[[], float] = float) -> None:
         """Where the per-worker series (and the planner's, and the router loop's lag) come from at scrape time."""
         self._workers, self._telemetry, self._planner = workers, telemetry, planner
         self._loop_lag.set_function(loop_lag_s)
+        self._gc_pause.set_function(gc_pause_s)
 
     # -- recording (router event loop) ----------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from pdserve.common.errors import ConfigError
+from pdserve.common.gc_pauses import GcPauses, freeze_startup_heap, thaw_heap
 from pdserve.common.loop_lag import LoopLagMonitor
 from pdserve.planner.plan import configuration_name
 from pdserve.router.admission import AdmissionControl
@@ -75,12 +76,13 @@ class Router:
         self.metrics = RouterMetrics(model, deadline_s=config.request_timeout_s)
         self.telemetry = TelemetryPoller(self.registry)
         self.loop_lag = LoopLagMonitor()  # how late this loop runs: ClusterStatus, the load samples
+        self.gc_pauses = GcPauses()  # the process's garbage-collection pauses (installed while serving)
         self.planner = (OnlinePlanner(config, self.metrics.log, lambda: len(self.workers),
                                       lambda: self.telemetry.snapshots, self.configuration_name, self.switch_one)
                         if config.planner_mode != "off" else None)
         self.metrics.attach(self.registry.all, lambda: self.telemetry.snapshots,
                             lambda: self.planner.latest if self.planner is not None else None,
-                            lambda: self.loop_lag.lag_s)
+                            lambda: self.loop_lag.lag_s, lambda: self.gc_pauses.max_pause_s)
         self.dispatcher = Dispatcher(
             config, self.mode, self.registry, self.table,
             decode_policy or LeastLoadedDecodePolicy(DecodePolicyConfig(
@@ -135,7 +137,7 @@ class Router:
                                        admission=AdmissionControl(self.registry, self.mode,
                                                                   self.config.admission_max_ttft_s),
                                        scaler=lambda: self.scaler, switcher=lambda: self.role_switcher,
-                                       loop_lag=self.loop_lag)
+                                       loop_lag=self.loop_lag, gc_pauses=self.gc_pauses)
             keys = ApiKeys.load(self.config.api_keys_file)
             tls = read_tls(self.config)
             self._server = await start_server(
@@ -168,6 +170,9 @@ class Router:
                 logger.warning("worker %s (%s, %s) is not usable yet, will retry: %s", state.worker_id,
                                state.role.value, state.endpoint.address,
                                state.last_error or "its Updates stream did not connect")
+        frozen = freeze_startup_heap()  # start-up's objects leave the collector's scans (common/gc_pauses.py)
+        self.gc_pauses.install()
+        logger.debug("froze %d start-up objects out of garbage collection", frozen)
         healthy = sum(s.routable for s in self.registry.all())
         logger.info("router serving %s (%s) on port %d%s%s; %d/%d workers healthy", self.model, self.mode.value,
                     self._server.port, " (TLS)" if tls else "",
@@ -219,6 +224,8 @@ class Router:
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop serving: calls still running after ``grace`` s are cancelled (and aborted at their
         workers); then the streams and channels close. Safe to call twice."""
+        self.gc_pauses.uninstall()
+        thaw_heap()
         if self._http is not None:
             await self._http.stop()
             self._http = None

@@ -18,6 +18,7 @@ from typing import NoReturn, TypeVar
 import grpc
 
 from pdserve.common.errors import InvalidParameterError, PromptTooLongError
+from pdserve.common.gc_pauses import GcPauses
 from pdserve.common.loop_lag import LoopLagMonitor
 from pdserve.common.validation import require_text
 from pdserve.router.admission import AdmissionControl, AdmissionRejectedError
@@ -52,8 +53,9 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
                  admission: AdmissionControl | None = None,
                  scaler: Callable[[], Callable[[str, int, float | None], list[str]] | None] = lambda: None,
                  switcher: Callable[[], Callable[[str, str, float | None], str] | None] = lambda: None,
-                 loop_lag: LoopLagMonitor | None = None) -> None:
+                 loop_lag: LoopLagMonitor | None = None, gc_pauses: GcPauses | None = None) -> None:
         self._loop_lag = loop_lag
+        self._gc_pauses = gc_pauses
         self._scaler = scaler
         self._switcher = switcher
         self._metrics = metrics
@@ -97,7 +99,8 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
         workers = tuple(_worker_status(s) for s in self._registry.all())
         return cluster_status_to_proto(ClusterStatus(
             mode=self._mode.value, model=self._model, workers=workers, requests_in_flight=len(self._table),
-            router_loop_lag_s=self._loop_lag.lag_s if self._loop_lag is not None else 0.0))
+            router_loop_lag_s=self._loop_lag.lag_s if self._loop_lag is not None else 0.0,
+            router_gc_pause_s=self._gc_pauses.max_pause_s if self._gc_pauses is not None else 0.0))
 
     async def ScalePool(self, request: pdserve_pb2.ScalePoolRequest,
                         context: grpc.aio.ServicerContext) -> pdserve_pb2.ScalePoolResponse:

@@ -110,10 +110,12 @@ def worker_status_from_proto(msg: pdserve_pb2.WorkerStatus) -> WorkerStatus:
 def cluster_status_to_proto(status: ClusterStatus) -> pdserve_pb2.ClusterStatusResponse:
     return pdserve_pb2.ClusterStatusResponse(
         mode=status.mode, model=status.model, workers=[worker_status_to_proto(w) for w in status.workers],
-        requests_in_flight=status.requests_in_flight, router_loop_lag_s=status.router_loop_lag_s)
+        requests_in_flight=status.requests_in_flight, router_loop_lag_s=status.router_loop_lag_s,
+        router_gc_pause_s=status.router_gc_pause_s)
 
 
 def cluster_status_from_proto(msg: pdserve_pb2.ClusterStatusResponse) -> ClusterStatus:
     return ClusterStatus(mode=msg.mode, model=msg.model,
                          workers=tuple(worker_status_from_proto(w) for w in msg.workers),
-                         requests_in_flight=msg.requests_in_flight, router_loop_lag_s=msg.router_loop_lag_s)
+                         requests_in_flight=msg.requests_in_flight, router_loop_lag_s=msg.router_loop_lag_s,
+                         router_gc_pause_s=msg.router_gc_pause_s)

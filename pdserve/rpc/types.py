@@ -128,6 +128,7 @@ class ClusterStatus:
     workers: tuple[WorkerStatus, ...] = ()
     requests_in_flight: int = 0
     router_loop_lag_s: float = 0.0  # how late the router's event loop runs now (s)
+    router_gc_pause_s: float = 0.0  # the longest garbage collection in the router's process, last 2 s
 
     @property
     def healthy_workers(self) -> tuple[WorkerStatus, ...]:

@@ -128,15 +128,17 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., queued_prefill_tokens: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., restarts: _Optional[int] = ..., last_recovery_s: _Optional[float] = ..., loop_lag_s: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("mode", "model", "workers", "requests_in_flight", "router_loop_lag_s")
+    __slots__ = ("mode", "model", "workers", "requests_in_flight", "router_loop_lag_s", "router_gc_pause_s")
     MODE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     ROUTER_LOOP_LAG_S_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_GC_PAUSE_S_FIELD_NUMBER: _ClassVar[int]
     mode: str
     model: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     requests_in_flight: int
     router_loop_lag_s: float
-    def __init__(self, mode: _Optional[str] = ..., model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., router_loop_lag_s: _Optional[float] = ...) -> None: ...
+    router_gc_pause_s: float
+    def __init__(self, mode: _Optional[str] = ..., model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., router_loop_lag_s: _Optional[float] = ..., router_gc_pause_s: _Optional[float] = ...) -> None: ...

@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from pdserve.common.config import EngineConfig
+from pdserve.common.gc_pauses import freeze_startup_heap, thaw_heap
 from pdserve.common.kv_transfer_config import KVTransferConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.kvtransfer import resolve_backend
@@ -66,6 +67,7 @@ class WorkerHost:
                                               self.host, self.port, service_names=[WORKER_SERVICE],
                                               interceptors=peer_interceptors())).result(60)
         self.address = context.address = format_address(self.host, self._server.port)
+        freeze_startup_heap()  # the engine's objects leave the collector's scans (common/gc_pauses.py)
         self.engine_loop.start()
         logger.info("%s worker %s serving on %s", self.role.name, self.worker_id, self.address)
         return self.address
@@ -151,6 +153,7 @@ class WorkerHost:
             self._run(self.role.close()).result(30)
             self._hub_close()
             self.engine_loop.stop()
+        thaw_heap()
         lag_task = getattr(self, "_lag_task", None)
         if lag_task is not None:
             lag_task.cancel()

@@ -24,9 +24,9 @@ def test_serving_benchmark_smoke(ray_session) -> None:
     assert summary["slo_attainment"]["ttft<=5000ms,tpot<=1000ms"] == 1.0
     assert summary["ttft_s"]["p50"] > 0 and summary["tpot_s"]["p50"] > 0
     first = summary["load_series"][0]  # the router's view of the workers, sampled during the run
-    assert len(first) == 3 + 6 * 2 and {"prefill", "decode"} <= {str(v).split("-")[0] for v in first[3::6]}, first
+    assert len(first) == 4 + 6 * 2 and {"prefill", "decode"} <= {str(v).split("-")[0] for v in first[4::6]}, first
     lags = summary["loop_lag_max_ms"]  # every event loop on the way reports how late it runs
-    assert set(lags) == {"router", *first[3::6]} and all(v >= 0 for v in lags.values()), lags
+    assert set(lags) == {"router", "router gc", *first[4::6]} and all(v >= 0 for v in lags.values()), lags
     phases = breakdown(timings, "smoke", summary["records"], summary["wall_start"])
     assert phases["remote_prefills"] == 6, phases  # every prompt of 40 tokens went to the prefill worker
     for name, _, _ in PHASES:  # every phase of the handoff is stamped on both sides, in order
