@@ -216,14 +216,15 @@ class ClusterSimulation:
         for a in worker.running:
             shape = shape.plus_decode(a.outcome.request.prompt_tokens + a.produced)
         budget = spec.max_batch_tokens - len(chunks)
+        budget_s = spec.step_budget_s if worker.running else None  # as the engine: no decodes, no time budget
         prefill_taken = False
         for a in worker.waiting:
             if budget <= 0 or len(chunks) >= spec.max_running:  # a running batch of max_running at most
                 break
             left = a.outcome.request.prompt_tokens - a.computed
             n = min(left, budget)
-            if spec.step_budget_s is not None and shape.tokens:
-                fits = self.model.max_chunk_tokens(shape, spec.step_budget_s, n, a.computed)
+            if budget_s is not None:
+                fits = self.model.max_chunk_tokens(shape, budget_s, n, a.computed)
                 if fits == 0 and not prefill_taken:
                     fits = min(n, spec.min_prefill_chunk)
                 n = fits

@@ -154,3 +154,14 @@ def test_a_round_in_a_child_interpreter_gives_what_plan_gives() -> None:
     assert asyncio.run(plan_in_subprocess(profile, workload, 2, **args)) == here
     with pytest.raises(RuntimeError, match="the planning process exited with 1"):
         asyncio.run(plan_in_subprocess(profile, workload, 0, **args))
+
+
+def test_a_step_without_decodes_is_not_cut_to_the_tpot_budget() -> None:
+    """As the engine's scheduler: the TPOT budget protects running decodes; a step with none takes its
+    whole token budget (here two 1,000-token prompts that queued behind a one-token request, in one step,
+    though 1 ms could not hold them)."""
+    model = StepTimeModel(base_s=4e-3, per_token_s=25e-6, free_tokens=128)
+    sim = ClusterSimulation(model, colocated=1, colocated_spec=WorkerSpec(max_batch_tokens=4096, step_budget_s=1e-3))
+    outcomes = sim.run([SimRequest(0.0, 10, 1), SimRequest(0.001, 1000, 2), SimRequest(0.001, 1000, 2)])
+    first = [o.first_token_s for o in outcomes[1:]]
+    assert first[0] is not None and first[0] == first[1]
