@@ -11,6 +11,7 @@ test awaits it directly).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import multiprocessing
 import time
@@ -29,6 +30,7 @@ def measure_point(address: str, specs: list[RequestSpec], offsets: list[float], 
     global _CLIENT_PROCESS
     if _CLIENT_PROCESS is None:
         _CLIENT_PROCESS = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        atexit.register(_CLIENT_PROCESS.shutdown)  # before the interpreter tears its modules down
     return _CLIENT_PROCESS.submit(_run_point_blocking, address, specs, offsets, run_id, slos).result()
 
 
