@@ -26,7 +26,8 @@ from typing import Any
 import grpc
 
 from pdserve.common.errors import InvalidParameterError, OutOfCapacityError
-from pdserve.engine.engine import LandingZone, LLMEngine
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.remote_prefill import LandingZone
 from pdserve.kvtransfer import KVReceiver, TransferState, open_receiver
 from pdserve.rpc.auth import peer_channel
 from pdserve.rpc.convert import position_logprobs_from_proto, sampling_params_from_proto, token_ids_to_proto

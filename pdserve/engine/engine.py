@@ -21,9 +21,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
@@ -45,6 +43,7 @@ from pdserve.engine.model.interface import CausalLM
 from pdserve.engine.model.loader import inspect_model_dir
 from pdserve.engine.model.tiny import ensure_tiny_random
 from pdserve.engine.placement import place_model, prepare_attention
+from pdserve.engine.remote_prefill import LandingZone, RemotePrefill, StepHooks
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.request_checks import check_resume, encode_prompt, stop_status
 from pdserve.engine.runner import LaunchedStep, ModelRunner
@@ -66,27 +65,6 @@ def live_engines() -> list[LLMEngine]:
     return list(_LIVE_ENGINES)
 
 
-@dataclass(frozen=True)
-class LandingZone:
-    """Blocks allocated for a remote-prefill request's prompt KV; the first ``num_skip_blocks`` were
-    already filled from this engine's prefix cache and need not be sent."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    block_ids: list[int]
-    num_skip_blocks: int
-
-
-class StepHooks(Protocol):
-    def before_forward(self, plan: SchedulerPlan) -> Callable[[int, torch.Tensor], None] | None:
-        """Called with each plan about to run; may return a per-layer hook for this step's forward."""
-        ...
-
-    def after_forward(self, plan: SchedulerPlan) -> None:
-        """Called once the step's forward pass and sampling are done."""
-        ...
-
-
 def resolve_model_dir(model: str) -> Path:
     return ensure_tiny_random() if model == TINY_RANDOM_MODEL else Path(model).expanduser()
 
@@ -105,7 +83,7 @@ def between_layers(layer_hook: Callable[[int, torch.Tensor], None] | None,
     return hook
 
 
-class LLMEngine:
+class LLMEngine(RemotePrefill):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
@@ -384,36 +362,6 @@ class LLMEngine:
 
     # ---- role entry points ---------------------------------------------------------------------
 
-    def _note_landing_zones(self, requests: list[Request]) -> None:
-        for request in requests:
-            block_ids = self.kv.block_ids(request.request_id)
-            self._landing_zones.append(LandingZone(request.request_id, request.prompt_token_ids, list(block_ids),
-                                                   request.num_computed_tokens // self.kv.block_size))
-
-    def open_landing_zones(self) -> list[LandingZone]:
-        """Open the landing zones of waiting remote-prefill requests now, without a step (also while a
-        step is on the device: a zone touches no request in it), and return every zone not yet taken."""
-        self._note_landing_zones(self.scheduler.open_landing_zones())
-        return self.take_landing_zones()
-
-    def take_landing_zones(self) -> list[LandingZone]:
-        """Landing zones allocated since the last call (decode role: start their transfers now)."""
-        zones, self._landing_zones = self._landing_zones, []
-        return zones
-
-    def complete_remote_prefill(self, request_id: str, first_token_id: int,
-                                logprobs: TokenLogprobs | None = None) -> RequestDelta | None:
-        """The prompt's KV has landed and the prefill worker sampled ``first_token_id``: the request
-        decodes from the next step. Seeded requests skip the draw the prefill worker made, so their
-        tokens equal a single engine's. Returns the first token's delta (None if the id is unknown)."""
-        request = self._requests.get(request_id)
-        if request is None or request.status != RequestStatus.WAITING_FOR_KV:
-            return None
-        self.scheduler.kv_arrived(request)
-        if request.params.seed is not None and not request.params.greedy:
-            self.sampler.skip_draws(request_id, request.params.seed, self.spec.vocab_size, 1)
-        return self._append_token(request, first_token_id, logprobs)
-
     def fail_request(self, request_id: str, error: str, code: str | None = None) -> RequestDelta | None:
         """End a request with an error (e.g. its KV never arrived; ``code``: the gRPC status code name
         callers should see, e.g. ``UNAVAILABLE`` for a retryable fault); frees its blocks once."""
@@ -423,26 +371,6 @@ class LLMEngine:
         request.error, request.error_code = error, code
         self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
         return self._finalize(request, [], None)
-
-    def recompute_locally(self, request_id: str) -> bool:
-        """A remote prefill failed: compute the request's prompt on this engine instead."""
-        request = self._requests.get(request_id)
-        if request is None or request.status != RequestStatus.WAITING_FOR_KV:
-            return False
-        self.scheduler.recompute_locally(request)
-        return True
-
-    def release_held_blocks(self, request_id: str) -> bool:
-        """Free the blocks a finished ``prefill_only`` request kept for sending (exactly once)."""
-        request = self._held.pop(request_id, None)
-        if request is None:
-            return False
-        self.kv.free(request)
-        return True
-
-    @property
-    def num_held_requests(self) -> int:
-        return len(self._held)
 
     def _finalize(self, request: Request, new_ids: list[int], logprobs: TokenLogprobs | None) -> RequestDelta:
         finished = request.is_finished

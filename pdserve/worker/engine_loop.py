@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pdserve.common.outputs import RequestDelta
-from pdserve.engine.engine import LandingZone, LLMEngine
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.remote_prefill import LandingZone
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
