@@ -10,7 +10,7 @@ the same after start-up), so later collections scan only what serving allocates;
 serving stops.
 
 :class:`GcPauses` records how long each collection took (``gc.callbacks``): the largest pause of the
-last ``window_s`` and a count per generation, for status and metrics. Install one per process
+last ``window_s``, for status and metrics. Install one per process
 (``install()``/``uninstall()``); reads from any thread.
 """
 
@@ -41,7 +41,6 @@ def freeze_startup_heap() -> int:
 class GcPauses:
     def __init__(self, window_s: float = 2.0) -> None:
         self.window_s = window_s
-        self.counts = [0, 0, 0]  # collections per generation since install
         self._recent: collections.deque[tuple[float, float]] = collections.deque()  # (ended at, seconds)
         self._started: float | None = None
         self._lock = threading.Lock()
@@ -72,7 +71,5 @@ class GcPauses:
         if self._started is None:
             return
         seconds, self._started = now - self._started, None
-        generation = int(info.get("generation", 0))
         with self._lock:
-            self.counts[min(generation, 2)] += 1
             self._recent.append((now, seconds))

@@ -14,9 +14,6 @@ views of its copy that correspond to views of rank 0's buffers (what the capture
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import torch
 
 from pdserve.engine.attention.metadata import AttentionMetadata
@@ -39,9 +36,7 @@ class RankInputs:
 
     def metadata(self, metadata: AttentionMetadata) -> AttentionMetadata:
         """``metadata`` (over rank 0's buffers) with every tensor replaced by its view on this rank."""
-        moved: dict[str, Any] = {f.name: self.view_of(value) for f in dataclasses.fields(metadata)
-                 if isinstance(value := getattr(metadata, f.name), torch.Tensor)}
-        return dataclasses.replace(metadata, **moved)
+        return metadata.map_tensors(self.view_of)
 
     def feed(self, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Write ``token_ids`` (on rank 0's GPU) into rows ``rows`` of this rank's input ids."""

@@ -42,7 +42,6 @@ Limits: on GPUs the ranks' caches sit on different devices, which the KV transpo
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import threading
 from collections.abc import Callable
@@ -203,7 +202,9 @@ class TensorParallelModel:
         def capture(rank: int, device: torch.device) -> torch.Tensor:
             ids, positions, metadata = inputs[rank]
             model, caches = self.ranks[rank], self.kv_caches[rank]
-            stream = self._capture_streams.setdefault(rank, torch.cuda.Stream(device))
+            if rank not in self._capture_streams:
+                self._capture_streams[rank] = torch.cuda.Stream(device)
+            stream = self._capture_streams[rank]
             stream.wait_stream(torch.cuda.current_stream(device))
             try:
                 with torch.cuda.stream(stream):
@@ -246,6 +247,4 @@ def metadata_on(metadata: AttentionMetadata, device: torch.device) -> AttentionM
     """``metadata`` with its tensors on ``device`` (itself when they are there already)."""
     if metadata.query_start_loc.device == device:
         return metadata
-    moved: dict[str, Any] = {f.name: value.to(device) for f in dataclasses.fields(metadata)
-                             if isinstance(value := getattr(metadata, f.name), torch.Tensor)}
-    return dataclasses.replace(metadata, **moved)
+    return metadata.map_tensors(lambda tensor: tensor.to(device))

@@ -7,7 +7,7 @@ import gc
 from pdserve.common.gc_pauses import GcPauses, freeze_startup_heap
 
 
-def test_collections_are_counted_and_timed() -> None:
+def test_collections_are_timed() -> None:
     pauses = GcPauses(window_s=60).install()
     try:
         garbage = [[] for _ in range(200_000)]
@@ -15,7 +15,6 @@ def test_collections_are_counted_and_timed() -> None:
             item.append(item)
         del garbage
         gc.collect()
-        assert pauses.counts[2] >= 1
         assert pauses.max_pause_s > 0
     finally:
         pauses.uninstall()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -60,6 +63,12 @@ class AttentionMetadata:
     counts: torch.Tensor | None = None  # [2] int32: decode sequences, live query tiles
     query_tiles: torch.Tensor | None = None  # [2, capacity] int32
     launch: LaunchShape | None = None
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AttentionMetadata:
+        """A copy whose every tensor field is ``fn`` of this one's (host lists and counts unchanged)."""
+        mapped: dict[str, Any] = {f.name: fn(value) for f in dataclasses.fields(self)
+                                  if isinstance(value := getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **mapped)
 
     @property
     def is_decode_only(self) -> bool:
