@@ -20,6 +20,7 @@ from pdserve.kvtransfer.base import (
     KVLayoutInfo,
     KVReceiver,
     KVSender,
+    LayerSend,
     TransferHandle,
     TransferState,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_GROUP_NAME",
     "LAYOUT_NAME",
+    "LayerSend",
     "HandshakeError",
     "Header",
     "KVLayoutInfo",

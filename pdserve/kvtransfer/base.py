@@ -16,7 +16,10 @@ Lifecycle of one transfer (``transfer_id`` is chosen by the decode side, unique 
 1. decode: ``receiver.expect(transfer_id, request_id, dst_block_ids, num_layers, deadline_s)``;
 2. prefill: ``handle = sender.begin(transfer_id, request_id, dst_block_ids, num_skip_blocks)``;
 3. prefill, after each layer of each chunk: ``sender.send_layer(handle, layer, kv_caches[layer],
-   src_block_ids, (start, end))`` (returns at once; the copy happens behind compute);
+   src_block_ids, (start, end))`` (returns at once; the copy happens behind compute); or, for every
+   transfer of one forward pass together, ``step = sender.prepare_step([LayerSend(...), ...])`` once and
+   ``sender.send_step_layer(step, layer, kv_caches[layer])`` after each layer (the same messages; a
+   transport may move them as one copy, so the host cost per layer does not grow with the prompts);
 4. prefill, once the first token is sampled: ``sender.finish(handle, [first_token_id])``;
 5. prefill: the source blocks must stay allocated until ``sender.poll(handle)`` is terminal;
    decode: the request may run once ``receiver.poll(handle)`` is ``DONE``; ``handle.payload`` then
@@ -239,6 +242,15 @@ def check_block_ids(block_ids: Sequence[int], num_blocks: int, what: str) -> tup
     return ids
 
 
+@dataclass(frozen=True, eq=False)
+class LayerSend:
+    """One transfer's part of a forward pass: what each layer's ``send_layer`` call would name."""
+
+    handle: TransferHandle
+    src_block_ids: Sequence[int]
+    block_range: tuple[int, int]
+
+
 class _Closable(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
@@ -282,6 +294,19 @@ class KVSender(_Closable):
         except that later writes into a block that is sent again later are fine. A transfer that is
         already terminal (cancelled, failed) ignores the call. Bad arguments raise ``ValueError``.
         """
+
+    def prepare_step(self, sends: Sequence[LayerSend]) -> Any:
+        """What every layer of one forward pass sends, for :meth:`send_step_layer` (the step's layers
+        only; prepare again for the next step). Transports that can move several transfers' blocks of a
+        layer as one copy check the arguments here, once; this default sends them one by one."""
+        return list(sends)
+
+    def send_step_layer(self, step: Any, layer: int, kv_cache_layer: torch.Tensor) -> None:
+        """``send_layer(s.handle, layer, kv_cache_layer, s.src_block_ids, s.block_range)`` for every
+        ``s`` of the prepared ``step``, in order, with the same contract (a transfer that turned terminal
+        meanwhile is skipped)."""
+        for send in step:
+            self.send_layer(send.handle, layer, kv_cache_layer, send.src_block_ids, send.block_range)
 
     @abc.abstractmethod
     def finish(self, handle: TransferHandle, payload: Sequence[int]) -> None:

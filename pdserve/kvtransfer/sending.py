@@ -72,6 +72,8 @@ class SenderCore(KVSender):
         self._closed = False
         self._broken: str | None = None
         self._last_checked_src: tuple[int, ...] = ()
+        #: bumped whenever a transfer ends: a prepared step re-checks which of its transfers still live
+        self._generation = 0
 
     @property
     def layout(self) -> KVLayoutInfo:
@@ -109,40 +111,59 @@ class SenderCore(KVSender):
 
     def send_layer(self, handle: TransferHandle, layer: int, kv_cache_layer: torch.Tensor,
                    src_block_ids: Sequence[int], block_range: tuple[int, int]) -> None:
-        if not 0 <= layer < self._layout.num_layers:
-            raise ValueError(f"layer must lie in [0, {self._layout.num_layers}), got {layer}")
-        start, end = block_range
-        num_dst = len(handle.block_ids)
-        if not 0 <= start <= end <= min(num_dst, len(src_block_ids)):
-            raise ValueError(f"block_range {block_range} must satisfy 0 <= start <= end <= "
-                             f"min(len(dst_block_ids)={num_dst}, len(src_block_ids)={len(src_block_ids)})")
-        if kv_cache_layer.device != self._device:
-            raise ValueError(f"kv_cache_layer is on {kv_cache_layer.device}, this sender's caches on "
-                             f"{self._device}")
-        self._layout.check_layer(kv_cache_layer, "kv_cache_layer")
-        start = max(start, handle.num_skip_blocks)
-        if start >= end:
+        self._check_layer(layer, kv_cache_layer)
+        checked = self._checked_range(handle, src_block_ids, block_range)
+        if checked is None:
             return
-        src = tuple(src_block_ids[start:end])
-        if src != self._last_checked_src:  # every layer of a chunk sends the same blocks: check once
-            check_block_ids(src, int(kv_cache_layer.shape[1]), "src_block_ids")
-            self._last_checked_src = src
+        start, end, src = checked
         header = Header(MessageKind.LAYER, handle.transfer_id, layer, start, end - start,
                         self._layout.payload_nbytes(end - start))
         with self._lock:
             record = self._live_record(handle, "send_layer")
             if record is None:
                 return
-            if record.finishing:
-                raise ValueError(f"send_layer after finish for transfer {handle.transfer_id}")
-            record.num_submitted += 1
-            record.max_end = max(record.max_end, end)
-            if handle.state is TransferState.PENDING:
-                handle.state = TransferState.IN_PROGRESS
+            self._count_layer(record, end)
             contiguous = record.contiguous.get((start, end))
             if contiguous is None:
                 contiguous = record.contiguous[(start, end)] = is_contiguous(handle.block_ids[start:end])
             self._submit(OutgoingMessage(header, kv_cache_layer, src, record_event(self._device), contiguous))
+
+    # -- argument checks and bookkeeping shared with batched sends ---------------------------------
+
+    def _check_layer(self, layer: int, kv_cache_layer: torch.Tensor) -> None:
+        if not 0 <= layer < self._layout.num_layers:
+            raise ValueError(f"layer must lie in [0, {self._layout.num_layers}), got {layer}")
+        if kv_cache_layer.device != self._device:
+            raise ValueError(f"kv_cache_layer is on {kv_cache_layer.device}, this sender's caches on "
+                             f"{self._device}")
+        self._layout.check_layer(kv_cache_layer, "kv_cache_layer")
+
+    def _checked_range(self, handle: TransferHandle, src_block_ids: Sequence[int],
+                       block_range: tuple[int, int]) -> tuple[int, int, tuple[int, ...]] | None:
+        """``(start, end, source ids)`` of the blocks to send (``None``: all below ``num_skip_blocks``),
+        or ``ValueError``."""
+        start, end = block_range
+        num_dst = len(handle.block_ids)
+        if not 0 <= start <= end <= min(num_dst, len(src_block_ids)):
+            raise ValueError(f"block_range {block_range} must satisfy 0 <= start <= end <= "
+                             f"min(len(dst_block_ids)={num_dst}, len(src_block_ids)={len(src_block_ids)})")
+        start = max(start, handle.num_skip_blocks)
+        if start >= end:
+            return None
+        src = tuple(src_block_ids[start:end])
+        if src != self._last_checked_src:  # every layer of a chunk sends the same blocks: check once
+            check_block_ids(src, self._num_blocks, "src_block_ids")
+            self._last_checked_src = src
+        return start, end, src
+
+    def _count_layer(self, record: _Outgoing, end: int) -> None:
+        """Under the lock: one more LAYER message of ``record``'s transfer, covering blocks below ``end``."""
+        if record.finishing:
+            raise ValueError(f"send_layer after finish for transfer {record.handle.transfer_id}")
+        record.num_submitted += 1
+        record.max_end = max(record.max_end, end)
+        if record.handle.state is TransferState.PENDING:
+            record.handle.state = TransferState.IN_PROGRESS
 
     def finish(self, handle: TransferHandle, payload: Sequence[int]) -> None:
         ints = check_payload_ints(payload)
@@ -230,6 +251,7 @@ class SenderCore(KVSender):
 
     def _end(self, record: _Outgoing, state: TransferState, error: str | None) -> None:
         handle = record.handle
+        self._generation += 1
         if not handle.state.is_terminal:
             handle.state, handle.error = state, error
         self._records.pop(handle.transfer_id, None)

@@ -3,9 +3,9 @@ landing zone as soon as the layer is written, and reply with the first token onc
 
 Per ``Prefill`` call: the engine admits the prompt ``prefill_only`` (it finishes after the first token
 but keeps its blocks) -> before each step's forward pass this role notes which of the step's chunks
-belong to transfers and installs a per-layer hook -> after each layer the hook enqueues that chunk's
-blocks of that layer on the sender (which copies on its own CUDA stream, so later layers keep
-computing) -> the step samples the first token, the role enqueues the final message carrying it ->
+belong to transfers and installs a per-layer hook (``layer_streaming``) -> after each layer the hook
+enqueues that layer's blocks of every such chunk on their senders (one call per decode worker; CUDA IPC
+copies them with one kernel on its own stream, so later layers keep computing) -> the step samples the first token, the role enqueues the final message carrying it ->
 once the sender reports the transfer done, the blocks are released and the call answers. Deadlines,
 cancellation (``CancelPrefill``) and failures release the blocks exactly once and cancel the transfer.
 """
@@ -25,9 +25,9 @@ import torch
 
 from pdserve.common.errors import InvalidParameterError, OutOfCapacityError
 from pdserve.common.outputs import RequestDelta
-from pdserve.engine.kv_cache.tensors import head_group_views
 from pdserve.engine.scheduler import SchedulerPlan
 from pdserve.kvtransfer import HandshakeError, KVLayoutInfo, KVSender, TransferState, open_sender
+from pdserve.prefill.layer_streaming import StreamedTransfer, layer_hook_for_step
 from pdserve.rpc.convert import position_logprobs_to_proto, sampling_params_from_proto
 from pdserve.rpc.status import abort_with
 from pdserve.v1 import worker_pb2
@@ -42,13 +42,9 @@ TIMINGS_KEPT = 8192
 
 
 @dataclass(eq=False)
-class _Transfer:
-    sender: KVSender
-    handle: Any
-    first: asyncio.Future[RequestDelta]
-    sent_upto_block: int = 0  # blocks before this were sent by an earlier chunk (0: nothing yet)
+class _Transfer(StreamedTransfer):
+    first: asyncio.Future[RequestDelta] = field(kw_only=True)
     started: float = field(default_factory=time.perf_counter)
-    timing: dict[str, float] = field(default_factory=lambda: {"received_at": time.time()})
 
 
 class PrefillRole(Role):
@@ -115,7 +111,7 @@ class PrefillRole(Role):
         deadline = loop.time() + (request.deadline_s or self.worker.transfer.timeout_s)
         assert sender is not None
         handle = sender.begin(request.transfer_id, rid, list(request.block_ids), request.num_skip_blocks)
-        transfer = _Transfer(sender, handle, loop.create_future())
+        transfer = _Transfer(sender, handle, first=loop.create_future())
         self._active[rid] = transfer
         try:
             await self.worker.on_engine(
@@ -189,32 +185,8 @@ class PrefillRole(Role):
 
     def before_forward(self, plan: SchedulerPlan) -> Callable[[int, torch.Tensor], None] | None:
         """Note which blocks of this step's chunks to stream; return the per-layer hook (or None)."""
-        bs = self.worker.engine.kv.block_size
-        work = []
-        for chunk in plan.chunks:
-            transfer = self._active.get(chunk.request.request_id)
-            if transfer is None:
-                continue
-            end_block = -(-(chunk.start + chunk.num_tokens) // bs)
-            start_block = 0 if transfer.sent_upto_block == 0 else chunk.start // bs
-            transfer.sent_upto_block = end_block
-            work.append((transfer, chunk.block_ids, (start_block, end_block)))
-            transfer.timing.setdefault("first_step_started_at", time.time())
-            if chunk.samples:
-                transfer.timing.setdefault("last_step_started_at", time.time())
-        if not work:
-            return None
-
-        per_cache = self.worker.head_groups // self.worker.engine.tensor_parallel_size
-
-        def after_layer(layer: int, kv_cache: torch.Tensor) -> None:  # layer: a rank's cache, layer-major
-            views = head_group_views(kv_cache, per_cache)
-            for transfer, src_blocks, block_range in work:
-                for group, view in enumerate(views):
-                    transfer.sender.send_layer(transfer.handle, layer * per_cache + group, view, src_blocks,
-                                               block_range)
-
-        return after_layer
+        return layer_hook_for_step(plan, self._active, self.worker.engine.kv.block_size,
+                                   self.worker.head_groups // self.worker.engine.tensor_parallel_size)
 
     def after_forward(self, plan: SchedulerPlan) -> None:
         """Engine thread, once the step's forward and sampling finished (the host has the tokens)."""

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from pdserve.kvtransfer import (
     HandshakeError,
     KVLayoutInfo,
+    LayerSend,
     LoopbackChannel,
     TransferState,
     open_receiver,
@@ -174,3 +175,22 @@ def test_receiver_refuses_a_joining_sender_with_another_layout() -> None:
         assert json.loads(open_once(key, receiver_context("refuse"), bytes(root.get("receiver"))))["backend"] == "gloo"
     finally:
         receiver.close()
+
+
+def test_a_prepared_step_on_a_transport_without_batching_sends_layer_by_layer() -> None:
+    src, dst = _caches(), [torch.zeros_like(c) for c in _caches()]
+    channel = LoopbackChannel(src, _layout(src), dst)
+    try:
+        sender, receiver = channel.sender, channel.receiver
+        rh1, rh2 = receiver.expect(1, "a", [0, 1], 2, 5.0), receiver.expect(2, "b", [2], 2, 5.0)
+        sh1, sh2 = sender.begin(1, "a", [0, 1]), sender.begin(2, "b", [2])
+        step = sender.prepare_step([LayerSend(sh1, [4, 5], (0, 2)), LayerSend(sh2, [7], (0, 1))])
+        for layer in range(2):
+            sender.send_step_layer(step, layer, src[layer])
+        sender.finish(sh1, [1])
+        sender.finish(sh2, [2])
+        assert receiver.wait(rh1, 5.0) is TransferState.DONE and receiver.wait(rh2, 5.0) is TransferState.DONE
+        for layer in range(2):
+            assert torch.equal(dst[layer][:, [0, 1, 2]], src[layer][:, [4, 5, 7]])
+    finally:
+        channel.close()

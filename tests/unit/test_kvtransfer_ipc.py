@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pdserve.engine.kernels import triton_available
-from pdserve.kvtransfer import HandshakeError, KVLayoutInfo, TransferState, open_receiver
+from pdserve.kvtransfer import HandshakeError, KVLayoutInfo, LayerSend, TransferState, open_receiver
 from pdserve.kvtransfer.block_copy import copy_blocks, copy_blocks_reference
 from pdserve.kvtransfer.cuda_ipc import IpcUnavailable, host_identity, map_caches
 from pdserve.kvtransfer.ipc_sender import open_ipc_sender
@@ -61,6 +61,58 @@ def test_one_sided_writes_land_before_finish_and_only_in_the_transfers_blocks() 
             assert not dst[layer][:, [9]].any()  # below num_skip_blocks: never written
             untouched = [b for b in range(10) if b not in (3, 5)]
             assert not dst[layer][:, untouched].any()
+
+
+def test_a_prepared_step_writes_every_transfers_blocks_as_per_call_sends_would() -> None:
+    with _pair("ipc-step", num_dst_blocks=10) as (receiver, sender, src, dst):
+        # transfer 1: blocks [0, 2) of a chunked prompt with one skipped block; transfer 2: a whole prompt
+        rh1, rh2 = receiver.expect(1, "a", [9, 3, 5], 3, 10.0), receiver.expect(2, "b", [0, 1], 3, 10.0)
+        sh1, sh2 = sender.begin(1, "a", [9, 3, 5], num_skip_blocks=1), sender.begin(2, "b", [0, 1])
+        first = sender.prepare_step([LayerSend(sh1, [1, 2, 7], (0, 2)), LayerSend(sh2, [6, 4], (0, 2))])
+        for layer in range(3):
+            sender.send_step_layer(first, layer, src[layer])
+        sender.finish(sh2, [7])
+        second = sender.prepare_step([LayerSend(sh1, [1, 2, 7], (2, 3))])  # the prompt's next chunk
+        for layer in range(3):
+            sender.send_step_layer(second, layer, src[layer])
+        sender.finish(sh1, [42])
+        assert receiver.wait(rh1, 10.0) is TransferState.DONE and receiver.wait(rh2, 10.0) is TransferState.DONE
+        assert (rh1.first_token, rh2.first_token) == (42, 7)
+        for layer in range(3):
+            assert torch.equal(dst[layer][:, [3, 5, 0, 1]], src[layer][:, [2, 7, 6, 4]])
+            assert not dst[layer][:, [2, 4, 6, 7, 8, 9]].any()  # skipped or not the transfers' blocks
+
+
+def test_a_transfer_cancelled_mid_step_gets_no_more_layers_the_others_do() -> None:
+    with _pair("ipc-step-cancel") as (receiver, sender, src, dst):
+        receiver.expect(1, "a", [0], 3, 10.0)
+        rh2 = receiver.expect(2, "b", [1], 3, 10.0)
+        sh1, sh2 = sender.begin(1, "a", [0]), sender.begin(2, "b", [1])
+        step = sender.prepare_step([LayerSend(sh1, [5], (0, 1)), LayerSend(sh2, [6], (0, 1))])
+        sender.send_step_layer(step, 0, src[0])
+        sender.cancel(sh1)
+        for layer in (1, 2):
+            sender.send_step_layer(step, layer, src[layer])
+        sender.finish(sh2, [3])
+        assert receiver.wait(rh2, 10.0) is TransferState.DONE
+        assert torch.equal(dst[0][:, 0], src[0][:, 5])  # written before the cancel
+        assert not dst[1][:, 0].any() and not dst[2][:, 0].any()
+        assert all(torch.equal(dst[layer][:, 1], src[layer][:, 6]) for layer in range(3))
+
+
+def test_prepare_step_checks_its_arguments() -> None:
+    with _pair("ipc-step-bad") as (_, sender, src, _dst):
+        handle = sender.begin(1, "a", [0, 1])
+        with pytest.raises(ValueError, match="src_block_ids must lie"):
+            sender.prepare_step([LayerSend(handle, [0, 99], (0, 2))])
+        with pytest.raises(ValueError, match="block_range"):
+            sender.prepare_step([LayerSend(handle, [0, 1], (0, 3))])
+        step = sender.prepare_step([LayerSend(handle, [0, 1], (0, 2))])
+        with pytest.raises(ValueError, match="layer must lie"):
+            sender.send_step_layer(step, 3, src[0])
+        sender.finish(handle, [1])
+        with pytest.raises(ValueError, match="after finish"):
+            sender.prepare_step([LayerSend(handle, [0, 1], (0, 2))])
 
 
 def test_cancel_reaches_the_receiver_and_stops_the_writes() -> None:
