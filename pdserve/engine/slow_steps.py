@@ -1,5 +1,5 @@
 """Stall reports: a step whose launch (host work) or whose wait for the device takes longer than
-``SLOW_STEP_S`` is logged with what it carried and where the launch's host time went, and with
+``SLOW_STEP_S`` (``PDSERVE_SLOW_STEP_MS`` milliseconds when set: a diagnostic) is logged with what it carried and where the launch's host time went, and with
 ``PDSERVE_PROFILE_SLOW_STEPS=1`` (a diagnostic: it slows every launch) the Python calls it went to.
 Stalls of this kind (a kernel compiled or an attention plan built on first use of a shape) stop every
 stream of a worker at once; the log names them so they can be moved to start-up.
@@ -22,7 +22,7 @@ from pdserve.engine.scheduler import SchedulerPlan
 
 logger = logging.getLogger("pdserve.engine.engine")
 #: A step whose launch, or whose wait for the device, takes longer is logged.
-SLOW_STEP_S = 0.25
+SLOW_STEP_S = float(os.environ.get("PDSERVE_SLOW_STEP_MS", "250")) / 1e3
 
 
 def describe_plan(plan: SchedulerPlan) -> str:
