@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.attention.dense_prefill import dense_length, dense_lengths, dense_prefill
+from pdserve.engine.attention.dense_prefill import dense_length, dense_lengths, dense_prefill, takes_dense_prefill
 
 
 def test_bucketed_lengths_cover_every_length_with_at_most_an_eighth_more() -> None:
@@ -14,6 +14,14 @@ def test_bucketed_lengths_cover_every_length_with_at_most_an_eighth_more() -> No
     for n in range(1, 8193):
         padded = dense_length(n)
         assert padded in lengths and n <= padded and (padded - n < 64 or padded - n <= n / 8)
+
+
+def test_only_few_long_chunks_take_the_fused_attention() -> None:
+    assert takes_dense_prefill(1, 1100)  # one long prompt: the fused kernel's speed pays
+    assert takes_dense_prefill(2, 4096) and takes_dense_prefill(8, 8192)
+    assert not takes_dense_prefill(3, 1254)  # a few short chat prompts: one Triton launch per layer instead
+    assert not takes_dense_prefill(9, 16384)  # too many chunks, however long
+    assert not takes_dense_prefill(0, 0)
 
 
 def test_padded_chunks_equal_plain_causal_attention() -> None:

@@ -6,7 +6,7 @@ decode kernel and the prefill chunks' query tiles through the persistent paged v
 Every launch depends only on device tensors and on the step's :class:`LaunchShape`, so any step --
 decode, prefill or mixed -- can be captured in a CUDA graph and replayed for every batch of its shape.
 
-In eager steps (larger than every graph) whose few prefill chunks all start at position 0, the
+In eager steps (larger than every graph) whose few, long prefill chunks all start at position 0, the
 prefill rows go to PyTorch's fused attention instead (``dense_prefill``), which is faster on long prompts.
 """
 
@@ -16,10 +16,10 @@ import torch
 
 from pdserve.engine.attention.backend import AttentionBackend
 from pdserve.engine.attention.dense_prefill import (
-    MAX_DENSE_CHUNKS,
     dense_prefill,
     dense_prefill_supported,
     prebuild_dense_plans,
+    takes_dense_prefill,
 )
 from pdserve.engine.attention.metadata import AttentionMetadata
 from pdserve.engine.kernels.paged_decode import paged_decode_attention
@@ -89,6 +89,9 @@ class TritonBackend(AttentionBackend):
     def _takes_dense_prefill(self, query: torch.Tensor, metadata: AttentionMetadata,
                              sliding_window: int | None) -> bool:
         launch = metadata.launch
-        return (self.use_dense_prefill and metadata.context_free_prefill and launch is not None
-                and launch.batch_specific and metadata.num_seqs - metadata.num_decode_seqs <= MAX_DENSE_CHUNKS
-                and dense_prefill_supported(query.device, query.dtype, sliding_window))
+        if not (self.use_dense_prefill and metadata.context_free_prefill and launch is not None
+                and launch.batch_specific and dense_prefill_supported(query.device, query.dtype, sliding_window)):
+            return False
+        starts = metadata.query_start_loc_cpu
+        return takes_dense_prefill(metadata.num_seqs - metadata.num_decode_seqs,
+                                   starts[metadata.num_seqs] - starts[metadata.num_decode_seqs])
