@@ -21,6 +21,7 @@ a second cache on the same GPU, written through the CUDA IPC sender's copy kerne
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 import tempfile
@@ -262,7 +263,8 @@ def main() -> None:
         model_dir = write_model_dir(Path(tmp) / "model", TINY if tiny else LLAMA31_8B)
         config = cluster_config_from_dict(cluster_config("auto", model_dir, smoke=not torch.cuda.is_available(),
                                                          slo_ms=(args.ttft_slo_ms, 15.0)))
-        engine_config = config.engine_config("prefill")
+        # prefix caching off: every mode replays the same prompts, which must not hit the blocks of the last
+        engine_config = dataclasses.replace(config.engine_config("prefill"), enable_prefix_caching=False)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         spec_layers = (TINY if tiny else LLAMA31_8B)["num_hidden_layers"]
         heads = (TINY if tiny else LLAMA31_8B)["num_key_value_heads"]
