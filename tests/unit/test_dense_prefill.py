@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.attention.dense_prefill import dense_length, dense_lengths, dense_prefill, takes_dense_prefill
+from pdserve.engine.attention.dense_prefill import (
+    dense_length,
+    dense_lengths,
+    dense_prefill,
+    takes_dense_prefill,
+)
 
 
 def test_bucketed_lengths_cover_every_length_with_at_most_an_eighth_more() -> None:
