@@ -41,7 +41,8 @@ class EngineConfig:
     :mod:`pdserve.engine.tensor_parallel`). With more than one GPU rank, every rank captures its own CUDA graphs.
 
     SLO-aware scheduling: ``step_time_budget_ms`` caps the predicted time of a step that carries
-    decodes (prefill chunks are cut to fit: the TPOT SLO); ``ttft_slo_ms`` admits prompts earliest
+    decodes (prefill chunks are cut to fit: the TPOT SLO; with ``step_budget_window`` W > 0 a step may
+    also take what keeps the mean of the last W steps within it); ``ttft_slo_ms`` admits prompts earliest
     deadline first, after those that can still meet it. Both use a step-time model, measured at start-up
     or read from ``step_time_profile`` (a JSON file written by ``pdserve.engine.step_time``).
     """
@@ -67,6 +68,7 @@ class EngineConfig:
     async_scheduling: bool = True
     step_time_budget_ms: float | None = None
     ttft_slo_ms: float | None = None
+    step_budget_window: int = 0
     step_time_profile: str | None = None
     tensor_parallel_size: int = 1
 
@@ -101,6 +103,7 @@ class EngineConfig:
         require_int("seed", self.seed, minimum=0)
         require_int("cuda_graph_max_tokens", self.cuda_graph_max_tokens, minimum=0, maximum=65536)
         require_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1, maximum=64)
+        require_int("step_budget_window", self.step_budget_window, minimum=0, maximum=4096)
         for name in ("step_time_budget_ms", "ttft_slo_ms"):
             if getattr(self, name) is not None:
                 require_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)

@@ -25,7 +25,11 @@ SLO-aware scheduling (both optional, set from the cluster's ``slo``):
   faster than the SLO has slack (``first token time + SLO x tokens so far - now``), and a step may
   take the least slack of the batch, less one SLO for the step in flight (:meth:`step_budget`). Long
   chunks then ride on the slack fast decode steps build up, instead of every step being held to the
-  SLO.
+  SLO. With ``budget_window`` W > 0 a step may also take what keeps the mean predicted time of the
+  last W steps within the SLO (at most ``WINDOW_STEP_CAP`` SLOs), as long as every running decode may
+  still produce at least W tokens: a request that has just started has no slack of its own, but its
+  mean over W or more steps stays near the SLO (within one capped step spread over its output), which
+  is how a fixed long chunk meets a mean TPOT.
 * ``ttft_slo_s``: fresh prompts are admitted earliest-deadline first (arrival + TTFT SLO), except that
   prompts which can no longer meet their deadline, predicted from the queue ahead of them, go after
   those that still can (they are served, and counted in ``num_late_prompts``); a prompt waiting
@@ -48,6 +52,8 @@ from pdserve.engine.step_time import StepShape, StepTimeModel
 
 #: A prompt that has waited this many TTFT SLOs is admitted before every other fresh prompt.
 LATE_PROMOTION_FACTOR = 4.0
+#: The longest step the window budget allows, in SLOs.
+WINDOW_STEP_CAP = 4.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class SchedulerConfig:
     step_time_budget_s: float | None = None
     ttft_slo_s: float | None = None
     min_prefill_chunk: int = 32
+    budget_window: int = 0  # steps; 0: a step's budget is the SLO and the batch's least slack only
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ class Scheduler:
         self.num_late_prompts = 0  # prompts predicted to miss their TTFT deadline (queued after those that can)
         self.num_budget_cut_chunks = 0  # prefill chunks shortened to keep a step within its time budget
         self.deferred_free: list[Request] = []  # finished with a row in a launched step (see release_landed)
+        self._recent_step_s: deque[float] = deque()  # predicted seconds of the last steps (window budget)
 
     # ---- queue management ----------------------------------------------------------------------
 
@@ -221,7 +229,17 @@ class Scheduler:
             i += 1
         if not plan.preempted:
             self._admit_waiting(plan, budget, step, budget_s)
+        self._note_step(plan)
         return plan
+
+    def _note_step(self, plan: SchedulerPlan) -> None:
+        """Remember the plan's predicted time for the window budget (the last W - 1 steps)."""
+        window = self.config.budget_window
+        if window <= 1 or self.step_time is None or plan.is_empty:
+            return
+        self._recent_step_s.append(self.step_time.predict(plan.shape))
+        while len(self._recent_step_s) > window - 1:
+            self._recent_step_s.popleft()
 
     def step_budget(self, now: float | None = None) -> float | None:
         """Seconds the next step may take (see the module docstring); None without a budget."""
@@ -229,14 +247,22 @@ class Scheduler:
         if base is None:
             return None
         now = time.monotonic() if now is None else now
-        least = None
+        window = self.config.budget_window
+        least, ending = None, False
         for request in self.running:
             if request.first_token_time is None or request.num_tokens_to_compute != 1:
                 continue
             produced = request.num_output_tokens + request.num_pending_tokens
             slack = request.first_token_time + base * produced - now - base  # less the step in flight
             least = slack if least is None else min(least, slack)
-        return base if least is None else max(base, least)
+            ending = ending or request.params.max_tokens - produced < window
+        if least is None:
+            return base
+        budget = max(base, least)
+        if window > 1 and not ending and len(self._recent_step_s) == window - 1:
+            allowance = base * window - sum(self._recent_step_s)
+            budget = max(budget, min(allowance, base * WINDOW_STEP_CAP))
+        return budget
 
     def decode_shape(self) -> StepShape:
         """The decodes the next step will carry (the budget for prefill chunks is what they leave)."""

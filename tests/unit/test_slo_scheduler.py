@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from pdserve import LLM, SamplingParams
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.request import Request
@@ -172,3 +174,56 @@ def test_decodes_ahead_of_their_tpot_let_a_longer_chunk_through() -> None:
         scheduler.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
         cuts.append(next(c.num_tokens for c in scheduler.schedule().chunks if c.request.request_id == "long"))
     assert cuts[0] < cuts[1] == 400
+
+
+def _without_slack(request: Request) -> None:
+    """Make ``request``'s tokens so far have come exactly at the SLO (10 ms each): no slack of its own."""
+    produced = request.num_output_tokens + request.num_pending_tokens
+    request.first_token_time = time.monotonic() - 10e-3 * (produced - 1)
+
+
+def _run_decode_steps(scheduler: Scheduler, requests: list[Request], steps: int) -> None:
+    for _ in range(steps):
+        plan = scheduler.schedule()
+        scheduler.finish_step(plan)
+        for r in requests:
+            r.append_output_token(3)
+
+
+def test_a_window_of_fast_steps_lets_a_fresh_batch_take_a_longer_step() -> None:
+    """With ``budget_window`` W, a step may take what keeps the mean predicted time of the last W steps
+    within the SLO (capped), even for requests that have no slack of their own yet."""
+    windowed = _scheduler(budget_window=8)
+    requests = _decoding(windowed, 4)
+    assert windowed.step_budget() == 10e-3  # no window of steps behind it yet
+    _run_decode_steps(windowed, requests, 7)  # 4 decodes: ~5 ms each, the window is full
+    for r in requests:
+        _without_slack(r)  # and no request has slack of its own
+    fast = sum(windowed._recent_step_s)
+    assert len(windowed._recent_step_s) == 7 and fast < 7 * 10e-3
+    budget = windowed.step_budget()
+    assert budget is not None and budget == min(8 * 10e-3 - fast, 4 * 10e-3) > 10e-3
+    windowed.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
+    plan = windowed.schedule()
+    chunk = next(c for c in plan.chunks if c.request.request_id == "long")
+    assert 10e-3 < MODEL.predict(plan.shape) <= budget
+    # the long step now counts: the next step is back near the SLO
+    next_budget = windowed.step_budget()
+    assert next_budget is not None and next_budget < budget and chunk.num_tokens > 50
+
+
+def test_the_window_budget_spares_requests_near_their_last_token() -> None:
+    short = _scheduler(budget_window=8)
+    requests = _decoding(short, 2)
+    _run_decode_steps(short, requests, 7)
+    for r in requests:
+        _without_slack(r)
+    assert short.step_budget() > 10e-3
+    ending = Request("ending", [1] * 8, SamplingParams(max_tokens=4))  # fewer tokens left than the window
+    short.add(ending)
+    short.finish_step(short.schedule())
+    ending.append_output_token(3)
+    for r in (*requests, ending):
+        _without_slack(r)
+    assert short.step_budget() == pytest.approx(10e-3, abs=1e-4)
+    assert _scheduler().config.budget_window == 0  # off unless configured
