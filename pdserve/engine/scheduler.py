@@ -26,10 +26,10 @@ SLO-aware scheduling (both optional, set from the cluster's ``slo``):
   take the least slack of the batch, less one SLO for the step in flight (:meth:`step_budget`). Long
   chunks then ride on the slack fast decode steps build up, instead of every step being held to the
   SLO. With ``budget_window`` W > 0 a step may also take what keeps the mean predicted time of the
-  last W steps within the SLO (at most ``WINDOW_STEP_CAP`` SLOs), as long as every running decode may
-  still produce at least W tokens: a request that has just started has no slack of its own, but its
-  mean over W or more steps stays near the SLO (within one capped step spread over its output), which
-  is how a fixed long chunk meets a mean TPOT.
+  last W steps within the SLO (at most ``WINDOW_STEP_CAP`` SLOs), unless a running decode may produce
+  fewer than W tokens in all (``max_tokens``): a request that has just started has no slack of its own,
+  but its mean over W or more steps stays near the SLO (within one capped step spread over its output),
+  which is how a fixed long chunk meets a mean TPOT.
 * ``ttft_slo_s``: fresh prompts are admitted earliest-deadline first (arrival + TTFT SLO), except that
   prompts which can no longer meet their deadline, predicted from the queue ahead of them, go after
   those that still can (they are served, and counted in ``num_late_prompts``); a prompt waiting
@@ -248,18 +248,18 @@ class Scheduler:
             return None
         now = time.monotonic() if now is None else now
         window = self.config.budget_window
-        least, ending = None, False
+        least, short = None, False
         for request in self.running:
             if request.first_token_time is None or request.num_tokens_to_compute != 1:
                 continue
             produced = request.num_output_tokens + request.num_pending_tokens
             slack = request.first_token_time + base * produced - now - base  # less the step in flight
             least = slack if least is None else min(least, slack)
-            ending = ending or request.params.max_tokens - produced < window
+            short = short or request.params.max_tokens < window
         if least is None:
             return base
         budget = max(base, least)
-        if window > 1 and not ending and len(self._recent_step_s) == window - 1:
+        if window > 1 and not short and len(self._recent_step_s) == window - 1:
             allowance = base * window - sum(self._recent_step_s)
             budget = max(budget, min(allowance, base * WINDOW_STEP_CAP))
         return budget

@@ -212,14 +212,14 @@ def test_a_window_of_fast_steps_lets_a_fresh_batch_take_a_longer_step() -> None:
     assert next_budget is not None and next_budget < budget and chunk.num_tokens > 50
 
 
-def test_the_window_budget_spares_requests_near_their_last_token() -> None:
+def test_the_window_budget_spares_requests_shorter_than_the_window() -> None:
     short = _scheduler(budget_window=8)
     requests = _decoding(short, 2)
     _run_decode_steps(short, requests, 7)
     for r in requests:
         _without_slack(r)
     assert short.step_budget() > 10e-3
-    ending = Request("ending", [1] * 8, SamplingParams(max_tokens=4))  # fewer tokens left than the window
+    ending = Request("ending", [1] * 8, SamplingParams(max_tokens=4))  # fewer tokens in all than the window
     short.add(ending)
     short.finish_step(short.schedule())
     ending.append_output_token(3)
