@@ -29,6 +29,7 @@ from typing import Any
 
 from benchmarks.common import markdown_table, run_info, write_results
 from benchmarks.serving.metrics import goodput
+from benchmarks.serving.workload import poisson_schedule, sharegpt_workload
 from benchmarks.serving.workload import trace_workload as serving_trace
 from pdserve.common.step_model import StepKind
 from pdserve.planner.plan import Profile, Workload, predict, simulation
@@ -96,6 +97,45 @@ def on_grid(profile: Profile, counts: dict[str, int], spec: WorkerSpec | None, s
     return shares
 
 
+def sharegpt_rows(profile: Profile, file: str) -> tuple[list[dict[str, Any]], list[list[Any]]]:
+    """Goodput rows for the ShareGPT-like points of ``file``: each point's exact request sequence (the
+    serving benchmark's draws for its seed and rate) simulated, and interpolated as the measured points
+    were; plus the attainment per rate behind them."""
+    data = json.loads((RESULTS / file).read_text())
+    settings = data["settings"]
+    rates, n, cap = settings["rates"]["sharegpt"], settings["num_requests"], settings["max_output"]
+    rows: list[dict[str, Any]] = []
+    grid_rows: list[list[Any]] = []
+    for name, (_, config, counts, spec, spill) in CONFIGS.items():
+        points = data["results"].get(config, {}).get("workloads", {}).get("sharegpt")
+        if not points:
+            continue
+        num_gpus = sum(counts.values())
+        sequences = {}
+        for j, rate in enumerate(rates):
+            specs = sharegpt_workload(n, settings["seed"] + j)
+            offsets = poisson_schedule(n, rate * num_gpus, seed=settings["seed"] + j, burstiness=settings["burstiness"])
+            sequences[float(rate)] = [SimRequest(t, len(s.prompt_token_ids), min(s.output_len, cap))
+                                      for s, t in zip(specs, offsets, strict=True)]
+        for slo, tpot in SLOS:
+            measured_shares = {p["rate_per_gpu"]: p["slo_attainment"][slo] for p in points}
+            predicted = {}
+            for rate, requests in sequences.items():
+                outcomes = simulation(profile, counts, ttft_slo_s=0.25, tpot_slo_s=tpot, colocated_spec=spec,
+                                      spill=spill).run(requests)
+                predicted[rate] = round(sum(o.meets(0.25, tpot) for o in outcomes) / len(outcomes), 3)
+            truth = next(r["goodput_per_gpu"] for r in data["goodput"]
+                         if r["config"] == config and r["workload"] == "sharegpt" and r["slo"] == slo)
+            grid = round(goodput(list(predicted.items())), 2)
+            rows.append({"config": name, "workload": f"ShareGPT-like (rates {', '.join(f'{r:g}' for r in rates)})",
+                         "slo": slo, "measured": truth, "measured_at": data["run"]["commit"], "grid": grid,
+                         "grid_error": round(grid / truth - 1, 3) if truth else None})
+            grid_rows += [[name, slo, rate, measured_shares.get(rate), share,
+                           None if measured_shares.get(rate) is None else round(share - measured_shares[rate], 3)]
+                          for rate, share in predicted.items()]
+    return rows, grid_rows
+
+
 def live_calibration(files: list[str]) -> dict[StepKind, float]:
     """Mean factor per kind over the workers of ``files`` that recalibrated it (factor != 1)."""
     factors: dict[StepKind, list[float]] = {k: [] for k in StepKind}
@@ -133,6 +173,8 @@ def main() -> None:
     parser.add_argument("--calibration-from", default="serve-s0-h200x2.json,serve-s1-h200x2.json,serve-s2-h200x2.json")
     parser.add_argument("--measured", default=None, help="score against this run file instead (only the "
                         "configurations it has): with calibration from other runs, an out-of-sample check")
+    parser.add_argument("--sharegpt-measured", default=None, help="also score the ShareGPT-like points of this "
+                        "run file (each point's exact request sequence, calibrated profile)")
     parser.add_argument("--tag", default="", help="suffix of the result files (planner_accuracy-<tag>-...)")
     args = parser.parse_args()
     profile = Profile.load(args.profile)
@@ -173,6 +215,12 @@ def main() -> None:
                 row[f"{label}_error"] = round(row[label] - row["measured"], 3)
             rows.append(row)
             print(row, flush=True)
+    sharegpt_grid: list[list[Any]] = []
+    if args.sharegpt_measured is not None:
+        extra, sharegpt_grid = sharegpt_rows(calibrated, args.sharegpt_measured)
+        rows += extra
+        for row in extra:
+            print(row, flush=True)
     info = {**run_info(), "device": "NVIDIA H200", "num_gpus": 2,
             "computed_on": "CPU: a simulation, compared with runs measured on 2x NVIDIA H200"}
     payload = {"profile": str(args.profile), "calibration": {k.value: v for k, v in factors.items()},
@@ -182,14 +230,20 @@ def main() -> None:
     header = (f"# Planner accuracy: predicted against measured (2xH200)\n\n{info['commit']} · {info['date']}\n\n"
               f"Profile `{args.profile}`; live calibration {payload['calibration']} (from {args.calibration_from}). "
               "Goodput rows: req/s per GPU (error = predicted / measured - 1); trace rows: SLO attainment at the "
-              "offered rate (error = predicted - measured). Measured goodput interpolates between rates of 6, 10 "
-              "and 14 req/s per GPU; `grid` is the calibrated prediction made the same way (simulated attainment "
+              "offered rate (error = predicted - measured). Measured goodput interpolates between the measured rates "
+              "(req/s per GPU; listed below); `grid` is the calibrated prediction made the same way (simulated attainment "
               f"at the measured rates, {GRID_SEEDS} seeds, as many requests as measured).\n\n")
     columns = ["config", "workload", "slo", "measured", "measured_at", "profile", "profile_error", "calibrated",
                "calibrated_error", "grid", "grid_error"]
     markdown = header + markdown_table(columns, [[r.get(c) for c in columns] for r in rows])
     markdown += ("\n## Attainment at each measured rate (prefill-heavy; calibrated simulation)\n\n"
                  + markdown_table(["config", "slo", "rate/GPU", "measured", "predicted", "error"], grid_rows))
+    if sharegpt_grid:
+        markdown += ("\n## Attainment at each measured rate (ShareGPT-like, each point's exact requests; calibrated "
+                     "simulation)\n\n" + markdown_table(["config", "slo", "rate/GPU", "measured", "predicted", "error"],
+                                                        sharegpt_grid))
+        payload["sharegpt_attainment_by_rate"] = [
+            dict(zip(("config", "slo", "rate_per_gpu", "measured", "predicted", "error"), r)) for r in sharegpt_grid]
     if args.measured is not None:
         header_note = (f"\n\nMeasured: {args.measured} only (calibration from {args.calibration_from}: "
                        "out of sample when those are other runs).\n")

@@ -48,7 +48,7 @@ from pdserve.kvtransfer.rendezvous import (
     read_receiver,
 )
 from pdserve.kvtransfer.sealing import SealedQueue, cluster_key
-from pdserve.kvtransfer.sending import OutgoingMessage, SenderCore, _Outgoing
+from pdserve.kvtransfer.sending import OutgoingMessage, SenderCore, SenderRecord
 from pdserve.kvtransfer.streams import Event, index_tensor, is_cuda, record_event, wait_event
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class _StepCopy:
     """The prepared sends of one forward pass: per transfer (record, end block, source ids, destination
     ids), and the concatenated ids of all of them (index tensors made on first use, on the copy stream)."""
 
-    Entry = tuple[_Outgoing, int, tuple[int, ...], tuple[int, ...]]
+    Entry = tuple[SenderRecord, int, tuple[int, ...], tuple[int, ...]]
 
     def __init__(self, entries: list[Entry], generation: int) -> None:
         self.generation = generation

@@ -47,7 +47,10 @@ class OutgoingMessage:
 
 
 @dataclass(eq=False)
-class _Outgoing:
+class SenderRecord:
+    """A live transfer on this side: its handle, LAYER messages submitted so far, the highest block
+    index they covered, and whether FINISH was called."""
+
     handle: TransferHandle
     num_submitted: int = 0
     max_end: int = 0
@@ -68,7 +71,7 @@ class SenderCore(KVSender):
         self._num_blocks = int(caches[0].shape[1])
         self._peer = peer
         self._lock = threading.RLock()
-        self._records: dict[int, _Outgoing] = {}
+        self._records: dict[int, SenderRecord] = {}
         self._closed = False
         self._broken: str | None = None
         self._last_checked_src: tuple[int, ...] = ()
@@ -106,7 +109,7 @@ class SenderCore(KVSender):
             if self._broken is not None:
                 handle.state, handle.error = TransferState.FAILED, self._broken
             else:
-                self._records[transfer_id] = _Outgoing(handle)
+                self._records[transfer_id] = SenderRecord(handle)
             return handle
 
     def send_layer(self, handle: TransferHandle, layer: int, kv_cache_layer: torch.Tensor,
@@ -156,7 +159,7 @@ class SenderCore(KVSender):
             self._last_checked_src = src
         return start, end, src
 
-    def _count_layer(self, record: _Outgoing, end: int) -> None:
+    def _count_layer(self, record: SenderRecord, end: int) -> None:
         """Under the lock: one more LAYER message of ``record``'s transfer, covering blocks below ``end``."""
         if record.finishing:
             raise ValueError(f"send_layer after finish for transfer {record.handle.transfer_id}")
@@ -240,7 +243,7 @@ class SenderCore(KVSender):
         if self._closed:
             raise RuntimeError("this KV sender is closed")
 
-    def _live_record(self, handle: TransferHandle, what: str) -> _Outgoing | None:
+    def _live_record(self, handle: TransferHandle, what: str) -> SenderRecord | None:
         self._check_open()
         record = self._records.get(handle.transfer_id)
         if record is None or record.handle is not handle:
@@ -249,7 +252,7 @@ class SenderCore(KVSender):
             raise ValueError(f"{what}: transfer {handle.transfer_id} was not begun on this sender")
         return record
 
-    def _end(self, record: _Outgoing, state: TransferState, error: str | None) -> None:
+    def _end(self, record: SenderRecord, state: TransferState, error: str | None) -> None:
         handle = record.handle
         self._generation += 1
         if not handle.state.is_terminal:

@@ -5,8 +5,8 @@ Per ``Prefill`` call: the engine admits the prompt ``prefill_only`` (it finishes
 but keeps its blocks) -> before each step's forward pass this role notes which of the step's chunks
 belong to transfers and installs a per-layer hook (``layer_streaming``) -> after each layer the hook
 enqueues that layer's blocks of every such chunk on their senders (one call per decode worker; CUDA IPC
-copies them with one kernel on its own stream, so later layers keep computing) -> the step samples the first token, the role enqueues the final message carrying it ->
-once the sender reports the transfer done, the blocks are released and the call answers. Deadlines,
+copies them with one kernel on its own stream, so later layers keep computing) -> the step samples the
+first token, the role enqueues the final message carrying it -> once the sender reports the transfer done, the blocks are released and the call answers. Deadlines,
 cancellation (``CancelPrefill``) and failures release the blocks exactly once and cancel the transfer.
 """
 
