@@ -297,8 +297,8 @@ class KVSender(_Closable):
 
     def prepare_step(self, sends: Sequence[LayerSend]) -> Any:
         """What every layer of one forward pass sends, for :meth:`send_step_layer` (the step's layers
-        only; prepare again for the next step). Transports that can move several transfers' blocks of a
-        layer as one copy check the arguments here, once; this default sends them one by one."""
+        only; prepare again for the next step). Transports check the arguments here, once, and may move
+        several transfers' blocks of a layer as one copy; this default sends them one by one."""
         return list(sends)
 
     def send_step_layer(self, step: Any, layer: int, kv_cache_layer: torch.Tensor) -> None:

@@ -9,8 +9,8 @@ notifier thread. Then per transfer:
   layer's event and the block-copy kernel stores the blocks into the peer's cache. Nothing is queued
   and no other thread is involved: the cost is one kernel launch per layer and chunk.
   ``prepare_step`` + ``send_step_layer`` do the same for every transfer of a forward pass with one
-  kernel launch per layer: arguments are checked and the block ids of all the step's transfers
-  concatenated once per step, so a step of dozens of short prompts costs the host what one prompt does
+  kernel launch per layer (``_submit_layer``): arguments are checked and the block ids of all the
+  step's transfers concatenated once per step, so a step of dozens of short prompts costs the host what one prompt does
   (per-layer-and-prompt launches cost a prefill worker tens of ms per step under many short prompts).
 * ``finish``: an event is recorded after the transfer's last copy; the notifier thread waits for it,
   then pushes FINISH (with the first token) to the pair's store queue and marks the transfer DONE.
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pdserve.kvtransfer.base import KVLayoutInfo, LayerSend
+from pdserve.kvtransfer.base import KVLayoutInfo
 from pdserve.kvtransfer.block_copy import copy_blocks
 from pdserve.kvtransfer.cuda_ipc import IpcUnavailable, map_caches
 from pdserve.kvtransfer.messages import Header, MessageKind
@@ -48,28 +48,21 @@ from pdserve.kvtransfer.rendezvous import (
     read_receiver,
 )
 from pdserve.kvtransfer.sealing import SealedQueue, cluster_key
-from pdserve.kvtransfer.sending import OutgoingMessage, SenderCore, SenderRecord
+from pdserve.kvtransfer.sending import OutgoingMessage, PreparedStep, SenderCore, StepEntry
 from pdserve.kvtransfer.streams import Event, index_tensor, is_cuda, record_event, wait_event
 
 logger = logging.getLogger(__name__)
 _STOP = object()
 
 
-class _StepCopy:
-    """The prepared sends of one forward pass: per transfer (record, end block, source ids, destination
-    ids), and the concatenated ids of all of them (index tensors made on first use, on the copy stream)."""
+class _StepCopy(PreparedStep):
+    """A prepared step plus the concatenated block ids of all its entries (index tensors made on first
+    use, on the copy stream): one copy kernel per layer moves every transfer's blocks."""
 
-    Entry = tuple[SenderRecord, int, tuple[int, ...], tuple[int, ...]]
-
-    def __init__(self, entries: list[Entry], generation: int) -> None:
-        self.generation = generation
-        self.keep(entries)
-
-    def keep(self, entries: list[Entry]) -> None:
-        """Copy only ``entries`` from now on (the others' transfers ended)."""
-        self.entries = entries
-        self.src: tuple[int, ...] = tuple(i for e in entries for i in e[2])
-        self.dst: tuple[int, ...] = tuple(i for e in entries for i in e[3])
+    def keep(self, entries: list[StepEntry]) -> None:
+        super().keep(entries)
+        self.src: tuple[int, ...] = tuple(i for e in entries for i in e.src)
+        self.dst: tuple[int, ...] = tuple(i for e in entries for i in e.dst)
         self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -123,48 +116,25 @@ class IpcSender(SenderCore):
         fence = self._last_write.pop(header.transfer_id, None) if header.kind is MessageKind.FINISH else None
         self._notices.put((message, fence))
 
-    def prepare_step(self, sends: Sequence[LayerSend]) -> _StepCopy:
-        entries = []
-        with self._lock:
-            for send in sends:
-                checked = self._checked_range(send.handle, send.src_block_ids, send.block_range)
-                record = self._live_record(send.handle, "prepare_step")
-                if checked is None or record is None:
-                    continue
-                if record.finishing:
-                    raise ValueError(f"send_layer after finish for transfer {send.handle.transfer_id}")
-                start, end, src = checked
-                entries.append((record, end, src, send.handle.block_ids[start:end]))
-            return _StepCopy(entries, self._generation)
+    def _new_step(self, entries: list[StepEntry]) -> PreparedStep:
+        return _StepCopy(entries, self._generation)
 
-    def send_step_layer(self, step: _StepCopy, layer: int, kv_cache_layer: torch.Tensor) -> None:
+    def _submit_layer(self, step: PreparedStep, layer: int, kv_cache_layer: torch.Tensor, ready: Event) -> None:
         """One block-copy kernel for every live transfer of ``step`` (see the module)."""
-        self._check_layer(layer, kv_cache_layer)
-        ready = record_event(self._device)
-        with self._lock:
-            self._check_open()
-            if step.generation != self._generation:  # a transfer ended: copy nothing more of it
-                live = [e for e in step.entries if self._records.get(e[0].handle.transfer_id) is e[0]]
-                if len(live) != len(step.entries):
-                    step.keep(live)
-                step.generation = self._generation
-            if not step.entries:
-                return
-            for record, end, _, _ in step.entries:
-                self._count_layer(record, end)
-            try:
-                with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
-                    if ready is not None and self._stream is not None:
-                        self._stream.wait_event(ready)
-                    if step.tensors is None:
-                        step.tensors = (index_tensor(step.src, self._device), index_tensor(step.dst, self._device))
-                    copy_blocks(kv_cache_layer, self._remote[layer], *step.tensors)
-                    written = record_event(self._device)
-            except Exception as e:  # noqa: BLE001 - a failed launch breaks the channel
-                self._channel_failed(f"writing KV into {self.peer} failed: {type(e).__name__}: {e}")
-                return
-            for record, _, _, _ in step.entries:
-                self._last_write[record.handle.transfer_id] = written
+        assert isinstance(step, _StepCopy)
+        try:
+            with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+                if ready is not None and self._stream is not None:
+                    self._stream.wait_event(ready)
+                if step.tensors is None:
+                    step.tensors = (index_tensor(step.src, self._device), index_tensor(step.dst, self._device))
+                copy_blocks(kv_cache_layer, self._remote[layer], *step.tensors)
+                written = record_event(self._device)
+        except Exception as e:  # noqa: BLE001 - a failed launch breaks the channel
+            self._channel_failed(f"writing KV into {self.peer} failed: {type(e).__name__}: {e}")
+            return
+        for entry in step.entries:
+            self._last_write[entry.record.handle.transfer_id] = written
 
     def cancel(self, handle: Any) -> None:
         """Cancel, then wait (bounded) until the transfer's launched copies completed."""

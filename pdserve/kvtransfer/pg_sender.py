@@ -68,7 +68,7 @@ from pdserve.kvtransfer.rendezvous import (
     shutdown_group,
 )
 from pdserve.kvtransfer.sealing import SealedQueue, cluster_key
-from pdserve.kvtransfer.sending import OutgoingMessage, SenderCore
+from pdserve.kvtransfer.sending import OutgoingMessage, PreparedStep, SenderCore
 from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda, record_event, wait_event
 
 HELLO_NBYTES = 8
@@ -153,6 +153,13 @@ class ProcessGroupSender(SenderCore):
                 self._queue.insert(finish_position(self._queue, message.header.transfer_id), message)
             else:
                 self._queue.append(message)
+            self._cond.notify()
+
+    def _submit_layer(self, step: PreparedStep, layer: int, kv_cache_layer: torch.Tensor, ready: Event) -> None:
+        """A prepared step's layer of every transfer, queued at once (one wake-up of the thread)."""
+        messages = self._layer_messages(step, layer, kv_cache_layer, ready)
+        with self._cond:
+            self._queue.extend(messages)
             self._cond.notify()
 
     def close(self) -> None:

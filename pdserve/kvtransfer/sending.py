@@ -6,6 +6,11 @@ not block for long: it runs in the forward pass). The transport reports back, in
 ``_message_done(message)`` or ``_channel_failed(error)``; it skips LAYER/FINISH messages whose transfer
 ``_is_live`` no longer is (cancelled or failed), but always delivers CANCEL and CLOSE.
 
+``prepare_step`` checks the sends of one forward pass once (:class:`PreparedStep`); ``send_step_layer``
+then records one event per layer and hands the transport that layer of every live transfer of the step
+through ``_submit_layer`` (default: one LAYER message each through ``_submit``; CUDA IPC overrides it
+with one copy kernel).
+
 State of a transfer on this side: PENDING at ``begin``, IN_PROGRESS at the first ``send_layer``, DONE
 when the transport completed the FINISH message (it completes messages in order, so every LAYER message
 before it completed too), CANCELLED on ``cancel``/``close``, FAILED when the channel broke.
@@ -23,7 +28,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdserve.kvtransfer.base import KVLayoutInfo, KVSender, TransferHandle, TransferState, check_block_ids
+from pdserve.kvtransfer.base import (
+    KVLayoutInfo,
+    KVSender,
+    LayerSend,
+    TransferHandle,
+    TransferState,
+    check_block_ids,
+)
 from pdserve.kvtransfer.messages import Header, MessageKind, check_payload_ints
 from pdserve.kvtransfer.plan import is_contiguous
 from pdserve.kvtransfer.streams import Event, record_event
@@ -56,6 +68,33 @@ class SenderRecord:
     max_end: int = 0
     finishing: bool = False
     contiguous: dict[tuple[int, int], bool] = field(default_factory=dict)  # per block range (every layer asks)
+
+
+@dataclass(frozen=True, eq=False)
+class StepEntry:
+    """One transfer's blocks ``[start, end)`` in a prepared step (``src``: their source block ids)."""
+
+    record: SenderRecord
+    start: int
+    end: int
+    src: tuple[int, ...]
+
+    @property
+    def dst(self) -> tuple[int, ...]:
+        return self.record.handle.block_ids[self.start:self.end]
+
+
+class PreparedStep:
+    """The checked sends of one forward pass (:meth:`SenderCore.prepare_step`). ``generation``: the
+    sender's generation when the entries were last checked against its live transfers."""
+
+    def __init__(self, entries: list[StepEntry], generation: int) -> None:
+        self.generation = generation
+        self.keep(entries)
+
+    def keep(self, entries: list[StepEntry]) -> None:
+        """Send only ``entries`` from now on (the others' transfers ended)."""
+        self.entries = entries
 
 
 class SenderCore(KVSender):
@@ -126,12 +165,68 @@ class SenderCore(KVSender):
             if record is None:
                 return
             self._count_layer(record, end)
-            contiguous = record.contiguous.get((start, end))
-            if contiguous is None:
-                contiguous = record.contiguous[(start, end)] = is_contiguous(handle.block_ids[start:end])
-            self._submit(OutgoingMessage(header, kv_cache_layer, src, record_event(self._device), contiguous))
+            self._submit(OutgoingMessage(header, kv_cache_layer, src, record_event(self._device),
+                                         self._contiguous(record, start, end)))
+
+    def prepare_step(self, sends: Sequence[LayerSend]) -> PreparedStep:
+        entries = []
+        with self._lock:
+            for send in sends:
+                checked = self._checked_range(send.handle, send.src_block_ids, send.block_range)
+                record = self._live_record(send.handle, "prepare_step")
+                if checked is None or record is None:
+                    continue
+                if record.finishing:
+                    raise ValueError(f"send_layer after finish for transfer {send.handle.transfer_id}")
+                entries.append(StepEntry(record, *checked))
+            return self._new_step(entries)
+
+    def send_step_layer(self, step: PreparedStep, layer: int, kv_cache_layer: torch.Tensor) -> None:
+        self._check_layer(layer, kv_cache_layer)
+        ready = record_event(self._device)
+        with self._lock:
+            self._check_open()
+            if step.generation != self._generation:  # a transfer ended: send nothing more of it
+                live = [e for e in step.entries if self._records.get(e.record.handle.transfer_id) is e.record]
+                if len(live) != len(step.entries):
+                    step.keep(live)
+                step.generation = self._generation
+            if not step.entries:
+                return
+            for entry in step.entries:
+                self._count_layer(entry.record, entry.end)
+            self._submit_layer(step, layer, kv_cache_layer, ready)
+
+    def _new_step(self, entries: list[StepEntry]) -> PreparedStep:
+        """The prepared step of ``entries`` (transports that keep more per step return a subclass)."""
+        return PreparedStep(entries, self._generation)
+
+    def _submit_layer(self, step: PreparedStep, layer: int, kv_cache_layer: torch.Tensor, ready: Event) -> None:
+        """Under the lock: hand the transport ``layer`` of every entry of ``step`` (``ready``: recorded
+        after the layer was computed). Default: one LAYER message per entry, in order."""
+        for message in self._layer_messages(step, layer, kv_cache_layer, ready):
+            self._submit(message)
+
+    def _layer_messages(self, step: PreparedStep, layer: int, kv_cache_layer: torch.Tensor,
+                        ready: Event) -> list[OutgoingMessage]:
+        """The LAYER messages of ``layer`` for every entry of ``step``, in order."""
+        messages = []
+        for entry in step.entries:
+            record, start, end = entry.record, entry.start, entry.end
+            header = Header(MessageKind.LAYER, record.handle.transfer_id, layer, start, end - start,
+                            self._layout.payload_nbytes(end - start))
+            messages.append(OutgoingMessage(header, kv_cache_layer, entry.src, ready,
+                                            self._contiguous(record, start, end)))
+        return messages
 
     # -- argument checks and bookkeeping shared with batched sends ---------------------------------
+
+    @staticmethod
+    def _contiguous(record: SenderRecord, start: int, end: int) -> bool:
+        contiguous = record.contiguous.get((start, end))
+        if contiguous is None:
+            contiguous = record.contiguous[(start, end)] = is_contiguous(record.handle.block_ids[start:end])
+        return contiguous
 
     def _check_layer(self, layer: int, kv_cache_layer: torch.Tensor) -> None:
         if not 0 <= layer < self._layout.num_layers:

@@ -177,20 +177,39 @@ def test_receiver_refuses_a_joining_sender_with_another_layout() -> None:
         receiver.close()
 
 
-def test_a_prepared_step_on_a_transport_without_batching_sends_layer_by_layer() -> None:
+def _send_a_prepared_step(sender, receiver, src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:  # noqa: ANN001
+    """Two transfers through one prepared step, layer by layer; both land whole and DONE."""
+    rh1, rh2 = receiver.expect(1, "a", [0, 1], 2, 10.0), receiver.expect(2, "b", [2], 2, 10.0)
+    sh1, sh2 = sender.begin(1, "a", [0, 1]), sender.begin(2, "b", [2])
+    step = sender.prepare_step([LayerSend(sh1, [4, 5], (0, 2)), LayerSend(sh2, [7], (0, 1))])
+    for layer in range(2):
+        sender.send_step_layer(step, layer, src[layer])
+    sender.finish(sh1, [1])
+    sender.finish(sh2, [2])
+    assert receiver.wait(rh1, 10.0) is TransferState.DONE and receiver.wait(rh2, 10.0) is TransferState.DONE
+    assert (rh1.first_token, rh2.first_token) == (1, 2)
+    for layer in range(2):
+        assert torch.equal(dst[layer][:, [0, 1, 2]], src[layer][:, [4, 5, 7]])
+        assert not dst[layer][:, 3:].any()
+
+
+def test_a_prepared_step_over_loopback_sends_every_transfers_layers() -> None:
     src, dst = _caches(), [torch.zeros_like(c) for c in _caches()]
     channel = LoopbackChannel(src, _layout(src), dst)
     try:
-        sender, receiver = channel.sender, channel.receiver
-        rh1, rh2 = receiver.expect(1, "a", [0, 1], 2, 5.0), receiver.expect(2, "b", [2], 2, 5.0)
-        sh1, sh2 = sender.begin(1, "a", [0, 1]), sender.begin(2, "b", [2])
-        step = sender.prepare_step([LayerSend(sh1, [4, 5], (0, 2)), LayerSend(sh2, [7], (0, 1))])
-        for layer in range(2):
-            sender.send_step_layer(step, layer, src[layer])
-        sender.finish(sh1, [1])
-        sender.finish(sh2, [2])
-        assert receiver.wait(rh1, 5.0) is TransferState.DONE and receiver.wait(rh2, 5.0) is TransferState.DONE
-        for layer in range(2):
-            assert torch.equal(dst[layer][:, [0, 1, 2]], src[layer][:, [4, 5, 7]])
+        _send_a_prepared_step(channel.sender, channel.receiver, src, dst)
     finally:
         channel.close()
+
+
+def test_a_prepared_step_over_gloo_sends_every_transfers_layers() -> None:
+    src, dst = _caches(), [torch.zeros_like(c) for c in _caches()]
+    receiver, bootstrap = open_receiver(caches=dst, layout=_layout(dst), group_name="prepared-gloo")
+    try:
+        sender = open_sender(bootstrap, src, _layout(src))
+        try:
+            _send_a_prepared_step(sender, receiver, src, dst)
+        finally:
+            sender.close()
+    finally:
+        receiver.close()
