@@ -20,16 +20,10 @@ SLO-aware scheduling (both optional, set from the cluster's ``slo``):
 * ``step_time_budget_s`` with a step-time model: a step that carries decodes takes prefill tokens only
   as long as its predicted time stays within its budget; a step with no decodes takes its whole token
   budget, and a step whose decodes alone exceed the budget still advances one prefill chunk of
-  ``min_prefill_chunk`` tokens (no prompt starves). The budget is the TPOT SLO, or more when every
-  running request is ahead of it: TPOT is a mean per request, so a request that got its last tokens
-  faster than the SLO has slack (``first token time + SLO x tokens so far - now``), and a step may
-  take the least slack of the batch, less one SLO for the step in flight (:meth:`step_budget`). Long
-  chunks then ride on the slack fast decode steps build up, instead of every step being held to the
-  SLO. With ``budget_window`` W > 0 a step may also take what keeps the mean predicted time of the
-  last W steps within the SLO (at most ``WINDOW_STEP_CAP`` SLOs), unless a running decode may produce
-  fewer than W tokens in all (``max_tokens``): a request that has just started has no slack of its own,
-  but its mean over W or more steps stays near the SLO (within one capped step spread over its output),
-  which is how a fixed long chunk meets a mean TPOT.
+  ``min_prefill_chunk`` tokens (no prompt starves). The budget is the TPOT SLO, or more when the
+  running requests can afford it (:mod:`pdserve.engine.step_budget`: their slack, and with
+  ``budget_window`` the mean of the last steps); long chunks then ride on the slack fast decode steps
+  build up, instead of every step being held to the SLO.
 * ``ttft_slo_s``: fresh prompts are admitted earliest-deadline first (arrival + TTFT SLO), except that
   prompts which can no longer meet their deadline, predicted from the queue ahead of them, go after
   those that still can (they are served, and counted in ``num_late_prompts``); a prompt waiting
@@ -48,12 +42,11 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.step_budget import StepBudget
 from pdserve.engine.step_time import StepShape, StepTimeModel
 
 #: A prompt that has waited this many TTFT SLOs is admitted before every other fresh prompt.
 LATE_PROMOTION_FACTOR = 4.0
-#: The longest step the window budget allows, in SLOs.
-WINDOW_STEP_CAP = 4.0
 
 
 @dataclass(frozen=True)
@@ -64,7 +57,7 @@ class SchedulerConfig:
     step_time_budget_s: float | None = None
     ttft_slo_s: float | None = None
     min_prefill_chunk: int = 32
-    budget_window: int = 0  # steps; 0: a step's budget is the SLO and the batch's least slack only
+    budget_window: int = 0  # steps (StepBudget.window); 0: the SLO and the batch's least slack only
 
 
 @dataclass(frozen=True)
@@ -130,7 +123,7 @@ class Scheduler:
         self.num_late_prompts = 0  # prompts predicted to miss their TTFT deadline (queued after those that can)
         self.num_budget_cut_chunks = 0  # prefill chunks shortened to keep a step within its time budget
         self.deferred_free: list[Request] = []  # finished with a row in a launched step (see release_landed)
-        self._recent_step_s: deque[float] = deque()  # predicted seconds of the last steps (window budget)
+        self._budget: StepBudget | None = None  # see the budget property
 
     # ---- queue management ----------------------------------------------------------------------
 
@@ -232,37 +225,30 @@ class Scheduler:
         self._note_step(plan)
         return plan
 
+    @property
+    def budget(self) -> StepBudget | None:
+        """The step budget of the current config (None without ``step_time_budget_s``); made anew when
+        the config's budget or window changes (a worker switching roles replaces the config)."""
+        slo, window = self.config.step_time_budget_s, self.config.budget_window
+        if slo is None:
+            return None
+        if self._budget is None or (self._budget.slo_s, self._budget.window) != (slo, window):
+            self._budget = StepBudget(slo, window)
+        return self._budget
+
     def _note_step(self, plan: SchedulerPlan) -> None:
-        """Remember the plan's predicted time for the window budget (the last W - 1 steps)."""
-        window = self.config.budget_window
-        if window <= 1 or self.step_time is None or plan.is_empty:
-            return
-        self._recent_step_s.append(self.step_time.predict(plan.shape))
-        while len(self._recent_step_s) > window - 1:
-            self._recent_step_s.popleft()
+        """Tell the step budget what the plan is predicted to take (its window of recent steps)."""
+        budget = self.budget
+        if budget is not None and budget.window > 1 and self.step_time is not None and not plan.is_empty:
+            budget.note_step(self.step_time.predict(plan.shape))
 
     def step_budget(self, now: float | None = None) -> float | None:
-        """Seconds the next step may take (see the module docstring); None without a budget."""
-        base = self.config.step_time_budget_s
-        if base is None:
+        """Seconds the next step may take (:class:`~pdserve.engine.step_budget.StepBudget`); None without
+        a budget."""
+        budget = self.budget
+        if budget is None:
             return None
-        now = time.monotonic() if now is None else now
-        window = self.config.budget_window
-        least, short = None, False
-        for request in self.running:
-            if request.first_token_time is None or request.num_tokens_to_compute != 1:
-                continue
-            produced = request.num_output_tokens + request.num_pending_tokens
-            slack = request.first_token_time + base * produced - now - base  # less the step in flight
-            least = slack if least is None else min(least, slack)
-            short = short or request.params.max_tokens < window
-        if least is None:
-            return base
-        budget = max(base, least)
-        if window > 1 and not short and len(self._recent_step_s) == window - 1:
-            allowance = base * window - sum(self._recent_step_s)
-            budget = max(budget, min(allowance, base * WINDOW_STEP_CAP))
-        return budget
+        return budget.seconds(self.running, time.monotonic() if now is None else now)
 
     def decode_shape(self) -> StepShape:
         """The decodes the next step will carry (the budget for prefill chunks is what they leave)."""

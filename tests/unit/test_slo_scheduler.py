@@ -199,8 +199,8 @@ def test_a_window_of_fast_steps_lets_a_fresh_batch_take_a_longer_step() -> None:
     _run_decode_steps(windowed, requests, 7)  # 4 decodes: ~5 ms each, the window is full
     for r in requests:
         _without_slack(r)  # and no request has slack of its own
-    fast = sum(windowed._recent_step_s)
-    assert len(windowed._recent_step_s) == 7 and fast < 7 * 10e-3
+    fast = sum(windowed.budget.recent_s)
+    assert len(windowed.budget.recent_s) == 7 and fast < 7 * 10e-3
     budget = windowed.step_budget()
     assert budget is not None and budget == min(8 * 10e-3 - fast, 4 * 10e-3) > 10e-3
     windowed.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
