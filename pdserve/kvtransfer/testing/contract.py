@@ -138,6 +138,33 @@ def check_concurrent_transfers(transport: Transport) -> None:
         assert_untouched(pair, dst_a + dst_b[1:])
 
 
+def check_prepared_steps(transport: Transport) -> None:
+    """Three transfers sent through prepared steps (``prepare_step`` / ``send_step_layer``), as a
+    prefill worker's forward passes send them: two steps of two blocks each, one transfer skipping its
+    first block; each lands exactly, nothing else is written."""
+    spec, rng = transport.spec, random.Random(13)
+    with _shared_pair(transport) as pair:
+        srcs = [_pick(rng, 4, spec.num_src_blocks) for _ in range(3)]
+        dsts: list[list[int]] = []
+        for _ in range(3):
+            dsts.append(_pick(rng, 4, spec.num_dst_blocks, avoid=[b for d in dsts for b in d]))
+        ids, skips = [next(_transfer_ids) for _ in range(3)], (0, 1, 0)
+        handles = [pair.receiver.expect(t, f"req-{t}", d, spec.num_layers, DEADLINE_S) for t, d in zip(ids, dsts)]
+        for t, d, skip in zip(ids, dsts, skips):
+            pair.sender.begin(t, f"req-{t}", d, skip)
+        for block_range in ((0, 2), (2, 4)):
+            pair.sender.send_step([(t, src, block_range) for t, src in zip(ids, srcs)], range(spec.num_layers))
+        for i, t in enumerate(ids):
+            pair.sender.finish(t, [i])
+        for i, handle in enumerate(handles):
+            state = pair.receiver.wait(handle, DEADLINE_S)
+            assert state is TransferState.DONE, f"transfer {handle.transfer_id} ended {state}: {handle.error}"
+            assert handle.payload == [i]
+        for src, dst, skip in zip(srcs, dsts, skips):
+            assert_landed(pair, src, dst, range(skip, 4))
+        assert_untouched(pair, [b for dst, skip in zip(dsts, skips) for b in dst[skip:]])
+
+
 def check_receiver_cancel_writes_nothing(transport: Transport) -> None:
     """After ``receiver.cancel`` no later message of the transfer writes into its (reused) blocks."""
     spec, rng = transport.spec, random.Random(13)
@@ -353,7 +380,7 @@ def _expect_error(kind: type[BaseException], call: Callable[[], object]) -> None
 
 #: Every scenario, for parametrised test suites.
 SCENARIOS = {fn.__name__.removeprefix("check_"): fn for fn in (
-    check_chunked_transfer, check_concurrent_transfers, check_receiver_cancel_writes_nothing,
+    check_chunked_transfer, check_concurrent_transfers, check_prepared_steps, check_receiver_cancel_writes_nothing,
     check_sender_cancel_fails_receiver, check_timeout, check_completion_callbacks,
     check_incomplete_transfer_fails, check_payload_only, check_bad_arguments_rejected, check_close_is_prompt,
     check_layout_mismatch)}

@@ -18,7 +18,14 @@ from typing import Any
 
 import torch
 
-from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo, KVSender, TransferHandle, TransferState
+from pdserve.kvtransfer.base import (
+    HandshakeError,
+    KVLayoutInfo,
+    KVSender,
+    LayerSend,
+    TransferHandle,
+    TransferState,
+)
 from pdserve.kvtransfer.testing.spec import CacheSpec
 
 _RPC_TIMEOUT_S = 60.0
@@ -35,6 +42,11 @@ class SenderDriver(abc.ABC):
     def send_layers(self, transfer_id: int, layers: Sequence[int], src_block_ids: Sequence[int],
                     block_range: tuple[int, int]) -> None:
         """``send_layer`` for each of ``layers`` in order, with the sender's own cache layer."""
+
+    @abc.abstractmethod
+    def send_step(self, sends: Sequence[tuple[int, Sequence[int], tuple[int, int]]], layers: Sequence[int]) -> None:
+        """One forward pass's sends, ``(transfer id, src_block_ids, block_range)`` each: ``prepare_step``
+        once, then ``send_step_layer`` for each of ``layers`` in order."""
 
     @abc.abstractmethod
     def finish(self, transfer_id: int, payload: Sequence[int]) -> None: ...
@@ -75,6 +87,11 @@ class _SenderState:
                 # a bad layer index still gets a real tensor: the sender itself must reject the index
                 cache = self.caches[layer] if 0 <= layer < len(self.caches) else self.caches[0]
                 s.send_layer(h[tid], layer, cache, list(src), tuple(block_range))
+        elif op == "send_step":
+            sends, layers = args
+            step = s.prepare_step([LayerSend(h[tid], list(src), tuple(block_range)) for tid, src, block_range in sends])
+            for layer in layers:
+                s.send_step_layer(step, layer, self.caches[layer])
         elif op == "finish":
             s.finish(h[args[0]], args[1])
         elif op == "cancel":
@@ -113,6 +130,9 @@ class LocalDriver(SenderDriver):
     def send_layers(self, transfer_id: int, layers: Sequence[int], src_block_ids: Sequence[int],
                     block_range: tuple[int, int]) -> None:
         self._state.run("send_layers", transfer_id, list(layers), list(src_block_ids), block_range)
+
+    def send_step(self, sends: Sequence[tuple[int, Sequence[int], tuple[int, int]]], layers: Sequence[int]) -> None:
+        self._state.run("send_step", [(t, list(src), tuple(r)) for t, src, r in sends], list(layers))
 
     def finish(self, transfer_id: int, payload: Sequence[int]) -> None:
         self._state.run("finish", transfer_id, list(payload))
@@ -213,6 +233,9 @@ class RemoteDriver(SenderDriver):
                     block_range: tuple[int, int]) -> None:
         self._host.call("send_layers", self._key, transfer_id, list(layers), list(src_block_ids),
                         tuple(block_range))
+
+    def send_step(self, sends: Sequence[tuple[int, Sequence[int], tuple[int, int]]], layers: Sequence[int]) -> None:
+        self._host.call("send_step", self._key, [(t, list(src), tuple(r)) for t, src, r in sends], list(layers))
 
     def finish(self, transfer_id: int, payload: Sequence[int]) -> None:
         self._host.call("finish", self._key, transfer_id, list(payload))
