@@ -62,10 +62,11 @@ OVERFLOW_TOKENS = 8192
 
 
 def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float, float] = (250.0, 15.0),
-                   kv_backend: str = "auto", budget_window: int = 0) -> dict[str, Any]:
+                   kv_backend: str = "auto", budget_window: int = 0, defer_below: int = 0) -> dict[str, Any]:
     """The cluster of one configuration; ``slo_ms`` (TTFT, TPOT) for the SLO-aware ones; ``kv_backend``
     the KV transport between prefill and decode workers (auto: CUDA IPC on one host); ``budget_window``
-    the engines' ``step_budget_window`` (SLO-aware configurations)."""
+    and ``defer_below`` the engines' ``step_budget_window`` and ``defer_chunks_below`` (SLO-aware
+    configurations)."""
     gpu = 0 if smoke else 1
     engine: dict[str, Any] = {"load_format": "dummy", "dtype": "float32" if smoke else "bfloat16",
                               "max_model_len": 2048 if smoke else 16384}
@@ -89,6 +90,7 @@ def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float,
     if kind in ("colocated-slo", "auto"):
         config["slo"] = {"ttft_ms": slo_ms[0], "tpot_ms": slo_ms[1]}
         engine["step_budget_window"] = budget_window
+        engine["defer_chunks_below"] = defer_below
         if kind == "colocated-slo":  # the budget, not a fixed chunk, bounds a step
             config["colocated"]["max_batch_tokens"] = 8192
     return config
@@ -122,7 +124,7 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
     from pdserve.cluster.launcher import Cluster
 
     config = cluster_config(kind, model_dir, args.smoke, (args.ttft_slo * 1e3, args.slo_tpot_ms), args.kv_backend,
-                            args.budget_window)
+                            args.budget_window, args.defer_below)
     if args.dashboard:  # the operator's view of the run: the dashboard's JSON after every point
         config["router"] |= {"http_port": 0, "planner_mode": "recommend", "planner_interval_s": 5.0}
     cluster = Cluster(cluster_config_from_dict(config))
@@ -256,6 +258,9 @@ def main() -> None:
     parser.add_argument("--rates-decode-heavy", default="1,2,4,8")
     parser.add_argument("--budget-window", type=int, default=0,
                         help="step_budget_window of the SLO-aware configurations' engines (0: off)")
+    parser.add_argument("--defer-below", type=int, default=0,
+                        help="defer_chunks_below of the SLO-aware configurations' engines (0: off; needs "
+                        "--budget-window)")
     parser.add_argument("--kv-backend", default="auto", choices=("auto", "nccl"),
                         help="KV transport of the disaggregated configurations (auto: CUDA IPC on one host)")
     parser.add_argument("--num-requests", type=int, default=200)

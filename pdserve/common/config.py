@@ -42,7 +42,9 @@ class EngineConfig:
 
     SLO-aware scheduling: ``step_time_budget_ms`` caps the predicted time of a step that carries
     decodes (prefill chunks are cut to fit: the TPOT SLO; with ``step_budget_window`` W > 0 a step may
-    also take what keeps the mean of the last W steps within it); ``ttft_slo_ms`` admits prompts earliest
+    also take what keeps the mean of the last W steps within it, and with ``defer_chunks_below`` N a
+    chunk cut below N tokens waits for a longer step instead, on workers with both SLOs);
+    ``ttft_slo_ms`` admits prompts earliest
     deadline first, after those that can still meet it. Both use a step-time model, measured at start-up
     or read from ``step_time_profile`` (a JSON file written by ``pdserve.engine.step_time``).
     """
@@ -69,6 +71,7 @@ class EngineConfig:
     step_time_budget_ms: float | None = None
     ttft_slo_ms: float | None = None
     step_budget_window: int = 0
+    defer_chunks_below: int = 0
     step_time_profile: str | None = None
     tensor_parallel_size: int = 1
 
@@ -104,6 +107,10 @@ class EngineConfig:
         require_int("cuda_graph_max_tokens", self.cuda_graph_max_tokens, minimum=0, maximum=65536)
         require_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1, maximum=64)
         require_int("step_budget_window", self.step_budget_window, minimum=0, maximum=4096)
+        require_int("defer_chunks_below", self.defer_chunks_below, minimum=0)
+        if self.defer_chunks_below and self.step_budget_window <= 1:
+            raise InvalidParameterError("defer_chunks_below", "defers chunks to a window of steps: set "
+                                        "step_budget_window (> 1) as well, or leave it 0")
         for name in ("step_time_budget_ms", "ttft_slo_ms"):
             if getattr(self, name) is not None:
                 require_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)

@@ -23,7 +23,10 @@ SLO-aware scheduling (both optional, set from the cluster's ``slo``):
   ``min_prefill_chunk`` tokens (no prompt starves). The budget is the TPOT SLO, or more when the
   running requests can afford it (:mod:`pdserve.engine.step_budget`: their slack, and with
   ``budget_window`` the mean of the last steps); long chunks then ride on the slack fast decode steps
-  build up, instead of every step being held to the SLO.
+  build up, instead of every step being held to the SLO. With ``defer_chunks_below`` N (and the
+  window), a prompt chunk the budget would cut below N tokens waits instead, unless its request has
+  waited ``DEFER_TTFT_SHARE`` of the TTFT SLO: the decode-only steps run meanwhile make room in the
+  window for one longer, more efficient step, as fixed long chunks get.
 * ``ttft_slo_s``: fresh prompts are admitted earliest-deadline first (arrival + TTFT SLO), except that
   prompts which can no longer meet their deadline, predicted from the queue ahead of them, go after
   those that still can (they are served, and counted in ``num_late_prompts``); a prompt waiting
@@ -47,6 +50,8 @@ from pdserve.engine.step_time import StepShape, StepTimeModel
 
 #: A prompt that has waited this many TTFT SLOs is admitted before every other fresh prompt.
 LATE_PROMOTION_FACTOR = 4.0
+#: A prompt chunk is deferred (``defer_chunks_below``) only until its request waited this share of the TTFT SLO.
+DEFER_TTFT_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class SchedulerConfig:
     ttft_slo_s: float | None = None
     min_prefill_chunk: int = 32
     budget_window: int = 0  # steps (StepBudget.window); 0: the SLO and the batch's least slack only
+    defer_chunks_below: int = 0  # tokens; 0: a chunk the budget cuts runs cut
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_late_prompts = 0  # prompts predicted to miss their TTFT deadline (queued after those that can)
         self.num_budget_cut_chunks = 0  # prefill chunks shortened to keep a step within its time budget
+        self.num_deferred_chunks = 0  # prefill chunks put off to a later step rather than cut short
         self.deferred_free: list[Request] = []  # finished with a row in a launched step (see release_landed)
         self._budget: StepBudget | None = None  # see the budget property
 
@@ -203,7 +210,8 @@ class Scheduler:
             request = self.running[i]
             wanted = request.num_tokens_to_compute
             num_new = (min(wanted, budget) if wanted <= 1
-                       else self._prefill_tokens(plan, step, budget_s, request.num_computed_tokens, wanted, budget))
+                       else self._prefill_tokens(plan, step, budget_s, request, request.num_computed_tokens, wanted,
+                                                 budget))
             if num_new <= 0:
                 i += 1
                 continue
@@ -257,19 +265,29 @@ class Scheduler:
         contexts = [r.num_computed_tokens for r in self.running if r.num_tokens_to_compute == 1]
         return StepShape(len(contexts), sum(contexts), 0.0, len(contexts))
 
-    def _prefill_tokens(self, plan: SchedulerPlan, step: StepShape, budget_s: float | None, context: int,
-                        wanted: int, budget: int) -> int:
-        """How many of ``wanted`` prompt tokens (after ``context`` computed ones) a chunk gets in a step
-        already carrying ``step`` whose time budget is ``budget_s`` (None: the token budget alone decides)."""
+    def _prefill_tokens(self, plan: SchedulerPlan, step: StepShape, budget_s: float | None, request: Request,
+                        context: int, wanted: int, budget: int) -> int:
+        """How many of ``wanted`` prompt tokens of ``request`` (after ``context`` computed ones) a chunk gets
+        in a step already carrying ``step`` whose time budget is ``budget_s`` (None: the token budget
+        alone decides); 0: none this step."""
         limit = min(wanted, budget)
         if self.step_time is None or budget_s is None:
             return limit
         fits = self.step_time.max_chunk_tokens(step, budget_s, limit, context)
+        if fits < min(limit, self.config.defer_chunks_below) and self._may_defer(request):
+            self.num_deferred_chunks += 1
+            return 0
         if fits == 0 and not any(c.num_tokens > 1 for c in plan.chunks):
             fits = min(limit, self.config.min_prefill_chunk)  # over budget already: still advance one chunk
         if fits < limit:
             self.num_budget_cut_chunks += 1
         return fits
+
+    def _may_defer(self, request: Request) -> bool:
+        """Whether a chunk of ``request`` the budget would cut short may wait for a later step instead."""
+        budget, ttft = self.budget, self.config.ttft_slo_s
+        return (budget is not None and budget.window_open and ttft is not None
+                and time.monotonic() - request.arrival_time < ttft * DEFER_TTFT_SHARE)
 
     def _admit_waiting(self, plan: SchedulerPlan, budget: int, step: StepShape, budget_s: float | None) -> None:
         self._admit_landing_zones(plan)
@@ -291,7 +309,7 @@ class Scheduler:
             context = request.num_computed_tokens + num_cached_tokens
             num_new = min(remaining, budget)
             if remaining > 1:
-                num_new = self._prefill_tokens(plan, step, budget_s, context, remaining, budget)
+                num_new = self._prefill_tokens(plan, step, budget_s, request, context, remaining, budget)
                 if num_new <= 0:
                     break
             if not self.kv.allocate_slots(request, num_new, cached):

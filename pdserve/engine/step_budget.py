@@ -11,7 +11,11 @@ afford it:
   than W tokens in all (``max_tokens``): a request that has just started has no slack of its own, but
   its mean over W or more steps stays near the SLO (within one capped step spread over its output).
 
-Never less than the SLO itself. One instance per scheduler; engine thread only.
+Never less than the SLO itself. ``window_open`` says whether the last :meth:`StepBudget.seconds` could
+use the window (it was full and no running request was shorter than it): only then may the scheduler
+defer a prefill chunk the budget would cut short (``defer_chunks_below``), since only then do the
+decode-only steps it runs meanwhile build up room for a longer step. One instance per scheduler; engine
+thread only.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class StepBudget:
         self.slo_s = slo_s
         self.window = window
         self.recent_s: deque[float] = deque()  # predicted seconds of the last W - 1 steps
+        self.window_open = False
 
     def note_step(self, predicted_s: float) -> None:
         """A step was scheduled that is predicted to take ``predicted_s`` (kept for the window)."""
@@ -50,9 +55,10 @@ class StepBudget:
             slack = request.first_token_time + base * produced - now - base  # less the step in flight
             least = slack if least is None else min(least, slack)
             short = short or request.params.max_tokens < window
+        self.window_open = window > 1 and not short and len(self.recent_s) == window - 1
         if least is None:
             return base
         budget = max(base, least)
-        if window > 1 and not short and len(self.recent_s) == window - 1:
+        if self.window_open:
             budget = max(budget, min(base * window - sum(self.recent_s), base * WINDOW_STEP_CAP))
         return budget

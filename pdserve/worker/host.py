@@ -131,6 +131,7 @@ class WorkerHost:
                     "unfinished": engine.num_unfinished_requests, "held": engine.num_held_requests,
                     "preemptions": engine.scheduler.num_preemptions,
                     "budget_cut_chunks": engine.scheduler.num_budget_cut_chunks,
+                    "deferred_chunks": engine.scheduler.num_deferred_chunks,
                     "late_prompts": engine.scheduler.num_late_prompts,
                     "step_time_error": engine.step_monitor.summary() if engine.step_monitor else None,
                     "free_blocks": engine.kv.num_free_blocks, "usable_blocks": engine.kv.pool.num_usable_blocks,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 
 import pytest
 
@@ -153,6 +154,10 @@ def test_slo_scheduling_leaves_outputs_unchanged(tmp_path) -> None:
     assert engine.scheduler.num_budget_cut_chunks > 0  # prompts were chunked beside decodes
     assert engine.step_monitor is not None and engine.step_monitor.summary()["steps"] > 0
     assert 0 < engine.spare_prefill_tokens_per_s() <= engine.prefill_tokens_per_s
+    deferring = LLM(model="tiny-random", num_kv_blocks=256, step_time_profile=str(profile), step_time_budget_ms=6.0,
+                    ttft_slo_ms=200.0, step_budget_window=4, defer_chunks_below=64)
+    assert _two_waves(deferring, prompts, params) == plain
+    assert deferring.engine.scheduler.num_deferred_chunks > 0  # chunks waited for a longer step
 
 
 def test_decodes_ahead_of_their_tpot_let_a_longer_chunk_through() -> None:
@@ -227,3 +232,40 @@ def test_the_window_budget_spares_requests_shorter_than_the_window() -> None:
         _without_slack(r)
     assert short.step_budget() == pytest.approx(10e-3, abs=1e-4)
     assert _scheduler().config.budget_window == 0  # off unless configured
+
+
+def test_a_chunk_the_budget_would_cut_short_waits_for_a_longer_step_while_it_can() -> None:
+    """``defer_chunks_below``: with the window open, a prompt whose chunk would be cut below N tokens
+    waits (the decode-only steps meanwhile make room); once it waited a quarter of its TTFT SLO it is
+    cut as without the option; with room in the window it goes whole."""
+    def scheduler_with(recent_s: float) -> tuple[Scheduler, list[Request]]:
+        scheduler = _scheduler(budget_window=8, defer_chunks_below=256, ttft_slo_s=0.25)
+        requests = _decoding(scheduler, 4)
+        _run_decode_steps(scheduler, requests, 7)
+        for r in requests:
+            _without_slack(r)
+        assert scheduler.budget is not None
+        scheduler.budget.recent_s = deque([recent_s] * 7)  # the last steps' predicted times
+        return scheduler, requests
+
+    full, _ = scheduler_with(10e-3)  # the window is spent: the budget is the SLO, ~50 tokens beside 4 decodes
+    full.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
+    assert [c.request.request_id for c in full.schedule().chunks if c.num_tokens > 1] == []
+    assert full.num_deferred_chunks == 1 and full.num_budget_cut_chunks == 0
+    waited, _ = scheduler_with(10e-3)
+    waited.add(Request("long", [2] * 400, SamplingParams(max_tokens=4), arrival_time=time.monotonic() - 0.1))
+    chunk = next(c for c in waited.schedule().chunks if c.num_tokens > 1)
+    assert 0 < chunk.num_tokens < 256 and waited.num_deferred_chunks == 0  # urgent: cut, not deferred
+    roomy, _ = scheduler_with(5e-3)  # fast steps behind: 40 ms of room, 350 tokens fit
+    roomy.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
+    chunk = next(c for c in roomy.schedule().chunks if c.num_tokens > 1)
+    assert chunk.num_tokens >= 256 and roomy.num_deferred_chunks == 0
+
+
+def test_deferring_chunks_needs_the_window() -> None:
+    from pdserve.common.config import EngineConfig
+    from pdserve.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="step_budget_window"):
+        EngineConfig(defer_chunks_below=512)
+    assert EngineConfig(defer_chunks_below=512, step_budget_window=16).defer_chunks_below == 512
