@@ -27,10 +27,8 @@ SLO-aware scheduling (both optional, set from the cluster's ``slo``):
   window), a prompt chunk the budget would cut below N tokens waits instead, unless its request has
   waited ``DEFER_TTFT_SHARE`` of the TTFT SLO: the decode-only steps run meanwhile make room in the
   window for one longer, more efficient step, as fixed long chunks get.
-* ``ttft_slo_s``: fresh prompts are admitted earliest-deadline first (arrival + TTFT SLO), except that
-  prompts which can no longer meet their deadline, predicted from the queue ahead of them, go after
-  those that still can (they are served, and counted in ``num_late_prompts``); a prompt waiting
-  longer than ``LATE_PROMOTION_FACTOR`` x the TTFT SLO goes first, so none starves.
+* ``ttft_slo_s``: fresh prompts are admitted earliest-deadline first, those that can no longer meet
+  their deadline after those that can, none starving (:mod:`pdserve.engine.deadline_order`).
 
 The scheduler never runs the model: it emits one :class:`SchedulerPlan` per step, and after the step the
 engine calls :meth:`Scheduler.finish_step` (advance computed counts, index full blocks) and
@@ -43,13 +41,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from pdserve.engine.deadline_order import order_by_deadline
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.step_budget import StepBudget
 from pdserve.engine.step_time import StepShape, StepTimeModel
 
-#: A prompt that has waited this many TTFT SLOs is admitted before every other fresh prompt.
-LATE_PROMOTION_FACTOR = 4.0
 #: A prompt chunk is deferred (``defer_chunks_below``) only until its request waited this share of the TTFT SLO.
 DEFER_TTFT_SHARE = 0.25
 
@@ -372,33 +369,12 @@ class Scheduler:
         return True
 
     def _order_by_deadline(self) -> None:
-        """Fresh prompts earliest deadline first, those that cannot make it after those that can (see
-        the module docstring); preempted requests keep their place at the head."""
+        """The waiting queue in TTFT-deadline order (:mod:`pdserve.engine.deadline_order`)."""
         slo = self.config.ttft_slo_s
         assert slo is not None
-        head: list[Request] = []
-        fresh: list[Request] = []
-        for request in self.waiting:
-            local = request.status == RequestStatus.WAITING and not request.remote_prefill
-            (fresh if local and not request.num_output_tokens else head).append(request)
-        now = time.monotonic()
         rate = self.step_time.prefill_tokens_per_s(self.config.max_num_batched_tokens) if self.step_time else None
-        on_time, late, promoted = [], [], []
-        ahead_s = 0.0
-        for request in sorted(fresh, key=lambda r: r.arrival_time):
-            if now - request.arrival_time > LATE_PROMOTION_FACTOR * slo:
-                promoted.append(request)
-                continue
-            cost_s = request.num_prompt_tokens / rate if rate else 0.0
-            if now + ahead_s + cost_s <= request.arrival_time + slo:
-                on_time.append(request)
-                ahead_s += cost_s
-            else:
-                if not request.deadline_missed:
-                    request.deadline_missed = True
-                    self.num_late_prompts += 1
-                late.append(request)
-        self.waiting = deque(head + promoted + on_time + late)
+        self.waiting, newly_late = order_by_deadline(self.waiting, slo, rate, time.monotonic())
+        self.num_late_prompts += newly_late
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         return ScheduledChunk.of(request, num_new, self.kv.block_ids(request.request_id))

@@ -10,9 +10,10 @@ from collections import deque
 import pytest
 
 from pdserve import LLM, SamplingParams
+from pdserve.engine.deadline_order import LATE_PROMOTION_FACTOR
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.request import Request
-from pdserve.engine.scheduler import LATE_PROMOTION_FACTOR, Scheduler, SchedulerConfig
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.engine.step_time import StepShape, StepTimeModel
 
 # 5 ms per step, 0.1 ms per token past 16: a 10 ms budget leaves room for ~50 tokens beside a few decodes
