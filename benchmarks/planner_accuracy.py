@@ -80,7 +80,7 @@ def measured(file: str, config: str) -> dict[str, Any]:
 
 
 def on_grid(profile: Profile, counts: dict[str, int], spec: WorkerSpec | None, spill: bool, tpot: float,
-            requests: dict[float, int], seeds: int = GRID_SEEDS) -> dict[float, float]:
+            requests: dict[float, int], policy: dict[str, int], seeds: int = GRID_SEEDS) -> dict[float, float]:
     """Simulated attainment at each measured rate (req/s per GPU) of the prefill-heavy workload, pooled
     over ``seeds`` Poisson schedules that together hold as many requests as were measured there."""
     num_gpus = sum(counts.values())
@@ -90,14 +90,14 @@ def on_grid(profile: Profile, counts: dict[str, int], spec: WorkerSpec | None, s
         for seed in range(seeds):
             workload = Workload.poisson(rate * num_gpus, 2048, 128, n=max(1, n // seeds), seed=1000 + seed)
             outcomes = simulation(profile, counts, ttft_slo_s=0.25, tpot_slo_s=tpot, colocated_spec=spec,
-                                  spill=spill).run(list(workload.requests))
+                                  spill=spill, **policy).run(list(workload.requests))
             met += sum(o.meets(0.25, tpot) for o in outcomes)
             total += len(outcomes)
         shares[rate] = round(met / total, 3)
     return shares
 
 
-def sharegpt_rows(profile: Profile, file: str) -> tuple[list[dict[str, Any]], list[list[Any]]]:
+def sharegpt_rows(profile: Profile, file: str, policy: dict[str, int]) -> tuple[list[dict[str, Any]], list[list[Any]]]:
     """Goodput rows for the ShareGPT-like points of ``file``: each point's exact request sequence (the
     serving benchmark's draws for its seed and rate) simulated, and interpolated as the measured points
     were; plus the attainment per rate behind them."""
@@ -122,7 +122,7 @@ def sharegpt_rows(profile: Profile, file: str) -> tuple[list[dict[str, Any]], li
             predicted = {}
             for rate, requests in sequences.items():
                 outcomes = simulation(profile, counts, ttft_slo_s=0.25, tpot_slo_s=tpot, colocated_spec=spec,
-                                      spill=spill).run(requests)
+                                      spill=spill, **policy).run(requests)
                 predicted[rate] = round(sum(o.meets(0.25, tpot) for o in outcomes) / len(outcomes), 3)
             truth = next(r["goodput_per_gpu"] for r in data["goodput"]
                          if r["config"] == config and r["workload"] == "sharegpt" and r["slo"] == slo)
@@ -175,9 +175,13 @@ def main() -> None:
                         "configurations it has): with calibration from other runs, an out-of-sample check")
     parser.add_argument("--sharegpt-measured", default=None, help="also score the ShareGPT-like points of this "
                         "run file (each point's exact request sequence, calibrated profile)")
+    parser.add_argument("--budget-window", type=int, default=0, help="simulate the engines' step_budget_window "
+                        "(as the measured runs had it)")
+    parser.add_argument("--defer-below", type=int, default=0, help="simulate the engines' defer_chunks_below")
     parser.add_argument("--tag", default="", help="suffix of the result files (planner_accuracy-<tag>-...)")
     args = parser.parse_args()
     profile = Profile.load(args.profile)
+    policy = {"budget_window": args.budget_window, "defer_below": args.defer_below}
     factors = live_calibration(args.calibration_from.split(","))
     calibrated = Profile(profile.model.calibrated(factors), profile.kv_bytes_per_token, profile.transfer_bytes_per_s)
     heavy = Workload.poisson(20.0, 2048, 128, n=400, seed=0)
@@ -194,9 +198,9 @@ def main() -> None:
                                    "measured": truth["goodput"].get(slo), "measured_at": truth["commit"]}
             for label, p in (("profile", profile), ("calibrated", calibrated)):
                 row[label] = predict(p, heavy, counts, ttft_slo_s=0.25, tpot_slo_s=tpot, colocated_spec=spec,
-                                     spill=spill, name=name).goodput_per_gpu
+                                     spill=spill, name=name, **policy).goodput_per_gpu
                 row[f"{label}_error"] = (round(row[label] / row["measured"] - 1, 3) if row["measured"] else None)
-            grid = on_grid(calibrated, counts, spec, spill, tpot, truth["requests"])
+            grid = on_grid(calibrated, counts, spec, spill, tpot, truth["requests"], policy)
             row["grid"] = round(goodput(list(grid.items())), 2)
             row["grid_error"] = round(row["grid"] / row["measured"] - 1, 3) if row["measured"] else None
             measured_shares = truth["attainment_by_rate"].get(slo, {})
@@ -211,24 +215,24 @@ def main() -> None:
                    "run(s))", "slo": SLOS[0][0], "measured": truth["trace_attainment"], "measured_at": truth["commit"]}
             for label, p in (("profile", profile), ("calibrated", calibrated)):
                 row[label] = predict(p, trace, counts, ttft_slo_s=0.25, tpot_slo_s=0.025, colocated_spec=spec,
-                                     spill=spill, name=name).attainment_at_offered
+                                     spill=spill, name=name, **policy).attainment_at_offered
                 row[f"{label}_error"] = round(row[label] - row["measured"], 3)
             rows.append(row)
             print(row, flush=True)
     sharegpt_grid: list[list[Any]] = []
     if args.sharegpt_measured is not None:
-        extra, sharegpt_grid = sharegpt_rows(calibrated, args.sharegpt_measured)
+        extra, sharegpt_grid = sharegpt_rows(calibrated, args.sharegpt_measured, policy)
         rows += extra
         for row in extra:
             print(row, flush=True)
     info = {**run_info(), "device": "NVIDIA H200", "num_gpus": 2,
             "computed_on": "CPU: a simulation, compared with runs measured on 2x NVIDIA H200"}
-    payload = {"profile": str(args.profile), "calibration": {k.value: v for k, v in factors.items()},
+    payload = {"profile": str(args.profile), "policy": policy, "calibration": {k.value: v for k, v in factors.items()},
                "calibration_from": args.calibration_from, "rows": rows,
                "attainment_by_rate": [dict(zip(("config", "slo", "rate_per_gpu", "measured", "predicted", "error"), r))
                                       for r in grid_rows]}
     header = (f"# Planner accuracy: predicted against measured (2xH200)\n\n{info['commit']} · {info['date']}\n\n"
-              f"Profile `{args.profile}`; live calibration {payload['calibration']} (from {args.calibration_from}). "
+              f"Simulated engine policy {policy}. Profile `{args.profile}`; live calibration {payload['calibration']} (from {args.calibration_from}). "
               "Goodput rows: req/s per GPU (error = predicted / measured - 1); trace rows: SLO attainment at the "
               "offered rate (error = predicted - measured). Measured goodput interpolates between the measured rates "
               "(req/s per GPU; listed below); `grid` is the calibrated prediction made the same way (simulated attainment "

@@ -18,6 +18,11 @@ from pdserve.common.errors import ConfigError
 #: kind from the first calibration on).
 FIRST_CALIBRATION_STEPS = 32
 RECALIBRATE_EVERY_STEPS = 256
+#: The longest step a window of recent steps allows under a TPOT SLO, in SLOs (``engine.step_budget``;
+#: the planner's simulation applies the same rule).
+WINDOW_STEP_CAP = 4.0
+#: A prompt chunk is deferred (``defer_chunks_below``) only until its request waited this share of the TTFT SLO.
+DEFER_TTFT_SHARE = 0.25
 
 
 class StepKind(StrEnum):

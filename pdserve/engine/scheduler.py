@@ -41,14 +41,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from pdserve.common.step_model import DEFER_TTFT_SHARE
 from pdserve.engine.deadline_order import order_by_deadline
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.step_budget import StepBudget
 from pdserve.engine.step_time import StepShape, StepTimeModel
-
-#: A prompt chunk is deferred (``defer_chunks_below``) only until its request waited this share of the TTFT SLO.
-DEFER_TTFT_SHARE = 0.25
 
 
 @dataclass(frozen=True)

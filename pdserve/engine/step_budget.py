@@ -23,10 +23,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+from pdserve.common.step_model import WINDOW_STEP_CAP
 from pdserve.engine.request import Request
-
-#: The longest step the window allows, in SLOs.
-WINDOW_STEP_CAP = 4.0
 
 
 class StepBudget:

@@ -14,7 +14,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,10 +149,17 @@ def attainment(outcomes: Sequence[SimOutcome], ttft_slo_s: float, tpot_slo_s: fl
 
 
 def simulation(profile: Profile, counts: dict[str, int], *, ttft_slo_s: float, tpot_slo_s: float,
-               colocated_spec: WorkerSpec | None = None, spill: bool = True) -> ClusterSimulation:
-    """A fresh simulation of one configuration as :func:`predict` runs it (see there)."""
+               colocated_spec: WorkerSpec | None = None, spill: bool = True, budget_window: int = 0,
+               defer_below: int = 0) -> ClusterSimulation:
+    """A fresh simulation of one configuration as :func:`predict` runs it (see there). ``budget_window``
+    and ``defer_below``: the engines' ``step_budget_window`` and ``defer_chunks_below`` on the workers
+    that budget their steps (also applied to a given ``colocated_spec`` that budgets)."""
     spec = colocated_spec or WorkerSpec(step_budget_s=tpot_slo_s)
-    decode_spec = WorkerSpec(max_batch_tokens=2048, step_budget_s=tpot_slo_s if spill else None)
+    if spec.step_budget_s is not None:
+        spec = replace(spec, budget_window=budget_window, defer_below=defer_below, ttft_slo_s=ttft_slo_s)
+    decode_spec = (WorkerSpec(max_batch_tokens=2048, step_budget_s=tpot_slo_s, budget_window=budget_window,
+                              defer_below=defer_below, ttft_slo_s=ttft_slo_s) if spill
+                   else WorkerSpec(max_batch_tokens=2048))
     return ClusterSimulation(profile.model, colocated=counts.get("colocated", 0), prefill=counts.get("prefill", 0),
                              decode=counts.get("decode", 0), colocated_spec=spec, decode_spec=decode_spec,
                              spill_ttft_s=ttft_slo_s if spill else None, kv_bytes_per_token=profile.kv_bytes_per_token,
@@ -161,14 +168,14 @@ def simulation(profile: Profile, counts: dict[str, int], *, ttft_slo_s: float, t
 
 def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttft_slo_s: float, tpot_slo_s: float,
             target: float = 0.9, name: str = "", colocated_spec: WorkerSpec | None = None,
-            spill: bool = True) -> Prediction:
+            spill: bool = True, budget_window: int = 0, defer_below: int = 0) -> Prediction:
     """Simulate one configuration at the offered rate, then bisect the rate for its goodput. Colocated
     workers budget their steps to the TPOT SLO unless ``colocated_spec`` says otherwise; split pools
     run as pdserve runs them with SLOs set (``spill``): decode workers budget their steps to the TPOT
     SLO and take the prompts the prefill pool would answer too late."""
     def simulate(scale: float) -> list[SimOutcome]:
         return simulation(profile, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, colocated_spec=colocated_spec,
-                          spill=spill).run(workload.at(scale))
+                          spill=spill, budget_window=budget_window, defer_below=defer_below).run(workload.at(scale))
 
     offered = simulate(1.0)
     num_gpus = sum(counts.values())

@@ -7,7 +7,9 @@ scheduler builds it:
 
 * a **colocated** worker runs every decode it holds plus prompt tokens, first come first served, up to
   its token budget and, with a TPOT budget, only as many as keep the step within it (at least
-  ``min_prefill_chunk`` when its decodes alone exceed it, so no prompt starves);
+  ``min_prefill_chunk`` when its decodes alone exceed it, so no prompt starves); with the engine's
+  window budget and chunk deferral (``budget_window``, ``defer_below``) as the engine applies them,
+  except that it knows no per-request slack;
 * a **prefill** worker runs prompt chunks up to its token budget; when a prompt's last chunk is done its
   first token exists, and its KV reaches a decode worker ``transfer_s(prompt)`` later;
 * a **decode** worker runs one token per held request each step; a request joins at the first step
@@ -33,7 +35,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from pdserve.common.step_model import StepShape, StepTimeModel
+from pdserve.common.step_model import DEFER_TTFT_SHARE, WINDOW_STEP_CAP, StepShape, StepTimeModel
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class WorkerSpec:
     max_running: int = 256
     step_budget_s: float | None = None  # the TPOT SLO of an SLO-budgeted worker
     min_prefill_chunk: int = 32
+    budget_window: int = 0  # the engine's step_budget_window
+    defer_below: int = 0  # the engine's defer_chunks_below
+    ttft_slo_s: float | None = None  # how long a deferred prompt may wait (DEFER_TTFT_SHARE of it)
 
 
 @dataclass
@@ -90,6 +95,7 @@ class _Worker:
     running: list[_Active] = field(default_factory=list)  # decoding
     joining: list[_Active] = field(default_factory=list)  # KV arrived, decodes from the next step
     busy: bool = False
+    recent_s: deque[float] = field(default_factory=deque)  # the last steps' seconds (the window budget)
 
     @property
     def queued_prompt_tokens(self) -> int:
@@ -126,6 +132,7 @@ class ClusterSimulation:
         self._transfer_overhead_s = transfer_overhead_s
         self._spill_ttft_s = spill_ttft_s
         self.num_spilled = 0
+        self.num_deferred = 0  # prompt chunks put off to a later step (WorkerSpec.defer_below)
 
     @property
     def num_gpus(self) -> int:
@@ -151,7 +158,7 @@ class ClusterSimulation:
         def start(worker: _Worker, now: float) -> None:
             if worker.busy or not worker.has_work():
                 return
-            chunks, seconds = self._plan(worker)
+            chunks, seconds = self._plan(worker, now)
             worker.busy = True
             heapq.heappush(events, (now + seconds, next(seq), "step", (worker, chunks)))
 
@@ -205,7 +212,7 @@ class ClusterSimulation:
 
     # -- one worker ---------------------------------------------------------------------------------
 
-    def _plan(self, worker: _Worker) -> tuple[list[tuple[_Active, int]], float]:
+    def _plan(self, worker: _Worker, now: float) -> tuple[list[tuple[_Active, int]], float]:
         """The step a worker runs now: ``(request, prompt tokens)`` chunks (0: a decode) and its seconds."""
         spec = worker.spec
         room = max(0, spec.max_running - len(worker.running))
@@ -217,6 +224,11 @@ class ClusterSimulation:
             shape = shape.plus_decode(a.outcome.request.prompt_tokens + a.produced)
         budget = spec.max_batch_tokens - len(chunks)
         budget_s = spec.step_budget_s if worker.running else None  # as the engine: no decodes, no time budget
+        window = spec.budget_window
+        window_open = (budget_s is not None and window > 1 and len(worker.recent_s) == window - 1
+                       and all(a.outcome.request.output_tokens >= window for a in worker.running))
+        if window_open and budget_s is not None:
+            budget_s = max(budget_s, min(budget_s * window - sum(worker.recent_s), budget_s * WINDOW_STEP_CAP))
         prefill_taken = False
         for a in worker.waiting:
             if budget <= 0 or len(chunks) >= spec.max_running:  # a running batch of max_running at most
@@ -225,6 +237,10 @@ class ClusterSimulation:
             n = min(left, budget)
             if budget_s is not None:
                 fits = self.model.max_chunk_tokens(shape, budget_s, n, a.computed)
+                if (window_open and fits < min(n, spec.defer_below) and spec.ttft_slo_s is not None
+                        and now - a.outcome.request.arrival_s < spec.ttft_slo_s * DEFER_TTFT_SHARE):
+                    self.num_deferred += 1
+                    break  # as the engine: the prompt (and those behind it) waits for a longer step
                 if fits == 0 and not prefill_taken:
                     fits = min(n, spec.min_prefill_chunk)
                 n = fits
@@ -234,7 +250,12 @@ class ClusterSimulation:
             shape = shape.plus_chunk(n, a.computed)
             budget -= n
             prefill_taken = True
-        return chunks, self.model.predict(shape)
+        seconds = self.model.predict(shape)
+        if spec.step_budget_s is not None and window > 1:  # as the engine: every step counts
+            worker.recent_s.append(seconds)
+            while len(worker.recent_s) > window - 1:
+                worker.recent_s.popleft()
+        return chunks, seconds
 
     def _finish_step(self, worker: _Worker, plan: list[tuple[_Active, int]], now: float, hand_off) -> None:  # noqa: ANN001
         for a, n in plan:

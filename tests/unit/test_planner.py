@@ -165,3 +165,29 @@ def test_a_step_without_decodes_is_not_cut_to_the_tpot_budget() -> None:
     outcomes = sim.run([SimRequest(0.0, 10, 1), SimRequest(0.001, 1000, 2), SimRequest(0.001, 1000, 2)])
     first = [o.first_token_s for o in outcomes[1:]]
     assert first[0] is not None and first[0] == first[1]
+
+
+def test_deferred_chunks_spend_the_windows_room_within_the_mean_tpot() -> None:
+    """The engine's window budget and chunk deferral in the simulation: a colocated worker decoding
+    while 1,024-token prompts keep arriving defers chunks the SLO would cut short and runs them in
+    longer steps (its requests' mean TPOT rises towards the SLO), without the mean passing it by more
+    than a capped step spread over an output."""
+    model = StepTimeModel(base_s=5e-3, per_token_s=25e-6, free_tokens=128)
+    rng, t, requests = random.Random(3), 0.0, []
+    for _ in range(400):
+        t += rng.expovariate(12.0)
+        requests.append(SimRequest(t, 1024, 64))
+
+    def run(spec: WorkerSpec) -> tuple[ClusterSimulation, list[float]]:
+        sim = ClusterSimulation(model, colocated=1, colocated_spec=spec)
+        outcomes = sim.run(requests)
+        return sim, [o.tpot_s for o in outcomes if o.tpot_s is not None]
+
+    cut = WorkerSpec(max_batch_tokens=2048, step_budget_s=15e-3)
+    plain_sim, plain_tpot = run(cut)
+    deferring = WorkerSpec(max_batch_tokens=2048, step_budget_s=15e-3, budget_window=16, defer_below=1024,
+                           ttft_slo_s=0.25)
+    sim, tpot = run(deferring)
+    assert plain_sim.num_deferred == 0 and sim.num_deferred > 0
+    assert statistics.mean(tpot) <= 15e-3 * 1.1
+    assert statistics.mean(tpot) > statistics.mean(plain_tpot)  # the long steps spend the window's room
