@@ -7,6 +7,7 @@ fitting, the start-up profile and the live monitor are in :mod:`pdserve.engine.s
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -23,6 +24,15 @@ RECALIBRATE_EVERY_STEPS = 256
 WINDOW_STEP_CAP = 4.0
 #: A prompt chunk is deferred (``defer_chunks_below``) only until its request waited this share of the TTFT SLO.
 DEFER_TTFT_SHARE = 0.25
+
+
+def window_step_budget(slo_s: float, window: int, recent_s: Sequence[float]) -> float | None:
+    """The longest step that keeps the mean of the last ``window`` steps (``recent_s``: the ``window - 1``
+    before it) within ``slo_s``, at most ``WINDOW_STEP_CAP`` SLOs; None while the window is off or not
+    full. The engine's step budget and the planner's simulation both apply it."""
+    if window <= 1 or len(recent_s) != window - 1:
+        return None
+    return min(slo_s * window - sum(recent_s), slo_s * WINDOW_STEP_CAP)
 
 
 class StepKind(StrEnum):

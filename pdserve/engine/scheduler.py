@@ -243,7 +243,7 @@ class Scheduler:
         """Tell the step budget what the plan is predicted to take (its window of recent steps)."""
         budget = self.budget
         if budget is not None and budget.window > 1 and self.step_time is not None and not plan.is_empty:
-            budget.note_step(self.step_time.predict(plan.shape))
+            budget.note_step(self.step_time.predict(plan.shape))  # the window needs predicted times
 
     def step_budget(self, now: float | None = None) -> float | None:
         """Seconds the next step may take (:class:`~pdserve.engine.step_budget.StepBudget`); None without
@@ -281,7 +281,7 @@ class Scheduler:
     def _may_defer(self, request: Request) -> bool:
         """Whether a chunk of ``request`` the budget would cut short may wait for a later step instead."""
         budget, ttft = self.budget, self.config.ttft_slo_s
-        return (budget is not None and budget.window_open and ttft is not None
+        return (budget is not None and ttft is not None and budget.window_open(self.running)
                 and time.monotonic() - request.arrival_time < ttft * DEFER_TTFT_SHARE)
 
     def _admit_waiting(self, plan: SchedulerPlan, budget: int, step: StepShape, budget_s: float | None) -> None:

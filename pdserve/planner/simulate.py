@@ -35,7 +35,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from pdserve.common.step_model import DEFER_TTFT_SHARE, WINDOW_STEP_CAP, StepShape, StepTimeModel
+from pdserve.common.step_model import DEFER_TTFT_SHARE, StepShape, StepTimeModel, window_step_budget
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,10 @@ class _Worker:
     running: list[_Active] = field(default_factory=list)  # decoding
     joining: list[_Active] = field(default_factory=list)  # KV arrived, decodes from the next step
     busy: bool = False
-    recent_s: deque[float] = field(default_factory=deque)  # the last steps' seconds (the window budget)
+    recent_s: deque[float] = field(init=False)  # the last steps' seconds (the window budget)
+
+    def __post_init__(self) -> None:
+        self.recent_s = deque(maxlen=max(self.spec.budget_window - 1, 0))
 
     @property
     def queued_prompt_tokens(self) -> int:
@@ -224,11 +227,11 @@ class ClusterSimulation:
             shape = shape.plus_decode(a.outcome.request.prompt_tokens + a.produced)
         budget = spec.max_batch_tokens - len(chunks)
         budget_s = spec.step_budget_s if worker.running else None  # as the engine: no decodes, no time budget
-        window = spec.budget_window
-        window_open = (budget_s is not None and window > 1 and len(worker.recent_s) == window - 1
-                       and all(a.outcome.request.output_tokens >= window for a in worker.running))
-        if window_open and budget_s is not None:
-            budget_s = max(budget_s, min(budget_s * window - sum(worker.recent_s), budget_s * WINDOW_STEP_CAP))
+        window_s = (window_step_budget(budget_s, spec.budget_window, worker.recent_s) if budget_s is not None
+                    and all(a.outcome.request.output_tokens >= spec.budget_window for a in worker.running) else None)
+        window_open = window_s is not None
+        if window_s is not None and budget_s is not None:
+            budget_s = max(budget_s, window_s)
         prefill_taken = False
         for a in worker.waiting:
             if budget <= 0 or len(chunks) >= spec.max_running:  # a running batch of max_running at most
@@ -251,10 +254,8 @@ class ClusterSimulation:
             budget -= n
             prefill_taken = True
         seconds = self.model.predict(shape)
-        if spec.step_budget_s is not None and window > 1:  # as the engine: every step counts
+        if spec.step_budget_s is not None:  # as the engine: every step counts
             worker.recent_s.append(seconds)
-            while len(worker.recent_s) > window - 1:
-                worker.recent_s.popleft()
         return chunks, seconds
 
     def _finish_step(self, worker: _Worker, plan: list[tuple[_Active, int]], now: float, hand_off) -> None:  # noqa: ANN001

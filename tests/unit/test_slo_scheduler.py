@@ -246,7 +246,7 @@ def test_a_chunk_the_budget_would_cut_short_waits_for_a_longer_step_while_it_can
         for r in requests:
             _without_slack(r)
         assert scheduler.budget is not None
-        scheduler.budget.recent_s = deque([recent_s] * 7)  # the last steps' predicted times
+        scheduler.budget.recent_s = deque([recent_s] * 7, maxlen=7)  # the last steps' predicted times
         return scheduler, requests
 
     full, _ = scheduler_with(10e-3)  # the window is spent: the budget is the SLO, ~50 tokens beside 4 decodes
