@@ -10,6 +10,12 @@ no staging buffer, and no work on the peer GPU's SMs. On CPU (tests) it is ``ind
 Both tensors have the KV layout ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (contiguous),
 with possibly different ``num_blocks``; ``src_ids``/``dst_ids`` are int64 tensors on the current
 device. ``copy_blocks_reference`` is the torch definition the kernel is tested against.
+
+The same kernel packs and unpacks the process-group transports' messages (:func:`gather_into_message`,
+:func:`scatter_from_message`): a message's bytes are its parts' ``[2, n, ...]`` payloads back to back,
+so keys and values of a part sit at different *positions* of one flat run of blocks; with a ``[2, n]``
+position tensor (row 0: where each block's keys go, row 1: its values) one launch moves every part of a
+message that reads one layer, instead of one launch (and an index tensor) per part.
 """
 
 from __future__ import annotations
@@ -22,14 +28,14 @@ import triton.language as tl
 CHUNK_ELEMS = 4096
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["src_ids_kv_stride", "dst_ids_kv_stride"])  # one compile for every n
 def _copy_blocks_kernel(src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr, src_kv_stride, dst_kv_stride,
-                        BLOCK_ELEMS: tl.constexpr, CHUNK: tl.constexpr):
+                        src_ids_kv_stride, dst_ids_kv_stride, BLOCK_ELEMS: tl.constexpr, CHUNK: tl.constexpr):
     i = tl.program_id(0)
     kv = tl.program_id(1).to(tl.int64)
     chunk = tl.program_id(2)
-    src_block = tl.load(src_ids_ptr + i).to(tl.int64)
-    dst_block = tl.load(dst_ids_ptr + i).to(tl.int64)
+    src_block = tl.load(src_ids_ptr + kv * src_ids_kv_stride + i).to(tl.int64)
+    dst_block = tl.load(dst_ids_ptr + kv * dst_ids_kv_stride + i).to(tl.int64)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     mask = offs < BLOCK_ELEMS
     values = tl.load(src_ptr + kv * src_kv_stride + src_block * BLOCK_ELEMS + offs, mask=mask)
@@ -53,11 +59,36 @@ def copy_blocks(src_layer: torch.Tensor, dst_layer: torch.Tensor, src_ids: torch
     if src_layer.device.type != "cuda":
         copy_blocks_reference(src_layer, dst_layer, src_ids, dst_ids)
         return
-    block_elems = src_layer[0, 0].numel()
+    _launch(src_layer, dst_layer, src_ids, dst_ids, src_layer.stride(0), dst_layer.stride(0), 0, 0)
+
+
+def gather_into_message(kv_layer: torch.Tensor, src_ids: torch.Tensor, blocks: torch.Tensor,
+                        positions: torch.Tensor) -> None:
+    """``blocks[positions[kv, i]] = kv_layer[kv, src_ids[i]]`` for keys and values (kv = 0, 1), in one
+    launch on the current device: pack blocks of one layer into a message viewed as ``[m, block_size,
+    heads, dim]``; ``positions`` is a contiguous ``[2, n]`` int64 tensor (checked by the caller,
+    :func:`pdserve.kvtransfer.messages.pack_layer_blocks`)."""
+    _launch(kv_layer, blocks, src_ids, positions, kv_layer.stride(0), 0, 0, positions.stride(0))
+
+
+def scatter_from_message(blocks: torch.Tensor, positions: torch.Tensor, kv_layer: torch.Tensor,
+                         dst_ids: torch.Tensor) -> None:
+    """``kv_layer[kv, dst_ids[i]] = blocks[positions[kv, i]]``: the inverse of :func:`gather_into_message`."""
+    _launch(blocks, kv_layer, positions, dst_ids, 0, kv_layer.stride(0), positions.stride(0), 0)
+
+
+def _launch(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor, src_kv_stride: int,
+            dst_kv_stride: int, src_ids_kv_stride: int, dst_ids_kv_stride: int) -> None:
+    """One kernel: for i < n and kv in (0, 1), block ``src_ids[kv * src_ids_kv_stride + i]`` of ``src``
+    (offset ``kv * src_kv_stride``) to block ``dst_ids[kv * dst_ids_kv_stride + i]`` of ``dst``."""
+    n = dst_ids.shape[-1]
+    if n == 0:
+        return
+    block_elems = dst[0, 0].numel() if dst_kv_stride else dst[0].numel()
     chunk = min(CHUNK_ELEMS, triton.next_power_of_2(block_elems))
-    grid = (src_ids.numel(), 2, triton.cdiv(block_elems, chunk))
-    _copy_blocks_kernel[grid](src_layer, dst_layer, src_ids, dst_ids, src_layer.stride(0), dst_layer.stride(0),
-                              BLOCK_ELEMS=block_elems, CHUNK=chunk, num_warps=4)
+    grid = (n, 2, triton.cdiv(block_elems, chunk))
+    _copy_blocks_kernel[grid](src, dst, src_ids, dst_ids, src_kv_stride, dst_kv_stride, src_ids_kv_stride,
+                              dst_ids_kv_stride, BLOCK_ELEMS=block_elems, CHUNK=chunk, num_warps=4)
 
 
 def copy_blocks_reference(src_layer: torch.Tensor, dst_layer: torch.Tensor, src_ids: torch.Tensor,

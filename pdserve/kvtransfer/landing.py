@@ -34,8 +34,15 @@ from typing import Any
 import torch
 
 from pdserve.kvtransfer.coalescing import can_coalesce, run_coalesced
-from pdserve.kvtransfer.messages import ProtocolError, as_bytes, scatter_blocks, warm_up_block_copies
-from pdserve.kvtransfer.plan import PlannedMessage, is_contiguous, launches, message_buffers, part_payloads
+from pdserve.kvtransfer.messages import ProtocolError, as_bytes, warm_up_block_copies
+from pdserve.kvtransfer.packing import unpack_message
+from pdserve.kvtransfer.plan import (
+    PlannedMessage,
+    is_contiguous,
+    launches,
+    message_buffers,
+    part_payloads,
+)
 from pdserve.kvtransfer.receiving import ReceiverCore
 from pdserve.kvtransfer.rendezvous import SENDER_RANK, Group
 from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda, record_event
@@ -74,7 +81,7 @@ class PlanLanding:
         assert self._post_stream is not None
         staging: list[torch.Tensor] = []
         claimed = []
-        indices: dict[tuple[int, int, int], torch.Tensor] = {}  # a block range's ids, once per plan
+        indices: dict[tuple[int, ...], torch.Tensor] = {}  # index tensors, once per plan
         with self._core.lock:
             # per message: where its bytes go, and the staging buffer to scatter (None: received in place)
             landings: list[tuple[PlannedMessage, list[Any], list[torch.Tensor], torch.Tensor | None]] = []
@@ -117,14 +124,14 @@ class PlanLanding:
         self._posted.append((event, staging))
 
     def _scatter(self, message: PlannedMessage, targets: list[Any], staged: torch.Tensor,
-                 indices: dict[tuple[int, int, int], torch.Tensor]) -> None:
-        for (part, payload), target in zip(part_payloads(message, staged, self._layout), targets):
-            if target is not None:
-                key = (part.transfer_id, part.start, part.num_blocks)
-                index = indices.get(key)
-                if index is None:
-                    index = indices[key] = index_tensor(target, self._device)
-                scatter_blocks(self._caches[part.layer], index, payload)
+                 indices: dict[tuple[int, ...], torch.Tensor]) -> None:
+        unpack_message(message, targets, staged, self._caches, self._layout, lambda ids: self._index(ids, indices))
+
+    def _index(self, ids: tuple[int, ...], indices: dict[tuple[int, ...], torch.Tensor]) -> torch.Tensor:
+        index = indices.get(ids)
+        if index is None:
+            index = indices[ids] = index_tensor(ids, self._device)
+        return index
 
     def _retire(self) -> None:
         while self._posted and event_done(self._posted[0][0]):

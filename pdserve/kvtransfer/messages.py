@@ -142,12 +142,55 @@ def scatter_blocks(kv_layer: torch.Tensor, index: torch.Tensor, payload: torch.T
         kv_layer.index_copy_(1, index, payload)
 
 
+def pack_layer_blocks(kv_layer: torch.Tensor, src_ids: torch.Tensor, blocks: torch.Tensor,
+                      positions: torch.Tensor) -> None:
+    """``blocks[positions[kv, i]] = kv_layer[kv, src_ids[i]]`` (kv = 0, 1): blocks of one layer into a
+    message viewed as ``[m, block_size, heads, dim]`` (:func:`~pdserve.kvtransfer.plan.message_blocks`);
+    ``positions`` is ``[2, n]``. On CUDA one block-copy launch for all ``n`` blocks."""
+    _check_positions(kv_layer, blocks, src_ids, positions)
+    if kv_layer.is_cuda and kv_layer.is_contiguous():
+        from pdserve.kvtransfer.block_copy import gather_into_message
+
+        gather_into_message(kv_layer, src_ids, blocks, positions)
+        return
+    for kv in (0, 1):
+        blocks[positions[kv]] = kv_layer[kv].index_select(0, src_ids)
+
+
+def unpack_layer_blocks(blocks: torch.Tensor, positions: torch.Tensor, kv_layer: torch.Tensor,
+                        dst_ids: torch.Tensor) -> None:
+    """``kv_layer[kv, dst_ids[i]] = blocks[positions[kv, i]]``: the inverse of :func:`pack_layer_blocks`."""
+    _check_positions(kv_layer, blocks, dst_ids, positions)
+    if kv_layer.is_cuda and kv_layer.is_contiguous():
+        from pdserve.kvtransfer.block_copy import scatter_from_message
+
+        scatter_from_message(blocks, positions, kv_layer, dst_ids)
+        return
+    for kv in (0, 1):
+        kv_layer[kv].index_copy_(0, dst_ids, blocks[positions[kv]])
+
+
+def _check_positions(kv_layer: torch.Tensor, blocks: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> None:
+    if kv_layer.shape[0] != 2 or blocks.shape[1:] != kv_layer.shape[2:] or blocks.dtype != kv_layer.dtype:
+        raise ValueError(f"cannot move blocks between a {tuple(kv_layer.shape)} {kv_layer.dtype} layer and a "
+                         f"message of {tuple(blocks.shape)} {blocks.dtype}")
+    if ids.dim() != 1 or positions.shape != (2, ids.numel()) or not positions.is_contiguous():
+        raise ValueError(f"positions must be a contiguous [2, {ids.numel()}] tensor for {ids.numel()} block ids, "
+                         f"not {tuple(positions.shape)}")
+
+
 def warm_up_block_copies(kv_layer: torch.Tensor) -> None:
-    """Compile the block-copy kernel of this layout now (a transfer's first message would wait ~1 s):
-    one block gathered into, and scattered within, a scratch tensor; the cache is only read."""
+    """Compile the block-copy kernel's variants of this layout now (a transfer's first message would wait
+    ~1 s each): one block gathered into, and scattered within, a scratch tensor, and packed into and
+    unpacked from a scratch message; the cache is only read."""
     if kv_layer.is_cuda:
         one = torch.zeros(1, dtype=torch.long, device=kv_layer.device)
-        scatter_blocks(kv_layer.new_empty((2, 1, *kv_layer.shape[2:])), one, gather_blocks(kv_layer, one))
+        scratch = kv_layer.new_empty((2, 1, *kv_layer.shape[2:]))
+        scatter_blocks(scratch, one, gather_blocks(kv_layer, one))
+        blocks = kv_layer.new_empty((2, *kv_layer.shape[2:]))
+        positions = torch.tensor([[0], [1]], dtype=torch.long, device=kv_layer.device)
+        pack_layer_blocks(kv_layer, one, blocks, positions)
+        unpack_layer_blocks(blocks, positions, scratch, one)
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:

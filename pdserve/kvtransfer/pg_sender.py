@@ -43,7 +43,14 @@ import torch.distributed as dist
 from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
 from pdserve.kvtransfer.coalescing import COALESCE, can_coalesce, run_coalesced
 from pdserve.kvtransfer.factory import process_group_backend, resolve_backend
-from pdserve.kvtransfer.messages import Header, MessageKind, as_bytes, gather_blocks, warm_up_block_copies
+from pdserve.kvtransfer.messages import (
+    Header,
+    MessageKind,
+    as_bytes,
+    gather_blocks,
+    warm_up_block_copies,
+)
+from pdserve.kvtransfer.packing import pack_message
 from pdserve.kvtransfer.plan import (
     PlannedMessage,
     coalesce_ready,
@@ -52,7 +59,6 @@ from pdserve.kvtransfer.plan import (
     is_contiguous,
     launches,
     message_buffers,
-    part_payloads,
 )
 from pdserve.kvtransfer.rendezvous import (
     MESSAGE_QUEUE,
@@ -260,13 +266,15 @@ class ProcessGroupSender(SenderCore):
             planned = coalesce_ready(planned, ready, MAX_PLAN_STAGED_BYTES)
         self._messages.push(encode_plan(planned).pack())
         indices: dict[tuple[int, ...], torch.Tensor] = {}  # source block ids, once per plan
+        waited: Event = None  # a prepared step's parts of one layer share its event: wait once
         for launch in launches(planned):
             batch = []
             for i in launch:
                 self._reap(self._max_inflight_bytes)
                 for m in parts_of[i]:
-                    if m.ready is not None:
+                    if m.ready is not None and m.ready is not waited:
                         torch.cuda.current_stream(self._device).wait_event(m.ready)
+                        waited = m.ready
                 batch.append((self._payload(planned[i], parts_of[i], indices), parts_of[i]))
             self._send_batch(batch)
 
@@ -289,9 +297,11 @@ class ProcessGroupSender(SenderCore):
             gathered = gather_blocks(m.kv_layer, self._index(m.src_block_ids, indices))
             return [gathered[0], gathered[1]]
         buffer, _ = message_buffers(message, self._device)
-        for m, (_, view) in zip(parts, part_payloads(message, buffer, self._layout)):
+        sources = []
+        for m in parts:
             assert m.kv_layer is not None
-            gather_blocks(m.kv_layer, self._index(m.src_block_ids, indices), out=view)
+            sources.append((m.kv_layer, m.src_block_ids))
+        pack_message(message, sources, buffer, self._layout, lambda ids: self._index(ids, indices))
         return [buffer]
 
     def _transmit(self, message: OutgoingMessage, payloads: list[torch.Tensor]) -> None:

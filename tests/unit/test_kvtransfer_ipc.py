@@ -173,7 +173,7 @@ def test_block_copy_kernel_matches_its_reference(dtype: torch.dtype) -> None:
     src_ids = torch.tensor([8, 0, 3], device=device)
     dst_ids = torch.tensor([1, 5, 2], device=device)
     grid = (3, 2, 1)
-    block_copy._copy_blocks_kernel[grid](src, got, src_ids, dst_ids, src.stride(0), got.stride(0),
+    block_copy._copy_blocks_kernel[grid](src, got, src_ids, dst_ids, src.stride(0), got.stride(0), 0, 0,
                                          BLOCK_ELEMS=96, CHUNK=128)
     copy_blocks_reference(src, want, src_ids, dst_ids)
     assert torch.equal(got, want)
@@ -181,3 +181,30 @@ def test_block_copy_kernel_matches_its_reference(dtype: torch.dtype) -> None:
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="3 source blocks but 2 destination"):
         copy_blocks(src, want, src_ids, dst_ids[:2])
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_message_packing_kernel_matches_the_torch_path() -> None:
+    """One launch packs blocks of a layer into a message's key and value positions, and unpacks them
+    into another cache: the same bytes as the torch path (the kernel in the CPU interpreter here)."""
+    from pdserve.kvtransfer import block_copy
+    from pdserve.kvtransfer.messages import pack_layer_blocks, unpack_layer_blocks
+
+    layer = torch.randn(2, 9, 4, 3, 8)  # 96 elements per block: the kernel's masked tail
+    src_ids = torch.tensor([8, 0, 3])
+    positions = torch.tensor([[0, 1, 4], [2, 3, 5]])  # two parts: 2 blocks then 1 block
+    got, want = torch.zeros(6, 4, 3, 8), torch.zeros(6, 4, 3, 8)
+    block_copy.gather_into_message(layer, src_ids, got, positions)
+    pack_layer_blocks(layer, src_ids, want, positions)
+    assert torch.equal(got, want)
+    assert torch.equal(want[2], layer[1, 8]) and torch.equal(want[4], layer[0, 3])
+    dst_ids = torch.tensor([5, 1, 2])
+    into_kernel, into_torch = torch.zeros(2, 7, 4, 3, 8), torch.zeros(2, 7, 4, 3, 8)
+    block_copy.scatter_from_message(got, positions, into_kernel, dst_ids)
+    unpack_layer_blocks(want, positions, into_torch, dst_ids)
+    assert torch.equal(into_kernel, into_torch)
+    assert torch.equal(into_torch[:, dst_ids], layer[:, src_ids])
+    with pytest.raises(ValueError, match=r"contiguous \[2, 3\] tensor"):
+        pack_layer_blocks(layer, src_ids, want, positions[:, :2])
+    with pytest.raises(ValueError, match="cannot move blocks"):
+        pack_layer_blocks(layer, src_ids, torch.zeros(6, 4, 3, 9), positions)
