@@ -93,6 +93,11 @@ MAX_MESSAGE_BYTES = int(os.environ.get("PDSERVE_KV_MAX_MESSAGE_BYTES", str(256 <
 MIN_SPLIT_BYTES = int(os.environ.get("PDSERVE_KV_MIN_SPLIT_BYTES", str(1 << 40)))
 #: How long a plan may wait for its first layer to be computed while later layers queue up behind it.
 PLAN_GATHER_WAIT_S = 2e-3
+#: How long a plan whose first layer is computed may still wait for more layers of the forward pass to
+#: queue (not once a last layer is queued). Each plan is a wake-up of the receiver's channel thread,
+#: which shares its interpreter with the decode loop; many short prompts make one plan per layer.
+#: Off by default (experiment: ``PDSERVE_KV_PLAN_EXTRA_WAIT_MS``).
+PLAN_EXTRA_WAIT_S = float(os.environ.get("PDSERVE_KV_PLAN_EXTRA_WAIT_MS", "0")) / 1e3
 
 
 @dataclass(eq=False)
@@ -242,6 +247,9 @@ class ProcessGroupSender(SenderCore):
         end = time.monotonic() + PLAN_GATHER_WAIT_S
         while not event_done(first.ready) and time.monotonic() < end:
             time.sleep(5e-5)
+        end = time.monotonic() + PLAN_EXTRA_WAIT_S
+        while time.monotonic() < end and not self._last_layer_queued(first):
+            time.sleep(1e-4)
         taken, staged = [first], _staged_bytes(first)
         with self._cond:
             while self._queue and len(taken) < MAX_PLAN_PARTS:
@@ -251,6 +259,14 @@ class ProcessGroupSender(SenderCore):
                 taken.append(self._queue.popleft())
                 staged += _staged_bytes(nxt)
         return [first] + [m for m in taken[1:] if self._is_live(m.header.transfer_id)]
+
+    def _last_layer_queued(self, first: OutgoingMessage) -> bool:
+        """Whether the model's last layer is queued (or ``first``), or something other than a LAYER:
+        nothing later would join the plan by waiting."""
+        last = self._layout.num_layers - 1
+        with self._cond:
+            newest = self._queue[-1].header if self._queue else first.header
+        return newest.kind is not MessageKind.LAYER or newest.layer == last
 
     def _send_plan(self, outgoing: list[OutgoingMessage]) -> None:
         """Announce the messages of ``outgoing`` in one PLAN header, then send them in order, each as

@@ -24,9 +24,9 @@ def _index(ids: tuple[int, ...]) -> torch.Tensor:
 def test_runs_and_positions_follow_the_payload_layout() -> None:
     message = PlannedMessage((_part(1, 0, 2), _part(2, 0, 1), _part(1, 1, 2)))
     runs = layer_runs(message)
-    assert [(r.layer, r.parts) for r in runs] == [(0, (0, 1)), (1, (2,))]
-    assert runs[0].positions == ((0, 1, 2, 3), (4, 5)) and runs[1].positions == ((6, 7, 8, 9),)
-    assert run_positions(runs[0].positions) == (0, 1, 4, 2, 3, 5)  # keys of both parts, then values
+    assert [(r.layer, r.start, r.parts, r.sizes) for r in runs] == [(0, 0, (0, 1), (2, 1)), (1, 6, (2,), (2,))]
+    assert runs[0].offsets() == [0, 4] and runs[1].offsets() == [0]
+    assert run_positions([(0, 2), (4, 1)]) == (0, 1, 4, 2, 3, 5)  # keys of both parts, then values
 
 
 def test_packing_matches_the_per_part_layout_and_unpacking_skips_unclaimed_parts() -> None:
@@ -52,3 +52,12 @@ def test_packing_matches_the_per_part_layout_and_unpacking_skips_unclaimed_parts
     for layer, blocks in written.items():
         untouched = [b for b in range(12) if b not in blocks]
         assert bool((dst[layer][:, untouched] == 0).all())
+
+
+def test_a_lone_part_packs_through_its_own_view() -> None:
+    src = torch.randn(2, 6, 4, 2, 8)
+    message = PlannedMessage((_part(4, 1, 3),))
+    packed, _ = message_buffers(message, "cpu")
+    pack_message(message, [(src, (5, 0, 2))], packed, LAYOUT, _index)
+    ((_, view),) = part_payloads(message, packed, LAYOUT)
+    assert torch.equal(view, src[:, [5, 0, 2]])

@@ -158,3 +158,11 @@ def test_plans_land_exactly(dst_ids: list[int], src_ids: list[int], max_bytes: i
         assert all(len({p.layer for p in m.parts}) == 1 for m in planned) and sum(len(m.parts) for m in planned) == 6
     else:
         assert sum(len(m.parts) for m in planned) == 6 and len(planned) <= 3  # plans may end early
+
+
+def test_plans_that_wait_for_more_layers_still_land_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the extra wait for later layers on (it ends once the last layer is queued), every part is
+    planned once and lands where it belongs."""
+    monkeypatch.setattr(pg_sender, "PLAN_EXTRA_WAIT_S", 0.05)
+    planned = _roundtrip([4, 5, 6], [9, 10, 11], monkeypatch, PART + 256, True)
+    assert sum(len(m.parts) for m in planned) == 6
