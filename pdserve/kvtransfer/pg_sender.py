@@ -95,9 +95,10 @@ MIN_SPLIT_BYTES = int(os.environ.get("PDSERVE_KV_MIN_SPLIT_BYTES", str(1 << 40))
 PLAN_GATHER_WAIT_S = 2e-3
 #: How long a plan whose first layer is computed may still wait for more layers of the forward pass to
 #: queue (not once a last layer is queued). Each plan is a wake-up of the receiver's channel thread,
-#: which shares its interpreter with the decode loop; many short prompts make one plan per layer.
-#: Off by default (experiment: ``PDSERVE_KV_PLAN_EXTRA_WAIT_MS``).
-PLAN_EXTRA_WAIT_S = float(os.environ.get("PDSERVE_KV_PLAN_EXTRA_WAIT_MS", "0")) / 1e3
+#: which shares its interpreter with the decode loop; many short prompts made one plan per layer. On
+#: 2xH200, 1P1D over NCCL on the ShareGPT-like workload (seed 1): attainment at 32 / 48 / 64 req/s per GPU
+#: 0.93 / 1.00 / 0.86 without, 1.00 / 0.96 / 1.00 with 4 ms (``PDSERVE_KV_PLAN_EXTRA_WAIT_MS``).
+PLAN_EXTRA_WAIT_S = float(os.environ.get("PDSERVE_KV_PLAN_EXTRA_WAIT_MS", "4")) / 1e3
 
 
 @dataclass(eq=False)
