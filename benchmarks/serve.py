@@ -59,14 +59,17 @@ TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "moon
 #: Conditional disaggregation threshold of the ``1p1d-overflow`` configuration: about 200 ms of prefill
 #: work for Llama-3.1-8B on one H200 (~40k prompt tokens/s), i.e. most of the 250 ms TTFT budget.
 OVERFLOW_TOKENS = 8192
+#: The ``auto`` prefill pool's tokens per step (``--auto-prefill-step-tokens``).
+PREFILL_STEP_TOKENS = 8192
 
 
 def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float, float] = (250.0, 15.0),
-                   kv_backend: str = "auto", budget_window: int = 0, defer_below: int = 0) -> dict[str, Any]:
+                   kv_backend: str = "auto", budget_window: int = 0, defer_below: int = 0,
+                   auto_prefill_step_tokens: int = PREFILL_STEP_TOKENS) -> dict[str, Any]:
     """The cluster of one configuration; ``slo_ms`` (TTFT, TPOT) for the SLO-aware ones; ``kv_backend``
     the KV transport between prefill and decode workers (auto: CUDA IPC on one host); ``budget_window``
     and ``defer_below`` the engines' ``step_budget_window`` and ``defer_chunks_below`` (SLO-aware
-    configurations)."""
+    configurations); ``auto_prefill_step_tokens`` the ``auto`` prefill pool's ``max_batch_tokens``."""
     gpu = 0 if smoke else 1
     engine: dict[str, Any] = {"load_format": "dummy", "dtype": "float32" if smoke else "bfloat16",
                               "max_model_len": 2048 if smoke else 16384}
@@ -79,6 +82,8 @@ def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float,
                    "prefill": {"replicas": 1, "gpus_per_worker": gpu, "max_batch_tokens": 8192},
                    "decode": {"replicas": 1, "gpus_per_worker": gpu, "max_running_requests": 256,
                               "max_batch_tokens": 2048}}
+        if kind == "auto":
+            config["prefill"]["max_batch_tokens"] = auto_prefill_step_tokens
         if kind == "1p1d-overflow":  # the decode worker prefills what the prefill worker cannot take in time
             config["router"]["max_queued_prefill_tokens"] = 256 if smoke else OVERFLOW_TOKENS
     elif kind in ("colocated", "colocated-slo"):
@@ -124,7 +129,7 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
     from pdserve.cluster.launcher import Cluster
 
     config = cluster_config(kind, model_dir, args.smoke, (args.ttft_slo * 1e3, args.slo_tpot_ms), args.kv_backend,
-                            args.budget_window, args.defer_below)
+                            args.budget_window, args.defer_below, args.auto_prefill_step_tokens)
     if args.dashboard:  # the operator's view of the run: the dashboard's JSON after every point
         config["router"] |= {"http_port": 0, "planner_mode": "recommend", "planner_interval_s": 5.0}
     cluster = Cluster(cluster_config_from_dict(config))
@@ -261,6 +266,8 @@ def main() -> None:
     parser.add_argument("--defer-below", type=int, default=0,
                         help="defer_chunks_below of the SLO-aware configurations' engines (0: off; needs "
                         "--budget-window)")
+    parser.add_argument("--auto-prefill-step-tokens", type=int, default=PREFILL_STEP_TOKENS,
+                        help="max_batch_tokens of the auto configuration's prefill pool")
     parser.add_argument("--kv-backend", default="auto", choices=("auto", "nccl"),
                         help="KV transport of the disaggregated configurations (auto: CUDA IPC on one host)")
     parser.add_argument("--num-requests", type=int, default=200)
