@@ -52,6 +52,7 @@ from benchmarks.serving.workload import (
     sharegpt_workload,
     trace_workload,
 )
+from pdserve.planner.plan import SLO_PREFILL_STEP_TOKENS
 
 TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "mooncake_conversation.jsonl"
 
@@ -59,8 +60,9 @@ TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "moon
 #: Conditional disaggregation threshold of the ``1p1d-overflow`` configuration: about 200 ms of prefill
 #: work for Llama-3.1-8B on one H200 (~40k prompt tokens/s), i.e. most of the 250 ms TTFT budget.
 OVERFLOW_TOKENS = 8192
-#: The ``auto`` prefill pool's tokens per step (``--auto-prefill-step-tokens``).
-PREFILL_STEP_TOKENS = 8192
+#: The ``auto`` prefill pool's tokens per step (``--auto-prefill-step-tokens``; what pdserve ships, see
+#: ``pdserve.planner.plan.SLO_PREFILL_STEP_TOKENS``; 8,192 before 2026-12-01).
+PREFILL_STEP_TOKENS = SLO_PREFILL_STEP_TOKENS
 
 
 def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float, float] = (250.0, 15.0),
