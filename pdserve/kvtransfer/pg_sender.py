@@ -74,7 +74,7 @@ from pdserve.kvtransfer.rendezvous import (
     shutdown_group,
 )
 from pdserve.kvtransfer.sealing import SealedQueue, cluster_key
-from pdserve.kvtransfer.sending import OutgoingMessage, PreparedStep, SenderCore
+from pdserve.kvtransfer.sending import OutgoingMessage, PreparedStep, SenderCore, finish_position
 from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda, record_event, wait_event
 
 HELLO_NBYTES = 8
@@ -382,19 +382,6 @@ class ProcessGroupSender(SenderCore):
             self._inflight_bytes -= sum(p.numel() * p.element_size() for p in oldest.payloads)
             for m in oldest.messages:
                 self._message_done(m)
-
-
-def finish_position(queue: collections.deque[OutgoingMessage], transfer_id: int) -> int:
-    """Where a transfer's FINISH joins the queue: right after the last message of that transfer still
-    queued (the receiver must have its LAYERs announced first), ahead of the LAYERs of later transfers
-    queued since, never ahead of another control message. A prefill worker queues its next step's layers
-    before the previous prompt's FINISH (whose first token waits for that step's launch): behind them, the
-    FINISH waited for their announcement and sends, up to the whole next forward pass."""
-    for index in range(len(queue) - 1, -1, -1):
-        header = queue[index].header
-        if header.transfer_id == transfer_id or header.kind is not MessageKind.LAYER:
-            return index + 1
-    return 0
 
 
 def _splittable(message: OutgoingMessage) -> bool:

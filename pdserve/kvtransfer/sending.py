@@ -353,3 +353,16 @@ class SenderCore(KVSender):
         if not handle.state.is_terminal:
             handle.state, handle.error = state, error
         self._records.pop(handle.transfer_id, None)
+
+
+def finish_position(queue: Sequence[OutgoingMessage], transfer_id: int) -> int:
+    """Where a transfer's FINISH joins the queue: right after the last message of that transfer still
+    queued (the receiver must have its LAYERs announced first), ahead of the LAYERs of later transfers
+    queued since, never ahead of another control message. A prefill worker queues its next step's layers
+    before the previous prompt's FINISH (whose first token waits for that step's launch): behind them, the
+    FINISH waited for their announcement and sends, up to the whole next forward pass."""
+    for index in range(len(queue) - 1, -1, -1):
+        header = queue[index].header
+        if header.transfer_id == transfer_id or header.kind is not MessageKind.LAYER:
+            return index + 1
+    return 0

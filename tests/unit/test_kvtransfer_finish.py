@@ -91,8 +91,7 @@ def test_a_finish_is_queued_after_its_own_layers_and_ahead_of_later_transfers() 
     were taken), ahead of the next prompt's LAYERs, but never ahead of another control message."""
     from collections import deque
 
-    from pdserve.kvtransfer.pg_sender import finish_position
-    from pdserve.kvtransfer.sending import OutgoingMessage
+    from pdserve.kvtransfer.sending import OutgoingMessage, finish_position
 
     def queue(*items: tuple[MessageKind, int]) -> deque[OutgoingMessage]:
         return deque(OutgoingMessage(Header(kind, transfer_id)) for kind, transfer_id in items)
