@@ -125,6 +125,7 @@ class PlanLanding:
 
     def _scatter(self, message: PlannedMessage, targets: list[Any], staged: torch.Tensor,
                  indices: dict[tuple[int, ...], torch.Tensor]) -> None:
+        """Write a staged message's claimed parts into the caches: one copy launch per layer it carries."""
         unpack_message(message, targets, staged, self._caches, self._layout, lambda ids: self._index(ids, indices))
 
     def _index(self, ids: tuple[int, ...], indices: dict[tuple[int, ...], torch.Tensor]) -> torch.Tensor:
