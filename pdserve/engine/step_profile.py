@@ -1,8 +1,8 @@
 """Measure an engine's step-time model at start-up: time synthetic steps through its own runner.
 
 Each synthetic step borrows blocks from the engine's KV cache for dummy requests (``decodes`` requests
-each with ``context`` tokens of (garbage) KV, plus one prompt chunk after ``chunk_context`` computed
-tokens of garbage KV), runs the forward pass the
+each with ``context`` tokens of (garbage) KV, plus ``prompts`` prompt chunks, each after ``chunk_context``
+computed tokens of garbage KV), runs the forward pass the
 way real steps do (CUDA graph or eager), and gives the blocks back; no request is ever visible to the
 scheduler. Called before the engine serves anything.
 """
@@ -38,7 +38,7 @@ def measure_step_time(engine) -> tuple[StepTimeModel, list[dict]]:  # noqa: ANN0
     kv, runner, device = engine.kv, engine.runner, engine.device
     params = SamplingParams(max_tokens=1)
 
-    def run(decodes: int, context: int, chunk: int, chunk_context: int) -> float:
+    def run(decodes: int, context: int, chunk: int, chunk_context: int, prompts: int) -> float:
         requests, chunks = [], []
         try:
             for i in range(decodes):
@@ -48,8 +48,8 @@ def measure_step_time(engine) -> tuple[StepTimeModel, list[dict]]:  # noqa: ANN0
                     raise RuntimeError("the step-time profile does not fit the KV cache")
                 request.num_computed_tokens = context
                 chunks.append(ScheduledChunk(request, context, 1, kv.block_ids(request.request_id), False))
-            if chunk:
-                request = Request("__profile-p", [2] * (chunk_context + chunk), params)
+            for i in range(prompts if chunk else 0):
+                request = Request(f"__profile-p{i}", [2] * (chunk_context + chunk), params)
                 requests.append(request)
                 if not kv.allocate_slots(request, chunk_context + chunk):
                     raise RuntimeError("the step-time profile does not fit the KV cache")

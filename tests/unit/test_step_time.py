@@ -23,11 +23,13 @@ TRUE = StepTimeModel(base_s=4e-3, per_token_s=25e-6, free_tokens=128, per_kv_tok
                      per_context_pair_s=1.8e-9)
 
 
-def _shape(decodes: int, context: int, chunk: int, chunk_context: int = 0) -> StepShape:
+def _shape(decodes: int, context: int, chunk: int, chunk_context: int = 0, prompts: int = 1) -> StepShape:
     shape = StepShape(0)
     for _ in range(decodes):
         shape = shape.plus_decode(context)
-    return shape.plus_chunk(chunk, chunk_context)
+    for _ in range(prompts):
+        shape = shape.plus_chunk(chunk, chunk_context)
+    return shape
 
 
 def _grid() -> list[StepShape]:
@@ -58,6 +60,28 @@ def test_a_fit_without_later_chunks_underprices_them() -> None:
     model = fit_step_time([(s, TRUE.predict(s)) for s in fresh_only])
     late_chunk = _shape(0, 0, 512, 6000)
     assert model.predict(late_chunk) < 0.85 * TRUE.predict(late_chunk)
+
+
+def test_steps_of_many_short_prompts_pin_the_per_token_price() -> None:
+    """Why the grid has steps of many short prompts: fitted on one prompt per step, whose pairs grow with
+    its tokens, a few percent of measurement noise can trade the per-token price for the per-pair one and
+    misprice a large step of short prompts (the prefill worker's step under a burst); with those samples
+    the error halves (mean over 20 noisy profiles)."""
+    from pdserve.engine.step_time import MANY_PROMPTS
+
+    true = StepTimeModel(base_s=4e-3, per_token_s=20e-6, free_tokens=128, per_kv_token_s=2e-8, per_pair_s=0.9e-9,
+                         per_context_pair_s=1.8e-9)
+    single = [_shape(0, 0, c) for c in (16, 64, 256, 1024, 2048, 4096, 8192)]
+    many = [_shape(0, 0, c, 0, k) for c, k in MANY_PROMPTS]
+    burst = _shape(0, 0, 160, 0, 51)  # 8,160 tokens of ~160-token prompts
+    errors: dict[bool, float] = {False: 0.0, True: 0.0}
+    for seed in range(20):
+        rng = random.Random(seed)
+        samples = [(s, true.predict(s) * (1 + rng.uniform(-0.05, 0.05))) for s in single + _grid()[6:] + many]
+        for with_many in (False, True):
+            used = samples if with_many else samples[:-len(many)]
+            errors[with_many] += abs(fit_step_time(used).predict(burst) / true.predict(burst) - 1) / 20
+    assert errors[True] < 0.6 * errors[False]
 
 
 def test_max_chunk_tokens_is_the_largest_chunk_within_the_budget() -> None:
@@ -91,16 +115,18 @@ def test_profile_round_trip_and_bad_profiles(tmp_path) -> None:
 
 
 def test_profile_step_time_times_a_grid_inside_the_limits() -> None:
-    calls: list[tuple[int, int, int, int]] = []
+    calls: list[tuple[int, int, int, int, int]] = []
 
-    def run(decodes: int, context: int, chunk: int, chunk_context: int) -> float:
-        calls.append((decodes, context, chunk, chunk_context))
-        return TRUE.predict(_shape(decodes, context, chunk, chunk_context))
+    def run(decodes: int, context: int, chunk: int, chunk_context: int, prompts: int) -> float:
+        calls.append((decodes, context, chunk, chunk_context, prompts))
+        return TRUE.predict(_shape(decodes, context, chunk, chunk_context, prompts))
 
-    model, rows = profile_step_time(run, max_tokens=512, max_decodes=32, max_context=2000, kv_capacity_tokens=100000)
-    assert all(c + d <= 512 and d <= 32 and ctx < 2000 and x + c <= 2000 and d * (ctx + 1) + c + x <= 50000
-               for d, ctx, c, x in calls)
-    assert any(x > 0 and d == 0 for d, _, _, x in calls) and any(x > 0 and d > 0 for d, _, _, x in calls)
+    model, rows = profile_step_time(run, max_tokens=2048, max_decodes=16, max_context=2000, kv_capacity_tokens=100000)
+    assert all(c * k + d <= 2048 and d <= 16 and k <= 16 and ctx < 2000 and x + c <= 2000
+               and d * (ctx + 1) + (c + x) * k <= 50000 for d, ctx, c, x, k in calls)
+    assert any(x > 0 and d == 0 for d, _, _, x, _ in calls) and any(x > 0 and d > 0 for d, _, _, x, _ in calls)
+    assert (128, 16) in {(c, k) for _, _, c, _, k in calls}  # a step of many short prompts
+    assert not any(k > 16 for *_, k in calls)  # 32 prompts would pass the batch size
     assert all(r["predicted"] == pytest.approx(r["seconds"], rel=0.1) for r in rows)
     assert model.prefill_tokens_per_s(512) > 0
 
