@@ -248,11 +248,12 @@ class ProcessGroupSender(SenderCore):
         end = time.monotonic() + PLAN_GATHER_WAIT_S
         while not event_done(first.ready) and time.monotonic() < end:
             time.sleep(5e-5)
-        end = time.monotonic() + PLAN_EXTRA_WAIT_S
-        while time.monotonic() < end and not self._last_layer_queued(first):
-            time.sleep(1e-4)
         taken, staged = [first], _staged_bytes(first)
+        end = time.monotonic() + PLAN_EXTRA_WAIT_S
         with self._cond:
+            # woken by each submit (no polling: the thread holds no GIL while the forward pass queues)
+            while not self._last_layer_queued(first) and (left := end - time.monotonic()) > 0:
+                self._cond.wait(left)
             while self._queue and len(taken) < MAX_PLAN_PARTS:
                 nxt = self._queue[0]
                 if nxt.header.kind is not MessageKind.LAYER or staged + _staged_bytes(nxt) > MAX_PLAN_STAGED_BYTES:
@@ -262,12 +263,10 @@ class ProcessGroupSender(SenderCore):
         return [first] + [m for m in taken[1:] if self._is_live(m.header.transfer_id)]
 
     def _last_layer_queued(self, first: OutgoingMessage) -> bool:
-        """Whether the model's last layer is queued (or ``first``), or something other than a LAYER:
-        nothing later would join the plan by waiting."""
-        last = self._layout.num_layers - 1
-        with self._cond:
-            newest = self._queue[-1].header if self._queue else first.header
-        return newest.kind is not MessageKind.LAYER or newest.layer == last
+        """Under ``_cond``: whether the model's last layer is queued (or ``first``), or something other
+        than a LAYER: nothing later would join the plan by waiting."""
+        newest = self._queue[-1].header if self._queue else first.header
+        return newest.kind is not MessageKind.LAYER or newest.layer == self._layout.num_layers - 1
 
     def _send_plan(self, outgoing: list[OutgoingMessage]) -> None:
         """Announce the messages of ``outgoing`` in one PLAN header, then send them in order, each as
