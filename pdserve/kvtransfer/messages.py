@@ -145,7 +145,7 @@ def scatter_blocks(kv_layer: torch.Tensor, index: torch.Tensor, payload: torch.T
 def pack_layer_blocks(kv_layer: torch.Tensor, src_ids: torch.Tensor, blocks: torch.Tensor,
                       positions: torch.Tensor) -> None:
     """``blocks[positions[kv, i]] = kv_layer[kv, src_ids[i]]`` (kv = 0, 1): blocks of one layer into a
-    message viewed as ``[m, block_size, heads, dim]`` (:func:`~pdserve.kvtransfer.plan.message_blocks`);
+    message viewed as ``[m, block_size, heads, dim]`` (:func:`~pdserve.kvtransfer.packing.message_blocks`);
     ``positions`` is ``[2, n]``. On CUDA one block-copy launch for all ``n`` blocks."""
     _check_positions(kv_layer, blocks, src_ids, positions)
     if kv_layer.is_cuda and kv_layer.is_contiguous():
