@@ -43,6 +43,12 @@ import torch
 
 from pdserve.kvtransfer.base import KVLayoutInfo, KVReceiver, TransferHandle, TransferState, check_block_ids
 from pdserve.kvtransfer.messages import Header, scatter_blocks
+from pdserve.kvtransfer.receive_checks import (
+    completion_problem,
+    layer_header_problem,
+    payload_problem,
+    range_problem,
+)
 from pdserve.kvtransfer.streams import Event, event_done, index_tensor, record_event, wait_event
 
 logger = logging.getLogger(__name__)
@@ -186,9 +192,9 @@ class ReceiverCore(KVReceiver):
             self.discarded_messages += 1
             return None
         handle.peer = handle.peer or peer
-        problem = self._check_layer_header(record, header)
+        problem = layer_header_problem(self._layout, len(handle.block_ids), record.finished is not False, header)
         if problem is None and payload is not None:
-            problem = self._check_payload(header, payload)
+            problem = payload_problem(self._layout, self._device, header, payload)
         if problem is not None:
             self._end(record, TransferState.FAILED, problem)
             return None
@@ -233,8 +239,9 @@ class ReceiverCore(KVReceiver):
                 return
             handle.peer = handle.peer or peer
             handle.marks["finish_received_at"] = time.time()
-            problem = (self._check_range(record, header) if written_by_sender
-                       else self._check_complete(record, header))
+            num_expected = len(record.handle.block_ids)
+            problem = (range_problem(num_expected, header) if written_by_sender
+                       else completion_problem(record.num_messages, record.coverage, num_expected, header))
             if problem is not None:
                 self._end(record, TransferState.FAILED, problem)
                 return
@@ -408,48 +415,3 @@ class ReceiverCore(KVReceiver):
 
     def _abandon_writes(self, peer: str) -> None:
         """Make the posted writes from ``peer`` finish now (a transport aborts that peer's channel)."""
-
-    def _check_layer_header(self, record: _Incoming, header: Header) -> str | None:
-        handle = record.handle
-        if record.finished is not False:
-            return "a layer message arrived after the transfer's FINISH"
-        if not 0 <= header.layer < self._layout.num_layers:
-            return f"layer {header.layer} is out of range [0, {self._layout.num_layers})"
-        if header.num_blocks <= 0 or header.start < 0 or header.start + header.num_blocks > len(handle.block_ids):
-            return (f"blocks [{header.start}, {header.start + header.num_blocks}) fall outside the "
-                    f"{len(handle.block_ids)} expected blocks")
-        if header.payload_nbytes != self._layout.payload_nbytes(header.num_blocks):
-            return (f"a layer message of {header.num_blocks} blocks has {header.payload_nbytes} bytes, expected "
-                    f"{self._layout.payload_nbytes(header.num_blocks)}")
-        return None
-
-    def _check_payload(self, header: Header, payload: torch.Tensor) -> str | None:
-        if payload.dtype != self._layout.torch_dtype or payload.device != self._device:
-            return f"the payload is {payload.dtype} on {payload.device}, expected " \
-                   f"{self._layout.torch_dtype} on {self._device}"
-        if tuple(payload.shape) != self._layout.payload_shape(header.num_blocks):
-            return f"the payload has shape {tuple(payload.shape)}, expected " \
-                   f"{self._layout.payload_shape(header.num_blocks)}"
-        return None
-
-    @staticmethod
-    def _check_range(record: _Incoming, header: Header) -> str | None:
-        num_expected = len(record.handle.block_ids)
-        if not (0 <= header.start <= num_expected and 0 <= header.num_blocks <= num_expected):
-            return (f"the sender covered blocks [{header.start}, {header.num_blocks}) of "
-                    f"{len(record.handle.block_ids)} expected")
-        return None
-
-    def _check_complete(self, record: _Incoming, header: Header) -> str | None:
-        skip, covered = header.start, header.num_blocks
-        if record.num_messages != header.num_messages:
-            return (f"the sender sent {header.num_messages} layer messages but {record.num_messages} "
-                    f"arrived")
-        if covered > len(record.handle.block_ids):
-            return f"the sender covered {covered} blocks, only {len(record.handle.block_ids)} were expected"
-        needed = ((1 << covered) - 1) & ~((1 << skip) - 1)
-        for layer, mask in enumerate(record.coverage):
-            if mask & needed != needed:
-                missing = [i for i in range(skip, covered) if not (mask >> i) & 1]
-                return f"layer {layer} never received block indices {missing[:16]}"
-        return None
