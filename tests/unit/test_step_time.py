@@ -180,3 +180,17 @@ def test_the_first_calibration_comes_early_the_later_ones_every_window() -> None
     assert changed == [False, False, False, True] and monitor.calibration(StepKind.DECODE) == pytest.approx(1.5)
     slower = [monitor.record(shape, TRUE.predict(shape) * 2.0) for _ in range(20)]
     assert slower.index(True) == 19 and monitor.calibration(StepKind.DECODE) == pytest.approx(2.0)
+
+
+def test_an_engine_profiles_steps_of_many_prompts_and_gives_every_block_back() -> None:
+    """The start-up profile through a real engine (tiny model, CPU): steps of many short fresh prompts
+    among its samples, and the KV cache whole again afterwards (synthetic requests are not work)."""
+    from pdserve import EngineConfig
+    from pdserve.engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model="tiny-random", step_time_budget_ms=15.0, max_num_batched_tokens=2048,
+                                    max_model_len=2304))
+    many = [r for r in engine.step_time_samples if r["prompts"] > 1]
+    assert {(r["chunk_tokens"], r["prompts"]) for r in many} >= {(128, 16)}
+    assert all(r["seconds"] > 0 for r in many)
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_usable_blocks
