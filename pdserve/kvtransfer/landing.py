@@ -8,7 +8,8 @@ One :class:`PlanLanding` per channel of the process-group receiver (built in the
   the *post stream*, which carries nothing else, so NCCL runs every receive of the plan back to back;
   make the *landing stream* (the thread's current stream) wait for them; then either nothing more (a
   split message of one part whose destination blocks are contiguous was received straight into the
-  two cache ranges, keys and values) or one scatter per claimed part from a staging buffer. Messages
+  two cache ranges, keys and values) or, from a staging buffer, one scatter launch per layer the
+  message carries, for its claimed parts (:func:`~pdserve.kvtransfer.packing.unpack_message`). Messages
   the plan marks as one coalesced launch (:func:`~pdserve.kvtransfer.plan.coalesce_ready`) have their
   receives posted in one coalesced launch too, as NCCL needs, and their scatters follow it. Then
   one event on the landing stream becomes the claimed transfers' ``last_write``. The host never waits
@@ -45,7 +46,7 @@ from pdserve.kvtransfer.plan import (
 )
 from pdserve.kvtransfer.receiving import ReceiverCore
 from pdserve.kvtransfer.rendezvous import SENDER_RANK, Group
-from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda, record_event
+from pdserve.kvtransfer.streams import Event, event_done, is_cuda, record_event
 
 
 class PlanLanding:
@@ -81,7 +82,6 @@ class PlanLanding:
         assert self._post_stream is not None
         staging: list[torch.Tensor] = []
         claimed = []
-        indices: dict[tuple[int, ...], torch.Tensor] = {}  # index tensors, once per plan
         with self._core.lock:
             # per message: where its bytes go, and the staging buffer to scatter (None: received in place)
             landings: list[tuple[PlannedMessage, list[Any], list[torch.Tensor], torch.Tensor | None]] = []
@@ -118,21 +118,10 @@ class PlanLanding:
                 for i in launch:
                     message, targets, _, staged = landings[i]
                     if staged is not None:
-                        self._scatter(message, targets, staged, indices)
+                        unpack_message(message, targets, staged, self._caches, self._layout)
             event = record_event(self._device)
             self._core.writes_posted(claimed, event)
         self._posted.append((event, staging))
-
-    def _scatter(self, message: PlannedMessage, targets: list[Any], staged: torch.Tensor,
-                 indices: dict[tuple[int, ...], torch.Tensor]) -> None:
-        """Write a staged message's claimed parts into the caches: one copy launch per layer it carries."""
-        unpack_message(message, targets, staged, self._caches, self._layout, lambda ids: self._index(ids, indices))
-
-    def _index(self, ids: tuple[int, ...], indices: dict[tuple[int, ...], torch.Tensor]) -> torch.Tensor:
-        index = indices.get(ids)
-        if index is None:
-            index = indices[ids] = index_tensor(ids, self._device)
-        return index
 
     def _retire(self) -> None:
         while self._posted and event_done(self._posted[0][0]):

@@ -281,7 +281,6 @@ class ProcessGroupSender(SenderCore):
             ready = [all(event_done(m.ready) for m in parts) for parts in parts_of]
             planned = coalesce_ready(planned, ready, MAX_PLAN_STAGED_BYTES)
         self._messages.push(encode_plan(planned).pack())
-        indices: dict[tuple[int, ...], torch.Tensor] = {}  # source block ids, once per plan
         waited: Event = None  # a prepared step's parts of one layer share its event: wait once
         for launch in launches(planned):
             batch = []
@@ -291,17 +290,10 @@ class ProcessGroupSender(SenderCore):
                     if m.ready is not None and m.ready is not waited:
                         torch.cuda.current_stream(self._device).wait_event(m.ready)
                         waited = m.ready
-                batch.append((self._payload(planned[i], parts_of[i], indices), parts_of[i]))
+                batch.append((self._payload(planned[i], parts_of[i]), parts_of[i]))
             self._send_batch(batch)
 
-    def _index(self, ids: tuple[int, ...], indices: dict[tuple[int, ...], torch.Tensor]) -> torch.Tensor:
-        index = indices.get(ids)
-        if index is None:
-            index = indices[ids] = index_tensor(ids, self._device)
-        return index
-
-    def _payload(self, message: PlannedMessage, parts: list[OutgoingMessage],
-                 indices: dict[tuple[int, ...], torch.Tensor]) -> list[torch.Tensor]:
+    def _payload(self, message: PlannedMessage, parts: list[OutgoingMessage]) -> list[torch.Tensor]:
         """The tensors that carry ``message``: for a split message keys then values (straight from the
         cache when the source blocks are contiguous), else the parts gathered into one buffer."""
         if message.split:
@@ -310,14 +302,14 @@ class ProcessGroupSender(SenderCore):
             if is_contiguous(m.src_block_ids) and m.kv_layer.is_contiguous():  # (a view of some heads is not)
                 first = m.src_block_ids[0]
                 return [m.kv_layer[kv, first:first + len(m.src_block_ids)] for kv in (0, 1)]
-            gathered = gather_blocks(m.kv_layer, self._index(m.src_block_ids, indices))
+            gathered = gather_blocks(m.kv_layer, index_tensor(m.src_block_ids, self._device))
             return [gathered[0], gathered[1]]
         buffer, _ = message_buffers(message, self._device)
         sources = []
         for m in parts:
             assert m.kv_layer is not None
             sources.append((m.kv_layer, m.src_block_ids))
-        pack_message(message, sources, buffer, self._layout, lambda ids: self._index(ids, indices))
+        pack_message(message, sources, buffer, self._layout)
         return [buffer]
 
     def _transmit(self, message: OutgoingMessage, payloads: list[torch.Tensor]) -> None:

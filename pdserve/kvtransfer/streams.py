@@ -55,25 +55,32 @@ _INDEX_CACHE_SIZE = 256
 _INDEX_LOCK = threading.Lock()
 
 
-def index_tensor(ids: Sequence[int], device: torch.device) -> torch.Tensor:
+def index_tensor(ids: Sequence[int] | Callable[[], Sequence[int]], device: torch.device,
+                 key: Any = None) -> torch.Tensor:
     """``ids`` as an int64 tensor on ``device``; on CUDA copied from pinned memory on the current
     stream without blocking the host (the caching host allocator keeps the source alive).
 
-    On CUDA the result is memoised per (stream, ids): the layers of one transfer share their block
-    ids, and pinning plus a copy per message was the largest host cost per message. A memoised tensor
-    is only reused on the stream that created it, so its copy is ordered before every use.
+    On CUDA the result is memoised per (stream, ``key``), ``key`` defaulting to the ids themselves: the
+    layers of one transfer share their block ids, and pinning plus a copy per message was the largest
+    host cost per message. A caller with a short description of long ids passes it as ``key`` and
+    ``ids`` as a function that builds them (called on a miss only). A memoised tensor is only reused
+    on the stream that created it, so its copy is ordered before every use.
     """
     if not is_cuda(device):
-        return torch.tensor(ids, dtype=torch.int64)
-    key = (str(device), torch.cuda.current_stream(device).cuda_stream, tuple(ids))
+        return torch.tensor(ids() if callable(ids) else ids, dtype=torch.int64)
+    if key is None:
+        assert not callable(ids), "a lazy index tensor needs a key"
+        key = tuple(ids)
+    cache_key = (str(device), torch.cuda.current_stream(device).cuda_stream, key)
     with _INDEX_LOCK:
-        cached = _INDEX_CACHE.get(key)
+        cached = _INDEX_CACHE.get(cache_key)
         if cached is not None:
-            _INDEX_CACHE.move_to_end(key)
+            _INDEX_CACHE.move_to_end(cache_key)
             return cached
-    tensor = torch.tensor(ids, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+    values = ids() if callable(ids) else ids
+    tensor = torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
     with _INDEX_LOCK:
-        _INDEX_CACHE[key] = tensor
+        _INDEX_CACHE[cache_key] = tensor
         while len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
             _INDEX_CACHE.popitem(last=False)
     return tensor

@@ -36,7 +36,7 @@ def test_packing_matches_the_per_part_layout_and_unpacking_skips_unclaimed_parts
     src_ids = [(7, 2), (9,), (7, 2), (0,)]
     sources = [(src[p.layer], ids) for p, ids in zip(message.parts, src_ids)]
     packed, _ = message_buffers(message, "cpu")
-    pack_message(message, sources, packed, LAYOUT, _index)
+    pack_message(message, sources, packed, LAYOUT)
     per_part, _ = message_buffers(message, "cpu")
     for (part, view), ids in zip(part_payloads(message, per_part, LAYOUT), src_ids):
         gather_blocks(src[part.layer], _index(ids), out=view)
@@ -44,7 +44,7 @@ def test_packing_matches_the_per_part_layout_and_unpacking_skips_unclaimed_parts
 
     dst = [torch.zeros(2, 12, 4, 2, 8) for _ in range(2)]
     targets: list[tuple[int, ...] | None] = [(3, 11), None, (5, 6), (1,)]  # transfer 2 is not claimed
-    unpack_message(message, targets, packed, dst, LAYOUT, _index)
+    unpack_message(message, targets, packed, dst, LAYOUT)
     for part, ids, target in zip(message.parts, src_ids, targets):
         if target is not None:
             assert torch.equal(dst[part.layer][:, list(target)], src[part.layer][:, list(ids)])
@@ -58,6 +58,13 @@ def test_a_lone_part_packs_through_its_own_view() -> None:
     src = torch.randn(2, 6, 4, 2, 8)
     message = PlannedMessage((_part(4, 1, 3),))
     packed, _ = message_buffers(message, "cpu")
-    pack_message(message, [(src, (5, 0, 2))], packed, LAYOUT, _index)
+    pack_message(message, [(src, (5, 0, 2))], packed, LAYOUT)
     ((_, view),) = part_payloads(message, packed, LAYOUT)
     assert torch.equal(view, src[:, [5, 0, 2]])
+
+
+def test_a_runs_positions_are_built_from_its_parts_sizes() -> None:
+    from pdserve.kvtransfer.packing import _positions
+
+    positions = _positions(((0, 2), (4, 1)), torch.device("cpu"))
+    assert positions.tolist() == [[0, 1, 4], [2, 3, 5]]
