@@ -66,7 +66,7 @@ def measured(file: str, config: str) -> dict[str, Any]:
     else:
         goodput = {r["slo"]: r["goodput_per_gpu"] for r in data["goodput"]
                    if r["config"] == config and r["workload"] == "prefill-heavy"}
-        for point in data["results"][config]["workloads"]["prefill-heavy"]:
+        for point in data["results"][config]["workloads"].get("prefill-heavy", []):
             for slo, share in point["slo_attainment"].items():
                 by_rate.setdefault(slo, {})[point["rate_per_gpu"]] = share
             requests[point["rate_per_gpu"]] = point["requests"]
@@ -193,7 +193,7 @@ def main() -> None:
                 continue
             file = args.measured
         truth = measured(file, config)
-        for slo, tpot in SLOS:
+        for slo, tpot in SLOS if truth["requests"] else ():  # runs without prefill-heavy points: none
             row: dict[str, Any] = {"config": name, "workload": "prefill-heavy 2048/128", "slo": slo,
                                    "measured": truth["goodput"].get(slo), "measured_at": truth["commit"]}
             for label, p in (("profile", profile), ("calibrated", calibrated)):
