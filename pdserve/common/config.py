@@ -32,7 +32,10 @@ class EngineConfig:
     GPU's memory (minus weights and activations), or ``cpu_kv_cache_gib`` GiB on the CPU.
     On CUDA every step of up to ``cuda_graph_max_tokens`` tokens (decode, prefill or mixed) replays a
     CUDA graph captured at start-up (``enforce_eager`` turns graphs off); larger steps keep the GPU busy
-    longer than their launches take, and run eagerly, where fresh prompts use torch's faster attention. ``async_scheduling`` prepares
+    longer than their launches take, and run eagerly, where fresh prompts use torch's faster attention.
+    ``None`` (the default) resolves to :attr:`graph_max_tokens`: 1024 with one rank; with more, every step
+    up to ``max_num_batched_tokens`` (at most 8192), since the ranks' threads launch eagerly under one
+    interpreter (on 2xH200 a 2k-token prefill at TP=2 took 78.6 ms eagerly, 31.2 ms from graphs). ``async_scheduling`` prepares
     and launches step N+1 before the host reads step N's tokens, so host work overlaps the GPU (as
     vLLM's option of the same name); outputs are the same either way.
 
@@ -66,7 +69,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"
     enforce_eager: bool = False
-    cuda_graph_max_tokens: int = 1024
+    cuda_graph_max_tokens: int | None = None
     async_scheduling: bool = True
     step_time_budget_ms: float | None = None
     ttft_slo_ms: float | None = None
@@ -104,7 +107,8 @@ class EngineConfig:
             require_int("num_kv_blocks", self.num_kv_blocks, minimum=2)
         require_float("cpu_kv_cache_gib", self.cpu_kv_cache_gib, minimum=0.0, exclusive_minimum=True)
         require_int("seed", self.seed, minimum=0)
-        require_int("cuda_graph_max_tokens", self.cuda_graph_max_tokens, minimum=0, maximum=65536)
+        if self.cuda_graph_max_tokens is not None:
+            require_int("cuda_graph_max_tokens", self.cuda_graph_max_tokens, minimum=0, maximum=65536)
         require_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1, maximum=64)
         require_int("step_budget_window", self.step_budget_window, minimum=0, maximum=4096)
         require_int("defer_chunks_below", self.defer_chunks_below, minimum=0)
@@ -120,6 +124,13 @@ class EngineConfig:
         for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameterError(name, f"must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def graph_max_tokens(self) -> int:
+        """The largest step replayed from a CUDA graph (``cuda_graph_max_tokens`` resolved)."""
+        if self.cuda_graph_max_tokens is not None:
+            return self.cuda_graph_max_tokens
+        return 1024 if self.tensor_parallel_size == 1 else min(self.max_num_batched_tokens, 8192)
 
     @property
     def needs_step_time_model(self) -> bool:

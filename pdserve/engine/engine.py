@@ -126,7 +126,7 @@ class LLMEngine(RemotePrefill):
             budget_window=config.step_budget_window, defer_chunks_below=config.defer_chunks_below), self.kv)
         if self.device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
             self.startup_seconds["cuda_graphs"] = self.runner.capture_cuda_graphs(config.max_num_seqs,
-                                                                                  config.cuda_graph_max_tokens)
+                                                                                  config.graph_max_tokens)
         self.startup_seconds["attention_plans"] = prepare_attention(
             backend, self.model, self.dtype, devices, min(config.max_num_batched_tokens, self.max_model_len))
         self.step_time: StepTimeModel | None = None

@@ -92,3 +92,14 @@ def test_transfer_caches_split_kv_heads_into_groups(tmp_path) -> None:  # noqa: 
         two.transfer_caches(3)
     with pytest.raises(ConfigError, match="4 groups of KV heads"):
         one.transfer_caches(4)
+
+
+def test_graph_steps_cover_prefill_steps_only_with_several_ranks() -> None:
+    """One rank keeps graphs to 1k-token steps; several ranks (whose threads launch eagerly under one
+    interpreter) replay every step up to the step budget, at most 8k; an explicit setting wins."""
+    assert EngineConfig().graph_max_tokens == 1024
+    assert EngineConfig(tensor_parallel_size=2, max_num_batched_tokens=2048).graph_max_tokens == 2048
+    assert EngineConfig(tensor_parallel_size=2, max_num_batched_tokens=16384).graph_max_tokens == 8192
+    assert EngineConfig(tensor_parallel_size=2, cuda_graph_max_tokens=512).graph_max_tokens == 512
+    with pytest.raises(ConfigError, match="cuda_graph_max_tokens"):
+        EngineConfig(cuda_graph_max_tokens=-1)
