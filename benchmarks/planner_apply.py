@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--planner-dwell-s", type=float, default=30.0)
     parser.add_argument("--num-gpus", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="suffix of the result files (planner_apply-<tag>-...)")
     args = parser.parse_args()
     if args.smoke:
         args.ttft_slo, args.tpot_slos, args.slo_tpot_ms = 2.0, "0.5", 500.0
@@ -152,7 +153,7 @@ def main() -> None:
         markdown_table(["config", *keys, "switches (time -> configuration)", "errors"], rows), ""])
     print(markdown)
     if not args.smoke:
-        write_results("planner_apply", info, {"settings": vars(args), "results": results}, markdown)
+        write_results("planner_apply" + (f"-{args.tag}" if args.tag else ""), info, {"settings": vars(args), "results": results}, markdown)
 
 
 if __name__ == "__main__":
