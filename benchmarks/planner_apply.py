@@ -17,6 +17,7 @@ requests per GPU. The router's configuration and the planner's decision are samp
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import threading
 import time
@@ -136,7 +137,8 @@ def main() -> None:
         for kind in args.configs.split(","):
             summary = run_configuration(kind, model_dir, args, slos, specs, offsets)
             results[kind] = {"scores": score(summary, first, args, slos), "timeline": summary["timeline"],
-                             "errors": summary["errors"], "requests": summary["requests"]}
+                             "errors": summary["errors"], "error_kinds": summary["error_kinds"],
+                             "requests": summary["requests"]}
             print(kind, results[kind]["scores"], flush=True)
     keys = [k for k in next(iter(results.values()))["scores"] if k != "switches"]
     rows = [[kind, *(f"{r['scores'][k]['attainment']} ({r['scores'][k]['good_per_gpu_s']}/s/GPU)" for k in keys),
@@ -150,7 +152,8 @@ def main() -> None:
         f"up for TTFT {args.ttft_slo * 1e3:g} ms, TPOT {args.slo_tpot_ms:g} ms." + (" (smoke: tiny model, lengths / 16)"
                                                                                     if args.smoke else ""), "",
         "Cells: share of requests meeting TTFT and TPOT (and such requests per second per GPU).", "",
-        markdown_table(["config", *keys, "switches (time -> configuration)", "errors"], rows), ""])
+        markdown_table(["config", *keys, "switches (time -> configuration)", "errors"], rows), "",
+        *(f"Errors of {kind}: {json.dumps(r['error_kinds'])}" for kind, r in results.items() if r["error_kinds"]), ""])
     print(markdown)
     if not args.smoke:
         write_results("planner_apply" + (f"-{args.tag}" if args.tag else ""), info, {"settings": vars(args), "results": results}, markdown)

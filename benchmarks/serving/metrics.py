@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import collections
+import re
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,7 +104,32 @@ def summarize(records: list[RequestRecord], duration_s: float, slos: list[tuple[
         "itl_s": percentiles(itl), "e2e_s": percentiles([r.e2e for r in ok if r.e2e is not None]),
         "client_lag_s": {"max": max(lags, default=0.0), **percentiles(lags, (99,))},
         "slo_attainment": {f"ttft<={t * 1e3:g}ms,tpot<={p * 1e3:g}ms": attainment(records, t, p) for t, p in slos},
+        "error_kinds": error_kinds(records),
+        "arrivals_over_e2e": arrivals_over_e2e(records),
     }
+
+
+#: Request ids and numbers differ between otherwise equal error messages.
+_VARIABLE = re.compile(r"request \S+|\d+(\.\d+)?")
+
+
+def error_kinds(records: list[RequestRecord], top: int = 5) -> dict[str, int]:
+    """The most frequent error messages (ids and numbers masked) with their counts."""
+    kinds = collections.Counter(_VARIABLE.sub(lambda m: "request <id>" if m.group().startswith("request") else "N",
+                                              r.error)[:200] for r in records if r.error is not None)
+    return dict(kinds.most_common(top))
+
+
+def arrivals_over_e2e(records: list[RequestRecord]) -> float | None:
+    """How many median request lifetimes the arrivals span. The lower, the less a point says about a
+    sustained load: below ~1 its requests were nearly all in flight together, and a queue forms only if
+    they exceed the workers' slots at once (decode-heavy points of 200 requests of ~10 s each arrived
+    within 4-12 s and all fit one decode worker's 256 running slots; sustained, that rate failed)."""
+    e2e = [r.e2e for r in records if r.ok and r.e2e is not None]
+    if len(records) < 2 or not e2e:
+        return None
+    window = max(r.scheduled_s for r in records) - min(r.scheduled_s for r in records)
+    return round(window / statistics.median(e2e), 2)
 
 
 def goodput(points: list[tuple[float, float]], target: float = 0.9) -> float:

@@ -68,13 +68,21 @@ def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
                              ms(p["tpot_s"]["p99"]), ms(p["itl_s"]["p99"]),
                              " / ".join(f"{v:.2f}" for v in p["slo_attainment"].values()),
                              p["breakdown"].get("prefill_queue_ms"), p["breakdown"].get("prefill_ms"),
-                             p["breakdown"].get("transfer_exposed_ms"), p["errors"],
+                             p["breakdown"].get("transfer_exposed_ms"), p["errors"], p.get("arrivals_over_e2e"),
                              " / ".join(f"{k} {v:g}" for k, v in (p.get("loop_lag_max_ms") or {}).items())])
     lines += ["## Every point", "", markdown_table(
         ["config", "workload", "rate/GPU", "req/s", "TTFT p50 ms", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p99",
          "attainment (per SLO)", "prefill queue ms", "prefill ms", "transfer exposed ms", "errors",
-         "event-loop lag max ms"], rows),
+         "arrivals / e2e p50", "event-loop lag max ms"], rows),
+        "`arrivals / e2e p50`: how many median request lifetimes the arrivals span; the lower, the less the "
+        "point says about a sustained load (below ~1 nearly every request was in flight at once).", "",
         f"Client capacity (no server): {json.dumps(payload['client_capacity'])}", ""]
+    error_rows = [[kind, workload, round(p["rate_per_gpu"], 2), count, message]
+                  for kind, res in payload["results"].items() for workload, points in res["workloads"].items()
+                  for p in points for message, count in (p.get("error_kinds") or {}).items()]
+    if error_rows:
+        lines += ["## Errors (most frequent messages, ids and numbers masked)", "",
+                  markdown_table(["config", "workload", "rate/GPU", "count", "message"], error_rows), ""]
     phase_rows = [[kind, workload, round(p["rate_per_gpu"], 2), p["breakdown"].get("remote_prefills"),
                    p["breakdown"].get("local_prefills"), p["breakdown"].get("ttft_remote_p50_ms"),
                    p["breakdown"].get("ttft_remote_p99_ms"), p["breakdown"].get("ttft_local_p50_ms"),

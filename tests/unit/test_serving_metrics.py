@@ -37,6 +37,19 @@ def test_slo_attainment_needs_every_slo_and_success() -> None:
     assert summary["errors"] == 1 and summary["slo_attainment"]["ttft<=250ms,tpot<=20ms"] == pytest.approx(0.4)
 
 
+def test_summary_tallies_error_messages_and_says_how_steady_the_load_was() -> None:
+    lost = "request {} failed on worker decode-1: moved 2 time(s)"
+    records = [RequestRecord(i, scheduled_s=i * 0.5, sent_s=i * 0.5, token_times=[i * 0.5 + 0.1, i * 0.5 + 1.0],
+                             error=lost.format(f"r{i}") if i % 3 == 0 else None) for i in range(9)]
+    records.append(_record(0.0, [], error="DEADLINE_EXCEEDED after 600 s"))
+    summary = summarize(records, 5.0, [(0.25, 0.02)])
+    assert summary["error_kinds"] == {"request <id> failed on worker decode-N: moved N time(s)": 3,
+                                      "DEADLINE_EXCEEDED after N s": 1}
+    # arrivals over 4 s, each successful request lives 1 s: four lifetimes
+    assert summary["arrivals_over_e2e"] == pytest.approx(4.0)
+    assert summarize([_record(0.0, [0.1])], 1.0, [])["arrivals_over_e2e"] is None
+
+
 def test_goodput_is_the_highest_rate_meeting_90_percent() -> None:
     assert goodput([(1, 1.0), (2, 0.95), (4, 0.5)]) == pytest.approx(2 + 2 * (0.05 / 0.45))
     assert goodput([(1, 0.95), (2, 0.93)]) == 2
