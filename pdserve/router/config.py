@@ -69,6 +69,14 @@ class RouterConfig:
       port, see :attr:`Router.http_port`; ``None``: no HTTP API).
     * ``request_timeout_s``: a request that receives nothing (no token, no error) for this long is
       aborted at its worker and fails with DEADLINE_EXCEEDED. It is an idle timeout, not a total one.
+    * ``stream_writes_per_s``: the write rate the router aims to stay under on its client streams, all
+      together. Each stream writes its first tokens at once; after that it writes at most every
+      ``in-flight requests / stream_writes_per_s`` seconds (at most 50 ms), carrying every token that
+      arrived meanwhile, so at high concurrency the router spends its one core per write, not per token
+      (a stream write costs it ~25 us; on a CPU run with 200 streams the router took 55 us per
+      streamed token). Below that load, every step's tokens leave at once. 0: write every step's tokens
+      at once (like SGLang's ``stream_interval`` 1). TPOT and end-to-end times are unchanged but for the
+      last write's wait; the gaps between chunks grow to the interval.
     * ``max_retries_before_first_token``: how many *other* workers a request may be re-submitted to when
       its worker turns out unavailable, as long as no token has reached the client yet.
     * ``max_stream_migrations``: how many times a stream whose decode worker was lost after tokens
@@ -124,6 +132,7 @@ class RouterConfig:
     port: int = 0
     http_port: int | None = None
     request_timeout_s: float = 60.0
+    stream_writes_per_s: float = 10000.0
     max_retries_before_first_token: int = 2
     max_stream_migrations: int = 3
     no_worker_wait_s: float = 10.0
@@ -196,6 +205,7 @@ class RouterConfig:
         for name in ("request_timeout_s", "describe_timeout_s", "submit_timeout_s", "abort_timeout_s",
                      "health_check_interval_s", "reconnect_backoff_initial_s", "reconnect_backoff_max_s"):
             require_float(name, getattr(self, name), minimum=0.0, exclusive_minimum=True)
+        require_float("stream_writes_per_s", self.stream_writes_per_s, minimum=0.0)
         if self.reconnect_backoff_max_s < self.reconnect_backoff_initial_s:
             raise InvalidParameterError("reconnect_backoff_max_s", "must be >= reconnect_backoff_initial_s")
         require_float("kv_usage_weight", self.kv_usage_weight, minimum=0.0)

@@ -133,7 +133,7 @@ class Router:
             await self._wait_for_streams(self.config.describe_timeout_s)
             servicer = PdServeServicer(model=self.model, mode=self.mode, registry=self.registry, table=self.table,
                                        dispatcher=self.dispatcher, request_timeout_s=self.config.request_timeout_s,
-                                       metrics=self.metrics,
+                                       stream_writes_per_s=self.config.stream_writes_per_s, metrics=self.metrics,
                                        admission=AdmissionControl(self.registry, self.mode,
                                                                   self.config.admission_max_ttft_s),
                                        scaler=lambda: self.scaler, switcher=lambda: self.role_switcher,

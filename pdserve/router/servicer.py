@@ -49,8 +49,8 @@ T = TypeVar("T")
 
 class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
     def __init__(self, *, model: str, mode: ServingMode, registry: WorkerRegistry, table: InFlightTable,
-                 dispatcher: Dispatcher, request_timeout_s: float, metrics: RouterMetrics | None = None,
-                 admission: AdmissionControl | None = None,
+                 dispatcher: Dispatcher, request_timeout_s: float, stream_writes_per_s: float = 0.0,
+                 metrics: RouterMetrics | None = None, admission: AdmissionControl | None = None,
                  scaler: Callable[[], Callable[[str, int, float | None], list[str]] | None] = lambda: None,
                  switcher: Callable[[], Callable[[str, str, float | None], str] | None] = lambda: None,
                  loop_lag: LoopLagMonitor | None = None, gc_pauses: GcPauses | None = None) -> None:
@@ -66,6 +66,7 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
         self._table = table
         self._dispatcher = dispatcher
         self._request_timeout_s = request_timeout_s
+        self._stream_writes_per_s = stream_writes_per_s
 
     async def Generate(self, request: pdserve_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> None:
@@ -170,7 +171,7 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
             raise
         submit.request_id = admitted.request_id
         return RequestSession(self._dispatcher, self._table, admitted, submit, timeout_s=self._request_timeout_s,
-                              metrics=self._metrics)
+                              metrics=self._metrics, stream_writes_per_s=self._stream_writes_per_s)
 
     def _check_size(self, prompt: str | list[int] | common_pb2.ChatPrompt) -> None:
         """Refuse a prompt that cannot fit the model's context before a worker tokenizes it (a huge text

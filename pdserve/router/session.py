@@ -7,7 +7,11 @@ ends the session, which returns the accumulated completion (the unary answer). D
 while the previous write was in progress leave as one response (tokens concatenated): a stream behind
 its worker catches up in one write instead of one write per token, so a router relaying thousands of
 tokens a second spends its time per write, not per token, once it falls behind (vLLM's output
-collector merges waiting outputs the same way). Failure paths:
+collector merges waiting outputs the same way). Before falling behind, too: with
+``stream_writes_per_s`` (``RouterConfig``) a stream that wrote tokens waits ``in-flight requests /
+stream_writes_per_s`` (at most :data:`MAX_WRITE_INTERVAL_S`) before its next write, so the router's
+writes per second stay near that rate however many streams it relays; the first tokens never wait.
+Failure paths:
 
 * nothing arrives for ``request_timeout_s``: DEADLINE_EXCEEDED (and an Abort at the worker);
 * the worker's Updates stream drops: the request is re-submitted elsewhere if no token reached the
@@ -40,11 +44,19 @@ from pdserve.v1 import common_pb2, pdserve_pb2, worker_pb2
 
 Emit = Callable[[pdserve_pb2.GenerateResponse], Awaitable[None]]
 
+#: The longest a stream holds tokens back to pace its writes (``RouterConfig.stream_writes_per_s``).
+MAX_WRITE_INTERVAL_S = 0.05
+#: Shorter waits are not worth a timer: the next step's tokens come about as soon.
+MIN_WRITE_INTERVAL_S = 0.002
+
 
 class RequestSession:
     def __init__(self, dispatcher: Dispatcher, table: InFlightTable, request: InFlightRequest,
-                 submit: worker_pb2.SubmitRequest, *, timeout_s: float, metrics: RouterMetrics | None = None) -> None:
+                 submit: worker_pb2.SubmitRequest, *, timeout_s: float, metrics: RouterMetrics | None = None,
+                 stream_writes_per_s: float = 0.0) -> None:
         self._metrics = metrics
+        self._stream_writes_per_s = stream_writes_per_s
+        self._last_token_write: float | None = None  # when tokens last left on the stream (loop clock)
         self._dispatcher = dispatcher
         self._table = table
         self._request = request
@@ -70,6 +82,8 @@ class RequestSession:
                 await on_accepted()
             while not worker_done:
                 pending: list[pdserve_pb2.GenerateResponse] = []  # sent as one response (see module)
+                if emit is not None:
+                    await self._pace_writes(clock())
                 for event in await self._next_events():
                     if isinstance(event, WorkerLost):
                         await self._send(emit, pending)
@@ -84,6 +98,8 @@ class RequestSession:
                                          f"{event.error or 'unspecified worker error'}")
                     pending.append(self._assembler.add_proto(event))
                     request.tokens_sent += len(event.new_token_ids)
+                    if event.new_token_ids:
+                        self._last_token_write = clock()
                     if event.finished:
                         worker_done = True
                         finish = common_pb2.FinishReason.Name(event.finish_reason).removeprefix("FINISH_REASON_").lower()
@@ -125,6 +141,16 @@ class RequestSession:
         while not queue.empty():
             events.append(queue.get_nowait())
         return events
+
+    async def _pace_writes(self, now: float) -> None:
+        """After a write with tokens, wait out this stream's share of the router's write budget (see the
+        module docstring); events arriving meanwhile queue and leave together."""
+        if self._last_token_write is None or self._stream_writes_per_s <= 0:
+            return
+        interval = min(len(self._table) / self._stream_writes_per_s, MAX_WRITE_INTERVAL_S)
+        wait = self._last_token_write + interval - now
+        if interval >= MIN_WRITE_INTERVAL_S and wait > 0:
+            await asyncio.sleep(wait)
 
     def _observe_tokens(self, now: float) -> None:
         """Metrics: the first token's delay, or the gap since the previous tokens."""

@@ -15,6 +15,7 @@ from pdserve.router.config import check_topology
 @pytest.mark.parametrize(("kwargs", "key"), [
     ({"port": 70000}, "port"),
     ({"request_timeout_s": 0}, "request_timeout_s"),
+    ({"stream_writes_per_s": -1.0}, "stream_writes_per_s"),
     ({"max_inflight_requests": 0}, "max_inflight_requests"),
     ({"max_retries_before_first_token": -1}, "max_retries_before_first_token"),
     ({"max_stream_migrations": -1}, "max_stream_migrations"),

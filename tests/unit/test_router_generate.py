@@ -250,3 +250,27 @@ def test_switch_role_needs_a_router_that_manages_its_workers() -> None:
                     await stub.SwitchRole(bad)
                 assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     run(scenario)
+
+
+@pytest.mark.parametrize("writes_per_s", [0.0, 50.0])
+def test_streams_pace_their_writes_to_the_routers_write_budget(writes_per_s: float) -> None:
+    """With a budget of 50 writes/s and two streams, each stream writes every 40 ms after its first
+    tokens: the fake's tokens (one per 5 ms step) leave in few responses, all of them, in order; the first
+    token is never held back. Without a budget the same tokens arrive (in as many responses as the loop
+    happens to make)."""
+    async def scenario() -> None:
+        workers = [FakeWorker("c0", "colocated", tokens_per_step=1, step_interval_s=0.005)]
+        async with cluster(workers, stream_writes_per_s=writes_per_s) as (_, stub):
+            async def one(i: int) -> list[pdserve_pb2.GenerateResponse]:
+                request = generate_request([i, 7, 9], 40, request_id=f"paced-{i}")
+                responses = [r async for r in stub.Generate(request)]
+                assert [t for r in responses for t in r.token_ids] == expected_tokens([i, 7, 9], 40)
+                assert responses[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+                return responses
+
+            streams = await asyncio.gather(one(1), one(2))
+            if writes_per_s:
+                for responses in streams:
+                    assert len(responses[0].token_ids) == 1, "the first token left at once"
+                    assert len(responses) <= 15, f"{len(responses)} writes for 40 tokens: not paced"
+    run(scenario)
