@@ -14,6 +14,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import multiprocessing
+import resource
 import time
 from typing import Any
 
@@ -26,12 +27,20 @@ _CLIENT_PROCESS: concurrent.futures.ProcessPoolExecutor | None = None
 
 def measure_point(address: str, specs: list[RequestSpec], offsets: list[float], run_id: str,
                   slos: list[tuple[float, float]]) -> dict[str, Any]:
-    """:func:`run_point` in the load-generator process (spawned once, reused for every point)."""
+    """:func:`run_point` in the load-generator process (spawned once, reused for every point). Adds
+    ``router_process_cores``: this process's CPU time over the point's wall time."""
     global _CLIENT_PROCESS
     if _CLIENT_PROCESS is None:
         _CLIENT_PROCESS = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         atexit.register(_CLIENT_PROCESS.shutdown)  # before the interpreter tears its modules down
-    return _CLIENT_PROCESS.submit(_run_point_blocking, address, specs, offsets, run_id, slos).result()
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    summary = _CLIENT_PROCESS.submit(_run_point_blocking, address, specs, offsets, run_id, slos).result()
+    after, seconds = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - start
+    # the benchmarks run the router in this process (with the Ray driver): near 1.0 its one interpreter is
+    # saturated, and requests wait in the router however idle the workers are
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    summary["router_process_cores"] = round(cpu / seconds, 2) if seconds > 0 else None
+    return summary
 
 
 def _run_point_blocking(address: str, specs: list[RequestSpec], offsets: list[float], run_id: str,

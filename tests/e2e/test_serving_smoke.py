@@ -23,6 +23,8 @@ def test_serving_benchmark_smoke(ray_session) -> None:
     assert all(r["num_output_tokens"] == 8 for r in summary["records"])
     assert summary["slo_attainment"]["ttft<=5000ms,tpot<=1000ms"] == 1.0
     assert summary["ttft_s"]["p50"] > 0 and summary["tpot_s"]["p50"] > 0
+    assert summary["router_process_cores"] > 0  # this process runs the router, which relayed every token
+    assert summary["error_kinds"] == {} and summary["arrivals_over_e2e"] > 0
     first = summary["load_series"][0]  # the router's view of the workers, sampled during the run
     assert len(first) == 4 + 6 * 2 and {"prefill", "decode"} <= {str(v).split("-")[0] for v in first[4::6]}, first
     lags = summary["loop_lag_max_ms"]  # every event loop on the way reports how late it runs
