@@ -29,7 +29,7 @@ from typing import Any
 
 from benchmarks.common import markdown_table, run_info, write_results
 from benchmarks.serving.metrics import goodput
-from benchmarks.serving.workload import poisson_schedule, sharegpt_workload
+from benchmarks.serving.workload import TRACE_BLOCK, poisson_schedule, sharegpt_workload
 from benchmarks.serving.workload import trace_workload as serving_trace
 from pdserve.common.step_model import StepKind
 from pdserve.planner.plan import Profile, Workload, predict, simulation
@@ -154,8 +154,13 @@ def trace_workload(path: Path, settings: dict[str, Any]) -> Workload:
     specs = serving_trace(path, start=settings["trace_start"], count=settings["trace_requests"],
                           time_scale=settings["time_scale"], length_scale=settings["length_scale"], max_input=12000,
                           max_output=512)
-    return Workload(tuple(SimRequest(s.arrival_s, len(s.prompt_token_ids), s.output_len) for s in specs),
-                    f"trace from {settings['trace_start']}")
+    block = max(1, round(TRACE_BLOCK * settings["length_scale"]))  # the reader's block of one hash id
+
+    def blocks(ids: list[int]) -> tuple[int, ...]:  # equal content, equal id: what the prefix cache matches
+        return tuple(hash(tuple(ids[i:i + block])) for i in range(0, len(ids) - block + 1, block))
+
+    return Workload(tuple(SimRequest(s.arrival_s, len(s.prompt_token_ids), s.output_len, blocks(s.prompt_token_ids),
+                                     block) for s in specs), f"trace from {settings['trace_start']}")
 
 
 def run_settings(file: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pdserve.planner.simulate import ClusterSimulation, SimOutcome, SimRequest, 
 DEFAULT_KV_BYTES_PER_TOKEN = 131072.0  # Llama-3.1-8B in bf16: 32 layers x 2 x 8 heads x 128 x 2 bytes
 DEFAULT_TRANSFER_BYTES_PER_S = 50e9
 MAX_SCALE = 64.0  # the goodput search stops at 64x the workload's own rate
+TRACE_BLOCK_TOKENS = 512  # the Mooncake trace's hash ids each stand for a block of this many prompt tokens
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Workload:
             for r in self.requests:
                 t = (r.arrival_s - self.requests[0].arrival_s + copy * period) / scale
                 if t <= span:
-                    out.append(SimRequest(t, r.prompt_tokens, r.output_tokens))
+                    out.append(replace(r, arrival_s=t))
         return sorted(out, key=lambda r: r.arrival_s)
 
     @classmethod
@@ -96,8 +97,10 @@ class Workload:
     @classmethod
     def trace(cls, path: str | Path, *, start: int = 0, count: int = 400, time_scale: float = 1.0,
               length_scale: float = 1.0, max_prompt: int = 32768) -> Workload:
-        """A Mooncake-format JSONL trace (``timestamp`` ms, ``input_length``, ``output_length``)."""
-        out: list[tuple[float, int, int]] = []
+        """A Mooncake-format JSONL trace (``timestamp`` ms, ``input_length``, ``output_length``, and
+        ``hash_ids`` when present: the prompt's blocks of 512 tokens, ``x length_scale`` here, which the
+        simulation's prefix caches match)."""
+        out: list[tuple[float, int, int, tuple[int, ...]]] = []
         try:
             with Path(path).open() as f:
                 for i, line in enumerate(f):
@@ -108,13 +111,14 @@ class Workload:
                     row = json.loads(line)
                     out.append((float(row["timestamp"]) / 1e3 * time_scale,
                                 max(1, min(max_prompt, int(row["input_length"] * length_scale))),
-                                max(1, int(row["output_length"]))))
+                                max(1, int(row["output_length"])), tuple(int(h) for h in row.get("hash_ids", ()))))
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError("trace", f"cannot read a Mooncake trace from {path}: {exc!r}") from None
         if len(out) < 2:
             raise ConfigError("trace", f"{path}: fewer than two requests from line {start}")
-        t0 = out[0][0]
-        return cls(tuple(SimRequest(t - t0, p, o) for t, p, o in out), f"trace {Path(path).name}")
+        t0, block = out[0][0], max(1, round(TRACE_BLOCK_TOKENS * length_scale))
+        return cls(tuple(SimRequest(t - t0, p, o, blocks, block if blocks else 0) for t, p, o, blocks in out),
+                   f"trace {Path(path).name}")
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,22 @@ prefill pool would answer later than that stays on the decode worker of fewest r
 worker would be faster: queued prompt tokens over the prefill rate of back-to-back chunks, against its
 queued local prompt tokens over the spare rate its decodes leave within its step budget. A request's TTFT is its first token
 minus its arrival (plus the handoff for remote prefills: the client sees the first token once the
-decode worker has it), its TPOT the mean time per later token. Not modelled: prefix caching, KV
-capacity limits and preemption, deadline ordering of queued prompts, network and host overheads beyond
-the profile's step times.
+decode worker has it), its TPOT the mean time per later token.
+
+**Prefix caching**: a request may name its prompt's blocks (``prefix_blocks``, ``block_tokens`` tokens
+each; equal leading ids mean an equal prefix, as the Mooncake trace's hash ids do). Each worker keeps the
+blocks of the prompts it computed, least recently used first out past ``WorkerSpec.cache_tokens`` (None:
+no limit); a prompt skips the leading blocks its worker holds when its first chunk is scheduled (never its
+last token), as the engine's prefix cache does. The router's placement does not look at caches. Not
+modelled: KV capacity limits and preemption, deadline ordering of queued prompts, network and host
+overheads beyond the profile's step times.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from pdserve.common.step_model import DEFER_TTFT_SHARE, StepShape, StepTimeModel, window_step_budget
@@ -43,6 +49,19 @@ class SimRequest:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+    prefix_blocks: tuple[int, ...] = ()  # ids of the prompt's consecutive blocks (see the module docstring)
+    block_tokens: int = 0
+
+    def block_keys(self) -> list[int]:
+        """One key per full block of the prompt, each standing for the whole prefix up to it."""
+        keys: list[int] = []
+        key = 0
+        if self.block_tokens <= 0:
+            return keys
+        for i, block in enumerate(self.prefix_blocks[: self.prompt_tokens // self.block_tokens]):
+            key = hash((key, block)) if i else hash((-1, block))
+            keys.append(key)
+        return keys
 
 
 @dataclass
@@ -77,13 +96,15 @@ class WorkerSpec:
     budget_window: int = 0  # the engine's step_budget_window
     defer_below: int = 0  # the engine's defer_chunks_below
     ttft_slo_s: float | None = None  # how long a deferred prompt may wait (DEFER_TTFT_SHARE of it)
+    cache_tokens: int | None = None  # prefix cache size (None: unbounded; 0: no prefix caching)
 
 
 @dataclass
 class _Active:
     outcome: SimOutcome
-    computed: int = 0  # prompt tokens computed
+    computed: int = 0  # prompt tokens computed (or found in the worker's prefix cache)
     produced: int = 0  # output tokens produced
+    looked_up: bool = False  # whether the worker's prefix cache was consulted
 
 
 @dataclass
@@ -96,9 +117,35 @@ class _Worker:
     joining: list[_Active] = field(default_factory=list)  # KV arrived, decodes from the next step
     busy: bool = False
     recent_s: deque[float] = field(init=False)  # the last steps' seconds (the window budget)
+    cache: OrderedDict[int, int] = field(default_factory=OrderedDict)  # prefix block key -> its tokens, LRU first
+    cached_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.recent_s = deque(maxlen=max(self.spec.budget_window - 1, 0))
+
+    def cached_prefix(self, request: SimRequest) -> int:
+        """Prompt tokens this worker's prefix cache holds for ``request`` (at most all but the last)."""
+        hit = 0
+        for key in request.block_keys():
+            if key not in self.cache:
+                break
+            self.cache.move_to_end(key)
+            hit += request.block_tokens
+        return min(hit, request.prompt_tokens - 1)
+
+    def remember(self, request: SimRequest) -> None:
+        """Keep the full blocks of a prompt this worker computed, evicting the least recently used."""
+        limit = self.spec.cache_tokens
+        if limit == 0:
+            return
+        for key in request.block_keys():
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                continue
+            self.cache[key] = request.block_tokens
+            self.cached_tokens += request.block_tokens
+        while limit is not None and self.cached_tokens > limit and self.cache:
+            self.cached_tokens -= self.cache.popitem(last=False)[1]
 
     @property
     def queued_prompt_tokens(self) -> int:
@@ -236,6 +283,9 @@ class ClusterSimulation:
         for a in worker.waiting:
             if budget <= 0 or len(chunks) >= spec.max_running:  # a running batch of max_running at most
                 break
+            if not a.looked_up:  # as the engine: the cache is consulted when the prompt is first scheduled
+                a.looked_up = True
+                a.computed = max(a.computed, worker.cached_prefix(a.outcome.request))
             left = a.outcome.request.prompt_tokens - a.computed
             n = min(left, budget)
             if budget_s is not None:
@@ -271,6 +321,7 @@ class ClusterSimulation:
             if a.computed < request.prompt_tokens:
                 continue
             worker.waiting.remove(a)
+            worker.remember(request)
             a.produced = 1  # the prompt's last chunk samples the first token
             if worker.role == "prefill":
                 a.outcome.first_token_s = now + self.transfer_s(request.prompt_tokens)  # seen once decoding

@@ -42,6 +42,39 @@ def test_tokens_and_times_add_up_for_one_request() -> None:
     assert remote.ttft_s == pytest.approx(colocated.ttft_s + 0.005)
 
 
+def test_a_worker_skips_the_prompt_blocks_its_prefix_cache_holds() -> None:
+    """A prompt whose leading blocks an earlier prompt on the same worker computed starts after them (its
+    first step is the rest of the prompt, with the cached tokens as context); a cache of no tokens, or one
+    too small to keep them, gives no hit; a different first block breaks the prefix."""
+    model = StepTimeModel(base_s=0.01, per_token_s=1e-4, free_tokens=0)
+
+    def ttfts(blocks: list[tuple[int, ...]], cache_tokens: int | None = None) -> list[float]:
+        requests = [SimRequest(1.0 * i, 400, 1, b, 100) for i, b in enumerate(blocks)]  # 4 blocks of 100 tokens
+        sim = ClusterSimulation(model, colocated=1, colocated_spec=WorkerSpec(cache_tokens=cache_tokens))
+        return [o.ttft_s for o in sim.run(requests)]  # type: ignore[misc]
+
+    cold = model.predict(StepShape(400, 0, 400 * 400 / 2))
+    first, second = ttfts([(1, 2, 3, 4), (1, 2, 3, 9)])  # three leading blocks shared
+    assert first == pytest.approx(cold)
+    assert second == pytest.approx(model.predict(StepShape(0).plus_chunk(100, 300)))
+    assert ttfts([(1, 2, 3, 4), (1, 2, 3, 4)])[1] == pytest.approx(model.predict(StepShape(0).plus_chunk(1, 399)))
+    assert ttfts([(1, 2, 3, 4), (7, 2, 3, 4)])[1] == pytest.approx(cold)  # prefixes, not blocks, match
+    assert ttfts([(1, 2, 3, 4), (1, 2, 3, 4)], cache_tokens=0)[1] == pytest.approx(cold)
+    # room for four blocks: the second prompt's four evict the first's, the third (= the first) misses
+    assert ttfts([(1, 2, 3, 4), (5, 6, 7, 8), (1, 2, 3, 4)], cache_tokens=400)[2] == pytest.approx(cold)
+    assert ttfts([(1, 2, 3, 4), (5, 6, 7, 8), (1, 2, 3, 4)])[2] < cold
+
+
+def test_a_trace_workload_keeps_its_prefix_blocks_at_every_rate(tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps({"timestamp": 1000 * i, "input_length": 2048, "output_length": 10,
+                                        "hash_ids": [1, 2, 3 + i, 4]}) + "\n" for i in range(3)))
+    workload = Workload.trace(path, length_scale=0.5)
+    assert [r.prefix_blocks for r in workload.requests] == [(1, 2, 3, 4), (1, 2, 4, 4), (1, 2, 5, 4)]
+    assert {r.block_tokens for r in workload.requests} == {256}
+    assert all(r.prefix_blocks and r.block_tokens == 256 for r in workload.at(3.0))
+
+
 # a step of up to 256 tokens costs 10.1 ms (weights read once), every token past 256 20 us more
 SYNTHETIC = StepTimeModel(base_s=0.005, per_token_s=2e-5, free_tokens=256)
 
