@@ -72,9 +72,10 @@ class RouterConfig:
     * ``stream_writes_per_s``: the write rate the router aims to stay under on its client streams, all
       together. Each stream writes its first tokens at once; after that it writes at most every
       ``in-flight requests / stream_writes_per_s`` seconds (at most 50 ms), carrying every token that
-      arrived meanwhile, so at high concurrency the router spends its one core per write, not per token
-      (a stream write costs it ~25 us; on a CPU run with 200 streams the router took 55 us per
-      streamed token). Below that load, every step's tokens leave at once. 0: write every step's tokens
+      arrived meanwhile, so at high concurrency the router's one core is not spent writing every token
+      on its own (on a 2-core CPU run with 200-300 streams the router took 38-44 us of CPU per relayed
+      token, half of it in stream writes; ``benchmarks/router_stream.py``). Below that load, every
+      step's tokens leave at once. 0: write every step's tokens
       at once (like SGLang's ``stream_interval`` 1). TPOT and end-to-end times are unchanged but for the
       last write's wait; the gaps between chunks grow to the interval.
     * ``max_retries_before_first_token``: how many *other* workers a request may be re-submitted to when
