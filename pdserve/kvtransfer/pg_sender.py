@@ -139,6 +139,7 @@ class ProcessGroupSender(SenderCore):
         self._cond = threading.Condition(threading.Lock())
         self._inflight: collections.deque[_InFlight] = collections.deque()
         self._inflight_bytes = 0
+        self._gathering = False  # the thread waits for more layers of a plan (see _take_plan)
         self._done_stream: torch.cuda.Stream | None = None  # where NCCL sends' completion is recorded
         self._ready = threading.Event()
         self._setup_error: str | None = None
@@ -165,13 +166,21 @@ class ProcessGroupSender(SenderCore):
                 self._queue.insert(finish_position(self._queue, message.header.transfer_id), message)
             else:
                 self._queue.append(message)
-            self._cond.notify()
+            self._wake(message.header)
 
     def _submit_layer(self, step: PreparedStep, layer: int, kv_cache_layer: torch.Tensor, ready: Event) -> None:
         """A prepared step's layer of every transfer, queued at once (one wake-up of the thread)."""
         messages = self._layer_messages(step, layer, kv_cache_layer, ready)
         with self._cond:
             self._queue.extend(messages)
+            if messages:
+                self._wake(messages[-1].header)
+
+    def _wake(self, queued: Header) -> None:
+        """Under ``_cond``: wake the thread for what was just queued, unless it is gathering a plan and
+        this is a layer before the last (it would only look and wait again, taking the interpreter from
+        the forward pass that is queueing the layers: one wake-up per plan, not per layer)."""
+        if not self._gathering or queued.kind is not MessageKind.LAYER or queued.layer == self._layout.num_layers - 1:
             self._cond.notify()
 
     def close(self) -> None:
@@ -251,9 +260,11 @@ class ProcessGroupSender(SenderCore):
         taken, staged = [first], _staged_bytes(first)
         end = time.monotonic() + PLAN_EXTRA_WAIT_S
         with self._cond:
-            # woken by each submit (no polling: the thread holds no GIL while the forward pass queues)
+            # woken once the last layer (or anything but a layer) is queued, or at the end of the wait
+            self._gathering = True
             while not self._last_layer_queued(first) and (left := end - time.monotonic()) > 0:
                 self._cond.wait(left)
+            self._gathering = False
             while self._queue and len(taken) < MAX_PLAN_PARTS:
                 nxt = self._queue[0]
                 if nxt.header.kind is not MessageKind.LAYER or staged + _staged_bytes(nxt) > MAX_PLAN_STAGED_BYTES:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -88,10 +90,12 @@ def test_is_contiguous() -> None:
 
 
 def _roundtrip(dst_ids: list[int], src_ids: list[int], monkeypatch: pytest.MonkeyPatch, max_bytes: int,
-               second: bool) -> list[PlannedMessage]:
+               second: bool, layer_gap_s: float = 0.0,
+               before_finish: Callable[[list[PlannedMessage]], None] | None = None) -> list[PlannedMessage]:
     """Transfer ``src_ids`` -> ``dst_ids`` (and, with ``second``, one more block of another transfer
     interleaved layer by layer) over gloo; returns the messages the sender planned. (On CPU every layer
-    is computed already, so parts merge up to ``max_bytes``.)"""
+    is computed already, so parts merge up to ``max_bytes``.) ``layer_gap_s`` between layers, as a
+    forward pass spaces them; ``before_finish`` sees what was planned before the FINISH messages."""
     monkeypatch.setattr(pg_sender, "MIN_MESSAGE_BYTES", 0)
     monkeypatch.setattr(pg_sender, "MAX_MESSAGE_BYTES", max_bytes)
     monkeypatch.setattr(pg_sender, "MIN_SPLIT_BYTES", 0)
@@ -117,8 +121,11 @@ def _roundtrip(dst_ids: list[int], src_ids: list[int], monkeypatch: pytest.Monke
         handles = [(receiver.expect(tid, f"r{tid}", ids, 3, 30.0), sender.begin(tid, f"r{tid}", ids), srcs)
                    for tid, ids, srcs in transfers]
         for layer in range(3):
+            time.sleep(layer_gap_s if layer else 0.0)
             for _, sent, srcs in handles:
                 sender.send_layer(sent, layer, src[layer], srcs, (0, len(srcs)))
+        if before_finish is not None:
+            before_finish(planned)
         for _, sent, _ in handles:
             sender.finish(sent, [sent.transfer_id])
         for expected, _, _ in handles:
@@ -166,3 +173,18 @@ def test_plans_that_wait_for_more_layers_still_land_exactly(monkeypatch: pytest.
     monkeypatch.setattr(pg_sender, "PLAN_EXTRA_WAIT_S", 0.05)
     planned = _roundtrip([4, 5, 6], [9, 10, 11], monkeypatch, PART + 256, True)
     assert sum(len(m.parts) for m in planned) == 6
+
+
+def test_a_plan_gathering_layers_is_woken_by_the_last_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sender gathering a plan (a minute of extra wait) while layers come 0.2 s apart is not ended by
+    the layers before the last, and is by the last one: the plan holds every part before any FINISH."""
+    monkeypatch.setattr(pg_sender, "PLAN_EXTRA_WAIT_S", 60.0)
+
+    def all_planned(planned: list[PlannedMessage]) -> None:
+        end = time.monotonic() + 20.0
+        while sum(len(m.parts) for m in planned) < 6 and time.monotonic() < end:
+            time.sleep(0.01)
+        assert sum(len(m.parts) for m in planned) == 6, "the last layer did not end the gathering"
+        assert len(planned) == 1, "a layer before the last ended the gathering"
+
+    _roundtrip([4, 5, 6], [9, 10, 11], monkeypatch, 1 << 30, True, layer_gap_s=0.2, before_finish=all_planned)
