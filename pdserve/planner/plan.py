@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.common.errors import ConfigError
-from pdserve.common.step_model import StepKind, StepTimeModel, read_profile
+from pdserve.common.step_model import StepKind, StepShape, StepTimeModel, read_profile
 from pdserve.planner.simulate import ClusterSimulation, SimOutcome, SimRequest, WorkerSpec
 
 DEFAULT_KV_BYTES_PER_TOKEN = 131072.0  # Llama-3.1-8B in bf16: 32 layers x 2 x 8 heads x 128 x 2 bytes
 DEFAULT_TRANSFER_BYTES_PER_S = 50e9
 MAX_SCALE = 64.0  # the goodput search stops at 64x the workload's own rate
 TRACE_BLOCK_TOKENS = 512  # the Mooncake trace's hash ids each stand for a block of this many prompt tokens
+SOLO_PREFILL_CHUNK = 8192  # an idle worker's prefill step (the engines' default token budget)
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,23 @@ def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttf
                       _p90([o.tpot_s for o in offered if o.tpot_s is not None]))
 
 
+def solo_prefill_s(model: StepTimeModel, prompt_tokens: int, chunk: int = SOLO_PREFILL_CHUNK) -> float:
+    """How long ``prompt_tokens`` take to prefill alone on an idle GPU, in steps of ``chunk`` tokens."""
+    seconds, done = 0.0, 0
+    while done < prompt_tokens:
+        n = min(chunk, prompt_tokens - done)
+        seconds += model.predict(StepShape(0).plus_chunk(n, done))
+        done += n
+    return seconds
+
+
+def out_of_reach_share(model: StepTimeModel, workload: Workload, ttft_slo_s: float) -> float:
+    """The share of the workload's requests whose prompt alone, on an idle GPU, takes longer than the TTFT
+    SLO: no configuration serves those in time (more than 1 - target of them: every goodput is 0)."""
+    late = sum(solo_prefill_s(model, r.prompt_tokens) > ttft_slo_s for r in workload.requests)
+    return late / len(workload.requests) if workload.requests else 0.0
+
+
 def plan(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: float, tpot_slo_s: float
          ) -> dict[str, Any]:
     predictions = [predict(profile, workload, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, name=name)
@@ -220,6 +238,7 @@ def plan(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: flo
     return {"workload": workload.name, "offered_rate": round(workload.rate, 3), "num_gpus": num_gpus,
             "slo": {"ttft_ms": ttft_slo_s * 1e3, "tpot_ms": tpot_slo_s * 1e3},
             "calibration": {kind.value: round(profile.model.factor(kind), 3) for kind in StepKind},
+            "out_of_reach_share": round(out_of_reach_share(profile.model, workload, ttft_slo_s), 3),
             "predictions": [asdict(p) for p in predictions], "recommended": best.config}
 
 
@@ -235,4 +254,9 @@ def render(result: dict[str, Any]) -> str:
         goodput = (">= " if p["goodput_at_search_limit"] else "") + f"{p['goodput_per_gpu']:.3f}"
         rows.append(f"{p['config']:<16} {goodput:>12} {p['attainment_at_offered']:>15.3f} "
                     f"{ttft:>12} {tpot:>12}{mark}")
+    share = result.get("out_of_reach_share", 0.0)
+    if share > 0:
+        rows += ["", f"note: {share:.1%} of the requests cannot meet TTFT <= {result['slo']['ttft_ms']:g} ms even alone "
+                 f"on an idle GPU (their prompts take longer to prefill)"
+                 + ("; above 10%, no configuration reaches the 90% goodput line" if share > 0.1 else "")]
     return "\n".join(rows)

@@ -11,7 +11,15 @@ import pytest
 from pdserve.common.errors import ConfigError
 from pdserve.common.step_model import StepKind, parse_calibration, pooled_calibration
 from pdserve.engine.step_time import StepShape, StepTimeModel
-from pdserve.planner.plan import Profile, Workload, configurations, plan
+from pdserve.planner.plan import (
+    Profile,
+    Workload,
+    configurations,
+    out_of_reach_share,
+    plan,
+    render,
+    solo_prefill_s,
+)
 from pdserve.planner.simulate import ClusterSimulation, SimRequest, WorkerSpec
 from pdserve.router.config import RouterConfig
 from pdserve.router.online_planner import OnlinePlanner
@@ -224,3 +232,22 @@ def test_deferred_chunks_spend_the_windows_room_within_the_mean_tpot() -> None:
     assert plain_sim.num_deferred == 0 and sim.num_deferred > 0
     assert statistics.mean(tpot) <= 15e-3 * 1.1
     assert statistics.mean(tpot) > statistics.mean(plain_tpot)  # the long steps spend the window's room
+
+
+def test_plan_says_which_share_of_prompts_no_configuration_serves_in_time() -> None:
+    """A prompt whose prefill alone on an idle GPU exceeds the TTFT SLO is out of reach everywhere; the plan
+    reports their share, and its table says why every goodput is 0 when they are more than 10%."""
+    model = StepTimeModel(base_s=0.005, per_token_s=1e-4, free_tokens=0)  # 1k tokens ~0.1 s, 8k ~0.8 s
+    assert solo_prefill_s(model, 20000) == pytest.approx(sum(
+        model.predict(StepShape(0).plus_chunk(n, done)) for n, done in ((8192, 0), (8192, 8192), (3616, 16384))))
+    requests = tuple(SimRequest(0.5 * i, 4000 if i % 4 == 0 else 500, 4) for i in range(40))  # 10 of 40 long
+    workload = Workload(requests, "mixed lengths")
+    assert out_of_reach_share(model, workload, ttft_slo_s=0.25) == pytest.approx(0.25)
+    assert out_of_reach_share(model, workload, ttft_slo_s=1.0) == 0.0
+    profile = Profile(model, 131072.0, 50e9)
+    result = plan(profile, workload, 2, ttft_slo_s=0.25, tpot_slo_s=0.05)
+    assert result["out_of_reach_share"] == pytest.approx(0.25)
+    assert all(p["goodput_per_gpu"] == 0 for p in result["predictions"])
+    assert "25.0% of the requests cannot meet TTFT <= 250 ms" in render(result)
+    assert "no configuration reaches the 90% goodput line" in render(result)
+    assert "cannot meet" not in render(plan(profile, workload, 2, ttft_slo_s=1.0, tpot_slo_s=0.05))
