@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +83,10 @@ def pack_message(message: PlannedMessage, sources: Sequence[tuple[torch.Tensor, 
     blocks = message_blocks(buffer, layout)
     for run in layer_runs(message):
         offsets = run.offsets()
-        tensors = [sources[i][0] for i in run.parts]
-        for group in _split_where(list(range(len(run.parts))), functools.partial(_same_tensor, tensors)):
+        # parts that read the same tensor (a sender's layer is one tensor, but nothing forces a caller to
+        # pass the same view twice): groups of consecutive ones
+        for _, grouped in itertools.groupby(range(len(run.parts)), key=lambda k: id(sources[run.parts[k]][0])):
+            group = list(grouped)
             layer = sources[run.parts[group[0]]][0]
             base = run.start + offsets[group[0]]
             if len(group) == 1:
@@ -117,18 +119,3 @@ def unpack_message(message: PlannedMessage, targets: Sequence[Sequence[int] | No
         parts = tuple((offsets[k], run.sizes[k]) for k in claimed)
         unpack_layer_blocks(blocks[run.start:], _positions(parts, blocks.device), caches[run.layer], index_tensor(dst, blocks.device))
 
-
-def _same_tensor(tensors: list[torch.Tensor], a: int, b: int) -> bool:
-    return tensors[a] is tensors[b]
-
-
-def _split_where(items: list[int], same: Callable[[int, int], bool]) -> list[list[int]]:
-    """``items`` in groups of consecutive ones for which ``same(previous, next)`` holds (a sender's layer
-    is one tensor, but nothing forces a caller to pass the same view twice)."""
-    groups: list[list[int]] = []
-    for item in items:
-        if groups and same(groups[-1][-1], item):
-            groups[-1].append(item)
-        else:
-            groups.append([item])
-    return groups

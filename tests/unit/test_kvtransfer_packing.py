@@ -41,6 +41,12 @@ def test_packing_matches_the_per_part_layout_and_unpacking_skips_unclaimed_parts
     for (part, view), ids in zip(part_payloads(message, per_part, LAYOUT), src_ids):
         gather_blocks(src[part.layer], _index(ids), out=view)
     assert torch.equal(packed, per_part)
+    # parts of one layer that read two different tensors (copies here) pack the same
+    copies = [(src[p.layer].clone() if i == 2 else src[p.layer], ids)
+              for i, (p, ids) in enumerate(zip(message.parts, src_ids))]
+    repacked, _ = message_buffers(message, "cpu")
+    pack_message(message, copies, repacked, LAYOUT)
+    assert torch.equal(repacked, per_part)
 
     dst = [torch.zeros(2, 12, 4, 2, 8) for _ in range(2)]
     targets: list[tuple[int, ...] | None] = [(3, 11), None, (5, 6), (1,)]  # transfer 2 is not claimed
