@@ -4,8 +4,8 @@ workloads and seeds, in one invocation. Configurations:
 * ``1p1d``: 1 prefill + 1 decode worker; every prompt prefilled remotely.
 * ``1p1d-overflow``: the same plus the older conditional disaggregation (a prompt arriving while the
   prefill worker has ``OVERFLOW_TOKENS`` queued is prefilled whole by the decode worker).
-* ``colocated``: 2 workers, chunked prefill at a fixed 2048 tokens per step.
-* ``colocated-slo``: 2 workers whose steps are cut to the TPOT SLO (``slo.tpot_ms`` = ``--slo-tpot-ms``)
+* ``colocated``: 2 workers (one per GPU of ``--num-gpus``), chunked prefill at a fixed 2048 tokens per step.
+* ``colocated-slo``: the same workers, whose steps are cut to the TPOT SLO (``slo.tpot_ms`` = ``--slo-tpot-ms``)
   by their step-time model, prompts in deadline order: the SLO-tuned colocated baseline.
 * ``auto``: 1P1D with the SLOs: TTFT-aware placement (a prompt the prefill pool would serve late is
   prefilled by the decode worker in budget-sized chunks), budgeted decode steps, deadline-ordered
@@ -67,11 +67,17 @@ PREFILL_STEP_TOKENS = SLO_PREFILL_STEP_TOKENS
 
 def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float, float] = (250.0, 15.0),
                    kv_backend: str = "auto", budget_window: int = 0, defer_below: int = 0,
-                   auto_prefill_step_tokens: int = PREFILL_STEP_TOKENS) -> dict[str, Any]:
+                   auto_prefill_step_tokens: int = PREFILL_STEP_TOKENS, num_gpus: int = 2,
+                   max_running: int = 256, stream_writes_per_s: float | None = None) -> dict[str, Any]:
     """The cluster of one configuration; ``slo_ms`` (TTFT, TPOT) for the SLO-aware ones; ``kv_backend``
     the KV transport between prefill and decode workers (auto: CUDA IPC on one host); ``budget_window``
     and ``defer_below`` the engines' ``step_budget_window`` and ``defer_chunks_below`` (SLO-aware
-    configurations); ``auto_prefill_step_tokens`` the ``auto`` prefill pool's ``max_batch_tokens``."""
+    configurations); ``auto_prefill_step_tokens`` the ``auto`` prefill pool's ``max_batch_tokens``;
+    ``num_gpus`` the colocated configurations' workers (the disaggregated ones need 2);
+    ``max_running`` the decoding workers' ``max_running_requests``; ``stream_writes_per_s`` the router's
+    (None: its default)."""
+    if kind in ("1p1d", "1p1d-overflow", "auto") and num_gpus != 2:
+        raise ValueError(f"configuration {kind!r} runs one prefill and one decode worker: it needs --num-gpus 2")
     gpu = 0 if smoke else 1
     engine: dict[str, Any] = {"load_format": "dummy", "dtype": "float32" if smoke else "bfloat16",
                               "max_model_len": 2048 if smoke else 16384}
@@ -79,10 +85,12 @@ def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float,
         engine["num_kv_blocks"] = 2048
     config: dict[str, Any] = {"model": str(model_dir), "load_format": "dummy", "engine": engine,
                               "router": {"grpc_port": 0, "request_timeout_s": 300}, "kv_transfer": {"timeout_s": 120, "backend": kv_backend}}
+    if stream_writes_per_s is not None:
+        config["router"]["stream_writes_per_s"] = stream_writes_per_s
     if kind in ("1p1d", "1p1d-overflow", "auto"):
         config |= {"mode": "disaggregated",
                    "prefill": {"replicas": 1, "gpus_per_worker": gpu, "max_batch_tokens": 8192},
-                   "decode": {"replicas": 1, "gpus_per_worker": gpu, "max_running_requests": 256,
+                   "decode": {"replicas": 1, "gpus_per_worker": gpu, "max_running_requests": max_running,
                               "max_batch_tokens": 2048}}
         if kind == "auto":
             config["prefill"]["max_batch_tokens"] = auto_prefill_step_tokens
@@ -90,8 +98,8 @@ def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float,
             config["router"]["max_queued_prefill_tokens"] = 256 if smoke else OVERFLOW_TOKENS
     elif kind in ("colocated", "colocated-slo"):
         config |= {"mode": "colocated",
-                   "colocated": {"replicas": 2, "gpus_per_worker": gpu, "max_batch_tokens": 2048,
-                                 "max_running_requests": 256}}
+                   "colocated": {"replicas": num_gpus, "gpus_per_worker": gpu, "max_batch_tokens": 2048,
+                                 "max_running_requests": max_running}}
     else:
         raise ValueError(f"unknown configuration {kind!r}; choose from {', '.join(CONFIGS)}")
     if kind in ("colocated-slo", "auto"):
@@ -131,7 +139,8 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
     from pdserve.cluster.launcher import Cluster
 
     config = cluster_config(kind, model_dir, args.smoke, (args.ttft_slo * 1e3, args.slo_tpot_ms), args.kv_backend,
-                            args.budget_window, args.defer_below, args.auto_prefill_step_tokens)
+                            args.budget_window, args.defer_below, args.auto_prefill_step_tokens, args.num_gpus,
+                            args.max_running, args.stream_writes_per_s)
     if args.dashboard:  # the operator's view of the run: the dashboard's JSON after every point
         config["router"] |= {"http_port": 0, "planner_mode": "recommend", "planner_interval_s": 5.0}
     cluster = Cluster(cluster_config_from_dict(config))
@@ -285,7 +294,13 @@ def main() -> None:
     parser.add_argument("--length-scale", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix of the result files (serve-<device>-<tag>.*)")
-    parser.add_argument("--num-gpus", type=int, default=2, help="GPUs per configuration (for per-GPU rates)")
+    parser.add_argument("--num-gpus", type=int, default=2,
+                        help="GPUs per configuration: per-GPU rates, and the colocated configurations' workers "
+                             "(the disaggregated ones need 2)")
+    parser.add_argument("--max-running", type=int, default=256,
+                        help="max_running_requests of the workers that decode")
+    parser.add_argument("--stream-writes-per-s", type=float, default=None,
+                        help="the router's stream_writes_per_s (0: a write per token message; default: the router's)")
     parser.add_argument("--dashboard", action="store_true",
                         help="serve the router's HTTP API with the planner recommending, and keep the dashboard's "
                              "JSON after every point (<stem>-dashboard.json.gz; render: benchmarks.dashboard_replay)")

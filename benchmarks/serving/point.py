@@ -28,7 +28,8 @@ _CLIENT_PROCESS: concurrent.futures.ProcessPoolExecutor | None = None
 def measure_point(address: str, specs: list[RequestSpec], offsets: list[float], run_id: str,
                   slos: list[tuple[float, float]]) -> dict[str, Any]:
     """:func:`run_point` in the load-generator process (spawned once, reused for every point). Adds
-    ``router_process_cores``: this process's CPU time over the point's wall time."""
+    ``router_process_cores``: this process's CPU time over the point's wall time (and the run's
+    ``client_process_cores``, the load generator's)."""
     global _CLIENT_PROCESS
     if _CLIENT_PROCESS is None:
         _CLIENT_PROCESS = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
@@ -45,7 +46,14 @@ def measure_point(address: str, specs: list[RequestSpec], offsets: list[float], 
 
 def _run_point_blocking(address: str, specs: list[RequestSpec], offsets: list[float], run_id: str,
                         slos: list[tuple[float, float]]) -> dict[str, Any]:
-    return asyncio.run(run_point(address, specs, offsets, run_id, slos))
+    """:func:`run_point`, plus ``client_process_cores``: near 1.0 the load generator itself falls behind
+    reading the streams, and its clock adds that to every token's time."""
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    summary = asyncio.run(run_point(address, specs, offsets, run_id, slos))
+    after, seconds = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - start
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    summary["client_process_cores"] = round(cpu / seconds, 2) if seconds > 0 else None
+    return summary
 
 
 async def run_point(address: str, specs: list[RequestSpec], offsets: list[float], run_id: str,

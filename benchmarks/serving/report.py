@@ -69,16 +69,17 @@ def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
                              " / ".join(f"{v:.2f}" for v in p["slo_attainment"].values()),
                              p["breakdown"].get("prefill_queue_ms"), p["breakdown"].get("prefill_ms"),
                              p["breakdown"].get("transfer_exposed_ms"), p["errors"], p.get("arrivals_over_e2e"),
-                             p.get("router_process_cores"),
+                             p.get("router_process_cores"), p.get("client_process_cores"),
                              " / ".join(f"{k} {v:g}" for k, v in (p.get("loop_lag_max_ms") or {}).items())])
     lines += ["## Every point", "", markdown_table(
         ["config", "workload", "rate/GPU", "req/s", "TTFT p50 ms", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p99",
          "attainment (per SLO)", "prefill queue ms", "prefill ms", "transfer exposed ms", "errors",
-         "arrivals / e2e p50", "router process cores", "event-loop lag max ms"], rows),
+         "arrivals / e2e p50", "router process cores", "client process cores", "event-loop lag max ms"], rows),
         "`arrivals / e2e p50`: how many median request lifetimes the arrivals span; the lower, the less the "
         "point says about a sustained load (below ~1 nearly every request was in flight at once). `router "
         "process cores`: CPU time of the process running the router (and the Ray driver) over the point's "
-        "wall time; near 1 its interpreter is saturated.", "",
+        "wall time; near 1 its interpreter is saturated. `client process cores`: the same for the load generator "
+        "(near 1 it reads the streams late, and every token's time includes that).", "",
         f"Client capacity (no server): {json.dumps(payload['client_capacity'])}", ""]
     error_rows = [[kind, workload, round(p["rate_per_gpu"], 2), count, message]
                   for kind, res in payload["results"].items() for workload, points in res["workloads"].items()
