@@ -27,7 +27,7 @@ from typing import Any
 from benchmarks.common import LLAMA31_8B, markdown_table, run_info, write_model_dir, write_results
 from benchmarks.serve import cluster_config, warm_up
 from benchmarks.serving.metrics import attainment
-from benchmarks.serving.point import measure_point
+from benchmarks.serving.point import DEFAULT_CLIENT_PROCESSES, measure_point
 from benchmarks.serving.workload import PRESETS, fixed_workload, poisson_schedule
 
 
@@ -77,7 +77,7 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
         warm_up(cluster.router_address, smoke=args.smoke)
         sampler = threading.Thread(target=sample, args=(time.time(),), daemon=True)
         sampler.start()
-        summary = measure_point(cluster.router_address, specs, offsets, kind, slos)
+        summary = measure_point(cluster.router_address, specs, offsets, kind, slos, 1 if args.smoke else DEFAULT_CLIENT_PROCESSES)
     finally:
         stop.set()
         cluster.stop()

@@ -42,7 +42,7 @@ from benchmarks.common import (
 )
 from benchmarks.serving.handoff import breakdown
 from benchmarks.serving.loadgen import client_capacity
-from benchmarks.serving.point import measure_point
+from benchmarks.serving.point import DEFAULT_CLIENT_PROCESSES, measure_point
 from benchmarks.serving.report import goodput_table, ms, plot, render
 from benchmarks.serving.workload import (
     PRESETS,
@@ -157,7 +157,8 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                 specs = make_workload("trace", args.trace_requests, args.seed, args)
                 offsets = [s.arrival_s for s in specs]
                 rate = len(specs) / max(offsets[-1], 1.0) / num_gpus  # the window's mean arrival rate
-                summary = measure_point(cluster.router_address, specs, offsets, f"{kind}-trace", slos)
+                summary = measure_point(cluster.router_address, specs, offsets, f"{kind}-trace", slos,
+                                        args.client_processes)
                 summary |= {"rate_per_gpu": rate, "run_id": f"{kind}-trace"}
                 points.append(summary)
                 if args.dashboard:
@@ -169,7 +170,7 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                     offsets = poisson_schedule(len(specs), rate * num_gpus, seed=args.seed + j,
                                                burstiness=args.burstiness)
                     run_id = f"{kind}-{workload}-{rate:g}"
-                    summary = measure_point(cluster.router_address, specs, offsets, run_id, slos)
+                    summary = measure_point(cluster.router_address, specs, offsets, run_id, slos, args.client_processes)
                     summary |= {"rate_per_gpu": rate, "run_id": run_id}
                     points.append(summary)
                     if args.dashboard:
@@ -301,6 +302,8 @@ def main() -> None:
                         help="max_running_requests of the workers that decode")
     parser.add_argument("--stream-writes-per-s", type=float, default=None,
                         help="the router's stream_writes_per_s (0: a write per token message; default: the router's)")
+    parser.add_argument("--client-processes", type=int, default=DEFAULT_CLIENT_PROCESSES,
+                        help="load-generator processes per point (--smoke: 1)")
     parser.add_argument("--dashboard", action="store_true",
                         help="serve the router's HTTP API with the planner recommending, and keep the dashboard's "
                              "JSON after every point (<stem>-dashboard.json.gz; render: benchmarks.dashboard_replay)")
@@ -309,7 +312,7 @@ def main() -> None:
     args.rates = {w: [float(x) for x in getattr(args, f"rates_{w.replace('-', '_')}").split(",")]
                   for w in ("prefill-heavy", "sharegpt", "decode-heavy")}
     if args.smoke:
-        args.num_requests, args.trace_requests = 8, 8
+        args.num_requests, args.trace_requests, args.client_processes = 8, 8, 1
         args.rates = {w: [1.0, 3.0] for w in args.rates}
         args.ttft_slo, args.tpot_slos = 1.0, "0.2,0.1"
     slos = [(args.ttft_slo, float(t)) for t in args.tpot_slos.split(",")]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from tqdm import tqdm
@@ -19,18 +19,22 @@ StreamFn = Callable[[int, RequestSpec], AsyncIterator[int]]
 
 
 async def run_schedule(stream: StreamFn, specs: list[RequestSpec], offsets: list[float] | None,
-                       concurrency: int | None = None, progress: bool = True, label: str = ""
+                       concurrency: int | None = None, progress: bool = True, label: str = "",
+                       indices: Sequence[int] | None = None, start_in_s: float = 0.0
                        ) -> tuple[list[RequestRecord], float, float]:
     """Run every request; returns (records, duration in s, wall-clock start time).
 
     ``offsets[i]``: when request ``i`` is due (s from the start); ``None`` with ``concurrency`` keeps that
-    many requests in flight. Times in the records are seconds from the start (monotonic clock).
+    many requests in flight. Times in the records are seconds from the start (monotonic clock), which is
+    ``start_in_s`` from now (negative: already past; what was due leaves at once and counts as lag).
+    ``indices[i]``: request ``i``'s index in the whole schedule (its record's and its stream's; default
+    ``i``), for one shard of a schedule run by several processes.
     """
     loop = asyncio.get_running_loop()
-    records = [RequestRecord(i, offsets[i] if offsets else 0.0, num_prompt_tokens=len(s.prompt_token_ids))
-               for i, s in enumerate(specs)]
+    records = [RequestRecord(indices[i] if indices is not None else i, offsets[i] if offsets else 0.0,
+                             num_prompt_tokens=len(s.prompt_token_ids)) for i, s in enumerate(specs)]
     bar = tqdm(total=len(specs), desc=label or "requests", unit="req", disable=not progress, leave=False)
-    start, wall_start = loop.time(), time.time()
+    start, wall_start = loop.time() + start_in_s, time.time() + start_in_s
 
     async def one(i: int) -> None:
         record = records[i]
@@ -42,7 +46,7 @@ async def run_schedule(stream: StreamFn, specs: list[RequestSpec], offsets: list
         if offsets is None:
             record.scheduled_s = record.sent_s
         try:
-            async for count in stream(i, specs[i]):
+            async for count in stream(record.index, specs[i]):
                 now = loop.time() - start
                 record.token_times.extend([now] * count)
         except Exception as exc:  # noqa: BLE001 (recorded per request)

@@ -1,11 +1,11 @@
 """One load point against a router: the schedule's requests streamed through the SDK, the workers' load
 sampled meanwhile, everything summarised.
 
-:func:`measure_point` runs it in a process of its own. The benchmarks start the cluster in-process, and
-the router's event loop runs on a thread of that process: a load generator on the same interpreter would
-share the router's GIL, and at thousands of streamed tokens a second each side's per-message work slows
-the other (a client is elsewhere in a deployment). :func:`run_point` is the coroutine itself (the CPU smoke
-test awaits it directly).
+:func:`measure_point` runs it in load-generator processes of their own. The benchmarks start the cluster
+in-process, and the router's event loop runs on a thread of that process: a load generator on the same
+interpreter would share the router's GIL, and at thousands of streamed tokens a second each side's
+per-message work slows the other (a client is elsewhere in a deployment). Several of them, because one
+asyncio client cannot read every stream of a busy cluster in time either.
 """
 
 from __future__ import annotations
@@ -22,58 +22,92 @@ from benchmarks.serving.loadgen import client_stream, run_schedule
 from benchmarks.serving.metrics import summarize
 from benchmarks.serving.workload import RequestSpec
 
-_CLIENT_PROCESS: concurrent.futures.ProcessPoolExecutor | None = None
+#: Load-generator processes per point (``--client-processes``): one asyncio client reading ~15k streamed
+#: tokens a second already takes most of a core on the H200 hosts, and a client behind adds its lag to
+#: every token's time.
+DEFAULT_CLIENT_PROCESSES = 4
+#: How far ahead of now the shards' common start is set (they start together on the wall clock).
+SHARD_START_S = 1.0
+#: The first point also waits for the load-generator processes to start and import the SDK.
+FIRST_SHARD_START_S = 8.0
+
+_CLIENT_POOL: concurrent.futures.ProcessPoolExecutor | None = None
+_CLIENT_POOL_SIZE = 0
+
+
+def _client_pool(processes: int) -> tuple[concurrent.futures.ProcessPoolExecutor, bool]:
+    """The load-generator processes (spawned once, reused for every point); True when new."""
+    global _CLIENT_POOL, _CLIENT_POOL_SIZE
+    if _CLIENT_POOL is not None and processes == _CLIENT_POOL_SIZE:
+        return _CLIENT_POOL, False
+    if _CLIENT_POOL is not None:
+        _CLIENT_POOL.shutdown()
+    _CLIENT_POOL = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    _CLIENT_POOL_SIZE = processes
+    atexit.register(_CLIENT_POOL.shutdown)  # before the interpreter tears its modules down
+    return _CLIENT_POOL, True
 
 
 def measure_point(address: str, specs: list[RequestSpec], offsets: list[float], run_id: str,
-                  slos: list[tuple[float, float]]) -> dict[str, Any]:
-    """:func:`run_point` in the load-generator process (spawned once, reused for every point). Adds
-    ``router_process_cores``: this process's CPU time over the point's wall time (and the run's
-    ``client_process_cores``, the load generator's)."""
-    global _CLIENT_PROCESS
-    if _CLIENT_PROCESS is None:
-        _CLIENT_PROCESS = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        atexit.register(_CLIENT_PROCESS.shutdown)  # before the interpreter tears its modules down
+                  slos: list[tuple[float, float]], client_processes: int = DEFAULT_CLIENT_PROCESSES
+                  ) -> dict[str, Any]:
+    """The point in ``client_processes`` load-generator processes, each with its own channel to the
+    router and every ``client_processes``-th request of the schedule, started together on the wall
+    clock; their records merged and summarised as one run (:func:`run_point` with one process). Adds
+    ``router_process_cores`` (this process's CPU time over the point's wall time) and
+    ``client_process_cores`` (the load generators' together)."""
+    shards = max(1, min(client_processes, len(specs)))
+    pool, new = _client_pool(shards)
     before, start = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-    summary = _CLIENT_PROCESS.submit(_run_point_blocking, address, specs, offsets, run_id, slos).result()
+    start_at = time.time() + (FIRST_SHARD_START_S if new else SHARD_START_S)
+    futures = [pool.submit(_run_shard, address, list(range(k, len(specs), shards)), specs, offsets, run_id,
+                           start_at, k == 0) for k in range(shards)]
+    parts = [f.result() for f in futures]
     after, seconds = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - start
+    records = sorted((r for part in parts for r in part["records"]), key=lambda r: r.index)
+    summary = summarize(records, max(p["duration_s"] for p in parts), slos)
+    summary["wall_start"] = start_at
+    summary["load_series"] = parts[0]["load_series"]
+    summary["loop_lag_max_ms"] = loop_lag_max_ms(summary["load_series"])
+    summary["records"] = [r.to_dict() for r in records]  # moved out of the summary file when written
     # the benchmarks run the router in this process (with the Ray driver): near 1.0 its one interpreter is
     # saturated, and requests wait in the router however idle the workers are
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     summary["router_process_cores"] = round(cpu / seconds, 2) if seconds > 0 else None
+    # near 1.0 per process, the load generators read the streams late, and every token's time includes that
+    summary["client_process_cores"] = round(sum(p["cpu_s"] for p in parts) / seconds, 2) if seconds > 0 else None
+    summary["client_processes"] = shards
     return summary
 
 
-def _run_point_blocking(address: str, specs: list[RequestSpec], offsets: list[float], run_id: str,
-                        slos: list[tuple[float, float]]) -> dict[str, Any]:
-    """:func:`run_point`, plus ``client_process_cores``: near 1.0 the load generator itself falls behind
-    reading the streams, and its clock adds that to every token's time."""
-    before, start = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-    summary = asyncio.run(run_point(address, specs, offsets, run_id, slos))
-    after, seconds = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - start
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    summary["client_process_cores"] = round(cpu / seconds, 2) if seconds > 0 else None
-    return summary
+def _run_shard(address: str, indices: list[int], specs: list[RequestSpec], offsets: list[float], run_id: str,
+               start_at: float, sample: bool) -> dict[str, Any]:
+    """One load generator's share of a point (the requests at ``indices``), starting at wall time
+    ``start_at``; ``sample``: also sample the workers' load meanwhile. Returns its records, duration, load
+    samples and CPU seconds."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    out = asyncio.run(_shard(address, indices, [specs[i] for i in indices], [offsets[i] for i in indices],
+                             run_id, start_at, sample))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    out["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return out
 
 
-async def run_point(address: str, specs: list[RequestSpec], offsets: list[float], run_id: str,
-                    slos: list[tuple[float, float]]) -> dict[str, Any]:
+async def _shard(address: str, indices: list[int], specs: list[RequestSpec], offsets: list[float], run_id: str,
+                 start_at: float, sample: bool) -> dict[str, Any]:
     from pdserve.client import AsyncClient
 
     async with AsyncClient(address, timeout=600) as client:
-        sampler = asyncio.create_task(sample_load(client))
+        sampler = asyncio.create_task(sample_load(client)) if sample else None
         try:
-            records, duration, wall_start = await run_schedule(client_stream(client, run_id), specs, offsets,
-                                                               label=run_id)
+            records, duration, _ = await run_schedule(client_stream(client, run_id), specs, offsets, label=run_id,
+                                                      indices=indices, start_in_s=start_at - time.time(),
+                                                      progress=sample)
         finally:
-            sampler.cancel()
-        load = await asyncio.gather(sampler, return_exceptions=True)
-    summary = summarize(records, duration, slos)
-    summary["wall_start"] = wall_start
-    summary["load_series"] = load[0] if isinstance(load[0], list) else []
-    summary["loop_lag_max_ms"] = loop_lag_max_ms(summary["load_series"])
-    summary["records"] = [r.to_dict() for r in records]  # moved out of the summary file when written
-    return summary
+            if sampler is not None:
+                sampler.cancel()
+        load = (await asyncio.gather(sampler, return_exceptions=True))[0] if sampler is not None else []
+    return {"records": records, "duration_s": duration, "load_series": load if isinstance(load, list) else []}
 
 
 LOAD_SAMPLE_S = 0.5

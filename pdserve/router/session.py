@@ -39,7 +39,7 @@ from pdserve.router.dispatch import Dispatcher
 from pdserve.router.errors import RequestTimeoutError, RouteError
 from pdserve.router.inflight import InFlightRequest, InFlightTable, RequestEvent, WorkerLost
 from pdserve.router.metrics import RouterMetrics
-from pdserve.rpc.convert import ResponseAssembler, merge_responses
+from pdserve.rpc.convert import ResponseAssembler
 from pdserve.v1 import common_pb2, pdserve_pb2, worker_pb2
 
 Emit = Callable[[pdserve_pb2.GenerateResponse], Awaitable[None]]
@@ -81,7 +81,7 @@ class RequestSession:
             if on_accepted is not None:
                 await on_accepted()
             while not worker_done:
-                pending: list[pdserve_pb2.GenerateResponse] = []  # sent as one response (see module)
+                pending: list[common_pb2.RequestDelta] = []  # sent as one response (see module)
                 if emit is not None:
                     await self._pace_writes(clock())
                 for event in await self._next_events():
@@ -89,17 +89,12 @@ class RequestSession:
                         await self._send(emit, pending)
                         await self._move(event)
                         continue
-                    if event.new_token_ids:
-                        self._observe_tokens(clock())
                     if event.finish_reason == common_pb2.FINISH_REASON_ERROR or event.error:
                         await self._send(emit, pending)
                         raise RouteError(_status_code(event.error_code),
                                          f"request {request.request_id} failed on worker {request.decode_worker}: "
                                          f"{event.error or 'unspecified worker error'}")
-                    pending.append(self._assembler.add_proto(event))
-                    request.tokens_sent += len(event.new_token_ids)
-                    if event.new_token_ids:
-                        self._last_token_write = clock()
+                    pending.append(event)
                     if event.finished:
                         worker_done = True
                         finish = common_pb2.FinishReason.Name(event.finish_reason).removeprefix("FINISH_REASON_").lower()
@@ -163,12 +158,20 @@ class RequestSession:
             self._metrics.token_gap(now - self._last_token_at)
         self._last_token_at = now
 
-    @staticmethod
-    async def _send(emit: Emit | None, pending: list[pdserve_pb2.GenerateResponse]) -> None:
-        """Emit the waiting responses as one, and forget them."""
-        if emit is not None and pending:
-            await emit(merge_responses(pending))
+    async def _send(self, emit: Emit | None, pending: list[common_pb2.RequestDelta]) -> None:
+        """Record the waiting deltas, emit them as one response, and forget them. Per call, not per delta:
+        the clock, the token metrics and the write (the router's per-token path)."""
+        if not pending:
+            return
+        response = self._assembler.add_protos(pending)
         pending.clear()
+        if response.token_ids:
+            now = asyncio.get_running_loop().time()
+            self._observe_tokens(now)
+            self._request.tokens_sent += len(response.token_ids)
+            self._last_token_write = now
+        if emit is not None:
+            await emit(response)
 
     async def _move(self, lost: WorkerLost) -> None:
         """Re-submit to another worker after ``lost``: from scratch if no token went out yet, else as a

@@ -269,32 +269,6 @@ def token_ids_from_proto(msg: common_pb2.TokenIds) -> list[int]:
 # ----------------------------------------------------------------------------------- GenerateResponse
 
 
-def merge_responses(responses: list[pdserve_pb2.GenerateResponse]) -> pdserve_pb2.GenerateResponse:
-    """One streaming response carrying ``responses`` in order (tokens, text and logprobs concatenated;
-    finish reason, stop reason and usage from the last that has them): what a stream sends when several
-    deltas of a request are waiting, as a client reading slower than tokens arrive gets them. The first
-    response is extended in place and returned. ``ValueError`` for an empty list."""
-    if not responses:
-        raise ValueError("merge_responses needs at least one response")
-    merged = responses[0]
-    if len(responses) == 1:
-        return merged
-    texts = [merged.text]
-    for response in responses[1:]:
-        merged.token_ids.extend(response.token_ids)
-        texts.append(response.text)
-        merged.logprobs.extend(response.logprobs)
-        if response.finish_reason:
-            merged.finish_reason = response.finish_reason
-        stop = response.WhichOneof("stop_reason")
-        if stop is not None:
-            setattr(merged, stop, getattr(response, stop))
-        if response.HasField("usage"):
-            merged.usage.CopyFrom(response.usage)
-    merged.text = "".join(texts)
-    return merged
-
-
 class ResponseAssembler:
     """Server side: turns one request's :class:`RequestDelta` stream into ``GenerateResponse`` messages.
 
@@ -342,27 +316,41 @@ class ResponseAssembler:
         return self.add_proto(delta_to_proto(delta))
 
     def add_proto(self, delta: common_pb2.RequestDelta) -> pdserve_pb2.GenerateResponse:
-        """:meth:`add` of a delta as it arrived from a worker: its fields are copied message to message,
-        with no Python objects in between (the router's per-token path)."""
-        if self._finished:
-            raise ValueError(f"request {delta.request_id!r}: a delta arrived after the request finished")
-        self._seen_id = self._seen_id or delta.request_id
-        self._token_ids.extend(delta.new_token_ids)
-        self._texts.append(delta.new_text)
-        self._logprobs.extend(delta.new_logprobs)
-        self._num_prompt_tokens = delta.num_prompt_tokens or self._num_prompt_tokens
-        self._num_cached_tokens = delta.num_cached_tokens or self._num_cached_tokens
-        response = pdserve_pb2.GenerateResponse(
-            request_id=self._request_id or delta.request_id, token_ids=delta.new_token_ids,
-            text=delta.new_text, logprobs=delta.new_logprobs)
-        if delta.finished:
-            self._finished = True
-            reason = finish_reason_from_proto(delta.finish_reason) or FinishReason.STOP  # finished implies a reason
-            self._finish_reason = reason
-            self._stop_reason = stop_reason_from_proto(delta)
-            response.finish_reason = finish_reason_to_proto(reason)
-            set_stop_reason(response, self._stop_reason)
-            response.usage.CopyFrom(usage_to_proto(self.usage))
+        """:meth:`add` of a delta as it arrived from a worker (see :meth:`add_protos`)."""
+        return self.add_protos((delta,))
+
+    def add_protos(self, deltas: Sequence[common_pb2.RequestDelta]) -> pdserve_pb2.GenerateResponse:
+        """Record ``deltas`` (in order, as they arrived from a worker) and return ONE streaming response
+        carrying them all: their tokens, text and logprobs concatenated, and the finish reason, stop
+        reason and usage if the last finishes the request. Fields are copied message to message with no
+        Python objects in between and one response per call, not per delta: the router's per-token path,
+        where several deltas of a stream that waited (paced writes, a slow client) leave as one write.
+        Raises ValueError for no deltas, or a delta after the finishing one."""
+        if not deltas:
+            raise ValueError("add_protos needs at least one delta")
+        response = pdserve_pb2.GenerateResponse(request_id=self._request_id or deltas[0].request_id)
+        texts = []
+        for delta in deltas:
+            if self._finished:
+                raise ValueError(f"request {delta.request_id!r}: a delta arrived after the request finished")
+            self._seen_id = self._seen_id or delta.request_id
+            self._token_ids.extend(delta.new_token_ids)
+            self._texts.append(delta.new_text)
+            self._logprobs.extend(delta.new_logprobs)
+            self._num_prompt_tokens = delta.num_prompt_tokens or self._num_prompt_tokens
+            self._num_cached_tokens = delta.num_cached_tokens or self._num_cached_tokens
+            response.token_ids.extend(delta.new_token_ids)
+            texts.append(delta.new_text)
+            response.logprobs.extend(delta.new_logprobs)
+            if delta.finished:
+                self._finished = True
+                reason = finish_reason_from_proto(delta.finish_reason) or FinishReason.STOP  # finished implies a reason
+                self._finish_reason = reason
+                self._stop_reason = stop_reason_from_proto(delta)
+                response.finish_reason = finish_reason_to_proto(reason)
+                set_stop_reason(response, self._stop_reason)
+                response.usage.CopyFrom(usage_to_proto(self.usage))
+        response.text = texts[0] if len(texts) == 1 else "".join(texts)
         return response
 
     def unary_response(self) -> pdserve_pb2.GenerateResponse:

@@ -15,12 +15,15 @@ def test_serving_benchmark_smoke(ray_session) -> None:
     try:
         specs = fixed_workload(6, input_len=40, output_len=8, seed=1, vocab=250)
         summary = measure_point(cluster.router_address, specs, poisson_schedule(6, 4.0, seed=1),
-                                "smoke", [(5.0, 1.0)])  # from a process of its own
+                                "smoke", [(5.0, 1.0)], client_processes=2)  # from processes of their own
         timings = {w.role: ray.get(w.actor.timings.remote()) for w in cluster.workers}
     finally:
         cluster.stop()
     assert summary["errors"] == 0 and summary["requests"] == 6
     assert all(r["num_output_tokens"] == 8 for r in summary["records"])
+    # two load generators ran every other request; one run again, in schedule order
+    assert summary["client_processes"] == 2 and [r["index"] for r in summary["records"]] == list(range(6))
+    assert summary["client_process_cores"] > 0
     assert summary["slo_attainment"]["ttft<=5000ms,tpot<=1000ms"] == 1.0
     assert summary["ttft_s"]["p50"] > 0 and summary["tpot_s"]["p50"] > 0
     assert summary["router_process_cores"] > 0  # this process runs the router, which relayed every token

@@ -99,11 +99,20 @@ def test_tokens_before_an_error_still_go_out_then_the_error() -> None:
     assert isinstance(answer, RouteError) and "prefill worker lost" in answer.message
 
 
-def test_merge_responses_keeps_order_and_the_last_finish() -> None:
+def test_several_deltas_leave_as_one_response_in_order_with_the_last_finish() -> None:
+    deltas = [_delta([5], "x"), _delta([], ""), _delta([6, 7], "yz", finished=True)]
     assembler = convert.ResponseAssembler("id")
-    deltas = [convert.delta_from_proto(_delta([5], "x")), convert.delta_from_proto(_delta([6, 7], "yz", finished=True))]
-    merged = convert.merge_responses([assembler.add(d) for d in deltas])
+    merged = assembler.add_protos(deltas)
     assert list(merged.token_ids) == [5, 6, 7] and merged.text == "xyz" and merged.usage.completion_tokens == 3
+    assert merged.request_id == "id" and merged.finish_reason == deltas[-1].finish_reason
     assert convert.completion_from_response(merged) == convert.completion_from_response(assembler.unary_response())
+    one_by_one = convert.ResponseAssembler("id")
+    singles = [one_by_one.add_proto(d) for d in deltas]  # the same stream, one response per delta
+    assert [t for r in singles for t in r.token_ids] == list(merged.token_ids)
+    assert one_by_one.unary_response() == assembler.unary_response()
+    unfinished = convert.ResponseAssembler("id").add_protos(deltas[:2])
+    assert not unfinished.finish_reason and not unfinished.HasField("usage")
     with pytest.raises(ValueError, match="at least one"):
-        convert.merge_responses([])
+        convert.ResponseAssembler("id").add_protos([])
+    with pytest.raises(ValueError, match="after the request finished"):
+        assembler.add_protos([_delta([8], "w")])

@@ -8,7 +8,13 @@ import statistics
 import pytest
 
 from benchmarks.serving.metrics import RequestRecord, attainment, goodput, summarize
-from benchmarks.serving.workload import TRACE_BLOCK, poisson_schedule, sharegpt_workload, trace_workload
+from benchmarks.serving.workload import (
+    TRACE_BLOCK,
+    RequestSpec,
+    poisson_schedule,
+    sharegpt_workload,
+    trace_workload,
+)
 
 
 def _record(sent: float, times: list[float], error: str | None = None) -> RequestRecord:
@@ -101,6 +107,27 @@ def test_client_keeps_its_schedule_without_a_server() -> None:
 
     result = asyncio.run(client_capacity(rate=200.0, n=200, output_len=8))
     assert result["p99_lag_s"] < 0.05
+
+
+def test_a_shard_of_a_schedule_keeps_global_indices_and_the_common_start() -> None:
+    import asyncio
+
+    from benchmarks.serving.loadgen import run_schedule
+
+    seen: list[int] = []
+
+    async def stream(i: int, spec: RequestSpec):  # noqa: ANN202 (an async generator)
+        seen.append(i)
+        for _ in range(spec.output_len):
+            yield 1
+
+    specs = [RequestSpec([1, 2], 3), RequestSpec([1, 2, 3], 2)]
+    records, duration, _ = asyncio.run(run_schedule(stream, specs, [0.0, 0.05], progress=False, indices=[4, 9],
+                                                    start_in_s=0.2))
+    assert [r.index for r in records] == [4, 9] and sorted(seen) == [4, 9]
+    assert [r.num_prompt_tokens for r in records] == [2, 3] and [len(r.token_times) for r in records] == [3, 2]
+    assert records[0].sent_s >= 0.0 and records[1].sent_s >= 0.05  # times count from the common start
+    assert duration < 0.2  # ... which was 0.2 s after the call: the wait is not part of the run
 
 
 def test_a_record_reads_back_what_it_wrote_and_the_apply_run_scores_phases() -> None:
