@@ -68,14 +68,15 @@ PREFILL_STEP_TOKENS = SLO_PREFILL_STEP_TOKENS
 def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float, float] = (250.0, 15.0),
                    kv_backend: str = "auto", budget_window: int = 0, defer_below: int = 0,
                    auto_prefill_step_tokens: int = PREFILL_STEP_TOKENS, num_gpus: int = 2,
-                   max_running: int = 256, stream_writes_per_s: float | None = None) -> dict[str, Any]:
+                   max_running: int = 256, stream_writes_per_s: float | None = None,
+                   router_processes: int = 1) -> dict[str, Any]:
     """The cluster of one configuration; ``slo_ms`` (TTFT, TPOT) for the SLO-aware ones; ``kv_backend``
     the KV transport between prefill and decode workers (auto: CUDA IPC on one host); ``budget_window``
     and ``defer_below`` the engines' ``step_budget_window`` and ``defer_chunks_below`` (SLO-aware
     configurations); ``auto_prefill_step_tokens`` the ``auto`` prefill pool's ``max_batch_tokens``;
     ``num_gpus`` the colocated configurations' workers (the disaggregated ones need 2);
     ``max_running`` the decoding workers' ``max_running_requests``; ``stream_writes_per_s`` the router's
-    (None: its default)."""
+    (None: its default); ``router_processes`` its ``processes``."""
     if kind in ("1p1d", "1p1d-overflow", "auto") and num_gpus != 2:
         raise ValueError(f"configuration {kind!r} runs one prefill and one decode worker: it needs --num-gpus 2")
     gpu = 0 if smoke else 1
@@ -87,6 +88,7 @@ def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float,
                               "router": {"grpc_port": 0, "request_timeout_s": 300}, "kv_transfer": {"timeout_s": 120, "backend": kv_backend}}
     if stream_writes_per_s is not None:
         config["router"]["stream_writes_per_s"] = stream_writes_per_s
+    config["router"]["processes"] = router_processes
     if kind in ("1p1d", "1p1d-overflow", "auto"):
         config |= {"mode": "disaggregated",
                    "prefill": {"replicas": 1, "gpus_per_worker": gpu, "max_batch_tokens": 8192},
@@ -140,7 +142,7 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
 
     config = cluster_config(kind, model_dir, args.smoke, (args.ttft_slo * 1e3, args.slo_tpot_ms), args.kv_backend,
                             args.budget_window, args.defer_below, args.auto_prefill_step_tokens, args.num_gpus,
-                            args.max_running, args.stream_writes_per_s)
+                            args.max_running, args.stream_writes_per_s, args.router_processes)
     if args.dashboard:  # the operator's view of the run: the dashboard's JSON after every point
         config["router"] |= {"http_port": 0, "planner_mode": "recommend", "planner_interval_s": 5.0}
     cluster = Cluster(cluster_config_from_dict(config))
@@ -302,6 +304,9 @@ def main() -> None:
                         help="max_running_requests of the workers that decode")
     parser.add_argument("--stream-writes-per-s", type=float, default=None,
                         help="the router's stream_writes_per_s (0: a write per token message; default: the router's)")
+    parser.add_argument("--router-processes", type=int, default=1,
+                        help="router.processes: router processes sharing the gRPC port (each load generator "
+                             "process is one connection, so use at least as many --client-processes)")
     parser.add_argument("--client-processes", type=int, default=DEFAULT_CLIENT_PROCESSES,
                         help="load-generator processes per point (--smoke: 1)")
     parser.add_argument("--dashboard", action="store_true",

@@ -77,7 +77,7 @@ def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
          "arrivals / e2e p50", "router process cores", "client process cores", "event-loop lag max ms"], rows),
         "`arrivals / e2e p50`: how many median request lifetimes the arrivals span; the lower, the less the "
         "point says about a sustained load (below ~1 nearly every request was in flight at once). `router "
-        "process cores`: CPU time of the process running the router (and the Ray driver) over the point's "
+        "process cores`: CPU time of the (first) router process (and the Ray driver) over the point's "
         "wall time; near 1 its interpreter is saturated. `client process cores`: the same for the load generator "
         "(near 1 it reads the streams late, and every token's time includes that).", "",
         f"Client capacity (no server): {json.dumps(payload['client_capacity'])}", ""]

@@ -1,4 +1,6 @@
-"""Start and stop a pdserve cluster on Ray: the worker pools as actors, the router in this process.
+"""Start and stop a pdserve cluster on Ray: the worker pools as actors, the router in this process (and
+``router.processes - 1`` more router processes as actors on this node, sharing its port: every change of
+the workers is made on all of them, see :mod:`pdserve.cluster.router_actor`).
 
 Lifecycle: ``Cluster(config)`` -> ``start()`` joins Ray (``address`` / ``RAY_ADDRESS``) or starts a
 local instance, creates every worker actor, waits for their gRPC addresses, then starts the router
@@ -27,9 +29,10 @@ from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from pdserve.cluster.config import ClusterConfig
+from pdserve.cluster.router_actor import RemoteRouterProcess
 from pdserve.cluster.worker_actor import RemoteWorkerActor
 from pdserve.router import Router, WorkerEndpoint, WorkerRole
 from pdserve.rpc.auth import CLUSTER_TOKEN_ENV
@@ -67,6 +70,7 @@ class Cluster:
         self._stopped = False
         self._stop_supervising = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._router_actors: list[Any] = []  # router processes past the first (router.processes)
 
     def __enter__(self) -> Cluster:
         self.start()
@@ -157,12 +161,11 @@ class Cluster:
             for (worker_id, actor), address, node in zip(actors, addresses, nodes):
                 self.workers.append(WorkerHandle(worker_id, role, address, actor))
                 endpoint = WorkerEndpoint(worker_id, WorkerRole(role), address, node)
-                asyncio.run_coroutine_threadsafe(self.router.add_worker(endpoint), self._loop).result(120)
+                self._on_routers("add_worker", endpoint, timeout=120)
                 changed.append(worker_id)
         for handle in sorted(current, key=lambda w: w.worker_id, reverse=True)[: max(0, len(current) - replicas)]:
             wait = (self.config.router.shutdown_grace_s if grace_s is None else grace_s) + 60
-            asyncio.run_coroutine_threadsafe(self.router.remove_worker(handle.worker_id, grace_s),
-                                             self._loop).result(wait)
+            self._on_routers("remove_worker", handle.worker_id, grace_s, timeout=wait)
             self.workers.remove(handle)
             try:
                 ray.get(handle.actor.stop.remote(), timeout=30)
@@ -190,7 +193,7 @@ class Cluster:
                              f"pools are {', '.join(self.config.roles)}, and it is a {handle.role} worker")
         started = time.perf_counter()
         wait = (self.config.router.shutdown_grace_s if grace_s is None else grace_s) + 60
-        asyncio.run_coroutine_threadsafe(self.router.remove_worker(worker_id, grace_s), self._loop).result(wait)
+        self._on_routers("remove_worker", worker_id, grace_s, timeout=wait)
         taken = {w.worker_id for w in self.workers}
         new_id = next(f"{role}-{i}" for i in itertools.count() if f"{role}-{i}" not in taken)
         node = ray.get(handle.actor.node_id.remote(), timeout=60)
@@ -199,12 +202,12 @@ class Cluster:
                     timeout=120)
         except Exception:
             old = WorkerEndpoint(worker_id, WorkerRole(handle.role), handle.address, node)  # back, as it was
-            asyncio.run_coroutine_threadsafe(self.router.add_worker(old), self._loop).result(120)
+            self._on_routers("add_worker", old, timeout=120)
             raise
         index = self.workers.index(handle)
         self.workers[index] = WorkerHandle(new_id, role, handle.address, handle.actor)
         endpoint = WorkerEndpoint(new_id, WorkerRole(role), handle.address, node)
-        asyncio.run_coroutine_threadsafe(self.router.add_worker(endpoint), self._loop).result(120)
+        self._on_routers("add_worker", endpoint, timeout=120)
         logger.info("worker %s is now %s (%.2f s, drain included)", worker_id, new_id, time.perf_counter() - started)
         return new_id
 
@@ -235,11 +238,37 @@ class Cluster:
         self.router.scaler = lambda role, replicas, grace_s: self.scale(role, replicas, grace_s=grace_s)
         self.router.role_switcher = lambda worker_id, role, grace_s: self.switch_role(worker_id, role, grace_s=grace_s)
         port = asyncio.run_coroutine_threadsafe(self.router.start(), self._loop).result(120)
+        self._start_router_processes(endpoints, port)
         host = cfg.router.host if cfg.router.host not in ("0.0.0.0", "::") else "127.0.0.1"
         self.router_address = format_address(host, port)
         http_port = self.router.http_port
         scheme = "https" if self.config.router.tls_cert_file else "http"
         self.http_url = f"{scheme}://{format_address(host, http_port)}" if http_port is not None else ""
+
+    def _start_router_processes(self, endpoints: list[WorkerEndpoint], port: int) -> None:
+        """``router.processes - 1`` more router processes on this node, on the first one's ``port``."""
+        cfg = self.config
+        if cfg.router.processes <= 1:
+            return
+        assert self.router is not None and self.router.admin_address is not None
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        env = {CLUSTER_TOKEN_ENV: os.environ[CLUSTER_TOKEN_ENV]}
+        for index in range(1, cfg.router.processes):
+            # no CPU reserved (as for the first router, in this process): the pools' CPUs stay theirs
+            actor = RemoteRouterProcess.options(num_cpus=0, scheduling_strategy=here, max_restarts=0,
+                                                runtime_env={"env_vars": env}).remote(index, self.log_level)
+            self._router_actors.append(actor)
+        ray.get([a.start.remote(cfg.router, cfg.model, cfg.mode, endpoints, port, self.router.admin_address)
+                 for a in self._router_actors], timeout=120)
+        logger.info("%d router processes share port %d", cfg.router.processes, port)
+
+    def _on_routers(self, method: str, *args: Any, timeout: float) -> list[Any]:
+        """Call ``method`` with ``args`` on every router process at once (the first on its loop, the others
+        through their actors); their results, the first process's first. Raises what any one raised."""
+        assert self.router is not None and self._loop is not None, "start() first"
+        refs = [getattr(actor, method).remote(*args) for actor in self._router_actors]
+        first = asyncio.run_coroutine_threadsafe(getattr(self.router, method)(*args), self._loop).result(timeout)
+        return [first, *ray.get(refs, timeout=timeout)]
 
     def _start_supervisor(self) -> None:
         self._supervisor = threading.Thread(target=self._supervise, name="pdserve-supervisor", daemon=True)
@@ -269,8 +298,7 @@ class Cluster:
                     continue
                 self.workers[index] = WorkerHandle(worker.worker_id, worker.role, address, worker.actor)
                 try:
-                    asyncio.run_coroutine_threadsafe(self.router.rebind_worker(worker.worker_id, address),
-                                                     self._loop).result(30)
+                    self._on_routers("rebind_worker", worker.worker_id, address, timeout=30)
                 except Exception:  # noqa: BLE001 (the router keeps probing it)
                     logger.exception("could not point the router at worker %s", worker.worker_id)
 
@@ -295,7 +323,7 @@ class Cluster:
         if self.router is None or self._loop is None:
             return True
         grace = self.config.router.shutdown_grace_s if grace_s is None else grace_s
-        return asyncio.run_coroutine_threadsafe(self.router.drain(grace), self._loop).result(grace + 30)
+        return all(self._on_routers("drain", grace, timeout=grace + 30))
 
     def stop(self, grace: float = 2.0) -> None:
         if self._stopped:
@@ -306,9 +334,11 @@ class Cluster:
             self._supervisor.join(10)
         if self.router is not None and self._loop is not None:
             try:
-                asyncio.run_coroutine_threadsafe(self.router.stop(grace), self._loop).result(grace + 30)
+                self._on_routers("stop", grace, timeout=grace + 30)
             except Exception:  # noqa: BLE001 (keep stopping the rest)
                 logger.exception("router stop failed")
+        for actor in self._router_actors:
+            ray.kill(actor)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self._loop_thread is not None:

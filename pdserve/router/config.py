@@ -78,6 +78,15 @@ class RouterConfig:
       step's tokens leave at once. 0: write every step's tokens
       at once (like SGLang's ``stream_interval`` 1). TPOT and end-to-end times are unchanged but for the
       last write's wait; the gaps between chunks grow to the interval.
+    * ``processes``: how many router processes serve the gRPC port, all sharing it (``SO_REUSEPORT``: the
+      kernel spreads client *connections* over them, so one client channel stays on one process). One
+      process relays on the order of 20k streamed tokens a second on an H200 host's CPU
+      (``benchmarks/router_stream.py``); a 2-GPU cluster of an 8B model decodes about twice that. The
+      cluster launcher runs the first process (the HTTP API, ``/metrics``, the dashboard, the planner)
+      and ``processes - 1`` more as Ray actors on its node, each with its own view of the workers'
+      load; ``ScalePool``/``SwitchRole`` reaching one of those is forwarded to the first. Each
+      process's ``ClusterStatus``, metrics and admission count its own requests. With more than one
+      process the planner must be ``off`` (it would see one process's share of the arrivals).
     * ``max_retries_before_first_token``: how many *other* workers a request may be re-submitted to when
       its worker turns out unavailable, as long as no token has reached the client yet.
     * ``max_stream_migrations``: how many times a stream whose decode worker was lost after tokens
@@ -134,6 +143,7 @@ class RouterConfig:
     http_port: int | None = None
     request_timeout_s: float = 60.0
     stream_writes_per_s: float = 10000.0
+    processes: int = 1
     max_retries_before_first_token: int = 2
     max_stream_migrations: int = 3
     no_worker_wait_s: float = 10.0
@@ -189,6 +199,10 @@ class RouterConfig:
             require_float("admission_max_ttft_s", self.admission_max_ttft_s, minimum=0.0, exclusive_minimum=True)
         if self.planner_mode not in PLANNER_MODES:
             raise ConfigError("planner_mode", f"must be one of {', '.join(PLANNER_MODES)}, got {self.planner_mode!r}")
+        require_int("processes", self.processes, minimum=1)
+        if self.processes > 1 and self.planner_mode != "off":
+            raise ConfigError("planner_mode", f"the planner sees one router process's arrivals; with processes="
+                                              f"{self.processes} set planner_mode: off (or processes: 1)")
         require_float("planner_interval_s", self.planner_interval_s, minimum=1.0)
         require_float("planner_window_s", self.planner_window_s, minimum=1.0, maximum=300.0)  # what the log keeps
         ApplyConfig(self.planner_dwell_s, self.planner_confirmations, self.planner_min_gain)  # validates them

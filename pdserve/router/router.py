@@ -40,6 +40,7 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.online_planner import OnlinePlanner
 from pdserve.router.prefill_policy import LeastQueuedPrefillPolicy, PrefillPolicy
 from pdserve.router.registry import WorkerRegistry
+from pdserve.router.router_processes import SHARED_PORT_OPTIONS, AdminForwarder, start_admin_server
 from pdserve.router.servicer import PdServeServicer
 from pdserve.router.telemetry import TelemetryPoller
 from pdserve.router.updates import UpdatesStream
@@ -63,7 +64,10 @@ class Router:
 
     def __init__(self, config: RouterConfig, *, model: str, mode: ServingMode | str,
                  workers: Sequence[WorkerEndpoint], decode_policy: DecodePolicy | None = None,
-                 prefill_policy: PrefillPolicy | None = None) -> None:
+                 prefill_policy: PrefillPolicy | None = None, admin_address: str | None = None) -> None:
+        """``admin_address``: this is one of several router processes (``config.processes``) but not the
+        one that manages the workers, whose private port that is: ``ScalePool``/``SwitchRole`` go there
+        (:mod:`pdserve.router.router_processes`)."""
         if not isinstance(model, str) or not model:
             raise ValueError("model must be a non-empty string")
         self.config = config
@@ -104,12 +108,23 @@ class Router:
         # likewise: (worker_id, new role, grace_s) -> its new id; serves the SwitchRole RPC and the
         # planner's apply mode
         self.role_switcher: Callable[[str, str, float | None], str] | None = None
+        if admin_address is not None:
+            forwarder = AdminForwarder(admin_address)
+            self.scaler, self.role_switcher = forwarder.scale, forwarder.switch
+        self._owns_workers = admin_address is None
+        self._admin_server: RunningServer | None = None  # the first of several processes: its private port
 
     @property
     def port(self) -> int:
         if self._server is None:
             raise RuntimeError("the router is not started")
         return self._server.port
+
+    @property
+    def admin_address(self) -> str | None:
+        """Where the other router processes forward ``ScalePool``/``SwitchRole`` (the first of several
+        processes only, once started; else None)."""
+        return f"127.0.0.1:{self._admin_server.port}" if self._admin_server is not None else None
 
     @property
     def http_port(self) -> int | None:
@@ -140,10 +155,15 @@ class Router:
                                        loop_lag=self.loop_lag, gc_pauses=self.gc_pauses)
             keys = ApiKeys.load(self.config.api_keys_file)
             tls = read_tls(self.config)
+            shared = self.config.processes > 1
             self._server = await start_server(
                 lambda server: pdserve_pb2_grpc.add_PdServeServicer_to_server(servicer, server),
                 self.config.host, self.config.port, service_names=[PDSERVE_SERVICE],
-                interceptors=[ApiKeyInterceptor(keys)] if keys.enabled else None, tls=tls)
+                interceptors=[ApiKeyInterceptor(keys)] if keys.enabled else None, tls=tls,
+                options=SHARED_PORT_OPTIONS if shared else None)
+            if shared and self._owns_workers:
+                self._admin_server = await start_admin_server(
+                    lambda server: pdserve_pb2_grpc.add_PdServeServicer_to_server(servicer, server))
             await self._update_health()
             self._tasks.append(asyncio.create_task(self._watch_health(), name="router-health"))
             self._tasks.append(asyncio.create_task(self.loop_lag.run(), name="router-loop-lag"))
@@ -163,6 +183,9 @@ class Router:
             if self._server is not None:
                 await self._server.stop(0)
                 self._server = None
+            if self._admin_server is not None:
+                await self._admin_server.stop(0)
+                self._admin_server = None
             await self._shutdown_background()
             raise
         for state in self.registry.all():
@@ -232,6 +255,9 @@ class Router:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self._admin_server is not None:
+            await self._admin_server.stop(0)
+            self._admin_server = None
         await asyncio.sleep(0)  # let cancelled handlers run their cleanup (which sends the aborts)
         await self.dispatcher.drain()
         await self._shutdown_background()

@@ -1,0 +1,57 @@
+"""Several router processes on one port (``router.processes``): the kernel spreads client connections
+over them, every one routes to the same workers and answers as the offline engine does, and an
+operator's action reaching any of them is carried out by the first."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from pdserve import SamplingParams
+from pdserve.client import Client
+from pdserve.router.router_processes import AdminForwarder
+from tests.e2e.cluster_support import offline, start_cluster
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+PROMPTS = [f"Router process story {i}:" for i in range(4)]
+#: connections opened one after another; all landing on one of two processes: p = 2 * 2**-24
+CONNECTIONS = 24
+
+
+def _ended(cluster) -> list[int]:  # noqa: ANN001
+    """Requests each router process saw end, the first process's first."""
+    first = len(cluster.router.metrics.log.ended_since(0.0))
+    return [first, *ray.get([a.requests_ended.remote() for a in cluster._router_actors], timeout=30)]
+
+
+def test_router_processes_share_the_port_and_the_workers(ray_session) -> None:
+    expected = offline(PROMPTS, GREEDY)
+    cluster = start_cluster("disaggregated", router={"grpc_port": 0, "request_timeout_s": 60, "processes": 2})
+    try:
+        outputs = []
+        for i in range(CONNECTIONS):  # a client each: a connection each
+            with Client(cluster.router_address, timeout=60) as client:
+                outputs.append(client.generate(PROMPTS[i % len(PROMPTS)], sampling_params=GREEDY).token_ids)
+        assert outputs == [expected[i % len(PROMPTS)] for i in range(CONNECTIONS)]
+        ended = _ended(cluster)
+        assert sum(ended) == CONNECTIONS and min(ended) > 0, ended  # both processes served connections
+
+        # the first process owns the workers; the others forward ScalePool there (its private port)
+        forwarder = AdminForwarder(cluster.router.admin_address)
+        assert forwarder.scale("decode", 2, None) == ["decode-1"]
+        with pytest.raises(ValueError, match="no colocated pool"):
+            forwarder.scale("colocated", 2, None)
+        before = {s["worker_id"]: s.get("remote_prefills", 0) for s in cluster.worker_stats()}
+        for i in range(CONNECTIONS):  # every process routes to the new worker too
+            with Client(cluster.router_address, timeout=60) as client:
+                assert client.generate(PROMPTS[0], sampling_params=GREEDY).token_ids == expected[0]
+        after = {s["worker_id"]: s.get("remote_prefills", 0) for s in cluster.worker_stats()}
+        assert after["decode-1"] > before.get("decode-1", 0)
+        with Client(cluster.router_address, timeout=120) as client:  # from whichever process: the same action
+            assert client.scale_pool("decode", 1) == ["decode-1"]
+        assert [w.worker_id for w in cluster.workers if w.role == "decode"] == ["decode-0"]
+        with Client(cluster.router_address, timeout=60) as client:
+            assert client.generate(PROMPTS[1], sampling_params=GREEDY).token_ids == expected[1]
+        assert cluster.drain(5.0)
+    finally:
+        cluster.stop()
