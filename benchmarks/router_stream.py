@@ -5,9 +5,9 @@
 Processes: two fake colocated workers (``tests.unit.test_router_fakes.FakeWorker``: a real gRPC server
 whose "engine" emits one token per running request every ``--step-ms``, as a decode step does), the
 router (this process: its own event loop on a thread, as the cluster launcher runs it, plus
-``router.processes - 1`` more on the same port, ``--router-processes``), and one async client keeping
-``--streams`` greedy streams of ``--max-tokens`` tokens open (a new one as each ends) over
-``--channels`` connections. Measured per setting: tokens per second at the client, the router
+``router.processes - 1`` more on the same port, ``--router-processes``), and ``--client-processes``
+async clients keeping ``--streams`` greedy streams of ``--max-tokens`` tokens open between them (a new
+one as each ends) over ``--channels`` connections. Measured per setting: tokens per second at the client, the router
 processes' CPU time per token (all of them), and the client's median time to first token. The workers
 are fakes so that only the router's work is counted; on a small machine all processes share its cores,
 so the rates are a lower bound and the CPU per token is the figure to compare.
@@ -64,7 +64,9 @@ def _serve_router(port: int, admin_address: str, addresses: list[str], writes_pe
     asyncio.run(main())
 
 
-def _drive(address: str, requests: int, streams: int, max_tokens: int, channels: int, queue: Any) -> None:
+def _drive(address: str, first: int, requests: int, streams: int, max_tokens: int, channels: int, queue: Any) -> None:
+    """A load generator: requests ``first`` .. ``first + requests - 1``, ``streams`` open at a time over
+    ``channels`` connections; puts (tokens, seconds, first-token times)."""
     from pdserve.client import AsyncClient
 
     async def main() -> None:
@@ -84,8 +86,8 @@ def _drive(address: str, requests: int, streams: int, max_tokens: int, channels:
                         tokens += len(chunk.token_ids)
                 first_token_s.append(first)
 
-        await asyncio.gather(*(one(i) for i in range(requests)))
-        queue.put((tokens, time.monotonic() - start, statistics.median(first_token_s)))
+        await asyncio.gather(*(one(i) for i in range(first, first + requests)))
+        queue.put((tokens, time.monotonic() - start, first_token_s))
         for client in clients:
             await client.close()
 
@@ -93,7 +95,7 @@ def _drive(address: str, requests: int, streams: int, max_tokens: int, channels:
 
 
 def measure(writes_per_s: float, streams: int, requests: int, max_tokens: int, step_s: float, processes: int = 1,
-            channels: int = 4) -> dict[str, Any]:
+            channels: int = 4, client_processes: int = 1) -> dict[str, Any]:
     from pdserve.router import Router, RouterConfig, WorkerEndpoint, WorkerRole
 
     ctx = multiprocessing.get_context("spawn")
@@ -118,14 +120,20 @@ def measure(writes_per_s: float, streams: int, requests: int, max_tokens: int, s
             followers[-1].start()
         for _ in followers:
             assert queue.get(timeout=60)[0] == "started"
-        client = ctx.Process(target=_drive, args=(f"127.0.0.1:{port}", requests, streams, max_tokens, channels, queue))
+        share, per = requests // client_processes, max(1, channels // client_processes)
+        clients = [ctx.Process(target=_drive, args=(f"127.0.0.1:{port}", k * share, share, streams // client_processes,
+                                                    max_tokens, per, queue)) for k in range(client_processes)]
         before = resource.getrusage(resource.RUSAGE_SELF)
-        client.start()
-        tokens, seconds, ttft = queue.get(timeout=900)
+        for client in clients:
+            client.start()
+        parts = [queue.get(timeout=900) for _ in clients]
         after = resource.getrusage(resource.RUSAGE_SELF)
         stop.set()
         follower_cpu = sum(queue.get(timeout=60)[1] for _ in followers)
-        client.join(30)
+        for client in clients:
+            client.join(30)
+        tokens, seconds = sum(p[0] for p in parts), max(p[1] for p in parts)
+        ttft = statistics.median(t for p in parts for t in p[2])
         asyncio.run_coroutine_threadsafe(router.stop(grace=1.0), loop).result(30)
     finally:
         stop.set()
@@ -148,13 +156,15 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=10.0, help="the fake workers' step time")
     parser.add_argument("--router-processes", default="1", help="router.processes settings")
     parser.add_argument("--channels", type=int, default=4, help="client connections (spread over the processes)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="load-generator processes (the streams and connections split among them)")
     args = parser.parse_args()
     rows = []
     for processes in (int(p) for p in args.router_processes.split(",")):
         for streams in (int(s) for s in args.streams.split(",")):
             for writes in (float(w) for w in args.writes_per_s.split(",")):
                 row = measure(writes, streams, 3 * streams, args.max_tokens, args.step_ms / 1e3, processes,
-                              args.channels)
+                              args.channels, args.client_processes)
                 print(row, flush=True)
                 rows.append(row)
     info = run_info()
@@ -162,8 +172,8 @@ def main() -> None:
     markdown = "\n".join([
         "# Router: cost per streamed token", "",
         f"{info.get('device', 'cpu')} · commit {info['commit']} · {info['date']}", "",
-        f"Two fake colocated workers (one token per running request every {args.step_ms:g} ms), the router, one "
-        f"client keeping the streams open ({args.max_tokens} tokens each, 3 x streams requests) over "
+        f"Two fake colocated workers (one token per running request every {args.step_ms:g} ms), the router, "
+        f"{args.client_processes} client process(es) keeping the streams open ({args.max_tokens} tokens each, 3 x streams requests) over "
         f"{args.channels} connections; router CPU counts every router process; all processes share the "
         "machine's cores.", "", markdown_table(columns, [[r[c] for c in columns] for r in rows]), ""])
     print(markdown)
