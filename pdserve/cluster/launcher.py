@@ -71,6 +71,7 @@ class Cluster:
         self._stop_supervising = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._router_actors: list[Any] = []  # router processes past the first (router.processes)
+        self._router_logs_after: list[float] = []  # per such process: the last log entry merged
 
     def __enter__(self) -> Cluster:
         self.start()
@@ -260,7 +261,22 @@ class Cluster:
             self._router_actors.append(actor)
         ray.get([a.start.remote(cfg.router, cfg.model, cfg.mode, endpoints, port, self.router.admin_address)
                  for a in self._router_actors], timeout=120)
+        self._router_logs_after = [0.0] * len(self._router_actors)
         logger.info("%d router processes share port %d", cfg.router.processes, port)
+
+    def _merge_router_logs(self) -> None:
+        """Copy what the other router processes logged since the last call into the first's request log
+        (its dashboard and its planner then count every request)."""
+        if not self._router_actors or self.router is None or self._loop is None:
+            return
+        parts = ray.get([a.log_after.remote(after) for a, after in zip(self._router_actors, self._router_logs_after)],
+                        timeout=10)
+        log = self.router.metrics.log
+        for i, (records, gaps) in enumerate(parts):
+            times = [r.ended_at for r in records] + [t for t, _ in gaps]
+            if times:
+                self._router_logs_after[i] = max(times)
+                self._loop.call_soon_threadsafe(log.merge, records, gaps)
 
     def _on_routers(self, method: str, *args: Any, timeout: float) -> list[Any]:
         """Call ``method`` with ``args`` on every router process at once (the first on its loop, the others
@@ -275,8 +291,13 @@ class Cluster:
         self._supervisor.start()
 
     def _supervise(self) -> None:
-        """Point the router at every worker that came back at a new address (see the module docstring)."""
+        """Point the router at every worker that came back at a new address (see the module docstring),
+        and merge the other router processes' request logs into the first's."""
         while not self._stop_supervising.wait(SUPERVISE_INTERVAL_S):
+            try:
+                self._merge_router_logs()
+            except Exception:  # noqa: BLE001 (a process stopping or slow: merged next round)
+                logger.debug("could not merge the router processes' request logs", exc_info=True)
             for worker in list(self.workers):
                 try:
                     address = ray.get(worker.actor.address.remote(), timeout=5)

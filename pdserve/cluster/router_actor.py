@@ -4,7 +4,8 @@ The launcher creates ``processes - 1`` of them on its own node (they bind the sa
 router, see :mod:`pdserve.router.router_processes`), starts each with the first process's bound port and
 private admin address, and from then on calls every router process alike: ``add_worker`` /
 ``remove_worker`` when pools are scaled or roles switched, ``rebind_worker`` when a worker restarted,
-``drain`` and ``stop`` at shutdown. An async actor: the router runs on the actor's event loop.
+``drain`` and ``stop`` at shutdown; and every second ``log_after``, whose records the launcher merges
+into the first process's request log (its dashboard and planner then see every process's requests). An async actor: the router runs on the actor's event loop.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import replace
 import ray
 
 from pdserve.router import Router, RouterConfig, WorkerEndpoint
+from pdserve.router.request_log import EndedRequest
 
 
 class RouterProcessActor:
@@ -52,6 +54,10 @@ class RouterProcessActor:
     async def stop(self, grace: float | None = 5.0) -> None:
         if self.router is not None:
             await self.router.stop(grace)
+
+    async def log_after(self, after: float) -> tuple[list[EndedRequest], list[tuple[float, float]]]:
+        """What this process's request log holds past ``after`` (the launcher merges it into the first's)."""
+        return self._started().metrics.log.after(after)
 
     async def requests_ended(self) -> int:
         """How many requests this process has seen end (in its metrics window): which process served what."""

@@ -85,8 +85,9 @@ class RouterConfig:
       cluster launcher runs the first process (the HTTP API, ``/metrics``, the dashboard, the planner)
       and ``processes - 1`` more as Ray actors on its node, each with its own view of the workers'
       load; ``ScalePool``/``SwitchRole`` reaching one of those is forwarded to the first. Each
-      process's ``ClusterStatus``, metrics and admission count its own requests. With more than one
-      process the planner must be ``off`` (it would see one process's share of the arrivals).
+      process's ``ClusterStatus``, Prometheus metrics and admission count its own requests; the
+      launcher copies the others' request logs into the first's every second, so its dashboard and its
+      planner see them all.
     * ``max_retries_before_first_token``: how many *other* workers a request may be re-submitted to when
       its worker turns out unavailable, as long as no token has reached the client yet.
     * ``max_stream_migrations``: how many times a stream whose decode worker was lost after tokens
@@ -200,9 +201,6 @@ class RouterConfig:
         if self.planner_mode not in PLANNER_MODES:
             raise ConfigError("planner_mode", f"must be one of {', '.join(PLANNER_MODES)}, got {self.planner_mode!r}")
         require_int("processes", self.processes, minimum=1)
-        if self.processes > 1 and self.planner_mode != "off":
-            raise ConfigError("planner_mode", f"the planner sees one router process's arrivals; with processes="
-                                              f"{self.processes} set planner_mode: off (or processes: 1)")
         require_float("planner_interval_s", self.planner_interval_s, minimum=1.0)
         require_float("planner_window_s", self.planner_window_s, minimum=1.0, maximum=300.0)  # what the log keeps
         ApplyConfig(self.planner_dwell_s, self.planner_confirmations, self.planner_min_gain)  # validates them

@@ -3,6 +3,11 @@ and load panels are computed from (the Prometheus histograms cannot give percent
 
 Bounded twice: records older than ``window_s`` are dropped as new ones arrive, and at most
 ``max_records`` are kept (and the latest ``max_gaps`` inter-token gaps: enough for percentiles). Written and read on the router's event loop only.
+
+With several router processes (``RouterConfig.processes``) the launcher copies what the others logged
+into the first one's log (:meth:`RequestLog.after`, :meth:`RequestLog.merge`), so its dashboard and its
+planner see every request; merged records may arrive out of time order, which the window queries
+(``ended_since``, ``gaps_since``) do not mind.
 """
 
 from __future__ import annotations
@@ -56,6 +61,17 @@ class RequestLog:
 
     def gaps_since(self, since: float) -> list[float]:
         return [g for t, g in self._gaps if t >= since]
+
+    def after(self, after: float) -> tuple[list[EndedRequest], list[tuple[float, float]]]:
+        """Records that ended, and gaps (``(time.time(), seconds)``) taken, strictly after ``after``."""
+        return ([r for r in self._records if r.ended_at > after], [g for g in self._gaps if g[0] > after])
+
+    def merge(self, records: list[EndedRequest], gaps: list[tuple[float, float]]) -> None:
+        """Add another router process's records and gaps (see the module)."""
+        self._records.extend(records)
+        self._gaps.extend(gaps)
+        if records:
+            self._trim(max(r.ended_at for r in records))
 
     def _trim(self, now: float) -> None:
         horizon = now - self.window_s

@@ -106,3 +106,21 @@ def test_planner_mode_is_validated() -> None:
         cluster_config_from_dict({"router": {"planner_mode": "recommend"}})
     config = cluster_config_from_dict({"router": {"planner_mode": "recommend"}, "slo": {"ttft_ms": 250, "tpot_ms": 20}})
     assert (config.router.planner_mode, config.router.tpot_slo_ms) == ("recommend", 20)
+
+
+def test_a_request_log_takes_another_process_log_once_and_keeps_its_window() -> None:
+    first, second = RequestLog(window_s=60.0), RequestLog(window_s=60.0)
+    now = 10_000.0
+    first.add(EndedRequest(now, 1.0, 10, 5, 0.1, "finished"))
+    second.add(EndedRequest(now - 2, 1.0, 10, 5, 0.1, "finished"))
+    second._gaps.append((now - 2, 0.02))
+    records, gaps = second.after(0.0)
+    first.merge(records, gaps)
+    assert len(first.ended_since(now - 10)) == 2 and first.gaps_since(now - 10) == [0.02]
+    last = max(r.ended_at for r in records)
+    assert second.after(last) == ([], [])  # what was taken is not taken again
+    second.add(EndedRequest(now + 1, 1.0, 10, 5, 0.1, "finished"))
+    records, _ = second.after(last)
+    assert [r.ended_at for r in records] == [now + 1]
+    first.merge([EndedRequest(now + 100, 1.0, 10, 5, 0.1, "finished")], [])  # the window moves with it
+    assert [r.ended_at for r in first.ended_since(0.0)] == [now + 100]

@@ -17,7 +17,6 @@ from pdserve.router.config import check_topology
     ({"request_timeout_s": 0}, "request_timeout_s"),
     ({"stream_writes_per_s": -1.0}, "stream_writes_per_s"),
     ({"processes": 0}, "processes"),
-    ({"processes": 2, "planner_mode": "recommend", "ttft_slo_ms": 250.0, "tpot_slo_ms": 15.0}, "planner_mode"),
     ({"max_inflight_requests": 0}, "max_inflight_requests"),
     ({"max_retries_before_first_token": -1}, "max_retries_before_first_token"),
     ({"max_stream_migrations": -1}, "max_stream_migrations"),
