@@ -20,13 +20,13 @@ StreamFn = Callable[[int, RequestSpec], AsyncIterator[int]]
 
 async def run_schedule(stream: StreamFn, specs: list[RequestSpec], offsets: list[float] | None,
                        concurrency: int | None = None, progress: bool = True, label: str = "",
-                       indices: Sequence[int] | None = None, start_in_s: float = 0.0
+                       indices: Sequence[int] | None = None, start_at: float | None = None
                        ) -> tuple[list[RequestRecord], float, float]:
     """Run every request; returns (records, duration in s, wall-clock start time).
 
     ``offsets[i]``: when request ``i`` is due (s from the start); ``None`` with ``concurrency`` keeps that
-    many requests in flight. Times in the records are seconds from the start (monotonic clock), which is
-    ``start_in_s`` from now (negative: already past; what was due leaves at once and counts as lag).
+    many requests in flight. Times in the records are seconds from the start (monotonic clock): now, or
+    the wall-clock time ``start_at`` (``time.time()``; past: what was due leaves at once and counts as lag).
     ``indices[i]``: request ``i``'s index in the whole schedule (its record's and its stream's; default
     ``i``), for one shard of a schedule run by several processes.
     """
@@ -34,7 +34,8 @@ async def run_schedule(stream: StreamFn, specs: list[RequestSpec], offsets: list
     records = [RequestRecord(indices[i] if indices is not None else i, offsets[i] if offsets else 0.0,
                              num_prompt_tokens=len(s.prompt_token_ids)) for i, s in enumerate(specs)]
     bar = tqdm(total=len(specs), desc=label or "requests", unit="req", disable=not progress, leave=False)
-    start, wall_start = loop.time() + start_in_s, time.time() + start_in_s
+    now, wall_now = loop.time(), time.time()  # one instant on both clocks
+    start, wall_start = (now, wall_now) if start_at is None else (now + start_at - wall_now, start_at)
 
     async def one(i: int) -> None:
         record = records[i]

@@ -101,7 +101,7 @@ async def _shard(address: str, indices: list[int], specs: list[RequestSpec], off
         sampler = asyncio.create_task(sample_load(client)) if sample else None
         try:
             records, duration, _ = await run_schedule(client_stream(client, run_id), specs, offsets, label=run_id,
-                                                      indices=indices, start_in_s=start_at - time.time(),
+                                                      indices=indices, start_at=start_at,
                                                       progress=sample)
         finally:
             if sampler is not None:

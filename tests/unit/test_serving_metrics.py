@@ -111,6 +111,7 @@ def test_client_keeps_its_schedule_without_a_server() -> None:
 
 def test_a_shard_of_a_schedule_keeps_global_indices_and_the_common_start() -> None:
     import asyncio
+    import time
 
     from benchmarks.serving.loadgen import run_schedule
 
@@ -122,8 +123,10 @@ def test_a_shard_of_a_schedule_keeps_global_indices_and_the_common_start() -> No
             yield 1
 
     specs = [RequestSpec([1, 2], 3), RequestSpec([1, 2, 3], 2)]
-    records, duration, _ = asyncio.run(run_schedule(stream, specs, [0.0, 0.05], progress=False, indices=[4, 9],
-                                                    start_in_s=0.2))
+    start_at = time.time() + 0.2
+    records, duration, wall_start = asyncio.run(run_schedule(stream, specs, [0.0, 0.05], progress=False,
+                                                             indices=[4, 9], start_at=start_at))
+    assert wall_start == start_at
     assert [r.index for r in records] == [4, 9] and sorted(seen) == [4, 9]
     assert [r.num_prompt_tokens for r in records] == [2, 3] and [len(r.token_times) for r in records] == [3, 2]
     assert records[0].sent_s >= 0.0 and records[1].sent_s >= 0.05  # times count from the common start
