@@ -136,36 +136,51 @@ def sharegpt_rows(profile: Profile, file: str, policy: dict[str, int]) -> tuple[
     return rows, grid_rows
 
 
-def decode_heavy_rows(profiles: dict[str, Profile], files: list[str]) -> list[list[Any]]:
-    """Per point of the colocated decode-heavy runs in ``files`` (``--num-gpus`` workers, their settings):
-    the measured attainment per SLO and TPOT p50 against the simulation of the point's exact requests,
-    once per profile in ``profiles``."""
+#: The fixed-length workloads the one-GPU comparison replays: name -> (prompt tokens, output tokens).
+FIXED_WORKLOADS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 1024)}
+
+
+def colocated_rows(profile: Profile, files: list[str]) -> list[list[Any]]:
+    """Per point of the colocated / colocated-slo runs in ``files`` on the fixed-length workloads
+    (``--num-gpus`` workers, their settings): the measured attainment per SLO and TPOT p50 against the
+    simulation of the point's exact requests, on ``profile`` alone and calibrated with the factors the
+    run's own workers reported (in sample; the profile alone where they reported none)."""
     from benchmarks.serving.workload import fixed_workload
 
     out: list[list[Any]] = []
     for file in files:
+        own = live_calibration([file])
+        profiles = {"profile": profile, "own": Profile(profile.model.calibrated(own), profile.kv_bytes_per_token,
+                                                       profile.transfer_bytes_per_s)}
         data = json.loads((RESULTS / file).read_text())
         settings = data["settings"]
         num_gpus, n = settings["num_gpus"], settings["num_requests"]
-        spec = WorkerSpec(max_batch_tokens=2048, max_running=settings.get("max_running", 256))
-        for j, point in enumerate(data["results"]["colocated"]["workloads"]["decode-heavy"]):
-            rate = point["rate_per_gpu"]
-            specs = fixed_workload(n, 128, 1024, settings["seed"] + j)
-            offsets = poisson_schedule(n, rate * num_gpus, seed=settings["seed"] + j, burstiness=settings["burstiness"])
-            requests = [SimRequest(t, len(s.prompt_token_ids), s.output_len) for s, t in zip(specs, offsets, strict=True)]
-            predicted: dict[str, list[Any]] = {}
-            for label, profile in profiles.items():
-                # fixed chunks, no step budget: the SLOs only score the one run
-                outcomes = simulation(profile, {"colocated": num_gpus}, ttft_slo_s=0.25, tpot_slo_s=SLOS[0][1],
-                                      colocated_spec=spec, spill=False).run(requests)
-                predicted[label] = [round(sum(o.meets(0.25, tpot) for o in outcomes) / len(outcomes), 3)
-                                    for _, tpot in SLOS]
-                tpots = sorted(o.tpot_s for o in outcomes if o.tpot_s is not None)
-                predicted[label].append(round(1e3 * tpots[len(tpots) // 2], 1) if tpots else None)
-            measured_row = [point["slo_attainment"][slo] for slo, _ in SLOS] + [round(1e3 * point["tpot_s"]["p50"], 1)]
-            out.append([file, f"{num_gpus} x colocated, {spec.max_running} slots", rate,
-                        " / ".join(f"{v}" for v in measured_row),
-                        *(" / ".join(f"{v}" for v in predicted[label]) for label in profiles)])
+        for config, result in data["results"].items():
+            budget_s = settings["slo_tpot_ms"] / 1e3 if config == "colocated-slo" else None
+            spec = WorkerSpec(max_batch_tokens=8192 if budget_s else 2048, max_running=settings.get("max_running", 256),
+                              step_budget_s=budget_s, ttft_slo_s=0.25 if budget_s else None)
+            for workload, (prompt, output) in FIXED_WORKLOADS.items():
+                for j, point in enumerate(result["workloads"].get(workload, [])):
+                    rate = point["rate_per_gpu"]
+                    specs = fixed_workload(n, prompt, output, settings["seed"] + j)
+                    offsets = poisson_schedule(n, rate * num_gpus, seed=settings["seed"] + j,
+                                               burstiness=settings["burstiness"])
+                    requests = [SimRequest(t, len(s.prompt_token_ids), s.output_len)
+                                for s, t in zip(specs, offsets, strict=True)]
+                    predicted = {}
+                    for label, profile in profiles.items():
+                        outcomes = simulation(profile, {"colocated": num_gpus}, ttft_slo_s=0.25,
+                                              tpot_slo_s=budget_s or SLOS[0][1], colocated_spec=spec,
+                                              spill=False).run(requests)
+                        tpots = sorted(o.tpot_s for o in outcomes if o.tpot_s is not None)
+                        predicted[label] = [round(sum(o.meets(0.25, tpot) for o in outcomes) / len(outcomes), 3)
+                                            for _, tpot in SLOS] + [round(1e3 * tpots[len(tpots) // 2], 1)]
+                    measured_row = ([point["slo_attainment"][slo] for slo, _ in SLOS]
+                                    + [round(1e3 * point["tpot_s"]["p50"], 1)])
+                    out.append([file, f"{num_gpus} x {config}, {spec.max_running} slots", workload, rate,
+                                ", ".join(f"{k.value} {v}" for k, v in own.items()) or "none",
+                                " / ".join(f"{v}" for v in measured_row),
+                                *(" / ".join(f"{v}" for v in predicted[label]) for label in profiles)])
     return out
 
 
@@ -213,8 +228,9 @@ def main() -> None:
                         "configurations it has): with calibration from other runs, an out-of-sample check")
     parser.add_argument("--sharegpt-measured", default=None, help="also score the ShareGPT-like points of this "
                         "run file (each point's exact request sequence, calibrated profile)")
-    parser.add_argument("--decode-heavy-measured", default=None, help="also compare the points of these colocated "
-                        "decode-heavy run files (comma-separated; e.g. the one-GPU runs serve-g1p1-h200.json)")
+    parser.add_argument("--colocated-measured", default=None, help="also compare the prefill-heavy and decode-heavy "
+                        "points of these colocated / colocated-slo run files (comma-separated; e.g. the one-GPU "
+                        "runs serve-g1p1-h200.json), each point's exact requests")
     parser.add_argument("--budget-window", type=int, default=0, help="simulate the engines' step_budget_window "
                         "(as the measured runs had it)")
     parser.add_argument("--defer-below", type=int, default=0, help="simulate the engines' defer_chunks_below")
@@ -265,11 +281,10 @@ def main() -> None:
         rows += extra
         for row in extra:
             print(row, flush=True)
-    decode_rows: list[list[Any]] = []
-    if args.decode_heavy_measured is not None:
-        decode_rows = decode_heavy_rows({"profile": profile, "calibrated": calibrated},
-                                        args.decode_heavy_measured.split(","))
-        for row in decode_rows:
+    colocated_table: list[list[Any]] = []
+    if args.colocated_measured is not None:
+        colocated_table = colocated_rows(profile, args.colocated_measured.split(","))
+        for row in colocated_table:
             print(row, flush=True)
     info = {**run_info(), "device": "NVIDIA H200", "num_gpus": 2,
             "computed_on": "CPU: a simulation, compared with runs measured on 2x NVIDIA H200"}
@@ -294,11 +309,13 @@ def main() -> None:
                                                         sharegpt_grid))
         payload["sharegpt_attainment_by_rate"] = [
             dict(zip(("config", "slo", "rate_per_gpu", "measured", "predicted", "error"), r)) for r in sharegpt_grid]
-    if decode_rows:
-        columns = ["run", "configuration", "rate/GPU", "measured", "predicted (profile)", "predicted (calibrated)"]
-        markdown += ("\n## Decode-heavy (128 in / 1,024 out), each point's exact requests: attainment at TPOT 25 / "
-                     "15 / 10 ms and TPOT p50 (ms)\n\n" + markdown_table(columns, decode_rows))
-        payload["decode_heavy"] = [dict(zip(columns, r)) for r in decode_rows]
+    if colocated_table:
+        columns = ["run", "configuration", "workload", "rate/GPU", "the run's own calibration", "measured",
+                   "predicted (profile)", "predicted (own calibration)"]
+        markdown += ("\n## Colocated runs, each point's exact requests: attainment at TPOT 25 / 15 / 10 ms and TPOT "
+                     "p50 (ms), on the profile alone and with the live calibration the run's own workers reported "
+                     "(in sample)\n\n" + markdown_table(columns, colocated_table))
+        payload["colocated"] = [dict(zip(columns, r)) for r in colocated_table]
     if args.measured is not None:
         header_note = (f"\n\nMeasured: {args.measured} only (calibration from {args.calibration_from}: "
                        "out of sample when those are other runs).\n")
