@@ -168,8 +168,8 @@ def colocated_rows(profile: Profile, files: list[str]) -> list[list[Any]]:
                     requests = [SimRequest(t, len(s.prompt_token_ids), s.output_len)
                                 for s, t in zip(specs, offsets, strict=True)]
                     predicted = {}
-                    for label, profile in profiles.items():
-                        outcomes = simulation(profile, {"colocated": num_gpus}, ttft_slo_s=0.25,
+                    for label, model in profiles.items():
+                        outcomes = simulation(model, {"colocated": num_gpus}, ttft_slo_s=0.25,
                                               tpot_slo_s=budget_s or SLOS[0][1], colocated_spec=spec,
                                               spill=False).run(requests)
                         tpots = sorted(o.tpot_s for o in outcomes if o.tpot_s is not None)
