@@ -1,6 +1,6 @@
 """Start and stop a pdserve cluster on Ray: the worker pools as actors, the router in this process (and
 ``router.processes - 1`` more router processes as actors on this node, sharing its port: every change of
-the workers is made on all of them, see :mod:`pdserve.cluster.router_actor`).
+the workers is made on all of them, see :mod:`pdserve.cluster.router_processes`).
 
 Lifecycle: ``Cluster(config)`` -> ``start()`` joins Ray (``address`` / ``RAY_ADDRESS``) or starts a
 local instance, creates every worker actor, waits for their gRPC addresses, then starts the router
@@ -29,10 +29,10 @@ from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pdserve.cluster.config import ClusterConfig
-from pdserve.cluster.router_actor import RemoteRouterProcess
+from pdserve.cluster.router_processes import ExtraRouterProcesses
 from pdserve.cluster.worker_actor import RemoteWorkerActor
 from pdserve.router import Router, WorkerEndpoint, WorkerRole
 from pdserve.rpc.auth import CLUSTER_TOKEN_ENV
@@ -70,8 +70,8 @@ class Cluster:
         self._stopped = False
         self._stop_supervising = threading.Event()
         self._supervisor: threading.Thread | None = None
-        self._router_actors: list[Any] = []  # router processes past the first (router.processes)
-        self._router_logs_after: list[float] = []  # per such process: the last log entry merged
+        # router processes past the first (router.processes)
+        self._extra_routers = ExtraRouterProcesses(config.router, config.model, config.mode, log_level)
 
     def __enter__(self) -> Cluster:
         self.start()
@@ -232,59 +232,31 @@ class Cluster:
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="pdserve-router", daemon=True)
         self._loop_thread.start()
-        nodes = self.worker_nodes()  # the router prefers a prefill worker on the decode worker's node
-        endpoints = [WorkerEndpoint(w.worker_id, WorkerRole(w.role), w.address, nodes[w.worker_id])
-                     for w in self.workers]
+        endpoints = self._endpoints()  # with nodes: the router prefers a prefill worker on the decode worker's
         self.router = Router(cfg.router, model=cfg.model, mode=cfg.mode, workers=endpoints)
         self.router.scaler = lambda role, replicas, grace_s: self.scale(role, replicas, grace_s=grace_s)
         self.router.role_switcher = lambda worker_id, role, grace_s: self.switch_role(worker_id, role, grace_s=grace_s)
         port = asyncio.run_coroutine_threadsafe(self.router.start(), self._loop).result(120)
-        self._start_router_processes(endpoints, port)
+        self._extra_routers.start(self.router, endpoints)
         host = cfg.router.host if cfg.router.host not in ("0.0.0.0", "::") else "127.0.0.1"
         self.router_address = format_address(host, port)
         http_port = self.router.http_port
         scheme = "https" if self.config.router.tls_cert_file else "http"
         self.http_url = f"{scheme}://{format_address(host, http_port)}" if http_port is not None else ""
 
-    def _start_router_processes(self, endpoints: list[WorkerEndpoint], port: int) -> None:
-        """``router.processes - 1`` more router processes on this node, on the first one's ``port``."""
-        cfg = self.config
-        if cfg.router.processes <= 1:
-            return
-        assert self.router is not None and self.router.admin_address is not None
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        env = {CLUSTER_TOKEN_ENV: os.environ[CLUSTER_TOKEN_ENV]}
-        for index in range(1, cfg.router.processes):
-            # no CPU reserved (as for the first router, in this process): the pools' CPUs stay theirs
-            actor = RemoteRouterProcess.options(num_cpus=0, scheduling_strategy=here, max_restarts=0,
-                                                runtime_env={"env_vars": env}).remote(index, self.log_level)
-            self._router_actors.append(actor)
-        ray.get([a.start.remote(cfg.router, cfg.model, cfg.mode, endpoints, port, self.router.admin_address)
-                 for a in self._router_actors], timeout=120)
-        self._router_logs_after = [0.0] * len(self._router_actors)
-        logger.info("%d router processes share port %d", cfg.router.processes, port)
-
-    def _merge_router_logs(self) -> None:
-        """Copy what the other router processes logged since the last call into the first's request log
-        (its dashboard and its planner then count every request)."""
-        if not self._router_actors or self.router is None or self._loop is None:
-            return
-        parts = ray.get([a.log_after.remote(after) for a, after in zip(self._router_actors, self._router_logs_after)],
-                        timeout=10)
-        log = self.router.metrics.log
-        for i, (records, gaps) in enumerate(parts):
-            times = [r.ended_at for r in records] + [t for t, _ in gaps]
-            if times:
-                self._router_logs_after[i] = max(times)
-                self._loop.call_soon_threadsafe(log.merge, records, gaps)
-
     def _on_routers(self, method: str, *args: Any, timeout: float) -> list[Any]:
         """Call ``method`` with ``args`` on every router process at once (the first on its loop, the others
-        through their actors); their results, the first process's first. Raises what any one raised."""
+        through their actors); the first's result, then those of the others that answered. Raises what the
+        first raised."""
         assert self.router is not None and self._loop is not None, "start() first"
-        refs = [getattr(actor, method).remote(*args) for actor in self._router_actors]
-        first = asyncio.run_coroutine_threadsafe(getattr(self.router, method)(*args), self._loop).result(timeout)
-        return [first, *ray.get(refs, timeout=timeout)]
+        future = asyncio.run_coroutine_threadsafe(getattr(self.router, method)(*args), self._loop)
+        others = self._extra_routers.call(method, *args, timeout_s=timeout)
+        return [future.result(timeout), *others]
+
+    def _endpoints(self) -> list[WorkerEndpoint]:
+        """The workers as the routers should see them now."""
+        nodes = self.worker_nodes()
+        return [WorkerEndpoint(w.worker_id, WorkerRole(w.role), w.address, nodes[w.worker_id]) for w in self.workers]
 
     def _start_supervisor(self) -> None:
         self._supervisor = threading.Thread(target=self._supervise, name="pdserve-supervisor", daemon=True)
@@ -294,10 +266,8 @@ class Cluster:
         """Point the router at every worker that came back at a new address (see the module docstring),
         and merge the other router processes' request logs into the first's."""
         while not self._stop_supervising.wait(SUPERVISE_INTERVAL_S):
-            try:
-                self._merge_router_logs()
-            except Exception:  # noqa: BLE001 (a process stopping or slow: merged next round)
-                logger.debug("could not merge the router processes' request logs", exc_info=True)
+            if self.router is not None and self._loop is not None:
+                self._extra_routers.supervise(self.router, self._loop, self._endpoints)
             for worker in list(self.workers):
                 try:
                     address = ray.get(worker.actor.address.remote(), timeout=5)
@@ -358,8 +328,7 @@ class Cluster:
                 self._on_routers("stop", grace, timeout=grace + 30)
             except Exception:  # noqa: BLE001 (keep stopping the rest)
                 logger.exception("router stop failed")
-        for actor in self._router_actors:
-            ray.kill(actor)
+        self._extra_routers.kill()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self._loop_thread is not None:

@@ -4,13 +4,16 @@ The launcher creates ``processes - 1`` of them on its own node (they bind the sa
 router, see :mod:`pdserve.router.router_processes`), starts each with the first process's bound port and
 private admin address, and from then on calls every router process alike: ``add_worker`` /
 ``remove_worker`` when pools are scaled or roles switched, ``rebind_worker`` when a worker restarted,
-``drain`` and ``stop`` at shutdown; and every second ``log_after``, whose records the launcher merges
-into the first process's request log (its dashboard and planner then see every process's requests). An async actor: the router runs on the actor's event loop.
+``drain`` and ``stop`` at shutdown; and every second ``started`` and ``log_after``, whose records the
+launcher merges into the first process's request log (its dashboard and planner then see every process's
+requests). Ray restarts a dead actor's process; the launcher then calls ``start`` again
+(:mod:`pdserve.cluster.router_processes`). An async actor: the router runs on the actor's event loop.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 
 import ray
@@ -33,6 +36,14 @@ class RouterProcessActor:
         self.router = Router(replace(config, port=port, http_port=None, planner_mode="off"), model=model, mode=mode,
                              workers=workers, admin_address=admin_address)
         return await self.router.start()
+
+    async def process_id(self) -> int:
+        """This actor's current process (a new one after Ray restarted it)."""
+        return os.getpid()
+
+    async def started(self) -> bool:
+        """Whether the router is serving (False in a process Ray restarted: the launcher starts it again)."""
+        return self.router is not None
 
     def _started(self) -> Router:
         if self.router is None:

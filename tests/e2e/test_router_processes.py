@@ -1,7 +1,7 @@
 """Several router processes on one port (``router.processes``): the kernel spreads client connections
 over them, every one routes to the same workers and answers as the offline engine does, the first's
-request log counts every process's requests, and an operator's action reaching any of them is carried
-out by the first."""
+request log counts every process's requests, an operator's action reaching any of them is carried
+out by the first, and one that dies comes back."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _logged(cluster, expected: int) -> tuple[int, int]:  # noqa: ANN001
     deadline = time.monotonic() + 10
     while len(cluster.router.metrics.log.ended_since(0.0)) < expected and time.monotonic() < deadline:
         time.sleep(0.2)
-    second = ray.get(cluster._router_actors[0].requests_ended.remote(), timeout=30)
+    second = ray.get(cluster._extra_routers.actors[0].requests_ended.remote(), timeout=30)
     return len(cluster.router.metrics.log.ended_since(0.0)), second
 
 
@@ -60,6 +60,27 @@ def test_router_processes_share_the_port_and_the_workers(ray_session) -> None:
         assert [w.worker_id for w in cluster.workers if w.role == "decode"] == ["decode-0"]
         with Client(cluster.router_address, timeout=60) as client:
             assert client.generate(PROMPTS[1], sampling_params=GREEDY).token_ids == expected[1]
+
+        # a router process that dies comes back (Ray restarts it, the supervisor starts its router over the
+        # workers as they are now) and takes connections again
+        second_process = cluster._extra_routers.actors[0]
+        dead_pid = ray.get(second_process.process_id.remote(), timeout=30)
+        ray.kill(second_process, no_restart=False)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if (ray.get(second_process.process_id.remote(), timeout=5) != dead_pid
+                        and ray.get(second_process.started.remote(), timeout=5)):
+                    break
+            except Exception:  # noqa: BLE001 (still restarting)
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the router process did not come back within 60 s")
+        for _ in range(CONNECTIONS):
+            with Client(cluster.router_address, timeout=60) as client:
+                assert client.generate(PROMPTS[2], sampling_params=GREEDY).token_ids == expected[2]
+        assert ray.get(second_process.requests_ended.remote(), timeout=30) > 0  # a fresh log: its new requests
         assert cluster.drain(5.0)
     finally:
         cluster.stop()
