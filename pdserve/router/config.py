@@ -80,14 +80,15 @@ class RouterConfig:
       last write's wait; the gaps between chunks grow to the interval.
     * ``processes``: how many router processes serve the gRPC port, all sharing it (``SO_REUSEPORT``: the
       kernel spreads client *connections* over them, so one client channel stays on one process). One
-      process relays on the order of 20k streamed tokens a second on an H200 host's CPU
-      (``benchmarks/router_stream.py``); a 2-GPU cluster of an 8B model decodes about twice that. The
+      process relayed ~38k streamed tokens a second on an H200 host's CPU, two ~64k
+      (``benchmarks/router_stream.py``, fake workers); one H200 decoding an 8B model streams up to ~25k. The
       cluster launcher runs the first process (the HTTP API, ``/metrics``, the dashboard, the planner)
       and ``processes - 1`` more as Ray actors on its node, each with its own view of the workers'
       load; ``ScalePool``/``SwitchRole`` reaching one of those is forwarded to the first. Each
       process's ``ClusterStatus``, Prometheus metrics and admission count its own requests; the
       launcher copies the others' request logs into the first's every second, so its dashboard and its
-      planner see them all.
+      planner see them all. Ray restarts a router process that died, and the launcher starts its router
+      again over the workers as they are then.
     * ``max_retries_before_first_token``: how many *other* workers a request may be re-submitted to when
       its worker turns out unavailable, as long as no token has reached the client yet.
     * ``max_stream_migrations``: how many times a stream whose decode worker was lost after tokens
