@@ -4,8 +4,8 @@ Lifecycle: :meth:`ExtraRouterProcesses.start` creates ``processes - 1`` :class:`
 the launcher's node (no CPU reserved, restarted by Ray when their process dies) and starts each on the
 first router's port -> :meth:`call` runs a router method on all of them (scaling, role switches, worker
 restarts, drain, stop) -> :meth:`supervise` (the launcher's supervisor, every second) merges their
-request logs into the first router's and starts the router again in any actor Ray restarted, over the
-workers as they are then -> :meth:`kill`.
+request logs and Prometheus samples into the first router's and starts the router again in any actor
+Ray restarted, over the workers as they are then -> :meth:`kill`.
 
 A process that fails a call is left to :meth:`supervise`: a restarted one gets a fresh router over the
 current workers, so it needs none of the changes it missed.
@@ -86,9 +86,11 @@ class ExtraRouterProcesses:
                     ray.get(self._start_one(actor, endpoints()), timeout=60)
                     continue  # a fresh log: what the dead process logged is lost
                 records, gaps = ray.get(actor.log_after.remote(self._logs_after[i]), timeout=10)
+                samples = ray.get(actor.metric_samples.remote(), timeout=10)
             except Exception:  # noqa: BLE001 (dead, restarting or slow: asked again next round)
                 logger.debug("router process %d did not answer", i + 1, exc_info=True)
                 continue
+            loop.call_soon_threadsafe(first.metrics.set_process_samples, i + 1, samples)
             times = [r.ended_at for r in records] + [t for t, _ in gaps]
             if times:
                 self._logs_after[i] = max(times)

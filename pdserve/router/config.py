@@ -85,9 +85,9 @@ class RouterConfig:
       cluster launcher runs the first process (the HTTP API, ``/metrics``, the dashboard, the planner)
       and ``processes - 1`` more as Ray actors on its node, each with its own view of the workers'
       load; ``ScalePool``/``SwitchRole`` reaching one of those is forwarded to the first. Each
-      process's ``ClusterStatus``, Prometheus metrics and admission count its own requests; the
-      launcher copies the others' request logs into the first's every second, so its dashboard and its
-      planner see them all. Ray restarts a router process that died, and the launcher starts its router
+      process's ``ClusterStatus`` and admission count its own requests; every second the launcher copies
+      the others' request logs and Prometheus samples into the first, so its dashboard, its planner
+      and its ``/metrics`` count them all. Ray restarts a router process that died, and the launcher starts its router
       again over the workers as they are then.
     * ``max_retries_before_first_token``: how many *other* workers a request may be re-submitted to when
       its worker turns out unavailable, as long as no token has reached the client yet.

@@ -50,6 +50,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pdserve.router.config import WorkerRole
+from pdserve.router.process_metrics import MergedCollector, Sample, own_samples
 from pdserve.router.registry import WorkerState
 from pdserve.router.request_log import EndedRequest, RequestLog
 
@@ -119,7 +120,12 @@ class RouterMetrics:
         self._workers: Callable[[], Iterable[WorkerState]] = list
         self._telemetry: Callable[[], Mapping[str, dict[str, Any]]] = dict
         self._planner: Callable[[], Mapping[str, Any] | None] = lambda: None
-        self.registry.register(_WorkerCollector(self))
+        # the exposition: this process's series (with the other router processes' added, when there are
+        # several: process_metrics.py) and the workers'
+        self._other_processes: dict[int, list[Sample]] = {}
+        self._exposition = CollectorRegistry(auto_describe=False)
+        self._exposition.register(MergedCollector(self.registry, self._other_processes.values))
+        self._exposition.register(_WorkerCollector(self))
 
     def attach(self, workers: Callable[[], Iterable[WorkerState]],
                telemetry: Callable[[], Mapping[str, dict[str, Any]]],
@@ -168,7 +174,16 @@ class RouterMetrics:
 
     def render(self, in_flight: int) -> str:
         self._in_flight.set(in_flight)
-        return generate_latest(self.registry).decode()
+        return generate_latest(self._exposition).decode()
+
+    def own_samples(self, in_flight: int) -> list[Sample]:
+        """This process's router series (not the workers'), for the first router process to add up."""
+        self._in_flight.set(in_flight)
+        return own_samples(self.registry)
+
+    def set_process_samples(self, index: int, samples: list[Sample]) -> None:
+        """The latest :meth:`own_samples` of router process ``index`` (> 0), added in at every scrape."""
+        self._other_processes[index] = samples
 
 
 #: Per-worker series from telemetry: (name, kind, help, path in the snapshot, extra label from the snapshot).

@@ -1,14 +1,16 @@
 """Several router processes on one port (``router.processes``): the kernel spreads client connections
 over them, every one routes to the same workers and answers as the offline engine does, the first's
-request log counts every process's requests, an operator's action reaching any of them is carried
+request log and ``/metrics`` count every process's requests, an operator's action reaching any of them is carried
 out by the first, and one that dies comes back."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve import SamplingParams
 from pdserve.client import Client
@@ -31,6 +33,19 @@ def _logged(cluster, expected: int) -> tuple[int, int]:  # noqa: ANN001
     return len(cluster.router.metrics.log.ended_since(0.0)), second
 
 
+def _successes_in_metrics(cluster, expected: int) -> float:  # noqa: ANN001
+    """``vllm:request_success_total`` (all reasons) in the first process's ``/metrics``, once it reaches
+    ``expected`` or 10 s passed (the other processes' samples are merged every second)."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = asyncio.run_coroutine_threadsafe(cluster.router.metrics_text(), cluster._loop).result(30)
+        total = sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                    if s.name == "vllm:request_success_total")
+        if total >= expected or time.monotonic() > deadline:
+            return total
+        time.sleep(0.2)
+
+
 def test_router_processes_share_the_port_and_the_workers(ray_session) -> None:
     expected = offline(PROMPTS, GREEDY)
     cluster = start_cluster("disaggregated", router={"grpc_port": 0, "request_timeout_s": 60, "processes": 2})
@@ -43,6 +58,7 @@ def test_router_processes_share_the_port_and_the_workers(ray_session) -> None:
         logged, second = _logged(cluster, CONNECTIONS)
         assert 0 < second < CONNECTIONS, second  # both processes served connections
         assert logged == CONNECTIONS  # ... and the first's log (its dashboard, its planner) counts them all
+        assert _successes_in_metrics(cluster, CONNECTIONS) == CONNECTIONS  # ... and so does its /metrics
 
         # the first process owns the workers; the others forward ScalePool there (its private port)
         forwarder = AdminForwarder(cluster.router.admin_address)

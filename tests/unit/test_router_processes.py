@@ -79,3 +79,32 @@ def test_one_process_does_not_share_its_port() -> None:
             await worker.stop()
 
     asyncio.run(main())
+
+
+def test_the_first_process_metrics_add_up_every_process() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pdserve.router.metrics import RouterMetrics
+
+    first, second = RouterMetrics("m"), RouterMetrics("m")
+    first.ended("finished", "stop", 1.0, 10, 5, 0.1)
+    second.ended("finished", "stop", 2.0, 20, 7, 0.2)
+    second.ended("finished", "length", 3.0, 30, 9, 0.3)  # a label set only the second process has
+    second.rejected("ttft")
+    first.set_process_samples(1, second.own_samples(in_flight=4))
+
+    def values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    merged = values(first.render(in_flight=3))
+    model = (("model_name", "m"),)
+    assert merged[("vllm:request_success_total", (("finished_reason", "stop"), *model))] == 2
+    assert merged[("vllm:request_success_total", (("finished_reason", "length"), *model))] == 1
+    assert merged[("vllm:generation_tokens_total", model)] == 21
+    assert merged[("vllm:e2e_request_latency_seconds_count", model)] == 3
+    assert merged[("vllm:e2e_request_latency_seconds_sum", model)] == 6.0
+    assert merged[("pdserve:requests_rejected_total", (*model, ("reason", "ttft")))] == 1
+    assert merged[("pdserve:requests_in_flight", model)] == 7
+    alone = values(RouterMetrics("m").render(in_flight=0))  # one process: its own figures only
+    assert alone[("vllm:e2e_request_latency_seconds_count", model)] == 0
