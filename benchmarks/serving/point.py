@@ -53,7 +53,7 @@ def measure_point(address: str, specs: list[RequestSpec], offsets: list[float], 
                   ) -> dict[str, Any]:
     """The point in ``client_processes`` load-generator processes, each with its own channel to the
     router and every ``client_processes``-th request of the schedule, started together on the wall
-    clock; their records merged and summarised as one run (:func:`run_point` with one process). Adds
+    clock; their records merged and summarised as one run (the load sampled by the first). Adds
     ``router_process_cores`` (this process's CPU time over the point's wall time) and
     ``client_process_cores`` (the load generators' together)."""
     shards = max(1, min(client_processes, len(specs)))
