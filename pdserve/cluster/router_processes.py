@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
@@ -24,9 +24,20 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pdserve.cluster.router_actor import RemoteRouterProcess
 from pdserve.router import Router, RouterConfig, WorkerEndpoint
-from pdserve.rpc.auth import CLUSTER_TOKEN_ENV
+from pdserve.rpc.auth import API_KEYS_ENV, CLUSTER_TOKEN_ENV
 
 logger = logging.getLogger(__name__)
+
+
+def process_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """What a router process needs from the launcher's environment: the cluster token, and the API keys
+    when they come from the environment (``PDSERVE_API_KEYS``): a process without them would serve the
+    shared port without asking for a key. Ray does not hand the launcher's environment to its actors
+    (their processes start from the Ray node's)."""
+    env = {CLUSTER_TOKEN_ENV: environ[CLUSTER_TOKEN_ENV]}
+    if environ.get(API_KEYS_ENV):
+        env[API_KEYS_ENV] = environ[API_KEYS_ENV]
+    return env
 
 
 class ExtraRouterProcesses:
@@ -47,7 +58,7 @@ class ExtraRouterProcesses:
         assert first.admin_address is not None, "the first router shares its port: it has an admin address"
         self._port, self._admin_address = first.port, first.admin_address
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        env = {CLUSTER_TOKEN_ENV: os.environ[CLUSTER_TOKEN_ENV]}
+        env = process_env(os.environ)
         for index in range(1, self._config.processes):
             # no CPU reserved (as for the first router, in the launcher's process): the pools' CPUs stay theirs
             self.actors.append(RemoteRouterProcess.options(

@@ -13,8 +13,10 @@ import ray
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve import SamplingParams
-from pdserve.client import Client
+from pdserve.client import Client, UnauthenticatedError
+from pdserve.cluster.router_processes import process_env
 from pdserve.router.router_processes import AdminForwarder
+from pdserve.rpc.auth import API_KEYS_ENV, CLUSTER_TOKEN_ENV
 from tests.e2e.cluster_support import offline, start_cluster
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -100,3 +102,24 @@ def test_router_processes_share_the_port_and_the_workers(ray_session) -> None:
         assert cluster.drain(5.0)
     finally:
         cluster.stop()
+
+
+def test_every_router_process_asks_for_the_api_key(ray_session, monkeypatch) -> None:  # noqa: ANN001
+    # the key is set after Ray started: only what the launcher hands its router processes reaches them
+    monkeypatch.setenv(API_KEYS_ENV, "process-key")
+    cluster = start_cluster("colocated", router={"grpc_port": 0, "request_timeout_s": 60, "processes": 2})
+    try:
+        for _ in range(CONNECTIONS // 2):  # both processes get some of these connections
+            with (Client(cluster.router_address, timeout=60, api_key="wrong") as client,
+                  pytest.raises(UnauthenticatedError)):
+                client.generate(PROMPTS[0], sampling_params=GREEDY)
+        with Client(cluster.router_address, timeout=60, api_key="process-key") as client:
+            assert client.generate(PROMPTS[0], sampling_params=GREEDY).token_ids
+    finally:
+        cluster.stop()
+
+
+def test_a_router_process_gets_the_token_and_the_keys_from_the_environment() -> None:
+    env = process_env({CLUSTER_TOKEN_ENV: "t", API_KEYS_ENV: "k1,k2", "HOME": "/root"})
+    assert env == {CLUSTER_TOKEN_ENV: "t", API_KEYS_ENV: "k1,k2"}
+    assert process_env({CLUSTER_TOKEN_ENV: "t"}) == {CLUSTER_TOKEN_ENV: "t"}
