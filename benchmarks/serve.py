@@ -4,7 +4,7 @@ workloads and seeds, in one invocation. Configurations:
 * ``1p1d``: 1 prefill + 1 decode worker; every prompt prefilled remotely.
 * ``1p1d-overflow``: the same plus the older conditional disaggregation (a prompt arriving while the
   prefill worker has ``OVERFLOW_TOKENS`` queued is prefilled whole by the decode worker).
-* ``colocated``: 2 workers (one per GPU of ``--num-gpus``), chunked prefill at a fixed 2048 tokens per step.
+* ``colocated``: one worker per GPU (``--num-gpus``, 2 by default), chunked prefill at a fixed 2048 tokens per step.
 * ``colocated-slo``: the same workers, whose steps are cut to the TPOT SLO (``slo.tpot_ms`` = ``--slo-tpot-ms``)
   by their step-time model, prompts in deadline order: the SLO-tuned colocated baseline.
 * ``auto``: 1P1D with the SLOs: TTFT-aware placement (a prompt the prefill pool would serve late is
