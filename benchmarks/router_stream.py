@@ -42,17 +42,25 @@ def _serve_worker(queue: Any, index: int, step_s: float) -> None:
     asyncio.run(main())
 
 
+def _router(addresses: list[str], writes_per_s: float, processes: int, port: int = 0,
+            admin_address: str | None = None) -> Any:
+    """A router over the fake workers at ``addresses`` (the first of ``processes``, or another on ``port``
+    forwarding to ``admin_address``)."""
+    from pdserve.router import Router, RouterConfig, WorkerEndpoint, WorkerRole
+
+    config = RouterConfig(host="127.0.0.1", port=port, request_timeout_s=600.0, stream_writes_per_s=writes_per_s,
+                          processes=processes)
+    endpoints = [WorkerEndpoint(f"colocated-{i}", WorkerRole.COLOCATED, a, "") for i, a in enumerate(addresses)]
+    return Router(config, model="fake-model", mode="colocated", workers=endpoints, admin_address=admin_address)
+
+
 def _serve_router(port: int, admin_address: str, addresses: list[str], writes_per_s: float, processes: int,
                   index: int, queue: Any, stop: Any) -> None:
     """One more router process on ``port`` (``router.processes``); puts ``(index, CPU seconds)`` when
     ``stop`` is set."""
-    from pdserve.router import Router, RouterConfig, WorkerEndpoint, WorkerRole
 
     async def main() -> None:
-        config = RouterConfig(host="127.0.0.1", port=port, request_timeout_s=600.0, stream_writes_per_s=writes_per_s,
-                              processes=processes)
-        endpoints = [WorkerEndpoint(f"colocated-{i}", WorkerRole.COLOCATED, a, "") for i, a in enumerate(addresses)]
-        router = Router(config, model="fake-model", mode="colocated", workers=endpoints, admin_address=admin_address)
+        router = _router(addresses, writes_per_s, processes, port, admin_address)
         await router.start()
         queue.put(("started", index))
         before = resource.getrusage(resource.RUSAGE_SELF)
@@ -96,7 +104,6 @@ def _drive(address: str, first: int, requests: int, streams: int, max_tokens: in
 
 def measure(writes_per_s: float, streams: int, requests: int, max_tokens: int, step_s: float, processes: int = 1,
             channels: int = 4, client_processes: int = 1) -> dict[str, Any]:
-    from pdserve.router import Router, RouterConfig, WorkerEndpoint, WorkerRole
 
     ctx = multiprocessing.get_context("spawn")
     queue, stop = ctx.Queue(), ctx.Event()
@@ -108,10 +115,7 @@ def measure(writes_per_s: float, streams: int, requests: int, max_tokens: int, s
     followers: list[Any] = []
     try:
         addresses = [address for _, address in sorted(queue.get(timeout=60) for _ in workers)]
-        config = RouterConfig(host="127.0.0.1", port=0, request_timeout_s=600.0, stream_writes_per_s=writes_per_s,
-                              processes=processes)
-        endpoints = [WorkerEndpoint(f"colocated-{i}", WorkerRole.COLOCATED, a, "") for i, a in enumerate(addresses)]
-        router = Router(config, model="fake-model", mode="colocated", workers=endpoints)
+        router = _router(addresses, writes_per_s, processes)
         port = asyncio.run_coroutine_threadsafe(router.start(), loop).result(60)
         for index in range(1, processes):
             followers.append(ctx.Process(target=_serve_router, args=(port, router.admin_address, addresses,

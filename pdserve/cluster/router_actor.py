@@ -4,9 +4,8 @@ The launcher creates ``processes - 1`` of them on its own node (they bind the sa
 router, see :mod:`pdserve.router.router_processes`), starts each with the first process's bound port and
 private admin address, and from then on calls every router process alike: ``add_worker`` /
 ``remove_worker`` when pools are scaled or roles switched, ``rebind_worker`` when a worker restarted,
-``drain`` and ``stop`` at shutdown; and every second ``started``, ``log_after`` and ``metric_samples``,
-which the launcher merges into the first process's request log (its dashboard and planner then see every
-process's requests) and ``/metrics``. Ray restarts a dead actor's process; the launcher then calls ``start`` again
+``drain`` and ``stop`` at shutdown; and every second ``report``, which the launcher merges into the first
+process's request log (its dashboard and planner then see every process's requests) and ``/metrics``. Ray restarts a dead actor's process; the launcher then calls ``start`` again
 (:mod:`pdserve.cluster.router_processes`). An async actor: the router runs on the actor's event loop.
 """
 
@@ -67,14 +66,15 @@ class RouterProcessActor:
         if self.router is not None:
             await self.router.stop(grace)
 
-    async def log_after(self, after: float) -> tuple[list[EndedRequest], list[tuple[float, float]]]:
-        """What this process's request log holds past ``after`` (the launcher merges it into the first's)."""
-        return self._started().metrics.log.after(after)
-
-    async def metric_samples(self) -> list[Sample]:
-        """This process's own Prometheus samples (the launcher hands them to the first process's ``/metrics``)."""
-        router = self._started()
-        return router.metrics.own_samples(len(router.table))
+    async def report(self, after: float) -> tuple[list[EndedRequest], list[tuple[float, float]], list[Sample]] | None:
+        """What the launcher merges into the first process every second, in one call: this process's request
+        log past ``after`` (records, gaps) and its own Prometheus samples; None while not started (a process
+        Ray restarted: the launcher starts it again)."""
+        router = self.router
+        if router is None:
+            return None
+        records, gaps = router.metrics.log.after(after)
+        return records, gaps, router.metrics.own_samples(len(router.table))
 
     async def requests_ended(self) -> int:
         """How many requests this process has seen end (in its metrics window): which process served what."""

@@ -91,16 +91,15 @@ class ExtraRouterProcesses:
         log = first.metrics.log
         for i, actor in enumerate(self.actors):
             try:
-                started = ray.get(actor.started.remote(), timeout=5)
-                if not started:
+                report = ray.get(actor.report.remote(self._logs_after[i]), timeout=10)
+                if report is None:
                     logger.warning("router process %d came back; starting its router again", i + 1)
                     ray.get(self._start_one(actor, endpoints()), timeout=60)
                     continue  # a fresh log: what the dead process logged is lost
-                records, gaps = ray.get(actor.log_after.remote(self._logs_after[i]), timeout=10)
-                samples = ray.get(actor.metric_samples.remote(), timeout=10)
             except Exception:  # noqa: BLE001 (dead, restarting or slow: asked again next round)
                 logger.debug("router process %d did not answer", i + 1, exc_info=True)
                 continue
+            records, gaps, samples = report
             loop.call_soon_threadsafe(first.metrics.set_process_samples, i + 1, samples)
             times = [r.ended_at for r in records] + [t for t, _ in gaps]
             if times:

@@ -65,7 +65,6 @@ class RequestSession:
         self._assembler = ResponseAssembler(request.request_id)
         self._started = 0.0  # when run() began (the event loop's clock)
         self._first_token_s: float | None = None  # run() start -> first token, once one arrived
-        self._last_token_at: float | None = None
 
     async def run(self, emit: Emit | None = None,
                   on_accepted: Callable[[], Awaitable[None]] | None = None) -> pdserve_pb2.GenerateResponse:
@@ -148,15 +147,15 @@ class RequestSession:
             await asyncio.sleep(wait)
 
     def _observe_tokens(self, now: float) -> None:
-        """Metrics: the first token's delay, or the gap since the previous tokens."""
+        """Metrics, before a write with tokens at ``now``: the first token's delay, or the gap since the
+        previous write with tokens."""
         if self._metrics is None:
             return
-        if self._last_token_at is None:
+        if self._last_token_write is None:
             self._first_token_s = now - self._started
             self._metrics.first_token(self._first_token_s)
         else:
-            self._metrics.token_gap(now - self._last_token_at)
-        self._last_token_at = now
+            self._metrics.token_gap(now - self._last_token_write)
 
     async def _send(self, emit: Emit | None, pending: list[common_pb2.RequestDelta]) -> None:
         """Record the waiting deltas, emit them as one response, and forget them. Per call, not per delta:
