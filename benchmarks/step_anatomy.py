@@ -222,6 +222,7 @@ def main() -> None:
     parser.add_argument("--max-running", type=int, default=512)
     parser.add_argument("--replay-per-kind", type=int, default=40)
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--tag", default="", help="results go to step_anatomy-TAG-<device>.*")
     args = parser.parse_args()
     smoke = args.preset == "tiny"
     cuda = torch.cuda.is_available()
@@ -234,7 +235,10 @@ def main() -> None:
                   step_time_budget_ms=15.0, ttft_slo_ms=250.0, enable_prefix_caching=False,
                   gpu_memory_utilization=0.9, num_kv_blocks=None if cuda else 2048)
         model = llm.engine.step_time
-        print("start-up model:", model.to_dict(), flush=True)
+        graphs = llm.engine.runner.graphs
+        graph_ms = {size: round(ms, 3) for size, ms in graphs.replay_ms.items()} if graphs is not None else {}
+        rerouted = graphs.rerouted if graphs is not None else {}
+        print("start-up model:", model.to_dict(), "\ngraph replays (ms):", graph_ms, "\nrerouted:", rerouted, flush=True)
         rows = anatomy(llm, model, profile_kernels=cuda)
         runs = [serve_live(llm, name, rate, args.num_requests if not smoke else 24, args.seed, smoke)
                 for name, rate in rates.items()]
@@ -261,11 +265,12 @@ def main() -> None:
                                          "replay_ms": round(s["replay_s"] * 1e3, 3),
                                          "model_ms": round(model.predict(shape_of(s["decodes"], s["chunks"])) * 1e3, 3)}
                                         for s in run["replayed"]]})
-    payload = {"preset": args.preset, "model": model.to_dict(), "refit": refit.to_dict(), "anatomy": rows, "live": live}
+    payload = {"preset": args.preset, "model": model.to_dict(), "refit": refit.to_dict(), "graph_replay_ms": graph_ms,
+               "graphs_rerouted": rerouted, "anatomy": rows, "live": live}
     markdown = render(info, payload)
     print(markdown)
     if cuda and not smoke:
-        print("wrote", *write_results("step_anatomy", info, payload, markdown))
+        print("wrote", *write_results("step_anatomy" + (f"-{args.tag}" if args.tag else ""), info, payload, markdown))
 
 
 def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
@@ -290,6 +295,8 @@ def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
                          run["calibration"].get(kind, "-"), run["device_busy_share"]])
     out.append(markdown_table(["workload", "req/s", "kind", "steps", "live/model p50 (p10-p90)", "replay/model",
                                "live/replay", "live/refit", "engine calibration", "device busy"], rows))
+    out.append(f"\nCUDA graphs a step skips for a faster larger one (size -> size): {payload['graphs_rerouted']}; "
+               f"replay on padding (ms): {payload['graph_replay_ms']}\n")
     out.append(f"\nStart-up model: `{payload['model']}`\n\nRefit (profile + replayed steps): `{payload['refit']}`\n")
     return "\n".join(out)
 

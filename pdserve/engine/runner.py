@@ -107,6 +107,7 @@ class ModelRunner:
         sizes = [s for s in capture_sizes(max_num_seqs, limit) if s <= self.inputs.max_tokens]
         self.graphs = StepGraphs(self.model, self.kv_caches, self.inputs, [self.graph_shape(s) for s in sizes])
         self.graphs.capture()
+        self.graphs.time_replays()
         return self.graphs.capture_seconds
 
     def graph_shape(self, num_tokens: int) -> LaunchShape:

@@ -42,11 +42,13 @@ def test_triton_engine_matches_transformers(reference, budget: int, num_sms: int
     assert max(o.num_cached_tokens for o in again) > 0
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_graph_shaped_steps_match_transformers(reference, async_scheduling: bool) -> None:
+@pytest.mark.parametrize(("async_scheduling", "larger"), [(False, False), (True, False), (True, True)])
+def test_graph_shaped_steps_match_transformers(reference, async_scheduling: bool, larger: bool) -> None:
     """Every step runs with the launch shape its CUDA graph would have (rows padded to the captured
     size, fixed decode and prefill grids reading live counts from the device): prefill-only, mixed and
-    decode steps still give transformers' tokens. (No CUDA graph on the CPU; the shapes are the point.)"""
+    decode steps still give transformers' tokens; also when each step takes the largest graph instead
+    (``larger``: a graph slower than a larger one is skipped, ``StepGraphs.time_replays``). (No CUDA
+    graph on the CPU; the shapes are the point.)"""
     from pdserve.engine.cuda_graphs import capture_sizes
 
     directory, prompts, expected = reference
@@ -59,7 +61,7 @@ def test_graph_shaped_steps_match_transformers(reference, async_scheduling: bool
     shapes = []
 
     def graph_shaped(counts):  # noqa: ANN001, ANN202
-        shape = runner.graph_shape(next(s for s in sizes if s >= counts.num_tokens))
+        shape = runner.graph_shape(sizes[-1] if larger else next(s for s in sizes if s >= counts.num_tokens))
         shapes.append((counts, shape))
         return shape
 
