@@ -103,13 +103,13 @@ def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
     stats = [[kind, s["worker_id"], s["role"], s.get("remote_prefills", ""), s["prompt_tokens_computed"],
               s.get("budget_cut_chunks", ""), s.get("deferred_chunks", ""), s.get("late_prompts", ""),
               (s.get("step_time_error") or {}).get("abs_error_p50", ""),
-              " / ".join(str(v) for v in ((s.get("step_time_error") or {}).get("calibration") or {}).values())]
+              " / ".join(f"{k} {v}" for k, v in ((s.get("step_time_error") or {}).get("calibration") or {}).items())]
              for kind, res in payload["results"].items() for s in res.get("worker_stats", [])]
     if stats:
         lines += ["## Workers at the end of each configuration (warm-up included)", "",
                   markdown_table(["config", "worker", "role", "prompts prefilled remotely", "prompt tokens computed",
                                   "chunks cut to the step budget", "chunks deferred", "prompts predicted late",
-                                  "step-time model error p50", "calibration decode / mixed / prefill"], stats)]
+                                  "step-time model error p50", "calibration by kind of step"], stats)]
     return "\n".join(lines)
 
 

@@ -36,12 +36,18 @@ def window_step_budget(slo_s: float, window: int, recent_s: Sequence[float]) -> 
 
 
 class StepKind(StrEnum):
-    """What a step is made of: decodes only, prefill chunks only, or both. Each kind has its own
-    calibration: their live times drift apart (a mixed step launches eager kernels between graph pieces
-    and pays host delays a replayed decode graph does not)."""
+    """What a step is made of: decodes only; decodes with fresh prompt chunks (``MIXED``); decodes with a
+    later chunk of a prompt, one that reads context computed by an earlier step (``CHUNKED``); or prompt
+    chunks only. Each kind has its own calibration, as the model misses each by its own factor. On an
+    H200 (``benchmarks.step_anatomy``) live mixed steps ran 1.03-1.07x the start-up model on both a
+    prefill-heavy and a decode-heavy load, and chunked steps 1.25x (their chunk's attention over 0.5-2k
+    tokens of context costs more than the linear form can price beside the rest of the grid). Under one
+    factor for both, a prefill-heavy load's calibration (1.23x) overpriced a decode-heavy load's mixed
+    steps by ~20%."""
 
     DECODE = "decode"
     MIXED = "mixed"
+    CHUNKED = "chunked"
     PREFILL = "prefill"
 
 
@@ -73,7 +79,9 @@ class StepShape:
     def kind(self) -> StepKind:
         if self.pairs == 0 and self.context_pairs == 0:
             return StepKind.DECODE
-        return StepKind.MIXED if self.decodes else StepKind.PREFILL
+        if not self.decodes:
+            return StepKind.PREFILL
+        return StepKind.CHUNKED if self.context_pairs else StepKind.MIXED
 
 
 @dataclass(frozen=True)

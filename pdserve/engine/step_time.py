@@ -80,23 +80,14 @@ def fit_step_time(samples: Sequence[tuple[StepShape, float]]) -> StepTimeModel:
 MANY_PROMPTS = ((128, 16), (256, 32), (512, 8))
 
 
-#: Later chunks of a long prompt (tokens, context) next to a few long decodes: how a colocated or decode
-#: worker prefills a prompt in budget-cut pieces. Without them the fit priced a chunk's context pairs at
-#: 2.1 ns (it only saw chunks of 256+ tokens at 1-4k context): live prefill-heavy mixed steps on an
-#: H200 ran 1.18x the model, and those steps replayed on the idle engine were just as slow
-#: (``benchmarks.step_anatomy``); a fit that saw them priced the pairs at 7.2 ns.
-SERVING_CHUNKS = ((64, 1984), (128, 1920), (384, 1536), (512, 1024), (896, 512))
-
-
 def profile_step_time(run: Callable[[int, int, int, int, int], float], *, max_tokens: int, max_decodes: int,
                       max_context: int, kv_capacity_tokens: int) -> tuple[StepTimeModel, list[dict]]:
     """Time a grid of synthetic steps with ``run(decodes, context, chunk_tokens, chunk_context, prompts) ->
     seconds`` (decodes each reading ``context`` tokens of KV, plus ``prompts`` prompt chunks of
     ``chunk_tokens`` each after ``chunk_context`` computed ones), fit the model, and return it with the
     samples. The grid: fresh prompts, steps of many short fresh prompts, decode batches, decodes with a
-    fresh chunk, later chunks of a prompt, decodes at a serving context with a later chunk (what a
-    worker that chunks prompts between decodes runs: :data:`SERVING_CHUNKS`), and a full decode batch
-    with one or two short fresh prompts; it stays inside the token budget, the batch size,
+    fresh chunk, later chunks of a prompt, and decodes at a serving context with a later chunk (what a
+    worker that chunks prompts between decodes runs); it stays inside the token budget, the batch size,
     the model length and the KV capacity."""
     chunks = sorted({c for c in (16, 64, 256, 1024, 2048, 4096) if c <= max_tokens} | {min(max_tokens, 8192)})
     decodes = sorted({d for d in (1, 16, 64, 128) if d <= max_decodes})
@@ -108,11 +99,8 @@ def profile_step_time(run: Callable[[int, int, int, int, int], float], *, max_to
     grid += [(d, ctx, c, 0, 1) for d, ctx, c in itertools.product(decodes[-1:], contexts[:1], chunks[1:3])]
     grid += [(0, 0, c, x, 1) for c, x in ((256, 1024), (256, 4096), (1024, 3072))]
     grid += [(min(64, max_decodes), 1024, c, x, 1) for c, x in ((256, 1024), (512, 2048))]
-    grid += [(min(8, max_decodes), 2048, c, x, 1) for c, x in SERVING_CHUNKS]
-    grid += [(256, 512, 128, 0, k) for k in (1, 2)]
-    grid = [(min(d, max_decodes - k), ctx, c, x, k) for d, ctx, c, x, k in grid if k <= max_decodes]  # sequences
     grid = [(d, ctx, c, x, k) for d, ctx, c, x, k in grid
-            if d + c * k <= max_tokens and x + c <= max_context and ctx < max_context
+            if d + c * k <= max_tokens and x + c <= max_context
             and d * (ctx + 1) + (c + x) * k <= kv_capacity_tokens // 2]
     samples, rows = [], []
     for d, ctx, c, x, k in grid:

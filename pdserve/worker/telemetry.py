@@ -7,7 +7,7 @@ Schema (counters run from the worker's start; the router turns them into Prometh
   ``queued_prefill_tokens``, ``preemptions``, ``prompt_tokens_computed``, ``prefix_cache_queries`` and
   ``prefix_cache_hits`` (tokens), ``steps``: ``{decode|mixed|prefill: {"count", "seconds"}}`` (device
   time of measured steps by kind), ``step_time_model`` (its fitted coefficients, or null),
-  ``step_time_calibration`` (``{decode|mixed|prefill: factor}``: measured over profiled, as the live
+  ``step_time_calibration`` (``{decode|mixed|chunked|prefill: factor}``: measured over profiled, as the live
   monitor last calibrated it) and ``kv_bytes_per_token`` (what the router's planner simulates with);
 * ``kv_transfer``: ``transport`` and the role's counters: a decode worker's ``received``,
   ``failures``, ``local_recomputes``, ``bytes`` and ``seconds`` (landing zone to every byte landed); a

@@ -122,7 +122,7 @@ def test_live_calibration_lowers_the_predicted_goodput() -> None:
     goodput = {r["config"]: r["goodput_per_gpu"] for r in raw["predictions"]}
     slowed = {r["config"]: r["goodput_per_gpu"] for r in slow["predictions"]}
     assert slowed["colocated x2"] < goodput["colocated x2"]
-    assert slow["calibration"] == {"decode": 1.0, "mixed": 1.5, "prefill": 1.0}
+    assert slow["calibration"] == {"decode": 1.0, "mixed": 1.5, "chunked": 1.0, "prefill": 1.0}
 
 
 def test_calibration_parsing_and_pooling() -> None:

@@ -158,16 +158,21 @@ def test_each_kind_of_step_is_calibrated_on_its_own() -> None:
     monitor = StepTimeMonitor(TRUE, recalibrate_every=8)
     decode = StepShape(0).plus_decode(1000).plus_decode(2000)
     mixed = decode.plus_chunk(300, 0)
+    chunked = decode.plus_chunk(300, 0).plus_chunk(400, 1200)  # a later chunk of a prompt: its own kind
     prefill = StepShape(0).plus_chunk(2048, 0)
-    assert (decode.kind, mixed.kind, prefill.kind) == (StepKind.DECODE, StepKind.MIXED, StepKind.PREFILL)
+    assert (decode.kind, mixed.kind, chunked.kind, prefill.kind) == (
+        StepKind.DECODE, StepKind.MIXED, StepKind.CHUNKED, StepKind.PREFILL)
+    assert StepShape(0).plus_chunk(400, 1200).kind is StepKind.PREFILL  # no decode: a prefill step
     for _ in range(16):
         monitor.record(decode, TRUE.predict(decode))
         monitor.record(mixed, TRUE.predict(mixed) * 1.9)
+        monitor.record(chunked, TRUE.predict(chunked) * 1.25)
         monitor.record(prefill, TRUE.predict(prefill) * 0.8)
     assert monitor.model.predict(decode) == pytest.approx(TRUE.predict(decode))
     assert monitor.model.predict(mixed) == pytest.approx(TRUE.predict(mixed) * 1.9)
+    assert monitor.model.predict(chunked) == pytest.approx(TRUE.predict(chunked) * 1.25)
     assert monitor.model.predict(prefill) == pytest.approx(TRUE.predict(prefill) * 0.8)
-    assert monitor.summary()["calibration"] == {"decode": 1.0, "mixed": 1.9, "prefill": 0.8}
+    assert monitor.summary()["calibration"] == {"decode": 1.0, "mixed": 1.9, "chunked": 1.25, "prefill": 0.8}
     assert StepTimeModel.from_dict(monitor.model.to_dict()) == TRUE  # a profile holds no calibration
 
 
