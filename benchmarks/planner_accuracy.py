@@ -143,15 +143,19 @@ FIXED_WORKLOADS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 1024)}
 def colocated_rows(profile: Profile, files: list[str]) -> list[list[Any]]:
     """Per point of the colocated / colocated-slo runs in ``files`` on the fixed-length workloads
     (``--num-gpus`` workers, their settings): the measured attainment per SLO and TPOT p50 against the
-    simulation of the point's exact requests, on ``profile`` alone and calibrated with the factors the
-    run's own workers reported (in sample; the profile alone where they reported none)."""
+    simulation of the point's exact requests, on ``profile`` alone, calibrated with the factors the
+    run's own workers reported (in sample; the profile alone where they reported none), and with those
+    of the other files' workers (out of sample: does a calibration learnt on one workload carry to
+    another?)."""
     from benchmarks.serving.workload import fixed_workload
 
     out: list[list[Any]] = []
     for file in files:
         own = live_calibration([file])
-        profiles = {"profile": profile, "own": Profile(profile.model.calibrated(own), profile.kv_bytes_per_token,
-                                                       profile.transfer_bytes_per_s)}
+        others = live_calibration([f for f in files if f != file]) if len(files) > 1 else {}
+        profiles = {label: Profile(profile.model.calibrated(factors), profile.kv_bytes_per_token,
+                                   profile.transfer_bytes_per_s)
+                    for label, factors in (("profile", {}), ("own", own), ("others", others))}
         data = json.loads((RESULTS / file).read_text())
         settings = data["settings"]
         num_gpus, n = settings["num_gpus"], settings["num_requests"]
@@ -311,10 +315,10 @@ def main() -> None:
             dict(zip(("config", "slo", "rate_per_gpu", "measured", "predicted", "error"), r)) for r in sharegpt_grid]
     if colocated_table:
         columns = ["run", "configuration", "workload", "rate/GPU", "the run's own calibration", "measured",
-                   "predicted (profile)", "predicted (own calibration)"]
+                   "predicted (profile)", "predicted (own calibration)", "predicted (other files' calibration)"]
         markdown += ("\n## Colocated runs, each point's exact requests: attainment at TPOT 25 / 15 / 10 ms and TPOT "
-                     "p50 (ms), on the profile alone and with the live calibration the run's own workers reported "
-                     "(in sample)\n\n" + markdown_table(columns, colocated_table))
+                     "p50 (ms), on the profile alone, with the live calibration the run's own workers reported "
+                     "(in sample) and with the other files' (out of sample)\n\n" + markdown_table(columns, colocated_table))
         payload["colocated"] = [dict(zip(columns, r)) for r in colocated_table]
     if args.measured is not None:
         header_note = (f"\n\nMeasured: {args.measured} only (calibration from {args.calibration_from}: "

@@ -46,6 +46,27 @@ def test_gpu_engine_float32_equals_cpu_reference(kind: str, async_scheduling: bo
     torch.cuda.empty_cache()
 
 
+def test_steps_that_replay_a_larger_graph_give_the_same_tokens(tmp_path) -> None:
+    """A step replays the fastest captured graph that holds it (timed at start-up), which may be a larger
+    one than the smallest fit: with every step routed to the largest graph the tokens stay the CPU
+    reference's."""
+    make_hf_model("llama31", tmp_path)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (3, 40, 90, 12, 61)]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    kwargs = dict(model=str(tmp_path), dtype="float32", max_model_len=512, max_num_seqs=8, num_kv_blocks=256,
+                  max_num_batched_tokens=64)
+    expected = [o.token_ids for o in LLM(device="cpu", attention_backend="torch", **kwargs).generate(
+        prompt_token_ids=prompts, sampling_params=params)]
+    gpu = LLM(device="cuda", **kwargs)
+    graphs = gpu.engine.runner.graphs
+    assert graphs is not None and set(graphs.replay_ms) == {s.num_tokens for s in graphs.shapes}
+    graphs._choice = [len(graphs.shapes) - 1] * len(graphs.shapes)
+    assert graphs.shape_for(1) is graphs.shapes[-1]
+    got = [o.token_ids for o in gpu.generate(prompt_token_ids=prompts, sampling_params=params)]
+    assert got == expected and gpu.engine.runner.num_graph_steps > 0
+
+
 def test_bf16_graphs_match_eager(tmp_path) -> None:
     make_hf_model("llama", tmp_path)
     prompts = [[i % 250 + 1 for i in range(n)] for n in (3, 40, 90)]
