@@ -109,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--configs", default="apply,auto,colocated-slo")
-    parser.add_argument("--phase-s", type=float, default=150.0)
+    parser.add_argument("--phase-s", type=float, default=None, help="seconds per phase (default 150; 30 with --smoke)")
     parser.add_argument("--rate-decode", type=float, default=2.0, help="decode-heavy requests/s per GPU")
     parser.add_argument("--rate-prefill", type=float, default=8.0, help="prefill-heavy requests/s per GPU")
     parser.add_argument("--slo-tpot-ms", type=float, default=15.0)
@@ -125,7 +125,8 @@ def main() -> None:
     if args.smoke:
         args.ttft_slo, args.tpot_slos, args.slo_tpot_ms = 2.0, "0.5", 500.0
         args.planner_interval_s, args.planner_window_s, args.planner_dwell_s = 2.0, 20.0, 4.0
-        args.phase_s = min(args.phase_s, 30.0)
+    if args.phase_s is None:
+        args.phase_s = 30.0 if args.smoke else 150.0
     slos = [(args.ttft_slo, float(t)) for t in args.tpot_slos.split(",")]
     specs, offsets, first = schedule(args)
     info = run_info()
