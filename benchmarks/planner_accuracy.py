@@ -31,7 +31,7 @@ from benchmarks.common import markdown_table, run_info, write_results
 from benchmarks.serving.metrics import goodput
 from benchmarks.serving.workload import TRACE_BLOCK, poisson_schedule, sharegpt_workload
 from benchmarks.serving.workload import trace_workload as serving_trace
-from pdserve.common.step_model import StepKind
+from pdserve.common.step_model import FIRST_CALIBRATION_STEPS, StepKind
 from pdserve.planner.plan import Profile, Workload, predict, simulation
 from pdserve.planner.simulate import SimRequest, WorkerSpec
 
@@ -140,7 +140,7 @@ def sharegpt_rows(profile: Profile, file: str, policy: dict[str, int]) -> tuple[
 FIXED_WORKLOADS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 1024)}
 
 
-def colocated_rows(profile: Profile, files: list[str]) -> list[list[Any]]:
+def colocated_rows(profile: Profile, files: list[str], statistic: str = "end") -> list[list[Any]]:
     """Per point of the colocated / colocated-slo runs in ``files`` on the fixed-length workloads
     (``--num-gpus`` workers, their settings): the measured attainment per SLO and TPOT p50 against the
     simulation of the point's exact requests, on ``profile`` alone, calibrated with the factors the
@@ -151,8 +151,8 @@ def colocated_rows(profile: Profile, files: list[str]) -> list[list[Any]]:
 
     out: list[list[Any]] = []
     for file in files:
-        own = live_calibration([file])
-        others = live_calibration([f for f in files if f != file]) if len(files) > 1 else {}
+        own = live_calibration([file], statistic)
+        others = live_calibration([f for f in files if f != file], statistic) if len(files) > 1 else {}
         profiles = {label: Profile(profile.model.calibrated(factors), profile.kv_bytes_per_token,
                                    profile.transfer_bytes_per_s)
                     for label, factors in (("profile", {}), ("own", own), ("others", others))}
@@ -188,13 +188,22 @@ def colocated_rows(profile: Profile, files: list[str]) -> list[list[Any]]:
     return out
 
 
-def live_calibration(files: list[str]) -> dict[StepKind, float]:
-    """Mean factor per kind over the workers of ``files`` that recalibrated it (factor != 1)."""
+def live_calibration(files: list[str], statistic: str = "end") -> dict[StepKind, float]:
+    """Mean factor per kind over the workers of ``files``: ``end``, the calibration each worker held at
+    the end of its run (where it recalibrated: factor != 1); ``run``, each worker's mean measured /
+    profiled ratio over the whole run (``run_ratio``, where it ran at least ``FIRST_CALIBRATION_STEPS``
+    steps of that kind; runs before 99da560 do not report it)."""
     factors: dict[StepKind, list[float]] = {k: [] for k in StepKind}
     for file in files:
         for config in json.loads((RESULTS / file).read_text())["results"].values():
             for worker in config.get("worker_stats", []):
-                for kind, factor in ((worker.get("step_time_error") or {}).get("calibration") or {}).items():
+                error = worker.get("step_time_error") or {}
+                if statistic == "run":
+                    for kind, (steps, ratio) in (error.get("run_ratio") or {}).items():
+                        if steps >= FIRST_CALIBRATION_STEPS:
+                            factors[StepKind(kind)].append(ratio)
+                    continue
+                for kind, factor in (error.get("calibration") or {}).items():
                     if factor != 1.0:
                         factors[StepKind(kind)].append(factor)
     return {k: round(statistics.mean(v), 3) for k, v in factors.items() if v}
@@ -239,6 +248,9 @@ def main() -> None:
                         "(as the measured runs had it)")
     parser.add_argument("--defer-below", type=int, default=0, help="simulate the engines' defer_chunks_below")
     parser.add_argument("--tag", default="", help="suffix of the result files (planner_accuracy-<tag>-...)")
+    parser.add_argument("--statistic", choices=("end", "run"), default="end",
+                        help="--colocated-measured: calibrate with each worker's factors at the end of its run "
+                        "(end) or its measured/profiled ratios over the whole run (run)")
     args = parser.parse_args()
     profile = Profile.load(args.profile)
     policy = {"budget_window": args.budget_window, "defer_below": args.defer_below}
@@ -287,7 +299,7 @@ def main() -> None:
             print(row, flush=True)
     colocated_table: list[list[Any]] = []
     if args.colocated_measured is not None:
-        colocated_table = colocated_rows(profile, args.colocated_measured.split(","))
+        colocated_table = colocated_rows(profile, args.colocated_measured.split(","), args.statistic)
         for row in colocated_table:
             print(row, flush=True)
     info = {**run_info(), "device": "NVIDIA H200", "num_gpus": 2,
@@ -318,7 +330,8 @@ def main() -> None:
                    "predicted (profile)", "predicted (own calibration)", "predicted (other files' calibration)"]
         markdown += ("\n## Colocated runs, each point's exact requests: attainment at TPOT 25 / 15 / 10 ms and TPOT "
                      "p50 (ms), on the profile alone, with the live calibration the run's own workers reported "
-                     "(in sample) and with the other files' (out of sample)\n\n" + markdown_table(columns, colocated_table))
+                     f"(in sample) and with the other files' (out of sample); factors: `--statistic {args.statistic}`\n\n"
+                     + markdown_table(columns, colocated_table))
         payload["colocated"] = [dict(zip(columns, r)) for r in colocated_table]
     if args.measured is not None:
         header_note = (f"\n\nMeasured: {args.measured} only (calibration from {args.calibration_from}: "

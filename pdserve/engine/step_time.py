@@ -130,6 +130,8 @@ class StepTimeMonitor:
     def __init__(self, model: StepTimeModel, window: int = 512, recalibrate_every: int = RECALIBRATE_EVERY_STEPS,
                  tolerance: float = 0.05, first_after: int = FIRST_CALIBRATION_STEPS) -> None:
         self.model = model
+        self._profiled = model.calibrated({})  # the start-up model, for the run-wide ratios
+        self._run_ratio: dict[StepKind, tuple[int, float]] = {}  # kind -> (steps, sum of measured / profiled)
         self._errors: deque[float] = deque(maxlen=window)  # every kind: what summary() reports
         self._ratios: dict[StepKind, deque[float]] = {kind: deque(maxlen=window) for kind in StepKind}
         self._since: dict[StepKind, int] = dict.fromkeys(StepKind, 0)
@@ -148,6 +150,10 @@ class StepTimeMonitor:
             return False
         kind = shape.kind
         predicted = self.model.predict(shape)
+        profiled = self._profiled.predict(shape)
+        if profiled > 0:
+            count, total = self._run_ratio.get(kind, (0, 0.0))
+            self._run_ratio[kind] = (count + 1, total + seconds / profiled)
         self._errors.append((predicted - seconds) / seconds)
         self._ratios[kind].append(seconds / predicted if predicted > 0 else 1.0)
         self.num_steps += 1
@@ -164,14 +170,24 @@ class StepTimeMonitor:
         self._errors.clear()
         return True
 
-    def summary(self) -> dict[str, float | int | None | dict[str, float]]:
-        """Median and 90th-percentile absolute relative error, the median signed error (bias), and the
-        calibration factor of each kind of step."""
+    def run_ratios(self) -> dict[StepKind, tuple[int, float]]:
+        """Per kind of step: how many steps were recorded and their mean measured / start-up-model ratio
+        over the whole run. The calibration follows the recent steps (what the scheduler needs); these
+        weigh every step of the run alike (what a plan of the same load needs: the factor at the end of a
+        run reflects its last few hundred steps of that kind)."""
+        return {kind: (count, total / count) for kind, (count, total) in self._run_ratio.items()}
+
+    def summary(self) -> dict[str, float | int | None | dict[str, float] | dict[str, list[float]]]:
+        """Median and 90th-percentile absolute relative error, the median signed error (bias), the
+        calibration factor of each kind of step, and the run-wide ratios (``run_ratio``: kind ->
+        ``[steps, mean ratio]``)."""
         calibration = {kind.value: round(self.model.factor(kind), 3) for kind in StepKind}
+        run_ratio = {kind.value: [count, round(ratio, 3)] for kind, (count, ratio) in self.run_ratios().items()}
         if not self._errors:
             return {"steps": self.num_steps, "abs_error_p50": None, "abs_error_p90": None, "bias_p50": None,
-                    "calibration": calibration}
+                    "calibration": calibration, "run_ratio": run_ratio}
         absolute = sorted(abs(e) for e in self._errors)
         return {"steps": self.num_steps, "abs_error_p50": round(statistics.median(absolute), 3),
                 "abs_error_p90": round(absolute[int(0.9 * (len(absolute) - 1))], 3),
-                "bias_p50": round(statistics.median(self._errors), 3), "calibration": calibration}
+                "bias_p50": round(statistics.median(self._errors), 3), "calibration": calibration,
+                "run_ratio": run_ratio}

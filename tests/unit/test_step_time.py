@@ -131,6 +131,16 @@ def test_profile_step_time_times_a_grid_inside_the_limits() -> None:
     assert model.prefill_tokens_per_s(512) > 0
 
 
+def test_run_ratio_weighs_the_whole_run_while_the_calibration_follows_the_last_steps() -> None:
+    monitor = StepTimeMonitor(TRUE, window=8, recalibrate_every=8)
+    decode = StepShape(0).plus_decode(1000)
+    for factor in [1.2] * 48 + [1.5] * 16:  # the load changed near the end
+        monitor.record(decode, TRUE.predict(decode) * factor)
+    assert monitor.calibration(StepKind.DECODE) == pytest.approx(1.5)
+    steps, ratio = monitor.run_ratios()[StepKind.DECODE]
+    assert steps == 64 and ratio == pytest.approx((48 * 1.2 + 16 * 1.5) / 64)
+
+
 def test_monitor_reports_the_model_error() -> None:
     monitor = StepTimeMonitor(TRUE)
     assert monitor.summary()["steps"] == 0
@@ -173,6 +183,8 @@ def test_each_kind_of_step_is_calibrated_on_its_own() -> None:
     assert monitor.model.predict(chunked) == pytest.approx(TRUE.predict(chunked) * 1.25)
     assert monitor.model.predict(prefill) == pytest.approx(TRUE.predict(prefill) * 0.8)
     assert monitor.summary()["calibration"] == {"decode": 1.0, "mixed": 1.9, "chunked": 1.25, "prefill": 0.8}
+    assert monitor.summary()["run_ratio"] == {"decode": [16, 1.0], "mixed": [16, 1.9], "chunked": [16, 1.25],
+                                              "prefill": [16, 0.8]}
     assert StepTimeModel.from_dict(monitor.model.to_dict()) == TRUE  # a profile holds no calibration
 
 
