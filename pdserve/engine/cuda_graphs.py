@@ -54,8 +54,9 @@ def capture_sizes(max_num_seqs: int, max_tokens: int) -> list[int]:
 
 def fastest_covering(times: list[float], margin: float) -> list[int]:
     """For graphs ordered by size with replay ``times``: the index of the graph each one's steps should
-    replay -- itself, or the fastest larger one when that is more than ``margin`` (a share) faster than
-    every graph between them."""
+    replay. From the largest down, a graph is the best for its size and every smaller one until a smaller
+    graph comes within ``margin`` (a share) of it; so a size keeps its own graph unless a larger one
+    replays more than ``margin`` faster."""
     choice = list(range(len(times)))
     best = len(times) - 1
     for i in range(len(times) - 1, -1, -1):
