@@ -5,7 +5,7 @@ Schema (counters run from the worker's start; the router turns them into Prometh
 * ``worker_id``, ``role``, ``model``;
 * ``engine``: ``running_requests``, ``waiting_requests``, ``kv_usage`` (0-1), ``num_kv_blocks``,
   ``queued_prefill_tokens``, ``preemptions``, ``prompt_tokens_computed``, ``prefix_cache_queries`` and
-  ``prefix_cache_hits`` (tokens), ``steps``: ``{decode|mixed|prefill: {"count", "seconds"}}`` (device
+  ``prefix_cache_hits`` (tokens), ``steps``: ``{decode|mixed|chunked|prefill: {"count", "seconds"}}`` (device
   time of measured steps by kind), ``step_time_model`` (its fitted coefficients, or null),
   ``step_time_calibration`` (``{decode|mixed|chunked|prefill: factor}``: measured over profiled, as the live
   monitor last calibrated it) and ``kv_bytes_per_token`` (what the router's planner simulates with);
