@@ -181,7 +181,7 @@ class ReceiverCore(KVReceiver):
         """Under the lock: count a LAYER part (its bytes land right after) toward its transfer if that is
         live and the part fits it; ``None`` (dropped, or the transfer failed) otherwise. The caller
         writes ``handle.block_ids[start:start + num_blocks]`` and then sets ``last_write``, or calls
-        :meth:`writes_posted`, before it releases the lock."""
+        :meth:`writes_posted`, before it releases the lock. Wakes no waiter unless the transfer ends."""
         record = self._records.get(header.transfer_id)
         if record is None or self._closed:
             self.discarded_messages += 1
@@ -200,8 +200,11 @@ class ReceiverCore(KVReceiver):
             return None
         record.coverage[header.layer] |= ((1 << header.num_blocks) - 1) << header.start
         record.num_messages += 1
+        # no notify: nothing waits for a part (``wait`` and the completion thread wait for FINISH, a
+        # deadline, a fence or a terminal state; ``_end`` notifies those). Notifying per part woke the
+        # completion thread once per part on CPU (gloo lands part by part), each time for nothing and
+        # competing for the interpreter with the landing thread: 32 wake-ups per 32-layer plan
         handle.state = TransferState.IN_PROGRESS
-        self._cond.notify_all()
         return record
 
     def writes_posted(self, records: Sequence[_Incoming], event: Event) -> None:
@@ -215,6 +218,7 @@ class ReceiverCore(KVReceiver):
                 # passed): hold its callback back until those writes finished
                 self._callbacks = deque(c for c in self._callbacks if c[1] is not handle)
                 self._start_fence(record)
+                self._cond.notify_all()  # the completion thread waits for the fence
 
     @property
     def lock(self) -> threading.Condition:
