@@ -27,7 +27,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +60,6 @@ KERNEL_KINDS = (("gemm", r"nvjet|gemm|cutlass|xmma|cublas|sm90_"), ("decode atte
                 ("prefill attention", r"prefill|flash|fmha|attention|sdpa|efficient"), ("norm", r"norm"),
                 ("rope", r"rope|rotary"), ("activation", r"silu|act_and_mul|activation"),
                 ("kv write", r"cache|reshape_and|kv_write|store_kv"), ("copy/index", r"copy|index|gather|cat|fill"))
-
-
-def shape_of(decode_contexts: Sequence[int], chunks: Sequence[tuple[int, int]]) -> StepShape:
-    shape = StepShape(0)
-    for context in decode_contexts:
-        shape = shape.plus_decode(context)
-    for tokens, context in chunks:
-        shape = shape.plus_chunk(tokens, context)
-    return shape
 
 
 def kernel_kind(name: str) -> str:
@@ -118,7 +109,7 @@ def anatomy(llm: LLM, model: StepTimeModel, profile_kernels: bool) -> list[dict[
             continue
         seconds = statistics.median(time_step(decodes, chunks) for _ in range(5))
         row: dict[str, Any] = {"step": name, "ms": round(seconds * 1e3, 2),
-                               "model_ms": round(model.predict(shape_of(decodes, chunks)) * 1e3, 2)}
+                               "model_ms": round(model.predict(StepShape.of(decodes, chunks)) * 1e3, 2)}
         if profile_kernels:
             row["kernels"] = kernel_breakdown(lambda: time_step(decodes, chunks))  # noqa: B023
         rows.append(row)
@@ -182,7 +173,7 @@ def judge(steps: list[dict[str, Any]], model: StepTimeModel, key: str = "seconds
     """Per kind of step: count and the median, p10 and p90 of ``key`` over the model's prediction."""
     ratios: dict[str, list[float]] = defaultdict(list)
     for step in steps:
-        shape = shape_of(step["decodes"], step["chunks"])
+        shape = StepShape.of(step["decodes"], step["chunks"])
         ratios[shape.kind.value].append(step[key] / model.predict(shape))
     out = {}
     for kind, values in sorted(ratios.items()):
@@ -197,7 +188,7 @@ def replay(llm: LLM, steps: list[dict[str, Any]], per_kind: int) -> list[dict[st
     time_step = synthetic_step_timer(llm.engine)
     by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for step in steps:
-        by_kind[shape_of(step["decodes"], step["chunks"]).kind.value].append(step)
+        by_kind[StepShape.of(step["decodes"], step["chunks"]).kind.value].append(step)
     out = []
     for chosen in by_kind.values():
         stride = max(1, len(chosen) // per_kind)
@@ -209,7 +200,7 @@ def replay(llm: LLM, steps: list[dict[str, Any]], per_kind: int) -> list[dict[st
 
 
 def profile_samples(llm: LLM) -> list[tuple[StepShape, float]]:
-    return [(shape_of([row["context"]] * row["decodes"], [(row["chunk_tokens"], row["chunk_context"])] * (
+    return [(StepShape.of([row["context"]] * row["decodes"], [(row["chunk_tokens"], row["chunk_context"])] * (
         row["prompts"] if row["chunk_tokens"] else 0)), row["seconds"]) for row in llm.engine.step_time_samples]
 
 
@@ -244,14 +235,14 @@ def main() -> None:
                 for name, rate in rates.items()]
         for run in runs:
             run["replayed"] = replay(llm, run["steps"], args.replay_per_kind if not smoke else 4)
-        refit = fit_step_time(profile_samples(llm) + [(shape_of(s["decodes"], s["chunks"]), s["replay_s"])
+        refit = fit_step_time(profile_samples(llm) + [(StepShape.of(s["decodes"], s["chunks"]), s["replay_s"])
                                                        for run in runs for s in run["replayed"]])
     live = []
     for run in runs:
         replayed = [{**s, "live_over_replay": s["seconds"] / s["replay_s"]} for s in run["replayed"]]
         live_vs_replay: dict[str, list[float]] = defaultdict(list)
         for s in replayed:
-            live_vs_replay[shape_of(s["decodes"], s["chunks"]).kind.value].append(s["live_over_replay"])
+            live_vs_replay[StepShape.of(s["decodes"], s["chunks"]).kind.value].append(s["live_over_replay"])
         live.append({"workload": run["workload"], "rate": run["rate"], "requests": run["requests"],
                      "wall_s": run["wall_s"], "device_busy_share": run["device_busy_share"],
                      "calibration": run["calibration"],
@@ -263,7 +254,7 @@ def main() -> None:
                                          round(statistics.mean(s["decodes"]), 1) if s["decodes"] else 0,
                                          "chunks": s["chunks"], "live_ms": round(s["seconds"] * 1e3, 3),
                                          "replay_ms": round(s["replay_s"] * 1e3, 3),
-                                         "model_ms": round(model.predict(shape_of(s["decodes"], s["chunks"])) * 1e3, 3)}
+                                         "model_ms": round(model.predict(StepShape.of(s["decodes"], s["chunks"])) * 1e3, 3)}
                                         for s in run["replayed"]]})
     payload = {"preset": args.preset, "model": model.to_dict(), "refit": refit.to_dict(), "graph_replay_ms": graph_ms,
                "graphs_rerouted": rerouted, "anatomy": rows, "live": live}

@@ -65,6 +65,17 @@ class StepShape:
     decodes: int = 0
     context_pairs: float = 0.0
 
+    @classmethod
+    def of(cls, decode_contexts: Sequence[int], chunks: Sequence[tuple[int, int]] = ()) -> StepShape:
+        """The shape of a step running a decode per entry of ``decode_contexts`` (each after that many
+        tokens of context) and a prompt chunk per ``(tokens, context)`` of ``chunks``."""
+        shape = cls(0)
+        for context in decode_contexts:
+            shape = shape.plus_decode(context)
+        for tokens, context in chunks:
+            shape = shape.plus_chunk(tokens, context)
+        return shape
+
     def plus_chunk(self, tokens: int, context: int) -> StepShape:
         """This step with a prefill chunk of ``tokens`` tokens after ``context`` earlier ones added."""
         if tokens <= 0:

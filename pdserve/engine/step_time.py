@@ -106,11 +106,7 @@ def profile_step_time(run: Callable[[int, int, int, int, int], float], *, max_to
     for d, ctx, c, x, k in grid:
         run(d, ctx, c, x, k)  # warm-up: kernels for this shape
         seconds = statistics.median(run(d, ctx, c, x, k) for _ in range(3))
-        shape = StepShape(0)
-        for _ in range(d):
-            shape = shape.plus_decode(ctx)
-        for _ in range(k):
-            shape = shape.plus_chunk(c, x)
+        shape = StepShape.of([ctx] * d, [(c, x)] * k)
         samples.append((shape, seconds))
         rows.append({"decodes": d, "context": ctx, "chunk_tokens": c, "chunk_context": x, "prompts": k,
                      "seconds": seconds})
