@@ -26,7 +26,7 @@ import torch
 from pdserve.common.outputs import TokenLogprobs
 from pdserve.engine.attention.metadata import AttentionMetadata, LaunchShape
 from pdserve.engine.cuda_graphs import StepGraphs, capture_sizes
-from pdserve.engine.kernels.paged_decode import choose_num_splits
+from pdserve.engine.kv_splits import KVSplitRule, graph_launch_shape
 from pdserve.engine.model.interface import CausalLM
 from pdserve.engine.sampler import SampledTokens, Sampler, SamplingRow
 from pdserve.engine.scheduler import ScheduledChunk, SchedulerPlan
@@ -87,8 +87,9 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.inputs = StepInputs(max(max_num_tokens, max_num_seqs), max_num_seqs,
                                  -(-max_model_len // block_size), block_size, device, query_tile_rows)
+        self.set_num_sms(torch.cuda.get_device_properties(device).multi_processor_count
+                         if device.type == "cuda" else 1)
         self.query_tile_rows = query_tile_rows
-        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self.num_kv_heads = model.spec.num_kv_heads
         self.graphs: StepGraphs | None = None
         self._fed: FedTokens | None = None  # the last launched step's sampled ids (next step's inputs)
@@ -97,6 +98,13 @@ class ModelRunner:
         self.num_graph_steps = 0
         self.num_eager_steps = 0
         self.host_stamps: dict[str, float] = {}  # phase -> perf_counter() at its end, of the last launch
+
+    def set_num_sms(self, num_sms: int) -> None:
+        """The multiprocessors the attention's KV splits fill (the device's; tests pretend more, so that
+        the CPU runs the split paths)."""
+        self.num_sms = num_sms
+        self.kv_splits = KVSplitRule(self.model.spec.num_kv_heads, num_sms)
+        self.inputs.kv_splits = self.kv_splits
 
     # ---- set-up --------------------------------------------------------------------------------
 
@@ -111,22 +119,14 @@ class ModelRunner:
         return self.graphs.capture_seconds
 
     def graph_shape(self, num_tokens: int) -> LaunchShape:
-        """The launch shape of the graph for ``num_tokens`` padded tokens: room for as many decodes as
-        the engine may run, split along the KV as a batch of that many decodes at full length needs,
-        and enough persistent prefill programs for every tile of a few prompts in one wave."""
-        capacity = min(num_tokens, self.max_num_seqs)
-        programs = 0
-        if self.query_tile_rows is not None:
-            programs = min(-(-num_tokens // self.query_tile_rows) + 8, num_tokens // 2)
-        return LaunchShape(num_tokens, capacity, self._decode_splits(capacity, self.max_model_len), programs)
+        """The launch shape of the graph for ``num_tokens`` padded tokens (``graph_launch_shape``)."""
+        return graph_launch_shape(num_tokens, self.max_num_seqs, self.query_tile_rows, self.num_kv_heads,
+                                  self.num_sms)
 
     def _eager_shape(self, counts: StepCounts) -> LaunchShape:
-        return LaunchShape(counts.num_tokens, counts.num_decodes,
-                           self._decode_splits(counts.num_decodes, counts.max_seq_len), counts.num_query_tiles,
-                           batch_specific=True)
-
-    def _decode_splits(self, num_decodes: int, max_seq_len: int) -> int:
-        return choose_num_splits(max(num_decodes, 1), self.num_kv_heads, max(max_seq_len, 1), self.num_sms)
+        splits = self.kv_splits.decode_splits(counts.num_decodes, counts.max_decode_seq_len)
+        return LaunchShape(counts.num_tokens, counts.num_decodes, counts.num_decodes * splits,
+                           counts.num_query_tiles, batch_specific=True)
 
     # ---- one step ------------------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ the host arrays are the device tensors and nothing is copied.
 
 Token-level int32 buffers: ``input_ids``, ``positions``, ``slot_mapping``; sequence-level:
 ``query_start_loc``, ``seq_lens``, ``context_lens``, ``block_tables`` ``[max_seqs, max_blocks]``;
-launch data: ``counts`` (decode sequences, live query tiles) and ``query_tiles`` (see
+launch data: ``counts`` (decode sequences, live query tiles, and the KV splits of each decode and of
+each query tile, chosen per step by ``kv_splits``) and ``query_tiles`` (see
 ``kernels.paged_prefill.build_query_tiles``).
 
 A token sampled by the previous step may still be on the device only (asynchronous scheduling): its
@@ -42,6 +43,16 @@ class StepCounts:
     num_decodes: int
     num_query_tiles: int
     max_seq_len: int
+    max_decode_seq_len: int = 0
+    max_chunk_seq_len: int = 0  # the longest context (its own tokens included) a prefill chunk attends to
+
+
+#: Chooses a step's KV splits (per decode, per query tile) from its counts and launch shape.
+KVSplitRule = Callable[[StepCounts, LaunchShape], tuple[int, int]]
+
+
+def no_kv_splits(counts: StepCounts, launch: LaunchShape) -> tuple[int, int]:
+    return 1, 1
 
 
 @dataclass(frozen=True)
@@ -54,8 +65,10 @@ class FedTokens:
 
 class StepInputs:
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, block_size: int,
-                 device: torch.device, query_tile_rows: int | None = None) -> None:
+                 device: torch.device, query_tile_rows: int | None = None,
+                 kv_splits: KVSplitRule = no_kv_splits) -> None:
         self.device = device
+        self.kv_splits = kv_splits
         self.block_size = block_size
         self.max_tokens = max_tokens
         self.max_seqs = max_seqs
@@ -65,7 +78,7 @@ class StepInputs:
         shapes = {
             "input_ids": (max_tokens,), "positions": (max_tokens,), "slot_mapping": (max_tokens,),
             "query_start_loc": (max_seqs + 1,), "seq_lens": (max_seqs,), "context_lens": (max_seqs,),
-            "block_tables": (max_seqs, max_blocks_per_seq), "counts": (2,), "query_tiles": (2, tile_capacity),
+            "block_tables": (max_seqs, max_blocks_per_seq), "counts": (4,), "query_tiles": (2, tile_capacity),
             "feed": (2, max_seqs),
         }
         self._sets = [{k: torch.zeros(v, dtype=torch.int32, pin_memory=pin) for k, v in shapes.items()}
@@ -147,9 +160,12 @@ class StepInputs:
         if self.query_tile_rows is not None and num_decodes < num_seqs:
             num_tiles = build_query_tiles(np.diff(qsl[num_decodes:num_seqs + 1]), num_decodes,
                                           self.query_tile_rows, n["query_tiles"])
-        n["counts"][0], n["counts"][1] = num_decodes, num_tiles
         max_seq_len = int(seq_lens[:num_seqs].max()) if num_seqs else 0
-        launch = launch_for(StepCounts(t, num_decodes, num_tiles, max_seq_len))
+        counts = StepCounts(t, num_decodes, num_tiles, max_seq_len,
+                            max_decode_seq_len=int(seq_lens[:num_decodes].max()) if num_decodes else 0,
+                            max_chunk_seq_len=int(seq_lens[num_decodes:num_seqs].max()) if num_decodes < num_seqs else 0)
+        launch = launch_for(counts)
+        n["counts"][:] = (num_decodes, num_tiles, *self.kv_splits(counts, launch))
         padded = launch.num_tokens
         assert padded >= t and (padded > 0), "a step needs at least one row"
         ids[t:padded] = 0

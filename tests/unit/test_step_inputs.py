@@ -27,7 +27,7 @@ def test_every_view_points_at_its_buffer_even_with_no_sequences() -> None:
         assert view.numel() > 0 and view.data_ptr() == buffers[name].data_ptr(), name
     assert meta.counts is not None and meta.counts.data_ptr() == buffers["counts"].data_ptr()
     assert meta.query_tiles is not None and meta.query_tiles.data_ptr() == buffers["query_tiles"].data_ptr()
-    assert meta.counts.tolist() == [0, 0] and meta.num_seqs == 0
+    assert meta.counts.tolist() == [0, 0, 1, 1] and meta.num_seqs == 0
     assert (buffers["slot_mapping"][:16] == 0).all()  # padding writes only the null block
 
 
@@ -44,7 +44,7 @@ def test_padding_rows_and_fed_tokens() -> None:
     assert ids[0].item() == 42  # taken on the device from the previous step's row of "d"
     assert ids[1:21].tolist() == [9] * 20 and ids[21:32].tolist() == [0] * 11
     assert inputs.dev["slot_mapping"][21:32].tolist() == [0] * 11
-    assert meta.num_decode_seqs == 1 and meta.counts is not None and meta.counts.tolist() == [1, 2]
+    assert meta.num_decode_seqs == 1 and meta.counts is not None and meta.counts.tolist() == [1, 2, 1, 1]
     assert meta.context_free_prefill and inputs.num_fed_rows == 1
 
 

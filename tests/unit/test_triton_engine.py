@@ -33,7 +33,7 @@ def test_triton_engine_matches_transformers(reference, budget: int, num_sms: int
     directory, prompts, expected = reference
     llm = LLM(model=str(directory), attention_backend="triton", dtype="float32", max_model_len=128,
               num_kv_blocks=64, block_size=8, max_num_batched_tokens=budget)
-    llm.engine.runner.num_sms = num_sms  # many SMs -> decode splits the KV (flash-decoding path)
+    llm.engine.runner.set_num_sms(num_sms)  # many SMs -> decode splits the KV (flash-decoding path)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
     assert [o.token_ids for o in outs] == expected
     # a second round hits the prefix cache: prefill then reads earlier KV from the paged cache
@@ -43,20 +43,27 @@ def test_triton_engine_matches_transformers(reference, budget: int, num_sms: int
 
 
 @pytest.mark.parametrize(("async_scheduling", "larger"), [(False, False), (True, False), (True, True)])
-def test_graph_shaped_steps_match_transformers(reference, async_scheduling: bool, larger: bool) -> None:
+def test_graph_shaped_steps_match_transformers(reference, async_scheduling: bool, larger: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Every step runs with the launch shape its CUDA graph would have (rows padded to the captured
     size, fixed decode and prefill grids reading live counts from the device): prefill-only, mixed and
     decode steps still give transformers' tokens; also when each step takes the largest graph instead
-    (``larger``: a graph slower than a larger one is skipped, ``StepGraphs.time_replays``). (No CUDA
-    graph on the CPU; the shapes are the point.)"""
+    (``larger``: a graph slower than a larger one is skipped, ``StepGraphs.time_replays``); decodes and
+    prompt chunks split along the KV as each step chooses. (No CUDA graph on the CPU; the shapes are the
+    point.)"""
+    from pdserve.engine import kv_splits
     from pdserve.engine.cuda_graphs import capture_sizes
+
+    monkeypatch.setattr(kv_splits, "PREFILL_SPLIT_KEYS", 16)  # the tiny prompts' chunks split too
+    # short contexts: decodes split four ways, some splits empty
+    monkeypatch.setattr(kv_splits.KVSplitRule, "decode_splits", lambda self, num_decodes, max_seq_len: 4)
 
     directory, prompts, expected = reference
     llm = LLM(model=str(directory), attention_backend="triton", dtype="float32", max_model_len=512,
               num_kv_blocks=80, block_size=8, max_num_batched_tokens=20, max_num_seqs=8,
               async_scheduling=async_scheduling)
     runner = llm.engine.runner
-    runner.num_sms = 64  # graphs' decode grids split the KV
+    runner.set_num_sms(64)  # wide graph decode grids
     sizes = capture_sizes(8, 20)
     shapes = []
 
@@ -65,10 +72,17 @@ def test_graph_shaped_steps_match_transformers(reference, async_scheduling: bool
         shapes.append((counts, shape))
         return shape
 
+    splits = []
+
+    def recorded_splits(counts, launch):  # noqa: ANN001, ANN202
+        splits.append(runner.kv_splits(counts, launch))
+        return splits[-1]
+
     runner._eager_shape = graph_shaped
+    runner.inputs.kv_splits = recorded_splits
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)
     assert [o.token_ids for o in outs] == expected
     assert any(c.num_tokens < s.num_tokens for c, s in shapes)  # padded rows
     assert any(c.num_decodes and c.num_query_tiles for c, _ in shapes)  # mixed steps
     assert any(c.num_decodes < s.decode_capacity for c, s in shapes)  # decode grids wider than live
-    assert any(s.decode_num_splits > 1 for _, s in shapes)
+    assert any(decode > 1 for decode, _ in splits) and any(prefill > 1 for _, prefill in splits), splits

@@ -62,16 +62,21 @@ def test_query_tiles_cover_every_row_once_longest_first() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_shaped_launch_runs_live_work_only(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("decode_splits", "prefill_splits", "window"),
+                         [(1, 1, None), (2, 1, None), (5, 3, None), (3, 2, 25)])
+def test_graph_shaped_launch_runs_live_work_only(dtype: torch.dtype, decode_splits: int, prefill_splits: int,
+                                                 window: int | None) -> None:
     """The launch a CUDA graph freezes: decodes first, then prefill chunks, then padding rows; the decode
-    grid covers more sequences than are live, the prefill kernel has fewer persistent programs than
-    tiles. Live rows equal the reference; padding rows and rows of no live work stay untouched."""
+    grid covers more (sequence, split) items than are live, the prefill kernel has fewer persistent
+    programs than tiles (one split) or splits each tile's keys (the split counts are device scalars, as
+    a step sets them). Live rows equal the reference; padding rows and rows of no live work stay
+    untouched."""
     import numpy as np
 
     from tests.support.kernel_cases import paged_problem, reference_attention, relative_error
 
     paged_decode, paged_prefill, *_ = _kernels()
-    ctx, qlens = [9, 40, 0, 3, 0], [1, 1, 37, 20, 6]  # 2 decodes, 3 prefill chunks
+    ctx, qlens = [9, 40, 0, 70, 0], [1, 1, 37, 20, 6]  # 2 decodes, 3 prefill chunks (one after 70 tokens)
     q, cache, meta = paged_problem(ctx, qlens, 4, 2, 32, 8, dtype, DEVICE, seed=7)
     padding = 11
     q = torch.cat([q, torch.randn(padding, 4, 32).to(dtype).to(DEVICE)])
@@ -79,17 +84,18 @@ def test_graph_shaped_launch_runs_live_work_only(dtype: torch.dtype) -> None:
     host = np.zeros((2, 64), dtype=np.int32)
     num_tiles = paged_prefill.build_query_tiles(np.array(qlens[2:]), 2, block_m, host)
     tiles = torch.from_numpy(host).to(DEVICE)
-    counts = torch.tensor([2, num_tiles], dtype=torch.int32, device=DEVICE)
+    counts = torch.tensor([2, num_tiles, decode_splits, prefill_splits], dtype=torch.int32, device=DEVICE)
     out = torch.full_like(q, float("nan"))
-    capacity = 6  # grid rows past the 2 live decodes must exit without writing
+    capacity = 6  # grid items past the 2 live decodes' must exit without writing
     paged_decode.paged_decode_attention(q[:capacity], cache, meta.block_tables, meta.seq_lens, scale=0.3,
-                                        sliding_window=None, num_splits=2, num_active=counts[0:1],
-                                        out=out[:capacity])
+                                        sliding_window=window, num_splits=counts[2:3], num_programs=16,
+                                        num_active=counts[0:1], out=out[:capacity])
+    programs = max(1, num_tiles // 2) if prefill_splits == 1 else num_tiles * prefill_splits + 1
     paged_prefill.paged_prefill_attention(q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                          scale=0.3, sliding_window=None, tiles=tiles, num_tiles=counts[1:2],
-                                          num_programs=max(1, num_tiles // 2), out=out)
+                                          scale=0.3, sliding_window=window, tiles=tiles, num_tiles=counts[1:2],
+                                          num_programs=programs, num_splits=counts[3:4], out=out)
     live = sum(qlens)
-    ref = reference_attention(q[:live], cache, meta, 0.3, None)
+    ref = reference_attention(q[:live], cache, meta, 0.3, window)
     assert relative_error(out[:live].cpu(), ref) < BOUND[dtype]
     assert torch.isnan(out[live:]).all()
 

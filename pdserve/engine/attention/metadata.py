@@ -16,14 +16,15 @@ class LaunchShape:
 
     ``num_tokens`` rows are run (the batch's tokens, then padding rows that write only the null block
     and whose outputs are discarded); the decode kernel's grid covers ``decode_capacity`` sequences
-    with ``decode_num_splits`` KV splits, the prefill kernel runs ``prefill_programs`` persistent
-    programs per head. The live counts come from device memory (``AttentionMetadata.counts``), so a
-    graph captured for one shape replays for every batch that fits it.
+    with ``decode_programs`` (sequence, KV split) items per KV head, the prefill kernel runs
+    ``prefill_programs`` persistent programs per head. The live counts and each step's split counts
+    come from device memory (``AttentionMetadata.counts``), so a graph captured for one shape replays
+    for every batch that fits it.
     """
 
     num_tokens: int
     decode_capacity: int
-    decode_num_splits: int
+    decode_programs: int
     prefill_programs: int
     batch_specific: bool = False  # built for this very batch (an eager step): host facts may steer kernels
 
@@ -41,8 +42,8 @@ class AttentionMetadata:
     ``0 .. num_decode_seqs-1``. Host copies of the small per-sequence vectors are kept for code that
     must loop on the host (the torch reference).
 
-    For the Triton kernels: ``counts`` is int32 ``[2]`` on the device (decode sequences, live query
-    tiles), ``query_tiles`` the prefill tile list (see ``kernels.paged_prefill``), ``launch`` the grid
+    For the Triton kernels: ``counts`` is int32 ``[4]`` on the device (decode sequences, live query
+    tiles, KV splits per decode, KV splits per query tile), ``query_tiles`` the prefill tile list (see ``kernels.paged_prefill``), ``launch`` the grid
     constants. ``launch.num_tokens`` may exceed ``num_tokens`` (padding for a CUDA graph).
     """
 
@@ -60,7 +61,7 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     num_decode_seqs: int = 0  # the first sequences of the batch that have exactly one new token
     context_free_prefill: bool = False  # every prefill chunk starts at position 0 (no earlier KV)
-    counts: torch.Tensor | None = None  # [2] int32: decode sequences, live query tiles
+    counts: torch.Tensor | None = None  # [4] int32: decode sequences, live query tiles, splits of each
     query_tiles: torch.Tensor | None = None  # [2, capacity] int32
     launch: LaunchShape | None = None
 

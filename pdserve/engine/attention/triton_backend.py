@@ -12,6 +12,8 @@ prefill rows go to PyTorch's fused attention instead (``dense_prefill``), which 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from pdserve.engine.attention.backend import AttentionBackend
@@ -26,6 +28,11 @@ from pdserve.engine.kernels.paged_decode import paged_decode_attention
 from pdserve.engine.kernels.paged_prefill import paged_prefill_attention, query_tile_rows
 from pdserve.engine.kernels.rope_cache import rope_and_write_cache
 from pdserve.engine.model.layers import RotaryEmbedding
+
+
+@functools.cache
+def _multiprocessors(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 class TritonBackend(AttentionBackend):
@@ -73,7 +80,8 @@ class TritonBackend(AttentionBackend):
             paged_prefill_attention(query, kv_cache, metadata.block_tables, metadata.seq_lens,
                                     metadata.query_start_loc, scale=scale, sliding_window=sliding_window,
                                     tiles=metadata.query_tiles, num_tiles=counts[1:2],
-                                    num_programs=launch.prefill_programs, out=out)
+                                    num_programs=launch.prefill_programs,
+                                    num_splits=None if launch.batch_specific else counts[3:4], out=out)
         return out
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
@@ -83,8 +91,13 @@ class TritonBackend(AttentionBackend):
         cap = launch.decode_capacity
         if cap:
             paged_decode_attention(query[:cap], kv_cache, metadata.block_tables[:cap], metadata.seq_lens[:cap],
-                                   scale=scale, sliding_window=sliding_window, num_splits=launch.decode_num_splits,
-                                   num_active=counts[0:1], out=out[:cap])
+                                   scale=scale, sliding_window=sliding_window, num_splits=counts[2:3],
+                                   num_programs=launch.decode_programs, num_active=counts[0:1],
+                                   num_sms=self._num_sms(query.device), out=out[:cap])
+
+    @staticmethod
+    def _num_sms(device: torch.device) -> int:
+        return _multiprocessors(device.index) if device.type == "cuda" else 1
 
     def _takes_dense_prefill(self, query: torch.Tensor, metadata: AttentionMetadata,
                              sliding_window: int | None) -> bool:

@@ -1,14 +1,20 @@
 """Paged decode attention: one query token per sequence over its whole paged KV context.
 
-Grid ``(capacity, num_kv_heads, num_splits)``; only sequences ``< num_active`` (an int32 device scalar)
-are computed, the rest of the grid exits at once, so one launch captured in a CUDA graph serves any
-decode count up to its capacity. A program handles every query head of one GQA group
-(so each K/V tile is read once per group, not once per query head) over one contiguous slice of the
-sequence's tokens; ``num_splits > 1`` splits long contexts along the KV so that a few sequences still
-fill the GPU (flash-decoding), and a second kernel merges the slices by their log-sum-exp.
+Work is a list of *items*, one per (sequence, KV split): item ``i`` is split ``i % num_splits`` of
+sequence ``i // num_splits``. The grid is ``(num_programs, num_kv_heads)`` and program ``p`` runs item
+``p``; ``num_active`` and ``num_splits`` are int32 device scalars, so items past ``num_active *
+num_splits`` exit at once and one launch captured in a CUDA graph serves any decode count and any split
+count whose product fits ``num_programs``. A program handles every query head of one GQA group (so each
+K/V tile is read once per group, not once per query head) over one contiguous slice of the sequence's
+tokens. With ``num_splits > 1`` (flash-decoding: a few long sequences still fill the GPU) each program
+writes a partial result and its log-sum-exp, and a second kernel merges a sequence's slices; with one
+split the first kernel writes the output and the second exits.
 
-The split count is a launch parameter, not derived from the data, so a launch can be captured in a
-CUDA graph and replayed for any sequence lengths: slices past a sequence's end are empty and exit.
+The split count is chosen per step (:func:`choose_num_splits`), not frozen in the graph: a step with a
+few decodes beside a prompt chunk replays a graph whose decode grid was sized for its token count, and a
+split count fixed for that size (one, for any graph of more than ~32 rows) left a handful of long
+sequences to a handful of programs (on an H200, 6 decodes at 2k of context beside a 102-token chunk: the
+step ran ~1.5x its model).
 
 Contract: ``query`` ``[num_seqs, num_heads, head_dim]``; ``kv_cache`` ``[2, num_blocks, block_size,
 num_kv_heads, head_dim]``; ``block_tables`` ``[num_seqs, >= ceil(seq_len/block_size)]`` int32;
@@ -23,26 +29,30 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+#: The most KV splits of one sequence (the merge kernel loads them all at once).
+MAX_SPLITS = 32
 
 
 @triton.jit
 def _decode_partial_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, num_active_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, num_active_ptr, num_splits_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
     scale_log2, window,
     stride_qs, stride_qh,
     stride_cb, stride_ct, stride_ch,
     stride_bt,
     stride_os, stride_oh,
-    stride_ps, stride_ph, stride_pk, stride_ls, stride_lh,
+    stride_pi, stride_ph, stride_li,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    if seq >= tl.load(num_active_ptr):
+    item = tl.program_id(0)
+    num_splits = tl.load(num_splits_ptr)
+    if item >= tl.load(num_active_ptr) * num_splits:
         return
+    seq = item // num_splits
+    split = item % num_splits
     kv_head = tl.program_id(1)
-    split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
@@ -55,7 +65,7 @@ def _decode_partial_kernel(
     first_tile = 0
     if window > 0:
         first_tile = tl.maximum(seq_len - window, 0) // BLOCK_N
-    tiles_per_split = tl.cdiv(num_tiles - first_tile, NUM_SPLITS)
+    tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
     tile_lo = first_tile + split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
@@ -83,40 +93,45 @@ def _decode_partial_kernel(
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     result = acc / safe_l[:, None]
-    if NUM_SPLITS == 1:
+    if num_splits == 1:
         tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
                  result.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
     else:
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
-        base = seq * stride_ps + heads * stride_ph + split * stride_pk
-        tl.store(part_out_ptr + base[:, None] + d[None, :], result, mask=head_mask[:, None])
-        tl.store(part_lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=head_mask)
+        tl.store(part_out_ptr + item * stride_pi + heads[:, None] * stride_ph + d[None, :], result,
+                 mask=head_mask[:, None])
+        tl.store(part_lse_ptr + item * stride_li + heads, lse, mask=head_mask)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, num_active_ptr,
-    stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_os, stride_oh,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, num_active_ptr, num_splits_ptr, num_heads,
+    stride_pi, stride_ph, stride_li, stride_os, stride_oh,
+    HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    if seq >= tl.load(num_active_ptr):
+    num_splits = tl.load(num_splits_ptr)
+    if num_splits == 1:
         return
-    head = tl.program_id(1)
-    k = tl.arange(0, NUM_SPLITS)
+    k = tl.arange(0, MAX_SPLITS)
     d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse_ptr + seq * stride_ls + head * stride_lh + k)
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - m)
-    parts = tl.load(part_out_ptr + seq * stride_ps + head * stride_ph + k[:, None] * stride_pk + d[None, :])
-    out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(out_ptr + seq * stride_os + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    in_use = k < num_splits
+    for work in range(tl.program_id(0), tl.load(num_active_ptr) * num_heads, tl.num_programs(0)):
+        seq = work // num_heads
+        head = work % num_heads
+        items = seq * num_splits + k
+        lse = tl.load(part_lse_ptr + items * stride_li + head, mask=in_use, other=float("-inf"))
+        m = tl.max(lse, 0)
+        w = tl.exp2(lse - m)
+        parts = tl.load(part_out_ptr + items[:, None] * stride_pi + head * stride_ph + d[None, :],
+                        mask=in_use[:, None], other=0.0)
+        out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(out_ptr + seq * stride_os + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
-                      block_n: int = 64, max_splits: int = 32) -> int:
+                      block_n: int = 64, max_splits: int = MAX_SPLITS) -> int:
     """Splits so that ``num_seqs * num_kv_heads * splits`` covers about two waves of the GPU, with
-    at least two KV tiles per split. A power of two (the merge kernel loads all splits at once)."""
+    at least two KV tiles per split. A power of two."""
     programs = max(1, num_seqs * num_kv_heads)
     wanted = max(1, -(-2 * num_sms // programs))
     by_length = max(1, -(-max_seq_len // (2 * block_n)))
@@ -124,51 +139,68 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return 1 << (splits - 1).bit_length() if splits > 1 else 1
 
 
+def merge_programs(num_programs: int, num_heads: int, num_sms: int) -> int:
+    """Programs of the merge kernel for a decode launch of ``num_programs``: one per (sequence, head) a
+    split launch can have, at most two per SM (each loops over the rest)."""
+    return max(1, min(num_programs // 2 * num_heads, 2 * num_sms))
+
+
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, *, scale: float, sliding_window: int | None,
-                           num_splits: int, out: torch.Tensor | None = None,
-                           num_active: torch.Tensor | None = None,
+                           num_splits: int | torch.Tensor, num_programs: int | None = None,
+                           out: torch.Tensor | None = None, num_active: torch.Tensor | None = None,
+                           num_sms: int = 132,
                            workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention for the first ``num_active`` (int32 device scalar; default: all) of the
-    ``query.shape[0]`` sequences; ``num_splits`` must be a power of two. ``workspace`` (partial outputs
-    and log-sum-exps, float32 ``[num_seqs, num_heads, num_splits, head_dim]`` and ``[..., num_splits]``)
-    may be passed in to avoid allocations."""
+    ``query.shape[0]`` sequences, each split ``num_splits`` ways along its KV (an int, or an int32 device
+    scalar read by the kernels, at most :data:`MAX_SPLITS`), by ``num_programs`` programs per KV head
+    (default: every sequence times ``num_splits``; the caller guarantees ``num_active * num_splits <=
+    num_programs``). ``workspace`` (partial outputs and log-sum-exps, float32 ``[num_programs,
+    num_heads, head_dim]`` and ``[num_programs, num_heads]``) may be passed in to avoid allocations."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(query) if out is None else out
-    if num_active is None:
-        num_active = torch.full((1,), num_seqs, dtype=torch.int32, device=query.device)
     if num_seqs == 0:
         return out
-    if num_splits > 1:
+    device = query.device
+    if num_active is None:
+        num_active = torch.full((1,), num_seqs, dtype=torch.int32, device=device)
+    fixed = isinstance(num_splits, int)
+    if isinstance(num_splits, int):
+        assert 1 <= num_splits <= MAX_SPLITS, f"num_splits must be in 1..{MAX_SPLITS}"
+        splits_tensor = torch.full((1,), num_splits, dtype=torch.int32, device=device)
+        num_programs = num_programs or num_seqs * num_splits
+    else:
+        splits_tensor = num_splits
+        assert num_programs is not None, "a device split count needs num_programs"
+    may_split = not fixed or num_splits != 1
+    if may_split:
         if workspace is None:
-            part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32,
-                                   device=query.device)
-            part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=query.device)
+            part_out = torch.empty((num_programs, num_heads, head_dim), dtype=torch.float32, device=device)
+            part_lse = torch.empty((num_programs, num_heads), dtype=torch.float32, device=device)
         else:
             part_out, part_lse = workspace
     else:
-        part_out = part_lse = out  # unused
+        part_out, part_lse = out, out[:, :, 0]  # unused
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_n = 64 if block_size <= 64 else block_size
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    _decode_partial_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, num_active, out, part_out, part_lse,
+    _decode_partial_kernel[(num_programs, num_kv_heads)](
+        query, k_cache, v_cache, block_tables, seq_lens, num_active, splits_tensor, out, part_out, part_lse,
         scale * LOG2E, sliding_window or 0,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+        part_out.stride(0), part_out.stride(1), part_lse.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=precision, num_warps=4, num_stages=2,
+        BLOCK_N=block_n, DOT_PRECISION=precision, num_warps=4, num_stages=2,
     )
-    if num_splits > 1:
-        _decode_merge_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, num_active,
-            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4,
+    if may_split:
+        _decode_merge_kernel[(merge_programs(num_programs, num_heads, num_sms),)](
+            part_out, part_lse, out, num_active, splits_tensor, num_heads,
+            part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, MAX_SPLITS=MAX_SPLITS, num_warps=4,
         )
     return out

@@ -7,10 +7,14 @@ one kernel reads the whole context from the cache.
 Work is a list of *query tiles* built on the host (:func:`build_query_tiles`): tile ``k`` is rows
 ``m * BLOCK_M .. (m + 1) * BLOCK_M - 1`` of sequence ``s`` (``tiles[0, k] = s``, ``tiles[1, k] = m``),
 and ``num_tiles`` (a device scalar) says how many are live. The grid is ``(num_programs, num_heads)``
-and program ``p`` computes tiles ``p, p + num_programs, ...`` with an online softmax over key tiles up
-to the causal bound, skipping the mask on tiles entirely below the diagonal. The launch shape depends
-only on ``num_programs``, never on the batch, so one launch captured in a CUDA graph serves every batch
-of that graph's padded size; in eager steps ``num_programs`` is simply the number of tiles.
+and program ``p`` computes items ``p, p + num_programs, ...`` with an online softmax over key tiles up
+to the causal bound, skipping the mask on tiles entirely below the diagonal. An item is a tile, or with
+``num_splits > 1`` (a device scalar, chosen per step) one of a tile's ``num_splits`` contiguous shares of
+key tiles, whose partial result and log-sum-exp a merge kernel combines: a short chunk after a long
+context is one or two tiles, and without splits as many programs per head walk thousands of keys in
+turn while the rest of the GPU idles. The launch shape depends only on ``num_programs``, never on the
+batch, so one launch captured in a CUDA graph serves every batch of that graph's padded size; in eager
+steps ``num_programs`` is simply the number of tiles.
 
 Contract: ``query`` ``[num_tokens, num_heads, head_dim]``; ``query_start_loc`` ``[num_seqs + 1]``;
 ``seq_lens`` ``[num_seqs]`` (context after this step); ``block_tables`` as for decode. Row ``r`` of
@@ -57,16 +61,20 @@ def _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table, kv_head, n_s
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, out_ptr,
-    tiles_ptr, num_tiles_ptr, scale_log2, window,
+    part_out_ptr, part_lse_ptr, tiles_ptr, num_tiles_ptr, num_splits_ptr, scale_log2, window,
     stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh, stride_tiles,
+    stride_pi, stride_pr, stride_ph, stride_li, stride_lr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     head = tl.program_id(1)
     kv_head = head // GROUP
-    num_tiles = tl.load(num_tiles_ptr)
+    num_splits = tl.load(num_splits_ptr)
+    num_items = tl.load(num_tiles_ptr) * num_splits
     d = tl.arange(0, HEAD_DIM)
-    for k in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        k = item // num_splits
+        split = item % num_splits
         seq = tl.load(tiles_ptr + k)
         m_block = tl.load(tiles_ptr + stride_tiles + k)
         q_start = tl.load(query_start_ptr + seq)
@@ -89,22 +97,69 @@ def _prefill_kernel(
         full_hi = lo
         if window == 0:
             full_hi = (first_pos // BLOCK_N) * BLOCK_N
+        # this item's share of the key tiles [lo, last_pos): whole tiles, so the bounds stay aligned
+        per_split = tl.cdiv(tl.cdiv(last_pos - lo, BLOCK_N), num_splits) * BLOCK_N
+        key_lo = lo + split * per_split
+        key_hi = tl.minimum(key_lo + per_split, last_pos)
 
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for n_start in range(lo, full_hi, BLOCK_N):
+        for n_start in range(key_lo, tl.minimum(key_hi, full_hi), BLOCK_N):
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table, kv_head, n_start,
                                          q_pos, seq_len, window, scale_log2, stride_cb, stride_ct, stride_ch,
                                          HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
-        for n_start in range(full_hi, last_pos, BLOCK_N):
+        for n_start in range(tl.maximum(key_lo, full_hi), key_hi, BLOCK_N):
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table, kv_head, n_start,
                                          q_pos, seq_len, window, scale_log2, stride_cb, stride_ct, stride_ch,
                                          HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
         safe_l = tl.where(l_i > 0, l_i, 1.0)
-        out = acc / safe_l[:, None]
+        result = acc / safe_l[:, None]
+        if num_splits == 1:
+            tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
+                     result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            r = tl.arange(0, BLOCK_M)
+            lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+            tl.store(part_out_ptr + item * stride_pi + r[:, None] * stride_pr + head * stride_ph + d[None, :],
+                     result)
+            tl.store(part_lse_ptr + item * stride_li + r * stride_lr + head, lse)
+
+
+@triton.jit
+def _prefill_merge_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, query_start_ptr, tiles_ptr, num_tiles_ptr, num_splits_ptr,
+    stride_pi, stride_pr, stride_ph, stride_li, stride_lr, stride_ot, stride_oh, stride_tiles,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    num_splits = tl.load(num_splits_ptr)
+    if num_splits == 1:
+        return
+    head = tl.program_id(1)
+    r = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    for k in range(tl.program_id(0), tl.load(num_tiles_ptr), tl.num_programs(0)):
+        seq = tl.load(tiles_ptr + k)
+        m_block = tl.load(tiles_ptr + stride_tiles + k)
+        q_start = tl.load(query_start_ptr + seq)
+        q_len = tl.load(query_start_ptr + seq + 1) - q_start
+        rows = m_block * BLOCK_M + r
+        m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for split in range(0, num_splits):
+            item = k * num_splits + split
+            lse = tl.load(part_lse_ptr + item * stride_li + r * stride_lr + head)
+            part = tl.load(part_out_ptr + item * stride_pi + r[:, None] * stride_pr + head * stride_ph + d[None, :])
+            m_new = tl.maximum(m, lse)
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(lse - m_new)
+            total = total * alpha + w
+            acc = acc * alpha[:, None] + part * w[:, None]
+            m = m_new
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
         tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+                 out.to(out_ptr.dtype.element_ty), mask=(rows < q_len)[:, None])
 
 
 def prefill_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
@@ -140,14 +195,19 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_t
                             seq_lens: torch.Tensor, query_start_loc: torch.Tensor, *, scale: float,
                             sliding_window: int | None, tiles: torch.Tensor | None = None,
                             num_tiles: torch.Tensor | None = None, num_programs: int | None = None,
+                            num_splits: torch.Tensor | None = None, merge_programs: int = 0,
                             num_seqs: int | None = None, seq_offset: int = 0, out: torch.Tensor | None = None,
                             config: dict[str, int] | None = None) -> torch.Tensor:
     """Attention for the query tiles in ``tiles[:, :num_tiles]`` (int32 device tensors) run by
     ``num_programs`` persistent programs per head.
 
-    Without ``tiles`` (tests, one-off calls) the tiles of sequences ``seq_offset .. seq_offset +
-    num_seqs - 1`` are built here from ``query_start_loc`` (a host round trip) and every tile gets its
-    own program."""
+    ``num_splits`` (an int32 device scalar; default one) splits every tile's keys that many ways, so
+    that a few tiles over a long context still fill the GPU: ``num_tiles * num_splits`` items go to the
+    programs, each writes a partial result and its log-sum-exp to a workspace, and a merge kernel
+    (``merge_programs`` programs per head, default ``num_programs``) combines them; with one split it
+    exits at once. Without ``tiles`` (tests, one-off calls) the tiles of sequences ``seq_offset ..
+    seq_offset + num_seqs - 1`` are built here from ``query_start_loc`` (a host round trip) and every
+    tile gets its own program."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     out = torch.empty_like(query) if out is None else out
@@ -161,17 +221,32 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_t
         total = build_query_tiles(lens, seq_offset, block_m, host)
         tiles = torch.from_numpy(host).to(query.device)
         num_tiles = torch.tensor([total], dtype=torch.int32, device=query.device)
-        num_programs = total
+        num_programs = total if num_splits is None else num_programs or total
     assert num_tiles is not None and num_programs is not None, "tiles need num_tiles and num_programs"
     if num_programs == 0:
         return out
+    split = num_splits is not None
+    if num_splits is None:
+        num_splits = torch.ones(1, dtype=torch.int32, device=query.device)
+        part_out, part_lse = out.unsqueeze(1), out[:, :, 0].unsqueeze(1)  # never written
+    else:  # the caller splits only when tiles * splits <= num_programs: one workspace row per item
+        part_out = torch.empty((num_programs, block_m, num_heads, head_dim), dtype=torch.float32,
+                               device=query.device)
+        part_lse = torch.empty((num_programs, block_m, num_heads), dtype=torch.float32, device=query.device)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _prefill_kernel[(num_programs, num_heads)](
-        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, tiles, num_tiles,
-        scale * LOG2E, sliding_window or 0,
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_out, part_lse,
+        tiles, num_tiles, num_splits, scale * LOG2E, sliding_window or 0,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), tiles.stride(0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
         BLOCK_N=block_n, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", **cfg,
     )
+    if split:
+        _prefill_merge_kernel[(merge_programs or num_programs, num_heads)](
+            part_out, part_lse, out, query_start_loc, tiles, num_tiles, num_splits,
+            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1), tiles.stride(0), HEAD_DIM=head_dim, BLOCK_M=block_m, num_warps=4,
+        )
     return out

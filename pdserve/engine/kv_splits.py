@@ -1,0 +1,61 @@
+"""How many ways a step's attention splits each sequence's keys: the rule the runner applies to every
+step, and the benchmark (``benchmarks.attention_splits``) times against no split.
+
+The attention kernels read the split counts from device memory (``StepInputs`` writes them with the
+step's other counts), so a step replaying a CUDA graph sized for its token count still gets the split
+its own decodes and chunks need: a graph of 512 rows has room for 256 decodes, and the few long ones
+of a step that also carries a prompt chunk would otherwise go to a handful of programs each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdserve.engine.attention.metadata import LaunchShape
+from pdserve.engine.kernels.paged_decode import choose_num_splits
+from pdserve.engine.step_inputs import StepCounts
+
+#: The fewest keys (context plus the chunk's own) per KV split of a prefill query tile: below that the
+#: merge costs more than the parallelism gains.
+PREFILL_SPLIT_KEYS = 256
+
+
+def graph_launch_shape(num_tokens: int, max_num_seqs: int, query_tile_rows: int | None, num_kv_heads: int,
+                       num_sms: int) -> LaunchShape:
+    """The launch shape of a CUDA graph for ``num_tokens`` padded tokens: room for as many decodes as the
+    engine may run, and for a few of them split along the KV enough to fill the GPU twice
+    (flash-decoding); enough persistent prefill programs for every tile of a few prompts in one wave,
+    which also take the key splits of a few tiles over a long context (:class:`KVSplitRule`)."""
+    capacity = min(num_tokens, max_num_seqs)
+    programs = 0
+    if query_tile_rows is not None:
+        programs = min(-(-num_tokens // query_tile_rows) + 8, num_tokens // 2)
+    decode_programs = max(capacity, -(-2 * num_sms // max(num_kv_heads, 1)))
+    return LaunchShape(num_tokens, capacity, decode_programs, programs)
+
+
+@dataclass(frozen=True)
+class KVSplitRule:
+    """The split counts of one engine's steps (its KV heads and the GPU's multiprocessors)."""
+
+    num_kv_heads: int
+    num_sms: int
+
+    def decode_splits(self, num_decodes: int, max_seq_len: int) -> int:
+        """Splits per decode for ``num_decodes`` decodes whose longest context is ``max_seq_len``:
+        about two waves of the GPU, at least two key tiles a split."""
+        return choose_num_splits(max(num_decodes, 1), self.num_kv_heads, max(max_seq_len, 1), self.num_sms)
+
+    def __call__(self, counts: StepCounts, launch: LaunchShape) -> tuple[int, int]:
+        """This step's KV splits per decode and per prefill query tile, within the launch's items: a graph
+        step's few query tiles over a long context share its persistent programs, at least
+        ``PREFILL_SPLIT_KEYS`` keys a split; an eager step has one program per tile (no split)."""
+        decode = 1
+        if counts.num_decodes:
+            decode = max(1, min(self.decode_splits(counts.num_decodes, counts.max_decode_seq_len),
+                                launch.decode_programs // counts.num_decodes))
+        prefill = 1
+        if counts.num_query_tiles and not launch.batch_specific:
+            prefill = max(1, min(launch.prefill_programs // counts.num_query_tiles,
+                                 counts.max_chunk_seq_len // PREFILL_SPLIT_KEYS))
+        return decode, prefill
