@@ -55,6 +55,9 @@ ANATOMY: dict[str, tuple[list[int], list[tuple[int, int]]]] = {
     "mixed 32 @2k + 512 @1k": ([2048] * 32, [(512, 1024)]),
     "mixed 256 @1k + 128": ([1024] * 256, [(128, 0)]),
     "mixed 256 @1k + 4x128": ([1024] * 256, [(128, 0)] * 4),
+    # later chunks beside a few long decodes, as served prefill-heavy loads run them (live shapes)
+    "chunked 6 @2k + 102 @1.9k": ([2048] * 6, [(102, 1946)]),
+    "chunked 9 @2k + 400 @1.4k": ([2048] * 9, [(400, 1417)]),
 }
 KERNEL_KINDS = (("gemm", r"nvjet|gemm|cutlass|xmma|cublas|sm90_"), ("decode attention", r"decode"),
                 ("prefill attention", r"prefill|flash|fmha|attention|sdpa|efficient"), ("norm", r"norm"),
