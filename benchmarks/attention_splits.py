@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from benchmarks.common import _median_ms, markdown_table, measure_ceilings, run_info, write_results
@@ -67,8 +68,6 @@ class Step:
         self.query_start = torch.tensor(qsl, dtype=torch.int32, device=dev)
         self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
         tile_rows = query_tile_rows(HEAD_DIM, torch.bfloat16)
-        import numpy as np
-
         host = np.zeros((2, graph // tile_rows + 8 + MAX_SEQS), dtype=np.int32)
         num_tiles = build_query_tiles(np.array([q for q, _ in chunks], dtype=np.int64), decodes, tile_rows, host)
         self.tiles = torch.from_numpy(host).to(dev)
