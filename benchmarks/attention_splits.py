@@ -128,7 +128,7 @@ def run_case(name: str, decodes: int, context: int, chunks: list[tuple[int, int]
 def main() -> None:
     info = run_info()
     ceilings = measure_ceilings()
-    rule = KVSplitRule(KV_HEADS, torch.cuda.get_device_properties(0).multi_processor_count)
+    rule = KVSplitRule(KV_HEADS, torch.cuda.get_device_properties(0).multi_processor_count, HEADS)
     rows = [run_case(*case, rule=rule) for case in CASES]
     markdown = "\n".join([
         "# Attention KV splits per step (32 layers, Llama-3.1-8B heads, CUDA graph)", "",

@@ -103,7 +103,8 @@ class ModelRunner:
         """The multiprocessors the attention's KV splits fill (the device's; tests pretend more, so that
         the CPU runs the split paths)."""
         self.num_sms = num_sms
-        self.kv_splits = KVSplitRule(self.model.spec.num_kv_heads, num_sms)
+        spec = self.model.spec  # a rank's share of the heads under tensor parallelism
+        self.kv_splits = KVSplitRule(spec.num_kv_heads, num_sms, spec.num_heads)
         self.inputs.kv_splits = self.kv_splits
 
     # ---- set-up --------------------------------------------------------------------------------
