@@ -7,6 +7,10 @@ a grid fixed by the graph's :class:`LaunchShape`, so a graph serves any mix of d
 chunks with that many tokens. Graphs share one memory pool and read their inputs from the runner's
 persistent :class:`StepInputs` buffers, so a replay costs one launch instead of hundreds.
 
+Every size is captured twice: with the launches a step that splits its attention's keys needs (the
+split decode programs and the merges) and without them, so that a step splitting nothing (most of them)
+replays exactly the launches it needs (``LaunchShape.kv_split``, set by ``StepInputs.load``).
+
 Sizes: 1, 2, 4, 8, every multiple of 16 up to 256 (decode batches and short prompts), then steps of
 64 up to 512, 128 up to 1024 and 256 beyond, up to the largest step the engine may run through a graph;
 larger steps run eagerly, where the GPU work (tens of ms) hides the launches anyway.
@@ -26,6 +30,7 @@ pool on its own GPU and its own copy of the step inputs (made here, before the f
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import time
 
@@ -74,8 +79,9 @@ class StepGraphs:
         self.inputs = inputs
         self.shapes = sorted(shapes, key=lambda s: s.num_tokens)
         self._sizes = [s.num_tokens for s in self.shapes]
-        self._graphs: dict[int, torch.cuda.CUDAGraph | TensorParallelGraph] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
+        # (size, with the KV-split paths) -> graph and its output rows
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph | TensorParallelGraph] = {}
+        self._outputs: dict[tuple[int, bool], torch.Tensor] = {}
         self.capture_seconds = 0.0
         self.replay_ms: dict[int, float] = {}  # graph size -> its replay on padding (time_replays)
         self._choice = list(range(len(self.shapes)))  # index of the smallest fitting graph -> the one to run
@@ -133,27 +139,31 @@ class StepGraphs:
             for device in tensor_parallel.devices[1 + len(self.inputs.ranks):]:
                 self.inputs.add_rank(device)
             rank_pools = [pool] + [torch.cuda.graph_pool_handle() for _ in tensor_parallel.devices[1:]]
-        for shape in reversed(self.shapes):  # largest first: later graphs reuse its pool memory
+        variants = [dataclasses.replace(s, kv_split=split) for s in reversed(self.shapes) for split in (True, False)]
+        for shape in variants:  # largest first: later graphs reuse its pool memory
+            key = (shape.num_tokens, shape.kv_split)
             metadata = self.inputs.load_padding(shape)
             ids, pos = self.inputs.input_ids[: shape.num_tokens], self.inputs.positions[: shape.num_tokens]
             if tensor_parallel is not None:
                 inputs = [(ids, pos, metadata)] + [(rank.view_of(ids), rank.view_of(pos), rank.metadata(metadata))
                                                    for rank in self.inputs.ranks]
                 ranks_graph = tensor_parallel.capture_graph(inputs, rank_pools)
-                self._graphs[shape.num_tokens], self._outputs[shape.num_tokens] = ranks_graph, ranks_graph.output
+                self._graphs[key], self._outputs[key] = ranks_graph, ranks_graph.output
                 continue
             self.model(ids, pos, self.kv_caches, metadata)  # warm-up: compiles kernels, sets up cuBLAS
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._outputs[shape.num_tokens] = self.model(ids, pos, self.kv_caches, metadata)
-            self._graphs[shape.num_tokens] = graph
+                self._outputs[key] = self.model(ids, pos, self.kv_caches, metadata)
+            self._graphs[key] = graph
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
-        logger.info("captured %d CUDA graphs (1 to %d tokens) in %.1f s", len(self.shapes), self.max_tokens,
-                    self.capture_seconds)
+        logger.info("captured %d CUDA graphs (1 to %d tokens, with and without KV splits) in %.1f s",
+                    len(variants), self.max_tokens, self.capture_seconds)
 
     def replay(self, shape: LaunchShape) -> torch.Tensor:
-        """Run the graph of ``shape`` (inputs already loaded) and return its hidden states (all rows)."""
-        self._graphs[shape.num_tokens].replay()
-        return self._outputs[shape.num_tokens]
+        """Run the graph of ``shape`` (inputs already loaded; its ``kv_split`` variant) and return its
+        hidden states (all rows)."""
+        key = (shape.num_tokens, shape.kv_split)
+        self._graphs[key].replay()
+        return self._outputs[key]

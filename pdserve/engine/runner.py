@@ -138,7 +138,8 @@ class ModelRunner:
         if shape is not None:
             assert self.graphs is not None
             metadata = self.inputs.load(chunks, lambda _: shape, self._fed)
-            hidden = self.graphs.replay(shape)[:num_tokens]
+            assert metadata.launch is not None
+            hidden = self.graphs.replay(metadata.launch)[:num_tokens]  # the variant with splits if any
             hook = self.model.layer_hook
             if hook is not None:
                 for index, kv_cache in enumerate(self.kv_caches):

@@ -23,6 +23,7 @@ buffers on its own GPU (:mod:`pdserve.engine.rank_inputs`), written with the sam
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -113,7 +114,7 @@ class StepInputs:
         """Write the chunks' inputs and return the step's metadata over device views.
 
         ``chunks`` must list single-token chunks (decodes) first. ``launch_for`` turns the step's counts
-        into its launch shape; rows past the batch up to ``launch.num_tokens`` are padding that reads
+        into its launch shape (with the split paths, ``kv_split``, when ``kv_splits`` splits anything); rows past the batch up to ``launch.num_tokens`` are padding that reads
         token 0 at position 0 and writes only the null block (slot 0). A chunk whose last token is not
         yet known on the host (sampled by the step in flight) takes it from ``fed``.
         """
@@ -165,7 +166,10 @@ class StepInputs:
                             max_decode_seq_len=int(seq_lens[:num_decodes].max()) if num_decodes else 0,
                             max_chunk_seq_len=int(seq_lens[num_decodes:num_seqs].max()) if num_decodes < num_seqs else 0)
         launch = launch_for(counts)
-        n["counts"][:] = (num_decodes, num_tiles, *self.kv_splits(counts, launch))
+        splits = self.kv_splits(counts, launch)
+        n["counts"][:] = (num_decodes, num_tiles, *splits)
+        if splits != (1, 1):
+            launch = dataclasses.replace(launch, kv_split=True)
         padded = launch.num_tokens
         assert padded >= t and (padded > 0), "a step needs at least one row"
         ids[t:padded] = 0

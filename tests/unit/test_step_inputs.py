@@ -67,3 +67,25 @@ def test_a_rank_copy_gives_the_same_views_of_its_own_buffers() -> None:
         rank.view_of(torch.zeros(4, dtype=torch.int32))
     rank.feed(torch.tensor([2, 5]), torch.tensor([70, 71], dtype=torch.int32))
     assert rank.dev["input_ids"][[2, 5]].tolist() == [70, 71]
+
+
+@pytest.mark.parametrize(("splits", "with_split_paths"), [((1, 1), False), ((3, 1), True), ((1, 2), True)])
+def test_a_step_that_splits_takes_the_launch_with_the_split_paths(splits: tuple[int, int],
+                                                                   with_split_paths: bool) -> None:
+    """The split counts the rule chooses go to the device with the step's counts, and only a step that
+    splits something gets the launch (graph variant) with the split paths; the counts the rule saw are
+    the step's: decodes' and chunks' longest contexts apart."""
+    seen = []
+
+    def rule(counts, launch):  # noqa: ANN001, ANN202
+        seen.append(counts)
+        return splits
+
+    inputs = StepInputs(64, 8, 16, 4, torch.device("cpu"), query_tile_rows=16, kv_splits=rule)
+    params = SamplingParams(max_tokens=8)
+    decode, prompt = Request("d", [5, 6, 7], params), Request("p", [9] * 20, params)
+    chunks = [ScheduledChunk(decode, 2, 1, [1], True), ScheduledChunk(prompt, 4, 16, [2, 3, 4, 5, 6], True)]
+    meta = inputs.load(chunks, lambda c: LaunchShape(32, 8, 8, 3))
+    assert meta.counts is not None and meta.counts.tolist() == [1, 1, *splits]
+    assert meta.launch is not None and meta.launch.kv_split is with_split_paths
+    assert (seen[0].max_decode_seq_len, seen[0].max_chunk_seq_len) == (3, 20)

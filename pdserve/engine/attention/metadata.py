@@ -19,7 +19,8 @@ class LaunchShape:
     with ``decode_programs`` (sequence, KV split) items per KV head, the prefill kernel runs
     ``prefill_programs`` persistent programs per head. The live counts and each step's split counts
     come from device memory (``AttentionMetadata.counts``), so a graph captured for one shape replays
-    for every batch that fits it.
+    for every batch that fits it. A graph is captured without the split paths (``kv_split`` false:
+    the launches of a step that splits nothing, as fast as before there were splits) and with them.
     """
 
     num_tokens: int
@@ -27,6 +28,7 @@ class LaunchShape:
     decode_programs: int
     prefill_programs: int
     batch_specific: bool = False  # built for this very batch (an eager step): host facts may steer kernels
+    kv_split: bool = False  # launches the KV-split paths too (only a step that splits needs them)
 
 
 @dataclass

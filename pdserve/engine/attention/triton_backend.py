@@ -81,7 +81,8 @@ class TritonBackend(AttentionBackend):
                                     metadata.query_start_loc, scale=scale, sliding_window=sliding_window,
                                     tiles=metadata.query_tiles, num_tiles=counts[1:2],
                                     num_programs=launch.prefill_programs,
-                                    num_splits=None if launch.batch_specific else counts[3:4], out=out)
+                                    num_splits=counts[3:4] if launch.kv_split and not launch.batch_specific
+                                    else None, out=out)
         return out
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
@@ -92,7 +93,8 @@ class TritonBackend(AttentionBackend):
         if cap:
             paged_decode_attention(query[:cap], kv_cache, metadata.block_tables[:cap], metadata.seq_lens[:cap],
                                    scale=scale, sliding_window=sliding_window, num_splits=counts[2:3],
-                                   num_programs=launch.decode_programs, num_active=counts[0:1],
+                                   may_split=launch.kv_split, num_programs=launch.decode_programs,
+                                   num_active=counts[0:1],
                                    num_sms=self._num_sms(query.device), out=out[:cap])
 
     @staticmethod

@@ -174,13 +174,15 @@ def split_programs(num_programs: int, num_kv_heads: int, num_sms: int) -> int:
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, *, scale: float, sliding_window: int | None,
-                           num_splits: int | torch.Tensor, num_programs: int | None = None,
+                           num_splits: int | torch.Tensor, may_split: bool | None = None,
+                           num_programs: int | None = None,
                            out: torch.Tensor | None = None, num_active: torch.Tensor | None = None,
                            num_sms: int = 132,
                            workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention for the first ``num_active`` (int32 device scalar; default: all) of the
     ``query.shape[0]`` sequences, each split ``num_splits`` ways along its KV (an int, or an int32 device
-    scalar read by the kernels, at most :data:`MAX_SPLITS`), by ``num_programs`` programs per KV head
+    scalar read by the kernels, at most :data:`MAX_SPLITS`; ``may_split``: whether to launch the split
+    path too, by default for a device scalar or an int above one), by ``num_programs`` programs per KV head
     (default: every sequence times ``num_splits``; the caller guarantees ``num_active * num_splits <=
     num_programs``). ``workspace`` (partial outputs and log-sum-exps, float32 ``[num_programs,
     num_heads, head_dim]`` and ``[num_programs, num_heads]``) may be passed in to avoid allocations."""
@@ -193,7 +195,6 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     device = query.device
     if num_active is None:
         num_active = torch.full((1,), num_seqs, dtype=torch.int32, device=device)
-    fixed = isinstance(num_splits, int)
     if isinstance(num_splits, int):
         assert 1 <= num_splits <= MAX_SPLITS, f"num_splits must be in 1..{MAX_SPLITS}"
         splits_tensor = torch.full((1,), num_splits, dtype=torch.int32, device=device)
@@ -201,7 +202,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     else:
         splits_tensor = num_splits
         assert num_programs is not None, "a device split count needs num_programs"
-    may_split = not fixed or num_splits != 1
+    if may_split is None:
+        may_split = not isinstance(num_splits, int) or num_splits != 1
     if may_split:
         if workspace is None:
             part_out = torch.empty((num_programs, num_heads, head_dim), dtype=torch.float32, device=device)
@@ -219,7 +221,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
             scale * LOG2E, sliding_window or 0, query.stride(0), query.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_lse.stride(0))
-    if not fixed or num_splits == 1:
+    if not isinstance(num_splits, int) or num_splits == 1:
         _decode_partial_kernel[(num_seqs, num_kv_heads)](*args, SPLIT=False, **common)
     if may_split:
         programs = split_programs(num_programs, num_kv_heads, num_sms)
