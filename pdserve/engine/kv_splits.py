@@ -41,7 +41,7 @@ class KVSplitRule:
 
     num_kv_heads: int
     num_sms: int
-    num_heads: int = 32
+    num_heads: int
 
     def decode_splits(self, num_decodes: int, max_seq_len: int) -> int:
         """Splits per decode for ``num_decodes`` decodes whose longest context is ``max_seq_len``:
