@@ -105,6 +105,11 @@ def anatomy(llm: LLM, model: StepTimeModel, profile_kernels: bool) -> list[dict[
     time_step = synthetic_step_timer(llm.engine)
     rows = []
     for name, (decodes, chunks) in ANATOMY.items():
+        longest = max([c + 1 for c in decodes] + [n + c for n, c in chunks])
+        if longest > llm.engine.max_model_len:
+            print(f"anatomy {name}: skipped (a sequence of {longest} tokens; the engine holds "
+                  f"{llm.engine.max_model_len})", flush=True)
+            continue
         try:
             time_step(decodes, chunks)
         except RuntimeError as exc:  # the tiny preset's cache holds fewer tokens
