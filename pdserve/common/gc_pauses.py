@@ -12,6 +12,12 @@ serving stops.
 :class:`GcPauses` records how long each collection took (``gc.callbacks``): the largest pause of the
 last ``window_s``, for status and metrics. Install one per process
 (``install()``/``uninstall()``); reads from any thread.
+
+A collection runs on whichever thread allocates, at any allocation -- also inside a reader of these
+figures. So the callback takes no lock and touches nothing a reader iterates: it appends to a mailbox
+(``deque.append`` is atomic), and readers move the mailbox into their own record under their own lock.
+(The first version appended under the readers' lock: a collection that started while a router thread held
+it, in ``ClusterStatus``, deadlocked the router's event loop for good -- every request hung.)
 """
 
 from __future__ import annotations
@@ -41,9 +47,10 @@ def freeze_startup_heap() -> int:
 class GcPauses:
     def __init__(self, window_s: float = 2.0) -> None:
         self.window_s = window_s
-        self._recent: collections.deque[tuple[float, float]] = collections.deque()  # (ended at, seconds)
+        self._ended: collections.deque[tuple[float, float]] = collections.deque()  # the callback's mailbox
+        self._recent: collections.deque[tuple[float, float]] = collections.deque()  # (ended at, seconds): readers'
         self._started: float | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # readers only: the callback never takes it
 
     def install(self) -> GcPauses:
         if self._callback not in gc.callbacks:
@@ -59,11 +66,17 @@ class GcPauses:
         """The longest collection that ended in the last ``window_s`` (0 if none)."""
         cutoff = time.perf_counter() - self.window_s
         with self._lock:
+            while self._ended:  # collections during this loop land in the mailbox, not in _recent
+                self._recent.append(self._ended.popleft())
             while self._recent and self._recent[0][0] < cutoff:
                 self._recent.popleft()
-            return max((seconds for _, seconds in self._recent), default=0.0)
+            longest = 0.0
+            for _, seconds in self._recent:
+                longest = max(longest, seconds)
+            return longest
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        """Runs inside a collection, on the thread that triggered it: no lock, nothing a reader iterates."""
         now = time.perf_counter()
         if phase == "start":
             self._started = now
@@ -71,5 +84,4 @@ class GcPauses:
         if self._started is None:
             return
         seconds, self._started = now - self._started, None
-        with self._lock:
-            self._recent.append((now, seconds))
+        self._ended.append((now, seconds))
