@@ -13,7 +13,7 @@ import argparse
 import os
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
 
 from pdserve.common.errors import ConfigError
@@ -48,7 +48,6 @@ def run_serve(args: argparse.Namespace) -> int:
         if not -1 <= args.http_port <= 65535:
             raise ConfigError("--http-port", f"must be in [0, 65535] or -1 (off), got {args.http_port}")
         config = replace(config, router=replace(config.router, http_port=None if args.http_port < 0 else args.http_port))
-    stop = threading.Event()
     pools = ", ".join(f"{config.pool(r).replicas} {r}" for r in config.roles)
     print(f"pdserve: starting {config.mode} cluster of {config.model!r} ({pools}) ...", file=sys.stderr, flush=True)
     with Cluster(config, address=args.address, log_level=args.log_level.upper()) as cluster:
@@ -67,15 +66,17 @@ def run_serve(args: argparse.Namespace) -> int:
         signals = [0]
 
         def on_signal(signum: int, frame: object) -> None:
+            # Runs on the main thread between two bytecodes, wherever it is: it takes no lock (a
+            # threading.Event here deadlocked when the signal came while the loop below held the
+            # Event's own lock), it only counts.
             signals[0] += 1
             if signals[0] > 1:
                 raise KeyboardInterrupt  # a second signal: stop now
-            stop.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
-        while not stop.wait(0.5):
-            pass
+        while not signals[0]:
+            time.sleep(0.2)
         grace = config.router.shutdown_grace_s
         print(f"pdserve: draining (up to {grace:g} s; a second Ctrl-C stops now) ...", file=sys.stderr, flush=True)
         try:
