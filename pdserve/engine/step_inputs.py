@@ -49,7 +49,7 @@ class StepCounts:
 
 
 #: Chooses a step's KV splits (per decode, per query tile) from its counts and launch shape.
-KVSplitRule = Callable[[StepCounts, LaunchShape], tuple[int, int]]
+ChooseKVSplits = Callable[[StepCounts, LaunchShape], tuple[int, int]]
 
 
 def no_kv_splits(counts: StepCounts, launch: LaunchShape) -> tuple[int, int]:
@@ -67,7 +67,7 @@ class FedTokens:
 class StepInputs:
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, block_size: int,
                  device: torch.device, query_tile_rows: int | None = None,
-                 kv_splits: KVSplitRule = no_kv_splits) -> None:
+                 kv_splits: ChooseKVSplits = no_kv_splits) -> None:
         self.device = device
         self.kv_splits = kv_splits
         self.block_size = block_size
