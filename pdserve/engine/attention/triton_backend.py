@@ -81,8 +81,8 @@ class TritonBackend(AttentionBackend):
                                     metadata.query_start_loc, scale=scale, sliding_window=sliding_window,
                                     tiles=metadata.query_tiles, num_tiles=counts[1:2],
                                     num_programs=launch.prefill_programs,
-                                    num_splits=counts[3:4] if launch.kv_split and not launch.batch_specific
-                                    else None, out=out)
+                                    num_splits=counts[3:4],  # 1 unless this launch splits
+                                    may_split=launch.kv_split and not launch.batch_specific, out=out)
         return out
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,

@@ -195,7 +195,8 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_t
                             seq_lens: torch.Tensor, query_start_loc: torch.Tensor, *, scale: float,
                             sliding_window: int | None, tiles: torch.Tensor | None = None,
                             num_tiles: torch.Tensor | None = None, num_programs: int | None = None,
-                            num_splits: torch.Tensor | None = None, merge_programs: int = 0,
+                            num_splits: torch.Tensor | None = None, may_split: bool | None = None,
+                            merge_programs: int = 0,
                             num_seqs: int | None = None, seq_offset: int = 0, out: torch.Tensor | None = None,
                             config: dict[str, int] | None = None) -> torch.Tensor:
     """Attention for the query tiles in ``tiles[:, :num_tiles]`` (int32 device tensors) run by
@@ -205,7 +206,9 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_t
     that a few tiles over a long context still fill the GPU: ``num_tiles * num_splits`` items go to the
     programs, each writes a partial result and its log-sum-exp to a workspace, and a merge kernel
     (``merge_programs`` programs per head, default ``num_programs``) combines them; with one split it
-    exits at once. Without ``tiles`` (tests, one-off calls) the tiles of sequences ``seq_offset ..
+    exits at once. ``may_split=False`` with ``num_splits`` (which must then hold 1) launches no merge and
+    needs no workspace: a launch that never splits, reading its split count from the step's counts rather
+    than allocating one. Without ``tiles`` (tests, one-off calls) the tiles of sequences ``seq_offset ..
     seq_offset + num_seqs - 1`` are built here from ``query_start_loc`` (a host round trip) and every
     tile gets its own program."""
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -225,9 +228,10 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_t
     assert num_tiles is not None and num_programs is not None, "tiles need num_tiles and num_programs"
     if num_programs == 0:
         return out
-    split = num_splits is not None
+    split = num_splits is not None if may_split is None else may_split
     if num_splits is None:
         num_splits = torch.ones(1, dtype=torch.int32, device=query.device)
+    if not split:
         part_out, part_lse = out.unsqueeze(1), out[:, :, 0].unsqueeze(1)  # never written
     else:  # the caller splits only when tiles * splits <= num_programs: one workspace row per item
         part_out = torch.empty((num_programs, block_m, num_heads, head_dim), dtype=torch.float32,
