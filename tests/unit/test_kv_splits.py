@@ -1,0 +1,32 @@
+"""The split rule's room in a CUDA graph: a graph never caps the decode splits its batch sizes want."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.engine.kernels.paged_decode import choose_num_splits
+from pdserve.engine.kv_splits import KVSplitRule, graph_launch_shape
+from pdserve.engine.step_inputs import StepCounts
+
+
+@pytest.mark.parametrize(("num_sms", "num_kv_heads", "num_heads"), [(132, 8, 32), (108, 8, 64), (132, 4, 16),
+                                                                    (78, 2, 16), (132, 1, 8)])
+@pytest.mark.parametrize("context", [256, 1024, 4096, 65536])
+def test_a_graph_step_gets_the_decode_splits_its_batch_wants(num_sms: int, num_kv_heads: int, num_heads: int,
+                                                              context: int) -> None:
+    """Every decode-only batch a graph holds splits as flash-decoding wants for its count and context
+    (32 decodes of 4k on an H200: two splits each, which a graph with room for 33 items per KV head cut
+    to one), and the items fit the graph's launch."""
+    rule = KVSplitRule(num_kv_heads, num_sms, num_heads)
+    for graph in (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 512):
+        launch = graph_launch_shape(graph, 256, 16, num_kv_heads, num_sms)
+        for n in range(1, min(graph, 256) + 1):
+            decode, prefill = rule(StepCounts(graph, n, 0, context, context, 0), launch)
+            assert decode == choose_num_splits(n, num_kv_heads, context, num_sms), (graph, n)
+            assert n * decode <= launch.decode_programs and prefill == 1
+
+
+def test_room_is_the_capacity_once_no_decode_splits() -> None:
+    """A graph of more decodes than fill the GPU twice needs no room beyond one item per decode."""
+    assert graph_launch_shape(512, 256, 16, 8, 132).decode_programs == 256
+    assert graph_launch_shape(32, 256, 16, 8, 132).decode_programs == 64
