@@ -81,11 +81,13 @@ class Step:
                                     max_chunk_seq_len=max((q + c for q, c in chunks), default=0))
         self.counts = torch.tensor([decodes, num_tiles, 1, 1], dtype=torch.int32, device=dev)
 
-    def attention(self) -> None:
+    def attention(self, split_paths: bool) -> None:
+        """The step's attention as its graph runs it: with the split launches, or without (the graph a
+        step that splits nothing replays)."""
         cap, launch = self.launch.decode_capacity, self.launch
         for cache in self.caches:
             paged_decode_attention(self.query[:cap], cache, self.tables[:cap], self.seq_lens[:cap], scale=0.088,
-                                   sliding_window=None, num_splits=self.counts[2:3],
+                                   sliding_window=None, num_splits=self.counts[2:3], may_split=split_paths,
                                    num_programs=launch.decode_programs, num_active=self.counts[0:1],
                                    num_sms=torch.cuda.get_device_properties(0).multi_processor_count,
                                    out=self.out[:cap])
@@ -93,10 +95,12 @@ class Step:
                 paged_prefill_attention(self.query, cache, self.tables, self.seq_lens, self.query_start,
                                         scale=0.088, sliding_window=None, tiles=self.tiles,
                                         num_tiles=self.counts[1:2], num_programs=launch.prefill_programs,
-                                        num_splits=self.counts[3:4], out=self.out)
+                                        num_splits=self.counts[3:4], may_split=split_paths, out=self.out)
 
-    def timed(self, graph: torch.cuda.CUDAGraph, decode_splits: int, prefill_splits: int) -> tuple[float, torch.Tensor]:
+    def timed(self, graphs: dict[bool, torch.cuda.CUDAGraph], decode_splits: int,
+              prefill_splits: int) -> tuple[float, torch.Tensor]:
         self.counts[2], self.counts[3] = decode_splits, prefill_splits
+        graph = graphs[(decode_splits, prefill_splits) != (1, 1)]
         graph.replay()
         torch.cuda.synchronize()
         rows = self.counts_of.num_tokens
@@ -106,11 +110,13 @@ class Step:
 def run_case(name: str, decodes: int, context: int, chunks: list[tuple[int, int]], graph_size: int,
              rule: KVSplitRule) -> dict[str, Any]:
     step = Step(decodes, context, chunks, graph_size)
-    step.attention()  # compile and warm up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step.attention()
+    graph: dict[bool, torch.cuda.CUDAGraph] = {}
+    for split_paths in (False, True):
+        step.attention(split_paths)  # compile and warm up outside the capture
+        torch.cuda.synchronize()
+        graph[split_paths] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph[split_paths]):
+            step.attention(split_paths)
     chosen = rule(step.counts_of, step.launch)
     # before per-step splits: a graph's decodes split as its capacity at the longest context asked, chunks never
     old_decode = max(1, min(choose_num_splits(step.launch.decode_capacity, KV_HEADS, MAX_MODEL_LEN, rule.num_sms),

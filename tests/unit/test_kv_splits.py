@@ -29,4 +29,4 @@ def test_a_graph_step_gets_the_decode_splits_its_batch_wants(num_sms: int, num_k
 def test_room_is_the_capacity_once_no_decode_splits() -> None:
     """A graph of more decodes than fill the GPU twice needs no room beyond one item per decode."""
     assert graph_launch_shape(512, 256, 16, 8, 132).decode_programs == 256
-    assert graph_launch_shape(32, 256, 16, 8, 132).decode_programs == 64
+    assert graph_launch_shape(32, 256, 16, 8, 132).decode_programs == 66  # 3 decodes x 22 splits

@@ -62,14 +62,16 @@ def test_query_tiles_cover_every_row_once_longest_first() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("decode_splits", "prefill_splits", "window"),
-                         [(1, 1, None), (2, 1, None), (5, 3, None), (3, 2, 25)])
+@pytest.mark.parametrize(("decode_splits", "prefill_splits", "window", "split_launch"),
+                         [(1, 1, None, False), (1, 1, 25, True), (1, 3, None, True), (2, 1, None, True),
+                          (5, 3, None, True), (3, 2, 25, True)])
 def test_graph_shaped_launch_runs_live_work_only(dtype: torch.dtype, decode_splits: int, prefill_splits: int,
-                                                 window: int | None) -> None:
+                                                 window: int | None, split_launch: bool) -> None:
     """The launch a CUDA graph freezes: decodes first, then prefill chunks, then padding rows; the decode
     grid covers more (sequence, split) items than are live, the prefill kernel has fewer persistent
     programs than tiles (one split) or splits each tile's keys (the split counts are device scalars, as
-    a step sets them). Live rows equal the reference; padding rows and rows of no live work stay
+    a step sets them; the split launch, which a graph that splits anything replays, also runs a step whose
+    decodes do not split). Live rows equal the reference; padding rows and rows of no live work stay
     untouched."""
     import numpy as np
 
@@ -89,7 +91,7 @@ def test_graph_shaped_launch_runs_live_work_only(dtype: torch.dtype, decode_spli
     capacity = 6  # grid items past the 2 live decodes' must exit without writing
     paged_decode.paged_decode_attention(q[:capacity], cache, meta.block_tables, meta.seq_lens, scale=0.3,
                                         sliding_window=window, num_splits=counts[2:3], num_programs=16,
-                                        num_active=counts[0:1], out=out[:capacity])
+                                        may_split=split_launch, num_active=counts[0:1], out=out[:capacity])
     programs = max(1, num_tiles // 2) if prefill_splits == 1 else num_tiles * prefill_splits + 1
     paged_prefill.paged_prefill_attention(q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                           scale=0.3, sliding_window=window, tiles=tiles, num_tiles=counts[1:2],
@@ -117,14 +119,15 @@ def test_paged_decode(heads: int, kv_heads: int, window: int | None, num_splits:
     assert relative_error(out.cpu(), ref) < BOUND[dtype]
 
 
-def test_choose_num_splits_is_a_power_of_two_covering_the_gpu() -> None:
+def test_choose_num_splits_fills_four_waves_without_passing_them() -> None:
     paged_decode, *_ = _kernels()
     assert paged_decode.choose_num_splits(1, 8, 1024, 132) == 8  # limited by the context length
-    assert paged_decode.choose_num_splits(1, 8, 65536, 132) == 32  # two waves, capped
+    assert paged_decode.choose_num_splits(1, 8, 65536, 132) == 32  # capped
     assert paged_decode.choose_num_splits(64, 8, 1024, 132) == 1  # the batch fills the GPU already
-    for n in (1, 3, 17, 200):
-        s = paged_decode.choose_num_splits(n, 8, 4096, 132)
-        assert s & (s - 1) == 0
+    for n in (1, 3, 12, 17, 32, 200):
+        s = paged_decode.choose_num_splits(n, 8, 65536, 132)
+        assert n * s * 8 <= 4 * 132 or s == 1
+        assert s == 32 or n * (s + 1) * 8 > 4 * 132
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

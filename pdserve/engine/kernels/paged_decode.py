@@ -1,18 +1,21 @@
 """Paged decode attention: one query token per sequence over its whole paged KV context.
 
-Two launches of one kernel, of which one does the work, by the step's split count ``num_splits`` (an
-int32 device scalar, as is ``num_active``, the live sequence count), so one pair captured in a CUDA graph
-serves any decode count and any split count:
+One kernel, launched one of two ways; the live sequence count ``num_active`` and the step's split count
+``num_splits`` are int32 device scalars, so a launch captured in a CUDA graph serves any decode count:
 
-* **whole** (``num_splits == 1``): grid ``(capacity, num_kv_heads)``, one program per sequence over its
-  whole context, writing the output; programs past ``num_active`` exit at once.
-* **split** (flash-decoding: a few long sequences still fill the GPU): persistent programs over *items*,
-  item ``i`` being split ``i % num_splits`` of sequence ``i // num_splits``, each writing a partial result
-  and its log-sum-exp; a merge kernel combines a sequence's slices.
+* **whole** (a step that splits no decode): grid ``(capacity, num_kv_heads)``, one program per sequence
+  over its whole context, writing the output; programs past ``num_active`` exit at once.
+* **split** (flash-decoding: a few long sequences still fill the GPU): grid ``(num_programs,
+  num_kv_heads)``, program ``i`` taking split ``i % num_splits`` of sequence ``i // num_splits`` and
+  writing a partial result and its log-sum-exp, which a merge kernel combines; with ``num_splits == 1``
+  (a graph step that splits only its prompt chunks) each program writes its sequence's output itself.
 
 A program handles every query head of one GQA group (so each K/V tile is read once per group, not once
-per query head). The whole launch keeps the split bookkeeping out of the common case: one kernel body for
-both ran large decode batches ~9% slower on an H200 (256 x 1k: 8.9 against 8.1 ms per 32 layers).
+per query head). A graph or step launches one of the two, never both. Measured on an H200 (32 layers in a
+graph, ``benchmarks/results/runs/decode_split_variants-h200.md``): one kernel body for both ran 256 x 1k
+~9% slower (8.9 against 8.1 ms); launching the whole kernel beside the split one (to exit at once) cost
+~3 us a layer; persistent split programs looping over items ran 32 decodes x 4k in two splits 1.3x slower
+than one program per item.
 
 The split count is chosen per step (:func:`choose_num_splits`), not frozen in the graph: a step with a
 few decodes beside a prompt chunk replays a graph whose decode grid was sized for its token count, and a
@@ -35,6 +38,9 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 #: The most KV splits of one sequence (the merge kernel loads them all at once).
 MAX_SPLITS = 32
+#: Split items (sequence x split) per KV head a step aims for, in multiprocessors per KV head: four
+#: waves of one-item programs (on an H200, 4-32 decodes at 2-4k of context ran fastest at 64 items).
+SPLIT_WAVES = 4
 
 
 @triton.jit
@@ -84,11 +90,10 @@ def _decode_partial_kernel(
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
     head_mask = g < GROUP
-    if SPLIT:  # persistent programs over (sequence, split) items; nothing to do without splits
+    if SPLIT:  # one program per (sequence, split) item
         num_splits = tl.load(num_splits_ptr)
-        if num_splits == 1:
-            return
-        for item in range(tl.program_id(0), tl.load(num_active_ptr) * num_splits, tl.num_programs(0)):
+        item = tl.program_id(0)
+        if item < tl.load(num_active_ptr) * num_splits:
             seq = item // num_splits
             split = item % num_splits
             seq_len = tl.load(seq_lens_ptr + seq)
@@ -105,15 +110,17 @@ def _decode_partial_kernel(
                                          seq_len, window, tile_lo, tile_hi, scale_log2, stride_cb, stride_ct,
                                          stride_ch, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
             safe_l = tl.where(l_i > 0, l_i, 1.0)
-            lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
-            tl.store(part_out_ptr + item * stride_pi + heads[:, None] * stride_ph + d[None, :],
-                     acc / safe_l[:, None], mask=head_mask[:, None])
-            tl.store(part_lse_ptr + item * stride_li + heads, lse, mask=head_mask)
-    else:  # one program per sequence, the whole context; nothing to do when the step splits
+            if num_splits == 1:
+                tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
+                         (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+            else:
+                lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+                tl.store(part_out_ptr + item * stride_pi + heads[:, None] * stride_ph + d[None, :],
+                         acc / safe_l[:, None], mask=head_mask[:, None])
+                tl.store(part_lse_ptr + item * stride_li + heads, lse, mask=head_mask)
+    else:  # one program per sequence, the whole context
         seq = tl.program_id(0)
         if seq >= tl.load(num_active_ptr):
-            return
-        if tl.load(num_splits_ptr) != 1:
             return
         seq_len = tl.load(seq_lens_ptr + seq)
         q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=head_mask[:, None],
@@ -157,18 +164,16 @@ def _decode_merge_kernel(
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
                       block_n: int = 64, max_splits: int = MAX_SPLITS) -> int:
-    """Splits so that ``num_seqs * num_kv_heads * splits`` covers about two waves of the GPU, with
-    at least two KV tiles per split. A power of two."""
-    programs = max(1, num_seqs * num_kv_heads)
-    wanted = max(1, -(-2 * num_sms // programs))
+    """Splits so that ``num_seqs * splits`` items per KV head come closest to :data:`SPLIT_WAVES` waves of
+    the multiprocessors without passing them, with at least two KV tiles per split."""
+    wanted = max(1, SPLIT_WAVES * num_sms // max(1, num_seqs * num_kv_heads))
     by_length = max(1, -(-max_seq_len // (2 * block_n)))
-    splits = min(wanted, by_length, max_splits)
-    return 1 << (splits - 1).bit_length() if splits > 1 else 1
+    return min(wanted, by_length, max_splits)
 
 
-def split_programs(num_programs: int, num_kv_heads: int, num_sms: int) -> int:
-    """Persistent programs per KV head of the split launch (and of the merge): about four waves of the
-    GPU's multiprocessors, at most one per item."""
+def merge_programs(num_programs: int, num_kv_heads: int, num_sms: int) -> int:
+    """Persistent programs per KV head of the merge: about four waves of the GPU's multiprocessors, at
+    most one per split item."""
     return max(1, min(num_programs, -(-4 * num_sms // max(num_kv_heads, 1))))
 
 
@@ -181,10 +186,10 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                            workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention for the first ``num_active`` (int32 device scalar; default: all) of the
     ``query.shape[0]`` sequences, each split ``num_splits`` ways along its KV (an int, or an int32 device
-    scalar read by the kernels, at most :data:`MAX_SPLITS`; ``may_split``: whether to launch the split
-    path too, by default for a device scalar or an int above one), by ``num_programs`` programs per KV head
+    scalar read by the kernels, at most :data:`MAX_SPLITS`). ``may_split`` chooses the launch: the split
+    one (by default for a device scalar or an int above one), ``num_programs`` programs per KV head
     (default: every sequence times ``num_splits``; the caller guarantees ``num_active * num_splits <=
-    num_programs``). ``workspace`` (partial outputs and log-sum-exps, float32 ``[num_programs,
+    num_programs``), or the whole one, for which the split count must be 1. ``workspace`` (partial outputs and log-sum-exps, float32 ``[num_programs,
     num_heads, head_dim]`` and ``[num_programs, num_heads]``) may be passed in to avoid allocations."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
@@ -204,6 +209,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         assert num_programs is not None, "a device split count needs num_programs"
     if may_split is None:
         may_split = not isinstance(num_splits, int) or num_splits != 1
+    assert may_split or not isinstance(num_splits, int) or num_splits == 1, "a split count above 1 needs may_split"
     if may_split:
         if workspace is None:
             part_out = torch.empty((num_programs, num_heads, head_dim), dtype=torch.float32, device=device)
@@ -221,12 +227,11 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
             scale * LOG2E, sliding_window or 0, query.stride(0), query.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_lse.stride(0))
-    if not isinstance(num_splits, int) or num_splits == 1:
+    if not may_split:
         _decode_partial_kernel[(num_seqs, num_kv_heads)](*args, SPLIT=False, **common)
-    if may_split:
-        programs = split_programs(num_programs, num_kv_heads, num_sms)
-        _decode_partial_kernel[(programs, num_kv_heads)](*args, SPLIT=True, **common)
-        _decode_merge_kernel[(programs * num_kv_heads,)](
+    else:
+        _decode_partial_kernel[(num_programs, num_kv_heads)](*args, SPLIT=True, **common)
+        _decode_merge_kernel[(merge_programs(num_programs, num_kv_heads, num_sms) * num_kv_heads,)](
             part_out, part_lse, out, num_active, splits_tensor, num_heads,
             part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, MAX_SPLITS=MAX_SPLITS, num_warps=4,
