@@ -121,7 +121,7 @@ def test_paged_decode(heads: int, kv_heads: int, window: int | None, num_splits:
 
 def test_choose_num_splits_fills_four_waves_without_passing_them() -> None:
     paged_decode, *_ = _kernels()
-    assert paged_decode.choose_num_splits(1, 8, 1024, 132) == 8  # limited by the context length
+    assert paged_decode.choose_num_splits(1, 8, 1024, 132) == 16  # limited by the context length (64-key tiles)
     assert paged_decode.choose_num_splits(1, 8, 65536, 132) == 32  # capped
     assert paged_decode.choose_num_splits(64, 8, 1024, 132) == 1  # the batch fills the GPU already
     for n in (1, 3, 12, 17, 32, 200):

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-#: The most KV splits of one sequence (the merge kernel loads them all at once).
+#: The most KV splits of one sequence.
 MAX_SPLITS = 32
 #: Split items (sequence x split) per KV head a step aims for, in multiprocessors per KV head: four
 #: waves of one-item programs (on an H200, 4-32 decodes at 2-4k of context ran fastest at 64 items).
@@ -141,33 +141,36 @@ def _decode_partial_kernel(
 def _decode_merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_active_ptr, num_splits_ptr, num_heads,
     stride_pi, stride_ph, stride_li, stride_os, stride_oh,
-    HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     num_splits = tl.load(num_splits_ptr)
     if num_splits == 1:
         return
-    k = tl.arange(0, MAX_SPLITS)
     d = tl.arange(0, HEAD_DIM)
-    in_use = k < num_splits
     for work in range(tl.program_id(0), tl.load(num_active_ptr) * num_heads, tl.num_programs(0)):
         seq = work // num_heads
         head = work % num_heads
-        items = seq * num_splits + k
-        lse = tl.load(part_lse_ptr + items * stride_li + head, mask=in_use, other=float("-inf"))
-        m = tl.max(lse, 0)
-        w = tl.exp2(lse - m)
-        parts = tl.load(part_out_ptr + items[:, None] * stride_pi + head * stride_ph + d[None, :],
-                        mask=in_use[:, None], other=0.0)
-        out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
-        tl.store(out_ptr + seq * stride_os + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+        m = -1.0e30
+        total = 0.0
+        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for item in range(seq * num_splits, (seq + 1) * num_splits):  # online softmax over the splits
+            lse = tl.load(part_lse_ptr + item * stride_li + head)
+            m_new = tl.maximum(m, lse)
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(lse - m_new)
+            acc = acc * alpha + w * tl.load(part_out_ptr + item * stride_pi + head * stride_ph + d)
+            total = total * alpha + w
+            m = m_new
+        tl.store(out_ptr + seq * stride_os + head * stride_oh + d, (acc / total).to(out_ptr.dtype.element_ty))
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
                       block_n: int = 64, max_splits: int = MAX_SPLITS) -> int:
     """Splits so that ``num_seqs * splits`` items per KV head come closest to :data:`SPLIT_WAVES` waves of
-    the multiprocessors without passing them, with at least two KV tiles per split."""
+    the multiprocessors without passing them, with at least one KV tile per split (one decode of 1k on an
+    H200: 16 splits of 64 keys ran 1.2x faster than 9 of two tiles)."""
     wanted = max(1, SPLIT_WAVES * num_sms // max(1, num_seqs * num_kv_heads))
-    by_length = max(1, -(-max_seq_len // (2 * block_n)))
+    by_length = max(1, -(-max_seq_len // block_n))
     return min(wanted, by_length, max_splits)
 
 
@@ -234,6 +237,6 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         _decode_merge_kernel[(merge_programs(num_programs, num_kv_heads, num_sms) * num_kv_heads,)](
             part_out, part_lse, out, num_active, splits_tensor, num_heads,
             part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, MAX_SPLITS=MAX_SPLITS, num_warps=4,
+            HEAD_DIM=head_dim, num_warps=4,
         )
     return out
