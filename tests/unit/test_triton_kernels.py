@@ -103,7 +103,7 @@ def test_graph_shaped_launch_runs_live_work_only(dtype: torch.dtype, decode_spli
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_splits", [1, 2, 8])
+@pytest.mark.parametrize("num_splits", [1, 2, 8, 11])
 @pytest.mark.parametrize(("heads", "kv_heads", "window"), [(4, 4, None), (8, 2, None), (8, 1, 5)])
 def test_paged_decode(heads: int, kv_heads: int, window: int | None, num_splits: int, dtype: torch.dtype) -> None:
     from tests.support.kernel_cases import paged_problem, reference_attention, relative_error

@@ -141,25 +141,30 @@ def _decode_partial_kernel(
 def _decode_merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_active_ptr, num_splits_ptr, num_heads,
     stride_pi, stride_ph, stride_li, stride_os, stride_oh,
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
     num_splits = tl.load(num_splits_ptr)
     if num_splits == 1:
         return
     d = tl.arange(0, HEAD_DIM)
+    k = tl.arange(0, SPLIT_CHUNK)
     for work in range(tl.program_id(0), tl.load(num_active_ptr) * num_heads, tl.num_programs(0)):
         seq = work // num_heads
         head = work % num_heads
         m = -1.0e30
         total = 0.0
         acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        for item in range(seq * num_splits, (seq + 1) * num_splits):  # online softmax over the splits
-            lse = tl.load(part_lse_ptr + item * stride_li + head)
-            m_new = tl.maximum(m, lse)
+        for first in range(0, num_splits, SPLIT_CHUNK):  # online softmax over chunks of the splits
+            in_use = first + k < num_splits
+            items = seq * num_splits + first + k
+            lse = tl.load(part_lse_ptr + items * stride_li + head, mask=in_use, other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(lse, 0))
             alpha = tl.exp2(m - m_new)
             w = tl.exp2(lse - m_new)
-            acc = acc * alpha + w * tl.load(part_out_ptr + item * stride_pi + head * stride_ph + d)
-            total = total * alpha + w
+            parts = tl.load(part_out_ptr + items[:, None] * stride_pi + head * stride_ph + d[None, :],
+                            mask=in_use[:, None], other=0.0)
+            acc = acc * alpha + tl.sum(parts * w[:, None], 0)
+            total = total * alpha + tl.sum(w, 0)
             m = m_new
         tl.store(out_ptr + seq * stride_os + head * stride_oh + d, (acc / total).to(out_ptr.dtype.element_ty))
 
@@ -237,6 +242,6 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         _decode_merge_kernel[(merge_programs(num_programs, num_kv_heads, num_sms) * num_kv_heads,)](
             part_out, part_lse, out, num_active, splits_tensor, num_heads,
             part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, num_warps=4,
+            HEAD_DIM=head_dim, SPLIT_CHUNK=8, num_warps=4,
         )
     return out
