@@ -89,7 +89,6 @@ class Step:
             paged_decode_attention(self.query[:cap], cache, self.tables[:cap], self.seq_lens[:cap], scale=0.088,
                                    sliding_window=None, num_splits=self.counts[2:3], may_split=split_paths,
                                    num_programs=launch.decode_programs, num_active=self.counts[0:1],
-                                   num_sms=torch.cuda.get_device_properties(0).multi_processor_count,
                                    out=self.out[:cap])
             if launch.prefill_programs:
                 paged_prefill_attention(self.query, cache, self.tables, self.seq_lens, self.query_start,

@@ -12,8 +12,6 @@ prefill rows go to PyTorch's fused attention instead (``dense_prefill``), which 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from pdserve.engine.attention.backend import AttentionBackend
@@ -28,11 +26,6 @@ from pdserve.engine.kernels.paged_decode import paged_decode_attention
 from pdserve.engine.kernels.paged_prefill import paged_prefill_attention, query_tile_rows
 from pdserve.engine.kernels.rope_cache import rope_and_write_cache
 from pdserve.engine.model.layers import RotaryEmbedding
-
-
-@functools.cache
-def _multiprocessors(device_index: int | None) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 class TritonBackend(AttentionBackend):
@@ -94,12 +87,7 @@ class TritonBackend(AttentionBackend):
             paged_decode_attention(query[:cap], kv_cache, metadata.block_tables[:cap], metadata.seq_lens[:cap],
                                    scale=scale, sliding_window=sliding_window, num_splits=counts[2:3],
                                    may_split=launch.kv_split, num_programs=launch.decode_programs,
-                                   num_active=counts[0:1],
-                                   num_sms=self._num_sms(query.device), out=out[:cap])
-
-    @staticmethod
-    def _num_sms(device: torch.device) -> int:
-        return _multiprocessors(device.index) if device.type == "cuda" else 1
+                                   num_active=counts[0:1], out=out[:cap])
 
     def _takes_dense_prefill(self, query: torch.Tensor, metadata: AttentionMetadata,
                              sliding_window: int | None) -> bool:

@@ -73,6 +73,31 @@ def _attend_keys(q, k_cache_ptr, v_cache_ptr, table, kv_head, seq_len, window, t
 
 
 @triton.jit
+def _attend_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, seq, split, num_splits, kv_head,
+                  heads, head_mask, scale_log2, window, stride_qs, stride_qh, stride_cb, stride_ct, stride_ch,
+                  stride_bt, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One GQA group's attention over split ``split`` of ``num_splits`` of sequence ``seq``'s keys (those
+    in its window): the normalised output and its log-sum-exp (``-inf`` for an empty slice)."""
+    d = tl.arange(0, HEAD_DIM)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=head_mask[:, None],
+                other=0.0)
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    first_tile = 0
+    if window > 0:
+        first_tile = tl.maximum(seq_len - window, 0) // BLOCK_N
+    tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
+    tile_lo = first_tile + split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    acc, m_i, l_i = _attend_keys(q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, kv_head, seq_len,
+                                 window, tile_lo, tile_hi, scale_log2, stride_cb, stride_ct, stride_ch, GROUP_PAD,
+                                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    return acc / safe_l[:, None], tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+
+
+@triton.jit
 def _decode_partial_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, num_active_ptr, num_splits_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -90,51 +115,26 @@ def _decode_partial_kernel(
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
     head_mask = g < GROUP
-    if SPLIT:  # one program per (sequence, split) item
+    # whole: one program per sequence, its whole context (the split count is not read: it is 1);
+    # split: one program per (sequence, split) item
+    if SPLIT:
         num_splits = tl.load(num_splits_ptr)
-        item = tl.program_id(0)
-        if item < tl.load(num_active_ptr) * num_splits:
-            seq = item // num_splits
-            split = item % num_splits
-            seq_len = tl.load(seq_lens_ptr + seq)
-            q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
-                        mask=head_mask[:, None], other=0.0)
-            num_tiles = tl.cdiv(seq_len, BLOCK_N)
-            first_tile = 0
-            if window > 0:
-                first_tile = tl.maximum(seq_len - window, 0) // BLOCK_N
-            tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
-            tile_lo = first_tile + split * tiles_per_split
-            tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
-            acc, m_i, l_i = _attend_keys(q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, kv_head,
-                                         seq_len, window, tile_lo, tile_hi, scale_log2, stride_cb, stride_ct,
-                                         stride_ch, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
-            safe_l = tl.where(l_i > 0, l_i, 1.0)
-            if num_splits == 1:
-                tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
-                         (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
-            else:
-                lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
-                tl.store(part_out_ptr + item * stride_pi + heads[:, None] * stride_ph + d[None, :],
-                         acc / safe_l[:, None], mask=head_mask[:, None])
-                tl.store(part_lse_ptr + item * stride_li + heads, lse, mask=head_mask)
-    else:  # one program per sequence, the whole context
-        seq = tl.program_id(0)
-        if seq >= tl.load(num_active_ptr):
-            return
-        seq_len = tl.load(seq_lens_ptr + seq)
-        q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=head_mask[:, None],
-                    other=0.0)
-        first_tile = 0
-        if window > 0:
-            first_tile = tl.maximum(seq_len - window, 0) // BLOCK_N
-        acc, m_i, l_i = _attend_keys(q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, kv_head,
-                                     seq_len, window, first_tile, tl.cdiv(seq_len, BLOCK_N), scale_log2,
-                                     stride_cb, stride_ct, stride_ch, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                     DOT_PRECISION)
-        safe_l = tl.where(l_i > 0, l_i, 1.0)
-        tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
-                 (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+    else:
+        num_splits = 1
+    item = tl.program_id(0)
+    if item < tl.load(num_active_ptr) * num_splits:
+        seq = item // num_splits
+        out, lse = _attend_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, seq,
+                                 item % num_splits, num_splits, kv_head, heads, head_mask, scale_log2, window,
+                                 stride_qs, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, GROUP_PAD,
+                                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+        if num_splits == 1:
+            tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+        else:
+            tl.store(part_out_ptr + item * stride_pi + heads[:, None] * stride_ph + d[None, :], out,
+                     mask=head_mask[:, None])
+            tl.store(part_lse_ptr + item * stride_li + heads, lse, mask=head_mask)
 
 
 @triton.jit
@@ -179,10 +179,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return min(wanted, by_length, max_splits)
 
 
-def merge_programs(num_programs: int, num_kv_heads: int, num_sms: int) -> int:
-    """Persistent programs per KV head of the merge: about four waves of the GPU's multiprocessors, at
-    most one per split item."""
-    return max(1, min(num_programs, -(-4 * num_sms // max(num_kv_heads, 1))))
+#: Persistent programs of the merge per KV head, at most (it is light: a few rows per output head).
+MERGE_PROGRAMS_PER_KV_HEAD = 64
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -190,7 +188,6 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                            num_splits: int | torch.Tensor, may_split: bool | None = None,
                            num_programs: int | None = None,
                            out: torch.Tensor | None = None, num_active: torch.Tensor | None = None,
-                           num_sms: int = 132,
                            workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention for the first ``num_active`` (int32 device scalar; default: all) of the
     ``query.shape[0]`` sequences, each split ``num_splits`` ways along its KV (an int, or an int32 device
@@ -239,7 +236,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         _decode_partial_kernel[(num_seqs, num_kv_heads)](*args, SPLIT=False, **common)
     else:
         _decode_partial_kernel[(num_programs, num_kv_heads)](*args, SPLIT=True, **common)
-        _decode_merge_kernel[(merge_programs(num_programs, num_kv_heads, num_sms) * num_kv_heads,)](
+        _decode_merge_kernel[(min(num_programs, MERGE_PROGRAMS_PER_KV_HEAD) * num_kv_heads,)](
             part_out, part_lse, out, num_active, splits_tensor, num_heads,
             part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, SPLIT_CHUNK=8, num_warps=4,
