@@ -73,31 +73,6 @@ def _attend_keys(q, k_cache_ptr, v_cache_ptr, table, kv_head, seq_len, window, t
 
 
 @triton.jit
-def _attend_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, seq, split, num_splits, kv_head,
-                  heads, head_mask, scale_log2, window, stride_qs, stride_qh, stride_cb, stride_ct, stride_ch,
-                  stride_bt, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One GQA group's attention over split ``split`` of ``num_splits`` of sequence ``seq``'s keys (those
-    in its window): the normalised output and its log-sum-exp (``-inf`` for an empty slice)."""
-    d = tl.arange(0, HEAD_DIM)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=head_mask[:, None],
-                other=0.0)
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    first_tile = 0
-    if window > 0:
-        first_tile = tl.maximum(seq_len - window, 0) // BLOCK_N
-    tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
-    tile_lo = first_tile + split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
-    acc, m_i, l_i = _attend_keys(q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, kv_head, seq_len,
-                                 window, tile_lo, tile_hi, scale_log2, stride_cb, stride_ct, stride_ch, GROUP_PAD,
-                                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
-    safe_l = tl.where(l_i > 0, l_i, 1.0)
-    return acc / safe_l[:, None], tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
-
-
-@triton.jit
 def _decode_partial_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, num_active_ptr, num_splits_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -115,26 +90,51 @@ def _decode_partial_kernel(
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
     head_mask = g < GROUP
-    # whole: one program per sequence, its whole context (the split count is not read: it is 1);
-    # split: one program per (sequence, split) item
-    if SPLIT:
+    if SPLIT:  # one program per (sequence, split) item
         num_splits = tl.load(num_splits_ptr)
-    else:
-        num_splits = 1
-    item = tl.program_id(0)
-    if item < tl.load(num_active_ptr) * num_splits:
-        seq = item // num_splits
-        out, lse = _attend_slice(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, seq,
-                                 item % num_splits, num_splits, kv_head, heads, head_mask, scale_log2, window,
-                                 stride_qs, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, GROUP_PAD,
-                                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
-        if num_splits == 1:
-            tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
-        else:
-            tl.store(part_out_ptr + item * stride_pi + heads[:, None] * stride_ph + d[None, :], out,
-                     mask=head_mask[:, None])
-            tl.store(part_lse_ptr + item * stride_li + heads, lse, mask=head_mask)
+        item = tl.program_id(0)
+        if item < tl.load(num_active_ptr) * num_splits:
+            seq = item // num_splits
+            split = item % num_splits
+            seq_len = tl.load(seq_lens_ptr + seq)
+            q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
+                        mask=head_mask[:, None], other=0.0)
+            num_tiles = tl.cdiv(seq_len, BLOCK_N)
+            first_tile = 0
+            if window > 0:
+                first_tile = tl.maximum(seq_len - window, 0) // BLOCK_N
+            tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
+            tile_lo = first_tile + split * tiles_per_split
+            tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+            acc, m_i, l_i = _attend_keys(q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, kv_head,
+                                         seq_len, window, tile_lo, tile_hi, scale_log2, stride_cb, stride_ct,
+                                         stride_ch, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+            safe_l = tl.where(l_i > 0, l_i, 1.0)
+            if num_splits == 1:
+                tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
+                         (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+            else:
+                lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+                tl.store(part_out_ptr + item * stride_pi + heads[:, None] * stride_ph + d[None, :],
+                         acc / safe_l[:, None], mask=head_mask[:, None])
+                tl.store(part_lse_ptr + item * stride_li + heads, lse, mask=head_mask)
+    else:  # one program per sequence, the whole context
+        seq = tl.program_id(0)
+        if seq >= tl.load(num_active_ptr):
+            return
+        seq_len = tl.load(seq_lens_ptr + seq)
+        q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=head_mask[:, None],
+                    other=0.0)
+        first_tile = 0
+        if window > 0:
+            first_tile = tl.maximum(seq_len - window, 0) // BLOCK_N
+        acc, m_i, l_i = _attend_keys(q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, kv_head,
+                                     seq_len, window, first_tile, tl.cdiv(seq_len, BLOCK_N), scale_log2,
+                                     stride_cb, stride_ct, stride_ch, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+                                     DOT_PRECISION)
+        safe_l = tl.where(l_i > 0, l_i, 1.0)
+        tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
+                 (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
 
 
 @triton.jit
