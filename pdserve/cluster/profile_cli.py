@@ -15,7 +15,7 @@ from pdserve.common.errors import ConfigError
 def run_profile(args: argparse.Namespace) -> int:
     from pdserve.common.config import EngineConfig
     from pdserve.engine.engine import LLMEngine
-    from pdserve.worker.telemetry import kv_bytes_per_token
+    from pdserve.worker.telemetry import kv_bytes_per_token, kv_capacity_tokens
 
     if args.max_batch_tokens < 16:
         raise ConfigError("--max-batch-tokens", f"must be >= 16, got {args.max_batch_tokens}")
@@ -25,7 +25,7 @@ def run_profile(args: argparse.Namespace) -> int:
     assert engine.step_time is not None, "a step-time budget always measures the model"
     profile: dict[str, Any] = {
         "model": engine.step_time.to_dict(), "samples": engine.step_time_samples,
-        "kv_bytes_per_token": kv_bytes_per_token(engine),
+        "kv_bytes_per_token": kv_bytes_per_token(engine), "kv_capacity_tokens": kv_capacity_tokens(engine),
         "engine": {"model": args.model, "device": str(engine.device), "dtype": str(engine.dtype),
                    "max_batch_tokens": args.max_batch_tokens},
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}

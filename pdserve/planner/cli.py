@@ -45,6 +45,9 @@ def add_planner_parsers(sub: argparse._SubParsersAction) -> None:
                       help="scale the profile's steps of a kind (decode, mixed, prefill) by what live steps "
                            "measured, e.g. mixed=1.37,prefill=1.25 (a worker's telemetry reports its "
                            "step_time_calibration); the start-up profile alone is optimistic under load")
+    plan.add_argument("--kv-capacity-tokens", type=int, default=None,
+                      help="one worker's KV cache in tokens (default: the profile's, which `pdserve profile` "
+                           "measures; none in older profiles: not limited)")
     plan.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -61,6 +64,10 @@ def run_plan(args: argparse.Namespace) -> int:
     profile = Profile.load(args.profile)
     if args.calibrate:
         profile = dataclasses.replace(profile, model=profile.model.calibrated(parse_calibration(args.calibrate)))
+    if args.kv_capacity_tokens is not None:
+        if args.kv_capacity_tokens < 1:
+            raise ConfigError("--kv-capacity-tokens", f"must be >= 1, got {args.kv_capacity_tokens}")
+        profile = dataclasses.replace(profile, kv_capacity_tokens=args.kv_capacity_tokens)
     if args.trace is not None:
         workload = Workload.trace(args.trace, start=args.trace_start, count=args.requests, time_scale=args.time_scale,
                                   length_scale=args.length_scale)

@@ -34,6 +34,7 @@ class Profile:
     model: StepTimeModel
     kv_bytes_per_token: float = DEFAULT_KV_BYTES_PER_TOKEN
     transfer_bytes_per_s: float = DEFAULT_TRANSFER_BYTES_PER_S
+    kv_capacity_tokens: int | None = None  # one worker's KV cache in tokens (None: not limited)
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
@@ -46,13 +47,16 @@ class Profile:
         model = StepTimeModel.from_dict(data.get("model", data), source)
         if data.get("calibration"):
             model = model.calibrated({StepKind(kind): float(f) for kind, f in data["calibration"].items()})
+        capacity = data.get("kv_capacity_tokens")
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise ConfigError("profile", f"{source}: kv_capacity_tokens must be a positive integer, got {capacity!r}")
         return cls(model, float(data.get("kv_bytes_per_token", DEFAULT_KV_BYTES_PER_TOKEN)),
-                   float(data.get("kv_transfer_bytes_per_s", DEFAULT_TRANSFER_BYTES_PER_S)))
+                   float(data.get("kv_transfer_bytes_per_s", DEFAULT_TRANSFER_BYTES_PER_S)), capacity)
 
     def to_dict(self) -> dict[str, Any]:
         """What ``from_dict`` reads back: the profile file's fields plus the calibration."""
         return {"model": self.model.to_dict(), "kv_bytes_per_token": self.kv_bytes_per_token,
-                "kv_transfer_bytes_per_s": self.transfer_bytes_per_s,
+                "kv_transfer_bytes_per_s": self.transfer_bytes_per_s, "kv_capacity_tokens": self.kv_capacity_tokens,
                 "calibration": {kind.value: factor for kind, factor in self.model.calibration}}
 
 
@@ -174,6 +178,9 @@ def simulation(profile: Profile, counts: dict[str, int], *, ttft_slo_s: float, t
                               defer_below=defer_below, ttft_slo_s=ttft_slo_s) if spill
                    else WorkerSpec(max_batch_tokens=2048))
     prefill_spec = WorkerSpec(max_batch_tokens=SLO_PREFILL_STEP_TOKENS) if spill else WorkerSpec()
+    if profile.kv_capacity_tokens is not None:
+        spec, decode_spec, prefill_spec = (replace(s, kv_capacity_tokens=profile.kv_capacity_tokens)
+                                           for s in (spec, decode_spec, prefill_spec))
     return ClusterSimulation(profile.model, colocated=counts.get("colocated", 0), prefill=counts.get("prefill", 0),
                              decode=counts.get("decode", 0), colocated_spec=spec, decode_spec=decode_spec,
                              prefill_spec=prefill_spec,

@@ -29,9 +29,18 @@ decode worker has it), its TPOT the mean time per later token.
 each; equal leading ids mean an equal prefix, as the Mooncake trace's hash ids do). Each worker keeps the
 blocks of the prompts it computed, least recently used first out past ``WorkerSpec.cache_tokens`` (None:
 no limit); a prompt skips the leading blocks its worker holds when its first chunk is scheduled (never its
-last token), as the engine's prefix cache does. The router's placement does not look at caches. Not
-modelled: KV capacity limits and preemption, deadline ordering of queued prompts, network and host
-overheads beyond the profile's step times.
+last token), as the engine's prefix cache does. The router's placement does not look at caches.
+
+**KV capacity** (``WorkerSpec.kv_capacity_tokens``; None: no limit): a worker's requests hold their KV
+in 16-token blocks -- a prompt what it has computed, a decoding request its prompt and output so far -- as
+the engine allocates them, on demand. When a step's decodes need blocks that are not free, the most
+recently admitted decoding requests are preempted (their KV freed; they return to the head of the queue
+and later recompute prompt and output, as the engine does), and that step admits no new prompt; prompt
+chunks are cut to the free blocks; a request whose KV arrived from a prefill worker starts decoding only
+once its prompt fits, and its first token counts from then (the engine reserves that landing zone before
+the prefill starts, which then starts that much later). A request that cannot fit even on an idle worker is dropped (no first token). Not
+modelled: deadline ordering of queued prompts, network and host overheads beyond the profile's step
+times.
 """
 
 from __future__ import annotations
@@ -42,6 +51,13 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from pdserve.common.step_model import DEFER_TTFT_SHARE, StepShape, StepTimeModel, window_step_budget
+
+KV_BLOCK_TOKENS = 16  # the engine's KV block
+
+
+def kv_blocks_tokens(tokens: int) -> int:
+    """``tokens`` of KV rounded up to whole blocks."""
+    return -(-tokens // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,12 @@ class SimOutcome:
         return ttft is not None and ttft <= ttft_slo_s and (tpot is None or tpot <= tpot_slo_s)
 
 
+def _decode_growth(active: _Active) -> int:
+    """KV tokens a decoding request's next token needs beyond what it holds (a new block, or none)."""
+    held = active.outcome.request.prompt_tokens + active.produced - 1
+    return kv_blocks_tokens(held + 1) - kv_blocks_tokens(held)
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """How one simulated worker schedules (the engine settings that matter here)."""
@@ -97,6 +119,7 @@ class WorkerSpec:
     defer_below: int = 0  # the engine's defer_chunks_below
     ttft_slo_s: float | None = None  # how long a deferred prompt may wait (DEFER_TTFT_SHARE of it)
     cache_tokens: int | None = None  # prefix cache size (None: unbounded; 0: no prefix caching)
+    kv_capacity_tokens: int | None = None  # KV cache size in tokens (None: unbounded)
 
 
 @dataclass
@@ -105,6 +128,21 @@ class _Active:
     computed: int = 0  # prompt tokens computed (or found in the worker's prefix cache)
     produced: int = 0  # output tokens produced
     looked_up: bool = False  # whether the worker's prefix cache was consulted
+    recompute: int = 0  # after a preemption: the tokens (prompt and output so far) to compute again
+    waited_for_blocks: bool = False  # its KV arrived at a decode worker with too few free blocks
+
+    @property
+    def to_compute(self) -> int:
+        """Tokens its prefill computes in all: the prompt, or what a preemption threw away."""
+        return self.recompute or self.outcome.request.prompt_tokens
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV it holds: what it computed, or (decoding) its prompt and every output but the last, whose KV
+        the next step writes."""
+        if self.computed < self.to_compute:
+            return kv_blocks_tokens(self.computed)
+        return kv_blocks_tokens(self.outcome.request.prompt_tokens + self.produced - 1)
 
 
 @dataclass
@@ -149,7 +187,11 @@ class _Worker:
 
     @property
     def queued_prompt_tokens(self) -> int:
-        return sum(a.outcome.request.prompt_tokens - a.computed for a in self.waiting)
+        return sum(a.to_compute - a.computed for a in self.waiting)
+
+    def kv_used(self) -> int:
+        """KV tokens (whole blocks) its decoding and partly computed requests hold."""
+        return sum(a.kv_tokens for a in self.running) + sum(a.kv_tokens for a in self.waiting if a.computed)
 
     @property
     def held(self) -> int:
@@ -183,6 +225,8 @@ class ClusterSimulation:
         self._spill_ttft_s = spill_ttft_s
         self.num_spilled = 0
         self.num_deferred = 0  # prompt chunks put off to a later step (WorkerSpec.defer_below)
+        self.num_preempted = 0  # requests that gave their KV back (WorkerSpec.kv_capacity_tokens)
+        self.num_dropped = 0  # requests no worker of their pool could fit
 
     @property
     def num_gpus(self) -> int:
@@ -265,9 +309,31 @@ class ClusterSimulation:
     def _plan(self, worker: _Worker, now: float) -> tuple[list[tuple[_Active, int]], float]:
         """The step a worker runs now: ``(request, prompt tokens)`` chunks (0: a decode) and its seconds."""
         spec = worker.spec
+        free = float("inf") if spec.kv_capacity_tokens is None else spec.kv_capacity_tokens - worker.kv_used()
         room = max(0, spec.max_running - len(worker.running))
-        worker.running += worker.joining[:room]  # the rest wait for room (KV held, not decoding)
-        worker.joining = worker.joining[room:]
+        joined = 0
+        for a in worker.joining[:room]:  # the rest wait for room or blocks (KV held elsewhere, not decoding)
+            if a.kv_tokens > free:
+                a.waited_for_blocks = True
+                break
+            if a.waited_for_blocks:  # the engine would have started its prefill this much later
+                a.outcome.first_token_s = max(a.outcome.first_token_s or now, now)
+            free -= a.kv_tokens
+            joined += 1
+        worker.running += worker.joining[:joined]
+        worker.joining = worker.joining[joined:]
+        growth = sum(_decode_growth(a) for a in worker.running)
+        preempted = False
+        while worker.running and growth > free:  # as the engine: the newest decoding request makes room
+            victim = worker.running.pop()
+            free += victim.kv_tokens
+            growth -= _decode_growth(victim)
+            victim.recompute = victim.outcome.request.prompt_tokens + victim.produced
+            victim.computed, victim.looked_up = 0, False
+            worker.waiting.appendleft(victim)
+            self.num_preempted += 1
+            preempted = True
+        free -= growth
         chunks: list[tuple[_Active, int]] = [(a, 0) for a in worker.running]
         shape = StepShape(0)
         for a in worker.running:
@@ -283,10 +349,12 @@ class ClusterSimulation:
         for a in worker.waiting:
             if budget <= 0 or len(chunks) >= spec.max_running:  # a running batch of max_running at most
                 break
+            if preempted and not a.looked_up:  # as the engine: a step that preempted admits no new prompt
+                continue
             if not a.looked_up:  # as the engine: the cache is consulted when the prompt is first scheduled
                 a.looked_up = True
                 a.computed = max(a.computed, worker.cached_prefix(a.outcome.request))
-            left = a.outcome.request.prompt_tokens - a.computed
+            left = a.to_compute - a.computed
             n = min(left, budget)
             if budget_s is not None:
                 fits = self.model.max_chunk_tokens(shape, budget_s, n, a.computed)
@@ -297,16 +365,38 @@ class ClusterSimulation:
                 if fits == 0 and not prefill_taken:
                     fits = min(n, spec.min_prefill_chunk)
                 n = fits
+            if free != float("inf"):  # the chunk's new blocks must be free
+                n = min(n, kv_blocks_tokens(a.computed) + int(free) // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS - a.computed)
             if n <= 0:
                 break
             chunks.append((a, n))
+            free -= kv_blocks_tokens(a.computed + n) - kv_blocks_tokens(a.computed)
             shape = shape.plus_chunk(n, a.computed)
             budget -= n
             prefill_taken = True
+        if not chunks and not preempted and spec.kv_capacity_tokens is not None:
+            self._unblock(worker)
         seconds = self.model.predict(shape)
         if spec.step_budget_s is not None:  # as the engine: every step counts
             worker.recent_s.append(seconds)
         return chunks, seconds
+
+    def _unblock(self, worker: _Worker) -> None:
+        """A worker with work but no step to run is out of blocks with nothing decoding: the newest partly
+        computed prompt behind the request first in line gives its blocks back (preempted), or, when none
+        holds any, that request cannot fit this worker at all and is dropped (no first token)."""
+        head = worker.joining[0] if worker.joining else worker.waiting[0]
+        others = [a for a in worker.waiting if a.computed and a is not head]
+        if others:
+            others[-1].computed, others[-1].looked_up = 0, False
+            self.num_preempted += 1
+            return
+        if worker.joining:
+            worker.joining.pop(0)
+        else:
+            worker.waiting.popleft()
+        head.outcome.first_token_s = head.outcome.done_s = None
+        self.num_dropped += 1
 
     def _finish_step(self, worker: _Worker, plan: list[tuple[_Active, int]], now: float, hand_off) -> None:  # noqa: ANN001
         for a, n in plan:
@@ -318,10 +408,18 @@ class ClusterSimulation:
                     worker.running.remove(a)
                 continue
             a.computed += n
-            if a.computed < request.prompt_tokens:
+            if a.computed < a.to_compute:
                 continue
             worker.waiting.remove(a)
             worker.remember(request)
+            if a.recompute:  # a preempted request computed again: it samples its next token, decodes on
+                a.computed, a.recompute = request.prompt_tokens, 0
+                a.produced += 1
+                if a.produced >= request.output_tokens:
+                    a.outcome.done_s = now
+                else:
+                    worker.running.append(a)
+                continue
             a.produced = 1  # the prompt's last chunk samples the first token
             if worker.role == "prefill":
                 a.outcome.first_token_s = now + self.transfer_s(request.prompt_tokens)  # seen once decoding

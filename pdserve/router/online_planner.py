@@ -107,6 +107,8 @@ class OnlinePlanner:
         model = StepTimeModel.from_dict(with_model[0]["step_time_model"], "a worker's telemetry")
         reports = [(e.get("step_time_calibration") or {},
                     {kind: int(v.get("count", 0)) for kind, v in (e.get("steps") or {}).items()}) for e in with_model]
+        capacities = [int(e["kv_capacity_tokens"]) for e in with_model if e.get("kv_capacity_tokens")]
         return Profile(model.calibrated(pooled_calibration(reports, FIRST_CALIBRATION_STEPS)),
-                       float(with_model[0].get("kv_bytes_per_token") or DEFAULT_KV_BYTES_PER_TOKEN))
+                       float(with_model[0].get("kv_bytes_per_token") or DEFAULT_KV_BYTES_PER_TOKEN),
+                       kv_capacity_tokens=min(capacities) if capacities else None)
 
