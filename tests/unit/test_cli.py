@@ -61,6 +61,7 @@ def test_profile_then_plan(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     data = json.loads(profile.read_text())
     assert data["model"]["per_token_s"] > 0 and data["kv_bytes_per_token"] > 0 and data["samples"]
+    assert data["kv_capacity_tokens"] > 0
     done = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
                 "--rate", "20", "--prompt-len", "100", "--output-len", "8", "--requests", "60", "--json")
     assert done.returncode == 0, done.stderr
@@ -68,6 +69,9 @@ def test_profile_then_plan(tmp_path) -> None:
     assert [p["config"] for p in result["predictions"]] == ["colocated x2", "1P1D"]
     assert result["recommended"] in ("colocated x2", "1P1D")
     assert all(p["goodput_per_gpu"] > 0 for p in result["predictions"])
+    refused = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
+                   "--rate", "20", "--kv-capacity-tokens", "0")
+    assert refused.returncode != 0 and "--kv-capacity-tokens" in refused.stderr
     done = _run("plan", "--profile", str(tmp_path / "missing.json"), "--gpus", "2", "--slo-ttft-ms", "200",
                 "--slo-tpot-ms", "50", "--rate", "1")
     assert done.returncode == 2 and "cannot read" in done.stderr and "Traceback" not in done.stderr

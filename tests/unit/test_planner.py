@@ -142,6 +142,7 @@ def test_the_online_planner_simulates_with_the_workers_calibration() -> None:
                                             "step_time_calibration": {"decode": 1.0, "mixed": 1.5, "prefill": 1.0},
                                             "steps": {"decode": {"count": 900}, "mixed": {"count": 400}}}},
                  "colocated-1": {"engine": {"step_time_model": model, "kv_bytes_per_token": 1000,
+                                            "kv_capacity_tokens": 50000,  # colocated-0: an older worker's report
                                             "step_time_calibration": {"decode": 1.0, "mixed": 1.3, "prefill": 1.0},
                                             "steps": {"mixed": {"count": 300}}}}}
     async def no_switch(from_role: str, to_role: str) -> str:
@@ -150,7 +151,7 @@ def test_the_online_planner_simulates_with_the_workers_calibration() -> None:
     planner = OnlinePlanner(RouterConfig(), RequestLog(), lambda: 2, lambda: telemetry, lambda: "colocated x2",
                             no_switch)
     profile = planner._profile()
-    assert profile is not None and profile.kv_bytes_per_token == 1000
+    assert profile is not None and profile.kv_bytes_per_token == 1000 and profile.kv_capacity_tokens == 50000
     assert profile.model.factor(StepKind.MIXED) == pytest.approx(1.4)
     assert profile.model.factor(StepKind.DECODE) == 1.0 and profile.model.per_token_s == 2e-5
 
