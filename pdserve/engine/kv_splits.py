@@ -37,10 +37,8 @@ def decode_split_room(capacity: int, num_kv_heads: int, num_sms: int) -> int:
     """(sequence, KV split) items per KV head a graph of ``capacity`` decodes needs so that every decode
     count it may carry gets the splits :func:`choose_num_splits` wants for a long context (on an H200, 66:
     three decodes split 22 ways); a graph with room for fewer items cuts the splits of its small batches."""
-    wave_filling = -(-2 * num_sms // max(num_kv_heads, 1))
-    most = max((n * choose_num_splits(n, num_kv_heads, 1 << 30, num_sms)
-                for n in range(1, min(capacity, wave_filling) + 1)), default=0)
-    return max(capacity, most)
+    return max((n * choose_num_splits(n, num_kv_heads, 1 << 30, num_sms) for n in range(1, capacity + 1)),
+               default=0)
 
 
 @dataclass(frozen=True)

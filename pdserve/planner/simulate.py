@@ -38,9 +38,9 @@ recently admitted decoding requests are preempted (their KV freed; they return t
 and later recompute prompt and output, as the engine does), and that step admits no new prompt; prompt
 chunks are cut to the free blocks; a request whose KV arrived from a prefill worker starts decoding only
 once its prompt fits, and its first token counts from then (the engine reserves that landing zone before
-the prefill starts, which then starts that much later). A request that cannot fit even on an idle worker is dropped (no first token). Not
-modelled: deadline ordering of queued prompts, network and host overheads beyond the profile's step
-times.
+the prefill starts, which then starts that much later). A request that cannot fit even on an idle worker
+is dropped (no first token). Not modelled: deadline ordering of queued prompts, network and host overheads
+beyond the profile's step times.
 """
 
 from __future__ import annotations

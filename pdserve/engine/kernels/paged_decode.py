@@ -194,8 +194,9 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     scalar read by the kernels, at most :data:`MAX_SPLITS`). ``may_split`` chooses the launch: the split
     one (by default for a device scalar or an int above one), ``num_programs`` programs per KV head
     (default: every sequence times ``num_splits``; the caller guarantees ``num_active * num_splits <=
-    num_programs``), or the whole one, for which the split count must be 1. ``workspace`` (partial outputs and log-sum-exps, float32 ``[num_programs,
-    num_heads, head_dim]`` and ``[num_programs, num_heads]``) may be passed in to avoid allocations."""
+    num_programs``), or the whole one, for which the split count must be 1. ``workspace`` (partial
+    outputs and log-sum-exps, float32 ``[num_programs, num_heads, head_dim]`` and ``[num_programs,
+    num_heads]``) may be passed in to avoid allocations."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
