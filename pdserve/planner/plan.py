@@ -135,6 +135,8 @@ class Prediction:
     attainment_at_offered: float
     ttft_p90_s: float | None
     tpot_p90_s: float | None
+    preemptions_per_request: float = 0.0  # at the offered rate (a worker's KV cache ran out of blocks)
+    dropped_share: float = 0.0  # at the offered rate: requests no worker could fit
 
 
 def configuration_name(*, colocated: int = 0, prefill: int = 0, decode: int = 0) -> str:
@@ -199,7 +201,9 @@ def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttf
         return simulation(profile, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, colocated_spec=colocated_spec,
                           spill=spill, budget_window=budget_window, defer_below=defer_below).run(workload.at(scale))
 
-    offered = simulate(1.0)
+    at_offered = simulation(profile, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, colocated_spec=colocated_spec,
+                            spill=spill, budget_window=budget_window, defer_below=defer_below)
+    offered = at_offered.run(workload.at(1.0))
     num_gpus = sum(counts.values())
     meets: Callable[[float], bool] = lambda scale: attainment(simulate(scale), ttft_slo_s, tpot_slo_s) >= target  # noqa: E731
     lo, hi = 0.0, 1.0
@@ -217,7 +221,9 @@ def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttf
                       round(best * workload.rate / num_gpus, 3), best >= MAX_SCALE,
                       round(attainment(offered, ttft_slo_s, tpot_slo_s), 3),
                       _p90([o.ttft_s for o in offered if o.ttft_s is not None]),
-                      _p90([o.tpot_s for o in offered if o.tpot_s is not None]))
+                      _p90([o.tpot_s for o in offered if o.tpot_s is not None]),
+                      round(at_offered.num_preempted / max(len(offered), 1), 3),
+                      round(at_offered.num_dropped / max(len(offered), 1), 3))
 
 
 def solo_prefill_s(model: StepTimeModel, prompt_tokens: int, chunk: int = SOLO_PREFILL_CHUNK) -> float:
@@ -261,6 +267,11 @@ def render(result: dict[str, Any]) -> str:
         goodput = (">= " if p["goodput_at_search_limit"] else "") + f"{p['goodput_per_gpu']:.3f}"
         rows.append(f"{p['config']:<16} {goodput:>12} {p['attainment_at_offered']:>15.3f} "
                     f"{ttft:>12} {tpot:>12}{mark}")
+    short = [p for p in result["predictions"] if p.get("preemptions_per_request") or p.get("dropped_share")]
+    if short:
+        rows += ["", "KV cache short at the offered rate: " + "; ".join(
+            f"{p['config']} preempts {p['preemptions_per_request']:g} times per request"
+            + (f" and cannot fit {p['dropped_share']:.1%} of them" if p["dropped_share"] else "") for p in short)]
     share = result.get("out_of_reach_share", 0.0)
     if share > 0:
         rows += ["", f"note: {share:.1%} of the requests cannot meet TTFT <= {result['slo']['ttft_ms']:g} ms even alone "

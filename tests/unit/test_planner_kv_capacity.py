@@ -100,3 +100,18 @@ def test_profiles_carry_the_kv_capacity_to_every_simulated_worker(tmp_path) -> N
     for bad in (0, -5, 1.5, "4096", True):
         with pytest.raises(ConfigError, match="kv_capacity_tokens"):
             Profile.from_dict({**older, "kv_capacity_tokens": bad})
+
+
+def test_plan_says_which_configuration_runs_out_of_blocks() -> None:
+    """Long requests on two GPUs with room for a few per worker: the single decode worker of 1P1D
+    preempts, and the plan's table says so; with room to spare it says nothing."""
+    from pdserve.planner.plan import Workload, plan, render
+
+    workload = Workload.poisson(4.0, 512, 256, n=40)
+    tight = plan(Profile(MODEL, kv_capacity_tokens=3000), workload, 2, ttft_slo_s=1.0, tpot_slo_s=0.05)
+    by_config = {p["config"]: p for p in tight["predictions"]}
+    assert by_config["1P1D"]["preemptions_per_request"] > 0
+    assert "KV cache short at the offered rate: " in render(tight) and "1P1D preempts" in render(tight)
+    ample = plan(Profile(MODEL, kv_capacity_tokens=10**8), workload, 2, ttft_slo_s=1.0, tpot_slo_s=0.05)
+    assert all(p["preemptions_per_request"] == 0 == p["dropped_share"] for p in ample["predictions"])
+    assert "KV cache short" not in render(ample)
