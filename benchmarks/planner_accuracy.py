@@ -192,18 +192,27 @@ def live_calibration(files: list[str], statistic: str = "end") -> dict[StepKind,
     """Mean factor per kind over the workers of ``files``: ``end``, the calibration each worker held at
     the end of its run (where it recalibrated: factor != 1); ``run``, each worker's mean measured /
     profiled ratio over the whole run (``run_ratio``, where it ran at least ``FIRST_CALIBRATION_STEPS``
-    steps of that kind; runs before 99da560 do not report it)."""
+    steps of that kind; runs before 99da560 do not report it). A worker that reports no ``chunked`` kind
+    (runs before 26ad6d4, when a later chunk beside decodes was a ``mixed`` step) lends its ``mixed``
+    factor to it: the simulation prices such steps as ``chunked``, and at 1.0 they came ~25% low, which
+    put predictions from those runs' calibration up to 90% high."""
     factors: dict[StepKind, list[float]] = {k: [] for k in StepKind}
     for file in files:
         for config in json.loads((RESULTS / file).read_text())["results"].values():
             for worker in config.get("worker_stats", []):
                 error = worker.get("step_time_error") or {}
                 if statistic == "run":
-                    for kind, (steps, ratio) in (error.get("run_ratio") or {}).items():
+                    ratios = dict(error.get("run_ratio") or {})
+                    if StepKind.CHUNKED.value not in ratios and StepKind.MIXED.value in ratios:
+                        ratios[StepKind.CHUNKED.value] = ratios[StepKind.MIXED.value]
+                    for kind, (steps, ratio) in ratios.items():
                         if steps >= FIRST_CALIBRATION_STEPS:
                             factors[StepKind(kind)].append(ratio)
                     continue
-                for kind, factor in (error.get("calibration") or {}).items():
+                calibration = dict(error.get("calibration") or {})
+                if StepKind.CHUNKED.value not in calibration and StepKind.MIXED.value in calibration:
+                    calibration[StepKind.CHUNKED.value] = calibration[StepKind.MIXED.value]
+                for kind, factor in calibration.items():
                     if factor != 1.0:
                         factors[StepKind(kind)].append(factor)
     return {k: round(statistics.mean(v), 3) for k, v in factors.items() if v}
