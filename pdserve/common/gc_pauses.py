@@ -70,10 +70,7 @@ class GcPauses:
                 self._recent.append(self._ended.popleft())
             while self._recent and self._recent[0][0] < cutoff:
                 self._recent.popleft()
-            longest = 0.0
-            for _, seconds in self._recent:
-                longest = max(longest, seconds)
-            return longest
+            return max((seconds for _, seconds in self._recent), default=0.0)
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         """Runs inside a collection, on the thread that triggered it: no lock, nothing a reader iterates."""

@@ -50,9 +50,10 @@ import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from pdserve.common.config import EngineConfig
 from pdserve.common.step_model import DEFER_TTFT_SHARE, StepShape, StepTimeModel, window_step_budget
 
-KV_BLOCK_TOKENS = 16  # the engine's KV block
+KV_BLOCK_TOKENS = EngineConfig.block_size  # the engines' KV block (their default)
 
 
 def kv_blocks_tokens(tokens: int) -> int:

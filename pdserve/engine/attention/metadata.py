@@ -46,7 +46,8 @@ class AttentionMetadata:
 
     For the Triton kernels: ``counts`` is int32 ``[4]`` on the device (decode sequences, live query
     tiles, KV splits per decode, KV splits per query tile), ``query_tiles`` the prefill tile list (see
-    ``kernels.paged_prefill``), ``launch`` the grid constants. ``launch.num_tokens`` may exceed ``num_tokens`` (padding for a CUDA graph).
+    ``kernels.paged_prefill``), ``launch`` the grid constants. ``launch.num_tokens`` may exceed
+    ``num_tokens`` (padding for a CUDA graph).
     """
 
     num_tokens: int
