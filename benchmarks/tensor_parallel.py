@@ -10,7 +10,9 @@ random KV, median engine step over 20 steps (``benchmarks.engine.bench_decode``)
 is a rank's bytes (its share of the weights and of the KV) per step over one GPU's copy ceiling.
 Prefill: one step computing a fresh prompt; MFU divides the model's FLOPs by the step time and by the
 matmul ceiling of every GPU of the case. The all-reduce share: under the torch profiler, the NCCL
-kernels' time on GPU 0 over all kernel time on GPU 0, in decode steps and in the 8k prefill.
+and peer all-reduce kernels' time on GPU 0 over all kernel time on GPU 0, in decode steps and in the
+8k prefill. The ``-peer`` cases send all-reduces up to 1 MiB through the one-shot peer kernel
+(``engine.peer_all_reduce_max_bytes``) instead of NCCL.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from benchmarks.engine import bench_decode, bench_prefill
 
 LLAMA31_70B: dict[str, Any] = {**LLAMA31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
                                "num_attention_heads": 64, "num_key_value_heads": 8}
+PEER_MAX_BYTES = 1 << 20
 #: name -> (model shapes, tensor-parallel size, extra engine settings)
 CASES: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = {
     "8b-tp1": (LLAMA31_8B, 1, {}),
@@ -47,11 +50,18 @@ CASES: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = {
     # steps run eagerly, bound by the two rank threads' launches under one interpreter
     "8b-tp2-graphs1k": (LLAMA31_8B, 2, {"cuda_graph_max_tokens": 1024}),
     "70b-tp2": (LLAMA31_70B, 2, {}),
+    # all-reduces up to 1 MiB (a decode step of up to 128 sequences) through the one-shot peer kernel
+    "8b-tp2-peer": (LLAMA31_8B, 2, {"peer_all_reduce_max_bytes": PEER_MAX_BYTES}),
+    "70b-tp2-peer": (LLAMA31_70B, 2, {"peer_all_reduce_max_bytes": PEER_MAX_BYTES}),
 }
 
 
-def nccl_share(llm: Any, run: Any) -> float | None:
-    """NCCL kernel time over all kernel time on GPU 0 while ``run()`` runs (torch profiler)."""
+ALL_REDUCE_KERNELS = ("nccl", "peer_all_reduce")
+
+
+def all_reduce_share(run: Any) -> float | None:
+    """All-reduce kernel time (NCCL's and the peer kernel's) over all kernel time on GPU 0 while
+    ``run()`` runs (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -63,7 +73,7 @@ def nccl_share(llm: Any, run: Any) -> float | None:
             continue
         us = event.time_range.elapsed_us()
         total += us
-        nccl += us if "nccl" in event.name.lower() else 0.0
+        nccl += us if any(kernel in event.name.lower() for kernel in ALL_REDUCE_KERNELS) else 0.0
     return round(nccl / total, 3) if total else None
 
 
@@ -100,12 +110,12 @@ def run_case(name: str, out: Path) -> None:
             def prefill_8k() -> None:
                 bench_prefill(llm, {}, [("1x8192", [8192])], repeats=1)
 
-            shares = {"decode_b1": nccl_share(llm, decode_steps), "prefill_8k": nccl_share(llm, prefill_8k)}
-            print(f"{name}: NCCL share of GPU 0 kernel time {shares}", flush=True)
+            shares = {"decode_b1": all_reduce_share(decode_steps), "prefill_8k": all_reduce_share(prefill_8k)}
+            print(f"{name}: all-reduce share of GPU 0 kernel time {shares}", flush=True)
             assert engine.tensor_parallel_size == size
     out.write_text(json.dumps({"case": name, "tensor_parallel_size": size, "layers": config["num_hidden_layers"],
                                "hidden": config["hidden_size"], "startup_s": startup, "ceilings": ceilings,
-                               "decode": decode, "prefill": prefill, "nccl_share": shares}))
+                               "decode": decode, "prefill": prefill, "all_reduce_share": shares}))
 
 
 def render(info: dict[str, Any], results: list[dict[str, Any]]) -> str:
@@ -119,7 +129,7 @@ def render(info: dict[str, Any], results: list[dict[str, Any]]) -> str:
         rows.append([r["case"], dec.get(1, {}).get("step_ms"), dec.get(1, {}).get("bw_util_step"),
                      dec.get(32, {}).get("step_ms"), pre.get("1x2048", {}).get("step_ms"),
                      pre.get("1x8192", {}).get("step_ms"), pre.get("1x8192", {}).get("mfu_step"),
-                     json.dumps(r.get("nccl_share") or {})])
+                     json.dumps(r.get("all_reduce_share") or r.get("nccl_share") or {})])
     by = {r["case"]: r for r in results if "error" not in r}
     ratios = []
 
@@ -131,7 +141,9 @@ def render(info: dict[str, Any], results: list[dict[str, Any]]) -> str:
         return table.get(key, {}).get("step_ms")
 
     for label, kind, key, case in (("decode batch 1 (target <= 0.6)", "decode", 1, "8b-tp2"),
+                                   ("decode batch 1, peer all-reduce", "decode", 1, "8b-tp2-peer"),
                                    ("decode batch 32", "decode", 32, "8b-tp2"),
+                                   ("decode batch 32, peer all-reduce", "decode", 32, "8b-tp2-peer"),
                                    ("prefill 8k (target <= 0.55)", "prefill", "1x8192", "8b-tp2"),
                                    ("prefill 2k", "prefill", "1x2048", "8b-tp2"),
                                    ("prefill 2k, TP=2 graphs up to 1k only", "prefill", "1x2048", "8b-tp2-graphs1k"),
@@ -140,10 +152,10 @@ def render(info: dict[str, Any], results: list[dict[str, Any]]) -> str:
         if two is not None:
             ratios.append([label, one, two, round(two / one, 3) if one and two else None])
     return "\n".join([
-        "# Tensor parallelism on two GPUs (one engine, ranks on threads, all-reduce over NCCL)", "",
+        "# Tensor parallelism on two GPUs (one engine, ranks on threads, all-reduce over NCCL or the peer kernel)", "",
         f"{info.get('device')} x{info.get('num_gpus')} · commit {info['commit']} · {info['date']}", "",
         markdown_table(["case", "decode B=1 step ms", "B=1 bw util", "decode B=32 step ms", "prefill 2k ms",
-                        "prefill 8k ms", "8k MFU (per GPU)", "NCCL share of GPU 0 kernel time"], rows), "",
+                        "prefill 8k ms", "8k MFU (per GPU)", "all-reduce share of GPU 0 kernel time"], rows), "",
         "TP=2 over TP=1 (Llama-3.1-8B shapes; both with CUDA graphs, the default: one graph per rank at TP=2, for "
         "every step up to 8k tokens; TP=1 graphs up to 1k):", "",
         markdown_table(["step", "TP=1 ms", "TP=2 ms", "TP=2 / TP=1"], ratios), ""])

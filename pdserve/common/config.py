@@ -42,6 +42,9 @@ class EngineConfig:
     ``tensor_parallel_size`` splits the model over that many ranks in this process (one thread each,
     all-reduce over gloo on the CPU, NCCL on GPUs: rank r on the r-th GPU from ``device``;
     :mod:`pdserve.engine.tensor_parallel`). With more than one GPU rank, every rank captures its own CUDA graphs.
+    ``peer_all_reduce_max_bytes`` > 0 sends GPU all-reduces up to that size through a one-shot kernel that
+    reads the other ranks' buffers directly (NVLink peers; :mod:`pdserve.engine.peer_all_reduce`) instead
+    of NCCL; 0 (the default until it is measured on two GPUs) keeps NCCL for every size.
 
     SLO-aware scheduling: ``step_time_budget_ms`` caps the predicted time of a step that carries
     decodes (prefill chunks are cut to fit: the TPOT SLO; with ``step_budget_window`` W > 0 a step may
@@ -77,6 +80,7 @@ class EngineConfig:
     defer_chunks_below: int = 0
     step_time_profile: str | None = None
     tensor_parallel_size: int = 1
+    peer_all_reduce_max_bytes: int = 0
 
     def __post_init__(self) -> None:
         try:
@@ -110,6 +114,7 @@ class EngineConfig:
         if self.cuda_graph_max_tokens is not None:
             require_int("cuda_graph_max_tokens", self.cuda_graph_max_tokens, minimum=0, maximum=65536)
         require_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1, maximum=64)
+        require_int("peer_all_reduce_max_bytes", self.peer_all_reduce_max_bytes, minimum=0, maximum=64 << 20)
         require_int("step_budget_window", self.step_budget_window, minimum=0, maximum=4096)
         require_int("defer_chunks_below", self.defer_chunks_below, minimum=0)
         if self.defer_chunks_below and self.step_budget_window <= 1:

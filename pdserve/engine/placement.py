@@ -29,7 +29,9 @@ def place_model(source: ModelSource, backend: AttentionBackend, dtype: torch.dty
             return build_model(source, backend=backend, dtype=dtype, device=devices[tp.rank], tp=tp,
                                load_format=config.load_format, max_positions=max_model_len, seed=config.seed)
 
-    return TensorParallelModel.build(build, devices) if len(devices) > 1 else build()
+    if len(devices) == 1:
+        return build()
+    return TensorParallelModel.build(build, devices, config.peer_all_reduce_max_bytes)
 
 
 def prepare_attention(backend: AttentionBackend, model: CausalLM, dtype: torch.dtype, devices: list[torch.device],

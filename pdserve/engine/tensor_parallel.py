@@ -57,6 +57,7 @@ from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches
 from pdserve.engine.model.decoder import DecoderForCausalLM
 from pdserve.engine.model.hf_config import ModelSpec
 from pdserve.engine.model.parallel import TensorParallel
+from pdserve.engine.peer_all_reduce import PeerAllReduce
 from pdserve.engine.thread_collectives import BARRIER_TIMEOUT_S, ThreadRendezvous
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=300)
@@ -74,25 +75,29 @@ class TensorParallelModel:
         self._capture_streams: dict[int, torch.cuda.Stream] = {}
 
     @classmethod
-    def build(cls, make: Callable[[TensorParallel], DecoderForCausalLM],
-              devices: list[torch.device]) -> TensorParallelModel:
-        """Form the ranks' groups (gloo on an in-process store; on GPUs a host rendezvous launching NCCL)
-        and ``make`` each rank's share of the model."""
+    def build(cls, make: Callable[[TensorParallel], DecoderForCausalLM], devices: list[torch.device],
+              peer_all_reduce_max_bytes: int = 0) -> TensorParallelModel:
+        """Form the ranks' groups (gloo on an in-process store; on GPUs a host rendezvous launching NCCL,
+        and the one-shot peer kernel for all-reduces up to ``peer_all_reduce_max_bytes``) and ``make``
+        each rank's share of the model."""
         size = len(devices)
-        rendezvous = ThreadRendezvous(size) if devices[0].type == "cuda" else None
+        rendezvous = None
+        if devices[0].type == "cuda":
+            rendezvous = ThreadRendezvous(size, PeerAllReduce.build(devices, peer_all_reduce_max_bytes))
         store = dist.HashStore()  # (gloo's; in-process, nothing to set up)
 
         def join(rank: int) -> Any:  # a gloo group's constructor returns once every rank joined
             if rendezvous is None:
                 return dist.ProcessGroupGloo(store, rank, size, GROUP_TIMEOUT)
             with on_device(devices[rank]):
-                group = rendezvous.group(rank)
                 probe = torch.ones(1, device=devices[rank])
-                TensorParallel(rank, size, group).all_reduce(probe)  # every rank here: NCCL's clique forms now
-                if probe.item() != size:
-                    raise RuntimeError(f"tensor-parallel rank {rank}: a first all-reduce over NCCL gave "
-                                       f"{probe.item()}, not {size}")
-                return group
+                rendezvous.nccl_all_reduce(rank, probe)  # every rank here: NCCL's clique forms now
+                _check_probe(rank, "NCCL", probe, size)
+                if rendezvous.peer is not None:
+                    probe = torch.ones(1, device=devices[rank])
+                    rendezvous.peer.all_reduce(rank, probe)
+                    _check_probe(rank, "the peer kernel", probe, size)
+                return rendezvous.group(rank)
 
         with ThreadPoolExecutor(size) as pool:
             groups = list(pool.map(join, range(size)))
@@ -241,6 +246,12 @@ class TensorParallelGraph:
         for graph in self._graphs:
             graph.replay()
         return self.output
+
+
+def _check_probe(rank: int, path: str, probe: torch.Tensor, size: int) -> None:
+    if probe.item() != size:
+        raise RuntimeError(f"tensor-parallel rank {rank}: a first all-reduce through {path} gave {probe.item()}, "
+                           f"not {size}")
 
 
 def metadata_on(metadata: AttentionMetadata, device: torch.device) -> AttentionMetadata:

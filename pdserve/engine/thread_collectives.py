@@ -5,7 +5,9 @@ process hung at start-up on 2xH200). Here the ranks meet on the host instead: ea
 deposits its tensor and the stream it computes on, the last to arrive launches one NCCL all-reduce over
 every rank's tensor (``torch.cuda.nccl.all_reduce``: one communicator clique for the process, one group
 launch), and all ranks leave once it is enqueued. Nothing waits for the device: each rank's stream runs
-the all-reduce kernel in order with its own work, and NCCL synchronises the GPUs.
+the all-reduce kernel in order with its own work, and NCCL synchronises the GPUs. With a
+:class:`~pdserve.engine.peer_all_reduce.PeerAllReduce`, tensors that fit it skip the host meeting: each
+rank launches the one-shot kernel on its own, and the kernels meet on the devices.
 
 Lifecycle: one :class:`ThreadRendezvous` per tensor-parallel engine; :meth:`ThreadRendezvous.group`
 gives rank r the object its :class:`~pdserve.engine.model.parallel.TensorParallel` calls
@@ -16,9 +18,12 @@ rank that died cannot leave the others waiting forever.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from pdserve.engine.peer_all_reduce import PeerAllReduce
 
 #: How long a rank waits for the others at one all-reduce before the step fails (a rank that died).
 BARRIER_TIMEOUT_S = 300.0
@@ -30,8 +35,9 @@ class _Done:
 
 
 class ThreadRendezvous:
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, peer: PeerAllReduce | None = None) -> None:
         self.size = size
+        self.peer = peer
         self._slots: list[tuple[torch.Tensor, torch.cuda.Stream] | None] = [None] * size
         self._barrier = threading.Barrier(size, action=self._launch, timeout=BARRIER_TIMEOUT_S)
 
@@ -39,6 +45,13 @@ class ThreadRendezvous:
         return _RankGroup(self, rank)
 
     def all_reduce(self, rank: int, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over the ranks in place: through the peer kernel when it fits, else NCCL."""
+        if self.peer is not None and self.peer.fits(tensor):
+            self.peer.all_reduce(rank, tensor)
+        else:
+            self.nccl_all_reduce(rank, tensor)
+
+    def nccl_all_reduce(self, rank: int, tensor: torch.Tensor) -> None:
         self._slots[rank] = (tensor, torch.cuda.current_stream(tensor.device))
         self._barrier.wait()  # the last rank to arrive runs _launch before any leaves
 

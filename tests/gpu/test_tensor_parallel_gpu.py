@@ -16,10 +16,16 @@ from tests.support.hf_models import make_hf_model
 pytestmark = pytest.mark.multigpu
 
 
-@pytest.mark.parametrize(("kind", "eager"), [("llama31", False), ("llama31", True), ("qwen3", False),
-                                             ("qwen2", False)])  # qwen2: one KV head for two ranks
-def test_two_gpu_ranks_generate_what_one_gpu_does(kind: str, eager: bool, tmp_path) -> None:  # noqa: ANN001
-    """Every step (at most 64 tokens) replays each rank's CUDA graph; with ``enforce_eager`` none does."""
+@pytest.mark.parametrize(("kind", "eager", "peer_bytes"), [
+    ("llama31", False, 0), ("llama31", True, 0), ("qwen3", False, 0),
+    ("qwen2", False, 0),  # qwen2: one KV head for two ranks
+    ("llama31", False, 4096), ("llama31", True, 4096),  # small all-reduces through the peer kernel, large ones NCCL
+])
+def test_two_gpu_ranks_generate_what_one_gpu_does(kind: str, eager: bool, peer_bytes: int,
+                                                  tmp_path) -> None:  # noqa: ANN001
+    """Every step (at most 64 tokens) replays each rank's CUDA graph; with ``enforce_eager`` none does.
+    With ``peer_all_reduce_max_bytes`` the decode steps' all-reduces go through the one-shot peer kernel
+    and the longer steps' through NCCL, in one run."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA GPUs")
     make_hf_model(kind, tmp_path) if kind == "llama31" else make_hf_model(kind, tmp_path, head_dim=64)
@@ -29,8 +35,9 @@ def test_two_gpu_ranks_generate_what_one_gpu_does(kind: str, eager: bool, tmp_pa
     kwargs = dict(model=str(tmp_path), device="cuda:0", dtype="float32", max_model_len=512, block_size=16,
                   num_kv_blocks=256, max_num_seqs=16, max_num_batched_tokens=64)  # chunked prefill + decodes
     one = LLM(**kwargs)
-    two = LLM(tensor_parallel_size=2, enforce_eager=eager, **kwargs)
+    two = LLM(tensor_parallel_size=2, enforce_eager=eager, peer_all_reduce_max_bytes=peer_bytes, **kwargs)
     ranks = two.engine.model.ranks
+    assert (two.engine.model._rendezvous.peer is not None) == bool(peer_bytes)
     assert [next(r.parameters()).device for r in ranks] == [torch.device("cuda", 0), torch.device("cuda", 1)]
     assert [caches[0].device for caches in two.engine.model.kv_caches] == [torch.device("cuda", 0),
                                                                             torch.device("cuda", 1)]

@@ -1,0 +1,104 @@
+"""One-shot all-reduce of a small tensor between GPUs that map each other's memory (NVLink peers).
+
+Every rank launches the same kernel on its own stream with the same grid. Program ``p`` of rank ``r``:
+
+1. copies its slice of the rank's tensor into rank ``r``'s staging buffer (half ``epoch % 2``),
+2. signals every peer (a release store of ``epoch`` into the peer's flag slot ``[r, p]``, system scope)
+   and waits until every peer's program ``p`` signalled the same epoch into its own slots (acquire),
+3. sums its slice over every rank's staging buffer, in rank order (so every rank gets the same bits),
+   and writes the sum over its tensor.
+
+``epoch`` counts the calls of program ``p`` (a per-program counter in device memory, so CUDA graph
+replays advance it): both ranks make the same calls with the same grid, so program ``p`` of every rank
+is at the same epoch. Why two halves suffice: a rank can write half ``e % 2`` again only at epoch
+``e + 2``, whose kernel starts after its epoch ``e + 1`` kernel passed its wait, which needed every
+peer's epoch ``e + 1`` signals, sent after those peers' epoch ``e`` kernels ended (stream order).
+A peer may signal ``e + 1`` before a slow rank saw ``e``, hence "at least ``epoch``", and int64 counters.
+
+Contract: :func:`load_kernels` ran on every rank's GPU before the first call; every rank calls with
+tensors of the same shape and dtype, the same grid (:data:`PROGRAMS`), and the same sequence of calls;
+a rank that never comes leaves the others spinning on the device (as a NCCL collective would).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: Programs per call: fixed, so every program's epoch counts every call (see module).
+PROGRAMS = 16
+#: Elements a program moves per iteration.
+BLOCK = 1024
+
+
+@triton.jit
+def _exchange(data_ptr, stage_table, flag_table, counter_ptr, n, half_elements, rank,
+              WORLD: tl.constexpr, PROGRAMS_: tl.constexpr, BLOCK_: tl.constexpr):
+    pid = tl.program_id(0)
+    dtype = data_ptr.dtype.element_ty
+    epoch = tl.load(counter_ptr + pid) + 1
+    half = (epoch % 2) * half_elements
+    own_stage = tl.load(stage_table + rank).to(tl.pointer_type(dtype)) + half
+    for start in range(pid * BLOCK_, n, PROGRAMS_ * BLOCK_):
+        offsets = start + tl.arange(0, BLOCK_)
+        mask = offsets < n
+        tl.store(own_stage + offsets, tl.load(data_ptr + offsets, mask=mask), mask=mask)
+    tl.debug_barrier()  # every thread's slice is written before the signal below releases it
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            peer_flags = tl.load(flag_table + peer).to(tl.pointer_type(tl.int64))
+            tl.atomic_xchg(peer_flags + rank * PROGRAMS_ + pid, epoch, sem="release", scope="sys")
+    own_flags = tl.load(flag_table + rank).to(tl.pointer_type(tl.int64)) + pid
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            slot = own_flags + peer * PROGRAMS_
+            seen = tl.atomic_add(slot, 0, sem="acquire", scope="sys")
+            while seen < epoch:
+                seen = tl.atomic_add(slot, 0, sem="acquire", scope="sys")
+    tl.debug_barrier()  # no thread reads a peer's slice before the wait above saw its signal
+    for start in range(pid * BLOCK_, n, PROGRAMS_ * BLOCK_):
+        offsets = start + tl.arange(0, BLOCK_)
+        mask = offsets < n
+        total = tl.zeros([BLOCK_], dtype=tl.float32)
+        for source in tl.static_range(WORLD):
+            stage = tl.load(stage_table + source).to(tl.pointer_type(dtype)) + half
+            total += tl.load(stage + offsets, mask=mask, other=0.0, volatile=True).to(tl.float32)
+        tl.store(data_ptr + offsets, total.to(dtype), mask=mask)
+    tl.store(counter_ptr + pid, epoch)
+
+
+@triton.jit(do_not_specialize=["data_ptr", "n", "half_elements", "rank", "exchange"])
+def _peer_all_reduce_kernel(data_ptr, stage_table, flag_table, counter_ptr, n, half_elements, rank, exchange,
+                            WORLD: tl.constexpr, PROGRAMS_: tl.constexpr, BLOCK_: tl.constexpr):
+    if exchange != 0:  # 0: a warm-up launch (see :func:`load_kernels`), which touches nothing
+        _exchange(data_ptr, stage_table, flag_table, counter_ptr, n, half_elements, rank, WORLD, PROGRAMS_, BLOCK_)
+
+
+def peer_all_reduce(tensor: torch.Tensor, rank: int, world: int, stage_table: torch.Tensor, flag_table: torch.Tensor,
+                    counters: torch.Tensor, half_elements: int) -> None:
+    """Sum ``tensor`` (contiguous, on rank ``rank``'s GPU) over the ranks, in place, on the current stream.
+
+    ``stage_table``/``flag_table``: int64 device pointers (on this rank's GPU), one per rank, of each
+    rank's staging buffer (two halves of ``half_elements`` of ``tensor``'s dtype) and flag slots
+    (``world * PROGRAMS`` int64, zeroed once); ``counters``: this rank's ``PROGRAMS`` int64 epochs.
+    """
+    n = tensor.numel()
+    if n > half_elements:
+        raise ValueError(f"{n} elements exceed the staging half of {half_elements}")
+    _peer_all_reduce_kernel[(PROGRAMS,)](tensor, stage_table, flag_table, counters, n, half_elements, rank, 1,
+                                         WORLD=world, PROGRAMS_=PROGRAMS, BLOCK_=BLOCK, num_warps=4)
+
+
+def load_kernels(device: torch.device, world: int, dtypes: tuple[torch.dtype, ...]) -> None:
+    """Compile and load the kernel for every dtype on ``device``, with launches that touch nothing.
+
+    Call before any rank's first all-reduce: loading a kernel waits for the GPU's running kernels, so a
+    rank loading its kernel while another rank's kernel on the same GPU spins for its signal would never
+    return (seen with both ranks on one GPU). One binary serves every rank, size and alignment.
+    """
+    scratch = torch.zeros(PROGRAMS, dtype=torch.int64, device=device)
+    for dtype in dtypes:
+        _peer_all_reduce_kernel[(PROGRAMS,)](torch.zeros(1, dtype=dtype, device=device), scratch, scratch, scratch,
+                                             0, 0, 0, 0, WORLD=world, PROGRAMS_=PROGRAMS, BLOCK_=BLOCK, num_warps=4)
+    torch.cuda.synchronize(device)
