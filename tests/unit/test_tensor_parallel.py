@@ -103,3 +103,11 @@ def test_graph_steps_cover_prefill_steps_only_with_several_ranks() -> None:
     assert EngineConfig(tensor_parallel_size=2, cuda_graph_max_tokens=512).graph_max_tokens == 512
     with pytest.raises(ConfigError, match="cuda_graph_max_tokens"):
         EngineConfig(cuda_graph_max_tokens=-1)
+
+
+def test_peer_all_reduce_size_is_validated() -> None:
+    assert EngineConfig().peer_all_reduce_max_bytes == 0  # NCCL for every size until measured on two GPUs
+    assert EngineConfig(peer_all_reduce_max_bytes=1 << 20).peer_all_reduce_max_bytes == 1 << 20
+    for bad in (-1, 1 << 30, 1.5):
+        with pytest.raises(ConfigError, match="peer_all_reduce_max_bytes"):
+            EngineConfig(peer_all_reduce_max_bytes=bad)  # type: ignore[arg-type]
