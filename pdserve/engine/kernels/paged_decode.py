@@ -73,6 +73,31 @@ def _attend_keys(q, k_cache_ptr, v_cache_ptr, table, kv_head, seq_len, window, t
 
 
 @triton.jit
+def _group_query(q_ptr, seq, stride_qs, stride_qh, heads, head_mask, HEAD_DIM: tl.constexpr):
+    """The query rows of one GQA group of sequence ``seq`` (padded rows zero)."""
+    d = tl.arange(0, HEAD_DIM)
+    return tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=head_mask[:, None],
+                   other=0.0)
+
+
+@triton.jit
+def _first_tile(seq_len, window, BLOCK_N: tl.constexpr):
+    """The first key tile a query at position ``seq_len - 1`` sees (its sliding window's, else 0)."""
+    first_tile = 0
+    if window > 0:
+        first_tile = tl.maximum(seq_len - window, 0) // BLOCK_N
+    return first_tile
+
+
+@triton.jit
+def _store_output(out_ptr, seq, stride_os, stride_oh, heads, head_mask, acc, safe_l, HEAD_DIM: tl.constexpr):
+    """Write one GQA group's normalised output rows of sequence ``seq``."""
+    d = tl.arange(0, HEAD_DIM)
+    tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
+             (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+
+
+@triton.jit
 def _decode_partial_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, num_active_ptr, num_splits_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -97,12 +122,9 @@ def _decode_partial_kernel(
             seq = item // num_splits
             split = item % num_splits
             seq_len = tl.load(seq_lens_ptr + seq)
-            q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
-                        mask=head_mask[:, None], other=0.0)
+            q = _group_query(q_ptr, seq, stride_qs, stride_qh, heads, head_mask, HEAD_DIM)
             num_tiles = tl.cdiv(seq_len, BLOCK_N)
-            first_tile = 0
-            if window > 0:
-                first_tile = tl.maximum(seq_len - window, 0) // BLOCK_N
+            first_tile = _first_tile(seq_len, window, BLOCK_N)
             tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
             tile_lo = first_tile + split * tiles_per_split
             tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
@@ -111,8 +133,7 @@ def _decode_partial_kernel(
                                          stride_ch, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
             safe_l = tl.where(l_i > 0, l_i, 1.0)
             if num_splits == 1:
-                tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
-                         (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+                _store_output(out_ptr, seq, stride_os, stride_oh, heads, head_mask, acc, safe_l, HEAD_DIM)
             else:
                 lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
                 tl.store(part_out_ptr + item * stride_pi + heads[:, None] * stride_ph + d[None, :],
@@ -123,18 +144,13 @@ def _decode_partial_kernel(
         if seq >= tl.load(num_active_ptr):
             return
         seq_len = tl.load(seq_lens_ptr + seq)
-        q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :], mask=head_mask[:, None],
-                    other=0.0)
-        first_tile = 0
-        if window > 0:
-            first_tile = tl.maximum(seq_len - window, 0) // BLOCK_N
+        q = _group_query(q_ptr, seq, stride_qs, stride_qh, heads, head_mask, HEAD_DIM)
         acc, m_i, l_i = _attend_keys(q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, kv_head,
-                                     seq_len, window, first_tile, tl.cdiv(seq_len, BLOCK_N), scale_log2,
-                                     stride_cb, stride_ct, stride_ch, GROUP_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-                                     DOT_PRECISION)
+                                     seq_len, window, _first_tile(seq_len, window, BLOCK_N), tl.cdiv(seq_len, BLOCK_N),
+                                     scale_log2, stride_cb, stride_ct, stride_ch, GROUP_PAD, HEAD_DIM, BLOCK_SIZE,
+                                     BLOCK_N, DOT_PRECISION)
         safe_l = tl.where(l_i > 0, l_i, 1.0)
-        tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + d[None, :],
-                 (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+        _store_output(out_ptr, seq, stride_os, stride_oh, heads, head_mask, acc, safe_l, HEAD_DIM)
 
 
 @triton.jit
