@@ -82,11 +82,14 @@ class PlanLanding:
         assert self._post_stream is not None
         staging: list[torch.Tensor] = []
         claimed = []
+        # a message that is not one split part is always staged: its buffer is allocated before the lock
+        # is taken (only a split part's, which may land in place, waits for its claim)
+        ready = [None if message.split else message_buffers(message, self._device) for message in plan]
         with self._core.lock:
             # per message: where its bytes go, and the staging buffer to scatter (None: received in place)
             landings: list[tuple[PlannedMessage, list[Any], list[torch.Tensor], torch.Tensor | None]] = []
             staged: torch.Tensor | None
-            for message in plan:
+            for message, allocated in zip(plan, ready, strict=True):
                 records = [self._core.claim_part(self._peer, part) for part in message.parts]
                 claimed += [r for r in records if r is not None]
                 targets = [None if r is None else r.handle.block_ids[p.start:p.start + p.num_blocks]
@@ -98,7 +101,7 @@ class PlanLanding:
                     landings.append((message, targets, buffers, None))
                     self.num_direct += 1
                 else:
-                    staged, buffers = message_buffers(message, self._device)
+                    staged, buffers = allocated or message_buffers(message, self._device)
                     staging.append(staged)
                     landings.append((message, targets, buffers, staged))
                     self.num_staged += 1
