@@ -25,181 +25,28 @@ queued local prompt tokens over the spare rate its decodes leave within its step
 minus its arrival (plus the handoff for remote prefills: the client sees the first token once the
 decode worker has it), its TPOT the mean time per later token.
 
-**Prefix caching**: a request may name its prompt's blocks (``prefix_blocks``, ``block_tokens`` tokens
-each; equal leading ids mean an equal prefix, as the Mooncake trace's hash ids do). Each worker keeps the
-blocks of the prompts it computed, least recently used first out past ``WorkerSpec.cache_tokens`` (None:
-no limit); a prompt skips the leading blocks its worker holds when its first chunk is scheduled (never its
-last token), as the engine's prefix cache does. The router's placement does not look at caches.
-
-**KV capacity** (``WorkerSpec.kv_capacity_tokens``; None: no limit): a worker's requests hold their KV
-in 16-token blocks -- a prompt what it has computed, a decoding request its prompt and output so far -- as
-the engine allocates them, on demand. When a step's decodes need blocks that are not free, the most
-recently admitted decoding requests are preempted (their KV freed; they return to the head of the queue
-and later recompute prompt and output, as the engine does), and that step admits no new prompt; prompt
-chunks are cut to the free blocks; a request whose KV arrived from a prefill worker starts decoding only
-once its prompt fits, and its first token counts from then (the engine reserves that landing zone before
-the prefill starts, which then starts that much later). A request that cannot fit even on an idle worker
-is dropped (no first token). Not modelled: deadline ordering of queued prompts, network and host overheads
-beyond the profile's step times.
+Each worker also models its prefix cache and its KV capacity (blocks on demand, preemption and
+recomputation when they run out): see :mod:`pdserve.planner.sim_worker`, which holds a worker's state.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 
-from pdserve.common.config import EngineConfig
 from pdserve.common.step_model import DEFER_TTFT_SHARE, StepShape, StepTimeModel, window_step_budget
+from pdserve.planner.sim_worker import (
+    KV_BLOCK_TOKENS,
+    ActiveRequest,
+    SimOutcome,
+    SimRequest,
+    SimWorker,
+    WorkerSpec,
+    decode_growth,
+    kv_blocks_tokens,
+)
 
-KV_BLOCK_TOKENS = EngineConfig.block_size  # the engines' KV block (their default)
-
-
-def kv_blocks_tokens(tokens: int) -> int:
-    """``tokens`` of KV rounded up to whole blocks."""
-    return -(-tokens // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
-
-
-@dataclass(frozen=True)
-class SimRequest:
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int
-    prefix_blocks: tuple[int, ...] = ()  # ids of the prompt's consecutive blocks (see the module docstring)
-    block_tokens: int = 0
-
-    def block_keys(self) -> list[int]:
-        """One key per full block of the prompt, each standing for the whole prefix up to it."""
-        keys: list[int] = []
-        key = 0
-        if self.block_tokens <= 0:
-            return keys
-        for i, block in enumerate(self.prefix_blocks[: self.prompt_tokens // self.block_tokens]):
-            key = hash((key, block)) if i else hash((-1, block))
-            keys.append(key)
-        return keys
-
-
-@dataclass
-class SimOutcome:
-    request: SimRequest
-    first_token_s: float | None = None
-    done_s: float | None = None
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token_s is None else self.first_token_s - self.request.arrival_s
-
-    @property
-    def tpot_s(self) -> float | None:
-        if self.first_token_s is None or self.done_s is None or self.request.output_tokens < 2:
-            return None
-        return (self.done_s - self.first_token_s) / (self.request.output_tokens - 1)
-
-    def meets(self, ttft_slo_s: float, tpot_slo_s: float) -> bool:
-        ttft, tpot = self.ttft_s, self.tpot_s
-        return ttft is not None and ttft <= ttft_slo_s and (tpot is None or tpot <= tpot_slo_s)
-
-
-def _decode_growth(active: _Active) -> int:
-    """KV tokens a decoding request's next token needs beyond what it holds (a new block, or none)."""
-    held = active.outcome.request.prompt_tokens + active.produced - 1
-    return kv_blocks_tokens(held + 1) - kv_blocks_tokens(held)
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """How one simulated worker schedules (the engine settings that matter here)."""
-
-    max_batch_tokens: int = 8192
-    max_running: int = 256
-    step_budget_s: float | None = None  # the TPOT SLO of an SLO-budgeted worker
-    min_prefill_chunk: int = 32
-    budget_window: int = 0  # the engine's step_budget_window
-    defer_below: int = 0  # the engine's defer_chunks_below
-    ttft_slo_s: float | None = None  # how long a deferred prompt may wait (DEFER_TTFT_SHARE of it)
-    cache_tokens: int | None = None  # prefix cache size (None: unbounded; 0: no prefix caching)
-    kv_capacity_tokens: int | None = None  # KV cache size in tokens (None: unbounded)
-
-
-@dataclass
-class _Active:
-    outcome: SimOutcome
-    computed: int = 0  # prompt tokens computed (or found in the worker's prefix cache)
-    produced: int = 0  # output tokens produced
-    looked_up: bool = False  # whether the worker's prefix cache was consulted
-    recompute: int = 0  # after a preemption: the tokens (prompt and output so far) to compute again
-    waited_for_blocks: bool = False  # its KV arrived at a decode worker with too few free blocks
-
-    @property
-    def to_compute(self) -> int:
-        """Tokens its prefill computes in all: the prompt, or what a preemption threw away."""
-        return self.recompute or self.outcome.request.prompt_tokens
-
-    @property
-    def kv_tokens(self) -> int:
-        """KV it holds: what it computed, or (decoding) its prompt and every output but the last, whose KV
-        the next step writes."""
-        if self.computed < self.to_compute:
-            return kv_blocks_tokens(self.computed)
-        return kv_blocks_tokens(self.outcome.request.prompt_tokens + self.produced - 1)
-
-
-@dataclass
-class _Worker:
-    role: str  # colocated | prefill | decode
-    spec: WorkerSpec
-    model: StepTimeModel
-    waiting: deque[_Active] = field(default_factory=deque)  # prompts to compute (colocated, prefill)
-    running: list[_Active] = field(default_factory=list)  # decoding
-    joining: list[_Active] = field(default_factory=list)  # KV arrived, decodes from the next step
-    busy: bool = False
-    recent_s: deque[float] = field(init=False)  # the last steps' seconds (the window budget)
-    cache: OrderedDict[int, int] = field(default_factory=OrderedDict)  # prefix block key -> its tokens, LRU first
-    cached_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        self.recent_s = deque(maxlen=max(self.spec.budget_window - 1, 0))
-
-    def cached_prefix(self, request: SimRequest) -> int:
-        """Prompt tokens this worker's prefix cache holds for ``request`` (at most all but the last)."""
-        hit = 0
-        for key in request.block_keys():
-            if key not in self.cache:
-                break
-            self.cache.move_to_end(key)
-            hit += request.block_tokens
-        return min(hit, request.prompt_tokens - 1)
-
-    def remember(self, request: SimRequest) -> None:
-        """Keep the full blocks of a prompt this worker computed, evicting the least recently used."""
-        limit = self.spec.cache_tokens
-        if limit == 0:
-            return
-        for key in request.block_keys():
-            if key in self.cache:
-                self.cache.move_to_end(key)
-                continue
-            self.cache[key] = request.block_tokens
-            self.cached_tokens += request.block_tokens
-        while limit is not None and self.cached_tokens > limit and self.cache:
-            self.cached_tokens -= self.cache.popitem(last=False)[1]
-
-    @property
-    def queued_prompt_tokens(self) -> int:
-        return sum(a.to_compute - a.computed for a in self.waiting)
-
-    def kv_used(self) -> int:
-        """KV tokens (whole blocks) its decoding and partly computed requests hold."""
-        return sum(a.kv_tokens for a in self.running) + sum(a.kv_tokens for a in self.waiting if a.computed)
-
-    @property
-    def held(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.joining)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.joining)
+__all__ = ["ClusterSimulation", "SimOutcome", "SimRequest", "WorkerSpec", "kv_blocks_tokens"]
 
 
 class ClusterSimulation:
@@ -216,9 +63,9 @@ class ClusterSimulation:
         if not colocated and not (prefill and decode):
             raise ValueError("a disaggregated configuration needs at least one prefill and one decode worker")
         self.model = model
-        self.workers = ([_Worker("colocated", colocated_spec, model) for _ in range(colocated)]
-                        + [_Worker("prefill", prefill_spec, model) for _ in range(prefill)]
-                        + [_Worker("decode", decode_spec, model) for _ in range(decode)])
+        self.workers = ([SimWorker("colocated", colocated_spec, model) for _ in range(colocated)]
+                        + [SimWorker("prefill", prefill_spec, model) for _ in range(prefill)]
+                        + [SimWorker("decode", decode_spec, model) for _ in range(decode)])
         self._fixed_transfer_s = transfer_s
         self._kv_bytes_per_token = kv_bytes_per_token
         self._transfer_bytes_per_s = transfer_bytes_per_s
@@ -247,10 +94,10 @@ class ClusterSimulation:
             heapq.heappush(events, (outcome.request.arrival_s, next(seq), "arrive", outcome))
         by_role = {role: [w for w in self.workers if w.role == role] for role in ("colocated", "prefill", "decode")}
 
-        plan: list[tuple[_Active, int]]
-        worker: _Worker
+        plan: list[tuple[ActiveRequest, int]]
+        worker: SimWorker
 
-        def start(worker: _Worker, now: float) -> None:
+        def start(worker: SimWorker, now: float) -> None:
             if worker.busy or not worker.has_work():
                 return
             chunks, seconds = self._plan(worker, now)
@@ -261,7 +108,7 @@ class ClusterSimulation:
             now, _, kind, payload = heapq.heappop(events)
             if kind == "arrive":
                 assert isinstance(payload, SimOutcome)
-                active = _Active(payload)
+                active = ActiveRequest(payload)
                 if by_role["colocated"]:
                     worker = min(by_role["colocated"], key=lambda w: w.held)
                 else:
@@ -269,7 +116,7 @@ class ClusterSimulation:
                 worker.waiting.append(active)
                 start(worker, now)
             elif kind == "kv":
-                assert isinstance(payload, _Active)
+                assert isinstance(payload, ActiveRequest)
                 worker = min(by_role["decode"], key=lambda w: w.held)
                 worker.joining.append(payload)
                 start(worker, now)
@@ -282,7 +129,7 @@ class ClusterSimulation:
                 start(worker, now)
         return outcomes
 
-    def _place_prompt(self, prompt_tokens: int, by_role: dict[str, list[_Worker]]) -> _Worker:
+    def _place_prompt(self, prompt_tokens: int, by_role: dict[str, list[SimWorker]]) -> SimWorker:
         """The prefill worker of fewest queued tokens, or (spilling) the decode worker that is faster."""
         prefill = min(by_role["prefill"], key=lambda w: w.queued_prompt_tokens)
         if self._spill_ttft_s is None:
@@ -307,7 +154,7 @@ class ClusterSimulation:
 
     # -- one worker ---------------------------------------------------------------------------------
 
-    def _plan(self, worker: _Worker, now: float) -> tuple[list[tuple[_Active, int]], float]:
+    def _plan(self, worker: SimWorker, now: float) -> tuple[list[tuple[ActiveRequest, int]], float]:
         """The step a worker runs now: ``(request, prompt tokens)`` chunks (0: a decode) and its seconds."""
         spec = worker.spec
         free = float("inf") if spec.kv_capacity_tokens is None else spec.kv_capacity_tokens - worker.kv_used()
@@ -323,19 +170,19 @@ class ClusterSimulation:
             joined += 1
         worker.running += worker.joining[:joined]
         worker.joining = worker.joining[joined:]
-        growth = sum(_decode_growth(a) for a in worker.running)
+        growth = sum(decode_growth(a) for a in worker.running)
         preempted = False
         while worker.running and growth > free:  # as the engine: the newest decoding request makes room
             victim = worker.running.pop()
             free += victim.kv_tokens
-            growth -= _decode_growth(victim)
+            growth -= decode_growth(victim)
             victim.recompute = victim.outcome.request.prompt_tokens + victim.produced
             victim.computed, victim.looked_up = 0, False
             worker.waiting.appendleft(victim)
             self.num_preempted += 1
             preempted = True
         free -= growth
-        chunks: list[tuple[_Active, int]] = [(a, 0) for a in worker.running]
+        chunks: list[tuple[ActiveRequest, int]] = [(a, 0) for a in worker.running]
         shape = StepShape(0)
         for a in worker.running:
             shape = shape.plus_decode(a.outcome.request.prompt_tokens + a.produced)
@@ -382,7 +229,7 @@ class ClusterSimulation:
             worker.recent_s.append(seconds)
         return chunks, seconds
 
-    def _unblock(self, worker: _Worker) -> None:
+    def _unblock(self, worker: SimWorker) -> None:
         """A worker with work but no step to run is out of blocks with nothing decoding: the newest partly
         computed prompt behind the request first in line gives its blocks back (preempted), or, when none
         holds any, that request cannot fit this worker at all and is dropped (no first token)."""
@@ -399,7 +246,7 @@ class ClusterSimulation:
         head.outcome.first_token_s = head.outcome.done_s = None
         self.num_dropped += 1
 
-    def _finish_step(self, worker: _Worker, plan: list[tuple[_Active, int]], now: float, hand_off) -> None:  # noqa: ANN001
+    def _finish_step(self, worker: SimWorker, plan: list[tuple[ActiveRequest, int]], now: float, hand_off) -> None:  # noqa: ANN001
         for a, n in plan:
             request = a.outcome.request
             if n == 0:  # a decode: one more token
