@@ -27,7 +27,8 @@ prefill tokens and the advertised prefill rate, engine steps and their device ti
 (decode / mixed / prefill), KV transfers (count, failures, bytes, seconds, local recomputes by
 transport), GPU readings (utilisation, memory, power, SM clock, NVLink bytes; absent, never zero,
 on a worker without an NVIDIA GPU: ``pdserve:gpu_telemetry_available`` says which), and with the
-online planner on, ``pdserve:planner_predicted_goodput_per_gpu`` / ``pdserve:planner_recommended``
+online planner on, ``pdserve:planner_predicted_goodput_per_gpu`` / ``pdserve:planner_recommended`` /
+``pdserve:planner_predicted_preemptions_per_request``
 per configuration.
 """
 
@@ -280,10 +281,15 @@ class _WorkerCollector(Collector):
                                           "traffic.", labels=["model_name", "config"])
             recommended = GaugeMetricFamily("pdserve:planner_recommended", "1 for the configuration the online "
                                             "planner recommends.", labels=["model_name", "config"])
+            preemptions = GaugeMetricFamily("pdserve:planner_predicted_preemptions_per_request", "How often the "
+                                            "online planner predicts each configuration preempts a request at the "
+                                            "recent rate because a worker's KV cache ran out of blocks (0: it "
+                                            "fits).", labels=["model_name", "config"])
             for p in latest["predictions"]:
                 predicted.add_metric([metrics.model, p["config"]], float(p["goodput_per_gpu"]))
                 recommended.add_metric([metrics.model, p["config"]], int(p["config"] == latest.get("recommended")))
-            yield from (predicted, recommended)
+                preemptions.add_metric([metrics.model, p["config"]], float(p.get("preemptions_per_request", 0.0)))
+            yield from (predicted, recommended, preemptions)
 
 
 def _at(data: Mapping[str, Any], path: tuple[str, ...]) -> Any:

@@ -91,6 +91,7 @@ def test_online_planner_recommends_on_live_traffic() -> None:
         assert data["sizing"]["planner"]["recommended"] == result["recommended"]
         assert f'pdserve:planner_recommended{{config="{result["recommended"]}",model_name="fake-model"}} 1.0' in text
         assert 'pdserve:planner_predicted_goodput_per_gpu{config="1P1D",model_name="fake-model"}' in text
+        assert 'pdserve:planner_predicted_preemptions_per_request{config="1P1D",model_name="fake-model"} 0.0' in text
     run(scenario)
 
 

@@ -36,6 +36,7 @@ def _check_page(fakes: BackgroundCluster) -> None:
         assert driver.execute_script("return document.getElementById('slo').textContent").startswith("TTFT ≤ 250")
         browser.wait_for(driver, "const p = document.getElementById('attainment-line'); return p && p.getAttribute('points')",
               "the attainment line")
+        _check_planner_line(driver)
         # more requests arrive: the page updates by itself (server-sent events, no reload)
         before = driver.execute_script("return document.getElementById('updated').textContent")
         send(5)
@@ -51,3 +52,23 @@ def _check_page(fakes: BackgroundCluster) -> None:
                              "the page loaded again", timeout=15)
     finally:
         driver.quit()
+
+
+def _check_planner_line(driver) -> None:  # noqa: ANN001
+    """The sizing panel's planner line names the configurations whose KV cache the planner sees run short
+    (the fake cluster's traffic never fills a cache, so the line is rendered from plans given to it)."""
+    plan = {"status": "ok", "recommended": "colocated x2", "current": "1P1D", "requests": 300, "apply": None,
+            "predictions": [
+                {"config": "colocated x2", "goodput_per_gpu": 1.12, "preemptions_per_request": 0.0, "dropped_share": 0.0},
+                {"config": "1P1D", "goodput_per_gpu": 0.81, "preemptions_per_request": 7.4, "dropped_share": 0.0},
+                {"config": "2P0D", "goodput_per_gpu": 0.0, "preemptions_per_request": 0.5, "dropped_share": 0.125}]}
+    text = driver.execute_script("return plannerText(arguments[0])", plan)
+    assert text.startswith("Planner recommends colocated x2 (running 1P1D): colocated x2 1.12, 1P1D 0.81, 2P0D 0.00")
+    assert text.endswith("KV cache short at the recent rate: 1P1D preempts 7.40 times per request; 2P0D preempts "
+                         "0.50 times per request and cannot fit 13% of them.")
+    for p in plan["predictions"]:
+        p["preemptions_per_request"] = p["dropped_share"] = 0.0
+    assert "KV cache short" not in driver.execute_script("return plannerText(arguments[0])", plan)
+    plan["predictions"] = [{"config": "1P1D", "goodput_per_gpu": 2.0}]  # a router of before the KV figures
+    assert "KV cache short" not in driver.execute_script("return plannerText(arguments[0])", plan)
+    assert driver.execute_script("return plannerText(null)").startswith("Planner off")
