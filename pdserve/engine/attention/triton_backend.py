@@ -75,7 +75,8 @@ class TritonBackend(AttentionBackend):
                                     tiles=metadata.query_tiles, num_tiles=counts[1:2],
                                     num_programs=launch.prefill_programs,
                                     num_splits=counts[3:4],  # 1 unless this launch splits
-                                    may_split=launch.kv_split and not launch.batch_specific, out=out)
+                                    may_split=launch.kv_split and not launch.batch_specific, out=out,
+                                    wide_keys=launch.batch_specific)
         return out
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,

@@ -24,10 +24,14 @@ sequence ``i`` sits at position ``seq_lens[i] - q_len_i + r`` and attends to key
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from pdserve.engine.kernels import interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -162,13 +166,36 @@ def _prefill_merge_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=(rows < q_len)[:, None])
 
 
-def prefill_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
-    """Tile sizes and launch shape; float32 (tests) uses smaller tiles to stay within shared memory."""
+#: Shared memory per block (bytes) that 128 x 128 key tiles of head_dim 128 need in three stages (H100, H200).
+WIDE_KEY_TILE_SHARED_MEMORY = 200 * 1024
+
+
+@functools.cache
+def _shared_memory(device_index: int) -> int:
+    return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device | None = None,
+                   wide_keys: bool = False) -> dict[str, int]:
+    """Tile sizes and launch shape; float32 (tests) uses smaller tiles to stay within shared memory.
+
+    ``wide_keys`` (eager steps: more tokens than a graph's, so long chunks) takes 128 keys per tile at
+    head_dim 128 where the GPU (``device``, default the current one) has the shared memory for it. On an
+    H200, in two runs of ``python -m benchmarks.prefill_tiles`` (``benchmarks/results/prefill_tiles-h200.md``
+    and ``runs/prefill_tiles-h200.md``), they computed a 2k chunk after 6k of context 1.10-1.12x faster
+    and a fresh 8k prompt 1.07-1.12x; but graph steps with 64-256-token chunks beside decodes ran 3-8%
+    slower with them (``runs/engine-h200-tiles.json``), and the kernel times of short chunks moved between
+    runs by more than the difference, so graph launches keep 64-key tiles (eager-only wide tiles:
+    ``runs/engine-h200-eagerwide.json``: an 8k prompt through this kernel 227 against 238 ms a step).
+    """
     if dtype == torch.float32:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     if head_dim <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    wide = (wide_keys and head_dim == 128 and not interpreting() and torch.cuda.is_available()
+            and _shared_memory(torch.cuda.current_device() if device is None or device.index is None
+                               else device.index) >= WIDE_KEY_TILE_SHARED_MEMORY)
+    return {"BLOCK_M": 128, "BLOCK_N": 128 if wide else 64, "num_warps": 8, "num_stages": 3}
 
 
 def query_tile_rows(head_dim: int, dtype: torch.dtype) -> int:
@@ -198,7 +225,7 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_t
                             num_splits: torch.Tensor | None = None, may_split: bool | None = None,
                             merge_programs: int = 0,
                             num_seqs: int | None = None, seq_offset: int = 0, out: torch.Tensor | None = None,
-                            config: dict[str, int] | None = None) -> torch.Tensor:
+                            config: dict[str, int] | None = None, wide_keys: bool = False) -> torch.Tensor:
     """Attention for the query tiles in ``tiles[:, :num_tiles]`` (int32 device tensors) run by
     ``num_programs`` persistent programs per head.
 
@@ -210,11 +237,11 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_t
     needs no workspace: a launch that never splits, reading its split count from the step's counts rather
     than allocating one. Without ``tiles`` (tests, one-off calls) the tiles of sequences ``seq_offset ..
     seq_offset + num_seqs - 1`` are built here from ``query_start_loc`` (a host round trip) and every
-    tile gets its own program."""
+    tile gets its own program. ``wide_keys``: see :func:`prefill_config` (``config`` overrides both)."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     out = torch.empty_like(query) if out is None else out
-    cfg = dict(config or prefill_config(head_dim, query.dtype))
+    cfg = dict(config or prefill_config(head_dim, query.dtype, query.device, wide_keys))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     if tiles is None:
         starts = query_start_loc.cpu().numpy().astype(np.int64)
