@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks.common import markdown_table, run_info, write_results
 from pdserve.common.step_model import StepShape
-from pdserve.engine.step_time import fit_step_time
+from pdserve.engine.step_time import fit_step_time, sample_shape
 
 RESULTS = Path(__file__).parent / "results"
 KNOTS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -74,9 +74,7 @@ FORMS: dict[str, Callable[[Samples], Predict]] = {"linear (engine)": fit_linear,
 
 def profile_samples(path: Path) -> Samples:
     rows = json.loads(path.read_text())["samples"]
-    return [(StepShape.of([r["context"]] * r["decodes"],
-                          [(r["chunk_tokens"], r["chunk_context"])] * (r["prompts"] if r["chunk_tokens"] else 0)),
-             r["seconds"]) for r in rows]
+    return [(sample_shape(r), r["seconds"]) for r in rows]
 
 
 def _quantiles(errors: Sequence[float]) -> dict[str, float]:

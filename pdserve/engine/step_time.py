@@ -23,6 +23,7 @@ import itertools
 import statistics
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -106,14 +107,19 @@ def profile_step_time(run: Callable[[int, int, int, int, int], float], *, max_to
     for d, ctx, c, x, k in grid:
         run(d, ctx, c, x, k)  # warm-up: kernels for this shape
         seconds = statistics.median(run(d, ctx, c, x, k) for _ in range(3))
-        shape = StepShape.of([ctx] * d, [(c, x)] * k)
-        samples.append((shape, seconds))
-        rows.append({"decodes": d, "context": ctx, "chunk_tokens": c, "chunk_context": x, "prompts": k,
-                     "seconds": seconds})
+        row = {"decodes": d, "context": ctx, "chunk_tokens": c, "chunk_context": x, "prompts": k, "seconds": seconds}
+        samples.append((sample_shape(row), seconds))
+        rows.append(row)
     model = fit_step_time(samples)
     for row, (shape, _) in zip(rows, samples):
         row["predicted"] = model.predict(shape)
     return model, rows
+
+
+def sample_shape(row: dict[str, Any]) -> StepShape:
+    """The step a profile sample row (``profile_step_time``'s, as written to a profile) timed: ``decodes``
+    decodes at ``context`` each, and ``prompts`` chunks of ``chunk_tokens`` after ``chunk_context``."""
+    return StepShape.of([row["context"]] * row["decodes"], [(row["chunk_tokens"], row["chunk_context"])] * row["prompts"])
 
 
 class StepTimeMonitor:
