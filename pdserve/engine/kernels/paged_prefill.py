@@ -179,8 +179,8 @@ def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device | Non
                    wide_keys: bool = False) -> dict[str, int]:
     """Tile sizes and launch shape; float32 (tests) uses smaller tiles to stay within shared memory.
 
-    ``wide_keys`` (eager steps: more tokens than a graph's, so long chunks) takes 128 keys per tile at
-    head_dim 128 where the GPU (``device``, default the current one) has the shared memory for it. On an
+    ``wide_keys`` (eager steps: with CUDA graphs on, those of more tokens than a graph's, so long chunks)
+    takes 128 keys per tile at head_dim 128 where the GPU (``device``, default the current one) has the shared memory for it. On an
     H200, in two runs of ``python -m benchmarks.prefill_tiles`` (``benchmarks/results/prefill_tiles-h200.md``
     and ``runs/prefill_tiles-h200.md``), they computed a 2k chunk after 6k of context 1.10-1.12x faster
     and a fresh 8k prompt 1.07-1.12x; but graph steps with 64-256-token chunks beside decodes ran 3-8%
