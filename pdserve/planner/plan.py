@@ -197,12 +197,14 @@ def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttf
     workers budget their steps to the TPOT SLO unless ``colocated_spec`` says otherwise; split pools
     run as pdserve runs them with SLOs set (``spill``): decode workers budget their steps to the TPOT
     SLO and take the prompts the prefill pool would answer too late."""
-    def simulate(scale: float) -> list[SimOutcome]:
+    def cluster() -> ClusterSimulation:
         return simulation(profile, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, colocated_spec=colocated_spec,
-                          spill=spill, budget_window=budget_window, defer_below=defer_below).run(workload.at(scale))
+                          spill=spill, budget_window=budget_window, defer_below=defer_below)
 
-    at_offered = simulation(profile, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, colocated_spec=colocated_spec,
-                            spill=spill, budget_window=budget_window, defer_below=defer_below)
+    def simulate(scale: float) -> list[SimOutcome]:
+        return cluster().run(workload.at(scale))
+
+    at_offered = cluster()  # kept: its preemption and drop counts go into the prediction
     offered = at_offered.run(workload.at(1.0))
     num_gpus = sum(counts.values())
     meets: Callable[[float], bool] = lambda scale: attainment(simulate(scale), ttft_slo_s, tpot_slo_s) >= target  # noqa: E731

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 
 from pdserve.common.step_model import DEFER_TTFT_SHARE, StepShape, StepTimeModel, window_step_budget
 from pdserve.planner.sim_worker import (
@@ -246,7 +247,8 @@ class ClusterSimulation:
         head.outcome.first_token_s = head.outcome.done_s = None
         self.num_dropped += 1
 
-    def _finish_step(self, worker: SimWorker, plan: list[tuple[ActiveRequest, int]], now: float, hand_off) -> None:  # noqa: ANN001
+    def _finish_step(self, worker: SimWorker, plan: list[tuple[ActiveRequest, int]], now: float,
+                     hand_off: Callable[[ActiveRequest, float], None]) -> None:
         for a, n in plan:
             request = a.outcome.request
             if n == 0:  # a decode: one more token

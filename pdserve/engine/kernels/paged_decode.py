@@ -197,6 +197,9 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 
 #: Persistent programs of the merge per KV head, at most (it is light: a few rows per output head).
 MERGE_PROGRAMS_PER_KV_HEAD = 64
+#: Splits the merge combines at a time (one at a time, 32 splits merged in 0.66 against 0.45 ms on an H200;
+#: all 32 rows at once cost ~3 us a layer when there were two).
+MERGE_SPLIT_CHUNK = 8
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -256,6 +259,6 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         _decode_merge_kernel[(min(num_programs, MERGE_PROGRAMS_PER_KV_HEAD) * num_kv_heads,)](
             part_out, part_lse, out, num_active, splits_tensor, num_heads,
             part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLIT_CHUNK=8, num_warps=4,
+            HEAD_DIM=head_dim, SPLIT_CHUNK=MERGE_SPLIT_CHUNK, num_warps=4,
         )
     return out
