@@ -17,6 +17,8 @@ import logging
 
 import torch
 
+from pdserve.kvtransfer.streams import enable_peer_access
+
 logger = logging.getLogger(__name__)
 
 #: Element types the kernel sums (in float32).
@@ -51,16 +53,10 @@ class PeerAllReduce:
         distinct GPUs; ``None`` (NCCL for every size) when ``max_bytes`` is 0 or some pair cannot."""
         if max_bytes <= 0:
             return None
-        indices = sorted({device.index or 0 for device in devices})
-        for a in indices:
-            for b in indices:
-                if a != b and not torch.cuda.can_device_access_peer(a, b):
-                    logger.warning("GPU %d cannot map GPU %d's memory: every all-reduce goes through NCCL", a, b)
-                    return None
-        for a in indices:  # torch enables peer access between two GPUs on their first copy
-            for b in indices:
-                if a != b:
-                    torch.empty(1, device=f"cuda:{b}").copy_(torch.zeros(1, device=f"cuda:{a}"))
+        if not enable_peer_access(devices):
+            logger.warning("some pair of GPUs %s cannot map each other's memory: every all-reduce goes through NCCL",
+                           [str(device) for device in devices])
+            return None
         return cls(devices, max_bytes)
 
     def fits(self, tensor: torch.Tensor) -> bool:

@@ -160,19 +160,21 @@ class KVLayoutInfo:
         return 2 * num_blocks * self.block_size * self.num_kv_heads * self.head_dim * element
 
     def check_caches(self, caches: Sequence[torch.Tensor]) -> None:
-        """Raise ``ValueError`` unless ``caches`` are this layout's per-layer tensors on one device."""
+        """Raise ``ValueError`` unless ``caches`` are this layout's per-layer tensors, all on the CPU or all on
+        CUDA devices (a tensor-parallel worker's ranks each hold their layers on their own GPU)."""
         if len(caches) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} cache layers, got {len(caches)}")
         device = caches[0].device
         for i, cache in enumerate(caches):
             self.check_layer(cache, f"cache layer {i}")
-            if cache.device != device:
+            if cache.device.type != device.type:
                 raise ValueError(f"cache layer {i} is on {cache.device}, layer 0 on {device}")
 
     def check_layer(self, cache: torch.Tensor, what: str = "the cache layer") -> None:
-        """Raise ``ValueError`` unless ``cache`` is one layer of this layout: contiguous on CUDA (the block
-        copies and CUDA IPC need it); on the CPU it may be a view of some heads of a larger cache (KV
-        moved between tensor-parallel degrees, :func:`~pdserve.engine.kv_cache.tensors.head_group_views`)."""
+        """Raise ``ValueError`` unless ``cache`` is one layer of this layout, or a view of some of the KV
+        heads of a larger layer (KV moved between tensor-parallel degrees,
+        :func:`~pdserve.engine.kv_cache.tensors.head_group_views`) whose ``head_dim`` is contiguous (the
+        block copies address the rest by strides)."""
         shape = tuple(cache.shape)
         if (len(shape) != 5 or shape[0] != 2
                 or shape[2:] != (self.block_size, self.num_kv_heads, self.head_dim)):
@@ -180,8 +182,25 @@ class KVLayoutInfo:
                              f"[2, num_blocks, {self.block_size}, {self.num_kv_heads}, {self.head_dim}]")
         if cache.dtype != self.torch_dtype:
             raise ValueError(f"{what} has dtype {cache.dtype}, expected {self.torch_dtype}")
-        if not cache.is_contiguous() and cache.device.type != "cpu":
-            raise ValueError(f"{what} is not contiguous (on {cache.device.type}, KV moves whole layers)")
+        if cache.stride(4) != 1 or cache.stride(3) != self.head_dim:
+            raise ValueError(f"{what} has strides {cache.stride()}: its head_dim and heads must be contiguous")
+
+
+def cache_devices(caches: Sequence[torch.Tensor]) -> list[torch.device]:
+    """The distinct devices ``caches`` sit on, in first-seen order (more than one: a tensor-parallel
+    worker's ranks)."""
+    return list(dict.fromkeys(cache.device for cache in caches))
+
+
+def two_sided_problem(caches: Sequence[torch.Tensor]) -> str | None:
+    """Why the process-group transports (NCCL, gloo: one device per side) cannot move ``caches``, or
+    ``None`` when they can."""
+    devices = cache_devices(caches)
+    if len(devices) < 2:
+        return None
+    return (f"this worker's KV cache spans {', '.join(map(str, devices))} (tensor-parallel ranks, each on its own "
+            f"GPU): NCCL moves one GPU's cache per worker, so such a cache moves only over CUDA IPC so far, between "
+            f"prefill and decode workers on one host")
 
 
 class TransferState(enum.Enum):

@@ -9,7 +9,9 @@ How: :func:`export_caches` (receiver) turns each layer's storage into a CUDA IPC
 (``UntypedStorage._share_cuda_``, what ``torch.multiprocessing`` uses) and describes it as JSON.
 :func:`map_caches` (sender) opens every handle *while its own device is current*: the driver then maps
 the peer's memory into this device's context with peer access, and the tensors are labelled with this
-device, so a kernel launched here stores into the peer GPU over NVLink. Each worker keeps seeing only
+device, so a kernel launched here stores into the peer GPU over NVLink. Either side may be a
+tensor-parallel worker whose ranks hold their layers on several GPUs: each exported layer (or view of
+some heads of one) is mapped for the sender's GPU that writes it (:func:`map_caches`). Each worker keeps seeing only
 its own GPU (Ray's ``CUDA_VISIBLE_DEVICES`` need not change). Mapping fails on another host, or where
 the driver refuses; :class:`IpcUnavailable` says why and the caller falls back to NCCL.
 """
@@ -53,28 +55,37 @@ def export_caches(caches: Sequence[torch.Tensor]) -> dict[str, Any]:
     return {"version": EXPORT_VERSION, "host": host_identity(), "layers": layers}
 
 
-def map_caches(export: dict[str, Any] | None, layout: KVLayoutInfo, device: torch.device) -> list[torch.Tensor]:
-    """The peer's caches described by ``export``, mapped into ``device``'s context (labelled ``device``).
+def map_caches(export: dict[str, Any] | None, layout: KVLayoutInfo,
+               writers: Sequence[torch.device]) -> list[torch.Tensor]:
+    """The peer's caches described by ``export``, each mapped into the context of the device that will
+    write it and labelled with that device: layer ``i`` into ``writers[i]``'s (the sender's own layer
+    ``i``), unless an earlier layer from the same allocation was mapped already, then into that one's
+    device (an allocation is mapped once per process; with a tensor-parallel sender of a higher degree
+    several ranks write views of one receiver layer, and the later ranks' copies read their source
+    over peer access from the device that mapped it).
 
     Raises :class:`IpcUnavailable` when they cannot be mapped here, ``ValueError`` on a malformed export.
     """
     if export is None:
         raise IpcUnavailable("the receiver exported no CUDA IPC handles")
-    if device.type != "cuda":
-        raise IpcUnavailable(f"CUDA IPC needs CUDA caches, these are on {device}")
+    if any(device.type != "cuda" for device in writers):
+        raise IpcUnavailable(f"CUDA IPC needs CUDA caches, these are on {sorted({str(d) for d in writers})}")
     if export.get("version") != EXPORT_VERSION:
         raise ValueError(f"unknown CUDA IPC export version {export.get('version')!r}")
     if export.get("host") != host_identity():
         raise IpcUnavailable("the receiver runs on another host")
     layers = export.get("layers", [])
-    if len(layers) != layout.num_layers:
-        raise ValueError(f"the receiver exported {len(layers)} cache layers, the layout has {layout.num_layers}")
+    if len(layers) != layout.num_layers or len(writers) != layout.num_layers:
+        raise ValueError(f"the receiver exported {len(layers)} cache layers for {len(writers)} writers, the layout "
+                         f"has {layout.num_layers}")
     torch.cuda.init()  # opening a handle needs an initialised runtime
     mapped = []
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    mapped_on: dict[str, int] = {}  # allocation handle -> the device it was mapped into
     try:
-        with torch.cuda.device(index):
-            for layer in layers:
+        for layer, writer in zip(layers, writers, strict=True):
+            index = mapped_on.setdefault(str(layer["share"][0]), writer.index if writer.index is not None
+                                         else torch.cuda.current_device())
+            with torch.cuda.device(index):
                 share = [_decode(v) for v in layer["share"]]
                 storage = torch.UntypedStorage._new_shared_cuda(index, *share)
                 tensor = torch.empty(0, dtype=layout.torch_dtype, device=torch.device("cuda", index))

@@ -15,6 +15,12 @@ notifier thread. Then per transfer:
 * ``finish``: an event is recorded after the transfer's last copy; the notifier thread waits for it,
   then pushes FINISH (with the first token) to the pair's store queue and marks the transfer DONE.
   The receiver admits the request when that FINISH arrives: every byte has landed by then.
+* A tensor-parallel worker (either side) lists one transfer layer per rank's layer, or per view of
+  some of its KV heads when the degrees differ, on several GPUs: layer ``i``'s copies launch on the GPU
+  its destination is mapped for (:func:`~pdserve.kvtransfer.cuda_ipc.map_caches`; the sender's own layer
+  ``i`` GPU unless a view of the same receiver allocation was mapped on another), on that GPU's copy
+  stream, after the layer's event (recorded on layer 0's GPU: rank 0's stream passes a layer's
+  all-reduce only once every rank wrote its KV); a transfer's FINISH waits for its copies on every GPU.
 * ``cancel`` (and ``close``): no copy is launched for the transfer afterwards, and the call returns
   only once the copies already launched completed (bounded by ``op_timeout_s``). The receiver cannot
   fence one-sided writes itself, so the decode worker frees a cancelled transfer's blocks only after
@@ -28,8 +34,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -49,7 +55,14 @@ from pdserve.kvtransfer.rendezvous import (
 )
 from pdserve.kvtransfer.sealing import SealedQueue, cluster_key
 from pdserve.kvtransfer.sending import OutgoingMessage, PreparedStep, SenderCore, StepEntry
-from pdserve.kvtransfer.streams import Event, index_tensor, is_cuda, record_event, wait_event
+from pdserve.kvtransfer.streams import (
+    Event,
+    enable_peer_access,
+    index_tensor,
+    is_cuda,
+    record_event,
+    wait_event,
+)
 
 logger = logging.getLogger(__name__)
 _STOP = object()
@@ -57,13 +70,13 @@ _STOP = object()
 
 class _StepCopy(PreparedStep):
     """A prepared step plus the concatenated block ids of all its entries (index tensors made on first
-    use, on the copy stream): one copy kernel per layer moves every transfer's blocks."""
+    use, on each writing device's copy stream): one copy kernel per layer moves every transfer's blocks."""
 
     def keep(self, entries: list[StepEntry]) -> None:
         super().keep(entries)
         self.src: tuple[int, ...] = tuple(i for e in entries for i in e.src)
         self.dst: tuple[int, ...] = tuple(i for e in entries for i in e.dst)
-        self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 class IpcSender(SenderCore):
@@ -84,12 +97,18 @@ class IpcSender(SenderCore):
         store, root, info = read_receiver(host, port, group_name, join, key)
         check_peer(layout, str(info.get("backend")), info)  # protocol and layout; the verdict decides the rest
         self._remote = list(remote_caches) if remote_caches is not None else map_caches(
-            info.get("ipc"), layout, self._device)
+            info.get("ipc"), layout, self._layer_devices)
+        #: layer i's copies launch on the device its destination is mapped for, reading the source layer
+        #: over peer access when that sits on another GPU of this process (a tensor-parallel worker)
+        self._writers = [remote.device for remote in self._remote]
+        if not enable_peer_access([*self._writers, *self._layer_devices]):
+            raise IpcUnavailable("this worker's GPUs cannot read each other's memory")
         index = join_receiver(root, self._name, layout, "cuda_ipc", join, self.peer, group_name=group_name, key=key)
         self._messages = SealedQueue(dist.PrefixStore(pair_prefix(group_name, index), store), MESSAGE_QUEUE, key,
                                      channel_context(group_name, index))
-        self._stream = torch.cuda.Stream(self._device) if is_cuda(self._device) else None
-        self._last_write: dict[int, Event] = {}
+        self._streams = {device: torch.cuda.Stream(device) for device in self._writers if is_cuda(device)}
+        #: per live transfer, the event after its last copy launched on each writing device
+        self._last_write: dict[int, dict[torch.device, Event]] = {}
         self._notices: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._notify, name=f"kv-ipc-notify-{index}", daemon=True)
         self._thread.start()
@@ -103,18 +122,29 @@ class IpcSender(SenderCore):
             assert message.kv_layer is not None
             record = self._records[header.transfer_id]
             dst = record.handle.block_ids[header.start:header.start + header.num_blocks]
+            writer = self._writers[header.layer]
             try:
-                with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
-                    if message.ready is not None and self._stream is not None:
-                        self._stream.wait_event(message.ready)
+                with self._copy_stream(writer, message.ready):
                     copy_blocks(message.kv_layer, self._remote[header.layer],
-                                index_tensor(message.src_block_ids, self._device), index_tensor(dst, self._device))
-                    self._last_write[header.transfer_id] = record_event(self._device)
+                                index_tensor(message.src_block_ids, writer), index_tensor(dst, writer))
+                    self._last_write.setdefault(header.transfer_id, {})[writer] = record_event(writer)
             except Exception as e:  # noqa: BLE001 - a failed launch breaks the channel
                 self._channel_failed(f"writing KV into {self.peer} failed: {type(e).__name__}: {e}")
             return
-        fence = self._last_write.pop(header.transfer_id, None) if header.kind is MessageKind.FINISH else None
-        self._notices.put((message, fence))
+        fences = self._last_write.pop(header.transfer_id, {}) if header.kind is MessageKind.FINISH else {}
+        self._notices.put((message, list(fences.values())))
+
+    @contextmanager
+    def _copy_stream(self, writer: torch.device, ready: Event) -> Iterator[None]:
+        """``writer`` current, its copy stream current on it, after ``ready`` (nothing on the CPU)."""
+        stream = self._streams.get(writer)
+        if stream is None:
+            yield
+            return
+        with torch.cuda.device(writer), torch.cuda.stream(stream):
+            if ready is not None:
+                stream.wait_event(ready)
+            yield
 
     def _new_step(self, entries: list[StepEntry]) -> PreparedStep:
         return _StepCopy(entries, self._generation)
@@ -122,39 +152,38 @@ class IpcSender(SenderCore):
     def _submit_layer(self, step: PreparedStep, layer: int, kv_cache_layer: torch.Tensor, ready: Event) -> None:
         """One block-copy kernel for every live transfer of ``step`` (see the module)."""
         assert isinstance(step, _StepCopy)
+        writer = self._writers[layer]
         try:
-            with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
-                if ready is not None and self._stream is not None:
-                    self._stream.wait_event(ready)
-                if step.tensors is None:
-                    step.tensors = (index_tensor(step.src, self._device), index_tensor(step.dst, self._device))
-                copy_blocks(kv_cache_layer, self._remote[layer], *step.tensors)
-                written = record_event(self._device)
+            with self._copy_stream(writer, ready):
+                ids = step.tensors.get(writer)
+                if ids is None:
+                    ids = step.tensors[writer] = (index_tensor(step.src, writer), index_tensor(step.dst, writer))
+                copy_blocks(kv_cache_layer, self._remote[layer], *ids)
+                written = record_event(writer)
         except Exception as e:  # noqa: BLE001 - a failed launch breaks the channel
             self._channel_failed(f"writing KV into {self.peer} failed: {type(e).__name__}: {e}")
             return
         for entry in step.entries:
-            self._last_write[entry.record.handle.transfer_id] = written
+            self._last_write.setdefault(entry.record.handle.transfer_id, {})[writer] = written
 
     def cancel(self, handle: Any) -> None:
         """Cancel, then wait (bounded) until the transfer's launched copies completed."""
         with self._lock:
             super().cancel(handle)
-            fence = self._last_write.pop(handle.transfer_id, None)
-        self._fence(fence)
+            fences = self._last_write.pop(handle.transfer_id, {})
+        self._fence(list(fences.values()))
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             cancelled = self._mark_closed()
-            fences = list(self._last_write.values())
+            fences = [event for events in self._last_write.values() for event in events.values()]
             self._last_write.clear()
-        for fence in fences:
-            self._fence(fence)
+        self._fence(fences)
         for tid in cancelled:
-            self._notices.put((OutgoingMessage(Header(MessageKind.CANCEL, tid)), None))
-        self._notices.put((OutgoingMessage(Header(MessageKind.CLOSE)), None))
+            self._notices.put((OutgoingMessage(Header(MessageKind.CANCEL, tid)), []))
+        self._notices.put((OutgoingMessage(Header(MessageKind.CLOSE)), []))
         self._notices.put(_STOP)
         self._thread.join(self._close_timeout_s)
         self._remote = []  # unmaps the peer's caches once the last copy referencing them is gone
@@ -165,8 +194,9 @@ class IpcSender(SenderCore):
 
     # -- the notifier thread ---------------------------------------------------------------------------
 
-    def _fence(self, event: Event) -> None:
-        if event is not None and not wait_event(event, time.monotonic() + self._op_timeout_s):
+    def _fence(self, events: list[Event]) -> None:
+        deadline = time.monotonic() + self._op_timeout_s
+        if not all(wait_event(event, deadline) for event in events):
             logger.error("KV writes into %s did not complete within %g s", self.peer, self._op_timeout_s)
 
     def _notify(self) -> None:
@@ -174,11 +204,12 @@ class IpcSender(SenderCore):
             item = self._notices.get()
             if item is _STOP:
                 return
-            message, fence = item
+            message, fences = item
             try:
                 if message.header.kind is MessageKind.FINISH:
-                    if fence is not None:
-                        fence.synchronize()  # releases the GIL; the copies are short
+                    for fence in fences:
+                        if fence is not None:
+                            fence.synchronize()  # releases the GIL; the copies are short
                     if not self._is_live(message.header.transfer_id):
                         continue
                 self._mark_pushing(message)

@@ -148,7 +148,7 @@ def pack_layer_blocks(kv_layer: torch.Tensor, src_ids: torch.Tensor, blocks: tor
     message viewed as ``[m, block_size, heads, dim]`` (:func:`~pdserve.kvtransfer.packing.message_blocks`);
     ``positions`` is ``[2, n]``. On CUDA one block-copy launch for all ``n`` blocks."""
     _check_positions(kv_layer, blocks, src_ids, positions)
-    if kv_layer.is_cuda and kv_layer.is_contiguous():
+    if kv_layer.is_cuda and kv_layer.stride(-1) == 1:  # a layer or a view of some heads
         from pdserve.kvtransfer.block_copy import gather_into_message
 
         gather_into_message(kv_layer, src_ids, blocks, positions)
@@ -161,7 +161,7 @@ def unpack_layer_blocks(blocks: torch.Tensor, positions: torch.Tensor, kv_layer:
                         dst_ids: torch.Tensor) -> None:
     """``kv_layer[kv, dst_ids[i]] = blocks[positions[kv, i]]``: the inverse of :func:`pack_layer_blocks`."""
     _check_positions(kv_layer, blocks, dst_ids, positions)
-    if kv_layer.is_cuda and kv_layer.is_contiguous():
+    if kv_layer.is_cuda and kv_layer.stride(-1) == 1:  # a layer or a view of some heads
         from pdserve.kvtransfer.block_copy import scatter_from_message
 
         scatter_from_message(blocks, positions, kv_layer, dst_ids)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
+from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo, two_sided_problem
 from pdserve.kvtransfer.coalescing import COALESCE, can_coalesce, run_coalesced
 from pdserve.kvtransfer.factory import process_group_backend, resolve_backend
 from pdserve.kvtransfer.messages import (
@@ -117,6 +117,9 @@ class ProcessGroupSender(SenderCore):
                  close_timeout_s: float = 5.0, max_inflight_bytes: int = 1 << 30) -> None:
         host, port, group_name = str(bootstrap["host"]), int(bootstrap["port"]), str(bootstrap["group_name"])
         super().__init__(caches, layout, peer=f"{host}:{port}/{group_name}", name=name)
+        problem = two_sided_problem(caches)
+        if problem is not None:
+            raise HandshakeError(f"backend: {problem}", "backend")
         try:
             self._backend = process_group_backend(resolve_backend(str(bootstrap.get("backend", "auto")),
                                                                   self._device))

@@ -106,7 +106,10 @@ class SenderCore(KVSender):
         #: how the receiver calls this sender (its logs and errors); unique per process by default
         self._name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._layout = layout
+        #: where "ready" events are recorded: layer 0's device (a tensor-parallel worker's rank 0, whose
+        #: stream passes a layer's all-reduce only after every rank wrote that layer's KV)
         self._device = caches[0].device
+        self._layer_devices = [cache.device for cache in caches]
         self._num_blocks = int(caches[0].shape[1])
         self._peer = peer
         self._lock = threading.RLock()
@@ -231,9 +234,9 @@ class SenderCore(KVSender):
     def _check_layer(self, layer: int, kv_cache_layer: torch.Tensor) -> None:
         if not 0 <= layer < self._layout.num_layers:
             raise ValueError(f"layer must lie in [0, {self._layout.num_layers}), got {layer}")
-        if kv_cache_layer.device != self._device:
-            raise ValueError(f"kv_cache_layer is on {kv_cache_layer.device}, this sender's caches on "
-                             f"{self._device}")
+        if kv_cache_layer.device != self._layer_devices[layer]:
+            raise ValueError(f"kv_cache_layer is on {kv_cache_layer.device}, this sender's layer {layer} on "
+                             f"{self._layer_devices[layer]}")
         self._layout.check_layer(kv_cache_layer, "kv_cache_layer")
 
     def _checked_range(self, handle: TransferHandle, src_block_ids: Sequence[int],

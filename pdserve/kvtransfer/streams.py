@@ -84,3 +84,16 @@ def index_tensor(ids: Sequence[int] | Callable[[], Sequence[int]], device: torch
         while len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
             _INDEX_CACHE.popitem(last=False)
     return tensor
+
+
+def enable_peer_access(devices: Sequence[torch.device]) -> bool:
+    """Let every GPU of ``devices`` read and write every other's memory from this process's kernels
+    (torch enables peer access between two GPUs on their first copy); ``False`` (nothing enabled) when
+    some pair cannot. One GPU, or none, needs nothing."""
+    indices = sorted({device.index or 0 for device in devices if is_cuda(device)})
+    pairs = [(a, b) for a in indices for b in indices if a != b]
+    if not all(torch.cuda.can_device_access_peer(a, b) for a, b in pairs):
+        return False
+    for a, b in pairs:
+        torch.empty(1, device=f"cuda:{b}").copy_(torch.zeros(1, device=f"cuda:{a}"))
+    return True

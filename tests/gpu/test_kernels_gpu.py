@@ -85,7 +85,7 @@ def test_dense_prefill_gpu(heads: int, kv_heads: int) -> None:
 def test_block_copy_kernels_gpu(n: int) -> None:
     """The KV block-copy kernel (CUDA IPC writes, message gathers) and its message packing variant at the
     serving layout (bf16 blocks of 16 tokens x 8 heads x 128 dims): bit-exact against torch indexing,
-    within one GPU and, with two, into the peer's memory."""
+    within one GPU and, with two, into the peer's memory; also between views of some of the heads."""
     from pdserve.kvtransfer.block_copy import copy_blocks, gather_into_message, scatter_from_message
 
     gen = torch.Generator(device="cuda").manual_seed(n)
@@ -106,3 +106,15 @@ def test_block_copy_kernels_gpu(n: int) -> None:
     back = torch.zeros(2, 400, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
     scatter_from_message(blocks, positions, back, dst_ids)
     assert torch.equal(back[:, dst_ids], layer[:, src_ids])
+    # views of some KV heads (KV between tensor-parallel degrees): the upper 4 heads into a wider cache's
+    # heads 2..5, keys and values, nothing else written; and packed into / unpacked from a message
+    wide = torch.zeros(2, 400, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
+    copy_blocks(layer.narrow(3, 4, 4), wide.narrow(3, 2, 4), src_ids, dst_ids)
+    want = torch.zeros_like(wide)
+    want.narrow(3, 2, 4).index_copy_(1, dst_ids, layer.narrow(3, 4, 4).index_select(1, src_ids))
+    assert torch.equal(wide, want)
+    half = torch.zeros(2 * n, 16, 4, 128, dtype=torch.bfloat16, device="cuda")
+    gather_into_message(layer.narrow(3, 4, 4), src_ids, half, positions)
+    wide.zero_()
+    scatter_from_message(half, positions, wide.narrow(3, 0, 4), dst_ids)
+    assert torch.equal(wide[:, dst_ids, :, :4], layer[:, src_ids, :, 4:]) and not wide[:, :, :, 4:].any()

@@ -2,6 +2,8 @@
 
 * ``loopback``: sender and receiver in this process;
 * ``gloo``: receiver here, sender in one spawned process (started once per module);
+* ``gloo-head-groups``: the same between tensor-parallel degrees 1 and 2 (the sender's transfer layers
+  are views of half the KV heads of wider caches, as a worker of the lower degree lists them);
 * ``nccl``: receiver on cuda:0 here, sender on cuda:1 in a spawned process (skipped below 2 GPUs).
 
 The scenarios live in :mod:`pdserve.kvtransfer.testing.contract`; each opens its own pair, so they do
@@ -30,7 +32,8 @@ def _two_gpus() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() >= 2
 
 
-@pytest.fixture(scope="module", params=["loopback", "gloo", pytest.param("nccl", marks=pytest.mark.multigpu)])
+@pytest.fixture(scope="module", params=["loopback", "gloo", "gloo-head-groups",
+                                        pytest.param("nccl", marks=pytest.mark.multigpu)])
 def transport(request: pytest.FixtureRequest) -> Iterator[Transport]:
     name = request.param
     if name == "nccl" and not _two_gpus():
@@ -39,6 +42,8 @@ def transport(request: pytest.FixtureRequest) -> Iterator[Transport]:
         made: Transport = LoopbackTransport(SPEC)
     elif name == "gloo":
         made = ProcessGroupTransport(SPEC, "gloo")
+    elif name == "gloo-head-groups":
+        made = ProcessGroupTransport(CacheSpec(num_layers=4, sender_head_split=2), "gloo")
     else:
         made = ProcessGroupTransport(SPEC, "nccl", receiver_device="cuda:0", sender_device="cuda:1")
     yield made

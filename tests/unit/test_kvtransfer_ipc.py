@@ -150,37 +150,49 @@ def test_a_receiver_that_takes_no_one_sided_senders_refuses_them() -> None:
 
 def test_map_caches_says_why_it_cannot() -> None:
     layout = _layout(_caches())
+    gpus = [torch.device("cuda", 0)] * layout.num_layers
     with pytest.raises(IpcUnavailable, match="exported no CUDA IPC handles"):
-        map_caches(None, layout, torch.device("cuda", 0))
+        map_caches(None, layout, gpus)
     with pytest.raises(IpcUnavailable, match="needs CUDA caches"):
-        map_caches({"version": 1, "host": host_identity(), "layers": []}, layout, torch.device("cpu"))
+        map_caches({"version": 1, "host": host_identity(), "layers": []}, layout, [torch.device("cpu")] * 3)
     with pytest.raises(IpcUnavailable, match="another host"):
-        map_caches({"version": 1, "host": "elsewhere", "layers": []}, layout, torch.device("cuda", 0))
-    with pytest.raises(ValueError, match="exported 0 cache layers"):
-        map_caches({"version": 1, "host": host_identity(), "layers": []}, layout, torch.device("cuda", 0))
+        map_caches({"version": 1, "host": "elsewhere", "layers": []}, layout, gpus)
+    with pytest.raises(ValueError, match="exported 0 cache layers for 3 writers"):
+        map_caches({"version": 1, "host": host_identity(), "layers": []}, layout, gpus)
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_copy_kernel_matches_its_reference(dtype: torch.dtype) -> None:
-    """The Triton kernel itself (CPU interpreter here; on the GPU at real shapes in tests/gpu)."""
+    """The Triton kernel itself (CPU interpreter here; on the GPU at real shapes in tests/gpu), between
+    whole layers and between views of some heads of wider layers (KV moved between tensor-parallel
+    degrees), each way."""
     from pdserve.kvtransfer import block_copy
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    src = torch.randn(2, 9, 4, 3, 8, device=device).to(dtype)  # 96 elements per block: a masked tail
-    got, want = torch.zeros(2, 6, 4, 3, 8, dtype=dtype, device=device), torch.zeros(2, 6, 4, 3, 8, dtype=dtype,
-                                                                                     device=device)
     src_ids = torch.tensor([8, 0, 3], device=device)
     dst_ids = torch.tensor([1, 5, 2], device=device)
-    grid = (3, 2, 1)
-    block_copy._copy_blocks_kernel[grid](src, got, src_ids, dst_ids, src.stride(0), got.stride(0), 0, 0,
-                                         BLOCK_ELEMS=96, CHUNK=128)
-    copy_blocks_reference(src, want, src_ids, dst_ids)
-    assert torch.equal(got, want)
-    copy_blocks(src, want, src_ids, dst_ids)  # the dispatcher (reference path on CPU)
-    assert torch.equal(got, want)
+    wide_src = torch.randn(2, 9, 4, 6, 8, device=device).to(dtype)
+    wide_dst = torch.zeros(2, 6, 4, 6, 8, dtype=dtype, device=device)
+    cases = [(wide_src[..., :3, :].contiguous(), wide_dst[..., :3, :].contiguous()),  # 96 elements: a masked tail
+             (wide_src.narrow(3, 3, 3), torch.zeros(2, 6, 4, 3, 8, dtype=dtype, device=device)),  # from a view
+             (wide_src[..., :3, :].contiguous(), wide_dst.narrow(3, 3, 3)),  # into a view
+             (wide_src.narrow(3, 1, 3), wide_dst.narrow(3, 2, 3))]
+    for src, dst in cases:
+        got_wide, want_wide = torch.zeros_like(dst), torch.zeros_like(dst)
+        if not dst.is_contiguous():  # a view into a fresh wide tensor: the other heads must stay zero
+            got_wide, want_wide = torch.zeros_like(wide_dst), torch.zeros_like(wide_dst)
+        got = got_wide.as_strided(dst.shape, dst.stride(), dst.storage_offset())
+        want = want_wide.as_strided(dst.shape, dst.stride(), dst.storage_offset())
+        block_copy._launch(src, got, src_ids, dst_ids, 0, 0)
+        copy_blocks_reference(src, want, src_ids, dst_ids)
+        assert torch.equal(got_wide, want_wide)  # the view's blocks, and nothing outside the view
+        assert torch.equal(want[:, dst_ids], src[:, src_ids])
+    copy_blocks(cases[0][0], want, src_ids, dst_ids)  # the dispatcher (reference path on CPU)
     with pytest.raises(ValueError, match="3 source blocks but 2 destination"):
-        copy_blocks(src, want, src_ids, dst_ids[:2])
+        copy_blocks(cases[0][0], want, src_ids, dst_ids[:2])
+    with pytest.raises(ValueError, match="contiguous dims"):
+        block_copy.block_strides(wide_src.transpose(3, 4))
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")

@@ -159,7 +159,7 @@ def _host_main(conn: Any, spec: dict[str, Any], device: str, seed: int) -> None:
 
     cache_spec = CacheSpec(**spec)
     if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+        torch.cuda.set_device(torch.device(device.split(",")[0]))
     caches = cache_spec.random_caches(device, torch.Generator().manual_seed(seed))
     senders: dict[str, _SenderState] = {}
     while True:

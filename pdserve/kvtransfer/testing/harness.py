@@ -18,7 +18,7 @@ import torch
 from pdserve.kvtransfer.base import KVLayoutInfo, KVReceiver
 from pdserve.kvtransfer.loopback import LoopbackChannel, LoopbackReceiver, LoopbackSender
 from pdserve.kvtransfer.testing.drivers import LocalDriver, RemoteDriver, SenderDriver, SenderHost
-from pdserve.kvtransfer.testing.spec import SENTINEL, CacheSpec, sentinel_caches
+from pdserve.kvtransfer.testing.spec import SENTINEL, CacheSpec, parse_devices, sentinel_caches
 
 __all__ = ["SENTINEL", "CacheSpec", "LoopbackTransport", "Pair", "ProcessGroupTransport", "Transport"]
 
@@ -93,7 +93,7 @@ class LoopbackTransport(Transport):
 
     def open_pair(self, receiver_layout: KVLayoutInfo | None = None) -> Pair:
         layout = receiver_layout or self.spec.layout()
-        dst = sentinel_caches(layout, self.spec.num_dst_blocks, self.receiver_device)
+        dst = sentinel_caches(layout, self.spec.num_dst_blocks, self.receiver_device, self.spec.receiver_head_split)
         channel = LoopbackChannel(self._caches, self.spec.layout(), dst, layout)
         return Pair(channel.receiver, dst, LocalDriver(channel.sender, self._caches))
 
@@ -104,11 +104,13 @@ class LoopbackTransport(Transport):
 
 
 class ProcessGroupTransport(Transport):
-    """Receivers here (on ``receiver_device``), senders in one child process (on ``sender_device``)."""
+    """Receivers here (on ``receiver_device``), senders in one child process (on ``sender_device``);
+    either may name several devices, ``"cuda:0,cuda:1"``: a tensor-parallel worker's ranks."""
 
     def __init__(self, spec: CacheSpec, backend: str, receiver_device: str = "cpu",
                  sender_device: str = "cpu", seed: int = 0, **receiver_options: Any) -> None:
-        self.name, self.spec, self.receiver_device = backend, spec, torch.device(receiver_device)
+        self.name, self.spec, self.receiver_device = backend, spec, parse_devices(receiver_device)[0]
+        self._receiver_devices = receiver_device
         self._backend = backend
         self._options = {"join_timeout_s": 30.0, "close_timeout_s": 5.0, **receiver_options}
         self._host = SenderHost(spec, sender_device, seed)
@@ -118,7 +120,7 @@ class ProcessGroupTransport(Transport):
         from pdserve.kvtransfer.pg_receiver import open_receiver
 
         layout = receiver_layout or self.spec.layout()
-        dst = sentinel_caches(layout, self.spec.num_dst_blocks, self.receiver_device)
+        dst = sentinel_caches(layout, self.spec.num_dst_blocks, self._receiver_devices, self.spec.receiver_head_split)
         self._count += 1
         receiver, bootstrap = open_receiver("127.0.0.1", 0, f"contract-{self._count}", caches=dst,
                                             layout=layout, backend=self._backend, **self._options)
