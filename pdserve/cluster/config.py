@@ -121,11 +121,6 @@ class ClusterConfig:
                 raise ConfigError(f"{role}.gpus_per_worker", f"a worker of {gpus} GPU(s) runs one tensor-parallel "
                                   f"rank per GPU, but its engine's tensor_parallel_size is {sizes[role]}: make "
                                   f"them equal")
-            if gpus > 1 and role != "colocated" and self.kv_transfer.backend not in ("auto", "cuda_ipc"):
-                raise ConfigError("kv_transfer.backend", f"a {role} worker of {gpus} GPUs holds its KV cache on all of "
-                                  f"them (one tensor-parallel rank each), which only CUDA IPC moves so far (NCCL moves "
-                                  f"one GPU's cache per worker): use backend auto or cuda_ipc, with prefill and decode "
-                                  f"workers on one host, or 1 GPU per worker")
         if self.mode == "disaggregated":
             low, high = sorted((sizes["prefill"], sizes["decode"]))
             if high % low:

@@ -36,9 +36,9 @@ thread, in rank order, with no thread hand-off: rank r's graph runs on the engin
 stream of GPU r, after the copies of its inputs on that stream, and the ranks meet in the graphs'
 all-reduce kernels. The logits (few kernels) still run eagerly on every rank's thread.
 
-On GPUs the ranks' caches sit on different devices: CUDA IPC moves them (each layer written from the
-GPU it is mapped for, :mod:`pdserve.kvtransfer.ipc_sender`); NCCL does not yet (one GPU per side), so the
-cluster config refuses tensor-parallel prefill and decode pools on GPUs with the NCCL backend.
+On GPUs the ranks' caches sit on different devices; the KV transports move them (CUDA IPC writes each
+layer from the GPU it is mapped for; NCCL gathers and scatters the other ranks' blocks through rank 0's
+GPU: :mod:`pdserve.kvtransfer`).
 """
 
 from __future__ import annotations

@@ -186,23 +186,6 @@ class KVLayoutInfo:
             raise ValueError(f"{what} has strides {cache.stride()}: its head_dim and heads must be contiguous")
 
 
-def cache_devices(caches: Sequence[torch.Tensor]) -> list[torch.device]:
-    """The distinct devices ``caches`` sit on, in first-seen order (more than one: a tensor-parallel
-    worker's ranks)."""
-    return list(dict.fromkeys(cache.device for cache in caches))
-
-
-def two_sided_problem(caches: Sequence[torch.Tensor]) -> str | None:
-    """Why the process-group transports (NCCL, gloo: one device per side) cannot move ``caches``, or
-    ``None`` when they can."""
-    devices = cache_devices(caches)
-    if len(devices) < 2:
-        return None
-    return (f"this worker's KV cache spans {', '.join(map(str, devices))} (tensor-parallel ranks, each on its own "
-            f"GPU): NCCL moves one GPU's cache per worker, so such a cache moves only over CUDA IPC so far, between "
-            f"prefill and decode workers on one host")
-
-
 class TransferState(enum.Enum):
     """Where one transfer stands. The last four are terminal and never change again."""
 

@@ -94,8 +94,9 @@ class PlanLanding:
                 claimed += [r for r in records if r is not None]
                 targets = [None if r is None else r.handle.block_ids[p.start:p.start + p.num_blocks]
                            for r, p in zip(records, message.parts)]
+                layer = self._caches[message.parts[0].layer]  # in place: not a view of some heads, on this GPU
                 if (message.split and targets[0] is not None and is_contiguous(targets[0])
-                        and self._caches[message.parts[0].layer].is_contiguous()):  # not a view of some heads
+                        and layer.is_contiguous() and layer.device == self._device):
                     part, first = message.parts[0], targets[0][0]
                     buffers = [self._caches[part.layer][kv, first:first + part.num_blocks] for kv in (0, 1)]
                     landings.append((message, targets, buffers, None))

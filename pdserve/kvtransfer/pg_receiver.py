@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo, two_sided_problem
+from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
 from pdserve.kvtransfer.cuda_ipc import export_caches
 from pdserve.kvtransfer.factory import process_group_backend, resolve_backend
 from pdserve.kvtransfer.landing import PlanLanding
@@ -72,7 +72,7 @@ from pdserve.kvtransfer.rendezvous import (
     verdict_key,
 )
 from pdserve.kvtransfer.sealing import QueueOpener, cluster_key, open_once, seal_once
-from pdserve.kvtransfer.streams import is_cuda
+from pdserve.kvtransfer.streams import is_cuda, spread_problem
 
 logger = logging.getLogger(__name__)
 DEFAULT_GROUP_NAME = "pdserve-kv"
@@ -103,10 +103,9 @@ class ProcessGroupReceiver(ReceiverCore):
         if self._backend == "loopback":
             raise ValueError("the loopback backend is in-process: use LoopbackChannel")
         self._group_backend = process_group_backend(self._backend)
-        #: set when only one-sided (CUDA IPC) senders can write these caches: they span several GPUs
-        self._two_sided_problem = two_sided_problem(caches)
-        if self._two_sided_problem is not None and self._backend != "cuda_ipc":
-            raise ValueError(f"the {self._backend} KV transfer backend cannot receive here: {self._two_sided_problem}")
+        problem = spread_problem(caches)  # a tensor-parallel worker's: scattered from layer 0's GPU
+        if problem is not None:
+            raise ValueError(problem)
         # cuda_ipc senders write into the exported caches; tests also admit them next to gloo
         self._accept_one_sided = self._backend == "cuda_ipc" if accept_one_sided is None else accept_one_sided
         ipc = None
@@ -208,8 +207,6 @@ class ProcessGroupReceiver(ReceiverCore):
         accepted = {self._group_backend} | ({"cuda_ipc"} if self._accept_one_sided else set())
         try:
             check_peer(self.layout, accepted, request)
-            if self._two_sided_problem is not None and request.get("backend") != "cuda_ipc":
-                raise HandshakeError(f"backend: {self._two_sided_problem}", "backend")
         except HandshakeError as e:
             self.rejected_peers.append(f"{name}: {e}")
             answer(str(e).encode())

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo, two_sided_problem
+from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
 from pdserve.kvtransfer.coalescing import COALESCE, can_coalesce, run_coalesced
 from pdserve.kvtransfer.factory import process_group_backend, resolve_backend
 from pdserve.kvtransfer.messages import (
@@ -75,7 +75,15 @@ from pdserve.kvtransfer.rendezvous import (
 )
 from pdserve.kvtransfer.sealing import SealedQueue, cluster_key
 from pdserve.kvtransfer.sending import OutgoingMessage, PreparedStep, SenderCore, finish_position
-from pdserve.kvtransfer.streams import Event, event_done, index_tensor, is_cuda, record_event, wait_event
+from pdserve.kvtransfer.streams import (
+    Event,
+    event_done,
+    index_tensor,
+    is_cuda,
+    record_event,
+    spread_problem,
+    wait_event,
+)
 
 HELLO_NBYTES = 8
 
@@ -117,9 +125,9 @@ class ProcessGroupSender(SenderCore):
                  close_timeout_s: float = 5.0, max_inflight_bytes: int = 1 << 30) -> None:
         host, port, group_name = str(bootstrap["host"]), int(bootstrap["port"]), str(bootstrap["group_name"])
         super().__init__(caches, layout, peer=f"{host}:{port}/{group_name}", name=name)
-        problem = two_sided_problem(caches)
+        problem = spread_problem(caches)  # a tensor-parallel worker's: its ranks' blocks go through layer 0's GPU
         if problem is not None:
-            raise HandshakeError(f"backend: {problem}", "backend")
+            raise HandshakeError(problem)
         try:
             self._backend = process_group_backend(resolve_backend(str(bootstrap.get("backend", "auto")),
                                                                   self._device))
@@ -313,7 +321,8 @@ class ProcessGroupSender(SenderCore):
         if message.split:
             (m,) = parts
             assert m.kv_layer is not None
-            if is_contiguous(m.src_block_ids) and m.kv_layer.is_contiguous():  # (a view of some heads is not)
+            # (a view of some heads is not contiguous; another rank's layer is gathered onto this GPU)
+            if is_contiguous(m.src_block_ids) and m.kv_layer.is_contiguous() and m.kv_layer.device == self._device:
                 first = m.src_block_ids[0]
                 return [m.kv_layer[kv, first:first + len(m.src_block_ids)] for kv in (0, 1)]
             gathered = gather_blocks(m.kv_layer, index_tensor(m.src_block_ids, self._device))

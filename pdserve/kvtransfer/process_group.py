@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo, KVSender, two_sided_problem
+from pdserve.kvtransfer.base import KVLayoutInfo, KVSender
 from pdserve.kvtransfer.cuda_ipc import IpcUnavailable
 from pdserve.kvtransfer.pg_receiver import DEFAULT_GROUP_NAME, ProcessGroupReceiver, open_receiver
 from pdserve.kvtransfer.pg_sender import ProcessGroupSender
@@ -41,10 +41,6 @@ def open_sender(bootstrap: Mapping[str, Any], caches: Sequence[torch.Tensor], la
         try:
             return open_ipc_sender(bootstrap, caches, layout, **options)
         except IpcUnavailable as e:
-            problem = two_sided_problem(caches)
-            if problem is not None:
-                raise HandshakeError(f"backend: {problem}; CUDA IPC to {bootstrap.get('host')}:{bootstrap.get('port')} "
-                                     f"is not available: {e}", "backend") from None
             logger.info("KV transfer to %s:%s: %s; using NCCL", bootstrap.get("host"), bootstrap.get("port"), e)
     return ProcessGroupSender(bootstrap, caches, layout, **options)
 

@@ -97,3 +97,14 @@ def enable_peer_access(devices: Sequence[torch.device]) -> bool:
     for a, b in pairs:
         torch.empty(1, device=f"cuda:{b}").copy_(torch.zeros(1, device=f"cuda:{a}"))
     return True
+
+
+def spread_problem(caches: Sequence[torch.Tensor]) -> str | None:
+    """``None`` when a transport can move ``caches`` from this process: they sit on one device, or on GPUs
+    that can now access each other's memory (a tensor-parallel worker's ranks; peer access enabled here),
+    else why not."""
+    devices = list(dict.fromkeys(cache.device for cache in caches))
+    if len(devices) < 2 or enable_peer_access(devices):
+        return None
+    return (f"this worker's KV cache spans {', '.join(map(str, devices))} (tensor-parallel ranks), GPUs that cannot "
+            f"access each other's memory; the KV transports copy every rank's blocks through one GPU")
