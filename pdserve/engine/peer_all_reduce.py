@@ -28,13 +28,14 @@ SUMMED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 class PeerAllReduce:
     """Staging buffers, flags and epoch counters of every rank (see module)."""
 
-    def __init__(self, devices: list[torch.device], max_bytes: int) -> None:
+    def __init__(self, devices: list[torch.device], max_bytes: int, norm_widths: tuple[int, ...] = ()) -> None:
         from pdserve.engine.kernels.peer_all_reduce import PROGRAMS, load_kernels  # (Triton: on GPUs only)
 
         if max_bytes < 4:
             raise ValueError(f"a peer all-reduce needs at least 4 bytes of staging, got {max_bytes}")
         self.devices = devices
         self.max_bytes = max_bytes
+        self.norm_widths = norm_widths
         world = len(devices)
         self._stages = [torch.empty(2 * max_bytes, dtype=torch.uint8, device=d) for d in devices]
         self._flags = [torch.zeros(world * PROGRAMS, dtype=torch.int64, device=d) for d in devices]
@@ -45,19 +46,21 @@ class PeerAllReduce:
         self._flag_tables = [torch.tensor(flag_pointers, dtype=torch.int64, device=d) for d in devices]
         for device in dict.fromkeys(devices):
             with torch.cuda.device(device):
-                load_kernels(device, world, SUMMED_DTYPES)
+                load_kernels(device, world, SUMMED_DTYPES, norm_widths)
 
     @classmethod
-    def build(cls, devices: list[torch.device], max_bytes: int) -> PeerAllReduce | None:
+    def build(cls, devices: list[torch.device], max_bytes: int, norm_widths: tuple[int, ...] = ()
+              ) -> PeerAllReduce | None:
         """The buffers for ranks on ``devices`` (CUDA), with peer access enabled between every pair of
-        distinct GPUs; ``None`` (NCCL for every size) when ``max_bytes`` is 0 or some pair cannot."""
+        distinct GPUs; ``None`` (NCCL for every size) when ``max_bytes`` is 0 or some pair cannot.
+        ``norm_widths``: the row widths the fused all-reduce + RMSNorm serves (the model's hidden size)."""
         if max_bytes <= 0:
             return None
         if not enable_peer_access(devices):
             logger.warning("some pair of GPUs %s cannot map each other's memory: every all-reduce goes through NCCL",
                            [str(device) for device in devices])
             return None
-        return cls(devices, max_bytes)
+        return cls(devices, max_bytes, norm_widths)
 
     def fits(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` goes through the peer kernel (small, contiguous, a summed dtype)."""
@@ -70,3 +73,18 @@ class PeerAllReduce:
 
         peer_all_reduce(tensor, rank, len(self.devices), self._stage_tables[rank], self._flag_tables[rank],
                         self._counters[rank], self.max_bytes // tensor.element_size())
+
+    def fits_rows(self, partial: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Whether the fused all-reduce + residual add + RMSNorm serves these rows (:meth:`fits`, 2-D, a
+        width loaded at build, the residual alike)."""
+        return (partial.dim() == 2 and partial.shape[1] in self.norm_widths and self.fits(partial)
+                and residual.shape == partial.shape and residual.dtype == partial.dtype and residual.is_contiguous())
+
+    def all_reduce_rmsnorm(self, rank: int, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> None:
+        """Sum ``partial`` over the ranks, add it to ``residual`` and RMS-normalise, in place
+        (:meth:`fits_rows`): ``residual`` becomes the sum, ``partial`` the normalised rows."""
+        from pdserve.engine.kernels.peer_all_reduce import peer_all_reduce_rmsnorm
+
+        peer_all_reduce_rmsnorm(partial, residual, weight, eps, rank, len(self.devices), self._stage_tables[rank],
+                                self._flag_tables[rank], self._counters[rank], self.max_bytes // partial.element_size())

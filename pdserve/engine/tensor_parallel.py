@@ -77,14 +77,14 @@ class TensorParallelModel:
 
     @classmethod
     def build(cls, make: Callable[[TensorParallel], DecoderForCausalLM], devices: list[torch.device],
-              peer_all_reduce_max_bytes: int = 0) -> TensorParallelModel:
+              peer_all_reduce_max_bytes: int = 0, norm_widths: tuple[int, ...] = ()) -> TensorParallelModel:
         """Form the ranks' groups (gloo on an in-process store; on GPUs a host rendezvous launching NCCL,
-        and the one-shot peer kernel for all-reduces up to ``peer_all_reduce_max_bytes``) and ``make``
-        each rank's share of the model."""
+        and the one-shot peer kernel for all-reduces up to ``peer_all_reduce_max_bytes``, fused with the
+        RMSNorm that follows for rows of ``norm_widths``) and ``make`` each rank's share of the model."""
         size = len(devices)
         rendezvous = None
         if devices[0].type == "cuda":
-            rendezvous = ThreadRendezvous(size, PeerAllReduce.build(devices, peer_all_reduce_max_bytes))
+            rendezvous = ThreadRendezvous(size, PeerAllReduce.build(devices, peer_all_reduce_max_bytes, norm_widths))
         store = dist.HashStore()  # (gloo's; in-process, nothing to set up)
 
         def join(rank: int) -> Any:  # a gloo group's constructor returns once every rank joined

@@ -51,6 +51,15 @@ class ThreadRendezvous:
         else:
             self.nccl_all_reduce(rank, tensor)
 
+    def all_reduce_rmsnorm(self, rank: int, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> bool:
+        """The peer kernel's fused all-reduce + residual add + RMSNorm, in place, when these rows fit it;
+        ``False`` (nothing done) otherwise: every rank decides alike, from the shapes."""
+        if self.peer is None or not self.peer.fits_rows(partial, residual):
+            return False
+        self.peer.all_reduce_rmsnorm(rank, partial, residual, weight, eps)
+        return True
+
     def nccl_all_reduce(self, rank: int, tensor: torch.Tensor) -> None:
         self._slots[rank] = (tensor, torch.cuda.current_stream(tensor.device))
         self._barrier.wait()  # the last rank to arrive runs _launch before any leaves
@@ -76,3 +85,7 @@ class _RankGroup:
         for tensor in tensors:
             self._rendezvous.all_reduce(self._rank, tensor)
         return _Done()
+
+    def allreduce_rmsnorm(self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          eps: float) -> bool:
+        return self._rendezvous.all_reduce_rmsnorm(self._rank, partial, residual, weight, eps)

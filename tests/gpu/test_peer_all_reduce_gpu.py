@@ -90,10 +90,13 @@ def test_eager_calls_of_changing_sizes_and_dtypes_sum_over_the_ranks(world: int)
 def test_graph_replays_advance_the_epochs_and_sum_fresh_inputs() -> None:
     world, size, replays = 2, 4096, 20
     devices = _devices(world)  # (the test allocates nothing while a rank's kernel may spin: see above)
-    peer = PeerAllReduce.build(devices, 1 << 20)
+    peer = PeerAllReduce.build(devices, 1 << 20, norm_widths=(1024,))
     assert peer is not None
     results: dict[int, list[torch.Tensor]] = {}
+    normed: dict[int, list[torch.Tensor]] = {}
     captured = threading.Barrier(world, timeout=120)
+    first_residual = _inputs(99, 0, size, torch.float32, torch.device("cpu")).view(4, 1024)
+    weight = torch.linspace(0.5, 1.5, 1024)
 
     def work(rank: int) -> None:
         device = devices[rank]
@@ -105,6 +108,10 @@ def test_graph_replays_advance_the_epochs_and_sum_fresh_inputs() -> None:
                 buffer = static.clone()
                 inputs = [_inputs(rank, call, size, torch.float32, device) for call in range(replays)]
                 outs = torch.empty(replays, size, device=device)
+                # the fused all-reduce + residual add + RMSNorm in the same graph, after the plain one
+                rows, residual, residual0 = torch.zeros(4, 1024, device=device), torch.zeros(4, 1024, device=device), \
+                    first_residual.to(device)
+                norm_weight, norm_outs = weight.to(device), torch.empty(replays, 4, 1024, device=device)
                 stream.synchronize()
                 captured.wait()
                 peer.all_reduce(rank, buffer)  # an eager call before capture, as the engine's warm-up does
@@ -116,6 +123,9 @@ def test_graph_replays_advance_the_epochs_and_sum_fresh_inputs() -> None:
                     buffer.copy_(static)
                     peer.all_reduce(rank, buffer)
                     out.copy_(buffer)
+                    rows.copy_(static.view(4, 1024))
+                    residual.copy_(residual0)
+                    peer.all_reduce_rmsnorm(rank, rows, residual, norm_weight, 1e-6)
                 finally:
                     graph.capture_end()
                 captured.wait()
@@ -123,14 +133,19 @@ def test_graph_replays_advance_the_epochs_and_sum_fresh_inputs() -> None:
                     static.copy_(inputs[call])
                     graph.replay()
                     outs[call].copy_(out)
+                    norm_outs[call].copy_(rows)
                 stream.synchronize()
             results[rank] = list(outs.cpu())
+            normed[rank] = list(norm_outs.cpu())
 
     _on_ranks(world, work)
     for call in range(replays):
         expected = _expected(world, call, size, torch.float32)
+        partials = [_inputs(rank, call, size, torch.float32, devices[0]).view(4, 1024) for rank in range(world)]
+        expected_norm, _ = _fused_reference(partials, first_residual.to(devices[0]), weight.to(devices[0]), 1e-6)
         for rank in range(world):
             torch.testing.assert_close(results[rank][call], expected, rtol=1e-5, atol=1e-5)
+            assert torch.equal(normed[rank][call], expected_norm.cpu())
 
 
 def test_what_fits_and_what_goes_to_nccl() -> None:
@@ -142,3 +157,73 @@ def test_what_fits_and_what_goes_to_nccl() -> None:
     assert not peer.fits(torch.zeros(1025, device=devices[0]))  # more bytes than a staging half
     assert not peer.fits(torch.zeros(64, 2, device=devices[0]).t())  # not contiguous
     assert not peer.fits(torch.zeros(8, dtype=torch.int32, device=devices[0]))  # not a summed dtype
+    rows = torch.zeros(2, 256, device=devices[0])
+    assert not peer.fits_rows(rows, rows)  # no norm width loaded
+    normed = PeerAllReduce.build(devices, 4096, norm_widths=(256,))
+    assert normed is not None and normed.fits_rows(rows, rows.clone())
+    assert not normed.fits_rows(torch.zeros(2, 128, device=devices[0]), torch.zeros(2, 128, device=devices[0]))
+    assert not normed.fits_rows(torch.zeros(8, 256, device=devices[0]), torch.zeros(8, 256, device=devices[0]))
+    assert not normed.fits_rows(rows, rows.t().contiguous().t())  # a residual that is not contiguous
+
+
+NORM_ROWS = (1, 7, 64, 130)
+NORM_WIDTHS = (4096, 96)
+
+
+def _fused_reference(partials: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the unfused path gives: the peer all-reduce's sum (float32, in rank order, rounded once),
+    then the fused residual-add RMSNorm kernel."""
+    from pdserve.engine.kernels.rmsnorm import fused_rmsnorm
+
+    total = torch.zeros(partials[0].shape, dtype=torch.float32, device=partials[0].device)
+    for partial in partials:
+        total += partial.float()
+    out, summed = fused_rmsnorm(total.to(partials[0].dtype), weight, eps, residual.clone())  # type: ignore[misc]
+    return out, summed
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fused_rmsnorm_gives_the_bits_of_all_reduce_then_norm(world: int) -> None:
+    """The all-reduce fused with the residual add and RMSNorm that follow it: every rank gets the bits
+    the peer all-reduce followed by the fused norm kernel gives, for several row counts, widths and
+    dtypes, with plain all-reduces interleaved (the two kernels share the epochs)."""
+    devices = _devices(world)
+    peer = PeerAllReduce.build(devices, 130 * 4096 * 4, norm_widths=NORM_WIDTHS)
+    assert peer is not None
+    eps = 1e-5
+    calls = [(rows, width, dtype) for dtype in DTYPES for width in NORM_WIDTHS for rows in NORM_ROWS]
+    residuals = [_inputs(99, call, rows * width, dtype, torch.device("cpu")).view(rows, width)
+                 for call, (rows, width, dtype) in enumerate(calls)]
+    weights = {(width, dtype): (1 + 0.1 * torch.randn(width, generator=torch.Generator().manual_seed(width))).to(dtype)
+               for _, width, dtype in calls}
+    results: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    ready = threading.Barrier(world, timeout=120)
+
+    def work(rank: int) -> None:
+        device = devices[rank]
+        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+            partials = [_inputs(rank, call, rows * width, dtype, device).view(rows, width)
+                        for call, (rows, width, dtype) in enumerate(calls)]
+            streams = [residual.to(device) for residual in residuals]
+            norm_weights = {key: weight.to(device) for key, weight in weights.items()}
+            plain = [_inputs(rank, 500 + call, 4096, torch.float32, device) for call in range(len(calls))]
+            torch.cuda.current_stream().synchronize()
+            ready.wait()
+            for call, (_, width, dtype) in enumerate(calls):
+                assert peer.fits_rows(partials[call], streams[call])
+                peer.all_reduce_rmsnorm(rank, partials[call], streams[call], norm_weights[(width, dtype)], eps)
+                peer.all_reduce(rank, plain[call])
+            torch.cuda.current_stream().synchronize()
+            results[rank] = [(p.cpu(), s.cpu(), q.cpu()) for p, s, q in zip(partials, streams, plain, strict=True)]
+
+    _on_ranks(world, work)
+    device = devices[0]
+    for call, (rows, width, dtype) in enumerate(calls):
+        partials = [_inputs(rank, call, rows * width, dtype, device).view(rows, width) for rank in range(world)]
+        out, summed = _fused_reference(partials, residuals[call].to(device), weights[(width, dtype)].to(device), eps)
+        for rank in range(world):
+            got_out, got_summed, got_plain = results[rank][call]
+            assert torch.equal(got_summed, summed.cpu()), (rank, rows, width, dtype)
+            assert torch.equal(got_out, out.cpu()), (rank, rows, width, dtype)
+            torch.testing.assert_close(got_plain, _expected(world, 500 + call, 4096, torch.float32), rtol=1e-5, atol=1e-5)

@@ -18,6 +18,10 @@ A peer may signal ``e + 1`` before a slow rank saw ``e``, hence "at least ``epoc
 Contract: :func:`load_kernels` ran on every rank's GPU before the first call; every rank calls with
 tensors of the same shape and dtype, the same grid (:data:`PROGRAMS`), and the same sequence of calls;
 a rank that never comes leaves the others spinning on the device (as a NCCL collective would).
+
+:func:`peer_all_reduce_rmsnorm` is the same exchange fused with what follows every all-reduce of a
+decoder layer: the residual add and the RMSNorm (program ``p`` owns whole rows, so it can normalise
+them); it shares the buffers, flags and epochs, so the two kernels may be called in any order.
 """
 
 from __future__ import annotations
@@ -26,11 +30,32 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.engine.kernels.rmsnorm import norm_warps
+
 #: Programs per call: fixed, so every program's epoch counts every call (see module). 64 ran 8 KiB as fast as
 #: 8-16 and 1 MiB 2.8x faster than 16 on one H200 (``benchmarks/results/runs/peer_all_reduce_programs-h200.md``).
 PROGRAMS = 64
 #: Elements a program moves per iteration.
 BLOCK = 1024
+
+
+@triton.jit
+def _signal_and_wait(flag_table, rank, pid, epoch, WORLD: tl.constexpr, PROGRAMS_: tl.constexpr):
+    """Release this program's staging writes to every peer and wait until every peer's program ``pid``
+    released its own at ``epoch`` (or later)."""
+    tl.debug_barrier()  # every thread's slice is written before the signal below releases it
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            peer_flags = tl.load(flag_table + peer).to(tl.pointer_type(tl.int64))
+            tl.atomic_xchg(peer_flags + rank * PROGRAMS_ + pid, epoch, sem="release", scope="sys")
+    own_flags = tl.load(flag_table + rank).to(tl.pointer_type(tl.int64)) + pid
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            slot = own_flags + peer * PROGRAMS_
+            seen = tl.atomic_add(slot, 0, sem="acquire", scope="sys")
+            while seen < epoch:
+                seen = tl.atomic_add(slot, 0, sem="acquire", scope="sys")
+    tl.debug_barrier()  # no thread reads a peer's slice before the wait above saw its signal
 
 
 @triton.jit
@@ -45,19 +70,7 @@ def _exchange(data_ptr, stage_table, flag_table, counter_ptr, n, half_elements, 
         offsets = start + tl.arange(0, BLOCK_)
         mask = offsets < n
         tl.store(own_stage + offsets, tl.load(data_ptr + offsets, mask=mask), mask=mask)
-    tl.debug_barrier()  # every thread's slice is written before the signal below releases it
-    for peer in tl.static_range(WORLD):
-        if peer != rank:
-            peer_flags = tl.load(flag_table + peer).to(tl.pointer_type(tl.int64))
-            tl.atomic_xchg(peer_flags + rank * PROGRAMS_ + pid, epoch, sem="release", scope="sys")
-    own_flags = tl.load(flag_table + rank).to(tl.pointer_type(tl.int64)) + pid
-    for peer in tl.static_range(WORLD):
-        if peer != rank:
-            slot = own_flags + peer * PROGRAMS_
-            seen = tl.atomic_add(slot, 0, sem="acquire", scope="sys")
-            while seen < epoch:
-                seen = tl.atomic_add(slot, 0, sem="acquire", scope="sys")
-    tl.debug_barrier()  # no thread reads a peer's slice before the wait above saw its signal
+    _signal_and_wait(flag_table, rank, pid, epoch, WORLD, PROGRAMS_)
     for start in range(pid * BLOCK_, n, PROGRAMS_ * BLOCK_):
         offsets = start + tl.arange(0, BLOCK_)
         mask = offsets < n
@@ -91,8 +104,63 @@ def peer_all_reduce(tensor: torch.Tensor, rank: int, world: int, stage_table: to
                                          WORLD=world, PROGRAMS_=PROGRAMS, BLOCK_=BLOCK, num_warps=4)
 
 
-def load_kernels(device: torch.device, world: int, dtypes: tuple[torch.dtype, ...]) -> None:
-    """Compile and load the kernel for every dtype on ``device``, with launches that touch nothing.
+
+
+@triton.jit(do_not_specialize=["data_ptr", "residual_ptr", "rows", "half_elements", "rank", "exchange"])
+def _peer_all_reduce_rmsnorm_kernel(data_ptr, residual_ptr, weight_ptr, stage_table, flag_table, counter_ptr, rows,
+                                    half_elements, rank, eps, exchange, HIDDEN: tl.constexpr, ROW_BLOCK: tl.constexpr,
+                                    WORLD: tl.constexpr, PROGRAMS_: tl.constexpr):
+    if exchange != 0:  # 0: a warm-up launch, which touches nothing
+        pid = tl.program_id(0)
+        dtype = data_ptr.dtype.element_ty
+        epoch = tl.load(counter_ptr + pid) + 1
+        half = (epoch % 2) * half_elements
+        own_stage = tl.load(stage_table + rank).to(tl.pointer_type(dtype)) + half
+        cols = tl.arange(0, ROW_BLOCK)
+        mask = cols < HIDDEN
+        for row in range(pid, rows, PROGRAMS_):  # program p owns rows p, p + PROGRAMS, ... on every rank
+            offsets = row * HIDDEN + cols  # (int32: rows * HIDDEN fits a staging half)
+            tl.store(own_stage + offsets, tl.load(data_ptr + offsets, mask=mask), mask=mask)
+        _signal_and_wait(flag_table, rank, pid, epoch, WORLD, PROGRAMS_)
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        for row in range(pid, rows, PROGRAMS_):
+            offsets = row * HIDDEN + cols  # (int32: rows * HIDDEN fits a staging half)
+            total = tl.zeros([ROW_BLOCK], dtype=tl.float32)
+            for source in tl.static_range(WORLD):
+                stage = tl.load(stage_table + source).to(tl.pointer_type(dtype)) + half
+                total += tl.load(stage + offsets, mask=mask, other=0.0, volatile=True).to(tl.float32)
+            # the rounding steps of an all-reduce followed by the fused residual-add RMSNorm kernel
+            residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
+            x = (total.to(dtype).to(tl.float32) + residual.to(tl.float32)).to(dtype)
+            tl.store(residual_ptr + offsets, x, mask=mask)
+            xf = x.to(tl.float32)
+            inv_rms = tl.rsqrt(tl.sum(xf * xf, 0) / HIDDEN + eps)
+            normed = (xf * inv_rms).to(dtype).to(tl.float32)
+            tl.store(data_ptr + offsets, (normed * weight).to(dtype), mask=mask)
+        tl.store(counter_ptr + pid, epoch)
+
+
+def peer_all_reduce_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, rank: int,
+                            world: int, stage_table: torch.Tensor, flag_table: torch.Tensor, counters: torch.Tensor,
+                            half_elements: int) -> None:
+    """In one kernel: sum ``partial`` (``[rows, hidden]``, contiguous) over the ranks, add ``residual``
+    and RMS-normalise each row with ``weight``; in place: ``residual`` becomes the sum plus the residual
+    (the next residual stream), ``partial`` its normalised rows. Bits as :func:`peer_all_reduce` then
+    :func:`~pdserve.engine.kernels.rmsnorm.fused_rmsnorm`. Buffers as for :func:`peer_all_reduce`; the
+    kernel for ``hidden`` must have been loaded (:func:`load_kernels`)."""
+    rows, hidden = partial.shape
+    if rows * hidden > half_elements:
+        raise ValueError(f"{rows * hidden} elements exceed the staging half of {half_elements}")
+    _peer_all_reduce_rmsnorm_kernel[(PROGRAMS,)](
+        partial, residual, weight, stage_table, flag_table, counters, rows, half_elements, rank, eps, 1,
+        HIDDEN=hidden, ROW_BLOCK=triton.next_power_of_2(hidden), WORLD=world, PROGRAMS_=PROGRAMS,
+        num_warps=norm_warps(hidden))
+
+
+def load_kernels(device: torch.device, world: int, dtypes: tuple[torch.dtype, ...],
+                 norm_widths: tuple[int, ...] = ()) -> None:
+    """Compile and load the kernels for every dtype (and the fused norm's for every row width in
+    ``norm_widths``) on ``device``, with launches that touch nothing.
 
     Call before any rank's first all-reduce: loading a kernel waits for the GPU's running kernels, so a
     rank loading its kernel while another rank's kernel on the same GPU spins for its signal would never
@@ -100,6 +168,12 @@ def load_kernels(device: torch.device, world: int, dtypes: tuple[torch.dtype, ..
     """
     scratch = torch.zeros(PROGRAMS, dtype=torch.int64, device=device)
     for dtype in dtypes:
-        _peer_all_reduce_kernel[(PROGRAMS,)](torch.zeros(1, dtype=dtype, device=device), scratch, scratch, scratch,
-                                             0, 0, 0, 0, WORLD=world, PROGRAMS_=PROGRAMS, BLOCK_=BLOCK, num_warps=4)
+        data = torch.zeros(1, dtype=dtype, device=device)
+        _peer_all_reduce_kernel[(PROGRAMS,)](data, scratch, scratch, scratch, 0, 0, 0, 0, WORLD=world,
+                                             PROGRAMS_=PROGRAMS, BLOCK_=BLOCK, num_warps=4)
+        for hidden in norm_widths:
+            _peer_all_reduce_rmsnorm_kernel[(PROGRAMS,)](
+                data, data, data, scratch, scratch, scratch, 0, 0, 0, 1e-6, 0, HIDDEN=hidden,
+                ROW_BLOCK=triton.next_power_of_2(hidden), WORLD=world, PROGRAMS_=PROGRAMS,
+                num_warps=norm_warps(hidden))
     torch.cuda.synchronize(device)

@@ -31,13 +31,19 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, 
     tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def norm_warps(hidden: int) -> int:
+    """Warps per row of ``hidden`` elements (also used by the fused all-reduce + norm kernel, so that
+    the same layout sums a row in the same order)."""
+    return min(16, max(1, triton.next_power_of_2(hidden) // 256))
+
+
 def fused_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``rmsnorm(x)``, or with ``residual``: ``(rmsnorm(x + residual), x + residual)``. 2-D inputs."""
     rows, cols = x.shape
     out = torch.empty_like(x)
     block = triton.next_power_of_2(cols)
-    warps = min(16, max(1, block // 256))
+    warps = norm_warps(cols)
     if residual is None:
         _rmsnorm_kernel[(rows,)](x, x, weight, out, out, cols, eps, x.stride(0), 0, out.stride(0), 0,
                                  HAS_RESIDUAL=False, BLOCK=block, num_warps=warps)

@@ -85,13 +85,16 @@ class DecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 rotary: RotaryEmbedding, kv_cache: torch.Tensor, metadata: AttentionMetadata
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(MLP output, residual stream)``; with several ranks the MLP output may be this rank's partial
+        sum (its ``down_proj`` defers the all-reduce to the norm that follows: the next layer's input norm,
+        or the model's final one)."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.mlp.down_proj.norm_output(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(positions, hidden, rotary, kv_cache, metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.self_attn.o_proj.norm_output(self.post_attention_layernorm, hidden, residual)
         return self.mlp(hidden), residual
 
 
@@ -146,7 +149,9 @@ class DecoderForCausalLM(nn.Module):
             hidden, residual = layer(positions, hidden, residual, self.rotary, kv_cache, metadata)
             if hook is not None:
                 hook(index, kv_cache)
-        hidden, _ = self.model.norm(hidden, residual)
+        last = self.model.layers[-1]
+        assert isinstance(last, DecoderLayer) and residual is not None
+        hidden, _ = last.mlp.down_proj.norm_output(self.model.norm, hidden, residual)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

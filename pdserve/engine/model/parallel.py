@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from torch import nn
 
 from pdserve.common.errors import ConfigError
 from pdserve.engine.model.hf_config import ModelSpec
+
+if TYPE_CHECKING:
+    from pdserve.engine.model.layers import RMSNorm
 
 #: Checkpoint sub-names split by output rows, and those split by input columns (weights only).
 COLUMN_PARALLEL = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "mlp.gate_proj.", "mlp.up_proj.")
@@ -100,6 +103,15 @@ class TensorParallel:
             self.group.allreduce([tensor]).wait()
         return tensor
 
+    def reduce_norm(self, norm: RMSNorm, partial: torch.Tensor, residual: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``norm(sum of partial over the ranks, residual)``: in one kernel with the group's fused
+        all-reduce + RMSNorm when it has one and the rows fit it (in place), else all-reduce then norm."""
+        fused = getattr(self.group, "allreduce_rmsnorm", None)
+        if fused is not None and norm.fused and fused(partial, residual, norm.weight, norm.eps):
+            return partial, residual
+        return norm(self.all_reduce(partial), residual)
+
     def gather_vocab(self, local: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """Every rank's columns of ``local`` (``[rows, len(vocab_rows)]``) as ``[rows, vocab_size]``."""
         if self.size == 1:
@@ -133,14 +145,30 @@ class VocabParallelEmbedding(nn.Embedding):
 
 class RowParallelLinear(nn.Linear):
     """``nn.Linear`` whose input is split over the ranks: partial products are all-reduced, then the
-    bias is added once. With one rank it is ``nn.Linear``."""
+    bias is added once. With one rank it is ``nn.Linear``.
+
+    Without a bias the all-reduce is deferred (``defers_reduce``): ``forward`` returns this rank's partial
+    product, and the residual-add RMSNorm that always follows it sums it (:meth:`norm_output`), so that
+    on GPUs one kernel can do both (:meth:`TensorParallel.reduce_norm`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.tp = tp
+        self.defers_reduce = tp.size > 1 and not bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return super().forward(x)
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = F.linear(x, self.weight)
+        if self.defers_reduce:
+            return out  # a partial sum: see norm_output
+        out = self.tp.all_reduce(out)
         return out if self.bias is None else out + self.bias
+
+    def norm_output(self, norm: RMSNorm, output: torch.Tensor, residual: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``norm(output, residual)`` for this projection's ``output``, summing it over the ranks first
+        when :attr:`defers_reduce`."""
+        if self.defers_reduce:
+            return self.tp.reduce_norm(norm, output, residual)
+        return norm(output, residual)
