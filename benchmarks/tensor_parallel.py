@@ -52,6 +52,10 @@ CASES: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = {
     "70b-tp2": (LLAMA31_70B, 2, {}),
     # all-reduces up to 1 MiB (a decode step of up to 128 sequences) through the one-shot peer kernel
     "8b-tp2-peer": (LLAMA31_8B, 2, {"peer_all_reduce_max_bytes": PEER_MAX_BYTES}),
+    # the same without fusing each all-reduce with the residual-add RMSNorm after it (an A/B of the fusion;
+    # fused, the all-reduce share below includes those norms)
+    "8b-tp2-peer-unfused": (LLAMA31_8B, 2, {"peer_all_reduce_max_bytes": PEER_MAX_BYTES,
+                                            "peer_all_reduce_fuse_norm": False}),
     "70b-tp2-peer": (LLAMA31_70B, 2, {"peer_all_reduce_max_bytes": PEER_MAX_BYTES}),
 }
 

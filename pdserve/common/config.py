@@ -44,7 +44,9 @@ class EngineConfig:
     :mod:`pdserve.engine.tensor_parallel`). With more than one GPU rank, every rank captures its own CUDA graphs.
     ``peer_all_reduce_max_bytes`` > 0 sends GPU all-reduces up to that size through a one-shot kernel that
     reads the other ranks' buffers directly (NVLink peers; :mod:`pdserve.engine.peer_all_reduce`) instead
-    of NCCL; 0 (the default until it is measured on two GPUs) keeps NCCL for every size.
+    of NCCL; 0 (the default until it is measured on two GPUs) keeps NCCL for every size. With it,
+    ``peer_all_reduce_fuse_norm`` (default true; false for A/B runs) also fuses each row-parallel
+    projection's all-reduce with the residual add and RMSNorm that follow (one kernel, same bits).
 
     SLO-aware scheduling: ``step_time_budget_ms`` caps the predicted time of a step that carries
     decodes (prefill chunks are cut to fit: the TPOT SLO; with ``step_budget_window`` W > 0 a step may
@@ -81,6 +83,7 @@ class EngineConfig:
     step_time_profile: str | None = None
     tensor_parallel_size: int = 1
     peer_all_reduce_max_bytes: int = 0
+    peer_all_reduce_fuse_norm: bool = True
 
     def __post_init__(self) -> None:
         try:
@@ -126,7 +129,8 @@ class EngineConfig:
         if self.step_time_profile is not None and (not isinstance(self.step_time_profile, str)
                                                    or not self.step_time_profile):
             raise InvalidParameterError("step_time_profile", "must be the path of a step-time profile (JSON)")
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "async_scheduling"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "async_scheduling",
+                     "peer_all_reduce_fuse_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameterError(name, f"must be true or false, got {getattr(self, name)!r}")
 

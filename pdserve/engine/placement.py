@@ -32,7 +32,7 @@ def place_model(source: ModelSource, backend: AttentionBackend, dtype: torch.dty
     if len(devices) == 1:
         return build()
     return TensorParallelModel.build(build, devices, config.peer_all_reduce_max_bytes,
-                                     norm_widths=(source.spec.hidden_size,))
+                                     norm_widths=(source.spec.hidden_size,) if config.peer_all_reduce_fuse_norm else ())
 
 
 def prepare_attention(backend: AttentionBackend, model: CausalLM, dtype: torch.dtype, devices: list[torch.device],

@@ -111,3 +111,6 @@ def test_peer_all_reduce_size_is_validated() -> None:
     for bad in (-1, 1 << 30, 1.5):
         with pytest.raises(ConfigError, match="peer_all_reduce_max_bytes"):
             EngineConfig(peer_all_reduce_max_bytes=bad)  # type: ignore[arg-type]
+    assert EngineConfig().peer_all_reduce_fuse_norm is True
+    with pytest.raises(ConfigError, match="peer_all_reduce_fuse_norm"):
+        EngineConfig(peer_all_reduce_fuse_norm="yes")  # type: ignore[arg-type]
