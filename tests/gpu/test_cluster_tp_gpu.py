@@ -1,8 +1,11 @@
 """Prefill and decode workers of different tensor-parallel degrees on GPUs: each rank's KV cache sits on
 its own GPU, and the prefill worker writes every rank's heads into the decode rank that owns them over
 CUDA IPC. Outputs equal the offline engine's token for token (float32, greedy). A pool of one degree
-and one of twice it need three GPUs; skipped below that (the transport itself is checked with one or
-two GPUs in ``test_kvtransfer_tp_gpu.py``)."""
+and one of twice it need three GPUs; with two, Ray is given four GPU ids that name the two GPUs twice
+(``CUDA_VISIBLE_DEVICES`` of its processes), so the prefill and decode workers share them (a worker of
+two ranks gets two distinct GPUs as long as Ray hands it ids 0 and 1 or 2 and 3, which it does first
+come first served). Skipped with one GPU (the transport itself is checked there, in
+``test_kvtransfer_tp_gpu.py``)."""
 
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ from pdserve.cluster.launcher import Cluster
 
 pytestmark = [
     pytest.mark.multigpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 3,
-                       reason="needs three CUDA GPUs"),
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                       reason="needs two CUDA GPUs"),
 ]
 
 ENGINE = {"block_size": 16, "max_model_len": 1024, "num_kv_blocks": 512, "dtype": "float32"}
@@ -38,8 +41,19 @@ def test_pools_of_different_degrees_serve_what_the_offline_engine_generates(pref
                                          **ENGINE).generate(PROMPTS, GREEDY)]
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     env = {k: os.environ[k] for k in ("PDSERVE_CACHE_DIR",) if k in os.environ}
-    ray.init(num_cpus=8, num_gpus=prefill_gpus + decode_gpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": env})
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    ids = 4 if len(gpus) < prefill_gpus + decode_gpus else prefill_gpus + decode_gpus
+    # (this process's CUDA is initialised already: the changed variable reaches Ray's processes only)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i % len(gpus)] for i in range(ids))
+    try:
+        ray.init(num_cpus=8, num_gpus=ids, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env})
+    finally:
+        if visible is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     config = {"model": "tiny-random", "mode": "disaggregated", "engine": dict(ENGINE),
               "prefill": {"replicas": 1, "gpus_per_worker": prefill_gpus, "max_batch_tokens": 512},
               "decode": {"replicas": 1, "gpus_per_worker": decode_gpus, "max_running_requests": 64},
