@@ -116,7 +116,7 @@ def _truthy(value: Any) -> bool:
 
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "pdserve"
 RENDERED = CHART.parent / "rendered"
-VALUE_SETS = {"default": None, "4p4d": CHART.parent / "values-4p4d.yaml"}
+VALUE_SETS = {"default": None, "4p4d": CHART.parent / "values-4p4d.yaml", "70b-tp": CHART.parent / "values-70b-tp.yaml"}
 
 
 def render_value_set(name: str) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""The Helm chart (deploy/helm/pdserve), rendered for the default values and a 4P4D values file: every
+"""The Helm chart (deploy/helm/pdserve), rendered for the default values, a 4P4D values file and a 70B one
+with tensor-parallel pools of two degrees: every
 manifest is valid against its schema (KubeRay's RayJob CRD, Kubernetes' own kinds), the ConfigMap holds
 a cluster config pdserve itself accepts, the pieces agree with each other (Service -> router pod, ports,
 GPUs for the pools), and the committed rendering is current."""
@@ -42,6 +43,10 @@ def test_rendered_manifests_are_valid_and_consistent(value_set: str) -> None:
         group = groups["prefill" if role == "prefill" else "decode"]
         gpus = group["replicas"] * int(group["rayStartParams"]["num-gpus"])
         assert config.pool(role).replicas * config.pool(role).gpus_per_worker <= gpus
+        # one worker per pod: its ranks on the pod's GPUs, which Ray and Kubernetes both count
+        [worker] = group["template"]["spec"]["containers"]
+        assert int(group["rayStartParams"]["num-gpus"]) == config.pool(role).gpus_per_worker
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == config.pool(role).gpus_per_worker
         advertised = json.loads(json.loads(group["rayStartParams"]["resources"]))
         assert config.pool(role).ray_resources and config.pool(role).ray_resources.items() <= advertised.items()
         other = groups["decode" if group is groups["prefill"] else "prefill"]
@@ -73,6 +78,16 @@ def test_the_4p4d_values_take_effect() -> None:
     env = kinds["RayJob"]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "PDSERVE_API_KEYS",
             "valueFrom": {"secretKeyRef": {"name": "pdserve-api-keys", "key": "keys"}}} in env
+
+
+def test_the_70b_values_run_tensor_parallel_pools_of_different_degrees() -> None:
+    kinds = _by_kind(render_value_set("70b-tp"))
+    config = cluster_config_from_dict(yaml.safe_load(kinds["ConfigMap"]["data"]["cluster.yaml"]))
+    assert config.engine_config("prefill").tensor_parallel_size == 2
+    assert config.engine_config("decode").tensor_parallel_size == 4
+    assert config.kv_transfer.head_groups == 4 and config.kv_transfer.backend == "nccl"
+    groups = {g["groupName"]: g for g in kinds["RayJob"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert (groups["prefill"]["replicas"], groups["decode"]["replicas"]) == (2, 1)
 
 
 def test_a_broken_manifest_is_caught() -> None:
