@@ -103,6 +103,7 @@ class IpcSender(SenderCore):
         self._writers = [remote.device for remote in self._remote]
         if not enable_peer_access([*self._writers, *self._layer_devices]):
             raise IpcUnavailable("this worker's GPUs cannot read each other's memory")
+        _load_copy_kernels(caches, self._writers)
         index = join_receiver(root, self._name, layout, "cuda_ipc", join, self.peer, group_name=group_name, key=key)
         self._messages = SealedQueue(dist.PrefixStore(pair_prefix(group_name, index), store), MESSAGE_QUEUE, key,
                                      channel_context(group_name, index))
@@ -219,6 +220,23 @@ class IpcSender(SenderCore):
                 self._channel_failed(f"the KV channel to {self.peer} failed: {type(e).__name__}: {e}")
                 if message.header.kind is MessageKind.CLOSE:
                     return
+
+
+def _load_copy_kernels(caches: Sequence[torch.Tensor], writers: Sequence[torch.device]) -> None:
+    """Compile and load the block copy on every writing GPU now, copying one block of the first layer it
+    will copy into a scratch block there. Loading a kernel waits for the GPU's running kernels: from the
+    engine thread, inside a forward pass, a first copy on a GPU where another tensor-parallel rank's
+    all-reduce kernel spins for rank 0 (whose next launch waits for this thread) would never return."""
+    first_layer: dict[torch.device, int] = {}
+    for index, writer in enumerate(writers):
+        first_layer.setdefault(writer, index)
+    for writer, index in first_layer.items():
+        if is_cuda(writer):
+            source = caches[index]
+            with torch.cuda.device(writer):
+                zero = torch.zeros(1, dtype=torch.int64, device=writer)
+                copy_blocks(source, source.new_empty((2, 1, *source.shape[2:]), device=writer), zero, zero)
+                torch.cuda.synchronize(writer)
 
 
 def open_ipc_sender(bootstrap: Mapping[str, Any], caches: Sequence[torch.Tensor], layout: KVLayoutInfo,
