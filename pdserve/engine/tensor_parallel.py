@@ -52,7 +52,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pdserve.common.errors import ConfigError
 from pdserve.engine.attention.metadata import AttentionMetadata
 from pdserve.engine.device import on_device
 from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches
@@ -84,25 +83,17 @@ class TensorParallelModel:
         RMSNorm that follows for rows of ``norm_widths``) and ``make`` each rank's share of the model."""
         size = len(devices)
         rendezvous = None
-        # ranks sharing a GPU (tests on one GPU) cannot form an NCCL clique: every all-reduce goes through
-        # the peer kernel, which then must take them all
-        shared = len(set(devices)) < size
         if devices[0].type == "cuda":
-            peer = PeerAllReduce.build(devices, peer_all_reduce_max_bytes, norm_widths)
-            if shared and peer is None:
-                raise ConfigError("peer_all_reduce_max_bytes", f"tensor-parallel ranks sharing a GPU ({devices}) "
-                                  f"all-reduce through the peer kernel only: give it a size")
-            rendezvous = ThreadRendezvous(size, peer, peer_only=shared)
+            rendezvous = ThreadRendezvous(size, PeerAllReduce.build(devices, peer_all_reduce_max_bytes, norm_widths))
         store = dist.HashStore()  # (gloo's; in-process, nothing to set up)
 
         def join(rank: int) -> Any:  # a gloo group's constructor returns once every rank joined
             if rendezvous is None:
                 return dist.ProcessGroupGloo(store, rank, size, GROUP_TIMEOUT)
             with on_device(devices[rank]):
-                if not shared:
-                    probe = torch.ones(1, device=devices[rank])
-                    rendezvous.nccl_all_reduce(rank, probe)  # every rank here: NCCL's clique forms now
-                    _check_probe(rank, "NCCL", probe, size)
+                probe = torch.ones(1, device=devices[rank])
+                rendezvous.nccl_all_reduce(rank, probe)  # every rank here: NCCL's clique forms now
+                _check_probe(rank, "NCCL", probe, size)
                 if rendezvous.peer is not None:
                     probe = torch.ones(1, device=devices[rank])
                     rendezvous.peer.all_reduce(rank, probe)

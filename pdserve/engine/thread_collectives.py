@@ -35,10 +35,9 @@ class _Done:
 
 
 class ThreadRendezvous:
-    def __init__(self, size: int, peer: PeerAllReduce | None = None, peer_only: bool = False) -> None:
+    def __init__(self, size: int, peer: PeerAllReduce | None = None) -> None:
         self.size = size
         self.peer = peer
-        self.peer_only = peer_only  # ranks sharing a GPU: NCCL cannot serve them
         self._slots: list[tuple[torch.Tensor, torch.cuda.Stream] | None] = [None] * size
         self._barrier = threading.Barrier(size, action=self._launch, timeout=BARRIER_TIMEOUT_S)
 
@@ -49,9 +48,6 @@ class ThreadRendezvous:
         """Sum ``tensor`` over the ranks in place: through the peer kernel when it fits, else NCCL."""
         if self.peer is not None and self.peer.fits(tensor):
             self.peer.all_reduce(rank, tensor)
-        elif self.peer_only:
-            raise RuntimeError(f"an all-reduce of {tuple(tensor.shape)} {tensor.dtype} does not fit the peer kernel "
-                               f"({self.peer.max_bytes if self.peer else 0} bytes), the only path for ranks sharing a GPU")
         else:
             self.nccl_all_reduce(rank, tensor)
 

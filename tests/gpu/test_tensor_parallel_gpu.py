@@ -66,33 +66,3 @@ def test_two_gpu_ranks_size_their_kv_cache_from_gpu_memory(tmp_path) -> None:  #
     one = LLM(**kwargs)
     assert ([o.token_ids for o in two.generate(prompt_token_ids=prompts, sampling_params=params)]
             == [o.token_ids for o in one.generate(prompt_token_ids=prompts, sampling_params=params)])
-
-
-@pytest.mark.parametrize("fuse_norm", [True, False])
-def test_ranks_sharing_one_gpu_generate_what_one_rank_does(fuse_norm: bool, tmp_path,  # noqa: ANN001
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two ranks on one GPU (the engine never places them so; the test does): with no NCCL clique possible,
-    every all-reduce goes through the peer kernel, the row-parallel ones fused with the residual-add
-    RMSNorm after them (or not), eagerly and from every rank's CUDA graphs. Runs with one GPU, where the
-    two-GPU tests cannot: it checks the kernels' place in the model, not NVLink."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    from pdserve.engine import engine as engine_module
-
-    make_hf_model("llama31", tmp_path)
-    rng = random.Random(11)
-    prompts = [[rng.randrange(256) for _ in range(n)] for n in (1, 9, 40, 120)]
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    kwargs = dict(model=str(tmp_path), device="cuda:0", dtype="float32", max_model_len=512, block_size=16,
-                  num_kv_blocks=128, max_num_seqs=8, max_num_batched_tokens=64)
-    expected = [o.token_ids for o in LLM(**kwargs).generate(prompt_token_ids=prompts, sampling_params=params)]
-    monkeypatch.setattr(engine_module, "rank_devices", lambda device, size: [device] * size)
-    for eager in (False, True):
-        two = LLM(tensor_parallel_size=2, enforce_eager=eager, peer_all_reduce_max_bytes=4 << 20,
-                  peer_all_reduce_fuse_norm=fuse_norm, **kwargs)
-        assert two.engine.model._rendezvous.peer_only
-        assert bool(two.engine.model._rendezvous.peer.norm_widths) == fuse_norm
-        got = [o.token_ids for o in two.generate(prompt_token_ids=prompts, sampling_params=params)]
-        assert got == expected, (eager, fuse_norm)
-        assert (two.engine.runner.num_graph_steps > 0) == (not eager)
-        two.engine.model.close()
