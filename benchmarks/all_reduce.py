@@ -27,7 +27,7 @@ from pdserve.engine.kernels.rmsnorm import fused_rmsnorm
 from pdserve.engine.peer_all_reduce import PeerAllReduce
 from pdserve.engine.thread_collectives import ThreadRendezvous
 
-SIZES_KIB = (8, 64, 256, 512, 1024, 4096)
+SIZES_KIB = (8, 64, 256, 512, 1024, 4096, 16384, 65536)  # 64 MiB: an 8k-token prefill step of Llama-8B
 
 
 def time_calls(devices: list[torch.device], rendezvous: ThreadRendezvous,

@@ -57,6 +57,8 @@ CASES: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = {
     "8b-tp2-peer-unfused": (LLAMA31_8B, 2, {"peer_all_reduce_max_bytes": PEER_MAX_BYTES,
                                             "peer_all_reduce_fuse_norm": False}),
     "70b-tp2-peer": (LLAMA31_70B, 2, {"peer_all_reduce_max_bytes": PEER_MAX_BYTES}),
+    # every all-reduce up to an 8k prefill step's (64 MiB) through the peer kernel, above 1 MiB on its wide grid
+    "8b-tp2-peer-wide": (LLAMA31_8B, 2, {"peer_all_reduce_max_bytes": 64 << 20}),
 }
 
 

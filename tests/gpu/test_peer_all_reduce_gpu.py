@@ -15,7 +15,7 @@ from pdserve.engine.peer_all_reduce import PeerAllReduce
 
 pytestmark = pytest.mark.gpu
 
-SIZES = (1, 7, 1024, 4096, 4097, 40_000, 131_072)
+SIZES = (1, 7, 1024, 4096, 4097, 40_000, 131_072, 786_433, 2_000_000)  # the last two: the wide grid (> 1 MiB)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -55,10 +55,11 @@ def _expected(world: int, call: int, size: int, dtype: torch.dtype) -> torch.Ten
     return total.to(dtype)  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_eager_calls_of_changing_sizes_and_dtypes_sum_over_the_ranks(world: int) -> None:
+@pytest.mark.parametrize(("world", "max_bytes"), [(2, 131_072 * 4), (3, 131_072 * 4), (2, 8 << 20)])
+def test_eager_calls_of_changing_sizes_and_dtypes_sum_over_the_ranks(world: int, max_bytes: int) -> None:
+    """With 8 MiB of staging, tensors above 1 MiB take the wide grid, between calls of the small one."""
     devices = _devices(world)
-    peer = PeerAllReduce.build(devices, 131_072 * 4)
+    peer = PeerAllReduce.build(devices, max_bytes)
     assert peer is not None
     calls = [(size, dtype) for dtype in DTYPES for size in SIZES if size * dtype.itemsize <= peer.max_bytes]
     results: dict[int, list[torch.Tensor]] = {}

@@ -16,7 +16,7 @@ peer's epoch ``e + 1`` signals, sent after those peers' epoch ``e`` kernels ende
 A peer may signal ``e + 1`` before a slow rank saw ``e``, hence "at least ``epoch``", and int64 counters.
 
 Contract: :func:`load_kernels` ran on every rank's GPU before the first call; every rank calls with
-tensors of the same shape and dtype, the same grid (:data:`PROGRAMS`), and the same sequence of calls;
+tensors of the same shape and dtype, the same :class:`Grid`, and the same sequence of calls;
 a rank that never comes leaves the others spinning on the device (as a NCCL collective would).
 
 :func:`peer_all_reduce_rmsnorm` is the same exchange fused with what follows every all-reduce of a
@@ -26,17 +26,34 @@ them); it shares the buffers, flags and epochs, so the two kernels may be called
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from pdserve.engine.kernels.rmsnorm import norm_warps
 
-#: Programs per call: fixed, so every program's epoch counts every call (see module). 64 ran 8 KiB as fast as
-#: 8-16 and 1 MiB 2.8x faster than 16 on one H200 (``benchmarks/results/runs/peer_all_reduce_programs-h200.md``).
-PROGRAMS = 64
-#: Elements a program moves per iteration.
-BLOCK = 1024
+
+@dataclass(frozen=True)
+class Grid:
+    """Programs per call and elements a program moves per iteration. Every call of one grid uses the
+    same program count, so every program's epoch counts every call (see module); each grid has buffers,
+    flags and epochs of its own (:class:`~pdserve.engine.peer_all_reduce.PeerAllReduce`)."""
+
+    programs: int
+    block: int
+
+
+#: 64 programs ran 8 KiB as fast as 8-16 and 1 MiB 2.8x faster than 16 on one H200
+#: (``benchmarks/results/runs/peer_all_reduce_programs-h200.md``): decode steps' all-reduces.
+SMALL = Grid(64, 1024)
+#: More programs moving more per iteration for large tensors (a prefill step's all-reduces), where the same
+#: sweep had 132 x 2048 fastest at 1 MiB: two programs per SM of an H200, still all resident at once.
+WIDE = Grid(264, 2048)
+#: Tensors above this many bytes go through :data:`WIDE`.
+WIDE_FROM_BYTES = 1 << 20
+PROGRAMS, BLOCK = SMALL.programs, SMALL.block
 
 
 @triton.jit
@@ -90,18 +107,18 @@ def _peer_all_reduce_kernel(data_ptr, stage_table, flag_table, counter_ptr, n, h
 
 
 def peer_all_reduce(tensor: torch.Tensor, rank: int, world: int, stage_table: torch.Tensor, flag_table: torch.Tensor,
-                    counters: torch.Tensor, half_elements: int) -> None:
+                    counters: torch.Tensor, half_elements: int, grid: Grid = SMALL) -> None:
     """Sum ``tensor`` (contiguous, on rank ``rank``'s GPU) over the ranks, in place, on the current stream.
 
     ``stage_table``/``flag_table``: int64 device pointers (on this rank's GPU), one per rank, of each
-    rank's staging buffer (two halves of ``half_elements`` of ``tensor``'s dtype) and flag slots
-    (``world * PROGRAMS`` int64, zeroed once); ``counters``: this rank's ``PROGRAMS`` int64 epochs.
+    rank's staging buffer for ``grid`` (two halves of ``half_elements`` of ``tensor``'s dtype) and flag
+    slots (``world * grid.programs`` int64, zeroed once); ``counters``: this rank's ``grid.programs`` epochs.
     """
     n = tensor.numel()
     if n > half_elements:
         raise ValueError(f"{n} elements exceed the staging half of {half_elements}")
-    _peer_all_reduce_kernel[(PROGRAMS,)](tensor, stage_table, flag_table, counters, n, half_elements, rank, 1,
-                                         WORLD=world, PROGRAMS_=PROGRAMS, BLOCK_=BLOCK, num_warps=4)
+    _peer_all_reduce_kernel[(grid.programs,)](tensor, stage_table, flag_table, counters, n, half_elements, rank, 1,
+                                              WORLD=world, PROGRAMS_=grid.programs, BLOCK_=grid.block, num_warps=4)
 
 
 
@@ -158,19 +175,20 @@ def peer_all_reduce_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weigh
 
 
 def load_kernels(device: torch.device, world: int, dtypes: tuple[torch.dtype, ...],
-                 norm_widths: tuple[int, ...] = ()) -> None:
-    """Compile and load the kernels for every dtype (and the fused norm's for every row width in
-    ``norm_widths``) on ``device``, with launches that touch nothing.
+                 norm_widths: tuple[int, ...] = (), grids: tuple[Grid, ...] = (SMALL,)) -> None:
+    """Compile and load the kernels for every dtype and grid (and the fused norm's, on :data:`SMALL`, for
+    every row width in ``norm_widths``) on ``device``, with launches that touch nothing.
 
     Call before any rank's first all-reduce: loading a kernel waits for the GPU's running kernels, so a
     rank loading its kernel while another rank's kernel on the same GPU spins for its signal would never
     return (seen with both ranks on one GPU). One binary serves every rank, size and alignment.
     """
-    scratch = torch.zeros(PROGRAMS, dtype=torch.int64, device=device)
+    scratch = torch.zeros(max(grid.programs for grid in grids), dtype=torch.int64, device=device)
     for dtype in dtypes:
         data = torch.zeros(1, dtype=dtype, device=device)
-        _peer_all_reduce_kernel[(PROGRAMS,)](data, scratch, scratch, scratch, 0, 0, 0, 0, WORLD=world,
-                                             PROGRAMS_=PROGRAMS, BLOCK_=BLOCK, num_warps=4)
+        for grid in grids:
+            _peer_all_reduce_kernel[(grid.programs,)](data, scratch, scratch, scratch, 0, 0, 0, 0, WORLD=world,
+                                                      PROGRAMS_=grid.programs, BLOCK_=grid.block, num_warps=4)
         for hidden in norm_widths:
             _peer_all_reduce_rmsnorm_kernel[(PROGRAMS,)](
                 data, data, data, scratch, scratch, scratch, 0, 0, 0, 1e-6, 0, HIDDEN=hidden,
