@@ -87,23 +87,20 @@ class PeerAllReduce:
         return (tensor.dtype in SUMMED_DTYPES and tensor.is_contiguous()
                 and tensor.numel() * tensor.element_size() <= self.max_bytes)
 
-    def _grid_for(self, tensor: torch.Tensor) -> _GridBuffers:
-        if self._wide is None or tensor.numel() * tensor.element_size() <= self._small.half_bytes:
-            return self._small
-        return self._wide
-
     def all_reduce(self, rank: int, tensor: torch.Tensor) -> None:
         """Sum ``tensor`` (rank ``rank``'s, on its GPU; :meth:`fits`) over the ranks, in place."""
         from pdserve.engine.kernels.peer_all_reduce import peer_all_reduce
 
-        grid = self._grid_for(tensor)
+        nbytes = tensor.numel() * tensor.element_size()
+        grid = self._small if nbytes <= self._small.half_bytes or self._wide is None else self._wide
         peer_all_reduce(tensor, rank, len(self.devices), grid.stage_tables[rank], grid.flag_tables[rank],
                         grid.counters[rank], grid.half_bytes // tensor.element_size(), grid.grid)
 
     def fits_rows(self, partial: torch.Tensor, residual: torch.Tensor) -> bool:
-        """Whether the fused all-reduce + residual add + RMSNorm serves these rows (:meth:`fits`, 2-D, a
-        width loaded at build, the residual alike)."""
+        """Whether the fused all-reduce + residual add + RMSNorm serves these rows (:meth:`fits` the small
+        grid, 2-D, a width loaded at build, the residual alike)."""
         return (partial.dim() == 2 and partial.shape[1] in self.norm_widths and self.fits(partial)
+                and partial.numel() * partial.element_size() <= self._small.half_bytes
                 and residual.shape == partial.shape and residual.dtype == partial.dtype and residual.is_contiguous())
 
     def all_reduce_rmsnorm(self, rank: int, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -112,7 +109,6 @@ class PeerAllReduce:
         (:meth:`fits_rows`): ``residual`` becomes the sum, ``partial`` the normalised rows."""
         from pdserve.engine.kernels.peer_all_reduce import peer_all_reduce_rmsnorm
 
-        grid = self._grid_for(partial)
+        grid = self._small
         peer_all_reduce_rmsnorm(partial, residual, weight, eps, rank, len(self.devices), grid.stage_tables[rank],
-                                grid.flag_tables[rank], grid.counters[rank], grid.half_bytes // partial.element_size(),
-                                grid.grid)
+                                grid.flag_tables[rank], grid.counters[rank], grid.half_bytes // partial.element_size())

@@ -159,7 +159,7 @@ def _peer_all_reduce_rmsnorm_kernel(data_ptr, residual_ptr, weight_ptr, stage_ta
 
 def peer_all_reduce_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, rank: int,
                             world: int, stage_table: torch.Tensor, flag_table: torch.Tensor, counters: torch.Tensor,
-                            half_elements: int, grid: Grid = SMALL) -> None:
+                            half_elements: int) -> None:
     """In one kernel: sum ``partial`` (``[rows, hidden]``, contiguous) over the ranks, add ``residual``
     and RMS-normalise each row with ``weight``; in place: ``residual`` becomes the sum plus the residual
     (the next residual stream), ``partial`` its normalised rows. Bits as :func:`peer_all_reduce` then
@@ -168,16 +168,16 @@ def peer_all_reduce_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weigh
     rows, hidden = partial.shape
     if rows * hidden > half_elements:
         raise ValueError(f"{rows * hidden} elements exceed the staging half of {half_elements}")
-    _peer_all_reduce_rmsnorm_kernel[(grid.programs,)](
+    _peer_all_reduce_rmsnorm_kernel[(PROGRAMS,)](
         partial, residual, weight, stage_table, flag_table, counters, rows, half_elements, rank, eps, 1,
-        HIDDEN=hidden, ROW_BLOCK=triton.next_power_of_2(hidden), WORLD=world, PROGRAMS_=grid.programs,
+        HIDDEN=hidden, ROW_BLOCK=triton.next_power_of_2(hidden), WORLD=world, PROGRAMS_=PROGRAMS,
         num_warps=norm_warps(hidden))
 
 
 def load_kernels(device: torch.device, world: int, dtypes: tuple[torch.dtype, ...],
                  norm_widths: tuple[int, ...] = (), grids: tuple[Grid, ...] = (SMALL,)) -> None:
-    """Compile and load the kernels for every dtype and grid (and the fused norm's for every row width in
-    ``norm_widths``) on ``device``, with launches that touch nothing.
+    """Compile and load the kernels for every dtype and grid (and the fused norm's, on :data:`SMALL`, for
+    every row width in ``norm_widths``) on ``device``, with launches that touch nothing.
 
     Call before any rank's first all-reduce: loading a kernel waits for the GPU's running kernels, so a
     rank loading its kernel while another rank's kernel on the same GPU spins for its signal would never
@@ -189,9 +189,9 @@ def load_kernels(device: torch.device, world: int, dtypes: tuple[torch.dtype, ..
         for grid in grids:
             _peer_all_reduce_kernel[(grid.programs,)](data, scratch, scratch, scratch, 0, 0, 0, 0, WORLD=world,
                                                       PROGRAMS_=grid.programs, BLOCK_=grid.block, num_warps=4)
-            for hidden in norm_widths:
-                _peer_all_reduce_rmsnorm_kernel[(grid.programs,)](
-                    data, data, data, scratch, scratch, scratch, 0, 0, 0, 1e-6, 0, HIDDEN=hidden,
-                    ROW_BLOCK=triton.next_power_of_2(hidden), WORLD=world, PROGRAMS_=grid.programs,
-                    num_warps=norm_warps(hidden))
+        for hidden in norm_widths:
+            _peer_all_reduce_rmsnorm_kernel[(PROGRAMS,)](
+                data, data, data, scratch, scratch, scratch, 0, 0, 0, 1e-6, 0, HIDDEN=hidden,
+                ROW_BLOCK=triton.next_power_of_2(hidden), WORLD=world, PROGRAMS_=PROGRAMS,
+                num_warps=norm_warps(hidden))
     torch.cuda.synchronize(device)
