@@ -14,21 +14,21 @@ import os
 import pytest
 import torch
 
-from pdserve import LLM, SamplingParams
+from pdserve import LLM
 from pdserve.client import Client
 from pdserve.cluster.config import cluster_config_from_dict
 from pdserve.cluster.launcher import Cluster
+from tests.gpu.test_cluster_gpu import (  # the 1P1D GPU test's model, prompts and sampling
+    ENGINE,
+    GREEDY,
+    PROMPTS,
+)
 
 pytestmark = [
     pytest.mark.multigpu,
     pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                        reason="needs two CUDA GPUs"),
 ]
-
-ENGINE = {"block_size": 16, "max_model_len": 1024, "num_kv_blocks": 512, "dtype": "float32"}
-PROMPTS = ["Hello there, general", "The quick brown fox jumps over the lazy dog " * 9, "a",
-           "Disaggregated serving splits prefill from decode, and " * 12]
-GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
 
 
 @pytest.mark.timeout(600)
