@@ -28,7 +28,9 @@ def add_planner_parsers(sub: argparse._SubParsersAction) -> None:
     plan = sub.add_parser("plan", help="predict goodput per GPU of every configuration for a workload and SLOs, "
                                        "by simulation over a step-time profile, and recommend one")
     plan.add_argument("--profile", type=Path, required=True, help="a file written by `pdserve profile`")
-    plan.add_argument("--gpus", type=int, required=True, help="how many GPUs (one worker each)")
+    plan.add_argument("--gpus", type=int, required=True, help="how many GPUs")
+    plan.add_argument("--gpus-per-worker", type=int, default=1,
+                      help="GPUs per worker (its tensor-parallel size; the profile is such a worker's)")
     plan.add_argument("--slo-ttft-ms", type=float, required=True)
     plan.add_argument("--slo-tpot-ms", type=float, required=True)
     source = plan.add_mutually_exclusive_group(required=True)
@@ -54,8 +56,12 @@ def add_planner_parsers(sub: argparse._SubParsersAction) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     from pdserve.planner.plan import Profile, Workload, plan, render
 
-    if args.gpus < 2:
-        raise ConfigError("--gpus", f"planning compares colocated with split pools: needs >= 2, got {args.gpus}")
+    if args.gpus_per_worker < 1 or args.gpus % args.gpus_per_worker:
+        raise ConfigError("--gpus-per-worker", f"must be >= 1 and divide --gpus ({args.gpus}), got {args.gpus_per_worker}")
+    workers = args.gpus // args.gpus_per_worker
+    if workers < 2:
+        raise ConfigError("--gpus", f"planning compares colocated with split pools: needs >= 2 workers, got "
+                                    f"{workers} ({args.gpus} GPUs, {args.gpus_per_worker} per worker)")
     for name in ("slo_ttft_ms", "slo_tpot_ms"):
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')}", f"must be > 0, got {getattr(args, name)}")
@@ -75,6 +81,7 @@ def run_plan(args: argparse.Namespace) -> int:
         if not args.rate > 0 or args.prompt_len < 1 or args.output_len < 1:
             raise ConfigError("--rate", "--rate, --prompt-len and --output-len must be > 0")
         workload = Workload.poisson(args.rate, args.prompt_len, args.output_len, n=args.requests)
-    result = plan(profile, workload, args.gpus, ttft_slo_s=args.slo_ttft_ms / 1e3, tpot_slo_s=args.slo_tpot_ms / 1e3)
+    result = plan(profile, workload, args.gpus, ttft_slo_s=args.slo_ttft_ms / 1e3, tpot_slo_s=args.slo_tpot_ms / 1e3,
+                  num_workers=workers)
     print(json.dumps(result) if args.json else render(result), file=sys.stdout)
     return 0

@@ -192,11 +192,13 @@ def simulation(profile: Profile, counts: dict[str, int], *, ttft_slo_s: float, t
 
 def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttft_slo_s: float, tpot_slo_s: float,
             target: float = 0.9, name: str = "", colocated_spec: WorkerSpec | None = None,
-            spill: bool = True, budget_window: int = 0, defer_below: int = 0) -> Prediction:
+            spill: bool = True, budget_window: int = 0, defer_below: int = 0, num_gpus: int | None = None
+            ) -> Prediction:
     """Simulate one configuration at the offered rate, then bisect the rate for its goodput. Colocated
     workers budget their steps to the TPOT SLO unless ``colocated_spec`` says otherwise; split pools
     run as pdserve runs them with SLOs set (``spill``): decode workers budget their steps to the TPOT
-    SLO and take the prompts the prefill pool would answer too late."""
+    SLO and take the prompts the prefill pool would answer too late. ``num_gpus``: the GPUs the workers
+    hold (default: one each; tensor-parallel workers hold more), which goodput per GPU divides by."""
     def cluster() -> ClusterSimulation:
         return simulation(profile, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, colocated_spec=colocated_spec,
                           spill=spill, budget_window=budget_window, defer_below=defer_below)
@@ -206,7 +208,7 @@ def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttf
 
     at_offered = cluster()  # kept: its preemption and drop counts go into the prediction
     offered = at_offered.run(workload.at(1.0))
-    num_gpus = sum(counts.values())
+    num_gpus = num_gpus or sum(counts.values())
     meets: Callable[[float], bool] = lambda scale: attainment(simulate(scale), ttft_slo_s, tpot_slo_s) >= target  # noqa: E731
     lo, hi = 0.0, 1.0
     while meets(hi) and hi < MAX_SCALE:
@@ -245,12 +247,17 @@ def out_of_reach_share(model: StepTimeModel, workload: Workload, ttft_slo_s: flo
     return late / len(workload.requests) if workload.requests else 0.0
 
 
-def plan(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: float, tpot_slo_s: float
-         ) -> dict[str, Any]:
-    predictions = [predict(profile, workload, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, name=name)
-                   for name, counts in configurations(num_gpus)]
+def plan(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: float, tpot_slo_s: float,
+         num_workers: int | None = None) -> dict[str, Any]:
+    """Every configuration of ``num_workers`` workers (default: one per GPU) holding ``num_gpus`` GPUs in
+    all (tensor-parallel workers hold several; ``profile`` is then one such worker's), predicted and ranked
+    by goodput per GPU; moving a worker between pools keeps its GPUs, so every configuration has them all."""
+    workers = num_workers or num_gpus
+    predictions = [predict(profile, workload, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, name=name,
+                           num_gpus=num_gpus) for name, counts in configurations(workers)]
     best = max(predictions, key=lambda p: (p.goodput_per_gpu, p.attainment_at_offered))
     return {"workload": workload.name, "offered_rate": round(workload.rate, 3), "num_gpus": num_gpus,
+            "num_workers": workers,
             "slo": {"ttft_ms": ttft_slo_s * 1e3, "tpot_ms": tpot_slo_s * 1e3},
             "calibration": {kind.value: round(profile.model.factor(kind), 3) for kind in StepKind},
             "out_of_reach_share": round(out_of_reach_share(profile.model, workload, ttft_slo_s), 3),
@@ -258,8 +265,10 @@ def plan(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: flo
 
 
 def render(result: dict[str, Any]) -> str:
+    workers = result.get("num_workers", result["num_gpus"])
+    held = "" if workers == result["num_gpus"] else f" ({workers} workers)"
     rows = [f"pdserve plan: {result['workload']} (offered {result['offered_rate']:g} req/s) on {result['num_gpus']} "
-            f"GPUs, TTFT <= {result['slo']['ttft_ms']:g} ms, TPOT <= {result['slo']['tpot_ms']:g} ms",
+            f"GPUs{held}, TTFT <= {result['slo']['ttft_ms']:g} ms, TPOT <= {result['slo']['tpot_ms']:g} ms",
             "step times x " + ", ".join(f"{k} {v:g}" for k, v in result.get("calibration", {}).items()), "",
             f"{'configuration':<16} {'goodput/GPU':>12} {'attain@offered':>15} {'TTFT p90 ms':>12} {'TPOT p90 ms':>12}"]
     for p in result["predictions"]:

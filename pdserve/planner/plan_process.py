@@ -6,7 +6,7 @@ interpreter: nothing of the caller's ``__main__`` runs again, unlike a multiproc
 round's inputs to its stdin as JSON, and returns the ``plan(...)`` result it prints; the child lowers its
 priority first. A failed child raises ``RuntimeError`` with its last error lines; a cancelled call kills
 the child. Inputs: the profile (``Profile.to_dict``: step-time coefficients, live calibration, KV
-figures), the workload's requests, the GPU count and the SLOs.
+figures), the workload's requests, the GPU and worker counts and the SLOs.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from pdserve.planner.simulate import SimRequest
 
 
 def encode_round(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: float,
-                 tpot_slo_s: float) -> bytes:
+                 tpot_slo_s: float, num_workers: int | None = None) -> bytes:
     """The round's inputs as JSON (what the child reads)."""
     return json.dumps({
         "profile": profile.to_dict(), "workload": workload.name,
         "requests": [[r.arrival_s, r.prompt_tokens, r.output_tokens] for r in workload.requests],
-        "num_gpus": num_gpus, "ttft_slo_s": ttft_slo_s, "tpot_slo_s": tpot_slo_s}).encode()
+        "num_gpus": num_gpus, "num_workers": num_workers, "ttft_slo_s": ttft_slo_s,
+        "tpot_slo_s": tpot_slo_s}).encode()
 
 
 def run_round(data: dict[str, Any]) -> dict[str, Any]:
@@ -36,19 +37,20 @@ def run_round(data: dict[str, Any]) -> dict[str, Any]:
     profile = Profile.from_dict(data["profile"], "the planner's round")
     workload = Workload(tuple(SimRequest(float(a), int(p), int(o)) for a, p, o in data["requests"]),
                         str(data["workload"]))
+    workers = data.get("num_workers")
     return plan(profile, workload, int(data["num_gpus"]), ttft_slo_s=float(data["ttft_slo_s"]),
-                tpot_slo_s=float(data["tpot_slo_s"]))
+                tpot_slo_s=float(data["tpot_slo_s"]), num_workers=int(workers) if workers else None)
 
 
 async def plan_in_subprocess(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: float,
-                             tpot_slo_s: float) -> dict[str, Any]:
+                             tpot_slo_s: float, num_workers: int | None = None) -> dict[str, Any]:
     """``plan(...)`` computed by a child interpreter (see module)."""
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pdserve.planner.plan_process", stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await child.communicate(encode_round(profile, workload, num_gpus, ttft_slo_s=ttft_slo_s,
-                                                        tpot_slo_s=tpot_slo_s))
+                                                        tpot_slo_s=tpot_slo_s, num_workers=num_workers))
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             child.kill()

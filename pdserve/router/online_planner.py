@@ -36,15 +36,22 @@ MIN_REQUESTS = 50
 MAX_REQUESTS = 400  # the most recent ones, to bound the simulation's time
 
 
+def held_gpus(num_workers: int, telemetry: Mapping[str, dict[str, Any]]) -> int:
+    """The GPUs ``num_workers`` workers hold: each reporting one per tensor-parallel rank, one for each
+    that has not reported yet (goodput per GPU divides by them all)."""
+    ranks = [int((snapshot.get("engine") or {}).get("tensor_parallel_ranks") or 1) for snapshot in telemetry.values()]
+    return max(num_workers, sum(ranks[:num_workers]) + max(0, num_workers - len(ranks)))
+
+
 class OnlinePlanner:
-    def __init__(self, config: RouterConfig, log: RequestLog, num_gpus: Callable[[], int],
+    def __init__(self, config: RouterConfig, log: RequestLog, num_workers: Callable[[], int],
                  telemetry: Callable[[], Mapping[str, dict[str, Any]]], current: Callable[[], str],
                  switch: Callable[[str, str], Awaitable[str]]) -> None:
         self._config = config
         self._switch = switch
         self.applier = PlanApplier(config.apply_config) if config.planner_mode == "apply" else None
         self._log = log
-        self._num_gpus = num_gpus
+        self._num_workers = num_workers
         self._telemetry = telemetry
         self._current = current
         self.latest: dict[str, Any] = {"status": "waiting for the first planning round"}
@@ -88,9 +95,10 @@ class OnlinePlanner:
         t0 = arrivals[0][0]
         workload = Workload(tuple(SimRequest(t - t0, p, max(1, o)) for t, p, o in arrivals), "live traffic")
         assert self._config.ttft_slo_ms is not None and self._config.tpot_slo_ms is not None
-        result = await plan_in_subprocess(profile, workload, max(2, self._num_gpus()),
-                                          ttft_slo_s=self._config.ttft_slo_ms / 1e3,
-                                          tpot_slo_s=self._config.tpot_slo_ms / 1e3)
+        workers = max(2, self._num_workers())
+        gpus = held_gpus(workers, self._telemetry())
+        result = await plan_in_subprocess(profile, workload, gpus, ttft_slo_s=self._config.ttft_slo_ms / 1e3,
+                                          tpot_slo_s=self._config.tpot_slo_ms / 1e3, num_workers=workers)
         result |= {"status": "ok", "at": now, "current": self._current(), "requests": len(ended)}
         logger.info("planner: recommends %s (now %s) for %s", result["recommended"], result["current"],
                     result["workload"])

@@ -22,7 +22,7 @@ from pdserve.planner.plan import (
 )
 from pdserve.planner.simulate import ClusterSimulation, SimRequest, WorkerSpec
 from pdserve.router.config import RouterConfig
-from pdserve.router.online_planner import OnlinePlanner
+from pdserve.router.online_planner import OnlinePlanner, held_gpus
 from pdserve.router.request_log import RequestLog
 
 
@@ -100,6 +100,23 @@ def test_short_prompts_and_loose_tpot_pick_colocated() -> None:
     result = plan(Profile(SYNTHETIC), workload, 2, ttft_slo_s=0.3, tpot_slo_s=0.03)
     goodput = {p["config"]: p["goodput_per_gpu"] for p in result["predictions"]}
     assert result["recommended"] == "colocated x2" and goodput["colocated x2"] > goodput["1P1D"]
+
+
+def test_tensor_parallel_workers_divide_goodput_by_all_their_gpus() -> None:
+    """Two workers of two GPUs each: the configurations of two workers, each worth half the goodput per GPU
+    that two one-GPU workers of the same profile are (moving a worker between pools keeps its GPUs)."""
+    workload = Workload.poisson(4.0, 2048, 64, n=120)
+    args = {"ttft_slo_s": 1.0, "tpot_slo_s": 0.012}
+    one = plan(Profile(SYNTHETIC), workload, 2, **args)
+    two = plan(Profile(SYNTHETIC), workload, 4, num_workers=2, **args)
+    assert [p["config"] for p in two["predictions"]] == ["colocated x2", "1P1D"] and two["num_workers"] == 2
+    for single, split in zip(one["predictions"], two["predictions"], strict=True):
+        assert split["num_gpus"] == 4
+        assert split["goodput_per_gpu"] == pytest.approx(single["goodput_per_gpu"] / 2, abs=1e-3)
+    assert "on 4 GPUs (2 workers)" in render(two)
+    # the online planner counts the GPUs its workers report (one per rank), one for a worker not heard from
+    telemetry = {"prefill-0": {"engine": {"tensor_parallel_ranks": 2}}, "decode-0": {"engine": {"tensor_parallel_ranks": 4}}}
+    assert held_gpus(2, telemetry) == 6 and held_gpus(3, telemetry) == 7 and held_gpus(2, {}) == 2
 
 
 def test_configurations_and_profile_files(tmp_path) -> None:  # noqa: ANN001
