@@ -83,6 +83,12 @@ def test_from_caches_reads_the_shape() -> None:
         KVLayoutInfo.from_caches([torch.zeros(10, 4, 2, 8)], "m")
     with pytest.raises(ValueError, match="dtype"):
         KVLayoutInfo.from_caches([caches[0], caches[1].float(), caches[2]], "m")
+    # views of some KV heads (KV between tensor-parallel degrees) pass; strides the block copy cannot follow not
+    wide = torch.zeros(2, 10, 4, 4, 8, dtype=torch.float16)
+    halves = [wide.narrow(3, 0, 2), wide.narrow(3, 2, 2)]
+    assert KVLayoutInfo.from_caches(halves, "m").num_kv_heads == 2
+    with pytest.raises(ValueError, match="head_dim and heads must be contiguous"):
+        KVLayoutInfo.from_caches([torch.zeros(2, 10, 4, 8, 2, dtype=torch.float16).transpose(3, 4)], "m")
 
 
 def test_states_and_handle() -> None:

@@ -105,6 +105,15 @@ def test_graph_steps_cover_prefill_steps_only_with_several_ranks() -> None:
         EngineConfig(cuda_graph_max_tokens=-1)
 
 
+def test_row_parallel_projections_without_a_bias_defer_their_all_reduce_to_the_norm() -> None:
+    """(So that on GPUs one kernel sums and normalises; the CPU tests above run the deferred path.)"""
+    from pdserve.engine.model.parallel import RowParallelLinear, TensorParallel
+
+    assert RowParallelLinear(8, 4, False, TensorParallel(0, 2)).defers_reduce
+    assert not RowParallelLinear(8, 4, True, TensorParallel(0, 2)).defers_reduce  # the bias comes after the sum
+    assert not RowParallelLinear(8, 4, False, TensorParallel()).defers_reduce  # one rank: nothing to sum
+
+
 def test_peer_all_reduce_size_is_validated() -> None:
     assert EngineConfig().peer_all_reduce_max_bytes == 0  # NCCL for every size until measured on two GPUs
     assert EngineConfig(peer_all_reduce_max_bytes=1 << 20).peer_all_reduce_max_bytes == 1 << 20
