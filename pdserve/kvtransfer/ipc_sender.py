@@ -44,7 +44,7 @@ import torch.distributed as dist
 from pdserve.kvtransfer.base import KVLayoutInfo
 from pdserve.kvtransfer.block_copy import copy_blocks
 from pdserve.kvtransfer.cuda_ipc import IpcUnavailable, map_caches
-from pdserve.kvtransfer.messages import Header, MessageKind
+from pdserve.kvtransfer.messages import Header, MessageKind, warm_up_block_copies
 from pdserve.kvtransfer.rendezvous import (
     MESSAGE_QUEUE,
     channel_context,
@@ -223,19 +223,18 @@ class IpcSender(SenderCore):
 
 
 def _load_copy_kernels(caches: Sequence[torch.Tensor], writers: Sequence[torch.device]) -> None:
-    """Compile and load the block copy on every writing GPU now, copying one block of the first layer it
-    will copy into a scratch block there. Loading a kernel waits for the GPU's running kernels: from the
-    engine thread, inside a forward pass, a first copy on a GPU where another tensor-parallel rank's
-    all-reduce kernel spins for rank 0 (whose next launch waits for this thread) would never return."""
+    """Compile and load the block copy on every writing GPU now, launched there on the first layer it will
+    copy (:func:`~pdserve.kvtransfer.messages.warm_up_block_copies`). Loading a kernel waits for the GPU's
+    running kernels: from the engine thread, inside a forward pass, a first copy on a GPU where another
+    tensor-parallel rank's all-reduce kernel spins for rank 0 (whose next launch waits for this thread)
+    would never return."""
     first_layer: dict[torch.device, int] = {}
     for index, writer in enumerate(writers):
         first_layer.setdefault(writer, index)
     for writer, index in first_layer.items():
         if is_cuda(writer):
-            source = caches[index]
             with torch.cuda.device(writer):
-                zero = torch.zeros(1, dtype=torch.int64, device=writer)
-                copy_blocks(source, source.new_empty((2, 1, *source.shape[2:]), device=writer), zero, zero)
+                warm_up_block_copies(caches[index])
                 torch.cuda.synchronize(writer)
 
 

@@ -24,21 +24,22 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pdserve.engine.kernels.peer_all_reduce import (BLOCK, PROGRAMS, _peer_all_reduce_kernel,
+from pdserve.engine.kernels.peer_all_reduce import (SMALL, _peer_all_reduce_kernel,
                                                     _peer_all_reduce_rmsnorm_kernel)
 out = {}
 for data_type in ("*bf16", "*fp32"):
     signature = {"data_ptr": data_type, "stage_table": "*i64", "flag_table": "*i64", "counter_ptr": "*i64",
                  "n": "i32", "half_elements": "i32", "rank": "i32", "exchange": "i32",
                  "WORLD": "constexpr", "PROGRAMS_": "constexpr", "BLOCK_": "constexpr"}
-    source = ASTSource(_peer_all_reduce_kernel, signature, constexprs={"WORLD": 2, "PROGRAMS_": PROGRAMS, "BLOCK_": BLOCK})
+    source = ASTSource(_peer_all_reduce_kernel, signature, constexprs={"WORLD": 2, "PROGRAMS_": SMALL.programs,
+                                                                     "BLOCK_": SMALL.block})
     out[data_type] = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     signature = {"data_ptr": data_type, "residual_ptr": data_type, "weight_ptr": data_type, "stage_table": "*i64",
                  "flag_table": "*i64", "counter_ptr": "*i64", "rows": "i32", "half_elements": "i32", "rank": "i32",
                  "eps": "fp32", "exchange": "i32", "HIDDEN": "constexpr", "ROW_BLOCK": "constexpr",
                  "WORLD": "constexpr", "PROGRAMS_": "constexpr"}
     source = ASTSource(_peer_all_reduce_rmsnorm_kernel, signature,
-                       constexprs={"HIDDEN": 4096, "ROW_BLOCK": 4096, "WORLD": 2, "PROGRAMS_": PROGRAMS})
+                       constexprs={"HIDDEN": 4096, "ROW_BLOCK": 4096, "WORLD": 2, "PROGRAMS_": SMALL.programs})
     out["norm" + data_type] = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                              options={"num_warps": 16}).asm["ptx"]
 json.dump(out, sys.stdout)

@@ -53,7 +53,6 @@ SMALL = Grid(64, 1024)
 WIDE = Grid(264, 2048)
 #: Tensors above this many bytes go through :data:`WIDE`.
 WIDE_FROM_BYTES = 1 << 20
-PROGRAMS, BLOCK = SMALL.programs, SMALL.block
 
 
 @triton.jit
@@ -76,12 +75,28 @@ def _signal_and_wait(flag_table, rank, pid, epoch, WORLD: tl.constexpr, PROGRAMS
 
 
 @triton.jit
+def _epoch_and_half(counter_ptr, pid, half_elements):
+    """This call's epoch for program ``pid`` and the offset of the staging half it uses."""
+    epoch = tl.load(counter_ptr + pid) + 1
+    return epoch, (epoch % 2) * half_elements
+
+
+@triton.jit
+def _staged_sum(stage_table, half, offsets, mask, dtype: tl.constexpr, WORLD: tl.constexpr, SIZE: tl.constexpr):
+    """Every rank's staged elements at ``offsets``, summed in rank order in float32."""
+    total = tl.zeros([SIZE], dtype=tl.float32)
+    for source in tl.static_range(WORLD):
+        stage = tl.load(stage_table + source).to(tl.pointer_type(dtype)) + half
+        total += tl.load(stage + offsets, mask=mask, other=0.0, volatile=True).to(tl.float32)
+    return total
+
+
+@triton.jit
 def _exchange(data_ptr, stage_table, flag_table, counter_ptr, n, half_elements, rank,
               WORLD: tl.constexpr, PROGRAMS_: tl.constexpr, BLOCK_: tl.constexpr):
     pid = tl.program_id(0)
     dtype = data_ptr.dtype.element_ty
-    epoch = tl.load(counter_ptr + pid) + 1
-    half = (epoch % 2) * half_elements
+    epoch, half = _epoch_and_half(counter_ptr, pid, half_elements)
     own_stage = tl.load(stage_table + rank).to(tl.pointer_type(dtype)) + half
     for start in range(pid * BLOCK_, n, PROGRAMS_ * BLOCK_):
         offsets = start + tl.arange(0, BLOCK_)
@@ -91,10 +106,7 @@ def _exchange(data_ptr, stage_table, flag_table, counter_ptr, n, half_elements, 
     for start in range(pid * BLOCK_, n, PROGRAMS_ * BLOCK_):
         offsets = start + tl.arange(0, BLOCK_)
         mask = offsets < n
-        total = tl.zeros([BLOCK_], dtype=tl.float32)
-        for source in tl.static_range(WORLD):
-            stage = tl.load(stage_table + source).to(tl.pointer_type(dtype)) + half
-            total += tl.load(stage + offsets, mask=mask, other=0.0, volatile=True).to(tl.float32)
+        total = _staged_sum(stage_table, half, offsets, mask, dtype, WORLD, BLOCK_)
         tl.store(data_ptr + offsets, total.to(dtype), mask=mask)
     tl.store(counter_ptr + pid, epoch)
 
@@ -121,8 +133,6 @@ def peer_all_reduce(tensor: torch.Tensor, rank: int, world: int, stage_table: to
                                               WORLD=world, PROGRAMS_=grid.programs, BLOCK_=grid.block, num_warps=4)
 
 
-
-
 @triton.jit(do_not_specialize=["data_ptr", "residual_ptr", "rows", "half_elements", "rank", "exchange"])
 def _peer_all_reduce_rmsnorm_kernel(data_ptr, residual_ptr, weight_ptr, stage_table, flag_table, counter_ptr, rows,
                                     half_elements, rank, eps, exchange, HIDDEN: tl.constexpr, ROW_BLOCK: tl.constexpr,
@@ -130,8 +140,7 @@ def _peer_all_reduce_rmsnorm_kernel(data_ptr, residual_ptr, weight_ptr, stage_ta
     if exchange != 0:  # 0: a warm-up launch, which touches nothing
         pid = tl.program_id(0)
         dtype = data_ptr.dtype.element_ty
-        epoch = tl.load(counter_ptr + pid) + 1
-        half = (epoch % 2) * half_elements
+        epoch, half = _epoch_and_half(counter_ptr, pid, half_elements)
         own_stage = tl.load(stage_table + rank).to(tl.pointer_type(dtype)) + half
         cols = tl.arange(0, ROW_BLOCK)
         mask = cols < HIDDEN
@@ -142,10 +151,7 @@ def _peer_all_reduce_rmsnorm_kernel(data_ptr, residual_ptr, weight_ptr, stage_ta
         weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         for row in range(pid, rows, PROGRAMS_):
             offsets = row * HIDDEN + cols  # (int32: rows * HIDDEN fits a staging half)
-            total = tl.zeros([ROW_BLOCK], dtype=tl.float32)
-            for source in tl.static_range(WORLD):
-                stage = tl.load(stage_table + source).to(tl.pointer_type(dtype)) + half
-                total += tl.load(stage + offsets, mask=mask, other=0.0, volatile=True).to(tl.float32)
+            total = _staged_sum(stage_table, half, offsets, mask, dtype, WORLD, ROW_BLOCK)
             # the rounding steps of an all-reduce followed by the fused residual-add RMSNorm kernel
             residual = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
             x = (total.to(dtype).to(tl.float32) + residual.to(tl.float32)).to(dtype)
@@ -168,9 +174,9 @@ def peer_all_reduce_rmsnorm(partial: torch.Tensor, residual: torch.Tensor, weigh
     rows, hidden = partial.shape
     if rows * hidden > half_elements:
         raise ValueError(f"{rows * hidden} elements exceed the staging half of {half_elements}")
-    _peer_all_reduce_rmsnorm_kernel[(PROGRAMS,)](
+    _peer_all_reduce_rmsnorm_kernel[(SMALL.programs,)](
         partial, residual, weight, stage_table, flag_table, counters, rows, half_elements, rank, eps, 1,
-        HIDDEN=hidden, ROW_BLOCK=triton.next_power_of_2(hidden), WORLD=world, PROGRAMS_=PROGRAMS,
+        HIDDEN=hidden, ROW_BLOCK=triton.next_power_of_2(hidden), WORLD=world, PROGRAMS_=SMALL.programs,
         num_warps=norm_warps(hidden))
 
 
@@ -190,8 +196,8 @@ def load_kernels(device: torch.device, world: int, dtypes: tuple[torch.dtype, ..
             _peer_all_reduce_kernel[(grid.programs,)](data, scratch, scratch, scratch, 0, 0, 0, 0, WORLD=world,
                                                       PROGRAMS_=grid.programs, BLOCK_=grid.block, num_warps=4)
         for hidden in norm_widths:
-            _peer_all_reduce_rmsnorm_kernel[(PROGRAMS,)](
+            _peer_all_reduce_rmsnorm_kernel[(SMALL.programs,)](
                 data, data, data, scratch, scratch, scratch, 0, 0, 0, 1e-6, 0, HIDDEN=hidden,
-                ROW_BLOCK=triton.next_power_of_2(hidden), WORLD=world, PROGRAMS_=PROGRAMS,
+                ROW_BLOCK=triton.next_power_of_2(hidden), WORLD=world, PROGRAMS_=SMALL.programs,
                 num_warps=norm_warps(hidden))
     torch.cuda.synchronize(device)
