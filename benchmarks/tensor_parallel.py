@@ -13,6 +13,13 @@ matmul ceiling of every GPU of the case. The all-reduce share: under the torch p
 and peer all-reduce kernels' time on GPU 0 over all kernel time on GPU 0, in decode steps and in the
 8k prefill. The ``-peer`` cases send all-reduces up to 1 MiB through the one-shot peer kernel
 (``engine.peer_all_reduce_max_bytes``) instead of NCCL.
+
+``8b-rank-of-tp2`` runs on one GPU: a TP=1 engine with the shapes of one rank of the TP=2 8B model (half the
+heads, KV heads, MLP width and vocabulary), that is a TP=2 rank's step without its all-reduces -- the floor
+the all-reduces add to. Every case also records where GPU 0's kernel time goes in a batch-1 decode step
+(``kernel_breakdown``: microseconds and launches per step by kind of kernel).
+
+    python -m benchmarks.tensor_parallel --cases 8b-tp1,8b-rank-of-tp2   # one GPU
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ from benchmarks.engine import bench_decode, bench_prefill
 
 LLAMA31_70B: dict[str, Any] = {**LLAMA31_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
                                "num_attention_heads": 64, "num_key_value_heads": 8}
+#: one rank's share of the TP=2 8B model, as a model of its own (``TensorParallel.local_spec`` and ``vocab_rows``)
+LLAMA31_8B_RANK_OF_TP2: dict[str, Any] = {**LLAMA31_8B, "num_attention_heads": 16, "num_key_value_heads": 4,
+                                          "intermediate_size": 7168, "vocab_size": 64128}
 PEER_MAX_BYTES = 1 << 20
 #: name -> (model shapes, tensor-parallel size, extra engine settings)
 CASES: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = {
@@ -59,6 +69,8 @@ CASES: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = {
     "70b-tp2-peer": (LLAMA31_70B, 2, {"peer_all_reduce_max_bytes": PEER_MAX_BYTES}),
     # every all-reduce up to an 8k prefill step's (64 MiB) through the peer kernel, above 1 MiB on its wide grid
     "8b-tp2-peer-wide": (LLAMA31_8B, 2, {"peer_all_reduce_max_bytes": 64 << 20}),
+    # one GPU: a TP=2 rank's compute without its all-reduces (see module)
+    "8b-rank-of-tp2": (LLAMA31_8B_RANK_OF_TP2, 1, {}),
 }
 
 
@@ -81,6 +93,39 @@ def all_reduce_share(run: Any) -> float | None:
         total += us
         nccl += us if any(kernel in event.name.lower() for kernel in ALL_REDUCE_KERNELS) else 0.0
     return round(nccl / total, 3) if total else None
+
+
+#: kind of kernel -> substrings of the kernel names that kind has (first match wins; the rest is "other")
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("all-reduce", ALL_REDUCE_KERNELS),
+    ("gemm reduce", ("splitkreduce", "reduce_kernel")),
+    ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas")),
+    ("attention", ("paged_decode", "paged_prefill", "attention", "flash", "fmha", "cudnn", "merge")),
+    ("norm", ("rmsnorm",)),
+    ("rope + cache write", ("rope",)),
+    ("activation", ("silu",)),
+)
+
+
+def kernel_breakdown(run: Any, steps: int) -> dict[str, dict[str, float]]:
+    """GPU 0's kernel time and launches per step by kind (``KERNEL_KINDS``) while ``run()`` runs ``steps``
+    steps (torch profiler; graph replays show their kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    kinds: dict[str, dict[str, float]] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA or event.device_index != 0:
+            continue
+        name = event.name.lower()
+        kind = next((k for k, parts in KERNEL_KINDS if any(part in name for part in parts)), "other")
+        entry = kinds.setdefault(kind, {"us": 0.0, "launches": 0.0})
+        entry["us"] += event.time_range.elapsed_us()
+        entry["launches"] += 1
+    return {k: {"us": round(v["us"] / steps, 1), "launches": round(v["launches"] / steps, 1)}
+            for k, v in sorted(kinds.items(), key=lambda item: -item[1]["us"])}
 
 
 def run_case(name: str, out: Path) -> None:
@@ -106,6 +151,8 @@ def run_case(name: str, out: Path) -> None:
             for key in ("mfu_step", "mfu_forward"):
                 if key in row:
                     row[key] = round(row[key] / size, 3)
+        breakdown = kernel_breakdown(lambda: bench_decode(llm, {}, [1], [1024], steps=10), steps=10 + 3)
+        print(f"{name}: batch-1 decode kernels per step on GPU 0 {breakdown}", flush=True)
         shares = {}
         if size > 1:
             engine = llm.engine
@@ -121,7 +168,8 @@ def run_case(name: str, out: Path) -> None:
             assert engine.tensor_parallel_size == size
     out.write_text(json.dumps({"case": name, "tensor_parallel_size": size, "layers": config["num_hidden_layers"],
                                "hidden": config["hidden_size"], "startup_s": startup, "ceilings": ceilings,
-                               "decode": decode, "prefill": prefill, "all_reduce_share": shares}))
+                               "decode": decode, "prefill": prefill, "all_reduce_share": shares,
+                               "decode_b1_kernels": breakdown}))
 
 
 def render(info: dict[str, Any], results: list[dict[str, Any]]) -> str:
@@ -181,8 +229,9 @@ def main() -> None:
         faulthandler.dump_traceback_later(max(5, args.timeout - 15))  # a case about to be killed says where it was
         run_case(args.case, args.out)
         return
-    if torch.cuda.device_count() < 2:
-        raise SystemExit("needs two CUDA GPUs")
+    needed = max(CASES[name][1] if not name.startswith("70b") else 2 for name in args.cases.split(",") if name in CASES)
+    if torch.cuda.device_count() < needed:
+        raise SystemExit(f"these cases need {needed} CUDA GPUs")
     info = run_info()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
