@@ -42,6 +42,30 @@ def test_triton_engine_matches_transformers(reference, budget: int, num_sms: int
     assert max(o.num_cached_tokens for o in again) > 0
 
 
+def test_one_sequence_takes_the_single_row_products(reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One prompt at a time: its last prefill row's logits and every decode step run the one-row GEMV in
+    every projection (gated for ``down_proj``) and the LM head, and still give transformers' tokens."""
+    from pdserve.engine.kernels import skinny_gemm
+
+    calls = {"plain": 0, "gated": 0}
+    original = skinny_gemm.skinny_linear
+
+    def counted(x, weight, gated=False):  # noqa: ANN001, ANN202
+        calls["gated" if gated else "plain"] += 1
+        return original(x, weight, gated)
+
+    monkeypatch.setattr(skinny_gemm, "skinny_linear", counted)
+    directory, prompts, expected = reference
+    llm = LLM(model=str(directory), attention_backend="triton", dtype="float32", max_model_len=128,
+              num_kv_blocks=64, block_size=8)
+    for prompt, tokens in zip(prompts[:2], expected[:2], strict=True):
+        assert llm.generate(prompt_token_ids=[prompt], sampling_params=GREEDY)[0].token_ids == tokens
+    layers = llm.engine.spec.num_layers
+    decode_steps = 2 * (GREEDY.max_tokens - 1)
+    assert calls["gated"] >= decode_steps * layers
+    assert calls["plain"] >= decode_steps * (3 * layers + 1) + 2  # qkv, o, gate_up per layer; LM head; prompts
+
+
 @pytest.mark.parametrize(("async_scheduling", "larger"), [(False, False), (True, False), (True, True)])
 def test_graph_shaped_steps_match_transformers(reference, async_scheduling: bool, larger: bool,
                                               monkeypatch: pytest.MonkeyPatch) -> None:

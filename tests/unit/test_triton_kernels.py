@@ -162,6 +162,23 @@ def test_silu_and_mul(dtype: torch.dtype) -> None:
     assert relative_error(activation.silu_and_mul(x).cpu(), reference_silu_mul(x.cpu())) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize(("n", "k"), [(37, 96), (8, 1100), (129, 2048)])  # ragged columns, K past one slice
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_skinny_linear(dtype: torch.dtype, n: int, k: int, gated: bool) -> None:
+    from pdserve.engine.kernels.skinny_gemm import skinny_linear
+    from tests.support.kernel_cases import reference_silu_mul, relative_error
+
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(1, 2 * k if gated else k, generator=gen).to(dtype)
+    weight = torch.randn(n, k, generator=gen).to(dtype)
+    product_input = reference_silu_mul(x) if gated else x
+    ref = product_input.double() @ weight.double().T
+    out = skinny_linear(x.to(DEVICE), weight.to(DEVICE), gated=gated)
+    assert out.shape == (1, n) and out.dtype == dtype
+    assert relative_error(out.cpu(), ref) < BOUND[dtype]
+
+
 @pytest.mark.parametrize("store_key", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_and_write_cache(dtype: torch.dtype, store_key: bool) -> None:

@@ -20,14 +20,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pdserve.common.errors import ModelLoadError
 from pdserve.engine.attention.backend import AttentionBackend
 from pdserve.engine.attention.metadata import AttentionMetadata
 from pdserve.engine.model.hf_config import ModelSpec
-from pdserve.engine.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from pdserve.engine.model.layers import Linear, RMSNorm, RotaryEmbedding, linear
 from pdserve.engine.model.parallel import SINGLE, RowParallelLinear, TensorParallel, VocabParallelEmbedding
 
 
@@ -36,7 +35,7 @@ class Attention(nn.Module):
         super().__init__()
         self.spec = spec
         self.backend = backend
-        self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.attention_bias)
+        self.qkv_proj = Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.attention_bias)
         self.o_proj = RowParallelLinear(spec.q_size, spec.hidden_size, o_proj_bias, tp)
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
@@ -61,17 +60,11 @@ class Attention(nn.Module):
 class GatedMLP(nn.Module):
     def __init__(self, spec: ModelSpec, tp: TensorParallel) -> None:
         super().__init__()
-        self.intermediate_size = spec.intermediate_size
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias)
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, tp)
-        self.fused = False  # see DecoderForCausalLM.use_fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if self.fused:
-            return self.down_proj(silu_and_mul(gate_up))
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.gate_up_proj(x), gated=True)  # silu(gate) * up, then down_proj
 
 
 class DecoderLayer(nn.Module):
@@ -119,9 +112,10 @@ class DecoderForCausalLM(nn.Module):
         self.spec = spec = tp.local_spec(spec)  # this rank's heads and MLP width (all of them with one rank)
         o_bias = spec.attention_bias and self.o_proj_bias_follows_attention_bias
         self.model = DecoderModel(spec, backend, o_bias, tp)
-        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(
+        self.lm_head = None if spec.tie_word_embeddings else Linear(
             spec.hidden_size, len(tp.vocab_rows(spec.vocab_size)), bias=False)  # this rank's vocabulary rows
         self.rotary = RotaryEmbedding(spec.rope, spec.head_dim)
+        self.fused = False  # see use_fused_kernels
         self.layer_hook: Callable[[int, torch.Tensor], None] | None = None
         """Called as ``hook(layer_index, kv_cache)`` after each layer wrote its KV (KV streaming)."""
 
@@ -130,9 +124,10 @@ class DecoderForCausalLM(nn.Module):
         raise NotImplementedError
 
     def use_fused_kernels(self) -> None:
-        """Switch norms and the MLP activation to the fused Triton kernels (GPU path)."""
+        """Switch norms, the MLP activation and single-row products to the Triton kernels (GPU path)."""
+        self.fused = True
         for module in self.modules():
-            if isinstance(module, RMSNorm | GatedMLP):
+            if isinstance(module, RMSNorm | Linear):
                 module.fused = True
 
     def build_rotary(self, max_positions: int) -> None:
@@ -158,7 +153,7 @@ class DecoderForCausalLM(nn.Module):
         """Float32 logits ``[rows, vocab_size]`` for the given final hidden states (with several ranks,
         every rank calls this at once: each computes its vocabulary rows, and all get every row)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.tp.gather_vocab(F.linear(hidden, weight), self.spec.vocab_size).float()
+        return self.tp.gather_vocab(linear(hidden, weight, None, self.fused), self.spec.vocab_size).float()
 
     # ---- weights -------------------------------------------------------------------------------
 

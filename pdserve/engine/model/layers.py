@@ -1,13 +1,45 @@
-"""Small layers the decoder is built from: RMSNorm with fused residual add, rotary embeddings."""
+"""Small layers the decoder is built from: linear layers, RMSNorm with fused residual add, rotary embeddings."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pdserve.engine.model.hf_config import RopeSpec
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fused: bool,
+           gated: bool = False) -> torch.Tensor:
+    """``x @ weight.T (+ bias)``; ``gated``: ``x`` is a fused ``gate_up`` output ``[rows, 2 * K]`` and the
+    product takes ``silu(gate) * up``. With ``fused`` (the GPU path) a single contiguous row goes through the
+    one-launch GEMV (:mod:`~pdserve.engine.kernels.skinny_gemm`, the activation computed as it reads), more
+    rows through the Triton activation and cuBLAS; without, torch's ops."""
+    if fused and x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.is_contiguous():
+        from pdserve.engine.kernels.skinny_gemm import skinny_linear
+
+        out = skinny_linear(x, weight, gated)
+        return out if bias is None else out + bias
+    if gated:
+        if fused:
+            x = silu_and_mul(x)
+        else:
+            gate, up = x.split(x.shape[-1] // 2, dim=-1)
+            x = F.silu(gate) * up
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` computed by :func:`linear` (``fused`` set by ``DecoderForCausalLM.use_fused_kernels``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.fused = False
+
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.fused, gated)
 
 
 class RMSNorm(nn.Module):

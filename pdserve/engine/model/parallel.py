@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,7 @@ from torch import nn
 
 from pdserve.common.errors import ConfigError
 from pdserve.engine.model.hf_config import ModelSpec
-
-if TYPE_CHECKING:
-    from pdserve.engine.model.layers import RMSNorm
+from pdserve.engine.model.layers import Linear, RMSNorm, linear
 
 #: Checkpoint sub-names split by output rows, and those split by input columns (weights only).
 COLUMN_PARALLEL = ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "mlp.gate_proj.", "mlp.up_proj.")
@@ -143,9 +141,9 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.tp.all_reduce(out)
 
 
-class RowParallelLinear(nn.Linear):
-    """``nn.Linear`` whose input is split over the ranks: partial products are all-reduced, then the
-    bias is added once. With one rank it is ``nn.Linear``.
+class RowParallelLinear(Linear):
+    """:class:`~pdserve.engine.model.layers.Linear` whose input is split over the ranks: partial products are
+    all-reduced, then the bias is added once. With one rank it is ``Linear``.
 
     Without a bias the all-reduce is deferred (``defers_reduce``): ``forward`` returns this rank's partial
     product, and the residual-add RMSNorm that always follows it sums it (:meth:`norm_output`), so that
@@ -156,10 +154,10 @@ class RowParallelLinear(nn.Linear):
         self.tp = tp
         self.defers_reduce = tp.size > 1 and not bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         if self.tp.size == 1:
-            return super().forward(x)
-        out = F.linear(x, self.weight)
+            return super().forward(x, gated)
+        out = linear(x, self.weight, None, self.fused, gated)
         if self.defers_reduce:
             return out  # a partial sum: see norm_output
         out = self.tp.all_reduce(out)
