@@ -57,7 +57,7 @@ def test_one_sequence_takes_the_single_row_products(reference, monkeypatch: pyte
     monkeypatch.setattr(skinny_gemm, "skinny_linear", counted)
     directory, prompts, expected = reference
     llm = LLM(model=str(directory), attention_backend="triton", dtype="float32", max_model_len=128,
-              num_kv_blocks=64, block_size=8)
+              num_kv_blocks=64, block_size=8, enforce_eager=True)  # on a GPU: every step calls the kernels
     for prompt, tokens in zip(prompts[:2], expected[:2], strict=True):
         assert llm.generate(prompt_token_ids=[prompt], sampling_params=GREEDY)[0].token_ids == tokens
     layers = llm.engine.spec.num_layers
@@ -85,7 +85,7 @@ def test_graph_shaped_steps_match_transformers(reference, async_scheduling: bool
     directory, prompts, expected = reference
     llm = LLM(model=str(directory), attention_backend="triton", dtype="float32", max_model_len=512,
               num_kv_blocks=80, block_size=8, max_num_batched_tokens=20, max_num_seqs=8,
-              async_scheduling=async_scheduling)
+              async_scheduling=async_scheduling, enforce_eager=True)  # on a GPU: the shapes above, no graphs
     runner = llm.engine.runner
     runner.set_num_sms(64)  # wide graph decode grids
     sizes = capture_sizes(8, 20)
