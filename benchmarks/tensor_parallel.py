@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,13 @@ CASES: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = {
     "8b-tp2-peer-wide": (LLAMA31_8B, 2, {"peer_all_reduce_max_bytes": 64 << 20}),
     # one GPU: a TP=2 rank's compute without its all-reduces (see module)
     "8b-rank-of-tp2": (LLAMA31_8B_RANK_OF_TP2, 1, {}),
+    # the same two with single rows through cuBLAS instead of the one-launch GEMV (an A/B of it)
+    "8b-tp1-cublas": (LLAMA31_8B, 1, {}),
+    "8b-rank-of-tp2-cublas": (LLAMA31_8B_RANK_OF_TP2, 1, {}),
 }
+#: environment of a case's process, beyond the parent's
+CASE_ENV: dict[str, dict[str, str]] = {"8b-tp1-cublas": {"PDSERVE_SINGLE_ROW_GEMV": "0"},
+                                       "8b-rank-of-tp2-cublas": {"PDSERVE_SINGLE_ROW_GEMV": "0"}}
 
 
 ALL_REDUCE_KERNELS = ("nccl", "peer_all_reduce")
@@ -99,7 +106,7 @@ def all_reduce_share(run: Any) -> float | None:
 KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("all-reduce", ALL_REDUCE_KERNELS),
     ("gemm reduce", ("splitkreduce", "reduce_kernel")),
-    ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas")),
+    ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "skinny")),
     ("attention", ("paged_decode", "paged_prefill", "attention", "flash", "fmha", "cudnn", "merge")),
     ("norm", ("rmsnorm",)),
     ("rope + cache write", ("rope",)),
@@ -244,7 +251,8 @@ def main() -> None:
             try:
                 print(f"== case {name}", flush=True)  # the case's own lines follow as they come
                 done = subprocess.run([sys.executable, "-m", "benchmarks.tensor_parallel", "--case", name, "--out",
-                                       str(out), "--timeout", str(args.timeout)], timeout=args.timeout)
+                                       str(out), "--timeout", str(args.timeout)], timeout=args.timeout,
+                                      env={**os.environ, **CASE_ENV.get(name, {})})
                 results.append(json.loads(out.read_text()) if done.returncode == 0 and out.exists()
                                else {"case": name, "error": f"exit {done.returncode} (its output is above)"})
             except subprocess.TimeoutExpired:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pdserve.engine.model.hf_config import RopeSpec
+
+#: ``PDSERVE_SINGLE_ROW_GEMV=0`` sends single rows to cuBLAS too (an A/B switch for benchmarks)
+SINGLE_ROW_GEMV = os.environ.get("PDSERVE_SINGLE_ROW_GEMV", "1") != "0"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fused: bool,
@@ -17,7 +21,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fus
     product takes ``silu(gate) * up``. With ``fused`` (the GPU path) a single contiguous row goes through the
     one-launch GEMV (:mod:`~pdserve.engine.kernels.skinny_gemm`, the activation computed as it reads), more
     rows through the Triton activation and cuBLAS; without, torch's ops."""
-    if fused and x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.is_contiguous():
+    if fused and SINGLE_ROW_GEMV and x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.is_contiguous():
         from pdserve.engine.kernels.skinny_gemm import skinny_linear
 
         out = skinny_linear(x, weight, gated)
