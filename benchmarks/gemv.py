@@ -1,10 +1,8 @@
-"""Products of a few rows (decode steps of few sequences): cuBLAS (``F.linear``, plus the activation kernel
-before ``down_proj``) against the engine's one-launch kernels (:mod:`pdserve.engine.kernels.skinny_gemm`) at
-their chosen tiling and at the best of a sweep, for Llama-3.1-8B's projections and those of one rank of it
-at TP=2.
+"""One-row products (decode at batch 1): cuBLAS (``F.linear``, plus the activation kernel before ``down_proj``)
+against the engine's one-launch GEMV (:mod:`pdserve.engine.kernels.skinny_gemm`) at its chosen tiling and at
+the best of a sweep, for Llama-3.1-8B's projections and those of one rank of it at TP=2.
 
-    python -m benchmarks.gemv             # one row (the GEMV), one GPU, ~1 minute
-    python -m benchmarks.gemv --rows 8    # the tensor-core kernel of 2-16 rows; results gemv-rows8-*
+    python -m benchmarks.gemv          # one GPU, ~1 minute
 
 Each product is timed from a CUDA graph of calls that cycle through enough copies of the weight (>= 768 MiB)
 that none is read from L2; the rate is the weight's bytes over the time per call.
@@ -29,12 +27,8 @@ SHAPES: dict[str, tuple[int, int, bool]] = {
     "8b TP=2 rank gate_up_proj": (14336, 4096, False), "8b TP=2 rank down_proj (gated)": (4096, 7168, True),
     "8b TP=2 rank lm_head": (64128, 4096, False),
 }
-#: (BLOCK_N, BLOCK_K, warps) of the one-row GEMV
 TILINGS = [(n, k, w) for n, k, w in itertools.product((1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (4, 8))
            if 1024 <= n * k <= 16384]
-#: (BLOCK_N, BLOCK_K, warps, stages) of the 16-row tensor-core kernel
-DOT_TILINGS = [(n, k, w, s) for n, k, w, s in itertools.product((16, 32, 64), (64, 128, 256, 512), (4, 8), (3, 4))
-               if n * k <= 16384]
 
 
 def time_per_call_us(call: Callable[[int], Any], copies: int, replays: int = 10) -> float:
@@ -59,27 +53,27 @@ def time_per_call_us(call: Callable[[int], Any], copies: int, replays: int = 10)
     return start.elapsed_time(end) * 1e3 / (replays * copies)
 
 
-def bench_shape(rows: int, n: int, k: int, gated: bool) -> dict[str, Any]:
+def bench_shape(n: int, k: int, gated: bool) -> dict[str, Any]:
     from pdserve.engine.kernels.activation import silu_and_mul
     from pdserve.engine.kernels.skinny_gemm import skinny_config, skinny_linear
 
     weight_bytes = n * k * 2
     copies = max(4, min(64, (768 << 20) // weight_bytes))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-    x = torch.randn(rows, 2 * k if gated else k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, 2 * k if gated else k, device="cuda", dtype=torch.bfloat16)
     reference = F.linear(silu_and_mul(x) if gated else x, weights[0]).float()
 
     def cublas(i: int) -> torch.Tensor:
         return F.linear(silu_and_mul(x) if gated else x, weights[i])
 
-    def ours(tiling: tuple[int, ...] | None) -> Callable[[int], torch.Tensor]:
+    def ours(tiling: tuple[int, int, int] | None) -> Callable[[int], torch.Tensor]:
         return lambda i: skinny_linear(x, weights[i], gated, tiling)
 
     error = ((ours(None)(0).float() - reference).norm() / reference.norm()).item()
     row: dict[str, Any] = {"N": n, "K": k, "gated": gated, "cublas_us": time_per_call_us(cublas, copies),
-                           "chosen_tiling": list(skinny_config(rows, n, k, gated)),
+                           "chosen_tiling": list(skinny_config(n, k, gated)),
                            "chosen_us": time_per_call_us(ours(None), copies), "relative_difference": error}
-    swept = [(time_per_call_us(ours(t), copies, replays=5), t) for t in (TILINGS if rows == 1 else DOT_TILINGS)]
+    swept = [(time_per_call_us(ours(t), copies, replays=5), t) for t in TILINGS]
     row["best_us"], best = min(swept)
     row["best_tiling"] = list(best)
     row["swept_us"] = {"x".join(map(str, t)): round(us, 2) for us, t in swept}
@@ -92,36 +86,27 @@ def bench_shape(rows: int, n: int, k: int, gated: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    import argparse
-
-    from pdserve.engine.kernels.skinny_gemm import MAX_ROWS
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1, choices=range(1, MAX_ROWS + 1), metavar=f"1..{MAX_ROWS}")
-    args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     info = run_info()
     ceilings = measure_ceilings()  # also brings the clocks up before the first timing
-    by_product: dict[str, dict[str, Any]] = {}
+    rows = {}
     for name, (n, k, gated) in SHAPES.items():
-        by_product[name] = bench_shape(args.rows, n, k, gated)
-        print(name, by_product[name], flush=True)
+        rows[name] = bench_shape(n, k, gated)
+        print(name, rows[name], flush=True)
     table = [[name, r["cublas_us"], r["cublas_tb_per_s"], r["chosen_us"], r["chosen_tb_per_s"],
               round(r["cublas_us"] / r["chosen_us"], 3), r["best_us"], str(tuple(r["best_tiling"])),
-              f"{r['relative_difference']:.1e}"] for name, r in by_product.items()]
+              f"{r['relative_difference']:.1e}"] for name, r in rows.items()]
     markdown = "\n".join([
-        f"# Products of {args.rows} row(s): cuBLAS against the one-launch kernel", "",
+        "# One-row products: cuBLAS against the one-launch GEMV", "",
         f"{info.get('device')} · commit {info['commit']} · {info['date']} · copy ceiling "
         f"{ceilings['copy_gb_per_s']:.0f} GB/s (read + write)", "",
-        f"bf16 weights, {args.rows} row(s); cuBLAS = `F.linear` (with its split-K reduce where it uses one) and, for the "
-        "gated products, the activation kernel before it. Tiling = (columns per program, K slice, warps[, "
-        "stages]).", "",
+        "bf16 weights, one row; cuBLAS = `F.linear` (with its split-K reduce where it uses one) and, for the "
+        "gated products, the activation kernel before it. Tiling = (columns per program, K slice, warps).", "",
         markdown_table(["product", "cuBLAS us", "TB/s", "GEMV us", "TB/s", "cuBLAS / GEMV", "best tiling us",
                         "best tiling", "relative difference"], table), ""])
     print(markdown)
-    write_results("gemv" if args.rows == 1 else f"gemv-rows{args.rows}", info,
-                  {"rows": args.rows, "ceilings": ceilings, "shapes": by_product}, markdown)
+    write_results("gemv", info, {"ceilings": ceilings, "shapes": rows}, markdown)
 
 
 if __name__ == "__main__":

@@ -163,20 +163,19 @@ def test_silu_and_mul(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize(("rows", "n", "k"), [(1, 37, 96), (1, 8, 1100), (1, 129, 2048), (3, 37, 96),
-                                              (16, 40, 300), (2, 129, 2048)])  # ragged columns, K past a slice
+@pytest.mark.parametrize(("n", "k"), [(37, 96), (8, 1100), (129, 2048)])  # ragged columns, K past one slice
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_skinny_linear(dtype: torch.dtype, rows: int, n: int, k: int, gated: bool) -> None:
+def test_skinny_linear(dtype: torch.dtype, n: int, k: int, gated: bool) -> None:
     from pdserve.engine.kernels.skinny_gemm import skinny_linear
     from tests.support.kernel_cases import reference_silu_mul, relative_error
 
     gen = torch.Generator().manual_seed(n + k)
-    x = torch.randn(rows, 2 * k if gated else k, generator=gen).to(dtype)
+    x = torch.randn(1, 2 * k if gated else k, generator=gen).to(dtype)
     weight = torch.randn(n, k, generator=gen).to(dtype)
     product_input = reference_silu_mul(x) if gated else x
     ref = product_input.double() @ weight.double().T
     out = skinny_linear(x.to(DEVICE), weight.to(DEVICE), gated=gated)
-    assert out.shape == (rows, n) and out.dtype == dtype
+    assert out.shape == (1, n) and out.dtype == dtype
     assert relative_error(out.cpu(), ref) < BOUND[dtype]
 
 

@@ -11,18 +11,17 @@ from torch import nn
 
 from pdserve.engine.model.hf_config import RopeSpec
 
-#: products of up to this many rows go through the skinny kernels on the GPU path (at most
-#: ``skinny_gemm.MAX_ROWS``; ``PDSERVE_SKINNY_ROWS=0`` sends every product to cuBLAS: an A/B switch)
-SKINNY_ROWS = int(os.environ.get("PDSERVE_SKINNY_ROWS", "16"))
+#: ``PDSERVE_SINGLE_ROW_GEMV=0`` sends single rows to cuBLAS too (an A/B switch for benchmarks)
+SINGLE_ROW_GEMV = os.environ.get("PDSERVE_SINGLE_ROW_GEMV", "1") != "0"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fused: bool,
            gated: bool = False) -> torch.Tensor:
     """``x @ weight.T (+ bias)``; ``gated``: ``x`` is a fused ``gate_up`` output ``[rows, 2 * K]`` and the
-    product takes ``silu(gate) * up``. With ``fused`` (the GPU path) up to ``SKINNY_ROWS`` rows go through the
-    one-launch kernels of :mod:`~pdserve.engine.kernels.skinny_gemm` (the activation computed as they read),
-    more rows through the Triton activation and cuBLAS; without, torch's ops."""
-    if fused and 0 < x.shape[0] <= SKINNY_ROWS and x.dim() == 2 and x.stride(1) == 1 and weight.is_contiguous():
+    product takes ``silu(gate) * up``. With ``fused`` (the GPU path) a single contiguous row goes through the
+    one-launch GEMV (:mod:`~pdserve.engine.kernels.skinny_gemm`, the activation computed as it reads), more
+    rows through the Triton activation and cuBLAS; without, torch's ops."""
+    if fused and SINGLE_ROW_GEMV and x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.is_contiguous():
         from pdserve.engine.kernels.skinny_gemm import skinny_linear
 
         out = skinny_linear(x, weight, gated)
