@@ -212,14 +212,28 @@ def render(info: dict[str, Any], results: list[dict[str, Any]]) -> str:
         one, two = step("8b-tp1", kind, key), step(case, kind, key)
         if two is not None:
             ratios.append([label, one, two, round(two / one, 3) if one and two else None])
+    floors = []  # one GPU: a TP=2 rank's step without all-reduces, and the one-row GEMV's A/B
+    for label, kind, key, case, base in (
+            ("decode batch 1: TP=2 rank without all-reduces / TP=1", "decode", 1, "8b-rank-of-tp2", "8b-tp1"),
+            ("decode batch 32: the same", "decode", 32, "8b-rank-of-tp2", "8b-tp1"),
+            ("prefill 8k: the same", "prefill", "1x8192", "8b-rank-of-tp2", "8b-tp1"),
+            ("decode batch 1, TP=1: one-row GEMV / cuBLAS", "decode", 1, "8b-tp1", "8b-tp1-cublas"),
+            ("decode batch 1, TP=2 rank: one-row GEMV / cuBLAS", "decode", 1, "8b-rank-of-tp2",
+             "8b-rank-of-tp2-cublas")):
+        one, two = step(base, kind, key), step(case, kind, key)
+        if one is not None and two is not None:
+            floors.append([label, one, two, round(two / one, 3)])
     return "\n".join([
-        "# Tensor parallelism on two GPUs (one engine, ranks on threads, all-reduce over NCCL or the peer kernel)", "",
+        "# Tensor parallelism (one engine, ranks on threads, all-reduce over NCCL or the peer kernel)", "",
         f"{info.get('device')} x{info.get('num_gpus')} · commit {info['commit']} · {info['date']}", "",
         markdown_table(["case", "decode B=1 step ms", "B=1 bw util", "decode B=32 step ms", "prefill 2k ms",
                         "prefill 8k ms", "8k MFU (per GPU)", "all-reduce share of GPU 0 kernel time"], rows), "",
         "TP=2 over TP=1 (Llama-3.1-8B shapes; both with CUDA graphs, the default: one graph per rank at TP=2, for "
         "every step up to 8k tokens; TP=1 graphs up to 1k):", "",
-        markdown_table(["step", "TP=1 ms", "TP=2 ms", "TP=2 / TP=1"], ratios), ""])
+        markdown_table(["step", "TP=1 ms", "TP=2 ms", "TP=2 / TP=1"], ratios), "",
+        "One GPU (`8b-rank-of-tp2`: a TP=1 engine of one TP=2 rank's shapes; `-cublas`: single rows through "
+        "cuBLAS):", "",
+        markdown_table(["step", "base ms", "case ms", "case / base"], floors), ""])
 
 
 def main() -> None:
