@@ -44,24 +44,6 @@ def test_decode_kernel_gpu(head_dim: int, heads: int, kv_heads: int, num_splits:
     assert relative_error(out.cpu(), reference_attention(q, cache, meta, head_dim**-0.5, None)) < BF16_BOUND
 
 
-def test_split_decode_merges_in_the_last_split_launch_after_launch() -> None:
-    """The last split of each sequence merges the others' partial results (acquire-release on its arrival
-    slot): 30 back-to-back launches sharing one slot buffer, each into its own output, all equal to the first
-    and to the reference, and the slots zero after them."""
-    from pdserve.engine.kernels.paged_decode import arrival_slots, paged_decode_attention
-
-    ctx = [4095, 1023, 2047, 17, 3000, 64, 511, 4000] * 4
-    q, cache, meta = paged_problem(ctx, [1] * len(ctx), 32, 8, 128, 16, torch.bfloat16, "cuda", seed=9)
-    arrivals = arrival_slots(len(ctx), 8, q.device)
-    outs = [torch.full_like(q, float("nan")) for _ in range(30)]
-    for out in outs:
-        paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens, scale=128**-0.5, sliding_window=None,
-                               num_splits=32, out=out, arrivals=arrivals)
-    torch.cuda.synchronize()
-    assert relative_error(outs[0].cpu(), reference_attention(q, cache, meta, 128**-0.5, None)) < BF16_BOUND
-    assert all(torch.equal(out, outs[0]) for out in outs) and not arrivals.any()
-
-
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 2048), (4096, 7168), (64128, 4096), (1000, 4100)])
 def test_skinny_linear_gpu(n: int, k: int, gated: bool) -> None:

@@ -35,10 +35,6 @@ class TritonBackend(AttentionBackend):
 
     def __init__(self, use_dense_prefill: bool = True) -> None:
         self.use_dense_prefill = use_dense_prefill
-        self._arrivals: dict[torch.device, list[torch.Tensor]] = {}
-        """Per device, the split decode launches' arrival slots, the newest last (zero between launches; every
-        launch of one engine on a device runs on one stream, one after the other). Outgrown buffers are kept:
-        graphs captured earlier still use them."""
 
     def prepare(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
                 max_tokens: int, sliding_window: int | None) -> float:
@@ -92,17 +88,7 @@ class TritonBackend(AttentionBackend):
             paged_decode_attention(query[:cap], kv_cache, metadata.block_tables[:cap], metadata.seq_lens[:cap],
                                    scale=scale, sliding_window=sliding_window, num_splits=counts[2:3],
                                    may_split=launch.kv_split, num_programs=launch.decode_programs,
-                                   num_active=counts[0:1], out=out[:cap],
-                                   arrivals=self._arrival_slots(cap * kv_cache.shape[3], query.device)
-                                   if launch.kv_split else None)
-
-    def _arrival_slots(self, slots: int, device: torch.device) -> torch.Tensor:
-        """At least ``slots`` zeroed arrival slots on ``device`` (kept: the first call, an eager warm-up before
-        any graph capture, sees the largest decode capacity; a larger one later gets a new buffer)."""
-        held = self._arrivals.setdefault(device, [])
-        if not held or held[-1].numel() < slots:
-            held.append(torch.zeros(slots, dtype=torch.int32, device=device))
-        return held[-1]
+                                   num_active=counts[0:1], out=out[:cap])
 
     def _takes_dense_prefill(self, query: torch.Tensor, metadata: AttentionMetadata,
                              sliding_window: int | None) -> bool:

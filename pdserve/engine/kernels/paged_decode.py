@@ -7,11 +7,8 @@ One kernel, launched one of two ways; the live sequence count ``num_active`` and
   over its whole context, writing the output; programs past ``num_active`` exit at once.
 * **split** (flash-decoding: a few long sequences still fill the GPU): grid ``(num_programs,
   num_kv_heads)``, program ``i`` taking split ``i % num_splits`` of sequence ``i // num_splits`` and
-  writing a partial result and its log-sum-exp; the last of a sequence's splits to finish (counted in an
-  ``arrivals`` slot per sequence and KV head, acquire-release) merges them and sets the slot back to 0 for
-  the next launch, so no merge kernel runs (on an H200 the separate merge took ~3.8 us a layer at batch 1,
-  0.12 ms a step); with ``num_splits == 1`` (a graph step that splits only its prompt chunks) each program
-  writes its sequence's output itself.
+  writing a partial result and its log-sum-exp, which a merge kernel combines; with ``num_splits == 1``
+  (a graph step that splits only its prompt chunks) each program writes its sequence's output itself.
 
 A program handles every query head of one GQA group (so each K/V tile is read once per group, not once
 per query head). A graph or step launches one of the two, never both. Measured on an H200 (32 layers in a
@@ -103,7 +100,7 @@ def _store_output(out_ptr, seq, stride_os, stride_oh, heads, head_mask, acc, saf
 @triton.jit
 def _decode_partial_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, num_active_ptr, num_splits_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr, arrivals_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
     scale_log2, window,
     stride_qs, stride_qh,
     stride_cb, stride_ct, stride_ch,
@@ -111,7 +108,7 @@ def _decode_partial_kernel(
     stride_os, stride_oh,
     stride_pi, stride_ph, stride_li,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     g = tl.arange(0, GROUP_PAD)
@@ -142,13 +139,6 @@ def _decode_partial_kernel(
                 tl.store(part_out_ptr + item * stride_pi + heads[:, None] * stride_ph + d[None, :],
                          acc / safe_l[:, None], mask=head_mask[:, None])
                 tl.store(part_lse_ptr + item * stride_li + heads, lse, mask=head_mask)
-                tl.debug_barrier()  # every lane's stores before the release below
-                slot = arrivals_ptr + seq * tl.num_programs(1) + kv_head
-                if tl.atomic_add(slot, 1, sem="acq_rel") == num_splits - 1:  # the last split of the group
-                    tl.store(slot, 0)  # for the next launch; no other program touches it in this one
-                    for g_index in range(GROUP):
-                        _merge_head(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head * GROUP + g_index, num_splits,
-                                    stride_pi, stride_ph, stride_li, stride_os, stride_oh, HEAD_DIM, SPLIT_CHUNK)
     else:  # one program per sequence, the whole context
         seq = tl.program_id(0)
         if seq >= tl.load(num_active_ptr):
@@ -164,28 +154,35 @@ def _decode_partial_kernel(
 
 
 @triton.jit
-def _merge_head(part_out_ptr, part_lse_ptr, out_ptr, seq, head, num_splits, stride_pi, stride_ph, stride_li,
-                stride_os, stride_oh, HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
-    """Combine ``num_splits`` partial results of one query head by their log-sum-exps (online softmax over
-    chunks of the splits); read past L1 (``.cg``): other programs wrote them during this launch."""
+def _decode_merge_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, num_active_ptr, num_splits_ptr, num_heads,
+    stride_pi, stride_ph, stride_li, stride_os, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+):
+    num_splits = tl.load(num_splits_ptr)
+    if num_splits == 1:
+        return
     d = tl.arange(0, HEAD_DIM)
     k = tl.arange(0, SPLIT_CHUNK)
-    m = -1.0e30
-    total = 0.0
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for first in range(0, num_splits, SPLIT_CHUNK):
-        in_use = first + k < num_splits
-        items = seq * num_splits + first + k
-        lse = tl.load(part_lse_ptr + items * stride_li + head, mask=in_use, other=float("-inf"), cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        parts = tl.load(part_out_ptr + items[:, None] * stride_pi + head * stride_ph + d[None, :],
-                        mask=in_use[:, None], other=0.0, cache_modifier=".cg")
-        acc = acc * alpha + tl.sum(parts * w[:, None], 0)
-        total = total * alpha + tl.sum(w, 0)
-        m = m_new
-    tl.store(out_ptr + seq * stride_os + head * stride_oh + d, (acc / total).to(out_ptr.dtype.element_ty))
+    for work in range(tl.program_id(0), tl.load(num_active_ptr) * num_heads, tl.num_programs(0)):
+        seq = work // num_heads
+        head = work % num_heads
+        m = -1.0e30
+        total = 0.0
+        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for first in range(0, num_splits, SPLIT_CHUNK):  # online softmax over chunks of the splits
+            in_use = first + k < num_splits
+            items = seq * num_splits + first + k
+            lse = tl.load(part_lse_ptr + items * stride_li + head, mask=in_use, other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(lse, 0))
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(lse - m_new)
+            parts = tl.load(part_out_ptr + items[:, None] * stride_pi + head * stride_ph + d[None, :],
+                            mask=in_use[:, None], other=0.0)
+            acc = acc * alpha + tl.sum(parts * w[:, None], 0)
+            total = total * alpha + tl.sum(w, 0)
+            m = m_new
+        tl.store(out_ptr + seq * stride_os + head * stride_oh + d, (acc / total).to(out_ptr.dtype.element_ty))
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
@@ -198,15 +195,11 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return min(wanted, by_length, max_splits)
 
 
-#: Splits a merge combines at a time (one at a time, 32 splits merged in 0.66 against 0.45 ms on an H200;
+#: Persistent programs of the merge per KV head, at most (it is light: a few rows per output head).
+MERGE_PROGRAMS_PER_KV_HEAD = 64
+#: Splits the merge combines at a time (one at a time, 32 splits merged in 0.66 against 0.45 ms on an H200;
 #: all 32 rows at once cost ~3 us a layer when there were two).
 MERGE_SPLIT_CHUNK = 8
-
-
-def arrival_slots(num_seqs: int, num_kv_heads: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 slots for ``arrivals`` (one per sequence and KV head): a split launch leaves them zero
-    again, so a caller keeps one buffer for every launch on one stream (not for launches that may overlap)."""
-    return torch.zeros(num_seqs * num_kv_heads, dtype=torch.int32, device=device)
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -214,8 +207,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                            num_splits: int | torch.Tensor, may_split: bool | None = None,
                            num_programs: int | None = None,
                            out: torch.Tensor | None = None, num_active: torch.Tensor | None = None,
-                           workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                           arrivals: torch.Tensor | None = None) -> torch.Tensor:
+                           workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention for the first ``num_active`` (int32 device scalar; default: all) of the
     ``query.shape[0]`` sequences, each split ``num_splits`` ways along its KV (an int, or an int32 device
     scalar read by the kernels, at most :data:`MAX_SPLITS`). ``may_split`` chooses the launch: the split
@@ -223,8 +215,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     (default: every sequence times ``num_splits``; the caller guarantees ``num_active * num_splits <=
     num_programs``), or the whole one, for which the split count must be 1. ``workspace`` (partial
     outputs and log-sum-exps, float32 ``[num_programs, num_heads, head_dim]`` and ``[num_programs,
-    num_heads]``) may be passed in to avoid allocations, and so may ``arrivals`` (:func:`arrival_slots` for at
-    least ``query.shape[0]`` sequences; a split launch needs it zeroed and leaves it so)."""
+    num_heads]``) may be passed in to avoid allocations."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -250,24 +241,24 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
             part_lse = torch.empty((num_programs, num_heads), dtype=torch.float32, device=device)
         else:
             part_out, part_lse = workspace
-        if arrivals is None:
-            arrivals = arrival_slots(num_seqs, num_kv_heads, device)
-        assert arrivals.numel() >= num_seqs * num_kv_heads and arrivals.dtype == torch.int32
     else:
         part_out, part_lse = out, out[:, :, 0]  # unused
-        arrivals = num_active  # unused
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     block_n = 64 if block_size <= 64 else block_size
     common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                   BLOCK_SIZE=block_size, BLOCK_N=block_n,
-                  DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", SPLIT_CHUNK=MERGE_SPLIT_CHUNK,
-                  num_warps=4, num_stages=2)
+                  DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
     args = (query, k_cache, v_cache, block_tables, seq_lens, num_active, splits_tensor, out, part_out, part_lse,
-            arrivals, scale * LOG2E, sliding_window or 0, query.stride(0), query.stride(1),
+            scale * LOG2E, sliding_window or 0, query.stride(0), query.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_lse.stride(0))
     if not may_split:
         _decode_partial_kernel[(num_seqs, num_kv_heads)](*args, SPLIT=False, **common)
     else:
         _decode_partial_kernel[(num_programs, num_kv_heads)](*args, SPLIT=True, **common)
+        _decode_merge_kernel[(min(num_programs, MERGE_PROGRAMS_PER_KV_HEAD) * num_kv_heads,)](
+            part_out, part_lse, out, num_active, splits_tensor, num_heads,
+            part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, SPLIT_CHUNK=MERGE_SPLIT_CHUNK, num_warps=4,
+        )
     return out
