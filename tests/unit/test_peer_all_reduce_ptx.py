@@ -6,19 +6,14 @@ peers' staged data is read with volatile loads (never from a stale L1 line). The
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.support.ptx import compile_ptx
+
 pytest.importorskip("triton")
 
-# run in a process of its own: the test session interprets Triton kernels (TRITON_INTERPRET=1), which
-# cannot be compiled
 COMPILE = """
 import json, sys
 import triton
@@ -48,11 +43,7 @@ json.dump(out, sys.stdout)
 
 @pytest.fixture(scope="module")
 def ptx() -> dict[str, str]:
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=240,
-                          cwd=Path(__file__).resolve().parents[2])
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout)
+    return compile_ptx(COMPILE)
 
 
 @pytest.mark.parametrize("kernel", ["", "norm"])  # the plain all-reduce, and the one fused with RMSNorm
