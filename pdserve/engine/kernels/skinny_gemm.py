@@ -2,19 +2,21 @@
 
 At one row a linear layer only streams its weight, so its time is the weight's bytes over the memory
 bandwidth. cuBLAS serves such shapes with split-K kernels plus a second kernel that reduces the partial
-sums (65 of them in a Llama-3.1-8B decode step, ~2 us each) and, on the narrower shapes of a
-tensor-parallel rank, reads the weight at 0.6-0.7 of what the widest shapes reach. Here each program owns
+sums (65 of them in a Llama-3.1-8B decode step, ~2 us each) and reads the narrower weights (``o_proj``, a
+tensor-parallel rank's products) at about half the rate of the widest (the LM head). Here each program owns
 ``BLOCK_N`` output columns, streams their weight rows over the whole K in ``BLOCK_K`` slices with the
 float32 products kept per lane, and reduces once at the end: one launch, no partial sums in memory.
-Measured on one H200 (``python -m benchmarks.gemv``, rotating weights so none sits in L2): as fast as cuBLAS
-on the widest products and up to ~20% faster on the narrow ones (``benchmarks/results/gemv-h200.md``).
+Measured on one H200 (``python -m benchmarks.gemv``, rotating weights so none sits in L2): 1.06-1.37x faster
+than cuBLAS (plus the activation kernel, for ``down_proj``) on every product of Llama-3.1-8B and of one of
+its TP=2 ranks (``benchmarks/results/gemv-h200.md``).
 
 ``gated=True`` takes the fused ``gate_up`` projection's output ``[1, 2 * K]`` as input and computes
 ``silu(gate) * up`` while it reads it, with the rounding of :func:`~pdserve.engine.kernels.activation.silu_and_mul`
 (silu rounded to the dtype, the product rounded again), so ``down_proj`` needs no activation kernel.
 
-At more than one row the per-lane products multiply and the kernel falls behind cuBLAS (measured at four
-rows: 0.55-0.65x), so :func:`skinny_linear` takes one row only.
+At more than one row it falls behind cuBLAS: keeping every row's products per lane ran 0.55-0.65x of cuBLAS
+at four rows, and a 16-row tensor-core tile 0.75-0.98x at eight (0.16-0.20x gated: each program computes
+every row's activation; ``benchmarks/results/runs/gemv-rows8-*``), so :func:`skinny_linear` takes one row.
 """
 
 from __future__ import annotations
