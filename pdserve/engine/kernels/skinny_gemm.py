@@ -14,9 +14,9 @@ its TP=2 ranks (``benchmarks/results/gemv-h200.md``).
 ``silu(gate) * up`` while it reads it, with the rounding of :func:`~pdserve.engine.kernels.activation.silu_and_mul`
 (silu rounded to the dtype, the product rounded again), so ``down_proj`` needs no activation kernel.
 
-At more than one row it falls behind cuBLAS: keeping every row's products per lane ran 0.55-0.65x of cuBLAS
-at four rows, and a 16-row tensor-core tile 0.75-0.98x at eight (0.16-0.20x gated: each program computes
-every row's activation; ``benchmarks/results/runs/gemv-rows8-*``), so :func:`skinny_linear` takes one row.
+At more than one row cuBLAS stays ahead: a 16-row tensor-core tile ran 0.75-0.98x of it at eight rows
+(0.16-0.20x gated: each program computes every row's activation; ``benchmarks/results/runs/gemv-rows8-*``),
+so :func:`skinny_linear` takes one row.
 """
 
 from __future__ import annotations
