@@ -20,13 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from pdserve.common.errors import ConfigError
 from pdserve.common.gc_pauses import GcPauses, freeze_startup_heap, thaw_heap
 from pdserve.common.loop_lag import LoopLagMonitor
 from pdserve.planner.plan import configuration_name
@@ -43,6 +40,7 @@ from pdserve.router.registry import WorkerRegistry
 from pdserve.router.router_processes import SHARED_PORT_OPTIONS, AdminForwarder, start_admin_server
 from pdserve.router.servicer import PdServeServicer
 from pdserve.router.telemetry import TelemetryPoller
+from pdserve.router.tls import read_tls, server_ssl_context
 from pdserve.router.updates import UpdatesStream
 from pdserve.rpc.auth import ApiKeyInterceptor, ApiKeys
 from pdserve.rpc.server import PDSERVE_SERVICE, RunningServer, start_server
@@ -395,26 +393,3 @@ def _may_empty(role: WorkerRole) -> bool:
     """Whether a pool may lose its last worker while serving: only the prefill pool (decode workers then
     prefill every prompt themselves)."""
     return role is WorkerRole.PREFILL
-
-
-def read_tls(config: RouterConfig) -> tuple[bytes, bytes] | None:
-    """``(private_key, certificate_chain)`` PEM bytes from the config's files, or None without TLS."""
-    if config.tls_cert_file is None or config.tls_key_file is None:
-        return None
-    out = []
-    for name, path in (("router.tls_key_file", config.tls_key_file), ("router.tls_cert_file", config.tls_cert_file)):
-        try:
-            out.append(Path(path).read_bytes())
-        except OSError as exc:
-            raise ConfigError(name, f"cannot read {path!r}: {exc.strerror or exc}") from None
-    return out[0], out[1]
-
-
-def server_ssl_context(config: RouterConfig) -> ssl.SSLContext:
-    """The HTTP port's TLS context (same certificate and key as the gRPC port)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(str(config.tls_cert_file), str(config.tls_key_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("router.tls_cert_file", f"cannot load the certificate and key: {exc}") from None
-    return context
