@@ -84,24 +84,6 @@ CASE_ENV: dict[str, dict[str, str]] = {"8b-tp1-cublas": {"PDSERVE_SINGLE_ROW_GEM
 ALL_REDUCE_KERNELS = ("nccl", "peer_all_reduce")
 
 
-def all_reduce_share(run: Any) -> float | None:
-    """All-reduce kernel time (NCCL's and the peer kernel's) over all kernel time on GPU 0 while
-    ``run()`` runs (torch profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    total = nccl = 0.0
-    for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA or event.device_index != 0:
-            continue
-        us = event.time_range.elapsed_us()
-        total += us
-        nccl += us if any(kernel in event.name.lower() for kernel in ALL_REDUCE_KERNELS) else 0.0
-    return round(nccl / total, 3) if total else None
-
-
 #: kind of kernel -> substrings of the kernel names that kind has (first match wins; the rest is "other")
 KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("all-reduce", ALL_REDUCE_KERNELS),
@@ -133,6 +115,13 @@ def kernel_breakdown(run: Any, steps: int) -> dict[str, dict[str, float]]:
         entry["launches"] += 1
     return {k: {"us": round(v["us"] / steps, 1), "launches": round(v["launches"] / steps, 1)}
             for k, v in sorted(kinds.items(), key=lambda item: -item[1]["us"])}
+
+
+def all_reduce_share(run: Any) -> float | None:
+    """All-reduce kernel time (NCCL's and the peer kernel's) over all kernel time on GPU 0 while ``run()`` runs."""
+    kinds = kernel_breakdown(run, steps=1)
+    total = sum(entry["us"] for entry in kinds.values())
+    return round(kinds.get("all-reduce", {"us": 0.0})["us"] / total, 3) if total else None
 
 
 def run_case(name: str, out: Path) -> None:
@@ -250,7 +239,7 @@ def main() -> None:
         faulthandler.dump_traceback_later(max(5, args.timeout - 15))  # a case about to be killed says where it was
         run_case(args.case, args.out)
         return
-    needed = max(CASES[name][1] if not name.startswith("70b") else 2 for name in args.cases.split(",") if name in CASES)
+    needed = max((CASES[name][1] for name in args.cases.split(",") if name in CASES), default=1)
     if torch.cuda.device_count() < needed:
         raise SystemExit(f"these cases need {needed} CUDA GPUs")
     info = run_info()

@@ -8,14 +8,22 @@ import triton.language as tl
 
 
 @triton.jit
+def silu_mul(gate_ptr, cols, mask, n_cols):
+    """``silu(gate) * up`` at ``cols`` of one ``[gate | up]`` row of width ``2 * n_cols`` starting at ``gate_ptr``,
+    rounded as torch rounds ``F.silu(gate) * up``: silu to the dtype, then the product (shared with the
+    one-row GEMV, which computes it as it reads ``down_proj``'s input)."""
+    gate = tl.load(gate_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_ptr + n_cols + cols, mask=mask, other=0.0)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    return (silu.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+
+
+@triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    tl.store(out_ptr + row * stride_o + cols, (silu.to(tl.float32) * up.to(tl.float32)).to(up.dtype), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, silu_mul(x_ptr + row * stride_x, cols, mask, n_cols), mask=mask)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

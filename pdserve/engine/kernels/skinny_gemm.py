@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.engine.kernels.activation import silu_mul
+
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -38,10 +40,7 @@ def _skinny_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, GATED: tl.constexpr, 
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
                     mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         if GATED:
-            gate = tl.load(x_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-            up = tl.load(x_ptr + K + ks, mask=k_mask, other=0.0)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-            x = (silu.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+            x = silu_mul(x_ptr, ks, k_mask, K)
         else:
             x = tl.load(x_ptr + ks, mask=k_mask, other=0.0)
         acc += x.to(tl.float32)[None, :] * w.to(tl.float32)
