@@ -256,13 +256,15 @@ def main() -> None:
     parser.add_argument("--budget-window", type=int, default=0, help="simulate the engines' step_budget_window "
                         "(as the measured runs had it)")
     parser.add_argument("--defer-below", type=int, default=0, help="simulate the engines' defer_chunks_below")
+    parser.add_argument("--borrow-tokens", type=int, default=0,
+                        help="simulate the engines' step_budget_borrow_tokens")
     parser.add_argument("--tag", default="", help="suffix of the result files (planner_accuracy-<tag>-...)")
     parser.add_argument("--statistic", choices=("end", "run"), default="end",
                         help="--colocated-measured: calibrate with each worker's factors at the end of its run "
                         "(end) or its measured/profiled ratios over the whole run (run)")
     args = parser.parse_args()
     profile = Profile.load(args.profile)
-    policy = {"budget_window": args.budget_window, "defer_below": args.defer_below}
+    policy = {"budget_window": args.budget_window, "defer_below": args.defer_below, "borrow_tokens": args.borrow_tokens}
     factors = live_calibration(args.calibration_from.split(","))
     calibrated = Profile(profile.model.calibrated(factors), profile.kv_bytes_per_token, profile.transfer_bytes_per_s)
     heavy = Workload.poisson(20.0, 2048, 128, n=400, seed=0)

@@ -69,11 +69,11 @@ def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float,
                    kv_backend: str = "auto", budget_window: int = 0, defer_below: int = 0,
                    auto_prefill_step_tokens: int = PREFILL_STEP_TOKENS, num_gpus: int = 2,
                    max_running: int = 256, stream_writes_per_s: float | None = None,
-                   router_processes: int = 1) -> dict[str, Any]:
+                   router_processes: int = 1, borrow_tokens: int = 0) -> dict[str, Any]:
     """The cluster of one configuration; ``slo_ms`` (TTFT, TPOT) for the SLO-aware ones; ``kv_backend``
-    the KV transport between prefill and decode workers (auto: CUDA IPC on one host); ``budget_window``
-    and ``defer_below`` the engines' ``step_budget_window`` and ``defer_chunks_below`` (SLO-aware
-    configurations); ``auto_prefill_step_tokens`` the ``auto`` prefill pool's ``max_batch_tokens``;
+    the KV transport between prefill and decode workers (auto: CUDA IPC on one host); ``budget_window``,
+    ``defer_below`` and ``borrow_tokens`` the engines' ``step_budget_window``, ``defer_chunks_below`` and
+    ``step_budget_borrow_tokens`` (SLO-aware configurations); ``auto_prefill_step_tokens`` the ``auto`` prefill pool's ``max_batch_tokens``;
     ``num_gpus`` the colocated configurations' workers (the disaggregated ones need 2);
     ``max_running`` the decoding workers' ``max_running_requests``; ``stream_writes_per_s`` the router's
     (None: its default); ``router_processes`` its ``processes``."""
@@ -108,6 +108,7 @@ def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float,
         config["slo"] = {"ttft_ms": slo_ms[0], "tpot_ms": slo_ms[1]}
         engine["step_budget_window"] = budget_window
         engine["defer_chunks_below"] = defer_below
+        engine["step_budget_borrow_tokens"] = borrow_tokens
         if kind == "colocated-slo":  # the budget, not a fixed chunk, bounds a step
             config["colocated"]["max_batch_tokens"] = 8192
     return config
@@ -142,7 +143,7 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
 
     config = cluster_config(kind, model_dir, args.smoke, (args.ttft_slo * 1e3, args.slo_tpot_ms), args.kv_backend,
                             args.budget_window, args.defer_below, args.auto_prefill_step_tokens, args.num_gpus,
-                            args.max_running, args.stream_writes_per_s, args.router_processes)
+                            args.max_running, args.stream_writes_per_s, args.router_processes, args.borrow_tokens)
     if args.dashboard:  # the operator's view of the run: the dashboard's JSON after every point
         config["router"] |= {"http_port": 0, "planner_mode": "recommend", "planner_interval_s": 5.0}
     cluster = Cluster(cluster_config_from_dict(config))
@@ -280,6 +281,8 @@ def main() -> None:
     parser.add_argument("--defer-below", type=int, default=0,
                         help="defer_chunks_below of the SLO-aware configurations' engines (0: off; needs "
                         "--budget-window)")
+    parser.add_argument("--borrow-tokens", type=int, default=0,
+                        help="step_budget_borrow_tokens of the SLO-aware configurations' engines (0: off)")
     parser.add_argument("--auto-prefill-step-tokens", type=int, default=PREFILL_STEP_TOKENS,
                         help="max_batch_tokens of the auto configuration's prefill pool")
     parser.add_argument("--kv-backend", default="auto", choices=("auto", "nccl"),

@@ -49,9 +49,12 @@ class EngineConfig:
     projection's all-reduce with the residual add and RMSNorm that follow (one kernel, same bits).
 
     SLO-aware scheduling: ``step_time_budget_ms`` caps the predicted time of a step that carries
-    decodes (prefill chunks are cut to fit: the TPOT SLO; with ``step_budget_window`` W > 0 a step may
-    also take what keeps the mean of the last W steps within it, and with ``defer_chunks_below`` N a
-    chunk cut below N tokens waits for a longer step instead, on workers with both SLOs);
+    decodes (prefill chunks are cut to fit: the TPOT SLO, or more for requests ahead of it; with
+    ``step_budget_borrow_tokens`` B > 0 a step may also borrow from up to B later tokens of every
+    decoding request, which each pay back a fifth of the SLO, at most six SLOs a step; with
+    ``step_budget_window`` W > 0 a step may also take what keeps the mean of the last W steps within it,
+    and with ``defer_chunks_below`` N a chunk cut below N tokens waits for a longer step instead, on
+    workers with both SLOs);
     ``ttft_slo_ms`` admits prompts earliest
     deadline first, after those that can still meet it. Both use a step-time model, measured at start-up
     or read from ``step_time_profile`` (a JSON file written by ``pdserve.engine.step_time``).
@@ -79,6 +82,7 @@ class EngineConfig:
     step_time_budget_ms: float | None = None
     ttft_slo_ms: float | None = None
     step_budget_window: int = 0
+    step_budget_borrow_tokens: int = 0
     defer_chunks_below: int = 0
     step_time_profile: str | None = None
     tensor_parallel_size: int = 1
@@ -119,6 +123,7 @@ class EngineConfig:
         require_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1, maximum=64)
         require_int("peer_all_reduce_max_bytes", self.peer_all_reduce_max_bytes, minimum=0, maximum=64 << 20)
         require_int("step_budget_window", self.step_budget_window, minimum=0, maximum=4096)
+        require_int("step_budget_borrow_tokens", self.step_budget_borrow_tokens, minimum=0, maximum=1 << 20)
         require_int("defer_chunks_below", self.defer_chunks_below, minimum=0)
         if self.defer_chunks_below and self.step_budget_window <= 1:
             raise InvalidParameterError("defer_chunks_below", "defers chunks to a window of steps: set "

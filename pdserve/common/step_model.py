@@ -24,6 +24,21 @@ RECALIBRATE_EVERY_STEPS = 256
 WINDOW_STEP_CAP = 4.0
 #: A prompt chunk is deferred (``defer_chunks_below``) only until its request waited this share of the TTFT SLO.
 DEFER_TTFT_SHARE = 0.25
+#: Borrowing a step's time from a request's later tokens (``step_budget_borrow_tokens``): each later token
+#: is assumed to come this share of the TPOT SLO after the one before it, so lends the rest; and a step
+#: may borrow up to this many SLOs in all.
+BORROW_LATER_TOKEN_SHARE = 0.8
+BORROW_STEP_CAP = 6.0
+
+
+def borrowed_step_s(slo_s: float, slack_s: float, tokens_left: int, borrow_tokens: int) -> float:
+    """How long the next step may take for one decoding request under a mean-TPOT SLO of ``slo_s`` when it
+    may borrow from up to ``borrow_tokens`` of its later tokens: its own ``slack_s`` (time to spare before
+    the next token is due at the SLO's pace) plus what each of those later tokens lends if it comes at
+    ``BORROW_LATER_TOKEN_SHARE`` of the SLO. ``tokens_left``: tokens it may still produce after the next
+    one (``max_tokens`` bounds it). The engine's step budget and the planner's simulation both apply it."""
+    lenders = max(0, min(tokens_left, borrow_tokens))
+    return slack_s + lenders * (1.0 - BORROW_LATER_TOKEN_SHARE) * slo_s
 
 
 def window_step_budget(slo_s: float, window: int, recent_s: Sequence[float]) -> float | None:

@@ -123,7 +123,8 @@ class LLMEngine(RemotePrefill):
             config.max_num_batched_tokens, config.max_num_seqs, config.enable_chunked_prefill,
             step_time_budget_s=None if config.step_time_budget_ms is None else config.step_time_budget_ms / 1e3,
             ttft_slo_s=None if config.ttft_slo_ms is None else config.ttft_slo_ms / 1e3,
-            budget_window=config.step_budget_window, defer_chunks_below=config.defer_chunks_below), self.kv)
+            budget_window=config.step_budget_window, borrow_tokens=config.step_budget_borrow_tokens,
+            defer_chunks_below=config.defer_chunks_below), self.kv)
         if self.device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
             self.startup_seconds["cuda_graphs"] = self.runner.capture_cuda_graphs(config.max_num_seqs,
                                                                                   config.graph_max_tokens)

@@ -21,9 +21,10 @@ SLO-aware scheduling (both optional, set from the cluster's ``slo``):
   as long as its predicted time stays within its budget; a step with no decodes takes its whole token
   budget, and a step whose decodes alone exceed the budget still advances one prefill chunk of
   ``min_prefill_chunk`` tokens (no prompt starves). The budget is the TPOT SLO, or more when the
-  running requests can afford it (:mod:`pdserve.engine.step_budget`: their slack, and with
-  ``budget_window`` the mean of the last steps); long chunks then ride on the slack fast decode steps
-  build up, instead of every step being held to the SLO. With ``defer_chunks_below`` N (and the
+  running requests can afford it (:mod:`pdserve.engine.step_budget`: their slack; with
+  ``borrow_tokens`` what their later tokens can pay back; with ``budget_window`` the mean of the last
+  steps); long chunks then ride on the slack fast decode steps build up, instead of every step being
+  held to the SLO. With ``defer_chunks_below`` N (and the
   window), a prompt chunk the budget would cut below N tokens waits instead, unless its request has
   waited ``DEFER_TTFT_SHARE`` of the TTFT SLO: the decode-only steps run meanwhile make room in the
   window for one longer, more efficient step, as fixed long chunks get.
@@ -58,6 +59,7 @@ class SchedulerConfig:
     ttft_slo_s: float | None = None
     min_prefill_chunk: int = 32
     budget_window: int = 0  # steps (StepBudget.window); 0: the SLO and the batch's least slack only
+    borrow_tokens: int = 0  # later tokens a request may borrow a step's time from (StepBudget); 0: none
     defer_chunks_below: int = 0  # tokens; 0: a chunk the budget cuts runs cut
 
 
@@ -231,12 +233,13 @@ class Scheduler:
     @property
     def budget(self) -> StepBudget | None:
         """The step budget of the current config (None without ``step_time_budget_s``); made anew when
-        the config's budget or window changes (a worker switching roles replaces the config)."""
-        slo, window = self.config.step_time_budget_s, self.config.budget_window
+        the config's budget, window or borrowing changes (a worker switching roles replaces the config)."""
+        slo, window, borrow = self.config.step_time_budget_s, self.config.budget_window, self.config.borrow_tokens
         if slo is None:
             return None
-        if self._budget is None or (self._budget.slo_s, self._budget.window) != (slo, window):
-            self._budget = StepBudget(slo, window)
+        if self._budget is None or (self._budget.slo_s, self._budget.window, self._budget.borrow_tokens) != (
+                slo, window, borrow):
+            self._budget = StepBudget(slo, window, borrow)
         return self._budget
 
     def _note_step(self, plan: SchedulerPlan) -> None:

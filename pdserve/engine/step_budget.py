@@ -6,6 +6,15 @@ afford it:
 * **slack**: a request that got its tokens faster than the SLO has ``first token time + SLO x tokens so
   far - now`` to spare; a step may take the least slack of its batch, less one SLO for the step in
   flight;
+* **borrowing** (``borrow_tokens`` B > 0): a request may also lend the next step time from up to B of
+  its later tokens (never past ``max_tokens``), each assumed to come at
+  :data:`~pdserve.common.step_model.BORROW_LATER_TOKEN_SHARE` of the SLO
+  (:func:`~pdserve.common.step_model.borrowed_step_s`); the step takes the least any decoding request
+  lends, at most :data:`~pdserve.common.step_model.BORROW_STEP_CAP` SLOs. A request that has just started
+  has no slack but a whole output to spread one long step over: so a worker may take a whole prompt in
+  one step (fewer, larger chunks, none of them over context) while it pays the time back, and once a
+  request falls behind, its slack, which borrowing never raises above what it can repay, shrinks the
+  budget back to the SLO;
 * **window** (``window`` W > 1): a step may also take what keeps the mean predicted time of the last W
   steps within the SLO (:func:`~pdserve.common.step_model.window_step_budget`), unless a running decode
   may produce fewer than W tokens in all (``max_tokens``): a request that has just started has no slack
@@ -23,7 +32,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from pdserve.common.step_model import window_step_budget
+from pdserve.common.step_model import BORROW_STEP_CAP, borrowed_step_s, window_step_budget
 from pdserve.engine.request import Request
 
 
@@ -32,9 +41,10 @@ def _decoding(running: Sequence[Request]) -> list[Request]:
 
 
 class StepBudget:
-    def __init__(self, slo_s: float, window: int = 0) -> None:
+    def __init__(self, slo_s: float, window: int = 0, borrow_tokens: int = 0) -> None:
         self.slo_s = slo_s
         self.window = window
+        self.borrow_tokens = borrow_tokens
         self.recent_s: deque[float] = deque(maxlen=max(window - 1, 0))  # predicted seconds of the last steps
 
     def note_step(self, predicted_s: float) -> None:
@@ -57,7 +67,12 @@ class StepBudget:
         decoding = _decoding(running)
         if not decoding:
             return base
-        least = min(r.first_token_time + base * (r.num_output_tokens + r.num_pending_tokens) - now - base
-                    for r in decoding if r.first_token_time is not None)  # less the step in flight
+        produced = [(r, r.num_output_tokens + r.num_pending_tokens) for r in decoding]
+        slack = [(r, n, r.first_token_time + base * n - now - base)  # less the step in flight
+                 for r, n in produced if r.first_token_time is not None]
+        budget = max(base, min(s for _, _, s in slack))
+        if self.borrow_tokens:
+            lent = min(borrowed_step_s(base, s, r.params.max_tokens - n - 1, self.borrow_tokens) for r, n, s in slack)
+            budget = max(budget, min(lent, BORROW_STEP_CAP * base))
         room = self.window_room(decoding)
-        return max(base, least, room if room is not None else base)
+        return max(budget, room if room is not None else base)

@@ -169,15 +169,19 @@ SLO_PREFILL_STEP_TOKENS = 2048
 
 def simulation(profile: Profile, counts: dict[str, int], *, ttft_slo_s: float, tpot_slo_s: float,
                colocated_spec: WorkerSpec | None = None, spill: bool = True, budget_window: int = 0,
-               defer_below: int = 0) -> ClusterSimulation:
-    """A fresh simulation of one configuration as :func:`predict` runs it (see there). ``budget_window``
-    and ``defer_below``: the engines' ``step_budget_window`` and ``defer_chunks_below`` on the workers
-    that budget their steps (also applied to a given ``colocated_spec`` that budgets)."""
+               defer_below: int = 0, borrow_tokens: int = 0) -> ClusterSimulation:
+    """A fresh simulation of one configuration as :func:`predict` runs it (see there). ``budget_window``,
+    ``defer_below`` and ``borrow_tokens``: the engines' ``step_budget_window``, ``defer_chunks_below`` and
+    ``step_budget_borrow_tokens`` on the workers that budget their steps (also applied to a given
+    ``colocated_spec`` that budgets)."""
+    def budgeted(spec: WorkerSpec) -> WorkerSpec:
+        return replace(spec, budget_window=budget_window, defer_below=defer_below, borrow_tokens=borrow_tokens,
+                       ttft_slo_s=ttft_slo_s)
+
     spec = colocated_spec or WorkerSpec(step_budget_s=tpot_slo_s)
     if spec.step_budget_s is not None:
-        spec = replace(spec, budget_window=budget_window, defer_below=defer_below, ttft_slo_s=ttft_slo_s)
-    decode_spec = (WorkerSpec(max_batch_tokens=2048, step_budget_s=tpot_slo_s, budget_window=budget_window,
-                              defer_below=defer_below, ttft_slo_s=ttft_slo_s) if spill
+        spec = budgeted(spec)
+    decode_spec = (budgeted(WorkerSpec(max_batch_tokens=2048, step_budget_s=tpot_slo_s)) if spill
                    else WorkerSpec(max_batch_tokens=2048))
     prefill_spec = WorkerSpec(max_batch_tokens=SLO_PREFILL_STEP_TOKENS) if spill else WorkerSpec()
     if profile.kv_capacity_tokens is not None:
@@ -192,8 +196,8 @@ def simulation(profile: Profile, counts: dict[str, int], *, ttft_slo_s: float, t
 
 def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttft_slo_s: float, tpot_slo_s: float,
             target: float = 0.9, name: str = "", colocated_spec: WorkerSpec | None = None,
-            spill: bool = True, budget_window: int = 0, defer_below: int = 0, num_gpus: int | None = None
-            ) -> Prediction:
+            spill: bool = True, budget_window: int = 0, defer_below: int = 0, borrow_tokens: int = 0,
+            num_gpus: int | None = None) -> Prediction:
     """Simulate one configuration at the offered rate, then bisect the rate for its goodput. Colocated
     workers budget their steps to the TPOT SLO unless ``colocated_spec`` says otherwise; split pools
     run as pdserve runs them with SLOs set (``spill``): decode workers budget their steps to the TPOT
@@ -201,7 +205,8 @@ def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttf
     hold (default: one each; tensor-parallel workers hold more), which goodput per GPU divides by."""
     def cluster() -> ClusterSimulation:
         return simulation(profile, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, colocated_spec=colocated_spec,
-                          spill=spill, budget_window=budget_window, defer_below=defer_below)
+                          spill=spill, budget_window=budget_window, defer_below=defer_below,
+                          borrow_tokens=borrow_tokens)
 
     def simulate(scale: float) -> list[SimOutcome]:
         return cluster().run(workload.at(scale))

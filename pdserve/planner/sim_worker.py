@@ -92,6 +92,7 @@ class WorkerSpec:
     step_budget_s: float | None = None  # the TPOT SLO of an SLO-budgeted worker
     min_prefill_chunk: int = 32
     budget_window: int = 0  # the engine's step_budget_window
+    borrow_tokens: int = 0  # the engine's step_budget_borrow_tokens (with it, per-request slack as well)
     defer_below: int = 0  # the engine's defer_chunks_below
     ttft_slo_s: float | None = None  # how long a deferred prompt may wait (DEFER_TTFT_SHARE of it)
     cache_tokens: int | None = None  # prefix cache size (None: unbounded; 0: no prefix caching)

@@ -9,7 +9,9 @@ scheduler builds it:
   its token budget and, with a TPOT budget, only as many as keep the step within it (at least
   ``min_prefill_chunk`` when its decodes alone exceed it, so no prompt starves); with the engine's
   window budget and chunk deferral (``budget_window``, ``defer_below``) as the engine applies them,
-  except that it knows no per-request slack;
+  except that it knows no per-request slack unless it also borrows from later tokens
+  (``borrow_tokens``), which takes each request's slack as the engine does (planned at the step
+  boundary: no step in flight to allow for);
 * a **prefill** worker runs prompt chunks up to its token budget; when a prompt's last chunk is done its
   first token exists, and its KV reaches a decode worker ``transfer_s(prompt)`` later;
 * a **decode** worker runs one token per held request each step; a request joins at the first step
@@ -35,7 +37,14 @@ import heapq
 import itertools
 from collections.abc import Callable
 
-from pdserve.common.step_model import DEFER_TTFT_SHARE, StepShape, StepTimeModel, window_step_budget
+from pdserve.common.step_model import (
+    BORROW_STEP_CAP,
+    DEFER_TTFT_SHARE,
+    StepShape,
+    StepTimeModel,
+    borrowed_step_s,
+    window_step_budget,
+)
 from pdserve.planner.sim_worker import (
     KV_BLOCK_TOKENS,
     ActiveRequest,
@@ -189,6 +198,8 @@ class ClusterSimulation:
             shape = shape.plus_decode(a.outcome.request.prompt_tokens + a.produced)
         budget = spec.max_batch_tokens - len(chunks)
         budget_s = spec.step_budget_s if worker.running else None  # as the engine: no decodes, no time budget
+        if budget_s is not None and spec.borrow_tokens:
+            budget_s = self._borrowed_budget(worker, budget_s, now)
         window_s = (window_step_budget(budget_s, spec.budget_window, worker.recent_s) if budget_s is not None
                     and all(a.outcome.request.output_tokens >= spec.budget_window for a in worker.running) else None)
         window_open = window_s is not None
@@ -229,6 +240,23 @@ class ClusterSimulation:
         if spec.step_budget_s is not None:  # as the engine: every step counts
             worker.recent_s.append(seconds)
         return chunks, seconds
+
+    @staticmethod
+    def _borrowed_budget(worker: SimWorker, slo_s: float, now: float) -> float:
+        """As the engine's step budget with borrowing: the least slack of the decoding requests, or what
+        the least of them lends from its later tokens (at most ``BORROW_STEP_CAP`` SLOs), not below the SLO."""
+        least = lent = float("inf")
+        for a in worker.running:
+            first = a.outcome.first_token_s
+            if first is None:
+                continue
+            slack = first + slo_s * a.produced - now
+            least = min(least, slack)
+            lent = min(lent, borrowed_step_s(slo_s, slack, a.outcome.request.output_tokens - a.produced - 1,
+                                             worker.spec.borrow_tokens))
+        if least == float("inf"):
+            return slo_s
+        return max(slo_s, least, min(lent, BORROW_STEP_CAP * slo_s))
 
     def _unblock(self, worker: SimWorker) -> None:
         """A worker with work but no step to run is out of blocks with nothing decoding: the newest partly

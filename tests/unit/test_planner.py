@@ -252,6 +252,29 @@ def test_deferred_chunks_spend_the_windows_room_within_the_mean_tpot() -> None:
     assert statistics.mean(tpot) > statistics.mean(plain_tpot)  # the long steps spend the window's room
 
 
+def test_borrowing_takes_whole_prompts_while_the_requests_repay_their_tpot() -> None:
+    """The engine's borrowing in the simulation: a colocated worker decoding while 1,024-token prompts keep
+    arriving takes more of each prompt per step (first tokens come sooner) and its requests' mean TPOT
+    stays within the SLO, each long step repaid by the decode-only steps after it."""
+    model = StepTimeModel(base_s=5e-3, per_token_s=25e-6, free_tokens=128)
+    rng, t, requests = random.Random(5), 0.0, []
+    for _ in range(400):
+        t += rng.expovariate(12.0)
+        requests.append(SimRequest(t, 1024, 64))
+
+    def run(borrow_tokens: int) -> tuple[list[float], list[float]]:
+        spec = WorkerSpec(max_batch_tokens=2048, step_budget_s=15e-3, borrow_tokens=borrow_tokens)
+        outcomes = ClusterSimulation(model, colocated=1, colocated_spec=spec).run(requests)
+        return ([o.ttft_s for o in outcomes if o.ttft_s is not None],
+                [o.tpot_s for o in outcomes if o.tpot_s is not None])
+
+    cut_ttft, cut_tpot = run(0)
+    ttft, tpot = run(64)
+    assert statistics.median(ttft) < 0.8 * statistics.median(cut_ttft)
+    assert statistics.mean(tpot) > statistics.mean(cut_tpot)  # the long steps are spent from the requests' TPOT
+    assert sorted(tpot)[int(0.9 * len(tpot))] <= 15e-3
+
+
 def test_plan_says_which_share_of_prompts_no_configuration_serves_in_time() -> None:
     """A prompt whose prefill alone on an idle GPU exceeds the TTFT SLO is out of reach everywhere; the plan
     reports their share, and its table says why every goodput is 0 when they are more than 10%."""

@@ -10,6 +10,8 @@ from collections import deque
 import pytest
 
 from pdserve import LLM, SamplingParams
+from pdserve.common.config import EngineConfig
+from pdserve.common.errors import ConfigError
 from pdserve.engine.deadline_order import LATE_PROMOTION_FACTOR
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.request import Request
@@ -159,6 +161,9 @@ def test_slo_scheduling_leaves_outputs_unchanged(tmp_path) -> None:
                     ttft_slo_ms=200.0, step_budget_window=4, defer_chunks_below=64)
     assert _two_waves(deferring, prompts, params) == plain
     assert deferring.engine.scheduler.num_deferred_chunks > 0  # chunks waited for a longer step
+    borrowing = LLM(model="tiny-random", num_kv_blocks=256, step_time_profile=str(profile), step_time_budget_ms=6.0,
+                    step_budget_borrow_tokens=64)
+    assert _two_waves(borrowing, prompts, params) == plain
 
 
 def test_decodes_ahead_of_their_tpot_let_a_longer_chunk_through() -> None:
@@ -180,6 +185,39 @@ def test_decodes_ahead_of_their_tpot_let_a_longer_chunk_through() -> None:
         scheduler.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
         cuts.append(next(c.num_tokens for c in scheduler.schedule().chunks if c.request.request_id == "long"))
     assert cuts[0] < cuts[1] == 400
+
+
+def test_borrowing_from_later_tokens_lets_a_fresh_batch_take_a_whole_prompt() -> None:
+    """With ``borrow_tokens`` B, each decoding request lends the next step its slack plus what B of its later
+    tokens pay back at 0.8 of the SLO (0.2 x 10 ms each), at most six SLOs in all; the least lender sets
+    the budget, never below the SLO, and a request near its ``max_tokens`` or behind its pace lends less."""
+    fresh = _scheduler(borrow_tokens=64)
+    _decoding(fresh, 4)  # no slack, 98 tokens left each: 64 x 2 ms = 128 ms, capped at 60 ms
+    assert fresh.step_budget() == pytest.approx(60e-3, abs=1e-3)
+    assert _scheduler().config.borrow_tokens == 0  # off unless configured
+    few = _scheduler(borrow_tokens=64)
+    for request in _decoding(few, 4)[:1]:
+        request.params = SamplingParams(max_tokens=22)  # 20 tokens after the next: 40 ms to lend
+    assert few.step_budget() == pytest.approx(40e-3, abs=1e-3)
+    behind = _scheduler(borrow_tokens=8)
+    late = _decoding(behind, 4)[0]
+    late.first_token_time = time.monotonic() - 5e-3  # 5 ms behind the SLO's pace: 16 - 5 ms
+    assert behind.step_budget() == pytest.approx(11e-3, abs=1e-3)
+    late.first_token_time = time.monotonic() - 50e-3  # more behind than its later tokens repay: the SLO
+    assert behind.step_budget() == pytest.approx(10e-3)
+    cuts = []
+    for scheduler in (_scheduler(), fresh):
+        if scheduler is not fresh:
+            _decoding(scheduler, 4)
+        scheduler.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
+        cuts.append(next(c.num_tokens for c in scheduler.schedule().chunks if c.request.request_id == "long"))
+    assert cuts[0] < cuts[1] == 400  # 400 tokens beside 4 decodes: ~44 ms predicted, within 60
+
+
+def test_borrowing_is_validated() -> None:
+    with pytest.raises(ConfigError, match="step_budget_borrow_tokens"):
+        EngineConfig(step_budget_borrow_tokens=-1)
+    assert EngineConfig(step_budget_borrow_tokens=64).step_budget_borrow_tokens == 64
 
 
 def _without_slack(request: Request) -> None:
@@ -264,9 +302,6 @@ def test_a_chunk_the_budget_would_cut_short_waits_for_a_longer_step_while_it_can
 
 
 def test_deferring_chunks_needs_the_window() -> None:
-    from pdserve.common.config import EngineConfig
-    from pdserve.common.errors import ConfigError
-
     with pytest.raises(ConfigError, match="step_budget_window"):
         EngineConfig(defer_chunks_below=512)
     assert EngineConfig(defer_chunks_below=512, step_budget_window=16).defer_chunks_below == 512
