@@ -16,7 +16,7 @@ and peer all-reduce kernels' time on GPU 0 over all kernel time on GPU 0, in dec
 
 ``8b-rank-of-tp2`` runs on one GPU: a TP=1 engine with the shapes of one rank of the TP=2 8B model (half the
 heads, KV heads, MLP width and vocabulary), that is a TP=2 rank's step without its all-reduces -- the floor
-the all-reduces add to. Every case also records where GPU 0's kernel time goes in a batch-1 decode step
+the all-reduces add to; ``70b-rank-of-tp2`` the same for the 70B model (35B parameters on one GPU). Every case also records where GPU 0's kernel time goes in a batch-1 decode step
 (``kernel_breakdown``: microseconds and launches per step by kind of kernel).
 
     python -m benchmarks.tensor_parallel --cases 8b-tp1,8b-rank-of-tp2   # one GPU
@@ -50,6 +50,8 @@ LLAMA31_70B: dict[str, Any] = {**LLAMA31_8B, "hidden_size": 8192, "intermediate_
 #: one rank's share of the TP=2 8B model, as a model of its own (``TensorParallel.local_spec`` and ``vocab_rows``)
 LLAMA31_8B_RANK_OF_TP2: dict[str, Any] = {**LLAMA31_8B, "num_attention_heads": 16, "num_key_value_heads": 4,
                                           "intermediate_size": 7168, "vocab_size": 64128}
+LLAMA31_70B_RANK_OF_TP2: dict[str, Any] = {**LLAMA31_70B, "num_attention_heads": 32, "num_key_value_heads": 4,
+                                           "intermediate_size": 14336, "vocab_size": 64128}
 PEER_MAX_BYTES = 1 << 20
 #: name -> (model shapes, tensor-parallel size, extra engine settings)
 CASES: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = {
@@ -72,6 +74,7 @@ CASES: dict[str, tuple[dict[str, Any], int, dict[str, Any]]] = {
     "8b-tp2-peer-wide": (LLAMA31_8B, 2, {"peer_all_reduce_max_bytes": 64 << 20}),
     # one GPU: a TP=2 rank's compute without its all-reduces (see module)
     "8b-rank-of-tp2": (LLAMA31_8B_RANK_OF_TP2, 1, {}),
+    "70b-rank-of-tp2": (LLAMA31_70B_RANK_OF_TP2, 1, {}),
     # the same two with single rows through cuBLAS instead of the one-launch GEMV (an A/B of it)
     "8b-tp1-cublas": (LLAMA31_8B, 1, {}),
     "8b-rank-of-tp2-cublas": (LLAMA31_8B_RANK_OF_TP2, 1, {}),
