@@ -215,17 +215,18 @@ def render(info: dict[str, Any], results: list[dict[str, Any]]) -> str:
         one, two = step(base, kind, key), step(case, kind, key)
         if one is not None and two is not None:
             floors.append([label, one, two, round(two / one, 3)])
-    return "\n".join([
-        "# Tensor parallelism (one engine, ranks on threads, all-reduce over NCCL or the peer kernel)", "",
-        f"{info.get('device')} x{info.get('num_gpus')} · commit {info['commit']} · {info['date']}", "",
-        markdown_table(["case", "decode B=1 step ms", "B=1 bw util", "decode B=32 step ms", "prefill 2k ms",
-                        "prefill 8k ms", "8k MFU (per GPU)", "all-reduce share of GPU 0 kernel time"], rows), "",
-        "TP=2 over TP=1 (Llama-3.1-8B shapes; both with CUDA graphs, the default: one graph per rank at TP=2, for "
-        "every step up to 8k tokens; TP=1 graphs up to 1k):", "",
-        markdown_table(["step", "TP=1 ms", "TP=2 ms", "TP=2 / TP=1"], ratios), "",
-        "One GPU (`8b-rank-of-tp2`: a TP=1 engine of one TP=2 rank's shapes; `-cublas`: single rows through "
-        "cuBLAS):", "",
-        markdown_table(["step", "base ms", "case ms", "case / base"], floors), ""])
+    out = ["# Tensor parallelism (one engine, ranks on threads, all-reduce over NCCL or the peer kernel)", "",
+           f"{info.get('device')} x{info.get('num_gpus')} · commit {info['commit']} · {info['date']}", "",
+           markdown_table(["case", "decode B=1 step ms", "B=1 bw util", "decode B=32 step ms", "prefill 2k ms",
+                           "prefill 8k ms", "8k MFU (per GPU)", "all-reduce share of GPU 0 kernel time"], rows), ""]
+    if ratios:  # tables of ratios only where this run has both cases
+        out += ["TP=2 over TP=1 (Llama-3.1-8B shapes; both with CUDA graphs, the default: one graph per rank at TP=2, "
+                "for every step up to 8k tokens; TP=1 graphs up to 1k):", "",
+                markdown_table(["step", "TP=1 ms", "TP=2 ms", "TP=2 / TP=1"], ratios), ""]
+    if floors:
+        out += ["One GPU (`8b-rank-of-tp2`: a TP=1 engine of one TP=2 rank's shapes; `-cublas`: single rows through "
+                "cuBLAS):", "", markdown_table(["step", "base ms", "case ms", "case / base"], floors), ""]
+    return "\n".join(out)
 
 
 def main() -> None:
