@@ -160,9 +160,11 @@ def colocated_rows(profile: Profile, files: list[str], statistic: str = "end") -
         settings = data["settings"]
         num_gpus, n = settings["num_gpus"], settings["num_requests"]
         for config, result in data["results"].items():
-            budget_s = settings["slo_tpot_ms"] / 1e3 if config == "colocated-slo" else None
+            kind, _, target = config.partition("@")  # colocated-slo@10: set up for TPOT 10 ms (--slo-tpot-targets)
+            budget_s = float(target or settings["slo_tpot_ms"]) / 1e3 if kind == "colocated-slo" else None
             spec = WorkerSpec(max_batch_tokens=8192 if budget_s else 2048, max_running=settings.get("max_running", 256),
                               step_budget_s=budget_s, ttft_slo_s=0.25 if budget_s else None)
+            policy = {name: settings.get(name, 0) for name in ("budget_window", "defer_below", "borrow_tokens")}
             for workload, (prompt, output) in FIXED_WORKLOADS.items():
                 for j, point in enumerate(result["workloads"].get(workload, [])):
                     rate = point["rate_per_gpu"]
@@ -175,7 +177,7 @@ def colocated_rows(profile: Profile, files: list[str], statistic: str = "end") -
                     for label, model in profiles.items():
                         outcomes = simulation(model, {"colocated": num_gpus}, ttft_slo_s=0.25,
                                               tpot_slo_s=budget_s or SLOS[0][1], colocated_spec=spec,
-                                              spill=False).run(requests)
+                                              spill=False, **policy).run(requests)
                         tpots = sorted(o.tpot_s for o in outcomes if o.tpot_s is not None)
                         predicted[label] = [round(sum(o.meets(0.25, tpot) for o in outcomes) / len(outcomes), 3)
                                             for _, tpot in SLOS] + [round(1e3 * tpots[len(tpots) // 2], 1)]

@@ -115,6 +115,8 @@ def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float,
 
 
 CONFIGS = ("1p1d", "1p1d-overflow", "colocated", "colocated-slo", "auto")
+#: the configurations set up for a TPOT SLO (``--slo-tpot-ms``, or each of ``--slo-tpot-targets``)
+SLO_AWARE = ("colocated-slo", "auto")
 
 
 def make_workload(name: str, n: int, seed: int, args: argparse.Namespace) -> list[RequestSpec]:
@@ -134,14 +136,16 @@ def make_workload(name: str, n: int, seed: int, args: argparse.Namespace) -> lis
     raise ValueError(f"unknown workload {name!r}")
 
 
-def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos: list[tuple[float, float]]
-                      ) -> dict[str, Any]:
+def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos: list[tuple[float, float]],
+                      tpot_target_ms: float, label: str) -> dict[str, Any]:
+    """One configuration's cluster through every workload; SLO-aware ones set up for ``tpot_target_ms``;
+    ``label`` names its points."""
     import ray
 
     from pdserve.cluster.config import cluster_config_from_dict
     from pdserve.cluster.launcher import Cluster
 
-    config = cluster_config(kind, model_dir, args.smoke, (args.ttft_slo * 1e3, args.slo_tpot_ms), args.kv_backend,
+    config = cluster_config(kind, model_dir, args.smoke, (args.ttft_slo * 1e3, tpot_target_ms), args.kv_backend,
                             args.budget_window, args.defer_below, args.auto_prefill_step_tokens, args.num_gpus,
                             args.max_running, args.stream_writes_per_s, args.router_processes, args.borrow_tokens)
     if args.dashboard:  # the operator's view of the run: the dashboard's JSON after every point
@@ -160,9 +164,9 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                 specs = make_workload("trace", args.trace_requests, args.seed, args)
                 offsets = [s.arrival_s for s in specs]
                 rate = len(specs) / max(offsets[-1], 1.0) / num_gpus  # the window's mean arrival rate
-                summary = measure_point(cluster.router_address, specs, offsets, f"{kind}-trace", slos,
+                summary = measure_point(cluster.router_address, specs, offsets, f"{label}-trace", slos,
                                         args.client_processes)
-                summary |= {"rate_per_gpu": rate, "run_id": f"{kind}-trace"}
+                summary |= {"rate_per_gpu": rate, "run_id": f"{label}-trace"}
                 points.append(summary)
                 if args.dashboard:
                     dashboard[summary["run_id"]] = dashboard_snapshot(cluster.http_url)
@@ -172,26 +176,26 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                     specs = make_workload(workload, args.num_requests, args.seed + j, args)
                     offsets = poisson_schedule(len(specs), rate * num_gpus, seed=args.seed + j,
                                                burstiness=args.burstiness)
-                    run_id = f"{kind}-{workload}-{rate:g}"
+                    run_id = f"{label}-{workload}-{rate:g}"
                     summary = measure_point(cluster.router_address, specs, offsets, run_id, slos, args.client_processes)
                     summary |= {"rate_per_gpu": rate, "run_id": run_id}
                     points.append(summary)
                     if args.dashboard:
                         dashboard[run_id] = dashboard_snapshot(cluster.http_url)
-                    print(f"{kind:9s} {workload:13s} rate/GPU {rate:6.2f}: " + ", ".join(
+                    print(f"{label:9s} {workload:13s} rate/GPU {rate:6.2f}: " + ", ".join(
                         f"{k} {v:.2f}" for k, v in summary["slo_attainment"].items())
                         + f" | TTFT p50/p99 {ms(summary['ttft_s']['p50'])}/{ms(summary['ttft_s']['p99'])} ms"
                         f" TPOT p50/p99 {ms(summary['tpot_s']['p50'])}/{ms(summary['tpot_s']['p99'])} ms"
                         f" errors {summary['errors']}", flush=True)
-                    _checkpoint(kind, workload, points)
+                    _checkpoint(label, workload, points)
             results["workloads"][workload] = points
             if workload == "trace":
                 p = points[-1]
-                print(f"{kind:9s} trace rate/GPU {p['rate_per_gpu']:.2f}: " + ", ".join(
+                print(f"{label:9s} trace rate/GPU {p['rate_per_gpu']:.2f}: " + ", ".join(
                     f"{k} {v:.2f}" for k, v in p["slo_attainment"].items())
                     + f" | TTFT p50/p99 {ms(p['ttft_s']['p50'])}/{ms(p['ttft_s']['p99'])} ms"
                     f" TPOT p50/p99 {ms(p['tpot_s']['p50'])}/{ms(p['tpot_s']['p99'])} ms", flush=True)
-                _checkpoint(kind, workload, points)
+                _checkpoint(label, workload, points)
         timings = {w.role: ray.get(w.actor.timings.remote()) for w in cluster.workers}
         results["worker_stats"] = cluster.worker_stats()
         for points in results["workloads"].values():
@@ -272,6 +276,10 @@ def main() -> None:
     parser.add_argument("--configs", default="1p1d,colocated,colocated-slo,auto")
     parser.add_argument("--slo-tpot-ms", type=float, default=15.0,
                         help="the TPOT SLO the SLO-aware configurations (colocated-slo, auto) are set up for")
+    parser.add_argument("--slo-tpot-targets", default="",
+                        help="comma-separated TPOT SLOs (ms): run each SLO-aware configuration once per value, set up "
+                             "for it and named <config>@<ms> (scored at every --tpot-slos; read the row of its own), "
+                             "instead of once for --slo-tpot-ms")
     parser.add_argument("--workloads", default="prefill-heavy,sharegpt,trace")
     parser.add_argument("--rates-prefill-heavy", default="2,4,6,8,12,16")
     parser.add_argument("--rates-sharegpt", default="4,8,16,32,48")
@@ -338,14 +346,17 @@ def main() -> None:
         raise SystemExit(f"--trace-path {args.trace_path}: no such file (the Mooncake trace, JSONL)")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(Path(tmp) / "model", TINY if args.smoke else LLAMA31_8B)
+        targets = [float(t) for t in args.slo_tpot_targets.split(",")] if args.slo_tpot_targets else []
         for kind in args.configs.split(","):
-            try:
-                all_results[kind] = run_configuration(kind, model_dir, args, slos)
-            except Exception as exc:  # noqa: BLE001 (report the other configuration anyway)
-                import traceback
+            runs = [(f"{kind}@{t:g}", t) for t in targets] if targets and kind in SLO_AWARE else [(kind, args.slo_tpot_ms)]
+            for label, target in runs:
+                try:
+                    all_results[label] = run_configuration(kind, model_dir, args, slos, target, label)
+                except Exception as exc:  # noqa: BLE001 (report the other configuration anyway)
+                    import traceback
 
-                traceback.print_exc()
-                print(f"configuration {kind} failed: {exc!r}", flush=True)
+                    traceback.print_exc()
+                    print(f"configuration {label} failed: {exc!r}", flush=True)
     if not all_results:
         raise SystemExit("every configuration failed")
     payload = {"settings": {k: v for k, v in vars(args).items() if k not in ("rates",)} | {"rates": args.rates},

@@ -50,6 +50,9 @@ def add_planner_parsers(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--kv-capacity-tokens", type=int, default=None,
                       help="one worker's KV cache in tokens (default: the profile's, which `pdserve profile` "
                            "measures; none in older profiles: not limited)")
+    plan.add_argument("--borrow-tokens", type=int, default=0,
+                      help="the workers' engine.step_budget_borrow_tokens (default 0, as the engine's): their step "
+                           "budgets borrow from up to this many later tokens of each decoding request")
     plan.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -67,6 +70,8 @@ def run_plan(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')}", f"must be > 0, got {getattr(args, name)}")
     if args.requests < 20:
         raise ConfigError("--requests", f"must be >= 20, got {args.requests}")
+    if args.borrow_tokens < 0:
+        raise ConfigError("--borrow-tokens", f"must be >= 0, got {args.borrow_tokens}")
     profile = Profile.load(args.profile)
     if args.calibrate:
         profile = dataclasses.replace(profile, model=profile.model.calibrated(parse_calibration(args.calibrate)))
@@ -82,6 +87,6 @@ def run_plan(args: argparse.Namespace) -> int:
             raise ConfigError("--rate", "--rate, --prompt-len and --output-len must be > 0")
         workload = Workload.poisson(args.rate, args.prompt_len, args.output_len, n=args.requests)
     result = plan(profile, workload, args.gpus, ttft_slo_s=args.slo_ttft_ms / 1e3, tpot_slo_s=args.slo_tpot_ms / 1e3,
-                  num_workers=workers)
+                  num_workers=workers, borrow_tokens=args.borrow_tokens)
     print(json.dumps(result) if args.json else render(result), file=sys.stdout)
     return 0

@@ -253,13 +253,14 @@ def out_of_reach_share(model: StepTimeModel, workload: Workload, ttft_slo_s: flo
 
 
 def plan(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: float, tpot_slo_s: float,
-         num_workers: int | None = None) -> dict[str, Any]:
+         num_workers: int | None = None, borrow_tokens: int = 0) -> dict[str, Any]:
     """Every configuration of ``num_workers`` workers (default: one per GPU) holding ``num_gpus`` GPUs in
     all (tensor-parallel workers hold several; ``profile`` is then one such worker's), predicted and ranked
-    by goodput per GPU; moving a worker between pools keeps its GPUs, so every configuration has them all."""
+    by goodput per GPU; moving a worker between pools keeps its GPUs, so every configuration has them all.
+    ``borrow_tokens``: the workers' ``step_budget_borrow_tokens``."""
     workers = num_workers or num_gpus
     predictions = [predict(profile, workload, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, name=name,
-                           num_gpus=num_gpus) for name, counts in configurations(workers)]
+                           num_gpus=num_gpus, borrow_tokens=borrow_tokens) for name, counts in configurations(workers)]
     best = max(predictions, key=lambda p: (p.goodput_per_gpu, p.attainment_at_offered))
     return {"workload": workload.name, "offered_rate": round(workload.rate, 3), "num_gpus": num_gpus,
             "num_workers": workers,

@@ -72,6 +72,9 @@ def test_profile_then_plan(tmp_path) -> None:
     refused = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
                    "--rate", "20", "--kv-capacity-tokens", "0")
     assert refused.returncode != 0 and "--kv-capacity-tokens" in refused.stderr
+    refused = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
+                   "--rate", "20", "--borrow-tokens", "-1")
+    assert refused.returncode != 0 and "--borrow-tokens" in refused.stderr
     refused = _run("plan", "--profile", str(profile), "--gpus", "4", "--gpus-per-worker", "3", "--slo-ttft-ms", "200",
                    "--slo-tpot-ms", "50", "--rate", "20")
     assert refused.returncode != 0 and "--gpus-per-worker" in refused.stderr and "divide" in refused.stderr
