@@ -51,7 +51,8 @@ class EngineConfig:
     SLO-aware scheduling: ``step_time_budget_ms`` caps the predicted time of a step that carries
     decodes (prefill chunks are cut to fit: the TPOT SLO, or more for requests ahead of it; with
     ``step_budget_borrow_tokens`` B > 0 a step may also borrow from up to B later tokens of every
-    decoding request, which each pay back a fifth of the SLO, at most six SLOs a step; with
+    decoding request (those it can be counted on for), which each pay back a fifth of the SLO, at most
+    six SLOs a step; with
     ``step_budget_window`` W > 0 a step may also take what keeps the mean of the last W steps within it,
     and with ``defer_chunks_below`` N a chunk cut below N tokens waits for a longer step instead, on
     workers with both SLOs);

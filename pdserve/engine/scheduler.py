@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pdserve.common.step_model import DEFER_TTFT_SHARE
 from pdserve.engine.deadline_order import order_by_deadline
 from pdserve.engine.kv_cache.manager import KVCacheManager
+from pdserve.engine.output_lengths import OutputLengths
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.step_budget import StepBudget
 from pdserve.engine.step_time import StepShape, StepTimeModel
@@ -128,6 +129,7 @@ class Scheduler:
         self.num_deferred_chunks = 0  # prefill chunks put off to a later step rather than cut short
         self.deferred_free: list[Request] = []  # finished with a row in a launched step (see release_landed)
         self._budget: StepBudget | None = None  # see the budget property
+        self.output_lengths = OutputLengths()  # of finished requests, for the budget's borrowing
 
     # ---- queue management ----------------------------------------------------------------------
 
@@ -148,6 +150,8 @@ class Scheduler:
         assert status.is_finished, status
         if request.is_finished:
             return
+        if status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            self.output_lengths.note_finished(request)
         if request.status == RequestStatus.WAITING_FOR_KV:
             del self.waiting_for_kv[request.request_id]
         elif request in self.running:
@@ -237,9 +241,8 @@ class Scheduler:
         slo, window, borrow = self.config.step_time_budget_s, self.config.budget_window, self.config.borrow_tokens
         if slo is None:
             return None
-        if self._budget is None or (self._budget.slo_s, self._budget.window, self._budget.borrow_tokens) != (
-                slo, window, borrow):
-            self._budget = StepBudget(slo, window, borrow)
+        if self._budget is None or self._budget.settings != (slo, window, borrow):
+            self._budget = StepBudget(slo, window, borrow, self.output_lengths)
         return self._budget
 
     def _note_step(self, plan: SchedulerPlan) -> None:

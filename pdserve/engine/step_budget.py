@@ -7,7 +7,8 @@ afford it:
   far - now`` to spare; a step may take the least slack of its batch, less one SLO for the step in
   flight;
 * **borrowing** (``borrow_tokens`` B > 0): a request may also lend the next step time from up to B of
-  its later tokens (never past ``max_tokens``), each assumed to come at
+  its later tokens (as many as it can be counted on for: up to ``max_tokens``, or for one that may stop
+  early what finished requests say, :mod:`pdserve.engine.output_lengths`), each assumed to come at
   :data:`~pdserve.common.step_model.BORROW_LATER_TOKEN_SHARE` of the SLO
   (:func:`~pdserve.common.step_model.borrowed_step_s`); the step takes the least any decoding request
   lends, at most :data:`~pdserve.common.step_model.BORROW_STEP_CAP` SLOs. A request that has just started
@@ -33,6 +34,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from pdserve.common.step_model import BORROW_STEP_CAP, borrowed_step_s, window_step_budget
+from pdserve.engine.output_lengths import OutputLengths
 from pdserve.engine.request import Request
 
 
@@ -41,11 +43,19 @@ def _decoding(running: Sequence[Request]) -> list[Request]:
 
 
 class StepBudget:
-    def __init__(self, slo_s: float, window: int = 0, borrow_tokens: int = 0) -> None:
+    def __init__(self, slo_s: float, window: int = 0, borrow_tokens: int = 0,
+                 output_lengths: OutputLengths | None = None) -> None:
         self.slo_s = slo_s
         self.window = window
         self.borrow_tokens = borrow_tokens
+        # the scheduler's, which outlives this budget
+        self.output_lengths = OutputLengths() if output_lengths is None else output_lengths
         self.recent_s: deque[float] = deque(maxlen=max(window - 1, 0))  # predicted seconds of the last steps
+
+    @property
+    def settings(self) -> tuple[float, int, int]:
+        """``(slo_s, window, borrow_tokens)``: what the budget was made with."""
+        return self.slo_s, self.window, self.borrow_tokens
 
     def note_step(self, predicted_s: float) -> None:
         """A step was scheduled that is predicted to take ``predicted_s`` (kept for the window)."""
@@ -72,7 +82,8 @@ class StepBudget:
                  for r, n in produced if r.first_token_time is not None]
         budget = max(base, min(s for _, _, s in slack))
         if self.borrow_tokens:
-            lent = min(borrowed_step_s(base, s, r.params.max_tokens - n - 1, self.borrow_tokens) for r, n, s in slack)
+            lent = min(borrowed_step_s(base, s, self.output_lengths.tokens_left(r, n), self.borrow_tokens)
+                       for r, n, s in slack)
             budget = max(budget, min(lent, BORROW_STEP_CAP * base))
         room = self.window_room(decoding)
         return max(budget, room if room is not None else base)

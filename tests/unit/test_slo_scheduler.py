@@ -14,10 +14,12 @@ from pdserve.common.config import EngineConfig
 from pdserve.common.errors import ConfigError
 from pdserve.engine.deadline_order import LATE_PROMOTION_FACTOR
 from pdserve.engine.kv_cache.manager import KVCacheManager
-from pdserve.engine.request import Request
+from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.engine.step_time import StepShape, StepTimeModel
 
+#: requests that can only end at max_tokens: every later token can be counted on
+TO_MAX = SamplingParams(max_tokens=100, ignore_eos=True)
 # 5 ms per step, 0.1 ms per token past 16: a 10 ms budget leaves room for ~50 tokens beside a few decodes
 MODEL = StepTimeModel(base_s=5e-3, per_token_s=1e-4, free_tokens=16)
 
@@ -27,10 +29,10 @@ def _scheduler(**config) -> Scheduler:
     return Scheduler(SchedulerConfig(**{**defaults, **config}), KVCacheManager(512, 16, False), MODEL)
 
 
-def _decoding(scheduler: Scheduler, n: int) -> list[Request]:
+def _decoding(scheduler: Scheduler, n: int, params: SamplingParams | None = None) -> list[Request]:
     requests = []
     for i in range(n):
-        r = Request(f"d{i}", [1] * 8, SamplingParams(max_tokens=100))
+        r = Request(f"d{i}", [1] * 8, params or SamplingParams(max_tokens=100))
         scheduler.add(r)
         requests.append(r)
     plan = scheduler.schedule()
@@ -192,15 +194,15 @@ def test_borrowing_from_later_tokens_lets_a_fresh_batch_take_a_whole_prompt() ->
     tokens pay back at 0.8 of the SLO (0.2 x 10 ms each), at most six SLOs in all; the least lender sets
     the budget, never below the SLO, and a request near its ``max_tokens`` or behind its pace lends less."""
     fresh = _scheduler(borrow_tokens=64)
-    _decoding(fresh, 4)  # no slack, 98 tokens left each: 64 x 2 ms = 128 ms, capped at 60 ms
+    _decoding(fresh, 4, TO_MAX)  # no slack, 98 tokens left each: 64 x 2 ms = 128 ms, capped at 60 ms
     assert fresh.step_budget() == pytest.approx(60e-3, abs=1e-3)
     assert _scheduler().config.borrow_tokens == 0  # off unless configured
     few = _scheduler(borrow_tokens=64)
-    for request in _decoding(few, 4)[:1]:
-        request.params = SamplingParams(max_tokens=22)  # 20 tokens after the next: 40 ms to lend
+    for request in _decoding(few, 4, TO_MAX)[:1]:
+        request.params = SamplingParams(max_tokens=22, ignore_eos=True)  # 20 tokens after the next: 40 ms to lend
     assert few.step_budget() == pytest.approx(40e-3, abs=1e-3)
     behind = _scheduler(borrow_tokens=8)
-    late = _decoding(behind, 4)[0]
+    late = _decoding(behind, 4, TO_MAX)[0]
     late.first_token_time = time.monotonic() - 5e-3  # 5 ms behind the SLO's pace: 16 - 5 ms
     assert behind.step_budget() == pytest.approx(11e-3, abs=1e-3)
     late.first_token_time = time.monotonic() - 50e-3  # more behind than its later tokens repay: the SLO
@@ -208,10 +210,42 @@ def test_borrowing_from_later_tokens_lets_a_fresh_batch_take_a_whole_prompt() ->
     cuts = []
     for scheduler in (_scheduler(), fresh):
         if scheduler is not fresh:
-            _decoding(scheduler, 4)
+            _decoding(scheduler, 4, TO_MAX)
         scheduler.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
         cuts.append(next(c.num_tokens for c in scheduler.schedule().chunks if c.request.request_id == "long"))
     assert cuts[0] < cuts[1] == 400  # 400 tokens beside 4 decodes: ~44 ms predicted, within 60
+
+
+def test_a_request_that_may_stop_early_lends_what_finished_requests_say() -> None:
+    """A request that may stop at EOS is counted on for the later tokens that three in four finished
+    requests of at least its length went on to produce (none until 16 of them finished; ``min_tokens``
+    always); aborted requests and requests that can only end at ``max_tokens`` teach nothing."""
+    scheduler = _scheduler(borrow_tokens=64)
+    (request,) = _decoding(scheduler, 1)  # max_tokens 100, may stop early; 1 token so far
+    assert scheduler.output_lengths.tokens_left(request, 1) == 0
+    assert scheduler.step_budget() == pytest.approx(10e-3)  # nothing to lend yet: the SLO
+    assert (lengths := scheduler.output_lengths) is scheduler.budget.output_lengths
+    for i in range(40):  # finished outputs of 11, 12, ..., 50 tokens
+        done = Request(f"f{i}", [1] * 4, SamplingParams(max_tokens=100))
+        for _ in range(11 + i):
+            done.append_output_token(3)
+        scheduler.finish(done, RequestStatus.FINISHED_STOPPED)
+    aborted = Request("a", [1] * 4, SamplingParams(max_tokens=100))
+    aborted.append_output_token(3)
+    scheduler.finish(aborted, RequestStatus.FINISHED_ABORTED)
+    exact = Request("x", [1] * 4, TO_MAX)
+    exact.append_output_token(3)
+    scheduler.finish(exact, RequestStatus.FINISHED_LENGTH)
+    assert len(lengths) == 40
+    # after 1 token: all 40 got as far; their 25% quantile is 20 tokens, 18 of them after the next
+    assert lengths.tokens_left(request, 1) == 18
+    request.first_token_time = time.monotonic()  # no slack, no debt: 18 x 2 ms to lend
+    assert scheduler.step_budget() == pytest.approx(10e-3 * 0.2 * 18, abs=1e-3)
+    assert lengths.tokens_left(request, 30) == 4  # 20 got as far as 31: their 25% quantile is 35
+    assert lengths.tokens_left(request, 40) == 0  # 10 got as far as 41: too few to count on
+    request.params = SamplingParams(max_tokens=100, min_tokens=30)
+    assert lengths.tokens_left(request, 1) == 28  # min_tokens is guaranteed
+    assert lengths.tokens_left(Request("y", [1], TO_MAX), 1) == 98
 
 
 def test_borrowing_is_validated() -> None:
