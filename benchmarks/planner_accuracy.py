@@ -80,16 +80,18 @@ def measured(file: str, config: str) -> dict[str, Any]:
 
 
 def on_grid(profile: Profile, counts: dict[str, int], spec: WorkerSpec | None, spill: bool, tpot: float,
-            requests: dict[float, int], policy: dict[str, int], seeds: int = GRID_SEEDS) -> dict[float, float]:
-    """Simulated attainment at each measured rate (req/s per GPU) of the prefill-heavy workload, pooled
-    over ``seeds`` Poisson schedules that together hold as many requests as were measured there."""
+            requests: dict[float, int], policy: dict[str, int], setup_tpot: float,
+            seeds: int = GRID_SEEDS) -> dict[float, float]:
+    """Simulated attainment at TPOT ``tpot`` at each measured rate (req/s per GPU) of the prefill-heavy
+    workload, pooled over ``seeds`` Poisson schedules that together hold as many requests as were measured
+    there; the budgeting workers set up for ``setup_tpot``, as the measured run's were."""
     num_gpus = sum(counts.values())
     shares = {}
     for rate, n in sorted(requests.items()):
         met = total = 0
         for seed in range(seeds):
             workload = Workload.poisson(rate * num_gpus, 2048, 128, n=max(1, n // seeds), seed=1000 + seed)
-            outcomes = simulation(profile, counts, ttft_slo_s=0.25, tpot_slo_s=tpot, colocated_spec=spec,
+            outcomes = simulation(profile, counts, ttft_slo_s=0.25, tpot_slo_s=setup_tpot, colocated_spec=spec,
                                   spill=spill, **policy).run(list(workload.requests))
             met += sum(o.meets(0.25, tpot) for o in outcomes)
             total += len(outcomes)
@@ -104,6 +106,7 @@ def sharegpt_rows(profile: Profile, file: str, policy: dict[str, int]) -> tuple[
     data = json.loads((RESULTS / file).read_text())
     settings = data["settings"]
     rates, n, cap = settings["rates"]["sharegpt"], settings["num_requests"], settings["max_output"]
+    setup_tpot = setup_tpot_s(file)
     rows: list[dict[str, Any]] = []
     grid_rows: list[list[Any]] = []
     for name, (_, config, counts, spec, spill) in CONFIGS.items():
@@ -121,7 +124,7 @@ def sharegpt_rows(profile: Profile, file: str, policy: dict[str, int]) -> tuple[
             measured_shares = {p["rate_per_gpu"]: p["slo_attainment"][slo] for p in points}
             predicted = {}
             for rate, requests in sequences.items():
-                outcomes = simulation(profile, counts, ttft_slo_s=0.25, tpot_slo_s=tpot, colocated_spec=spec,
+                outcomes = simulation(profile, counts, ttft_slo_s=0.25, tpot_slo_s=setup_tpot, colocated_spec=spec,
                                       spill=spill, **policy).run(requests)
                 predicted[rate] = round(sum(o.meets(0.25, tpot) for o in outcomes) / len(outcomes), 3)
             truth = next(r["goodput_per_gpu"] for r in data["goodput"]
@@ -235,6 +238,12 @@ def trace_workload(path: Path, settings: dict[str, Any]) -> Workload:
                                      block) for s in specs), f"trace from {settings['trace_start']}")
 
 
+def setup_tpot_s(file: str) -> float:
+    """The TPOT SLO (s) the SLO-aware workers of a run were set up for (``serve --slo-tpot-ms``; 15 ms
+    before it was recorded), whatever TPOT the run is scored at."""
+    return float(run_settings(file).get("slo_tpot_ms", 15.0)) / 1e3
+
+
 def run_settings(file: str) -> dict[str, Any]:
     """The serving settings of a run file (of the first run behind a pooled file)."""
     data = json.loads((RESULTS / file).read_text())
@@ -283,9 +292,10 @@ def main() -> None:
                                    "measured": truth["goodput"].get(slo), "measured_at": truth["commit"]}
             for label, p in (("profile", profile), ("calibrated", calibrated)):
                 row[label] = predict(p, heavy, counts, ttft_slo_s=0.25, tpot_slo_s=tpot, colocated_spec=spec,
-                                     spill=spill, name=name, **policy).goodput_per_gpu
+                                     spill=spill, name=name, budget_tpot_s=setup_tpot_s(file),
+                                     **policy).goodput_per_gpu
                 row[f"{label}_error"] = (round(row[label] / row["measured"] - 1, 3) if row["measured"] else None)
-            grid = on_grid(calibrated, counts, spec, spill, tpot, truth["requests"], policy)
+            grid = on_grid(calibrated, counts, spec, spill, tpot, truth["requests"], policy, setup_tpot_s(file))
             row["grid"] = round(goodput(list(grid.items())), 2)
             row["grid_error"] = round(row["grid"] / row["measured"] - 1, 3) if row["measured"] else None
             measured_shares = truth["attainment_by_rate"].get(slo, {})
@@ -300,7 +310,8 @@ def main() -> None:
                    "run(s))", "slo": SLOS[0][0], "measured": truth["trace_attainment"], "measured_at": truth["commit"]}
             for label, p in (("profile", profile), ("calibrated", calibrated)):
                 row[label] = predict(p, trace, counts, ttft_slo_s=0.25, tpot_slo_s=0.025, colocated_spec=spec,
-                                     spill=spill, name=name, **policy).attainment_at_offered
+                                     spill=spill, name=name, budget_tpot_s=setup_tpot_s(file),
+                                     **policy).attainment_at_offered
                 row[f"{label}_error"] = round(row[label] - row["measured"], 3)
             rows.append(row)
             print(row, flush=True)

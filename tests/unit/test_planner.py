@@ -14,10 +14,13 @@ from pdserve.engine.step_time import StepShape, StepTimeModel
 from pdserve.planner.plan import (
     Profile,
     Workload,
+    attainment,
     configurations,
     out_of_reach_share,
     plan,
+    predict,
     render,
+    simulation,
     solo_prefill_s,
 )
 from pdserve.planner.simulate import ClusterSimulation, SimRequest, WorkerSpec
@@ -273,6 +276,22 @@ def test_borrowing_takes_whole_prompts_while_the_requests_repay_their_tpot() -> 
     assert statistics.median(ttft) < 0.8 * statistics.median(cut_ttft)
     assert statistics.mean(tpot) > statistics.mean(cut_tpot)  # the long steps are spent from the requests' TPOT
     assert sorted(tpot)[int(0.9 * len(tpot))] <= 15e-3
+
+
+def test_a_prediction_can_score_workers_set_up_for_another_tpot() -> None:
+    """``budget_tpot_s``: the budgeting workers run as set up for that TPOT (15 ms) while attainment is
+    scored at ``tpot_slo_s`` (10 ms), as a cluster set up for one SLO is measured against several."""
+    model = StepTimeModel(base_s=5e-3, per_token_s=25e-6, free_tokens=128)
+    workload = Workload.poisson(40.0, 1024, 32, n=60, seed=2)  # the decode worker takes spilled prompts
+    profile = Profile(model, 131072.0, 50e9)
+    set_up_for_15 = simulation(profile, {"prefill": 1, "decode": 1}, ttft_slo_s=0.25, tpot_slo_s=15e-3)
+    expected = attainment(set_up_for_15.run(workload.at(1.0)), 0.25, 10e-3)
+    set_up_for_10 = simulation(profile, {"prefill": 1, "decode": 1}, ttft_slo_s=0.25, tpot_slo_s=10e-3)
+    assert attainment(set_up_for_10.run(workload.at(1.0)), 0.25, 10e-3) > expected  # the setting matters here
+    scored = predict(profile, workload, {"prefill": 1, "decode": 1}, ttft_slo_s=0.25, tpot_slo_s=10e-3,
+                     budget_tpot_s=15e-3)
+    assert scored.attainment_at_offered == pytest.approx(expected, abs=1e-3)
+    assert set_up_for_15.workers[1].spec.step_budget_s == 15e-3
 
 
 def test_plan_says_which_share_of_prompts_no_configuration_serves_in_time() -> None:
