@@ -52,10 +52,9 @@ class EngineConfig:
     decodes (prefill chunks are cut to fit: the TPOT SLO, or more for requests ahead of it; with
     ``step_budget_borrow_tokens`` B > 0 a step may also borrow from up to B later tokens of every
     decoding request (those it can be counted on for), which each pay back a fifth of the SLO, at most
-    six SLOs a step; with
-    ``step_budget_window`` W > 0 a step may also take what keeps the mean of the last W steps within it,
-    and with ``defer_chunks_below`` N a chunk cut below N tokens waits for a longer step instead, on
-    workers with both SLOs);
+    six SLOs a step; with ``step_budget_window`` W > 0 a step may also take what keeps the mean of the
+    last W steps within it, and with ``defer_chunks_below`` N a chunk cut below N tokens waits for a
+    longer step instead, on workers with both SLOs);
     ``ttft_slo_ms`` admits prompts earliest
     deadline first, after those that can still meet it. Both use a step-time model, measured at start-up
     or read from ``step_time_profile`` (a JSON file written by ``pdserve.engine.step_time``).

@@ -32,6 +32,8 @@ def may_stop_early(request: Request) -> bool:
 
 
 class OutputLengths:
+    """The last ``history`` output lengths of finished requests that could have stopped early, sorted."""
+
     def __init__(self, history: int = HISTORY) -> None:
         self._order: deque[int] = deque()
         self._sorted: list[int] = []

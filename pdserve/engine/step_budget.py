@@ -13,9 +13,9 @@ afford it:
   (:func:`~pdserve.common.step_model.borrowed_step_s`); the step takes the least any decoding request
   lends, at most :data:`~pdserve.common.step_model.BORROW_STEP_CAP` SLOs. A request that has just started
   has no slack but a whole output to spread one long step over: so a worker may take a whole prompt in
-  one step (fewer, larger chunks, none of them over context) while it pays the time back, and once a
-  request falls behind, its slack, which borrowing never raises above what it can repay, shrinks the
-  budget back to the SLO;
+  one step (fewer, larger chunks, none of them over context) and pay the time back with the decode-only
+  steps after it; a request that has fallen behind (negative slack) lends that much less, which pulls
+  the budget back towards the SLO;
 * **window** (``window`` W > 1): a step may also take what keeps the mean predicted time of the last W
   steps within the SLO (:func:`~pdserve.common.step_model.window_step_budget`), unless a running decode
   may produce fewer than W tokens in all (``max_tokens``): a request that has just started has no slack

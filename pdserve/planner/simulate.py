@@ -198,11 +198,11 @@ class ClusterSimulation:
             shape = shape.plus_decode(a.outcome.request.prompt_tokens + a.produced)
         budget = spec.max_batch_tokens - len(chunks)
         budget_s = spec.step_budget_s if worker.running else None  # as the engine: no decodes, no time budget
-        if budget_s is not None and spec.borrow_tokens:
-            budget_s = self._borrowed_budget(worker, budget_s, now)
         window_s = (window_step_budget(budget_s, spec.budget_window, worker.recent_s) if budget_s is not None
                     and all(a.outcome.request.output_tokens >= spec.budget_window for a in worker.running) else None)
         window_open = window_s is not None
+        if budget_s is not None and spec.borrow_tokens:
+            budget_s = self._borrowed_budget(worker, budget_s, now)
         if window_s is not None and budget_s is not None:
             budget_s = max(budget_s, window_s)
         prefill_taken = False
