@@ -128,6 +128,7 @@ class LLMEngine(RemotePrefill):
         if self.device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
             self.startup_seconds["cuda_graphs"] = self.runner.capture_cuda_graphs(config.max_num_seqs,
                                                                                   config.graph_max_tokens)
+            self.scheduler.graph_rows = self.runner.graph_rows
         self.startup_seconds["attention_plans"] = prepare_attention(
             backend, self.model, self.dtype, devices, min(config.max_num_batched_tokens, self.max_model_len))
         self.step_time: StepTimeModel | None = None

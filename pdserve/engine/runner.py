@@ -129,6 +129,12 @@ class ModelRunner:
         return LaunchShape(counts.num_tokens, counts.num_decodes, counts.num_decodes * splits,
                            counts.num_query_tiles, batch_specific=True)
 
+    def graph_rows(self, num_tokens: int) -> int:
+        """Rows a step of ``num_tokens`` tokens computes: its CUDA graph's padded size, or itself when it
+        runs eagerly."""
+        shape = self.graphs.shape_for(num_tokens) if self.graphs is not None else None
+        return num_tokens if shape is None else shape.num_tokens
+
     # ---- one step ------------------------------------------------------------------------------
 
     def forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, AttentionMetadata]:

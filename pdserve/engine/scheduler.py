@@ -20,7 +20,8 @@ SLO-aware scheduling (both optional, set from the cluster's ``slo``):
 * ``step_time_budget_s`` with a step-time model: a step that carries decodes takes prefill tokens only
   as long as its predicted time stays within its budget; a step with no decodes takes its whole token
   budget, and a step whose decodes alone exceed the budget still advances one prefill chunk of
-  ``min_prefill_chunk`` tokens (no prompt starves). The budget is the TPOT SLO, or more when the
+  ``min_prefill_chunk`` tokens (no prompt starves); a chunk the budget cuts is grown to fill the padding
+  rows of the CUDA graph its step replays (``graph_rows``). The budget is the TPOT SLO, or more when the
   running requests can afford it (:mod:`pdserve.engine.step_budget`: their slack; with
   ``borrow_tokens`` what their later tokens can pay back; with ``budget_window`` the mean of the last
   steps); long chunks then ride on the slack fast decode steps build up, instead of every step being
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.common.step_model import DEFER_TTFT_SHARE
@@ -130,6 +132,8 @@ class Scheduler:
         self.deferred_free: list[Request] = []  # finished with a row in a launched step (see release_landed)
         self._budget: StepBudget | None = None  # see the budget property
         self.output_lengths = OutputLengths()  # of finished requests, for the budget's borrowing
+        # rows a step of n tokens computes (its CUDA graph's padded size; set by the engine once captured)
+        self.graph_rows: Callable[[int], int] | None = None
 
     # ---- queue management ----------------------------------------------------------------------
 
@@ -282,6 +286,9 @@ class Scheduler:
             fits = min(limit, self.config.min_prefill_chunk)  # over budget already: still advance one chunk
         if fits < limit:
             self.num_budget_cut_chunks += 1
+            if fits and self.graph_rows is not None:  # the step's graph computes its padding rows anyway
+                rows = step.tokens + fits
+                fits = min(limit, fits + self.graph_rows(rows) - rows)
         return fits
 
     def _may_defer(self, request: Request) -> bool:

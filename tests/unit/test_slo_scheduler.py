@@ -56,6 +56,30 @@ def test_prefill_chunk_is_cut_to_the_budget_beside_decodes() -> None:
     assert plan.shape == composed and plan.shape.decodes == 4
 
 
+def test_a_cut_chunk_fills_the_padding_rows_of_its_cuda_graph() -> None:
+    """A step replays the CUDA graph of the next captured size up (here multiples of 64 rows), which
+    computes its padding rows anyway: a chunk the budget cut grows to fill them, within the token budget;
+    a chunk the budget did not cut is left as it is."""
+    plain, padded = _scheduler(), _scheduler()
+    padded.graph_rows = lambda n: -(-n // 64) * 64
+    cut = []
+    for scheduler in (plain, padded):
+        _decoding(scheduler, 4)
+        scheduler.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
+        cut.append(next(c.num_tokens for c in scheduler.schedule().chunks if c.request.request_id == "long"))
+    assert cut[0] + 4 < 64 and cut[1] + 4 == 64  # 4 decodes + the chunk: one 64-row graph
+    small = _scheduler()
+    small.graph_rows = lambda n: -(-n // 64) * 64
+    _decoding(small, 4)
+    small.add(Request("short", [2] * 20, SamplingParams(max_tokens=4)))
+    assert next(c.num_tokens for c in small.schedule().chunks if c.request.request_id == "short") == 20
+    tight = _scheduler(max_num_batched_tokens=cut[0] + 4 + 2)  # room for 2 rows past the cut, not 64
+    tight.graph_rows = lambda n: -(-n // 64) * 64
+    _decoding(tight, 4)
+    tight.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
+    assert sum(c.num_tokens for c in tight.schedule().chunks) == cut[0] + 4 + 2  # never past the token budget
+
+
 def test_without_decodes_the_whole_token_budget_is_used() -> None:
     scheduler = _scheduler()
     scheduler.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
