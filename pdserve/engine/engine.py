@@ -18,6 +18,7 @@ Role entry points (the engine knows nothing of roles; the shells set these per r
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -57,6 +58,9 @@ from pdserve.engine.tensor_parallel import TensorParallelModel
 from pdserve.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+#: ``PDSERVE_FILL_GRAPH_PADDING=0`` leaves budget-cut chunks as cut (an A/B switch for benchmarks; see
+#: ``Scheduler.graph_rows``)
+FILL_GRAPH_PADDING = os.environ.get("PDSERVE_FILL_GRAPH_PADDING", "1") != "0"
 _LIVE_ENGINES: weakref.WeakSet[LLMEngine] = weakref.WeakSet()
 
 
@@ -128,7 +132,8 @@ class LLMEngine(RemotePrefill):
         if self.device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
             self.startup_seconds["cuda_graphs"] = self.runner.capture_cuda_graphs(config.max_num_seqs,
                                                                                   config.graph_max_tokens)
-            self.scheduler.graph_rows = self.runner.graph_rows
+            if FILL_GRAPH_PADDING:
+                self.scheduler.graph_rows = self.runner.graph_rows
         self.startup_seconds["attention_plans"] = prepare_attention(
             backend, self.model, self.dtype, devices, min(config.max_num_batched_tokens, self.max_model_len))
         self.step_time: StepTimeModel | None = None
