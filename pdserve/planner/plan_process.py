@@ -23,13 +23,13 @@ from pdserve.planner.simulate import SimRequest
 
 
 def encode_round(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: float,
-                 tpot_slo_s: float, num_workers: int | None = None) -> bytes:
+                 tpot_slo_s: float, num_workers: int | None = None, borrow_tokens: int = 0) -> bytes:
     """The round's inputs as JSON (what the child reads)."""
     return json.dumps({
         "profile": profile.to_dict(), "workload": workload.name,
         "requests": [[r.arrival_s, r.prompt_tokens, r.output_tokens] for r in workload.requests],
         "num_gpus": num_gpus, "num_workers": num_workers, "ttft_slo_s": ttft_slo_s,
-        "tpot_slo_s": tpot_slo_s}).encode()
+        "tpot_slo_s": tpot_slo_s, "borrow_tokens": borrow_tokens}).encode()
 
 
 def run_round(data: dict[str, Any]) -> dict[str, Any]:
@@ -39,18 +39,21 @@ def run_round(data: dict[str, Any]) -> dict[str, Any]:
                         str(data["workload"]))
     workers = data.get("num_workers")
     return plan(profile, workload, int(data["num_gpus"]), ttft_slo_s=float(data["ttft_slo_s"]),
-                tpot_slo_s=float(data["tpot_slo_s"]), num_workers=int(workers) if workers else None)
+                tpot_slo_s=float(data["tpot_slo_s"]), num_workers=int(workers) if workers else None,
+                borrow_tokens=int(data.get("borrow_tokens", 0)))
 
 
 async def plan_in_subprocess(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: float,
-                             tpot_slo_s: float, num_workers: int | None = None) -> dict[str, Any]:
+                             tpot_slo_s: float, num_workers: int | None = None,
+                             borrow_tokens: int = 0) -> dict[str, Any]:
     """``plan(...)`` computed by a child interpreter (see module)."""
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pdserve.planner.plan_process", stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await child.communicate(encode_round(profile, workload, num_gpus, ttft_slo_s=ttft_slo_s,
-                                                        tpot_slo_s=tpot_slo_s, num_workers=num_workers))
+                                                        tpot_slo_s=tpot_slo_s, num_workers=num_workers,
+                                                        borrow_tokens=borrow_tokens))
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             child.kill()

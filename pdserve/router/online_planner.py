@@ -98,11 +98,17 @@ class OnlinePlanner:
         workers = max(2, self._num_workers())
         gpus = held_gpus(workers, self._telemetry())
         result = await plan_in_subprocess(profile, workload, gpus, ttft_slo_s=self._config.ttft_slo_ms / 1e3,
-                                          tpot_slo_s=self._config.tpot_slo_ms / 1e3, num_workers=workers)
+                                          tpot_slo_s=self._config.tpot_slo_ms / 1e3, num_workers=workers,
+                                          borrow_tokens=self._borrow_tokens())
         result |= {"status": "ok", "at": now, "current": self._current(), "requests": len(ended)}
         logger.info("planner: recommends %s (now %s) for %s", result["recommended"], result["current"],
                     result["workload"])
         return result
+
+    def _borrow_tokens(self) -> int:
+        """The workers' ``step_budget_borrow_tokens`` (the most any reports), which the simulation applies."""
+        engines = [snapshot.get("engine") or {} for snapshot in self._telemetry().values()]
+        return max((int(e.get("step_budget_borrow_tokens") or 0) for e in engines), default=0)
 
     def _profile(self) -> Profile | None:
         """A worker's step-time model, calibrated by what every worker's live steps measured (the

@@ -157,3 +157,5 @@ def test_one_scrape_target_carries_every_workers_telemetry(cluster) -> None:
         assert value("pdserve:kv_transfer_bytes_total", worker=decode.worker_id, transport="gloo") > 0
         assert value("pdserve:kv_transfers_received_total", worker=decode.worker_id) >= 1
     assert not re.search(r"^pdserve:gpu_utilization_percent\{", text, re.M)
+    engines = [snapshot["engine"] for snapshot in cluster.router.telemetry.snapshots.values()]
+    assert engines and all(e["step_budget_borrow_tokens"] == 0 for e in engines)  # what the planner simulates

@@ -23,6 +23,7 @@ from pdserve.planner.plan import (
     simulation,
     solo_prefill_s,
 )
+from pdserve.planner.plan_process import encode_round
 from pdserve.planner.simulate import ClusterSimulation, SimRequest, WorkerSpec
 from pdserve.router.config import RouterConfig
 from pdserve.router.online_planner import OnlinePlanner, held_gpus
@@ -174,6 +175,12 @@ def test_the_online_planner_simulates_with_the_workers_calibration() -> None:
     assert profile is not None and profile.kv_bytes_per_token == 1000 and profile.kv_capacity_tokens == 50000
     assert profile.model.factor(StepKind.MIXED) == pytest.approx(1.4)
     assert profile.model.factor(StepKind.DECODE) == 1.0 and profile.model.per_token_s == 2e-5
+    assert planner._borrow_tokens() == 0  # workers that report no borrowing (or older ones)
+    telemetry["colocated-1"]["engine"]["step_budget_borrow_tokens"] = 64
+    assert planner._borrow_tokens() == 64
+    workload = Workload.poisson(5.0, 256, 16, n=30, seed=1)
+    data = json.loads(encode_round(profile, workload, 2, ttft_slo_s=0.25, tpot_slo_s=0.015, borrow_tokens=64))
+    assert data["borrow_tokens"] == 64  # the planning process simulates the workers' borrowing
 
 
 def test_spilling_keeps_late_prompts_on_the_decode_worker() -> None:
