@@ -284,11 +284,11 @@ class Scheduler:
             return 0
         if fits == 0 and not any(c.num_tokens > 1 for c in plan.chunks):
             fits = min(limit, self.config.min_prefill_chunk)  # over budget already: still advance one chunk
+        if 0 < fits < limit and self.graph_rows is not None:  # the step's graph computes its padding rows anyway
+            rows = step.tokens + fits
+            fits = min(limit, fits + self.graph_rows(rows) - rows)
         if fits < limit:
             self.num_budget_cut_chunks += 1
-            if fits and self.graph_rows is not None:  # the step's graph computes its padding rows anyway
-                rows = step.tokens + fits
-                fits = min(limit, fits + self.graph_rows(rows) - rows)
         return fits
 
     def _may_defer(self, request: Request) -> bool:
