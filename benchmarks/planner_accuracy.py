@@ -162,12 +162,12 @@ def colocated_rows(profile: Profile, files: list[str], statistic: str = "end") -
         data = json.loads((RESULTS / file).read_text())
         settings = data["settings"]
         num_gpus, n = settings["num_gpus"], settings["num_requests"]
+        policy = {name: settings.get(name, 0) for name in ("budget_window", "defer_below", "borrow_tokens")}
         for config, result in data["results"].items():
             kind, _, target = config.partition("@")  # colocated-slo@10: set up for TPOT 10 ms (--slo-tpot-targets)
             budget_s = float(target or settings["slo_tpot_ms"]) / 1e3 if kind == "colocated-slo" else None
             spec = WorkerSpec(max_batch_tokens=8192 if budget_s else 2048, max_running=settings.get("max_running", 256),
                               step_budget_s=budget_s, ttft_slo_s=0.25 if budget_s else None)
-            policy = {name: settings.get(name, 0) for name in ("budget_window", "defer_below", "borrow_tokens")}
             for workload, (prompt, output) in FIXED_WORKLOADS.items():
                 for j, point in enumerate(result["workloads"].get(workload, [])):
                     rate = point["rate_per_gpu"]
@@ -287,15 +287,15 @@ def main() -> None:
                 continue
             file = args.measured
         truth = measured(file, config)
+        setup_tpot = setup_tpot_s(file)  # the TPOT its budgeting workers were set up for (read once)
         for slo, tpot in SLOS if truth["requests"] else ():  # runs without prefill-heavy points: none
             row: dict[str, Any] = {"config": name, "workload": "prefill-heavy 2048/128", "slo": slo,
                                    "measured": truth["goodput"].get(slo), "measured_at": truth["commit"]}
             for label, p in (("profile", profile), ("calibrated", calibrated)):
                 row[label] = predict(p, heavy, counts, ttft_slo_s=0.25, tpot_slo_s=tpot, colocated_spec=spec,
-                                     spill=spill, name=name, budget_tpot_s=setup_tpot_s(file),
-                                     **policy).goodput_per_gpu
+                                     spill=spill, name=name, budget_tpot_s=setup_tpot, **policy).goodput_per_gpu
                 row[f"{label}_error"] = (round(row[label] / row["measured"] - 1, 3) if row["measured"] else None)
-            grid = on_grid(calibrated, counts, spec, spill, tpot, truth["requests"], policy, setup_tpot_s(file))
+            grid = on_grid(calibrated, counts, spec, spill, tpot, truth["requests"], policy, setup_tpot)
             row["grid"] = round(goodput(list(grid.items())), 2)
             row["grid_error"] = round(row["grid"] / row["measured"] - 1, 3) if row["measured"] else None
             measured_shares = truth["attainment_by_rate"].get(slo, {})
@@ -310,7 +310,7 @@ def main() -> None:
                    "run(s))", "slo": SLOS[0][0], "measured": truth["trace_attainment"], "measured_at": truth["commit"]}
             for label, p in (("profile", profile), ("calibrated", calibrated)):
                 row[label] = predict(p, trace, counts, ttft_slo_s=0.25, tpot_slo_s=0.025, colocated_spec=spec,
-                                     spill=spill, name=name, budget_tpot_s=setup_tpot_s(file),
+                                     spill=spill, name=name, budget_tpot_s=setup_tpot,
                                      **policy).attainment_at_offered
                 row[f"{label}_error"] = round(row[label] - row["measured"], 3)
             rows.append(row)
