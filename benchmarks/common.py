@@ -53,6 +53,10 @@ def run_info() -> dict[str, Any]:
         "commit": os.environ.get("PDSERVE_COMMIT") or git_commit(),
         "python": platform.python_version(), "torch": torch.__version__,
     }
+    switches = {k: v for k, v in sorted(os.environ.items()) if k.startswith("PDSERVE_") and k != "PDSERVE_COMMIT"
+                and not any(word in k for word in ("KEY", "TOKEN", "SECRET", "PASSWORD"))}  # never a credential
+    if switches:  # the engine's A/B switches (PDSERVE_FILL_GRAPH_PADDING=0, ...): a result says which side it measured
+        info["switches"] = switches
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info |= {"device": torch.cuda.get_device_name(0), "num_gpus": torch.cuda.device_count(),

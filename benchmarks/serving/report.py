@@ -55,7 +55,8 @@ def plot(all_results: dict[str, Any], path: Path) -> None:
 
 def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
     lines = ["# Serving benchmark: disaggregated (1P1D) vs colocated, same GPUs", "",
-             f"{info.get('device')} x{info.get('num_gpus')} · commit {info['commit']} · {info['date']}", "",
+             f"{info.get('device')} x{info.get('num_gpus')} · commit {info['commit']} · {info['date']}"
+             + "".join(f" · {k}={v}" for k, v in info.get("switches", {}).items()), "",
              f"Settings: {json.dumps(payload['settings'])}", "", "## Goodput (req/s per GPU, >= 90% meeting both SLOs)",
              "", markdown_table(["config", "workload", "SLO", "goodput/GPU"],
                                 [list(r.values()) for r in payload["goodput"]])]

@@ -148,3 +148,17 @@ def test_a_record_reads_back_what_it_wrote_and_the_apply_run_scores_phases() -> 
     assert scores["prefill-heavy @ tpot<=200ms"]["attainment"] == 0.0  # their last tokens came 1.8 s late
     assert scores["whole run @ tpot<=200ms"] == {"attainment": 0.5, "good_per_gpu_s": 0.25}
     assert scores["switches"] == [(2.0, "0P2D")]
+
+
+def test_a_run_records_the_engines_switches_but_never_a_credential(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A result measured with an A/B switch says so in its header; credentials never reach a result file."""
+    from benchmarks.common import run_info
+    from benchmarks.serving.report import render
+
+    monkeypatch.setenv("PDSERVE_FILL_GRAPH_PADDING", "0")
+    monkeypatch.setenv("PDSERVE_API_KEYS", "secret-key")
+    info = run_info()
+    assert info["switches"]["PDSERVE_FILL_GRAPH_PADDING"] == "0"
+    assert "PDSERVE_API_KEYS" not in info["switches"] and "secret-key" not in str(info)
+    payload = {"settings": {}, "goodput": [], "results": {}, "client_capacity": {}}
+    assert "PDSERVE_FILL_GRAPH_PADDING=0" in render(info, payload).splitlines()[2]
