@@ -102,14 +102,16 @@ def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
              "TTFT local p50", "TTFT local p99", *(n.removesuffix("_ms").replace("_", " ") for n, _, _ in PHASES)],
             phase_rows), ""]
     stats = [[kind, s["worker_id"], s["role"], s.get("remote_prefills", ""), s["prompt_tokens_computed"],
-              s.get("budget_cut_chunks", ""), s.get("deferred_chunks", ""), s.get("late_prompts", ""),
+              s.get("budget_cut_chunks", ""), s.get("filled_chunks", ""), s.get("deferred_chunks", ""),
+              s.get("late_prompts", ""),
               (s.get("step_time_error") or {}).get("abs_error_p50", ""),
               " / ".join(f"{k} {v}" for k, v in ((s.get("step_time_error") or {}).get("calibration") or {}).items())]
              for kind, res in payload["results"].items() for s in res.get("worker_stats", [])]
     if stats:
         lines += ["## Workers at the end of each configuration (warm-up included)", "",
                   markdown_table(["config", "worker", "role", "prompts prefilled remotely", "prompt tokens computed",
-                                  "chunks cut to the step budget", "chunks deferred", "prompts predicted late",
+                                  "chunks cut to the step budget", "chunks grown into graph padding",
+                                  "chunks deferred", "prompts predicted late",
                                   "step-time model error p50", "calibration by kind of step"], stats)]
     return "\n".join(lines)
 

@@ -129,6 +129,7 @@ class Scheduler:
         self.num_late_prompts = 0  # prompts predicted to miss their TTFT deadline (queued after those that can)
         self.num_budget_cut_chunks = 0  # prefill chunks shortened to keep a step within its time budget
         self.num_deferred_chunks = 0  # prefill chunks put off to a later step rather than cut short
+        self.num_filled_chunks = 0  # budget-cut chunks grown into their CUDA graph's padding rows
         self.deferred_free: list[Request] = []  # finished with a row in a launched step (see release_landed)
         self._budget: StepBudget | None = None  # see the budget property
         self.output_lengths = OutputLengths()  # of finished requests, for the budget's borrowing
@@ -286,7 +287,9 @@ class Scheduler:
             fits = min(limit, self.config.min_prefill_chunk)  # over budget already: still advance one chunk
         if 0 < fits < limit and self.graph_rows is not None:  # the step's graph computes its padding rows anyway
             rows = step.tokens + fits
-            fits = min(limit, fits + self.graph_rows(rows) - rows)
+            grown = min(limit, fits + self.graph_rows(rows) - rows)
+            self.num_filled_chunks += grown > fits
+            fits = grown
         if fits < limit:
             self.num_budget_cut_chunks += 1
         return fits

@@ -132,6 +132,7 @@ class WorkerHost:
                     "preemptions": engine.scheduler.num_preemptions,
                     "budget_cut_chunks": engine.scheduler.num_budget_cut_chunks,
                     "deferred_chunks": engine.scheduler.num_deferred_chunks,
+                    "filled_chunks": engine.scheduler.num_filled_chunks,
                     "late_prompts": engine.scheduler.num_late_prompts,
                     "step_time_error": engine.step_monitor.summary() if engine.step_monitor else None,
                     "free_blocks": engine.kv.num_free_blocks, "usable_blocks": engine.kv.pool.num_usable_blocks,

@@ -114,3 +114,46 @@ def test_layer_hook_sees_every_layer_after_a_graph_replay(tmp_path) -> None:
         seen[eager] = calls
     for (_, graph_kv), (_, eager_kv) in zip(seen[False], seen[True]):
         assert torch.allclose(graph_kv, eager_kv, atol=1e-5, rtol=1e-5)
+
+
+def test_budget_cut_chunks_that_fill_their_graph_give_the_reference_tokens(tmp_path) -> None:
+    """With a step-time budget, prompt chunks beside decodes are cut, and a cut chunk grows into the
+    padding rows of the CUDA graph its step replays: the tokens stay the CPU reference's, and without the
+    fill (``graph_rows`` unset) too."""
+    import json
+
+    from pdserve.engine.step_time import StepTimeModel
+
+    make_hf_model("llama31", tmp_path)
+    profile = tmp_path / "profile.json"  # 5 ms a step, 0.1 ms a token past 16: a 7 ms budget cuts chunks
+    profile.write_text(json.dumps(StepTimeModel(base_s=5e-3, per_token_s=1e-4, free_tokens=16).to_dict()))
+    rng = random.Random(11)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (5, 9, 300, 250, 7, 180)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    kwargs = dict(model=str(tmp_path), dtype="float32", max_model_len=512, max_num_seqs=8, num_kv_blocks=256,
+                  max_num_batched_tokens=256)
+    expected = [o.token_ids for o in LLM(device="cpu", attention_backend="torch", **kwargs).generate(
+        prompt_token_ids=prompts, sampling_params=params)]
+    for fill in (True, False):
+        gpu = LLM(device="cuda", step_time_profile=str(profile), step_time_budget_ms=7.0, **kwargs)
+        scheduler = gpu.engine.scheduler
+        assert scheduler.graph_rows is not None
+        if not fill:
+            scheduler.graph_rows = None
+        engine = gpu.engine
+        tokens: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts[:2]):  # two decode first, then the long prompts join them
+            engine.add_request(f"r{i}", prompt_token_ids=prompt, params=params)
+        for _ in range(3):
+            for delta in engine.step():
+                tokens.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+        for i, prompt in enumerate(prompts[2:], start=2):
+            engine.add_request(f"r{i}", prompt_token_ids=prompt, params=params)
+        while engine.has_unfinished_requests():
+            for delta in engine.step():
+                tokens.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+        assert [tokens[f"r{i}"] for i in range(len(prompts))] == expected
+        assert engine.runner.num_graph_steps > 0
+        assert (scheduler.num_filled_chunks > 0) == fill
+        del gpu, engine
+        torch.cuda.empty_cache()

@@ -68,6 +68,7 @@ def test_a_cut_chunk_fills_the_padding_rows_of_its_cuda_graph() -> None:
         scheduler.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
         cut.append(next(c.num_tokens for c in scheduler.schedule().chunks if c.request.request_id == "long"))
     assert cut[0] + 4 < 64 and cut[1] + 4 == 64  # 4 decodes + the chunk: one 64-row graph
+    assert (plain.num_filled_chunks, padded.num_filled_chunks) == (0, 1)
     small = _scheduler()
     small.graph_rows = lambda n: -(-n // 64) * 64
     _decoding(small, 4)
