@@ -8,7 +8,7 @@ worker: 15 ms step budget, 250 ms TTFT, 8,192-token steps):
   products, attention, norms, ...) from the torch profiler and the share of the step's span the device
   was busy.
 * **live** -- the engine serves Poisson arrivals of a workload (prefill-heavy 2048/128, decode-heavy
-  128/1024) in-process, no cluster; every step's device span is recorded with what it carried. Per kind
+  128/1024, ShareGPT-like lognormal lengths) in-process, no cluster; every step's device span is recorded with what it carried. Per kind
   of step: live over the start-up model's prediction (what the worker's calibration learns), then a
   sample of the live steps is replayed as synthetic steps on the idle engine: replay over prediction says
   whether the model's *form* misses these shapes, live over replay whether serving itself makes steps
@@ -34,7 +34,13 @@ from typing import Any
 import torch
 
 from benchmarks.common import LLAMA31_8B, markdown_table, run_info, write_model_dir, write_results
-from benchmarks.serving.workload import PRESETS, fixed_workload, poisson_schedule
+from benchmarks.serving.workload import (
+    PRESETS,
+    RequestSpec,
+    fixed_workload,
+    poisson_schedule,
+    sharegpt_workload,
+)
 from pdserve import LLM, SamplingParams
 from pdserve.common.step_model import StepShape, StepTimeModel
 from pdserve.engine.step_profile import synthetic_step_timer
@@ -132,10 +138,16 @@ def serve_live(llm: LLM, workload: str, rate: float, num_requests: int, seed: in
     base = StepTimeModel.from_dict(engine.step_time.to_dict())
     engine.step_monitor = StepTimeMonitor(base)
     engine.step_time = engine.scheduler.step_time = base
-    input_len, output_len = PRESETS[workload]
-    if smoke:
-        input_len, output_len = input_len // 16, output_len // 16
-    specs = fixed_workload(num_requests, input_len, output_len, seed, vocab=min(32000, llm.engine.spec.vocab_size))
+    vocab = min(32000, llm.engine.spec.vocab_size)
+    if workload == "sharegpt":  # lognormal lengths (prompts ~170, outputs ~150 tokens at the median)
+        specs = [RequestSpec(s.prompt_token_ids[:len(s.prompt_token_ids) // 16 or 1] if smoke else s.prompt_token_ids,
+                             max(1, s.output_len // 16) if smoke else s.output_len)
+                 for s in sharegpt_workload(num_requests, seed, vocab=vocab)]
+    else:
+        input_len, output_len = PRESETS[workload]
+        if smoke:
+            input_len, output_len = input_len // 16, output_len // 16
+        specs = fixed_workload(num_requests, input_len, output_len, seed, vocab=vocab)
     offsets = poisson_schedule(num_requests, rate, seed)
     steps: list[dict[str, Any]] = []
     land = engine._land
@@ -151,7 +163,6 @@ def serve_live(llm: LLM, workload: str, rate: float, num_requests: int, seed: in
         return deltas
 
     engine._land = recording_land  # type: ignore[method-assign]
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
     added = 0
     start = time.perf_counter()
     step_host_s = 0.0
@@ -159,7 +170,9 @@ def serve_live(llm: LLM, workload: str, rate: float, num_requests: int, seed: in
         while added < num_requests or engine.has_unfinished_requests():
             now = time.perf_counter() - start
             while added < num_requests and offsets[added] <= now:
-                engine.add_request(f"{workload}-{added}", prompt_token_ids=specs[added].prompt_token_ids, params=params)
+                engine.add_request(f"{workload}-{added}", prompt_token_ids=specs[added].prompt_token_ids,
+                                   params=SamplingParams(max_tokens=specs[added].output_len, ignore_eos=True,
+                                                         temperature=0.0))
                 added += 1
             if engine.has_unfinished_requests():
                 t = time.perf_counter()
@@ -216,7 +229,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["llama31-8b", "tiny"], default="llama31-8b")
     parser.add_argument("--rates", default="prefill-heavy=6,decode-heavy=24",
-                        help="WORKLOAD=REQ_PER_S,... (prefill-heavy, decode-heavy)")
+                        help="WORKLOAD=REQ_PER_S,... (prefill-heavy, decode-heavy, sharegpt)")
+    parser.add_argument("--skip-anatomy", action="store_true", help="only the live section (saves device time)")
     parser.add_argument("--num-requests", type=int, default=240)
     parser.add_argument("--max-running", type=int, default=512)
     parser.add_argument("--replay-per-kind", type=int, default=40)
@@ -238,7 +252,7 @@ def main() -> None:
         graph_ms = {size: round(ms, 3) for size, ms in graphs.replay_ms.items()} if graphs is not None else {}
         rerouted = graphs.rerouted if graphs is not None else {}
         print("start-up model:", model.to_dict(), "\ngraph replays (ms):", graph_ms, "\nrerouted:", rerouted, flush=True)
-        rows = anatomy(llm, model, profile_kernels=cuda)
+        rows = [] if args.skip_anatomy else anatomy(llm, model, profile_kernels=cuda)
         runs = [serve_live(llm, name, rate, args.num_requests if not smoke else 24, args.seed, smoke)
                 for name, rate in rates.items()]
         for run in runs:
