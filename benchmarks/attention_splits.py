@@ -1,6 +1,10 @@
 """Attention of one step (32 layers, Llama-3.1-8B heads, bf16, paged cache) as its CUDA graph runs it:
 with every sequence's keys in one piece, and split as the engine's :class:`KVSplitRule` chooses.
 
+Decodes of one context, or ragged ones (a serving batch: ShareGPT-like contexts, or one long conversation
+among short ones), where the engine's two decode rules differ: every decode split alike (``alike``) or each
+by its own context (``balanced``, ``PDSERVE_BALANCED_DECODE_SPLITS=1``).
+
 A graph's launch is sized for its token count (``graph_launch_shape``): the graph of a 512-token step has
 room for 256 decodes, so before the split counts were chosen per step, a few long decodes beside a
 prompt chunk -- or the chunk's own one or two query tiles over a long context -- went to a handful of
@@ -10,6 +14,7 @@ replayed; the variants differ only in the split counts the step writes to device
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -17,14 +22,30 @@ import numpy as np
 import torch
 
 from benchmarks.common import _median_ms, markdown_table, measure_ceilings, run_info, write_results
-from pdserve.engine.kernels.paged_decode import choose_num_splits, paged_decode_attention
+from pdserve.engine.kernels.paged_decode import (
+    MAX_SPLITS,
+    choose_num_splits,
+    fill_split_items,
+    paged_decode_attention,
+)
 from pdserve.engine.kernels.paged_prefill import build_query_tiles, paged_prefill_attention, query_tile_rows
 from pdserve.engine.kv_splits import KVSplitRule, graph_launch_shape
 from pdserve.engine.step_inputs import StepCounts
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS, MAX_SEQS, MAX_MODEL_LEN = 32, 8, 128, 16, 32, 256, 16384
-#: (name, decodes, decode context, prompt chunks as (tokens, context), graph size)
-CASES = [
+
+
+def sharegpt_contexts(n: int, seed: int) -> list[int]:
+    """Contexts of ``n`` decodes of a ShareGPT-like load mid-stream: a lognormal prompt (median 170) plus
+    part of a lognormal output (median 150), as ``benchmarks.serving.workload`` draws them."""
+    rng = np.random.default_rng(seed)
+    prompts = np.clip(rng.lognormal(math.log(170), 0.9, n), 4, 2048)
+    outputs = np.clip(rng.lognormal(math.log(150), 0.9, n), 4, 1024)
+    return [int(p + rng.uniform(0, o)) for p, o in zip(prompts, outputs, strict=True)]
+
+
+#: (name, decodes, decode context (one for all, or each decode's), prompt chunks as (tokens, context), graph size)
+CASES: list[tuple[str, int, int | list[int], list[tuple[int, int]], int]] = [
     ("decode 1 @1k", 1, 1024, [], 1),
     ("decode 1 @8k", 1, 8192, [], 1),
     ("decode 16 @2k", 16, 2048, [], 16),
@@ -41,15 +62,23 @@ CASES = [
     ("200 @600 + 128 fresh", 200, 600, [(128, 0)], 384),
     ("prefill 512 fresh", 0, 0, [(512, 0)], 512),
     ("prefill 128 after 4k", 0, 0, [(128, 4096)], 128),
+    ("ragged 1 @2k + 28 @100", 29, [2000] + [100] * 28, [], 32),
+    ("sharegpt-like 17", 17, sharegpt_contexts(17, 1), [], 32),
+    ("sharegpt-like 33", 33, sharegpt_contexts(33, 2), [], 48),
+    ("sharegpt-like 64", 64, sharegpt_contexts(64, 3), [], 64),
+    ("sharegpt-like 128", 128, sharegpt_contexts(128, 4), [], 128),
+    ("sharegpt-like 33 + 256 fresh", 33, sharegpt_contexts(33, 5), [(256, 0)], 320),
 ]
 
 
 class Step:
     """One step's attention inputs on the GPU: per-layer caches, block tables, counts, query tiles."""
 
-    def __init__(self, decodes: int, decode_context: int, chunks: list[tuple[int, int]], graph: int) -> None:
+    def __init__(self, decodes: int, decode_context: int | list[int], chunks: list[tuple[int, int]],
+                 graph: int) -> None:
         dev = "cuda"
-        lens = [(1, decode_context)] * decodes + list(chunks)  # (new tokens, context) per sequence
+        contexts = [decode_context] * decodes if isinstance(decode_context, int) else list(decode_context)
+        lens = [(1, c) for c in contexts] + list(chunks)  # (new tokens, context) per sequence
         seq_lens = [q + c for q, c in lens]
         blocks = [math.ceil(s / BLOCK) for s in seq_lens]
         gen = torch.Generator().manual_seed(0)
@@ -77,9 +106,12 @@ class Step:
         self.launch = graph_launch_shape(graph, MAX_SEQS, tile_rows, KV_HEADS, torch.cuda.get_device_properties(0)
                                          .multi_processor_count)
         self.counts_of = StepCounts(sum(q for q, _ in lens), decodes, num_tiles, max(seq_lens),
-                                    max_decode_seq_len=decode_context + 1 if decodes else 0,
-                                    max_chunk_seq_len=max((q + c for q, c in chunks), default=0))
+                                    max_decode_seq_len=max(contexts) + 1 if decodes else 0,
+                                    max_chunk_seq_len=max((q + c for q, c in chunks), default=0),
+                                    decode_seq_lens=np.array([c + 1 for c in contexts], dtype=np.int32))
         self.counts = torch.tensor([decodes, num_tiles, 1, 1], dtype=torch.int32, device=dev)
+        self.item_starts = torch.zeros(MAX_SEQS + 1, dtype=torch.int32, device=dev)
+        self.item_seq = torch.zeros(MAX_SEQS * MAX_SPLITS, dtype=torch.int32, device=dev)
 
     def attention(self, split_paths: bool) -> None:
         """The step's attention as its graph runs it: with the split launches, or without (the graph a
@@ -89,24 +121,30 @@ class Step:
             paged_decode_attention(self.query[:cap], cache, self.tables[:cap], self.seq_lens[:cap], scale=0.088,
                                    sliding_window=None, num_splits=self.counts[2:3], may_split=split_paths,
                                    num_programs=launch.decode_programs, num_active=self.counts[0:1],
-                                   out=self.out[:cap])
+                                   out=self.out[:cap], items=(self.item_starts, self.item_seq))
             if launch.prefill_programs:
                 paged_prefill_attention(self.query, cache, self.tables, self.seq_lens, self.query_start,
                                         scale=0.088, sliding_window=None, tiles=self.tiles,
                                         num_tiles=self.counts[1:2], num_programs=launch.prefill_programs,
                                         num_splits=self.counts[3:4], may_split=split_paths, out=self.out)
 
-    def timed(self, graphs: dict[bool, torch.cuda.CUDAGraph], decode_splits: int,
+    def timed(self, graphs: dict[bool, torch.cuda.CUDAGraph], decode_splits: np.ndarray,
               prefill_splits: int) -> tuple[float, torch.Tensor]:
-        self.counts[2], self.counts[3] = decode_splits, prefill_splits
-        graph = graphs[(decode_splits, prefill_splits) != (1, 1)]
+        """The step's attention replayed with these splits (of each decode; per query tile)."""
+        most = int(decode_splits.max()) if len(decode_splits) else 1
+        self.counts[2], self.counts[3] = most, prefill_splits
+        starts, items = np.zeros(MAX_SEQS + 1, dtype=np.int32), np.zeros(MAX_SEQS * MAX_SPLITS, dtype=np.int32)
+        fill_split_items(decode_splits, starts, items)
+        self.item_starts.copy_(torch.from_numpy(starts))
+        self.item_seq.copy_(torch.from_numpy(items))
+        graph = graphs[(most, prefill_splits) != (1, 1)]
         graph.replay()
         torch.cuda.synchronize()
         rows = self.counts_of.num_tokens
         return _median_ms(graph.replay, 20), self.out[:rows].float().clone()
 
 
-def run_case(name: str, decodes: int, context: int, chunks: list[tuple[int, int]], graph_size: int,
+def run_case(name: str, decodes: int, context: int | list[int], chunks: list[tuple[int, int]], graph_size: int,
              rule: KVSplitRule) -> dict[str, Any]:
     step = Step(decodes, context, chunks, graph_size)
     graph: dict[bool, torch.cuda.CUDAGraph] = {}
@@ -116,17 +154,24 @@ def run_case(name: str, decodes: int, context: int, chunks: list[tuple[int, int]
         graph[split_paths] = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph[split_paths]):
             step.attention(split_paths)
-    chosen = rule(step.counts_of, step.launch)
+    alike = dataclasses.replace(rule, balanced=False)(step.counts_of, step.launch)
+    balanced = dataclasses.replace(rule, balanced=True)(step.counts_of, step.launch)
     # before per-step splits: a graph's decodes split as its capacity at the longest context asked, chunks never
     old_decode = max(1, min(choose_num_splits(step.launch.decode_capacity, KV_HEADS, MAX_MODEL_LEN, rule.num_sms),
                             step.launch.decode_programs // max(decodes, 1)))
-    whole_ms, whole = step.timed(graph, 1, 1)
-    old_ms, old = step.timed(graph, old_decode, 1)
-    rule_ms, split = step.timed(graph, *chosen)
-    row = {"case": name, "graph": graph_size, "splits": list(chosen), "before_splits": [old_decode, 1],
+    whole_ms, whole = step.timed(graph, np.ones(decodes, dtype=np.int32), 1)
+    old_ms, old = step.timed(graph, np.full(decodes, old_decode, dtype=np.int32), 1)
+    rule_ms, split = step.timed(graph, *alike)
+    balanced_ms, even = step.timed(graph, *balanced)
+    row = {"case": name, "graph": graph_size, "splits": [int(alike[0].max(initial=1)), alike[1]],
+           "balanced_splits": [int(balanced[0].min(initial=1)), int(balanced[0].max(initial=1)),
+                               int(balanced[0].sum())],
+           "before_splits": [old_decode, 1],
            "whole_ms": round(whole_ms, 3), "before_ms": round(old_ms, 3), "split_ms": round(rule_ms, 3),
-           "speedup_vs_before": round(old_ms / rule_ms, 2),
-           "max_abs_diff": float((split - whole).abs().max()), "before_max_abs_diff": float((old - whole).abs().max())}
+           "balanced_ms": round(balanced_ms, 3), "speedup_vs_before": round(old_ms / rule_ms, 2),
+           "balanced_speedup": round(rule_ms / balanced_ms, 2),
+           "max_abs_diff": float((split - whole).abs().max()), "before_max_abs_diff": float((old - whole).abs().max()),
+           "balanced_max_abs_diff": float((even - whole).abs().max())}
     print(row, flush=True)
     del step, graph
     torch.cuda.empty_cache()
@@ -143,11 +188,13 @@ def main() -> None:
         f"{info.get('device')} · commit {info['commit']} · {info['date']} · ceilings {ceilings}", "",
         "Command: `python -m benchmarks.attention_splits`. `before`: the splits a graph froze before they were "
         "chosen per step (decodes split only in graphs of <= 32 rows, by the longest context the engine allows; "
-        "prompt chunks never); `whole`: no split at all; `split`: `KVSplitRule` (decode, prefill splits).", "",
+        "prompt chunks never); `whole`: no split at all; `split`: `KVSplitRule`, every decode alike (decode, "
+        "prefill splits); `balanced`: each decode by its own context (fewest / most splits of a decode, items).", "",
         markdown_table(["case", "graph", "splits (decode, prefill)", "whole ms", "before ms", "split ms",
-                        "before / split", "max |diff|"],
+                        "before / split", "balanced splits", "balanced ms", "split / balanced", "max |diff|"],
                        [[r["case"], r["graph"], tuple(r["splits"]), r["whole_ms"], r["before_ms"], r["split_ms"],
-                         r["speedup_vs_before"], f"{r['max_abs_diff']:.2g}"] for r in rows]), ""])
+                         r["speedup_vs_before"], tuple(r["balanced_splits"]), r["balanced_ms"], r["balanced_speedup"],
+                         f"{max(r['max_abs_diff'], r['balanced_max_abs_diff']):.2g}"] for r in rows]), ""])
     print(markdown)
     print("wrote", *write_results("attention_splits", info, {"ceilings": ceilings, "cases": rows}, markdown))
 

@@ -9,11 +9,18 @@ of a step that also carries a prompt chunk would otherwise go to a handful of pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from pdserve.engine.attention.metadata import LaunchShape
-from pdserve.engine.kernels.paged_decode import choose_num_splits
+from pdserve.engine.kernels.paged_decode import SPLIT_WAVES, balanced_split_counts, choose_num_splits
 from pdserve.engine.step_inputs import StepCounts
+
+#: ``PDSERVE_BALANCED_DECODE_SPLITS=1`` splits each decode by its own context (``balanced_split_counts``)
+#: instead of every decode of a step alike; an A/B switch, off until measured on a GPU.
+BALANCED_DECODE_SPLITS = os.environ.get("PDSERVE_BALANCED_DECODE_SPLITS", "0") == "1"
 
 #: The fewest keys (context plus the chunk's own) per KV split of a prefill query tile: below that the
 #: partial results' round trip through memory costs more than the parallelism gains.
@@ -49,23 +56,32 @@ class KVSplitRule:
     num_kv_heads: int
     num_sms: int
     num_heads: int
+    balanced: bool = field(default_factory=lambda: BALANCED_DECODE_SPLITS)
 
     def decode_splits(self, num_decodes: int, max_seq_len: int) -> int:
         """Splits per decode for ``num_decodes`` decodes whose longest context is ``max_seq_len``:
         about two waves of the GPU, at least two key tiles a split."""
         return choose_num_splits(max(num_decodes, 1), self.num_kv_heads, max(max_seq_len, 1), self.num_sms)
 
-    def __call__(self, counts: StepCounts, launch: LaunchShape) -> tuple[int, int]:
-        """This step's KV splits per decode and per prefill query tile, within the launch's items. A graph
+    def decode_split_counts(self, counts: StepCounts, room: int) -> np.ndarray:
+        """Splits of each decode of the step (int32 ``[num_decodes]``), their items within ``room`` per KV
+        head: every decode alike (:meth:`decode_splits`), or with ``balanced`` each by its own context
+        (``balanced_split_counts``, aiming at the same items per KV head)."""
+        n = counts.num_decodes
+        if not n:
+            return np.ones(0, dtype=np.int32)
+        if self.balanced:
+            return balanced_split_counts(counts.decode_lens(), SPLIT_WAVES * self.num_sms // self.num_kv_heads, room)
+        return np.full(n, max(1, min(self.decode_splits(n, counts.max_decode_seq_len), room // n)), dtype=np.int32)
+
+    def __call__(self, counts: StepCounts, launch: LaunchShape) -> tuple[np.ndarray, int]:
+        """This step's KV splits of each decode and per prefill query tile, within the launch's items. A graph
         step's query tiles split only while their programs (tiles times heads) leave multiprocessors
         idle, up to one wave, with at least ``PREFILL_SPLIT_KEYS`` keys a split: a prefill program is
         large (one per multiprocessor), so splitting past a wave only adds waves and partial results
         (on an H200, one tile after 2-4k tokens of context: 1.7-1.9x faster at 4-9 splits; two tiles
         after 1k split five ways: 13% slower). An eager step has one program per tile (no split)."""
-        decode = 1
-        if counts.num_decodes:
-            decode = max(1, min(self.decode_splits(counts.num_decodes, counts.max_decode_seq_len),
-                                launch.decode_programs // counts.num_decodes))
+        decode = self.decode_split_counts(counts, launch.decode_programs)
         prefill = 1
         if counts.num_query_tiles and not launch.batch_specific:
             prefill = max(1, min(launch.prefill_programs // counts.num_query_tiles,

@@ -7,9 +7,10 @@ the host arrays are the device tensors and nothing is copied.
 
 Token-level int32 buffers: ``input_ids``, ``positions``, ``slot_mapping``; sequence-level:
 ``query_start_loc``, ``seq_lens``, ``context_lens``, ``block_tables`` ``[max_seqs, max_blocks]``;
-launch data: ``counts`` (decode sequences, live query tiles, and the KV splits of each decode and of
-each query tile, chosen per step by ``kv_splits``) and ``query_tiles`` (see
-``kernels.paged_prefill.build_query_tiles``).
+launch data: ``counts`` (decode sequences, live query tiles, and the KV splits of each decode -- the
+most of any -- and of each query tile, chosen per step by ``kv_splits``), the decodes' split items
+(``decode_item_starts``, ``decode_item_seq``: see ``kernels.paged_decode.fill_split_items``) and
+``query_tiles`` (see ``kernels.paged_prefill.build_query_tiles``).
 
 A token sampled by the previous step may still be on the device only (asynchronous scheduling): its
 row's input id is then copied on the device from that step's sampled ids (:class:`FedTokens`), so the
@@ -25,12 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from pdserve.engine.attention.metadata import AttentionMetadata, LaunchShape
+from pdserve.engine.kernels.paged_decode import MAX_SPLITS, fill_split_items
 from pdserve.engine.kernels.paged_prefill import build_query_tiles
 from pdserve.engine.rank_inputs import RankInputs
 from pdserve.engine.scheduler import ScheduledChunk
@@ -46,14 +48,22 @@ class StepCounts:
     max_seq_len: int
     max_decode_seq_len: int = 0
     max_chunk_seq_len: int = 0  # the longest context (its own tokens included) a prefill chunk attends to
+    decode_seq_lens: np.ndarray | None = field(default=None, compare=False)  # each decode's (None: all the max)
+
+    def decode_lens(self) -> np.ndarray:
+        """Each decode's context, its own token included (the longest for all when not given)."""
+        if self.decode_seq_lens is not None:
+            return self.decode_seq_lens
+        return np.full(self.num_decodes, self.max_decode_seq_len, dtype=np.int32)
 
 
-#: Chooses a step's KV splits (per decode, per query tile) from its counts and launch shape.
-ChooseKVSplits = Callable[[StepCounts, LaunchShape], tuple[int, int]]
+#: Chooses a step's KV splits (of each decode: int32 ``[num_decodes]``; per query tile) from its counts and
+#: launch shape.
+ChooseKVSplits = Callable[[StepCounts, LaunchShape], tuple[np.ndarray, int]]
 
 
-def no_kv_splits(counts: StepCounts, launch: LaunchShape) -> tuple[int, int]:
-    return 1, 1
+def no_kv_splits(counts: StepCounts, launch: LaunchShape) -> tuple[np.ndarray, int]:
+    return np.ones(counts.num_decodes, dtype=np.int32), 1
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,7 @@ class StepInputs:
             "input_ids": (max_tokens,), "positions": (max_tokens,), "slot_mapping": (max_tokens,),
             "query_start_loc": (max_seqs + 1,), "seq_lens": (max_seqs,), "context_lens": (max_seqs,),
             "block_tables": (max_seqs, max_blocks_per_seq), "counts": (4,), "query_tiles": (2, tile_capacity),
-            "feed": (2, max_seqs),
+            "feed": (2, max_seqs), "decode_item_starts": (max_seqs + 1,), "decode_item_seq": (max_seqs * MAX_SPLITS,),
         }
         self._sets = [{k: torch.zeros(v, dtype=torch.int32, pin_memory=pin) for k, v in shapes.items()}
                       for _ in range(2 if pin else 1)]
@@ -164,18 +174,21 @@ class StepInputs:
         max_seq_len = int(seq_lens[:num_seqs].max()) if num_seqs else 0
         counts = StepCounts(t, num_decodes, num_tiles, max_seq_len,
                             max_decode_seq_len=int(seq_lens[:num_decodes].max()) if num_decodes else 0,
-                            max_chunk_seq_len=int(seq_lens[num_decodes:num_seqs].max()) if num_decodes < num_seqs else 0)
+                            max_chunk_seq_len=int(seq_lens[num_decodes:num_seqs].max()) if num_decodes < num_seqs else 0,
+                            decode_seq_lens=seq_lens[:num_decodes])
         launch = launch_for(counts)
-        splits = self.kv_splits(counts, launch)
-        n["counts"][:] = (num_decodes, num_tiles, *splits)
-        if splits != (1, 1):
+        decode_splits, prefill_splits = self.kv_splits(counts, launch)
+        most = int(decode_splits.max()) if num_decodes else 1
+        n["counts"][:] = (num_decodes, num_tiles, most, prefill_splits)
+        if (most, prefill_splits) != (1, 1):
             launch = dataclasses.replace(launch, kv_split=True)
+        num_items = fill_split_items(decode_splits, n["decode_item_starts"], n["decode_item_seq"])
         padded = launch.num_tokens
         assert padded >= t and (padded > 0), "a step needs at least one row"
         ids[t:padded] = 0
         pos[t:padded] = 0
         slots[t:padded] = 0  # block 0 (the null block), offset 0
-        self._to_device(padded, num_seqs, width, num_tiles)
+        self._to_device(padded, num_seqs, width, num_tiles, num_decodes, num_items if launch.kv_split else 0)
         if feed_rows:
             assert fed is not None
             self._feed(fed.token_ids, feed_rows, feed_sources)
@@ -191,6 +204,7 @@ class StepInputs:
             slot_mapping=d["slot_mapping"][:padded], query_start_loc_cpu=qsl[: num_seqs + 1].tolist(),
             seq_lens_cpu=seq_lens[:num_seqs].tolist(), num_decode_seqs=num_decodes,
             context_free_prefill=context_free and num_decodes < num_seqs, counts=d["counts"], query_tiles=d["query_tiles"], launch=launch,
+            decode_item_starts=d["decode_item_starts"], decode_item_seq=d["decode_item_seq"],
         )
 
     def load_padding(self, launch: LaunchShape) -> AttentionMetadata:
@@ -220,7 +234,8 @@ class StepInputs:
             events.append(event)
         self._copied[self._turn] = events
 
-    def _to_device(self, num_tokens: int, num_seqs: int, width: int, num_tiles: int) -> None:
+    def _to_device(self, num_tokens: int, num_seqs: int, width: int, num_tiles: int, num_decodes: int,
+                   num_items: int) -> None:
         if self.dev is self._host:
             return
         h = self._host
@@ -234,6 +249,10 @@ class StepInputs:
             d["counts"].copy_(h["counts"], non_blocking=True)
             if num_tiles:
                 d["query_tiles"][:, :num_tiles].copy_(h["query_tiles"][:, :num_tiles], non_blocking=True)
+            if num_items:  # the decodes' split items (a launch with the split paths reads them)
+                d["decode_item_starts"][: num_decodes + 1].copy_(h["decode_item_starts"][: num_decodes + 1],
+                                                                 non_blocking=True)
+                d["decode_item_seq"][:num_items].copy_(h["decode_item_seq"][:num_items], non_blocking=True)
         self._record_copies()
 
     @property

@@ -14,13 +14,18 @@ from tests.support.hf_models import make_hf_model
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize(("kind", "async_scheduling", "graph_tokens"), [
-    ("llama31", True, 2048), ("llama31", False, 2048), ("qwen3", True, 2048), ("mistral", True, 16),
+@pytest.mark.parametrize(("kind", "async_scheduling", "graph_tokens", "balanced"), [
+    ("llama31", True, 2048, False), ("llama31", False, 2048, False), ("qwen3", True, 2048, False),
+    ("mistral", True, 16, False), ("llama31", True, 2048, True),
 ])
 def test_gpu_engine_float32_equals_cpu_reference(kind: str, async_scheduling: bool, graph_tokens: int,
-                                                 tmp_path) -> None:
+                                                 balanced: bool, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prefill-only, mixed (chunked prefill + decodes) and decode steps, then prefix hits; every step a
-    graph replay (or, with 16-token graphs, the larger ones eager)."""
+    graph replay (or, with 16-token graphs, the larger ones eager); decodes split alike, or each by its
+    own context (``balanced``)."""
+    from pdserve.engine import kv_splits
+
+    monkeypatch.setattr(kv_splits, "BALANCED_DECODE_SPLITS", balanced)
     if kind == "llama31":
         make_hf_model(kind, tmp_path)
     else:

@@ -44,6 +44,26 @@ def test_decode_kernel_gpu(head_dim: int, heads: int, kv_heads: int, num_splits:
     assert relative_error(out.cpu(), reference_attention(q, cache, meta, head_dim**-0.5, None)) < BF16_BOUND
 
 
+@pytest.mark.parametrize(("heads", "kv_heads"), [(32, 8), (32, 4)])
+def test_decode_kernel_with_splits_per_sequence_gpu(heads: int, kv_heads: int) -> None:
+    """Ragged contexts split each by its own length (``balanced_split_counts``: the long ones many ways,
+    the short ones not at all), from a device item table in a wider grid: equal to the reference."""
+    import numpy as np
+
+    from pdserve.engine.kernels.paged_decode import balanced_split_counts, paged_decode_attention, split_items
+
+    ctx = [0, 15, 4095, 16, 17, 1023, 300, 2047] + [100] * 20
+    splits = balanced_split_counts(np.array(ctx) + 1, target_items=4 * 132 // kv_heads, room=200)
+    assert splits.min() == 1 and splits.max() > 8
+    q, cache, meta = paged_problem(ctx, [1] * len(ctx), heads, kv_heads, 128, 16, torch.bfloat16, "cuda", seed=heads)
+    out = torch.full_like(q, float("nan"))
+    counts = torch.tensor([len(ctx), int(splits.max())], dtype=torch.int32, device="cuda")
+    paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens, scale=128**-0.5, sliding_window=None,
+                           num_splits=counts[1:2], num_programs=256, num_active=counts[0:1], out=out,
+                           items=split_items(splits, "cuda"))
+    assert relative_error(out.cpu(), reference_attention(q, cache, meta, 128**-0.5, None)) < BF16_BOUND
+
+
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 2048), (4096, 7168), (64128, 4096), (1000, 4100)])
 def test_skinny_linear_gpu(n: int, k: int, gated: bool) -> None:

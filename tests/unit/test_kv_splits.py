@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from pdserve.engine.kernels.paged_decode import choose_num_splits
@@ -17,16 +18,32 @@ def test_a_graph_step_gets_the_decode_splits_its_batch_wants(num_sms: int, num_k
     """Every decode-only batch a graph holds splits as flash-decoding wants for its count and context
     (32 decodes of 4k on an H200: two splits each, which a graph with room for 33 items per KV head cut
     to one), and the items fit the graph's launch."""
-    rule = KVSplitRule(num_kv_heads, num_sms, num_heads)
+    rule = KVSplitRule(num_kv_heads, num_sms, num_heads, balanced=False)
+    balanced_rule = KVSplitRule(num_kv_heads, num_sms, num_heads, balanced=True)
     for graph in (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 512):
         launch = graph_launch_shape(graph, 256, 16, num_kv_heads, num_sms)
         for n in range(1, min(graph, 256) + 1):
             decode, prefill = rule(StepCounts(graph, n, 0, context, context, 0), launch)
-            assert decode == choose_num_splits(n, num_kv_heads, context, num_sms), (graph, n)
-            assert n * decode <= launch.decode_programs and prefill == 1
+            assert decode.tolist() == [choose_num_splits(n, num_kv_heads, context, num_sms)] * n, (graph, n)
+            assert decode.sum() <= launch.decode_programs and prefill == 1
+            balanced, _ = balanced_rule(StepCounts(graph, n, 0, context, context, 0), launch)
+            assert balanced.sum() <= launch.decode_programs
 
 
 def test_room_is_the_capacity_once_no_decode_splits() -> None:
     """A graph of more decodes than fill the GPU twice needs no room beyond one item per decode."""
     assert graph_launch_shape(512, 256, 16, 8, 132).decode_programs == 256
     assert graph_launch_shape(32, 256, 16, 8, 132).decode_programs == 66  # 3 decodes x 22 splits
+
+
+def test_balanced_splits_give_a_long_decode_among_short_ones_more_splits() -> None:
+    """Each decode split by its own context: one long conversation among short ones takes the splits,
+    which every decode alike would spread over the short ones too (their items then read nothing)."""
+    rule = KVSplitRule(8, 132, 32, balanced=True)
+    launch = graph_launch_shape(48, 256, 16, 8, 132)
+    lens = np.array([2000] + [100] * 28, dtype=np.int32)
+    counts = StepCounts(48, 29, 0, 2000, 2000, 0, decode_seq_lens=lens)
+    decode, _ = rule(counts, launch)
+    assert decode[0] > 2 and (decode[1:] == 1).all() and decode.sum() <= launch.decode_programs
+    alike, _ = KVSplitRule(8, 132, 32, balanced=False)(counts, launch)
+    assert alike.tolist() == [2] * 29

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,7 +80,7 @@ def test_a_step_that_splits_takes_the_launch_with_the_split_paths(splits: tuple[
 
     def rule(counts, launch):  # noqa: ANN001, ANN202
         seen.append(counts)
-        return splits
+        return np.full(counts.num_decodes, splits[0], dtype=np.int32), splits[1]
 
     inputs = StepInputs(64, 8, 16, 4, torch.device("cpu"), query_tile_rows=16, kv_splits=rule)
     params = SamplingParams(max_tokens=8)
@@ -89,3 +90,6 @@ def test_a_step_that_splits_takes_the_launch_with_the_split_paths(splits: tuple[
     assert meta.counts is not None and meta.counts.tolist() == [1, 1, *splits]
     assert meta.launch is not None and meta.launch.kv_split is with_split_paths
     assert (seen[0].max_decode_seq_len, seen[0].max_chunk_seq_len) == (3, 20)
+    assert seen[0].decode_lens().tolist() == [3]
+    starts, items = inputs.np["decode_item_starts"], inputs.np["decode_item_seq"]
+    assert starts[:2].tolist() == [0, splits[0]] and items[:splits[0]].tolist() == [0] * splits[0]

@@ -66,21 +66,28 @@ def test_one_sequence_takes_the_single_row_products(reference, monkeypatch: pyte
     assert calls["plain"] >= decode_steps * (3 * layers + 1) + 2  # qkv, o, gate_up per layer; LM head; prompts
 
 
-@pytest.mark.parametrize(("async_scheduling", "larger"), [(False, False), (True, False), (True, True)])
-def test_graph_shaped_steps_match_transformers(reference, async_scheduling: bool, larger: bool,
+@pytest.mark.parametrize(("async_scheduling", "larger", "balanced"),
+                         [(False, False, False), (True, False, False), (True, True, False), (True, False, True)])
+def test_graph_shaped_steps_match_transformers(reference, async_scheduling: bool, larger: bool, balanced: bool,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Every step runs with the launch shape its CUDA graph would have (rows padded to the captured
     size, fixed decode and prefill grids reading live counts from the device): prefill-only, mixed and
     decode steps still give transformers' tokens; also when each step takes the largest graph instead
     (``larger``: a graph slower than a larger one is skipped, ``StepGraphs.time_replays``); decodes and
-    prompt chunks split along the KV as each step chooses. (No CUDA graph on the CPU; the shapes are the
-    point.)"""
+    prompt chunks split along the KV as each step chooses -- every decode alike, or (``balanced``) each by
+    its own context. (No CUDA graph on the CPU; the shapes are the point.)"""
+    from functools import partial
+
     from pdserve.engine import kv_splits
     from pdserve.engine.cuda_graphs import capture_sizes
+    from pdserve.engine.kernels import paged_decode
 
     monkeypatch.setattr(kv_splits, "PREFILL_SPLIT_KEYS", 16)  # the tiny prompts' chunks split too
     # short contexts: decodes split four ways, some splits empty
     monkeypatch.setattr(kv_splits.KVSplitRule, "decode_splits", lambda self, num_decodes, max_seq_len: 4)
+    monkeypatch.setattr(kv_splits, "BALANCED_DECODE_SPLITS", balanced)
+    # balanced: counted in 8-key tiles, so the tiny contexts split (into items of unequal length)
+    monkeypatch.setattr(kv_splits, "balanced_split_counts", partial(paged_decode.balanced_split_counts, block_n=8))
 
     directory, prompts, expected = reference
     llm = LLM(model=str(directory), attention_backend="triton", dtype="float32", max_model_len=512,
@@ -109,4 +116,5 @@ def test_graph_shaped_steps_match_transformers(reference, async_scheduling: bool
     assert any(c.num_tokens < s.num_tokens for c, s in shapes)  # padded rows
     assert any(c.num_decodes and c.num_query_tiles for c, _ in shapes)  # mixed steps
     assert any(c.num_decodes < s.decode_capacity for c, s in shapes)  # decode grids wider than live
-    assert any(decode > 1 for decode, _ in splits) and any(prefill > 1 for _, prefill in splits), splits
+    assert any(decode.max(initial=1) > 1 for decode, _ in splits) and any(prefill > 1 for _, prefill in splits)
+    assert any(len(set(decode.tolist())) > 1 for decode, _ in splits) == balanced  # decodes split unequally

@@ -91,7 +91,8 @@ def test_graph_shaped_launch_runs_live_work_only(dtype: torch.dtype, decode_spli
     capacity = 6  # grid items past the 2 live decodes' must exit without writing
     paged_decode.paged_decode_attention(q[:capacity], cache, meta.block_tables, meta.seq_lens, scale=0.3,
                                         sliding_window=window, num_splits=counts[2:3], num_programs=16,
-                                        may_split=split_launch, num_active=counts[0:1], out=out[:capacity])
+                                        may_split=split_launch, num_active=counts[0:1], out=out[:capacity],
+                                        items=paged_decode.split_items(np.full(2, decode_splits), DEVICE))
     programs = max(1, num_tiles // 2) if prefill_splits == 1 else num_tiles * prefill_splits + 1
     paged_prefill.paged_prefill_attention(q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                           scale=0.3, sliding_window=window, tiles=tiles, num_tiles=counts[1:2],
@@ -117,6 +118,54 @@ def test_paged_decode(heads: int, kv_heads: int, window: int | None, num_splits:
                                         sliding_window=window, num_splits=num_splits, out=out)
     ref = reference_attention(q, cache, meta, 0.2, window)
     assert relative_error(out.cpu(), ref) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "window"), [(8, 2, None), (8, 1, 5)])
+def test_paged_decode_with_splits_per_sequence(heads: int, kv_heads: int, window: int | None,
+                                               dtype: torch.dtype) -> None:
+    """Ragged contexts, each sequence split its own number of ways (one for the short ones, the most for
+    the longest), read from the item table as a step writes it, in a grid with more programs than items:
+    every output equals the reference."""
+    import numpy as np
+
+    from tests.support.kernel_cases import paged_problem, reference_attention, relative_error
+
+    paged_decode, *_ = _kernels()
+    ctx = [0, 15, 300, 16, 130, 47, 600]
+    splits = paged_decode.balanced_split_counts(np.array(ctx) + 1, target_items=12, room=20, block_n=16)
+    assert splits.tolist() == [1, 1, 3, 1, 2, 1, 6]  # 73 tiles of 16 keys over 12 items: 7 tiles an item at most
+    q, cache, meta = paged_problem(ctx, [1] * len(ctx), heads, kv_heads, 32, 16, dtype, DEVICE, seed=heads + 3)
+    out = torch.full_like(q, float("nan"))
+    counts = torch.tensor([len(ctx), int(splits.max())], dtype=torch.int32, device=DEVICE)
+    paged_decode.paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens, scale=0.2,
+                                        sliding_window=window, num_splits=counts[1:2], num_programs=24,
+                                        num_active=counts[0:1], out=out,
+                                        items=paged_decode.split_items(splits, DEVICE))
+    ref = reference_attention(q, cache, meta, 0.2, window)
+    assert relative_error(out.cpu(), ref) < BOUND[dtype]
+
+
+def test_balanced_splits_even_out_the_items_and_fit_the_room() -> None:
+    import numpy as np
+
+    paged_decode, *_ = _kernels()
+    uniform = paged_decode.balanced_split_counts(np.full(3, 1024), target_items=66, room=66)
+    assert uniform.tolist() == [16] * 3 == [paged_decode.choose_num_splits(3, 8, 1024, 132)] * 3
+    assert paged_decode.balanced_split_counts(np.full(256, 1024), 66, 256).tolist() == [1] * 256
+    ragged = np.array([2000] + [100] * 28)  # one long conversation among short ones
+    splits = paged_decode.balanced_split_counts(ragged, target_items=66, room=58)
+    tiles = -(-ragged // 64)
+    assert splits[0] > 1 and (splits[1:] == 1).all() and splits.sum() <= 58
+    assert (-(-tiles // splits)).max() == 2  # no item reads more than 2 tiles (two splits for all: 16)
+    tight = paged_decode.balanced_split_counts(ragged, target_items=66, room=30)
+    assert tight.sum() <= 30 and tight[0] >= 2
+    starts, seq = np.zeros(30, dtype=np.int32), np.zeros(64, dtype=np.int32)
+    assert paged_decode.fill_split_items(tight, starts, seq) == tight.sum()
+    assert starts[:3].tolist() == [0, int(tight[0]), int(tight[0]) + 1]
+    assert seq[:int(tight[0]) + 1].tolist() == [0] * int(tight[0]) + [1]
+    with pytest.raises(ValueError, match="do not fit"):
+        paged_decode.balanced_split_counts(ragged, 66, room=10)
 
 
 def test_choose_num_splits_fills_four_waves_without_passing_them() -> None:

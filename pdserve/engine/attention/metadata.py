@@ -67,6 +67,8 @@ class AttentionMetadata:
     counts: torch.Tensor | None = None  # [4] int32: decode sequences, live query tiles, splits of each
     query_tiles: torch.Tensor | None = None  # [2, capacity] int32
     launch: LaunchShape | None = None
+    decode_item_starts: torch.Tensor | None = None  # [>= num_decode_seqs + 1] int32: each decode's first split item
+    decode_item_seq: torch.Tensor | None = None  # [>= items] int32: each split item's decode
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AttentionMetadata:
         """A copy whose every tensor field is ``fn`` of this one's (host lists and counts unchanged)."""

@@ -88,7 +88,12 @@ class TritonBackend(AttentionBackend):
             paged_decode_attention(query[:cap], kv_cache, metadata.block_tables[:cap], metadata.seq_lens[:cap],
                                    scale=scale, sliding_window=sliding_window, num_splits=counts[2:3],
                                    may_split=launch.kv_split, num_programs=launch.decode_programs,
-                                   num_active=counts[0:1], out=out[:cap])
+                                   num_active=counts[0:1], out=out[:cap], items=self._items(metadata))
+
+    @staticmethod
+    def _items(metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor] | None:
+        starts, seq = metadata.decode_item_starts, metadata.decode_item_seq
+        return None if starts is None or seq is None else (starts, seq)
 
     def _takes_dense_prefill(self, query: torch.Tensor, metadata: AttentionMetadata,
                              sliding_window: int | None) -> bool:

@@ -6,9 +6,11 @@ One kernel, launched one of two ways; the live sequence count ``num_active`` and
 * **whole** (a step that splits no decode): grid ``(capacity, num_kv_heads)``, one program per sequence
   over its whole context, writing the output; programs past ``num_active`` exit at once.
 * **split** (flash-decoding: a few long sequences still fill the GPU): grid ``(num_programs,
-  num_kv_heads)``, program ``i`` taking split ``i % num_splits`` of sequence ``i // num_splits`` and
-  writing a partial result and its log-sum-exp, which a merge kernel combines; with ``num_splits == 1``
-  (a graph step that splits only its prompt chunks) each program writes its sequence's output itself.
+  num_kv_heads)``, program ``i`` taking one (sequence, split) item of the step's item table (``item_seq``:
+  the sequence of each item; ``item_starts``: each sequence's first item, so sequence ``s`` has
+  ``item_starts[s + 1] - item_starts[s]`` splits, which may differ between sequences) and writing a partial
+  result and its log-sum-exp, which a merge kernel combines; a sequence of one split (every sequence of a
+  graph step that splits only its prompt chunks) has its program write the output itself.
 
 A program handles every query head of one GQA group (so each K/V tile is read once per group, not once
 per query head). A graph or step launches one of the two, never both. Measured on an H200 (32 layers in a
@@ -17,7 +19,8 @@ graph, ``benchmarks/results/runs/decode_split_variants-h200.md``): one kernel bo
 ~3 us a layer; persistent split programs looping over items ran 32 decodes x 4k in two splits 1.3x slower
 than one program per item.
 
-The split count is chosen per step (:func:`choose_num_splits`), not frozen in the graph: a step with a
+The split counts are chosen per step (:func:`choose_num_splits` for every sequence alike, or
+:func:`balanced_split_counts`, each sequence by its length), not frozen in the graph: a step with a
 few decodes beside a prompt chunk replays a graph whose decode grid was sized for its token count, and a
 split count fixed for that size (one, for any graph of more than ~32 rows) left a handful of long
 sequences to a handful of programs (on an H200, 6 decodes at 2k of context beside a 102-token chunk: the
@@ -31,6 +34,7 @@ attends to positions ``[max(0, seq_len - window), seq_len)``.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -99,8 +103,8 @@ def _store_output(out_ptr, seq, stride_os, stride_oh, heads, head_mask, acc, saf
 
 @triton.jit
 def _decode_partial_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, num_active_ptr, num_splits_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, num_active_ptr, item_starts_ptr,
+    item_seq_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     scale_log2, window,
     stride_qs, stride_qh,
     stride_cb, stride_ct, stride_ch,
@@ -116,11 +120,12 @@ def _decode_partial_kernel(
     heads = kv_head * GROUP + g
     head_mask = g < GROUP
     if SPLIT:  # one program per (sequence, split) item
-        num_splits = tl.load(num_splits_ptr)
         item = tl.program_id(0)
-        if item < tl.load(num_active_ptr) * num_splits:
-            seq = item // num_splits
-            split = item % num_splits
+        if item < tl.load(item_starts_ptr + tl.load(num_active_ptr)):
+            seq = tl.load(item_seq_ptr + item)
+            first_item = tl.load(item_starts_ptr + seq)
+            num_splits = tl.load(item_starts_ptr + seq + 1) - first_item
+            split = item - first_item
             seq_len = tl.load(seq_lens_ptr + seq)
             q = _group_query(q_ptr, seq, stride_qs, stride_qh, heads, head_mask, HEAD_DIM)
             num_tiles = tl.cdiv(seq_len, BLOCK_N)
@@ -155,34 +160,36 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, num_active_ptr, num_splits_ptr, num_heads,
+    part_out_ptr, part_lse_ptr, out_ptr, num_active_ptr, max_splits_ptr, item_starts_ptr, num_heads,
     stride_pi, stride_ph, stride_li, stride_os, stride_oh,
     HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
-    num_splits = tl.load(num_splits_ptr)
-    if num_splits == 1:
+    if tl.load(max_splits_ptr) == 1:  # no sequence split: every output is written
         return
     d = tl.arange(0, HEAD_DIM)
     k = tl.arange(0, SPLIT_CHUNK)
     for work in range(tl.program_id(0), tl.load(num_active_ptr) * num_heads, tl.num_programs(0)):
         seq = work // num_heads
         head = work % num_heads
-        m = -1.0e30
-        total = 0.0
-        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        for first in range(0, num_splits, SPLIT_CHUNK):  # online softmax over chunks of the splits
-            in_use = first + k < num_splits
-            items = seq * num_splits + first + k
-            lse = tl.load(part_lse_ptr + items * stride_li + head, mask=in_use, other=float("-inf"))
-            m_new = tl.maximum(m, tl.max(lse, 0))
-            alpha = tl.exp2(m - m_new)
-            w = tl.exp2(lse - m_new)
-            parts = tl.load(part_out_ptr + items[:, None] * stride_pi + head * stride_ph + d[None, :],
-                            mask=in_use[:, None], other=0.0)
-            acc = acc * alpha + tl.sum(parts * w[:, None], 0)
-            total = total * alpha + tl.sum(w, 0)
-            m = m_new
-        tl.store(out_ptr + seq * stride_os + head * stride_oh + d, (acc / total).to(out_ptr.dtype.element_ty))
+        first_item = tl.load(item_starts_ptr + seq)
+        num_splits = tl.load(item_starts_ptr + seq + 1) - first_item
+        if num_splits > 1:  # a sequence of one split wrote its output itself
+            m = -1.0e30
+            total = 0.0
+            acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+            for first in range(0, num_splits, SPLIT_CHUNK):  # online softmax over chunks of the splits
+                in_use = first + k < num_splits
+                items = first_item + first + k
+                lse = tl.load(part_lse_ptr + items * stride_li + head, mask=in_use, other=float("-inf"))
+                m_new = tl.maximum(m, tl.max(lse, 0))
+                alpha = tl.exp2(m - m_new)
+                w = tl.exp2(lse - m_new)
+                parts = tl.load(part_out_ptr + items[:, None] * stride_pi + head * stride_ph + d[None, :],
+                                mask=in_use[:, None], other=0.0)
+                acc = acc * alpha + tl.sum(parts * w[:, None], 0)
+                total = total * alpha + tl.sum(w, 0)
+                m = m_new
+            tl.store(out_ptr + seq * stride_os + head * stride_oh + d, (acc / total).to(out_ptr.dtype.element_ty))
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
@@ -193,6 +200,46 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     wanted = max(1, SPLIT_WAVES * num_sms // max(1, num_seqs * num_kv_heads))
     by_length = max(1, -(-max_seq_len // block_n))
     return min(wanted, by_length, max_splits)
+
+
+def balanced_split_counts(seq_lens: np.ndarray, target_items: int, room: int, block_n: int = 64,
+                          max_splits: int = MAX_SPLITS) -> np.ndarray:
+    """Splits per sequence so that every (sequence, split) item reads about the same number of key tiles:
+    the step's tiles over ``target_items`` items per KV head (at least one tile an item, at most
+    ``max_splits`` splits a sequence), coarser until the items fit ``room``. With contexts of one length
+    this is :func:`choose_num_splits`'s count for every sequence; with ragged ones (a serving batch: a few
+    long conversations among short ones) the long sequences take more splits and the short ones one,
+    where one count for all gives the short ones empty splits and leaves the long ones' few items as the
+    step's critical path."""
+    tiles = np.maximum(1, -(-seq_lens.astype(np.int64) // block_n))
+    if len(tiles) > room:
+        raise ValueError(f"{len(tiles)} sequences do not fit {room} items")
+    per_item = max(1, -(-int(tiles.sum()) // max(1, target_items)))
+    while True:
+        splits = np.minimum(-(-tiles // per_item), max_splits)
+        if int(splits.sum()) <= room:
+            return splits.astype(np.int32)
+        per_item += max(1, per_item // 4)
+
+
+def fill_split_items(split_counts: np.ndarray, item_starts: np.ndarray, item_seq: np.ndarray) -> int:
+    """Write the item table of ``split_counts`` (splits per sequence) into ``item_starts`` (each
+    sequence's first item, then the total: ``len(split_counts) + 1`` entries) and ``item_seq`` (each
+    item's sequence); returns the number of items."""
+    n = len(split_counts)
+    item_starts[0] = 0
+    np.cumsum(split_counts, out=item_starts[1:n + 1])
+    total = int(item_starts[n])
+    item_seq[:total] = np.repeat(np.arange(n, dtype=np.int32), split_counts)
+    return total
+
+
+def split_items(split_counts: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The item table of ``split_counts`` as int32 tensors on ``device`` (see :func:`fill_split_items`)."""
+    starts = np.zeros(len(split_counts) + 1, dtype=np.int32)
+    seq = np.zeros(max(1, int(split_counts.sum())), dtype=np.int32)
+    fill_split_items(split_counts, starts, seq)
+    return torch.from_numpy(starts).to(device), torch.from_numpy(seq).to(device)
 
 
 #: Persistent programs of the merge per KV head, at most (it is light: a few rows per output head).
@@ -207,15 +254,18 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                            num_splits: int | torch.Tensor, may_split: bool | None = None,
                            num_programs: int | None = None,
                            out: torch.Tensor | None = None, num_active: torch.Tensor | None = None,
-                           workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                           workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           items: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention for the first ``num_active`` (int32 device scalar; default: all) of the
-    ``query.shape[0]`` sequences, each split ``num_splits`` ways along its KV (an int, or an int32 device
-    scalar read by the kernels, at most :data:`MAX_SPLITS`). ``may_split`` chooses the launch: the split
-    one (by default for a device scalar or an int above one), ``num_programs`` programs per KV head
-    (default: every sequence times ``num_splits``; the caller guarantees ``num_active * num_splits <=
-    num_programs``), or the whole one, for which the split count must be 1. ``workspace`` (partial
-    outputs and log-sum-exps, float32 ``[num_programs, num_heads, head_dim]`` and ``[num_programs,
-    num_heads]``) may be passed in to avoid allocations."""
+    ``query.shape[0]`` sequences, split along their KV: ``num_splits`` ways each (an int), or as the
+    item table ``items`` says (``(item_starts, item_seq)``, int32 device tensors from
+    :func:`fill_split_items`; required with a device ``num_splits``, which is then the most splits of any
+    sequence, at most :data:`MAX_SPLITS`). ``may_split`` chooses the launch: the split one (by default
+    for a device scalar or an int above one), ``num_programs`` programs per KV head (default: every
+    sequence times ``num_splits``; the caller guarantees the live items fit them), or the whole one, for
+    which the split count must be 1. ``workspace`` (partial outputs and log-sum-exps, float32
+    ``[num_programs, num_heads, head_dim]`` and ``[num_programs, num_heads]``) may be passed in to avoid
+    allocations."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -235,6 +285,10 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     if may_split is None:
         may_split = not isinstance(num_splits, int) or num_splits != 1
     assert may_split or not isinstance(num_splits, int) or num_splits == 1, "a split count above 1 needs may_split"
+    if may_split and items is None:
+        assert isinstance(num_splits, int), "a device split count needs the item table"
+        items = split_items(np.full(num_seqs, num_splits, dtype=np.int32), device)  # every sequence alike
+    item_starts, item_seq = items if items is not None else (num_active, num_active)  # unused without splits
     if may_split:
         if workspace is None:
             part_out = torch.empty((num_programs, num_heads, head_dim), dtype=torch.float32, device=device)
@@ -248,7 +302,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                   BLOCK_SIZE=block_size, BLOCK_N=block_n,
                   DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
-    args = (query, k_cache, v_cache, block_tables, seq_lens, num_active, splits_tensor, out, part_out, part_lse,
+    args = (query, k_cache, v_cache, block_tables, seq_lens, num_active, item_starts, item_seq, out, part_out,
+            part_lse,
             scale * LOG2E, sliding_window or 0, query.stride(0), query.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_lse.stride(0))
@@ -257,7 +312,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     else:
         _decode_partial_kernel[(num_programs, num_kv_heads)](*args, SPLIT=True, **common)
         _decode_merge_kernel[(min(num_programs, MERGE_PROGRAMS_PER_KV_HEAD) * num_kv_heads,)](
-            part_out, part_lse, out, num_active, splits_tensor, num_heads,
+            part_out, part_lse, out, num_active, splits_tensor, item_starts, num_heads,
             part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, SPLIT_CHUNK=MERGE_SPLIT_CHUNK, num_warps=4,
         )
