@@ -106,6 +106,7 @@ class ModelRunner:
         spec = self.model.spec  # a rank's share of the heads under tensor parallelism
         self.kv_splits = KVSplitRule(spec.num_kv_heads, num_sms, spec.num_heads)
         self.inputs.kv_splits = self.kv_splits
+        self.inputs.split_item_table = self.kv_splits.balanced  # decodes split unequally: the table kernels
 
     # ---- set-up --------------------------------------------------------------------------------
 

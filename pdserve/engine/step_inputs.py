@@ -80,6 +80,7 @@ class StepInputs:
                  kv_splits: ChooseKVSplits = no_kv_splits) -> None:
         self.device = device
         self.kv_splits = kv_splits
+        self.split_item_table = False  # the decode kernels read each decode's split count from the item table
         self.block_size = block_size
         self.max_tokens = max_tokens
         self.max_seqs = max_seqs
@@ -182,13 +183,17 @@ class StepInputs:
         n["counts"][:] = (num_decodes, num_tiles, most, prefill_splits)
         if (most, prefill_splits) != (1, 1):
             launch = dataclasses.replace(launch, kv_split=True)
-        num_items = fill_split_items(decode_splits, n["decode_item_starts"], n["decode_item_seq"])
+        num_items = 0
+        if self.split_item_table and launch.kv_split:
+            num_items = fill_split_items(decode_splits, n["decode_item_starts"], n["decode_item_seq"])
+        else:
+            assert (decode_splits == most).all(), "decodes split unequally need the item table"
         padded = launch.num_tokens
         assert padded >= t and (padded > 0), "a step needs at least one row"
         ids[t:padded] = 0
         pos[t:padded] = 0
         slots[t:padded] = 0  # block 0 (the null block), offset 0
-        self._to_device(padded, num_seqs, width, num_tiles, num_decodes, num_items if launch.kv_split else 0)
+        self._to_device(padded, num_seqs, width, num_tiles, num_decodes, num_items)
         if feed_rows:
             assert fed is not None
             self._feed(fed.token_ids, feed_rows, feed_sources)
@@ -204,7 +209,8 @@ class StepInputs:
             slot_mapping=d["slot_mapping"][:padded], query_start_loc_cpu=qsl[: num_seqs + 1].tolist(),
             seq_lens_cpu=seq_lens[:num_seqs].tolist(), num_decode_seqs=num_decodes,
             context_free_prefill=context_free and num_decodes < num_seqs, counts=d["counts"], query_tiles=d["query_tiles"], launch=launch,
-            decode_item_starts=d["decode_item_starts"], decode_item_seq=d["decode_item_seq"],
+            decode_item_starts=d["decode_item_starts"] if self.split_item_table else None,
+            decode_item_seq=d["decode_item_seq"] if self.split_item_table else None,
         )
 
     def load_padding(self, launch: LaunchShape) -> AttentionMetadata:
@@ -249,7 +255,7 @@ class StepInputs:
             d["counts"].copy_(h["counts"], non_blocking=True)
             if num_tiles:
                 d["query_tiles"][:, :num_tiles].copy_(h["query_tiles"][:, :num_tiles], non_blocking=True)
-            if num_items:  # the decodes' split items (a launch with the split paths reads them)
+            if num_items:  # the decodes' split items (read by a launch with the split paths and the item table)
                 d["decode_item_starts"][: num_decodes + 1].copy_(h["decode_item_starts"][: num_decodes + 1],
                                                                  non_blocking=True)
                 d["decode_item_seq"][:num_items].copy_(h["decode_item_seq"][:num_items], non_blocking=True)

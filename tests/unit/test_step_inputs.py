@@ -83,6 +83,7 @@ def test_a_step_that_splits_takes_the_launch_with_the_split_paths(splits: tuple[
         return np.full(counts.num_decodes, splits[0], dtype=np.int32), splits[1]
 
     inputs = StepInputs(64, 8, 16, 4, torch.device("cpu"), query_tile_rows=16, kv_splits=rule)
+    inputs.split_item_table = True
     params = SamplingParams(max_tokens=8)
     decode, prompt = Request("d", [5, 6, 7], params), Request("p", [9] * 20, params)
     chunks = [ScheduledChunk(decode, 2, 1, [1], True), ScheduledChunk(prompt, 4, 16, [2, 3, 4, 5, 6], True)]
@@ -91,5 +92,7 @@ def test_a_step_that_splits_takes_the_launch_with_the_split_paths(splits: tuple[
     assert meta.launch is not None and meta.launch.kv_split is with_split_paths
     assert (seen[0].max_decode_seq_len, seen[0].max_chunk_seq_len) == (3, 20)
     assert seen[0].decode_lens().tolist() == [3]
-    starts, items = inputs.np["decode_item_starts"], inputs.np["decode_item_seq"]
-    assert starts[:2].tolist() == [0, splits[0]] and items[:splits[0]].tolist() == [0] * splits[0]
+    if with_split_paths:  # the item table the split launch reads: the one decode's splits
+        starts, items = inputs.np["decode_item_starts"], inputs.np["decode_item_seq"]
+        assert starts[:2].tolist() == [0, splits[0]] and items[:splits[0]].tolist() == [0] * splits[0]
+        assert meta.decode_item_starts is not None and meta.decode_item_seq is not None

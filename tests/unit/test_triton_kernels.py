@@ -62,17 +62,18 @@ def test_query_tiles_cover_every_row_once_longest_first() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("item_table", [False, True])
 @pytest.mark.parametrize(("decode_splits", "prefill_splits", "window", "split_launch"),
                          [(1, 1, None, False), (1, 1, 25, True), (1, 3, None, True), (2, 1, None, True),
                           (5, 3, None, True), (3, 2, 25, True)])
 def test_graph_shaped_launch_runs_live_work_only(dtype: torch.dtype, decode_splits: int, prefill_splits: int,
-                                                 window: int | None, split_launch: bool) -> None:
+                                                 window: int | None, split_launch: bool, item_table: bool) -> None:
     """The launch a CUDA graph freezes: decodes first, then prefill chunks, then padding rows; the decode
     grid covers more (sequence, split) items than are live, the prefill kernel has fewer persistent
     programs than tiles (one split) or splits each tile's keys (the split counts are device scalars, as
     a step sets them; the split launch, which a graph that splits anything replays, also runs a step whose
-    decodes do not split). Live rows equal the reference; padding rows and rows of no live work stay
-    untouched."""
+    decodes do not split; the decodes' splits as one count or from the item table). Live rows equal the
+    reference; padding rows and rows of no live work stay untouched."""
     import numpy as np
 
     from tests.support.kernel_cases import paged_problem, reference_attention, relative_error
@@ -92,7 +93,8 @@ def test_graph_shaped_launch_runs_live_work_only(dtype: torch.dtype, decode_spli
     paged_decode.paged_decode_attention(q[:capacity], cache, meta.block_tables, meta.seq_lens, scale=0.3,
                                         sliding_window=window, num_splits=counts[2:3], num_programs=16,
                                         may_split=split_launch, num_active=counts[0:1], out=out[:capacity],
-                                        items=paged_decode.split_items(np.full(2, decode_splits), DEVICE))
+                                        items=paged_decode.split_items(np.full(2, decode_splits), DEVICE)
+                                        if item_table else None)
     programs = max(1, num_tiles // 2) if prefill_splits == 1 else num_tiles * prefill_splits + 1
     paged_prefill.paged_prefill_attention(q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                           scale=0.3, sliding_window=window, tiles=tiles, num_tiles=counts[1:2],

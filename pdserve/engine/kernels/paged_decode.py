@@ -103,8 +103,8 @@ def _store_output(out_ptr, seq, stride_os, stride_oh, heads, head_mask, acc, saf
 
 @triton.jit
 def _decode_partial_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, num_active_ptr, item_starts_ptr,
-    item_seq_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, num_active_ptr, num_splits_ptr,
+    item_starts_ptr, item_seq_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     scale_log2, window,
     stride_qs, stride_qh,
     stride_cb, stride_ct, stride_ch,
@@ -112,7 +112,7 @@ def _decode_partial_kernel(
     stride_os, stride_oh,
     stride_pi, stride_ph, stride_li,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, ITEM_TABLE: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     g = tl.arange(0, GROUP_PAD)
@@ -121,10 +121,19 @@ def _decode_partial_kernel(
     head_mask = g < GROUP
     if SPLIT:  # one program per (sequence, split) item
         item = tl.program_id(0)
-        if item < tl.load(item_starts_ptr + tl.load(num_active_ptr)):
-            seq = tl.load(item_seq_ptr + item)
-            first_item = tl.load(item_starts_ptr + seq)
-            num_splits = tl.load(item_starts_ptr + seq + 1) - first_item
+        if ITEM_TABLE:  # each sequence its own split count
+            num_items = tl.load(item_starts_ptr + tl.load(num_active_ptr))
+        else:  # every sequence ``num_splits`` ways
+            num_items = tl.load(num_active_ptr) * tl.load(num_splits_ptr)
+        if item < num_items:
+            if ITEM_TABLE:
+                seq = tl.load(item_seq_ptr + item)
+                first_item = tl.load(item_starts_ptr + seq)
+                num_splits = tl.load(item_starts_ptr + seq + 1) - first_item
+            else:
+                num_splits = tl.load(num_splits_ptr)
+                seq = item // num_splits
+                first_item = seq * num_splits
             split = item - first_item
             seq_len = tl.load(seq_lens_ptr + seq)
             q = _group_query(q_ptr, seq, stride_qs, stride_qh, heads, head_mask, HEAD_DIM)
@@ -160,19 +169,24 @@ def _decode_partial_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, num_active_ptr, max_splits_ptr, item_starts_ptr, num_heads,
+    part_out_ptr, part_lse_ptr, out_ptr, num_active_ptr, num_splits_ptr, item_starts_ptr, num_heads,
     stride_pi, stride_ph, stride_li, stride_os, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr, ITEM_TABLE: tl.constexpr,
 ):
-    if tl.load(max_splits_ptr) == 1:  # no sequence split: every output is written
+    most_splits = tl.load(num_splits_ptr)  # with an item table: the most of any sequence
+    if most_splits == 1:  # no sequence split: every output is written
         return
     d = tl.arange(0, HEAD_DIM)
     k = tl.arange(0, SPLIT_CHUNK)
     for work in range(tl.program_id(0), tl.load(num_active_ptr) * num_heads, tl.num_programs(0)):
         seq = work // num_heads
         head = work % num_heads
-        first_item = tl.load(item_starts_ptr + seq)
-        num_splits = tl.load(item_starts_ptr + seq + 1) - first_item
+        if ITEM_TABLE:
+            first_item = tl.load(item_starts_ptr + seq)
+            num_splits = tl.load(item_starts_ptr + seq + 1) - first_item
+        else:
+            first_item = seq * most_splits
+            num_splits = most_splits
         if num_splits > 1:  # a sequence of one split wrote its output itself
             m = -1.0e30
             total = 0.0
@@ -257,10 +271,10 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                            workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
                            items: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention for the first ``num_active`` (int32 device scalar; default: all) of the
-    ``query.shape[0]`` sequences, split along their KV: ``num_splits`` ways each (an int), or as the
-    item table ``items`` says (``(item_starts, item_seq)``, int32 device tensors from
-    :func:`fill_split_items`; required with a device ``num_splits``, which is then the most splits of any
-    sequence, at most :data:`MAX_SPLITS`). ``may_split`` chooses the launch: the split one (by default
+    ``query.shape[0]`` sequences, split along their KV: ``num_splits`` ways each (an int, or an int32
+    device scalar read by the kernels, at most :data:`MAX_SPLITS`), or as the item table ``items`` says
+    (``(item_starts, item_seq)``, int32 device tensors from :func:`fill_split_items`; ``num_splits`` is
+    then the most splits of any sequence). ``may_split`` chooses the launch: the split one (by default
     for a device scalar or an int above one), ``num_programs`` programs per KV head (default: every
     sequence times ``num_splits``; the caller guarantees the live items fit them), or the whole one, for
     which the split count must be 1. ``workspace`` (partial outputs and log-sum-exps, float32
@@ -285,10 +299,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     if may_split is None:
         may_split = not isinstance(num_splits, int) or num_splits != 1
     assert may_split or not isinstance(num_splits, int) or num_splits == 1, "a split count above 1 needs may_split"
-    if may_split and items is None:
-        assert isinstance(num_splits, int), "a device split count needs the item table"
-        items = split_items(np.full(num_seqs, num_splits, dtype=np.int32), device)  # every sequence alike
-    item_starts, item_seq = items if items is not None else (num_active, num_active)  # unused without splits
+    item_table = items is not None
+    item_starts, item_seq = items if items is not None else (num_active, num_active)  # unused without a table
     if may_split:
         if workspace is None:
             part_out = torch.empty((num_programs, num_heads, head_dim), dtype=torch.float32, device=device)
@@ -302,18 +314,18 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                   BLOCK_SIZE=block_size, BLOCK_N=block_n,
                   DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
-    args = (query, k_cache, v_cache, block_tables, seq_lens, num_active, item_starts, item_seq, out, part_out,
-            part_lse,
+    args = (query, k_cache, v_cache, block_tables, seq_lens, num_active, splits_tensor, item_starts, item_seq, out,
+            part_out, part_lse,
             scale * LOG2E, sliding_window or 0, query.stride(0), query.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_lse.stride(0))
     if not may_split:
-        _decode_partial_kernel[(num_seqs, num_kv_heads)](*args, SPLIT=False, **common)
+        _decode_partial_kernel[(num_seqs, num_kv_heads)](*args, SPLIT=False, ITEM_TABLE=False, **common)
     else:
-        _decode_partial_kernel[(num_programs, num_kv_heads)](*args, SPLIT=True, **common)
+        _decode_partial_kernel[(num_programs, num_kv_heads)](*args, SPLIT=True, ITEM_TABLE=item_table, **common)
         _decode_merge_kernel[(min(num_programs, MERGE_PROGRAMS_PER_KV_HEAD) * num_kv_heads,)](
             part_out, part_lse, out, num_active, splits_tensor, item_starts, num_heads,
             part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, SPLIT_CHUNK=MERGE_SPLIT_CHUNK, num_warps=4,
+            HEAD_DIM=head_dim, SPLIT_CHUNK=MERGE_SPLIT_CHUNK, ITEM_TABLE=item_table, num_warps=4,
         )
     return out
