@@ -10,6 +10,7 @@ import torch
 
 from pdserve import LLM, SamplingParams
 from tests.support.hf_models import make_hf_model
+from tests.support.two_waves import two_waves
 
 pytestmark = pytest.mark.gpu
 
@@ -146,18 +147,7 @@ def test_budget_cut_chunks_that_fill_their_graph_give_the_reference_tokens(tmp_p
         if not fill:
             scheduler.graph_rows = None
         engine = gpu.engine
-        tokens: dict[str, list[int]] = {}
-        for i, prompt in enumerate(prompts[:2]):  # two decode first, then the long prompts join them
-            engine.add_request(f"r{i}", prompt_token_ids=prompt, params=params)
-        for _ in range(3):
-            for delta in engine.step():
-                tokens.setdefault(delta.request_id, []).extend(delta.new_token_ids)
-        for i, prompt in enumerate(prompts[2:], start=2):
-            engine.add_request(f"r{i}", prompt_token_ids=prompt, params=params)
-        while engine.has_unfinished_requests():
-            for delta in engine.step():
-                tokens.setdefault(delta.request_id, []).extend(delta.new_token_ids)
-        assert [tokens[f"r{i}"] for i in range(len(prompts))] == expected
+        assert two_waves(gpu, prompts, params) == expected  # two decode first, then the long prompts join them
         assert engine.runner.num_graph_steps > 0
         assert (scheduler.num_filled_chunks > 0) == fill
         del gpu, engine

@@ -17,6 +17,7 @@ from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.engine.step_time import StepShape, StepTimeModel
+from tests.support.two_waves import two_waves
 
 #: requests that can only end at max_tokens: every later token can be counted on
 TO_MAX = SamplingParams(max_tokens=100, ignore_eos=True)
@@ -154,43 +155,26 @@ def test_landing_zones_wait_behind_a_preempted_request() -> None:
             assert [r.request_id for r in plan.landing_zones] == ["remote"]
 
 
-def _two_waves(llm: LLM, prompts: list[str], params: SamplingParams) -> list[list[int]]:
-    """Half the prompts first; the rest arrive while those decode (so chunks share steps with decodes)."""
-    engine = llm.engine
-    tokens: dict[str, list[int]] = {}
-    for i, prompt in enumerate(prompts[:2]):
-        engine.add_request(f"r{i}", prompt=prompt, params=params)
-    for _ in range(3):
-        for delta in engine.step():
-            tokens.setdefault(delta.request_id, []).extend(delta.new_token_ids)
-    for i, prompt in enumerate(prompts[2:], start=2):
-        engine.add_request(f"r{i}", prompt=prompt, params=params)
-    while engine.has_unfinished_requests():
-        for delta in engine.step():
-            tokens.setdefault(delta.request_id, []).extend(delta.new_token_ids)
-    return [tokens[f"r{i}"] for i in range(len(prompts))]
-
-
 def test_slo_scheduling_leaves_outputs_unchanged(tmp_path) -> None:
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps(MODEL.to_dict()))
     prompts = ["Hello there " * 20, "The capital of France is", "x" * 150, "Once upon a time " * 8, "zzz"]
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    plain = _two_waves(LLM(model="tiny-random", num_kv_blocks=256), prompts, params)
+    plain = two_waves(LLM(model="tiny-random", num_kv_blocks=256), prompts, params)
     budgeted = LLM(model="tiny-random", num_kv_blocks=256, step_time_profile=str(profile), step_time_budget_ms=6.0,
                    ttft_slo_ms=1.0)
-    assert _two_waves(budgeted, prompts, params) == plain
+    assert two_waves(budgeted, prompts, params) == plain
     engine = budgeted.engine
     assert engine.scheduler.num_budget_cut_chunks > 0  # prompts were chunked beside decodes
     assert engine.step_monitor is not None and engine.step_monitor.summary()["steps"] > 0
     assert 0 < engine.spare_prefill_tokens_per_s() <= engine.prefill_tokens_per_s
     deferring = LLM(model="tiny-random", num_kv_blocks=256, step_time_profile=str(profile), step_time_budget_ms=6.0,
                     ttft_slo_ms=200.0, step_budget_window=4, defer_chunks_below=64)
-    assert _two_waves(deferring, prompts, params) == plain
+    assert two_waves(deferring, prompts, params) == plain
     assert deferring.engine.scheduler.num_deferred_chunks > 0  # chunks waited for a longer step
     borrowing = LLM(model="tiny-random", num_kv_blocks=256, step_time_profile=str(profile), step_time_budget_ms=6.0,
                     step_budget_borrow_tokens=64)
-    assert _two_waves(borrowing, prompts, params) == plain
+    assert two_waves(borrowing, prompts, params) == plain
 
 
 def test_decodes_ahead_of_their_tpot_let_a_longer_chunk_through() -> None:
