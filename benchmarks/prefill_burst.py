@@ -38,7 +38,7 @@ from benchmarks.serving.workload import poisson_schedule, sharegpt_workload
 from pdserve.cluster.config import cluster_config_from_dict
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.engine import LLMEngine
-from pdserve.engine.scheduler import SchedulerPlan
+from pdserve.engine.step_plan import SchedulerPlan
 from pdserve.kvtransfer import KVLayoutInfo, KVSender, LayerSend, TransferHandle, TransferState, open_receiver
 from pdserve.kvtransfer.ipc_sender import open_ipc_sender
 from pdserve.prefill.layer_streaming import StreamedTransfer, layer_hook_for_step

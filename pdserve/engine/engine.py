@@ -49,9 +49,10 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.request_checks import check_resume, encode_prompt, stop_status
 from pdserve.engine.runner import LaunchedStep, ModelRunner
 from pdserve.engine.sampler import Sampler
-from pdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerPlan
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.engine.sizing import size_kv_cache
 from pdserve.engine.slow_steps import SlowStepWatch
+from pdserve.engine.step_plan import SchedulerPlan
 from pdserve.engine.step_profile import load_or_measure_step_time
 from pdserve.engine.step_time import StepKind, StepTimeModel, StepTimeMonitor
 from pdserve.engine.tensor_parallel import TensorParallelModel
@@ -61,6 +62,9 @@ logger = logging.getLogger(__name__)
 #: ``PDSERVE_FILL_GRAPH_PADDING=0`` leaves budget-cut chunks as cut (an A/B switch for benchmarks; see
 #: ``Scheduler.graph_rows``)
 FILL_GRAPH_PADDING = os.environ.get("PDSERVE_FILL_GRAPH_PADDING", "1") != "0"
+#: ``PDSERVE_PAD_WITH_NEXT_PROMPT=1``: a prompt the step budget leaves out takes the padding rows its step's graph
+#: still has (``Scheduler.pad_with_next_prompt``; off until measured on a GPU)
+PAD_WITH_NEXT_PROMPT = os.environ.get("PDSERVE_PAD_WITH_NEXT_PROMPT", "0") == "1"
 _LIVE_ENGINES: weakref.WeakSet[LLMEngine] = weakref.WeakSet()
 
 
@@ -134,6 +138,7 @@ class LLMEngine(RemotePrefill):
                                                                                   config.graph_max_tokens)
             if FILL_GRAPH_PADDING:
                 self.scheduler.graph_rows = self.runner.graph_rows
+                self.scheduler.pad_with_next_prompt = PAD_WITH_NEXT_PROMPT
         self.startup_seconds["attention_plans"] = prepare_attention(
             backend, self.model, self.dtype, devices, min(config.max_num_batched_tokens, self.max_model_len))
         self.step_time: StepTimeModel | None = None

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from pdserve.engine.kv_cache.manager import KVCacheManager
     from pdserve.engine.model.hf_config import ModelSpec
     from pdserve.engine.sampler import Sampler
-    from pdserve.engine.scheduler import Scheduler, SchedulerPlan
+    from pdserve.engine.scheduler import Scheduler
+    from pdserve.engine.step_plan import SchedulerPlan
 
 
 @dataclass(frozen=True)

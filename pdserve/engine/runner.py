@@ -29,8 +29,8 @@ from pdserve.engine.cuda_graphs import StepGraphs, capture_sizes
 from pdserve.engine.kv_splits import KVSplitRule, graph_launch_shape
 from pdserve.engine.model.interface import CausalLM
 from pdserve.engine.sampler import SampledTokens, Sampler, SamplingRow
-from pdserve.engine.scheduler import ScheduledChunk, SchedulerPlan
 from pdserve.engine.step_inputs import FedTokens, StepCounts, StepInputs
+from pdserve.engine.step_plan import ScheduledChunk, SchedulerPlan
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ SLO-aware scheduling (both optional, set from the cluster's ``slo``):
   as long as its predicted time stays within its budget; a step with no decodes takes its whole token
   budget, and a step whose decodes alone exceed the budget still advances one prefill chunk of
   ``min_prefill_chunk`` tokens (no prompt starves); a chunk the budget cuts is grown to fill the padding
-  rows of the CUDA graph its step replays (``graph_rows``). The budget is the TPOT SLO, or more when the
+  rows of the CUDA graph its step replays (``graph_rows``), and with ``pad_with_next_prompt`` a prompt
+  the budget leaves out of a step takes whatever padding rows its graph still has. The budget is the TPOT SLO, or more when the
   running requests can afford it (:mod:`pdserve.engine.step_budget`: their slack; with
   ``borrow_tokens`` what their later tokens can pay back; with ``budget_window`` the mean of the last
   steps); long chunks then ride on the slack fast decode steps build up, instead of every step being
@@ -42,7 +43,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pdserve.common.step_model import DEFER_TTFT_SHARE
 from pdserve.engine.deadline_order import order_by_deadline
@@ -50,6 +51,7 @@ from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.output_lengths import OutputLengths
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.step_budget import StepBudget
+from pdserve.engine.step_plan import ScheduledChunk, SchedulerPlan
 from pdserve.engine.step_time import StepShape, StepTimeModel
 
 
@@ -64,57 +66,6 @@ class SchedulerConfig:
     budget_window: int = 0  # steps (StepBudget.window); 0: the SLO and the batch's least slack only
     borrow_tokens: int = 0  # later tokens a request may borrow a step's time from (StepBudget); 0: none
     defer_chunks_below: int = 0  # tokens; 0: a chunk the budget cuts runs cut
-
-
-@dataclass(frozen=True)
-class ScheduledChunk:
-    """Compute tokens ``[start, start + num_tokens)`` of ``request`` with KV in ``block_ids``.
-
-    ``samples`` (fixed when scheduled): the chunk reaches the request's last known token, so the step
-    samples a new token from its last row.
-    """
-
-    request: Request
-    start: int
-    num_tokens: int
-    block_ids: list[int]
-    samples: bool
-
-    @classmethod
-    def of(cls, request: Request, num_tokens: int, block_ids: list[int]) -> ScheduledChunk:
-        start = request.num_computed_tokens
-        return cls(request, start, num_tokens, block_ids, start + num_tokens == request.num_tokens)
-
-
-@dataclass
-class SchedulerPlan:
-    chunks: list[ScheduledChunk] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-    landing_zones: list[Request] = field(default_factory=list)  # newly WAITING_FOR_KV requests
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
-
-    @property
-    def shape(self) -> StepShape:
-        """What the step carries, in the step-time model's terms (one pass: it is read every step)."""
-        tokens = kv_tokens = decodes = 0
-        pairs = context_pairs = 0.0
-        for chunk in self.chunks:
-            n, start = chunk.num_tokens, chunk.start
-            tokens += n
-            kv_tokens += start
-            if n == 1:
-                decodes += 1
-            else:
-                pairs += n * n / 2
-                context_pairs += n * start
-        return StepShape(tokens, kv_tokens, pairs, decodes, context_pairs)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.chunks
 
 
 class Scheduler:
@@ -135,6 +86,7 @@ class Scheduler:
         self.output_lengths = OutputLengths()  # of finished requests, for the budget's borrowing
         # rows a step of n tokens computes (its CUDA graph's padded size; set by the engine once captured)
         self.graph_rows: Callable[[int], int] | None = None
+        self.pad_with_next_prompt = False  # a prompt the budget leaves out still takes the graph's padding rows
 
     # ---- queue management ----------------------------------------------------------------------
 
@@ -285,6 +237,9 @@ class Scheduler:
             return 0
         if fits == 0 and not any(c.num_tokens > 1 for c in plan.chunks):
             fits = min(limit, self.config.min_prefill_chunk)  # over budget already: still advance one chunk
+        if fits == 0 and self.pad_with_next_prompt and self.graph_rows is not None:
+            fits = min(limit, self.graph_rows(step.tokens) - step.tokens)  # rows the step's graph computes anyway
+            self.num_filled_chunks += fits > 0
         if 0 < fits < limit and self.graph_rows is not None:  # the step's graph computes its padding rows anyway
             rows = step.tokens + fits
             grown = min(limit, fits + self.graph_rows(rows) - rows)

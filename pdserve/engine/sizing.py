@@ -16,7 +16,7 @@ from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches, num_blocks_for_budget
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import SamplingRow
-from pdserve.engine.scheduler import ScheduledChunk
+from pdserve.engine.step_plan import ScheduledChunk
 from pdserve.engine.tensor_parallel import TensorParallelModel
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import pstats
 import time
 from collections.abc import Callable
 
-from pdserve.engine.scheduler import SchedulerPlan
+from pdserve.engine.step_plan import SchedulerPlan
 
 logger = logging.getLogger("pdserve.engine.engine")
 #: A step whose launch, or whose wait for the device, takes longer is logged.

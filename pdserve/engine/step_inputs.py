@@ -35,7 +35,7 @@ from pdserve.engine.attention.metadata import AttentionMetadata, LaunchShape
 from pdserve.engine.kernels.paged_decode import MAX_SPLITS, fill_split_items
 from pdserve.engine.kernels.paged_prefill import build_query_tiles
 from pdserve.engine.rank_inputs import RankInputs
-from pdserve.engine.scheduler import ScheduledChunk
+from pdserve.engine.step_plan import ScheduledChunk
 
 
 @dataclass(frozen=True)

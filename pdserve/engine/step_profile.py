@@ -16,7 +16,7 @@ import torch
 
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.request import Request
-from pdserve.engine.scheduler import ScheduledChunk
+from pdserve.engine.step_plan import ScheduledChunk
 from pdserve.engine.step_time import StepTimeModel, profile_step_time
 
 

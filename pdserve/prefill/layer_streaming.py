@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from pdserve.engine.kv_cache.tensors import head_group_views
-from pdserve.engine.scheduler import SchedulerPlan
+from pdserve.engine.step_plan import SchedulerPlan
 from pdserve.kvtransfer import KVSender, LayerSend, TransferHandle
 
 

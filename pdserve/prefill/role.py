@@ -25,7 +25,7 @@ import torch
 
 from pdserve.common.errors import InvalidParameterError, OutOfCapacityError
 from pdserve.common.outputs import RequestDelta
-from pdserve.engine.scheduler import SchedulerPlan
+from pdserve.engine.step_plan import SchedulerPlan
 from pdserve.kvtransfer import HandshakeError, KVLayoutInfo, KVSender, TransferState, open_sender
 from pdserve.prefill.layer_streaming import StreamedTransfer, layer_hook_for_step
 from pdserve.rpc.convert import position_logprobs_to_proto, sampling_params_from_proto

@@ -124,8 +124,9 @@ def test_layer_hook_sees_every_layer_after_a_graph_replay(tmp_path) -> None:
 
 def test_budget_cut_chunks_that_fill_their_graph_give_the_reference_tokens(tmp_path) -> None:
     """With a step-time budget, prompt chunks beside decodes are cut, and a cut chunk grows into the
-    padding rows of the CUDA graph its step replays: the tokens stay the CPU reference's, and without the
-    fill (``graph_rows`` unset) too."""
+    padding rows of the CUDA graph its step replays (and with ``pad_with_next_prompt`` a prompt left out
+    takes what padding is left): the tokens stay the CPU reference's, and without the fill (``graph_rows``
+    unset) too."""
     import json
 
     from pdserve.engine.step_time import StepTimeModel
@@ -140,10 +141,11 @@ def test_budget_cut_chunks_that_fill_their_graph_give_the_reference_tokens(tmp_p
                   max_num_batched_tokens=256)
     expected = [o.token_ids for o in LLM(device="cpu", attention_backend="torch", **kwargs).generate(
         prompt_token_ids=prompts, sampling_params=params)]
-    for fill in (True, False):
+    for fill, pad in ((True, False), (True, True), (False, False)):
         gpu = LLM(device="cuda", step_time_profile=str(profile), step_time_budget_ms=7.0, **kwargs)
         scheduler = gpu.engine.scheduler
         assert scheduler.graph_rows is not None
+        scheduler.pad_with_next_prompt = pad
         if not fill:
             scheduler.graph_rows = None
         engine = gpu.engine

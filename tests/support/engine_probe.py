@@ -7,7 +7,7 @@ import torch
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.request import Request
-from pdserve.engine.scheduler import ScheduledChunk
+from pdserve.engine.step_plan import ScheduledChunk
 
 
 @torch.inference_mode()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.request import Request, RequestStatus
-from pdserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerPlan
+from pdserve.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.engine.step_plan import SchedulerPlan
 
 
 def _scheduler(budget: int = 16, max_seqs: int = 8, blocks: int = 64, chunked: bool = True) -> Scheduler:

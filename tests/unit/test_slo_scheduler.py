@@ -82,6 +82,24 @@ def test_a_cut_chunk_fills_the_padding_rows_of_its_cuda_graph() -> None:
     assert sum(c.num_tokens for c in tight.schedule().chunks) == cut[0] + 4 + 2  # never past the token budget
 
 
+def test_a_prompt_the_budget_leaves_out_may_take_the_graphs_padding_rows() -> None:
+    """With ``pad_with_next_prompt``, once the budget is spent a waiting prompt still takes the padding
+    rows of the step's CUDA graph (they are computed anyway), never more; without, it waits."""
+    taken = []
+    for pad in (False, True):
+        scheduler = _scheduler()
+        scheduler.graph_rows = lambda n: -(-n // 64) * 64
+        scheduler.pad_with_next_prompt = pad
+        _decoding(scheduler, 4)
+        scheduler.add(Request("a", [2] * 46, SamplingParams(max_tokens=4)))  # 4 + 46 rows: the 10 ms budget
+        scheduler.add(Request("b", [2] * 400, SamplingParams(max_tokens=4)))
+        plan = scheduler.schedule()
+        chunks = {c.request.request_id: c.num_tokens for c in plan.chunks if c.num_tokens > 1}
+        assert chunks["a"] == 46 and MODEL.predict(StepShape(0).plus_chunk(51, 0)) > 10e-3
+        taken.append((chunks.get("b", 0), plan.num_batched_tokens, scheduler.num_filled_chunks))
+    assert taken == [(0, 50, 0), (14, 64, 1)]  # the 64-row graph's 14 padding rows, no more
+
+
 def test_without_decodes_the_whole_token_budget_is_used() -> None:
     scheduler = _scheduler()
     scheduler.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
@@ -175,6 +193,11 @@ def test_slo_scheduling_leaves_outputs_unchanged(tmp_path) -> None:
     borrowing = LLM(model="tiny-random", num_kv_blocks=256, step_time_profile=str(profile), step_time_budget_ms=6.0,
                     step_budget_borrow_tokens=64)
     assert two_waves(borrowing, prompts, params) == plain
+    padded = LLM(model="tiny-random", num_kv_blocks=256, step_time_profile=str(profile), step_time_budget_ms=6.0)
+    padded.engine.scheduler.graph_rows = lambda n: -(-n // 16) * 16  # as if steps replayed 16-row graphs
+    padded.engine.scheduler.pad_with_next_prompt = True
+    assert two_waves(padded, prompts, params) == plain
+    assert padded.engine.scheduler.num_filled_chunks > 0
 
 
 def test_decodes_ahead_of_their_tpot_let_a_longer_chunk_through() -> None:

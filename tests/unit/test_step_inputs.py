@@ -9,8 +9,8 @@ import torch
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.engine.attention.metadata import LaunchShape
 from pdserve.engine.request import Request
-from pdserve.engine.scheduler import ScheduledChunk
 from pdserve.engine.step_inputs import FedTokens, StepInputs
+from pdserve.engine.step_plan import ScheduledChunk
 
 
 def _inputs() -> StepInputs:
