@@ -22,8 +22,8 @@ SLO-aware scheduling (both optional, set from the cluster's ``slo``):
   budget, and a step whose decodes alone exceed the budget still advances one prefill chunk of
   ``min_prefill_chunk`` tokens (no prompt starves); a chunk the budget cuts is grown to fill the padding
   rows of the CUDA graph its step replays (``graph_rows``), and with ``pad_with_next_prompt`` a prompt
-  the budget leaves out of a step takes whatever padding rows its graph still has. The budget is the TPOT SLO, or more when the
-  running requests can afford it (:mod:`pdserve.engine.step_budget`: their slack; with
+  the budget leaves out of a step takes whatever padding rows its graph still has. The budget is the
+  TPOT SLO, or more when the running requests can afford it (:mod:`pdserve.engine.step_budget`: their slack; with
   ``borrow_tokens`` what their later tokens can pay back; with ``budget_window`` the mean of the last
   steps); long chunks then ride on the slack fast decode steps build up, instead of every step being
   held to the SLO. With ``defer_chunks_below`` N (and the

@@ -176,7 +176,7 @@ class StepInputs:
         counts = StepCounts(t, num_decodes, num_tiles, max_seq_len,
                             max_decode_seq_len=int(seq_lens[:num_decodes].max()) if num_decodes else 0,
                             max_chunk_seq_len=int(seq_lens[num_decodes:num_seqs].max()) if num_decodes < num_seqs else 0,
-                            decode_seq_lens=seq_lens[:num_decodes])
+                            decode_seq_lens=seq_lens[:num_decodes].copy())  # the host buffer is reused
         launch = launch_for(counts)
         decode_splits, prefill_splits = self.kv_splits(counts, launch)
         most = int(decode_splits.max()) if num_decodes else 1
