@@ -124,14 +124,15 @@ def _decode_partial_kernel(
         if ITEM_TABLE:  # each sequence its own split count
             num_items = tl.load(item_starts_ptr + tl.load(num_active_ptr))
         else:  # every sequence ``num_splits`` ways
-            num_items = tl.load(num_active_ptr) * tl.load(num_splits_ptr)
+            splits_of_all = tl.load(num_splits_ptr)
+            num_items = tl.load(num_active_ptr) * splits_of_all
         if item < num_items:
             if ITEM_TABLE:
                 seq = tl.load(item_seq_ptr + item)
                 first_item = tl.load(item_starts_ptr + seq)
                 num_splits = tl.load(item_starts_ptr + seq + 1) - first_item
             else:
-                num_splits = tl.load(num_splits_ptr)
+                num_splits = splits_of_all
                 seq = item // num_splits
                 first_item = seq * num_splits
             split = item - first_item
@@ -168,6 +169,30 @@ def _decode_partial_kernel(
 
 
 @triton.jit
+def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, head, first_item, num_splits, d, k,
+                  stride_pi, stride_ph, stride_li, stride_os, stride_oh):
+    """Combine one head's partial results of items ``first_item ..`` (``num_splits`` of them) into
+    sequence ``seq``'s output: an online softmax over chunks of the splits (``d``: the head's dimensions,
+    ``k``: a chunk's split offsets)."""
+    m = -1.0e30
+    total = 0.0
+    acc = tl.zeros(d.shape, dtype=tl.float32)
+    for first in range(0, num_splits, k.shape[0]):
+        in_use = first + k < num_splits
+        items = first_item + first + k
+        lse = tl.load(part_lse_ptr + items * stride_li + head, mask=in_use, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        parts = tl.load(part_out_ptr + items[:, None] * stride_pi + head * stride_ph + d[None, :],
+                        mask=in_use[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(parts * w[:, None], 0)
+        total = total * alpha + tl.sum(w, 0)
+        m = m_new
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + d, (acc / total).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _decode_merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_active_ptr, num_splits_ptr, item_starts_ptr, num_heads,
     stride_pi, stride_ph, stride_li, stride_os, stride_oh,
@@ -184,26 +209,12 @@ def _decode_merge_kernel(
         if ITEM_TABLE:
             first_item = tl.load(item_starts_ptr + seq)
             num_splits = tl.load(item_starts_ptr + seq + 1) - first_item
+            if num_splits > 1:  # a sequence of one split wrote its output itself
+                _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, head, first_item, num_splits, d, k,
+                              stride_pi, stride_ph, stride_li, stride_os, stride_oh)
         else:
-            first_item = seq * most_splits
-            num_splits = most_splits
-        if num_splits > 1:  # a sequence of one split wrote its output itself
-            m = -1.0e30
-            total = 0.0
-            acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-            for first in range(0, num_splits, SPLIT_CHUNK):  # online softmax over chunks of the splits
-                in_use = first + k < num_splits
-                items = first_item + first + k
-                lse = tl.load(part_lse_ptr + items * stride_li + head, mask=in_use, other=float("-inf"))
-                m_new = tl.maximum(m, tl.max(lse, 0))
-                alpha = tl.exp2(m - m_new)
-                w = tl.exp2(lse - m_new)
-                parts = tl.load(part_out_ptr + items[:, None] * stride_pi + head * stride_ph + d[None, :],
-                                mask=in_use[:, None], other=0.0)
-                acc = acc * alpha + tl.sum(parts * w[:, None], 0)
-                total = total * alpha + tl.sum(w, 0)
-                m = m_new
-            tl.store(out_ptr + seq * stride_os + head * stride_oh + d, (acc / total).to(out_ptr.dtype.element_ty))
+            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq, head, seq * most_splits, most_splits, d, k,
+                          stride_pi, stride_ph, stride_li, stride_os, stride_oh)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
