@@ -7,7 +7,8 @@ fitting, the start-up profile and the live monitor are in :mod:`pdserve.engine.s
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -39,6 +40,22 @@ def borrowed_step_s(slo_s: float, slack_s: float, tokens_left: int, borrow_token
     one (``max_tokens`` bounds it). The engine's step budget and the planner's simulation both apply it."""
     lenders = max(0, min(tokens_left, borrow_tokens))
     return slack_s + lenders * (1.0 - BORROW_LATER_TOKEN_SHARE) * slo_s
+
+
+def slack_step_budget_s(slo_s: float, decoding: Iterable[tuple[float, int]], borrow_tokens: int) -> float:
+    """How long the next step may take for the decoding requests' ``(slack_s, tokens_left)`` under a mean-TPOT
+    SLO of ``slo_s``: never less than the SLO, else the least slack of any of them, or with ``borrow_tokens``
+    what the least of them lends from its later tokens (:func:`borrowed_step_s`), at most
+    ``BORROW_STEP_CAP`` SLOs. The SLO when none decodes. The engine's step budget and the planner's
+    simulation both apply it."""
+    least = lent = math.inf
+    for slack_s, tokens_left in decoding:
+        least = min(least, slack_s)
+        if borrow_tokens:
+            lent = min(lent, borrowed_step_s(slo_s, slack_s, tokens_left, borrow_tokens))
+    if least == math.inf:
+        return slo_s
+    return max(slo_s, least, min(lent, BORROW_STEP_CAP * slo_s) if borrow_tokens else slo_s)
 
 
 def window_step_budget(slo_s: float, window: int, recent_s: Sequence[float]) -> float | None:

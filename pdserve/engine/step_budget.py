@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from pdserve.common.step_model import BORROW_STEP_CAP, borrowed_step_s, window_step_budget
+from pdserve.common.step_model import slack_step_budget_s, window_step_budget
 from pdserve.engine.output_lengths import OutputLengths
 from pdserve.engine.request import Request
 
@@ -77,13 +77,13 @@ class StepBudget:
         decoding = _decoding(running)
         if not decoding:
             return base
-        produced = [(r, r.num_output_tokens + r.num_pending_tokens) for r in decoding]
-        slack = [(r, n, r.first_token_time + base * n - now - base)  # less the step in flight
-                 for r, n in produced if r.first_token_time is not None]
-        budget = max(base, min(s for _, _, s in slack))
-        if self.borrow_tokens:
-            lent = min(borrowed_step_s(base, s, self.output_lengths.tokens_left(r, n), self.borrow_tokens)
-                       for r, n, s in slack)
-            budget = max(budget, min(lent, BORROW_STEP_CAP * base))
+        lenders = []
+        for r in decoding:  # each has its first token (``_decoding``)
+            assert r.first_token_time is not None
+            produced = r.num_output_tokens + r.num_pending_tokens
+            slack = r.first_token_time + base * produced - now - base  # less the step in flight
+            left = self.output_lengths.tokens_left(r, produced) if self.borrow_tokens else 0
+            lenders.append((slack, left))
+        budget = slack_step_budget_s(base, lenders, self.borrow_tokens)
         room = self.window_room(decoding)
         return max(budget, room if room is not None else base)

@@ -38,11 +38,10 @@ import itertools
 from collections.abc import Callable
 
 from pdserve.common.step_model import (
-    BORROW_STEP_CAP,
     DEFER_TTFT_SHARE,
     StepShape,
     StepTimeModel,
-    borrowed_step_s,
+    slack_step_budget_s,
     window_step_budget,
 )
 from pdserve.planner.sim_worker import (
@@ -243,20 +242,11 @@ class ClusterSimulation:
 
     @staticmethod
     def _borrowed_budget(worker: SimWorker, slo_s: float, now: float) -> float:
-        """As the engine's step budget with borrowing: the least slack of the decoding requests, or what
-        the least of them lends from its later tokens (at most ``BORROW_STEP_CAP`` SLOs), not below the SLO."""
-        least = lent = float("inf")
-        for a in worker.running:
-            first = a.outcome.first_token_s
-            if first is None:
-                continue
-            slack = first + slo_s * a.produced - now
-            least = min(least, slack)
-            lent = min(lent, borrowed_step_s(slo_s, slack, a.outcome.request.output_tokens - a.produced - 1,
-                                             worker.spec.borrow_tokens))
-        if least == float("inf"):
-            return slo_s
-        return max(slo_s, least, min(lent, BORROW_STEP_CAP * slo_s))
+        """As the engine's step budget with borrowing (``slack_step_budget_s``), planned at the step boundary."""
+        return slack_step_budget_s(slo_s, [(a.outcome.first_token_s + slo_s * a.produced - now,
+                                            a.outcome.request.output_tokens - a.produced - 1)
+                                           for a in worker.running if a.outcome.first_token_s is not None],
+                                   worker.spec.borrow_tokens)
 
     def _unblock(self, worker: SimWorker) -> None:
         """A worker with work but no step to run is out of blocks with nothing decoding: the newest partly

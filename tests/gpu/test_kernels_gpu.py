@@ -50,7 +50,8 @@ def test_decode_kernel_with_splits_per_sequence_gpu(heads: int, kv_heads: int) -
     the short ones not at all), from a device item table in a wider grid: equal to the reference."""
     import numpy as np
 
-    from pdserve.engine.kernels.paged_decode import balanced_split_counts, paged_decode_attention, split_items
+    from pdserve.engine.kernels.paged_decode import balanced_split_counts, paged_decode_attention
+    from tests.support.kernel_cases import split_items
 
     ctx = [0, 15, 4095, 16, 17, 1023, 300, 2047] + [100] * 20
     splits = balanced_split_counts(np.array(ctx) + 1, target_items=4 * 132 // kv_heads, room=200)

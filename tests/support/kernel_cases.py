@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -80,3 +81,14 @@ def reference_silu_mul(gate_up):
     n = gate_up.shape[1] // 2
     g, u = gate_up[:, :n].double(), gate_up[:, n:].double()
     return F.silu(g) * u
+
+
+def split_items(split_counts: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode kernels' item table of ``split_counts`` (splits per sequence) as int32 tensors on ``device``
+    (see ``paged_decode.fill_split_items``)."""
+    from pdserve.engine.kernels.paged_decode import fill_split_items
+
+    starts = np.zeros(len(split_counts) + 1, dtype=np.int32)
+    seq = np.zeros(max(1, int(split_counts.sum())), dtype=np.int32)
+    fill_split_items(split_counts, starts, seq)
+    return torch.from_numpy(starts).to(device), torch.from_numpy(seq).to(device)

@@ -76,7 +76,7 @@ def test_graph_shaped_launch_runs_live_work_only(dtype: torch.dtype, decode_spli
     reference; padding rows and rows of no live work stay untouched."""
     import numpy as np
 
-    from tests.support.kernel_cases import paged_problem, reference_attention, relative_error
+    from tests.support.kernel_cases import paged_problem, reference_attention, relative_error, split_items
 
     paged_decode, paged_prefill, *_ = _kernels()
     ctx, qlens = [9, 40, 0, 70, 0], [1, 1, 37, 20, 6]  # 2 decodes, 3 prefill chunks (one after 70 tokens)
@@ -93,7 +93,7 @@ def test_graph_shaped_launch_runs_live_work_only(dtype: torch.dtype, decode_spli
     paged_decode.paged_decode_attention(q[:capacity], cache, meta.block_tables, meta.seq_lens, scale=0.3,
                                         sliding_window=window, num_splits=counts[2:3], num_programs=16,
                                         may_split=split_launch, num_active=counts[0:1], out=out[:capacity],
-                                        items=paged_decode.split_items(np.full(2, decode_splits), DEVICE)
+                                        items=split_items(np.full(2, decode_splits), DEVICE)
                                         if item_table else None)
     programs = max(1, num_tiles // 2) if prefill_splits == 1 else num_tiles * prefill_splits + 1
     paged_prefill.paged_prefill_attention(q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
@@ -131,7 +131,7 @@ def test_paged_decode_with_splits_per_sequence(heads: int, kv_heads: int, window
     every output equals the reference."""
     import numpy as np
 
-    from tests.support.kernel_cases import paged_problem, reference_attention, relative_error
+    from tests.support.kernel_cases import paged_problem, reference_attention, relative_error, split_items
 
     paged_decode, *_ = _kernels()
     ctx = [0, 15, 300, 16, 130, 47, 600]
@@ -143,7 +143,7 @@ def test_paged_decode_with_splits_per_sequence(heads: int, kv_heads: int, window
     paged_decode.paged_decode_attention(q, cache, meta.block_tables, meta.seq_lens, scale=0.2,
                                         sliding_window=window, num_splits=counts[1:2], num_programs=24,
                                         num_active=counts[0:1], out=out,
-                                        items=paged_decode.split_items(splits, DEVICE))
+                                        items=split_items(splits, DEVICE))
     ref = reference_attention(q, cache, meta, 0.2, window)
     assert relative_error(out.cpu(), ref) < BOUND[dtype]
 

@@ -259,14 +259,6 @@ def fill_split_items(split_counts: np.ndarray, item_starts: np.ndarray, item_seq
     return total
 
 
-def split_items(split_counts: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The item table of ``split_counts`` as int32 tensors on ``device`` (see :func:`fill_split_items`)."""
-    starts = np.zeros(len(split_counts) + 1, dtype=np.int32)
-    seq = np.zeros(max(1, int(split_counts.sum())), dtype=np.int32)
-    fill_split_items(split_counts, starts, seq)
-    return torch.from_numpy(starts).to(device), torch.from_numpy(seq).to(device)
-
-
 #: Persistent programs of the merge per KV head, at most (it is light: a few rows per output head).
 MERGE_PROGRAMS_PER_KV_HEAD = 64
 #: Splits the merge combines at a time (one at a time, 32 splits merged in 0.66 against 0.45 ms on an H200;
@@ -284,7 +276,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     """Decode attention for the first ``num_active`` (int32 device scalar; default: all) of the
     ``query.shape[0]`` sequences, split along their KV: ``num_splits`` ways each (an int, or an int32
     device scalar read by the kernels, at most :data:`MAX_SPLITS`), or as the item table ``items`` says
-    (``(item_starts, item_seq)``, int32 device tensors from :func:`fill_split_items`; ``num_splits`` is
+    (``(item_starts, item_seq)``, int32 device tensors as :func:`fill_split_items` writes them; ``num_splits`` is
     then the most splits of any sequence). ``may_split`` chooses the launch: the split one (by default
     for a device scalar or an int above one), ``num_programs`` programs per KV head (default: every
     sequence times ``num_splits``; the caller guarantees the live items fit them), or the whole one, for
