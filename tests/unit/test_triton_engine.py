@@ -86,6 +86,7 @@ def test_graph_shaped_steps_match_transformers(reference, async_scheduling: bool
     # short contexts: decodes split four ways, some splits empty
     monkeypatch.setattr(kv_splits.KVSplitRule, "decode_splits", lambda self, num_decodes, max_seq_len: 4)
     monkeypatch.setattr(kv_splits, "BALANCED_DECODE_SPLITS", balanced)
+    monkeypatch.setattr(kv_splits, "RAGGED_CONTEXT_FACTOR", 0.0)  # the tiny contexts count as ragged
     # balanced: counted in 8-key tiles, so the tiny contexts split (into items of unequal length)
     monkeypatch.setattr(kv_splits, "balanced_split_counts", partial(paged_decode.balanced_split_counts, block_n=8))
 

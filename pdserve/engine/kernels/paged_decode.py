@@ -232,7 +232,8 @@ def balanced_split_counts(seq_lens: np.ndarray, target_items: int, room: int, bl
     """Splits per sequence so that every (sequence, split) item reads about the same number of key tiles:
     the step's tiles over ``target_items`` items per KV head (at least one tile an item, at most
     ``max_splits`` splits a sequence), coarser until the items fit ``room``. With contexts of one length
-    this is :func:`choose_num_splits`'s count for every sequence; with ragged ones (a serving batch: a few
+    this is about :func:`choose_num_splits`'s count for every sequence (more where the contexts pass a whole
+    tile by a few keys: 32 of 2,049 keys split three ways, not two); with ragged ones (a serving batch: a few
     long conversations among short ones) the long sequences take more splits and the short ones one,
     where one count for all gives the short ones empty splits and leaves the long ones' few items as the
     step's critical path."""
