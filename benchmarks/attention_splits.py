@@ -3,7 +3,8 @@ with every sequence's keys in one piece, and split as the engine's :class:`KVSpl
 
 Decodes of one context, or ragged ones (a serving batch: ShareGPT-like contexts, or one long conversation
 among short ones), where the engine's two decode rules differ: every decode split alike (``alike``) or each
-by its own context (``balanced``, ``PDSERVE_BALANCED_DECODE_SPLITS=1``).
+by its own context when they are ragged (``balanced``, the default; ``PDSERVE_BALANCED_DECODE_SPLITS=0`` turns
+it off in the engine).
 
 A graph's launch is sized for its token count (``graph_launch_shape``): the graph of a 512-token step has
 room for 256 decodes, so before the split counts were chosen per step, a few long decodes beside a
@@ -193,8 +194,8 @@ def main() -> None:
         "Command: `python -m benchmarks.attention_splits`. `before`: the splits a graph froze before they were "
         "chosen per step (decodes split only in graphs of <= 32 rows, by the longest context the engine allows; "
         "prompt chunks never); `whole`: no split at all; `split`: `KVSplitRule`, every decode alike (decode, "
-        "prefill splits), also read from the item table the balanced kernels use; `balanced`: each decode by its own "
-        "context (fewest / most splits of a decode, items).", "",
+        "prefill splits), also read from the item table the balanced kernels use; `balanced`: the engine's default, each decode "
+        "by its own context where the contexts are ragged, else alike (fewest / most splits of a decode, items).", "",
         markdown_table(["case", "graph", "splits (decode, prefill)", "whole ms", "before ms", "split ms",
                         "before / split", "split ms (item table)", "balanced splits", "balanced ms",
                         "split / balanced", "max |diff|"],
