@@ -18,7 +18,6 @@ Role entry points (the engine knows nothing of roles; the shells set these per r
 from __future__ import annotations
 
 import logging
-import os
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -44,7 +43,7 @@ from pdserve.engine.model.interface import CausalLM
 from pdserve.engine.model.loader import inspect_model_dir
 from pdserve.engine.model.tiny import ensure_tiny_random
 from pdserve.engine.placement import place_model, prepare_attention
-from pdserve.engine.remote_prefill import LandingZone, RemotePrefill, StepHooks
+from pdserve.engine.remote_prefill import LandingZone, RemotePrefill, StepHooks, between_layers
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.request_checks import check_resume, encode_prompt, stop_status
 from pdserve.engine.runner import LaunchedStep, ModelRunner
@@ -59,12 +58,6 @@ from pdserve.engine.tensor_parallel import TensorParallelModel
 from pdserve.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-#: ``PDSERVE_FILL_GRAPH_PADDING=0`` leaves budget-cut chunks as cut (an A/B switch for benchmarks; see
-#: ``Scheduler.graph_rows``)
-FILL_GRAPH_PADDING = os.environ.get("PDSERVE_FILL_GRAPH_PADDING", "1") != "0"
-#: ``PDSERVE_PAD_WITH_NEXT_PROMPT=1``: a prompt the step budget leaves out takes the padding rows its step's graph
-#: still has (``Scheduler.pad_with_next_prompt``; off until measured on a GPU)
-PAD_WITH_NEXT_PROMPT = os.environ.get("PDSERVE_PAD_WITH_NEXT_PROMPT", "0") == "1"
 _LIVE_ENGINES: weakref.WeakSet[LLMEngine] = weakref.WeakSet()
 
 
@@ -75,20 +68,6 @@ def live_engines() -> list[LLMEngine]:
 
 def resolve_model_dir(model: str) -> Path:
     return ensure_tiny_random() if model == TINY_RANDOM_MODEL else Path(model).expanduser()
-
-
-def between_layers(layer_hook: Callable[[int, torch.Tensor], None] | None,
-                   launch_hook: Callable[[], None] | None) -> Callable[[int, torch.Tensor], None] | None:
-    """The per-layer hook of one step: the role's (KV streaming), then the engine loop's."""
-    if launch_hook is None:
-        return layer_hook
-
-    def hook(index: int, kv_cache: torch.Tensor) -> None:
-        if layer_hook is not None:
-            layer_hook(index, kv_cache)
-        launch_hook()
-
-    return hook
 
 
 class LLMEngine(RemotePrefill):
@@ -127,18 +106,11 @@ class LLMEngine(RemotePrefill):
         self.runner.kv_caches = self.kv_caches
         self.startup_seconds["kv_cache"] = time.perf_counter() - timer
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(
-            config.max_num_batched_tokens, config.max_num_seqs, config.enable_chunked_prefill,
-            step_time_budget_s=None if config.step_time_budget_ms is None else config.step_time_budget_ms / 1e3,
-            ttft_slo_s=None if config.ttft_slo_ms is None else config.ttft_slo_ms / 1e3,
-            budget_window=config.step_budget_window, borrow_tokens=config.step_budget_borrow_tokens,
-            defer_chunks_below=config.defer_chunks_below), self.kv)
+        self.scheduler = Scheduler(SchedulerConfig.of(config), self.kv)
         if self.device.type == "cuda" and backend.supports_cuda_graphs and not config.enforce_eager:
             self.startup_seconds["cuda_graphs"] = self.runner.capture_cuda_graphs(config.max_num_seqs,
                                                                                   config.graph_max_tokens)
-            if FILL_GRAPH_PADDING:
-                self.scheduler.graph_rows = self.runner.graph_rows
-                self.scheduler.pad_with_next_prompt = PAD_WITH_NEXT_PROMPT
+            self.scheduler.use_graph_rows(self.runner.graph_rows)
         self.startup_seconds["attention_plans"] = prepare_attention(
             backend, self.model, self.dtype, devices, min(config.max_num_batched_tokens, self.max_model_len))
         self.step_time: StepTimeModel | None = None

@@ -52,6 +52,21 @@ class StepHooks(Protocol):
         ...
 
 
+def between_layers(layer_hook: Callable[[int, torch.Tensor], None] | None,
+                   launch_hook: Callable[[], None] | None) -> Callable[[int, torch.Tensor], None] | None:
+    """The per-layer hook of one step: the role's (``StepHooks.before_forward``: KV streaming), then the
+    engine loop's (``LLMEngine.launch_hook``)."""
+    if launch_hook is None:
+        return layer_hook
+
+    def hook(index: int, kv_cache: torch.Tensor) -> None:
+        if layer_hook is not None:
+            layer_hook(index, kv_cache)
+        launch_hook()
+
+    return hook
+
+
 class RemotePrefill:
     """The remote-prefill entry points of :class:`~pdserve.engine.engine.LLMEngine` (see the module)."""
 

@@ -40,11 +40,13 @@ engine calls :meth:`Scheduler.finish_step` (advance computed counts, index full 
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pdserve.common.config import EngineConfig
 from pdserve.common.step_model import DEFER_TTFT_SHARE
 from pdserve.engine.deadline_order import order_by_deadline
 from pdserve.engine.kv_cache.manager import KVCacheManager
@@ -53,6 +55,14 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.step_budget import StepBudget
 from pdserve.engine.step_plan import ScheduledChunk, SchedulerPlan
 from pdserve.engine.step_time import StepShape, StepTimeModel
+
+#: ``PDSERVE_FILL_GRAPH_PADDING=0`` leaves budget-cut chunks as cut (an A/B switch for benchmarks; see
+#: ``Scheduler.graph_rows``)
+FILL_GRAPH_PADDING = os.environ.get("PDSERVE_FILL_GRAPH_PADDING", "1") != "0"
+#: ``PDSERVE_PAD_WITH_NEXT_PROMPT=1``: a prompt the step budget leaves out takes the padding rows its step's graph
+#: still has (``Scheduler.pad_with_next_prompt``). Off: on one H200 (prefill-heavy, two seeds) it gained 2%,
+#: not told apart from run-to-run variation (``serve-g1padnext*``).
+PAD_WITH_NEXT_PROMPT = os.environ.get("PDSERVE_PAD_WITH_NEXT_PROMPT", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,15 @@ class SchedulerConfig:
     budget_window: int = 0  # steps (StepBudget.window); 0: the SLO and the batch's least slack only
     borrow_tokens: int = 0  # later tokens a request may borrow a step's time from (StepBudget); 0: none
     defer_chunks_below: int = 0  # tokens; 0: a chunk the budget cuts runs cut
+
+    @classmethod
+    def of(cls, config: EngineConfig) -> SchedulerConfig:
+        """The scheduler's part of an engine's (validated) config, its times in seconds."""
+        return cls(config.max_num_batched_tokens, config.max_num_seqs, config.enable_chunked_prefill,
+                   step_time_budget_s=None if config.step_time_budget_ms is None else config.step_time_budget_ms / 1e3,
+                   ttft_slo_s=None if config.ttft_slo_ms is None else config.ttft_slo_ms / 1e3,
+                   budget_window=config.step_budget_window, borrow_tokens=config.step_budget_borrow_tokens,
+                   defer_chunks_below=config.defer_chunks_below)
 
 
 class Scheduler:
@@ -87,6 +106,14 @@ class Scheduler:
         # rows a step of n tokens computes (its CUDA graph's padded size; set by the engine once captured)
         self.graph_rows: Callable[[int], int] | None = None
         self.pad_with_next_prompt = False  # a prompt the budget leaves out still takes the graph's padding rows
+
+    def use_graph_rows(self, graph_rows: Callable[[int], int]) -> None:
+        """Once the engine captured its CUDA graphs: a chunk the budget cuts grows into its step's graph
+        padding (unless ``PDSERVE_FILL_GRAPH_PADDING=0``), and with ``PDSERVE_PAD_WITH_NEXT_PROMPT=1`` a
+        prompt the budget leaves out takes what padding is left."""
+        if FILL_GRAPH_PADDING:
+            self.graph_rows = graph_rows
+            self.pad_with_next_prompt = PAD_WITH_NEXT_PROMPT
 
     # ---- queue management ----------------------------------------------------------------------
 
