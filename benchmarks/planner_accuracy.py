@@ -99,10 +99,14 @@ def on_grid(profile: Profile, counts: dict[str, int], spec: WorkerSpec | None, s
     return shares
 
 
-def sharegpt_rows(profile: Profile, file: str, policy: dict[str, int]) -> tuple[list[dict[str, Any]], list[list[Any]]]:
+def sharegpt_rows(profile: Profile, file: str, policy: dict[str, int], own_calibration: bool = False,
+                  ) -> tuple[list[dict[str, Any]], list[list[Any]]]:
     """Goodput rows for the ShareGPT-like points of ``file``: each point's exact request sequence (the
     serving benchmark's draws for its seed and rate) simulated, and interpolated as the measured points
-    were; plus the attainment per rate behind them."""
+    were; plus the attainment per rate behind them. ``own_calibration``: each configuration's profile
+    calibrated with the factors its own workers in ``file`` ended the run with (in sample, as the online
+    planner calibrates on the live workload), instead of ``profile`` as given; ``profile`` must then be
+    the uncalibrated one."""
     data = json.loads((RESULTS / file).read_text())
     settings = data["settings"]
     rates, n, cap = settings["rates"]["sharegpt"], settings["num_requests"], settings["max_output"]
@@ -114,6 +118,11 @@ def sharegpt_rows(profile: Profile, file: str, policy: dict[str, int]) -> tuple[
         if not points:
             continue
         num_gpus = sum(counts.values())
+        point_profile = profile
+        if own_calibration:
+            own = live_calibration([file], configs={config})
+            point_profile = Profile(profile.model.calibrated(own), profile.kv_bytes_per_token,
+                                    profile.transfer_bytes_per_s)
         sequences = {}
         for j, rate in enumerate(rates):
             specs = sharegpt_workload(n, settings["seed"] + j)
@@ -124,7 +133,8 @@ def sharegpt_rows(profile: Profile, file: str, policy: dict[str, int]) -> tuple[
             measured_shares = {p["rate_per_gpu"]: p["slo_attainment"][slo] for p in points}
             predicted = {}
             for rate, requests in sequences.items():
-                outcomes = simulation(profile, counts, ttft_slo_s=0.25, tpot_slo_s=setup_tpot, colocated_spec=spec,
+                outcomes = simulation(point_profile, counts, ttft_slo_s=0.25, tpot_slo_s=setup_tpot,
+                                      colocated_spec=spec,
                                       spill=spill, **policy).run(requests)
                 predicted[rate] = round(sum(o.meets(0.25, tpot) for o in outcomes) / len(outcomes), 3)
             truth = next(r["goodput_per_gpu"] for r in data["goodput"]
@@ -193,8 +203,10 @@ def colocated_rows(profile: Profile, files: list[str], statistic: str = "end") -
     return out
 
 
-def live_calibration(files: list[str], statistic: str = "end") -> dict[StepKind, float]:
-    """Mean factor per kind over the workers of ``files``: ``end``, the calibration each worker held at
+def live_calibration(files: list[str], statistic: str = "end", configs: set[str] | None = None,
+                     ) -> dict[StepKind, float]:
+    """Mean factor per kind over the workers of ``files`` (of the configurations ``configs``, default all):
+    ``end``, the calibration each worker held at
     the end of its run (where it recalibrated: factor != 1); ``run``, each worker's mean measured /
     profiled ratio over the whole run (``run_ratio``, where it ran at least ``FIRST_CALIBRATION_STEPS``
     steps of that kind; runs before 99da560 do not report it). A worker that reports no ``chunked`` kind
@@ -203,8 +215,10 @@ def live_calibration(files: list[str], statistic: str = "end") -> dict[StepKind,
     put the goodput predicted with those runs' calibration up to ~2x high for configurations that chunk."""
     factors: dict[StepKind, list[float]] = {k: [] for k in StepKind}
     for file in files:
-        for config in json.loads((RESULTS / file).read_text())["results"].values():
-            for worker in config.get("worker_stats", []):
+        for name, config in json.loads((RESULTS / file).read_text())["results"].items():
+            if configs is not None and name not in configs:
+                continue
+            for worker in config.get("worker_stats") or []:
                 error = worker.get("step_time_error") or {}
                 if statistic == "run":
                     ratios = dict(error.get("run_ratio") or {})
@@ -261,6 +275,9 @@ def main() -> None:
                         "configurations it has): with calibration from other runs, an out-of-sample check")
     parser.add_argument("--sharegpt-measured", default=None, help="also score the ShareGPT-like points of this "
                         "run file (each point's exact request sequence, calibrated profile)")
+    parser.add_argument("--sharegpt-calibration", choices=("shared", "own"), default="shared",
+                        help="--sharegpt-measured: calibrate with --calibration-from's factors (shared) or with "
+                        "each configuration's own workers' factors in that file (own: in sample, per workload)")
     parser.add_argument("--colocated-measured", default=None, help="also compare the prefill-heavy and decode-heavy "
                         "points of these colocated / colocated-slo run files (comma-separated; e.g. the one-GPU "
                         "runs serve-g1p1-h200.json), each point's exact requests")
@@ -317,7 +334,8 @@ def main() -> None:
             print(row, flush=True)
     sharegpt_grid: list[list[Any]] = []
     if args.sharegpt_measured is not None:
-        extra, sharegpt_grid = sharegpt_rows(calibrated, args.sharegpt_measured, policy)
+        own = args.sharegpt_calibration == "own"
+        extra, sharegpt_grid = sharegpt_rows(profile if own else calibrated, args.sharegpt_measured, policy, own)
         rows += extra
         for row in extra:
             print(row, flush=True)
@@ -344,8 +362,11 @@ def main() -> None:
     markdown += ("\n## Attainment at each measured rate (prefill-heavy; calibrated simulation)\n\n"
                  + markdown_table(["config", "slo", "rate/GPU", "measured", "predicted", "error"], grid_rows))
     if sharegpt_grid:
-        markdown += ("\n## Attainment at each measured rate (ShareGPT-like, each point's exact requests; calibrated "
-                     "simulation)\n\n" + markdown_table(["config", "slo", "rate/GPU", "measured", "predicted", "error"],
+        payload["sharegpt_calibration"] = args.sharegpt_calibration
+        calibration_note = ("each configuration's own workers' factors in the run, in sample" if own else
+                            "the live calibration above")
+        markdown += (f"\n## Attainment at each measured rate (ShareGPT-like, each point's exact requests; calibrated "
+                     f"simulation: {calibration_note})\n\n" + markdown_table(["config", "slo", "rate/GPU", "measured", "predicted", "error"],
                                                         sharegpt_grid))
         payload["sharegpt_attainment_by_rate"] = [
             dict(zip(("config", "slo", "rate_per_gpu", "measured", "predicted", "error"), r)) for r in sharegpt_grid]
