@@ -26,10 +26,10 @@ BALANCED_DECODE_SPLITS = os.environ.get("PDSERVE_BALANCED_DECODE_SPLITS", "1") =
 
 #: A step's decodes count as ragged, and (with ``balanced``) split each by its own context, when the longest
 #: context is more than this many times the mean: a ShareGPT-like batch of 17-60 decodes (one or two long
-#: conversations among short ones), whose one count for all ran 1.2-2.8x slower than per-sequence splits on an
+#: conversations among short ones), whose one count for all ran 1.2-2.9x slower than per-sequence splits on an
 #: H200 (``attention_splits-h200``). Batches of alike contexts keep the one count, which ran faster there (32
 #: decodes of 2k: the balanced rule's three splits each, from the extra tile of each decode's own token, were
-#: 8% slower than two).
+#: 9% slower than two).
 RAGGED_CONTEXT_FACTOR = 2.0
 
 #: The fewest keys (context plus the chunk's own) per KV split of a prefill query tile: below that the
