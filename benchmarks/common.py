@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from pdserve.common.switches import effective as effective_switches
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 LLAMA31_8B: dict[str, Any] = {
@@ -57,6 +59,7 @@ def run_info() -> dict[str, Any]:
                 and not any(word in k for word in ("KEY", "TOKEN", "SECRET", "PASSWORD"))}  # never a credential
     if switches:  # the engine's A/B switches (PDSERVE_FILL_GRAPH_PADDING=0, ...): a result says which side it measured
         info["switches"] = switches
+    info["switch_values"] = effective_switches()  # every switch, defaults included (pdserve.common.switches)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info |= {"device": torch.cuda.get_device_name(0), "num_gpus": torch.cuda.device_count(),

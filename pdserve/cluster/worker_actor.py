@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from pdserve.cluster.roles import make_role
+from pdserve.common import switches
 from pdserve.common.config import EngineConfig
 from pdserve.common.kv_transfer_config import KVTransferConfig
 
@@ -32,7 +33,7 @@ class WorkerActor:
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         # the engine thread, the gRPC loop and the KV threads share the GIL: hand it over within 1 ms
         # (Python's default is 5 ms, which a waiting KV or RPC thread would add to a request's latency)
-        sys.setswitchinterval(float(os.environ.get("PDSERVE_GIL_SWITCH_INTERVAL_S", "0.001")))
+        sys.setswitchinterval(switches.GIL_SWITCH_INTERVAL_S.number())
         if cpu_threads:
             import torch
 

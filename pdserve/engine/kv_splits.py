@@ -9,11 +9,11 @@ of a step that also carries a prompt chunk would otherwise go to a handful of pr
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from pdserve.common import switches
 from pdserve.engine.attention.metadata import LaunchShape
 from pdserve.engine.kernels.paged_decode import SPLIT_WAVES, balanced_split_counts, choose_num_splits
 from pdserve.engine.step_inputs import StepCounts
@@ -22,7 +22,7 @@ from pdserve.engine.step_inputs import StepCounts
 #: alike: on by default (one H200, ShareGPT-like, workers set up for TPOT 10 ms: goodput 47.8 -> 69.3 and
 #: 72 -> 72 req/s on seeds 8 and 9, TPOT p50 lower at 10 of 12 points; ``serve-g1t10bal*``, ``serve-g1t15bal*``);
 #: ``PDSERVE_BALANCED_DECODE_SPLITS=0`` is the A/B switch back to one count for all.
-BALANCED_DECODE_SPLITS = os.environ.get("PDSERVE_BALANCED_DECODE_SPLITS", "1") == "1"
+BALANCED_DECODE_SPLITS = switches.BALANCED_DECODE_SPLITS.flag()
 
 #: A step's decodes count as ragged, and (with ``balanced``) split each by its own context, when the longest
 #: context is more than this many times the mean: a ShareGPT-like batch of 17-60 decodes (one or two long

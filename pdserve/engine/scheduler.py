@@ -40,12 +40,12 @@ engine calls :meth:`Scheduler.finish_step` (advance computed counts, index full 
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pdserve.common import switches
 from pdserve.common.config import EngineConfig
 from pdserve.common.step_model import DEFER_TTFT_SHARE
 from pdserve.engine.deadline_order import order_by_deadline
@@ -58,11 +58,11 @@ from pdserve.engine.step_time import StepShape, StepTimeModel
 
 #: ``PDSERVE_FILL_GRAPH_PADDING=0`` leaves budget-cut chunks as cut (an A/B switch for benchmarks; see
 #: ``Scheduler.graph_rows``)
-FILL_GRAPH_PADDING = os.environ.get("PDSERVE_FILL_GRAPH_PADDING", "1") != "0"
+FILL_GRAPH_PADDING = switches.FILL_GRAPH_PADDING.flag()
 #: ``PDSERVE_PAD_WITH_NEXT_PROMPT=1``: a prompt the step budget leaves out takes the padding rows its step's graph
 #: still has (``Scheduler.pad_with_next_prompt``). Off: on one H200 (prefill-heavy, two seeds) it gained 2%,
 #: not told apart from run-to-run variation (``serve-g1padnext*``).
-PAD_WITH_NEXT_PROMPT = os.environ.get("PDSERVE_PAD_WITH_NEXT_PROMPT", "0") == "1"
+PAD_WITH_NEXT_PROMPT = switches.PAD_WITH_NEXT_PROMPT.flag()
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,16 @@ from __future__ import annotations
 import cProfile
 import io
 import logging
-import os
 import pstats
 import time
 from collections.abc import Callable
 
+from pdserve.common import switches
 from pdserve.engine.step_plan import SchedulerPlan
 
 logger = logging.getLogger("pdserve.engine.engine")
 #: A step whose launch, or whose wait for the device, takes longer is logged.
-SLOW_STEP_S = float(os.environ.get("PDSERVE_SLOW_STEP_MS", "250")) / 1e3
+SLOW_STEP_S = switches.SLOW_STEP_MS.number() / 1e3
 
 
 def describe_plan(plan: SchedulerPlan) -> str:
@@ -36,11 +36,12 @@ class SlowStepWatch:
     def __init__(self) -> None:
         self._started = self._launched_at = 0.0
         self._profiler: cProfile.Profile | None = None
+        self._profile_launches = switches.PROFILE_SLOW_STEPS.flag()
 
     def launching(self) -> None:
         self._started = time.perf_counter()
         self._profiler = None
-        if os.environ.get("PDSERVE_PROFILE_SLOW_STEPS") == "1":
+        if self._profile_launches:
             self._profiler = cProfile.Profile()
             self._profiler.enable()
 

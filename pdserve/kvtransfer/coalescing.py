@@ -15,11 +15,12 @@ Gloo groups (CPU) do not coalesce.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-COALESCE = os.environ.get("PDSERVE_KV_COALESCE", "0") == "1"
+from pdserve.common import switches
+
+COALESCE = switches.KV_COALESCE.flag()
 
 
 def can_coalesce(group: Any) -> bool:

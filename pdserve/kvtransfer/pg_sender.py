@@ -29,7 +29,6 @@ import collections
 import datetime
 import functools
 import itertools
-import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pdserve.common import switches
 from pdserve.kvtransfer.base import HandshakeError, KVLayoutInfo
 from pdserve.kvtransfer.coalescing import COALESCE, can_coalesce, run_coalesced
 from pdserve.kvtransfer.factory import process_group_backend, resolve_backend
@@ -93,12 +93,12 @@ HELLO_NBYTES = 8
 MAX_PLAN_PARTS = 256
 MAX_PLAN_STAGED_BYTES = 1 << 30
 #: Messages smaller than this take the next layer's parts too (small NCCL messages are slow).
-MIN_MESSAGE_BYTES = int(os.environ.get("PDSERVE_KV_MIN_MESSAGE_BYTES", str(4 << 20)))
-MAX_MESSAGE_BYTES = int(os.environ.get("PDSERVE_KV_MAX_MESSAGE_BYTES", str(256 << 20)))
+MIN_MESSAGE_BYTES = int(switches.KV_MIN_MESSAGE_BYTES.number())
+MAX_MESSAGE_BYTES = int(switches.KV_MAX_MESSAGE_BYTES.number())
 #: A lone part at least this large goes as keys + values straight into the receiver's cache. Off by
 #: default: on 2xH200 every NCCL operation cost 150-300 us of host time on each side (torch 2.11), more
 #: than the scatter a staged message needs, so one operation per message is faster.
-MIN_SPLIT_BYTES = int(os.environ.get("PDSERVE_KV_MIN_SPLIT_BYTES", str(1 << 40)))
+MIN_SPLIT_BYTES = int(switches.KV_MIN_SPLIT_BYTES.number())
 #: How long a plan may wait for its first layer to be computed while later layers queue up behind it.
 PLAN_GATHER_WAIT_S = 2e-3
 #: How long a plan whose first layer is computed may still wait for more layers of the forward pass to
@@ -106,7 +106,7 @@ PLAN_GATHER_WAIT_S = 2e-3
 #: which shares its interpreter with the decode loop; many short prompts made one plan per layer. On
 #: 2xH200, 1P1D over NCCL on the ShareGPT-like workload (seed 1): attainment at 32 / 48 / 64 req/s per GPU
 #: 0.93 / 1.00 / 0.86 without, 1.00 / 0.96 / 1.00 with 4 ms (``PDSERVE_KV_PLAN_EXTRA_WAIT_MS``).
-PLAN_EXTRA_WAIT_S = float(os.environ.get("PDSERVE_KV_PLAN_EXTRA_WAIT_MS", "4")) / 1e3
+PLAN_EXTRA_WAIT_S = switches.KV_PLAN_EXTRA_WAIT_MS.number() / 1e3
 
 
 @dataclass(eq=False)

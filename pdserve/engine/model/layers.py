@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.common import switches
 from pdserve.engine.model.hf_config import RopeSpec
 
 #: ``PDSERVE_SINGLE_ROW_GEMV=0`` sends single rows to cuBLAS too (an A/B switch for benchmarks)
-SINGLE_ROW_GEMV = os.environ.get("PDSERVE_SINGLE_ROW_GEMV", "1") != "0"
+SINGLE_ROW_GEMV = switches.SINGLE_ROW_GEMV.flag()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fused: bool,
