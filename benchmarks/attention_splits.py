@@ -168,7 +168,7 @@ def run_case(name: str, decodes: int, context: int | list[int], chunks: list[tup
     table_ms, _ = step.timed(graph, *alike, item_table=True)  # the same splits read from the table
     balanced_ms, even = step.timed(graph, *balanced, item_table=True)
     row = {"case": name, "graph": graph_size, "splits": [int(alike[0].max(initial=1)), alike[1]],
-           "balanced_splits": [int(balanced[0].min(initial=1)), int(balanced[0].max(initial=1)),
+           "balanced_splits": [int(balanced[0].min()) if decodes else 0, int(balanced[0].max(initial=1)),
                                int(balanced[0].sum())],
            "before_splits": [old_decode, 1],
            "whole_ms": round(whole_ms, 3), "before_ms": round(old_ms, 3), "split_ms": round(rule_ms, 3),
