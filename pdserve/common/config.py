@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from pdserve.common.errors import ConfigError, InvalidParameterError
-from pdserve.common.validation import require_float, require_int
+from pdserve.common.validation import ValidatedConfig, require_float, require_int
 
 TINY_RANDOM_MODEL = "tiny-random"
 """Name of the built-in model: a tiny Llama with deterministic random weights and a byte tokenizer."""
@@ -21,7 +21,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 
 
 @dataclass(frozen=True)
-class EngineConfig:
+class EngineConfig(ValidatedConfig):
     """Settings of one engine (one worker's model executor).
 
     ``model`` is a local Hugging Face directory or ``"tiny-random"``. ``load_format="dummy"`` builds the
@@ -88,12 +88,6 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     peer_all_reduce_max_bytes: int = 0
     peer_all_reduce_fuse_norm: bool = True
-
-    def __post_init__(self) -> None:
-        try:
-            self._validate()
-        except InvalidParameterError as exc:
-            raise ConfigError(exc.field, exc.message) from None
 
     def _validate(self) -> None:
         if not isinstance(self.model, str) or not self.model:

@@ -5,7 +5,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pdserve.common.errors import InvalidParameterError
+from pdserve.common.errors import ConfigError, InvalidParameterError
+
+
+class ValidatedConfig:
+    """Base of a frozen config dataclass checked once, when it is built: ``_validate`` raises
+    :class:`InvalidParameterError` for a bad field, which reaches the caller as a :class:`ConfigError`
+    naming that field."""
+
+    def __post_init__(self) -> None:
+        try:
+            self._validate()
+        except InvalidParameterError as exc:
+            raise ConfigError(exc.field, exc.message) from None
+
+    def _validate(self) -> None:
+        raise NotImplementedError
 
 
 def require_int(field: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from pdserve.common.errors import ConfigError, InvalidParameterError
-from pdserve.common.validation import require_float, require_int
+from pdserve.common.validation import ValidatedConfig, require_float, require_int
 from pdserve.router.plan_applier import ApplyConfig
 
 
@@ -60,7 +60,7 @@ PLANNER_MODES = ("off", "recommend", "apply")
 
 
 @dataclass(frozen=True)
-class RouterConfig:
+class RouterConfig(ValidatedConfig):
     """Settings of one router process.
 
     * ``host``/``port``: where the ``PdServe`` gRPC service listens (``port=0``: any free port; the
@@ -179,12 +179,6 @@ class RouterConfig:
     @property
     def apply_config(self) -> ApplyConfig:
         return ApplyConfig(self.planner_dwell_s, self.planner_confirmations, self.planner_min_gain)
-
-    def __post_init__(self) -> None:
-        try:
-            self._validate()
-        except InvalidParameterError as exc:
-            raise ConfigError(exc.field, exc.message) from None
 
     def _validate(self) -> None:
         if not isinstance(self.host, str) or not self.host:
