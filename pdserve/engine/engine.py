@@ -37,6 +37,7 @@ from pdserve.engine.device import (
     resolve_dtype,
     resolve_max_model_len,
 )
+from pdserve.engine.eager_warmup import warm_eager_path
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.kv_cache.tensors import KVCacheLayout, allocate_kv_caches, head_group_views
 from pdserve.engine.model.interface import CausalLM
@@ -113,6 +114,8 @@ class LLMEngine(RemotePrefill):
             self.scheduler.use_graph_rows(self.runner.graph_rows)
         self.startup_seconds["attention_plans"] = prepare_attention(
             backend, self.model, self.dtype, devices, min(config.max_num_batched_tokens, self.max_model_len))
+        if self.device.type == "cuda" and not (config.needs_step_time_model and config.step_time_profile is None):
+            self.startup_seconds["eager_warmup"] = warm_eager_path(self)  # else the profile's grid compiles them
         self.step_time: StepTimeModel | None = None
         self.step_time_samples: list[dict] = []
         self.step_monitor: StepTimeMonitor | None = None
