@@ -70,3 +70,16 @@ def test_only_the_item_table_variants_read_the_table(ptx: dict[str, str]) -> Non
     assert not loads_param(ptx["partial split=True table=False"], 8)
     assert loads_param(ptx["partial split=True table=True"], 7) and loads_param(ptx["partial split=True table=True"], 8)
     assert not loads_param(ptx["merge table=False"], 5) and loads_param(ptx["merge table=True"], 5)
+
+
+@pytest.mark.parametrize("table", [False, True])
+def test_the_merge_loads_both_counts_before_it_branches(ptx: dict[str, str], table: bool) -> None:
+    """The merge reads two device counts (splits, active sequences) before any work: both loads are issued
+    before the first branch, so the program waits for memory once, not twice (a branch on the split count
+    between them cost every layer of a splitting step a second round trip)."""
+    code = ptx[f"merge table={table}"]
+    body = code[code.index(".entry"):]
+    first_branch = re.search(r"\bbra(\.uni)?\s", body)
+    assert first_branch is not None
+    before = body[:first_branch.start()]
+    assert len(re.findall(r"ld\.global", before)) >= 2

@@ -199,11 +199,11 @@ def _decode_merge_kernel(
     HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr, ITEM_TABLE: tl.constexpr,
 ):
     most_splits = tl.load(num_splits_ptr)  # with an item table: the most of any sequence
-    if most_splits == 1:  # no sequence split: every output is written
-        return
+    num_active = tl.load(num_active_ptr)  # loaded beside the split count, not after a branch on it
+    num_work = tl.where(most_splits > 1, num_active * num_heads, 0)  # no sequence split: every output is written
     d = tl.arange(0, HEAD_DIM)
     k = tl.arange(0, SPLIT_CHUNK)
-    for work in range(tl.program_id(0), tl.load(num_active_ptr) * num_heads, tl.num_programs(0)):
+    for work in range(tl.program_id(0), num_work, tl.num_programs(0)):
         seq = work // num_heads
         head = work % num_heads
         if ITEM_TABLE:
@@ -260,8 +260,17 @@ def fill_split_items(split_counts: np.ndarray, item_starts: np.ndarray, item_seq
     return total
 
 
-#: Persistent programs of the merge per KV head, at most (it is light: a few rows per output head).
-MERGE_PROGRAMS_PER_KV_HEAD = 64
+#: Programs of the merge at most: one per (sequence, query head) up to this many, past it each loops over
+#: several. A step splits its decodes only when they are few (the splits fill about four waves of the
+#: multiprocessors), so this covers every pair of such a step; with 64 programs per KV head (512) 32
+#: decodes' 1,024 pairs took two rounds each.
+MERGE_MAX_PROGRAMS = 2048
+
+
+def merge_programs(num_seqs: int, num_heads: int) -> int:
+    """The merge's grid for ``num_seqs`` sequences (the launch's capacity) of ``num_heads`` query heads."""
+    return min(num_seqs * num_heads, MERGE_MAX_PROGRAMS)
+
 #: Splits the merge combines at a time (one at a time, 32 splits merged in 0.66 against 0.45 ms on an H200;
 #: all 32 rows at once cost ~3 us a layer when there were two).
 MERGE_SPLIT_CHUNK = 8
@@ -327,7 +336,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         _decode_partial_kernel[(num_seqs, num_kv_heads)](*args, SPLIT=False, ITEM_TABLE=False, **common)
     else:
         _decode_partial_kernel[(num_programs, num_kv_heads)](*args, SPLIT=True, ITEM_TABLE=item_table, **common)
-        _decode_merge_kernel[(min(num_programs, MERGE_PROGRAMS_PER_KV_HEAD) * num_kv_heads,)](
+        _decode_merge_kernel[(merge_programs(num_seqs, num_heads),)](
             part_out, part_lse, out, num_active, splits_tensor, item_starts, num_heads,
             part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, SPLIT_CHUNK=MERGE_SPLIT_CHUNK, ITEM_TABLE=item_table, num_warps=4,
