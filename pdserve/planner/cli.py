@@ -54,6 +54,10 @@ def add_planner_parsers(sub: argparse._SubParsersAction) -> None:
                       help="the workers' engine.step_budget_borrow_tokens (default 0, as the engine's): their step "
                            "budgets borrow from up to this many later tokens of each decoding request")
     plan.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    plan.add_argument("--plot", type=Path, default=None, metavar="FILE.svg",
+                      help="also write each configuration's SLO attainment against the offered rate per GPU as an "
+                           "SVG (simulates each configuration at --plot-points more rates)")
+    plan.add_argument("--plot-points", type=int, default=12, help="rates per curve of --plot (default: 12)")
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -72,6 +76,13 @@ def run_plan(args: argparse.Namespace) -> int:
         raise ConfigError("--requests", f"must be >= 20, got {args.requests}")
     if args.borrow_tokens < 0:
         raise ConfigError("--borrow-tokens", f"must be >= 0, got {args.borrow_tokens}")
+    if args.plot is not None:
+        if args.plot.suffix.lower() != ".svg":
+            raise ConfigError("--plot", f"writes an SVG file: give a path ending in .svg, got {str(args.plot)!r}")
+        if not 2 <= args.plot_points <= 200:
+            raise ConfigError("--plot-points", f"must be in 2..200, got {args.plot_points}")
+        if not args.plot.parent.is_dir():
+            raise ConfigError("--plot", f"the folder {str(args.plot.parent)!r} does not exist")
     profile = Profile.load(args.profile)
     if args.calibrate:
         profile = dataclasses.replace(profile, model=profile.model.calibrated(parse_calibration(args.calibrate)))
@@ -87,6 +98,12 @@ def run_plan(args: argparse.Namespace) -> int:
             raise ConfigError("--rate", "--rate, --prompt-len and --output-len must be > 0")
         workload = Workload.poisson(args.rate, args.prompt_len, args.output_len, n=args.requests)
     result = plan(profile, workload, args.gpus, ttft_slo_s=args.slo_ttft_ms / 1e3, tpot_slo_s=args.slo_tpot_ms / 1e3,
-                  num_workers=workers, borrow_tokens=args.borrow_tokens)
+                  num_workers=workers, borrow_tokens=args.borrow_tokens,
+                  curve_points=args.plot_points if args.plot is not None else 0)
+    if args.plot is not None:
+        from pdserve.planner.plot import render_svg
+
+        args.plot.write_text(render_svg(result))
+        print(f"pdserve: wrote {args.plot}", file=sys.stderr)
     print(json.dumps(result) if args.json else render(result), file=sys.stdout)
     return 0

@@ -238,6 +238,29 @@ def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttf
                       round(at_offered.num_dropped / max(len(offered), 1), 3))
 
 
+def attainment_curve(profile: Profile, workload: Workload, counts: dict[str, int], rates_per_gpu: Sequence[float], *,
+                     ttft_slo_s: float, tpot_slo_s: float, num_gpus: int | None = None,
+                     borrow_tokens: int = 0) -> list[tuple[float, float]]:
+    """SLO attainment of one configuration at each offered rate per GPU: the curve :func:`predict` bisects
+    for its goodput (the same simulation, so the curve is at or above ``target`` at the goodput's rate)."""
+    num_gpus = num_gpus or sum(counts.values())
+    curve = []
+    for rate in rates_per_gpu:
+        cluster = simulation(profile, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s,
+                             borrow_tokens=borrow_tokens)
+        outcomes = cluster.run(workload.at(rate * num_gpus / workload.rate))
+        curve.append((round(rate, 4), round(attainment(outcomes, ttft_slo_s, tpot_slo_s), 3)))
+    return curve
+
+
+def curve_rates(offered_per_gpu: float, goodputs: Sequence[float], points: int) -> list[float]:
+    """The rates per GPU a plot's curves are simulated at: ``points`` evenly spaced from a tenth of the
+    offered rate to past both the offered rate and the best goodput, plus each goodput itself."""
+    top = max([2.0 * offered_per_gpu, *(1.25 * g for g in goodputs)])
+    grid = [top * (i + 1) / points for i in range(points)]
+    return sorted({round(r, 4) for r in [offered_per_gpu / 10, *grid, *(g for g in goodputs if g > 0)]})
+
+
 def solo_prefill_s(model: StepTimeModel, prompt_tokens: int, chunk: int = SOLO_PREFILL_CHUNK) -> float:
     """How long ``prompt_tokens`` take to prefill alone on an idle GPU, in steps of ``chunk`` tokens."""
     seconds, done = 0.0, 0
@@ -256,21 +279,30 @@ def out_of_reach_share(model: StepTimeModel, workload: Workload, ttft_slo_s: flo
 
 
 def plan(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: float, tpot_slo_s: float,
-         num_workers: int | None = None, borrow_tokens: int = 0) -> dict[str, Any]:
+         num_workers: int | None = None, borrow_tokens: int = 0, curve_points: int = 0) -> dict[str, Any]:
     """Every configuration of ``num_workers`` workers (default: one per GPU) holding ``num_gpus`` GPUs in
     all (tensor-parallel workers hold several; ``profile`` is then one such worker's), predicted and ranked
     by goodput per GPU; moving a worker between pools keeps its GPUs, so every configuration has them all.
-    ``borrow_tokens``: the workers' ``step_budget_borrow_tokens``."""
+    ``borrow_tokens``: the workers' ``step_budget_borrow_tokens``. ``curve_points`` > 0 adds ``curves``:
+    each configuration's attainment against the offered rate per GPU (:func:`curve_rates`), for a plot."""
     workers = num_workers or num_gpus
+    configs = configurations(workers)
     predictions = [predict(profile, workload, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s, name=name,
-                           num_gpus=num_gpus, borrow_tokens=borrow_tokens) for name, counts in configurations(workers)]
+                           num_gpus=num_gpus, borrow_tokens=borrow_tokens) for name, counts in configs]
     best = max(predictions, key=lambda p: (p.goodput_per_gpu, p.attainment_at_offered))
-    return {"workload": workload.name, "offered_rate": round(workload.rate, 3), "num_gpus": num_gpus,
-            "num_workers": workers,
-            "slo": {"ttft_ms": ttft_slo_s * 1e3, "tpot_ms": tpot_slo_s * 1e3},
-            "calibration": {kind.value: round(profile.model.factor(kind), 3) for kind in StepKind},
-            "out_of_reach_share": round(out_of_reach_share(profile.model, workload, ttft_slo_s), 3),
-            "predictions": [asdict(p) for p in predictions], "recommended": best.config}
+    result = {"workload": workload.name, "offered_rate": round(workload.rate, 3), "num_gpus": num_gpus,
+              "num_workers": workers,
+              "slo": {"ttft_ms": ttft_slo_s * 1e3, "tpot_ms": tpot_slo_s * 1e3},
+              "calibration": {kind.value: round(profile.model.factor(kind), 3) for kind in StepKind},
+              "out_of_reach_share": round(out_of_reach_share(profile.model, workload, ttft_slo_s), 3),
+              "predictions": [asdict(p) for p in predictions], "recommended": best.config}
+    if curve_points > 0:
+        rates = curve_rates(workload.rate / num_gpus, [p.goodput_per_gpu for p in predictions], curve_points)
+        result["curves"] = {name: attainment_curve(profile, workload, counts, rates, ttft_slo_s=ttft_slo_s,
+                                                   tpot_slo_s=tpot_slo_s, num_gpus=num_gpus,
+                                                   borrow_tokens=borrow_tokens)
+                            for name, counts in configs}
+    return result
 
 
 def render(result: dict[str, Any]) -> str:

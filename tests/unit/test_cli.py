@@ -69,6 +69,18 @@ def test_profile_then_plan(tmp_path) -> None:
     assert [p["config"] for p in result["predictions"]] == ["colocated x2", "1P1D"]
     assert result["recommended"] in ("colocated x2", "1P1D")
     assert all(p["goodput_per_gpu"] > 0 for p in result["predictions"])
+    plot = tmp_path / "plan.svg"
+    done = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
+                "--rate", "20", "--prompt-len", "100", "--output-len", "8", "--requests", "60", "--plot", str(plot),
+                "--plot-points", "4")
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {plot}" in done.stderr and "<- recommended" in done.stdout
+    assert plot.read_text().startswith("<svg") and plot.read_text().count('class="curve"') == 2
+    for bad, why in ((tmp_path / "plan.png", "ending in .svg"), (tmp_path / "nowhere" / "plan.svg", "does not exist")):
+        refused = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
+                       "--rate", "20", "--plot", str(bad))
+        assert refused.returncode != 0 and "--plot" in refused.stderr and why in refused.stderr
+        assert "Traceback" not in refused.stderr and not bad.exists()
     refused = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
                    "--rate", "20", "--kv-capacity-tokens", "0")
     assert refused.returncode != 0 and "--kv-capacity-tokens" in refused.stderr
