@@ -18,12 +18,13 @@ TARGET = 0.9
 
 
 def _ticks(top: float, count: int = 5) -> list[float]:
-    """Round tick values from 0 to at least ``top``."""
+    """Round tick values from 0 to at least ``top`` (> 0; 1 when it is not)."""
+    top = top if top > 0 else 1.0
     raw = top / count
     magnitude = 10 ** len(str(int(raw))) / 10 if raw >= 1 else 1.0
     while magnitude > raw:
         magnitude /= 10
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude * count >= top)
+    step = next(m * magnitude for m in (1, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * magnitude * count >= top)
     return [round(i * step, 6) for i in range(count + 1)]
 
 

@@ -51,3 +51,13 @@ def test_the_svg_draws_one_curve_per_configuration_and_the_target_line() -> None
     texts = [t.text or "" for t in root.iter(f"{SVG}text")]
     assert "1P1D (recommended)" in texts and "poisson <4>/s on 2 GPUs: TTFT <= 250 ms, TPOT <= 15 ms" in texts
     assert len(root.findall(f"{SVG}circle")) == 2  # each goodput marked on its curve
+
+
+def test_axis_ticks_are_round_and_cover_the_range_without_waste() -> None:
+    from pdserve.planner.plot import _ticks
+
+    for top in (1e-3, 0.05, 0.7, 4.2, 21, 99, 130, 1234.5):
+        ticks = _ticks(top)
+        steps = {round(b - a, 9) for a, b in zip(ticks, ticks[1:])}
+        assert ticks[0] == 0 and len(steps) == 1 and top <= ticks[-1] <= 2 * top
+    assert _ticks(0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
