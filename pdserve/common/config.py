@@ -145,6 +145,11 @@ class EngineConfig(ValidatedConfig):
         return (self.step_time_budget_ms is not None or self.ttft_slo_ms is not None
                 or self.step_time_profile is not None)
 
+    @property
+    def measures_step_time(self) -> bool:
+        """Whether start-up times the step-time profile's grid: a model is needed and no file gives it."""
+        return self.needs_step_time_model and self.step_time_profile is None
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str | None = None, prefix: str = "") -> EngineConfig:
         """Build from a mapping (a YAML section), rejecting unknown keys with the key's dotted path."""

@@ -114,7 +114,7 @@ class LLMEngine(RemotePrefill):
             self.scheduler.use_graph_rows(self.runner.graph_rows)
         self.startup_seconds["attention_plans"] = prepare_attention(
             backend, self.model, self.dtype, devices, min(config.max_num_batched_tokens, self.max_model_len))
-        if self.device.type == "cuda" and not (config.needs_step_time_model and config.step_time_profile is None):
+        if self.device.type == "cuda" and not config.measures_step_time:
             self.startup_seconds["eager_warmup"] = warm_eager_path(self)  # else the profile's grid compiles them
         self.step_time: StepTimeModel | None = None
         self.step_time_samples: list[dict] = []

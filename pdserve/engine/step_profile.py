@@ -23,7 +23,8 @@ from pdserve.engine.step_time import StepTimeModel, profile_step_time
 def load_or_measure_step_time(engine) -> tuple[StepTimeModel, list[dict]]:  # noqa: ANN001 (LLMEngine: a cycle)
     """The engine's step-time model: from ``step_time_profile`` when set, else measured (leaving the
     runner's step counters as they were: synthetic steps are not work done)."""
-    if engine.config.step_time_profile is not None:
+    if not engine.config.measures_step_time:
+        assert engine.config.step_time_profile is not None, "only an engine that needs a step-time model sets one up"
         return StepTimeModel.load(engine.config.step_time_profile), []
     runner = engine.runner
     counters = (runner.num_forward_tokens, runner.num_prompt_tokens_computed, runner.num_graph_steps,

@@ -205,19 +205,15 @@ def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttf
     hold (default: one each; tensor-parallel workers hold more), which goodput per GPU divides by.
     ``budget_tpot_s``: the TPOT SLO the budgeting workers are set up for, when not the one scored (a
     cluster set up for 15 ms, scored at 10)."""
-    def cluster() -> ClusterSimulation:
-        return simulation(profile, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=budget_tpot_s or tpot_slo_s,
-                          colocated_spec=colocated_spec,
-                          spill=spill, budget_window=budget_window, defer_below=defer_below,
-                          borrow_tokens=borrow_tokens)
-
-    def simulate(scale: float) -> list[SimOutcome]:
-        return cluster().run(workload.at(scale))
-
-    at_offered = cluster()  # kept: its preemption and drop counts go into the prediction
+    policy: dict[str, Any] = {"colocated_spec": colocated_spec, "spill": spill, "budget_window": budget_window,
+                              "defer_below": defer_below, "borrow_tokens": borrow_tokens}
+    at_offered = simulation(profile, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=budget_tpot_s or tpot_slo_s,
+                            **policy)  # kept: its preemption and drop counts go into the prediction
     offered = at_offered.run(workload.at(1.0))
     num_gpus = num_gpus or sum(counts.values())
-    meets: Callable[[float], bool] = lambda scale: attainment(simulate(scale), ttft_slo_s, tpot_slo_s) >= target  # noqa: E731
+    meets: Callable[[float], bool] = lambda scale: attainment_at(  # noqa: E731
+        profile, workload, counts, scale, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s,
+        budget_tpot_s=budget_tpot_s, **policy) >= target
     lo, hi = 0.0, 1.0
     while meets(hi) and hi < MAX_SCALE:
         lo, hi = hi, hi * 2
@@ -238,19 +234,24 @@ def predict(profile: Profile, workload: Workload, counts: dict[str, int], *, ttf
                       round(at_offered.num_dropped / max(len(offered), 1), 3))
 
 
+def attainment_at(profile: Profile, workload: Workload, counts: dict[str, int], scale: float, *, ttft_slo_s: float,
+                  tpot_slo_s: float, budget_tpot_s: float | None = None, **policy: Any) -> float:
+    """The share of ``workload`` at ``scale`` times its rate that one configuration serves within both SLOs
+    (``policy``: :func:`simulation`'s engine options; ``budget_tpot_s`` as in :func:`predict`)."""
+    cluster = simulation(profile, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=budget_tpot_s or tpot_slo_s, **policy)
+    return attainment(cluster.run(workload.at(scale)), ttft_slo_s, tpot_slo_s)
+
+
 def attainment_curve(profile: Profile, workload: Workload, counts: dict[str, int], rates_per_gpu: Sequence[float], *,
                      ttft_slo_s: float, tpot_slo_s: float, num_gpus: int | None = None,
                      borrow_tokens: int = 0) -> list[tuple[float, float]]:
     """SLO attainment of one configuration at each offered rate per GPU: the curve :func:`predict` bisects
     for its goodput (the same simulation, so the curve is at or above ``target`` at the goodput's rate)."""
     num_gpus = num_gpus or sum(counts.values())
-    curve = []
-    for rate in rates_per_gpu:
-        cluster = simulation(profile, counts, ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s,
-                             borrow_tokens=borrow_tokens)
-        outcomes = cluster.run(workload.at(rate * num_gpus / workload.rate))
-        curve.append((round(rate, 4), round(attainment(outcomes, ttft_slo_s, tpot_slo_s), 3)))
-    return curve
+    return [(round(rate, 4), round(attainment_at(profile, workload, counts, rate * num_gpus / workload.rate,
+                                                 ttft_slo_s=ttft_slo_s, tpot_slo_s=tpot_slo_s,
+                                                 borrow_tokens=borrow_tokens), 3))
+            for rate in rates_per_gpu]
 
 
 def curve_rates(offered_per_gpu: float, goodputs: Sequence[float], points: int) -> list[float]:

@@ -55,3 +55,17 @@ def test_warm_up_on_an_engine_gives_every_block_back_and_changes_no_output() -> 
     assert engine.kv.num_free_blocks == engine.kv.pool.num_usable_blocks
     assert engine.kv.num_requests == 0
     assert generate() == before
+
+
+def test_the_profile_grid_runs_only_where_a_model_is_needed_and_no_file_gives_it(tmp_path) -> None:  # noqa: ANN001
+    """``measures_step_time`` decides both whether start-up times the grid and whether the eager warm-up
+    runs instead (on CUDA)."""
+    from pdserve import EngineConfig
+
+    profile = tmp_path / "profile.json"
+    profile.write_text("{}")
+    assert not EngineConfig(model="tiny-random").measures_step_time
+    assert EngineConfig(model="tiny-random", step_time_budget_ms=15.0).measures_step_time
+    assert EngineConfig(model="tiny-random", ttft_slo_ms=250.0).measures_step_time
+    assert not EngineConfig(model="tiny-random", step_time_budget_ms=15.0,
+                            step_time_profile=str(profile)).measures_step_time
