@@ -29,8 +29,15 @@ from typing import Any
 
 from benchmarks.common import markdown_table, run_info, write_results
 from benchmarks.serving.metrics import goodput
-from benchmarks.serving.workload import TRACE_BLOCK, poisson_schedule, sharegpt_workload
+from benchmarks.serving.workload import (
+    TRACE_BLOCK,
+    TRACE_MAX_INPUT,
+    TRACE_MAX_OUTPUT,
+    poisson_schedule,
+    sharegpt_workload,
+)
 from benchmarks.serving.workload import trace_workload as serving_trace
+from pdserve.common.mooncake_trace import TraceArrivals
 from pdserve.common.step_model import FIRST_CALIBRATION_STEPS, StepKind
 from pdserve.planner.plan import Profile, Workload, predict, simulation
 from pdserve.planner.simulate import SimRequest, WorkerSpec
@@ -70,13 +77,15 @@ def measured(file: str, config: str) -> dict[str, Any]:
             for slo, share in point["slo_attainment"].items():
                 by_rate.setdefault(slo, {})[point["rate_per_gpu"]] = share
             requests[point["rate_per_gpu"]] = point["requests"]
-    traces = []
+    traces: dict[float, list[float]] = {}  # by the trace point's time scale (one per run before 2026-12-02)
     for source in data.get("sources", [file]):
-        results = json.loads((RESULTS / source).read_text())["results"].get(config, {})
-        traces += [p["slo_attainment"]["ttft<=250ms,tpot<=25ms"] for p in results.get("workloads", {}).get("trace", [])]
+        run = json.loads((RESULTS / source).read_text())
+        for p in run["results"].get(config, {}).get("workloads", {}).get("trace", []):
+            scale = float(p.get("time_scale", run["settings"].get("time_scale", 1.0)))
+            traces.setdefault(scale, []).append(p["slo_attainment"]["ttft<=250ms,tpot<=25ms"])
     commits = data.get("commits") or [data["run"]["commit"]]
     return {"commit": ", ".join(commits), "goodput": goodput, "attainment_by_rate": by_rate, "requests": requests,
-            "trace_attainment": round(statistics.mean(traces), 3) if traces else None, "trace_runs": len(traces)}
+            "trace_attainment": {scale: (round(statistics.mean(v), 3), len(v)) for scale, v in sorted(traces.items())}}
 
 
 def on_grid(profile: Profile, counts: dict[str, int], spec: WorkerSpec | None, spill: bool, tpot: float,
@@ -237,12 +246,15 @@ def live_calibration(files: list[str], statistic: str = "end", configs: set[str]
     return {k: round(statistics.mean(v), 3) for k, v in factors.items() if v}
 
 
-def trace_workload(path: Path, settings: dict[str, Any]) -> Workload:
-    """The trace window a serving run replayed, request for request (the serving benchmark's own reader
-    with that run's settings: its lengths, scaled and capped the same way)."""
+def trace_workload(path: Path, settings: dict[str, Any], time_scale: float) -> Workload:
+    """The trace window a serving run replayed at ``time_scale``, request for request (the serving benchmark's
+    own reader with that run's settings: its lengths, scaled and capped the same way; runs before 2026-12-02
+    replayed the recorded timestamps)."""
     specs = serving_trace(path, start=settings["trace_start"], count=settings["trace_requests"],
-                          time_scale=settings["time_scale"], length_scale=settings["length_scale"], max_input=12000,
-                          max_output=512)
+                          time_scale=time_scale, length_scale=settings["length_scale"], max_input=TRACE_MAX_INPUT,
+                          max_output=TRACE_MAX_OUTPUT,
+                          arrivals=TraceArrivals(settings.get("trace_arrivals", TraceArrivals.RECORDED.value)),
+                          seed=settings.get("trace_seed", 0))
     block = max(1, round(TRACE_BLOCK * settings["length_scale"]))  # the reader's block of one hash id
 
     def blocks(ids: list[int]) -> tuple[int, ...]:  # equal content, equal id: what the prefix cache matches
@@ -321,10 +333,10 @@ def main() -> None:
                           for rate, share in grid.items()]
             rows.append(row)
             print(row, flush=True)
-        if args.trace_path is not None and truth["trace_attainment"] is not None:
-            trace = trace_workload(args.trace_path, run_settings(file))
-            row = {"config": name, "workload": f"trace (attainment at the offered rate, mean of {truth['trace_runs']} "
-                   "run(s))", "slo": SLOS[0][0], "measured": truth["trace_attainment"], "measured_at": truth["commit"]}
+        for time_scale, (attained, runs) in truth["trace_attainment"].items() if args.trace_path is not None else ():
+            trace = trace_workload(args.trace_path, run_settings(file), time_scale)
+            row = {"config": name, "workload": f"trace x{time_scale:g} (attainment at the offered rate, mean of "
+                   f"{runs} run(s))", "slo": SLOS[0][0], "measured": attained, "measured_at": truth["commit"]}
             for label, p in (("profile", profile), ("calibrated", calibrated)):
                 row[label] = predict(p, trace, counts, ttft_slo_s=0.25, tpot_slo_s=0.025, colocated_spec=spec,
                                      spill=spill, name=name, budget_tpot_s=setup_tpot,

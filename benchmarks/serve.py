@@ -46,12 +46,15 @@ from benchmarks.serving.point import DEFAULT_CLIENT_PROCESSES, measure_point
 from benchmarks.serving.report import goodput_table, ms, plot, render
 from benchmarks.serving.workload import (
     PRESETS,
+    TRACE_MAX_INPUT,
+    TRACE_MAX_OUTPUT,
     RequestSpec,
     fixed_workload,
     poisson_schedule,
     sharegpt_workload,
     trace_workload,
 )
+from pdserve.common.mooncake_trace import TraceArrivals
 from pdserve.planner.plan import SLO_PREFILL_STEP_TOKENS
 
 TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "mooncake_conversation.jsonl"
@@ -129,11 +132,25 @@ def make_workload(name: str, n: int, seed: int, args: argparse.Namespace) -> lis
         specs = sharegpt_workload(n, seed)
         cap = 64 if args.smoke else args.max_output
         return [RequestSpec(s.prompt_token_ids[: 256 if args.smoke else None], min(s.output_len, cap)) for s in specs]
-    if name == "trace":
-        return trace_workload(Path(args.trace_path), start=args.trace_start, count=n, time_scale=args.time_scale,
-                              length_scale=args.length_scale, max_input=1024 if args.smoke else 12000,
-                              max_output=32 if args.smoke else 512)
     raise ValueError(f"unknown workload {name!r}")
+
+
+def trace_specs(args: argparse.Namespace, time_scale: float) -> list[RequestSpec]:
+    """The trace window of one trace point: ``--trace-requests`` rows from ``--trace-start``, arrivals ``x
+    time_scale`` (spread within the trace's timestamp buckets unless ``--trace-arrivals recorded``)."""
+    return trace_workload(Path(args.trace_path), start=args.trace_start, count=args.trace_requests,
+                          time_scale=time_scale, length_scale=args.length_scale,
+                          max_input=1024 if args.smoke else TRACE_MAX_INPUT,
+                          max_output=32 if args.smoke else TRACE_MAX_OUTPUT,
+                          arrivals=TraceArrivals(args.trace_arrivals), seed=args.trace_seed)
+
+
+def print_point(label: str, workload: str, summary: dict[str, Any]) -> None:
+    print(f"{label:9s} {workload:13s} rate/GPU {summary['rate_per_gpu']:6.2f}: " + ", ".join(
+        f"{k} {v:.2f}" for k, v in summary["slo_attainment"].items())
+        + f" | TTFT p50/p99 {ms(summary['ttft_s']['p50'])}/{ms(summary['ttft_s']['p99'])} ms"
+        f" TPOT p50/p99 {ms(summary['tpot_s']['p50'])}/{ms(summary['tpot_s']['p99'])} ms"
+        f" errors {summary['errors']}", flush=True)
 
 
 def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos: list[tuple[float, float]],
@@ -161,15 +178,18 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
         for workload in args.workloads:
             points = []
             if workload == "trace":
-                specs = make_workload("trace", args.trace_requests, args.seed, args)
-                offsets = [s.arrival_s for s in specs]
-                rate = len(specs) / max(offsets[-1], 1.0) / num_gpus  # the window's mean arrival rate
-                summary = measure_point(cluster.router_address, specs, offsets, f"{label}-trace", slos,
-                                        args.client_processes)
-                summary |= {"rate_per_gpu": rate, "run_id": f"{label}-trace"}
-                points.append(summary)
-                if args.dashboard:
-                    dashboard[summary["run_id"]] = dashboard_snapshot(cluster.http_url)
+                for time_scale in args.time_scales:
+                    specs = trace_specs(args, time_scale)
+                    offsets = [s.arrival_s for s in specs]
+                    rate = len(specs) / max(offsets[-1], 1.0) / num_gpus  # the window's mean arrival rate
+                    run_id = f"{label}-trace-x{time_scale:g}"
+                    summary = measure_point(cluster.router_address, specs, offsets, run_id, slos, args.client_processes)
+                    summary |= {"rate_per_gpu": rate, "run_id": run_id, "time_scale": time_scale}
+                    points.append(summary)
+                    if args.dashboard:
+                        dashboard[run_id] = dashboard_snapshot(cluster.http_url)
+                    print_point(label, workload, summary)
+                    _checkpoint(label, workload, points)
             else:
                 rates = args.rates[workload]
                 for j, rate in enumerate(rates):
@@ -182,20 +202,9 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                     points.append(summary)
                     if args.dashboard:
                         dashboard[run_id] = dashboard_snapshot(cluster.http_url)
-                    print(f"{label:9s} {workload:13s} rate/GPU {rate:6.2f}: " + ", ".join(
-                        f"{k} {v:.2f}" for k, v in summary["slo_attainment"].items())
-                        + f" | TTFT p50/p99 {ms(summary['ttft_s']['p50'])}/{ms(summary['ttft_s']['p99'])} ms"
-                        f" TPOT p50/p99 {ms(summary['tpot_s']['p50'])}/{ms(summary['tpot_s']['p99'])} ms"
-                        f" errors {summary['errors']}", flush=True)
+                    print_point(label, workload, summary)
                     _checkpoint(label, workload, points)
             results["workloads"][workload] = points
-            if workload == "trace":
-                p = points[-1]
-                print(f"{label:9s} trace rate/GPU {p['rate_per_gpu']:.2f}: " + ", ".join(
-                    f"{k} {v:.2f}" for k, v in p["slo_attainment"].items())
-                    + f" | TTFT p50/p99 {ms(p['ttft_s']['p50'])}/{ms(p['ttft_s']['p99'])} ms"
-                    f" TPOT p50/p99 {ms(p['tpot_s']['p50'])}/{ms(p['tpot_s']['p99'])} ms", flush=True)
-                _checkpoint(label, workload, points)
         timings = {w.role: ray.get(w.actor.timings.remote()) for w in cluster.workers}
         results["worker_stats"] = cluster.worker_stats()
         for points in results["workloads"].values():
@@ -304,7 +313,12 @@ def main() -> None:
     parser.add_argument("--trace-start", type=int, default=0)
     # >= 200 requests per point: with 60, one run's attainment has a standard error of ~0.06
     parser.add_argument("--trace-requests", type=int, default=240)
-    parser.add_argument("--time-scale", type=float, default=0.5)
+    parser.add_argument("--time-scales", default="2,1,0.5",
+                        help="the trace's arrival times x each of these, one point each (the window's rate / each)")
+    parser.add_argument("--trace-arrivals", choices=[a.value for a in TraceArrivals], default=TraceArrivals.SPREAD.value,
+                        help="spread: each of the trace's timestamp buckets (~3 s, ~10 requests) spread over its "
+                             "width; recorded: every request of a bucket at once, as written")
+    parser.add_argument("--trace-seed", type=int, default=0, help="the seed of the spread arrivals")
     parser.add_argument("--length-scale", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix of the result files (serve-<device>-<tag>.*)")
@@ -325,6 +339,9 @@ def main() -> None:
                              "JSON after every point (<stem>-dashboard.json.gz; render: benchmarks.dashboard_replay)")
     args = parser.parse_args()
     args.workloads = args.workloads.split(",")
+    args.time_scales = [float(x) for x in args.time_scales.split(",")]
+    if not args.time_scales or min(args.time_scales) <= 0:
+        raise SystemExit(f"--time-scales: positive factors, comma-separated; got {args.time_scales}")
     args.rates = {w: [float(x) for x in getattr(args, f"rates_{w.replace('-', '_')}").split(",")]
                   for w in ("prefill-heavy", "sharegpt", "decode-heavy")}
     if args.smoke:

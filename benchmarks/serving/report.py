@@ -15,9 +15,7 @@ from benchmarks.serving.metrics import goodput
 def goodput_table(all_results: dict[str, Any], slos: list[tuple[float, float]]) -> list[dict[str, Any]]:
     rows = []
     for kind, res in all_results.items():
-        for workload, points in res["workloads"].items():
-            if workload == "trace":
-                continue
+        for workload, points in res["workloads"].items():  # the trace: one point per time scale
             for key in points[0]["slo_attainment"]:
                 pts = [(p["rate_per_gpu"], p["slo_attainment"][key]) for p in points]
                 rows.append({"config": kind, "workload": workload, "slo": key, "goodput_per_gpu": round(goodput(pts), 2)})
@@ -33,14 +31,14 @@ def plot(all_results: dict[str, Any], path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    panels = [(w, key) for w, pts in next(iter(all_results.values()))["workloads"].items() if w != "trace"
+    panels = [(w, key) for w, pts in next(iter(all_results.values()))["workloads"].items()
               for key in pts[0]["slo_attainment"]]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, (workload, key) in zip(axes[0], panels):
         for kind, res in all_results.items():
-            pts = res["workloads"].get(workload, [])
+            pts = sorted(res["workloads"].get(workload, []), key=lambda p: p["rate_per_gpu"])
             ax.plot([p["rate_per_gpu"] for p in pts], [p["slo_attainment"][key] * 100 for p in pts], marker="o",
                     label=kind)
         ax.axhline(90, color="gray", linestyle="--", linewidth=0.8)

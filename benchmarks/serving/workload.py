@@ -9,7 +9,8 @@
 * ``trace``: Mooncake-format JSONL replay. Each 512-token ``hash_id`` maps to a fixed random block of
   token ids, so equal ids at equal positions give equal prompt prefixes (the trace's prefix sharing);
   lengths are multiplied by ``length_scale`` (blocks shrink accordingly) and arrival times by
-  ``time_scale``.
+  ``time_scale``; the trace's bucketed timestamps are spread within their buckets unless
+  ``arrivals=TraceArrivals.RECORDED`` (see :mod:`pdserve.common.mooncake_trace`).
 
 Arrivals: Poisson at ``rate`` (exponential gaps), or gamma gaps with shape ``burstiness`` (< 1: burstier,
 > 1: smoother) and the same mean; or a fixed concurrency (no schedule).
@@ -17,13 +18,15 @@ Arrivals: Poisson at ``rate`` (exponential gaps), or gamma gaps with shape ``bur
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-TRACE_BLOCK = 512
+from pdserve.common.mooncake_trace import TRACE_BLOCK_TOKENS, TraceArrivals, read_trace
+
+TRACE_BLOCK = TRACE_BLOCK_TOKENS
+TRACE_MAX_INPUT, TRACE_MAX_OUTPUT = 12000, 512  # the serving benchmark's caps on a trace request (after scaling)
 
 
 @dataclass(frozen=True)
@@ -58,35 +61,28 @@ PRESETS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 1024)}
 
 def trace_workload(path: Path, *, start: int = 0, count: int | None = None, time_scale: float = 1.0,
                    length_scale: float = 1.0, max_input: int | None = None, max_output: int | None = None,
-                   vocab: int = 32000) -> list[RequestSpec]:
-    """Replay requests ``start .. start+count`` of a Mooncake JSONL trace (arrivals relative to the first)."""
-    rows = []
-    with path.open() as f:
-        for i, line in enumerate(f):
-            if i < start:
-                continue
-            if count is not None and len(rows) >= count:
-                break
-            rows.append(json.loads(line))
-    if not rows:
-        return []
-    t0 = rows[0]["timestamp"]
+                   vocab: int = 32000, arrivals: TraceArrivals = TraceArrivals.SPREAD,
+                   seed: int = 0) -> list[RequestSpec]:
+    """Replay requests ``start .. start+count`` of a Mooncake JSONL trace (arrivals relative to the first, as
+    :func:`pdserve.common.mooncake_trace.read_trace` gives them for ``arrivals`` and ``seed``)."""
     block = max(1, round(TRACE_BLOCK * length_scale))
     out = []
-    for row in rows:
-        input_len = max(1, round(row["input_length"] * length_scale))
+    for i, row in enumerate(read_trace(path, start=start, count=count, arrivals=arrivals, seed=seed)):
+        input_len = max(1, round(row.input_length * length_scale))
         if max_input is not None:
             input_len = min(input_len, max_input)
         prompt: list[int] = []
-        for h in row["hash_ids"]:
+        for h in row.hash_ids:
             if len(prompt) >= input_len:
                 break
             prompt += _token_block(h * 2654435761 % 2**31, block, vocab)
+        if len(prompt) < input_len:  # blocks the row does not name (no hash_ids): unshared tokens
+            prompt += _token_block(2**31 + start + i, input_len - len(prompt), vocab)
         prompt = prompt[:input_len]
-        output_len = max(1, round(row["output_length"] * length_scale))
+        output_len = max(1, round(row.output_length * length_scale))
         if max_output is not None:
             output_len = min(output_len, max_output)
-        out.append(RequestSpec(prompt, output_len, (row["timestamp"] - t0) / 1000.0 * time_scale))
+        out.append(RequestSpec(prompt, output_len, row.arrival_s * time_scale))
     return out
 
 

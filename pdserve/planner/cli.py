@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pdserve.common.errors import ConfigError
+from pdserve.common.mooncake_trace import TraceArrivals
 from pdserve.common.step_model import parse_calibration
 
 
@@ -43,6 +44,11 @@ def add_planner_parsers(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--trace-start", type=int, default=0)
     plan.add_argument("--time-scale", type=float, default=1.0, help="trace arrival times x this")
     plan.add_argument("--length-scale", type=float, default=1.0, help="trace prompt lengths x this")
+    plan.add_argument("--trace-arrivals", choices=[a.value for a in TraceArrivals], default=TraceArrivals.SPREAD.value,
+                      help="spread (default): each bucket of requests the trace records at one timestamp arrives at "
+                           "uniform times until the next; recorded: all at once, as written (the Mooncake trace's "
+                           "timestamps come in ~3 s buckets of ~10 requests)")
+    plan.add_argument("--trace-seed", type=int, default=0, help="the seed of the spread arrivals")
     plan.add_argument("--calibrate", default="", metavar="KIND=FACTOR,...",
                       help="scale the profile's steps of a kind (decode, mixed, prefill) by what live steps "
                            "measured, e.g. mixed=1.37,prefill=1.25 (a worker's telemetry reports its "
@@ -92,7 +98,8 @@ def run_plan(args: argparse.Namespace) -> int:
         profile = dataclasses.replace(profile, kv_capacity_tokens=args.kv_capacity_tokens)
     if args.trace is not None:
         workload = Workload.trace(args.trace, start=args.trace_start, count=args.requests, time_scale=args.time_scale,
-                                  length_scale=args.length_scale)
+                                  length_scale=args.length_scale, arrivals=TraceArrivals(args.trace_arrivals),
+                                  seed=args.trace_seed)
     else:
         if not args.rate > 0 or args.prompt_len < 1 or args.output_len < 1:
             raise ConfigError("--rate", "--rate, --prompt-len and --output-len must be > 0")

@@ -10,7 +10,6 @@ count. The profile is the JSON ``pdserve profile`` writes (the step-time model u
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -19,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.common.errors import ConfigError
+from pdserve.common.mooncake_trace import TRACE_BLOCK_TOKENS, TraceArrivals, TraceError, read_trace
 from pdserve.common.step_model import StepKind, StepShape, StepTimeModel, read_profile
 from pdserve.planner.simulate import ClusterSimulation, SimOutcome, SimRequest, WorkerSpec
 
 DEFAULT_KV_BYTES_PER_TOKEN = 131072.0  # Llama-3.1-8B in bf16: 32 layers x 2 x 8 heads x 128 x 2 bytes
 DEFAULT_TRANSFER_BYTES_PER_S = 50e9
 MAX_SCALE = 64.0  # the goodput search stops at 64x the workload's own rate
-TRACE_BLOCK_TOKENS = 512  # the Mooncake trace's hash ids each stand for a block of this many prompt tokens
 SOLO_PREFILL_CHUNK = 8192  # an idle worker's prefill step (the engines' default token budget)
 
 
@@ -101,29 +100,23 @@ class Workload:
 
     @classmethod
     def trace(cls, path: str | Path, *, start: int = 0, count: int = 400, time_scale: float = 1.0,
-              length_scale: float = 1.0, max_prompt: int = 32768) -> Workload:
-        """A Mooncake-format JSONL trace (``timestamp`` ms, ``input_length``, ``output_length``, and
-        ``hash_ids`` when present: the prompt's blocks of 512 tokens, ``x length_scale`` here, which the
-        simulation's prefix caches match)."""
-        out: list[tuple[float, int, int, tuple[int, ...]]] = []
+              length_scale: float = 1.0, max_prompt: int = 32768, arrivals: TraceArrivals = TraceArrivals.SPREAD,
+              seed: int = 0) -> Workload:
+        """A Mooncake-format JSONL trace window (:func:`pdserve.common.mooncake_trace.read_trace`: ``arrivals``
+        and ``seed`` say how its bucketed timestamps are replayed). Prompt lengths and the blocks of their
+        ``hash_ids`` (which the simulation's prefix caches match) are ``x length_scale``; outputs as recorded."""
+        if not time_scale > 0 or not length_scale > 0:
+            raise ConfigError("trace", f"time and length scales must be > 0, got {time_scale} and {length_scale}")
         try:
-            with Path(path).open() as f:
-                for i, line in enumerate(f):
-                    if i < start:
-                        continue
-                    if len(out) >= count:
-                        break
-                    row = json.loads(line)
-                    out.append((float(row["timestamp"]) / 1e3 * time_scale,
-                                max(1, min(max_prompt, int(row["input_length"] * length_scale))),
-                                max(1, int(row["output_length"])), tuple(int(h) for h in row.get("hash_ids", ()))))
-        except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError("trace", f"cannot read a Mooncake trace from {path}: {exc!r}") from None
-        if len(out) < 2:
-            raise ConfigError("trace", f"{path}: fewer than two requests from line {start}")
-        t0, block = out[0][0], max(1, round(TRACE_BLOCK_TOKENS * length_scale))
-        return cls(tuple(SimRequest(t - t0, p, o, blocks, block if blocks else 0) for t, p, o, blocks in out),
-                   f"trace {Path(path).name}")
+            rows = read_trace(path, start=start, count=count, arrivals=arrivals, seed=seed)
+        except TraceError as exc:
+            raise ConfigError("trace", str(exc)) from None
+        if len(rows) < 2:
+            raise ConfigError("trace", f"{path}: fewer than two requests from line {start + 1}")
+        block = max(1, round(TRACE_BLOCK_TOKENS * length_scale))
+        return cls(tuple(SimRequest(r.arrival_s * time_scale, max(1, min(max_prompt, int(r.input_length * length_scale))),
+                                    max(1, r.output_length), r.hash_ids, block if r.hash_ids else 0) for r in rows),
+                   f"trace {Path(path).name}" + (" (recorded arrivals)" if arrivals is TraceArrivals.RECORDED else ""))
 
 
 @dataclass(frozen=True)

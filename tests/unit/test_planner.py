@@ -9,6 +9,7 @@ import statistics
 import pytest
 
 from pdserve.common.errors import ConfigError
+from pdserve.common.mooncake_trace import TraceArrivals
 from pdserve.common.step_model import StepKind, parse_calibration, pooled_calibration
 from pdserve.engine.step_time import StepShape, StepTimeModel
 from pdserve.planner.plan import (
@@ -85,6 +86,24 @@ def test_a_trace_workload_keeps_its_prefix_blocks_at_every_rate(tmp_path) -> Non
     assert [r.prefix_blocks for r in workload.requests] == [(1, 2, 3, 4), (1, 2, 4, 4), (1, 2, 5, 4)]
     assert {r.block_tokens for r in workload.requests} == {256}
     assert all(r.prefix_blocks and r.block_tokens == 256 for r in workload.at(3.0))
+
+
+def test_a_trace_bucket_replayed_at_once_breaks_ttft_that_spread_arrivals_meet(tmp_path) -> None:  # noqa: ANN001
+    """Ten 2k-token prompts per 3 s bucket: at once they queue past the TTFT SLO, spread over the bucket they
+    do not (the Mooncake trace's timestamps come in such buckets)."""
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps({"timestamp": 3000 * (i // 10), "input_length": 2048, "output_length": 8})
+                            + "\n" for i in range(60)))
+    shares = {}
+    for arrivals in TraceArrivals:
+        workload = Workload.trace(path, count=60, arrivals=arrivals)
+        outcomes = simulation(Profile(SYNTHETIC), {"colocated": 2}, ttft_slo_s=0.1, tpot_slo_s=0.05).run(
+            workload.at(1.0))
+        shares[arrivals] = attainment(outcomes, 0.1, 0.05)
+    assert shares[TraceArrivals.RECORDED] < 0.5 < 0.9 <= shares[TraceArrivals.SPREAD]
+    with pytest.raises(ConfigError, match="line 2: not a Mooncake trace row"):
+        path.write_text(json.dumps({"timestamp": 0, "input_length": 9, "output_length": 1}) + "\n{}\n")
+        Workload.trace(path)
 
 
 # a step of up to 256 tokens costs 10.1 ms (weights read once), every token past 256 20 us more

@@ -15,6 +15,7 @@ from benchmarks.serving.workload import (
     sharegpt_workload,
     trace_workload,
 )
+from pdserve.common.mooncake_trace import TraceArrivals
 
 
 def _record(sent: float, times: list[float], error: str | None = None) -> RequestRecord:
@@ -82,7 +83,7 @@ def test_trace_replay_reproduces_prefix_sharing(tmp_path) -> None:
     ]
     path = tmp_path / "trace.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    specs = trace_workload(path, time_scale=0.5, length_scale=0.5)
+    specs = trace_workload(path, time_scale=0.5, length_scale=0.5, arrivals=TraceArrivals.RECORDED)
     block = TRACE_BLOCK // 2
     assert [len(s.prompt_token_ids) for s in specs] == [600, 750, 300]
     assert [s.output_len for s in specs] == [5, 2, 4]
@@ -91,6 +92,14 @@ def test_trace_replay_reproduces_prefix_sharing(tmp_path) -> None:
     assert a[: 2 * block] == b[: 2 * block]  # hash ids 1, 2 shared at the same positions
     assert a[2 * block: 3 * block] != b[2 * block: 3 * block]  # 3 vs 4
     assert c[:block] != a[:block] and c[block:] == a[block:len(c)]  # id 2 at position 1 in both: same tokens
+
+
+def test_trace_replay_fills_a_prompt_its_hash_ids_do_not_cover(tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "trace.jsonl"
+    path.write_text(json.dumps({"timestamp": 0, "input_length": 700, "output_length": 3, "hash_ids": [5]}) + "\n"
+                    + json.dumps({"timestamp": 10, "input_length": 300, "output_length": 3}) + "\n")
+    a, b = trace_workload(path)
+    assert len(a.prompt_token_ids) == 700 and len(b.prompt_token_ids) == 300
 
 
 def test_sharegpt_mix_is_deterministic_and_clipped() -> None:
