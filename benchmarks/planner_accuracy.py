@@ -162,9 +162,10 @@ def sharegpt_rows(profile: Profile, file: str, policy: dict[str, int], own_calib
 FIXED_WORKLOADS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 1024)}
 
 
-def colocated_rows(profile: Profile, files: list[str], statistic: str = "end") -> list[list[Any]]:
-    """Per point of the colocated / colocated-slo runs in ``files`` on the fixed-length workloads
-    (``--num-gpus`` workers, their settings): the measured attainment per SLO and TPOT p50 against the
+def colocated_rows(profile: Profile, files: list[str], statistic: str = "end",
+                   trace_path: Path | None = None) -> list[list[Any]]:
+    """Per point of the colocated / colocated-slo runs in ``files`` on the fixed-length workloads, and on the
+    trace when ``trace_path`` is given (``--num-gpus`` workers, their settings): the measured attainment per SLO and TPOT p50 against the
     simulation of the point's exact requests, on ``profile`` alone, calibrated with the factors the
     run's own workers reported (in sample; the profile alone where they reported none), and with those
     of the other files' workers (out of sample: does a calibration learnt on one workload carry to
@@ -187,14 +188,21 @@ def colocated_rows(profile: Profile, files: list[str], statistic: str = "end") -
             budget_s = float(target or settings["slo_tpot_ms"]) / 1e3 if kind == "colocated-slo" else None
             spec = WorkerSpec(max_batch_tokens=8192 if budget_s else 2048, max_running=settings.get("max_running", 256),
                               step_budget_s=budget_s, ttft_slo_s=0.25 if budget_s else None)
-            for workload, (prompt, output) in FIXED_WORKLOADS.items():
+            workloads = [*FIXED_WORKLOADS, *(["trace"] if trace_path is not None else [])]
+            for workload in workloads:
                 for j, point in enumerate(result["workloads"].get(workload, [])):
                     rate = point["rate_per_gpu"]
-                    specs = fixed_workload(n, prompt, output, settings["seed"] + j)
-                    offsets = poisson_schedule(n, rate * num_gpus, seed=settings["seed"] + j,
-                                               burstiness=settings["burstiness"])
-                    requests = [SimRequest(t, len(s.prompt_token_ids), s.output_len)
-                                for s, t in zip(specs, offsets, strict=True)]
+                    if workload == "trace":
+                        assert trace_path is not None
+                        requests = list(trace_workload(trace_path, settings, point.get(
+                            "time_scale", settings.get("time_scale", 1.0))).requests)
+                    else:
+                        prompt, output = FIXED_WORKLOADS[workload]
+                        specs = fixed_workload(n, prompt, output, settings["seed"] + j)
+                        offsets = poisson_schedule(n, rate * num_gpus, seed=settings["seed"] + j,
+                                                   burstiness=settings["burstiness"])
+                        requests = [SimRequest(t, len(s.prompt_token_ids), s.output_len)
+                                    for s, t in zip(specs, offsets, strict=True)]
                     predicted = {}
                     for label, model in profiles.items():
                         outcomes = simulation(model, {"colocated": num_gpus}, ttft_slo_s=0.25,
@@ -205,7 +213,9 @@ def colocated_rows(profile: Profile, files: list[str], statistic: str = "end") -
                                             for _, tpot in SLOS] + [round(1e3 * tpots[len(tpots) // 2], 1)]
                     measured_row = ([point["slo_attainment"][slo] for slo, _ in SLOS]
                                     + [round(1e3 * point["tpot_s"]["p50"], 1)])
-                    out.append([file, f"{num_gpus} x {config}, {spec.max_running} slots", workload, rate,
+                    label_workload = (workload if workload != "trace" else
+                                      f"trace ({settings.get('trace_arrivals', 'recorded')})")
+                    out.append([file, f"{num_gpus} x {config}, {spec.max_running} slots", label_workload, rate,
                                 ", ".join(f"{k.value} {v}" for k, v in own.items()) or "none",
                                 " / ".join(f"{v}" for v in measured_row),
                                 *(" / ".join(f"{v}" for v in predicted[label]) for label in profiles)])
@@ -291,8 +301,8 @@ def main() -> None:
                         help="--sharegpt-measured: calibrate with --calibration-from's factors (shared) or with "
                         "each configuration's own workers' factors in that file (own: in sample, per workload)")
     parser.add_argument("--colocated-measured", default=None, help="also compare the prefill-heavy and decode-heavy "
-                        "points of these colocated / colocated-slo run files (comma-separated; e.g. the one-GPU "
-                        "runs serve-g1p1-h200.json), each point's exact requests")
+                        "points (and the trace's, with --trace-path) of these colocated / colocated-slo run files "
+                        "(comma-separated; e.g. the one-GPU runs serve-g1p1-h200.json), each point's exact requests")
     parser.add_argument("--budget-window", type=int, default=0, help="simulate the engines' step_budget_window "
                         "(as the measured runs had it)")
     parser.add_argument("--defer-below", type=int, default=0, help="simulate the engines' defer_chunks_below")
@@ -353,7 +363,8 @@ def main() -> None:
             print(row, flush=True)
     colocated_table: list[list[Any]] = []
     if args.colocated_measured is not None:
-        colocated_table = colocated_rows(profile, args.colocated_measured.split(","), args.statistic)
+        colocated_table = colocated_rows(profile, args.colocated_measured.split(","), args.statistic,
+                                         args.trace_path)
         for row in colocated_table:
             print(row, flush=True)
     info = {**run_info(), "device": "NVIDIA H200", "num_gpus": 2,
