@@ -350,17 +350,22 @@ def main() -> None:
         args.ttft_slo, args.tpot_slos = 1.0, "0.2,0.1"
     slos = [(args.ttft_slo, float(t)) for t in args.tpot_slos.split(",")]
     info = run_info()
-    # the client must keep 5x the highest total rate of any point without falling behind
-    swept = [r for w in args.workloads if w in args.rates for r in args.rates[w]] or [1.0]
-    capacity_rate = 5 * max(swept) * args.num_gpus
-    capacity = asyncio.run(client_capacity(rate=capacity_rate, n=max(400, int(2 * capacity_rate)) if not args.smoke
+    if "trace" in args.workloads and not Path(args.trace_path).is_file():
+        raise SystemExit(f"--trace-path {args.trace_path}: no such file (the Mooncake trace, JSONL)")
+    # the client must keep 5x the highest total rate of any point without falling behind (the trace's: its
+    # window's mean rate at the shortest time scale), checked for ~10 s (50-400 requests; 2 s of the rate above)
+    swept = [r for w in args.workloads if w in args.rates for r in args.rates[w]]
+    if "trace" in args.workloads:
+        window = trace_specs(args, min(args.time_scales))
+        swept.append(len(window) / max(window[-1].arrival_s, 1.0) / args.num_gpus)
+    capacity_rate = 5 * max(swept or [1.0]) * args.num_gpus
+    capacity = asyncio.run(client_capacity(rate=capacity_rate, n=max(50, min(400, int(10 * capacity_rate)),
+                                                                     int(2 * capacity_rate)) if not args.smoke
                                            else 100))
     print("client capacity:", capacity, flush=True)
     from benchmarks.engine import TINY
 
     all_results: dict[str, Any] = {}
-    if "trace" in args.workloads and not Path(args.trace_path).is_file():
-        raise SystemExit(f"--trace-path {args.trace_path}: no such file (the Mooncake trace, JSONL)")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(Path(tmp) / "model", TINY if args.smoke else LLAMA31_8B)
         targets = [float(t) for t in args.slo_tpot_targets.split(",")] if args.slo_tpot_targets else []
