@@ -211,7 +211,7 @@ def colocated_rows(profile: Profile, files: list[str], statistic: str = "end",
                         tpots = sorted(o.tpot_s for o in outcomes if o.tpot_s is not None)
                         predicted[label] = [round(sum(o.meets(0.25, tpot) for o in outcomes) / len(outcomes), 3)
                                             for _, tpot in SLOS] + [round(1e3 * tpots[len(tpots) // 2], 1)]
-                    measured_row = ([point["slo_attainment"][slo] for slo, _ in SLOS]
+                    measured_row = ([round(point["slo_attainment"][slo], 3) for slo, _ in SLOS]
                                     + [round(1e3 * point["tpot_s"]["p50"], 1)])
                     label_workload = (workload if workload != "trace" else
                                       f"trace ({settings.get('trace_arrivals', 'recorded')})")
@@ -325,6 +325,8 @@ def main() -> None:
             if config not in json.loads((RESULTS / args.measured).read_text())["results"]:
                 continue
             file = args.measured
+        if run_settings(file).get("num_gpus", 2) != sum(counts.values()):  # modelled for another GPU count
+            continue
         truth = measured(file, config)
         setup_tpot = setup_tpot_s(file)  # the TPOT its budgeting workers were set up for (read once)
         for slo, tpot in SLOS if truth["requests"] else ():  # runs without prefill-heavy points: none
@@ -367,13 +369,14 @@ def main() -> None:
                                          args.trace_path)
         for row in colocated_table:
             print(row, flush=True)
-    info = {**run_info(), "device": "NVIDIA H200", "num_gpus": 2,
-            "computed_on": "CPU: a simulation, compared with runs measured on 2x NVIDIA H200"}
+    gpus = int(run_settings(args.measured).get("num_gpus", 2)) if args.measured is not None else 2
+    info = {**run_info(), "device": "NVIDIA H200", "num_gpus": gpus,
+            "computed_on": f"CPU: a simulation, compared with runs measured on {gpus}x NVIDIA H200"}
     payload = {"profile": str(args.profile), "policy": policy, "calibration": {k.value: v for k, v in factors.items()},
                "calibration_from": args.calibration_from, "rows": rows,
                "attainment_by_rate": [dict(zip(("config", "slo", "rate_per_gpu", "measured", "predicted", "error"), r))
                                       for r in grid_rows]}
-    header = (f"# Planner accuracy: predicted against measured (2xH200)\n\n{info['commit']} · {info['date']}\n\n"
+    header = (f"# Planner accuracy: predicted against measured ({gpus}xH200)\n\n{info['commit']} · {info['date']}\n\n"
               f"Simulated engine policy {policy}. Profile `{args.profile}`; live calibration {payload['calibration']} (from {args.calibration_from}). "
               "Goodput rows: req/s per GPU (error = predicted / measured - 1); trace rows: SLO attainment at the "
               "offered rate (error = predicted - measured). Measured goodput interpolates between the measured rates "
