@@ -228,7 +228,8 @@ def live_calibration(files: list[str], statistic: str = "end", configs: set[str]
     ``end``, the calibration each worker held at
     the end of its run (where it recalibrated: factor != 1); ``run``, each worker's mean measured /
     profiled ratio over the whole run (``run_ratio``, where it ran at least ``FIRST_CALIBRATION_STEPS``
-    steps of that kind; runs before 99da560 do not report it). A worker that reports no ``chunked`` kind
+    steps of that kind; runs before 99da560 do not report it); ``time``, each worker's measured over profiled
+    seconds of the whole run (``time_ratio``, each step weighed by its length; from 2026-12-02 on). A worker that reports no ``chunked`` kind
     (runs before 26ad6d4, when a later chunk beside decodes was a ``mixed`` step) lends its ``mixed``
     factor to it: the simulation prices such steps as ``chunked``, and at 1.0 they came ~25% low, which
     put the goodput predicted with those runs' calibration up to ~2x high for configurations that chunk."""
@@ -239,6 +240,11 @@ def live_calibration(files: list[str], statistic: str = "end", configs: set[str]
                 continue
             for worker in config.get("worker_stats") or []:
                 error = worker.get("step_time_error") or {}
+                if statistic == "time":
+                    for kind, ratio in (error.get("time_ratio") or {}).items():
+                        if (error.get("run_ratio") or {}).get(kind, [0])[0] >= FIRST_CALIBRATION_STEPS:
+                            factors[StepKind(kind)].append(ratio)
+                    continue
                 if statistic == "run":
                     ratios = dict(error.get("run_ratio") or {})
                     if StepKind.CHUNKED.value not in ratios and StepKind.MIXED.value in ratios:
@@ -309,9 +315,10 @@ def main() -> None:
     parser.add_argument("--borrow-tokens", type=int, default=0,
                         help="simulate the engines' step_budget_borrow_tokens")
     parser.add_argument("--tag", default="", help="suffix of the result files (planner_accuracy-<tag>-...)")
-    parser.add_argument("--statistic", choices=("end", "run"), default="end",
+    parser.add_argument("--statistic", choices=("end", "run", "time"), default="end",
                         help="--colocated-measured: calibrate with each worker's factors at the end of its run "
-                        "(end) or its measured/profiled ratios over the whole run (run)")
+                        "(end), its mean measured/profiled ratio over the whole run (run) or its measured over "
+                        "profiled seconds over the whole run (time; runs from 2026-12-02 on)")
     args = parser.parse_args()
     profile = Profile.load(args.profile)
     policy = {"budget_window": args.budget_window, "defer_below": args.defer_below, "borrow_tokens": args.borrow_tokens}

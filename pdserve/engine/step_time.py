@@ -134,6 +134,7 @@ class StepTimeMonitor:
         self.model = model
         self._profiled = model.calibrated({})  # the start-up model, for the run-wide ratios
         self._run_ratio: dict[StepKind, tuple[int, float]] = {}  # kind -> (steps, sum of measured / profiled)
+        self._run_time: dict[StepKind, tuple[float, float]] = {}  # kind -> (measured seconds, profiled seconds)
         self._errors: deque[float] = deque(maxlen=window)  # every kind: what summary() reports
         self._ratios: dict[StepKind, deque[float]] = {kind: deque(maxlen=window) for kind in StepKind}
         self._since: dict[StepKind, int] = dict.fromkeys(StepKind, 0)
@@ -156,6 +157,8 @@ class StepTimeMonitor:
         if profiled > 0:
             count, total = self._run_ratio.get(kind, (0, 0.0))
             self._run_ratio[kind] = (count + 1, total + seconds / profiled)
+            measured_s, profiled_s = self._run_time.get(kind, (0.0, 0.0))
+            self._run_time[kind] = (measured_s + seconds, profiled_s + profiled)
         self._errors.append((predicted - seconds) / seconds)
         self._ratios[kind].append(seconds / predicted if predicted > 0 else 1.0)
         self.num_steps += 1
@@ -179,17 +182,25 @@ class StepTimeMonitor:
         run reflects its last few hundred steps of that kind)."""
         return {kind: (count, total / count) for kind, (count, total) in self._run_ratio.items()}
 
+    def time_ratios(self) -> dict[StepKind, float]:
+        """Per kind of step: the whole run's measured seconds over what the start-up model predicted for the
+        same steps. Where :meth:`run_ratios` counts every step once, this weighs each by its length: what a
+        simulation of the run's busy time needs (many short steps a little slower than predicted and a few
+        long ones on time read high in the first and near 1.0 here)."""
+        return {kind: measured / profiled for kind, (measured, profiled) in self._run_time.items() if profiled > 0}
+
     def summary(self) -> dict[str, float | int | None | dict[str, float] | dict[str, list[float]]]:
         """Median and 90th-percentile absolute relative error, the median signed error (bias), the
         calibration factor of each kind of step, and the run-wide ratios (``run_ratio``: kind ->
-        ``[steps, mean ratio]``)."""
+        ``[steps, mean ratio]``; ``time_ratio``: kind -> measured over profiled seconds)."""
         calibration = {kind.value: round(self.model.factor(kind), 3) for kind in StepKind}
         run_ratio = {kind.value: [count, round(ratio, 3)] for kind, (count, ratio) in self.run_ratios().items()}
+        time_ratio = {kind.value: round(ratio, 3) for kind, ratio in self.time_ratios().items()}
         if not self._errors:
             return {"steps": self.num_steps, "abs_error_p50": None, "abs_error_p90": None, "bias_p50": None,
-                    "calibration": calibration, "run_ratio": run_ratio}
+                    "calibration": calibration, "run_ratio": run_ratio, "time_ratio": time_ratio}
         absolute = sorted(abs(e) for e in self._errors)
         return {"steps": self.num_steps, "abs_error_p50": round(statistics.median(absolute), 3),
                 "abs_error_p90": round(absolute[int(0.9 * (len(absolute) - 1))], 3),
                 "bias_p50": round(statistics.median(self._errors), 3), "calibration": calibration,
-                "run_ratio": run_ratio}
+                "run_ratio": run_ratio, "time_ratio": time_ratio}

@@ -141,6 +141,22 @@ def test_run_ratio_weighs_the_whole_run_while_the_calibration_follows_the_last_s
     assert steps == 64 and ratio == pytest.approx((48 * 1.2 + 16 * 1.5) / 64)
 
 
+def test_time_ratio_weighs_each_step_by_its_length() -> None:
+    """Many short steps 30% slower than the model and a few long ones on time: per step the run reads 1.3x
+    slow, in busy time barely slower (what a simulation of the run needs)."""
+    monitor = StepTimeMonitor(TRUE)
+    short, long = StepShape(0).plus_chunk(16, 0), StepShape(0).plus_chunk(8192, 0)
+    for _ in range(30):
+        monitor.record(short, TRUE.predict(short) * 1.3)
+    for _ in range(3):
+        monitor.record(long, TRUE.predict(long))
+    busy = 30 * TRUE.predict(short) * 1.3 + 3 * TRUE.predict(long)
+    assert monitor.time_ratios()[StepKind.PREFILL] == pytest.approx(busy / (30 * TRUE.predict(short)
+                                                                          + 3 * TRUE.predict(long)))
+    assert monitor.run_ratios()[StepKind.PREFILL][1] > 1.25 > monitor.time_ratios()[StepKind.PREFILL]
+    assert monitor.summary()["time_ratio"] == {"prefill": round(monitor.time_ratios()[StepKind.PREFILL], 3)}
+
+
 def test_monitor_reports_the_model_error() -> None:
     monitor = StepTimeMonitor(TRUE)
     assert monitor.summary()["steps"] == 0
@@ -185,6 +201,7 @@ def test_each_kind_of_step_is_calibrated_on_its_own() -> None:
     assert monitor.summary()["calibration"] == {"decode": 1.0, "mixed": 1.9, "chunked": 1.25, "prefill": 0.8}
     assert monitor.summary()["run_ratio"] == {"decode": [16, 1.0], "mixed": [16, 1.9], "chunked": [16, 1.25],
                                               "prefill": [16, 0.8]}
+    assert monitor.summary()["time_ratio"] == {"decode": 1.0, "mixed": 1.9, "chunked": 1.25, "prefill": 0.8}
     assert StepTimeModel.from_dict(monitor.model.to_dict()) == TRUE  # a profile holds no calibration
 
 
