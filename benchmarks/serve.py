@@ -15,8 +15,9 @@ workloads and seeds, in one invocation. Configurations:
     python -m benchmarks.serve --smoke               # CPU, tiny model: exercises every code path
     python -m benchmarks.serve --address HOST:PORT   # against a running cluster (one configuration)
 
-For each configuration and workload it sweeps Poisson arrival rates (per GPU), or replays a scaled
-window of the Mooncake conversation trace, and records every request's timings. Goodput is the highest
+For each configuration and workload it sweeps Poisson arrival rates (per GPU), or replays a window of the
+Mooncake conversation trace at each of ``--time-scales`` (its bucketed timestamps spread within their
+buckets: :mod:`pdserve.common.mooncake_trace`), and records every request's timings. Goodput is the highest
 per-GPU rate at which >= 90% of requests meet both the TTFT and the TPOT SLO. Writes
 ``benchmarks/results/serve-<device>.{json,md,png}`` (the JSON holds every request's token times).
 """
@@ -54,7 +55,7 @@ from benchmarks.serving.workload import (
     sharegpt_workload,
     trace_workload,
 )
-from pdserve.common.mooncake_trace import TraceArrivals
+from pdserve.common.mooncake_trace import TraceArrivals, TraceError
 from pdserve.planner.plan import SLO_PREFILL_STEP_TOKENS
 
 TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "mooncake_conversation.jsonl"
@@ -339,9 +340,13 @@ def main() -> None:
                              "JSON after every point (<stem>-dashboard.json.gz; render: benchmarks.dashboard_replay)")
     args = parser.parse_args()
     args.workloads = args.workloads.split(",")
-    args.time_scales = [float(x) for x in args.time_scales.split(",")]
-    if not args.time_scales or min(args.time_scales) <= 0:
-        raise SystemExit(f"--time-scales: positive factors, comma-separated; got {args.time_scales}")
+    try:
+        time_scales = [float(x) for x in args.time_scales.split(",")]
+    except ValueError:
+        time_scales = []
+    if not time_scales or min(time_scales) <= 0:
+        raise SystemExit(f"--time-scales: positive factors, comma-separated (e.g. 2,1,0.5); got {args.time_scales!r}")
+    args.time_scales = time_scales
     args.rates = {w: [float(x) for x in getattr(args, f"rates_{w.replace('-', '_')}").split(",")]
                   for w in ("prefill-heavy", "sharegpt", "decode-heavy")}
     if args.smoke:
@@ -356,7 +361,10 @@ def main() -> None:
     # window's mean rate at the shortest time scale), checked for ~10 s (50-400 requests; 2 s of the rate above)
     swept = [r for w in args.workloads if w in args.rates for r in args.rates[w]]
     if "trace" in args.workloads:
-        window = trace_specs(args, min(args.time_scales))
+        try:
+            window = trace_specs(args, min(args.time_scales))
+        except TraceError as exc:
+            raise SystemExit(f"--trace-path: {exc}") from None
         swept.append(len(window) / max(window[-1].arrival_s, 1.0) / args.num_gpus)
     capacity_rate = 5 * max(swept or [1.0]) * args.num_gpus
     capacity = asyncio.run(client_capacity(rate=capacity_rate, n=max(50, min(400, int(10 * capacity_rate)),
