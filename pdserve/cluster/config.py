@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from pdserve.common.config import TINY_RANDOM_MODEL, EngineConfig
+from pdserve.common.config import MAX_POOL_REPLICAS, TINY_RANDOM_MODEL, EngineConfig
 from pdserve.common.errors import ConfigError, InvalidParameterError
 from pdserve.common.kv_transfer_config import KVTransferConfig
 from pdserve.common.validation import require_float, require_int
@@ -48,7 +48,7 @@ class PoolConfig:
     ray_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        require_int("replicas", self.replicas, minimum=0, maximum=1024)
+        require_int("replicas", self.replicas, minimum=0, maximum=MAX_POOL_REPLICAS)
         require_int("gpus_per_worker", self.gpus_per_worker, minimum=0, maximum=8)
         require_int("max_batch_tokens", self.max_batch_tokens, minimum=1)
         require_int("max_running_requests", self.max_running_requests, minimum=1)

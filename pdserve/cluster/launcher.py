@@ -28,12 +28,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pdserve.cluster.config import ClusterConfig
 from pdserve.cluster.router_processes import ExtraRouterProcesses
 from pdserve.cluster.worker_actor import RemoteWorkerActor
+from pdserve.common.config import MAX_POOL_REPLICAS
+from pdserve.common.errors import OutOfCapacityError
 from pdserve.router import Router, WorkerEndpoint, WorkerRole
 from pdserve.rpc.auth import CLUSTER_TOKEN_ENV
 from pdserve.rpc.server import format_address
@@ -136,6 +139,12 @@ class Cluster:
         self._actors.append(actor)
         return actor
 
+    def _discard(self, actors: list[Any]) -> None:
+        """Kill actors that never joined the cluster (still waiting for resources, or not started)."""
+        for actor in actors:
+            ray.kill(actor)
+            self._actors.remove(actor)
+
     # ---- scaling -------------------------------------------------------------------------------
 
     def scale(self, role: str, replicas: int, *, grace_s: float | None = None) -> list[str]:
@@ -146,8 +155,8 @@ class Cluster:
         ids of the workers added or removed. Blocks until done; call from outside the router's loop."""
         if role not in self.config.roles:
             raise ValueError(f"this {self.config.mode} cluster has no {role} pool (pools: {', '.join(self.config.roles)})")
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
-            raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= MAX_POOL_REPLICAS:
+            raise ValueError(f"replicas must be an integer in [1, {MAX_POOL_REPLICAS}], got {replicas!r}")
         assert self.router is not None and self._loop is not None, "start() first"
         current = [w for w in self.workers if w.role == role]
         changed: list[str] = []
@@ -157,8 +166,18 @@ class Cluster:
             ids = list(itertools.islice((f"{role}-{i}" for i in itertools.count() if f"{role}-{i}" not in taken),
                                         replicas - len(current)))
             actors = [(worker_id, self._create_actor(worker_id, role, token)) for worker_id in ids]
-            addresses = ray.get([a.start.remote() for _, a in actors], timeout=self.start_timeout_s)
-            nodes = ray.get([a.node_id.remote() for _, a in actors], timeout=60)
+            try:
+                addresses = ray.get([a.start.remote() for _, a in actors], timeout=self.start_timeout_s)
+                nodes = ray.get([a.node_id.remote() for _, a in actors], timeout=60)
+            except GetTimeoutError:
+                self._discard([a for _, a in actors])
+                pool = self.config.pool(role)
+                each = f"{pool.gpus_per_worker} GPU(s)" if pool.gpus_per_worker else "1 CPU"
+                raise OutOfCapacityError(
+                    f"Ray could not start {len(actors)} more {role} worker(s) (each needs {each}"
+                    + (f" and {dict(pool.ray_resources)}" if pool.ray_resources else "")
+                    + f") within {self.start_timeout_s:g} s; none was added. Free: {ray.available_resources()}"
+                ) from None
             for (worker_id, actor), address, node in zip(actors, addresses, nodes):
                 self.workers.append(WorkerHandle(worker_id, role, address, actor))
                 endpoint = WorkerEndpoint(worker_id, WorkerRole(role), address, node)

@@ -21,6 +21,14 @@ class InvalidParameterError(PdserveError, ValueError):
         self.message = message
 
 
+class UnknownModelError(InvalidParameterError):
+    """The request names a model this router does not serve (HTTP 404, as the OpenAI API answers;
+    gRPC INVALID_ARGUMENT, as the proto documents)."""
+
+    def __init__(self, requested: str, served: str) -> None:
+        super().__init__("model", f"{requested!r} is not served here; this router serves {served!r}")
+
+
 class PromptTooLongError(InvalidParameterError):
     """The prompt does not fit the model's context (checked before any compute)."""
 

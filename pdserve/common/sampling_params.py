@@ -11,6 +11,9 @@ from pdserve.common.validation import require_float, require_int
 
 MAX_LOGPROBS = 20
 """The most top-n logprobs one request may ask for per generated token."""
+MAX_REPETITION_PENALTY = 1e6
+"""The largest repetition penalty: far past any useful one, and the float32 logits it scales stay finite
+(a penalty past float32's range became inf and turned the logits into NaN)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class SamplingParams:
         require_int("top_k", self.top_k, minimum=-1)
         require_float("top_p", self.top_p, minimum=0.0, maximum=1.0, exclusive_minimum=True)
         require_float("min_p", self.min_p, minimum=0.0, maximum=1.0)
-        require_float("repetition_penalty", self.repetition_penalty, minimum=0.0, exclusive_minimum=True)
+        require_float("repetition_penalty", self.repetition_penalty, minimum=0.0, maximum=MAX_REPETITION_PENALTY,
+                      exclusive_minimum=True)
         require_float("frequency_penalty", self.frequency_penalty, minimum=-2.0, maximum=2.0)
         require_float("presence_penalty", self.presence_penalty, minimum=-2.0, maximum=2.0)
         if self.seed is not None:

@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -38,7 +39,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from pdserve.common.errors import InvalidParameterError
+from pdserve.common.errors import InvalidParameterError, UnknownModelError
 from pdserve.router.dashboard import PUSH_INTERVAL_S
 from pdserve.router.metrics import CONTENT_TYPE
 from pdserve.router.openai_responses import (
@@ -64,8 +65,11 @@ HTTP_STATUS = {
     grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.UNIMPLEMENTED: 501,
 }
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                413: "invalid_request_error", 429: "rate_limit_error"}
+                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 MAX_BODY_BYTES = 16 * 1024 * 1024
+#: A worker reports a bad request as ``field: message``; the OpenAI ``param`` names the request's own field.
+_FIELD_IN_DETAILS = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
+_PARAM_OF_FIELD = {"prompt_token_ids": "prompt", "prompt_text": "prompt"}
 
 
 class OpenAIFront:
@@ -84,7 +88,7 @@ class OpenAIFront:
         self.port = 0
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._authenticate])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_http_errors, self._authenticate])
         app.add_routes([web.get("/v1/models", self._models), web.post("/v1/completions", self._completions),
                         web.post("/v1/chat/completions", self._chat), web.get("/health", self._health),
                         web.get("/metrics", self._metrics_page), web.get("/dashboard", self._dashboard_page),
@@ -178,6 +182,8 @@ class OpenAIFront:
             return _error(400, "the request body is not valid JSON: it is nested too deeply", param="body")
         except web.HTTPRequestEntityTooLarge:
             return _error(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", param="body")
+        except web.RequestPayloadError as exc:  # a Content-Encoding the body does not decode with, a cut body
+            return _error(400, f"the request body could not be read: {exc.__cause__ or exc}".strip(), param="body")
         created = int(time.time())
         try:
             generate, stream, include_usage = api.parse(body, self._model, self._max_model_len())
@@ -249,6 +255,22 @@ _CHAT = _Api(
     usage=lambda request_id, usage, model, created: usage_chunk(request_id, usage, model, created, chat=True))
 
 
+@web.middleware
+async def _openai_http_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A route that does not exist, or a method a route does not take, answered in the OpenAI error shape
+    (as ``api.openai.com`` does) instead of aiohttp's plain text."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        response = _error(405, f"{request.method} is not allowed on {request.path} (allowed: {allowed})")
+        response.headers["Allow"] = ",".join(sorted(exc.allowed_methods))
+        return response
+    except web.HTTPNotFound:
+        return _error(404, f"invalid URL ({request.method} {request.path}): pdserve serves /v1/models, "
+                           "/v1/completions and /v1/chat/completions", code="unknown_url")
+
+
 async def _event(response: web.StreamResponse, payload: dict[str, Any]) -> None:
     await response.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
 
@@ -262,12 +284,13 @@ def _status_and_message(exc: BaseException) -> tuple[int, str]:
 
 
 def _error_for(exc: BaseException) -> web.Response:
+    if isinstance(exc, UnknownModelError):
+        return _error(404, exc.message, param="model", code="model_not_found")
     if isinstance(exc, InvalidParameterError):
-        if exc.field == "model":
-            return _error(404, exc.message, param="model", code="model_not_found")
         return _error(400, f"{exc.field}: {exc.message}", param=exc.field)
     status, message = _status_and_message(exc)
-    response = _error(status, message)
+    field = _FIELD_IN_DETAILS.match(message) if status == 400 else None  # a worker's "field: message"
+    response = _error(status, message, param=_PARAM_OF_FIELD.get(field[1], field[1]) if field else None)
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pdserve.common.errors import InvalidParameterError
+from pdserve.common.sampling_params import MAX_LOGPROBS
 from pdserve.common.validation import require_text
 from pdserve.rpc.convert import INT64_MAX, INT64_MIN
 from pdserve.v1 import pdserve_pb2
@@ -34,6 +35,8 @@ _SAMPLING = ("stop", "stop_token_ids", *_FLOATS, *_INTS, *_BOOLS)
 COMPLETION_FIELDS = frozenset(("model", "prompt", "logprobs", *_SAMPLING, *_OTHER, *_UNSUPPORTED))
 _CHAT_UNSUPPORTED = {"n": 1, "logit_bias": None, "tools": None, "tool_choice": None, "functions": None,
                      "function_call": None, "audio": None, "modalities": None, "prediction": None}
+#: The roles a chat message may have (the model's chat template renders them).
+CHAT_ROLES = ("system", "user", "assistant")
 CHAT_FIELDS = frozenset(("model", "messages", "logprobs", "top_logprobs", "max_completion_tokens",
                          "add_generation_prompt", "response_format", "parallel_tool_calls", *_SAMPLING, *_OTHER,
                          *_CHAT_UNSUPPORTED))
@@ -62,9 +65,12 @@ def chat_request(body: Any, model: str, max_model_len: int = 0) -> tuple[pdserve
         request.params.max_tokens = _integer(body["max_completion_tokens"], "max_completion_tokens")
     elif body.get("max_tokens") is None and max_model_len > 0:
         request.params.max_tokens = max_model_len  # the engine stops at the context's end first
+    _flag(body, "parallel_tool_calls", True)  # type only: without tools it changes nothing
     if _flag(body, "logprobs", False):
         top = body.get("top_logprobs")
         request.params.logprobs = 0 if top is None else _integer(top, "top_logprobs")
+        if not 0 <= request.params.logprobs <= MAX_LOGPROBS:
+            raise InvalidParameterError("top_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {top}")
     elif body.get("top_logprobs") is not None:
         raise InvalidParameterError("top_logprobs", "needs logprobs=true")
     messages = body.get("messages")
@@ -75,6 +81,13 @@ def chat_request(body: Any, model: str, max_model_len: int = 0) -> tuple[pdserve
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise InvalidParameterError(f"messages[{i}]", "must be an object with a string role")
+        if message["role"] not in CHAT_ROLES:
+            raise InvalidParameterError(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got "
+                                                               f"{message['role']!r}")
+        extra = sorted(set(message) - {"role", "content"} - {k for k, v in message.items() if v is None})
+        if extra:
+            raise InvalidParameterError(f"messages[{i}].{extra[0]}", "is not supported (a message is {role, "
+                                                                     "content}; tool calls and names are not)")
         chat.messages.add(role=require_text(f"messages[{i}].role", message["role"]),
                           content=require_text(f"messages[{i}].content", _content(message.get("content"), i)))
     return (request, *_framing(body))
@@ -91,8 +104,12 @@ def _base_request(body: Any, model: str, accepted: frozenset[str],
                                                 f"{', '.join(sorted(accepted))})")
     for name, default in unsupported.items():
         value = body.get(name, default)
-        if value is not None and value != default:
+        if value is None or (default is None and value in ({}, [])):  # an empty logit_bias, tools, ...: none
+            continue
+        if type(value) is not type(default) or value != default:  # n: true is not n: 1
             raise InvalidParameterError(name, f"{name}={value!r} is not supported (only {default!r})")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise InvalidParameterError("user", f"must be a string, got {body['user']!r}")
     request = pdserve_pb2.GenerateRequest()
     requested_model = body.get("model")
     if requested_model is not None:
@@ -127,7 +144,8 @@ def _framing(body: Mapping[str, Any]) -> tuple[bool, bool]:
     """``(stream, include_usage)``."""
     stream = _flag(body, "stream", False)
     options = body.get("stream_options") or {}
-    if not isinstance(options, Mapping) or set(options) - {"include_usage", "continuous_usage_stats"}:
+    if (not isinstance(options, Mapping) or set(options) - {"include_usage", "continuous_usage_stats"}
+            or not all(isinstance(v, bool) for v in options.values())):
         raise InvalidParameterError("stream_options", "accepts {\"include_usage\": bool} only")
     if options and not stream:
         raise InvalidParameterError("stream_options", "is only allowed with stream=true")

@@ -17,7 +17,13 @@ from typing import NoReturn, TypeVar
 
 import grpc
 
-from pdserve.common.errors import InvalidParameterError, PromptTooLongError
+from pdserve.common.config import MAX_POOL_REPLICAS
+from pdserve.common.errors import (
+    InvalidParameterError,
+    OutOfCapacityError,
+    PromptTooLongError,
+    UnknownModelError,
+)
 from pdserve.common.gc_pauses import GcPauses
 from pdserve.common.loop_lag import LoopLagMonitor
 from pdserve.common.validation import require_text
@@ -106,12 +112,15 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
     async def ScalePool(self, request: pdserve_pb2.ScalePoolRequest,
                         context: grpc.aio.ServicerContext) -> pdserve_pb2.ScalePoolResponse:
         scale = await self._manager(self._scaler(), context, request.grace_s, "scale the pools")
-        if request.replicas < 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"replicas: must be >= 1, got {request.replicas}")
+        if not 1 <= request.replicas <= MAX_POOL_REPLICAS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"replicas: must be in [1, {MAX_POOL_REPLICAS}], got {request.replicas}")
         try:
             changed = await asyncio.to_thread(scale, request.role, request.replicas, request.grace_s or None)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OutOfCapacityError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return pdserve_pb2.ScalePoolResponse(changed_workers=changed)
 
     async def SwitchRole(self, request: pdserve_pb2.SwitchRoleRequest,
@@ -144,8 +153,7 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
         sampling_params_from_proto(params)  # validation only; the worker receives the message as sent
         require_text("request_id", request.request_id, max_chars=MAX_REQUEST_ID_CHARS)
         if request.model and request.model != self._model:
-            raise InvalidParameterError("model", f"{request.model!r} is not served here; this router serves "
-                                                 f"{self._model!r}")
+            raise UnknownModelError(request.model, self._model)
         prompt = prompt_from_request(request)
         self._check_size(prompt)
         submit = worker_pb2.SubmitRequest(params=params)

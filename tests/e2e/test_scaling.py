@@ -13,6 +13,7 @@ import pytest
 
 from pdserve import SamplingParams
 from pdserve.client import Client, InvalidArgumentError
+from pdserve.common.errors import OutOfCapacityError
 from tests.e2e.cluster_support import offline, start_cluster, wait_until_idle
 
 GREEDY = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
@@ -70,6 +71,12 @@ def test_pools_grow_and_shrink_under_load(ray_session) -> None:
             with pytest.raises(InvalidArgumentError, match="no colocated pool"):
                 client.scale_pool("colocated", 2)
             assert client.generate(PROMPTS[0], sampling_params=GREEDY).token_ids == expected[0]
+        assert cluster.router.configuration_name() == "1P1D"
+        # workers Ray cannot start in time are killed and none joins: RESOURCE_EXHAUSTED, the pools as they were
+        cluster.start_timeout_s = 0.5
+        with pytest.raises(OutOfCapacityError, match="could not start 2 more decode worker"):
+            cluster.scale("decode", 3)
+        assert [w.worker_id for w in cluster.workers if w.role == "decode"] == ["decode-0"]
         assert cluster.router.configuration_name() == "1P1D"
         stats = wait_until_idle(cluster)
         assert all(s["free_blocks"] == s["usable_blocks"] for s in stats)

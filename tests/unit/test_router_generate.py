@@ -9,6 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdserve.common.errors import OutOfCapacityError
 from pdserve.v1 import common_pb2, pdserve_pb2
 from tests.unit.test_router_fakes import (
     MODEL,
@@ -219,10 +220,20 @@ def test_scale_pool_needs_a_router_that_manages_its_workers() -> None:
             reply = await stub.ScalePool(pdserve_pb2.ScalePoolRequest(role="decode", replicas=3, grace_s=2.5))
             assert list(reply.changed_workers) == ["decode-9"] and calls == [("decode", 3, 2.5)]
             for bad in (pdserve_pb2.ScalePoolRequest(role="decode", replicas=0),
+                        pdserve_pb2.ScalePoolRequest(role="decode", replicas=2**31 - 1),  # refused before any work
                         pdserve_pb2.ScalePoolRequest(role="decode", replicas=1, grace_s=-1)):
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await stub.ScalePool(bad)
                 assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert len(calls) == 1
+
+            def no_room(role: str, replicas: int, grace: float | None) -> list[str]:
+                raise OutOfCapacityError("Ray could not start 2 more decode worker(s)")
+
+            router.scaler = no_room
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ScalePool(pdserve_pb2.ScalePoolRequest(role="decode", replicas=3))
+            assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "could not start" in info.value.details()
     run(scenario)
 
 

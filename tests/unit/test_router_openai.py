@@ -90,6 +90,12 @@ def test_models_completion_and_stream() -> None:
     ({"prompt": "x", "stop": [1]}, 400, "stop"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"prompt": "x", "model": "other"}, 404, "model"),
+    ({"prompt": "x", "model": 3}, 400, "model"),  # a wrong type is not an unknown model
+    ({"prompt": "x", "n": True}, 400, "n"),  # true == 1 in Python, but it is not an integer
+    ({"prompt": "x", "echo": 0}, 400, "echo"),
+    ({"prompt": "x", "user": 5}, 400, "user"),
+    ({"prompt": "x", "repetition_penalty": 1e39}, 400, "repetition_penalty"),  # inf in the float32 logits
+    ({"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
     ([1, 2], 400, "body"),
 ])
 def test_bad_requests_name_the_field(body: Any, status: int, param: str) -> None:
@@ -171,6 +177,10 @@ def test_chat_completion_and_stream() -> None:
      "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
     ({"prompt": "x"}, "prompt"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "x", "foo": 1}]}, "messages[0].foo"),
+    ({"messages": [{"role": "user", "content": "x"}], "parallel_tool_calls": "x"}, "parallel_tool_calls"),
 ])
 def test_bad_chat_requests_name_the_field(body: Any, param: str) -> None:
     async def scenario() -> None:
@@ -255,7 +265,45 @@ def test_a_stream_the_worker_refuses_gets_its_4xx_before_any_event() -> None:
             async with http.post("/v1/completions", json={"prompt": [1, 2, 3, 4, 5, 6], "stream": True}) as r:
                 assert r.status == 400, await r.text()
                 assert r.headers["Content-Type"].startswith("application/json")
+                assert (await r.json())["error"]["param"] == "prompt"  # from the worker's "prompt: ..."
             async with http.post("/v1/completions", json={"prompt": [1, 2], "stream": True, "max_tokens": 3}) as r:
                 assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
                 assert [e async for e in _events(r)][-1] == "[DONE]"
     run(scenario)
+
+
+def test_unknown_routes_wrong_methods_and_undecodable_bodies_get_openai_errors() -> None:
+    async def scenario() -> None:
+        worker = FakeWorker("c0", "colocated")
+        async with cluster([worker], http_port=0) as (router, _), aiohttp.ClientSession(_http(router)) as http:
+            for method, path, status in (("GET", "/v1/completions", 405), ("POST", "/v1/models", 405),
+                                         ("PUT", "/v1/chat/completions", 405), ("GET", "/v1/embeddings", 404)):
+                async with http.request(method, path) as r:
+                    assert r.status == status, await r.text()
+                    error = (await r.json())["error"]
+                    assert path in error["message"] and error["type"] == "invalid_request_error"
+                    if status == 405:
+                        assert "POST" in r.headers["Allow"] or "GET" in r.headers["Allow"]
+            for encoding in ("gzip", "deflate"):  # a body its Content-Encoding does not decode (the server then
+                # closes the connection, its stream being unreadable: one connection per request here)
+                async with aiohttp.ClientSession(_http(router), connector=aiohttp.TCPConnector(force_close=True)) as once, \
+                        once.post("/v1/completions", data=b"not compressed",
+                                  headers={"Content-Encoding": encoding, "Content-Type": "application/json"}) as r:
+                    assert r.status == 400, await r.text()
+                    assert (await r.json())["error"]["param"] == "body"
+            async with http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "logit_bias": {}}) as r:
+                assert r.status == 200, await r.text()  # an empty bias is no bias
+            assert len(worker.submitted) == 1
+    run(scenario)
+
+
+def test_a_workers_field_error_names_the_requests_field() -> None:
+    import grpc
+
+    from pdserve.router.errors import RouteError
+    from pdserve.router.openai_http import _error_for
+
+    for details, param in (("prompt_token_ids: token id 9 is outside the vocabulary [0, 8)", "prompt"),
+                           ("max_tokens: must be >= 1", "max_tokens"), ("the worker is draining", None)):
+        response = _error_for(RouteError(grpc.StatusCode.INVALID_ARGUMENT, details))
+        assert response.status == 400 and json.loads(response.body)["error"]["param"] == param
