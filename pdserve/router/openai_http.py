@@ -65,8 +65,11 @@ HTTP_STATUS = {
     grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.UNIMPLEMENTED: 501,
 }
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+                405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error"}
 MAX_BODY_BYTES = 16 * 1024 * 1024
+#: How long a request's body may take to arrive once its headers did.
+BODY_READ_TIMEOUT_S = 30.0
 #: A worker reports a bad request as ``field: message``; the OpenAI ``param`` names the request's own field.
 _FIELD_IN_DETAILS = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 _PARAM_OF_FIELD = {"prompt_token_ids": "prompt", "prompt_text": "prompt"}
@@ -175,7 +178,10 @@ class OpenAIFront:
 
     async def _serve(self, request: web.Request, api: _Api) -> web.StreamResponse:
         try:
-            body = await request.json()
+            body = await asyncio.wait_for(request.json(), BODY_READ_TIMEOUT_S)
+        except TimeoutError:
+            return _error(408, f"the request body did not arrive within {BODY_READ_TIMEOUT_S:g} s (a Content-Length "
+                               "longer than the body sent?)", param="body")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return _error(400, f"the request body is not valid JSON: {exc}", param="body")
         except RecursionError:

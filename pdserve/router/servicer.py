@@ -26,7 +26,6 @@ from pdserve.common.errors import (
 )
 from pdserve.common.gc_pauses import GcPauses
 from pdserve.common.loop_lag import LoopLagMonitor
-from pdserve.common.validation import require_text
 from pdserve.router.admission import AdmissionControl, AdmissionRejectedError
 from pdserve.router.config import ServingMode, WorkerRole
 from pdserve.router.dispatch import Dispatcher
@@ -37,10 +36,10 @@ from pdserve.router.prefill_policy import estimate_prompt_tokens
 from pdserve.router.registry import WorkerRegistry, WorkerState
 from pdserve.router.session import RequestSession
 from pdserve.rpc.api import (
-    MAX_REQUEST_ID_CHARS,
     cluster_status_to_proto,
     list_models_response,
     prompt_from_request,
+    require_request_id,
 )
 from pdserve.rpc.convert import sampling_params_from_proto, token_ids_to_proto
 from pdserve.rpc.status import abort_with
@@ -151,7 +150,7 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
         share validation, admission and the session."""
         params = request.params if request.HasField("params") else None
         sampling_params_from_proto(params)  # validation only; the worker receives the message as sent
-        require_text("request_id", request.request_id, max_chars=MAX_REQUEST_ID_CHARS)
+        require_request_id(request.request_id)
         if request.model and request.model != self._model:
             raise UnknownModelError(request.model, self._model)
         prompt = prompt_from_request(request)

@@ -19,6 +19,17 @@ from pdserve.v1 import common_pb2, pdserve_pb2
 MAX_REQUEST_ID_CHARS = 256
 
 
+def require_request_id(value: object) -> str:
+    """A caller's request id: UTF-8 text of at most ``MAX_REQUEST_ID_CHARS`` characters and no control
+    characters (ids are written to logs, where a newline would forge a line); else InvalidParameterError."""
+    text = require_text("request_id", value, max_chars=MAX_REQUEST_ID_CHARS)
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise InvalidParameterError("request_id", f"must not contain control characters, got {bad!r} at "
+                                                  f"character {text.index(bad)}")
+    return text
+
+
 def generate_request(
     prompt: str | None = None,
     prompt_token_ids: Sequence[int] | None = None,
@@ -38,8 +49,7 @@ def generate_request(
     """
     if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
         raise InvalidParameterError("prompt", "pass exactly one of a prompt text, prompt_token_ids or messages")
-    request = pdserve_pb2.GenerateRequest(request_id=require_text("request_id", request_id,
-                                                                  max_chars=MAX_REQUEST_ID_CHARS),
+    request = pdserve_pb2.GenerateRequest(request_id=require_request_id(request_id),
                                           model=require_text("model", model), params=sampling_params_to_proto(params))
     if messages is not None:
         for i, message in enumerate(messages):

@@ -4,13 +4,16 @@ error with the HTTP status the ecosystem uses and the field named."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
+from pdserve.v1 import common_pb2, pdserve_pb2
 from tests.unit.test_router_fakes import (
     MODEL,
     FakeWorker,
@@ -298,8 +301,6 @@ def test_unknown_routes_wrong_methods_and_undecodable_bodies_get_openai_errors()
 
 
 def test_a_workers_field_error_names_the_requests_field() -> None:
-    import grpc
-
     from pdserve.router.errors import RouteError
     from pdserve.router.openai_http import _error_for
 
@@ -307,3 +308,26 @@ def test_a_workers_field_error_names_the_requests_field() -> None:
                            ("max_tokens: must be >= 1", "max_tokens"), ("the worker is draining", None)):
         response = _error_for(RouteError(grpc.StatusCode.INVALID_ARGUMENT, details))
         assert response.status == 400 and json.loads(response.body)["error"]["param"] == param
+
+
+def test_a_body_that_never_arrives_is_408_and_a_control_character_in_a_request_id_is_refused(monkeypatch) -> None:  # noqa: ANN001
+    from pdserve.router import openai_http
+
+    monkeypatch.setattr(openai_http, "BODY_READ_TIMEOUT_S", 0.5)
+
+    async def scenario() -> None:
+        worker = FakeWorker("c0", "colocated")
+        async with cluster([worker], http_port=0) as (router, stub):
+            reader, writer = await asyncio.open_connection("127.0.0.1", router.http_port)
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"prompt\":")  # 11 of the 100 bytes it announced
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), 10)
+            writer.close()
+            assert status.split()[1] == b"408", status
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GenerateUnary(pdserve_pb2.GenerateRequest(
+                    request_id="a\nforged log line", token_ids=common_pb2.TokenIds(ids=[1, 2])))
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "control" in info.value.details()
+            assert not worker.submitted
+    run(scenario)
