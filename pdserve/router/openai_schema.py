@@ -35,8 +35,6 @@ _SAMPLING = ("stop", "stop_token_ids", *_FLOATS, *_INTS, *_BOOLS)
 COMPLETION_FIELDS = frozenset(("model", "prompt", "logprobs", *_SAMPLING, *_OTHER, *_UNSUPPORTED))
 _CHAT_UNSUPPORTED = {"n": 1, "logit_bias": None, "tools": None, "tool_choice": None, "functions": None,
                      "function_call": None, "audio": None, "modalities": None, "prediction": None}
-#: The roles a chat message may have (the model's chat template renders them).
-CHAT_ROLES = ("system", "user", "assistant")
 CHAT_FIELDS = frozenset(("model", "messages", "logprobs", "top_logprobs", "max_completion_tokens",
                          "add_generation_prompt", "response_format", "parallel_tool_calls", *_SAMPLING, *_OTHER,
                          *_CHAT_UNSUPPORTED))
@@ -81,9 +79,6 @@ def chat_request(body: Any, model: str, max_model_len: int = 0) -> tuple[pdserve
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise InvalidParameterError(f"messages[{i}]", "must be an object with a string role")
-        if message["role"] not in CHAT_ROLES:
-            raise InvalidParameterError(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got "
-                                                               f"{message['role']!r}")
         extra = sorted(set(message) - {"role", "content"} - {k for k, v in message.items() if v is None})
         if extra:
             raise InvalidParameterError(f"messages[{i}].{extra[0]}", "is not supported (a message is {role, "

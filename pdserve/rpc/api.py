@@ -19,6 +19,10 @@ from pdserve.v1 import common_pb2, pdserve_pb2
 MAX_REQUEST_ID_CHARS = 256
 
 
+#: The roles a chat message may have (what the models' chat templates render).
+CHAT_ROLES = ("system", "user", "assistant")
+
+
 def require_request_id(value: object) -> str:
     """A caller's request id: UTF-8 text of at most ``MAX_REQUEST_ID_CHARS`` characters and no control
     characters (ids are written to logs, where a newline would forge a line); else InvalidParameterError."""
@@ -68,7 +72,7 @@ def generate_request(
 
 def prompt_from_request(request: pdserve_pb2.GenerateRequest) -> str | list[int] | common_pb2.ChatPrompt:
     """The prompt of a request: its text, its token ids, or its chat (checked: at least one message, each
-    with a role). Raises InvalidParameterError if it has none or the chat is malformed."""
+    with one of ``CHAT_ROLES``). Raises InvalidParameterError if it has none or the chat is malformed."""
     which = request.WhichOneof("prompt")
     if which == "text":
         return request.text
@@ -78,8 +82,9 @@ def prompt_from_request(request: pdserve_pb2.GenerateRequest) -> str | list[int]
         if not request.chat.messages:
             raise InvalidParameterError("messages", "the conversation has no message")
         for i, message in enumerate(request.chat.messages):
-            if not message.role:
-                raise InvalidParameterError(f"messages[{i}].role", "must be a non-empty string")
+            if message.role not in CHAT_ROLES:
+                raise InvalidParameterError(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got "
+                                                                   f"{message.role!r}")
         return request.chat
     raise InvalidParameterError("prompt", "the request has no prompt: set text, token_ids or chat")
 
