@@ -152,7 +152,9 @@ class Cluster:
         whatever node Ray finds the pool's resources on, then the router routes to them; removed ones
         (the newest first) stop taking requests, finish theirs for up to ``grace_s`` (default
         ``router.shutdown_grace_s``; streams left then move to another worker), and stop. Returns the
-        ids of the workers added or removed. Blocks until done; call from outside the router's loop."""
+        ids of the workers added or removed. Blocks until done; call from outside the router's loop. New
+        workers Ray cannot start within ``start_timeout_s`` (the cluster lacks their resources) are killed
+        and none is added: :class:`OutOfCapacityError`."""
         if role not in self.config.roles:
             raise ValueError(f"this {self.config.mode} cluster has no {role} pool (pools: {', '.join(self.config.roles)})")
         if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= MAX_POOL_REPLICAS:
