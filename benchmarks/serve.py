@@ -44,6 +44,7 @@ from benchmarks.common import (
 from benchmarks.serving.handoff import breakdown
 from benchmarks.serving.loadgen import client_capacity
 from benchmarks.serving.point import DEFAULT_CLIENT_PROCESSES, measure_point
+from benchmarks.serving.records import checkpoint_point, write_records
 from benchmarks.serving.report import goodput_table, ms, plot, render
 from benchmarks.serving.workload import (
     PRESETS,
@@ -190,7 +191,7 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                     if args.dashboard:
                         dashboard[run_id] = dashboard_snapshot(cluster.http_url)
                     print_point(label, workload, summary)
-                    _checkpoint(label, workload, points)
+                    checkpoint_point(label, workload, points)
             else:
                 rates = args.rates[workload]
                 for j, rate in enumerate(rates):
@@ -204,7 +205,7 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
                     if args.dashboard:
                         dashboard[run_id] = dashboard_snapshot(cluster.http_url)
                     print_point(label, workload, summary)
-                    _checkpoint(label, workload, points)
+                    checkpoint_point(label, workload, points)
             results["workloads"][workload] = points
         timings = {w.role: ray.get(w.actor.timings.remote()) for w in cluster.workers}
         results["worker_stats"] = cluster.worker_stats()
@@ -245,39 +246,6 @@ def warm_up(address: str, smoke: bool) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(len(lengths) - 2) as pool:
         list(pool.map(one, lengths[2:]))
-
-
-def _checkpoint(kind: str, workload: str, points: list[dict[str, Any]]) -> None:
-    """Keep every finished point on disk, so a failure later in the run loses nothing."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with (RESULTS / "serve-partial.jsonl").open("a") as f:
-        f.write(json.dumps({"config": kind, "workload": workload, "point": points[-1]}) + "\n")
-
-
-def write_records(all_results: dict[str, Any], path: Path) -> None:
-    """Every request's timings, compressed, in their own file (the summary file stays small); the
-    points keep a count."""
-    import gzip
-
-    records = {}
-    for kind, res in all_results.items():
-        for workload, points in res["workloads"].items():
-            for point in points:
-                records[f"{kind}/{workload}/{point['run_id']}"] = point.pop("records", [])
-                point["num_records"] = len(records[f"{kind}/{workload}/{point['run_id']}"])
-    with gzip.open(path, "wt") as f:
-        json.dump(_rounded(records), f, separators=(",", ":"))
-
-
-def _rounded(value: Any) -> Any:
-    """``value`` with every float rounded to 10 us (the request files get about half as large)."""
-    if isinstance(value, float):
-        return round(value, 5)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The accuracy benchmark's live calibration from serving runs: runs from before the ``chunked`` kind."""
+"""The accuracy benchmark's live calibration from serving runs (``benchmarks/serving/run_files.py``): runs from before the ``chunked`` kind."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _run_file(path: Path, calibrations: list[dict[str, float]]) -> str:
 
 def test_a_worker_without_the_chunked_kind_lends_it_the_mixed_factor(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import benchmarks.planner_accuracy as accuracy
+    import benchmarks.serving.run_files as accuracy
 
     monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
     old = _run_file(tmp_path / "old.json", [{"decode": 1.0, "mixed": 1.4, "prefill": 1.2}])
@@ -33,7 +33,7 @@ def test_calibration_of_one_configuration_reads_only_its_workers(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """``--sharegpt-calibration own``: each configuration's points use its own workers' factors; a run whose
     workers reported nothing (``worker_stats`` null, older runs) gives none."""
-    import benchmarks.planner_accuracy as accuracy
+    import benchmarks.serving.run_files as accuracy
 
     monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
     workers = {"auto": [{"decode": 1.15, "mixed": 1.0}],
