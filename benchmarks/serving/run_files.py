@@ -8,24 +8,23 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.serving.workload import TRACE_BLOCK, TRACE_MAX_INPUT, TRACE_MAX_OUTPUT
+from benchmarks.common import RESULTS
+from benchmarks.serving.workload import TRACE_MAX_INPUT, TRACE_MAX_OUTPUT
 from benchmarks.serving.workload import trace_workload as serving_trace
-from pdserve.common.mooncake_trace import TraceArrivals
+from pdserve.common.mooncake_trace import TRACE_BLOCK_TOKENS, TraceArrivals
 from pdserve.common.step_model import FIRST_CALIBRATION_STEPS, StepKind
 from pdserve.planner.plan import Workload
 from pdserve.planner.simulate import SimRequest
-
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def live_calibration(files: list[str], statistic: str = "end", configs: set[str] | None = None,
                      ) -> dict[StepKind, float]:
     """Mean factor per kind over the workers of ``files`` (of the configurations ``configs``, default all):
-    ``end``, the calibration each worker held at
-    the end of its run (where it recalibrated: factor != 1); ``run``, each worker's mean measured /
-    profiled ratio over the whole run (``run_ratio``, where it ran at least ``FIRST_CALIBRATION_STEPS``
-    steps of that kind; runs before 99da560 do not report it); ``time``, each worker's measured over profiled
-    seconds of the whole run (``time_ratio``, each step weighed by its length; from 2026-12-02 on). A worker that reports no ``chunked`` kind
+    ``end``, the calibration each worker held at the end of its run (where it recalibrated: factor != 1);
+    ``run``, each worker's mean measured / profiled ratio over the whole run (``run_ratio``, where it ran at
+    least ``FIRST_CALIBRATION_STEPS`` steps of that kind; runs before 99da560 do not report it); ``time``,
+    each worker's measured over profiled seconds of the whole run (``time_ratio``, each step weighed by its
+    length, with the same step minimum; from 2026-12-02 on). A worker that reports no ``chunked`` kind
     (runs before 26ad6d4, when a later chunk beside decodes was a ``mixed`` step) lends its ``mixed``
     factor to it: the simulation prices such steps as ``chunked``, and at 1.0 they came ~25% low, which
     put the goodput predicted with those runs' calibration up to ~2x high for configurations that chunk."""
@@ -67,7 +66,7 @@ def trace_workload(path: Path, settings: dict[str, Any], time_scale: float) -> W
                           max_output=TRACE_MAX_OUTPUT,
                           arrivals=TraceArrivals(settings.get("trace_arrivals", TraceArrivals.RECORDED.value)),
                           seed=settings.get("trace_seed", 0))
-    block = max(1, round(TRACE_BLOCK * settings["length_scale"]))  # the reader's block of one hash id
+    block = max(1, round(TRACE_BLOCK_TOKENS * settings["length_scale"]))  # the reader's block of one hash id
 
     def blocks(ids: list[int]) -> tuple[int, ...]:  # equal content, equal id: what the prefix cache matches
         return tuple(hash(tuple(ids[i:i + block])) for i in range(0, len(ids) - block + 1, block))

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from pdserve.common.mooncake_trace import TRACE_BLOCK_TOKENS, TraceArrivals, read_trace
 
-TRACE_BLOCK = TRACE_BLOCK_TOKENS
 TRACE_MAX_INPUT, TRACE_MAX_OUTPUT = 12000, 512  # the serving benchmark's caps on a trace request (after scaling)
 
 
@@ -65,7 +64,7 @@ def trace_workload(path: Path, *, start: int = 0, count: int | None = None, time
                    seed: int = 0) -> list[RequestSpec]:
     """Replay requests ``start .. start+count`` of a Mooncake JSONL trace (arrivals relative to the first, as
     :func:`pdserve.common.mooncake_trace.read_trace` gives them for ``arrivals`` and ``seed``)."""
-    block = max(1, round(TRACE_BLOCK * length_scale))
+    block = max(1, round(TRACE_BLOCK_TOKENS * length_scale))
     out = []
     for i, row in enumerate(read_trace(path, start=start, count=count, arrivals=arrivals, seed=seed)):
         input_len = max(1, round(row.input_length * length_scale))

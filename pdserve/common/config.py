@@ -13,9 +13,9 @@ from pdserve.common.errors import ConfigError, InvalidParameterError
 from pdserve.common.validation import ValidatedConfig, require_float, require_int
 
 TINY_RANDOM_MODEL = "tiny-random"
-#: The most workers one pool may hold (a cluster file's ``replicas``, ``ScalePool`` / ``pdserve scale``).
-MAX_POOL_REPLICAS = 1024
 """Name of the built-in model: a tiny Llama with deterministic random weights and a byte tokenizer."""
+MAX_POOL_REPLICAS = 1024
+"""The most workers one pool may hold (a cluster file's ``replicas``, ``ScalePool`` / ``pdserve scale``)."""
 
 LOAD_FORMATS = ("auto", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

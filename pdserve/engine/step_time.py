@@ -133,8 +133,8 @@ class StepTimeMonitor:
                  tolerance: float = 0.05, first_after: int = FIRST_CALIBRATION_STEPS) -> None:
         self.model = model
         self._profiled = model.calibrated({})  # the start-up model, for the run-wide ratios
-        self._run_ratio: dict[StepKind, tuple[int, float]] = {}  # kind -> (steps, sum of measured / profiled)
-        self._run_time: dict[StepKind, tuple[float, float]] = {}  # kind -> (measured seconds, profiled seconds)
+        # kind -> (steps, sum of measured / profiled, measured seconds, profiled seconds), over the whole run
+        self._run: dict[StepKind, tuple[int, float, float, float]] = {}
         self._errors: deque[float] = deque(maxlen=window)  # every kind: what summary() reports
         self._ratios: dict[StepKind, deque[float]] = {kind: deque(maxlen=window) for kind in StepKind}
         self._since: dict[StepKind, int] = dict.fromkeys(StepKind, 0)
@@ -155,10 +155,8 @@ class StepTimeMonitor:
         predicted = self.model.predict(shape)
         profiled = self._profiled.predict(shape)
         if profiled > 0:
-            count, total = self._run_ratio.get(kind, (0, 0.0))
-            self._run_ratio[kind] = (count + 1, total + seconds / profiled)
-            measured_s, profiled_s = self._run_time.get(kind, (0.0, 0.0))
-            self._run_time[kind] = (measured_s + seconds, profiled_s + profiled)
+            count, total, measured_s, profiled_s = self._run.get(kind, (0, 0.0, 0.0, 0.0))
+            self._run[kind] = (count + 1, total + seconds / profiled, measured_s + seconds, profiled_s + profiled)
         self._errors.append((predicted - seconds) / seconds)
         self._ratios[kind].append(seconds / predicted if predicted > 0 else 1.0)
         self.num_steps += 1
@@ -180,14 +178,14 @@ class StepTimeMonitor:
         over the whole run. The calibration follows the recent steps (what the scheduler needs); these
         weigh every step of the run alike (what a plan of the same load needs: the factor at the end of a
         run reflects its last few hundred steps of that kind)."""
-        return {kind: (count, total / count) for kind, (count, total) in self._run_ratio.items()}
+        return {kind: (count, total / count) for kind, (count, total, _, _) in self._run.items()}
 
     def time_ratios(self) -> dict[StepKind, float]:
         """Per kind of step: the whole run's measured seconds over what the start-up model predicted for the
         same steps. Where :meth:`run_ratios` counts every step once, this weighs each by its length: what a
         simulation of the run's busy time needs (many short steps a little slower than predicted and a few
         long ones on time read high in the first and near 1.0 here)."""
-        return {kind: measured / profiled for kind, (measured, profiled) in self._run_time.items() if profiled > 0}
+        return {kind: measured / profiled for kind, (_, _, measured, profiled) in self._run.items()}
 
     def summary(self) -> dict[str, float | int | None | dict[str, float] | dict[str, list[float]]]:
         """Median and 90th-percentile absolute relative error, the median signed error (bias), the

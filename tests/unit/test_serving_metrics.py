@@ -9,13 +9,12 @@ import pytest
 
 from benchmarks.serving.metrics import RequestRecord, attainment, goodput, summarize
 from benchmarks.serving.workload import (
-    TRACE_BLOCK,
     RequestSpec,
     poisson_schedule,
     sharegpt_workload,
     trace_workload,
 )
-from pdserve.common.mooncake_trace import TraceArrivals
+from pdserve.common.mooncake_trace import TRACE_BLOCK_TOKENS, TraceArrivals
 
 
 def _record(sent: float, times: list[float], error: str | None = None) -> RequestRecord:
@@ -84,7 +83,7 @@ def test_trace_replay_reproduces_prefix_sharing(tmp_path) -> None:
     path = tmp_path / "trace.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     specs = trace_workload(path, time_scale=0.5, length_scale=0.5, arrivals=TraceArrivals.RECORDED)
-    block = TRACE_BLOCK // 2
+    block = TRACE_BLOCK_TOKENS // 2
     assert [len(s.prompt_token_ids) for s in specs] == [600, 750, 300]
     assert [s.output_len for s in specs] == [5, 2, 4]
     assert [s.arrival_s for s in specs] == [0.0, 0.25, 1.0]
