@@ -155,7 +155,7 @@ FIXED_WORKLOADS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 1024)}
 
 def colocated_rows(profile: Profile, files: list[str], statistic: str = "end",
                    trace_path: Path | None = None) -> list[list[Any]]:
-    """Per point of the colocated / colocated-slo runs in ``files`` on the fixed-length workloads, and on the
+    """Per point of the colocated / colocated-slo runs in ``files`` on the fixed-length and ShareGPT-like workloads, and on the
     trace when ``trace_path`` is given (``--num-gpus`` workers, their settings): the measured attainment per SLO and TPOT p50 against the
     simulation of the point's exact requests, on ``profile`` alone, calibrated with the factors the
     run's own workers reported (in sample; the profile alone where they reported none), and with those
@@ -179,7 +179,7 @@ def colocated_rows(profile: Profile, files: list[str], statistic: str = "end",
             budget_s = float(target or settings["slo_tpot_ms"]) / 1e3 if kind == "colocated-slo" else None
             spec = WorkerSpec(max_batch_tokens=8192 if budget_s else 2048, max_running=settings.get("max_running", 256),
                               step_budget_s=budget_s, ttft_slo_s=0.25 if budget_s else None)
-            workloads = [*FIXED_WORKLOADS, *(["trace"] if trace_path is not None else [])]
+            workloads = [*FIXED_WORKLOADS, "sharegpt", *(["trace"] if trace_path is not None else [])]
             for workload in workloads:
                 for j, point in enumerate(result["workloads"].get(workload, [])):
                     rate = point["rate_per_gpu"]
@@ -188,11 +188,15 @@ def colocated_rows(profile: Profile, files: list[str], statistic: str = "end",
                         requests = list(trace_workload(trace_path, settings, point.get(
                             "time_scale", settings.get("time_scale", 1.0))).requests)
                     else:
-                        prompt, output = FIXED_WORKLOADS[workload]
-                        specs = fixed_workload(n, prompt, output, settings["seed"] + j)
+                        if workload == "sharegpt":  # the serving benchmark caps its outputs at --max-output
+                            specs = sharegpt_workload(n, settings["seed"] + j)
+                            cap = settings["max_output"]
+                        else:
+                            prompt, output = FIXED_WORKLOADS[workload]
+                            specs, cap = fixed_workload(n, prompt, output, settings["seed"] + j), output
                         offsets = poisson_schedule(n, rate * num_gpus, seed=settings["seed"] + j,
                                                    burstiness=settings["burstiness"])
-                        requests = [SimRequest(t, len(s.prompt_token_ids), s.output_len)
+                        requests = [SimRequest(t, len(s.prompt_token_ids), min(s.output_len, cap))
                                     for s, t in zip(specs, offsets, strict=True)]
                     predicted = {}
                     for label, model in profiles.items():
@@ -226,8 +230,8 @@ def main() -> None:
     parser.add_argument("--sharegpt-calibration", choices=("shared", "own"), default="shared",
                         help="--sharegpt-measured: calibrate with --calibration-from's factors (shared) or with "
                         "each configuration's own workers' factors in that file (own: in sample, per workload)")
-    parser.add_argument("--colocated-measured", default=None, help="also compare the prefill-heavy and decode-heavy "
-                        "points (and the trace's, with --trace-path) of these colocated / colocated-slo run files "
+    parser.add_argument("--colocated-measured", default=None, help="also compare the prefill-heavy, decode-heavy and "
+                        "ShareGPT-like points (and the trace's, with --trace-path) of these colocated / colocated-slo run files "
                         "(comma-separated; e.g. the one-GPU runs serve-g1p1-h200.json), each point's exact requests")
     parser.add_argument("--budget-window", type=int, default=0, help="simulate the engines' step_budget_window "
                         "(as the measured runs had it)")

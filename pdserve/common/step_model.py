@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from pdserve.common.errors import ConfigError
 
@@ -20,6 +21,9 @@ from pdserve.common.errors import ConfigError
 #: kind from the first calibration on).
 FIRST_CALIBRATION_STEPS = 32
 RECALIBRATE_EVERY_STEPS = 256
+#: Steps of each kind whose measured and predicted seconds a worker reports for the planner's calibration
+#: (``step_time_busy``): ~40 s of decode steps, minutes of prefill steps.
+BUSY_WINDOW_STEPS = 4096
 #: The longest step a window of recent steps allows under a TPOT SLO, in SLOs (``engine.step_budget``;
 #: the planner's simulation applies the same rule).
 WINDOW_STEP_CAP = 4.0
@@ -245,13 +249,30 @@ def parse_calibration(text: str, source: str = "--calibrate") -> dict[StepKind, 
     return factors
 
 
-def pooled_calibration(reports: list[tuple[dict[str, float], dict[str, int]]], min_steps: int) -> dict[StepKind, float]:
-    """One calibration per kind of step from several workers' ``(factors, step counts)`` by kind: the
-    mean factor of the workers that ran at least ``min_steps`` steps of that kind (a worker recalibrates
-    a kind only after that many), 1.0 where none did."""
-    pooled: dict[StepKind, float] = {}
-    for kind in StepKind:
-        factors = [float(f.get(kind.value, 1.0)) for f, counts in reports if counts.get(kind.value, 0) >= min_steps]
-        if factors:
-            pooled[kind] = sum(factors) / len(factors)
-    return pooled
+class BusyTime(NamedTuple):
+    """A worker's recent steps of one kind: how many, their measured seconds and the seconds its start-up
+    step-time model predicted for them (``step_time_busy`` in its telemetry)."""
+
+    steps: int
+    measured_s: float
+    profiled_s: float
+
+
+def pooled_busy_calibration(reports: list[dict[str, Any]], min_steps: int) -> dict[StepKind, float]:
+    """One calibration per kind of step from several workers' ``step_time_busy`` reports (kind ->
+    ``{"steps", "measured_s", "profiled_s"}``): every worker's measured seconds over every worker's
+    predicted seconds, so each worker weighs by its busy time; a kind the workers ran fewer than
+    ``min_steps`` steps of in all gets none (1.0). Malformed entries are skipped."""
+    totals: dict[StepKind, BusyTime] = {}
+    for report in reports:
+        for kind in StepKind:
+            entry = report.get(kind.value) or {}
+            try:
+                busy = BusyTime(int(entry["steps"]), float(entry["measured_s"]), float(entry["profiled_s"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+            total = totals.get(kind, BusyTime(0, 0.0, 0.0))
+            totals[kind] = BusyTime(total.steps + busy.steps, total.measured_s + busy.measured_s,
+                                    total.profiled_s + busy.profiled_s)
+    return {kind: t.measured_s / t.profiled_s for kind, t in totals.items()
+            if t.steps >= min_steps and t.profiled_s > 0 and t.measured_s > 0}

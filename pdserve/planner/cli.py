@@ -50,9 +50,10 @@ def add_planner_parsers(sub: argparse._SubParsersAction) -> None:
                            "timestamps come in ~3 s buckets of ~10 requests)")
     plan.add_argument("--trace-seed", type=int, default=0, help="the seed of the spread arrivals")
     plan.add_argument("--calibrate", default="", metavar="KIND=FACTOR,...",
-                      help="scale the profile's steps of a kind (decode, mixed, prefill) by what live steps "
-                           "measured, e.g. mixed=1.37,prefill=1.25 (a worker's telemetry reports its "
-                           "step_time_calibration); the start-up profile alone is optimistic under load")
+                      help="scale the profile's steps of a kind (decode, mixed, chunked, prefill) by what live "
+                           "steps measured, e.g. mixed=1.37,prefill=1.25 (a worker's telemetry reports, per kind, "
+                           "step_time_busy: measured_s / profiled_s of its recent steps, what the router's planner "
+                           "uses); the start-up profile alone is optimistic under load")
     plan.add_argument("--kv-capacity-tokens", type=int, default=None,
                       help="one worker's KV cache in tokens (default: the profile's, which `pdserve profile` "
                            "measures; none in older profiles: not limited)")

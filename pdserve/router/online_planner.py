@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from pdserve.common.step_model import FIRST_CALIBRATION_STEPS, StepTimeModel, pooled_calibration
+from pdserve.common.step_model import FIRST_CALIBRATION_STEPS, StepTimeModel, pooled_busy_calibration
 from pdserve.planner.plan import DEFAULT_KV_BYTES_PER_TOKEN, Profile, Workload
 from pdserve.planner.plan_process import plan_in_subprocess
 from pdserve.planner.simulate import SimRequest
@@ -111,18 +111,18 @@ class OnlinePlanner:
         return max((int(e.get("step_budget_borrow_tokens") or 0) for e in engines), default=0)
 
     def _profile(self) -> Profile | None:
-        """A worker's step-time model, calibrated by what every worker's live steps measured (the
-        start-up profile alone predicted a 2xH200 cluster's goodput ~2x too high: live mixed and
-        prefill steps ran 1.25-1.5x their synthetic twins)."""
+        """A worker's step-time model, calibrated by what every worker's recent steps measured: per kind,
+        their measured over predicted seconds, pooled over the workers (the start-up profile alone
+        predicted a 2xH200 cluster's goodput ~2x too high: live mixed and prefill steps ran 1.25-1.5x
+        their synthetic twins)."""
         engines = [snapshot.get("engine") or {} for snapshot in self._telemetry().values()]
         with_model = [e for e in engines if e.get("step_time_model")]
         if not with_model:
             return None
         model = StepTimeModel.from_dict(with_model[0]["step_time_model"], "a worker's telemetry")
-        reports = [(e.get("step_time_calibration") or {},
-                    {kind: int(v.get("count", 0)) for kind, v in (e.get("steps") or {}).items()}) for e in with_model]
+        reports = [e.get("step_time_busy") or {} for e in with_model]
         capacities = [int(e["kv_capacity_tokens"]) for e in with_model if e.get("kv_capacity_tokens")]
-        return Profile(model.calibrated(pooled_calibration(reports, FIRST_CALIBRATION_STEPS)),
+        return Profile(model.calibrated(pooled_busy_calibration(reports, FIRST_CALIBRATION_STEPS)),
                        float(with_model[0].get("kv_bytes_per_token") or DEFAULT_KV_BYTES_PER_TOKEN),
                        kv_capacity_tokens=min(capacities) if capacities else None)
 

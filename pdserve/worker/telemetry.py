@@ -8,7 +8,8 @@ Schema (counters run from the worker's start; the router turns them into Prometh
   ``prefix_cache_hits`` (tokens), ``steps``: ``{decode|mixed|chunked|prefill: {"count", "seconds"}}`` (device
   time of measured steps by kind), ``step_time_model`` (its fitted coefficients, or null),
   ``step_time_calibration`` (``{decode|mixed|chunked|prefill: factor}``: measured over profiled, as the live
-  monitor last calibrated it), ``kv_bytes_per_token``, ``kv_capacity_tokens`` and
+  monitor last calibrated it: the scheduler's), ``step_time_busy`` (``{kind: {"steps", "measured_s",
+  "profiled_s"}}`` over the last ``BUSY_WINDOW_STEPS`` steps of each kind: the planner's), ``kv_bytes_per_token``, ``kv_capacity_tokens`` and
   ``step_budget_borrow_tokens`` (what the router's planner simulates with), ``tensor_parallel_ranks`` (its GPUs, on GPUs: what the planner divides goodput by);
 * ``kv_transfer``: ``transport`` and the role's counters: a decode worker's ``received``,
   ``failures``, ``local_recomputes``, ``bytes`` and ``seconds`` (landing zone to every byte landed); a
@@ -46,6 +47,8 @@ def engine_telemetry(engine: LLMEngine) -> dict[str, Any]:
             # what live steps taught the model (per kind: measured / profiled), for the planner
             "step_time_calibration": ({kind.value: engine.step_time.factor(kind) for kind in StepKind}
                                       if engine.step_time is not None else None),
+            "step_time_busy": ({kind.value: busy._asdict() for kind, busy in engine.step_monitor.recent_busy().items()}
+                               if engine.step_monitor is not None else None),
             "kv_bytes_per_token": kv_bytes_per_token(engine), "kv_capacity_tokens": kv_capacity_tokens(engine),
             "step_budget_borrow_tokens": engine.scheduler.config.borrow_tokens,
             "tensor_parallel_ranks": engine.tensor_parallel_size}

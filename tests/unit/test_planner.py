@@ -10,7 +10,7 @@ import pytest
 
 from pdserve.common.errors import ConfigError
 from pdserve.common.mooncake_trace import TraceArrivals
-from pdserve.common.step_model import StepKind, parse_calibration, pooled_calibration
+from pdserve.common.step_model import StepKind, parse_calibration, pooled_busy_calibration
 from pdserve.engine.step_time import StepShape, StepTimeModel
 from pdserve.planner.plan import (
     Profile,
@@ -170,21 +170,28 @@ def test_calibration_parsing_and_pooling() -> None:
     for bad, words in (("chunky=2", "not a kind of step"), ("mixed", "KIND=FACTOR"), ("mixed=40", "0.1-10")):
         with pytest.raises(ConfigError, match=words):
             parse_calibration(bad)
-    # a worker's factor for a kind counts once it ran enough steps of it; no worker: no factor
-    reports = [({"decode": 1.1, "mixed": 1.4}, {"decode": 1000, "mixed": 300}),
-               ({"decode": 1.3, "mixed": 9.0}, {"decode": 500, "mixed": 10})]
-    assert pooled_calibration(reports, 256) == pytest.approx({StepKind.DECODE: 1.2, StepKind.MIXED: 1.4})
+    # busy seconds pooled over workers (each weighs by its busy time); a kind with too few steps in all,
+    # or a malformed entry, gives no factor
+    reports = [{"decode": {"steps": 1000, "measured_s": 11.0, "profiled_s": 10.0},
+                "mixed": {"steps": 20, "measured_s": 3.0, "profiled_s": 2.0}},
+               {"decode": {"steps": 500, "measured_s": 13.0, "profiled_s": 10.0},
+                "mixed": {"steps": 10, "measured_s": 9.0, "profiled_s": 1.0},
+                "prefill": {"steps": "many"}}]
+    assert pooled_busy_calibration(reports, 32) == pytest.approx({StepKind.DECODE: 1.2})
+    assert pooled_busy_calibration(reports, 30) == pytest.approx({StepKind.DECODE: 1.2, StepKind.MIXED: 4.0})
 
 
 def test_the_online_planner_simulates_with_the_workers_calibration() -> None:
     model = {"base_s": 4e-3, "per_token_s": 2e-5, "free_tokens": 64}
     telemetry = {"colocated-0": {"engine": {"step_time_model": model, "kv_bytes_per_token": 1000,
-                                            "step_time_calibration": {"decode": 1.0, "mixed": 1.5, "prefill": 1.0},
-                                            "steps": {"decode": {"count": 900}, "mixed": {"count": 400}}}},
+                                            "step_time_busy": {"decode": {"steps": 900, "measured_s": 9.0,
+                                                                          "profiled_s": 9.0},
+                                                               "mixed": {"steps": 400, "measured_s": 6.0,
+                                                                         "profiled_s": 4.0}}}},
                  "colocated-1": {"engine": {"step_time_model": model, "kv_bytes_per_token": 1000,
                                             "kv_capacity_tokens": 50000,  # colocated-0: an older worker's report
-                                            "step_time_calibration": {"decode": 1.0, "mixed": 1.3, "prefill": 1.0},
-                                            "steps": {"mixed": {"count": 300}}}}}
+                                            "step_time_busy": {"mixed": {"steps": 300, "measured_s": 5.2,
+                                                                         "profiled_s": 4.0}}}}}
     async def no_switch(from_role: str, to_role: str) -> str:
         raise AssertionError("recommend mode never switches")
 

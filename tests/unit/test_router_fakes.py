@@ -145,6 +145,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
                                "prefix_cache_hits": 0, "steps": {"decode": {"count": 3, "seconds": 0.03}},
                                "step_time_model": {"base_s": 0.005, "per_token_s": 2e-5, "free_tokens": 256},
                                "step_time_calibration": {"decode": 1.0, "mixed": 1.0, "prefill": 1.0},
+                               "step_time_busy": {"decode": {"steps": 3, "measured_s": 0.03, "profiled_s": 0.03}},
                                "kv_bytes_per_token": 1000},
                     "kv_transfer": {"transport": "loopback", "received": len(self.submitted)},
                     "gpu": {"available": False, "reason": "no NVIDIA GPU on this worker"}}

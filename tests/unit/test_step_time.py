@@ -157,6 +157,23 @@ def test_time_ratio_weighs_each_step_by_its_length() -> None:
     assert monitor.summary()["time_ratio"] == {"prefill": round(monitor.time_ratios()[StepKind.PREFILL], 3)}
 
 
+def test_recent_busy_time_follows_the_last_steps_without_a_dead_band() -> None:
+    """The planner's calibration: the last ``busy_window`` steps of a kind, in seconds, measured against the
+    start-up model (not the calibrated one), and a 3% bias the scheduler's 5% dead band ignores shows."""
+    monitor = StepTimeMonitor(TRUE, busy_window=10, recalibrate_every=8)
+    decode, chunk = StepShape(0).plus_decode(1000), StepShape(0).plus_chunk(512, 0)
+    for factor in [2.0] * 20 + [1.03] * 10:  # the old load leaves the window
+        monitor.record(decode, TRUE.predict(decode) * factor)
+    monitor.record(chunk, TRUE.predict(chunk) * 1.5)
+    busy = monitor.recent_busy()
+    assert set(busy) == {StepKind.DECODE, StepKind.PREFILL}
+    assert busy[StepKind.DECODE].steps == 10
+    assert busy[StepKind.DECODE].measured_s / busy[StepKind.DECODE].profiled_s == pytest.approx(1.03)
+    assert busy[StepKind.DECODE].profiled_s == pytest.approx(10 * TRUE.predict(decode))
+    assert monitor.calibration(StepKind.DECODE) != pytest.approx(1.03)  # the scheduler's factor lags or rounds
+    assert busy[StepKind.PREFILL] == (1, pytest.approx(1.5 * TRUE.predict(chunk)), pytest.approx(TRUE.predict(chunk)))
+
+
 def test_monitor_reports_the_model_error() -> None:
     monitor = StepTimeMonitor(TRUE)
     assert monitor.summary()["steps"] == 0
