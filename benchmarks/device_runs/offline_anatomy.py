@@ -1,0 +1,80 @@
+"""Where the offline benchmark's time goes (one H200, Llama-3.1-8B shapes, dummy weights): the engine
+benchmark's offline case (256 requests x 512 in / 256 out), every step's kind, rows and device seconds
+recorded as it lands, summed by kind against the wall time; then the same with other token budgets.
+
+    python benchmarks/device_runs/offline_anatomy.py      # one GPU; prints a table, writes $OUT/r/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import LLAMA31_8B, write_model_dir
+from pdserve import LLM, SamplingParams
+
+
+def run(budget: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(Path(tmp) / "model", LLAMA31_8B)
+        llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16", max_model_len=16384,
+                  max_num_seqs=256, max_num_batched_tokens=budget, enable_prefix_caching=False,
+                  gpu_memory_utilization=0.90)
+        engine = llm.engine
+        steps: list[tuple[str, int, int, float | None]] = []
+        land = engine._land
+
+        def recording_land(launched):  # type: ignore[no-untyped-def]
+            out = land(launched)
+            shape = launched.plan.shape
+            steps.append((shape.kind.value, shape.decodes, shape.tokens - shape.decodes, launched.seconds()))
+            return out
+
+        engine._land = recording_land  # type: ignore[method-assign]
+        prompts = [[(r * 131 + j * 7) % 50000 + 1 for j in range(512)] for r in range(256)]
+        llm.generate(prompt_token_ids=prompts[:4], sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
+        steps.clear()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=256, temperature=0.0,
+                                                                                       ignore_eos=True))
+        wall = time.perf_counter() - t0
+        tokens = sum(len(o.token_ids) for o in outs)
+        by_kind: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0, 0])
+        for kind, decodes, prompt_tokens, seconds in steps:
+            row = by_kind[kind]
+            row[0] += 1
+            row[1] += seconds or 0.0
+            row[2] += decodes
+            row[3] += prompt_tokens
+        device = sum(r[1] for r in by_kind.values())
+        hist: dict[str, int] = defaultdict(int)
+        for _, decodes, _, _ in steps:
+            hist[f"{(decodes // 32) * 32}-{(decodes // 32) * 32 + 31}"] += 1
+        result = {"budget": budget, "wall_s": round(wall, 3), "output_tok_s": round(tokens / wall, 1),
+                  "device_s": round(device, 3), "host_gap_s": round(wall - device, 3), "steps": len(steps),
+                  "by_kind": {k: {"steps": v[0], "seconds": round(v[1], 3), "decode_rows": v[2], "prompt_tokens": v[3]}
+                              for k, v in by_kind.items()},
+                  "decode_batch_hist": dict(sorted(hist.items(), key=lambda kv: int(kv[0].split('-')[0]))),
+                  "first_steps": steps[:24], "last_steps": steps[-4:]}
+        print(json.dumps(result, indent=1), flush=True)
+        del llm, engine
+        torch.cuda.empty_cache()
+        return result
+
+
+def main() -> None:
+    out = Path(os.environ.get("OUT", "/tmp/out")) / "r"
+    out.mkdir(parents=True, exist_ok=True)
+    results = [run(b) for b in (8192, 16384, 4096)]
+    (out / f"offline_anatomy-{os.environ.get('PDSERVE_COMMIT', 'local')}-h200.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
