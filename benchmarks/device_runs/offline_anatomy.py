@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -63,17 +64,18 @@ def run(budget: int) -> dict:
                               for k, v in by_kind.items()},
                   "decode_batch_hist": dict(sorted(hist.items(), key=lambda kv: int(kv[0].split('-')[0]))),
                   "first_steps": steps[:24], "last_steps": steps[-4:]}
-        print(json.dumps(result, indent=1), flush=True)
-        del llm, engine
-        torch.cuda.empty_cache()
+        print(json.dumps({k: v for k, v in result.items() if k not in ("first_steps", "last_steps")}), flush=True)
         return result
 
 
 def main() -> None:
+    """One budget per process (``sys.argv[1]``): an engine's memory is not all given back in-process."""
+    budget = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
     out = Path(os.environ.get("OUT", "/tmp/out")) / "r"
     out.mkdir(parents=True, exist_ok=True)
-    results = [run(b) for b in (8192, 16384, 4096)]
-    (out / f"offline_anatomy-{os.environ.get('PDSERVE_COMMIT', 'local')}-h200.json").write_text(json.dumps(results, indent=1))
+    result = run(budget)
+    name = f"offline_anatomy-{budget}-{os.environ.get('PDSERVE_COMMIT', 'local')}-h200.json"
+    (out / name).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
