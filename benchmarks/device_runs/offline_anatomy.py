@@ -21,6 +21,38 @@ from benchmarks.common import LLAMA31_8B, write_model_dir
 from pdserve import LLM, SamplingParams
 
 
+class ClockSampler:
+    """SM clock (MHz) and power (W) of GPU 0 every ``period_s`` on a thread, through NVML."""
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        import threading
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.samples: list[tuple[float, int, float]] = []
+        self._stop = threading.Event()
+        self._period = period_s
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        t0 = time.perf_counter()
+        while not self._stop.is_set():
+            clock = self._nvml.nvmlDeviceGetClockInfo(self._handle, self._nvml.NVML_CLOCK_SM)
+            power = self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1e3
+            self.samples.append((round(time.perf_counter() - t0, 3), clock, round(power, 1)))
+            self._stop.wait(self._period)
+
+    def __enter__(self) -> ClockSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run(budget: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(Path(tmp) / "model", LLAMA31_8B)
@@ -42,10 +74,11 @@ def run(budget: int) -> dict:
         llm.generate(prompt_token_ids=prompts[:4], sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
         steps.clear()
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=256, temperature=0.0,
-                                                                                       ignore_eos=True))
-        wall = time.perf_counter() - t0
+        with ClockSampler() as clocks:
+            t0 = time.perf_counter()
+            outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
+                max_tokens=256, temperature=0.0, ignore_eos=True))
+            wall = time.perf_counter() - t0
         tokens = sum(len(o.token_ids) for o in outs)
         by_kind: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0, 0])
         for kind, decodes, prompt_tokens, seconds in steps:
@@ -63,7 +96,13 @@ def run(budget: int) -> dict:
                   "by_kind": {k: {"steps": v[0], "seconds": round(v[1], 3), "decode_rows": v[2], "prompt_tokens": v[3]}
                               for k, v in by_kind.items()},
                   "decode_batch_hist": dict(sorted(hist.items(), key=lambda kv: int(kv[0].split('-')[0]))),
-                  "first_steps": steps[:24], "last_steps": steps[-4:]}
+                  "first_steps": steps[:24], "last_steps": steps[-4:],
+                  "sm_clock_mhz_power_w": clocks.samples[::4]}
+        prefill_end = sum(s[3] or 0.0 for s in steps if s[0] != "decode")
+        during = {"prefill phase": [c for t, c, _ in clocks.samples if t <= prefill_end],
+                  "decode phase": [c for t, c, _ in clocks.samples if t > prefill_end]}
+        result["sm_clock_mhz_median"] = {k: sorted(v)[len(v) // 2] for k, v in during.items() if v}
+        result["power_w_max"] = max(p for _, _, p in clocks.samples)
         print(json.dumps({k: v for k, v in result.items() if k not in ("first_steps", "last_steps")}), flush=True)
         return result
 
