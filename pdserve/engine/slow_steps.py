@@ -4,8 +4,13 @@
 Stalls of this kind (a kernel compiled or an attention plan built on first use of a shape) stop every
 stream of a worker at once; the log names them so they can be moved to start-up.
 
-Per step: ``watch.launching()`` -> launch -> ``watch.launched(plan, host_breakdown)`` -> read the step
-before -> ``watch.landed(plan)``. Engine thread only.
+A launch that returns while the step before it is still running on the device is not reported however
+long it took: the device had work all along, and the host was held by the launch queue filling behind it
+(an eager step of thousands of tokens blocks in its matrix products' launches for 150-350 ms on an H200
+while the step before runs; measured 2026-12-02, ``docs/performance-log.md``, engine).
+
+Per step: ``watch.launching()`` -> launch -> ``watch.launched(plan, host_breakdown, device_busy)`` -> read
+the step before -> ``watch.landed(plan)``. Engine thread only.
 """
 
 from __future__ import annotations
@@ -45,13 +50,16 @@ class SlowStepWatch:
             self._profiler = cProfile.Profile()
             self._profiler.enable()
 
-    def launched(self, plan: SchedulerPlan, host_breakdown: Callable[[], dict[str, float]]) -> None:
+    def launched(self, plan: SchedulerPlan, host_breakdown: Callable[[], dict[str, float]],
+                 device_busy: bool = False) -> None:
+        """``device_busy``: the step before this one was still running when the launch returned (then a
+        slow launch stalled nothing and is not reported)."""
         self._launched_at = time.perf_counter()
         profiler, self._profiler = self._profiler, None
         if profiler is not None:
             profiler.disable()
         seconds = self._launched_at - self._started
-        if seconds > SLOW_STEP_S:
+        if seconds > SLOW_STEP_S and not device_busy:
             logger.warning("launching a step took %.0f ms on the host (%s; ms by phase %s)%s", seconds * 1e3,
                            describe_plan(plan), host_breakdown(), _report(profiler))
 
