@@ -41,7 +41,16 @@ from pdserve.client.errors import (
 from pdserve.client.sync_client import Client
 from pdserve.common.outputs import FinishReason, Logprob
 from pdserve.common.sampling_params import SamplingParams
-from pdserve.rpc.types import ClusterStatus, Completion, CompletionChunk, ModelInfo, Usage, WorkerStatus
+from pdserve.rpc.types import (
+    ClusterStatus,
+    Completion,
+    CompletionChunk,
+    ModelInfo,
+    PlannedConfiguration,
+    PlannerStatus,
+    Usage,
+    WorkerStatus,
+)
 
 __all__ = [
     "DEFAULT",
@@ -62,6 +71,8 @@ __all__ = [
     "NotFoundError",
     "PdserveClientError",
     "PermissionDeniedError",
+    "PlannedConfiguration",
+    "PlannerStatus",
     "UnauthenticatedError",
     "ResourceExhaustedError",
     "SamplingParams",

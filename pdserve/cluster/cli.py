@@ -27,6 +27,7 @@ from pdserve.planner.cli import add_planner_parsers, run_plan
 
 if TYPE_CHECKING:
     from pdserve.client import Client
+    from pdserve.rpc.types import PlannerStatus
 
 
 def _version() -> str:
@@ -285,7 +286,19 @@ def _status(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    if status.planner is not None:
+        print(planner_line(status.planner))
     return 0
+
+
+def planner_line(planner: PlannerStatus) -> str:
+    """``pdserve status``'s line about the online planner's last round."""
+    if planner.status != "ok":
+        return f"planner ({planner.mode}): {planner.status}"
+    goodputs = ", ".join(f"{p.config} {p.goodput_per_gpu:.3g}" for p in planner.predictions)
+    line = (f"planner ({planner.mode}): recommends {planner.recommended} (now {planner.current}); "
+            f"predicted goodput per GPU: {goodputs}")
+    return line + (f"; apply: {planner.apply_status}" if planner.apply_status else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

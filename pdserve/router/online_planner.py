@@ -30,6 +30,7 @@ from pdserve.planner.simulate import SimRequest
 from pdserve.router.config import RouterConfig
 from pdserve.router.plan_applier import PlanApplier
 from pdserve.router.request_log import RequestLog
+from pdserve.rpc.types import PlannedConfiguration, PlannerStatus
 
 logger = logging.getLogger(__name__)
 MIN_REQUESTS = 50
@@ -67,6 +68,20 @@ class OnlinePlanner:
             except Exception as exc:  # noqa: BLE001 (a planning round must never take the router down)
                 logger.exception("planner round failed")
                 self.latest = {"status": f"the last round failed: {type(exc).__name__}: {exc}"}
+
+    def status(self) -> PlannerStatus:
+        """The last round as the status RPC reports it (``latest`` in typed form)."""
+        latest = self.latest
+        predictions = tuple(PlannedConfiguration(
+            config=str(p["config"]), goodput_per_gpu=float(p.get("goodput_per_gpu") or 0.0),
+            attainment_at_offered=float(p.get("attainment_at_offered") or 0.0),
+            preemptions_per_request=float(p.get("preemptions_per_request") or 0.0))
+            for p in latest.get("predictions") or ())
+        applied = latest.get("apply") or {}
+        return PlannerStatus(mode=self._config.planner_mode, status=str(latest.get("status", "")),
+                             recommended=str(latest.get("recommended") or ""), current=str(latest.get("current") or ""),
+                             planned_at=float(latest.get("at") or 0.0), predictions=predictions,
+                             apply_status=str(applied.get("status") or ""))
 
     async def apply(self, result: dict[str, Any], now: float | None = None) -> dict[str, Any]:
         """Act on one planning round (``apply`` mode): switch one worker's role when the applier says so."""

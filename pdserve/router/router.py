@@ -150,7 +150,8 @@ class Router:
                                        admission=AdmissionControl(self.registry, self.mode,
                                                                   self.config.admission_max_ttft_s),
                                        scaler=lambda: self.scaler, switcher=lambda: self.role_switcher,
-                                       loop_lag=self.loop_lag, gc_pauses=self.gc_pauses)
+                                       loop_lag=self.loop_lag, gc_pauses=self.gc_pauses,
+                                       planner=lambda: self.planner.status() if self.planner is not None else None)
             keys = ApiKeys.load(self.config.api_keys_file)
             tls = read_tls(self.config)
             shared = self.config.processes > 1

@@ -43,7 +43,7 @@ from pdserve.rpc.api import (
 )
 from pdserve.rpc.convert import sampling_params_from_proto, token_ids_to_proto
 from pdserve.rpc.status import abort_with
-from pdserve.rpc.types import ClusterStatus, ModelInfo, WorkerStatus
+from pdserve.rpc.types import ClusterStatus, ModelInfo, PlannerStatus, WorkerStatus
 from pdserve.v1 import common_pb2, pdserve_pb2, pdserve_pb2_grpc, worker_pb2
 
 #: No tokenizer packs more characters than this into one token on average: a text prompt longer than
@@ -58,7 +58,9 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
                  metrics: RouterMetrics | None = None, admission: AdmissionControl | None = None,
                  scaler: Callable[[], Callable[[str, int, float | None], list[str]] | None] = lambda: None,
                  switcher: Callable[[], Callable[[str, str, float | None], str] | None] = lambda: None,
-                 loop_lag: LoopLagMonitor | None = None, gc_pauses: GcPauses | None = None) -> None:
+                 loop_lag: LoopLagMonitor | None = None, gc_pauses: GcPauses | None = None,
+                 planner: Callable[[], PlannerStatus | None] = lambda: None) -> None:
+        self._planner = planner
         self._loop_lag = loop_lag
         self._gc_pauses = gc_pauses
         self._scaler = scaler
@@ -106,7 +108,8 @@ class PdServeServicer(pdserve_pb2_grpc.PdServeServicer):
         return cluster_status_to_proto(ClusterStatus(
             mode=self._mode.value, model=self._model, workers=workers, requests_in_flight=len(self._table),
             router_loop_lag_s=self._loop_lag.lag_s if self._loop_lag is not None else 0.0,
-            router_gc_pause_s=self._gc_pauses.max_pause_s if self._gc_pauses is not None else 0.0))
+            router_gc_pause_s=self._gc_pauses.max_pause_s if self._gc_pauses is not None else 0.0,
+            planner=self._planner()))
 
     async def ScalePool(self, request: pdserve_pb2.ScalePoolRequest,
                         context: grpc.aio.ServicerContext) -> pdserve_pb2.ScalePoolResponse:

@@ -12,7 +12,7 @@ from pdserve.common.errors import InvalidParameterError
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.common.validation import require_text
 from pdserve.rpc.convert import sampling_params_to_proto, token_ids_to_proto
-from pdserve.rpc.types import ClusterStatus, ModelInfo, WorkerStatus
+from pdserve.rpc.types import ClusterStatus, ModelInfo, PlannedConfiguration, PlannerStatus, WorkerStatus
 from pdserve.v1 import common_pb2, pdserve_pb2
 
 #: The longest request id a caller may choose (ids are logged, keyed on and sent to every worker).
@@ -122,15 +122,36 @@ def worker_status_from_proto(msg: pdserve_pb2.WorkerStatus) -> WorkerStatus:
         last_recovery_s=msg.last_recovery_s, loop_lag_s=msg.loop_lag_s)
 
 
+def planner_status_to_proto(planner: PlannerStatus) -> pdserve_pb2.PlannerStatus:
+    return pdserve_pb2.PlannerStatus(
+        mode=planner.mode, status=planner.status, recommended=planner.recommended, current=planner.current,
+        planned_at=planner.planned_at, apply_status=planner.apply_status,
+        predictions=[pdserve_pb2.PlannedConfiguration(
+            config=p.config, goodput_per_gpu=p.goodput_per_gpu, attainment_at_offered=p.attainment_at_offered,
+            preemptions_per_request=p.preemptions_per_request) for p in planner.predictions])
+
+
+def planner_status_from_proto(msg: pdserve_pb2.PlannerStatus) -> PlannerStatus:
+    return PlannerStatus(
+        mode=msg.mode, status=msg.status, recommended=msg.recommended, current=msg.current,
+        planned_at=msg.planned_at, apply_status=msg.apply_status,
+        predictions=tuple(PlannedConfiguration(config=p.config, goodput_per_gpu=p.goodput_per_gpu,
+                                               attainment_at_offered=p.attainment_at_offered,
+                                               preemptions_per_request=p.preemptions_per_request)
+                          for p in msg.predictions))
+
+
 def cluster_status_to_proto(status: ClusterStatus) -> pdserve_pb2.ClusterStatusResponse:
     return pdserve_pb2.ClusterStatusResponse(
         mode=status.mode, model=status.model, workers=[worker_status_to_proto(w) for w in status.workers],
         requests_in_flight=status.requests_in_flight, router_loop_lag_s=status.router_loop_lag_s,
-        router_gc_pause_s=status.router_gc_pause_s)
+        router_gc_pause_s=status.router_gc_pause_s,
+        planner=planner_status_to_proto(status.planner) if status.planner is not None else None)
 
 
 def cluster_status_from_proto(msg: pdserve_pb2.ClusterStatusResponse) -> ClusterStatus:
     return ClusterStatus(mode=msg.mode, model=msg.model,
                          workers=tuple(worker_status_from_proto(w) for w in msg.workers),
                          requests_in_flight=msg.requests_in_flight, router_loop_lag_s=msg.router_loop_lag_s,
-                         router_gc_pause_s=msg.router_gc_pause_s)
+                         router_gc_pause_s=msg.router_gc_pause_s,
+                         planner=planner_status_from_proto(msg.planner) if msg.HasField("planner") else None)

@@ -120,8 +120,33 @@ class WorkerStatus:
 
 
 @dataclass(frozen=True)
+class PlannedConfiguration:
+    """One configuration as the online planner predicted it for the traffic of its window."""
+
+    config: str  # "colocated x2", "1P1D", ...
+    goodput_per_gpu: float = 0.0  # req/s per GPU with the target share meeting both SLOs
+    attainment_at_offered: float = 0.0  # share meeting both SLOs at the window's own rate
+    preemptions_per_request: float = 0.0  # at the window's rate
+
+
+@dataclass(frozen=True)
+class PlannerStatus:
+    """The online planner's last round (``router.planner_mode`` recommend or apply). ``status`` is "ok" or
+    why the round made no recommendation (too few requests, no step-time model yet, a failure)."""
+
+    mode: str
+    status: str
+    recommended: str = ""
+    current: str = ""
+    planned_at: float = 0.0  # unix seconds (0: no round yet)
+    predictions: tuple[PlannedConfiguration, ...] = ()
+    apply_status: str = ""  # apply mode: what it decided last and why
+
+
+@dataclass(frozen=True)
 class ClusterStatus:
-    """The cluster as the router sees it. ``mode`` is "disaggregated" or "colocated"."""
+    """The cluster as the router sees it. ``mode`` is "disaggregated" or "colocated"; ``planner`` is None
+    when the router runs no online planner."""
 
     mode: str
     model: str
@@ -129,6 +154,7 @@ class ClusterStatus:
     requests_in_flight: int = 0
     router_loop_lag_s: float = 0.0  # how late the router's event loop runs now (s)
     router_gc_pause_s: float = 0.0  # the longest garbage collection in the router's process, last 2 s
+    planner: PlannerStatus | None = None
 
     @property
     def healthy_workers(self) -> tuple[WorkerStatus, ...]:

@@ -128,17 +128,49 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., healthy: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., queued_prefill_tokens: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., restarts: _Optional[int] = ..., last_recovery_s: _Optional[float] = ..., loop_lag_s: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("mode", "model", "workers", "requests_in_flight", "router_loop_lag_s", "router_gc_pause_s")
+    __slots__ = ("mode", "model", "workers", "requests_in_flight", "router_loop_lag_s", "router_gc_pause_s", "planner")
     MODE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     ROUTER_LOOP_LAG_S_FIELD_NUMBER: _ClassVar[int]
     ROUTER_GC_PAUSE_S_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_FIELD_NUMBER: _ClassVar[int]
     mode: str
     model: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     requests_in_flight: int
     router_loop_lag_s: float
     router_gc_pause_s: float
-    def __init__(self, mode: _Optional[str] = ..., model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., router_loop_lag_s: _Optional[float] = ..., router_gc_pause_s: _Optional[float] = ...) -> None: ...
+    planner: PlannerStatus
+    def __init__(self, mode: _Optional[str] = ..., model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., router_loop_lag_s: _Optional[float] = ..., router_gc_pause_s: _Optional[float] = ..., planner: _Optional[_Union[PlannerStatus, _Mapping]] = ...) -> None: ...
+
+class PlannedConfiguration(_message.Message):
+    __slots__ = ("config", "goodput_per_gpu", "attainment_at_offered", "preemptions_per_request")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    GOODPUT_PER_GPU_FIELD_NUMBER: _ClassVar[int]
+    ATTAINMENT_AT_OFFERED_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    config: str
+    goodput_per_gpu: float
+    attainment_at_offered: float
+    preemptions_per_request: float
+    def __init__(self, config: _Optional[str] = ..., goodput_per_gpu: _Optional[float] = ..., attainment_at_offered: _Optional[float] = ..., preemptions_per_request: _Optional[float] = ...) -> None: ...
+
+class PlannerStatus(_message.Message):
+    __slots__ = ("mode", "status", "recommended", "current", "planned_at", "predictions", "apply_status")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDED_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_AT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    APPLY_STATUS_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    status: str
+    recommended: str
+    current: str
+    planned_at: float
+    predictions: _containers.RepeatedCompositeFieldContainer[PlannedConfiguration]
+    apply_status: str
+    def __init__(self, mode: _Optional[str] = ..., status: _Optional[str] = ..., recommended: _Optional[str] = ..., current: _Optional[str] = ..., planned_at: _Optional[float] = ..., predictions: _Optional[_Iterable[_Union[PlannedConfiguration, _Mapping]]] = ..., apply_status: _Optional[str] = ...) -> None: ...

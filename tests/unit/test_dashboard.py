@@ -7,9 +7,12 @@ import json
 
 import aiohttp
 
+from pdserve.cluster.cli import planner_line
 from pdserve.router.config import RouterConfig, ServingMode
 from pdserve.router.dashboard import _rates, dashboard_data
 from pdserve.router.request_log import EndedRequest, RequestLog
+from pdserve.rpc import api
+from pdserve.v1 import pdserve_pb2
 from tests.unit.test_router_fakes import FakeWorker, cluster, generate_request, run
 
 
@@ -83,12 +86,22 @@ def test_online_planner_recommends_on_live_traffic() -> None:
             assert [p["config"] for p in result["predictions"]] == ["colocated x2", "1P1D"]
             assert result["recommended"] in ("colocated x2", "1P1D")
             await wait_until(lambda: router.planner.latest.get("status") == "ok", what="a planning round")
+            latest = router.planner.latest
+            status = api.cluster_status_from_proto(await stub.ClusterStatus(pdserve_pb2.ClusterStatusRequest()))
             async with aiohttp.ClientSession(f"http://127.0.0.1:{router.http_port}") as http:
                 async with http.get("/dashboard/data") as r:
                     data = await r.json()
                 async with http.get("/metrics") as r:
                     text = await r.text()
         assert data["sizing"]["planner"]["recommended"] == result["recommended"]
+        # the status RPC publishes the same round (what `pdserve status` prints)
+        planner = status.planner
+        assert planner is not None and (planner.mode, planner.status, planner.current) == ("recommend", "ok", "1P1D")
+        assert planner.recommended == latest["recommended"] and planner.planned_at == latest["at"] > 0
+        assert [(p.config, p.goodput_per_gpu) for p in planner.predictions] == [
+            (p["config"], p["goodput_per_gpu"]) for p in latest["predictions"]]
+        assert planner_line(planner).startswith(f"planner (recommend): recommends {planner.recommended} (now 1P1D); "
+                                                "predicted goodput per GPU: colocated x2 ")
         assert f'pdserve:planner_recommended{{config="{result["recommended"]}",model_name="fake-model"}} 1.0' in text
         assert 'pdserve:planner_predicted_goodput_per_gpu{config="1P1D",model_name="fake-model"}' in text
         assert 'pdserve:planner_predicted_preemptions_per_request{config="1P1D",model_name="fake-model"} 0.0' in text

@@ -24,7 +24,15 @@ from pdserve.common.outputs import FinishReason, Logprob, RequestDelta
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.rpc import api, convert, options, status
 from pdserve.rpc.server import format_address
-from pdserve.rpc.types import ClusterStatus, Completion, ModelInfo, Usage, WorkerStatus
+from pdserve.rpc.types import (
+    ClusterStatus,
+    Completion,
+    ModelInfo,
+    PlannedConfiguration,
+    PlannerStatus,
+    Usage,
+    WorkerStatus,
+)
 from pdserve.v1 import common_pb2, pdserve_pb2
 
 # ------------------------------------------------------------------------------------ sampling params
@@ -250,6 +258,13 @@ def test_models_and_cluster_status_round_trip() -> None:
     wire2 = pdserve_pb2.ClusterStatusResponse.FromString(api.cluster_status_to_proto(status_).SerializeToString())
     back = api.cluster_status_from_proto(wire2)
     assert back == status_ and [w.worker_id for w in back.healthy_workers] == ["p0"]
+    assert back.planner is None  # a router without an online planner sends none
+    planned = dataclasses.replace(status_, planner=PlannerStatus(
+        "apply", "ok", "1P1D", "colocated x2", 1.7e9, (PlannedConfiguration("colocated x2", 9.5, 0.97, 0.0),
+                                                        PlannedConfiguration("1P1D", 12.25, 0.99, 0.5)),
+        "switched colocated-1 to prefill"))
+    wire3 = pdserve_pb2.ClusterStatusResponse.FromString(api.cluster_status_to_proto(planned).SerializeToString())
+    assert api.cluster_status_from_proto(wire3) == planned
 
 
 # ------------------------------------------------------------------------------------------- status
