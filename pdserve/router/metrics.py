@@ -22,7 +22,7 @@ them works unchanged (``model_name`` label as in vLLM; per-worker series add ``w
 ==========================================  =====================================================
 
 P/D-specific and operational series are ``pdserve:*``: requests in flight, failed and cancelled
-requests, where prompts were prefilled, admission refusals, moved streams, worker health, queued
+requests, where prompts were prefilled, prompts predicted late for their TTFT (per worker), admission refusals, moved streams, worker health, queued
 prefill tokens and the advertised prefill rate, engine steps and their device time by kind
 (decode / mixed / prefill), KV transfers (count, failures, bytes, seconds, local recomputes by
 transport), GPU readings (utilisation, memory, power, SM clock, NVLink bytes; absent, never zero,
@@ -200,6 +200,8 @@ _WORKER_SERIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("vllm:prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache.", ("engine", "prefix_cache_hits")),
     ("pdserve:prompt_tokens_computed", "counter", "Prompt tokens the worker computed.",
      ("engine", "prompt_tokens_computed")),
+    ("pdserve:late_prompts", "counter", "Prompts the worker's scheduler predicted to miss their TTFT deadline "
+     "(still served, after those that can meet theirs).", ("engine", "late_prompts")),
     ("pdserve:kv_cache_blocks", "gauge", "KV cache blocks of the worker.", ("engine", "num_kv_blocks")),
     ("pdserve:gpu_utilization_percent", "gauge", "GPU utilisation (NVML).", ("gpu", "utilization")),
     ("pdserve:gpu_memory_used_bytes", "gauge", "GPU memory in use (NVML).", ("gpu", "memory_used_bytes")),

@@ -4,7 +4,8 @@ Schema (counters run from the worker's start; the router turns them into Prometh
 
 * ``worker_id``, ``role``, ``model``;
 * ``engine``: ``running_requests``, ``waiting_requests``, ``kv_usage`` (0-1), ``num_kv_blocks``,
-  ``queued_prefill_tokens``, ``preemptions``, ``prompt_tokens_computed``, ``prefix_cache_queries`` and
+  ``queued_prefill_tokens``, ``preemptions``, ``late_prompts`` (prompts its scheduler predicted to miss their
+  TTFT deadline, served after those that can still meet theirs), ``prompt_tokens_computed``, ``prefix_cache_queries`` and
   ``prefix_cache_hits`` (tokens), ``steps``: ``{decode|mixed|chunked|prefill: {"count", "seconds"}}`` (device
   time of measured steps by kind), ``step_time_model`` (its fitted coefficients, or null),
   ``step_time_calibration`` (``{decode|mixed|chunked|prefill: factor}``: measured over profiled, as the live
@@ -39,6 +40,7 @@ def engine_telemetry(engine: LLMEngine) -> dict[str, Any]:
     return {"running_requests": load.running_requests, "waiting_requests": load.waiting_requests,
             "kv_usage": load.kv_usage, "num_kv_blocks": engine.kv_layout.num_blocks,
             "queued_prefill_tokens": load.queued_prefill_tokens, "preemptions": engine.scheduler.num_preemptions,
+            "late_prompts": engine.scheduler.num_late_prompts,
             "prompt_tokens_computed": engine.runner.num_prompt_tokens_computed,
             "prefix_cache_queries": kv.prefix_queries_tokens, "prefix_cache_hits": kv.prefix_hit_tokens,
             "steps": {kind.value: {"count": int(count), "seconds": seconds}

@@ -141,7 +141,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         snapshot = {"worker_id": self.worker_id, "role": self.role, "model": self.model,
                     "engine": {"running_requests": len(self.active), "waiting_requests": 0, "kv_usage": self.kv_usage,
                                "num_kv_blocks": 100, "queued_prefill_tokens": self.queued_prefill_tokens,
-                               "preemptions": 0, "prompt_tokens_computed": 0, "prefix_cache_queries": 0,
+                               "preemptions": 0, "late_prompts": 2, "prompt_tokens_computed": 0, "prefix_cache_queries": 0,
                                "prefix_cache_hits": 0, "steps": {"decode": {"count": 3, "seconds": 0.03}},
                                "step_time_model": {"base_s": 0.005, "per_token_s": 2e-5, "free_tokens": 256},
                                "step_time_calibration": {"decode": 1.0, "mixed": 1.0, "prefill": 1.0},

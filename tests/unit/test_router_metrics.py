@@ -68,6 +68,7 @@ def test_metrics_after_finished_and_cancelled_requests() -> None:
         d0 = {"worker": "d0", "role": "decode"}
         assert s[_key("vllm:kv_cache_usage_perc", **d0)] == 0.0 and s[_key("vllm:num_requests_running", **d0)] == 0
         assert s[_key("pdserve:engine_steps_total", kind="decode", **d0)] == 3
+        assert s[_key("pdserve:late_prompts_total", **d0)] == 2  # the scheduler's prompts predicted late
         assert s[_key("pdserve:kv_transfers_received_total", transport="loopback", **d0)] == 3
         assert s[_key("pdserve:gpu_telemetry_available", **d0)] == 0
         assert not any(name.startswith("pdserve:gpu_utilization") for name, _ in s)  # absent without a GPU
