@@ -27,6 +27,11 @@ LLAMA31_8B: dict[str, Any] = {
 }
 
 
+#: The cross-host stand-in: NCCL without peer-to-peer and shared-memory transports uses its socket
+#: transport even between two GPUs of one host (set before the first communicator is made).
+SOCKET_ENV = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"}
+
+
 def write_model_dir(directory: Path, config: dict[str, Any]) -> Path:
     """A model directory with ``config`` and the byte tokenizer (benchmarks feed token ids and use
     ``load_format="dummy"``, so no weights are written)."""

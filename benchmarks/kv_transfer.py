@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from benchmarks.common import LLAMA31_8B, markdown_table, run_info, write_model_dir, write_results
+from benchmarks.common import LLAMA31_8B, SOCKET_ENV, markdown_table, run_info, write_model_dir, write_results
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 BYTES_PER_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
@@ -45,9 +45,6 @@ def _caches(num_blocks: int, device: str) -> list[torch.Tensor]:
             for _ in range(LAYERS)]
 
 
-#: The cross-host stand-in: NCCL without peer-to-peer and shared-memory transports uses its socket
-#: transport even between two GPUs of one host (set before the first communicator is made).
-SOCKET_ENV = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"}
 DST_LAYOUTS = ("contiguous", "scattered")
 
 

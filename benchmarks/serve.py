@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any
 from benchmarks.common import (
     LLAMA31_8B,
     RESULTS,
+    SOCKET_ENV,
     device_slug,
     run_info,
     write_model_dir,
@@ -90,7 +92,7 @@ def cluster_config(kind: str, model_dir: Path, smoke: bool, slo_ms: tuple[float,
     if smoke:
         engine["num_kv_blocks"] = 2048
     config: dict[str, Any] = {"model": str(model_dir), "load_format": "dummy", "engine": engine,
-                              "router": {"grpc_port": 0, "request_timeout_s": 300}, "kv_transfer": {"timeout_s": 120, "backend": kv_backend}}
+                              "router": {"grpc_port": 0, "request_timeout_s": 300}, "kv_transfer": {"timeout_s": 120, "backend": "nccl" if kv_backend == "nccl-socket" else kv_backend}}
     if stream_writes_per_s is not None:
         config["router"]["stream_writes_per_s"] = stream_writes_per_s
     config["router"]["processes"] = router_processes
@@ -271,8 +273,10 @@ def main() -> None:
                         help="step_budget_borrow_tokens of the SLO-aware configurations' engines (0: off)")
     parser.add_argument("--auto-prefill-step-tokens", type=int, default=PREFILL_STEP_TOKENS,
                         help="max_batch_tokens of the auto configuration's prefill pool")
-    parser.add_argument("--kv-backend", default="auto", choices=("auto", "nccl"),
-                        help="KV transport of the disaggregated configurations (auto: CUDA IPC on one host)")
+    parser.add_argument("--kv-backend", default="auto", choices=("auto", "nccl", "nccl-socket"),
+                        help="KV transport of the disaggregated configurations (auto: CUDA IPC on one host; nccl: "
+                             "NCCL, over NVLink on one host; nccl-socket: NCCL through its socket transport, the "
+                             "cross-host stand-in: the workers get NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1)")
     parser.add_argument("--num-requests", type=int, default=200)
     parser.add_argument("--max-output", type=int, default=256)
     parser.add_argument("--burstiness", type=float, default=1.0)
@@ -307,6 +311,8 @@ def main() -> None:
                         help="serve the router's HTTP API with the planner recommending, and keep the dashboard's "
                              "JSON after every point (<stem>-dashboard.json.gz; render: benchmarks.dashboard_replay)")
     args = parser.parse_args()
+    if args.kv_backend == "nccl-socket":  # the local Ray's workers inherit this process's environment
+        os.environ.update(SOCKET_ENV)
     args.workloads = args.workloads.split(",")
     try:
         time_scales = [float(x) for x in args.time_scales.split(",")]
