@@ -53,6 +53,64 @@ def test_vocabulary_split_unevenly_over_ranks(tmp_path) -> None:  # noqa: ANN001
     assert outputs[2] == outputs[1]
 
 
+def test_each_rank_reads_only_its_slice_of_the_checkpoint(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """A rank's tensors come from the safetensors file as slices (``get_slice``), never read whole when it
+    holds a part: its heads' rows of Q/K/V, its MLP rows and columns, its vocabulary rows -- each equal to
+    that part of the full tensor; norms are read whole."""
+    from pdserve.engine.model import loader
+    from pdserve.engine.model.hf_config import read_config_json
+
+    make_hf_model("qwen2", tmp_path, max_shard_size="20KB")  # one KV head: both ranks hold it; several files
+    files = loader.safetensors_files(tmp_path)
+    assert len(files) > 1
+    spec = loader.inspect_model_dir(tmp_path).spec
+    assert read_config_json(tmp_path)["num_key_value_heads"] == 1
+    full = dict(loader.iter_checkpoint(files))
+    whole_reads: list[str] = []
+    real_safe_open = loader.safe_open
+
+    class Spy:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self._file = real_safe_open(*args, **kwargs)  # type: ignore[arg-type]
+
+        def __enter__(self) -> Spy:
+            self._f = self._file.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._file.__exit__(*exc)
+
+        def keys(self) -> list[str]:
+            return list(self._f.keys())
+
+        def get_slice(self, name: str):  # noqa: ANN201
+            return self._f.get_slice(name)
+
+        def get_tensor(self, name: str) -> torch.Tensor:
+            whole_reads.append(name)
+            return self._f.get_tensor(name)
+
+    monkeypatch.setattr(loader, "safe_open", Spy)
+    for rank in (0, 1):
+        tp = TensorParallel(rank, 2)
+        whole_reads.clear()
+        parts = dict(loader.iter_checkpoint(files, lambda name, shape: tp.shard_index(name, shape, spec)))  # noqa: B023
+        assert parts.keys() == full.keys()
+        for name, part in parts.items():
+            whole = full[name]
+            if any(k in name for k in ("q_proj", "gate_proj", "up_proj")):
+                assert torch.equal(part, whole.chunk(2, 0)[rank]) and name not in whole_reads
+            elif any(name.endswith(k) for k in ("o_proj.weight", "down_proj.weight")):
+                assert torch.equal(part, whole.chunk(2, 1)[rank]) and name not in whole_reads
+            elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+                rows = tp.vocab_rows(spec.vocab_size)
+                assert torch.equal(part, whole[rows.start:rows.stop]) and name not in whole_reads
+            elif any(k in name for k in ("k_proj", "v_proj")):  # the one KV head, held by both ranks
+                assert torch.equal(part, whole) and name not in whole_reads
+            else:
+                assert torch.equal(part, whole) and name in whole_reads  # norms: the rank holds them whole
+
+
 def test_splits_that_do_not_divide_are_refused(tmp_path) -> None:  # noqa: ANN001
     make_hf_model("llama31", tmp_path)  # 4 heads, 2 KV heads, MLP 160
     with pytest.raises(ConfigError, match="3 ranks cannot split 4 attention heads"):

@@ -168,9 +168,15 @@ class DecoderForCausalLM(nn.Module):
             "mlp.up_proj": ("mlp.gate_up_proj", s.intermediate_size, s.intermediate_size),
         }
 
+    def checkpoint_slice(self, name: str, shape: tuple[int, ...]) -> tuple[slice, ...] | None:
+        """The part of checkpoint tensor ``name`` (of ``shape``) this rank holds (None: all of it); the
+        loader reads only that part."""
+        return self.tp.shard_index(name, shape, self.full_spec)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-        """Copy checkpoint tensors (Hugging Face names) into the parameters; every parameter row must be
-        written exactly once, or :class:`ModelLoadError` names what is missing or mismatched."""
+        """Copy checkpoint tensors (Hugging Face names, each already cut to :meth:`checkpoint_slice`) into
+        the parameters; every parameter row must be written exactly once, or :class:`ModelLoadError` names
+        what is missing or mismatched."""
         params = dict(self.named_parameters())
         rows_loaded: dict[str, int] = dict.fromkeys(params, 0)
         rules = self._shard_rules()
@@ -188,7 +194,6 @@ class DecoderForCausalLM(nn.Module):
             if param is None:
                 ignored.append(name)
                 continue
-            tensor = self.tp.shard(name, tensor, self.full_spec)
             dest = param.data if rows is None else param.data.narrow(0, offset, rows)
             if tuple(dest.shape) != tuple(tensor.shape):
                 raise ModelLoadError(f"{source}: weight {name!r} has shape {tuple(tensor.shape)}, the config "

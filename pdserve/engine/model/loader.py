@@ -1,14 +1,14 @@
 """Build a model from a local Hugging Face directory: real safetensors weights, or random ("dummy").
 
 The model is created on the meta device (no memory, no init cost), materialised directly on the
-target device in the target dtype, then filled from the checkpoint shard by shard, so peak host memory
-stays near one shard rather than the whole model.
+target device in the target dtype, then filled from the checkpoint tensor by tensor, so peak host memory
+stays near one tensor rather than the whole model; a tensor-parallel rank reads only its slice of each.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,12 +65,17 @@ def safetensors_files(directory: Path) -> list[Path]:
     raise ModelLoadError(f"{directory}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors file{hint}")
 
 
-def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(files: list[Path], select: Callable[[str, tuple[int, ...]], tuple[slice, ...] | None]
+                    = lambda name, shape: None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint ``files``, each cut to ``select(name, shape)`` as it is read (a
+    tensor-parallel rank's slice: only those bytes are read from the file; None: the whole tensor)."""
     for path in files:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, f.get_tensor(name)
+                    part = f.get_slice(name)
+                    index = select(name, tuple(part.get_shape()))
+                    yield name, f.get_tensor(name) if index is None else part[index]
         except ModelLoadError:
             raise
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
@@ -87,7 +92,8 @@ def build_model(source: ModelSource, *, backend: AttentionBackend, dtype: torch.
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
-        model.load_weights(iter_checkpoint(safetensors_files(source.directory)), str(source.directory))
+        model.load_weights(iter_checkpoint(safetensors_files(source.directory), model.checkpoint_slice),
+                           str(source.directory))
     model.build_rotary(max_positions)
     if backend.fused_layers:
         model.use_fused_kernels()

@@ -79,21 +79,28 @@ class TensorParallel:
         per = -(-vocab_size // self.size)
         return range(min(vocab_size, self.rank * per), min(vocab_size, (self.rank + 1) * per))
 
-    def shard(self, name: str, tensor: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
-        """This rank's slice of checkpoint tensor ``name`` of the full model ``spec``."""
+    def shard_index(self, name: str, shape: tuple[int, ...], spec: ModelSpec) -> tuple[slice, ...] | None:
+        """Where this rank's slice of checkpoint tensor ``name`` (of ``shape``, in the full model ``spec``)
+        lies in it, as an index (rows, or all rows and a range of columns); None: the rank holds it whole.
+        The loader reads just that slice from the safetensors file."""
         if self.size == 1:
-            return tensor
+            return None
         if name in VOCAB_PARALLEL:
             rows = self.vocab_rows(spec.vocab_size)
-            return tensor.narrow(0, rows.start, len(rows))
+            return (slice(rows.start, rows.stop),)
         if any(part in name for part in ("self_attn.k_proj.", "self_attn.v_proj.")):
             heads = self.kv_heads(spec)
-            return tensor.narrow(0, heads.start * spec.head_dim, len(heads) * spec.head_dim)
+            return (slice(heads.start * spec.head_dim, heads.stop * spec.head_dim),)
         if any(part in name for part in COLUMN_PARALLEL):
-            return tensor.chunk(self.size, 0)[self.rank]
+            return (self._share(shape[0]),)
         if any(name.endswith(part) for part in ROW_PARALLEL):
-            return tensor.chunk(self.size, 1)[self.rank]
-        return tensor
+            return (slice(None), self._share(shape[1]))
+        return None
+
+    def _share(self, extent: int) -> slice:
+        """This rank's part of ``extent`` split in ``size`` (as ``torch.chunk`` splits it)."""
+        per = -(-extent // self.size)
+        return slice(min(extent, self.rank * per), min(extent, (self.rank + 1) * per))
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place."""
