@@ -23,6 +23,7 @@ from pdserve.kvtransfer.testing import (
     LoopbackTransport,
     ProcessGroupTransport,
     Transport,
+    check_sender_death,
 )
 
 SPEC = CacheSpec()
@@ -54,3 +55,12 @@ def transport(request: pytest.FixtureRequest) -> Iterator[Transport]:
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_contract(transport: Transport, scenario: str) -> None:
     SCENARIOS[scenario](transport)
+
+
+@pytest.mark.timeout(120)
+def test_a_sender_killed_mid_transfer(transport: Transport) -> None:
+    """Peer death (the sender's process killed, not closed) for the transports whose senders live in
+    other processes."""
+    if not isinstance(transport, ProcessGroupTransport):
+        pytest.skip("loopback senders share the receiver's process")
+    check_sender_death(transport)

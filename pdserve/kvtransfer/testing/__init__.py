@@ -8,7 +8,7 @@ scenarios. Importing it starts nothing.
 
 from __future__ import annotations
 
-from pdserve.kvtransfer.testing.contract import SCENARIOS
+from pdserve.kvtransfer.testing.contract import SCENARIOS, check_sender_death
 from pdserve.kvtransfer.testing.harness import (
     SENTINEL,
     CacheSpec,
@@ -19,4 +19,4 @@ from pdserve.kvtransfer.testing.harness import (
 )
 
 __all__ = ["SCENARIOS", "SENTINEL", "CacheSpec", "LoopbackTransport", "Pair", "ProcessGroupTransport",
-           "Transport"]
+           "Transport", "check_sender_death"]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 
 from pdserve.kvtransfer.base import HandshakeError, TransferState
-from pdserve.kvtransfer.testing.harness import SENTINEL, Pair, Transport
+from pdserve.kvtransfer.testing.harness import SENTINEL, Pair, ProcessGroupTransport, Transport
 
 _transfer_ids = itertools.count(1000)
 DEADLINE_S = 30.0
@@ -348,6 +348,29 @@ def check_close_is_prompt(transport: Transport) -> None:
         assert time.monotonic() - start < 5.0
         fenced = fence(shared, rng, spec.num_src_blocks, avoid=dst)
         assert_untouched(shared, set(fenced) | set(dst))
+
+
+def check_sender_death(transport: ProcessGroupTransport) -> None:
+    """A sender whose process is killed mid-transfer (no CANCEL, no close: a prefill worker that dies):
+    the receiver ends that transfer FAILED or TIMED_OUT by its deadline, never DONE and never hanging,
+    writes nothing more into its blocks, and goes on serving its other sender. Not in :data:`SCENARIOS`:
+    it needs senders in processes of their own (:meth:`ProcessGroupTransport.add_mortal_sender`)."""
+    spec, rng = transport.spec, random.Random(23)
+    with _shared_pair(transport) as shared:
+        doomed, host = transport.add_mortal_sender(shared)
+        src, dst = _pick(rng, 3, spec.num_src_blocks), _pick(rng, 3, spec.num_dst_blocks)
+        tid, deadline = next(_transfer_ids), 3.0
+        start = time.monotonic()
+        handle = shared.receiver.expect(tid, "req-sender-dies", dst, spec.num_layers, deadline)
+        doomed.sender.begin(tid, "req-sender-dies", dst)
+        doomed.sender.send_layers(tid, [0], src, (0, 3))
+        host.kill()
+        state = shared.receiver.wait(handle, deadline + 10.0)
+        assert state in (TransferState.FAILED, TransferState.TIMED_OUT), (state, handle.error)
+        assert time.monotonic() - start < deadline + 5.0
+        repoison(shared, dst)
+        fenced = fence(shared, rng, spec.num_src_blocks, avoid=dst)
+        assert_untouched(shared, fenced)
 
 
 def check_layout_mismatch(transport: Transport) -> None:

@@ -113,6 +113,7 @@ class ProcessGroupTransport(Transport):
         self._receiver_devices = receiver_device
         self._backend = backend
         self._options = {"join_timeout_s": 30.0, "close_timeout_s": 5.0, **receiver_options}
+        self._sender_device = sender_device
         self._host = SenderHost(spec, sender_device, seed)
         self._count = 0
 
@@ -137,11 +138,26 @@ class ProcessGroupTransport(Transport):
         assert isinstance(pair.receiver, ProcessGroupReceiver)
         return Pair(pair.receiver, pair.dst, self._open_sender(pair.receiver.bootstrap), owns_receiver=False)
 
-    def _open_sender(self, bootstrap: dict[str, Any]) -> RemoteDriver:
+    def add_mortal_sender(self, pair: Pair) -> tuple[Pair, SenderHost]:
+        """A second sender into ``pair``'s receiver in a process of its own, returned with that process's
+        host so a scenario can kill it mid-transfer (a prefill worker that dies)."""
+        from pdserve.kvtransfer.pg_receiver import ProcessGroupReceiver
+
+        assert isinstance(pair.receiver, ProcessGroupReceiver)
+        host = SenderHost(self.spec, self._sender_device, seed=1)
+        try:
+            driver = self._open_sender(pair.receiver.bootstrap, host)
+        except BaseException:
+            host.close()
+            raise
+        return Pair(pair.receiver, pair.dst, driver, owns_receiver=False), host
+
+    def _open_sender(self, bootstrap: dict[str, Any], host: SenderHost | None = None) -> RemoteDriver:
+        host = host or self._host
         self._count += 1
         key = f"sender-{self._count}"
-        self._host.call("open", key, bootstrap, self.spec.layout().to_dict(), {"join_timeout_s": 30.0})
-        return RemoteDriver(self._host, key)
+        host.call("open", key, bootstrap, self.spec.layout().to_dict(), {"join_timeout_s": 30.0})
+        return RemoteDriver(host, key)
 
     def close(self) -> None:
         try:
