@@ -25,6 +25,10 @@ def add_planner_parsers(sub: argparse._SubParsersAction) -> None:
     profile.add_argument("--max-batch-tokens", type=int, default=8192, help="the largest step profiled")
     profile.add_argument("--max-model-len", type=int, default=None)
     profile.add_argument("--out", type=Path, required=True, help="the JSON file to write")
+    profile.add_argument("--kv-transfer-gb-per-s", type=float, default=None,
+                         help="the KV link's rate in GB/s, as measured by `python -m benchmarks.kv_transfer` between "
+                              "the hosts (default: measured here as a copy to the next GPU when there is one; else "
+                              "none, and `pdserve plan` assumes 50)")
 
     plan = sub.add_parser("plan", help="predict goodput per GPU of every configuration for a workload and SLOs, "
                                        "by simulation over a step-time profile, and recommend one")
@@ -54,6 +58,8 @@ def add_planner_parsers(sub: argparse._SubParsersAction) -> None:
                            "steps measured, e.g. mixed=1.37,prefill=1.25 (a worker's telemetry reports, per kind, "
                            "step_time_busy: measured_s / profiled_s of its recent steps, what the router's planner "
                            "uses); the start-up profile alone is optimistic under load")
+    plan.add_argument("--kv-transfer-gb-per-s", type=float, default=None,
+                      help="the KV link's rate in GB/s (default: the profile's, else 50)")
     plan.add_argument("--kv-capacity-tokens", type=int, default=None,
                       help="one worker's KV cache in tokens (default: the profile's, which `pdserve profile` "
                            "measures; none in older profiles: not limited)")
@@ -93,6 +99,10 @@ def run_plan(args: argparse.Namespace) -> int:
     profile = Profile.load(args.profile)
     if args.calibrate:
         profile = dataclasses.replace(profile, model=profile.model.calibrated(parse_calibration(args.calibrate)))
+    if args.kv_transfer_gb_per_s is not None:
+        if not args.kv_transfer_gb_per_s > 0:
+            raise ConfigError("--kv-transfer-gb-per-s", f"must be > 0, got {args.kv_transfer_gb_per_s:g}")
+        profile = dataclasses.replace(profile, transfer_bytes_per_s=args.kv_transfer_gb_per_s * 1e9)
     if args.kv_capacity_tokens is not None:
         if args.kv_capacity_tokens < 1:
             raise ConfigError("--kv-capacity-tokens", f"must be >= 1, got {args.kv_capacity_tokens}")

@@ -288,6 +288,7 @@ def plan(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: flo
               "num_workers": workers,
               "slo": {"ttft_ms": ttft_slo_s * 1e3, "tpot_ms": tpot_slo_s * 1e3},
               "calibration": {kind.value: round(profile.model.factor(kind), 3) for kind in StepKind},
+              "kv_transfer_gb_per_s": round(profile.transfer_bytes_per_s / 1e9, 2),
               "out_of_reach_share": round(out_of_reach_share(profile.model, workload, ttft_slo_s), 3),
               "predictions": [asdict(p) for p in predictions], "recommended": best.config}
     if curve_points > 0:
@@ -304,7 +305,8 @@ def render(result: dict[str, Any]) -> str:
     held = "" if workers == result["num_gpus"] else f" ({workers} workers)"
     rows = [f"pdserve plan: {result['workload']} (offered {result['offered_rate']:g} req/s) on {result['num_gpus']} "
             f"GPUs{held}, TTFT <= {result['slo']['ttft_ms']:g} ms, TPOT <= {result['slo']['tpot_ms']:g} ms",
-            "step times x " + ", ".join(f"{k} {v:g}" for k, v in result.get("calibration", {}).items()), "",
+            "step times x " + ", ".join(f"{k} {v:g}" for k, v in result.get("calibration", {}).items())
+            + (f"; KV link {result['kv_transfer_gb_per_s']:g} GB/s" if "kv_transfer_gb_per_s" in result else ""), "",
             f"{'configuration':<16} {'goodput/GPU':>12} {'attain@offered':>15} {'TTFT p90 ms':>12} {'TPOT p90 ms':>12}"]
     for p in result["predictions"]:
         mark = "  <- recommended" if p["config"] == result["recommended"] else ""

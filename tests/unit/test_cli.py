@@ -57,15 +57,21 @@ def test_profile_then_plan(tmp_path) -> None:
     import json
 
     profile = tmp_path / "cpu.json"
-    done = _run("profile", "--max-batch-tokens", "128", "--out", str(profile), timeout=300)
+    refused = _run("profile", "--max-batch-tokens", "128", "--out", str(profile), "--kv-transfer-gb-per-s", "0")
+    assert refused.returncode == 2 and "--kv-transfer-gb-per-s: must be > 0" in refused.stderr
+    assert "Traceback" not in refused.stderr and not profile.exists()
+    done = _run("profile", "--max-batch-tokens", "128", "--out", str(profile), "--kv-transfer-gb-per-s", "25",
+                timeout=300)
     assert done.returncode == 0, done.stderr
     data = json.loads(profile.read_text())
     assert data["model"]["per_token_s"] > 0 and data["kv_bytes_per_token"] > 0 and data["samples"]
     assert data["kv_capacity_tokens"] > 0
+    assert (data["kv_transfer_bytes_per_s"], data["kv_transfer_source"]) == (25e9, "stated")
     done = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
                 "--rate", "20", "--prompt-len", "100", "--output-len", "8", "--requests", "60", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
+    assert result["kv_transfer_gb_per_s"] == 25  # the profile's link
     assert [p["config"] for p in result["predictions"]] == ["colocated x2", "1P1D"]
     assert result["recommended"] in ("colocated x2", "1P1D")
     assert all(p["goodput_per_gpu"] > 0 for p in result["predictions"])
@@ -84,6 +90,13 @@ def test_profile_then_plan(tmp_path) -> None:
     refused = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
                    "--rate", "20", "--kv-capacity-tokens", "0")
     assert refused.returncode != 0 and "--kv-capacity-tokens" in refused.stderr
+    done = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
+                "--rate", "20", "--prompt-len", "100", "--output-len", "8", "--requests", "20",
+                "--kv-transfer-gb-per-s", "400")
+    assert done.returncode == 0 and "KV link 400 GB/s" in done.stdout, done.stderr
+    refused = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
+                   "--rate", "20", "--kv-transfer-gb-per-s", "-3")
+    assert refused.returncode != 0 and "--kv-transfer-gb-per-s" in refused.stderr and "Traceback" not in refused.stderr
     refused = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
                    "--rate", "20", "--borrow-tokens", "-1")
     assert refused.returncode != 0 and "--borrow-tokens" in refused.stderr
