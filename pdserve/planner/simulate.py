@@ -21,8 +21,8 @@ scheduler builds it:
 
 The router sends a prompt to the prefill worker with the fewest queued prompt tokens and a request to
 the decode (or colocated) worker holding the fewest requests. With ``spill_ttft_s``, a prompt whose
-prefill pool would answer later than that stays on the decode worker of fewest requests when that
-worker would be faster: queued prompt tokens over the prefill rate of back-to-back chunks, against its
+prefill pool would answer later than that stays on the decode worker that would finish it soonest (the
+one of fewest requests unless another is strictly sooner) when that worker would be faster: queued prompt tokens over the prefill rate of back-to-back chunks, against its
 queued local prompt tokens over the spare rate its decodes leave within its step budget. A request's TTFT is its first token
 minus its arrival (plus the handoff for remote prefills: the client sees the first token once the
 decode worker has it), its TPOT the mean time per later token.
@@ -147,19 +147,27 @@ class ClusterSimulation:
         remote = (prefill.queued_prompt_tokens + prompt_tokens) / rate
         if remote <= self._spill_ttft_s:
             return prefill
-        decode = min(by_role["decode"], key=lambda w: w.held)
-        if decode.spec.step_budget_s is None:
+        fewest = min(by_role["decode"], key=lambda w: w.held)
+        if fewest.spec.step_budget_s is None:
             return prefill
+        # as the router: of the decode workers, the one that would finish the prompt itself soonest (the one
+        # of fewest requests unless another is strictly sooner)
+        decode = min(by_role["decode"], key=lambda w: (self._local_ttft_s(w, prompt_tokens), w is not fewest))
+        if self._local_ttft_s(decode, prompt_tokens) < remote:
+            self.num_spilled += 1
+            return decode
+        return prefill
+
+    def _local_ttft_s(self, decode: SimWorker, prompt_tokens: int) -> float:
+        """Seconds until ``decode`` would finish the prompt itself: its queued local prompt tokens and this
+        one over the spare rate its decodes leave within its step budget."""
+        assert decode.spec.step_budget_s is not None
         shape = StepShape(0)
         for a in decode.running:
             shape = shape.plus_decode(a.outcome.request.prompt_tokens + a.produced)
         spare = self.model.spare_prefill_tokens_per_s(shape, decode.spec.step_budget_s, decode.spec.max_batch_tokens,
                                                       decode.spec.min_prefill_chunk)
-        local = (decode.queued_prompt_tokens + prompt_tokens) / spare if spare > 0 else float("inf")
-        if local < remote:
-            self.num_spilled += 1
-            return decode
-        return prefill
+        return (decode.queued_prompt_tokens + prompt_tokens) / spare if spare > 0 else float("inf")
 
     # -- one worker ---------------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ left empty). :class:`LeastQueuedPrefillPolicy` keeps short prompts local (the KV
 more than it hides) and, with a TTFT SLO, compares expected times to first token: a prompt goes to the
 prefill pool when the best prefill worker still meets the SLO (queued tokens plus this prompt over its
 measured prefill rate) or beats its decode worker; otherwise the decode worker prefills it, in chunks
-its step-time budget allows (the rate it reports with every step). Without an SLO (or rates), the
+its step-time budget allows (the rate it reports with every step) -- the decode worker of all eligible ones
+that would finish it soonest (:meth:`PrefillPolicy.local_candidate`), not only the decode policy's
+pick. Without an SLO (or rates), the
 older rule applies: prompts that arrive while every prefill worker has ``max_queued_prefill_tokens``
 queued stay local (conditional disaggregation).
 """
@@ -44,6 +46,12 @@ class PrefillPolicy(ScoredPolicy):
     def should_prefill_remotely(self, num_prompt_tokens: int, prefill_workers: Sequence[WorkerState] = (),
                                 decode_worker: WorkerState | None = None) -> bool:
         return True
+
+    def local_candidate(self, num_prompt_tokens: int, decode_workers: Sequence[WorkerState],
+                        default: WorkerState) -> WorkerState:
+        """The decode worker to weigh (and use) should the prompt be prefilled locally. Default hook:
+        ``default``, the decode policy's pick."""
+        return default
 
 
 def expected_ttft_remote(worker: WorkerState, num_prompt_tokens: int) -> float:
@@ -91,6 +99,17 @@ class LeastQueuedPrefillPolicy(PrefillPolicy):
         if self.max_queued_prefill_tokens and prefill_workers:
             return min(w.queued_prefill_tokens for w in prefill_workers) < self.max_queued_prefill_tokens
         return True
+
+    def local_candidate(self, num_prompt_tokens: int, decode_workers: Sequence[WorkerState],
+                        default: WorkerState) -> WorkerState:
+        """With a TTFT SLO: of ``decode_workers`` (the eligible ones), the one that would finish this prompt
+        itself soonest at the spare rate it reports, when strictly sooner than ``default``; else
+        ``default``."""
+        if self.ttft_slo_s is None or not decode_workers:
+            return default
+        best = min(decode_workers, key=lambda w: expected_ttft_local(w, num_prompt_tokens))
+        return best if (expected_ttft_local(best, num_prompt_tokens)
+                        < expected_ttft_local(default, num_prompt_tokens)) else default
 
     def score(self, candidates: Sequence[WorkerState]) -> list[float]:
         return [1.0 - q for q in relative([float(c.queued_prefill_tokens) for c in candidates])]

@@ -233,6 +233,32 @@ def test_spilling_keeps_late_prompts_on_the_decode_worker() -> None:
     assert relaxed.num_spilled == 0
 
 
+def test_a_spilled_prompt_goes_to_the_decode_worker_that_would_finish_it_soonest() -> None:
+    """As the router: of two decode workers, the one of fewest requests has 6,000 prompt tokens of its own
+    queued, the other two decodes and no queue; with the prefill worker behind, the prompt stays on the
+    second, and on the first once it is as quick."""
+    from pdserve.planner.sim_worker import ActiveRequest, SimOutcome
+
+    model = StepTimeModel(base_s=4e-3, per_token_s=20e-6, free_tokens=64, per_kv_token_s=2e-8, per_pair_s=1e-9)
+    sim = ClusterSimulation(model, prefill=1, decode=2, spill_ttft_s=0.25,
+                            decode_spec=WorkerSpec(max_batch_tokens=2048, step_budget_s=0.05))
+    prefill, queued, decoding = sim.workers
+
+    def active(prompt: int) -> ActiveRequest:
+        return ActiveRequest(SimOutcome(SimRequest(0.0, prompt, 16)))
+
+    prefill.waiting.extend(active(4096) for _ in range(8))  # ~0.7 s behind
+    queued.waiting.append(active(6000))
+    decoding.running.extend(active(100) for _ in range(2))
+    for a in decoding.running:
+        a.computed = 100
+    by_role = {"prefill": [prefill], "decode": [queued, decoding]}
+    assert queued.held < decoding.held
+    assert sim._place_prompt(1024, by_role) is decoding and sim.num_spilled == 1
+    queued.waiting.clear()  # without its queue it is the quicker again (and holds the fewest)
+    assert sim._place_prompt(1024, by_role) is queued
+
+
 def test_a_round_in_a_child_interpreter_gives_what_plan_gives() -> None:
     """The online planner's rounds run in ``python -m pdserve.planner.plan_process``: the same inputs,
     calibration included, give the same result as ``plan`` in this process; a bad input fails with the
