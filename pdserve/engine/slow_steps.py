@@ -5,9 +5,10 @@ Stalls of this kind (a kernel compiled or an attention plan built on first use o
 stream of a worker at once; the log names them so they can be moved to start-up.
 
 A launch that returns while the step before it is still running on the device is not reported however
-long it took: the device had work all along, and the host was held by the launch queue filling behind it
-(an eager step of thousands of tokens blocks in its matrix products' launches for 150-350 ms on an H200
-while the step before runs; measured 2026-12-02, ``docs/performance-log.md``, engine).
+long it took: the device had work all along. An eager step of thousands of tokens on an H200 blocks in its
+matrix products' launches for 190-390 ms as the launch queue fills (measured 2026-12-02,
+``docs/performance-log.md``, engine); of the six such launches in the offline benchmark, the three that
+outlast the step before are still reported: the host cannot tell whether the device then waited for it.
 
 Per step: ``watch.launching()`` -> launch -> ``watch.launched(plan, host_breakdown, device_busy)`` -> read
 the step before -> ``watch.landed(plan)``. Engine thread only.
