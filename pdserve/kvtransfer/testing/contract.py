@@ -19,8 +19,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from pdserve.kvtransfer.base import HandshakeError, TransferState
+from pdserve.kvtransfer.base import HandshakeError, KVReceiver, TransferHandle, TransferState
+from pdserve.kvtransfer.testing.drivers import SenderDriver
 from pdserve.kvtransfer.testing.harness import SENTINEL, Pair, ProcessGroupTransport, Transport
+from pdserve.kvtransfer.testing.spec import CacheSpec
 
 _transfer_ids = itertools.count(1000)
 DEADLINE_S = 30.0
@@ -202,16 +204,24 @@ def check_sender_cancel_fails_receiver(transport: Transport) -> None:
         assert time.monotonic() - start < 5.0
 
 
+def _first_layer_sent(receiver: KVReceiver, sender: SenderDriver, rng: random.Random, spec: CacheSpec,
+                      request_id: str, deadline_s: float) -> tuple[list[int], list[int], int, TransferHandle]:
+    """A 3-block transfer expected by ``receiver`` and begun by ``sender``, only its layer 0 sent:
+    ``(source blocks, destination blocks, transfer id, the receiver's handle)``."""
+    src, dst = _pick(rng, 3, spec.num_src_blocks), _pick(rng, 3, spec.num_dst_blocks)
+    tid = next(_transfer_ids)
+    handle = receiver.expect(tid, request_id, dst, spec.num_layers, deadline_s)
+    sender.begin(tid, request_id, dst)
+    sender.send_layers(tid, [0], src, (0, 3))
+    return src, dst, tid, handle
+
+
 def check_timeout(transport: Transport) -> None:
     """No FINISH within the deadline: TIMED_OUT on time, and late messages write nothing."""
     spec, rng = transport.spec, random.Random(15)
     with _shared_pair(transport) as pair:
-        src, dst = _pick(rng, 3, spec.num_src_blocks), _pick(rng, 3, spec.num_dst_blocks)
-        tid, deadline = next(_transfer_ids), 0.5
-        start = time.monotonic()
-        handle = pair.receiver.expect(tid, "req-timeout", dst, spec.num_layers, deadline)
-        pair.sender.begin(tid, "req-timeout", dst)
-        pair.sender.send_layers(tid, [0], src, (0, 3))
+        deadline, start = 0.5, time.monotonic()
+        src, dst, tid, handle = _first_layer_sent(pair.receiver, pair.sender, rng, spec, "req-timeout", deadline)
         state = pair.receiver.wait(handle, 10.0)
         elapsed = time.monotonic() - start
         assert state is TransferState.TIMED_OUT, (state, handle.error)
@@ -358,12 +368,8 @@ def check_sender_death(transport: ProcessGroupTransport) -> None:
     spec, rng = transport.spec, random.Random(23)
     with _shared_pair(transport) as shared:
         doomed, host = transport.add_mortal_sender(shared)
-        src, dst = _pick(rng, 3, spec.num_src_blocks), _pick(rng, 3, spec.num_dst_blocks)
-        tid, deadline = next(_transfer_ids), 3.0
-        start = time.monotonic()
-        handle = shared.receiver.expect(tid, "req-sender-dies", dst, spec.num_layers, deadline)
-        doomed.sender.begin(tid, "req-sender-dies", dst)
-        doomed.sender.send_layers(tid, [0], src, (0, 3))
+        deadline, start = 3.0, time.monotonic()
+        _, dst, _, handle = _first_layer_sent(shared.receiver, doomed.sender, rng, spec, "req-sender-dies", deadline)
         host.kill()
         state = shared.receiver.wait(handle, deadline + 10.0)
         assert state in (TransferState.FAILED, TransferState.TIMED_OUT), (state, handle.error)
