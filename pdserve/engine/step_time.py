@@ -138,8 +138,10 @@ class StepTimeMonitor:
         self._profiled = model.calibrated({})  # the start-up model, for the run-wide ratios
         # kind -> (steps, sum of measured / profiled, measured seconds, profiled seconds), over the whole run
         self._run: dict[StepKind, tuple[int, float, float, float]] = {}
-        # kind -> (measured, profiled) seconds of its last ``busy_window`` steps: what the planner calibrates with
+        # kind -> (measured, profiled) seconds of its last ``busy_window`` steps, and their running sums (what
+        # the planner calibrates with; telemetry reads them on the engine thread, so O(1) per read)
         self._busy: dict[StepKind, deque[tuple[float, float]]] = {kind: deque(maxlen=busy_window) for kind in StepKind}
+        self._busy_sums: dict[StepKind, list[float]] = {kind: [0.0, 0.0] for kind in StepKind}
         self._errors: deque[float] = deque(maxlen=window)  # every kind: what summary() reports
         self._ratios: dict[StepKind, deque[float]] = {kind: deque(maxlen=window) for kind in StepKind}
         self._since: dict[StepKind, int] = dict.fromkeys(StepKind, 0)
@@ -162,7 +164,7 @@ class StepTimeMonitor:
         if profiled > 0:
             count, total, measured_s, profiled_s = self._run.get(kind, (0, 0.0, 0.0, 0.0))
             self._run[kind] = (count + 1, total + seconds / profiled, measured_s + seconds, profiled_s + profiled)
-            self._busy[kind].append((seconds, profiled))
+            self._note_busy(kind, seconds, profiled)
         self._errors.append((predicted - seconds) / seconds)
         self._ratios[kind].append(seconds / predicted if predicted > 0 else 1.0)
         self.num_steps += 1
@@ -193,14 +195,25 @@ class StepTimeMonitor:
         long ones on time read high in the first and near 1.0 here)."""
         return {kind: measured / profiled for kind, (_, _, measured, profiled) in self._run.items()}
 
+    def _note_busy(self, kind: StepKind, measured: float, profiled: float) -> None:
+        window, sums = self._busy[kind], self._busy_sums[kind]
+        if len(window) == window.maxlen:
+            old_measured, old_profiled = window[0]
+            sums[0] -= old_measured
+            sums[1] -= old_profiled
+        window.append((measured, profiled))
+        sums[0] += measured
+        sums[1] += profiled
+        if self._run[kind][0] % (window.maxlen or 1) == 0:  # once per window's worth: drop the rounding drift
+            sums[0], sums[1] = sum(m for m, _ in window), sum(p for _, p in window)
+
     def recent_busy(self) -> dict[StepKind, BusyTime]:
         """Per kind of step that ran: its last ``busy_window`` steps' count, measured seconds and the seconds
         the start-up model predicted for them. Their ratio is the calibration a plan of the recent load
         needs: weighed by step length (as busy time is) and without the scheduler's dead band (which
         leaves a kind at 1.0 until it is off by more than ``tolerance``). On four workloads on one H200 it
         predicted attainment closer than the scheduler's factors (``docs/performance-log.md``, planner)."""
-        return {kind: BusyTime(len(window), sum(m for m, _ in window), sum(p for _, p in window))
-                for kind, window in self._busy.items() if window}
+        return {kind: BusyTime(len(window), *self._busy_sums[kind]) for kind, window in self._busy.items() if window}
 
     def summary(self) -> dict[str, float | int | None | dict[str, float] | dict[str, list[float]]]:
         """Median and 90th-percentile absolute relative error, the median signed error (bias), the
