@@ -22,8 +22,9 @@ scheduler builds it:
 The router sends a prompt to the prefill worker with the fewest queued prompt tokens and a request to
 the decode (or colocated) worker holding the fewest requests. With ``spill_ttft_s``, a prompt whose
 prefill pool would answer later than that stays on the decode worker that would finish it soonest (the
-one of fewest requests unless another is strictly sooner) when that worker would be faster: queued prompt tokens over the prefill rate of back-to-back chunks, against its
-queued local prompt tokens over the spare rate its decodes leave within its step budget. A request's TTFT is its first token
+one of fewest requests unless another is strictly sooner) when that worker would be faster: queued prompt
+tokens over the prefill rate of back-to-back chunks, against its queued local prompt tokens over the spare
+rate its decodes leave within its step budget. A request's TTFT is its first token
 minus its arrival (plus the handoff for remote prefills: the client sees the first token once the
 decode worker has it), its TPOT the mean time per later token.
 
