@@ -50,6 +50,7 @@ from benchmarks.serving.records import checkpoint_point, write_records
 from benchmarks.serving.report import goodput_table, ms, plot, render
 from benchmarks.serving.workload import (
     PRESETS,
+    TRACE_LENGTH_SCALE,
     TRACE_MAX_INPUT,
     TRACE_MAX_OUTPUT,
     RequestSpec,
@@ -292,7 +293,7 @@ def main() -> None:
                         help="spread: each of the trace's timestamp buckets (~3 s, ~10 requests) spread over its "
                              "width; recorded: every request of a bucket at once, as written")
     parser.add_argument("--trace-seed", type=int, default=0, help="the seed of the spread arrivals")
-    parser.add_argument("--length-scale", type=float, default=0.25)
+    parser.add_argument("--length-scale", type=float, default=TRACE_LENGTH_SCALE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix of the result files (serve-<device>-<tag>.*)")
     parser.add_argument("--num-gpus", type=int, default=2,

@@ -36,10 +36,14 @@ import torch
 from benchmarks.common import LLAMA31_8B, markdown_table, run_info, write_model_dir, write_results
 from benchmarks.serving.workload import (
     PRESETS,
+    TRACE_LENGTH_SCALE,
+    TRACE_MAX_INPUT,
+    TRACE_MAX_OUTPUT,
     RequestSpec,
     fixed_workload,
     poisson_schedule,
     sharegpt_workload,
+    trace_workload,
 )
 from pdserve import LLM, SamplingParams
 from pdserve.common.step_model import StepShape, StepTimeModel
@@ -132,14 +136,25 @@ def anatomy(llm: LLM, model: StepTimeModel, profile_kernels: bool) -> list[dict[
     return rows
 
 
-def serve_live(llm: LLM, workload: str, rate: float, num_requests: int, seed: int, smoke: bool) -> dict[str, Any]:
-    """Serve Poisson arrivals in-process with a fresh (uncalibrated) model; every step recorded."""
+def serve_live(llm: LLM, workload: str, rate: float, num_requests: int, seed: int, smoke: bool,
+               trace_path: Path | None = None) -> dict[str, Any]:
+    """Serve Poisson arrivals in-process with a fresh (uncalibrated) model; every step recorded. ``trace``:
+    the Mooncake window of the serving benchmark (requests from 0, lengths x 0.25, its caps, arrivals spread
+    within the trace's buckets) at ``rate`` times its recorded pace (a time scale, not a rate)."""
     engine = llm.engine
     base = StepTimeModel.from_dict(engine.step_time.to_dict())
     engine.step_monitor = StepTimeMonitor(base)
     engine.step_time = engine.scheduler.step_time = base
     vocab = min(32000, llm.engine.spec.vocab_size)
-    if workload == "sharegpt":  # lognormal lengths (prompts ~170, outputs ~150 tokens at the median)
+    offsets: list[float] | None = None
+    if workload == "trace":
+        if trace_path is None:
+            raise SystemExit("the trace workload needs --trace-path (the Mooncake conversation trace, JSONL)")
+        specs = trace_workload(trace_path, count=num_requests, time_scale=rate, length_scale=TRACE_LENGTH_SCALE,
+                               max_input=256 if smoke else TRACE_MAX_INPUT, max_output=16 if smoke else TRACE_MAX_OUTPUT,
+                               vocab=vocab, seed=seed)
+        offsets = [spec.arrival_s for spec in specs]
+    elif workload == "sharegpt":  # lognormal lengths (prompts ~170, outputs ~150 tokens at the median)
         specs = [RequestSpec(s.prompt_token_ids[:len(s.prompt_token_ids) // 16 or 1] if smoke else s.prompt_token_ids,
                              max(1, s.output_len // 16) if smoke else s.output_len)
                  for s in sharegpt_workload(num_requests, seed, vocab=vocab)]
@@ -148,7 +163,9 @@ def serve_live(llm: LLM, workload: str, rate: float, num_requests: int, seed: in
         if smoke:
             input_len, output_len = input_len // 16, output_len // 16
         specs = fixed_workload(num_requests, input_len, output_len, seed, vocab=vocab)
-    offsets = poisson_schedule(num_requests, rate, seed)
+    if offsets is None:
+        offsets = poisson_schedule(num_requests, rate, seed)
+    num_requests = len(specs)
     steps: list[dict[str, Any]] = []
     land = engine._land
 
@@ -204,6 +221,27 @@ def judge(steps: list[dict[str, Any]], model: StepTimeModel, key: str = "seconds
     return out
 
 
+#: Chunk-context buckets of :func:`judge_by_context` (tokens already computed before a step's furthest chunk).
+CONTEXT_BUCKETS = (0, 1, 2048, 4096, 8192)
+
+
+def judge_by_context(steps: list[dict[str, Any]], model: StepTimeModel) -> dict[str, dict[str, Any]]:
+    """Steps with prompt chunks by how much earlier context their furthest chunk attends to (``0``: fresh
+    prompts only): count, live over the model's prediction (p50) and the live and predicted seconds in all,
+    to tell whether long prompts' later chunks cost what the model prices them at."""
+    groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for step in steps:
+        if not step["chunks"]:
+            continue
+        context = max(start for _, start in step["chunks"])
+        low = max(b for b in CONTEXT_BUCKETS if b <= context)
+        label = "fresh" if low == 0 else f">= {low}"
+        groups[label].append((step["seconds"], model.predict(StepShape.of(step["decodes"], step["chunks"]))))
+    return {label: {"steps": len(pairs), "p50": round(statistics.median(m / p for m, p in pairs), 3),
+                    "live_s": round(sum(m for m, _ in pairs), 3), "model_s": round(sum(p for _, p in pairs), 3)}
+            for label, pairs in sorted(groups.items())}
+
+
 def replay(llm: LLM, steps: list[dict[str, Any]], per_kind: int) -> list[dict[str, Any]]:
     """Up to ``per_kind`` live steps of each kind, evenly spread, timed again as synthetic steps."""
     time_step = synthetic_step_timer(llm.engine)
@@ -229,7 +267,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["llama31-8b", "tiny"], default="llama31-8b")
     parser.add_argument("--rates", default="prefill-heavy=6,decode-heavy=24",
-                        help="WORKLOAD=REQ_PER_S,... (prefill-heavy, decode-heavy, sharegpt)")
+                        help="WORKLOAD=REQ_PER_S,... (prefill-heavy, decode-heavy, sharegpt; trace=TIME_SCALE)")
+    parser.add_argument("--trace-path", type=Path, default=None, help="the Mooncake trace, for the trace workload")
     parser.add_argument("--skip-anatomy", action="store_true", help="only the live section (saves device time)")
     parser.add_argument("--num-requests", type=int, default=240)
     parser.add_argument("--max-running", type=int, default=512)
@@ -253,7 +292,7 @@ def main() -> None:
         rerouted = graphs.rerouted if graphs is not None else {}
         print("start-up model:", model.to_dict(), "\ngraph replays (ms):", graph_ms, "\nrerouted:", rerouted, flush=True)
         rows = [] if args.skip_anatomy else anatomy(llm, model, profile_kernels=cuda)
-        runs = [serve_live(llm, name, rate, args.num_requests if not smoke else 24, args.seed, smoke)
+        runs = [serve_live(llm, name, rate, args.num_requests if not smoke else 24, args.seed, smoke, args.trace_path)
                 for name, rate in rates.items()]
         for run in runs:
             run["replayed"] = replay(llm, run["steps"], args.replay_per_kind if not smoke else 4)
@@ -272,6 +311,7 @@ def main() -> None:
                      "replay_over_model": judge(run["replayed"], model, "replay_s"),
                      "live_over_replay": {k: round(statistics.median(v), 3) for k, v in sorted(live_vs_replay.items())},
                      "live_over_refit": judge(run["steps"], refit),
+                     "live_over_model_by_context": judge_by_context(run["steps"], model),
                      "replayed_steps": [{"decodes": len(s["decodes"]), "decode_context_mean":
                                          round(statistics.mean(s["decodes"]), 1) if s["decodes"] else 0,
                                          "chunks": s["chunks"], "live_ms": round(s["seconds"] * 1e3, 3),
@@ -308,6 +348,11 @@ def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
                          run["calibration"].get(kind, "-"), run["device_busy_share"]])
     out.append(markdown_table(["workload", "req/s", "kind", "steps", "live/model p50 (p10-p90)", "replay/model",
                                "live/replay", "live/refit", "engine calibration", "device busy"], rows))
+    out.append("\n## Steps with prompt chunks, by the furthest chunk's earlier context (live against the start-up "
+               "model)\n")
+    out.append(markdown_table(["workload", "req/s", "context", "steps", "live/model p50", "live s", "model s"],
+                              [[run["workload"], run["rate"], label, j["steps"], j["p50"], j["live_s"], j["model_s"]]
+                               for run in payload["live"] for label, j in run["live_over_model_by_context"].items()]))
     out.append(f"\nCUDA graphs a step skips for a faster larger one (size -> size): {payload['graphs_rerouted']}; "
                f"replay on padding (ms): {payload['graph_replay_ms']}\n")
     out.append(f"\nStart-up model: `{payload['model']}`\n\nRefit (profile + replayed steps): `{payload['refit']}`\n")

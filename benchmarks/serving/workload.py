@@ -26,6 +26,7 @@ from pathlib import Path
 from pdserve.common.mooncake_trace import TRACE_BLOCK_TOKENS, TraceArrivals, read_trace
 
 TRACE_MAX_INPUT, TRACE_MAX_OUTPUT = 12000, 512  # the serving benchmark's caps on a trace request (after scaling)
+TRACE_LENGTH_SCALE = 0.25  # the serving benchmark's default length scale of the trace (its prompts: ~3,100 tokens)
 
 
 @dataclass(frozen=True)
