@@ -140,7 +140,7 @@ def serve_live(llm: LLM, workload: str, rate: float, num_requests: int, seed: in
                trace_path: Path | None = None) -> dict[str, Any]:
     """Serve Poisson arrivals in-process with a fresh (uncalibrated) model; every step recorded. ``trace``:
     the Mooncake window of the serving benchmark (requests from 0, lengths x 0.25, its caps, arrivals spread
-    within the trace's buckets) at ``rate`` times its recorded pace (a time scale, not a rate)."""
+    within the trace's buckets) with ``rate`` as its time scale (arrival times x it: 2 is half the pace)."""
     engine = llm.engine
     base = StepTimeModel.from_dict(engine.step_time.to_dict())
     engine.step_monitor = StepTimeMonitor(base)
@@ -280,6 +280,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     info = run_info()
     rates = {name: float(rate) for name, rate in (item.split("=") for item in args.rates.split(","))}
+    if "trace" in rates and (args.trace_path is None or not args.trace_path.is_file()):
+        raise SystemExit(f"--rates trace=...: needs --trace-path, the Mooncake trace (JSONL); got {args.trace_path}")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(Path(tmp) / "model", TINY if smoke else LLAMA31_8B)
         llm = LLM(model=str(model_dir), load_format="dummy", dtype="bfloat16" if cuda else "float32",
@@ -346,11 +348,13 @@ def render(info: dict[str, Any], payload: dict[str, Any]) -> str:
             rows.append([run["workload"], run["rate"], kind, j["steps"], f"{j['p50']} ({j['p10']}-{j['p90']})",
                          replay.get("p50", "-"), run["live_over_replay"].get(kind, "-"), refit.get("p50", "-"),
                          run["calibration"].get(kind, "-"), run["device_busy_share"]])
-    out.append(markdown_table(["workload", "req/s", "kind", "steps", "live/model p50 (p10-p90)", "replay/model",
+    out.append(markdown_table(["workload", "req/s (trace: time scale)", "kind", "steps", "live/model p50 (p10-p90)",
+                               "replay/model",
                                "live/replay", "live/refit", "engine calibration", "device busy"], rows))
     out.append("\n## Steps with prompt chunks, by the furthest chunk's earlier context (live against the start-up "
                "model)\n")
-    out.append(markdown_table(["workload", "req/s", "context", "steps", "live/model p50", "live s", "model s"],
+    out.append(markdown_table(["workload", "req/s (trace: time scale)", "context", "steps", "live/model p50", "live s",
+                               "model s"],
                               [[run["workload"], run["rate"], label, j["steps"], j["p50"], j["live_s"], j["model_s"]]
                                for run in payload["live"] for label, j in run["live_over_model_by_context"].items()]))
     out.append(f"\nCUDA graphs a step skips for a faster larger one (size -> size): {payload['graphs_rerouted']}; "

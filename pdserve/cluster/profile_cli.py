@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 from typing import Any
 
 from pdserve.common.errors import ConfigError
@@ -24,8 +25,8 @@ def run_profile(args: argparse.Namespace) -> int:
 
     if args.max_batch_tokens < 16:
         raise ConfigError("--max-batch-tokens", f"must be >= 16, got {args.max_batch_tokens}")
-    if args.kv_transfer_gb_per_s is not None and not args.kv_transfer_gb_per_s > 0:
-        raise ConfigError("--kv-transfer-gb-per-s", f"must be > 0, got {args.kv_transfer_gb_per_s:g}")
+    if args.kv_transfer_gb_per_s is not None and not 0 < args.kv_transfer_gb_per_s < math.inf:
+        raise ConfigError("--kv-transfer-gb-per-s", f"must be a number > 0, got {args.kv_transfer_gb_per_s:g}")
     engine = LLMEngine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
                                     device=args.device, max_num_batched_tokens=args.max_batch_tokens,
                                     max_model_len=args.max_model_len, step_time_budget_ms=1e6))
@@ -48,8 +49,11 @@ def run_profile(args: argparse.Namespace) -> int:
         index = engine.device.index or 0
         if torch.cuda.device_count() > index + 1:
             peer = torch.device("cuda", index + 1)
-            profile |= {"kv_transfer_bytes_per_s": device_copy_bytes_per_s(engine.device, peer),
-                        "kv_transfer_source": f"a 512 MiB copy {engine.device} -> {peer}"}
+            try:
+                profile |= {"kv_transfer_bytes_per_s": device_copy_bytes_per_s(engine.device, peer),
+                            "kv_transfer_source": f"a 512 MiB copy {engine.device} -> {peer}"}
+            except RuntimeError as exc:  # the next GPU full or busy (torch's OOM is a RuntimeError): the rest stands
+                profile["kv_transfer_source"] = f"the copy {engine.device} -> {peer} failed: {exc}"
     args.out.write_text(json.dumps(profile, indent=1) + "\n")
     print(f"pdserve: wrote {args.out} (step-time model {engine.step_time.to_dict()})")
     return 0

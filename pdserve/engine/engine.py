@@ -276,7 +276,7 @@ class LLMEngine(RemotePrefill):
         self._slow_steps.launching()
         launched = self._launch(plan) if not plan.is_empty else None
         self._slow_steps.launched(plan, self.runner.host_breakdown_ms,
-                                  device_busy=self._in_flight is not None and not self._in_flight.is_done())
+                                  device_busy=self._in_flight is not None and self._in_flight.running())
         if self._in_flight is not None:
             deltas += self._land(self._in_flight)
             self._slow_steps.landed(self._in_flight.plan)

@@ -64,6 +64,13 @@ class LaunchedStep:
         """Whether reading the tokens would not wait for the device."""
         return self.sampled is None or self.sampled.is_ready()
 
+    def running(self) -> bool:
+        """Whether the device is still at this step: its end event not reached (a step that samples nothing
+        too), or, launched untimed, its tokens not ready."""
+        if self.clock is not None and not isinstance(self.clock[0], float):
+            return not self.clock[1].query()
+        return not self.is_done()
+
     def token_ids(self) -> list[int]:
         """The sampled ids in ``sampling`` order (waits for the device)."""
         return [] if self.sampled is None else self.sampled.resolve().token_ids

@@ -134,12 +134,15 @@ class StepTimeMonitor:
     def __init__(self, model: StepTimeModel, window: int = 512, recalibrate_every: int = RECALIBRATE_EVERY_STEPS,
                  tolerance: float = 0.05, first_after: int = FIRST_CALIBRATION_STEPS,
                  busy_window: int = BUSY_WINDOW_STEPS) -> None:
+        if busy_window < 1:
+            raise ValueError(f"busy_window must be >= 1 steps, got {busy_window}")
         self.model = model
         self._profiled = model.calibrated({})  # the start-up model, for the run-wide ratios
         # kind -> (steps, sum of measured / profiled, measured seconds, profiled seconds), over the whole run
         self._run: dict[StepKind, tuple[int, float, float, float]] = {}
         # kind -> (measured, profiled) seconds of its last ``busy_window`` steps, and their running sums (what
         # the planner calibrates with; telemetry reads them on the engine thread, so O(1) per read)
+        self._busy_window = busy_window
         self._busy: dict[StepKind, deque[tuple[float, float]]] = {kind: deque(maxlen=busy_window) for kind in StepKind}
         self._busy_sums: dict[StepKind, list[float]] = {kind: [0.0, 0.0] for kind in StepKind}
         self._errors: deque[float] = deque(maxlen=window)  # every kind: what summary() reports
@@ -196,15 +199,15 @@ class StepTimeMonitor:
         return {kind: measured / profiled for kind, (_, _, measured, profiled) in self._run.items()}
 
     def _note_busy(self, kind: StepKind, measured: float, profiled: float) -> None:
-        window, sums = self._busy[kind], self._busy_sums[kind]
-        if len(window) == window.maxlen:
+        window, sums, size = self._busy[kind], self._busy_sums[kind], self._busy_window
+        if len(window) == size:
             old_measured, old_profiled = window[0]
             sums[0] -= old_measured
             sums[1] -= old_profiled
         window.append((measured, profiled))
         sums[0] += measured
         sums[1] += profiled
-        if self._run[kind][0] % (window.maxlen or 1) == 0:  # once per window's worth: drop the rounding drift
+        if self._run[kind][0] % size == 0:  # once per window's worth: drop the rounding drift
             sums[0], sums[1] = sum(m for m, _ in window), sum(p for _, p in window)
 
     def recent_busy(self) -> dict[StepKind, BusyTime]:

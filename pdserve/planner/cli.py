@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -100,8 +101,8 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.calibrate:
         profile = dataclasses.replace(profile, model=profile.model.calibrated(parse_calibration(args.calibrate)))
     if args.kv_transfer_gb_per_s is not None:
-        if not args.kv_transfer_gb_per_s > 0:
-            raise ConfigError("--kv-transfer-gb-per-s", f"must be > 0, got {args.kv_transfer_gb_per_s:g}")
+        if not 0 < args.kv_transfer_gb_per_s < math.inf:
+            raise ConfigError("--kv-transfer-gb-per-s", f"must be a number > 0, got {args.kv_transfer_gb_per_s:g}")
         profile = dataclasses.replace(profile, transfer_bytes_per_s=args.kv_transfer_gb_per_s * 1e9)
     if args.kv_capacity_tokens is not None:
         if args.kv_capacity_tokens < 1:

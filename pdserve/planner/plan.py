@@ -288,7 +288,7 @@ def plan(profile: Profile, workload: Workload, num_gpus: int, *, ttft_slo_s: flo
               "num_workers": workers,
               "slo": {"ttft_ms": ttft_slo_s * 1e3, "tpot_ms": tpot_slo_s * 1e3},
               "calibration": {kind.value: round(profile.model.factor(kind), 3) for kind in StepKind},
-              "kv_transfer_gb_per_s": round(profile.transfer_bytes_per_s / 1e9, 2),
+              "kv_transfer_gb_per_s": float(f"{profile.transfer_bytes_per_s / 1e9:.4g}"),
               "out_of_reach_share": round(out_of_reach_share(profile.model, workload, ttft_slo_s), 3),
               "predictions": [asdict(p) for p in predictions], "recommended": best.config}
     if curve_points > 0:

@@ -81,12 +81,11 @@ class Dispatcher:
             resumed = len(message.resume_token_ids.ids) > 0  # computed on its decode worker
             prefill_workers = (self._registry.with_role(WorkerRole.PREFILL)
                                if self._mode is ServingMode.DISAGGREGATED and not resumed else [])
-            local = (self._prefill_policy.local_candidate(
-                request.num_prompt_tokens, self._decode_policy.filter(decoders, request.failed_workers), decode)
-                if prefill_workers else decode)
-            if not prefill_workers or not self._prefill_policy.should_prefill_remotely(
-                    request.num_prompt_tokens, [w for w in prefill_workers if w.routable], local):
-                decode = local  # prefilled on its decode worker: the one that would finish it soonest
+            local = (self._prefill_policy.local_prefill_worker(
+                request.num_prompt_tokens, [w for w in prefill_workers if w.routable], decode,
+                self._decode_policy.filter(decoders, request.failed_workers)) if prefill_workers else decode)
+            if local is not None:
+                decode = local  # prefilled on its decode worker (a late prompt: the one that finishes it soonest)
             else:
                 bonus = self._affinity.bonus([w.worker_id for w in prefill_workers], keys, weight)
                 self._add_locality(bonus, decode, prefill_workers)

@@ -13,8 +13,8 @@ more than it hides) and, with a TTFT SLO, compares expected times to first token
 prefill pool when the best prefill worker still meets the SLO (queued tokens plus this prompt over its
 measured prefill rate) or beats its decode worker; otherwise the decode worker prefills it, in chunks
 its step-time budget allows (the rate it reports with every step) -- the decode worker of all eligible ones
-that would finish it soonest (:meth:`PrefillPolicy.local_candidate`), not only the decode policy's
-pick. Without an SLO (or rates), the
+that would finish it soonest (:meth:`PrefillPolicy.local_prefill_worker`), not only the decode policy's
+pick (short prompts and the queue-length rule keep the pick). Without an SLO (or rates), the
 older rule applies: prompts that arrive while every prefill worker has ``max_queued_prefill_tokens``
 queued stay local (conditional disaggregation).
 """
@@ -47,11 +47,12 @@ class PrefillPolicy(ScoredPolicy):
                                 decode_worker: WorkerState | None = None) -> bool:
         return True
 
-    def local_candidate(self, num_prompt_tokens: int, decode_workers: Sequence[WorkerState],
-                        default: WorkerState) -> WorkerState:
-        """The decode worker to weigh (and use) should the prompt be prefilled locally. Default hook:
-        ``default``, the decode policy's pick."""
-        return default
+    def local_prefill_worker(self, num_prompt_tokens: int, prefill_workers: Sequence[WorkerState],
+                             decode_worker: WorkerState, decode_workers: Sequence[WorkerState]) -> WorkerState | None:
+        """Where the prompt is prefilled: None for the prefill pool, else the decode worker that computes it
+        itself -- ``decode_worker`` (the decode policy's pick) unless a rule that weighs every eligible one of
+        ``decode_workers`` chose another. Default: :meth:`should_prefill_remotely` with the pick."""
+        return None if self.should_prefill_remotely(num_prompt_tokens, prefill_workers, decode_worker) else decode_worker
 
 
 def expected_ttft_remote(worker: WorkerState, num_prompt_tokens: int) -> float:
@@ -87,29 +88,37 @@ class LeastQueuedPrefillPolicy(PrefillPolicy):
 
     def should_prefill_remotely(self, num_prompt_tokens: int, prefill_workers: Sequence[WorkerState] = (),
                                 decode_worker: WorkerState | None = None) -> bool:
+        if decode_worker is None:
+            return self._remote_by_queue(num_prompt_tokens, prefill_workers)
+        return self.local_prefill_worker(num_prompt_tokens, prefill_workers, decode_worker, [decode_worker]) is None
+
+    def local_prefill_worker(self, num_prompt_tokens: int, prefill_workers: Sequence[WorkerState],
+                             decode_worker: WorkerState, decode_workers: Sequence[WorkerState]) -> WorkerState | None:
+        """Short prompts stay on ``decode_worker``. With a TTFT SLO and measured rates, a prompt the prefill
+        pool would answer late stays on the eligible decode worker that would finish it itself soonest
+        (``decode_worker`` unless another is strictly sooner), when that one beats the pool; the pool takes
+        the rest. Without them, the queue-length rule decides, with ``decode_worker``."""
         if num_prompt_tokens < self.min_remote_prompt_tokens:
-            return False
-        if self.ttft_slo_s is not None and decode_worker is not None and prefill_workers:
+            return decode_worker
+        if self.ttft_slo_s is not None and prefill_workers:
             remote = min(expected_ttft_remote(w, num_prompt_tokens) for w in prefill_workers)
             if remote < math.inf:
-                if remote <= self.ttft_slo_s or remote <= expected_ttft_local(decode_worker, num_prompt_tokens):
-                    return True
+                if remote <= self.ttft_slo_s:
+                    return None
+                local = min([decode_worker, *decode_workers], key=lambda w: expected_ttft_local(w, num_prompt_tokens))
+                if remote <= expected_ttft_local(local, num_prompt_tokens):
+                    return None
                 self.num_spilled += 1
-                return False
+                return local
+        return None if self._remote_by_queue(num_prompt_tokens, prefill_workers) else decode_worker
+
+    def _remote_by_queue(self, num_prompt_tokens: int, prefill_workers: Sequence[WorkerState]) -> bool:
+        """The rule without an SLO: remote unless every prefill worker has ``max_queued_prefill_tokens`` queued."""
+        if num_prompt_tokens < self.min_remote_prompt_tokens:
+            return False
         if self.max_queued_prefill_tokens and prefill_workers:
             return min(w.queued_prefill_tokens for w in prefill_workers) < self.max_queued_prefill_tokens
         return True
-
-    def local_candidate(self, num_prompt_tokens: int, decode_workers: Sequence[WorkerState],
-                        default: WorkerState) -> WorkerState:
-        """With a TTFT SLO: of ``decode_workers`` (the eligible ones), the one that would finish this prompt
-        itself soonest at the spare rate it reports, when strictly sooner than ``default``; else
-        ``default``."""
-        if self.ttft_slo_s is None or not decode_workers:
-            return default
-        best = min(decode_workers, key=lambda w: expected_ttft_local(w, num_prompt_tokens))
-        return best if (expected_ttft_local(best, num_prompt_tokens)
-                        < expected_ttft_local(default, num_prompt_tokens)) else default
 
     def score(self, candidates: Sequence[WorkerState]) -> list[float]:
         return [1.0 - q for q in relative([float(c.queued_prefill_tokens) for c in candidates])]

@@ -49,3 +49,14 @@ def test_long_prompts_spill_to_the_decode_worker_and_outputs_stay_exact(cluster)
     assert decode["prompt_tokens_computed"] >= long_tokens  # the long ones were prefilled locally
     assert prefill["prompt_tokens_computed"] < long_tokens
     assert all(s["free_blocks"] == s["usable_blocks"] for s in stats.values())
+    # each worker reports the busy time of its steps against its step-time model, which the planner pools:
+    # the prefill worker's steps are priced by its (slow) profile; every kind reported ran steps
+    import asyncio
+
+    cluster.router.telemetry.refreshed_at = 0.0
+    asyncio.run_coroutine_threadsafe(cluster.router.metrics_text(), cluster._loop).result(30)  # fresh snapshots
+    engines = {w: s["engine"] for w, s in cluster.router.telemetry.snapshots.items()}
+    assert len(engines) == 2 and all(e["step_time_model"] is not None and e["step_time_busy"] for e in engines.values())
+    for engine in engines.values():
+        for busy in engine["step_time_busy"].values():
+            assert busy["steps"] > 0 and busy["measured_s"] > 0 and busy["profiled_s"] > 0

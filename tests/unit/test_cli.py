@@ -58,7 +58,7 @@ def test_profile_then_plan(tmp_path) -> None:
 
     profile = tmp_path / "cpu.json"
     refused = _run("profile", "--max-batch-tokens", "128", "--out", str(profile), "--kv-transfer-gb-per-s", "0")
-    assert refused.returncode == 2 and "--kv-transfer-gb-per-s: must be > 0" in refused.stderr
+    assert refused.returncode == 2 and "--kv-transfer-gb-per-s: must be a number > 0" in refused.stderr
     assert "Traceback" not in refused.stderr and not profile.exists()
     done = _run("profile", "--max-batch-tokens", "128", "--out", str(profile), "--kv-transfer-gb-per-s", "25",
                 timeout=300)
@@ -97,6 +97,9 @@ def test_profile_then_plan(tmp_path) -> None:
     refused = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
                    "--rate", "20", "--kv-transfer-gb-per-s", "-3")
     assert refused.returncode != 0 and "--kv-transfer-gb-per-s" in refused.stderr and "Traceback" not in refused.stderr
+    refused = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
+                   "--rate", "20", "--kv-transfer-gb-per-s", "inf")
+    assert refused.returncode != 0 and "must be a number > 0" in refused.stderr
     refused = _run("plan", "--profile", str(profile), "--gpus", "2", "--slo-ttft-ms", "200", "--slo-tpot-ms", "50",
                    "--rate", "20", "--borrow-tokens", "-1")
     assert refused.returncode != 0 and "--borrow-tokens" in refused.stderr

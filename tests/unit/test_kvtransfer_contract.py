@@ -63,4 +63,6 @@ def test_a_sender_killed_mid_transfer(transport: Transport) -> None:
     other processes."""
     if not isinstance(transport, ProcessGroupTransport):
         pytest.skip("loopback senders share the receiver's process")
+    if transport.name == "nccl":  # a dead peer may leave the shared NCCL pair's receives posted for good
+        pytest.skip("not yet run over NCCL: on two GPUs, run it on a transport of its own first")
     check_sender_death(transport)

@@ -139,16 +139,22 @@ def test_ttft_aware_placement_keeps_a_prompt_local_only_when_the_pool_would_be_l
 def test_a_spilled_prompt_goes_to_the_decode_worker_that_would_finish_it_soonest() -> None:
     """Of the eligible decode workers, the one whose spare rate and queue finish the prompt first is weighed
     against the prefill pool (and takes the prompt when it stays local); the decode policy's pick otherwise."""
-    policy = LeastQueuedPrefillPolicy(ttft_slo_s=0.25)
+    policy = LeastQueuedPrefillPolicy(min_remote_prompt_tokens=256, ttft_slo_s=0.25)
     picked = _rated(_worker("d1"), spare_rate=2_000.0)  # 0.5 s for 1k tokens
     spare = _rated(_worker("d2"), spare_rate=20_000.0)  # 0.05 s
     queued = _rated(_worker("d3", queued=19_000), spare_rate=20_000.0)  # 1.0 s behind its queue
-    assert policy.local_candidate(1000, [picked, spare, queued], picked) is spare
+    everyone = [picked, spare, queued]
     backed_up = _rated(_worker("p", "prefill", queued=16_000), full_rate=40_000.0)  # 0.425 s in the pool
-    assert not policy.should_prefill_remotely(1000, [backed_up], spare)  # d2 beats the pool: local there
+    assert policy.local_prefill_worker(1000, [backed_up], picked, everyone) is spare  # d2 beats the pool
     assert policy.should_prefill_remotely(1000, [backed_up], picked)  # d1 alone would have sent it to the pool
-    assert policy.local_candidate(1000, [picked, queued], picked) is picked  # none sooner: the policy's pick
-    assert LeastQueuedPrefillPolicy().local_candidate(1000, [picked, spare], picked) is picked  # no SLO: unchanged
+    assert policy.local_prefill_worker(1000, [backed_up], picked, [picked, queued]) is None  # none beats it
+    idle = _rated(_worker("p", "prefill"), full_rate=40_000.0)
+    assert policy.local_prefill_worker(1000, [idle], picked, everyone) is None  # the pool is in time
+    # a short prompt stays local for its length, on the decode policy's pick (its affinity, its KV room)
+    assert policy.local_prefill_worker(100, [backed_up], picked, everyone) is picked
+    # without an SLO, the queue-length rule keeps the pick too
+    by_queue = LeastQueuedPrefillPolicy(max_queued_prefill_tokens=1000)
+    assert by_queue.local_prefill_worker(1000, [backed_up], picked, everyone) is picked
 
 
 def test_ttft_aware_placement_falls_back_without_rates() -> None:

@@ -29,3 +29,22 @@ def test_a_slow_launch_is_logged_only_when_the_device_ran_out_of_work(monkeypatc
     [record] = caplog.records
     assert "launching a step took" in record.getMessage()
     assert "1 decodes, prefill chunks (start, tokens) [(0, 512)]" in record.getMessage()
+
+
+def test_a_step_that_samples_nothing_is_running_until_its_end_event() -> None:
+    """A prompt chunk that samples nothing has no tokens to wait for; whether the device is still at it is
+    its end event's (the launch after it is then not reported as a stall)."""
+    from pdserve.engine.runner import LaunchedStep
+
+    class Event:
+        def __init__(self, done: bool) -> None:
+            self.done = done
+
+        def query(self) -> bool:
+            return self.done
+
+    plan: Any = SimpleNamespace(chunks=[])
+    busy = LaunchedStep(plan, [], None, 512, clock=(Event(True), Event(False)))
+    assert busy.is_done() and busy.running()
+    assert not LaunchedStep(plan, [], None, 512, clock=(Event(True), Event(True))).running()
+    assert not LaunchedStep(plan, [], None, 512, clock=(0.0, 0.1)).running()  # the CPU: a step ends as it returns

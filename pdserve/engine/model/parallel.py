@@ -13,7 +13,8 @@ exact in any dtype). Norms are replicated.
 
 :class:`TensorParallel` is one rank's view: ``rank``, ``size`` and the process group its all-reduces
 run on (gloo on CPU, NCCL on GPUs; ``None`` for one rank). ``local_spec`` is the model shape a rank
-builds; ``shard(name, tensor)`` cuts a checkpoint tensor (Hugging Face names) to that rank's slice.
+builds; ``shard_index(name, shape, spec)`` says where that rank's slice of a checkpoint tensor (Hugging Face names)
+lies, which the loader reads alone.
 """
 
 from __future__ import annotations

@@ -369,8 +369,11 @@ def check_sender_death(transport: ProcessGroupTransport) -> None:
     with _shared_pair(transport) as shared:
         doomed, host = transport.add_mortal_sender(shared)
         deadline, start = 3.0, time.monotonic()
-        _, dst, _, handle = _first_layer_sent(shared.receiver, doomed.sender, rng, spec, "req-sender-dies", deadline)
-        host.kill()
+        try:
+            _, dst, _, handle = _first_layer_sent(shared.receiver, doomed.sender, rng, spec, "req-sender-dies",
+                                                  deadline)
+        finally:
+            host.kill()
         state = shared.receiver.wait(handle, deadline + 10.0)
         assert state in (TransferState.FAILED, TransferState.TIMED_OUT), (state, handle.error)
         assert time.monotonic() - start < deadline + 5.0
