@@ -89,7 +89,7 @@ class LeastQueuedPrefillPolicy(PrefillPolicy):
     def should_prefill_remotely(self, num_prompt_tokens: int, prefill_workers: Sequence[WorkerState] = (),
                                 decode_worker: WorkerState | None = None) -> bool:
         if decode_worker is None:
-            return self._remote_by_queue(num_prompt_tokens, prefill_workers)
+            return num_prompt_tokens >= self.min_remote_prompt_tokens and self._remote_by_queue(prefill_workers)
         return self.local_prefill_worker(num_prompt_tokens, prefill_workers, decode_worker, [decode_worker]) is None
 
     def local_prefill_worker(self, num_prompt_tokens: int, prefill_workers: Sequence[WorkerState],
@@ -110,12 +110,10 @@ class LeastQueuedPrefillPolicy(PrefillPolicy):
                     return None
                 self.num_spilled += 1
                 return local
-        return None if self._remote_by_queue(num_prompt_tokens, prefill_workers) else decode_worker
+        return None if self._remote_by_queue(prefill_workers) else decode_worker
 
-    def _remote_by_queue(self, num_prompt_tokens: int, prefill_workers: Sequence[WorkerState]) -> bool:
+    def _remote_by_queue(self, prefill_workers: Sequence[WorkerState]) -> bool:
         """The rule without an SLO: remote unless every prefill worker has ``max_queued_prefill_tokens`` queued."""
-        if num_prompt_tokens < self.min_remote_prompt_tokens:
-            return False
         if self.max_queued_prefill_tokens and prefill_workers:
             return min(w.queued_prefill_tokens for w in prefill_workers) < self.max_queued_prefill_tokens
         return True
