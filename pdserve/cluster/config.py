@@ -10,6 +10,8 @@ Every error names the offending key by its dotted path and the file, e.g.
     prefill: {replicas: 1, gpus_per_worker: 0, max_batch_tokens: 8192}
     decode:  {replicas: 1, gpus_per_worker: 0, max_running_requests: 256}
     colocated: {replicas: 2}      # colocated mode only; default: prefill + decode replicas
+    # a pool's tensor_parallel_size: ranks per worker (default: its gpus_per_worker, 1 on CPU), e.g.
+    # prefill: {gpus_per_worker: 2, tensor_parallel_size: 2}; decode: {gpus_per_worker: 1}
     router:  {grpc_port: 50051, http_port: 8000}   # http_port: the OpenAI-compatible HTTP API
     kv_transfer: {backend: auto}  # CUDA IPC on one host, else NCCL on GPUs; gloo/tcp on CPU
     slo: {ttft_ms: 250, tpot_ms: 15}   # optional: SLO-aware scheduling and routing (see SLOConfig)
@@ -38,10 +40,16 @@ MODES = ("disaggregated", "colocated")
 class PoolConfig:
     """One pool of identical workers. ``engine`` overrides the shared engine settings for this pool;
     ``ray_resources`` are custom Ray resources each of its workers requests (e.g. ``{pdserve_prefill: 1}``),
-    which pins the pool to the nodes that advertise them (a Kubernetes worker group per pool)."""
+    which pins the pool to the nodes that advertise them (a Kubernetes worker group per pool).
+
+    ``tensor_parallel_size`` is the number of tensor-parallel ranks in each worker (0: not set, so its
+    ``gpus_per_worker``, or 1 on CPU). A GPU worker runs one rank per GPU, so when both are given they must
+    be equal; with ``gpus_per_worker: 0`` the ranks run on the CPU over gloo (tests, small models). It is
+    the same setting as ``engine: {tensor_parallel_size}``, which may not disagree with it."""
 
     replicas: int = 1
     gpus_per_worker: int = 0
+    tensor_parallel_size: int = 0
     max_batch_tokens: int = 8192
     max_running_requests: int = 256
     engine: dict[str, Any] = field(default_factory=dict)
@@ -50,6 +58,15 @@ class PoolConfig:
     def __post_init__(self) -> None:
         require_int("replicas", self.replicas, minimum=0, maximum=MAX_POOL_REPLICAS)
         require_int("gpus_per_worker", self.gpus_per_worker, minimum=0, maximum=8)
+        require_int("tensor_parallel_size", self.tensor_parallel_size, minimum=0, maximum=64)
+        if self.gpus_per_worker and self.tensor_parallel_size and self.tensor_parallel_size != self.gpus_per_worker:
+            raise InvalidParameterError("tensor_parallel_size", f"a worker of {self.gpus_per_worker} GPU(s) runs one "
+                                        f"rank per GPU, got {self.tensor_parallel_size} ranks: make "
+                                        f"gpus_per_worker and tensor_parallel_size equal")
+        engine_size = self.engine.get("tensor_parallel_size") if isinstance(self.engine, dict) else None
+        if self.tensor_parallel_size and engine_size is not None and engine_size != self.tensor_parallel_size:
+            raise InvalidParameterError("engine.tensor_parallel_size", f"{engine_size!r} disagrees with the pool's "
+                                        f"tensor_parallel_size {self.tensor_parallel_size}: set one of them")
         require_int("max_batch_tokens", self.max_batch_tokens, minimum=1)
         require_int("max_running_requests", self.max_running_requests, minimum=1)
         if not isinstance(self.engine, dict):
@@ -132,8 +149,13 @@ class ClusterConfig:
     def colocated_pool(self) -> PoolConfig:
         if self.colocated is not None:
             return self.colocated
-        return PoolConfig(replicas=self.prefill.replicas + self.decode.replicas,
-                          gpus_per_worker=max(self.prefill.gpus_per_worker, self.decode.gpus_per_worker),
+        gpus = max(self.prefill.gpus_per_worker, self.decode.gpus_per_worker)
+        ranks = max(self.prefill.tensor_parallel_size, self.decode.tensor_parallel_size)
+        if gpus and ranks and gpus != ranks:
+            raise ConfigError("colocated", f"the default colocated pool (the larger of the prefill and decode "
+                              f"settings) would run {ranks} ranks on {gpus} GPU(s): give a colocated section")
+        return PoolConfig(replicas=self.prefill.replicas + self.decode.replicas, gpus_per_worker=gpus,
+                          tensor_parallel_size=ranks,
                           max_batch_tokens=self.prefill.max_batch_tokens,
                           max_running_requests=self.decode.max_running_requests)
 
@@ -155,6 +177,8 @@ class ClusterConfig:
                     "device": "cuda" if pool.gpus_per_worker else "cpu",
                     "tensor_parallel_size": max(1, pool.gpus_per_worker), **slo, **self.engine, **pool.engine,
                     "model": self.model, "load_format": self.load_format}
+        if pool.tensor_parallel_size:
+            settings["tensor_parallel_size"] = pool.tensor_parallel_size
         return EngineConfig.from_dict(settings, prefix=f"{role}.engine." if pool.engine else "engine.")
 
 

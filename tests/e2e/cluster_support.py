@@ -13,8 +13,10 @@ ENGINE = {"block_size": 16, "max_model_len": 512, "num_kv_blocks": 1024}
 
 
 def start_cluster(mode: str, prefill: int = 1, decode: int = 1, colocated: int = 2,
-                  pool_engines: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> Cluster:
-    """A cluster of the tiny model; ``pool_engines`` adds engine settings per pool (``{"decode": {...}}``)."""
+                  pool_engines: dict[str, dict[str, Any]] | None = None,
+                  pool_settings: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> Cluster:
+    """A cluster of the tiny model; ``pool_engines`` adds engine settings per pool (``{"decode": {...}}``),
+    ``pool_settings`` the pool's own keys (``{"decode": {"tensor_parallel_size": 2}}``)."""
     config: dict[str, Any] = {
         "model": "tiny-random", "mode": mode, "engine": dict(ENGINE),
         "prefill": {"replicas": prefill, "max_batch_tokens": 256},
@@ -28,6 +30,8 @@ def start_cluster(mode: str, prefill: int = 1, decode: int = 1, colocated: int =
         config.pop("colocated")
     for role, engine in (pool_engines or {}).items():
         config[role]["engine"] = engine
+    for role, settings in (pool_settings or {}).items():
+        config[role].update(settings)
     cluster = Cluster(cluster_config_from_dict(config))
     cluster.start()
     return cluster

@@ -33,8 +33,9 @@ def test_a_two_rank_colocated_worker_serves_what_the_offline_engine_generates(ra
 def test_prefill_and_decode_workers_of_any_degrees_serve_what_the_offline_engine_generates(
         ray_session, prefill_ranks: int, decode_ranks: int) -> None:
     expected = offline(PROMPTS, GREEDY)
-    cluster = start_cluster("disaggregated", pool_engines={"prefill": {"tensor_parallel_size": prefill_ranks},
-                                                           "decode": {"tensor_parallel_size": decode_ranks}})
+    # the pool-level key (the colocated test above sets the same through the pool's engine settings)
+    cluster = start_cluster("disaggregated", pool_settings={"prefill": {"tensor_parallel_size": prefill_ranks},
+                                                            "decode": {"tensor_parallel_size": decode_ranks}})
     try:
         assert cluster.config.kv_transfer.head_groups == max(prefill_ranks, decode_ranks)
         with Client(cluster.router_address, timeout=60) as client:
@@ -52,3 +53,6 @@ def test_degrees_that_do_not_divide_one_another_are_refused() -> None:
     with pytest.raises(ConfigError, match="must divide one another"):
         cluster_config_from_dict({"mode": "disaggregated", "prefill": {"engine": {"tensor_parallel_size": 2}},
                                   "decode": {"engine": {"tensor_parallel_size": 3}}})
+    with pytest.raises(ConfigError, match="must divide one another"):
+        cluster_config_from_dict({"mode": "disaggregated", "prefill": {"tensor_parallel_size": 3},
+                                  "decode": {"tensor_parallel_size": 2}})

@@ -97,3 +97,38 @@ def test_gpus_per_worker_sets_the_tensor_parallel_size() -> None:
                                     ).kv_transfer.head_groups == 2
     assert cluster_config_from_dict({"mode": "colocated", "colocated": {
         "replicas": 1, "engine": {"tensor_parallel_size": 2}}}).engine_config("colocated").device == "cpu"
+
+
+@pytest.mark.parametrize(("pools", "expected"), [
+    ({"prefill": {"gpus_per_worker": 2, "tensor_parallel_size": 2}, "decode": {"gpus_per_worker": 1}},
+     {"prefill": (2, "cuda"), "decode": (1, "cuda")}),
+    ({"prefill": {"tensor_parallel_size": 2}, "decode": {"tensor_parallel_size": 1}},  # CPU ranks (gloo)
+     {"prefill": (2, "cpu"), "decode": (1, "cpu")}),
+    ({"engine": {"tensor_parallel_size": 4}, "prefill": {"tensor_parallel_size": 2}},  # the pool's key wins
+     {"prefill": (2, "cpu"), "decode": (4, "cpu")}),
+])
+def test_a_pools_tensor_parallel_size_sets_its_ranks(pools: dict, expected: dict) -> None:
+    from pdserve.cluster.config import cluster_config_from_dict
+
+    config = cluster_config_from_dict({"mode": "disaggregated", **pools})
+    got = {role: (config.engine_config(role).tensor_parallel_size, config.engine_config(role).device)
+           for role in config.roles}
+    assert got == expected
+    assert config.kv_transfer.head_groups == max(ranks for ranks, _ in expected.values())
+
+
+@pytest.mark.parametrize(("data", "says"), [
+    ({"prefill": {"gpus_per_worker": 2, "tensor_parallel_size": 1}},
+     "prefill.tensor_parallel_size: a worker of 2 GPU.*make gpus_per_worker and tensor_parallel_size equal"),
+    ({"decode": {"tensor_parallel_size": 2, "engine": {"tensor_parallel_size": 4}}},
+     "decode.engine.tensor_parallel_size: 4 disagrees with the pool's tensor_parallel_size 2"),
+    ({"decode": {"tensor_parallel_size": -1}}, "decode.tensor_parallel_size"),
+    ({"mode": "colocated", "prefill": {"tensor_parallel_size": 2}, "decode": {"gpus_per_worker": 1}},
+     "colocated: the default colocated pool .* 2 ranks on 1 GPU"),
+])
+def test_a_pools_tensor_parallel_size_that_disagrees_is_refused(data: dict, says: str) -> None:
+    from pdserve.cluster.config import cluster_config_from_dict
+    from pdserve.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        cluster_config_from_dict(data)
