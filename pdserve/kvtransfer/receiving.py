@@ -8,12 +8,14 @@ Write rule: a LAYER payload is written only into the blocks of a transfer that i
 terminal, deadline not passed, FINISH not yet seen), and only inside its ``dst_block_ids``; anything
 else is received and dropped (counted in ``discarded_messages``). A transport either lands a payload it
 already holds (``deliver_layer``: check and scatter under one lock) or, on CUDA, *claims* a part before
-its bytes arrive (``claim_part``, under the lock) and posts device work that writes it, then records
-the event after that work as the transfer's ``last_write`` (``writes_posted``), still under the lock.
+its bytes arrive (``claim_part``, under the lock) and *pins* the claimed transfers (``pin_writes``), then
+posts the device work that writes them *outside* the lock, and records the event after that work as
+their ``last_write`` (``writes_posted``, which unpins). So posting a plan's receives (host time per NCCL
+operation) holds up neither other channels' plans nor ``expect``/``poll``/``cancel`` from the worker.
 
-Fences: a transfer that ends other than DONE may still have posted writes in flight. Its blocks are
-given back only once they finished: ``cancel`` returns, and ``on_terminal`` runs, after the transfer's
-``last_write`` completed. If it does not within ``fence_timeout_s`` (a peer that stopped sending in
+Fences: a transfer that ends other than DONE may still have posted writes in flight, or be pinned (its
+writes are being posted). Its blocks are given back only once it is unpinned and its writes finished:
+``cancel`` returns, and ``on_terminal`` runs, after the transfer's ``last_write`` completed. If it does not within ``fence_timeout_s`` (a peer that stopped sending in
 the middle of announced messages), the transport is told to abandon that peer's writes
 (``_abandon_writes``: abort its channel, which ends the posted receives) and the wait goes on briefly.
 
@@ -69,6 +71,10 @@ class _Incoming:
     finished: Event | bool = False  # False: no FINISH yet; True (CPU) or an event (CUDA) after it
     on_terminal: Callable[[TransferHandle], None] | None = None
     fence_deadline: float | None = None  # ended with writes in flight: when to abandon them
+    pinned: int = 0  # plans posting writes of it outside the lock (pin_writes .. writes_posted)
+
+    def writes_in_flight(self) -> bool:
+        return self.pinned > 0 or not event_done(self.last_write)
 
 
 class ReceiverCore(KVReceiver):
@@ -180,8 +186,10 @@ class ReceiverCore(KVReceiver):
     def claim_part(self, peer: str, header: Header, payload: torch.Tensor | None = None) -> _Incoming | None:
         """Under the lock: count a LAYER part (its bytes land right after) toward its transfer if that is
         live and the part fits it; ``None`` (dropped, or the transfer failed) otherwise. The caller
-        writes ``handle.block_ids[start:start + num_blocks]`` and then sets ``last_write``, or calls
-        :meth:`writes_posted`, before it releases the lock. Wakes no waiter unless the transfer ends."""
+        writes ``handle.block_ids[start:start + num_blocks]`` and then sets ``last_write`` before it
+        releases the lock, or pins the claimed transfers (:meth:`pin_writes`) before it releases the lock
+        and calls :meth:`writes_posted` once their writes are posted. Wakes no waiter unless the transfer
+        ends."""
         record = self._records.get(header.transfer_id)
         if record is None or self._closed:
             self.discarded_messages += 1
@@ -207,22 +215,38 @@ class ReceiverCore(KVReceiver):
         handle.state = TransferState.IN_PROGRESS
         return record
 
-    def writes_posted(self, records: Sequence[_Incoming], event: Event) -> None:
-        """Under the lock, after posting the device work that writes claimed parts: ``event`` (recorded
-        after it) is those transfers' last write."""
+    def pin_writes(self, records: Sequence[_Incoming]) -> None:
+        """Under the lock, after claiming parts of ``records`` (each once): their writes will be posted
+        outside the lock, so until :meth:`writes_posted` unpins them a transfer that ends meanwhile is
+        fenced (its blocks are not given back, its callback waits) as if those writes were in flight."""
         for record in records:
-            record.last_write = event
-            handle = record.handle
-            if handle.state.is_terminal and record not in self._fencing and not event_done(event):
-                # it ended while its writes were being posted (a later part failed it, or its deadline
-                # passed): hold its callback back until those writes finished
-                self._callbacks = deque(c for c in self._callbacks if c[1] is not handle)
-                self._start_fence(record)
-                self._cond.notify_all()  # the completion thread waits for the fence
+            record.pinned += 1
+
+    def writes_posted(self, records: Sequence[_Incoming], event: Event) -> None:
+        """After posting the device work that writes claimed parts (under the lock, or after
+        :meth:`pin_writes` outside it; pinned records are unpinned): ``event`` (recorded after that work)
+        is those transfers' last write."""
+        with self._cond:
+            ended = False
+            for record in records:
+                record.last_write = event
+                if record.pinned:
+                    record.pinned -= 1
+                handle = record.handle
+                if not handle.state.is_terminal:
+                    continue
+                ended = True  # fenced: a fence may be waiting for this unpinning
+                if record not in self._fencing and not event_done(event):
+                    # it ended while its writes were being posted under the lock (a later part failed it,
+                    # or its deadline passed): hold its callback back until those writes finished
+                    self._callbacks = deque(c for c in self._callbacks if c[1] is not handle)
+                    self._start_fence(record)
+            if ended:  # (live transfers: nothing waits for their parts, see claim_part)
+                self._cond.notify_all()
 
     @property
     def lock(self) -> threading.Condition:
-        """The receiver's lock (a transport holds it from ``claim_part`` to ``writes_posted``)."""
+        """The receiver's lock (a transport holds it from ``claim_part`` to ``pin_writes`` or ``writes_posted``)."""
         return self._cond
 
     def deliver_finish(self, peer: str, header: Header, written_by_sender: bool = False) -> None:
@@ -368,7 +392,7 @@ class ReceiverCore(KVReceiver):
         handle = record.handle
         if not handle.state.is_terminal:
             handle.state, handle.error = state, error
-            if state is not TransferState.DONE and not event_done(record.last_write):
+            if state is not TransferState.DONE and record.writes_in_flight():
                 self._start_fence(record)
             elif record.on_terminal is not None:
                 self._callbacks.append((record.on_terminal, handle))
@@ -388,7 +412,7 @@ class ReceiverCore(KVReceiver):
         is queued. Returns whether it is released."""
         if record not in self._fencing:
             return True
-        if not force and not event_done(record.last_write):
+        if not force and record.writes_in_flight():
             return False
         self._fencing.remove(record)
         if record.on_terminal is not None:
@@ -400,12 +424,19 @@ class ReceiverCore(KVReceiver):
         """Outside the lock: wait for a fenced transfer's writes; abandon its peer's writes when they are
         late; then release it."""
         assert record.fence_deadline is not None
-        if not wait_event(record.last_write, record.fence_deadline):
+        with self._cond:  # writes being posted: their event does not exist yet
+            while record.pinned and (left := record.fence_deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+        if record.pinned or not wait_event(record.last_write, record.fence_deadline):
             logger.warning("the KV writes of transfer %s from %s did not finish within %.3g s; abandoning "
                            "that peer's writes", record.handle.transfer_id, record.handle.peer or "?",
                            self._fence_timeout_s)
             self._abandon_writes(record.handle.peer)
-            if not wait_event(record.last_write, time.monotonic() + ABANDON_WAIT_S):
+            end = time.monotonic() + ABANDON_WAIT_S
+            with self._cond:
+                while record.pinned and (left := end - time.monotonic()) > 0:
+                    self._cond.wait(left)
+            if record.pinned or not wait_event(record.last_write, end):
                 logger.error("the KV writes of transfer %s did not stop; its blocks are given back anyway",
                              record.handle.transfer_id)
         with self._cond:

@@ -102,3 +102,85 @@ def test_a_finish_is_queued_after_its_own_layers_and_ahead_of_later_transfers() 
     assert finish_position(queue((layer, 1), (layer, 2), (layer, 2)), 1) == 1
     assert finish_position(queue((layer, 1), (layer, 2), (layer, 1), (layer, 2)), 1) == 3
     assert finish_position(queue((cancel, 3), (layer, 2)), 1) == 1  # behind a queued control message
+
+
+def _pinned_claim(receiver: LoopbackReceiver, layout: KVLayoutInfo, transfer_id: int) -> list:
+    """What the NCCL landing does before it posts a plan's receives: claim both layers' parts and pin the
+    transfer, under the lock; the writes are then 'being posted' until ``writes_posted``."""
+    with receiver.lock:
+        records = [receiver.claim_part("p", Header(MessageKind.LAYER, transfer_id, layer, 0, 2,
+                                                   layout.payload_nbytes(2))) for layer in range(2)]
+        claimed = list({id(r): r for r in records}.values())
+        receiver.pin_writes(claimed)
+    return claimed
+
+
+def test_a_transfer_pinned_while_its_writes_are_posted_keeps_its_blocks_until_they_are() -> None:
+    """Posting happens outside the receiver's lock: meanwhile the worker may expect other transfers at
+    once, and a cancel (or a passed deadline) must not give the blocks back, nor run the callback,
+    before the pinned writes were posted (``writes_posted``) and finished."""
+    import threading
+
+    caches = [torch.zeros(2, 8, 4, 2, 8) for _ in range(2)]
+    layout = KVLayoutInfo.from_caches(caches, "m")
+    receiver = LoopbackReceiver(caches, layout)
+    ended: list[TransferState] = []
+    try:
+        handle = receiver.expect(1, "a", [0, 1], 2, deadline_s=30.0, on_terminal=lambda h: ended.append(h.state))
+        claimed = _pinned_claim(receiver, layout, 1)
+        other = receiver.expect(2, "b", [2, 3], 2, deadline_s=30.0)  # the lock is free while posting
+        assert receiver.poll(other) is TransferState.PENDING
+        cancelled = threading.Event()
+        canceller = threading.Thread(target=lambda: (receiver.cancel(handle), cancelled.set()))
+        canceller.start()
+        time.sleep(0.1)
+        assert handle.state is TransferState.CANCELLED and not cancelled.is_set() and ended == []
+        receiver.writes_posted(claimed, None)  # posted (and, on the CPU, finished)
+        assert cancelled.wait(2.0)
+        canceller.join()
+        deadline = time.monotonic() + 2.0
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ended == [TransferState.CANCELLED]
+
+        # a deadline passing while pinned: TIMED_OUT at once, the callback only after the unpinning
+        late = receiver.expect(3, "c", [4, 5], 2, deadline_s=0.05, on_terminal=lambda h: ended.append(h.state))
+        claimed = _pinned_claim(receiver, layout, 3)
+        time.sleep(0.2)
+        assert receiver.poll(late) is TransferState.TIMED_OUT and ended == [TransferState.CANCELLED]
+        receiver.writes_posted(claimed, None)
+        deadline = time.monotonic() + 2.0
+        while len(ended) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ended == [TransferState.CANCELLED, TransferState.TIMED_OUT]
+    finally:
+        receiver.close()
+
+
+def test_pinned_writes_that_are_never_posted_abandon_the_peer_at_the_fence_timeout() -> None:
+    """A channel stuck while posting (its peer stopped sending): at the fence timeout the receiver tells
+    the transport to abandon that peer's writes, which ends the posting (here: it unpins), and then
+    gives the blocks back."""
+    import threading
+
+    caches = [torch.zeros(2, 8, 4, 2, 8) for _ in range(2)]
+    layout = KVLayoutInfo.from_caches(caches, "m")
+    receiver = LoopbackReceiver(caches, layout, fence_timeout_s=0.2)
+    abandoned: list[str] = []
+    try:
+        handle = receiver.expect(1, "a", [0, 1], 2, deadline_s=30.0)
+        claimed = _pinned_claim(receiver, layout, 1)
+
+        def abandon(peer: str) -> None:  # what the process-group receiver does: abort the channel's group
+            abandoned.append(peer)
+            if len(abandoned) == 1:
+                threading.Thread(target=receiver.writes_posted, args=(claimed, None)).start()
+
+        receiver._abandon_writes = abandon  # type: ignore[method-assign]
+        started = time.monotonic()
+        receiver.cancel(handle)
+        # (cancel and the completion thread both wait on the fence: each may abandon the peer)
+        assert set(abandoned) == {"p"} and 0.15 < time.monotonic() - started < 3.0
+        assert handle.state is TransferState.CANCELLED
+    finally:
+        receiver.close()
