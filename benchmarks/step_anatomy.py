@@ -22,6 +22,7 @@ worker: 15 ms step budget, 250 ms TTFT, 8,192-token steps):
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import tempfile
@@ -176,10 +177,13 @@ def serve_live(llm: LLM, workload: str, rate: float, num_requests: int, seed: in
             chunks = launched.plan.chunks
             steps.append({"decodes": [c.start for c in chunks if c.num_tokens == 1],
                           "chunks": [(c.num_tokens, c.start) for c in chunks if c.num_tokens > 1],
-                          "seconds": seconds})
+                          "chunk_requests": [int(c.request.request_id.rsplit("-", 1)[1])
+                                             for c in chunks if c.num_tokens > 1],
+                          "landed_s": time.perf_counter() - start, "seconds": seconds})
         return deltas
 
     engine._land = recording_land  # type: ignore[method-assign]
+    first_token_s: dict[str, float] = {}  # request id -> when its first token reached the host (s from start)
     added = 0
     start = time.perf_counter()
     step_host_s = 0.0
@@ -193,7 +197,9 @@ def serve_live(llm: LLM, workload: str, rate: float, num_requests: int, seed: in
                 added += 1
             if engine.has_unfinished_requests():
                 t = time.perf_counter()
-                engine.step()
+                for delta in engine.step():
+                    if delta.new_token_ids and delta.request_id not in first_token_s:
+                        first_token_s[delta.request_id] = time.perf_counter() - start
                 step_host_s += time.perf_counter() - t
             else:
                 time.sleep(max(0.0, min(0.01, offsets[added] - now)))
@@ -204,7 +210,14 @@ def serve_live(llm: LLM, workload: str, rate: float, num_requests: int, seed: in
           f"{engine.step_monitor.summary()['calibration']}", flush=True)
     return {"workload": workload, "rate": rate, "requests": num_requests, "wall_s": round(wall, 2),
             "device_busy_share": round(sum(s["seconds"] for s in steps) / wall, 3),
-            "calibration": engine.step_monitor.summary()["calibration"], "model": base, "steps": steps}
+            "calibration": engine.step_monitor.summary()["calibration"], "model": base, "steps": steps,
+            # per request, for the planner's simulation fed the same arrivals (its TTFT error without the
+            # router, gRPC and client path): arrival, lengths, TTFT, the steps that carried its prompt
+            "per_request": [{"arrival_s": round(offsets[i], 6), "prompt_tokens": len(specs[i].prompt_token_ids),
+                          "output_tokens": specs[i].output_len,
+                          "ttft_s": round(first_token_s[f"{workload}-{i}"] - offsets[i], 6)
+                          if f"{workload}-{i}" in first_token_s else None,
+                          "prompt_steps": sum(i in st["chunk_requests"] for st in steps)} for i in range(num_requests)]}
 
 
 def judge(steps: list[dict[str, Any]], model: StepTimeModel, key: str = "seconds") -> dict[str, dict[str, Any]]:
@@ -275,6 +288,8 @@ def main() -> None:
     parser.add_argument("--replay-per-kind", type=int, default=40)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--tag", default="", help="results go to step_anatomy-TAG-<device>.*")
+    parser.add_argument("--json-out", type=Path, default=None,
+                        help="also write the result JSON here (any device; e.g. a CPU smoke for benchmarks.sim_vs_engine)")
     args = parser.parse_args()
     smoke = args.preset == "tiny"
     cuda = torch.cuda.is_available()
@@ -314,6 +329,11 @@ def main() -> None:
                      "live_over_replay": {k: round(statistics.median(v), 3) for k, v in sorted(live_vs_replay.items())},
                      "live_over_refit": judge(run["steps"], refit),
                      "live_over_model_by_context": judge_by_context(run["steps"], model),
+                     "per_request": run["per_request"],
+                     # steps with prompt chunks: when they landed, device ms, decodes, (request, tokens, start)
+                     "prompt_steps": [[round(s["landed_s"], 4), round(s["seconds"] * 1e3, 3), len(s["decodes"]),
+                                       [[r, n, c] for r, (n, c) in zip(s["chunk_requests"], s["chunks"], strict=True)]]
+                                      for s in run["steps"] if s["chunks"]],
                      "replayed_steps": [{"decodes": len(s["decodes"]), "decode_context_mean":
                                          round(statistics.mean(s["decodes"]), 1) if s["decodes"] else 0,
                                          "chunks": s["chunks"], "live_ms": round(s["seconds"] * 1e3, 3),
@@ -321,11 +341,14 @@ def main() -> None:
                                          "model_ms": round(model.predict(StepShape.of(s["decodes"], s["chunks"])) * 1e3, 3)}
                                         for s in run["replayed"]]})
     payload = {"preset": args.preset, "model": model.to_dict(), "refit": refit.to_dict(), "graph_replay_ms": graph_ms,
-               "graphs_rerouted": rerouted, "anatomy": rows, "live": live}
+               "graphs_rerouted": rerouted, "graph_rows": list(graphs.padded_sizes) if graphs is not None else [],
+               "anatomy": rows, "live": live}
     markdown = render(info, payload)
     print(markdown)
     if cuda and not smoke:
         print("wrote", *write_results("step_anatomy" + (f"-{args.tag}" if args.tag else ""), info, payload, markdown))
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps({"run": info, **payload}, indent=2, default=str) + "\n")
 
 
 def render(info: dict[str, Any], payload: dict[str, Any]) -> str:

@@ -34,6 +34,8 @@ def run_profile(args: argparse.Namespace) -> int:
     profile: dict[str, Any] = {
         "model": engine.step_time.to_dict(), "samples": engine.step_time_samples,
         "kv_bytes_per_token": kv_bytes_per_token(engine), "kv_capacity_tokens": kv_capacity_tokens(engine),
+        # the rows its CUDA graphs compute: the planner fills budget-cut chunks up to them, as the engine does
+        "graph_rows": list(engine.runner.padded_sizes()) if engine.scheduler.graph_rows is not None else [],
         "engine": {"model": args.model, "device": str(engine.device), "dtype": str(engine.dtype),
                    "max_batch_tokens": args.max_batch_tokens},
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}

@@ -15,6 +15,8 @@ from pdserve.common.validation import ValidatedConfig, require_float, require_in
 TINY_RANDOM_MODEL = "tiny-random"
 """Name of the built-in model: a tiny Llama with deterministic random weights and a byte tokenizer."""
 MAX_POOL_REPLICAS = 1024
+#: The largest step a one-GPU engine replays from a CUDA graph by default (``cuda_graph_max_tokens``).
+DEFAULT_GRAPH_MAX_TOKENS = 1024
 """The most workers one pool may hold (a cluster file's ``replicas``, ``ScalePool`` / ``pdserve scale``)."""
 
 LOAD_FORMATS = ("auto", "dummy")
@@ -140,7 +142,7 @@ class EngineConfig(ValidatedConfig):
         """The largest step replayed from a CUDA graph (``cuda_graph_max_tokens`` resolved)."""
         if self.cuda_graph_max_tokens is not None:
             return self.cuda_graph_max_tokens
-        return 1024 if self.tensor_parallel_size == 1 else min(self.max_num_batched_tokens, 8192)
+        return DEFAULT_GRAPH_MAX_TOKENS if self.tensor_parallel_size == 1 else min(self.max_num_batched_tokens, 8192)
 
     @property
     def needs_step_time_model(self) -> bool:

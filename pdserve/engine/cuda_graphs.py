@@ -36,25 +36,14 @@ import time
 
 import torch
 
+from pdserve.common.graph_sizes import capture_sizes
 from pdserve.engine.attention.metadata import LaunchShape
 from pdserve.engine.model.interface import CausalLM
 from pdserve.engine.step_inputs import StepInputs
 from pdserve.engine.tensor_parallel import TensorParallelGraph, TensorParallelModel
 
 logger = logging.getLogger(__name__)
-
-
-def capture_sizes(max_num_seqs: int, max_tokens: int) -> list[int]:
-    """Padded token counts to capture: every decode batch up to ``max_num_seqs`` is covered, and every
-    step up to ``max_tokens`` tokens."""
-    sizes = {s for s in (1, 2, 4, 8) if s <= max(max_num_seqs, max_tokens)}
-    ladder = [(256, 16), (512, 64), (1024, 128), (1 << 30, 256)]
-    size, limit = 16, max(max_tokens, max_num_seqs)
-    while size <= limit:
-        sizes.add(size)
-        size += next(step for bound, step in ladder if size < bound)
-    sizes.update(s for s in (max_num_seqs, max_tokens) if 1 <= s <= limit)
-    return sorted(sizes)
+__all__ = ["StepGraphs", "capture_sizes", "fastest_covering"]
 
 
 def fastest_covering(times: list[float], margin: float) -> list[int]:
@@ -94,6 +83,12 @@ class StepGraphs:
         """The captured shape a step of ``num_tokens`` tokens replays (``None``: run it eagerly)."""
         i = bisect.bisect_left(self._sizes, num_tokens)
         return self.shapes[self._choice[i]] if i < len(self.shapes) else None
+
+    @property
+    def padded_sizes(self) -> tuple[int, ...]:
+        """The distinct row counts replayed steps compute, ascending (a size rerouted to a larger graph
+        is not one: its steps compute the larger graph's rows)."""
+        return tuple(sorted({self._sizes[c] for c in self._choice}))
 
     @property
     def rerouted(self) -> dict[int, int]:

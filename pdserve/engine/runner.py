@@ -137,6 +137,11 @@ class ModelRunner:
         return LaunchShape(counts.num_tokens, counts.num_decodes, counts.num_decodes * splits,
                            counts.num_query_tiles, batch_specific=True)
 
+    def padded_sizes(self) -> tuple[int, ...]:
+        """The distinct row counts steps replaying a graph compute, ascending (empty: no graphs); a step
+        computes the smallest that holds it (``graph_sizes.padded_rows``), as :meth:`graph_rows` says."""
+        return () if self.graphs is None else self.graphs.padded_sizes
+
     def graph_rows(self, num_tokens: int) -> int:
         """Rows a step of ``num_tokens`` tokens computes: its CUDA graph's padded size, or itself when it
         runs eagerly."""

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pdserve.common.config import DEFAULT_GRAPH_MAX_TOKENS, EngineConfig
 from pdserve.common.errors import ConfigError
+from pdserve.common.graph_sizes import capture_sizes
 from pdserve.common.mooncake_trace import TRACE_BLOCK_TOKENS, TraceArrivals, TraceError, read_trace
 from pdserve.common.step_model import StepKind, StepShape, StepTimeModel, read_profile
 from pdserve.planner.simulate import ClusterSimulation, SimOutcome, SimRequest, WorkerSpec
@@ -34,6 +36,8 @@ class Profile:
     kv_bytes_per_token: float = DEFAULT_KV_BYTES_PER_TOKEN
     transfer_bytes_per_s: float = DEFAULT_TRANSFER_BYTES_PER_S
     kv_capacity_tokens: int | None = None  # one worker's KV cache in tokens (None: not limited)
+    # rows its engine's CUDA graphs compute, ascending (empty: no graphs): a budget-cut chunk fills them
+    graph_rows: tuple[int, ...] = ()
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
@@ -50,13 +54,30 @@ class Profile:
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise ConfigError("profile", f"{source}: kv_capacity_tokens must be a positive integer, got {capacity!r}")
         return cls(model, float(data.get("kv_bytes_per_token", DEFAULT_KV_BYTES_PER_TOKEN)),
-                   float(data.get("kv_transfer_bytes_per_s", DEFAULT_TRANSFER_BYTES_PER_S)), capacity)
+                   float(data.get("kv_transfer_bytes_per_s", DEFAULT_TRANSFER_BYTES_PER_S)), capacity,
+                   _graph_rows(data, source))
 
     def to_dict(self) -> dict[str, Any]:
         """What ``from_dict`` reads back: the profile file's fields plus the calibration."""
         return {"model": self.model.to_dict(), "kv_bytes_per_token": self.kv_bytes_per_token,
                 "kv_transfer_bytes_per_s": self.transfer_bytes_per_s, "kv_capacity_tokens": self.kv_capacity_tokens,
+                "graph_rows": list(self.graph_rows),
                 "calibration": {kind.value: factor for kind, factor in self.model.calibration}}
+
+
+def _graph_rows(data: dict[str, Any], source: str) -> tuple[int, ...]:
+    """A profile's ``graph_rows`` (``pdserve profile`` records the engine's since 2026-12-02); a GPU
+    profile written before then gets the engine's default graphs (one GPU: up to 1,024 tokens, 256
+    sequences), a CPU one none."""
+    rows = data.get("graph_rows")
+    if rows is None:
+        engine = data.get("engine")
+        on_gpu = isinstance(engine, dict) and str(engine.get("device", "")).startswith("cuda")
+        return tuple(capture_sizes(EngineConfig.max_num_seqs, DEFAULT_GRAPH_MAX_TOKENS)) if on_gpu else ()
+    if not isinstance(rows, list) or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in rows) \
+            or rows != sorted(set(rows)):
+        raise ConfigError("profile", f"{source}: graph_rows must be ascending distinct positive integers, got {rows!r}")
+    return tuple(rows)
 
 
 @dataclass(frozen=True)
@@ -169,14 +190,16 @@ def simulation(profile: Profile, counts: dict[str, int], *, ttft_slo_s: float, t
     ``colocated_spec`` that budgets)."""
     def budgeted(spec: WorkerSpec) -> WorkerSpec:
         return replace(spec, budget_window=budget_window, defer_below=defer_below, borrow_tokens=borrow_tokens,
-                       ttft_slo_s=ttft_slo_s)
+                       ttft_slo_s=ttft_slo_s, graph_rows=profile.graph_rows)
 
     spec = colocated_spec or WorkerSpec(step_budget_s=tpot_slo_s)
     if spec.step_budget_s is not None:
         spec = budgeted(spec)
     decode_spec = (budgeted(WorkerSpec(max_batch_tokens=2048, step_budget_s=tpot_slo_s)) if spill
                    else WorkerSpec(max_batch_tokens=2048))
-    prefill_spec = WorkerSpec(max_batch_tokens=SLO_PREFILL_STEP_TOKENS) if spill else WorkerSpec()
+    # with an SLO every worker of the cluster orders its prompts by deadline, prefill workers too
+    prefill_spec = (WorkerSpec(max_batch_tokens=SLO_PREFILL_STEP_TOKENS, ttft_slo_s=ttft_slo_s) if spill
+                    else WorkerSpec())
     if profile.kv_capacity_tokens is not None:
         spec, decode_spec, prefill_spec = (replace(s, kv_capacity_tokens=profile.kv_capacity_tokens)
                                            for s in (spec, decode_spec, prefill_spec))

@@ -16,7 +16,11 @@ and later recompute prompt and output, as the engine does), and that step admits
 chunks are cut to the free blocks; a request whose KV arrived from a prefill worker starts decoding only
 once its prompt fits, and its first token counts from then (the engine reserves that landing zone before
 the prefill starts, which then starts that much later). A request that cannot fit even on an idle worker
-is dropped (no first token). Not modelled: deadline ordering of queued prompts, network and host overheads
+is dropped (no first token).
+
+**Deadline order**: a worker with a TTFT SLO (``WorkerSpec.ttft_slo_s``: every worker of a cluster with an
+``slo``, prefill workers too) queues its fresh prompts as the engine does, by
+:func:`pdserve.common.deadline_order.deadline_order` at each step. Not modelled: network and host overheads
 beyond the profile's step times.
 """
 
@@ -61,6 +65,7 @@ class SimOutcome:
     request: SimRequest
     first_token_s: float | None = None
     done_s: float | None = None
+    prompt_steps: int = 0  # steps that carried a chunk of its prompt (recomputation included)
 
     @property
     def ttft_s(self) -> float | None:
@@ -94,9 +99,10 @@ class WorkerSpec:
     budget_window: int = 0  # the engine's step_budget_window
     borrow_tokens: int = 0  # the engine's step_budget_borrow_tokens (with it, per-request slack as well)
     defer_below: int = 0  # the engine's defer_chunks_below
-    ttft_slo_s: float | None = None  # how long a deferred prompt may wait (DEFER_TTFT_SHARE of it)
+    ttft_slo_s: float | None = None  # prompts in deadline order; how long a deferred one may wait (a share of it)
     cache_tokens: int | None = None  # prefix cache size (None: unbounded; 0: no prefix caching)
     kv_capacity_tokens: int | None = None  # KV cache size in tokens (None: unbounded)
+    graph_rows: tuple[int, ...] = ()  # rows its CUDA graphs compute, ascending (a budget-cut chunk fills them)
 
 
 @dataclass
@@ -107,6 +113,8 @@ class ActiveRequest:
     looked_up: bool = False  # whether the worker's prefix cache was consulted
     recompute: int = 0  # after a preemption: the tokens (prompt and output so far) to compute again
     waited_for_blocks: bool = False  # its KV arrived at a decode worker with too few free blocks
+    admitted: bool = False  # a chunk of its prompt was scheduled (no longer a fresh prompt: see deadline order)
+    late: bool = False  # found unable to meet its TTFT deadline (once)
 
     @property
     def to_compute(self) -> int:

@@ -5,9 +5,10 @@ Each worker runs engine steps back to back while it has work, each lasting what 
 :class:`~pdserve.engine.step_time.StepTimeModel` predicts for what the step carries, as pdserve's own
 scheduler builds it:
 
-* a **colocated** worker runs every decode it holds plus prompt tokens, first come first served, up to
-  its token budget and, with a TPOT budget, only as many as keep the step within it (at least
-  ``min_prefill_chunk`` when its decodes alone exceed it, so no prompt starves); with the engine's
+* a **colocated** worker runs every decode it holds plus prompt tokens, first come first served (with a
+  TTFT SLO: in the engine's deadline order, see :mod:`pdserve.planner.sim_worker`), up to its token budget and, with a TPOT budget, only as many as keep the step within it (at least
+  ``min_prefill_chunk`` when its decodes alone exceed it, so no prompt starves), a chunk so cut growing
+  into the padding rows of the CUDA graph its step replays (``WorkerSpec.graph_rows``); with the engine's
   window budget and chunk deferral (``budget_window``, ``defer_below``) as the engine applies them,
   except that it knows no per-request slack unless it also borrows from later tokens
   (``borrow_tokens``), which takes each request's slack as the engine does (planned at the step
@@ -36,8 +37,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Callable
 
+from pdserve.common.deadline_order import deadline_order
+from pdserve.common.graph_sizes import padded_rows
 from pdserve.common.step_model import (
     DEFER_TTFT_SHARE,
     StepShape,
@@ -84,6 +88,7 @@ class ClusterSimulation:
         self.num_spilled = 0
         self.num_deferred = 0  # prompt chunks put off to a later step (WorkerSpec.defer_below)
         self.num_preempted = 0  # requests that gave their KV back (WorkerSpec.kv_capacity_tokens)
+        self.num_late_prompts = 0  # prompts found unable to meet their TTFT deadline (WorkerSpec.ttft_slo_s)
         self.num_dropped = 0  # requests no worker of their pool could fit
 
     @property
@@ -214,6 +219,8 @@ class ClusterSimulation:
         if window_s is not None and budget_s is not None:
             budget_s = max(budget_s, window_s)
         prefill_taken = False
+        if spec.ttft_slo_s is not None and len(worker.waiting) > 1:
+            self._order_by_deadline(worker, spec.ttft_slo_s, now)
         for a in worker.waiting:
             if budget <= 0 or len(chunks) >= spec.max_running:  # a running batch of max_running at most
                 break
@@ -232,12 +239,17 @@ class ClusterSimulation:
                     break  # as the engine: the prompt (and those behind it) waits for a longer step
                 if fits == 0 and not prefill_taken:
                     fits = min(n, spec.min_prefill_chunk)
+                if 0 < fits < n and spec.graph_rows:  # as the engine: the step's graph computes its padding anyway
+                    rows = shape.tokens + fits
+                    fits = min(n, fits + padded_rows(spec.graph_rows, rows) - rows)
                 n = fits
             if free != float("inf"):  # the chunk's new blocks must be free
                 n = min(n, kv_blocks_tokens(a.computed) + int(free) // KV_BLOCK_TOKENS * KV_BLOCK_TOKENS - a.computed)
             if n <= 0:
                 break
             chunks.append((a, n))
+            a.admitted = True
+            a.outcome.prompt_steps += 1
             free -= kv_blocks_tokens(a.computed + n) - kv_blocks_tokens(a.computed)
             shape = shape.plus_chunk(n, a.computed)
             budget -= n
@@ -248,6 +260,21 @@ class ClusterSimulation:
         if spec.step_budget_s is not None:  # as the engine: every step counts
             worker.recent_s.append(seconds)
         return chunks, seconds
+
+    def _order_by_deadline(self, worker: SimWorker, slo_s: float, now: float) -> None:
+        """As the engine's scheduler: fresh prompts in deadline order behind those already admitted or
+        preempted (:func:`~pdserve.common.deadline_order.deadline_order`); counts the newly late."""
+        head = [a for a in worker.waiting if a.admitted or a.recompute]
+        fresh = [a for a in worker.waiting if not (a.admitted or a.recompute)]
+        ordered, late = deadline_order(fresh, arrival_s=lambda a: a.outcome.request.arrival_s,
+                                       prompt_tokens=lambda a: a.outcome.request.prompt_tokens, slo_s=slo_s,
+                                       prefill_tokens_per_s=self.model.prefill_tokens_per_s(worker.spec.max_batch_tokens),
+                                       now=now)
+        for a in late:
+            if not a.late:
+                a.late = True
+                self.num_late_prompts += 1
+        worker.waiting = deque(head + ordered)
 
     @staticmethod
     def _borrowed_budget(worker: SimWorker, slo_s: float, now: float) -> float:

@@ -139,5 +139,6 @@ class OnlinePlanner:
         capacities = [int(e["kv_capacity_tokens"]) for e in with_model if e.get("kv_capacity_tokens")]
         return Profile(model.calibrated(pooled_busy_calibration(reports, FIRST_CALIBRATION_STEPS)),
                        float(with_model[0].get("kv_bytes_per_token") or DEFAULT_KV_BYTES_PER_TOKEN),
-                       kv_capacity_tokens=min(capacities) if capacities else None)
+                       kv_capacity_tokens=min(capacities) if capacities else None,
+                       graph_rows=tuple(int(r) for r in with_model[0].get("graph_rows") or ()))
 

@@ -53,6 +53,8 @@ def engine_telemetry(engine: LLMEngine) -> dict[str, Any]:
                                if engine.step_monitor is not None else None),
             "kv_bytes_per_token": kv_bytes_per_token(engine), "kv_capacity_tokens": kv_capacity_tokens(engine),
             "step_budget_borrow_tokens": engine.scheduler.config.borrow_tokens,
+            # a budget-cut chunk grows into its step graph's padding: the planner's simulation does the same
+            "graph_rows": list(engine.runner.padded_sizes()) if engine.scheduler.graph_rows is not None else [],
             "tensor_parallel_ranks": engine.tensor_parallel_size}
 
 
