@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import markdown_table, write_results
+from benchmarks.common import git_commit, markdown_table, write_results
 from pdserve.common.step_model import StepKind, StepTimeModel
 from pdserve.planner.simulate import ClusterSimulation, SimOutcome, SimRequest, WorkerSpec
 
@@ -79,8 +79,10 @@ def main() -> None:
     if not runs:
         raise SystemExit(f"{args.anatomy} has no per-request records (step_anatomy from 2026-12-02 on writes them)")
     info = payload["run"]  # the measured run's device and commit: this only re-reads it
+    simulated_at = git_commit()
     lines = [f"# The simulation against the engine, request by request ({args.anatomy.name})", "",
-             f"{info.get('device', '?')} · commit {info.get('commit', '?')} · {info.get('date', '?')}", "",
+             f"{info.get('device', '?')} · commit {info.get('commit', '?')} · {info.get('date', '?')} (the live run); "
+             f"simulated at commit {simulated_at}", "",
              "Command: `python -m benchmarks.sim_vs_engine`. Live: in-process engine (no serving path, no prefix "
              "cache); simulated: the planner's colocated worker over the run's start-up model, alone and with the "
              "run's end calibration. TTFT p50 (ms) and mean steps carrying each prompt, by prompt tokens.", ""]
@@ -91,7 +93,8 @@ def main() -> None:
     markdown = "\n".join(lines)
     print(markdown)
     print("wrote", *write_results("sim_vs_engine" + (f"-{args.tag}" if args.tag else ""), info,
-                                  {"anatomy": str(args.anatomy), "runs": runs}, markdown))
+                                  {"anatomy": str(args.anatomy), "simulation_commit": simulated_at, "runs": runs},
+                                  markdown))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,14 @@ Each worker runs engine steps back to back while it has work, each lasting what 
 scheduler builds it:
 
 * a **colocated** worker runs every decode it holds plus prompt tokens, first come first served (with a
-  TTFT SLO: in the engine's deadline order, see :mod:`pdserve.planner.sim_worker`), up to its token budget and, with a TPOT budget, only as many as keep the step within it (at least
+  TTFT SLO: in the engine's deadline order, see :mod:`pdserve.planner.sim_worker`), up to its token
+  budget and, with a TPOT budget, only as many as keep the step within it (at least
   ``min_prefill_chunk`` when its decodes alone exceed it, so no prompt starves), a chunk so cut growing
-  into the padding rows of the CUDA graph its step replays (``WorkerSpec.graph_rows``); with the engine's
-  window budget and chunk deferral (``budget_window``, ``defer_below``) as the engine applies them,
-  except that it knows no per-request slack unless it also borrows from later tokens
-  (``borrow_tokens``), which takes each request's slack as the engine does (planned at the step
-  boundary: no step in flight to allow for);
+  into the padding rows of the CUDA graph its step replays (``WorkerSpec.graph_rows``). The step's time
+  budget is the engine's: the TPOT SLO, or the least slack of its decoding requests when that is more
+  (a request whose tokens came faster than the SLO may take a longer step; planned at the step
+  boundary, with no step in flight to allow for), with borrowing from later tokens (``borrow_tokens``),
+  the window budget and chunk deferral (``budget_window``, ``defer_below``) as the engine applies them;
 * a **prefill** worker runs prompt chunks up to its token budget; when a prompt's last chunk is done its
   first token exists, and its KV reaches a decode worker ``transfer_s(prompt)`` later;
 * a **decode** worker runs one token per held request each step; a request joins at the first step
@@ -214,8 +215,8 @@ class ClusterSimulation:
         window_s = (window_step_budget(budget_s, spec.budget_window, worker.recent_s) if budget_s is not None
                     and all(a.outcome.request.output_tokens >= spec.budget_window for a in worker.running) else None)
         window_open = window_s is not None
-        if budget_s is not None and spec.borrow_tokens:
-            budget_s = self._borrowed_budget(worker, budget_s, now)
+        if budget_s is not None:  # as the engine: the decoding requests' slack (and what they lend)
+            budget_s = self._slack_budget(worker, budget_s, now)
         if window_s is not None and budget_s is not None:
             budget_s = max(budget_s, window_s)
         prefill_taken = False
@@ -277,8 +278,9 @@ class ClusterSimulation:
         worker.waiting = deque(head + ordered)
 
     @staticmethod
-    def _borrowed_budget(worker: SimWorker, slo_s: float, now: float) -> float:
-        """As the engine's step budget with borrowing (``slack_step_budget_s``), planned at the step boundary."""
+    def _slack_budget(worker: SimWorker, slo_s: float, now: float) -> float:
+        """As the engine's step budget (``slack_step_budget_s``: slack, and borrowing when the spec lends),
+        planned at the step boundary."""
         return slack_step_budget_s(slo_s, [(a.outcome.first_token_s + slo_s * a.produced - now,
                                             a.outcome.request.output_tokens - a.produced - 1)
                                            for a in worker.running if a.outcome.first_token_s is not None],

@@ -316,8 +316,9 @@ def test_deferred_chunks_spend_the_windows_room_within_the_mean_tpot() -> None:
 
 def test_borrowing_takes_whole_prompts_while_the_requests_repay_their_tpot() -> None:
     """The engine's borrowing in the simulation: a colocated worker decoding while 1,024-token prompts keep
-    arriving takes more of each prompt per step (first tokens come sooner) and its requests' mean TPOT
-    stays within the SLO, each long step repaid by the decode-only steps after it."""
+    arriving takes more of each prompt per step than its requests' slack alone gives (first tokens come
+    sooner) and its requests' mean TPOT stays within the SLO, each long step repaid by the decode-only
+    steps after it."""
     model = StepTimeModel(base_s=5e-3, per_token_s=25e-6, free_tokens=128)
     rng, t, requests = random.Random(5), 0.0, []
     for _ in range(400):
@@ -330,9 +331,9 @@ def test_borrowing_takes_whole_prompts_while_the_requests_repay_their_tpot() -> 
         return ([o.ttft_s for o in outcomes if o.ttft_s is not None],
                 [o.tpot_s for o in outcomes if o.tpot_s is not None])
 
-    cut_ttft, cut_tpot = run(0)
+    cut_ttft, cut_tpot = run(0)  # the SLO, or the least slack when more (as the engine)
     ttft, tpot = run(64)
-    assert statistics.median(ttft) < 0.8 * statistics.median(cut_ttft)
+    assert statistics.median(ttft) < 0.95 * statistics.median(cut_ttft)
     assert statistics.mean(tpot) > statistics.mean(cut_tpot)  # the long steps are spent from the requests' TPOT
     assert sorted(tpot)[int(0.9 * len(tpot))] <= 15e-3
 

@@ -85,3 +85,20 @@ def test_a_profile_carries_its_graph_rows(tmp_path) -> None:  # noqa: ANN001
     for bad in ([64, 32], [0, 16], ["16"], [16, 16], {"a": 1}):
         with pytest.raises(ConfigError, match="graph_rows must be ascending"):
             Profile.from_dict({"model": model, "graph_rows": bad})
+
+
+def test_a_simulated_step_may_take_the_slack_its_decodes_built_up_as_the_engine_does() -> None:
+    """A request decoding at ~2 ms a token under a 15 ms TPOT SLO is ~13 ms a token ahead; when a long
+    prompt arrives, the step budget is that slack (the engine's ``StepBudget.seconds``), not the SLO, so
+    the prompt takes far fewer steps than chunks cut to 15 ms would need."""
+    from pdserve.common.step_model import StepShape
+
+    requests = [SimRequest(0.0, 16, 2000), SimRequest(1.0, 6000, 2)]
+    spec = WorkerSpec(max_batch_tokens=8192, step_budget_s=0.015)
+    sim = ClusterSimulation(MODEL, colocated=1, colocated_spec=spec)
+    outcomes = sim.run(requests)
+    at_slo = MODEL.max_chunk_tokens(StepShape.of([500]), 0.015, 6000, 0)
+    assert 0 < at_slo < 1000
+    assert outcomes[1].prompt_steps < (6000 // at_slo) / 2
+    tpot = outcomes[0].tpot_s
+    assert tpot is not None and tpot <= 0.015  # the long steps were paid for with the slack
