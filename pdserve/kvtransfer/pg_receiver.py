@@ -145,6 +145,15 @@ class ProcessGroupReceiver(ReceiverCore):
         with self._cond:
             return {c.name: "cuda_ipc" if c.one_sided else self._group_backend for c in self._channels}
 
+    @property
+    def landed_messages(self) -> dict[str, int]:
+        """Messages of the open channels received straight into the cache (``direct``) and through a
+        staging buffer and a scatter (``staged``)."""
+        with self._cond:
+            landings = [c.landing for c in self._channels if c.landing is not None]
+        return {"direct": sum(landing.num_direct for landing in landings),
+                "staged": sum(landing.num_staged for landing in landings)}
+
     def close(self) -> None:
         with self._cond:
             if self._closing:

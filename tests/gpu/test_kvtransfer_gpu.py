@@ -16,9 +16,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from pdserve.kvtransfer import TransferState
 from pdserve.kvtransfer.testing import SCENARIOS, CacheSpec, ProcessGroupTransport
 from pdserve.kvtransfer.testing.contract import (
     TWO_SIDED_ONLY,
+    assert_landed,
+    assert_untouched,
     check_chunked_transfer,
     check_concurrent_transfers,
 )
@@ -79,6 +82,32 @@ def test_nccl_coalesced_launches(monkeypatch: pytest.MonkeyPatch) -> None:
     made = _transport(LLAMA_LIKE, "nccl")
     try:
         check_chunked_transfer(made)
+        check_concurrent_transfers(made)
+    finally:
+        made.close()
+
+
+@pytest.mark.timeout(300)
+def test_nccl_receives_land_in_place_when_the_destination_is_contiguous(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Receiving straight into the decode blocks (no staging, no scatter; off by default because each
+    NCCL operation cost more host time than the scatter it saves): with every part split into keys and
+    values, a transfer into consecutive blocks lands in place, exactly, and a scattered one still lands
+    through staging on the same channel."""
+    monkeypatch.setenv("PDSERVE_KV_MIN_SPLIT_BYTES", "1")
+    monkeypatch.setenv("PDSERVE_KV_MIN_MESSAGE_BYTES", "1")
+    monkeypatch.setenv("PDSERVE_KV_MAX_MESSAGE_BYTES", str(64 << 10))  # each layer's part goes alone
+    made = _transport(LLAMA_LIKE, "nccl")
+    try:
+        pair = made.pair()
+        src, dst, layers = list(range(3, 10)), list(range(40, 47)), LLAMA_LIKE.num_layers
+        handle = pair.receiver.expect(9001, "req-in-place", dst, layers, 30.0)
+        pair.sender.begin(9001, "req-in-place", dst)
+        pair.sender.send_layers(9001, range(layers), src, (0, len(src)))
+        pair.sender.finish(9001, [5])
+        assert pair.receiver.wait(handle, 30.0) is TransferState.DONE, handle.error
+        assert_landed(pair, src, dst, range(len(src)))
+        assert_untouched(pair, dst)
+        assert pair.receiver.landed_messages["direct"] >= layers  # type: ignore[attr-defined]
         check_concurrent_transfers(made)
     finally:
         made.close()
