@@ -276,3 +276,19 @@ def pooled_busy_calibration(reports: list[dict[str, Any]], min_steps: int) -> di
                                     total.profiled_s + busy.profiled_s)
     return {kind: t.measured_s / t.profiled_s for kind, t in totals.items()
             if t.steps >= min_steps and t.profiled_s > 0 and t.measured_s > 0}
+
+
+def mean_scheduler_calibration(factors: list[dict[str, Any]]) -> dict[StepKind, float]:
+    """One calibration per kind from several workers' scheduler factors (``step_time_calibration``: kind ->
+    factor), their mean; what a planner falls back to when the workers report no busy time (workers of a
+    release before ``step_time_busy``). Factors of 1.0 (not recalibrated) and malformed ones are left out."""
+    pooled: dict[StepKind, list[float]] = {}
+    for report in factors:
+        for kind in StepKind:
+            try:
+                factor = float((report or {})[kind.value])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if factor != 1.0 and 0.1 <= factor <= 10:
+                pooled.setdefault(kind, []).append(factor)
+    return {kind: sum(values) / len(values) for kind, values in pooled.items()}

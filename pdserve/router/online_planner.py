@@ -23,7 +23,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from pdserve.common.step_model import FIRST_CALIBRATION_STEPS, StepTimeModel, pooled_busy_calibration
+from pdserve.common.step_model import (
+    FIRST_CALIBRATION_STEPS,
+    StepTimeModel,
+    mean_scheduler_calibration,
+    pooled_busy_calibration,
+)
 from pdserve.planner.plan import DEFAULT_KV_BYTES_PER_TOKEN, Profile, Workload
 from pdserve.planner.plan_process import plan_in_subprocess
 from pdserve.planner.simulate import SimRequest
@@ -136,8 +141,12 @@ class OnlinePlanner:
             return None
         model = StepTimeModel.from_dict(with_model[0]["step_time_model"], "a worker's telemetry")
         reports = [e.get("step_time_busy") or {} for e in with_model]
+        if any(reports):
+            factors = pooled_busy_calibration(reports, FIRST_CALIBRATION_STEPS)
+        else:  # workers older than this router report no busy time: their schedulers' factors, then
+            factors = mean_scheduler_calibration([e.get("step_time_calibration") or {} for e in with_model])
         capacities = [int(e["kv_capacity_tokens"]) for e in with_model if e.get("kv_capacity_tokens")]
-        return Profile(model.calibrated(pooled_busy_calibration(reports, FIRST_CALIBRATION_STEPS)),
+        return Profile(model.calibrated(factors),
                        float(with_model[0].get("kv_bytes_per_token") or DEFAULT_KV_BYTES_PER_TOKEN),
                        kv_capacity_tokens=min(capacities) if capacities else None,
                        graph_rows=tuple(int(r) for r in with_model[0].get("graph_rows") or ()))

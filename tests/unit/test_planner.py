@@ -207,6 +207,14 @@ def test_the_online_planner_simulates_with_the_workers_calibration() -> None:
     workload = Workload.poisson(5.0, 256, 16, n=30, seed=1)
     data = json.loads(encode_round(profile, workload, 2, ttft_slo_s=0.25, tpot_slo_s=0.015, borrow_tokens=64))
     assert data["borrow_tokens"] == 64  # the planning process simulates the workers' borrowing
+    # workers older than the router (no busy time): their schedulers' factors, averaged; 1.0 means none
+    for name, factors in (("colocated-0", {"mixed": 1.2, "decode": 1.0}), ("colocated-1", {"mixed": 1.4})):
+        engine = telemetry[name]["engine"]
+        del engine["step_time_busy"]
+        engine["step_time_calibration"] = factors
+    older = planner._profile()
+    assert older is not None and older.model.factor(StepKind.MIXED) == pytest.approx(1.3)
+    assert older.model.factor(StepKind.DECODE) == 1.0
 
 
 def test_spilling_keeps_late_prompts_on_the_decode_worker() -> None:
