@@ -140,14 +140,16 @@ def make_workload(name: str, n: int, seed: int, args: argparse.Namespace) -> lis
     raise ValueError(f"unknown workload {name!r}")
 
 
-def trace_specs(args: argparse.Namespace, time_scale: float) -> list[RequestSpec]:
+def trace_specs(args: argparse.Namespace, time_scale: float, point: int = 0) -> list[RequestSpec]:
     """The trace window of one trace point: ``--trace-requests`` rows from ``--trace-start``, arrivals ``x
-    time_scale`` (spread within the trace's timestamp buckets unless ``--trace-arrivals recorded``)."""
+    time_scale`` (spread within the trace's timestamp buckets unless ``--trace-arrivals recorded``). The
+    ``point``-th point of a configuration gets tokens of its own (the same sharing), so it finds nothing the
+    points before it left in the prefix caches (before 2026-12-02 every point replayed the first's tokens)."""
     return trace_workload(Path(args.trace_path), start=args.trace_start, count=args.trace_requests,
                           time_scale=time_scale, length_scale=args.length_scale,
                           max_input=1024 if args.smoke else TRACE_MAX_INPUT,
                           max_output=32 if args.smoke else TRACE_MAX_OUTPUT,
-                          arrivals=TraceArrivals(args.trace_arrivals), seed=args.trace_seed)
+                          arrivals=TraceArrivals(args.trace_arrivals), seed=args.trace_seed, salt=point)
 
 
 def print_point(label: str, workload: str, summary: dict[str, Any]) -> None:
@@ -183,13 +185,13 @@ def run_configuration(kind: str, model_dir: Path, args: argparse.Namespace, slos
         for workload in args.workloads:
             points = []
             if workload == "trace":
-                for time_scale in args.time_scales:
-                    specs = trace_specs(args, time_scale)
+                for point, time_scale in enumerate(args.time_scales):
+                    specs = trace_specs(args, time_scale, point)
                     offsets = [s.arrival_s for s in specs]
                     rate = len(specs) / max(offsets[-1], 1.0) / num_gpus  # the window's mean arrival rate
                     run_id = f"{label}-trace-x{time_scale:g}"
                     summary = measure_point(cluster.router_address, specs, offsets, run_id, slos, args.client_processes)
-                    summary |= {"rate_per_gpu": rate, "run_id": run_id, "time_scale": time_scale}
+                    summary |= {"rate_per_gpu": rate, "run_id": run_id, "time_scale": time_scale, "content_salt": point}
                     points.append(summary)
                     if args.dashboard:
                         dashboard[run_id] = dashboard_snapshot(cluster.http_url)

@@ -62,9 +62,11 @@ PRESETS = {"prefill-heavy": (2048, 128), "decode-heavy": (128, 1024)}
 def trace_workload(path: Path, *, start: int = 0, count: int | None = None, time_scale: float = 1.0,
                    length_scale: float = 1.0, max_input: int | None = None, max_output: int | None = None,
                    vocab: int = 32000, arrivals: TraceArrivals = TraceArrivals.SPREAD,
-                   seed: int = 0) -> list[RequestSpec]:
+                   seed: int = 0, salt: int = 0) -> list[RequestSpec]:
     """Replay requests ``start .. start+count`` of a Mooncake JSONL trace (arrivals relative to the first, as
-    :func:`pdserve.common.mooncake_trace.read_trace` gives them for ``arrivals`` and ``seed``)."""
+    :func:`pdserve.common.mooncake_trace.read_trace` gives them for ``arrivals`` and ``seed``). Equal hash ids
+    give equal tokens (what prefix caches share); ``salt`` changes every token but keeps that sharing, so a
+    window served again after itself (another time scale) finds nothing of the first pass in the caches."""
     block = max(1, round(TRACE_BLOCK_TOKENS * length_scale))
     out = []
     for i, row in enumerate(read_trace(path, start=start, count=count, arrivals=arrivals, seed=seed)):
@@ -75,9 +77,9 @@ def trace_workload(path: Path, *, start: int = 0, count: int | None = None, time
         for h in row.hash_ids:
             if len(prompt) >= input_len:
                 break
-            prompt += _token_block(h * 2654435761 % 2**31, block, vocab)
+            prompt += _token_block((h * 2654435761 + salt * 40503) % 2**31, block, vocab)
         if len(prompt) < input_len:  # blocks the row does not name (no hash_ids): unshared tokens
-            prompt += _token_block(2**31 + start + i, input_len - len(prompt), vocab)
+            prompt += _token_block(2**31 + start + i + salt * 2**20, input_len - len(prompt), vocab)
         prompt = prompt[:input_len]
         output_len = max(1, round(row.output_length * length_scale))
         if max_output is not None:

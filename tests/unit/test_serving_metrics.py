@@ -91,6 +91,11 @@ def test_trace_replay_reproduces_prefix_sharing(tmp_path) -> None:
     assert a[: 2 * block] == b[: 2 * block]  # hash ids 1, 2 shared at the same positions
     assert a[2 * block: 3 * block] != b[2 * block: 3 * block]  # 3 vs 4
     assert c[:block] != a[:block] and c[block:] == a[block:len(c)]  # id 2 at position 1 in both: same tokens
+    # a later point of the serving benchmark (salt 1): no token shared with the first pass, the same sharing
+    a1, b1, c1 = (s.prompt_token_ids for s in trace_workload(path, time_scale=0.5, length_scale=0.5,
+                                                               arrivals=TraceArrivals.RECORDED, salt=1))
+    assert a1[:block] != a[:block] and b1[:block] != b[:block] and c1[:block] != c[:block]
+    assert a1[: 2 * block] == b1[: 2 * block] and c1[block:] == a1[block:len(c1)]
 
 
 def test_trace_replay_fills_a_prompt_its_hash_ids_do_not_cover(tmp_path) -> None:  # noqa: ANN001
