@@ -24,6 +24,7 @@ from pdserve.client.errors import (
     PdserveClientError,
 )
 from pdserve.common.errors import InvalidParameterError
+from pdserve.common.roles import WorkerRole
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.rpc.api import generate_request
 from pdserve.v1 import pdserve_pb2
@@ -154,8 +155,8 @@ def switch_role_request(worker_id: str, role: str, grace_s: float) -> pdserve_pb
     """The ``SwitchRole`` request, validated here (both clients)."""
     if not isinstance(worker_id, str) or not worker_id:
         raise InvalidParameterError("worker_id", "must be a worker's id, e.g. prefill-1 (see `pdserve status`)")
-    if role not in ("prefill", "decode"):
-        raise InvalidParameterError("role", f"must be prefill or decode, got {role!r}")
+    if role not in tuple(WorkerRole):
+        raise InvalidParameterError("role", f"must be one of {', '.join(WorkerRole)}, got {role!r}")
     if isinstance(grace_s, bool) or not isinstance(grace_s, int | float) or not grace_s >= 0:
         raise InvalidParameterError("grace_s", f"must be a number >= 0, got {grace_s!r}")
     return pdserve_pb2.SwitchRoleRequest(worker_id=worker_id, role=role, grace_s=float(grace_s))

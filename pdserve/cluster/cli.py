@@ -23,6 +23,7 @@ from pdserve.cluster.profile_cli import run_profile
 from pdserve.cluster.serve_cli import add_serve_parser, run_serve
 from pdserve.common.config import TINY_RANDOM_MODEL
 from pdserve.common.errors import PdserveError
+from pdserve.common.roles import WorkerRole
 from pdserve.planner.cli import add_planner_parsers, run_plan
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the router (default: 10)")
     scale = sub.add_parser("scale", help="grow or shrink one pool of a running cluster (its router's address)")
     scale.add_argument("--target", metavar="HOST:PORT", required=True, help="the router's gRPC address")
-    scale.add_argument("--role", required=True, choices=["prefill", "decode", "colocated"], help="the pool")
+    scale.add_argument("--role", required=True, choices=list(WorkerRole), help="the pool")
     scale.add_argument("--replicas", type=int, required=True, help="how many workers the pool should have")
     scale.add_argument("--grace-s", type=float, default=0.0,
                        help="how long removed workers may finish their requests (default 0: the router's "
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "without a restart (its router's address)")
     switch.add_argument("--target", metavar="HOST:PORT", required=True, help="the router's gRPC address")
     switch.add_argument("--worker", required=True, help="the worker's id (see `pdserve status`), e.g. prefill-1")
-    switch.add_argument("--role", required=True, choices=["prefill", "decode"], help="its new role")
+    switch.add_argument("--role", required=True, choices=list(WorkerRole),
+                        help="its new role (colocated: it prefills every prompt it gets)")
     switch.add_argument("--grace-s", type=float, default=0.0,
                         help="how long it may finish its requests first (default 0: the router's shutdown_grace_s); "
                              "streams left then move to another worker")

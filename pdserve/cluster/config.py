@@ -30,10 +30,11 @@ import yaml
 from pdserve.common.config import MAX_POOL_REPLICAS, TINY_RANDOM_MODEL, EngineConfig
 from pdserve.common.errors import ConfigError, InvalidParameterError
 from pdserve.common.kv_transfer_config import KVTransferConfig
+from pdserve.common.roles import ServingMode
 from pdserve.common.validation import require_float, require_int
 from pdserve.router.config import RouterConfig
 
-MODES = ("disaggregated", "colocated")
+MODES = tuple(mode.value for mode in ServingMode)
 
 
 @dataclass(frozen=True)

@@ -202,17 +202,21 @@ class Cluster:
         stops sending it requests and lets those it holds finish for up to ``grace_s`` (default
         ``router.shutdown_grace_s``; streams left then move to another worker, as in a scale-in), the
         worker closes its old role and takes the new one (same process, engine and address), and the
-        router adds it under its new id (``<role>-<n>``, returned). Refused (``ValueError``) for a role
-        this cluster has no pool of, or when the worker is the last usable one of its pool (but the last
-        prefill worker may go: decode workers then prefill every prompt themselves). Blocks; call
-        from outside the router's loop."""
+        router adds it under its new id (``<role>-<n>``, returned). A split cluster's worker may also
+        become ``colocated``: it streams tokens like a decode worker and prefills every prompt it gets
+        itself (engine settings of the ``colocated`` pool, by default derived from the prefill and decode
+        pools). Refused (``ValueError``) for a role this cluster cannot hold, or when the worker is the last
+        usable one that its mode needs (but the last prefill worker may go: decode workers then prefill
+        every prompt themselves). Blocks; call from outside the router's loop."""
         assert self.router is not None and self._loop is not None, "start() first"
         handle = next((w for w in self.workers if w.worker_id == worker_id), None)
         if handle is None:
             raise ValueError(f"no worker {worker_id!r}; workers: {', '.join(w.worker_id for w in self.workers)}")
-        if role not in self.config.roles or role == handle.role:
+        # a split cluster's worker may also become colocated (it then prefills every prompt it gets)
+        roles = (*self.config.roles, "colocated") if self.config.mode == "disaggregated" else self.config.roles
+        if role not in roles or role == handle.role:
             raise ValueError(f"worker {worker_id} cannot become a {role} worker: this {self.config.mode} cluster's "
-                             f"pools are {', '.join(self.config.roles)}, and it is a {handle.role} worker")
+                             f"workers may be {', '.join(roles)}, and it is a {handle.role} worker")
         started = time.perf_counter()
         wait = (self.config.router.shutdown_grace_s if grace_s is None else grace_s) + 60
         self._on_routers("remove_worker", worker_id, grace_s, timeout=wait)

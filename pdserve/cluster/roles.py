@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pdserve.common.roles import WorkerRole
 from pdserve.decode.role import DecodeRole
 from pdserve.prefill.role import PrefillRole
 from pdserve.worker.role import Role
 
-ROLES = ("prefill", "decode", "colocated")
+ROLES = tuple(role.value for role in WorkerRole)
 
 
 def make_role(role: str) -> Role:

@@ -56,9 +56,7 @@ class AdmissionControl:
         if self._mode is ServingMode.DISAGGREGATED:
             prefill = _routable(self._registry.with_role(WorkerRole.PREFILL))
             best = min((expected_ttft_remote(w, num_prompt_tokens) for w in prefill), default=math.inf)
-            decoders = _routable(self._registry.with_role(WorkerRole.DECODE))
-        else:
-            decoders = _routable(self._registry.with_role(WorkerRole.COLOCATED))
+        decoders = _routable(self._registry.with_role(*self._mode.stream_roles))
         return min([best, *(expected_ttft_local(w, num_prompt_tokens) for w in decoders)])
 
     def check(self, num_prompt_tokens: int, client_deadline_s: float | None) -> None:

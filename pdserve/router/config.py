@@ -8,29 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 from pdserve.common.errors import ConfigError, InvalidParameterError
+from pdserve.common.roles import ServingMode, WorkerRole
 from pdserve.common.validation import ValidatedConfig, require_float, require_int
 from pdserve.router.plan_applier import ApplyConfig
 
-
-class ServingMode(StrEnum):
-    """How the pools are laid out: separate prefill/decode pools, or workers that do both phases."""
-
-    DISAGGREGATED = "disaggregated"
-    COLOCATED = "colocated"
-
-
-class WorkerRole(StrEnum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-    COLOCATED = "colocated"
-
-    @property
-    def streams_tokens(self) -> bool:
-        """Whether the router submits requests to, and reads ``Worker.Updates`` from, such workers."""
-        return self is not WorkerRole.PREFILL
+__all__ = ["RouterConfig", "ServingMode", "WorkerEndpoint", "WorkerRole", "check_topology"]
 
 
 @dataclass(frozen=True)
@@ -227,9 +211,11 @@ class RouterConfig(ValidatedConfig):
 def check_topology(mode: ServingMode, workers: Sequence[WorkerEndpoint], *, starting: bool = True) -> None:
     """Reject worker lists that cannot serve ``mode``: duplicate ids, or roles the mode does not use.
 
-    Disaggregated mode starts with at least one prefill and one decode worker (and no colocated ones);
-    later (``starting=False``: workers added or switched while serving) the prefill pool may be empty, its
-    decode workers then prefilling every prompt themselves. Colocated mode needs colocated workers only.
+    Disaggregated mode starts with at least one prefill and one decode worker, and may hold colocated
+    workers beside them (they prefill every prompt they get; a decode worker may be switched to one while
+    serving); later (``starting=False``: workers added or switched while serving) the prefill pool may be
+    empty, decode workers then prefilling every prompt themselves, and colocated workers may stand in for
+    the decode pool. Colocated mode needs colocated workers only.
     """
     seen: set[str] = set()
     for worker in workers:
@@ -238,12 +224,13 @@ def check_topology(mode: ServingMode, workers: Sequence[WorkerEndpoint], *, star
         seen.add(worker.worker_id)
     roles = {w.role for w in workers}
     if mode is ServingMode.DISAGGREGATED:
-        missing = {WorkerRole.PREFILL, WorkerRole.DECODE} - roles - (set() if starting else {WorkerRole.PREFILL})
+        needed = {WorkerRole.PREFILL, WorkerRole.DECODE} if starting else set()
+        missing = needed - roles
         if missing:
             raise ConfigError("workers", f"disaggregated mode needs prefill and decode workers; none with role "
                                          f"{', '.join(sorted(r.value for r in missing))}")
-        if WorkerRole.COLOCATED in roles:
-            raise ConfigError("workers", "disaggregated mode takes prefill and decode workers, not colocated ones")
+        if not roles & set(mode.stream_roles):
+            raise ConfigError("workers", "disaggregated mode needs a decode (or colocated) worker to stream tokens")
     else:
         if roles != {WorkerRole.COLOCATED}:
             raise ConfigError("workers", "colocated mode takes colocated workers only (at least one)")

@@ -52,8 +52,7 @@ class Dispatcher:
         self._table = table
         self._decode_policy = decode_policy
         self._prefill_policy = prefill_policy
-        self._decode_roles = ((WorkerRole.DECODE,) if mode is ServingMode.DISAGGREGATED
-                              else (WorkerRole.COLOCATED,))
+        self._decode_roles = mode.stream_roles
         self._aborts: set[asyncio.Task[None]] = set()
 
     @property
@@ -79,8 +78,10 @@ class Dispatcher:
                                               bonus=self._affinity.bonus([w.worker_id for w in decoders], keys, weight))
             prefill_address, prefill_id = "", None
             resumed = len(message.resume_token_ids.ids) > 0  # computed on its decode worker
+            # a colocated worker (one switched to that role in a split cluster) prefills what it gets
             prefill_workers = (self._registry.with_role(WorkerRole.PREFILL)
-                               if self._mode is ServingMode.DISAGGREGATED and not resumed else [])
+                               if self._mode is ServingMode.DISAGGREGATED and not resumed
+                               and decode.role is WorkerRole.DECODE else [])
             local = (self._prefill_policy.local_prefill_worker(
                 request.num_prompt_tokens, [w for w in prefill_workers if w.routable], decode,
                 self._decode_policy.filter(decoders, request.failed_workers)) if prefill_workers else decode)

@@ -301,9 +301,11 @@ class Router:
         worker of a pool the mode needs (the prefill pool may go: decode workers then prefill every prompt
         themselves, which is how a split cluster becomes the equivalent of a colocated one)."""
         state = self.registry.get(worker_id)
-        peers = [s for s in self.registry.with_role(state.role) if s.worker_id != worker_id and s.routable]
+        pool = self.mode.stream_roles if state.role in self.mode.stream_roles else (state.role,)
+        peers = [s for s in self.registry.with_role(*pool) if s.worker_id != worker_id and s.routable]
         if not peers and not _may_empty(state.role):
-            raise ValueError(f"worker {worker_id} is the last usable {state.role.value} worker: add one first")
+            raise ValueError(f"worker {worker_id} is the last usable {' or '.join(r.value for r in pool)} worker: "
+                             f"add one first")
         state.draining = True
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         loop = asyncio.get_running_loop()
@@ -369,8 +371,7 @@ class Router:
     async def _update_health(self) -> None:
         if self.table.closed_reason is not None:
             return  # draining: not serving, whatever the workers say
-        decode_roles = (WorkerRole.DECODE,) if self.mode is ServingMode.DISAGGREGATED else (WorkerRole.COLOCATED,)
-        serving = any(s.routable for s in self.registry.with_role(*decode_roles))
+        serving = any(s.routable for s in self.registry.with_role(*self.mode.stream_roles))
         prefill = self.registry.with_role(WorkerRole.PREFILL)
         if self.mode is ServingMode.DISAGGREGATED and prefill:  # none at all: decode workers prefill
             serving = serving and any(s.routable for s in prefill)

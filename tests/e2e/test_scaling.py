@@ -94,9 +94,9 @@ def test_workers_switch_roles_under_load(ray_session) -> None:
     try:
         assert cluster.scale("prefill", 2) == ["prefill-1"]
         address = next(w.address for w in cluster.workers if w.worker_id == "prefill-1")
-        with pytest.raises(ValueError, match="cannot become a colocated worker"):
-            cluster.switch_role("prefill-1", "colocated")
-        with pytest.raises(ValueError, match="last usable decode worker"):
+        with pytest.raises(ValueError, match="cannot become a prefill worker.*it is a prefill worker"):
+            cluster.switch_role("prefill-1", "prefill")
+        with pytest.raises(ValueError, match="last usable decode or colocated worker"):
             cluster.switch_role("decode-0", "prefill")
 
         started = threading.Barrier(len(PROMPTS) + 1, timeout=60)
@@ -158,5 +158,41 @@ def test_workers_switch_roles_under_load(ray_session) -> None:
         assert all(s["free_blocks"] == s["usable_blocks"] for s in stats)
         print(f"role switches: prefill->decode {first_switch_s:.2f} s, decode->prefill with "
               f"{len(PROMPTS)} streams moved {second_switch_s:.2f} s")
+    finally:
+        cluster.stop()
+
+
+def test_a_decode_worker_becomes_colocated_in_a_split_cluster(ray_session) -> None:
+    """A real colocated role in a split cluster: a decode worker holding streams switches to colocated
+    (same process, no restart), no request fails and every output equals the offline one; afterwards it
+    prefills the prompts it gets itself while the other decode worker still takes remote prefills, and
+    it can switch back."""
+    fresh = [f"Hybrid story {i}: long ago" for i in range(6)]
+    reference = offline(PROMPTS + fresh, GREEDY)
+    expected, expected_fresh = reference[:len(PROMPTS)], reference[len(PROMPTS):]
+    cluster = start_cluster("disaggregated", decode=2)
+    try:
+        started = threading.Barrier(len(PROMPTS) + 1, timeout=60)
+        threads, results, errors = _streams(cluster, PROMPTS, started)
+        started.wait()
+        assert cluster.switch_role("decode-1", "colocated", grace_s=0.0) == "colocated-0"
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert [results[i] for i in range(len(PROMPTS))] == expected
+        before = {s["worker_id"]: s for s in cluster.worker_stats()}
+        with Client(cluster.router_address, timeout=60) as client, ThreadPoolExecutor(len(fresh)) as pool:
+            outputs = list(pool.map(lambda p: client.generate(p, sampling_params=GREEDY).token_ids, fresh))
+        assert outputs == expected_fresh
+        after = {s["worker_id"]: s for s in cluster.worker_stats()}
+        hybrid, decode = after["colocated-0"], after["decode-0"]
+        assert hybrid["role"] == "colocated" and hybrid["remote_prefills"] == 0
+        assert hybrid["prompt_tokens_computed"] > before["colocated-0"]["prompt_tokens_computed"], after
+        assert decode["remote_prefills"] > before["decode-0"]["remote_prefills"], after
+        assert cluster.switch_role("colocated-0", "decode") == "decode-1"
+        with Client(cluster.router_address, timeout=60) as client:
+            assert [client.generate(p, sampling_params=GREEDY).token_ids for p in fresh[:2]] == expected_fresh[:2]
+        stats = wait_until_idle(cluster)
+        assert all(s["free_blocks"] == s["usable_blocks"] for s in stats)
     finally:
         cluster.stop()

@@ -53,6 +53,11 @@ def test_topology_checks() -> None:
     check_topology(ServingMode.DISAGGREGATED, _endpoints("prefill", "decode", "decode"))
     check_topology(ServingMode.COLOCATED, _endpoints("colocated"))
     check_topology(ServingMode.DISAGGREGATED, _endpoints("decode", "decode"), starting=False)  # 0P2D, later
+    # colocated workers beside the pools (a decode worker switched to that role), even in place of them later
+    check_topology(ServingMode.DISAGGREGATED, _endpoints("prefill", "decode", "colocated"))
+    check_topology(ServingMode.DISAGGREGATED, _endpoints("prefill", "colocated"), starting=False)
+    with pytest.raises(ConfigError, match="needs a decode \\(or colocated\\) worker"):
+        check_topology(ServingMode.DISAGGREGATED, _endpoints("prefill"), starting=False)
     with pytest.raises(ConfigError, match="none with role prefill"):
         check_topology(ServingMode.DISAGGREGATED, _endpoints("decode"))
     with pytest.raises(ConfigError, match="colocated workers only"):
