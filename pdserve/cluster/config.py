@@ -151,7 +151,10 @@ class ClusterConfig:
         if self.colocated is not None:
             return self.colocated
         gpus = max(self.prefill.gpus_per_worker, self.decode.gpus_per_worker)
-        ranks = max(self.prefill.tensor_parallel_size, self.decode.tensor_parallel_size)
+        pools = (self.prefill, self.decode)
+        # stated by either pool: the larger of their ranks (a pool that states none has its GPU count)
+        ranks = max(p.tensor_parallel_size or p.gpus_per_worker for p in pools) \
+            if any(p.tensor_parallel_size for p in pools) else 0
         if gpus and ranks and gpus != ranks:
             raise ConfigError("colocated", f"the default colocated pool (the larger of the prefill and decode "
                               f"settings) would run {ranks} ranks on {gpus} GPU(s): give a colocated section")

@@ -15,9 +15,9 @@ from pdserve.common.validation import ValidatedConfig, require_float, require_in
 TINY_RANDOM_MODEL = "tiny-random"
 """Name of the built-in model: a tiny Llama with deterministic random weights and a byte tokenizer."""
 MAX_POOL_REPLICAS = 1024
-#: The largest step a one-GPU engine replays from a CUDA graph by default (``cuda_graph_max_tokens``).
-DEFAULT_GRAPH_MAX_TOKENS = 1024
 """The most workers one pool may hold (a cluster file's ``replicas``, ``ScalePool`` / ``pdserve scale``)."""
+DEFAULT_GRAPH_MAX_TOKENS = 1024
+"""The largest step a one-GPU engine replays from a CUDA graph by default (``cuda_graph_max_tokens``)."""
 
 LOAD_FORMATS = ("auto", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

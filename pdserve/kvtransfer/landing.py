@@ -95,9 +95,12 @@ class PlanLanding:
             self._post_claimed(plan, ready, claims, staging)
         finally:
             # after every receive and scatter this plan posted (also when posting failed half-way: the
-            # channel then aborts its group, and the fence waits for what was posted)
-            event = record_event(self._device)
-            self._core.writes_posted(claimed, event)
+            # channel then aborts its group, and the fence waits for what was posted, receives included)
+            try:
+                torch.cuda.current_stream(self._device).wait_stream(self._post_stream)
+                event = record_event(self._device)
+            finally:  # never left pinned, even if the event cannot be recorded (the fence then times out)
+                self._core.writes_posted(claimed, event)
             self._posted.append((event, staging))
 
     def _post_claimed(self, plan: list[PlannedMessage], ready: list[Any], claims: list[list[Any]],

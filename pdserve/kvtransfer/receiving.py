@@ -72,6 +72,8 @@ class _Incoming:
     on_terminal: Callable[[TransferHandle], None] | None = None
     fence_deadline: float | None = None  # ended with writes in flight: when to abandon them
     pinned: int = 0  # plans posting writes of it outside the lock (pin_writes .. writes_posted)
+    settled: bool = False  # its callback was queued (it never is again)
+    abandoned: bool = False  # its peer's writes were abandoned (once, whoever waits on its fence)
 
     def writes_in_flight(self) -> bool:
         return self.pinned > 0 or not event_done(self.last_write)
@@ -221,6 +223,13 @@ class ReceiverCore(KVReceiver):
         fenced (its blocks are not given back, its callback waits) as if those writes were in flight."""
         for record in records:
             record.pinned += 1
+            if record.handle.state.is_terminal and record not in self._fencing:
+                # a later part of this plan ended it (its deadline passed, or the part was malformed)
+                # after an earlier part was claimed: its callback, queued by ``_end``, must wait for the
+                # writes about to be posted (the lock was held since the claims: it has not run)
+                self._callbacks = deque(c for c in self._callbacks if c[1] is not record.handle)
+                record.settled = False
+                self._start_fence(record)
 
     def writes_posted(self, records: Sequence[_Incoming], event: Event) -> None:
         """After posting the device work that writes claimed parts (under the lock, or after
@@ -230,15 +239,16 @@ class ReceiverCore(KVReceiver):
             ended = False
             for record in records:
                 record.last_write = event
-                if record.pinned:
+                was_pinned = record.pinned > 0
+                if was_pinned:
                     record.pinned -= 1
                 handle = record.handle
                 if not handle.state.is_terminal:
                     continue
                 ended = True  # fenced: a fence may be waiting for this unpinning
-                if record not in self._fencing and not event_done(event):
-                    # it ended while its writes were being posted under the lock (a later part failed it,
-                    # or its deadline passed): hold its callback back until those writes finished
+                if not was_pinned and record not in self._fencing and not record.settled and not event_done(event):
+                    # claimed and posted under one lock, unpinned, and ended meanwhile (a later part failed
+                    # it): hold its callback back until those writes finished
                     self._callbacks = deque(c for c in self._callbacks if c[1] is not handle)
                     self._start_fence(record)
             if ended:  # (live transfers: nothing waits for their parts, see claim_part)
@@ -394,8 +404,10 @@ class ReceiverCore(KVReceiver):
             handle.state, handle.error = state, error
             if state is not TransferState.DONE and record.writes_in_flight():
                 self._start_fence(record)
-            elif record.on_terminal is not None:
-                self._callbacks.append((record.on_terminal, handle))
+            else:
+                record.settled = True
+                if record.on_terminal is not None:
+                    self._callbacks.append((record.on_terminal, handle))
         self._records.pop(handle.transfer_id, None)
         self._retired[handle.transfer_id] = None
         while len(self._retired) > RETIRED_IDS_KEPT:
@@ -415,6 +427,7 @@ class ReceiverCore(KVReceiver):
         if not force and record.writes_in_flight():
             return False
         self._fencing.remove(record)
+        record.settled = True
         if record.on_terminal is not None:
             self._callbacks.append((record.on_terminal, record.handle))
         self._cond.notify_all()
@@ -428,15 +441,21 @@ class ReceiverCore(KVReceiver):
             while record.pinned and (left := record.fence_deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
         if record.pinned or not wait_event(record.last_write, record.fence_deadline):
-            logger.warning("the KV writes of transfer %s from %s did not finish within %.3g s; abandoning "
-                           "that peer's writes", record.handle.transfer_id, record.handle.peer or "?",
-                           self._fence_timeout_s)
-            self._abandon_writes(record.handle.peer)
+            with self._cond:  # the fence may have several waiters (cancel, the completion thread): one aborts
+                first, record.abandoned = not record.abandoned, True
+            if first:
+                logger.warning("the KV writes of transfer %s from %s did not finish within %.3g s; abandoning "
+                               "that peer's writes", record.handle.transfer_id, record.handle.peer or "?",
+                               self._fence_timeout_s)
+                self._abandon_writes(record.handle.peer)
             end = time.monotonic() + ABANDON_WAIT_S
             with self._cond:
                 while record.pinned and (left := end - time.monotonic()) > 0:
                     self._cond.wait(left)
-            if record.pinned or not wait_event(record.last_write, end):
+            if record.pinned:
+                logger.error("the KV writes of transfer %s are still being posted after its peer was abandoned; "
+                             "its blocks are given back anyway", record.handle.transfer_id)
+            elif not wait_event(record.last_write, end):
                 logger.error("the KV writes of transfer %s did not stop; its blocks are given back anyway",
                              record.handle.transfer_id)
         with self._cond:

@@ -220,7 +220,7 @@ class ClusterSimulation:
         if window_s is not None and budget_s is not None:
             budget_s = max(budget_s, window_s)
         prefill_taken = False
-        if spec.ttft_slo_s is not None and len(worker.waiting) > 1:
+        if spec.ttft_slo_s is not None and sum(not (a.admitted or a.recompute) for a in worker.waiting) > 1:
             self._order_by_deadline(worker, spec.ttft_slo_s, now)
         for a in worker.waiting:
             if budget <= 0 or len(chunks) >= spec.max_running:  # a running batch of max_running at most

@@ -106,6 +106,9 @@ def test_gpus_per_worker_sets_the_tensor_parallel_size() -> None:
      {"prefill": (2, "cpu"), "decode": (1, "cpu")}),
     ({"engine": {"tensor_parallel_size": 4}, "prefill": {"tensor_parallel_size": 2}},  # the pool's key wins
      {"prefill": (2, "cpu"), "decode": (4, "cpu")}),
+    ({"mode": "colocated", "prefill": {"gpus_per_worker": 2}, "decode": {"gpus_per_worker": 1,
+                                                                        "tensor_parallel_size": 1}},
+     {"colocated": (2, "cuda")}),  # the default colocated pool: the larger pool's GPUs and ranks
 ])
 def test_a_pools_tensor_parallel_size_sets_its_ranks(pools: dict, expected: dict) -> None:
     from pdserve.cluster.config import cluster_config_from_dict
@@ -114,7 +117,8 @@ def test_a_pools_tensor_parallel_size_sets_its_ranks(pools: dict, expected: dict
     got = {role: (config.engine_config(role).tensor_parallel_size, config.engine_config(role).device)
            for role in config.roles}
     assert got == expected
-    assert config.kv_transfer.head_groups == max(ranks for ranks, _ in expected.values())
+    if config.mode == "disaggregated":
+        assert config.kv_transfer.head_groups == max(ranks for ranks, _ in expected.values())
 
 
 @pytest.mark.parametrize(("data", "says"), [

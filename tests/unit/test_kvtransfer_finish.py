@@ -173,14 +173,41 @@ def test_pinned_writes_that_are_never_posted_abandon_the_peer_at_the_fence_timeo
 
         def abandon(peer: str) -> None:  # what the process-group receiver does: abort the channel's group
             abandoned.append(peer)
-            if len(abandoned) == 1:
-                threading.Thread(target=receiver.writes_posted, args=(claimed, None)).start()
+            threading.Thread(target=receiver.writes_posted, args=(claimed, None)).start()
 
         receiver._abandon_writes = abandon  # type: ignore[method-assign]
         started = time.monotonic()
         receiver.cancel(handle)
-        # (cancel and the completion thread both wait on the fence: each may abandon the peer)
-        assert set(abandoned) == {"p"} and 0.15 < time.monotonic() - started < 3.0
+        # (cancel and the completion thread both wait on the fence: the peer is abandoned once)
+        assert abandoned == ["p"] and 0.15 < time.monotonic() - started < 3.0
         assert handle.state is TransferState.CANCELLED
+    finally:
+        receiver.close()
+
+
+def test_a_transfer_ended_by_a_later_part_of_the_plan_being_pinned_waits_for_the_earlier_parts_writes() -> None:
+    """One plan claims layer 0 of a transfer, then layer 1 fails it (a malformed part) before the plan is
+    pinned: its callback must not run before the writes of layer 0 were posted, and runs exactly once."""
+    import threading
+
+    caches = [torch.zeros(2, 8, 4, 2, 8) for _ in range(2)]
+    layout = KVLayoutInfo.from_caches(caches, "m")
+    receiver = LoopbackReceiver(caches, layout)
+    ended: list[TransferState] = []
+    try:
+        receiver.expect(1, "a", [0, 1], 2, deadline_s=30.0, on_terminal=lambda h: ended.append(h.state))
+        with receiver.lock:
+            good = receiver.claim_part("p", Header(MessageKind.LAYER, 1, 0, 0, 2, layout.payload_nbytes(2)))
+            bad = receiver.claim_part("p", Header(MessageKind.LAYER, 1, 1, 0, 9, layout.payload_nbytes(9)))
+            assert good is not None and bad is None and good.handle.state is TransferState.FAILED
+            receiver.pin_writes([good])
+        time.sleep(0.1)
+        assert ended == []  # its block's writes are being posted: the blocks stay held
+        threading.Thread(target=receiver.writes_posted, args=([good], None)).start()
+        deadline = time.monotonic() + 2.0
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert ended == [TransferState.FAILED]
     finally:
         receiver.close()
