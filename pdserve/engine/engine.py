@@ -271,6 +271,7 @@ class LLMEngine(RemotePrefill):
         if self._in_flight is not None and any(c.request.params.uses_penalties for c in self._in_flight.sampling):
             deltas += self._land(self._in_flight)
             self._in_flight = None
+        self.scheduler.in_flight_s = self._in_flight.plan.predicted_s if self._in_flight is not None else 0.0
         plan = self.scheduler.schedule()
         self._note_landing_zones(plan.landing_zones)
         self._slow_steps.launching()

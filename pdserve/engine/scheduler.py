@@ -106,6 +106,9 @@ class Scheduler:
         # rows a step of n tokens computes (its CUDA graph's padded size; set by the engine once captured)
         self.graph_rows: Callable[[int], int] | None = None
         self.pad_with_next_prompt = False  # a prompt the budget leaves out still takes the graph's padding rows
+        # predicted seconds of the step still on the device while the next is planned (asynchronous
+        # scheduling; set by the engine before each ``schedule``): the step budget's slack allows for it
+        self.in_flight_s = 0.0
 
     def use_graph_rows(self, graph_rows: Callable[[int], int]) -> None:
         """Once the engine captured its CUDA graphs: a chunk the budget cuts grows into its step's graph
@@ -230,10 +233,14 @@ class Scheduler:
         return self._budget
 
     def _note_step(self, plan: SchedulerPlan) -> None:
-        """Tell the step budget what the plan is predicted to take (its window of recent steps)."""
+        """Record what the plan is predicted to take (``plan.predicted_s``: the next plan's budget allows
+        for it while it is in flight) and tell the step budget's window."""
         budget = self.budget
-        if budget is not None and budget.window > 1 and self.step_time is not None and not plan.is_empty:
-            budget.note_step(self.step_time.predict(plan.shape))  # the window needs predicted times
+        if budget is None or self.step_time is None or plan.is_empty:
+            return
+        plan.predicted_s = self.step_time.predict(plan.shape)
+        if budget.window > 1:
+            budget.note_step(plan.predicted_s)  # the window needs predicted times
 
     def step_budget(self, now: float | None = None) -> float | None:
         """Seconds the next step may take (:class:`~pdserve.engine.step_budget.StepBudget`); None without
@@ -241,7 +248,7 @@ class Scheduler:
         budget = self.budget
         if budget is None:
             return None
-        return budget.seconds(self.running, time.monotonic() if now is None else now)
+        return budget.seconds(self.running, time.monotonic() if now is None else now, self.in_flight_s)
 
     def decode_shape(self) -> StepShape:
         """The decodes the next step will carry (the budget for prefill chunks is what they leave)."""

@@ -4,8 +4,9 @@ TPOT is a mean per request, so a step may take more than the SLO when the reques
 afford it:
 
 * **slack**: a request that got its tokens faster than the SLO has ``first token time + SLO x tokens so
-  far - now`` to spare; a step may take the least slack of its batch, less one SLO for the step in
-  flight;
+  far - now`` to spare; a step may take the least slack of its batch, less the step in flight (one
+  SLO, or that step's predicted time when it is longer: a long step paid for with slack must not leave
+  the same slack to the next one);
 * **borrowing** (``borrow_tokens`` B > 0): a request may also lend the next step time from up to B of
   its later tokens (as many as it can be counted on for: up to ``max_tokens``, or for one that may stop
   early what finished requests say, :mod:`pdserve.engine.output_lengths`), each assumed to come at
@@ -71,8 +72,9 @@ class StepBudget:
     def window_open(self, running: Sequence[Request]) -> bool:
         return self.window_room(running) is not None
 
-    def seconds(self, running: Sequence[Request], now: float) -> float:
-        """Seconds the next step may take, given the ``running`` requests (decodes among them count)."""
+    def seconds(self, running: Sequence[Request], now: float, in_flight_s: float = 0.0) -> float:
+        """Seconds the next step may take, given the ``running`` requests (decodes among them count) and
+        the predicted seconds of the step still in flight (``in_flight_s``; its tokens count as produced)."""
         base = self.slo_s
         decoding = _decoding(running)
         if not decoding:
@@ -81,7 +83,9 @@ class StepBudget:
         for r in decoding:  # each has its first token (``_decoding``)
             assert r.first_token_time is not None
             produced = r.num_output_tokens + r.num_pending_tokens
-            slack = r.first_token_time + base * produced - now - base  # less the step in flight
+            # less the step in flight: at least one SLO (a short step's head room is not lent out), or
+            # its predicted time after a long one (else the slack that paid for it would be spent twice)
+            slack = r.first_token_time + base * produced - now - max(base, in_flight_s)
             left = self.output_lengths.tokens_left(r, produced) if self.borrow_tokens else 0
             lenders.append((slack, left))
         budget = slack_step_budget_s(base, lenders, self.borrow_tokens)

@@ -34,6 +34,7 @@ class SchedulerPlan:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     landing_zones: list[Request] = field(default_factory=list)  # newly WAITING_FOR_KV requests
+    predicted_s: float = 0.0  # what the step-time model predicts it takes (with a step budget; else 0)
 
     @property
     def num_batched_tokens(self) -> int:

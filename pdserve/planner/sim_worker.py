@@ -139,6 +139,7 @@ class SimWorker:
     running: list[ActiveRequest] = field(default_factory=list)  # decoding
     joining: list[ActiveRequest] = field(default_factory=list)  # KV arrived, decodes from the next step
     busy: bool = False
+    last_step_s: float = 0.0  # the step just run (the engine plans the next while it is in flight); 0 when idle
     recent_s: deque[float] = field(init=False)  # the last steps' seconds (the window budget)
     cache: OrderedDict[int, int] = field(default_factory=OrderedDict)  # prefix block key -> its tokens, LRU first
     cached_tokens: int = 0

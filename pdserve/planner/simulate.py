@@ -142,6 +142,8 @@ class ClusterSimulation:
                 worker.busy = False
                 self._finish_step(worker, plan, now, lambda a, t: heapq.heappush(
                     events, (t + self.transfer_s(a.outcome.request.prompt_tokens), next(seq), "kv", a)))
+                if not worker.has_work():
+                    worker.last_step_s = 0.0  # idle: the next step has no step in flight before it
                 start(worker, now)
         return outcomes
 
@@ -260,6 +262,7 @@ class ClusterSimulation:
         seconds = self.model.predict(shape)
         if spec.step_budget_s is not None:  # as the engine: every step counts
             worker.recent_s.append(seconds)
+        worker.last_step_s = seconds
         return chunks, seconds
 
     def _order_by_deadline(self, worker: SimWorker, slo_s: float, now: float) -> None:
@@ -279,9 +282,12 @@ class ClusterSimulation:
 
     @staticmethod
     def _slack_budget(worker: SimWorker, slo_s: float, now: float) -> float:
-        """As the engine's step budget (``slack_step_budget_s``: slack, and borrowing when the spec lends),
-        planned at the step boundary."""
-        return slack_step_budget_s(slo_s, [(a.outcome.first_token_s + slo_s * a.produced - now,
+        """As the engine's step budget (``slack_step_budget_s``: slack, and borrowing when the spec lends).
+        The engine plans while the step before is in flight and allows it at least one SLO
+        (``StepBudget.seconds``); planned here at that step's end, the same is the exact slack less what
+        that step ran under one SLO (one SLO after an idle spell)."""
+        held_back = max(0.0, slo_s - worker.last_step_s)
+        return slack_step_budget_s(slo_s, [(a.outcome.first_token_s + slo_s * a.produced - now - held_back,
                                             a.outcome.request.output_tokens - a.produced - 1)
                                            for a in worker.running if a.outcome.first_token_s is not None],
                                    worker.spec.borrow_tokens)

@@ -214,10 +214,17 @@ def test_decodes_ahead_of_their_tpot_let_a_longer_chunk_through() -> None:
         request.num_computed_tokens = request.num_tokens - 1  # all but the newest token have KV
     budget = ahead.step_budget()
     assert budget is not None and 0.08 < budget < 0.1
+    ahead.in_flight_s = 0.07  # a long step (that slack paid for) still on the device: 70 ms of it is spent
+    spent = ahead.step_budget()
+    assert spent is not None and budget - 0.07 + 0.01 == pytest.approx(spent, abs=2e-3)
+    ahead.in_flight_s = 0.004  # a short one: one SLO is allowed for it, as before
+    assert ahead.step_budget() == pytest.approx(budget, abs=2e-3)
     cuts = []
     for scheduler in (fresh, ahead):
         scheduler.add(Request("long", [2] * 400, SamplingParams(max_tokens=4)))
-        cuts.append(next(c.num_tokens for c in scheduler.schedule().chunks if c.request.request_id == "long"))
+        plan = scheduler.schedule()
+        cuts.append(next(c.num_tokens for c in plan.chunks if c.request.request_id == "long"))
+        assert plan.predicted_s == pytest.approx(MODEL.predict(plan.shape))  # what the next plan allows for
     assert cuts[0] < cuts[1] == 400
 
 
