@@ -48,6 +48,8 @@ class Switch:
 
 FILL_GRAPH_PADDING = Switch("PDSERVE_FILL_GRAPH_PADDING", "1",
                             "a budget-cut prompt chunk grows into its CUDA graph's padding rows")
+SLACK_AFTER_LONG_STEP = Switch("PDSERVE_SLACK_AFTER_LONG_STEP", "1",
+                               "the step budget allows a long step in flight its predicted time (0: one SLO)")
 PAD_WITH_NEXT_PROMPT = Switch("PDSERVE_PAD_WITH_NEXT_PROMPT", "0",
                               "a prompt the step budget leaves out takes the graph's padding rows left")
 BALANCED_DECODE_SPLITS = Switch("PDSERVE_BALANCED_DECODE_SPLITS", "1",
@@ -67,7 +69,7 @@ PROFILE_SLOW_STEPS = Switch("PDSERVE_PROFILE_SLOW_STEPS", "0",
 GIL_SWITCH_INTERVAL_S = Switch("PDSERVE_GIL_SWITCH_INTERVAL_S", "0.001", "a worker process's GIL switch interval")
 
 #: Every switch, in the order above.
-ALL: tuple[Switch, ...] = (FILL_GRAPH_PADDING, PAD_WITH_NEXT_PROMPT, BALANCED_DECODE_SPLITS, SINGLE_ROW_GEMV,
+ALL: tuple[Switch, ...] = (FILL_GRAPH_PADDING, SLACK_AFTER_LONG_STEP, PAD_WITH_NEXT_PROMPT, BALANCED_DECODE_SPLITS, SINGLE_ROW_GEMV,
                            KV_COALESCE, KV_MIN_MESSAGE_BYTES, KV_MAX_MESSAGE_BYTES, KV_MIN_SPLIT_BYTES,
                            KV_PLAN_EXTRA_WAIT_MS, SLOW_STEP_MS, PROFILE_SLOW_STEPS, GIL_SWITCH_INTERVAL_S)
 
