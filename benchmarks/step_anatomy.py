@@ -184,6 +184,7 @@ def serve_live(llm: LLM, workload: str, rate: float, num_requests: int, seed: in
 
     engine._land = recording_land  # type: ignore[method-assign]
     first_token_s: dict[str, float] = {}  # request id -> when its first token reached the host (s from start)
+    added_s: list[float] = []  # when each request reached the engine (s from start)
     added = 0
     start = time.perf_counter()
     step_host_s = 0.0
@@ -191,6 +192,7 @@ def serve_live(llm: LLM, workload: str, rate: float, num_requests: int, seed: in
         while added < num_requests or engine.has_unfinished_requests():
             now = time.perf_counter() - start
             while added < num_requests and offsets[added] <= now:
+                added_s.append(time.perf_counter() - start)  # requests join between steps: after their offset
                 engine.add_request(f"{workload}-{added}", prompt_token_ids=specs[added].prompt_token_ids,
                                    params=SamplingParams(max_tokens=specs[added].output_len, ignore_eos=True,
                                                          temperature=0.0))
@@ -213,7 +215,8 @@ def serve_live(llm: LLM, workload: str, rate: float, num_requests: int, seed: in
             "calibration": engine.step_monitor.summary()["calibration"], "model": base, "steps": steps,
             # per request, for the planner's simulation fed the same arrivals (its TTFT error without the
             # router, gRPC and client path): arrival, lengths, TTFT, the steps that carried its prompt
-            "per_request": [{"arrival_s": round(offsets[i], 6), "prompt_tokens": len(specs[i].prompt_token_ids),
+            "per_request": [{"arrival_s": round(offsets[i], 6), "added_s": round(added_s[i], 6),
+                             "prompt_tokens": len(specs[i].prompt_token_ids),
                           "output_tokens": specs[i].output_len,
                           "ttft_s": round(first_token_s[f"{workload}-{i}"] - offsets[i], 6)
                           if f"{workload}-{i}" in first_token_s else None,
