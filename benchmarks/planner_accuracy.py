@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +122,7 @@ def sharegpt_rows(profile: Profile, file: str, policy: dict[str, int], own_calib
         point_profile = profile
         if own_calibration:
             own = live_calibration([file], configs={config})
-            point_profile = Profile(profile.model.calibrated(own), profile.kv_bytes_per_token,
-                                    profile.transfer_bytes_per_s)
+            point_profile = replace(profile, model=profile.model.calibrated(own))
         sequences = {}
         for j, rate in enumerate(rates):
             specs = sharegpt_workload(n, settings["seed"] + j)
@@ -167,8 +167,7 @@ def colocated_rows(profile: Profile, files: list[str], statistic: str = "end",
     for file in files:
         own = live_calibration([file], statistic)
         others = live_calibration([f for f in files if f != file], statistic) if len(files) > 1 else {}
-        profiles = {label: Profile(profile.model.calibrated(factors), profile.kv_bytes_per_token,
-                                   profile.transfer_bytes_per_s)
+        profiles = {label: replace(profile, model=profile.model.calibrated(factors))
                     for label, factors in (("profile", {}), ("own", own), ("others", others))}
         data = json.loads((RESULTS / file).read_text())
         settings = data["settings"]
@@ -247,7 +246,8 @@ def main() -> None:
     profile = Profile.load(args.profile)
     policy = {"budget_window": args.budget_window, "defer_below": args.defer_below, "borrow_tokens": args.borrow_tokens}
     factors = live_calibration(args.calibration_from.split(","))
-    calibrated = Profile(profile.model.calibrated(factors), profile.kv_bytes_per_token, profile.transfer_bytes_per_s)
+    # the profile's KV capacity and graph rows too (before 2026-12-02 they were left out here)
+    calibrated = replace(profile, model=profile.model.calibrated(factors))
     heavy = Workload.poisson(20.0, 2048, 128, n=400, seed=0)
     rows: list[dict[str, Any]] = []
     grid_rows: list[list[Any]] = []
