@@ -153,8 +153,8 @@ class AsyncClient:
 
     async def switch_role(self, worker_id: str, role: str, *, grace_s: float = 0.0,
                     timeout: Timeout = DEFAULT) -> str:
-        """Turn worker ``worker_id`` into a ``role`` worker (prefill or decode) without a restart
-        (operators); returns its new id. Requests it holds finish for up to ``grace_s`` (0: the
+        """Turn worker ``worker_id`` into a ``role`` worker (prefill, decode, or colocated: it then
+        prefills every prompt it gets) without a restart (operators); returns its new id. Requests it holds finish for up to ``grace_s`` (0: the
         router's ``shutdown_grace_s``) before their streams move elsewhere."""
         request = switch_role_request(worker_id, role, grace_s)
         response = await self._unary("SwitchRole", request, timeout)

@@ -204,8 +204,8 @@ class Cluster:
         worker closes its old role and takes the new one (same process, engine and address), and the
         router adds it under its new id (``<role>-<n>``, returned). A split cluster's worker may also
         become ``colocated``: it streams tokens like a decode worker and prefills every prompt it gets
-        itself (engine settings of the ``colocated`` pool, by default derived from the prefill and decode
-        pools). Refused (``ValueError``) for a role this cluster cannot hold, or when the worker is the last
+        itself (the ``colocated`` pool's step-time budget; its other engine settings stay those it was
+        started with). Refused (``ValueError``) for a role this cluster cannot hold, or when the worker is the last
         usable one that its mode needs (but the last prefill worker may go: decode workers then prefill
         every prompt themselves). Blocks; call from outside the router's loop."""
         assert self.router is not None and self._loop is not None, "start() first"

@@ -33,8 +33,10 @@ class RouterProcessActor:
         """Serve the gRPC API on ``port`` (shared with the first process) over ``workers``; no HTTP API and
         no planner (the first process has them); operators' actions forwarded to ``admin_address``.
         Returns the bound port."""
+        # (the cluster's first router checked its workers at start; this one may be started again later,
+        # over the workers the cluster has then)
         self.router = Router(replace(config, port=port, http_port=None, planner_mode="off"), model=model, mode=mode,
-                             workers=workers, admin_address=admin_address)
+                             workers=workers, admin_address=admin_address, starting=False)
         return await self.router.start()
 
     async def process_id(self) -> int:

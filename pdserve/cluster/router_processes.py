@@ -94,7 +94,10 @@ class ExtraRouterProcesses:
                 report = ray.get(actor.report.remote(self._logs_after[i]), timeout=10)
                 if report is None:
                     logger.warning("router process %d came back; starting its router again", i + 1)
-                    ray.get(self._start_one(actor, endpoints()), timeout=60)
+                    try:
+                        ray.get(self._start_one(actor, endpoints()), timeout=60)
+                    except Exception as exc:  # noqa: BLE001 (tried again next round)
+                        logger.warning("router process %d did not start again: %s", i + 1, exc)
                     continue  # a fresh log: what the dead process logged is lost
             except Exception:  # noqa: BLE001 (dead, restarting or slow: asked again next round)
                 logger.debug("router process %d did not answer", i + 1, exc_info=True)

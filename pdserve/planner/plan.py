@@ -154,7 +154,11 @@ class Prediction:
 
 
 def configuration_name(*, colocated: int = 0, prefill: int = 0, decode: int = 0) -> str:
-    """How the planner (and the router, for its own cluster) names a configuration."""
+    """How the planner (and the router, for its own cluster) names a configuration: ``colocated xN``,
+    ``xPyD``, or for a split cluster holding colocated workers too ``xPyD+zC`` (which the planner does not
+    plan, and its ``apply`` mode leaves as it is)."""
+    if colocated and (prefill or decode):
+        return f"{prefill}P{decode}D+{colocated}C"
     return f"colocated x{colocated}" if colocated else f"{prefill}P{decode}D"
 
 

@@ -41,6 +41,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 
+from pdserve.common import switches
 from pdserve.common.deadline_order import deadline_order
 from pdserve.common.graph_sizes import padded_rows
 from pdserve.common.step_model import (
@@ -60,6 +61,9 @@ from pdserve.planner.sim_worker import (
     decode_growth,
     kv_blocks_tokens,
 )
+
+#: As the engine's (``pdserve.engine.engine``): how the step in flight is allowed for in the step budget.
+SLACK_AFTER_LONG_STEP = switches.SLACK_AFTER_LONG_STEP.flag()
 
 __all__ = ["ClusterSimulation", "SimOutcome", "SimRequest", "WorkerSpec", "kv_blocks_tokens"]
 
@@ -262,7 +266,7 @@ class ClusterSimulation:
         seconds = self.model.predict(shape)
         if spec.step_budget_s is not None:  # as the engine: every step counts
             worker.recent_s.append(seconds)
-        worker.last_step_s = seconds
+        worker.last_step_s = seconds if chunks else 0.0  # (an empty plan is not launched)
         return chunks, seconds
 
     def _order_by_deadline(self, worker: SimWorker, slo_s: float, now: float) -> None:
@@ -286,7 +290,9 @@ class ClusterSimulation:
         The engine plans while the step before is in flight and allows it at least one SLO
         (``StepBudget.seconds``); planned here at that step's end, the same is the exact slack less what
         that step ran under one SLO (one SLO after an idle spell)."""
-        held_back = max(0.0, slo_s - worker.last_step_s)
+        held_back = slo_s - worker.last_step_s  # PDSERVE_SLACK_AFTER_LONG_STEP=0: one SLO whatever its length
+        if SLACK_AFTER_LONG_STEP:
+            held_back = max(0.0, held_back)
         return slack_step_budget_s(slo_s, [(a.outcome.first_token_s + slo_s * a.produced - now - held_back,
                                             a.outcome.request.output_tokens - a.produced - 1)
                                            for a in worker.running if a.outcome.first_token_s is not None],

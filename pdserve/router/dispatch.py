@@ -72,12 +72,12 @@ class Dispatcher:
         """
         weight = self._config.prefix_affinity_weight
         keys = prefix_keys(message) if weight > 0 else []
+        resumed = len(message.resume_token_ids.ids) > 0  # computed on its decode worker
         while True:
-            decoders = self._registry.with_role(*self._decode_roles)
+            decoders = self._without_prefill_pool(self._registry.with_role(*self._decode_roles), resumed)
             decode = self._decode_policy.pick(decoders, exclude=request.failed_workers,
                                               bonus=self._affinity.bonus([w.worker_id for w in decoders], keys, weight))
             prefill_address, prefill_id = "", None
-            resumed = len(message.resume_token_ids.ids) > 0  # computed on its decode worker
             # a colocated worker (one switched to that role in a split cluster) prefills what it gets
             prefill_workers = (self._registry.with_role(WorkerRole.PREFILL)
                                if self._mode is ServingMode.DISAGGREGATED and not resumed
@@ -112,6 +112,18 @@ class Dispatcher:
                         f"worker {decode.worker_id} rejected request {request.request_id}: {details}"
                     raise RouteError(code, message_text) from None
                 self._on_submit_failure(request, decode.worker_id, code, details)
+
+    def _without_prefill_pool(self, decoders: list[WorkerState], resumed: bool) -> list[WorkerState]:
+        """``decoders``, or only its colocated workers when the split cluster's prefill workers are all
+        unusable now and a colocated one is usable: a decode worker would wait for a prefill worker, a
+        colocated one needs none."""
+        if self._mode is not ServingMode.DISAGGREGATED or resumed:
+            return decoders
+        prefill = self._registry.with_role(WorkerRole.PREFILL)
+        if not prefill or any(w.routable for w in prefill):
+            return decoders
+        colocated = [w for w in decoders if w.role is WorkerRole.COLOCATED and w.routable]
+        return colocated or decoders
 
     def _add_locality(self, bonus: dict[str, float], decode: WorkerState, prefill_workers: list[WorkerState]) -> None:
         """Prefill workers on the decode worker's node gain ``prefill_locality_weight`` (in place)."""

@@ -67,8 +67,8 @@ class PlanApplier:
         here = prefill_count(current)
         if result.get("status") != "ok" or here is None:
             self._streak, self._target = 0, None
-            self.status = ("a colocated cluster keeps its configuration" if result.get("status") == "ok"
-                           else f"no plan: {result.get('status')}")
+            self.status = (f"{current}: a colocated or mixed cluster keeps its configuration"
+                           if result.get("status") == "ok" else f"no plan: {result.get('status')}")
             return None
         predictions = {p["config"]: p for p in result.get("predictions", [])
                        if split_prefill_count(p["config"]) is not None}

@@ -62,16 +62,19 @@ class Router:
 
     def __init__(self, config: RouterConfig, *, model: str, mode: ServingMode | str,
                  workers: Sequence[WorkerEndpoint], decode_policy: DecodePolicy | None = None,
-                 prefill_policy: PrefillPolicy | None = None, admin_address: str | None = None) -> None:
+                 prefill_policy: PrefillPolicy | None = None, admin_address: str | None = None,
+                 starting: bool = True) -> None:
         """``admin_address``: this is one of several router processes (``config.processes``) but not the
         one that manages the workers, whose private port that is: ``ScalePool``/``SwitchRole`` go there
-        (:mod:`pdserve.router.router_processes`)."""
+        (:mod:`pdserve.router.router_processes`). ``starting=False``: the workers are those of a cluster
+        already serving (a router process started again), which may lack a pool a fresh cluster needs
+        (:func:`~pdserve.router.config.check_topology`)."""
         if not isinstance(model, str) or not model:
             raise ValueError("model must be a non-empty string")
         self.config = config
         self.model = model
         self.mode = ServingMode(mode)
-        check_topology(self.mode, workers)
+        check_topology(self.mode, workers, starting=starting)
         self.workers = tuple(workers)
         self.registry = WorkerRegistry(self.workers, model=model, describe_timeout_s=config.describe_timeout_s)
         self.table = InFlightTable(config.max_inflight_requests)
@@ -218,10 +221,9 @@ class Router:
 
     def configuration_name(self) -> str:
         """This cluster's configuration as the planner names them (``colocated x2``, ``1P1D``)."""
-        if self.mode is ServingMode.COLOCATED:
-            return configuration_name(colocated=len(self.workers))
-        prefill = sum(w.role is WorkerRole.PREFILL for w in self.workers)
-        return configuration_name(prefill=prefill, decode=len(self.workers) - prefill)
+        count = {role: sum(w.role is role for w in self.workers) for role in WorkerRole}
+        return configuration_name(colocated=count[WorkerRole.COLOCATED], prefill=count[WorkerRole.PREFILL],
+                                  decode=count[WorkerRole.DECODE])
 
     async def metrics_text(self) -> str:
         """The Prometheus exposition of the whole cluster (worker telemetry at most 1 s old)."""
@@ -371,10 +373,12 @@ class Router:
     async def _update_health(self) -> None:
         if self.table.closed_reason is not None:
             return  # draining: not serving, whatever the workers say
-        serving = any(s.routable for s in self.registry.with_role(*self.mode.stream_roles))
+        decode = any(s.routable for s in self.registry.with_role(WorkerRole.DECODE))
+        colocated = any(s.routable for s in self.registry.with_role(WorkerRole.COLOCATED))
         prefill = self.registry.with_role(WorkerRole.PREFILL)
         if self.mode is ServingMode.DISAGGREGATED and prefill:  # none at all: decode workers prefill
-            serving = serving and any(s.routable for s in prefill)
+            decode = decode and any(s.routable for s in prefill)
+        serving = decode or colocated  # a colocated worker needs no prefill worker
         if serving != self._serving and self._server is not None:
             self._serving = serving
             await self._server.set_serving(serving, PDSERVE_SERVICE)

@@ -73,3 +73,39 @@ def test_router_package_imports_no_torch() -> None:
             "bad = sorted(m for m in ('torch', 'numpy', 'ray', 'pdserve.engine', 'pdserve.kvtransfer') "
             "if m in sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_split_cluster_holding_colocated_workers() -> None:
+    """Colocated workers beside a split cluster's pools: the cluster is named apart (the planner's apply
+    leaves it as it is), a router started again over it accepts it, and while no prefill worker is usable
+    prompts go to the colocated workers, which need none, rather than wait for one."""
+    from pdserve.planner.plan import configuration_name
+    from pdserve.router.decode_policy import LeastLoadedDecodePolicy
+    from pdserve.router.dispatch import Dispatcher
+    from pdserve.router.inflight import InFlightTable
+    from pdserve.router.plan_applier import ApplyConfig, PlanApplier
+    from pdserve.router.prefill_policy import LeastQueuedPrefillPolicy
+
+    assert configuration_name(prefill=1, decode=1, colocated=1) == "1P1D+1C"
+    assert configuration_name(colocated=2) == "colocated x2" and configuration_name(prefill=1, decode=2) == "1P2D"
+    applier = PlanApplier(ApplyConfig(confirmations=1, dwell_s=0))
+    assert applier.decide({"status": "ok", "current": "1P1D+1C", "predictions": []}, 0.0) is None
+    assert "mixed cluster keeps its configuration" in applier.status
+
+    workers = _endpoints("prefill", "colocated")  # its decode worker became colocated
+    router = Router(RouterConfig(), model="m", mode="disaggregated", workers=workers, starting=False)
+    assert router.configuration_name() == "1P0D+1C"
+    with pytest.raises(ConfigError, match="none with role decode"):
+        Router(RouterConfig(), model="m", mode="disaggregated", workers=workers)  # a fresh cluster needs both
+
+    both = _endpoints("prefill", "decode", "colocated")
+    registry = Router(RouterConfig(), model="m", mode="disaggregated", workers=both).registry
+    for state in registry.with_role(*WorkerRole):  # as if described, streams live
+        state.healthy = state.stream_live = True
+    dispatcher = Dispatcher(RouterConfig(), ServingMode.DISAGGREGATED, registry, InFlightTable(16),
+                            LeastLoadedDecodePolicy(), LeastQueuedPrefillPolicy())
+    streamers = registry.with_role(*ServingMode.DISAGGREGATED.stream_roles)
+    assert dispatcher._without_prefill_pool(streamers, resumed=False) == streamers
+    registry.mark_unhealthy("w0", "test: the prefill worker is down")
+    assert [w.worker_id for w in dispatcher._without_prefill_pool(streamers, resumed=False)] == ["w2"]
+    assert dispatcher._without_prefill_pool(streamers, resumed=True) == streamers  # resumed: no prefill needed
