@@ -48,7 +48,7 @@ from pdserve.kvtransfer.plan import (
 )
 from pdserve.kvtransfer.receiving import ReceiverCore
 from pdserve.kvtransfer.rendezvous import SENDER_RANK, Group
-from pdserve.kvtransfer.streams import Event, event_done, is_cuda, record_event
+from pdserve.kvtransfer.streams import Event, NeverDone, event_done, is_cuda, record_event
 
 
 class PlanLanding:
@@ -90,7 +90,7 @@ class PlanLanding:
             claimed = list({id(r): r for records in claims for r in records if r is not None}.values())
             self._core.pin_writes(claimed)
         staging: list[torch.Tensor] = []
-        event: Event = None
+        event: Event = NeverDone()  # if even the plan's event cannot be recorded: fenced until its timeout
         try:
             self._post_claimed(plan, ready, claims, staging)
         finally:
@@ -99,9 +99,10 @@ class PlanLanding:
             try:
                 torch.cuda.current_stream(self._device).wait_stream(self._post_stream)
                 event = record_event(self._device)
-            finally:  # never left pinned, even if the event cannot be recorded (the fence then times out)
+            finally:  # never left pinned, even if the event cannot be recorded (the fence then times out,
+                # and the channel, whose plan stays pending, aborts its group)
                 self._core.writes_posted(claimed, event)
-            self._posted.append((event, staging))
+                self._posted.append((event, staging))
 
     def _post_claimed(self, plan: list[PlannedMessage], ready: list[Any], claims: list[list[Any]],
                       staging: list[torch.Tensor]) -> None:

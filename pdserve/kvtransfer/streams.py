@@ -23,6 +23,15 @@ def is_cuda(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+class NeverDone:
+    """An event that never completes: what writes whose completion cannot be observed any more (the device
+    failed while they were posted) are fenced with, so their blocks are given back only by the fence's
+    timeout, after their peer was abandoned."""
+
+    def query(self) -> bool:
+        return False
+
+
 def record_event(device: torch.device) -> Event:
     """An event recorded on the current stream of ``device`` (``None`` on CPU)."""
     if not is_cuda(device):
