@@ -4,6 +4,7 @@ preempted, the landing zones it opened), as the runner, the roles and the step-t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from pdserve.engine.request import Request
 from pdserve.engine.step_time import StepShape
@@ -40,9 +41,10 @@ class SchedulerPlan:
     def num_batched_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
 
-    @property
+    @cached_property
     def shape(self) -> StepShape:
-        """What the step carries, in the step-time model's terms (one pass: it is read every step)."""
+        """What the step carries, in the step-time model's terms: computed once, when first read (by the
+        scheduler once the plan is complete, for its predicted time, then by the step-time monitor)."""
         tokens = kv_tokens = decodes = 0
         pairs = context_pairs = 0.0
         for chunk in self.chunks:
