@@ -29,7 +29,9 @@ Completion callbacks: a transfer expected with ``on_terminal`` has it called exa
 turns terminal, from the receiver's one completion thread (never under the receiver's lock). That
 thread sleeps on the condition until something happens: a FINISH (it then waits on the finish
 event of the oldest finished transfer, on CUDA, or of any other finished transfer that completes
-first), the earliest deadline, or a terminal transition to report; nothing polls.
+first), the earliest deadline, or a terminal transition to report. While a transfer is fenced it also
+looks at the fence's writes every 1-20 ms (a device event does not notify), and it blocks on a fence
+only once that is late (abandoning its peer), so a stalled peer does not delay other transfers.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ RETIRED_IDS_KEPT = 65536
 WRITE_FENCE_TIMEOUT_S = 60.0
 #: After abandoning a peer's writes, how much longer to wait for them to stop before giving up.
 ABANDON_WAIT_S = 5.0
+#: How often the completion thread looks at fenced transfers' writes while nothing else wakes it: every
+#: millisecond at first, then a tenth of the time they have taken, at most every 20 ms.
+FENCE_POLL_S = 1e-3
+FENCE_POLL_MAX_S = 20e-3
 
 
 @dataclass(eq=False)
@@ -330,26 +336,40 @@ class ReceiverCore(KVReceiver):
     def _complete(self) -> None:
         """Turn finished transfers DONE once their writes completed, time out the late ones, release
         fenced ones once their writes stopped, and run the callbacks of every transfer that turned
-        terminal; until the receiver is closed and nothing is left to report."""
+        terminal; until the receiver is closed and nothing is left to report. A fence blocks this thread
+        only once it is late (its peer is then abandoned, a few seconds at most): until then its writes
+        are checked between other work, so one stalled peer does not hold back the callbacks of
+        transfers from the others."""
         while True:
             with self._cond:
                 callbacks = self._due_callbacks()
-                fenced: _Incoming | None = None
+                late: _Incoming | None = None
                 finished: _Incoming | None = None
+                fences: list[_Incoming] = []
                 if not callbacks:
                     for record in list(self._fencing):
                         self._settle_fence(record)
                     callbacks = self._due_callbacks()
                 if not callbacks:
-                    fenced = self._fencing[0] if self._fencing else None
+                    now = time.monotonic()
+                    fences = list(self._fencing)
+                    late = next((r for r in fences if r.fence_deadline is not None and now >= r.fence_deadline),
+                                None)
                     waiting = [r for r in self._records.values() if r.finished is not False]
                     finished = waiting[0] if waiting else None
-                    if fenced is None and finished is None:
-                        if self._closed:
+                    if late is None and finished is None:
+                        if self._closed and not fences:
                             return
                         deadlines = [r.handle.deadline_at for r in self._records.values()
                                      if r.handle.deadline_at is not None]
-                        wait_s = max(0.0, min(deadlines) - time.monotonic()) + 1e-3 if deadlines else None
+                        deadlines += [r.fence_deadline for r in fences if r.fence_deadline is not None]
+                        wait_s = max(0.0, min(deadlines) - now) + 1e-3 if deadlines else None
+                        if fences:  # their writes' completion does not notify: look again soon (less often
+                            # the longer they take: a stalled peer's fence waits for its deadline)
+                            began = min(r.fence_deadline - self._fence_timeout_s for r in fences
+                                        if r.fence_deadline is not None)
+                            poll_s = min(FENCE_POLL_MAX_S, max(FENCE_POLL_S, (now - began) / 10))
+                            wait_s = poll_s if wait_s is None else min(wait_s, poll_s)
                         self._cond.wait(wait_s)
                         for record in list(self._records.values()):
                             self._refresh(record)
@@ -361,14 +381,17 @@ class ReceiverCore(KVReceiver):
                     except Exception:  # noqa: BLE001 - a failing callback must not stop the others
                         logger.exception("KV transfer callback of request %s failed", handle.request_id)
                 continue
-            if fenced is not None:
-                self._wait_fence(fenced)
+            if late is not None:
+                self._wait_fence(late)
                 continue
             assert finished is not None
             if not isinstance(finished.finished, bool):  # wait for the device outside the lock
                 others = [r.finished for r in waiting[1:] if not isinstance(r.finished, bool)]
-                wait_event(finished.finished, time.monotonic() + self._fence_timeout_s,
-                           should_stop=lambda: any(event_done(e) for e in others))  # noqa: B023
+                fenced_writes = [r.last_write for r in fences if not r.pinned]
+                first_fence = min((r.fence_deadline for r in fences if r.fence_deadline is not None), default=None)
+                until = time.monotonic() + self._fence_timeout_s
+                wait_event(finished.finished, until if first_fence is None else min(until, first_fence),
+                           should_stop=lambda: any(event_done(e) for e in others + fenced_writes))  # noqa: B023
             with self._cond:
                 for record in waiting:
                     if self._records.get(record.handle.transfer_id) is record:

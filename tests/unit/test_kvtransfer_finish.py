@@ -211,3 +211,41 @@ def test_a_transfer_ended_by_a_later_part_of_the_plan_being_pinned_waits_for_the
         assert ended == [TransferState.FAILED]
     finally:
         receiver.close()
+
+
+def test_a_stalled_fence_does_not_hold_back_other_transfers_callbacks() -> None:
+    """A transfer whose writes are stuck being posted (its peer stopped) is fenced until the fence's
+    timeout; meanwhile another peer's transfer completes and its callback runs at once, not after it."""
+    import threading
+
+    caches = [torch.zeros(2, 8, 4, 2, 8) for _ in range(2)]
+    layout = KVLayoutInfo.from_caches(caches, "m")
+    receiver = LoopbackReceiver(caches, layout, fence_timeout_s=2.0)
+    done: dict[str, float] = {}
+    try:
+        stuck = receiver.expect(1, "stuck", [0, 1], 2, deadline_s=0.05,
+                                on_terminal=lambda h: done.setdefault(h.request_id, time.monotonic()))
+        claimed = _pinned_claim(receiver, layout, 1)
+        receiver._abandon_writes = (  # type: ignore[method-assign]
+            lambda peer: threading.Thread(target=receiver.writes_posted, args=(claimed, None)).start())
+        time.sleep(0.2)
+        assert stuck.state is TransferState.TIMED_OUT and "stuck" not in done  # fenced: writes being posted
+        healthy = receiver.expect(2, "healthy", [2, 3], 2, deadline_s=30.0,
+                                  on_terminal=lambda h: done.setdefault(h.request_id, time.monotonic()))
+        with receiver.lock:
+            records = [receiver.claim_part("q", Header(MessageKind.LAYER, 2, layer, 0, 2, layout.payload_nbytes(2)))
+                       for layer in range(2)]
+            receiver.writes_posted(records, None)
+        finished_at = time.monotonic()
+        receiver.deliver_finish("q", Header(MessageKind.FINISH, 2, 0, 0, 2, num_messages=2, ints=(9,)))
+        deadline = time.monotonic() + 1.0
+        while "healthy" not in done and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert healthy.state is TransferState.DONE and done["healthy"] - finished_at < 0.5, done
+        assert "stuck" not in done  # still fenced (until its timeout, 2 s)
+        deadline = time.monotonic() + 5.0
+        while "stuck" not in done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "stuck" in done  # released once its peer was abandoned
+    finally:
+        receiver.close()
