@@ -14,6 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from pdserve.common import switches
 from pdserve.common.errors import ConfigError
 
 #: A kind of step is first calibrated from live steps after this many of them, then every
@@ -44,6 +45,20 @@ def borrowed_step_s(slo_s: float, slack_s: float, tokens_left: int, borrow_token
     one (``max_tokens`` bounds it). The engine's step budget and the planner's simulation both apply it."""
     lenders = max(0, min(tokens_left, borrow_tokens))
     return slack_s + lenders * (1.0 - BORROW_LATER_TOKEN_SHARE) * slo_s
+
+
+#: ``PDSERVE_SLACK_AFTER_LONG_STEP=0`` allows the step in flight one SLO whatever its length (as before
+#: 2026-12-02; an A/B switch for benchmarks).
+SLACK_AFTER_LONG_STEP = switches.SLACK_AFTER_LONG_STEP.flag()
+
+
+def in_flight_allowance_s(slo_s: float, in_flight_s: float) -> float:
+    """What a step budget holds back from each decoding request's slack for the step still on the device
+    while the next is planned (predicted to take ``in_flight_s``; 0: none in flight): one SLO (a short
+    step's head room is not lent out), or its predicted time when longer (else the slack that paid for a
+    long step would be offered to the next one again). The engine's step budget and the planner's
+    simulation both apply it."""
+    return max(slo_s, in_flight_s) if SLACK_AFTER_LONG_STEP else slo_s
 
 
 def slack_step_budget_s(slo_s: float, decoding: Iterable[tuple[float, int]], borrow_tokens: int) -> float:

@@ -36,14 +36,12 @@ import time
 
 import torch
 
-from pdserve.common.graph_sizes import capture_sizes
 from pdserve.engine.attention.metadata import LaunchShape
 from pdserve.engine.model.interface import CausalLM
 from pdserve.engine.step_inputs import StepInputs
 from pdserve.engine.tensor_parallel import TensorParallelGraph, TensorParallelModel
 
 logger = logging.getLogger(__name__)
-__all__ = ["StepGraphs", "capture_sizes", "fastest_covering"]
 
 
 def fastest_covering(times: list[float], margin: float) -> list[int]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-from pdserve.common.deadline_order import LATE_PROMOTION_FACTOR, deadline_order
+from pdserve.common.deadline_order import deadline_order
 from pdserve.engine.request import Request, RequestStatus
-
-__all__ = ["LATE_PROMOTION_FACTOR", "order_by_deadline"]
 
 
 def order_by_deadline(waiting: Iterable[Request], slo_s: float, prefill_tokens_per_s: float | None,

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from pdserve.common import switches
 from pdserve.common.config import TINY_RANDOM_MODEL, EngineConfig
 from pdserve.common.errors import ConfigError, InvalidParameterError
 from pdserve.common.outputs import Logprob, RequestDelta, TokenLogprobs
@@ -58,10 +57,6 @@ from pdserve.engine.step_profile import load_or_measure_step_time
 from pdserve.engine.step_time import StepKind, StepTimeModel, StepTimeMonitor
 from pdserve.engine.tensor_parallel import TensorParallelModel
 from pdserve.engine.tokenizer import Tokenizer
-
-#: ``PDSERVE_SLACK_AFTER_LONG_STEP=0`` allows the step in flight one SLO whatever its length (before 2026-12-02;
-#: an A/B switch for benchmarks: see ``StepBudget.seconds``).
-SLACK_AFTER_LONG_STEP = switches.SLACK_AFTER_LONG_STEP.flag()
 
 logger = logging.getLogger(__name__)
 _LIVE_ENGINES: weakref.WeakSet[LLMEngine] = weakref.WeakSet()
@@ -276,8 +271,7 @@ class LLMEngine(RemotePrefill):
         if self._in_flight is not None and any(c.request.params.uses_penalties for c in self._in_flight.sampling):
             deltas += self._land(self._in_flight)
             self._in_flight = None
-        in_flight = self._in_flight if SLACK_AFTER_LONG_STEP else None
-        self.scheduler.in_flight_s = in_flight.plan.predicted_s if in_flight is not None else 0.0
+        self.scheduler.in_flight_s = self._in_flight.plan.predicted_s if self._in_flight is not None else 0.0
         plan = self.scheduler.schedule()
         self._note_landing_zones(plan.landing_zones)
         self._slow_steps.launching()

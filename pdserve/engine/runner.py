@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
+from pdserve.common.graph_sizes import capture_sizes
 from pdserve.common.outputs import TokenLogprobs
 from pdserve.engine.attention.metadata import AttentionMetadata, LaunchShape
-from pdserve.engine.cuda_graphs import StepGraphs, capture_sizes
+from pdserve.engine.cuda_graphs import StepGraphs
 from pdserve.engine.kv_splits import KVSplitRule, graph_launch_shape
 from pdserve.engine.model.interface import CausalLM
 from pdserve.engine.sampler import SampledTokens, Sampler, SamplingRow

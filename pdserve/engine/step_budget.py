@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
-from pdserve.common.step_model import slack_step_budget_s, window_step_budget
+from pdserve.common.step_model import in_flight_allowance_s, slack_step_budget_s, window_step_budget
 from pdserve.engine.output_lengths import OutputLengths
 from pdserve.engine.request import Request
 
@@ -83,9 +83,7 @@ class StepBudget:
         for r in decoding:  # each has its first token (``_decoding``)
             assert r.first_token_time is not None
             produced = r.num_output_tokens + r.num_pending_tokens
-            # less the step in flight: at least one SLO (a short step's head room is not lent out), or
-            # its predicted time after a long one (else the slack that paid for it would be spent twice)
-            slack = r.first_token_time + base * produced - now - max(base, in_flight_s)
+            slack = r.first_token_time + base * produced - now - in_flight_allowance_s(base, in_flight_s)
             left = self.output_lengths.tokens_left(r, produced) if self.borrow_tokens else 0
             lenders.append((slack, left))
         budget = slack_step_budget_s(base, lenders, self.borrow_tokens)

@@ -41,13 +41,13 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 
-from pdserve.common import switches
 from pdserve.common.deadline_order import deadline_order
 from pdserve.common.graph_sizes import padded_rows
 from pdserve.common.step_model import (
     DEFER_TTFT_SHARE,
     StepShape,
     StepTimeModel,
+    in_flight_allowance_s,
     slack_step_budget_s,
     window_step_budget,
 )
@@ -61,9 +61,6 @@ from pdserve.planner.sim_worker import (
     decode_growth,
     kv_blocks_tokens,
 )
-
-#: As the engine's (``pdserve.engine.engine``): how the step in flight is allowed for in the step budget.
-SLACK_AFTER_LONG_STEP = switches.SLACK_AFTER_LONG_STEP.flag()
 
 __all__ = ["ClusterSimulation", "SimOutcome", "SimRequest", "WorkerSpec", "kv_blocks_tokens"]
 
@@ -290,9 +287,7 @@ class ClusterSimulation:
         The engine plans while the step before is in flight and allows it at least one SLO
         (``StepBudget.seconds``); planned here at that step's end, the same is the exact slack less what
         that step ran under one SLO (one SLO after an idle spell)."""
-        held_back = slo_s - worker.last_step_s  # PDSERVE_SLACK_AFTER_LONG_STEP=0: one SLO whatever its length
-        if SLACK_AFTER_LONG_STEP:
-            held_back = max(0.0, held_back)
+        held_back = in_flight_allowance_s(slo_s, worker.last_step_s) - worker.last_step_s
         return slack_step_budget_s(slo_s, [(a.outcome.first_token_s + slo_s * a.produced - now - held_back,
                                             a.outcome.request.output_tokens - a.produced - 1)
                                            for a in worker.running if a.outcome.first_token_s is not None],

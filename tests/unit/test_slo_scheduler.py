@@ -11,8 +11,8 @@ import pytest
 
 from pdserve import LLM, SamplingParams
 from pdserve.common.config import EngineConfig
+from pdserve.common.deadline_order import LATE_PROMOTION_FACTOR
 from pdserve.common.errors import ConfigError
-from pdserve.engine.deadline_order import LATE_PROMOTION_FACTOR
 from pdserve.engine.kv_cache.manager import KVCacheManager
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.scheduler import Scheduler, SchedulerConfig

@@ -78,8 +78,8 @@ def test_graph_shaped_steps_match_transformers(reference, async_scheduling: bool
     its own context. (No CUDA graph on the CPU; the shapes are the point.)"""
     from functools import partial
 
+    from pdserve.common.graph_sizes import capture_sizes
     from pdserve.engine import kv_splits
-    from pdserve.engine.cuda_graphs import capture_sizes
     from pdserve.engine.kernels import paged_decode
 
     monkeypatch.setattr(kv_splits, "PREFILL_SPLIT_KEYS", 16)  # the tiny prompts' chunks split too
